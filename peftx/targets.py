@@ -1,0 +1,131 @@
+"""Find where adapters go, from the model's structure (no hard-coded layer counts).
+
+Supported: timm ``VisionTransformer`` (ViT, DeiT, DINOv2 with LayerScale and register tokens) and ``SwinTransformer``
+(v1). Anything else, or a block whose layers are not the expected ``nn.Linear`` / ``nn.LayerNorm``, is an
+:class:`UnsupportedModelError` naming the module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class LinearSite:
+    path: str  # module path of the nn.Linear
+    role: str  # qkv | proj | fc1 | fc2 | reduction
+    col_groups: int = 1  # RLRR s_col groups: 3 for ViT's fused qkv (per q/k/v), 1 elsewhere (Swin shares one)
+    fold_norm: str | None = None  # for a bias-free layer: the LayerNorm right before it, to fold a shift into
+
+
+@dataclass(frozen=True)
+class SSFSite:
+    path: str  # a LayerNorm, or the Identity in patch_embed.norm
+    dim: int
+    fold_conv: str | None = None  # Identity at patch_embed.norm: the patch conv the SSF folds into
+
+
+@dataclass(frozen=True)
+class Layout:
+    family: str  # "vit" | "swin"
+    linears: tuple[LinearSite, ...]
+    ssf_sites: tuple[SSFSite, ...]
+    head: str  # path of the classifier nn.Linear
+    blocks: tuple[str, ...]  # transformer blocks (residual dropout lives on their drop_path1/2)
+    roles: frozenset[str] = field(default_factory=frozenset)
+
+
+def _need(module: nn.Module, path: str, kind: type | tuple[type, ...]) -> nn.Module:
+    try:
+        sub = module.get_submodule(path)
+    except AttributeError:
+        raise UnsupportedModelError(f"{type(module).__name__}: expected a layer at '{path}', found none") from None
+    if not isinstance(sub, kind):
+        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise UnsupportedModelError(f"layer '{path}' is {type(sub).__name__}, peftx adapts only {names} there")
+    return sub
+
+
+def _module_path(model: nn.Module, target: nn.Module) -> str:
+    for name, mod in model.named_modules():
+        if mod is target:
+            return name
+    raise UnsupportedModelError(f"{type(model).__name__}: classifier module not found in the model")
+
+
+def _vit_layout(model: nn.Module) -> Layout:
+    if hasattr(model, "head_dist"):
+        raise UnsupportedModelError(f"{type(model).__name__} has a distillation head",
+                                    "use the non-distilled DeiT (e.g. deit_small_patch16_224)")
+    linears, ssf, blocks = [], [], []
+    pe = _need(model, "patch_embed", nn.Module)
+    _need(model, "patch_embed.proj", nn.Conv2d)
+    pe_norm = _need(model, "patch_embed.norm", (nn.Identity, nn.LayerNorm))
+    dim = pe.proj.out_channels
+    ssf.append(SSFSite("patch_embed.norm", dim, "patch_embed.proj" if isinstance(pe_norm, nn.Identity) else None))
+    for i in range(len(model.blocks)):
+        b = f"blocks.{i}"
+        blocks.append(b)
+        qkv = _need(model, f"{b}.attn.qkv", nn.Linear)
+        if qkv.out_features != 3 * qkv.in_features:
+            raise UnsupportedModelError(f"layer '{b}.attn.qkv' is not a fused q/k/v projection of width 3x{qkv.in_features}")
+        linears.append(LinearSite(f"{b}.attn.qkv", "qkv", col_groups=3))
+        for sub, role in (("attn.proj", "proj"), ("mlp.fc1", "fc1"), ("mlp.fc2", "fc2")):
+            _need(model, f"{b}.{sub}", nn.Linear)
+            linears.append(LinearSite(f"{b}.{sub}", role))
+        for n in ("norm1", "norm2"):
+            ssf.append(SSFSite(f"{b}.{n}", _need(model, f"{b}.{n}", nn.LayerNorm).normalized_shape[0]))
+    final = "norm" if isinstance(getattr(model, "norm", None), nn.LayerNorm) else "fc_norm"
+    ssf.append(SSFSite(final, _need(model, final, nn.LayerNorm).normalized_shape[0]))
+    return Layout("vit", tuple(linears), tuple(ssf), _head_path(model), tuple(blocks))
+
+
+def _swin_layout(model: nn.Module) -> Layout:
+    linears, ssf, blocks = [], [], []
+    for si, stage in enumerate(model.layers):
+        s = f"layers.{si}"
+        if not isinstance(stage.downsample, nn.Identity):
+            _need(model, f"{s}.downsample.norm", nn.LayerNorm)
+            red = _need(model, f"{s}.downsample.reduction", nn.Linear)
+            fold = f"{s}.downsample.norm" if red.bias is None else None
+            linears.append(LinearSite(f"{s}.downsample.reduction", "reduction", fold_norm=fold))
+        for bi in range(len(stage.blocks)):
+            b = f"{s}.blocks.{bi}"
+            blocks.append(b)
+            # Swin's official RLRR shares ONE s_col across q, k, v of the fused qkv.
+            linears.append(LinearSite(f"{b}.attn.qkv", "qkv", col_groups=1))
+            _need(model, f"{b}.attn.qkv", nn.Linear)
+            for sub, role in (("attn.proj", "proj"), ("mlp.fc1", "fc1"), ("mlp.fc2", "fc2")):
+                _need(model, f"{b}.{sub}", nn.Linear)
+                linears.append(LinearSite(f"{b}.{sub}", role))
+            for n in ("norm1", "norm2"):
+                ssf.append(SSFSite(f"{b}.{n}", _need(model, f"{b}.{n}", nn.LayerNorm).normalized_shape[0]))
+    ssf.append(SSFSite("norm", _need(model, "norm", nn.LayerNorm).normalized_shape[0]))
+    return Layout("swin", tuple(linears), tuple(ssf), _head_path(model), tuple(blocks))
+
+
+def _head_path(model: nn.Module) -> str:
+    head = model.get_classifier()
+    if not isinstance(head, nn.Linear):
+        raise UnsupportedModelError(f"{type(model).__name__}: the classifier is {type(head).__name__}",
+                                    "create the model with num_classes >= 1 so it has a Linear head")
+    return _module_path(model, head)
+
+
+def describe(model: nn.Module) -> Layout:
+    """The adapter layout of a plain timm model."""
+    from timm.models.swin_transformer import SwinTransformer
+    from timm.models.vision_transformer import VisionTransformer
+
+    if isinstance(model, VisionTransformer):
+        layout = _vit_layout(model)
+    elif isinstance(model, SwinTransformer):
+        layout = _swin_layout(model)
+    else:
+        raise UnsupportedModelError(f"model class {type(model).__name__} is not supported")
+    return Layout(layout.family, layout.linears, layout.ssf_sites, layout.head, layout.blocks,
+                  frozenset(s.role for s in layout.linears))
