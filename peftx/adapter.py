@@ -85,11 +85,12 @@ def _wrap_linear(site: LinearSite, base: nn.Linear, config: AdapterConfig, targe
 
 
 def adapt(model: nn.Module, config: AdapterConfig, *, spec: dict[str, Any] | None = None,
-          zero_head: bool = True) -> nn.Module:
+          zero_head: bool = True, base_fingerprint: str | None = None) -> nn.Module:
     """Wrap ``model`` (a plain timm model) in place with the adapter described by ``config``.
 
     Freezes every pretrained tensor; the adapter parameters and the classifier head are trainable. The head is
-    zero-initialised (official RLRR) unless ``zero_head`` is False.
+    zero-initialised (official RLRR) unless ``zero_head`` is False. ``base_fingerprint`` skips re-hashing the
+    weights when the caller already computed :func:`fingerprint`.
     """
     if getattr(model, "peftx_state", None) is not None:
         raise UsageError("this model already carries a peftx adapter", "start from a plain timm model")
@@ -97,7 +98,7 @@ def adapt(model: nn.Module, config: AdapterConfig, *, spec: dict[str, Any] | Non
     targets = _resolve_targets(config, layout)
     head = model.get_submodule(layout.head)
     state = AdapterState(
-        config=config, layout=layout, base_fingerprint=fingerprint(model, layout.head),
+        config=config, layout=layout, base_fingerprint=base_fingerprint or fingerprint(model, layout.head),
         plain_shapes={k: tuple(v.shape) for k, v in model.state_dict().items()},
         num_classes=head.out_features, spec=dict(spec or {}))
     wrapped = 0

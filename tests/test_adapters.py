@@ -1,0 +1,183 @@
+"""The adapter matrix: method x model family, on tiny real timm models and real images."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from peftx.adapter import (adapt, adapter_state_dict, count_parameters, merge, merge_and_unload, state_of,
+                           trainable_names, unmerge)
+from peftx.adapter_io import load_adapter, save_adapter
+from peftx.errors import NonFiniteError
+from peftx.methods import METHOD_NAMES, make_config
+from peftx.tolerances import MERGE_FP32
+
+from conftest import NUM_CLASSES, TINY_MODELS, make_tiny, perturb_adapter, real_batch
+
+CASES = [(m, f) for m in METHOD_NAMES for f in TINY_MODELS]
+
+
+def adapted(method: str, family: str):
+    """(plain copy with the adapted model's head, adapted model) — both eval, adapter non-trivial."""
+    plain = make_tiny(family)
+    model = adapt(copy.deepcopy(plain), make_config(method))
+    perturb_adapter(model)
+    head = state_of(model).layout.head
+    plain.get_submodule(head).load_state_dict(model.get_submodule(head).state_dict())
+    return plain, model
+
+
+@pytest.fixture(params=CASES, ids=[f"{m}-{f}" for m, f in CASES])
+def case(request):
+    method, family = request.param
+    plain, model = adapted(method, family)
+    return method, family, plain, model, real_batch(family)
+
+
+def test_adapter_changes_output(case):
+    _, _, plain, model, x = case
+    with torch.no_grad():
+        assert (model(x) - plain(x)).abs().max() > 1e-2
+
+
+def test_only_adapter_and_head_get_gradients(case):
+    _, _, _, model, x = case
+    model.train()
+    model(x).logsumexp(dim=1).sum().backward()
+    trainable = set(trainable_names(model))
+    head = state_of(model).layout.head
+    for n, p in model.named_parameters():
+        if n in trainable:
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+        else:
+            assert p.grad is None and not p.requires_grad, n
+    assert any(not n.startswith(head) for n in trainable)
+
+
+def test_one_step_lowers_loss_on_real_images(case):
+    _, _, _, model, x = case
+    y = torch.arange(len(x)) % NUM_CLASSES
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+    model.eval()  # no dropout: the same function before and after the step
+    loss0 = torch.nn.functional.cross_entropy(model(x), y)
+    loss0.backward()
+    opt.step()
+    with torch.no_grad():
+        loss1 = torch.nn.functional.cross_entropy(model(x), y)
+    assert loss1 < loss0
+
+
+def test_merge_parity_and_plain_class(case):
+    _, _, plain, model, x = case
+    with torch.no_grad():
+        ref = model(x)
+        assert (ref - plain(x)).abs().max() > 1e-2  # the adapter matters, so parity cannot pass by accident
+        merged = merge_and_unload(model)
+        out = merged(x)
+    assert type(merged) is type(plain)
+    assert not any("peftx" in type(m).__module__ for m in merged.modules())
+    assert (out - ref).abs().max() <= MERGE_FP32.bound(ref.abs().max().item())
+    assert {k: v.shape for k, v in merged.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+
+
+def test_inplace_merge_then_unmerge_restores_base(case):
+    _, _, _, model, x = case
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        ref = model(x)
+        merge(model)
+        changed = max((v - base[k]).abs().max().item() for k, v in model.state_dict().items())
+        assert changed > 1e-3
+        assert (model(x) - ref).abs().max() <= MERGE_FP32.bound(ref.abs().max().item())
+        unmerge(model)
+        for k, v in model.state_dict().items():
+            assert torch.allclose(v, base[k], rtol=1e-5, atol=1e-6), k
+        assert (model(x) - ref).abs().max() <= MERGE_FP32.bound(ref.abs().max().item())
+
+
+def test_save_load_round_trip(case, tmp_path):
+    method, family, _, model, x = case
+    save_adapter(model, tmp_path)
+    fresh = load_adapter(make_tiny(family).eval(), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["method"] == method and cfg["num_classes"] == NUM_CLASSES
+    assert cfg["base_fingerprint"] == state_of(model).base_fingerprint
+
+
+def _expected_count(method: str, model) -> int:
+    """Trainable parameters from the methods' definitions (METHODS.md), computed independently of peftx."""
+    cfg = make_config(method)
+    st = state_of(model)
+    total = sum(p.numel() for p in model.get_submodule(st.layout.head).parameters())
+    for site in st.layout.linears:
+        lin = model.get_submodule(site.path).base_layer if hasattr(model.get_submodule(site.path), "base_layer") \
+            else model.get_submodule(site.path)
+        out, inp = lin.out_features, lin.in_features
+        if method == "rlrr":
+            total += 2 * out + site.col_groups * inp
+        elif site.role == "qkv":  # default low-rank targets: the q and v slices
+            d = out // 3
+            total += 2 * (cfg.r * (inp + d) if method == "lora" else (d + inp + cfg.rank))
+    if method == "rlrr":
+        total += sum(2 * s.dim for s in st.layout.ssf_sites)
+    return total
+
+
+@pytest.mark.parametrize("method,family", CASES, ids=[f"{m}-{f}" for m, f in CASES])
+def test_parameter_counts(method, family):
+    model = adapt(make_tiny(family), make_config(method))
+    trainable, total = count_parameters(model)
+    assert trainable == _expected_count(method, model)
+    assert total == sum(p.numel() for p in model.parameters())
+    assert trainable == sum(v.numel() for v in adapter_state_dict(model).values())
+
+
+def test_rlrr_vit_base_counts_and_file_size(tmp_path):
+    """METHODS.md: ViT-B/16 RLRR trains 288,768 + the head (769 * 10 for 10 classes)."""
+    import timm
+
+    model = adapt(timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=10), make_config("rlrr"))
+    trainable, _ = count_parameters(model)
+    assert trainable == 288_768 + 7_690
+    path = save_adapter(model, tmp_path)
+    assert path.stat().st_size < 2 * 1024 * 1024
+
+
+def test_merged_model_loads_with_timm_alone(tmp_path):
+    _, model = adapted("rlrr", "swin")
+    x = real_batch("swin", 2)
+    merged = merge_and_unload(model)
+    save_file({k: v.contiguous() for k, v in merged.state_dict().items()}, str(tmp_path / "m.safetensors"))
+    torch.save(x, tmp_path / "x.pt")
+    name, kw = TINY_MODELS["swin"]
+    code = (
+        "import sys, torch, timm; from safetensors.torch import load_file\n"
+        f"m = timm.create_model({name!r}, pretrained=False, num_classes={NUM_CLASSES}, **{kw!r}).eval()\n"
+        f"m.load_state_dict(load_file({str(tmp_path / 'm.safetensors')!r}), strict=True)\n"
+        "assert not any(k.startswith('peftx') for k in sys.modules)\n"
+        f"torch.save(m(torch.load({str(tmp_path / 'x.pt')!r})).detach(), {str(tmp_path / 'y.pt')!r})\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+    with torch.no_grad():
+        ref = model(x)
+    assert (torch.load(tmp_path / "y.pt") - ref).abs().max() <= MERGE_FP32.bound(ref.abs().max().item())
+
+
+def test_safe_merge_refuses_non_finite_and_touches_nothing():
+    _, model = adapted("rlrr", "vit")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.get_submodule("blocks.1.mlp.fc2").s_row[3] = float("inf")
+    with pytest.raises(NonFiniteError, match="blocks.1.mlp.fc2"):
+        merge(model)
+    with pytest.raises(NonFiniteError):
+        merge_and_unload(model)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]) or not torch.isfinite(v).all(), k
