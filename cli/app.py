@@ -1,0 +1,32 @@
+"""The Typer app: registers one plain function per command. Logic lives in the library, never here."""
+
+from __future__ import annotations
+
+import typer
+
+from .commands import inspect_cmd
+
+app = typer.Typer(
+    name="peftx",
+    help="Fine-tune timm ViT/Swin with RLRR, AOFT or LoRA; merge into plain weights; export validated ONNX/TensorRT.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+
+@app.callback()
+def _root() -> None:
+    """peftx: parameter-efficient fine-tuning for timm vision transformers, deployed to the edge."""
+
+
+app.command("inspect")(inspect_cmd.inspect)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,14 @@
+"""Option aliases shared by several commands, defined once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+Weights = Annotated[Optional[Path], typer.Option("--weights", "-w", help="Local backbone weights (.safetensors, or a torch file of tensors, loaded with weights_only).", show_default=False)]
+Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
+Force = Annotated[bool, typer.Option("--force", help="Replace an existing output (never done without it).")]
+Method = Annotated[str, typer.Option("--method", "-m", help="Adapter method: rlrr, aoft or lora.")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
