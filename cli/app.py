@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from .commands import inspect_cmd
+from .commands import export_cmd, inspect_cmd
 
 app = typer.Typer(
     name="peftx",
@@ -22,6 +22,8 @@ def _root() -> None:
 
 
 app.command("inspect")(inspect_cmd.inspect)
+app.command("merge-export")(export_cmd.merge_export)
+app.command("validate")(export_cmd.validate)
 
 
 def main() -> None:

@@ -1,0 +1,67 @@
+"""`peftx merge-export` and `peftx validate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import handle_errors
+from ..options import Force, Json, Weights
+from ..output import console, err_console, key_values, print_json
+
+
+def _progress(json_out: bool):
+    return (lambda _m: None) if json_out else (lambda m: err_console.print(f"[dim]· {m}[/]"))
+
+
+@handle_errors
+def merge_export(
+    source: Annotated[Path, typer.Argument(help="Run directory (from `peftx train`) or an adapter .safetensors file.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Bundle directory [default: SOURCE/bundle].", show_default=False)] = None,
+    batch: Annotated[str, typer.Option("--batch", help="Dynamic batch profile MIN:OPT:MAX.")] = "1:8:32",
+    precision: Annotated[str, typer.Option("--precision", help="fp32 or fp16 (the TensorRT engine; the FP16 ONNX is always checked).")] = "fp32",
+    tensorrt: Annotated[str, typer.Option("--tensorrt", help="auto: build an engine when TensorRT and a GPU exist; on: require it; off: skip (and tolerate readiness problems).")] = "auto",
+    model: Annotated[Optional[str], typer.Option("--model", help="Backbone name, for an adapter file whose spec you override.", show_default=False)] = None,
+    weights: Weights = None,
+    images: Annotated[Optional[Path], typer.Option("--images", help="Directory of real images for the parity check [default: the run's validation images].", show_default=False)] = None,
+    no_simplify: Annotated[bool, typer.Option("--no-simplify", help="Skip the onnxslim pass.")] = False,
+    force: Force = False,
+    json_out: Json = False,
+) -> None:
+    """Merge an adapter into its backbone, export ONNX (+ TensorRT), and validate every artifact against the unmerged model."""
+    from peftx.deploy import merge_export as run, parse_batch
+
+    report = run(source, output=output, batch=parse_batch(batch), precision=precision, tensorrt=tensorrt,
+                 force=force, simplify=not no_simplify, model_name=model, weights=weights, images_dir=images,
+                 progress=_progress(json_out))
+    if json_out:
+        print_json(report.to_json())
+        return
+    console.print(report.parity.table())
+    files = sorted(p.name for p in report.out_dir.iterdir())
+    console.print(key_values("bundle", {"directory": report.out_dir, "status": report.status,
+                                        "files": ", ".join(files), "tensorrt": report.tensorrt.get("message", ""),
+                                        **{f"{k} (s)": f"{v:.1f}" for k, v in report.timings.items()}}))
+
+
+@handle_errors
+def validate(
+    bundle: Annotated[Path, typer.Argument(help="A bundle directory written by `peftx merge-export`.")],
+    images: Annotated[Optional[Path], typer.Option("--images", help="Directory of real images to check on.", show_default=False)] = None,
+    adapter: Annotated[Optional[Path], typer.Option("--adapter", help="The run directory / adapter file, if it moved.", show_default=False)] = None,
+    weights: Weights = None,
+    tensorrt: Annotated[str, typer.Option("--tensorrt", help="auto, on or off (check model.engine).")] = "auto",
+    json_out: Json = False,
+) -> None:
+    """Re-check an existing bundle: artifact hashes, then parity of every artifact against the unmerged model."""
+    from peftx.deploy import validate as run
+
+    report = run(bundle, images_dir=images, adapter=adapter, weights=weights, tensorrt=tensorrt,
+                 progress=_progress(json_out))
+    if json_out:
+        print_json(report.to_json())
+        return
+    console.print(report.table())
+    console.print(f"[green]bundle {bundle} passed[/]")

@@ -1,0 +1,148 @@
+"""Merge-export and validate: the library side of ``peftx merge-export`` and ``peftx validate``.
+
+Rebuilds the UNMERGED adapted model from a run directory (or an adapter file plus a backbone spec), merges it into a
+plain timm model, and hands both to :mod:`peftx.exports.bundle`, which exports, checks every artifact against the
+unmerged model on real images, and writes the bundle atomically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from . import __version__
+from .adapter import merge_and_unload
+from .adapter_io import ADAPTER_FILE, load_adapter, read_adapter
+from .errors import DataError, UsageError
+
+PARITY_IMAGES = 16  # real images per parity run: enough for odd batch sizes 1, 3, 7 plus a full batch
+BUNDLE_DIR = "bundle"
+
+
+@dataclass
+class Loaded:
+    """An adapted (unmerged) model rebuilt from an adapter, with what the export needs to describe it."""
+
+    model: nn.Module
+    adapter_path: Path
+    config: dict[str, Any]
+    data_config: dict[str, Any]
+    class_names: list[str]
+
+
+def _adapter_path(source: str | Path) -> Path:
+    source = Path(source)
+    return source / ADAPTER_FILE if source.is_dir() else source
+
+
+def load_reference(source: str | Path, *, model_name: str | None = None, weights: str | Path | None = None,
+                   img_size: int | None = None) -> Loaded:
+    """The unmerged adapted model of a run directory or adapter file (``model_name``/``weights`` override the spec)."""
+    from .backbones import create_backbone, data_config
+
+    path = _adapter_path(source)
+    config, _ = read_adapter(path)
+    spec = dict(config.get("spec") or {})
+    name = model_name or spec.get("name")
+    if not name:
+        raise UsageError(f"{path} does not record its backbone", "pass --model NAME (and --weights FILE)")
+    model = create_backbone(name, num_classes=config["num_classes"], weights=weights or spec.get("weights"),
+                            img_size=img_size or spec.get("img_size"), **(spec.get("model_kwargs") or {}))
+    load_adapter(model, path)
+    model.eval()
+    data_cfg = dict(config.get("data_config") or data_config(model))
+    names = config.get("class_names") or [str(i) for i in range(config["num_classes"])]
+    return Loaded(model, path, config, data_cfg, list(names))
+
+
+def parity_images(loaded: Loaded, images_dir: str | Path | None = None, n: int = PARITY_IMAGES) -> torch.Tensor:
+    """REAL images for parity: ``images_dir`` if given, else the run's validation split, else the shipped photos."""
+    from .data import images_from_dir, load_splits, real_images
+
+    if images_dir is not None:
+        return images_from_dir(images_dir, loaded.data_config, limit=n)
+    data = loaded.config.get("data")
+    if data:
+        try:
+            val = load_splits(data, loaded.data_config).val
+            return torch.stack([val[i][0] for i in range(min(n, len(val)))])
+        except DataError:
+            pass  # the training data moved or is gone: fall back to the registry-shipped photos
+    return real_images(n, loaded.data_config)
+
+
+def provenance(loaded: Loaded) -> dict[str, Any]:
+    from .exports.bundle import sha256_file
+
+    c = loaded.config
+    return {"adapter_file": str(loaded.adapter_path.absolute()), "adapter_sha256": sha256_file(loaded.adapter_path),
+            "method": c.get("method"), "adapter_config": c.get("config"), "base_model": c.get("base_model"),
+            "base_fingerprint": c.get("base_fingerprint"), "backbone_spec": c.get("spec"),
+            "num_classes": c.get("num_classes"), "trainable_params": c.get("trainable_params"),
+            "peftx_version": __version__}
+
+
+def parse_batch(text: str) -> tuple[int, int, int]:
+    """'MIN:OPT:MAX' (or one number for all three) -> (min, opt, max)."""
+    try:
+        parts = [int(p) for p in text.split(":")]
+    except ValueError:
+        raise UsageError(f"--batch {text!r} is not MIN:OPT:MAX", "e.g. --batch 1:8:32") from None
+    if len(parts) == 1:
+        parts *= 3
+    if len(parts) != 3 or not (1 <= parts[0] <= parts[1] <= parts[2]):
+        raise UsageError(f"--batch {text!r}: need 1 <= MIN <= OPT <= MAX", "e.g. --batch 1:8:32")
+    return parts[0], parts[1], parts[2]
+
+
+def merge_export(source: str | Path, *, output: str | Path | None = None, batch: Sequence[int] = (1, 8, 32),
+                 precision: str = "fp32", tensorrt: str = "auto", force: bool = False, simplify: bool = True,
+                 model_name: str | None = None, weights: str | Path | None = None,
+                 images_dir: str | Path | None = None, progress: Callable[[str], None] | None = None):
+    """Load, merge, export, validate; returns the :class:`~peftx.exports.bundle.BundleReport`.
+
+    Raises ParityError (after writing a bundle marked failed) when any artifact disagrees with the unmerged model.
+    """
+    from .exports.bundle import write_bundle
+
+    if precision not in ("fp32", "fp16"):
+        raise UsageError(f"--precision {precision!r}", "choose fp32 or fp16")
+    if tensorrt not in ("auto", "on", "off"):
+        raise UsageError(f"--tensorrt {tensorrt!r}", "choose auto, on or off")
+    say = progress or (lambda _m: None)
+    say("loading the backbone and adapter")
+    loaded = load_reference(source, model_name=model_name, weights=weights)
+    out = Path(output) if output else _adapter_path(source).parent / BUNDLE_DIR
+    say("merging")
+    merged = merge_and_unload(loaded.model)
+    images = parity_images(loaded, images_dir)
+    return write_bundle(loaded.model, merged, out, input_size=tuple(loaded.data_config["input_size"]),
+                        data_config=loaded.data_config, class_names=loaded.class_names,
+                        provenance=provenance(loaded), images=images, batch=tuple(batch), precision=precision,
+                        tensorrt=tensorrt, simplify=simplify, force=force, progress=say)
+
+
+def validate(bundle: str | Path, *, images_dir: str | Path | None = None, adapter: str | Path | None = None,
+             weights: str | Path | None = None, tensorrt: str = "auto",
+             progress: Callable[[str], None] | None = None):
+    """Re-run the parity checks of an existing bundle against the unmerged model it was made from."""
+    from .exports.bundle import read_bundle, validate_bundle
+
+    meta = read_bundle(bundle)
+    prov = meta.get("provenance") or {}
+    source = adapter or prov.get("adapter_file")
+    if not source or not Path(source).exists():
+        raise UsageError(f"the adapter this bundle was made from ({source}) is not available",
+                         "pass --adapter PATH to the run directory or adapter file")
+    from .exports.bundle import sha256_file
+
+    if adapter is None and prov.get("adapter_sha256") and sha256_file(source) != prov["adapter_sha256"]:
+        raise UsageError(f"{source} changed since the bundle was made (sha256 differs)",
+                         "pass --adapter with the adapter the bundle was made from, or re-export")
+    loaded = load_reference(source, weights=weights)
+    return validate_bundle(bundle, loaded.model, parity_images(loaded, images_dir), tensorrt=tensorrt,
+                           progress=progress)
