@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
 from .errors import ExportError, UsageError
 from .methods import AdapterConfig, AdapterLinear, AOFTLinear, LoRALinear, RLRRLinear, SSF
 from .methods.base import QKV_SLICES, _check_finite

@@ -18,6 +18,7 @@ from torch import nn
 
 from . import __version__
 from .adapter import adapt, adapter_state_dict, count_parameters, fingerprint, state_of
+from .checks import all_finite
 from .errors import AdapterFileError, AdapterMismatchError, NonFiniteError
 from .fsutil import atomic_path, write_text_atomic
 from .methods import config_from_dict
@@ -110,7 +111,7 @@ def check_tensors(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor
                                    f"{tuple(expected[k].shape)}", "the file was made for another model size")
         if not v.is_floating_point():
             raise AdapterFileError(f"{where}: tensor {k} has dtype {v.dtype}, expected a floating dtype")
-        if not torch.isfinite(v).all():
+        if not all_finite(v):
             raise NonFiniteError(f"{where}: tensor {k} holds NaN or Inf", "use an earlier, finite checkpoint")
 
 

@@ -18,6 +18,7 @@ from . import __version__
 from .adapter import merge_and_unload
 from .adapter_io import ADAPTER_FILE, load_adapter, read_adapter
 from .errors import DataError, UsageError
+from .fsutil import sha256_file
 
 PARITY_IMAGES = 16  # real images per parity run: enough for odd batch sizes 1, 3, 7 plus a full batch
 BUNDLE_DIR = "bundle"
@@ -76,8 +77,6 @@ def parity_images(loaded: Loaded, images_dir: str | Path | None = None, n: int =
 
 
 def provenance(loaded: Loaded) -> dict[str, Any]:
-    from .exports.bundle import sha256_file
-
     c = loaded.config
     return {"adapter_file": str(loaded.adapter_path.absolute()), "adapter_sha256": sha256_file(loaded.adapter_path),
             "method": c.get("method"), "adapter_config": c.get("config"), "base_model": c.get("base_model"),
@@ -138,8 +137,6 @@ def validate(bundle: str | Path, *, images_dir: str | Path | None = None, adapte
     if not source or not Path(source).exists():
         raise UsageError(f"the adapter this bundle was made from ({source}) is not available",
                          "pass --adapter PATH to the run directory or adapter file")
-    from .exports.bundle import sha256_file
-
     if adapter is None and prov.get("adapter_sha256") and sha256_file(source) != prov["adapter_sha256"]:
         raise UsageError(f"{source} changed since the bundle was made (sha256 differs)",
                          "pass --adapter with the adapter the bundle was made from, or re-export")

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import all_finite
 from ..errors import NonFiniteError, UsageError
 
 # Logical targets a user can name. q/k/v are row slices of timm's fused qkv Linear.
@@ -60,7 +61,7 @@ class AdapterConfig:
 
 def _check_finite(name: str, *tensors: torch.Tensor | None) -> None:
     for t in tensors:
-        if t is not None and not torch.isfinite(t).all():
+        if t is not None and not all_finite(t):
             raise NonFiniteError(f"merging {name} gives non-finite weights; no weight was changed",
                                  "the adapter holds NaN/Inf or extreme values: retrain or load a clean checkpoint")
 

@@ -1,0 +1,390 @@
+"""Datasets and transforms: sklearn digits (the demo), ImageFolder trees and the VTAB-1k list layout.
+
+Every problem with the data is a ``DataError`` whose message names the file or folder at fault. Image files are
+checked when the splits are built with PIL's ``Image.open(...).verify()``: it parses the header and, for PNG, walks
+the chunk CRCs without decoding pixels — about 25-60 us a file here (~1 s for VTAB's ~20k test images), where a full
+decode costs 0.3-1.8 ms a file (10-35 s). A file that passes that check but fails to decode later raises a DataError
+naming it from ``__getitem__``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import transforms as T
+
+from peftx.errors import DataError, UsageError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+_JUNK_FILES = frozenset({"thumbs.db", "desktop.ini"})  # OS droppings that are never meant as data
+VTAB_LISTS = {"train": "train800.txt", "val": "val200.txt", "test": "test.txt"}
+DEMO_SPECS = ("demo", "digits")
+ACCEPTED_SPECS = ("'demo' (alias 'digits'); an ImageFolder root ROOT/{train,val[,test]}/<class>/<image>; "
+                  "or a VTAB-1k task directory ROOT/<task>/ with train800.txt, val200.txt and test.txt")
+IMBALANCE_WARN_RATIO = 10.0
+# Digits split: 25 % test, then 20 % of the rest (15 % of all) for validation, leaving 60 % for training.
+_DIGITS_TEST_FRACTION = 0.25
+_DIGITS_VAL_FRACTION = 0.20
+
+
+@dataclass
+class Splits:
+    """Train / val / test datasets yielding (float CHW tensor, int label); ``test`` is None when there is none."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset | None
+    class_names: list[str]
+    source: str
+
+
+# ----------------------------------------------------------------------------------------------------- datasets
+
+
+class ImageFileDataset(Dataset):
+    """Images read from disk on demand."""
+
+    def __init__(self, samples: Sequence[tuple[Path, int]], transform: Callable):
+        self.samples = list(samples)
+        self.transform = transform
+
+    @property
+    def targets(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+        except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError... for one outcome: undecodable
+            raise DataError(f"cannot decode image {path}: {_first_line(exc)}",
+                            "replace or delete the file, then run again") from exc
+        return self.transform(image), label
+
+
+class InMemoryImageDataset(Dataset):
+    """PIL images held in memory (the digits demo)."""
+
+    def __init__(self, images: Sequence[Image.Image], labels: Sequence[int], transform: Callable):
+        self.images, self.labels, self.transform = list(images), [int(v) for v in labels], transform
+
+    @property
+    def targets(self) -> list[int]:
+        return list(self.labels)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.images[index]), self.labels[index]
+
+
+# ----------------------------------------------------------------------------------------------------- transforms
+
+
+def build_transform(data_cfg: dict[str, Any], *, train: bool, hflip: bool) -> Callable:
+    """The paper's recipe: Resize to (H, W) with the config's interpolation, optional flip (training only),
+    ToTensor, Normalize. No random crops: VTAB-1k training resizes whole images."""
+    _, height, width = data_cfg["input_size"]
+    name = str(data_cfg.get("interpolation", "bicubic"))
+    try:
+        mode = T.InterpolationMode(name)
+    except ValueError as exc:
+        known = ", ".join(m.value for m in T.InterpolationMode)
+        raise UsageError(f"unknown interpolation {name!r} in the data config", f"use one of: {known}") from exc
+    steps: list[Callable] = [T.Resize((int(height), int(width)), interpolation=mode)]
+    if train and hflip:
+        steps.append(T.RandomHorizontalFlip())
+    steps += [T.ToTensor(), T.Normalize(mean=list(data_cfg["mean"]), std=list(data_cfg["std"]))]
+    return T.Compose(steps)
+
+
+# ----------------------------------------------------------------------------------------------------- splits
+
+
+def load_splits(spec: str | Path, data_cfg: dict[str, Any], *, hflip: bool = False, seed: int = 42) -> Splits:
+    """Train / val / test splits for ``spec``: 'demo' (alias 'digits'), an ImageFolder root, or a VTAB-1k task dir."""
+    train_tf = build_transform(data_cfg, train=True, hflip=hflip)
+    eval_tf = build_transform(data_cfg, train=False, hflip=False)
+    if isinstance(spec, str) and spec.strip().lower() in DEMO_SPECS:
+        return _digits_splits(train_tf, eval_tf, seed)
+    root = Path(spec).expanduser()
+    if not root.exists():
+        raise DataError(f"dataset {spec} does not exist", f"pass {ACCEPTED_SPECS}")
+    if root.is_dir() and any((root / name).is_file() for name in VTAB_LISTS.values()):
+        return _vtab_splits(root, train_tf, eval_tf)
+    if root.is_dir() and (root / "train").is_dir():
+        return _folder_splits(root, train_tf, eval_tf)
+    tasks = sorted(p.name for p in root.glob("*/") if (p / VTAB_LISTS["train"]).is_file()) if root.is_dir() else []
+    if tasks:
+        raise DataError(f"{root} is a VTAB-1k root holding {len(tasks)} task(s) ({', '.join(tasks[:5])}), not a task",
+                        f"pass one task directory, e.g. {root / tasks[0]}")
+    raise DataError(f"{root} is not a dataset peftx recognises", f"pass {ACCEPTED_SPECS}")
+
+
+def _digits_splits(train_tf: Callable, eval_tf: Callable, seed: int) -> Splits:
+    """sklearn's 1,797 8x8 digits as RGB images, split 60/15/25 % stratified by class with ``seed``."""
+    from sklearn.model_selection import train_test_split
+
+    images, labels = _digit_images()
+    index = np.arange(len(labels))
+    rest, test = train_test_split(index, test_size=_DIGITS_TEST_FRACTION, stratify=labels, random_state=seed)
+    train, val = train_test_split(rest, test_size=_DIGITS_VAL_FRACTION, stratify=labels[rest], random_state=seed)
+
+    def subset(idx: np.ndarray, tf: Callable) -> InMemoryImageDataset:
+        idx = np.sort(idx)
+        return InMemoryImageDataset([images[i] for i in idx], labels[idx].tolist(), tf)
+
+    return Splits(subset(train, train_tf), subset(val, eval_tf), subset(test, eval_tf),
+                  [str(d) for d in range(10)], f"sklearn digits (1,797 8x8 images), stratified split seed {seed}")
+
+
+def _digit_images() -> tuple[list[Image.Image], np.ndarray]:
+    """sklearn digits (values 0-16) rescaled to 0-255 and made RGB."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:
+        raise DataError("the demo data needs scikit-learn, which is not installed",
+                        "pip install scikit-learn (or peftx[demo])") from exc
+    digits = load_digits()
+    pixels = np.clip(np.rint(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    return [Image.fromarray(p).convert("RGB") for p in pixels], digits.target.astype(np.int64)
+
+
+# ---- ImageFolder
+
+
+def _folder_splits(root: Path, train_tf: Callable, eval_tf: Callable) -> Splits:
+    if not (root / "val").is_dir():
+        raise DataError(f"ImageFolder dataset {root} has no val/ folder",
+                        "create ROOT/val/<class>/... (peftx selects checkpoints on validation, never on test)")
+    classes = _class_dirs(root / "train")
+    if not classes:
+        raise DataError(f"{root / 'train'} holds no class folders", "lay images out as ROOT/train/<class>/<image>")
+    index = {name: i for i, name in enumerate(classes)}
+    train = _scan_split(root / "train", index)
+    counts = Counter(label for _, label in train)
+    empty = [name for name, i in index.items() if counts[i] == 0]
+    if empty:
+        raise DataError(f"class folder {root / 'train' / empty[0]} has no training images"
+                        + (f" ({len(empty) - 1} more such)" if len(empty) > 1 else ""),
+                        "add images, or delete the empty class folder")
+    val = _scan_split(root / "val", index)
+    test = _scan_split(root / "test", index) if (root / "test").is_dir() else None
+    for name, samples in (("val", val), ("test", test)):
+        if samples is not None and not samples:
+            raise DataError(f"split {root / name} holds no images", "add images, or remove the folder")
+    _warn_imbalance(counts, classes, root / "train")
+    return Splits(ImageFileDataset(train, train_tf), ImageFileDataset(val, eval_tf),
+                  ImageFileDataset(test, eval_tf) if test is not None else None, classes,
+                  f"ImageFolder {root} ({len(classes)} classes)")
+
+
+def _class_dirs(split: Path) -> list[str]:
+    return sorted(p.name for p in split.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _scan_split(split: Path, index: dict[str, int]) -> list[tuple[Path, int]]:
+    """(image, label) pairs of one split folder; every file must be a readable image in a known class folder."""
+    unknown = [name for name in _class_dirs(split) if name not in index]
+    if unknown:
+        raise DataError(f"class folder {split / unknown[0]} is not a training class",
+                        f"every {split.name}/ class must also exist under train/ (training classes: "
+                        f"{', '.join(list(index)[:8])}{', ...' if len(index) > 8 else ''})")
+    samples: list[tuple[Path, int]] = []
+    for path in sorted(split.rglob("*")):
+        if path.is_dir() or _is_junk(path.relative_to(split)):
+            continue
+        rel = path.relative_to(split)
+        if len(rel.parts) < 2:
+            raise DataError(f"{path} is not inside a class folder", f"move it to {split}/<class>/")
+        _check_image(path)
+        samples.append((path, index[rel.parts[0]]))
+    return samples
+
+
+def _is_junk(rel: Path) -> bool:
+    return any(part.startswith(".") for part in rel.parts) or rel.name.lower() in _JUNK_FILES
+
+
+def _check_image(path: Path) -> None:
+    """Cheap integrity check (header + PNG chunk CRCs, no pixel decode); see the module docstring for the cost."""
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        raise DataError(f"{path} is not an image file (extension {path.suffix or 'none'})",
+                        f"remove it, or use one of: {', '.join(sorted(IMAGE_EXTENSIONS))}")
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as exc:  # UnidentifiedImageError, OSError, SyntaxError...: one outcome, unreadable
+        raise DataError(f"{path} is not a readable image ({_first_line(exc)})",
+                        "replace or delete the file") from exc
+
+
+# ---- VTAB-1k
+
+
+def parse_vtab_list(path: str | Path, root: str | Path) -> list[tuple[Path, int]]:
+    """Parse a VTAB-1k list file (lines ``relative/path label``); paths are relative to ``root`` and must stay in it.
+
+    Refuses, with ``file:line``: malformed lines, non-integer or negative labels, absolute paths, paths that leave
+    ``root`` (``..`` or a symlink resolving outside) and files that do not exist.
+    """
+    path, root = Path(path), Path(root)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read list file {path}: {_first_line(exc)}", "check the VTAB-1k layout") from exc
+    real_root = root.resolve()
+    samples: list[tuple[Path, int]] = []
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if line:
+            samples.append(_parse_vtab_line(line, f"{path}:{lineno}", root, real_root))
+    return samples
+
+
+def _parse_vtab_line(line: str, where: str, root: Path, real_root: Path) -> tuple[Path, int]:
+    fields = line.rsplit(None, 1)  # the label is the last field; paths may contain spaces
+    if len(fields) != 2:
+        raise DataError(f"{where}: expected 'relative/path label', got {line!r}", "fix or delete the line")
+    rel, label_text = fields
+    try:
+        label = int(label_text)
+    except ValueError:
+        raise DataError(f"{where}: label {label_text!r} is not an integer", "labels are class indices 0..K-1") from None
+    if label < 0:
+        raise DataError(f"{where}: label {label} is negative", "labels are class indices 0..K-1")
+    if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive:
+        raise DataError(f"{where}: path {rel!r} is absolute", "list paths relative to the task directory")
+    if ".." in PurePosixPath(rel.replace("\\", "/")).parts:
+        raise DataError(f"{where}: path {rel!r} leaves the task directory", "list paths inside the task directory")
+    full = root / rel
+    try:
+        real = full.resolve()
+    except (OSError, ValueError) as exc:  # a NUL byte, a symlink loop, a name too long
+        raise DataError(f"{where}: path {rel!r} is not a usable file name ({_first_line(exc)})",
+                        "fix or delete the line") from None
+    if not real.is_relative_to(real_root):
+        raise DataError(f"{where}: path {rel!r} resolves outside the task directory (to {real})",
+                        "copy the image into the task directory instead of linking out of it")
+    if not real.is_file():
+        raise DataError(f"{where}: image {full} does not exist", "fix the path, or restore the file")
+    return full, label
+
+
+def _vtab_splits(root: Path, train_tf: Callable, eval_tf: Callable) -> Splits:
+    missing = [name for name in VTAB_LISTS.values() if not (root / name).is_file()]
+    if missing:
+        raise DataError(f"VTAB-1k task {root} has no {', '.join(missing)}",
+                        f"a task directory needs {', '.join(VTAB_LISTS.values())}")
+    lists = {split: parse_vtab_list(root / name, root) for split, name in VTAB_LISTS.items()}
+    for split, samples in lists.items():
+        if not samples:
+            raise DataError(f"split file {root / VTAB_LISTS[split]} lists no images", "check the VTAB-1k layout")
+    for split, samples in lists.items():
+        for image, _ in samples:
+            _check_image(image)
+    num_classes = 1 + max(label for samples in lists.values() for _, label in samples)
+    counts = Counter(label for _, label in lists["train"])
+    # VTAB-1k samples 800 training images per task, so many-class tasks (SUN397: 397 classes) cannot cover every
+    # class: an uncovered label is the benchmark's design, not a broken file. Warn rather than refuse.
+    uncovered = sorted({label for s in ("val", "test") for _, label in lists[s]} - set(counts))
+    if uncovered:
+        log.warning("%s: %d label(s) in val/test have no training image in %s (e.g. %s)", root, len(uncovered),
+                    VTAB_LISTS["train"], ", ".join(map(str, uncovered[:5])))
+    names = [str(i) for i in range(num_classes)]
+    _warn_imbalance(counts, names, root / VTAB_LISTS["train"])
+    return Splits(ImageFileDataset(lists["train"], train_tf), ImageFileDataset(lists["val"], eval_tf),
+                  ImageFileDataset(lists["test"], eval_tf), names,
+                  f"VTAB-1k task {root.name} ({root}; train800 / val200 / test)")
+
+
+# ---- shared
+
+
+def _warn_imbalance(counts: Counter, class_names: Sequence[str], where: Path) -> None:
+    present = {label: n for label, n in counts.items() if n > 0}
+    if len(present) < 2:
+        return
+    big, small = max(present, key=present.get), min(present, key=present.get)
+    if present[big] > IMBALANCE_WARN_RATIO * present[small]:
+        log.warning("%s is imbalanced: class %s has %d training images, class %s only %d (> %gx)", where,
+                    class_names[big], present[big], class_names[small], present[small], IMBALANCE_WARN_RATIO)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+# ----------------------------------------------------------------------------------------------------- real images
+
+
+def sample_photos() -> list[Image.Image]:
+    """scikit-learn's two RGB sample photos (china.jpg, flower.jpg; 427x640), shipped inside the package."""
+    try:
+        from sklearn.datasets import load_sample_images
+    except ImportError as exc:
+        raise DataError("the sample photos need scikit-learn, which is not installed",
+                        "pip install scikit-learn (or peftx[demo])") from exc
+    return [Image.fromarray(array) for array in load_sample_images().images]
+
+
+def real_images(n: int, data_cfg: dict[str, Any], seed: int = 0) -> torch.Tensor:
+    """A [n, 3, H, W] batch of real images preprocessed with ``data_cfg``, for parity checks.
+
+    The two sample photos first, then alternately a seeded crop (35-90 % of each side, flipped half the time) of a
+    photo and an upscaled sklearn digit, until ``n`` are reached. The same (n, cfg, seed) always gives the same batch.
+    """
+    if n < 1:
+        raise UsageError(f"real_images needs n >= 1, got {n}")
+    transform = build_transform(data_cfg, train=False, hflip=False)
+    photos = sample_photos()
+    rng = np.random.default_rng(seed)
+    images: list[Image.Image] = photos[:n]
+    digits: list[Image.Image] | None = None
+    while len(images) < n:
+        if len(images) % 2 == 0:
+            images.append(_random_crop(photos[len(images) // 2 % len(photos)], rng))
+        else:
+            digits = digits if digits is not None else _digit_images()[0]
+            images.append(digits[int(rng.integers(len(digits)))])
+    return torch.stack([transform(image) for image in images])
+
+
+def images_from_dir(directory: str | Path, data_cfg: dict[str, Any], *, limit: int | None = None) -> torch.Tensor:
+    """A [n, 3, H, W] batch of the images under ``directory`` (recursive, sorted by path; at most ``limit``),
+    preprocessed with ``data_cfg``: a user's own real images for parity checks."""
+    root = Path(directory).expanduser()
+    if not root.is_dir():
+        raise DataError(f"image directory {root} does not exist", "pass a directory of .jpg/.png images")
+    paths = sorted(p for p in root.rglob("*")
+                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not _is_junk(p.relative_to(root)))
+    paths = paths[:limit] if limit is not None else paths
+    if not paths:
+        raise DataError(f"image directory {root} holds no images",
+                        f"add files with one of: {', '.join(sorted(IMAGE_EXTENSIONS))}")
+    dataset = ImageFileDataset([(p, 0) for p in paths], build_transform(data_cfg, train=False, hflip=False))
+    return torch.stack([dataset[i][0] for i in range(len(dataset))])
+
+
+def _random_crop(photo: Image.Image, rng: np.random.Generator) -> Image.Image:
+    width, height = photo.size
+    w, h = (int(side * rng.uniform(0.35, 0.9)) for side in (width, height))
+    left, top = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+    crop = photo.crop((left, top, left + w, top + h))
+    return crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else crop
