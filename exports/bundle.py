@@ -1,0 +1,569 @@
+"""Deployment bundle: ONNX (+FP16, +engine), preprocessing, a standalone infer.py, build script and parity evidence.
+
+Layout of a bundle directory::
+
+    model.onnx          FP32, dynamic batch; metadata_props carry preprocessing, class names and provenance
+    model_fp16.onnx     always written: TensorRT 11's FP16 build input and the FP16 emulation ONNX Runtime checks
+    model.engine        only when TensorRT built one here
+    build_engine.sh     trtexec lines for TensorRT 10 (--fp16) and 11 (FP16 ONNX) to build on the target device
+    infer.py            standalone (no peftx import): metadata.json preprocessing -> engine or ONNX -> top-5
+    metadata.json       every fact above, sha256 of every artifact, status "ok" | "failed"
+    parity.json         each backend vs the UNMERGED reference model, on real images and random inputs
+    trt_readiness.json  TensorRT parser readiness, checked without TensorRT
+
+The bundle is assembled in a temporary directory next to ``out_dir`` (same filesystem) and renamed into place only
+when complete. A parity failure still writes it (for inspection) with status "failed", then raises ParityError.
+parity.json and trt_readiness.json are reports that ``validate_bundle`` regenerates, so they are not hashed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+import peftx
+from peftx.errors import ExportError, OutputError, ParityError, UsageError
+from peftx.fsutil import sha256_file, write_text_atomic
+from peftx.tolerances import FP16, MERGE_FP32, ONNX_FP32, TENSORRT_FP32
+
+from .fp16 import convert_to_fp16, strict_fp16_emulation
+from .onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, op_histogram, param_count, read_metadata
+from .parity import ParityReport, ParityResult, compare, make_input_sets, reference_outputs
+from .runners import OnnxRuntimeRunner, TensorRTRunner, TorchRunner
+from .simplify import simplify_onnx
+from .tensorrt import TensorRTMode, build_engine, resolve_mode
+from .tensorrt_ops import ReadinessReport, check_tensorrt_readiness
+
+FORMAT = "peftx-bundle"
+FORMAT_VERSION = 1
+ONNX_FILE, FP16_FILE, ENGINE_FILE = "model.onnx", "model_fp16.onnx", "model.engine"
+INFER_FILE, BUILD_SCRIPT_FILE = "infer.py", "build_engine.sh"
+METADATA_FILE, PARITY_FILE, READINESS_FILE = "metadata.json", "parity.json", "trt_readiness.json"
+# Odd batch sizes catch batch-mixing reshapes and padding bugs that even sizes can hide.
+PARITY_BATCHES = (1, 3, 7)
+RANDOM_BATCH = 3
+# Images used to find FP16 large-magnitude nodes: enough for the activation range; bounds memory (~1.5 GB, ViT-B).
+FP16_CALIBRATION_IMAGES = 8
+_DATA_CONFIG_KEYS = ("input_size", "interpolation", "crop_pct", "mean", "std")
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class _Options:
+    """write_bundle's settings, resolved and validated."""
+
+    input_size: tuple[int, int, int]
+    preprocessing: dict[str, Any]
+    class_names: list[str]
+    provenance: Mapping[str, Any]
+    batch: tuple[int, int, int]
+    precision: Literal["fp32", "fp16"]
+    tensorrt: TensorRTMode
+    use_trt: bool
+    trt_message: str
+    simplify: bool
+    parity_max_batch: int
+    timing_cache: str | Path | None
+
+
+@dataclass
+class BundleReport:
+    out_dir: Path
+    status: Literal["ok", "failed"]
+    parity: ParityReport
+    readiness: ReadinessReport
+    sha256: dict[str, str]
+    tensorrt: dict[str, Any]
+    simplify: dict[str, Any] | None
+    fp16: dict[str, Any]
+    timings: dict[str, float]
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"out_dir": str(self.out_dir), "status": self.status, "parity": self.parity.to_json(),
+                "readiness": self.readiness.to_json(), "sha256": self.sha256, "tensorrt": self.tensorrt,
+                "simplify": self.simplify, "fp16": self.fp16, "timings": self.timings, "warnings": self.warnings}
+
+
+def write_bundle(
+    reference: torch.nn.Module,
+    merged: torch.nn.Module,
+    out_dir: str | Path,
+    *,
+    input_size: tuple[int, int, int],
+    data_config: Mapping[str, Any],
+    class_names: Sequence[str],
+    provenance: Mapping[str, Any],
+    images: torch.Tensor | np.ndarray,
+    batch: tuple[int, int, int] = (1, 8, 32),
+    precision: Literal["fp32", "fp16"] = "fp32",
+    tensorrt: TensorRTMode = "auto",
+    simplify: bool = True,
+    force: bool = False,
+    progress: Progress | None = None,
+    parity_max_batch: int = 32,
+    timing_cache: str | Path | None = None,
+) -> BundleReport:
+    """Export ``merged``, check every artifact against ``reference`` on ``images``, and write the bundle to ``out_dir``.
+
+    ``images`` are REAL preprocessed images [N, *input_size]. Parity runs at batch sizes 1, 3, 7 and max(batch)
+    (capped at ``parity_max_batch``), clamped into the engine's batch profile. ``timing_cache`` is an optional
+    TensorRT timing-cache file to reuse across builds (it is not part of the bundle).
+    Raises OutputError (exists, not writable), UsageError, BackendUnavailableError (tensorrt="on" without it),
+    ExportError (export or TensorRT readiness failed) before anything is written, and ParityError after the bundle is
+    written with status "failed".
+    """
+    out_dir = Path(out_dir).absolute()
+    say = progress or (lambda message: None)
+    array = _validate_inputs(input_size, data_config, class_names, images, batch, precision, parity_max_batch)
+    _check_destination(out_dir, force)
+    use_trt, trt_message = resolve_mode(tensorrt)  # tensorrt="on" without TensorRT fails here, before any work
+    options = _Options(tuple(input_size), _preprocessing(data_config), list(class_names), provenance, tuple(batch),
+                       precision, tensorrt, use_trt, trt_message, simplify, parity_max_batch, timing_cache)
+    work = _make_workdir(out_dir)
+    try:
+        report = _assemble(work, reference, merged, array, options, say)
+        _move_into_place(work, out_dir, force)
+    except OSError as exc:
+        shutil.rmtree(work, ignore_errors=True)
+        raise OutputError(f"writing the bundle failed: {exc}", "check free disk space and permissions") from exc
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    report.out_dir = out_dir
+    say(f"bundle written to {out_dir} (status {report.status})")
+    if report.status != "ok":
+        raise _parity_error(report.parity, out_dir)
+    return report
+
+
+def read_bundle(bundle_dir: str | Path) -> dict[str, Any]:
+    """The bundle's metadata.json, after checking it is a peftx bundle of a known format version."""
+    path = Path(bundle_dir) / METADATA_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{path} is missing or unreadable: {exc}",
+                          "point at a directory made by write_bundle") from exc
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise ExportError(f"{path} is not a {FORMAT} v{FORMAT_VERSION} metadata file",
+                          "re-create the bundle with this peftx version")
+    return meta
+
+
+def verify_artifacts(bundle_dir: str | Path, meta: Mapping[str, Any] | None = None) -> None:
+    """Check every artifact's sha256 against metadata.json; ExportError names each changed or missing file."""
+    bundle_dir = Path(bundle_dir)
+    meta = meta or read_bundle(bundle_dir)
+    changed = []
+    for name, expected in meta["sha256"].items():
+        path = bundle_dir / name
+        if not path.is_file():
+            changed.append(f"{name} (missing)")
+        elif sha256_file(path) != expected:
+            changed.append(f"{name} (sha256 differs)")
+    if changed:
+        raise ExportError(f"bundle {bundle_dir} was modified after it was written: {', '.join(changed)}",
+                          "re-create the bundle; never edit its artifacts in place")
+
+
+def validate_bundle(
+    bundle_dir: str | Path,
+    reference: torch.nn.Module,
+    images: torch.Tensor | np.ndarray,
+    *,
+    tensorrt: TensorRTMode = "auto",
+    progress: Progress | None = None,
+    parity_max_batch: int = 32,
+) -> ParityReport:
+    """Verify artifact hashes, re-run parity of every artifact against ``reference``, rewrite parity.json.
+
+    A model.engine built later on the device (by build_engine.sh) is checked too when TensorRT is usable. On failure
+    parity.json and metadata.json's status are updated first, then ParityError is raised.
+    """
+    bundle_dir = Path(bundle_dir)
+    say = progress or (lambda message: None)
+    meta = read_bundle(bundle_dir)
+    say("verifying artifact hashes")
+    verify_artifacts(bundle_dir, meta)
+    use_trt, trt_message = resolve_mode(tensorrt)
+    input_size = tuple(meta["preprocessing"]["input_size"])
+    batch = (meta["batch"]["min"], meta["batch"]["opt"], meta["batch"]["max"])
+    array = _images_array(images, input_size)
+    inputs = make_input_sets(array, parity_batches(batch, parity_max_batch), random_batch=RANDOM_BATCH)
+    say("running the reference model")
+    expected = reference_outputs(TorchRunner(reference, name="reference (unmerged PyTorch)"), inputs)
+    fp16_required = meta["precision"] == "fp16"
+    scratch = Path(tempfile.mkdtemp())
+    candidates = [(OnnxRuntimeRunner(bundle_dir / ONNX_FILE, name="onnxruntime fp32"), ONNX_FP32, True)]
+    if (bundle_dir / FP16_FILE).exists():
+        candidates += [(runner, FP16, fp16_required)
+                       for runner in _fp16_runners(bundle_dir / ONNX_FILE, bundle_dir / FP16_FILE, scratch)]
+    notes = [trt_message]
+    if (bundle_dir / ENGINE_FILE).exists() and use_trt:
+        engine_precision = (meta.get("tensorrt", {}).get("build") or {}).get("precision", meta["precision"])
+        tolerance = FP16 if engine_precision == "fp16" else TENSORRT_FP32
+        candidates.append((TensorRTRunner(bundle_dir / ENGINE_FILE, name=f"tensorrt {engine_precision}"), tolerance,
+                           True))
+    results = []
+    try:
+        for runner, tolerance, required in candidates:
+            say(f"checking {runner.name}")
+            results.append(compare(expected, runner, inputs, tolerance, reference_name="reference (unmerged PyTorch)",
+                                   required=required))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    report = ParityReport(results, notes)
+    _write_json_atomic(bundle_dir / PARITY_FILE, report.to_json())
+    meta = {**meta, "status": "ok" if report.passed else "failed", "validated_at": _now(),
+            "parity": _parity_summary(report)}
+    _write_json_atomic(bundle_dir / METADATA_FILE, meta)
+    if not report.passed:
+        raise _parity_error(report, bundle_dir)
+    return report
+
+
+def parity_batches(batch: tuple[int, int, int], parity_max_batch: int = 32) -> list[int]:
+    """1, 3, 7 and the profile's max (capped for CPU cost), clamped into the batch profile [min, max]."""
+    low, _, high = batch
+    wanted = (*PARITY_BATCHES, min(high, parity_max_batch))
+    return sorted({min(max(b, low), high) for b in wanted})
+
+
+# --- assembling -------------------------------------------------------------------------------------------------
+
+
+def _assemble(work: Path, reference: torch.nn.Module, merged: torch.nn.Module, images: np.ndarray, opt: _Options,
+              say: Progress) -> BundleReport:
+    """Write every file of the bundle into ``work``; return the report (its status reflects parity)."""
+    timings: dict[str, float] = {}
+    warnings: list[str] = []
+    onnx_path, readiness = _export_ready_onnx(work, merged, opt, warnings, timings, say)
+    inputs = make_input_sets(images, parity_batches(opt.batch, opt.parity_max_batch), random_batch=RANDOM_BATCH)
+    say("running the reference model")
+    expected = reference_outputs(TorchRunner(reference, name="reference (unmerged PyTorch)"), inputs)
+    _check_class_count(expected, opt.class_names)
+    check = _checker(expected, inputs, say)
+    notes = [f"reference: unmerged PyTorch; {len(images)} real images (cycled to fill larger batches)",
+             opt.trt_message]
+    results = [check(TorchRunner(merged, name="merged PyTorch"), MERGE_FP32)]
+    started = time.perf_counter()
+    simplify_info, ort_result = _simplified_or_original(work, onnx_path, opt.simplify, check, notes)
+    results.append(ort_result)
+    timings["simplify_and_ort_s"] = time.perf_counter() - started
+    fp16, fp16_results = _fp16_step(work, onnx_path, images, opt, check, readiness, warnings, timings, say)
+    results += fp16_results
+    if opt.precision != "fp16":
+        notes.append("FP16 checks are advisory for an fp32 bundle: reported, not required")
+    trt_info, trt_results = _tensorrt_step(work, onnx_path, opt, check, timings, say)
+    results += trt_results
+
+    parity = ParityReport(results, notes)
+    _write_text(work / INFER_FILE, _template("infer.py"))
+    _write_text(work / BUILD_SCRIPT_FILE, render_build_script(onnx_path, opt.batch, opt.precision), executable=True)
+    sha = {name: sha256_file(work / name) for name in (ONNX_FILE, FP16_FILE, ENGINE_FILE, INFER_FILE,
+                                                       BUILD_SCRIPT_FILE) if (work / name).exists()}
+    report = BundleReport(work, "ok" if parity.passed else "failed", parity, readiness, sha, trt_info,
+                          simplify_info, fp16, {k: round(v, 3) for k, v in timings.items()}, warnings)
+    _write_json_atomic(work / PARITY_FILE, parity.to_json())
+    _write_json_atomic(work / READINESS_FILE, readiness.to_json())
+    _write_json_atomic(work / METADATA_FILE, _metadata(report, onnx_path, opt))
+    return report
+
+
+def _export_ready_onnx(work: Path, merged: torch.nn.Module, opt: _Options, warnings: list[str],
+                       timings: dict[str, float], say: Progress) -> tuple[Path, ReadinessReport]:
+    """Export model.onnx and check TensorRT readiness at once: an unready graph fails before the costly checks."""
+    onnx_path = work / ONNX_FILE
+    say("exporting ONNX")
+    started = time.perf_counter()
+    export_onnx(merged, onnx_path, input_size=opt.input_size,
+                metadata=_onnx_metadata(opt.preprocessing, opt.class_names, opt.provenance))
+    timings["export_s"] = time.perf_counter() - started
+    say("checking TensorRT readiness")
+    readiness = check_tensorrt_readiness(onnx_path)
+    _handle_readiness(readiness.problems, opt.tensorrt, warnings)
+    return onnx_path, readiness
+
+
+def _fp16_step(work: Path, onnx_path: Path, images: np.ndarray, opt: _Options, check, readiness: ReadinessReport,
+               warnings: list[str], timings: dict[str, float], say: Progress) -> tuple[dict, list[ParityResult]]:
+    """Write model_fp16.onnx, check its readiness and its parity (ORT run and strict emulation)."""
+    say("converting to FP16")
+    started = time.perf_counter()
+    fp16 = convert_to_fp16(onnx_path, work / FP16_FILE, calibration=images[:FP16_CALIBRATION_IMAGES])
+    timings["fp16_s"] = time.perf_counter() - started
+    problems = [f"{FP16_FILE}: {p}" for p in check_tensorrt_readiness(fp16.path).problems]
+    _handle_readiness(problems, opt.tensorrt, warnings)
+    readiness.problems += problems
+    readiness.ok = not readiness.problems
+    scratch = Path(tempfile.mkdtemp(dir=work))
+    try:
+        results = [check(runner, FP16, required=opt.precision == "fp16")
+                   for runner in _fp16_runners(onnx_path, fp16.path, scratch)]
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return fp16.to_json(), results
+
+
+def _tensorrt_step(work: Path, onnx_path: Path, opt: _Options, check, timings: dict[str, float],
+                   say: Progress) -> tuple[dict[str, Any], list[ParityResult]]:
+    """Build and check model.engine when TensorRT is in use; otherwise record why not."""
+    info: dict[str, Any] = {"mode": opt.tensorrt, "used": opt.use_trt, "message": opt.trt_message, "build": None}
+    if not opt.use_trt:
+        return info, []
+    say(f"building the TensorRT {opt.precision} engine")
+    build = build_engine(onnx_path, work / ENGINE_FILE, batch=opt.batch, precision=opt.precision,
+                         timing_cache_path=opt.timing_cache, fp16_onnx_path=work / FP16_FILE)
+    info["build"] = build.to_json()
+    timings["tensorrt_build_s"] = build.seconds
+    tolerance = FP16 if opt.precision == "fp16" else TENSORRT_FP32
+    return info, [check(TensorRTRunner(build.path, name=f"tensorrt {opt.precision}"), tolerance)]
+
+
+def _checker(expected: dict[str, np.ndarray], inputs: dict[str, np.ndarray], say: Progress):
+    """compare() bound to the cached reference outputs and input sets."""
+    def check(runner, tolerance, *, required: bool = True) -> ParityResult:
+        say(f"checking {runner.name}")
+        return compare(expected, runner, inputs, tolerance, reference_name="reference (unmerged PyTorch)",
+                       required=required)
+    return check
+
+
+def _fp16_runners(onnx_path: Path, fp16_path: Path, scratch: Path) -> list[OnnxRuntimeRunner]:
+    """The FP16 ONNX as ONNX Runtime runs it, and the strict rounding emulation (see fp16.py for why both)."""
+    emulation = strict_fp16_emulation(onnx_path, fp16_path, scratch / "fp16_emulation.onnx")
+    return [OnnxRuntimeRunner(fp16_path, name="onnxruntime fp16"),
+            OnnxRuntimeRunner(emulation, name="fp16 emulation (strict rounding)")]
+
+
+def _simplified_or_original(work: Path, onnx_path: Path, simplify: bool, check, notes: list[str]):
+    """Try onnxslim; keep its graph only if it passes ONNX Runtime parity. Returns (simplify info, ORT result)."""
+    if not simplify:
+        return None, check(OnnxRuntimeRunner(onnx_path, name="onnxruntime fp32"), ONNX_FP32)
+    slim_path = work / "model.slim.onnx"
+    info = simplify_onnx(onnx_path, slim_path)
+    if info.applied:
+        result = check(OnnxRuntimeRunner(slim_path, name="onnxruntime fp32"), ONNX_FP32)
+        if result.passed:
+            os.replace(slim_path, onnx_path)
+            return info.to_json(), result
+        notes.append("the onnxslim graph failed parity; the graph as exported was kept")
+        slim_path.unlink()
+        info.applied, info.reason = False, f"{info.reason}: rejected, failed parity"
+    else:
+        notes.append(f"simplify skipped: {info.reason}")
+    return info.to_json(), check(OnnxRuntimeRunner(onnx_path, name="onnxruntime fp32"), ONNX_FP32)
+
+
+def _handle_readiness(problems: list[str], tensorrt: str, warnings: list[str]) -> None:
+    """Readiness problems are an ExportError, or warnings when TensorRT is off."""
+    if not problems:
+        return
+    if tensorrt == "off":
+        warnings.extend(f"TensorRT readiness: {p}" for p in problems)
+        return
+    shown = "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")
+    raise ExportError(f"the ONNX graph is not TensorRT-ready: {shown}",
+                      "pass tensorrt='off' to write an ONNX-only bundle, or change the model")
+
+
+def render_build_script(onnx_path: str | Path, batch: tuple[int, int, int], precision: str) -> str:
+    """build_engine.sh for this graph: input name and C/H/W from the ONNX, min/opt/max from ``batch``."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    initializers = {t.name for t in graph.initializer}
+    tensor = next(i for i in graph.input if i.name not in initializers)
+    rest = [d.dim_value for d in tensor.type.tensor_type.shape.dim][1:]
+    shape = lambda n: "x".join(str(d) for d in (n, *rest))  # noqa: E731 - trtexec's NxCxHxW
+    values = {"INPUT_NAME": tensor.name, "INPUT_DIMS": "batch x " + " x ".join(map(str, rest)),
+              "PRECISION": precision, "MIN_BATCH": batch[0], "OPT_BATCH": batch[1], "MAX_BATCH": batch[2],
+              "MIN_SHAPE": shape(batch[0]), "OPT_SHAPE": shape(batch[1]), "MAX_SHAPE": shape(batch[2])}
+    text = _template("build_engine.sh.in")
+    for key, value in values.items():
+        text = text.replace(f"@{key}@", str(value))
+    return text
+
+
+# --- metadata ---------------------------------------------------------------------------------------------------
+
+
+def _preprocessing(data_config: Mapping[str, Any]) -> dict[str, Any]:
+    prep = {key: data_config[key] for key in _DATA_CONFIG_KEYS}
+    prep["input_size"] = [int(v) for v in prep["input_size"]]
+    prep["mean"], prep["std"] = [float(v) for v in prep["mean"]], [float(v) for v in prep["std"]]
+    prep["crop_pct"] = float(prep["crop_pct"]) if prep["crop_pct"] is not None else 1.0
+    prep["crop_mode"] = data_config.get("crop_mode", "center")
+    return prep
+
+
+def _onnx_metadata(preprocessing: dict, class_names: list[str], provenance: Mapping[str, Any]) -> dict[str, str]:
+    return {"preprocessing": json.dumps(preprocessing), "class_names": json.dumps(class_names),
+            "num_classes": str(len(class_names)), "provenance": json.dumps(provenance, default=str, sort_keys=True),
+            "peftx_version": peftx.__version__}
+
+
+def _metadata(report: BundleReport, onnx_path: Path, opt: _Options) -> dict[str, Any]:
+    props = read_metadata(onnx_path)
+    batch, prep, class_names = opt.batch, opt.preprocessing, opt.class_names
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "status": report.status, "created_at": _now(),
+        "precision": opt.precision,
+        "input": {"name": INPUT_NAME, "shape": ["batch", *prep["input_size"]], "dtype": "float32"},
+        "output": {"name": OUTPUT_NAME, "shape": ["batch", len(class_names)], "dtype": "float32"},
+        "batch": {"min": batch[0], "opt": batch[1], "max": batch[2]},
+        "preprocessing": prep, "num_classes": len(class_names), "class_names": class_names,
+        "provenance": json.loads(json.dumps(opt.provenance, default=str)),
+        "artifacts": {"onnx": ONNX_FILE, "onnx_fp16": FP16_FILE,
+                      "engine": ENGINE_FILE if ENGINE_FILE in report.sha256 else None,
+                      "infer": INFER_FILE, "build_script": BUILD_SCRIPT_FILE},
+        "sha256": report.sha256,
+        "onnx": {"exporter": props.get("onnx_exporter"), "ops": op_histogram(onnx_path),
+                 "params": param_count(onnx_path), "simplify": report.simplify},
+        "fp16": report.fp16, "tensorrt": report.tensorrt,
+        "trt_readiness": {"ok": report.readiness.ok, "problems": len(report.readiness.problems),
+                          "tensorrt_version_checked": report.readiness.tensorrt_version, "file": READINESS_FILE},
+        "parity": _parity_summary(report.parity), "timings": report.timings, "warnings": report.warnings,
+        "versions": _versions(),
+    }
+
+
+def _parity_summary(parity: ParityReport) -> dict[str, Any]:
+    return {"passed": parity.passed, "failed": [r.candidate for r in parity.failed],
+            "checked": [r.candidate for r in parity.results], "file": PARITY_FILE}
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    versions = {"python": platform.python_version(), "peftx": peftx.__version__, "torch": torch.__version__,
+                "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    try:
+        import timm
+
+        versions["timm"] = timm.__version__
+    except ImportError:
+        pass
+    return versions
+
+
+def _parity_error(report: ParityReport, where: Path) -> ParityError:
+    failed = "; ".join(f"{r.candidate}: {r.overall.failures[0] if r.overall.failures else 'failed'}"
+                       for r in report.failed)
+    return ParityError(f"parity failed for {failed}", f"inspect {where / PARITY_FILE}; the bundle is marked failed")
+
+
+# --- validation of arguments ------------------------------------------------------------------------------------
+
+
+def _validate_inputs(input_size, data_config, class_names, images, batch, precision, parity_max_batch) -> np.ndarray:
+    if precision not in ("fp32", "fp16"):
+        raise UsageError(f"precision must be 'fp32' or 'fp16', got {precision!r}", "use precision='fp32'")
+    if len(batch) != 3 or not 1 <= batch[0] <= batch[1] <= batch[2]:
+        raise UsageError(f"batch must be (min, opt, max) with 1 <= min <= opt <= max, got {batch}",
+                         "e.g. batch=(1, 8, 32)")
+    if parity_max_batch < 1:
+        raise UsageError(f"parity_max_batch must be >= 1, got {parity_max_batch}", "use the default of 32")
+    missing = [key for key in _DATA_CONFIG_KEYS if key not in data_config]
+    if missing:
+        raise UsageError(f"data_config lacks {', '.join(missing)}", "pass timm.data.resolve_data_config(model=...)")
+    if tuple(data_config["input_size"]) != tuple(input_size):
+        raise UsageError(f"data_config input_size {tuple(data_config['input_size'])} != input_size {tuple(input_size)}",
+                         "export at the size the preprocessing produces")
+    if not class_names:
+        raise UsageError("class_names is empty", "pass one name per output class")
+    return _images_array(images, input_size)
+
+
+def _images_array(images: torch.Tensor | np.ndarray, input_size: Sequence[int]) -> np.ndarray:
+    array = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    if array.ndim != 4 or tuple(array.shape[1:]) != tuple(input_size) or len(array) == 0:
+        raise UsageError(f"images must be [N, {', '.join(map(str, input_size))}] with N >= 1, got {list(array.shape)}",
+                         "pass real images preprocessed with the bundle's data_config")
+    if not np.isfinite(array).all():
+        raise UsageError("images contain NaN or Inf", "check the preprocessing")
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _check_class_count(expected: Mapping[str, np.ndarray], class_names: Sequence[str]) -> None:
+    width = next(iter(expected.values())).shape[-1]
+    if width != len(class_names):
+        raise UsageError(f"the model has {width} outputs but {len(class_names)} class names were given",
+                         "pass one name per output class")
+
+
+# --- files ------------------------------------------------------------------------------------------------------
+
+
+def _check_destination(out_dir: Path, force: bool) -> None:
+    if not out_dir.exists():
+        return
+    if not force:
+        raise OutputError(f"{out_dir} already exists",
+                          "pass force=True (--force) to replace it, or choose another path")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / METADATA_FILE).exists():
+        # force replaces bundles, never an arbitrary non-empty directory someone pointed us at by mistake
+        raise OutputError(f"{out_dir} exists and is not a peftx bundle; refusing to replace it",
+                          "remove it yourself or choose another path")
+
+
+def _make_workdir(out_dir: Path) -> Path:
+    """A temporary directory beside ``out_dir``, so the final rename stays on one filesystem."""
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    except OSError as exc:
+        raise OutputError(f"cannot create a directory in {out_dir.parent}: {exc}", "check permissions") from exc
+    work.chmod(0o755)  # mkdtemp makes it 0700; a bundle is meant to be shared
+    return work
+
+
+def _move_into_place(work: Path, out_dir: Path, force: bool) -> None:
+    """Rename ``work`` to ``out_dir``; an existing one (force) is moved aside first and deleted only afterwards."""
+    if not out_dir.exists():
+        os.rename(work, out_dir)
+        return
+    if not force:  # it appeared while we worked
+        raise OutputError(f"{out_dir} appeared while the bundle was being written", "pass force=True to replace it")
+    old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(out_dir, old)
+    os.rename(work, out_dir)
+    if old.is_dir():
+        shutil.rmtree(old)
+    else:
+        old.unlink()
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _write_text(path: Path, text: str, *, executable: bool = False) -> None:
+    path.write_text(text, encoding="utf-8")
+    if executable:
+        path.chmod(0o755)
+
+
+def _template(name: str) -> str:
+    return resources.files(__package__).joinpath("templates", name).read_text(encoding="utf-8")
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

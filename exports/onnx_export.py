@@ -1,0 +1,180 @@
+"""Export a timm classifier to ONNX with a dynamic batch axis, and describe an ONNX graph (ops, parameter count).
+
+Exporter choice (see shared/DEPLOY.md): the TorchScript exporter (``dynamo=False``, opset 17, ``dynamic_axes``) is the
+default because it is fast (~8 s for ViT-B/16, well under a second for test models), emits one
+``LayerNormalization`` node per LayerNorm at opset 17, and its graphs pass ONNX Runtime parity at any batch size. torch
+has deprecated it, so when it fails (or is gone) ``exporter="auto"`` falls back to the torch.export-based exporter
+(opset 18, ``dynamic_shapes``). Either way the graph is checked with ``onnx.checker`` (full check) and the batch axis
+is verified dynamic and every other input/output axis static.
+"""
+
+from __future__ import annotations
+
+import collections
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+import torch
+
+from peftx.errors import ExportError, UsageError
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+BATCH_AXIS_NAME = "batch"
+# LayerNorm is a single LayerNormalization node only from opset 17; below it is ReduceMean/Pow/Sqrt, the pattern that
+# overflows in FP16 (DEPLOY.md).
+MIN_OPSET = 17
+DEFAULT_OPSET = {"torchscript": 17, "dynamo": 18}
+
+Exporter = Literal["auto", "torchscript", "dynamo"]
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    path: str | Path,
+    *,
+    input_size: tuple[int, int, int],
+    opset: int | None = None,
+    batch_for_trace: int = 2,
+    metadata: Mapping[str, str] | None = None,
+    exporter: Exporter = "auto",
+) -> Path:
+    """Export ``model`` (eval mode, built with timm ``exportable=True``) to ``path`` and return the path.
+
+    ``input_size`` is (C, H, W); H and W are baked in, the batch axis is dynamic. ``metadata`` goes into the model's
+    ``metadata_props`` together with ``onnx_exporter`` (which exporter and opset produced the graph).
+    """
+    path = Path(path)
+    _check_exportable(model)
+    if batch_for_trace < 2:
+        # torch.export specialises size-1 dims, and a batch of 1 hides batch-mixing bugs from the trace.
+        raise UsageError(f"batch_for_trace must be >= 2, got {batch_for_trace}", "use the default of 2")
+    if opset is not None and opset < MIN_OPSET:
+        raise UsageError(f"opset {opset} is below {MIN_OPSET}", "opset >= 17 keeps LayerNorm one node (FP16-safe)")
+    example = torch.randn(batch_for_trace, *input_size)
+    used = _export_with_fallback(model, example, path, opset, exporter)
+    proto = onnx.load(str(path))
+    _check_io_shapes(proto, input_size)
+    props = {**(metadata or {}), "onnx_exporter": used}
+    onnx.helper.set_model_props(proto, {str(k): str(v) for k, v in props.items()})
+    proto.producer_name = "peftx"
+    onnx.save(proto, str(path))
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"onnx.checker rejected {path.name}: {exc}",
+                          "report this model/exporter combination") from exc
+    return path
+
+
+def op_histogram(onnx_path: str | Path) -> dict[str, int]:
+    """Node count per op type (main graph), most frequent first: two exports of one architecture must agree."""
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    counts = collections.Counter(node.op_type for node in graph.node)
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def param_count(onnx_path: str | Path) -> int:
+    """Number of stored floating-point weight elements: initialisers plus tensors held by ``Constant`` nodes.
+
+    Exporters put folded weights in either place, so both are counted; integer shape constants are not weights.
+    Exporters store bit-identical tensors once (e.g. freshly initialised LayerNorm weights), so this can be below the
+    module's parameter count; compare exports with exports.
+    """
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    tensors = list(graph.initializer)
+    tensors += [attr.t for node in graph.node if node.op_type == "Constant"
+                for attr in node.attribute if attr.name == "value"]
+    return sum(int(np.prod(t.dims, dtype=np.int64)) for t in tensors if _is_float(t.data_type))
+
+
+def _is_float(elem_type: int) -> bool:
+    t = onnx.TensorProto
+    return elem_type in (t.FLOAT, t.FLOAT16, t.BFLOAT16, t.DOUBLE)
+
+
+def _check_exportable(model: torch.nn.Module) -> None:
+    """Refuse training mode and fused-SDPA attention (timm models built without ``exportable=True``)."""
+    if model.training:
+        raise UsageError("the model is in training mode", "call model.eval() before exporting")
+    fused = [name for name, module in model.named_modules() if getattr(module, "fused_attn", False)]
+    if fused:
+        raise UsageError(
+            f"{len(fused)} attention module(s) use fused SDPA (first: {fused[0]})",
+            "build the model with timm.create_model(..., exportable=True)",
+        )
+
+
+def _export_with_fallback(
+    model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int | None, exporter: Exporter
+) -> str:
+    """Run the chosen exporter; with ``auto`` try TorchScript, then torch.export. Returns 'name opset N'."""
+    order = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
+    errors: list[str] = []
+    for name in order:
+        # torch.export's translator starts at opset 18; an explicit opset is honoured where the exporter allows it.
+        chosen = max(opset or DEFAULT_OPSET[name], DEFAULT_OPSET["dynamo"] if name == "dynamo" else MIN_OPSET)
+        try:
+            _EXPORTERS[name](model, example, path, chosen)
+            return f"{name} opset {chosen}"
+        except Exception as exc:  # noqa: BLE001 - any exporter failure is reported, and with auto, retried
+            errors.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    raise ExportError("ONNX export failed: " + "; ".join(errors), "check the model was built with exportable=True")
+
+
+def _export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+    with warnings.catch_warnings(), torch.no_grad():
+        # Tracer warnings (Python numbers taken from shapes) are expected for timm models; the batch-size parity
+        # checks at 1/3/7 are what proves the trace generalises, so the warnings are noise here.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (example,), str(path), dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: BATCH_AXIS_NAME}, OUTPUT_NAME: {0: BATCH_AXIS_NAME}},
+            do_constant_folding=True,
+        )
+
+
+def _export_dynamo(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+    batch = torch.export.Dim(BATCH_AXIS_NAME, min=1, max=4096)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: batch},), verbose=False,
+        )
+    program.save(str(path), external_data=False)
+
+
+_EXPORTERS = {"torchscript": _export_torchscript, "dynamo": _export_dynamo}
+
+
+def _check_io_shapes(proto: onnx.ModelProto, input_size: tuple[int, int, int]) -> None:
+    """One input of shape [batch, *input_size] and a dynamic batch axis on every output; all else static."""
+    inputs = [i for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
+    if len(inputs) != 1:
+        raise ExportError(f"expected one graph input, found {len(inputs)}", "export a single-image-tensor model")
+    dims = _dims(inputs[0])
+    if not isinstance(dims[0], str) or dims[1:] != list(input_size):
+        raise ExportError(f"input shape {dims} is not [batch, {', '.join(map(str, input_size))}]",
+                          "the batch axis must be dynamic and C/H/W static")
+    for out in proto.graph.output:
+        out_dims = _dims(out)
+        if not out_dims or not isinstance(out_dims[0], str) or any(not isinstance(d, int) for d in out_dims[1:]):
+            raise ExportError(f"output {out.name!r} has shape {out_dims}", "only the batch axis may be dynamic")
+
+
+def _dims(value_info: onnx.ValueInfoProto) -> list[int | str]:
+    """Static dims as ints, symbolic ones as their names ('?' when unnamed)."""
+    shape = value_info.type.tensor_type.shape
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in shape.dim]
+
+
+def read_metadata(onnx_path: str | Path) -> dict[str, str]:
+    """The model's ``metadata_props`` as a dict."""
+    return {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+
