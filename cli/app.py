@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from .commands import export_cmd, inspect_cmd
+from .commands import demo_cmd, export_cmd, inspect_cmd, train_cmd
 
 app = typer.Typer(
     name="peftx",
@@ -21,6 +21,9 @@ def _root() -> None:
     """peftx: parameter-efficient fine-tuning for timm vision transformers, deployed to the edge."""
 
 
+app.command("demo")(demo_cmd.demo)
+app.command("train")(train_cmd.train)
+app.command("eval")(train_cmd.eval)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("merge-export")(export_cmd.merge_export)
 app.command("validate")(export_cmd.validate)

@@ -1,0 +1,42 @@
+"""`peftx demo`: the main job on the embedded default, no arguments needed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import handle_errors
+from ..options import Json, Method
+from ..output import console, err_console, key_values, print_json
+from .train_cmd import _run_with_progress
+
+
+@handle_errors
+def demo(
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory [default: runs/<method>-demo-<time>].", show_default=False)] = None,
+    method: Method = "rlrr",
+    json_out: Json = False,
+) -> None:
+    """Train on the embedded default (real DINOv2 ViT-S/14 + sklearn digits), merge, export ONNX, validate."""
+    from peftx.pipeline import run_demo
+
+    say = (lambda _m: None) if json_out else (lambda m: err_console.print(f"[dim]· {m}[/]"))
+    result = _run_with_progress(
+        lambda progress: run_demo(output, method=method, train_progress=progress, export_progress=say), json_out)
+    if json_out:
+        print_json(result)
+        return
+    console.print(key_values("peftx demo: results", {
+        "test accuracy": f"{100 * result['test_accuracy']:.2f} % (epoch {result['best_epoch']}, chosen on validation)",
+        "training time": f"{result['train_seconds']:.0f} s",
+        "trainable params": result["trainable_params"],
+        "ONNX vs unmerged": f"max |Δ| {result['onnx_fp32_max_abs_err']:.1e}, "
+                            f"top-1 agreement {100 * result['onnx_fp32_top1_agreement']:.0f} %",
+        "bundle status": result["bundle_status"],
+        "run directory": result["run_dir"],
+        "bundle": f"{result['bundle']}  ({', '.join(result['files'])})",
+        "tensorrt": result["tensorrt"],
+        "try it": f"python {result['bundle']}/infer.py IMAGE",
+    }))
