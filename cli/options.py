@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-Weights = Annotated[Optional[Path], typer.Option("--weights", "-w", help="Local backbone weights (.safetensors, or a torch file of tensors, loaded with weights_only).", show_default=False)]
+# readable=False: peftx checks readability itself (a one-line WeightsError) instead of Click's multi-line usage error.
+Weights = Annotated[Optional[Path], typer.Option("--weights", "-w", help="Local backbone weights (.safetensors, or a torch file of tensors, loaded with weights_only).", show_default=False, readable=False)]
 Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output (never done without it).")]
 Method = Annotated[str, typer.Option("--method", "-m", help="Adapter method: rlrr, aoft or lora.")]

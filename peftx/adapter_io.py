@@ -8,6 +8,7 @@ exactly what the adapter needs, and every value is finite.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
-from .adapter import adapt, adapter_state_dict, count_parameters, fingerprint, state_of
+from .adapter import adapt, adapter_modules, adapter_state_dict, count_parameters, fingerprint, state_of
 from .checks import all_finite
 from .errors import AdapterFileError, AdapterMismatchError, NonFiniteError
 from .fsutil import atomic_path, write_text_atomic
-from .methods import config_from_dict
+from .methods import AdapterLinear, config_from_dict
 from .targets import describe
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -92,10 +93,49 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
         config = json.loads(meta[_META_KEY])
     except json.JSONDecodeError:
         raise AdapterFileError(f"{path}: its peftx metadata is not valid JSON", "the file is corrupt") from None
-    if config.get("format") != FORMAT or config.get("format_version", 0) > FORMAT_VERSION:
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{path}: its peftx metadata is not a JSON object", "the file is corrupt")
+    if config.get("format") != FORMAT or not isinstance(config.get("format_version", 0), int) \
+            or config.get("format_version", 0) > FORMAT_VERSION:
         raise AdapterFileError(f"{path}: unsupported adapter format {config.get('format')!r} "
                                f"v{config.get('format_version')}", "upgrade peftx")
+    problem = _record_problem(config)
+    if problem:
+        raise AdapterFileError(f"{path}: its peftx record is damaged: {problem}",
+                               "the file is damaged or was not written by peftx: use another checkpoint or retrain")
     return config, tensors
+
+
+def _record_problem(config: dict[str, Any]) -> str | None:
+    """What is missing or mistyped among the fields loaders rely on (None when the record is usable)."""
+    n = config.get("num_classes")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        return f"num_classes is {n!r}, expected a positive integer"
+    method_cfg = config.get("config")
+    if not isinstance(method_cfg, dict) or not isinstance(method_cfg.get("method"), str):
+        return f"config is {method_cfg!r}, expected the method's settings"
+    spec = config.get("spec")
+    if spec is not None and not (isinstance(spec, dict) and isinstance(spec.get("model_kwargs") or {}, dict)):
+        return f"spec is {spec!r}, expected the backbone's description"
+    for key, kind in (("data_config", dict), ("class_names", list)):
+        if config.get(key) is not None and not isinstance(config[key], kind):
+            return f"{key} is {config[key]!r}, expected a {kind.__name__}"
+    data_cfg = config.get("data_config")
+    if data_cfg:  # the preprocessing evaluation and the bundle use as recorded
+        def numbers(v, positive=False):
+            return isinstance(v, list) and len(v) >= 1 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                and (x > 0 or not positive) for x in v)
+        size = data_cfg.get("input_size")
+        if not (numbers(size, positive=True) and len(size) == 3 and all(isinstance(x, int) for x in size)):
+            return f"data_config.input_size is {size!r}, expected [channels, height, width]"
+        for key in ("mean", "std"):
+            if not numbers(data_cfg.get(key), positive=key == "std"):
+                return f"data_config.{key} is {data_cfg.get(key)!r}, expected one finite number per channel"
+        crop = data_cfg.get("crop_pct")
+        if crop is not None and (isinstance(crop, bool) or not isinstance(crop, (int, float)) or not crop > 0):
+            return f"data_config.crop_pct is {crop!r}, expected a positive number"
+    return None
 
 
 def check_tensors(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], where: str) -> None:
@@ -110,7 +150,8 @@ def check_tensors(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor
             raise AdapterFileError(f"{where}: tensor {k} has shape {tuple(v.shape)}, expected "
                                    f"{tuple(expected[k].shape)}", "the file was made for another model size")
         if not v.is_floating_point():
-            raise AdapterFileError(f"{where}: tensor {k} has dtype {v.dtype}, expected a floating dtype")
+            raise AdapterFileError(f"{where}: tensor {k} has dtype {v.dtype}, expected a floating dtype",
+                                   "the file is damaged or was not written by peftx: use another checkpoint")
         if not all_finite(v):
             raise NonFiniteError(f"{where}: tensor {k} holds NaN or Inf", "use an earlier, finite checkpoint")
 
@@ -123,17 +164,44 @@ def load_adapter(model: nn.Module, path: str | Path, *, check_fingerprint: bool 
     if head_out != config.get("num_classes"):
         raise AdapterMismatchError(f"{path} is for {config.get('num_classes')} classes, the model has {head_out}",
                                    "create the backbone with the adapter's num_classes")
-    cfg = config_from_dict(config["config"])
-    fp = fingerprint(model, describe(model).head)  # checked before the model is touched
+    try:
+        cfg = config_from_dict(config["config"])
+    except (TypeError, ValueError) as e:  # a mistyped field (alpha="x", targets=5) in a damaged record
+        raise AdapterFileError(f"{path}: its method settings are malformed ({type(e).__name__}: {e})".split("\n")[0],
+                               "the file is damaged: use another checkpoint or retrain") from None
+    head = describe(model).head
+    fp = fingerprint(model, head)  # checked before the model is touched
     if check_fingerprint and fp != config.get("base_fingerprint"):
         raise AdapterMismatchError(
             f"{path} was trained on other base weights (fingerprint {str(config.get('base_fingerprint'))[:12]}, "
             f"this backbone {fp[:12]})",
             f"load it onto {config.get('base_model')} with the weights it was trained on")
-    adapt(model, cfg, spec=config.get("spec"), base_fingerprint=fp)
-    expected = adapter_state_dict(model)
-    check_tensors(expected, tensors, str(path))
+    # The expected tensor names and shapes exist only once the model is adapted: if the file's tensors then turn out
+    # wrong, undo the adaptation, so a refused file leaves the model exactly as it was handed in.
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    head_state = {k: v.detach().clone() for k, v in model.get_submodule(head).state_dict().items()}
+    try:
+        adapt(model, cfg, spec=config.get("spec"), base_fingerprint=fp)
+        expected = adapter_state_dict(model)
+        check_tensors(expected, tensors, str(path))
+    except BaseException:
+        _undo_adapt(model, head, head_state, requires_grad)
+        raise
     with torch.no_grad():
         for k, v in tensors.items():
             expected[k].copy_(v)
     return model
+
+
+def _undo_adapt(model: nn.Module, head: str, head_state: dict[str, torch.Tensor],
+                requires_grad: dict[str, bool]) -> None:
+    """Unwrap what adapt() wrapped (the frozen layers inside are untouched) and restore the head it zero-initialised."""
+    for name, module in reversed(adapter_modules(model)):
+        inner = module.base_layer if isinstance(module, AdapterLinear) else module.base
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, inner)
+    if getattr(model, "peftx_state", None) is not None:
+        del model.peftx_state
+    model.get_submodule(head).load_state_dict(head_state)
+    for n, p in model.named_parameters():
+        p.requires_grad_(requires_grad.get(n, p.requires_grad))

@@ -14,9 +14,11 @@ What peftx adds is refusing bad inputs with a typed error before or after timm r
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import socket
+import warnings
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -35,6 +37,9 @@ _WEIGHTS_HINT = "pass a local weights file with --weights FILE (.safetensors, or
 _PROBE_TIMEOUT_S = 3.0
 _LISTED = 4  # how many offending keys an error message names
 _RESERVED_KWARGS = frozenset({"exportable", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path"})
+# safetensors dtype codes of the non-floating types, as torch names them.
+_ST_INTEGRAL = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "I32": "int32",
+                "U32": "uint32", "I64": "int64", "U64": "uint64"}
 
 
 # ----------------------------------------------------------------------------------------------------- names
@@ -70,23 +75,38 @@ def _check_readable(weights: str | Path) -> Path:
     return path
 
 
-def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of a weights file, read the way timm will read it (safetensors header only, when possible)."""
+@contextlib.contextmanager
+def _quiet_torch_load():
+    """torch's weights_only unpickler warns on stderr about pickle protocols it was not written with; the CLI's
+    contract is one line on stderr, and the outcome (loaded, or refused with a WeightsError) says all there is."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        yield
+
+
+def _file_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Key -> shape of a weights file, and key -> dtype of its non-floating tensors, read the way timm will read it
+    (safetensors header only, when possible)."""
     try:
         if path.suffix == ".safetensors":
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt") as fh:
-                return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+                slices = {k: fh.get_slice(k) for k in fh.keys()}
+                return ({k: tuple(s.get_shape()) for k, s in slices.items()},
+                        {k: _ST_INTEGRAL.get(s.get_dtype(), s.get_dtype().lower()) for k, s in slices.items()
+                         if not s.get_dtype().startswith(("F", "BF"))})
         # timm's own reader: torch.load(weights_only=True) plus its unwrapping of {'state_dict': ...} / EMA keys.
-        state_dict = timm.models.load_state_dict(str(path))
+        with _quiet_torch_load():
+            state_dict = timm.models.load_state_dict(str(path))
     except Exception as exc:  # safetensors, zip and pickle readers raise assorted types for the same problem
         raise WeightsError(_unreadable_message(path, exc), _unreadable_hint(path, exc)) from exc
     bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise WeightsError(f"weights file {path} holds non-tensor entries ({', '.join(map(str, bad[:_LISTED]))})",
                            "save a flat state dict of tensors, e.g. torch.save(model.state_dict(), FILE)")
-    return {k: tuple(v.shape) for k, v in state_dict.items()}
+    return ({k: tuple(v.shape) for k, v in state_dict.items()},
+            {k: str(v.dtype).removeprefix("torch.") for k, v in state_dict.items() if not v.is_floating_point()})
 
 
 def _unreadable_message(path: Path, exc: Exception) -> str:
@@ -115,9 +135,12 @@ def _classifier_keys(model: torch.nn.Module) -> tuple[str, ...]:
     return tuple(f"{n}.{p}" for n in names for p in ("weight", "bias"))
 
 
-def _check_fits(path: Path, file_shapes: dict[str, tuple[int, ...]], ref: torch.nn.Module, name: str) -> None:
-    """Refuse a file whose tensors are not exactly this architecture's (classifier and resampled keys aside)."""
+def _check_fits(path: Path, file_shapes: dict[str, tuple[int, ...]], ref: torch.nn.Module, name: str,
+                file_integral: dict[str, str] | None = None) -> None:
+    """Refuse a file whose tensors are not exactly this architecture's (classifier and resampled keys aside), or
+    that holds integer / bool tensors where the model has floating ones (timm's loader would cast them silently)."""
     expected = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    floating = {k for k, v in ref.state_dict().items() if v.is_floating_point()}
     head = set(_classifier_keys(ref))
     # Non-persistent buffers (Swin's relative_position_index, attn_mask) appear in older checkpoints; timm drops them.
     droppable = {k for k, _ in ref.named_buffers()} - set(expected)
@@ -126,10 +149,13 @@ def _check_fits(path: Path, file_shapes: dict[str, tuple[int, ...]], ref: torch.
     mismatched = sorted(
         f"{k} {list(file_shapes[k])} vs {list(expected[k])}" for k in set(expected) & set(file_shapes) - head
         if file_shapes[k] != expected[k] and not _resamplable(k, file_shapes[k], expected[k]))
-    if not (missing or unexpected or mismatched):
+    integral = file_integral or {}
+    wrong_dtype = sorted(f"{k} {integral[k]}" for k in floating & set(integral))
+    if not (missing or unexpected or mismatched or wrong_dtype):
         return
     parts = [f"{len(v)} {label} ({', '.join(v[:_LISTED])}{', ...' if len(v) > _LISTED else ''})"
-             for label, v in (("missing", missing), ("unexpected", unexpected), ("wrong-shape", mismatched)) if v]
+             for label, v in (("missing", missing), ("unexpected", unexpected), ("wrong-shape", mismatched),
+                              ("wrong-dtype", wrong_dtype)) if v]
     raise WeightsError(f"weights file {path} does not fit {name}: " + "; ".join(parts),
                        f"pass a timm state dict saved from {name} (same depth, width and patch size)")
 
@@ -304,8 +330,8 @@ def _load_file(timm_name: str, path: Path, **kwargs: Any) -> torch.nn.Module:
     """Check that ``path`` fits the architecture, then hand it to timm's loader."""
     with torch.device("meta"):  # shapes only: no memory, no init cost
         ref = _create(timm_name, pretrained=False, **kwargs)
-    shapes = _file_shapes(path)
-    _check_fits(path, shapes, ref, timm_name)
+    shapes, integral = _file_shapes(path)
+    _check_fits(path, shapes, ref, timm_name, integral)
     overlay = dict(
         file=str(path),
         # timm keeps the file's classifier only when the config's class count equals the model's: state what the
@@ -316,7 +342,8 @@ def _load_file(timm_name: str, path: Path, **kwargs: Any) -> torch.nn.Module:
         custom_load=False,
     )
     try:
-        model = timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        with _quiet_torch_load():
+            model = timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except Exception as exc:  # readers and timm's filters raise assorted types for one outcome: unusable weights
         raise WeightsError(_unreadable_message(path, exc), _unreadable_hint(path, exc)) from exc
     _check_finite(model, path)

@@ -275,13 +275,15 @@ def _parse_vtab_line(line: str, where: str, root: Path, real_root: Path) -> tupl
     full = root / rel
     try:
         real = full.resolve()
-    except (OSError, ValueError) as exc:  # a NUL byte, a symlink loop, a name too long
+        is_file = real.is_relative_to(real_root) and real.is_file()
+    # a NUL byte (ValueError), a name too long (OSError), a symlink loop (RuntimeError before Python 3.13)
+    except (OSError, ValueError, RuntimeError) as exc:
         raise DataError(f"{where}: path {rel!r} is not a usable file name ({_first_line(exc)})",
                         "fix or delete the line") from None
     if not real.is_relative_to(real_root):
         raise DataError(f"{where}: path {rel!r} resolves outside the task directory (to {real})",
                         "copy the image into the task directory instead of linking out of it")
-    if not real.is_file():
+    if not is_file:
         raise DataError(f"{where}: image {full} does not exist", "fix the path, or restore the file")
     return full, label
 

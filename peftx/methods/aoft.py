@@ -51,7 +51,8 @@ class AOFTLinear(LowRankLinear):
                  scale: float):
         super().__init__(base_layer, name, groups, slices)
         if rank > min(self.slice_out, self.in_features):
-            raise UsageError(f"aoft rank={rank} exceeds the size of {name} ({self.slice_out}x{self.in_features})")
+            raise UsageError(f"aoft rank={rank} exceeds the size of {name} ({self.slice_out}x{self.in_features})",
+                             f"use a smaller rank (--rank; at most {min(self.slice_out, self.in_features)} for this layer)")
         self.rank = rank
         self.scale = scale
         s = len(self.slices)
