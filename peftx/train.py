@@ -203,7 +203,7 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UsageError(f"{name}: {value!r} must be an integer >= {minimum}")
+        raise UsageError(f"{name}: {value!r} must be an integer >= {minimum}", "see `peftx train --help`")
 
 
 def _check_float(name: str, value: Any, positive: bool) -> None:
@@ -211,7 +211,8 @@ def _check_float(name: str, value: Any, positive: bool) -> None:
         return
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < 0 or (positive and value == 0):
-        raise UsageError(f"{name}: {value!r} must be a {'positive' if positive else 'non-negative'} finite number")
+        raise UsageError(f"{name}: {value!r} must be a {'positive' if positive else 'non-negative'} finite number",
+                         "see `peftx train --help`")
 
 
 def _jsonable(value: Any) -> Any:
@@ -387,6 +388,7 @@ class _Setup:
     splits: Any
     data_cfg: dict[str, Any]
     checkpoint: Any = None  # a loaded Checkpoint when resuming
+    created_run_dir: bool = False  # this run made run_dir (so may remove it while it is still empty)
 
 
 def _resolve_config(cfg: TrainConfig) -> tuple[TrainConfig, Any]:
@@ -420,15 +422,20 @@ def _run_files(run_dir: Path) -> list[Path]:
         [checkpoint_path(run_dir)]
 
 
-def _prepare_run_dir(cfg: TrainConfig, info: DistInfo) -> Path:
+def _prepare_run_dir(cfg: TrainConfig, info: DistInfo, *, create: bool) -> Path:
     """The run directory; a new run refuses one holding another run, or (``overwrite``) deletes that run's files
-    first, so an interrupted new run never leaves the old run's adapter or summary looking like its own."""
+    first, so an interrupted new run never leaves the old run's adapter or summary looking like its own.
+
+    Called twice: ``create=False`` checks before anything is built (fail fast), ``create=True`` creates the
+    directory only once the data, weights and model have built, so an early error leaves nothing behind."""
     run_dir = Path(cfg.output or _default_output(cfg))
     if info.is_main:
         old = [p for p in _run_files(run_dir) if p.exists()] if cfg.resume is None else []
         if old and not cfg.overwrite:
             raise OutputError(f"{run_dir} already holds a training run",
                               f"resume it with --resume {run_dir}, pass --overwrite, or choose another --output")
+        if not create:
+            return run_dir
         for path in old:
             try:
                 path.unlink()
@@ -466,7 +473,7 @@ def _build(cfg: TrainConfig, ckpt: Any) -> _Setup:
         if cfg.batch_size % info.world_size:
             raise UsageError(f"batch_size: {cfg.batch_size} is not divisible by the {info.world_size} processes",
                              "the global batch is split evenly: pick a multiple of the process count")
-        run_dir = _prepare_run_dir(cfg, info)
+        run_dir = _prepare_run_dir(cfg, info, create=False)
         cfg = dataclasses.replace(cfg, output=str(run_dir))  # recorded in the checkpoint and the summary
         seed_everything(cfg.seed)
         data_cfg = data_config(_meta_backbone(cfg), cfg.data_overrides or None)
@@ -478,10 +485,12 @@ def _build(cfg: TrainConfig, ckpt: Any) -> _Setup:
         adapt(model, method_cfg, spec=_spec(cfg))
         if ckpt is not None:
             _load_params(model, ckpt.params, str(ckpt.path))
+        created = not run_dir.exists()
+        _prepare_run_dir(cfg, info, create=True)
     except BaseException:
         shutdown(info)
         raise
-    return _Setup(cfg, info, device, amp_dtype, channels_last, run_dir, model, splits, data_cfg, ckpt)
+    return _Setup(cfg, info, device, amp_dtype, channels_last, run_dir, model, splits, data_cfg, ckpt, created)
 
 
 def _load_params(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
@@ -515,8 +524,19 @@ def train(cfg: TrainConfig | None = None, progress: Progress | Any = None) -> di
     setup = _build(cfg, ckpt)
     try:
         return _Trainer(setup, _emitter(progress, setup.info), wall0).run()
+    except BaseException:
+        if setup.created_run_dir and setup.info.is_main:
+            _remove_if_empty(setup.run_dir)  # failed before writing anything: leave nothing behind
+        raise
     finally:
         shutdown(setup.info)
+
+
+def _remove_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()  # refuses a non-empty directory: what a run wrote is never removed
+    except OSError:
+        pass
 
 
 class _Trainer:
