@@ -159,7 +159,7 @@ def read_bundle(bundle_dir: str | Path) -> dict[str, Any]:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise ExportError(f"{path} is missing or unreadable: {exc}",
-                          "point at a directory made by write_bundle") from exc
+                          "point at a bundle directory written by `peftx merge-export`") from exc
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise ExportError(f"{path} is not a {FORMAT} v{FORMAT_VERSION} metadata file",
                           "re-create the bundle with this peftx version")
@@ -517,7 +517,7 @@ def _check_destination(out_dir: Path, force: bool) -> None:
         return
     if not force:
         raise OutputError(f"{out_dir} already exists",
-                          "pass force=True (--force) to replace it, or choose another path")
+                          "pass --force to replace it, or choose another --output")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / METADATA_FILE).exists():
         # force replaces bundles, never an arbitrary non-empty directory someone pointed us at by mistake
         raise OutputError(f"{out_dir} exists and is not a peftx bundle; refusing to replace it",

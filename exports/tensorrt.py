@@ -42,7 +42,7 @@ def tensorrt_available() -> bool:
 def resolve_mode(mode: TensorRTMode) -> tuple[bool, str]:
     """(use TensorRT?, message for the report). ``on`` without TensorRT raises BackendUnavailableError."""
     if mode not in ("auto", "on", "off"):
-        raise UsageError(f"tensorrt must be 'auto', 'on' or 'off', got {mode!r}", "use tensorrt='auto'")
+        raise UsageError(f"tensorrt must be 'auto', 'on' or 'off', got {mode!r}", "use --tensorrt auto (tensorrt='auto' from Python)")
     if mode == "off":
         return False, "TensorRT disabled (tensorrt='off')"
     reason = unavailable_reason()
@@ -50,7 +50,7 @@ def resolve_mode(mode: TensorRTMode) -> tuple[bool, str]:
         return True, "TensorRT available"
     if mode == "on":
         raise BackendUnavailableError(f"TensorRT was required but {reason}",
-                                      "install TensorRT >= 10 on a machine with an NVIDIA GPU, or use tensorrt='auto'")
+                                      "install TensorRT >= 10 on a machine with an NVIDIA GPU, or use --tensorrt auto")
     return False, f"TensorRT skipped: {reason}; build on the device with build_engine.sh"
 
 

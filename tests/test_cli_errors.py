@@ -526,7 +526,7 @@ CASES = [
          DataError, "holds no images"),
     # --- output --------------------------------------------------------------------------------------------- exit 5
     Case("export-bundle-exists", lambda e, t: export(e, t, None) if copy_tree(e.bundle, t / "out") else [],
-         OutputError, "already exists — pass force=True (--force) to replace it", check=bundle_untouched),
+         OutputError, "already exists — pass --force to replace it", check=bundle_untouched),
     Case("export-force-onto-foreign-dir", lambda e, t: export(e, t, None, "--force") if (
         (t / "out").mkdir() or (t / "out" / "thesis.tex").write_text("precious")) else [], OutputError,
          "is not a peftx bundle; refusing to replace it"),
