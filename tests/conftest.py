@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -49,3 +52,66 @@ def perturb_adapter(model, std: float = 0.2, seed: int = 1) -> None:
         for _, p in model.named_parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+# -- training fixtures: a real, rebuildable tiny-ViT weights file and a real PNG ImageFolder of sklearn digits --------
+
+TINY_ARCH = "vit_tiny_patch16_224"
+TINY_KW = dict(depth=2, embed_dim=64, num_heads=2)
+TINY_IMG = 32
+
+
+def write_tiny_weights(path: Path, seed: int = 0) -> Path:
+    """A random-init tiny ViT saved as a headless safetensors state dict."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model = timm.create_model(TINY_ARCH, pretrained=False, num_classes=0, img_size=TINY_IMG, **TINY_KW)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def write_digit_folder(root: Path, classes: int | list[str] = 4, per_split: dict[str, int] | None = None,
+                       seed: int = 0) -> Path:
+    """ROOT/{train,val,test}/<class>/<i>.png from sklearn's REAL digit images, disjoint across splits.
+
+    ``classes``: a count (folders "0".."N-1") or folder names; class c holds images of digit c % 10.
+    """
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    names = [str(c) for c in range(classes)] if isinstance(classes, int) else list(classes)
+    per_split = per_split or {"train": 12, "val": 6, "test": 6}
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(names):
+        idx = rng.permutation(np.flatnonzero(digits.target == c % 10))
+        start = 0
+        for split, n in per_split.items():
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for j, i in enumerate(idx[start:start + n]):
+                pixels = np.clip(np.rint(digits.images[i] * (255 / 16)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).convert("RGB").save(root / split / name / f"{j}.png")
+            start += n
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_weights(tmp_path_factory.mktemp("weights") / "tiny_vit.safetensors")
+
+
+@pytest.fixture(scope="session")
+def digit_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_digit_folder(tmp_path_factory.mktemp("digits_png"))
+
+
+def tiny_config(weights: Path, output: Path, **kw: Any):
+    from peftx.train import TrainConfig
+
+    base: dict[str, Any] = dict(model=TINY_ARCH, weights=str(weights), model_kwargs=dict(TINY_KW), img_size=TINY_IMG,
+                                epochs=2, batch_size=8, lr=1e-2, warmup_epochs=0, min_lr=1e-5, dropout=0.0,
+                                output=str(output), device="cpu", amp="off", seed=7)
+    base.update(kw)
+    return TrainConfig(**base)

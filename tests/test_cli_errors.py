@@ -41,6 +41,7 @@ from peftx.errors import (AdapterFileError, AdapterMismatchError, BackendUnavail
 from peftx.methods import make_config
 
 from conftest import NUM_CLASSES, TINY_MODELS, make_tiny, perturb_adapter, tiny_data_cfg
+from conftest import write_digit_folder as shared_digit_folder
 
 TRAIN_MODEL = "vit_tiny_patch16_224"  # `peftx train` builds the full-width model: 12 blocks, but 32 px = 4 tokens
 TRAIN_IMG = 32
@@ -52,24 +53,9 @@ LEFTOVER_MARKERS = (".tmp", ".partial", ".old-")
 
 
 def write_digit_folder(root: Path, classes: list[str] = CLASSES, per_split: dict[str, int] | None = None,
-                       offset: int = 0) -> Path:
-    """An ImageFolder tree ROOT/{train,val,test}/<class>/<n>.png of REAL images (sklearn digits, 8x8 grey -> RGB)."""
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    per_split = per_split or {"train": 2, "val": 1, "test": 1}
-    by_label = {d: [i for i in range(len(digits.target)) if digits.target[i] == d] for d in range(10)}
-    for split, n in per_split.items():
-        for c, name in enumerate(classes):
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for j in range(n):
-                idx = by_label[c % 10][offset + j + (0 if split == "train" else 50 if split == "val" else 100)]
-                pixels = np.clip(digits.images[idx] * 16, 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).convert("RGB").save(folder / f"{idx}.png")
-    return root
+                       seed: int = 0) -> Path:
+    """The shared ImageFolder of real digits (conftest), small: 2 train / 1 val / 1 test per class by default."""
+    return shared_digit_folder(root, classes, per_split or {"train": 2, "val": 1, "test": 1}, seed)
 
 
 def write_vtab_task(root: Path, folder: Path) -> Path:

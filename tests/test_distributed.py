@@ -16,17 +16,9 @@ from peftx.distributed import EpochSampler, ShardSampler
 from peftx.errors import UsageError
 from peftx.train import TrainConfig, train
 
-from test_train import tiny_config, write_digit_folder, write_tiny_weights
+from conftest import tiny_config
 
 
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_weights(tmp_path_factory.mktemp("weights") / "tiny_vit.safetensors")
-
-
-@pytest.fixture(scope="module")
-def digit_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_digit_folder(tmp_path_factory.mktemp("digits_png"))
 
 # Dropout off: each rank draws its own dropout masks, so only a dropout-free run can equal the single process.
 # Flip stays on: augmentation is seeded per (seed, epoch, sample), the same whichever rank loads the sample.

@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from peftx.adapter import adapt, state_of
+from peftx.adapter import adapt
 from peftx.adapter_io import ADAPTER_FILE, load_adapter, read_adapter, save_adapter
 from peftx.errors import AdapterFileError, AdapterMismatchError, NonFiniteError, UnsupportedModelError, UsageError
 from peftx.methods import make_config

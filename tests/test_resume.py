@@ -21,17 +21,9 @@ from peftx.checkpoint import checkpoint_path, load_checkpoint
 from peftx.errors import AdapterFileError, UsageError
 from peftx.train import TrainConfig, TrainingInterrupted, train
 
-from test_train import tiny_config, write_digit_folder, write_tiny_weights
+from conftest import tiny_config
 
 
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_weights(tmp_path_factory.mktemp("weights") / "tiny_vit.safetensors")
-
-
-@pytest.fixture(scope="module")
-def digit_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_digit_folder(tmp_path_factory.mktemp("digits_png"))
 
 # Dropout and flip on: the resumed run must also reproduce the random numbers, not only the arithmetic.
 RUN = dict(epochs=3, batch_size=8, lr=5e-3, warmup_epochs=1, dropout=0.2, hflip=True, method="lora",

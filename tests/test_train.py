@@ -11,12 +11,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
-from safetensors.torch import save_file
 
 from peftx.adapter import adapt, state_of, trainable_names
 from peftx.adapter_io import read_adapter
@@ -28,56 +25,7 @@ from peftx.regularization import (ResidualDropout, add_residual_dropout, depth_r
                                   residual_dropout_rates, residual_dropout_removed)
 from peftx.train import EVENTS, TrainConfig, lr_at, no_weight_decay, param_groups, train
 
-TINY_ARCH = "vit_tiny_patch16_224"
-TINY_KW = dict(depth=2, embed_dim=64, num_heads=2)
-TINY_IMG = 32
-
-
-# -- shared helpers (test_resume / test_distributed import them) -----------------------------------------------
-
-def write_tiny_weights(path: Path, seed: int = 0) -> Path:
-    """A random-init tiny ViT saved as a headless safetensors state dict: a real, rebuildable weights file."""
-    torch.manual_seed(seed)
-    model = timm.create_model(TINY_ARCH, pretrained=False, num_classes=0, img_size=TINY_IMG, **TINY_KW)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
-
-
-def write_digit_folder(root: Path, classes: int = 4, per_split: dict[str, int] | None = None, seed: int = 0) -> Path:
-    """ROOT/{train,val,test}/<digit>/<i>.png from sklearn's real digit images (disjoint across splits)."""
-    from sklearn.datasets import load_digits
-
-    per_split = per_split or {"train": 12, "val": 6, "test": 6}
-    digits = load_digits()
-    rng = np.random.default_rng(seed)
-    for c in range(classes):
-        idx = rng.permutation(np.flatnonzero(digits.target == c))
-        start = 0
-        for split, n in per_split.items():
-            (root / split / str(c)).mkdir(parents=True, exist_ok=True)
-            for j, i in enumerate(idx[start:start + n]):
-                pixels = np.clip(np.rint(digits.images[i] * (255 / 16)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).convert("RGB").save(root / split / str(c) / f"{j}.png")
-            start += n
-    return root
-
-
-@pytest.fixture(scope="session")
-def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_weights(tmp_path_factory.mktemp("weights") / "tiny_vit.safetensors")
-
-
-@pytest.fixture(scope="session")
-def digit_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_digit_folder(tmp_path_factory.mktemp("digits_png"))
-
-
-def tiny_config(weights: Path, output: Path, **kw: Any) -> TrainConfig:
-    base: dict[str, Any] = dict(model=TINY_ARCH, weights=str(weights), model_kwargs=dict(TINY_KW), img_size=TINY_IMG,
-                                epochs=2, batch_size=8, lr=1e-2, warmup_epochs=0, min_lr=1e-5, dropout=0.0,
-                                output=str(output), device="cpu", amp="off", seed=7)
-    base.update(kw)
-    return TrainConfig(**base)
+from conftest import TINY_ARCH, TINY_IMG, TINY_KW, tiny_config
 
 
 class Recorder:
@@ -92,8 +40,6 @@ class Recorder:
     def of(self, name: str) -> list[dict[str, Any]]:
         return [f for e, f in self.events if e == name]
 
-
-# -- config & recipes -----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("field, value", [
     ("epochs", 0), ("batch_size", -4), ("lr", 0.0), ("lr", float("nan")), ("weight_decay", -1.0),

@@ -1,0 +1,230 @@
+"""Smoke tests of the benchmark suite on tiny models: every function runs and returns well-formed numbers.
+
+No timing is asserted (these machines are shared); only shapes, signs, units and internal consistency.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import timm
+import torch
+import typer
+from typer.testing import CliRunner
+
+from conftest import TINY_MODELS
+from peftx import bench
+from peftx.bench import BenchConfig, ModelSpec
+from peftx.errors import UsageError
+
+
+def _spec(family: str, key: str) -> ModelSpec:
+    name, kw = TINY_MODELS[family]
+    kw = dict(kw)
+    size = kw.pop("img_size")
+    return ModelSpec(key, name, f"tiny {family}", img_size=size, kwargs=tuple(kw.items()),
+                     ort_model_type="swin" if family == "swin" else "vit")
+
+
+SPECS = {"tiny_vit": _spec("vit", "tiny_vit"), "tiny_swin": _spec("swin", "tiny_swin")}
+
+
+def _tiny_config(**overrides) -> BenchConfig:
+    base = dict(models=("tiny_vit", "tiny_swin"), batches=(1, 3), methods=("rlrr", "lora", "aoft"),
+                train_models=("tiny_vit",), export_models=("tiny_vit",), train_batch=4, min_rounds=2, max_rounds=2,
+                budget_s=0.01, settle_s=0.0, train_rounds=2, train_budget_s=0.01, memory_steps=1, delta_reps=1,
+                profile_steps=1, matmul_n=128, matmul_reps=2, isolate_memory=False, specs=SPECS, threads=1)
+    base.update(overrides)
+    return BenchConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def results():
+    cfg = _tiny_config(suites=("inference", "training", "export", "profile"))
+    messages: list[str] = []
+    out = bench.run_benchmarks(cfg, progress=messages.append)
+    assert messages, "progress callback was never called"
+    return out
+
+
+def _finite_positive(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+
+
+# ---------------------------------------------------------------- building blocks
+
+
+def test_interleaved_timing_is_paired_and_respects_min_rounds():
+    calls: list[str] = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in "abc"}
+    times = bench.interleaved_timing(fns, warmup=1, min_rounds=4, max_rounds=6, budget_s=0.0)
+    assert set(times) == {"a", "b", "c"}
+    assert all(len(v) == 4 for v in times.values())  # budget 0 -> min_rounds
+    assert all(t >= 0 for v in times.values() for t in v)
+    assert len(calls) == 3 * (1 + 4)
+    rounds = [calls[i:i + 3] for i in range(3, len(calls), 3)]
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)  # every variant once per round
+
+
+def test_latency_stats_and_paired_ratio():
+    st = bench.latency_stats([0.1, 0.2, 0.3], batch=4, flops_per_image=1e9)
+    assert st["n"] == 3 and st["p50_ms"] == pytest.approx(200.0)
+    assert st["p50_ms"] <= st["p90_ms"] <= st["p99_ms"]
+    assert st["images_per_s"] == pytest.approx(20.0)
+    assert st["gflops"] == pytest.approx(20.0)
+    assert bench.paired_ratio([2.0, 4.0, 6.0], [1.0, 2.0, 3.0]) == pytest.approx(2.0)
+    assert math.isnan(bench.paired_ratio([], []))
+
+
+def test_matmul_peaks_are_positive():
+    p = bench.matmul_peak(64, reps=2, warmup=1)
+    assert _finite_positive(p["gflops"]) and p["gflops"] >= p["median_gflops"] > 0
+    o = bench.ort_matmul_peak(64, reps=2, warmup=1, threads=1)
+    assert _finite_positive(o["gflops"])
+
+
+def test_count_flops_counts_a_linear_exactly_and_vit_b16_matches_the_anchor():
+    assert bench.count_flops(torch.nn.Linear(8, 4), (8,)) == 2 * 8 * 4
+    with torch.device("meta"):  # shapes only: counting ViT-B/16 costs no memory or compute
+        vit = timm.create_model("vit_base_patch16_224", exportable=True)
+    gflop = bench.count_flops(vit, (3, 224, 224), device="meta") / 1e9
+    assert gflop == pytest.approx(35.2, rel=0.01)  # DEPLOY.md's anchor: 17.6 GMACs
+
+
+def test_contention_probe_and_threads():
+    probe = bench.contention_probe(1, reps=2)
+    assert _finite_positive(probe["ms_1_thread"]) and isinstance(probe["contended"], bool)
+    assert bench.physical_cores() >= 1
+
+
+def test_config_validation():
+    with pytest.raises(UsageError):
+        _tiny_config(suites=("nope",)).validate()
+    with pytest.raises(UsageError):
+        _tiny_config(models=("not_a_model",)).validate()
+    with pytest.raises(UsageError):
+        _tiny_config(batches=(0,)).validate()
+    with pytest.raises(UsageError):
+        _tiny_config(train_methods=("full", "dora")).validate()
+    assert bench.parse_list("1, 32", kind=int) == (1, 32)
+    with pytest.raises(UsageError):
+        bench.parse_list("1,x", kind=int)
+    quick = BenchConfig.quick()
+    assert quick.models == ("vit_s14",) and quick.quick_preset
+
+
+def test_delta_cost_per_method():
+    for method in ("rlrr", "lora", "aoft"):
+        setup = bench.train_setup(SPECS["tiny_vit"], method, batch=2, device=torch.device("cpu"))
+        d = bench.delta_cost(setup.model, reps=1)
+        assert d["layers"] > 0 and d["forward_backward_ms"] >= d["forward_ms"] > 0
+        assert all(p.grad is None for p in setup.model.parameters())  # left clean for the step that follows
+
+
+def test_isolated_memory_worker_runs_in_a_subprocess():
+    out = bench._run_memory_worker(True, SPECS["tiny_vit"], "lora", 2, 1, 1, "cpu", 0)
+    assert out["method"] == "lora"
+    assert out["peak_bytes"] > 0 and out["optimizer_state_bytes"] > 0
+    assert len(out["isolated_step_s"]) == 1
+
+
+# ---------------------------------------------------------------- whole run
+
+
+def test_inference_rows_are_well_formed(results):
+    peak = results["peak"]["gflops"]
+    assert _finite_positive(peak)
+    for model in results["inference"]:
+        assert _finite_positive(model["gflop_per_image"])
+        keys = {(r["batch"], r["backend"], r["variant"]) for r in model["rows"]}
+        for batch in (1, 3):
+            for variant in ("plain", "merged", "unmerged-rlrr", "unmerged-lora", "unmerged-aoft"):
+                assert (batch, "eager", variant) in keys
+            assert (batch, "ort", "plain") in keys and (batch, "ort", "merged") in keys
+        for r in model["rows"]:
+            assert r["n"] == 2 and len(r["times_ms"]) == 2
+            assert 0 < r["min_ms"] <= r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
+            assert _finite_positive(r["images_per_s"]) and _finite_positive(r["gflops"])
+            assert r["pct_peak"] == pytest.approx(100 * r["gflops"] / peak)
+        # parity is real: merged vs unmerged and ONNX Runtime vs PyTorch on real images
+        for key in ("eager:merged", "ort:plain", "ort:merged"):
+            assert model["parity"][key]["passed"], model["parity"][key]
+        assert model["tensorrt"].startswith("skipped") or model["tensorrt"].startswith("measured")
+        names = {(r["batch"], r["ratio"], r["backend"]) for r in model["ratios"]}
+        assert (1, "merged/plain", "eager") in names and (3, "unmerged-lora/merged", "eager") in names
+        assert all(_finite_positive(r["value"]) for r in model["ratios"])
+
+
+def test_training_rows_are_well_formed(results):
+    (model,) = results["training"]
+    rows = {r["method"]: r for r in model["rows"]}
+    assert set(rows) == {"full", "lora", "rlrr", "aoft"}
+    assert rows["full"]["trainable_params"] == rows["full"]["total_params"]
+    for m in ("lora", "rlrr", "aoft"):
+        r = rows[m]
+        assert 0 < r["trainable_params"] < rows["full"]["trainable_params"]
+        # AdamW keeps two moments (+ a step counter) per trainable tensor
+        assert r["optimizer_state_bytes"] < rows["full"]["optimizer_state_bytes"]
+        assert r["delta_cost"]["layers"] > 0
+    assert rows["full"]["optimizer_state_bytes"] >= 2 * 4 * rows["full"]["trainable_params"]
+    for r in rows.values():
+        assert _finite_positive(r["step_ms_p50"]) and _finite_positive(r["step_gflop_per_image"])
+        assert r["peak_bytes"] > 0
+    # LoRA/AOFT skip the frozen weights' gradient GEMMs: fewer FLOPs per step than full fine-tuning
+    assert rows["lora"]["step_gflop_per_image"] < rows["full"]["step_gflop_per_image"]
+    assert {r["method"] for r in model["ratios"]} == {"lora", "rlrr", "aoft"}
+    (prof,) = results["profile"]
+    assert set(prof["profiles"]) == {"full", "lora", "rlrr", "aoft"}
+    assert all(p["top_ops"] and p["wall_ms_per_step"] > 0 for p in prof["profiles"].values())
+
+
+def test_export_rows_and_targets(results):
+    (model,) = results["export"]
+    assert set(model["steps"]) == {"merge", "onnx_export", "simplify", "parity"}
+    assert all(v >= 0 for v in model["steps"].values())
+    assert model["parity"]["passed"] and model["onnx_mb"] > 0
+    assert set(model["merge_s"]) == {"rlrr", "lora", "aoft"}
+    targets = results["targets"]
+    assert targets and all(t["met"] in (True, False) for t in targets)
+    assert any("merged" in t["target"] for t in targets) and any("export" in t["target"] for t in targets)
+
+
+def test_results_serialise_and_render(results, tmp_path):
+    paths = bench.write_results(results, tmp_path)
+    data = json.loads(paths["json"].read_text())
+    assert data["environment"]["threads"] == 1
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    tables = bench.result_tables(results)
+    assert tables
+    for title, columns, rows in tables:
+        assert title and all(len(r) == len(columns) for r in rows)
+        assert all(isinstance(c, str) for r in rows for c in r)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _cli() -> typer.Typer:
+    from peftx.cli.commands.bench_cmd import bench as bench_command
+
+    app = typer.Typer()
+    app.command()(bench_command)
+    return app
+
+
+def test_cli_rejects_bad_options(tmp_path):
+    res = CliRunner().invoke(_cli(), ["--suite", "nope", "--output", str(tmp_path)])
+    assert res.exit_code == 2 and "unknown suite" in res.output
+
+
+def test_cli_json_run(tmp_path, monkeypatch):
+    monkeypatch.setitem(bench.MODELS, "tiny_vit", SPECS["tiny_vit"])
+    res = CliRunner().invoke(_cli(), ["--suite", "inference", "--models", "tiny_vit", "--batch", "2", "--methods",
+                                      "lora", "--budget", "0.1", "--min-rounds", "1", "--threads", "1", "--output",
+                                      str(tmp_path), "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    assert data["inference"][0]["model"] == "tiny_vit"
+    assert (tmp_path / "bench.json").exists() and (tmp_path / "bench.png").exists()
