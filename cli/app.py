@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from .commands import demo_cmd, export_cmd, inspect_cmd, train_cmd
+from .commands import bench_cmd, demo_cmd, export_cmd, inspect_cmd, train_cmd
 
 app = typer.Typer(
     name="peftx",
@@ -27,6 +27,7 @@ app.command("eval")(train_cmd.eval)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("merge-export")(export_cmd.merge_export)
 app.command("validate")(export_cmd.validate)
+app.command("bench")(bench_cmd.bench)
 
 
 def main() -> None:

@@ -1,0 +1,57 @@
+"""`peftx bench`: inference, training and export benchmarks side by side, against a matmul peak measured in the run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import handle_errors
+from ..options import Device, Json
+from ..output import console, err_console, print_json, table
+
+DEFAULT_OUTPUT = Path("bench-results")
+
+
+@handle_errors
+def bench(
+    suite: Annotated[str, typer.Option("--suite", help="Comma-separated: inference, training, export, profile.")] = "inference,training,export",
+    models: Annotated[Optional[str], typer.Option("--models", help="Inference models: vit_s14 (real DINOv2 demo weights), vit_b16, swin_t (default: all; --quick: vit_s14).", show_default=False)] = None,
+    batch: Annotated[str, typer.Option("--batch", help="Inference batch sizes, comma-separated.")] = "1,32",
+    methods: Annotated[Optional[str], typer.Option("--methods", help="Adapters timed unmerged at inference (the first is also merged) (default: rlrr,aoft,lora; --quick: rlrr,lora).", show_default=False)] = None,
+    train_models: Annotated[Optional[str], typer.Option("--train-models", help="Training backbones (default: vit_s14).", show_default=False)] = None,
+    train_batch: Annotated[int, typer.Option("--train-batch", min=1, help="Training batch size.")] = 32,
+    export_models: Annotated[Optional[str], typer.Option("--export-models", help="Export-suite backbones (default: vit_s14,vit_b16; --quick: vit_s14).", show_default=False)] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="A couple of minutes on 2 cores: ViT-S only, few repetitions.")] = False,
+    budget: Annotated[Optional[float], typer.Option("--budget", min=0.1, help="Seconds of timing per (model, batch) before rounds stop (at least --min-rounds) (default: 20; --quick: 4).", show_default=False)] = None,
+    min_rounds: Annotated[Optional[int], typer.Option("--min-rounds", min=1, help="Fewest measured rounds per (model, batch) (default: 3; --quick: 2).", show_default=False)] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="torch and ONNX Runtime intra-op threads (default: physical cores).", show_default=False)] = None,
+    device: Device = "auto",
+    tensorrt: Annotated[str, typer.Option("--tensorrt", help="auto: time TensorRT engines where TensorRT and a GPU exist; off.")] = "auto",
+    bundle: Annotated[bool, typer.Option("--bundle", help="Export suite: also time the whole bundle writer (export, FP16, every parity check).")] = False,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for bench.json and bench.png.")] = DEFAULT_OUTPUT,
+    keep_onnx: Annotated[bool, typer.Option("--keep-onnx", help="Keep the ONNX files (in OUTPUT/onnx) instead of a temporary directory.")] = False,
+    json_out: Json = False,
+) -> None:
+    """Benchmark inference (eager / ONNX Runtime / TensorRT), training step cost and export time; write JSON + PNG."""
+    from peftx.bench import BenchConfig, parse_list, result_tables, run_benchmarks, write_results
+
+    overrides = {
+        "suites": parse_list(suite), "batches": parse_list(batch, kind=int), "train_batch": train_batch,
+        "device": device, "tensorrt": tensorrt, "threads": threads, "export_bundle": bundle,
+        "models": parse_list(models), "methods": parse_list(methods), "train_models": parse_list(train_models),
+        "export_models": parse_list(export_models), "budget_s": budget, "min_rounds": min_rounds,
+        "work_dir": str(output / "onnx") if keep_onnx else None,
+    }
+    overrides = {k: v for k, v in overrides.items() if v not in (None, ())}
+    cfg = BenchConfig.quick(**overrides) if quick else BenchConfig(**overrides)
+    say = (lambda _m: None) if json_out else (lambda m: err_console.print(f"[dim]· {m}[/]"))
+    results = run_benchmarks(cfg, progress=say)
+    paths = write_results(results, output)
+    if json_out:
+        print_json(results)
+        return
+    for title, columns, rows in result_tables(results):
+        console.print(table(title, columns, rows))
+    console.print(f"results: {', '.join(str(p) for p in paths.values())} ({results['wall_s']:.0f} s)")
