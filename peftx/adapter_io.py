@@ -19,7 +19,7 @@ from torch import nn
 
 from . import __version__
 from .adapter import adapt, adapter_modules, adapter_state_dict, count_parameters, fingerprint, state_of
-from .checks import all_finite
+from .checks import all_finite, is_pickle_file
 from .errors import AdapterFileError, AdapterMismatchError, NonFiniteError
 from .fsutil import atomic_path, write_text_atomic
 from .methods import AdapterLinear, config_from_dict
@@ -68,10 +68,7 @@ def _resolve(path: str | Path) -> Path:
 
 
 def _sniff_pickle(path: Path) -> None:
-    with open(path, "rb") as f:
-        head = f.read(8)
-    # torch.save writes a zip (PK..) or a raw pickle (protocol marker 0x80): refuse both, never unpickle.
-    if head.startswith(b"PK") or head[:1] == b"\x80":
+    if is_pickle_file(path):  # torch.save zip or raw pickle: refused, never unpickled
         raise AdapterFileError(f"{path} is a pickle/torch file, not safetensors",
                                "peftx loads adapters only from .safetensors files (no code runs on load)")
 

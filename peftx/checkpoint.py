@@ -30,6 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .checks import is_pickle_file
 from .errors import AdapterFileError
 from .fsutil import atomic_path
 
@@ -137,9 +138,7 @@ def save_checkpoint(path: str | Path, *, params: dict[str, torch.Tensor], optimi
 
 
 def _refuse_pickle(path: Path) -> None:
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if head.startswith(b"PK") or head[:1] == b"\x80":  # torch.save zip / raw pickle: never unpickled here
+    if is_pickle_file(path):  # torch.save zip / raw pickle: never unpickled here
         raise AdapterFileError(f"{path} is a pickle/torch file, not a peftx checkpoint",
                                "peftx resumes only from the checkpoint/last.safetensors it wrote")
 

@@ -162,3 +162,35 @@ def test_truncated_and_missing_files(saved, tmp_path):
     save_file({"a": torch.zeros(2)}, str(plain))
     with pytest.raises(AdapterFileError, match="no peftx metadata"):
         read_adapter(plain)
+
+
+@pytest.mark.parametrize("low_bytes", [b"\x80", b"PK"], ids=["0x80", "PK"])
+def test_safetensors_whose_header_length_looks_like_a_pickle_still_loads(saved, low_bytes):
+    """The first bytes of a safetensors file are its header length: 0x80 or 'PK' there must not read as a pickle."""
+    import json
+    import struct
+
+    from peftx.checks import is_pickle_file
+
+    path = saved / ADAPTER_FILE
+    config, tensors = read_adapter(path)
+
+    def write(pad: int) -> int:
+        save_file(tensors, str(path), metadata={"peftx_config": json.dumps({**config, "pad": "x" * pad})})
+        return struct.unpack("<Q", path.read_bytes()[:8])[0]
+
+    n0 = write(0)
+    want = int.from_bytes(low_bytes, "little")  # the low byte(s) of the header length
+    mod = 256 ** len(low_bytes)
+    target = n0 + (want - n0) % mod
+    for pad in range(target - n0 - 8, target - n0 + 9):  # the header grows one byte per pad char, 8-aligned
+        if pad >= 0 and write(pad) % mod == want:
+            break
+    head = path.read_bytes()[:8]
+    assert head.startswith(low_bytes), head
+    assert struct.unpack("<Q", head)[0] > 0 and not is_pickle_file(path)
+    load_adapter(make_tiny("vit"), saved)  # accepted and loaded
+
+    torch.save({"x": torch.zeros(2)}, saved / "zip.pt")
+    torch.save({"x": torch.zeros(2)}, saved / "raw.pt", _use_new_zipfile_serialization=False)
+    assert is_pickle_file(saved / "zip.pt") and is_pickle_file(saved / "raw.pt")
