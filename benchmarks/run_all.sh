@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${VENV:+$VENV/bin/}python"
+export COLUMNS="${COLUMNS:-200}"  # rich wraps tables at 80 columns when stdout is not a terminal
 OUT="${1:-bench-results}"
 
 # `peftx bench` once the lead registers it in cli/app.py; the wrapper script runs the same command function before.

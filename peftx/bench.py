@@ -5,11 +5,14 @@ FLOP/s is reported as a fraction of what this machine's GEMM really reaches, not
 
 How the numbers are taken (the rules that make them comparable):
 
-* models that are compared are measured **interleaved**: round after round, each variant runs once, in an order that
-  rotates every round, so machine noise (other processes, frequency changes) hits every side alike. Ratios are the
-  median of the per-round ratios (paired), latencies the median (p50) with p90/p99 beside it;
-* a warm-up round is run and discarded; the number of measured rounds adapts to a time budget (at least
-  ``min_rounds``);
+* models that are compared are measured **interleaved**: round after round, each variant runs once, in a fresh random
+  order, so machine noise (other processes, frequency changes) hits every side alike. Ratios are the median of the
+  per-round ratios (paired), with the ratio of the best cases beside them; latencies are the median (p50) with
+  p90/p99 beside it;
+* a warm-up round is run and discarded; rounds continue until a time budget is spent (at least ``min_rounds``); an
+  untimed settle pause precedes every call (ONNX Runtime's worker threads spin for tens of ms after a run);
+* on CPU a cheap contention probe brackets every round: a round during which another process held a core is thrown
+  away and re-run (within a wall-time limit; the result says how many were discarded, or that it stayed contended);
 * threads are set explicitly: ``torch.set_num_threads(threads)`` and ONNX Runtime ``intra_op_num_threads = threads``,
   ``inter_op_num_threads = 1``, where ``threads`` defaults to the number of physical cores;
 * FLOPs are counted, not assumed (``torch.utils.flop_counter.FlopCounterMode`` over one forward of the plain model);
@@ -17,8 +20,9 @@ How the numbers are taken (the rules that make them comparable):
 * ONNX Runtime results count only if the graph passes parity against PyTorch (``tolerances.ONNX_FP32``) on real
   images; a graph that fails is still timed and shown, marked invalid;
 * training peak memory is measured in a fresh subprocess per method (CPU: the process's peak RSS, reset after set-up
-  with ``/proc/self/clear_refs``; CUDA: ``torch.cuda.max_memory_allocated``), so one method's peak cannot hide
-  another's; training step times are measured interleaved in one process.
+  with ``/proc/self/clear_refs``, glibc malloc set to mmap every block >= 64 KiB so RSS follows the live tensors;
+  CUDA: ``torch.cuda.max_memory_allocated``), so one method's peak cannot hide another's; training step times are
+  measured interleaved in one process.
 
 The library never prints: :func:`run_benchmarks` returns plain dicts (JSON-ready) and reports progress through a
 callback; :func:`write_results` saves ``bench.json`` and ``bench.png``; :func:`result_tables` turns results into
@@ -121,7 +125,7 @@ class BenchConfig:
     tensorrt: str = "auto"  # auto | off
     # inference timing: rounds adapt to budget_s per (model, batch), within [min_rounds, max_rounds]
     warmup: int = 1
-    min_rounds: int = 3
+    min_rounds: int = 5
     max_rounds: int = 30
     budget_s: float = 20.0
     settle_s: float = 0.05  # untimed pause before each timed call (ONNX Runtime's threads spin after a run)
@@ -148,7 +152,7 @@ class BenchConfig:
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:
         """A couple of minutes on 2 cores: ViT-S only, two adapter variants, tiny repetition counts."""
-        base = dict(models=("vit_s14",), methods=("rlrr", "lora"), train_models=("vit_s14",),
+        base = dict(models=("vit_s14",), batches=(1, 8), methods=("rlrr", "lora"), train_models=("vit_s14",),
                     export_models=("vit_s14",), min_rounds=2, max_rounds=8, budget_s=4.0, train_rounds=2,
                     train_budget_s=4.0, memory_steps=1, delta_reps=3, profile_steps=1, matmul_reps=5,
                     quick_preset=True)
@@ -171,6 +175,8 @@ class BenchConfig:
             raise UsageError(f"batch sizes must be >= 1, got {list(self.batches)}", "e.g. --batch 1,32")
         from .methods import METHOD_NAMES
 
+        if not self.methods or not self.train_methods:
+            raise UsageError("no adapter method to benchmark", f"name at least one of {', '.join(METHOD_NAMES)}")
         bad = [m for m in self.methods if m not in METHOD_NAMES]
         bad += [m for m in self.train_methods if m != "full" and m not in METHOD_NAMES]
         if bad:
@@ -582,7 +588,7 @@ class _Quiet:
 
 
 def ort_session_options(threads: int, *, level: str = "all", spinning: bool = True):
-    """Explicit ONNX Runtime CPU settings: ``threads`` intra-op, 1 inter-op, sequential, graph optimisation ``level``."""
+    """Explicit ONNX Runtime settings: ``threads`` intra-op, 1 inter-op, sequential, graph optimisation ``level``."""
     import onnxruntime as ort
 
     levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -675,7 +681,7 @@ def bench_inference(spec: ModelSpec, cfg: BenchConfig, *, threads: int, device: 
     from .backbones import data_config
     from .data import real_images
     from .exports.parity import make_input_sets
-    from .tolerances import MERGE_FP32, ONNX_FP32
+    from .tolerances import MERGE_FP32
 
     say = progress
     torch.manual_seed(cfg.seed)
@@ -687,7 +693,8 @@ def bench_inference(spec: ModelSpec, cfg: BenchConfig, *, threads: int, device: 
     unmerged = {m: adapted_copy(plain, m, seed=cfg.seed + i) for i, m in enumerate(cfg.methods)}
     merged_method = cfg.methods[0]
     merged = merge_and_unload(unmerged[merged_method]).eval()
-    out: dict[str, Any] = {"model": spec.key, "label": spec.label, "timm_name": spec.name, "input_size": list(input_size),
+    out: dict[str, Any] = {"model": spec.key, "label": spec.label, "timm_name": spec.name,
+                           "input_size": list(input_size),
                            "gflop_per_image": flops / 1e9, "merged_method": merged_method, "rows": [], "ratios": [],
                            "parity": {}, "notes": []}
     images = real_images(cfg.parity_images, dcfg).numpy()
@@ -1099,7 +1106,9 @@ def bench_training(spec: ModelSpec, cfg: BenchConfig, *, threads: int, device: t
             "achieved_gflops": step_flops[m] * cfg.train_batch / (st["p50_ms"] / 1e3) / 1e9,
             "peak_bytes": mem["peak_bytes"], "peak_delta_bytes": mem["peak_delta_bytes"],
             "memory_kind": mem["memory_kind"], "optimizer_state_bytes": opt_state[m],
-            "grad_bytes": mem["grad_bytes"], "isolated_step_ms": 1e3 * float(np.median(mem["isolated_step_s"])),
+            "grad_bytes": mem["grad_bytes"],
+            # slower than step_ms: the worker's malloc mmaps every large block, so each step page-faults afresh
+            "isolated_step_ms_mmap_malloc": 1e3 * float(np.median(mem["isolated_step_s"])),
             "delta_cost": deltas.get(m), "times_ms": [round(1e3 * t, 2) for t in times[m]]})
     if "full" in times:
         full_mem = memory["full"]["peak_delta_bytes"]
@@ -1281,7 +1290,8 @@ def evaluate_targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
                 continue
             best = min(ort_rows, key=lambda row: row["p50_ms"])
             pct = best.get("pct_peak")
-            targets.append({"target": f"ONNX Runtime FP32 ViT-B/16 >= {100 * ORT_PEAK_FRACTION_MIN:.0f}% of matmul peak",
+            pct_min = 100 * ORT_PEAK_FRACTION_MIN
+            targets.append({"target": f"ONNX Runtime FP32 ViT-B/16 >= {pct_min:.0f}% of matmul peak",
                             "where": f"b{batch} {best['backend']}",
                             "value": f"{pct:.1f}% ({best['gflops']:.0f} GFLOP/s)" if pct is not None else "n/a",
                             "met": bool(pct is not None and pct >= 100 * ORT_PEAK_FRACTION_MIN)})
@@ -1387,14 +1397,14 @@ def result_tables(results: Mapping[str, Any]) -> list[tuple[str, list[str], list
             rows.append([r["method"], f"{r['trainable_params']:,}", _fmt(r["step_ms_p50"], ".0f"),
                          _fmt(r["step_ms_p90"], ".0f"), _fmt(r["images_per_s"]), _fmt(r["step_gflop_per_image"], ".2f"),
                          _mib(r["peak_delta_bytes"]), _mib(r["peak_bytes"]), _mib(r["optimizer_state_bytes"]),
-                         _fmt(d.get("forward_backward_ms"), ".1f"), _fmt(r["isolated_step_ms"], ".0f")])
+                         _fmt(d.get("forward_backward_ms"), ".1f")])
         t = model.get("timing", {})
         rounds = (f"{t.get('rounds')} rounds kept, {t.get('discarded_rounds')} discarded"
                   + (", CONTENDED" if t.get("contended") else "")) if t else ""
         tables.append((f"Training — {model['label']}, {'x'.join(map(str, model['img_size']))} px, batch "
                        f"{model['batch']} ({model['settings']}; memory: {model['rows'][0]['memory_kind']}; {rounds})",
                        ["method", "trainable", "step ms p50", "p90", "img/s", "fwd+bwd GFLOP/img",
-                        "peak Δ MiB", "peak MiB", "AdamW state MiB", "delta build f+b ms", "isolated step ms"], rows))
+                        "peak Δ MiB", "peak MiB", "AdamW state MiB", "delta build f+b ms"], rows))
         rows = [[r["method"], _fmt(r["step_time_vs_full"], ".3f"), _fmt(r["step_time_vs_full_of_mins"], ".3f"),
                  _fmt(r["peak_memory_vs_full"], ".3f"), _met(r["step_time_met"]), _met(r["memory_met"])]
                 for r in model["ratios"]]

@@ -68,6 +68,28 @@ def test_interleaved_timing_is_paired_and_respects_min_rounds():
     assert all(sorted(r) == ["a", "b", "c"] for r in rounds)  # every variant once per round
 
 
+class _ScriptedGuard:
+    def __init__(self, verdicts):
+        self.verdicts = list(verdicts)
+
+    def clean(self) -> bool:
+        return self.verdicts.pop(0) if self.verdicts else True
+
+
+def test_timed_rounds_discards_rounds_a_failed_probe_brackets():
+    fns = {"a": lambda: None, "b": lambda: None}
+    # probes: before r1 ok, after r1 FAIL (r1 dropped), after r2 ok (r2 dropped: its 'before' failed), then clean
+    timing = bench.timed_rounds(fns, warmup=0, min_rounds=3, max_rounds=3, budget_s=0.0,
+                                guard=_ScriptedGuard([True, False, True]), max_wall_s=60)
+    assert timing.rounds == 3 and timing.discarded == 2 and not timing.contended
+    assert all(len(v) == 3 for v in timing.times.values())
+    # a machine that never gets quiet: every round is kept once the wall limit is hit, and the result is flagged
+    noisy = bench.timed_rounds(fns, warmup=0, min_rounds=2, max_rounds=5, budget_s=0.0,
+                               guard=_ScriptedGuard([False] * 100), max_wall_s=0.0)
+    assert noisy.contended and noisy.rounds >= 2 and all(len(v) == noisy.rounds for v in noisy.times.values())
+    assert isinstance(bench.ContentionGuard(1, reps=1).clean(), bool)
+
+
 def test_latency_stats_and_paired_ratio():
     st = bench.latency_stats([0.1, 0.2, 0.3], batch=4, flops_per_image=1e9)
     assert st["n"] == 3 and st["p50_ms"] == pytest.approx(200.0)
