@@ -911,28 +911,35 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def delta_cost(model: nn.Module, *, reps: int = 5) -> dict[str, Any] | None:
-    """Seconds to build every adapted layer's weight-side tensors (forward) and back-propagate into them.
+    """Milliseconds to build every adapted layer's weight-side tensors (forward) and back-propagate into them.
 
-    This is the per-step work that does not depend on the batch: RLRR's W ⊙ (1 + s_row s_colᵀ), AOFT's AO bases and
-    factors (its generator), LoRA's (zero-padded) factors. Upstream gradients are fixed random tensors.
+    This is the per-step work that does not depend on the batch, done the way training does it: RLRR's in-place
+    W' = W ⊙ (1 + s_row s_colᵀ) and the reduction of dL/dW' to its two vectors (the dL/dW' GEMM itself is left
+    out: full fine-tuning does it too; a copy of a fixed random dL/dW' stands in for its output); AOFT's generator
+    and factors; LoRA's (zero-padded) factors. Upstream gradients are fixed random tensors.
     """
     from .adapter import adapter_modules
-    from .methods import AdapterLinear, LowRankLinear
+    from .methods import AdapterLinear, LowRankLinear, RLRRLinear
+    from .methods.rlrr import rescale_vector_grads
 
     layers = [m for _, m in adapter_modules(model) if isinstance(m, AdapterLinear)]
     if not layers:
         return None
+    low_rank = [m for m in layers if isinstance(m, LowRankLinear)]
+    rlrr = [m for m in layers if isinstance(m, RLRRLinear)]
 
     def build() -> list[torch.Tensor]:
         outs: list[torch.Tensor] = []
-        for m in layers:
-            if isinstance(m, LowRankLinear):
-                outs.extend(m.factors())
-            else:
+        for m in low_rank:
+            outs.extend(m.factors())
+        with torch.no_grad():
+            for m in rlrr:
                 outs.append(m.merge_weight(m.base_layer.weight))
         return outs
 
-    grads = [torch.randn_like(t) for t in build()]
+    outs = build()
+    grads = [torch.randn_like(t) for t in outs if t.requires_grad]
+    rlrr_grads = [torch.randn_like(m.base_layer.weight) for m in rlrr]
     params = [p for m in layers for p in m.adapter_parameters()]
     fwd, total = [], []
     for _ in range(reps + 1):
@@ -941,7 +948,11 @@ def delta_cost(model: nn.Module, *, reps: int = 5) -> dict[str, Any] | None:
         t0 = time.perf_counter()
         outs = build()
         t1 = time.perf_counter()
-        torch.autograd.backward(outs, grads)
+        if grads:
+            torch.autograd.backward([t for t in outs if t.requires_grad], grads)
+        with torch.no_grad():
+            for m, g in zip(rlrr, rlrr_grads):
+                rescale_vector_grads(g.clone(), m.base_layer.weight, m.s_row, m.s_col, m.col_groups)
         t2 = time.perf_counter()
         fwd.append(t1 - t0)
         total.append(t2 - t0)

@@ -61,8 +61,6 @@ class AOFTLinear(LowRankLinear):
         self.lam = nn.Parameter(torch.zeros(s, rank))
 
     def slice_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        ups, downs = [], []
-        for i in range(len(self.slices)):
-            ups.append(ao_basis(self.q_up[i], self.rank) * (self.scale * self.lam[i]))
-            downs.append(ao_basis(self.q_down[i], self.rank).T)
-        return torch.stack(ups), torch.stack(downs)
+        # All slices in one batched generator call each for the up and down bases.
+        up = ao_basis(self.q_up, self.rank) * (self.scale * self.lam).unsqueeze(-2)  # [S, slice_out, d]
+        return up, ao_basis(self.q_down, self.rank).transpose(-1, -2)  # [S, d, in]

@@ -207,5 +207,11 @@ class LowRankLinear(AdapterLinear):
         if self.merged:
             return self._merged_forward(x)
         # Low-rank path: never materialises ΔW, and skips the dense weight gradient a full update would need.
+        # The update is accumulated into the frozen layer's output by the GEMM itself (addmm_, beta = 1): a separate
+        # `base + update` would allocate and fill one more [tokens, out] buffer per layer, forward and backward.
+        # 2-D throughout so the in-place op is not on a view (autograd would add a CopySlices node).
         u, v = self.factors()
-        return self.base_layer(x) + F.linear(F.linear(x, v), u)
+        x2 = x.reshape(-1, self.in_features)
+        out = self.base_layer(x2)
+        out.addmm_(F.linear(x2, v), u.to(out.dtype).t())
+        return out.view(*x.shape[:-1], self.out_features)

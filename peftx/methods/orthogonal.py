@@ -21,19 +21,22 @@ DENOM_EPS = 1e-3
 
 
 def ao_basis(q: torch.Tensor, d: int) -> torch.Tensor:
-    """First ``d`` columns of Q(q): a [D, d] matrix; orthonormal columns when ||q|| = 1."""
-    if q.dim() != 1:
-        raise ValueError(f"q must be a vector, got shape {tuple(q.shape)}")
-    D = q.shape[0]
+    """First ``d`` columns of Q(q): [D, d] for q [D], or [..., D, d] for a batch of vectors q [..., D] (one call for
+    every slice of a layer: the generator is a dozen tiny ops, so per-call overhead, not arithmetic, is its cost).
+    Orthonormal columns when ||q|| = 1."""
+    if q.dim() < 1:
+        raise ValueError(f"q must be a vector or a batch of vectors, got shape {tuple(q.shape)}")
+    D = q.shape[-1]
     if not 1 <= d <= D:
         raise ValueError(f"rank d={d} must be in [1, {D}]")
-    q0, u = q[0], q[1:]
-    denom = (1.0 + q0).clamp_min(DENOM_EPS)
-    head = u[: d - 1]  # u_j for the columns j = 1..d-1
-    top = torch.cat([q0.reshape(1), -head])  # row 0
+    q0, u = q[..., :1], q[..., 1:]
+    denom = (1.0 + q0).clamp_min(DENOM_EPS)  # [..., 1]
+    head = u[..., : d - 1]  # u_j for the columns j = 1..d-1
+    top = torch.cat([q0, -head], dim=-1).unsqueeze(-2)  # row 0: [..., 1, d]
     eye = torch.eye(D - 1, d - 1, dtype=q.dtype, device=q.device)
-    body = torch.cat([u.unsqueeze(1), eye - torch.outer(u, head) / denom], dim=1)  # rows 1..D-1
-    return torch.cat([top.unsqueeze(0), body], dim=0)
+    outer = u.unsqueeze(-1) * (head / denom).unsqueeze(-2)  # u head^T / (1 + q0): [..., D-1, d-1]
+    body = torch.cat([u.unsqueeze(-1), eye - outer], dim=-1)  # rows 1..D-1
+    return torch.cat([top, body], dim=-2)
 
 
 def random_unit_vector(D: int, generator: torch.Generator | None = None) -> torch.Tensor:

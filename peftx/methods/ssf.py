@@ -8,6 +8,7 @@ sitting in timm's ``patch_embed.norm`` slot, i.e. on the patch tokens before the
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import _check_finite
@@ -29,18 +30,21 @@ class SSF(nn.Module):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        base = self.base
         if self.merged:
-            return y
-        return y * self.ssf_scale + self.ssf_shift
+            return base(x)
+        if isinstance(base, nn.LayerNorm):
+            # LayerNorm with the folded affine (the merge's own fold): the same y*γ+β without two extra
+            # elementwise passes over the activations, forward and backward.
+            w, b = fold_affine(base.weight, base.bias, self.ssf_scale, self.ssf_shift)
+            return F.layer_norm(x, base.normalized_shape, w, b, base.eps)
+        return torch.addcmul(self.ssf_shift, base(x), self.ssf_scale)
 
     @torch.no_grad()
     def folded_affine(self, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fold γ, β into a per-output-channel affine (w, b): y*γ+β = x*(w γ) + (b γ + β). Leading dim = channel."""
-        g, s = self.ssf_scale.double(), self.ssf_shift.double()
-        shape = (-1,) + (1,) * (weight.dim() - 1)
-        w = (weight.double() * g.view(shape)).to(weight.dtype)
-        b = (bias.double() * g + s).to(bias.dtype)
+        """Fold γ, β into a per-output-channel affine (w, b) in float64. Leading dim = channel."""
+        w, b = fold_affine(weight.double(), bias.double(), self.ssf_scale.double(), self.ssf_shift.double())
+        w, b = w.to(weight.dtype), b.to(bias.dtype)
         _check_finite(self.layer_name, w, b)
         return w, b
 
@@ -53,3 +57,13 @@ class SSF(nn.Module):
         w = (weight.double() / g.view(shape)).to(weight.dtype)
         b = ((bias.double() - s) / g).to(bias.dtype)
         return w, b
+
+
+def fold_affine(weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor,
+                shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """THE one place SSF is defined: (x*w + b)*γ + β = x*(w γ) + (b γ + β), γ/β over ``weight``'s leading dim.
+
+    Used by the training forward (LayerNorm case) and by the merge, so they cannot disagree.
+    """
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    return weight * scale.view(shape), torch.addcmul(shift, bias, scale)
