@@ -54,7 +54,12 @@ Progress = Callable[[str], None]
 SUITES = ("inference", "training", "export", "profile")
 DEFAULT_SUITES = ("inference", "training", "export")
 METHODS = ("rlrr", "aoft", "lora")
-TRAIN_METHODS = ("full", "lora", "rlrr", "aoft")
+TRAIN_METHODS = ("full", "frozen", "lora", "rlrr", "aoft")
+# Baselines that are not adapter methods: full fine-tuning, and "frozen": backbone frozen, head trained, gradient
+# still flowing back to the patch tokens as it must for adapters in every block. method / frozen is what the method
+# itself adds to back-propagating through the backbone (a near-floor: LoRA/AOFT on q, v skip block 0's input
+# gradient, which the reference computes, so they can come out a little under 1).
+TRAIN_BASELINES = ("full", "frozen")
 NUM_CLASSES = 1000  # ImageNet-size head for inference: the standard FLOP count (ViT-B/16 224 px: 35.1 GFLOP)
 TRAIN_CLASSES = 100
 MATMUL_N = 2048
@@ -178,9 +183,9 @@ class BenchConfig:
         if not self.methods or not self.train_methods:
             raise UsageError("no adapter method to benchmark", f"name at least one of {', '.join(METHOD_NAMES)}")
         bad = [m for m in self.methods if m not in METHOD_NAMES]
-        bad += [m for m in self.train_methods if m != "full" and m not in METHOD_NAMES]
+        bad += [m for m in self.train_methods if m not in TRAIN_BASELINES and m not in METHOD_NAMES]
         if bad:
-            raise UsageError(f"unknown method(s) {bad}", f"choose from full, {', '.join(METHOD_NAMES)}")
+            raise UsageError(f"unknown method(s) {bad}", f"choose from {', '.join(TRAIN_BASELINES + METHOD_NAMES)}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UsageError(f"device {self.device!r}", "choose auto, cpu or cuda")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -872,7 +877,8 @@ class _TrainSetup:
 
 def train_setup(spec: ModelSpec, method: str, *, batch: int, device: torch.device, seed: int = 0,
                 fused_attention: bool = True) -> _TrainSetup:
-    """The model, AdamW and a fixed batch for one training step of ``method`` ("full" = full fine-tuning).
+    """The model, AdamW and a fixed batch for one training step of ``method`` ("full" = full fine-tuning, "frozen"
+    = the backbone-only reference, see TRAIN_BASELINES).
 
     Mirrors peftx's trainer: timm's fused (SDPA) attention switched on for training, AdamW (lr 1e-4, weight decay
     0.05 on matrices) over the trainable tensors only, FP32.
@@ -885,6 +891,14 @@ def train_setup(spec: ModelSpec, method: str, *, batch: int, device: torch.devic
     if method == "full":
         _freeze_all_but(model, True)
         trainable = total = sum(p.numel() for p in model.parameters())
+    elif method == "frozen":
+        _freeze_all_but(model, False)
+        head = model.get_classifier()
+        head.requires_grad_(True)
+        # The input image needs no gradient, so without this backward would stop at the head.
+        model.patch_embed.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in head.parameters())
     else:
         adapt(model, make_config(method), base_fingerprint="benchmark (not computed)")
         trainable, total = count_parameters(model)
@@ -1098,7 +1112,7 @@ def bench_training(spec: ModelSpec, cfg: BenchConfig, *, threads: int, device: t
                           guard=_guard(cfg, threads, device))
     times = timing.times
     out["timing"] = timing.to_json()
-    deltas = {m: delta_cost(s.model, reps=cfg.delta_reps) for m, s in setups.items() if m != "full"}
+    deltas = {m: delta_cost(s.model, reps=cfg.delta_reps) for m, s in setups.items() if m not in TRAIN_BASELINES}
     opt_state = {m: optimizer_state_bytes(s.optimizer) for m, s in setups.items()}
     info = {m: (s.trainable, s.total) for m, s in setups.items()}
     del setups, any_setup
@@ -1130,6 +1144,8 @@ def bench_training(spec: ModelSpec, cfg: BenchConfig, *, threads: int, device: t
             target = m in ("rlrr", "aoft")
             out["ratios"].append({"model": spec.key, "method": m, "step_time_vs_full": r,
                                   "step_time_vs_full_of_mins": min_ratio(times[m], times["full"]),
+                                  "step_time_vs_frozen": (paired_ratio(times[m], times["frozen"])
+                                                          if "frozen" in times else None),
                                   "peak_memory_vs_full": memory[m]["peak_delta_bytes"] / max(full_mem, 1),
                                   "targeted": target,
                                   "step_time_met": bool(r <= 1.0) if target else None,
@@ -1417,11 +1433,13 @@ def result_tables(results: Mapping[str, Any]) -> list[tuple[str, list[str], list
                        ["method", "trainable", "step ms p50", "p90", "img/s", "fwd+bwd GFLOP/img",
                         "peak Δ MiB", "peak MiB", "AdamW state MiB", "delta build f+b ms"], rows))
         rows = [[r["method"], _fmt(r["step_time_vs_full"], ".3f"), _fmt(r["step_time_vs_full_of_mins"], ".3f"),
-                 _fmt(r["peak_memory_vs_full"], ".3f"), _met(r["step_time_met"]), _met(r["memory_met"])]
+                 _fmt(r["peak_memory_vs_full"], ".3f"), _met(r["step_time_met"]), _met(r["memory_met"]),
+                 _fmt(r.get("step_time_vs_frozen"), ".3f")]
                 for r in model["ratios"]]
         tables.append((f"Training ratios vs full fine-tuning — {model['model']} (step time: median of per-round "
-                       "ratios, and best / best)",
-                       ["method", "step time", "of mins", "peak memory", "step target", "memory target"], rows))
+                       "ratios, and best / best; frozen = backbone-only reference)",
+                       ["method", "step time", "of mins", "peak memory", "step target", "memory target",
+                        "step / frozen"], rows))
     for model in results.get("profile", []):
         for method, prof in model["profiles"].items():
             rows = [[o["op"], _fmt(o["self_ms_per_step"], ".1f"), _fmt(100 * o["share"], ".1f"),
