@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
+
+try:  # typer >= 0.22 vendors click; its exception classes live here (there is no public alias)
+    from typer._click import exceptions as click_errors
+except ImportError:  # older typer on top of click
+    from click import exceptions as click_errors
 
 from .commands import bench_cmd, demo_cmd, export_cmd, inspect_cmd, train_cmd
 
@@ -30,8 +37,24 @@ app.command("validate")(export_cmd.validate)
 app.command("bench")(bench_cmd.bench)
 
 
-def main() -> None:
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point. Click's own parse errors (unknown option, bad value) become the same one-line form
+    as library errors instead of a boxed usage panel; exit 2 as click gives them."""
+    try:
+        code = app(args=argv, prog_name="peftx", standalone_mode=False)
+    except click_errors.NoArgsIsHelpError:  # typer has printed the help already
+        code = 2
+    except click_errors.UsageError as e:
+        where = e.ctx.command_path if e.ctx else "peftx"
+        print(f"peftx: error: {e.format_message()} — see '{where} --help'".replace("\n", " "), file=sys.stderr)
+        code = e.exit_code
+    except click_errors.ClickException as e:
+        print(f"peftx: error: {e.format_message()}".replace("\n", " "), file=sys.stderr)
+        code = e.exit_code
+    except click_errors.Abort:
+        print("peftx: error: aborted", file=sys.stderr)
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

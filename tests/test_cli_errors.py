@@ -690,15 +690,40 @@ def test_human_mode_error_is_the_last_and_only_error_line(env: Env, tmp_path: Pa
     assert lines[-1].startswith("peftx: error: --precision 'int8'")
 
 
-def test_click_usage_errors_exit_2_without_traceback(cli):
-    """Parse errors (unknown option, out-of-range value) are Click's: exit 2 and no traceback. NOTE: Typer prints
-    them as a usage line plus a boxed message (several lines), not as `peftx: error:`; see docs/ERRORS.md."""
-    for argv in (["train", "--epochs", "0"], ["train", "--no-such-option"], ["merge-export"]):
-        result = cli.invoke(app, argv)
-        assert result.exit_code == 2, argv
-        assert "Traceback" not in result.output
-        assert "Try 'peftx" in result.stderr
+PARSE_ERRORS = [
+    (["train", "--epochs", "0"], "peftx: error: Invalid value for '--epochs'", "peftx train --help"),
+    (["train", "--no-such-option"], "peftx: error: No such option: --no-such-option", "peftx train --help"),
+    (["merge-export"], "peftx: error: Missing argument 'source'", "peftx merge-export --help"),
+    (["no-such-command"], "peftx: error: No such command 'no-such-command'", "peftx --help"),
+]
 
+
+@pytest.mark.parametrize("argv,start,hint", PARSE_ERRORS, ids=[" ".join(a) for a, _, _ in PARSE_ERRORS])
+def test_parse_errors_are_one_line_exit_2(argv, start, hint, capsys):
+    """Click's parse errors go through the console entry point into the same one-line form as library errors."""
+    from peftx.cli.app import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2 and out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(start) and lines[0].endswith(f"see '{hint}'")
+    assert "╭" not in err and "Usage:" not in err
+
+
+def test_parse_error_and_setup_error_through_the_console_script(tmp_path: Path):
+    """Real processes: a parse error, and a library error raised before any progress bar (no blank line above)."""
+    script = _console_script()
+    env = {k: v for k, v in os.environ.items() if k != "PEFTX_DEBUG"}
+    for argv, code in ((["train", "--no-such-option"], 2),
+                       (["train", "--method", "nope", "--output", str(tmp_path / "run")], UsageError.exit_code)):
+        proc = subprocess.run([script, *argv], capture_output=True, text=True, timeout=120, env=env)
+        assert proc.returncode == code, proc.stderr
+        assert proc.stdout == "" and proc.stderr.count("\n") == 1 and proc.stderr.startswith("peftx: error: "), \
+            repr(proc.stderr)
+    assert not (tmp_path / "run").exists()
 
 def test_failed_train_leaves_no_empty_run_dir(env: Env, tmp_path: Path, cli):
     result = cli.invoke(app, train(env, tmp_path, weights=tmp_path / "missing.safetensors"))

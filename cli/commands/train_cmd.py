@@ -32,11 +32,23 @@ def _method_options(method: str, rank: int | None, alpha: float | None, targets:
 def _run_with_progress(fn, json_out: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    class _LazyProgress(Progress):
+        """Shown from the first bar on: a run that fails during set-up prints its one-line error and nothing else."""
+
+        def add_task(self, *args, **kwargs):
+            if not self.live.is_started:
+                self.start()
+            return super().add_task(*args, **kwargs)
+
     if json_out:
         return fn(None)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("ETA"), TimeRemainingColumn(), console=err_console, transient=False) as progress:
+    progress = _LazyProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                             TextColumn("ETA"), TimeRemainingColumn(), console=err_console, transient=False)
+    try:
         return fn(progress)
+    finally:
+        if progress.live.is_started:
+            progress.stop()
 
 
 @handle_errors
