@@ -7,9 +7,7 @@ PY="${VENV:+$VENV/bin/}python"
 export COLUMNS="${COLUMNS:-200}"  # rich wraps tables at 80 columns when stdout is not a terminal
 OUT="${1:-bench-results}"
 
-# `peftx bench` once the lead registers it in cli/app.py; the wrapper script runs the same command function before.
-if "${PY}" -m peftx.cli.app bench --help >/dev/null 2>&1; then BENCH=("${PY}" -m peftx.cli.app bench)
-else BENCH=("${PY}" benchmarks/peftx_bench.py); fi
+BENCH=("${PY}" -m peftx.cli.app bench)  # = `peftx bench`
 
 # 1. everything (inference for ViT-S/14 DINOv2, ViT-B/16, Swin-T at batch 1 and 32; training on ViT-S/14 112 px;
 #    export of ViT-S/14 and ViT-B/16), one run, one device: tables on stdout, bench.json + bench.png in $OUT/full
@@ -23,3 +21,6 @@ else BENCH=("${PY}" benchmarks/peftx_bench.py); fi
 
 # 4. the couple-of-minutes smoke version (what CI or a reviewer runs first)
 "${BENCH[@]}" --quick --output "$OUT/quick" | tee "$OUT/quick.txt"
+
+# 5. each method's training step before / after the issue-6 changes, interleaved in one run
+"${PY}" benchmarks/training_step_ab.py --rounds 8 | tee "$OUT/training_step_ab.txt"

@@ -19,6 +19,7 @@ parity.json and trt_readiness.json are reports that ``validate_bundle`` regenera
 from __future__ import annotations
 
 import datetime as dt
+import glob
 import json
 import os
 import platform
@@ -524,11 +525,36 @@ def _check_destination(out_dir: Path, force: bool) -> None:
                           "remove it yourself or choose another path")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but is not ours (EPERM): alive
+        return True
+    return True
+
+
+def remove_stale_workdirs(out_dir: Path) -> list[Path]:
+    """Delete ``.<name>.pid<N>.*.partial`` siblings of ``out_dir`` left by a writer that was killed (SIGKILL, power
+    loss): its PID no longer exists. A live PID, even a recycled one, keeps its directory (the safe side)."""
+    removed = []
+    for p in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.pid*.partial"):
+        pid = p.name[len(out_dir.name) + 5:].split(".", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 def _make_workdir(out_dir: Path) -> Path:
-    """A temporary directory beside ``out_dir``, so the final rename stays on one filesystem."""
+    """A temporary directory beside ``out_dir``, so the final rename stays on one filesystem. Its name carries our
+    PID so a later run can tell an abandoned one (see :func:`remove_stale_workdirs`)."""
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+        remove_stale_workdirs(out_dir)
+        work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.pid{os.getpid()}.", suffix=".partial",
+                                     dir=out_dir.parent))
     except OSError as exc:
         raise OutputError(f"cannot create a directory in {out_dir.parent}: {exc}", "check permissions") from exc
     work.chmod(0o755)  # mkdtemp makes it 0700; a bundle is meant to be shared

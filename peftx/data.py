@@ -237,6 +237,12 @@ def _check_image(path: Path) -> None:
 # ---- VTAB-1k
 
 
+# The head has 1 + max(label) outputs. VTAB-1k tasks have at most 397 classes and ImageNet-21k 21,843; a label past
+# this bound is a damaged list (a width or id column read as the label), not a task: refuse it before building a
+# head of that size (1e9 classes would be a MemoryError several lines later).
+MAX_CLASSES = 100_000
+
+
 def parse_vtab_list(path: str | Path, root: str | Path) -> list[tuple[Path, int]]:
     """Parse a VTAB-1k list file (lines ``relative/path label``); paths are relative to ``root`` and must stay in it.
 
@@ -268,6 +274,9 @@ def _parse_vtab_line(line: str, where: str, root: Path, real_root: Path) -> tupl
         raise DataError(f"{where}: label {label_text!r} is not an integer", "labels are class indices 0..K-1") from None
     if label < 0:
         raise DataError(f"{where}: label {label} is negative", "labels are class indices 0..K-1")
+    if label >= MAX_CLASSES:
+        raise DataError(f"{where}: label {label} is not a plausible class index (the head would have {label + 1:,} "
+                        "outputs)", f"labels are class indices 0..K-1 with K <= {MAX_CLASSES:,}")
     if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive:
         raise DataError(f"{where}: path {rel!r} is absolute", "list paths relative to the task directory")
     if ".." in PurePosixPath(rel.replace("\\", "/")).parts:

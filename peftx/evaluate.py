@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .distributed import DistInfo, ShardSampler, all_reduce_sum
-from .errors import BackendUnavailableError, DataError, UsageError
+from .errors import AdapterFileError, BackendUnavailableError, DataError, UsageError
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 SPLITS = ("train", "val", "test")
@@ -123,6 +123,17 @@ def evaluate_model(model: nn.Module, loader: DataLoader, *, device: torch.device
 
 # -- saved runs -------------------------------------------------------------------------------------------------------
 
+def _recorded_int(record: dict[str, Any], key: str, default: int | None = None) -> int | None:
+    """An integer field of the adapter's JSON record; a damaged value is a damaged adapter file, not a crash."""
+    value = record.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise AdapterFileError(f"the adapter record's {key} is {value!r}, not an integer",
+                               "the adapter JSON was edited or damaged: restore it from the run directory")
+    return value
+
+
 def rebuild_model(config: dict[str, Any], *, weights: str | Path | None = None) -> nn.Module:
     """The plain backbone an adapter file's ``spec`` describes (``weights`` overrides the recorded file)."""
     from .backbones import create_backbone
@@ -132,9 +143,10 @@ def rebuild_model(config: dict[str, Any], *, weights: str | Path | None = None) 
         raise UsageError("the adapter does not record its backbone (no spec.name)",
                          "it was not written by peftx train; load it with load_adapter onto your own model")
     pretrained = bool(spec.get("pretrained", True))
-    if not pretrained and spec.get("init_seed") is not None:
-        torch.manual_seed(int(spec["init_seed"]))  # a random-init backbone is rebuilt from the seed it was made with
-    return create_backbone(spec["name"], num_classes=int(config["num_classes"]),
+    init_seed = _recorded_int(spec, "init_seed")
+    if not pretrained and init_seed is not None:
+        torch.manual_seed(init_seed)  # a random-init backbone is rebuilt from the seed it was made with
+    return create_backbone(spec["name"], num_classes=_recorded_int(config, "num_classes"),
                            weights=weights or (spec.get("weights") if pretrained else None), pretrained=pretrained,
                            img_size=spec.get("img_size"), **(spec.get("model_kwargs") or {}))
 
@@ -166,7 +178,7 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
     if not data_cfg:
         from .backbones import data_config
         data_cfg = data_config(model)
-    splits = load_splits(data, data_cfg, hflip=False, seed=int(config.get("seed", 42)))
+    splits = load_splits(data, data_cfg, hflip=False, seed=_recorded_int(config, "seed", 42))
     trained_names = config.get("class_names")
     if trained_names is not None and list(trained_names) != list(splits.class_names):
         raise DataError(f"{data} has classes {splits.class_names[:5]}..., the adapter was trained on "

@@ -448,6 +448,9 @@ CASES = [
     Case("export-adapter-record-incomplete", lambda e, t: export(e, t, adapter_variant(
         e, t, config=lambda c: {k: v for k, v in c.items() if k != "num_classes"})), AdapterFileError,
          "num_classes"),
+    Case("eval-adapter-record-seed-damaged", lambda e, t: ["eval", str(adapter_variant(
+        e, t, config=lambda c: {**c, "seed": "4x2"})), "--json"], AdapterFileError,
+         "the adapter record's seed is '4x2', not an integer"),
     Case("export-adapter-wrong-shape", lambda e, t: export(e, t, adapter_variant(
         e, t, edit_tensor("blocks.1.mlp.fc2.s_row", lambda x: x[:-1]))), AdapterFileError,
          "blocks.1.mlp.fc2.s_row has shape"),

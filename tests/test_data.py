@@ -271,8 +271,9 @@ def test_parse_vtab_list_accepts_spaces_blank_lines_and_crlf(tmp_path: Path, pho
     write_image(tmp_path / "images" / "a b.png", photo, 1)
     write_image(tmp_path / "images" / "c.png", photo, 2)
     lst = tmp_path / "train800.txt"
-    lst.write_bytes(b"images/a b.png 3\r\n\r\nimages/c.png 0\r\n")
-    assert parse_vtab_list(lst, tmp_path) == [(tmp_path / "images" / "a b.png", 3), (tmp_path / "images" / "c.png", 0)]
+    lst.write_bytes(b"images/a b.png 3\r\n\r\nimages/c.png 99999\r\n")  # 99999: the largest index accepted
+    assert parse_vtab_list(lst, tmp_path) == [(tmp_path / "images" / "a b.png", 3),
+                                              (tmp_path / "images" / "c.png", 99_999)]
 
 
 @pytest.mark.parametrize("line, match", [
@@ -280,6 +281,7 @@ def test_parse_vtab_list_accepts_spaces_blank_lines_and_crlf(tmp_path: Path, pho
     ("images/ok.png three", "'three' is not an integer"),
     ("images/ok.png 1.5", "is not an integer"),
     ("images/ok.png -1", "label -1 is negative"),
+    ("images/ok.png 1000000000", "label 1000000000 is not a plausible class index"),
     ("/etc/passwd 0", "is absolute"),
     ("C:\\data\\x.png 0", "is absolute"),
     ("images/../../outside.png 0", "leaves the task directory"),
