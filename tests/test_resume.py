@@ -65,6 +65,8 @@ def test_resume_equals_uninterrupted(uninterrupted, tiny_weights, digit_folder, 
                                      sig, event, match) -> None:
     full_run, full_summary = uninterrupted
     run = tmp_path / "run"
+    # what was installed before (SIG_IGN, not Python's default, when the test runs as a background job)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     with pytest.raises(TrainingInterrupted) as err:
         train(tiny_config(tiny_weights, run, data=str(digit_folder), **RUN), progress=_signal_at(sig, event, **match))
     assert err.value.exit_code == 130 and f"--resume {run}" in err.value.hint and sig.name in err.value.message
@@ -73,7 +75,7 @@ def test_resume_equals_uninterrupted(uninterrupted, tiny_weights, digit_folder, 
         assert (state.epoch, state.batch, state.global_step) == (1, 3, STEPS_PER_EPOCH + 3)
     else:
         assert (state.epoch, state.batch) == (1, 0)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert {s: signal.getsignal(s) for s in handlers} == handlers  # the trainer's handlers removed again
 
     summary = train(TrainConfig(resume=str(run)))
     assert summary["resumed"]
