@@ -111,9 +111,11 @@ class RLRRLinear(AdapterLinear):
         trains = torch.is_grad_enabled() and (self.s_row.requires_grad or self.s_col.requires_grad)
         if self.merged or not trains or self.base_layer.weight.requires_grad:
             return super().forward(x)
-        # Training: the same W' = merge_weight(W), with a hand-derived backward (see _RescaledLinear).
-        return _RescaledLinear.apply(x, self.base_layer.weight, self.effective_bias(), self.s_row, self.s_col,
-                                     self.col_groups)
+        # Training: the same W' = merge_weight(W), built without autograd, with a hand-derived backward.
+        with torch.no_grad():
+            w_eff = self.merge_weight(self.base_layer.weight)
+        return _RescaledLinear.apply(x, w_eff, self.base_layer.weight, self.effective_bias(), self.s_row,
+                                     self.s_col, self.col_groups)
 
 
 def _rescale(weight: torch.Tensor, r: torch.Tensor, c: torch.Tensor, groups: int) -> torch.Tensor:
@@ -145,16 +147,16 @@ class _RescaledLinear(torch.autograd.Function):
     is built in place under no_grad, the dense weight gradient G = dy^T x is formed once (full fine-tuning forms it
     too), multiplied by W in place and reduced to the two vectors with batched matrix-vector products:
     grad s_row = (G ⊙ W) s_col, grad s_col = (G ⊙ W)^T s_row per row group. Only W' is kept for backward.
-    ``tests/test_methods.py`` checks these gradients against autograd through ``merge_weight``.
+    ``tests/test_fast_paths.py`` checks these gradients against autograd through ``merge_weight``, which also
+    builds the W' passed in (no_grad), so forward, merge and this path share one definition.
 
     Mixed precision: the matmuls run in the autocast dtype, the rescale and the reductions in the weight's dtype.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, s_row, s_col, groups):  # noqa: D102 (torch.autograd.Function protocol)
+    def forward(ctx, x, w_eff, weight, bias, s_row, s_col, groups):  # noqa: D102 (autograd.Function protocol)
         dt = _compute_dtype(x)
-        with torch.no_grad():
-            w_eff = _rescale(weight, s_row.to(weight.dtype), s_col.to(weight.dtype), groups).to(dt)
+        w_eff = w_eff.to(dt)
         xc = x.to(dt)
         with torch.autocast(x.device.type, enabled=False):
             y = F.linear(xc, w_eff, None if bias is None else bias.to(dt))
@@ -169,17 +171,16 @@ class _RescaledLinear(torch.autograd.Function):
         g = ctx.groups
         out, inp = weight.shape
         gy = gy.to(w_eff.dtype)
-        gx = gb = gr = gc = None
-        gw = None  # RLRRLinear.forward only takes this path while W is frozen
+        gx = gb = gr = gc = None  # W' is built under no_grad and W is frozen on this path: neither gets one
         if ctx.needs_input_grad[0]:
             gx = (gy @ w_eff).to(ctx.x_dtype)
         gy2 = gy.reshape(-1, out)
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
             gb = gy2.sum(0, dtype=torch.promote_types(gy2.dtype, ctx.bias_dtype)).to(ctx.bias_dtype)
-        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+        if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
             grad_w = (gy2.t() @ xc.reshape(-1, inp)).to(weight.dtype)  # dL/dW', the GEMM full fine-tuning does too
             gr, gc = rescale_vector_grads(grad_w, weight, s_row, s_col, g)
-        return gx, gw, gb, gr, gc, None
+        return gx, None, None, gb, gr, gc, None
 
 
 def rescale_vector_grads(grad_w: torch.Tensor, weight: torch.Tensor, s_row: torch.Tensor, s_col: torch.Tensor,
