@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from peftx.checkpoint import load_checkpoint
-from peftx.distributed import EpochSampler, ShardSampler
+from peftx.train.checkpoint import load_checkpoint
+from peftx.train.distributed import EpochSampler, ShardSampler
 from peftx.errors import UsageError
 from peftx.train import TrainConfig, train
 

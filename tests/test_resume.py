@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from peftx.adapter_io import read_adapter
-from peftx.checkpoint import checkpoint_path, load_checkpoint
+from peftx.train.checkpoint import checkpoint_path, load_checkpoint
 from peftx.errors import AdapterFileError, UsageError
 from peftx.train import TrainConfig, TrainingInterrupted, train
 

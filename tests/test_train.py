@@ -20,8 +20,8 @@ from peftx.adapter_io import read_adapter
 from peftx.errors import OutputError, UsageError
 from peftx.evaluate import evaluate
 from peftx.methods import make_config
-from peftx.recipes import GENERIC, VTAB_1K, recipe
-from peftx.regularization import (ResidualDropout, add_residual_dropout, depth_rates, remove_residual_dropout,
+from peftx.train.recipes import GENERIC, VTAB_1K, recipe
+from peftx.train.regularization import (ResidualDropout, add_residual_dropout, depth_rates, remove_residual_dropout,
                                   residual_dropout_rates, residual_dropout_removed)
 from peftx.train import EVENTS, TrainConfig, lr_at, no_weight_decay, param_groups, train
 
@@ -195,7 +195,7 @@ def test_training_on_digits_learns_and_writes_the_run_dir(tiny_weights: Path, tm
     for event, fields in rec.events:
         assert set(fields) == set(EVENTS[event]), event
     assert [e for e, _ in rec.events if e not in ("step", "checkpoint")] == \
-        ["start"] + ["epoch_start", "epoch"] * 3 + ["test", "done"]
+        ["start", "epoch_start", "estimate", "epoch"] + ["epoch_start", "epoch"] * 2 + ["test", "done"]
     assert len(rec.of("step")) == 3 * 12
 
     # The evaluator rebuilds the backbone from the adapter's spec and reproduces the test accuracy.
