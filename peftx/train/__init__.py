@@ -27,7 +27,10 @@ _EXPORTS = {
     "METRICS_FILE": "rundir", "SUMMARY_FILE": "rundir", "CURVES_FILE": "rundir",
 }
 
-__all__ = ["TrainingInterrupted", *_EXPORTS]
+__all__ = ["TrainingInterrupted", "TrainConfig", "resolve", "DEFAULTS", "RUNTIME_FIELDS", "train", "Trainer",
+           "EVENTS", "rich_progress", "lr_at", "Schedule", "param_groups", "no_weight_decay", "NO_DECAY_LEAVES",
+           "make_optimizer", "seed_for", "SeededSamples", "StopFlag", "stop_on_signals", "METRICS_FILE",
+           "SUMMARY_FILE", "CURVES_FILE"]
 
 if TYPE_CHECKING:
     from .config import DEFAULTS, RUNTIME_FIELDS, TrainConfig, resolve
