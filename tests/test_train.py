@@ -278,3 +278,111 @@ def test_fp16_on_cpu_and_cuda_without_gpu_are_clear_errors(tiny_weights: Path, d
 
         with pytest.raises(BackendUnavailableError, match="CUDA"):
             train(tiny_config(tiny_weights, tmp_path / "b", data=str(digit_folder), device="cuda"))
+
+
+# -- non-finite numbers -----------------------------------------------------------------------------------------------
+
+class _NaNGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose gradients are not."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad * float("nan")
+
+
+def poison_training_loss(monkeypatch: pytest.MonkeyPatch, what: str, at: set[int] | None = None) -> None:
+    """Make the training loss of the given calls (0-based; None: every call) NaN (``what="loss"``) or finite with
+    NaN gradients (``what="grad"``). Evaluation (no grad) is left alone."""
+    real = torch.nn.functional.cross_entropy
+    calls = [0]
+
+    def cross_entropy(*args: Any, **kwargs: Any) -> torch.Tensor:
+        out = real(*args, **kwargs)
+        if not torch.is_grad_enabled():
+            return out
+        calls[0] += 1
+        if at is None or calls[0] - 1 in at:
+            return out * float("nan") if what == "loss" else _NaNGradient.apply(out)
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", cross_entropy)
+
+
+class _Counts:
+    """How often backward and the optimiser step ran."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.backward = self.step = 0
+        real_backward, real_step = torch.Tensor.backward, torch.optim.AdamW.step
+
+        def backward(t: torch.Tensor, *a: Any, **k: Any) -> None:
+            self.backward += 1
+            return real_backward(t, *a, **k)
+
+        def step(opt: torch.optim.Optimizer, *a: Any, **k: Any) -> Any:
+            self.step += 1
+            return real_step(opt, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, "backward", backward)
+        monkeypatch.setattr(torch.optim.AdamW, "step", step)
+
+
+def test_non_finite_loss_stops_before_backward_and_the_step(tiny_weights: Path, digit_folder: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from peftx.errors import NonFiniteError
+
+    poison_training_loss(monkeypatch, "loss", at={2})
+    counts = _Counts(monkeypatch)
+    with pytest.raises(NonFiniteError, match="training loss became non-finite at step 2") as err:
+        train(tiny_config(tiny_weights, tmp_path / "run", data=str(digit_folder), epochs=1))
+    assert (counts.backward, counts.step) == (2, 2)  # steps 0 and 1 only: step 2 never reached backward
+    assert "--lr" in err.value.hint
+
+
+def test_non_finite_gradients_without_a_scaler_stop_before_the_step(tiny_weights: Path, digit_folder: Path,
+                                                                   tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from peftx.errors import NonFiniteError
+
+    poison_training_loss(monkeypatch, "grad", at={1})
+    counts = _Counts(monkeypatch)
+    with pytest.raises(NonFiniteError, match="gradients became non-finite at step 1"):
+        train(tiny_config(tiny_weights, tmp_path / "run", data=str(digit_folder), epochs=1))
+    assert (counts.backward, counts.step) == (2, 1)  # step 1's backward ran; its optimiser step did not
+
+
+def _cpu_grad_scaler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp16 autocast needs CUDA; the grad scaler's skip logic is the same on CPU, so it is switched on there."""
+    import peftx.train.loop as loop
+
+    monkeypatch.setattr(loop, "grad_scaler", lambda device, dtype: torch.amp.GradScaler("cpu", enabled=True))
+
+
+def test_grad_scaler_skips_overflowed_steps_and_training_goes_on(tiny_weights: Path, digit_folder: Path,
+                                                                 tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from peftx.train.checkpoint import load_checkpoint
+
+    _cpu_grad_scaler(monkeypatch)
+    poison_training_loss(monkeypatch, "grad", at={1, 4})
+    counts = _Counts(monkeypatch)
+    summary = train(tiny_config(tiny_weights, tmp_path / "run", data=str(digit_folder), epochs=2))
+    assert summary["amp_skipped_steps"] == 2 and counts.step == 2 * 6 - 2
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt.state.skipped_steps == 2 and ckpt.scaler["scale"] == 2.0 ** 16 / 4  # halved once per skip
+
+
+def test_grad_scaler_skipping_every_step_is_an_error(tiny_weights: Path, digit_folder: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from peftx.errors import NonFiniteError
+    from peftx.train.loop import MAX_CONSECUTIVE_SKIPS
+
+    _cpu_grad_scaler(monkeypatch)
+    poison_training_loss(monkeypatch, "grad")  # every step
+    with pytest.raises(NonFiniteError, match=f"in {MAX_CONSECUTIVE_SKIPS} steps in a row up to step "
+                                             f"{MAX_CONSECUTIVE_SKIPS - 1}"):
+        train(tiny_config(tiny_weights, tmp_path / "run", data=str(digit_folder), epochs=1, batch_size=2))
