@@ -53,8 +53,26 @@ def test_bad_config_names_the_field(field: str, value: Any) -> None:
 
 
 def test_warmup_plus_cooldown_longer_than_training_is_refused() -> None:
-    with pytest.raises(UsageError, match="epochs"):
+    with pytest.raises(UsageError, match="epochs") as err:
         TrainConfig(epochs=5, warmup_epochs=3, cooldown_epochs=3)
+    assert "--warmup-epochs" in err.value.hint and "--epochs" in err.value.hint
+    with pytest.raises(UsageError, match="fewer than warmup_epochs") as err:  # a given warm-up is never shortened
+        TrainConfig(data="/some/folder", epochs=2, warmup_epochs=3).resolved()
+    assert "--warmup-epochs" in err.value.hint
+
+
+def test_a_recipe_warmup_and_cooldown_are_scaled_to_a_shorter_run() -> None:
+    from peftx.train.config import resolve
+
+    short = resolve(TrainConfig(data="/some/folder", epochs=2))  # the generic recipe: 3 warm-up epochs of 30
+    assert short.config.warmup_epochs == pytest.approx(0.2) and short.config.cooldown_epochs == 0
+    assert len(short.notes) == 1 and "warm-up 3 -> 0.2 epochs" in short.notes[0]
+    vtab = resolve(TrainConfig(task="dtd", data="/nowhere", epochs=22))  # 10 + 10 of 110
+    assert (vtab.config.warmup_epochs, vtab.config.cooldown_epochs) == (2.0, 2) and len(vtab.notes) == 2
+    given = resolve(TrainConfig(task="dtd", data="/nowhere", epochs=22, warmup_epochs=5))
+    assert (given.config.warmup_epochs, given.config.cooldown_epochs) == (5, 2)  # the user's value stays
+    longer = resolve(TrainConfig(data="/some/folder", epochs=50))
+    assert longer.config.warmup_epochs == GENERIC.warmup_epochs and longer.notes == []
 
 
 def test_defaults_are_the_demo_and_every_recipe_value_is_overridable() -> None:
@@ -197,6 +215,13 @@ def test_training_on_digits_learns_and_writes_the_run_dir(tiny_weights: Path, tm
     assert [e for e, _ in rec.events if e not in ("step", "checkpoint")] == \
         ["start", "epoch_start", "estimate", "epoch"] + ["epoch_start", "epoch"] * 2 + ["test", "done"]
     assert len(rec.of("step")) == 3 * 12
+    (start,) = rec.of("start")
+    assert start["config"] == TrainConfig.from_dict(start["config"]).to_dict() and start["config"]["epochs"] == 3
+    assert start["notes"] == [] and start["extended_from"] is None  # warm-up given (0): nothing adjusted
+    (estimate,) = rec.of("estimate")  # after this process's 3rd step: from steps 2..3
+    assert estimate["measured_steps"] == 2 and estimate["steps_remaining"] == 3 * 12 - 3
+    assert estimate["seconds_per_step"] > 0 and estimate["eval_seconds"] > 0
+    assert estimate["total_seconds"] == pytest.approx(estimate["seconds_per_step"] * 33 + estimate["eval_seconds"])
 
     # The evaluator rebuilds the backbone from the adapter's spec and reproduces the test accuracy.
     again = evaluate(run, split="test")

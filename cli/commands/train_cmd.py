@@ -53,7 +53,7 @@ def _run_with_progress(fn, json_out: bool):
     def on(event: str, **f: Any) -> None:
         lines = start_lines(f) if event == "start" else estimate_lines(f) if event == "estimate" else []
         for line in lines:
-            progress.console.print(f"· {line}", style="dim", markup=False, highlight=False)
+            progress.console.print(f"· {line}", style="dim", markup=False, highlight=False, soft_wrap=True)
         bar(event, **f)
 
     try:
