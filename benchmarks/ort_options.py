@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from peftx.bench import (MODELS, ContentionGuard, SessionRunner, _model_dims, count_flops, latency_stats, matmul_peak,
-                         optimize_for_ort, ort_matmul_peak, paired_ratio, physical_cores, timed_rounds)
+from peftx.bench import (MODELS, ContentionGuard, count_flops, latency_stats, matmul_peak, model_dims, optimize_for_ort,
+                         ort_matmul_peak, ort_session_options, paired_ratio, physical_cores, timed_rounds)
 from peftx.backbones import data_config
 from peftx.data import real_images
 from peftx.exports.onnx_export import export_onnx
 from peftx.exports.parity import compare, make_input_sets
-from peftx.exports.runners import TorchRunner
+from peftx.exports.runners import OnnxRuntimeRunner, TorchRunner
 from peftx.tolerances import ONNX_FP32
 
 
@@ -48,17 +48,21 @@ def main() -> None:
         path = Path(tmp) / "model.onnx"
         export_onnx(model, path, input_size=size)
         fused = Path(tmp) / "fused.onnx"
-        heads, hidden = _model_dims(model)
+        heads, hidden = model_dims(model)
         info = optimize_for_ort(path, fused, model_type=spec.ort_model_type, num_heads=heads, hidden_size=hidden)
-        runners = {f"level={lvl}": SessionRunner(path, args.threads, name=lvl, level=lvl)
-                   for lvl in ("basic", "extended", "all")}
-        runners["level=all, no spinning"] = SessionRunner(path, args.threads, name="nospin", spinning=False)
+        def runner(onnx: Path, name: str, threads: int = args.threads, **options) -> OnnxRuntimeRunner:
+            return OnnxRuntimeRunner(onnx, name=name, session_options=ort_session_options(threads, **options))
+
+        runners = {f"level={lvl}": runner(path, lvl, level=lvl) for lvl in ("basic", "extended", "all")}
+        runners["level=all, no spinning"] = runner(path, "nospin", spinning=False)
         if info["ok"]:
-            runners["transformer optimizer + all"] = SessionRunner(fused, args.threads, name="fused")
+            runners["transformer optimizer + all"] = runner(fused, "fused")
         if args.threads > 1:
-            runners["level=all, 1 thread"] = SessionRunner(path, 1, name="1thread")
+            runners["level=all, 1 thread"] = runner(path, "1thread", threads=1)
         reference = TorchRunner(model)
         valid = {k: compare(reference, r, inputs, ONNX_FP32).passed for k, r in runners.items()}
+        for r in runners.values():
+            r.__enter__()  # compare() closed each session: open them again, outside the timing
         rows, notes = [], []
         for batch in (int(b) for b in args.batch.split(",")):
             x = torch.randn(batch, *size)

@@ -7,7 +7,7 @@ side. Optional backends import lazily; ``TensorRTRunner`` lives in ``tensorrt.py
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -52,13 +52,19 @@ class TorchRunner:
 
 
 class OnnxRuntimeRunner:
-    """An ONNX Runtime session; the session is created on first use and dropped on exit."""
+    """An ONNX Runtime session; the session is created on first use (or on entering) and dropped on exit.
+
+    ``session_options``: an ``onnxruntime.SessionOptions`` (threads, graph optimisation level, ...); None gives ONNX
+    Runtime's defaults with errors-only logging. The benchmarks pass theirs, so they time this same runner.
+    """
 
     def __init__(self, path: str | Path, *, providers: tuple[str, ...] = ("CPUExecutionProvider",),
-                 name: str | None = None):
+                 name: str | None = None, session_options: Any = None):
         self.path, self.providers = Path(path), tuple(providers)
         self.name = name or f"onnxruntime:{self.path.name}"
+        self.session_options = session_options
         self._session = None
+        self._input = ""
 
     def __enter__(self) -> OnnxRuntimeRunner:
         self._open()
@@ -69,18 +75,21 @@ class OnnxRuntimeRunner:
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         session = self._open()
-        feed = {session.get_inputs()[0].name: np.ascontiguousarray(batch, dtype=np.float32)}
+        feed = {self._input: np.ascontiguousarray(batch, dtype=np.float32)}
         return np.asarray(session.run(None, feed)[0], dtype=np.float32)
 
     def _open(self):
         if self._session is None:
             import onnxruntime as ort
 
-            options = ort.SessionOptions()
-            options.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers are noise here
+            options = self.session_options
+            if options is None:
+                options = ort.SessionOptions()
+                options.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers are noise here
             try:
                 self._session = ort.InferenceSession(str(self.path), options, providers=list(self.providers))
             except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
                 raise ExportError(f"ONNX Runtime cannot load {self.path.name}: {exc}",
                                   "re-export the model; check its opset and ops") from exc
+            self._input = self._session.get_inputs()[0].name
         return self._session

@@ -138,9 +138,9 @@ def load_splits(spec: str | Path, data_cfg: dict[str, Any], *, hflip: bool = Fal
 
 def _digits_splits(train_tf: Callable, eval_tf: Callable, seed: int) -> Splits:
     """sklearn's 1,797 8x8 digits as RGB images, split 60/15/25 % stratified by class with ``seed``."""
+    images, labels = _digit_images()  # first: it says clearly when scikit-learn is missing
     from sklearn.model_selection import train_test_split
 
-    images, labels = _digit_images()
     index = np.arange(len(labels))
     rest, test = train_test_split(index, test_size=_DIGITS_TEST_FRACTION, stratify=labels, random_state=seed)
     train, val = train_test_split(rest, test_size=_DIGITS_VAL_FRACTION, stratify=labels[rest], random_state=seed)
@@ -157,6 +157,7 @@ def _digit_images() -> tuple[list[Image.Image], np.ndarray]:
     """sklearn digits (values 0-16) rescaled to 0-255 and made RGB."""
     try:
         from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split  # noqa: F401 - what the split needs, checked here
     except ImportError as exc:
         raise DataError("the demo data needs scikit-learn, which is not installed",
                         "pip install scikit-learn (or peftx[demo])") from exc

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import timm
@@ -87,7 +88,17 @@ def test_timed_rounds_discards_rounds_a_failed_probe_brackets():
     noisy = bench.timed_rounds(fns, warmup=0, min_rounds=2, max_rounds=5, budget_s=0.0,
                                guard=_ScriptedGuard([False] * 100), max_wall_s=0.0)
     assert noisy.contended and noisy.rounds >= 2 and all(len(v) == noisy.rounds for v in noisy.times.values())
-    assert isinstance(bench.ContentionGuard(1, reps=1).clean(), bool)
+
+
+def test_contention_guard_flags_a_multithreaded_probe_slower_than_factor_x_single(monkeypatch):
+    guard = bench.ContentionGuard(2, reps=1, factor=2.0)
+    best = {1: 1.0, 2: 0.6}  # seconds of the probe op with 1 and 2 threads
+    monkeypatch.setattr(guard, "_best", lambda threads: best[threads])
+    assert guard.clean()  # idle: two threads beat one
+    best[2] = 2.5
+    assert not guard.clean()  # another process holds a core: the 2-thread op waits for a descheduled thread
+    best[1], best[2] = 3.0, 2.5
+    assert not guard.clean()  # judged against the BEST single-thread time seen (1.0), not the latest one
 
 
 def test_latency_stats_and_paired_ratio():
@@ -116,9 +127,9 @@ def test_count_flops_counts_a_linear_exactly_and_vit_b16_matches_the_anchor():
 
 
 def test_contention_probe_and_threads():
-    probe = bench.contention_probe(1, reps=2)
-    assert _finite_positive(probe["ms_1_thread"]) and isinstance(probe["contended"], bool)
-    assert bench.physical_cores() >= 1
+    probe = bench.contention_probe(1, reps=2)  # one thread: the probe compares the op with itself
+    assert _finite_positive(probe["ms_1_thread"]) and probe["ratio"] == 1.0 and probe["contended"] is False
+    assert 1 <= bench.physical_cores() <= len(os.sched_getaffinity(0))
 
 
 def test_config_validation():
@@ -145,8 +156,42 @@ def test_delta_cost_per_method():
         assert all(p.grad is None for p in setup.model.parameters())  # left clean for the step that follows
 
 
+def test_training_setup_uses_the_trainers_parameter_groups():
+    from peftx.train.optim import param_groups
+    from peftx.train.recipes import GENERIC
+
+    for method in ("rlrr", "aoft", "full"):
+        setup = bench.train_setup(SPECS["tiny_vit"], method, batch=2, device=torch.device("cpu"))
+        names = {id(p): n for n, p in setup.model.named_parameters()}
+        decayed = {names[id(p)] for g in setup.optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+        groups, _ = param_groups(setup.model, GENERIC.weight_decay)
+        assert decayed == {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+        # the scales / generator vectors are 2-d but never decayed (a `p.ndim >= 2` rule decays them)
+        assert not any(n.rsplit(".", 1)[-1] in ("s_col", "q_up", "q_down") for n in decayed), method
+        assert all(g["weight_decay"] in (0.0, GENERIC.weight_decay) for g in setup.optimizer.param_groups)
+
+
+def test_onnxruntime_runner_runs_with_the_benchmarks_session_options(tmp_path):
+    import onnxruntime as ort
+
+    from peftx.exports.onnx_export import export_onnx
+    from peftx.exports.runners import OnnxRuntimeRunner
+
+    spec = SPECS["tiny_vit"]
+    path = tmp_path / "m.onnx"
+    export_onnx(spec.build(3), path, input_size=(3, spec.img_size, spec.img_size))
+    pinned = OnnxRuntimeRunner(path, session_options=bench.ort_session_options(1, level="basic"))
+    with pinned:
+        options = pinned._session.get_session_options()
+        assert options.intra_op_num_threads == 1 and options.inter_op_num_threads == 1
+        assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    with OnnxRuntimeRunner(path) as default:  # the library's default: ONNX Runtime's own choices
+        assert default._session.get_session_options().graph_optimization_level == \
+            ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+
+
 def test_isolated_memory_worker_runs_in_a_subprocess():
-    out = bench._run_memory_worker(True, SPECS["tiny_vit"], "lora", 2, 1, 1, "cpu", 0)
+    out = bench.run_memory_worker(True, SPECS["tiny_vit"], "lora", 2, 1, 1, "cpu", 0)
     assert out["method"] == "lora"
     assert out["peak_bytes"] > 0 and out["optimizer_state_bytes"] > 0
     assert len(out["isolated_step_s"]) == 1
@@ -215,9 +260,17 @@ def test_export_rows_and_targets(results):
     assert all(v >= 0 for v in model["steps"].values())
     assert model["parity"]["passed"] and model["onnx_mb"] > 0
     assert set(model["merge_s"]) == {"rlrr", "lora", "aoft"}
+    # every verdict follows from its measured value
     targets = results["targets"]
-    assert targets and all(t["met"] in (True, False) for t in targets)
-    assert any("merged" in t["target"] for t in targets) and any("export" in t["target"] for t in targets)
+    merged = [t for t in targets if t["target"].startswith("merged <=")]
+    assert len(merged) == sum(1 for m in results["inference"] for r in m["ratios"] if r["ratio"] == "merged/plain")
+    for t in merged:
+        assert t["met"] == (float(t["value"].rstrip("x")) <= bench.MERGED_OVER_PLAIN_MAX), t
+    (export,) = [t for t in targets if "export" in t["target"]]
+    assert export["met"] == (model["merge_plus_export_s"] < bench.EXPORT_SECONDS_MAX)
+    for t in (t for t in targets if t["target"].startswith("step time")):
+        ratio = next(r for r in results["training"][0]["ratios"] if t["where"].endswith(r["method"]))
+        assert t["met"] == (ratio["step_time_vs_full"] <= 1.0)
 
 
 def test_results_serialise_and_render(results, tmp_path):
@@ -226,10 +279,16 @@ def test_results_serialise_and_render(results, tmp_path):
     assert data["environment"]["threads"] == 1
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     tables = bench.result_tables(results)
-    assert tables
     for title, columns, rows in tables:
         assert title and all(len(r) == len(columns) for r in rows)
-        assert all(isinstance(c, str) for r in rows for c in r)
+    # the tables show the measured numbers, row for row
+    for model in results["inference"]:
+        (_, columns, rows), = [t for t in tables if t[0].startswith(f"Inference — {model['label']}")]
+        shown = {(r[0], r[1], r[2]): r[columns.index("p50 ms")] for r in rows}
+        for r in model["rows"]:
+            assert shown[(str(r["batch"]), r["backend"], r["variant"])] == f"{r['p50_ms']:.1f}"
+    (_, columns, rows), = [t for t in tables if t[0] == "Targets"]
+    assert [row[-1] for row in rows] == ["met" if t["met"] else "NOT met" for t in results["targets"]]
 
 
 # ---------------------------------------------------------------- CLI

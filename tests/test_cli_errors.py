@@ -336,6 +336,12 @@ def disk_full(mp: pytest.MonkeyPatch, e: Env, t: Path) -> None:
     mp.setattr(os, "replace", replace)
 
 
+def no_sklearn(mp: pytest.MonkeyPatch, e: Env, t: Path) -> None:
+    """scikit-learn not installed: every import of it fails, as it does in an environment without the demo extra."""
+    for name in ("sklearn", "sklearn.datasets", "sklearn.model_selection"):
+        mp.setitem(sys.modules, name, None)
+
+
 # ---------------------------------------------------------------------------------------------------- the catalogue
 
 
@@ -378,7 +384,7 @@ CASES = [
                                                          "--json"], AdapterFileError,
          "is a pickle/torch file, not a peftx checkpoint", check=no_code_ran),
     Case("train-epochs-shorter-than-warmup", lambda e, t: train(e, t, "--warmup-epochs", "3"), UsageError,
-         "fewer than warmup_epochs"),
+         "fewer than warmup_epochs + cooldown_epochs (3 + 0) — shorten the warm-up with --warmup-epochs"),
     Case("train-fp16-on-cpu", lambda e, t: train(e, t, "--amp", "fp16"), UsageError,
          "fp16 autocast needs a CUDA device"),
     Case("train-cuda-without-gpu", lambda e, t: train(e, t, "--device", "cuda"), BackendUnavailableError,
@@ -467,6 +473,8 @@ CASES = [
     Case("export-adapter-other-class-count", lambda e, t: export(e, t, adapter_variant(
         e, t, config=lambda c: {**c, "num_classes": 7, "class_names": CLASSES + ["5", "6"]})), AdapterFileError,
          "has shape (5"),
+    Case("train-demo-without-scikit-learn", lambda e, t: train(e, t, data="demo"), DataError,
+         "the demo data needs scikit-learn, which is not installed — pip install scikit-learn", fault=no_sklearn),
     Case("eval-adapter-on-other-classes", lambda e, t: ["eval", str(e.run), "--data", str(write_digit_folder(
         t / "three", classes=["0", "1", "2"])), "--json"], DataError, "the adapter was trained on"),
     # --- datasets ------------------------------------------------------------------------------------------- exit 4

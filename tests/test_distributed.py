@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from peftx.checkpoint import load_checkpoint
-from peftx.distributed import EpochSampler, ShardSampler
+from peftx.train.checkpoint import load_checkpoint
+from peftx.train.distributed import EpochSampler, ShardSampler
 from peftx.errors import UsageError
 from peftx.train import TrainConfig, train
 
@@ -73,6 +74,50 @@ def test_two_process_ddp_equals_single_process(tiny_weights, digit_folder, tmp_p
         assert r1["val_loss"] == pytest.approx(r2["val_loss"], abs=1e-5)
     assert summary["test_accuracy"] == single["test_accuracy"] and summary["test_images"] == 24
     assert not list(ddp_run.glob("*rank*"))  # only rank 0 wrote files
+
+
+def _poison_worker(rank: int, world: int, port: int, config: dict, out_dir: str) -> None:
+    """Rank 1's third training loss is NaN; every rank records how its train() ended."""
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    if rank == 1:
+        real, calls = torch.nn.functional.cross_entropy, [0]
+
+        def cross_entropy(*args, **kwargs):
+            out = real(*args, **kwargs)
+            if torch.is_grad_enabled():
+                calls[0] += 1
+                if calls[0] == 3:
+                    return out * float("nan")
+            return out
+
+        torch.nn.functional.cross_entropy = cross_entropy
+    try:
+        train(TrainConfig.from_dict(config))
+        outcome = {"error": None}
+    except Exception as e:  # noqa: BLE001 - the outcome is what the test inspects
+        outcome = {"error": type(e).__name__, "message": getattr(e, "message", str(e))}
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(outcome))
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_that_step(tiny_weights, digit_folder, tmp_path) -> None:
+    """Without the all-reduced flag rank 1 would stop alone (after backward had already spread its NaN gradients to
+    rank 0) and leave rank 0 waiting in a collective; here both raise NonFiniteError at step 2, within seconds."""
+    cfg = tiny_config(tiny_weights, tmp_path / "run", data=str(digit_folder), **RUN)
+    ctx = mp.start_processes(_poison_worker, args=(2, _free_port(), cfg.to_dict(), str(tmp_path)), nprocs=2,
+                             start_method="spawn", join=False)
+    deadline = time.monotonic() + 300
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("a rank is still waiting 300 s after the non-finite loss")
+    outcomes = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for outcome in outcomes:
+        assert outcome["error"] == "NonFiniteError", outcomes
+        assert "training loss became non-finite at step 2" in outcome["message"], outcomes
+    assert "(nan)" in outcomes[1]["message"] and "on a rank" in outcomes[0]["message"]
 
 
 def test_epoch_sampler_shards_global_batches() -> None:

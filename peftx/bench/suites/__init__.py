@@ -1,0 +1,1 @@
+"""The four suites: inference, training, export, profile."""

@@ -1,0 +1,65 @@
+"""`peftx train` for a new user: short runs just work, and the run says what it will do and what it will cost before
+it does it (the effective configuration before the first step, a time estimate after the first steps)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from peftx.cli.app import app
+
+from test_cli_errors import TRAIN_IMG, TRAIN_MODEL, write_digit_folder, write_train_weights
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("train_cli")
+    return write_train_weights(root / "w.safetensors"), write_digit_folder(root / "digits")
+
+
+def _train(weights: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--model", TRAIN_MODEL, "--weights", str(weights), "--data", str(data), "--img-size",
+            str(TRAIN_IMG), "-b", "4", "--device", "cpu", "--output", str(out), *extra]
+
+
+def test_a_two_epoch_run_on_own_data_scales_the_recipe_warmup_and_says_so(inputs, tmp_path) -> None:
+    """The generic recipe's warm-up is 3 epochs; `--epochs 2` used to fail on it."""
+    weights, data = inputs
+    res = CliRunner().invoke(app, _train(weights, data, tmp_path / "run", "--epochs", "2"))
+    assert res.exit_code == 0, res.stderr
+    err = res.stderr
+    # the effective configuration, before the first step
+    assert f"rlrr on {TRAIN_MODEL}:" in err and "parameters trained" in err
+    assert "data " + str(data) + ": 10 train / 5 val / 5 test images at 32 px, batch 4 (2 steps per epoch)" in err
+    assert "schedule: 2 epochs, AdamW lr 0.001, warm-up 0.2 from 1e-07, cosine to 1e-08, cool-down 0" in err
+    assert "note: warm-up 3 -> 0.2 epochs: the recipe's 3 of 30, scaled to this 2-epoch run" in err
+    assert "device cpu, AMP off, 1 process; run directory" in err
+    assert err.index("schedule:") < err.index("estimate: about")  # config first, then the estimate
+    assert "estimate: about" in err and "steps x" in err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["config"]["warmup_epochs"] == pytest.approx(0.2) and summary["notes"]
+
+
+def test_fractional_warmup_is_accepted(inputs, tmp_path) -> None:
+    weights, data = inputs
+    res = CliRunner().invoke(app, _train(weights, data, tmp_path / "run", "--epochs", "1", "--warmup-epochs", "0.5",
+                                         "--json"))
+    assert res.exit_code == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["config"]["warmup_epochs"] == 0.5 and summary["notes"] == []
+    assert res.stderr == ""  # --json: nothing but the result
+
+
+def test_cli_long_run_estimate_says_how_to_shorten_it() -> None:
+    from peftx.cli.commands.train_cmd import LONG_RUN_S, estimate_lines
+
+    fields = dict(seconds_per_step=1.5, measured_steps=2, steps_remaining=1000, train_seconds=1500.0,
+                  eval_seconds=100.0, total_seconds=1600.0)
+    lines = estimate_lines(fields)
+    assert lines[0] == ("estimate: about 27 min to go (1,000 steps x 1.50 s, measured on 2 step(s), + about "
+                        "2 min of evaluation)")
+    assert fields["total_seconds"] > LONG_RUN_S and "--epochs N and --img-size PX shorten it" in lines[1]
+    assert len(estimate_lines(dict(fields, total_seconds=60.0))) == 1
