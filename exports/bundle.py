@@ -28,6 +28,7 @@ import glob
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 import time
@@ -290,7 +291,17 @@ def _shipped_onnx(bundle_dir: Path) -> dict[str, Path]:
 
 
 def _first_problems(problems: list[str], n: int = 3) -> str:
-    return "; ".join(problems[:n]) + (f" (+{len(problems) - n} more)" if len(problems) > n else "")
+    """The problems as one short line: the same finding on many nodes is said once, with the count."""
+    counts: dict[str, int] = {}
+    for problem in problems:
+        file, sep, rest = problem.partition(": ")
+        if not file.endswith(".onnx"):
+            file, sep, rest = "", "", problem
+        match = re.match(r"\w+ node \S+: (.*)", rest)
+        key = f"{file}{sep}{match[1] if match else rest}"
+        counts[key] = counts.get(key, 0) + 1
+    items = [f"{key} ({count} nodes)" if count > 1 else key for key, count in counts.items()]
+    return "; ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
 
 
 def target_summary(target: TargetProfile) -> dict[str, Any]:
