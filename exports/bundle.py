@@ -497,7 +497,7 @@ def _handle_readiness(problems: list[str], tensorrt: str, warnings: list[str], t
 
 
 def _check_atol(ort_result: ParityResult) -> dict[str, float]:
-    """Polygraphy re-check bounds for the engine vs ONNX Runtime, from peftx's tolerances at this model's logit scale."""
+    """Polygraphy re-check bounds (engine vs ONNX Runtime) from peftx's tolerances at this model's logit scale."""
     scale = ort_result.overall.ref_max_abs
     return {"fp32": TENSORRT_FP32.bound(scale), "fp16": FP16.bound(scale)}
 

@@ -23,7 +23,8 @@ import re
 from pathlib import Path
 
 REPO_URL = "https://github.com/onnx/onnx-tensorrt"
-_RANGE = re.compile(r"TensorRT\s+([0-9.]+)\s+supports operators in the inclusive range of opset\s+(\d+)\s+to opset\s+(\d+)")
+_RANGE = re.compile(r"TensorRT\s+([0-9.]+)\s+supports operators in the inclusive range of opset\s+(\d+)"
+                    r"\s+to opset\s+(\d+)")
 _UP_TO = re.compile(r"TensorRT\s+([0-9.]+)\s+supports operators up to Opset\s+(\d+)", re.IGNORECASE)
 _TYPES = re.compile(r"TensorRT supports the following ONNX data types:\s*(.+)")
 _TYPE_NAMES = {"FLOAT32": "FP32", "FLOAT16": "FP16", "BFLOAT16": "BF16"}

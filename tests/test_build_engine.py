@@ -34,7 +34,9 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("sh
 
 STAND_IN = r"""#!/usr/bin/env bash
 # A stand-in for trtexec (TensorRT cannot be installed here): banner, argument log, device report, engine file.
-if [[ "$1" == --help ]]; then echo "&&&& RUNNING TensorRT.trtexec [TensorRT v${STUB_CODE}]${STUB_BUILD} # trtexec --help"; exit 0; fi
+if [[ "$1" == --help ]]; then
+  echo "&&&& RUNNING TensorRT.trtexec [TensorRT v${STUB_CODE}]${STUB_BUILD} # trtexec --help"; exit 0
+fi
 printf '%s\n' "$@" > "$STUB_ARGS"
 echo "[12/01/2026-10:00:00] [I] Selected Device: ${STUB_GPU:-NVIDIA Jetson Orin}"
 echo "[12/01/2026-10:00:00] [I] Compute Capability: ${STUB_CC:-8.7}"

@@ -579,12 +579,13 @@ CASES = [
     Case("validate-adapter-changed", lambda e, t: validate(bundle_with_provenance(e, t, adapter_sha256="0" * 64)),
          UsageError, "changed since the bundle was made"),
     Case("validate-not-ready-for-target", lambda e, t: validate(copy_tree(e.bundle, t / "b"), "--target", "jetpack5"),
-         ExportError, "is not TensorRT-ready for jetpack5: model.onnx: op LayerNormalization is not supported by TensorRT "
-                      "8.5's ONNX parser (trt8.5) (5 nodes)"),
+         ExportError, "is not TensorRT-ready for jetpack5: model.onnx: op LayerNormalization is not supported by "
+                      "TensorRT 8.5's ONNX parser (trt8.5) (5 nodes)"),
     Case("validate-engine-from-another-device",
          lambda e, t: ["validate", str(bundle_with_foreign_engine(e, t)), "--tensorrt", "auto", "--json"],
          ExportError, "model.engine was built for TensorRT 10.3.0 on Orin (compute capability 8.7), L4T 36.4.0; "
-                      "this machine has TensorRT 10.3.0.26 on NVIDIA GeForce RTX 4090", fault=rtx_4090_with_tensorrt_10_3),
+                      "this machine has TensorRT 10.3.0.26 on NVIDIA GeForce RTX 4090",
+         fault=rtx_4090_with_tensorrt_10_3),
     Case("validate-with-another-adapter", lambda e, t: validate(copy_tree(e.bundle, t / "bundle"), "--adapter",
                                                                   str(e.run_other)), ParityError, "parity failed"),
 ]

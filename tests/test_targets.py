@@ -60,8 +60,8 @@ def test_an_unknown_target_is_a_usage_error_that_suggests_the_closest_names():
 
 
 @pytest.mark.parametrize("version, name, floor", [
-    ("8.5.2.2", "trt8.5", "8.5"), ("8.6.2", "trt8.6", "8.6"), ("9.3.0", "trt8.6", "9.3"), ("10.3.0.26", "trt10", "10.3"),
-    ("10.13.2", "trt10", "10.13"), ("11.4.1", "trt11", "11.4"),
+    ("8.5.2.2", "trt8.5", "8.5"), ("8.6.2", "trt8.6", "8.6"), ("9.3.0", "trt8.6", "9.3"),
+    ("10.3.0.26", "trt10", "10.3"), ("10.13.2", "trt10", "10.13"), ("11.4.1", "trt11", "11.4"),
 ])
 def test_auto_picks_the_installed_tensorrt_profile(version, name, floor):
     target, why = auto_target(version)
