@@ -105,23 +105,47 @@ def _profile(target: TargetProfile | str | None) -> TargetProfile:
 
 
 def check_target_readiness(files: Mapping[str, str | Path], target: TargetProfile | str | None) -> TargetReadiness:
-    """Check each of ``files`` (name -> path, as shipped) against ``target``, and against every newer profile."""
+    """Check each of ``files`` (name -> path, as shipped) against ``target``, and against every newer profile.
+
+    Each file is loaded, type-inferred and hashed once, whatever the number of profiles (a ViT-B graph is 350 MB).
+    """
     profile = _profile(target)
-    reports = {name: check_tensorrt_readiness(path, target=profile) for name, path in files.items()}
     names = [p.name for p in all_targets()]
-    newer = {p.name: [f"{name}: {problem}" for name, path in files.items()
-                      for problem in check_tensorrt_readiness(path, target=p).problems]
-             for p in all_targets() if names.index(p.name) > names.index(profile.name)}
+    newer_profiles = [p for p in all_targets() if names.index(p.name) > names.index(profile.name)]
+    reports: dict[str, ReadinessReport] = {}
+    newer: dict[str, list[str]] = {p.name: [] for p in newer_profiles}
+    for name, path in files.items():
+        loaded = _Loaded.read(path)
+        reports[name] = _check(loaded, profile)
+        for other in newer_profiles:
+            newer[other.name] += [f"{name}: {problem}" for problem in _check(loaded, other).problems]
     return TargetReadiness(profile, reports, newer)
 
 
 def check_tensorrt_readiness(onnx_path: str | Path, *, target: TargetProfile | str | None = None,
                              batch_axis: int = 0) -> ReadinessReport:
     """Report whether ``target``'s TensorRT ONNX parser can take ``onnx_path`` (every problem is named)."""
-    profile = _profile(target)
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    return _check(_Loaded.read(onnx_path), _profile(target), batch_axis)
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    """One ONNX file as the checks need it: the graph, the inferred dtype of every tensor, its name and sha256."""
+
+    model: onnx.ModelProto
+    dtypes: dict[str, str]
+    file: str
+    sha256: str
+
+    @classmethod
+    def read(cls, path: str | Path) -> _Loaded:
+        model = onnx.load(str(path), load_external_data=False)
+        return cls(model, _tensor_dtypes(model), Path(path).name, sha256_file(path))
+
+
+def _check(loaded: _Loaded, profile: TargetProfile, batch_axis: int = 0) -> ReadinessReport:
+    model, dtypes = loaded.model, loaded.dtypes
     matrix = profile.operators()
-    dtypes = _tensor_dtypes(model)
     problems: list[str] = []
     warnings: list[str] = []
     opset = _default_opset(model)
@@ -144,8 +168,7 @@ def check_tensorrt_readiness(onnx_path: str | Path, *, target: TargetProfile | s
         if dtype in dtypes.values():
             warnings.append(f"{dtype} tensors are cast down to {cast} by TensorRT {profile.tensorrt}")
     return ReadinessReport(not problems, _dedupe(problems), _dedupe(warnings), dict(sorted(ops.items())), opset,
-                           matrix["tensorrt_version"], matrix["source"], profile.name, Path(onnx_path).name,
-                           sha256_file(onnx_path))
+                           matrix["tensorrt_version"], matrix["source"], profile.name, loaded.file, loaded.sha256)
 
 
 def _accepts(dtype: str, types: list[str], profile: TargetProfile) -> bool:

@@ -21,7 +21,7 @@ from peftx.errors import BackendUnavailableError, ExportError, OutputError, Pari
 from peftx.exports import bundle as bundle_module
 from peftx.exports.bundle import read_bundle, render_build_script, validate_bundle, write_bundle
 from peftx.exports.tensorrt import tensorrt_available
-from peftx.exports.tensorrt_ops import ReadinessReport
+from peftx.exports.tensorrt_ops import ReadinessReport, TargetReadiness
 
 SIZE = 32
 CLASSES = ["cat", "dog", "fox", "owl", "yak"]
@@ -255,11 +255,13 @@ def _unready(path, **_kw) -> ReadinessReport:
     return ReadinessReport(False, ["Unique node x: op Unique is not supported"], [], {"Unique": 1}, 17, "10.15", "test")
 
 
-def test_readiness_failure_is_an_export_error_unless_tensorrt_is_off(images, tmp_path, monkeypatch):
-    from peftx.exports import tensorrt_ops
+def _unready_files(files, target) -> TargetReadiness:
+    return TargetReadiness(target, {name: _unready(path) for name, path in files.items()})
 
+
+def test_readiness_failure_is_an_export_error_unless_tensorrt_is_off(images, tmp_path, monkeypatch):
     monkeypatch.setattr(bundle_module, "check_tensorrt_readiness", _unready)  # the early check, and
-    monkeypatch.setattr(tensorrt_ops, "check_tensorrt_readiness", _unready)  # the check of the shipped files
+    monkeypatch.setattr(bundle_module, "check_target_readiness", _unready_files)  # the check of the shipped files
     with pytest.raises(ExportError, match="not TensorRT-ready for trt8.6: op Unique is not supported"):
         make_bundle(tmp_path / "auto", images, tensorrt="auto")
     assert list(tmp_path.iterdir()) == []
