@@ -64,6 +64,11 @@ def test_engine_problems(facts, refused, warned):
     assert len(warnings) == len(warned) and all(w in got for w, got in zip(warned, warnings))
 
 
+def test_a_manifest_without_gpu_facts_warns_instead_of_refusing():
+    refusals, warnings = engine_problems({**MANIFEST, "gpu": {"name": None, "compute_capability": None}}, here())
+    assert refusals == [] and "cannot be checked" in warnings[0]
+
+
 def test_the_refusal_is_one_line_with_both_machines_and_the_fix():
     facts = here(tensorrt_version="8.6.2", gpu={"name": "Xavier", "compute_capability": "7.2"})
     line = refusal_line(MANIFEST, facts, engine_problems(MANIFEST, facts)[0])

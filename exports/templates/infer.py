@@ -127,7 +127,9 @@ def engine_problems(manifest: dict, here: dict) -> tuple[list[str], list[str]]:
         refusals.append(f"TensorRT {manifest.get('tensorrt_version')} built it, this machine has "
                         f"{here.get('tensorrt_version')}")
     m_gpu, h_gpu = manifest.get("gpu") or {}, here.get("gpu") or {}
-    if h_gpu.get("compute_capability") and m_gpu.get("compute_capability") != h_gpu.get("compute_capability"):
+    if not m_gpu.get("compute_capability"):
+        warnings.append(f"{MANIFEST_FILE} does not say which GPU built the engine: it cannot be checked against this one")
+    elif h_gpu.get("compute_capability") and m_gpu.get("compute_capability") != h_gpu.get("compute_capability"):
         refusals.append(f"it was built for compute capability {m_gpu.get('compute_capability')} "
                         f"({m_gpu.get('name')}), this GPU is {h_gpu.get('compute_capability')} ({h_gpu.get('name')})")
     elif h_gpu.get("name") and m_gpu.get("name") and m_gpu.get("name") != h_gpu.get("name"):
