@@ -75,6 +75,16 @@ def _operators(text: str) -> dict:
     return dict(sorted(operators.items()))
 
 
+def dump(record: dict) -> str:
+    """JSON with one line per operator, so a diff between two releases' lists reads op by op."""
+    head = {k: v for k, v in record.items() if k not in ("operators", "errata")}
+    ops = ",\n".join(f"  {json.dumps(name)}: {json.dumps(entry, ensure_ascii=False)}"
+                     for name, entry in record["operators"].items())
+    errata = json.dumps(record.get("errata", {}), indent=1, ensure_ascii=False).replace("\n", "\n ")
+    return (json.dumps(head, indent=1, ensure_ascii=False)[:-2] + ',\n "operators": {\n' + ops + "\n },\n"
+            + f' "errata": {errata}\n}}\n')
+
+
 def _errata(items: list[str], operators: dict) -> dict:
     errata = {}
     for item in items:
@@ -102,7 +112,7 @@ def main() -> None:
                           "hand, re-run the script.",
               "source": source, "repository": REPO_URL, "ref": args.ref, "commit": args.commit,
               "remarks": args.remark, **data, "errata": _errata(args.erratum, data["operators"])}
-    args.out.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    args.out.write_text(dump(record), encoding="utf-8")
     print(f"{args.out}: TensorRT {data['tensorrt_version']}, opset {data['opset_min']}..{data['opset_max']}, "
           f"{len(data['operators'])} operators ({sum(e['supported'] for e in data['operators'].values())} supported)")
 
