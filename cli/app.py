@@ -11,7 +11,7 @@ try:  # typer >= 0.22 vendors click; its exception classes live here (there is n
 except ImportError:  # older typer on top of click
     from click import exceptions as click_errors
 
-from .commands import bench_cmd, demo_cmd, export_cmd, inspect_cmd, train_cmd
+from .commands import bench_cmd, demo_cmd, export_cmd, inspect_cmd, targets_cmd, train_cmd
 
 app = typer.Typer(
     name="peftx",
@@ -35,6 +35,9 @@ app.command("inspect")(inspect_cmd.inspect)
 app.command("merge-export")(export_cmd.merge_export)
 app.command("validate")(export_cmd.validate)
 app.command("bench")(bench_cmd.bench)
+app.command("targets")(targets_cmd.targets)
+app.command("doctor")(targets_cmd.doctor)
+app.command("env", help="Alias of `peftx doctor`.")(targets_cmd.doctor)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     except click_errors.ClickException as e:
         print(f"peftx: error: {e.format_message()}".replace("\n", " "), file=sys.stderr)
         code = e.exit_code
-    except click_errors.Abort:
+    except getattr(click_errors, "Abort", typer.Abort):  # typer >= 0.22 vendors click without Abort
         print("peftx: error: aborted", file=sys.stderr)
         code = 130
     sys.exit(code if isinstance(code, int) else 0)

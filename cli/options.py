@@ -13,3 +13,4 @@ Json = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON 
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output (never done without it).")]
 Method = Annotated[str, typer.Option("--method", "-m", help="Adapter method: rlrr, aoft or lora.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+Target = Annotated[Optional[str], typer.Option("--target", "-t", help="Deployment target: trt8.5, trt8.6, trt10, trt11, jetpack5, jetpack6.0, jetpack6, jetpack7 or auto (the installed TensorRT's); see `peftx targets` [default: trt8.6].", show_default=False)]

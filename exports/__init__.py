@@ -1,4 +1,4 @@
-"""Export backends: ONNX, FP16 emulation, TensorRT, deployment bundle, parity checks (installed as ``peftx.exports``).
+"""Export backends: ONNX, FP16 emulation, TensorRT, deployment targets, bundle, parity checks (``peftx.exports``).
 
 The public names below resolve lazily (PEP 562), so ``import peftx.exports`` stays cheap for a CLI start-up and
 TensorRT is only imported by the functions that need it.
@@ -15,8 +15,12 @@ _PUBLIC = {
     "simplify_onnx": "simplify", "SimplifyResult": "simplify",
     "convert_to_fp16": "fp16", "strict_fp16_emulation": "fp16", "Fp16Result": "fp16",
     "check_tensorrt_readiness": "tensorrt_ops", "ReadinessReport": "tensorrt_ops", "supported_ops": "tensorrt_ops",
+    "check_target_readiness": "tensorrt_ops", "TargetReadiness": "tensorrt_ops",
+    "TargetProfile": "targets", "resolve_target": "targets", "all_targets": "targets", "auto_target": "targets",
+    "DEFAULT_TARGET": "targets",
+    "decomposed_layernorms": "layernorm", "doctor_report": "environment",
     "tensorrt_available": "tensorrt", "build_engine": "tensorrt", "TensorRTRunner": "tensorrt",
-    "EngineBuild": "tensorrt",
+    "EngineBuild": "tensorrt", "check_engine_for_machine": "tensorrt", "resolve_target_here": "tensorrt",
     "TorchRunner": "runners", "OnnxRuntimeRunner": "runners", "Runner": "runners",
     "compare": "parity", "reference_outputs": "parity", "make_input_sets": "parity", "ParityResult": "parity",
     "ParityReport": "parity", "parity_table": "parity",

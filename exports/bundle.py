@@ -4,16 +4,21 @@ Layout of a bundle directory::
 
     model.onnx          FP32, dynamic batch; metadata_props carry preprocessing, class names and provenance
     model_fp16.onnx     always written: TensorRT 11's FP16 build input and the FP16 emulation ONNX Runtime checks
-    model.engine        only when TensorRT built one here
-    build_engine.sh     trtexec lines for TensorRT 10 (--fp16) and 11 (FP16 ONNX) to build on the target device
+    model.engine        only when TensorRT built one here (+ model.engine.json: what it was built for)
+    build_engine.sh     trtexec for TensorRT 8.5 / 8.6 / 10.x / 11.x, each with its own flags, on the target device
     infer.py            standalone (no peftx import): metadata.json preprocessing -> engine or ONNX -> top-5
-    metadata.json       every fact above, sha256 of every artifact, status "ok" | "failed"
+    metadata.json       every fact above, the deployment target, sha256 of every artifact, status "ok" | "failed"
     parity.json         each backend vs the UNMERGED reference model, on real images and random inputs
-    trt_readiness.json  TensorRT parser readiness, checked without TensorRT
+    trt_readiness.json  the target's TensorRT parser readiness of model.onnx and model_fp16.onnx AS SHIPPED
+
+The export follows the deployment target (``targets.py``): its opset, its LayerNorm form (decomposed for TensorRT
+8.5, whose FP16 build and FP16 ONNX keep that subgraph FP32), its op list. The target is recorded in metadata.json
+and in the ONNX metadata_props (``peftx_target``).
 
 The bundle is assembled in a temporary directory next to ``out_dir`` (same filesystem) and renamed into place only
 when complete. A parity failure still writes it (for inspection) with status "failed", then raises ParityError.
-parity.json and trt_readiness.json are reports that ``validate_bundle`` regenerates, so they are not hashed.
+parity.json and trt_readiness.json are reports that ``validate_bundle`` regenerates, so they are not hashed; neither
+is model.engine, which build_engine.sh rebuilds on the device (model.engine.json ties it to its source ONNX).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import glob
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 import time
@@ -42,12 +48,15 @@ from peftx.fsutil import sha256_file, write_text_atomic
 from peftx.tolerances import FP16, MERGE_FP32, ONNX_FP32, TENSORRT_FP32
 
 from .fp16 import convert_to_fp16, strict_fp16_emulation
+from .layernorm import decomposed_layernorms, fp32_node_names, unsafe_layer_names
 from .onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, op_histogram, param_count, read_metadata
 from .parity import ParityReport, ParityResult, compare, make_input_sets, reference_outputs
 from .runners import OnnxRuntimeRunner, TensorRTRunner, TorchRunner
 from .simplify import simplify_onnx
-from .tensorrt import TensorRTMode, build_engine, resolve_mode
-from .tensorrt_ops import ReadinessReport, check_tensorrt_readiness
+from .targets import TargetProfile
+from .tensorrt import (MANIFEST_FILE, TensorRTMode, build_engine, check_engine_for_machine, machine_facts, probe,
+                       resolve_mode, resolve_target_here)
+from .tensorrt_ops import TargetReadiness, check_target_readiness, check_tensorrt_readiness
 
 FORMAT = "peftx-bundle"
 FORMAT_VERSION = 1
@@ -80,6 +89,8 @@ class _Options:
     simplify: bool
     parity_max_batch: int
     timing_cache: str | Path | None
+    target: TargetProfile
+    layernorms: int  # LayerNorm modules of the model: a decomposed export must show exactly this many
 
 
 @dataclass
@@ -87,18 +98,24 @@ class BundleReport:
     out_dir: Path
     status: Literal["ok", "failed"]
     parity: ParityReport
-    readiness: ReadinessReport
+    readiness: TargetReadiness
     sha256: dict[str, str]
     tensorrt: dict[str, Any]
     simplify: dict[str, Any] | None
     fp16: dict[str, Any]
     timings: dict[str, float]
     warnings: list[str] = field(default_factory=list)
+    fp32_nodes: list[str] = field(default_factory=list)  # the target's FP32 nodes in FP16 builds
+
+    @property
+    def target(self) -> TargetProfile:
+        return self.readiness.target
 
     def to_json(self) -> dict:
-        return {"out_dir": str(self.out_dir), "status": self.status, "parity": self.parity.to_json(),
-                "readiness": self.readiness.to_json(), "sha256": self.sha256, "tensorrt": self.tensorrt,
-                "simplify": self.simplify, "fp16": self.fp16, "timings": self.timings, "warnings": self.warnings}
+        return {"out_dir": str(self.out_dir), "status": self.status, "target": target_summary(self.target),
+                "parity": self.parity.to_json(), "readiness": self.readiness.to_json(), "sha256": self.sha256,
+                "tensorrt": self.tensorrt, "simplify": self.simplify, "fp16": self.fp16, "timings": self.timings,
+                "warnings": self.warnings}
 
 
 def write_bundle(
@@ -119,23 +136,28 @@ def write_bundle(
     progress: Progress | None = None,
     parity_max_batch: int = 32,
     timing_cache: str | Path | None = None,
+    target: TargetProfile | str | None = None,
 ) -> BundleReport:
     """Export ``merged``, check every artifact against ``reference`` on ``images``, and write the bundle to ``out_dir``.
 
     ``images`` are REAL preprocessed images [N, *input_size]. Parity runs at batch sizes 1, 3, 7 and max(batch)
     (capped at ``parity_max_batch``), clamped into the engine's batch profile. ``timing_cache`` is an optional
-    TensorRT timing-cache file to reuse across builds (it is not part of the bundle).
-    Raises OutputError (exists, not writable), UsageError, BackendUnavailableError (tensorrt="on" without it),
-    ExportError (export or TensorRT readiness failed) before anything is written, and ParityError after the bundle is
-    written with status "failed".
+    TensorRT timing-cache file to reuse across builds (it is not part of the bundle). ``target`` is a deployment
+    target name (``peftx targets``), "auto", a TargetProfile, or None for the default.
+    Raises OutputError (exists, not writable), UsageError (also: an unknown target), BackendUnavailableError
+    (tensorrt="on" without a TensorRT that can build the target), ExportError (export or TensorRT readiness failed)
+    before anything is written, and ParityError after the bundle is written with status "failed".
     """
     out_dir = Path(out_dir).absolute()
     say = progress or (lambda message: None)
+    profile = target if isinstance(target, TargetProfile) else resolve_target_here(target)
     array = _validate_inputs(input_size, data_config, class_names, images, batch, precision, parity_max_batch)
     _check_destination(out_dir, force)
-    use_trt, trt_message = resolve_mode(tensorrt)  # tensorrt="on" without TensorRT fails here, before any work
+    use_trt, trt_message = resolve_mode(tensorrt, profile)  # fails here, before any work, when it must
+    layernorms = sum(isinstance(m, torch.nn.LayerNorm) for m in merged.modules())
     options = _Options(tuple(input_size), _preprocessing(data_config), list(class_names), provenance, tuple(batch),
-                       precision, tensorrt, use_trt, trt_message, simplify, parity_max_batch, timing_cache)
+                       precision, tensorrt, use_trt, trt_message, simplify, parity_max_batch, timing_cache, profile,
+                       layernorms)
     work = _make_workdir(out_dir)
     try:
         report = _assemble(work, reference, merged, array, options, say)
@@ -191,18 +213,37 @@ def validate_bundle(
     tensorrt: TensorRTMode = "auto",
     progress: Progress | None = None,
     parity_max_batch: int = 32,
+    target: TargetProfile | str | None = None,
 ) -> ParityReport:
-    """Verify artifact hashes, re-run parity of every artifact against ``reference``, rewrite parity.json.
+    """Verify artifact hashes and TensorRT readiness, re-run parity of every artifact against ``reference``, rewrite
+    parity.json and trt_readiness.json.
 
-    A model.engine built later on the device (by build_engine.sh) is checked too when TensorRT is usable. On failure
-    parity.json and metadata.json's status are updated first, then ParityError is raised.
+    ``target`` (default: the bundle's own) is the deployment target the shipped files are checked against; a bundle
+    not ready for it is an ExportError naming the fix. A model.engine built later on the device (by build_engine.sh)
+    is checked too when TensorRT is usable, after its model.engine.json is compared with this machine (an engine
+    built for another GPU or TensorRT is refused with one line). On a parity failure parity.json and metadata.json's
+    status are updated first, then ParityError is raised.
     """
     bundle_dir = Path(bundle_dir)
     say = progress or (lambda message: None)
     meta = read_bundle(bundle_dir)
     say("verifying artifact hashes")
     verify_artifacts(bundle_dir, meta)
-    use_trt, trt_message = resolve_mode(tensorrt)
+    recorded = _recorded_target(meta)
+    profile = target if isinstance(target, TargetProfile) else \
+        (resolve_target_here(target) if target else recorded)
+    say(f"checking TensorRT readiness for {profile.requested or profile.name}")
+    readiness = check_target_readiness(_shipped_onnx(bundle_dir), profile)
+    if not readiness.ok:
+        shown = _first_problems(readiness.problems)
+        raise ExportError(f"bundle {bundle_dir} is not TensorRT-ready for {profile.requested or profile.name}: {shown}",
+                          f"re-export it: peftx merge-export RUN --target {profile.requested or profile.name}")
+    use_trt, trt_message = resolve_mode(tensorrt, profile)
+    notes = [trt_message]
+    engine = bundle_dir / ENGINE_FILE
+    if engine.exists() and use_trt:
+        say("comparing model.engine.json with this machine")
+        notes += check_engine_for_machine(engine, machine_facts(probe().version))
     input_size = tuple(meta["preprocessing"]["input_size"])
     batch = (meta["batch"]["min"], meta["batch"]["opt"], meta["batch"]["max"])
     array = _images_array(images, input_size)
@@ -215,12 +256,10 @@ def validate_bundle(
     if (bundle_dir / FP16_FILE).exists():
         candidates += [(runner, FP16, fp16_required)
                        for runner in _fp16_runners(bundle_dir / ONNX_FILE, bundle_dir / FP16_FILE, scratch)]
-    notes = [trt_message]
-    if (bundle_dir / ENGINE_FILE).exists() and use_trt:
+    if engine.exists() and use_trt:
         engine_precision = (meta.get("tensorrt", {}).get("build") or {}).get("precision", meta["precision"])
         tolerance = FP16 if engine_precision == "fp16" else TENSORRT_FP32
-        candidates.append((TensorRTRunner(bundle_dir / ENGINE_FILE, name=f"tensorrt {engine_precision}"), tolerance,
-                           True))
+        candidates.append((TensorRTRunner(engine, name=f"tensorrt {engine_precision}"), tolerance, True))
     results = []
     try:
         for runner, tolerance, required in candidates:
@@ -231,12 +270,47 @@ def validate_bundle(
         shutil.rmtree(scratch, ignore_errors=True)
     report = ParityReport(results, notes)
     _write_json_atomic(bundle_dir / PARITY_FILE, report.to_json())
+    if profile.name == recorded.name:
+        _write_json_atomic(bundle_dir / READINESS_FILE, readiness.to_json())
     meta = {**meta, "status": "ok" if report.passed else "failed", "validated_at": _now(),
             "parity": _parity_summary(report)}
     _write_json_atomic(bundle_dir / METADATA_FILE, meta)
     if not report.passed:
         raise _parity_error(report, bundle_dir)
     return report
+
+
+def _recorded_target(meta: Mapping[str, Any]) -> TargetProfile:
+    """The target a bundle was made for (bundles from before targets existed were checked against TensorRT 10)."""
+    recorded = (meta.get("target") or {}).get("requested") or (meta.get("target") or {}).get("name") or "trt10"
+    return resolve_target_here(recorded)
+
+
+def _shipped_onnx(bundle_dir: Path) -> dict[str, Path]:
+    return {name: bundle_dir / name for name in (ONNX_FILE, FP16_FILE) if (bundle_dir / name).exists()}
+
+
+def _first_problems(problems: list[str], n: int = 3) -> str:
+    """The problems as one short line: the same finding on many nodes is said once, with the count."""
+    counts: dict[str, int] = {}
+    for problem in problems:
+        file, sep, rest = problem.partition(": ")
+        if not file.endswith(".onnx"):
+            file, sep, rest = "", "", problem
+        match = re.match(r"\w+ node \S+: (.*)", rest)
+        key = f"{file}{sep}{match[1] if match else rest}"
+        counts[key] = counts.get(key, 0) + 1
+    items = [f"{key} ({count} nodes)" if count > 1 else key for key, count in counts.items()]
+    return "; ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def target_summary(target: TargetProfile) -> dict[str, Any]:
+    """What metadata.json and reports record of the target (the full profile is `peftx targets --json`)."""
+    ops = target.operators()
+    return {"name": target.name, "requested": target.requested or target.name, "tensorrt": target.tensorrt,
+            "tensorrt_min": target.tensorrt_min, "export_opset": target.export_opset, "layernorm": target.layernorm,
+            "fp16": target.fp16, "op_list": {"source": ops["source"], "ref": ops["ref"], "commit": ops["commit"],
+                                             "tensorrt_version": ops["tensorrt_version"]}}
 
 
 def parity_batches(batch: tuple[int, int, int], parity_max_batch: int = 32) -> list[int]:
@@ -254,33 +328,43 @@ def _assemble(work: Path, reference: torch.nn.Module, merged: torch.nn.Module, i
     """Write every file of the bundle into ``work``; return the report (its status reflects parity)."""
     timings: dict[str, float] = {}
     warnings: list[str] = []
-    onnx_path, readiness = _export_ready_onnx(work, merged, opt, warnings, timings, say)
+    onnx_path = _export_ready_onnx(work, merged, opt, warnings, timings, say)
     inputs = make_input_sets(images, parity_batches(opt.batch, opt.parity_max_batch), random_batch=RANDOM_BATCH)
     say("running the reference model")
     expected = reference_outputs(TorchRunner(reference, name="reference (unmerged PyTorch)"), inputs)
     _check_class_count(expected, opt.class_names)
     check = _checker(expected, inputs, say)
     notes = [f"reference: unmerged PyTorch; {len(images)} real images (cycled to fill larger batches)",
-             opt.trt_message]
+             f"target: {opt.target.requested or opt.target.name} (TensorRT >= {opt.target.tensorrt_min}, "
+             f"opset {opt.target.export_opset}, LayerNorm {opt.target.layernorm})", opt.trt_message]
     results = [check(TorchRunner(merged, name="merged PyTorch"), MERGE_FP32)]
     started = time.perf_counter()
-    simplify_info, ort_result = _simplified_or_original(work, onnx_path, opt.simplify, check, notes)
+    simplify_info, ort_result = _simplified_or_original(work, onnx_path, opt, check, notes)
     results.append(ort_result)
     timings["simplify_and_ort_s"] = time.perf_counter() - started
-    fp16, fp16_results = _fp16_step(work, onnx_path, images, opt, check, readiness, warnings, timings, say)
+    fp32_nodes = _target_fp32_nodes(onnx_path, opt)
+    fp16, fp16_results = _fp16_step(work, onnx_path, images, opt, check, fp32_nodes, timings, say)
     results += fp16_results
     if opt.precision != "fp16":
         notes.append("FP16 checks are advisory for an fp32 bundle: reported, not required")
-    trt_info, trt_results = _tensorrt_step(work, onnx_path, opt, check, timings, say)
+    say(f"checking TensorRT readiness of the shipped files for {opt.target.requested or opt.target.name}")
+    readiness = check_target_readiness(_shipped_onnx(work), opt.target)
+    _handle_readiness(readiness.problems, opt.tensorrt, warnings, opt.target)
+    warnings += [f"not ready for the newer target {name}: {problems[0]}"
+                 for name, problems in readiness.newer.items() if problems]
+    trt_info, trt_results = _tensorrt_step(work, onnx_path, opt, check, fp32_nodes, timings, say)
     results += trt_results
 
     parity = ParityReport(results, notes)
     _write_text(work / INFER_FILE, _template("infer.py"))
-    _write_text(work / BUILD_SCRIPT_FILE, render_build_script(onnx_path, opt.batch, opt.precision), executable=True)
-    sha = {name: sha256_file(work / name) for name in (ONNX_FILE, FP16_FILE, ENGINE_FILE, INFER_FILE,
-                                                       BUILD_SCRIPT_FILE) if (work / name).exists()}
+    script = render_build_script(onnx_path, opt.batch, opt.precision, target=opt.target, ready=readiness.ok,
+                                 fp32_layers=fp32_nodes, check_atol=_check_atol(ort_result))
+    _write_text(work / BUILD_SCRIPT_FILE, script, executable=True)
+    # The engine is device-specific and is rebuilt on the device: it is tied to the bundle by model.engine.json (sha256
+    # of the engine and of its source ONNX), not by metadata.json, so a rebuild with build_engine.sh keeps it valid.
+    sha = {name: sha256_file(work / name) for name in (ONNX_FILE, FP16_FILE, INFER_FILE, BUILD_SCRIPT_FILE)}
     report = BundleReport(work, "ok" if parity.passed else "failed", parity, readiness, sha, trt_info,
-                          simplify_info, fp16, {k: round(v, 3) for k, v in timings.items()}, warnings)
+                          simplify_info, fp16, {k: round(v, 3) for k, v in timings.items()}, warnings, fp32_nodes)
     _write_json_atomic(work / PARITY_FILE, parity.to_json())
     _write_json_atomic(work / READINESS_FILE, readiness.to_json())
     _write_json_atomic(work / METADATA_FILE, _metadata(report, onnx_path, opt))
@@ -288,31 +372,53 @@ def _assemble(work: Path, reference: torch.nn.Module, merged: torch.nn.Module, i
 
 
 def _export_ready_onnx(work: Path, merged: torch.nn.Module, opt: _Options, warnings: list[str],
-                       timings: dict[str, float], say: Progress) -> tuple[Path, ReadinessReport]:
-    """Export model.onnx and check TensorRT readiness at once: an unready graph fails before the costly checks."""
+                       timings: dict[str, float], say: Progress) -> Path:
+    """Export model.onnx the way the target wants it and check its readiness at once: an unready graph fails before
+    the costly checks (the files as shipped are checked again at the end)."""
     onnx_path = work / ONNX_FILE
-    say("exporting ONNX")
+    say(f"exporting ONNX for {opt.target.requested or opt.target.name} (opset {opt.target.export_opset}, "
+        f"LayerNorm {opt.target.layernorm})")
     started = time.perf_counter()
-    export_onnx(merged, onnx_path, input_size=opt.input_size,
-                metadata=_onnx_metadata(opt.preprocessing, opt.class_names, opt.provenance))
+    export_onnx(merged, onnx_path, input_size=opt.input_size, opset=opt.target.export_opset,
+                layernorm=opt.target.layernorm,
+                metadata=_onnx_metadata(opt.preprocessing, opt.class_names, opt.provenance, opt.target))
     timings["export_s"] = time.perf_counter() - started
-    say("checking TensorRT readiness")
-    readiness = check_tensorrt_readiness(onnx_path)
-    _handle_readiness(readiness.problems, opt.tensorrt, warnings)
-    return onnx_path, readiness
+    if opt.tensorrt != "off":  # with TensorRT off, the shipped files' problems become warnings once, at the end
+        say("checking TensorRT readiness")
+        _handle_readiness(check_tensorrt_readiness(onnx_path, target=opt.target).problems, opt.tensorrt, warnings,
+                          opt.target)
+    return onnx_path
 
 
-def _fp16_step(work: Path, onnx_path: Path, images: np.ndarray, opt: _Options, check, readiness: ReadinessReport,
-               warnings: list[str], timings: dict[str, float], say: Progress) -> tuple[dict, list[ParityResult]]:
-    """Write model_fp16.onnx, check its readiness and its parity (ORT run and strict emulation)."""
+def _target_fp32_nodes(onnx_path: Path, opt: _Options) -> list[str]:
+    """The shipped graph's nodes the target keeps FP32 in FP16 builds, checked against the model: every LayerNorm
+    module must show up as one decomposed subgraph, or the FP32 pinning would miss some."""
+    if not opt.target.fp16_fp32_nodes:
+        return []
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    found = len(decomposed_layernorms(model))
+    if "layernorm" in opt.target.fp16_fp32_nodes and found != opt.layernorms:
+        raise ExportError(f"found {found} decomposed LayerNorm subgraphs in {onnx_path.name}, the model has "
+                          f"{opt.layernorms} LayerNorm modules: the FP32 pinning for {opt.target.name} would miss some",
+                          "report this model; export for a target with LayerNormalization (--target trt8.6)")
+    names = fp32_node_names(model, opt.target.fp16_fp32_nodes)
+    unsafe = unsafe_layer_names(names)
+    if unsafe:
+        raise ExportError(f"node name {unsafe[0]!r} cannot be passed to trtexec --layerPrecisions",
+                          "report this model; its exporter named nodes with ',', ':' or spaces")
+    return names
+
+
+def _fp16_step(work: Path, onnx_path: Path, images: np.ndarray, opt: _Options, check, fp32_nodes: list[str],
+               timings: dict[str, float], say: Progress) -> tuple[dict, list[ParityResult]]:
+    """Write model_fp16.onnx (the target's FP32 nodes kept FP32) and check its parity (ORT run, strict emulation)."""
     say("converting to FP16")
     started = time.perf_counter()
-    fp16 = convert_to_fp16(onnx_path, work / FP16_FILE, calibration=images[:FP16_CALIBRATION_IMAGES])
+    fp16 = convert_to_fp16(onnx_path, work / FP16_FILE, calibration=images[:FP16_CALIBRATION_IMAGES],
+                           keep_fp32_nodes=fp32_nodes)
     timings["fp16_s"] = time.perf_counter() - started
-    problems = [f"{FP16_FILE}: {p}" for p in check_tensorrt_readiness(fp16.path).problems]
-    _handle_readiness(problems, opt.tensorrt, warnings)
-    readiness.problems += problems
-    readiness.ok = not readiness.problems
     scratch = Path(tempfile.mkdtemp(dir=work))
     try:
         results = [check(runner, FP16, required=opt.precision == "fp16")
@@ -322,15 +428,16 @@ def _fp16_step(work: Path, onnx_path: Path, images: np.ndarray, opt: _Options, c
     return fp16.to_json(), results
 
 
-def _tensorrt_step(work: Path, onnx_path: Path, opt: _Options, check, timings: dict[str, float],
-                   say: Progress) -> tuple[dict[str, Any], list[ParityResult]]:
-    """Build and check model.engine when TensorRT is in use; otherwise record why not."""
+def _tensorrt_step(work: Path, onnx_path: Path, opt: _Options, check, fp32_nodes: list[str],
+                   timings: dict[str, float], say: Progress) -> tuple[dict[str, Any], list[ParityResult]]:
+    """Build and check model.engine (+ model.engine.json) when TensorRT is in use; otherwise record why not."""
     info: dict[str, Any] = {"mode": opt.tensorrt, "used": opt.use_trt, "message": opt.trt_message, "build": None}
     if not opt.use_trt:
         return info, []
     say(f"building the TensorRT {opt.precision} engine")
     build = build_engine(onnx_path, work / ENGINE_FILE, batch=opt.batch, precision=opt.precision,
-                         timing_cache_path=opt.timing_cache, fp16_onnx_path=work / FP16_FILE)
+                         timing_cache_path=opt.timing_cache, fp16_onnx_path=work / FP16_FILE,
+                         fp32_layers=fp32_nodes, target=opt.target.name)
     info["build"] = build.to_json()
     timings["tensorrt_build_s"] = build.seconds
     tolerance = FP16 if opt.precision == "fp16" else TENSORRT_FP32
@@ -353,49 +460,71 @@ def _fp16_runners(onnx_path: Path, fp16_path: Path, scratch: Path) -> list[OnnxR
             OnnxRuntimeRunner(emulation, name="fp16 emulation (strict rounding)")]
 
 
-def _simplified_or_original(work: Path, onnx_path: Path, simplify: bool, check, notes: list[str]):
-    """Try onnxslim; keep its graph only if it passes ONNX Runtime parity. Returns (simplify info, ORT result)."""
-    if not simplify:
+def _simplified_or_original(work: Path, onnx_path: Path, opt: _Options, check, notes: list[str]):
+    """Try onnxslim; keep its graph only if it passes ONNX Runtime parity and adds no readiness problem for the
+    target (a simplifier that re-fused LayerNorm would break TensorRT 8.5). Returns (simplify info, ORT result)."""
+    if not opt.simplify:
         return None, check(OnnxRuntimeRunner(onnx_path, name="onnxruntime fp32"), ONNX_FP32)
     slim_path = work / "model.slim.onnx"
     info = simplify_onnx(onnx_path, slim_path)
     if info.applied:
+        added = set(check_tensorrt_readiness(slim_path, target=opt.target).problems) - \
+            set(check_tensorrt_readiness(onnx_path, target=opt.target).problems)
         result = check(OnnxRuntimeRunner(slim_path, name="onnxruntime fp32"), ONNX_FP32)
-        if result.passed:
+        if result.passed and not added:
             os.replace(slim_path, onnx_path)
             return info.to_json(), result
-        notes.append("the onnxslim graph failed parity; the graph as exported was kept")
+        why = "failed parity" if not result.passed else f"not ready for {opt.target.name}: {sorted(added)[0]}"
+        notes.append(f"the onnxslim graph was rejected ({why}); the graph as exported was kept")
         slim_path.unlink()
-        info.applied, info.reason = False, f"{info.reason}: rejected, failed parity"
+        info.applied, info.reason = False, f"{info.reason}: rejected, {why}"
     else:
         notes.append(f"simplify skipped: {info.reason}")
     return info.to_json(), check(OnnxRuntimeRunner(onnx_path, name="onnxruntime fp32"), ONNX_FP32)
 
 
-def _handle_readiness(problems: list[str], tensorrt: str, warnings: list[str]) -> None:
-    """Readiness problems are an ExportError, or warnings when TensorRT is off."""
+def _handle_readiness(problems: list[str], tensorrt: str, warnings: list[str], target: TargetProfile) -> None:
+    """Readiness problems are an ExportError, or warnings when TensorRT is off (build_engine.sh then refuses)."""
     if not problems:
         return
+    name = target.requested or target.name
     if tensorrt == "off":
-        warnings.extend(f"TensorRT readiness: {p}" for p in problems)
+        warnings.extend(f"TensorRT readiness ({name}): {p}" for p in problems)
         return
-    shown = "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")
-    raise ExportError(f"the ONNX graph is not TensorRT-ready: {shown}",
-                      "pass tensorrt='off' to write an ONNX-only bundle, or change the model")
+    raise ExportError(f"the ONNX graph is not TensorRT-ready for {name}: {_first_problems(problems)}",
+                      "choose another --target (see `peftx targets`), pass --tensorrt off for an ONNX-only bundle, "
+                      "or change the model")
 
 
-def render_build_script(onnx_path: str | Path, batch: tuple[int, int, int], precision: str) -> str:
-    """build_engine.sh for this graph: input name and C/H/W from the ONNX, min/opt/max from ``batch``."""
+def _check_atol(ort_result: ParityResult) -> dict[str, float]:
+    """Polygraphy re-check bounds (engine vs ONNX Runtime) from peftx's tolerances at this model's logit scale."""
+    scale = ort_result.overall.ref_max_abs
+    return {"fp32": TENSORRT_FP32.bound(scale), "fp16": FP16.bound(scale)}
+
+
+def render_build_script(onnx_path: str | Path, batch: tuple[int, int, int], precision: str, *,
+                        target: TargetProfile | None = None, ready: bool = True, fp32_layers: Sequence[str] = (),
+                        check_atol: Mapping[str, float] | None = None) -> str:
+    """build_engine.sh for this graph: input name and C/H/W from the ONNX, min/opt/max from ``batch``, the target's
+    floor and FP32 layers, and whether its readiness passed (the script refuses to build an unready bundle)."""
     import onnx
 
+    target = target or resolve_target_here(None)
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     initializers = {t.name for t in graph.initializer}
     tensor = next(i for i in graph.input if i.name not in initializers)
     rest = [d.dim_value for d in tensor.type.tensor_type.shape.dim][1:]
     shape = lambda n: "x".join(str(d) for d in (n, *rest))  # noqa: E731 - trtexec's NxCxHxW
+    atol = {"fp32": 1e-3, "fp16": 1e-2, **(check_atol or {})}
+    label = target.name if not target.requested or target.requested == target.name else \
+        f"{target.requested} ({target.name})"
     values = {"INPUT_NAME": tensor.name, "INPUT_DIMS": "batch x " + " x ".join(map(str, rest)),
               "PRECISION": precision, "MIN_BATCH": batch[0], "OPT_BATCH": batch[1], "MAX_BATCH": batch[2],
-              "MIN_SHAPE": shape(batch[0]), "OPT_SHAPE": shape(batch[1]), "MAX_SHAPE": shape(batch[2])}
+              "MIN_SHAPE": shape(batch[0]), "OPT_SHAPE": shape(batch[1]), "MAX_SHAPE": shape(batch[2]),
+              "OPT_BATCH_DIMS": ",".join(str(d) for d in (batch[1], *rest)), "TARGET": target.name,
+              "TARGET_LABEL": label, "TARGET_MIN": target.tensorrt_min, "READY": int(bool(ready)),
+              "LAYER_SPEC": ",".join(f"{name}:fp32" for name in fp32_layers), "FP32_LAYER_COUNT": len(fp32_layers),
+              "CHECK_ATOL_FP32": f"{atol['fp32']:.3g}", "CHECK_ATOL_FP16": f"{atol['fp16']:.3g}"}
     text = _template("build_engine.sh.in")
     for key, value in values.items():
         text = text.replace(f"@{key}@", str(value))
@@ -414,10 +543,12 @@ def _preprocessing(data_config: Mapping[str, Any]) -> dict[str, Any]:
     return prep
 
 
-def _onnx_metadata(preprocessing: dict, class_names: list[str], provenance: Mapping[str, Any]) -> dict[str, str]:
+def _onnx_metadata(preprocessing: dict, class_names: list[str], provenance: Mapping[str, Any],
+                   target: TargetProfile) -> dict[str, str]:
     return {"preprocessing": json.dumps(preprocessing), "class_names": json.dumps(class_names),
             "num_classes": str(len(class_names)), "provenance": json.dumps(provenance, default=str, sort_keys=True),
-            "peftx_version": peftx.__version__}
+            "peftx_version": peftx.__version__, "peftx_target": target.requested or target.name,
+            "peftx_target_profile": target.name, "peftx_target_tensorrt_min": target.tensorrt_min}
 
 
 def _metadata(report: BundleReport, onnx_path: Path, opt: _Options) -> dict[str, Any]:
@@ -432,14 +563,18 @@ def _metadata(report: BundleReport, onnx_path: Path, opt: _Options) -> dict[str,
         "preprocessing": prep, "num_classes": len(class_names), "class_names": class_names,
         "provenance": json.loads(json.dumps(opt.provenance, default=str)),
         "artifacts": {"onnx": ONNX_FILE, "onnx_fp16": FP16_FILE,
-                      "engine": ENGINE_FILE if ENGINE_FILE in report.sha256 else None,
+                      "engine": ENGINE_FILE if (report.out_dir / ENGINE_FILE).exists() else None,
+                      "engine_manifest": MANIFEST_FILE if (report.out_dir / MANIFEST_FILE).exists() else None,
                       "infer": INFER_FILE, "build_script": BUILD_SCRIPT_FILE},
         "sha256": report.sha256,
         "onnx": {"exporter": props.get("onnx_exporter"), "ops": op_histogram(onnx_path),
                  "params": param_count(onnx_path), "simplify": report.simplify},
+        "target": {**target_summary(opt.target), "ready": report.readiness.ok,
+                   "fp32_nodes_in_fp16_builds": len(report.fp32_nodes)},
         "fp16": report.fp16, "tensorrt": report.tensorrt,
         "trt_readiness": {"ok": report.readiness.ok, "problems": len(report.readiness.problems),
-                          "tensorrt_version_checked": report.readiness.tensorrt_version, "file": READINESS_FILE},
+                          "target": opt.target.name, "tensorrt_version_checked": report.readiness.tensorrt_version,
+                          "files": sorted(report.readiness.files), "file": READINESS_FILE},
         "parity": _parity_summary(report.parity), "timings": report.timings, "warnings": report.warnings,
         "versions": _versions(),
     }

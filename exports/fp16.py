@@ -11,6 +11,9 @@ What stays FP32, and why:
   Exp (exp overflows FP16 above ~11), Pow/Sqrt (a decomposed LayerNorm). They are cheap next to the GEMMs, and
   TensorRT itself keeps LayerNorm in FP32 under mixed precision. ONNX Runtime's default block list (ops without FP16
   kernels) is kept as well.
+* by name (``keep_fp32_nodes``): what the deployment target pins to FP32 in its FP16 engine build, so the FP16
+  ONNX (the emulation that is checked here, and TensorRT 11's build input) keeps the same nodes FP32 — for
+  TensorRT 8.5 the whole decomposed LayerNorm subgraph (ReduceMean/Sub/Pow/Add/Sqrt/Div, see ``layernorm.py``).
 * by value (``large_magnitude_nodes``): with calibration inputs, every node that reads or writes a value with
   magnitude above ``FP16_SAFE_MAX`` stays FP32. Large-activation outliers exist in big ViTs (e.g. DINOv2 registers);
   an FP16 GEMM fed such a value overflows to inf, so the *consumer* must stay FP32 too, hence inputs and outputs.
@@ -56,12 +59,14 @@ _TENSORS_PER_RUN = 256
 class Fp16Result:
     path: Path
     blocked_ops: list[str]
-    blocked_nodes: list[str] = field(default_factory=list)  # kept FP32 for large magnitudes
+    blocked_nodes: list[str] = field(default_factory=list)  # kept FP32 by name and for large magnitudes
     calibration_max_abs: float = 0.0  # largest |value| seen in any float tensor during calibration
+    pinned_nodes: list[str] = field(default_factory=list)  # the target's FP32 nodes (a subset of blocked_nodes)
 
     def to_json(self) -> dict:
         return {"path": self.path.name, "blocked_ops": self.blocked_ops, "blocked_nodes": self.blocked_nodes,
-                "calibration_max_abs": self.calibration_max_abs, "fp16_safe_max": FP16_SAFE_MAX}
+                "pinned_nodes": self.pinned_nodes, "calibration_max_abs": self.calibration_max_abs,
+                "fp16_safe_max": FP16_SAFE_MAX}
 
 
 def convert_to_fp16(
@@ -71,11 +76,13 @@ def convert_to_fp16(
     calibration: np.ndarray | None = None,
     op_block_list: Iterable[str] = FP32_OPS,
     safe_max: float = FP16_SAFE_MAX,
+    keep_fp32_nodes: Iterable[str] = (),
 ) -> Fp16Result:
     """Write an FP16 copy of ``src`` with FP32 inputs/outputs to ``dst``.
 
     ``calibration`` (a batch of real preprocessed images) enables the by-value block list; without it only the op-type
-    block list applies. metadata_props are carried over.
+    block list applies. ``keep_fp32_nodes`` names nodes that stay FP32 whatever their values. metadata_props are
+    carried over.
     """
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
@@ -84,6 +91,12 @@ def convert_to_fp16(
     props = {p.key: p.value for p in model.metadata_props}
     ops = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(op_block_list))
     nodes, seen_max = ([], 0.0) if calibration is None else large_magnitude_nodes(model, calibration, safe_max)
+    pinned = list(keep_fp32_nodes)
+    missing = sorted(set(pinned) - {n.name for n in model.graph.node})
+    if missing:
+        raise ExportError(f"nodes to keep FP32 are not in {src.name}: {', '.join(missing[:3])}",
+                          "pass node names of this graph (see peftx.exports.layernorm)")
+    nodes = list(dict.fromkeys([*pinned, *nodes]))
     try:
         fp16 = convert_float_to_float16(model, keep_io_types=True, op_block_list=ops, node_block_list=nodes or None)
         _drop_half_round_trips(fp16)
@@ -94,7 +107,7 @@ def convert_to_fp16(
     except Exception as exc:  # noqa: BLE001 - surface any converter/checker failure as an export failure
         raise ExportError(f"FP16 conversion of {src.name} failed: {type(exc).__name__}: {exc}",
                           "export FP32 only (precision='fp32') and report the model") from exc
-    return Fp16Result(dst, sorted(set(op_block_list)), nodes, seen_max)
+    return Fp16Result(dst, sorted(set(op_block_list)), nodes, seen_max, pinned)
 
 
 def strict_fp16_emulation(fp32_path: str | Path, fp16_path: str | Path, dst: str | Path) -> Path:

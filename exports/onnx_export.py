@@ -6,6 +6,10 @@ default because it is fast (~8 s for ViT-B/16, well under a second for test mode
 has deprecated it, so when it fails (or is gone) ``exporter="auto"`` falls back to the torch.export-based exporter
 (opset 18, ``dynamic_shapes``). Either way the graph is checked with ``onnx.checker`` (full check) and the batch axis
 is verified dynamic and every other input/output axis static.
+
+``layernorm="decomposed"`` is for TensorRT 8.5, whose parser has no LayerNormalization: the TorchScript exporter at
+opset 16 writes each LayerNorm as ReduceMean/Sub/Pow/Sqrt/Div (the same function; torch.export cannot go below 18),
+and the graph is checked to hold no LayerNormalization node.
 """
 
 from __future__ import annotations
@@ -29,8 +33,10 @@ BATCH_AXIS_NAME = "batch"
 # overflows in FP16 (DEPLOY.md).
 MIN_OPSET = 17
 DEFAULT_OPSET = {"torchscript": 17, "dynamo": 18}
+DECOMPOSED_LAYERNORM_OPSET = 16  # the newest opset without LayerNormalization (it arrived in opset 17)
 
 Exporter = Literal["auto", "torchscript", "dynamo"]
+LayerNormForm = Literal["fused", "decomposed"]
 
 
 def export_onnx(
@@ -42,23 +48,27 @@ def export_onnx(
     batch_for_trace: int = 2,
     metadata: Mapping[str, str] | None = None,
     exporter: Exporter = "auto",
+    layernorm: LayerNormForm = "fused",
 ) -> Path:
     """Export ``model`` (eval mode, built with timm ``exportable=True``) to ``path`` and return the path.
 
     ``input_size`` is (C, H, W); H and W are baked in, the batch axis is dynamic. ``metadata`` goes into the model's
-    ``metadata_props`` together with ``onnx_exporter`` (which exporter and opset produced the graph).
+    ``metadata_props`` together with ``onnx_exporter`` (which exporter and opset produced the graph). ``layernorm``
+    is "fused" (one LayerNormalization node, opset >= 17) or "decomposed" (opset <= 16, for TensorRT 8.5).
     """
     path = Path(path)
     _check_exportable(model)
     if batch_for_trace < 2:
         # torch.export specialises size-1 dims, and a batch of 1 hides batch-mixing bugs from the trace.
         raise UsageError(f"batch_for_trace must be >= 2, got {batch_for_trace}", "use the default of 2")
-    if opset is not None and opset < MIN_OPSET:
-        raise UsageError(f"opset {opset} is below {MIN_OPSET}", "opset >= 17 keeps LayerNorm one node (FP16-safe)")
+    opset, exporter = _opset_for(layernorm, opset, exporter)
     example = torch.randn(batch_for_trace, *input_size)
     used = _export_with_fallback(model, example, path, opset, exporter)
     proto = onnx.load(str(path))
     _check_io_shapes(proto, input_size)
+    if layernorm == "decomposed" and any(n.op_type == "LayerNormalization" for n in proto.graph.node):
+        raise ExportError(f"{path.name} holds LayerNormalization nodes although LayerNorm was to be decomposed",
+                          "export at opset <= 16 with the TorchScript exporter")
     props = {**(metadata or {}), "onnx_exporter": used}
     onnx.helper.set_model_props(proto, {str(k): str(v) for k, v in props.items()})
     proto.producer_name = "peftx"
@@ -69,6 +79,25 @@ def export_onnx(
         raise ExportError(f"onnx.checker rejected {path.name}: {exc}",
                           "report this model/exporter combination") from exc
     return path
+
+
+def _opset_for(layernorm: LayerNormForm, opset: int | None, exporter: Exporter) -> tuple[int | None, Exporter]:
+    """The opset and exporter a LayerNorm form allows (fused: >= 17, any exporter; decomposed: <= 16, TorchScript)."""
+    if layernorm == "fused":
+        if opset is not None and opset < MIN_OPSET:
+            raise UsageError(f"opset {opset} is below {MIN_OPSET}",
+                             "opset >= 17 keeps LayerNorm one node (FP16-safe); a TensorRT 8.5 target decomposes it")
+        return opset, exporter
+    if layernorm != "decomposed":
+        raise UsageError(f"layernorm must be 'fused' or 'decomposed', got {layernorm!r}", "use layernorm='fused'")
+    opset = DECOMPOSED_LAYERNORM_OPSET if opset is None else opset
+    if opset > DECOMPOSED_LAYERNORM_OPSET:
+        raise UsageError(f"opset {opset} exports LayerNorm as one LayerNormalization node",
+                         f"a decomposed LayerNorm needs opset <= {DECOMPOSED_LAYERNORM_OPSET}")
+    if exporter == "dynamo":
+        raise UsageError("the torch.export-based exporter starts at opset 18, where LayerNorm is one node",
+                         "use exporter='torchscript' (or 'auto') for a decomposed LayerNorm")
+    return opset, "torchscript"
 
 
 def op_histogram(onnx_path: str | Path) -> dict[str, int]:
@@ -117,7 +146,9 @@ def _export_with_fallback(
     errors: list[str] = []
     for name in order:
         # torch.export's translator starts at opset 18; an explicit opset is honoured where the exporter allows it.
-        chosen = max(opset or DEFAULT_OPSET[name], DEFAULT_OPSET["dynamo"] if name == "dynamo" else MIN_OPSET)
+        chosen = opset or DEFAULT_OPSET[name]
+        if name == "dynamo":
+            chosen = max(chosen, DEFAULT_OPSET["dynamo"])
         try:
             _EXPORTERS[name](model, example, path, chosen)
             return f"{name} opset {chosen}"

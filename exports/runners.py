@@ -59,8 +59,10 @@ class OnnxRuntimeRunner:
     """
 
     def __init__(self, path: str | Path, *, providers: tuple[str, ...] = ("CPUExecutionProvider",),
-                 name: str | None = None, session_options: Any = None):
-        self.path, self.providers = Path(path), tuple(providers)
+                 name: str | None = None, session_options: Any = None, optimize: bool = True):
+        # optimize=False runs the graph as written: ONNX Runtime's optimizer would fuse a decomposed LayerNorm back
+        # into its own kernel, hiding how the decomposed graph computes (the form TensorRT 8.5 receives).
+        self.path, self.providers, self.optimize = Path(path), tuple(providers), optimize
         self.name = name or f"onnxruntime:{self.path.name}"
         self.session_options = session_options
         self._session = None
@@ -86,6 +88,8 @@ class OnnxRuntimeRunner:
             if options is None:
                 options = ort.SessionOptions()
                 options.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers are noise here
+            if not self.optimize:
+                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             try:
                 self._session = ort.InferenceSession(str(self.path), options, providers=list(self.providers))
             except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types

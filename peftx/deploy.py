@@ -99,17 +99,21 @@ def parse_batch(text: str) -> tuple[int, int, int]:
 def merge_export(source: str | Path, *, output: str | Path | None = None, batch: Sequence[int] = (1, 8, 32),
                  precision: str = "fp32", tensorrt: str = "auto", force: bool = False, simplify: bool = True,
                  model_name: str | None = None, weights: str | Path | None = None,
-                 images_dir: str | Path | None = None, progress: Callable[[str], None] | None = None):
+                 images_dir: str | Path | None = None, progress: Callable[[str], None] | None = None,
+                 target: str | None = None):
     """Load, merge, export, validate; returns the :class:`~peftx.exports.bundle.BundleReport`.
 
+    ``target`` is a deployment target (``peftx targets``: trt8.5, jetpack6, ..., "auto"; None: the default).
     Raises ParityError (after writing a bundle marked failed) when any artifact disagrees with the unmerged model.
     """
     from .exports.bundle import write_bundle
+    from .exports.tensorrt import resolve_target_here
 
     if precision not in ("fp32", "fp16"):
         raise UsageError(f"--precision {precision!r}", "choose fp32 or fp16")
     if tensorrt not in ("auto", "on", "off"):
         raise UsageError(f"--tensorrt {tensorrt!r}", "choose auto, on or off")
+    profile = resolve_target_here(target)  # an unknown target fails here, before the model is loaded
     say = progress or (lambda _m: None)
     say("loading the backbone and adapter")
     loaded = load_reference(source, model_name=model_name, weights=weights)
@@ -120,15 +124,19 @@ def merge_export(source: str | Path, *, output: str | Path | None = None, batch:
     return write_bundle(loaded.model, merged, out, input_size=tuple(loaded.data_config["input_size"]),
                         data_config=loaded.data_config, class_names=loaded.class_names,
                         provenance=provenance(loaded), images=images, batch=tuple(batch), precision=precision,
-                        tensorrt=tensorrt, simplify=simplify, force=force, progress=say)
+                        tensorrt=tensorrt, simplify=simplify, force=force, progress=say, target=profile)
 
 
 def validate(bundle: str | Path, *, images_dir: str | Path | None = None, adapter: str | Path | None = None,
              weights: str | Path | None = None, tensorrt: str = "auto",
-             progress: Callable[[str], None] | None = None):
-    """Re-run the parity checks of an existing bundle against the unmerged model it was made from."""
+             progress: Callable[[str], None] | None = None, target: str | None = None):
+    """Re-run the readiness (for ``target``, default the bundle's own) and parity checks of an existing bundle
+    against the unmerged model it was made from."""
     from .exports.bundle import read_bundle, validate_bundle
+    from .exports.tensorrt import resolve_target_here
 
+    if target is not None:
+        resolve_target_here(target)  # an unknown target fails before anything is loaded
     meta = read_bundle(bundle)
     prov = meta.get("provenance") or {}
     source = adapter or prov.get("adapter_file")
@@ -140,4 +148,4 @@ def validate(bundle: str | Path, *, images_dir: str | Path | None = None, adapte
                          "pass --adapter with the adapter the bundle was made from, or re-export")
     loaded = load_reference(source, weights=weights)
     return validate_bundle(bundle, loaded.model, parity_images(loaded, images_dir), tensorrt=tensorrt,
-                           progress=progress)
+                           progress=progress, target=target)

@@ -278,6 +278,18 @@ def tensorrt_importable() -> bool:
     return importlib.util.find_spec("tensorrt") is not None
 
 
+def bundle_with_foreign_engine(e: Env, t: Path) -> Path:
+    """A bundle copy holding a model.engine whose manifest says it was built on a Jetson Orin with TensorRT 10.3."""
+    bundle = copy_tree(e.bundle, t / "bundle")
+    (bundle / "model.engine").write_bytes(b"engine bytes (TensorRT cannot exist here; it is never loaded)")
+    manifest = {"format": "peftx-engine-manifest", "format_version": 1, "engine": "model.engine",
+                "tensorrt_version": "10.3.0", "gpu": {"name": "Orin", "compute_capability": "8.7"},
+                "jetson": {"model": "NVIDIA Jetson AGX Orin", "l4t": "36.4.0"}, "precision": "fp32",
+                "source_onnx": "model.onnx", "target": "trt8.6"}
+    (bundle / "model.engine.json").write_text(json.dumps(manifest))
+    return bundle
+
+
 # ---------------------------------------------------------------------------------------------------- faults
 # A fault(monkeypatch, env, tmp) is installed just before the command runs and undone when the test ends.
 
@@ -315,6 +327,25 @@ def unwritable_dir(mp: pytest.MonkeyPatch, e: Env, t: Path) -> None:
     mp.setattr(os, "mkdir", mkdir)
     mp.setattr(os, "open", open_)
     mp.setattr(os, "access", access)
+
+
+def tensorrt_10_3_here(mp: pytest.MonkeyPatch, e: Env, t: Path) -> None:
+    """Pretend TensorRT 10.3 and a GPU are installed (they cannot be, here): only version facts are faked, and every
+    case using this fails before TensorRT would be imported."""
+    from peftx.exports import bundle, tensorrt
+
+    fake = lambda: tensorrt.TensorRTProbe("10.3.0.26", None)  # noqa: E731
+    mp.setattr(tensorrt, "probe", fake)
+    mp.setattr(bundle, "probe", fake)
+
+
+def rtx_4090_with_tensorrt_10_3(mp: pytest.MonkeyPatch, e: Env, t: Path) -> None:
+    from peftx.exports import bundle
+
+    tensorrt_10_3_here(mp, e, t)
+    mp.setattr(bundle, "machine_facts", lambda version: {
+        "tensorrt_version": version, "gpu": {"name": "NVIDIA GeForce RTX 4090", "compute_capability": "8.9"},
+        "jetson": None})
 
 
 def unreadable_weights(mp: pytest.MonkeyPatch, e: Env, t: Path) -> None:
@@ -400,6 +431,14 @@ CASES = [
          lambda e, t: ["validate", str(copy_tree(e.bundle, t / "b")), "--tensorrt", "on", "--json"],
          BackendUnavailableError, "TensorRT was required",
          skip=lambda: "TensorRT is installed" if tensorrt_importable() else None),
+    Case("export-unknown-target", lambda e, t: export(e, t, None, "--target", "jetpak5"), UsageError,
+         "unknown target 'jetpak5' — did you mean: jetpack5"),
+    Case("validate-unknown-target", lambda e, t: validate(copy_tree(e.bundle, t / "b"), "--target", "trt9"),
+         UsageError, "unknown target 'trt9'"),
+    Case("export-target-newer-than-installed-tensorrt",
+         lambda e, t: export(e, t, None, "--target", "trt11", "--tensorrt", "on"), BackendUnavailableError,
+         "--target trt11 needs TensorRT >= 11.0 to build its engine, but TensorRT 10.3.0.26 is installed here",
+         fault=tensorrt_10_3_here),
     Case("eval-unknown-split", lambda e, t: ["eval", str(e.run), "--split", "holdout", "--json"], UsageError,
          "'holdout' is not a split"),
     Case("export-adapter-without-backbone",
@@ -547,6 +586,14 @@ CASES = [
          UsageError, "is not available — pass --adapter"),
     Case("validate-adapter-changed", lambda e, t: validate(bundle_with_provenance(e, t, adapter_sha256="0" * 64)),
          UsageError, "changed since the bundle was made"),
+    Case("validate-not-ready-for-target", lambda e, t: validate(copy_tree(e.bundle, t / "b"), "--target", "jetpack5"),
+         ExportError, "is not TensorRT-ready for jetpack5: model.onnx: op LayerNormalization is not supported by "
+                      "TensorRT 8.5's ONNX parser (trt8.5) (5 nodes)"),
+    Case("validate-engine-from-another-device",
+         lambda e, t: ["validate", str(bundle_with_foreign_engine(e, t)), "--tensorrt", "auto", "--json"],
+         ExportError, "model.engine was built for TensorRT 10.3.0 on Orin (compute capability 8.7), L4T 36.4.0; "
+                      "this machine has TensorRT 10.3.0.26 on NVIDIA GeForce RTX 4090",
+         fault=rtx_4090_with_tensorrt_10_3),
     Case("validate-with-another-adapter", lambda e, t: validate(copy_tree(e.bundle, t / "bundle"), "--adapter",
                                                                   str(e.run_other)), ParityError, "parity failed"),
 ]

@@ -101,3 +101,30 @@ def test_bad_batch_and_precision(tmp_path):
             parse_batch(bad)
     with pytest.raises(UsageError, match="precision"):
         merge_export(tmp_path, precision="int8")
+
+
+def test_cli_merge_export_and_validate_follow_the_target(tmp_path):
+    """`peftx merge-export RUN --target jetpack5` then `peftx validate --target jetpack5`: the CLI hands the target
+    through, the bundle records it, and a bundle made for the default is refused for jetpack5."""
+    from typer.testing import CliRunner
+
+    from peftx.cli.app import app
+
+    run, _, _ = make_run(tmp_path, "rlrr", "vit")
+    cli = CliRunner()
+    done = cli.invoke(app, ["merge-export", str(run), "--target", "jetpack5", "--batch", "1:2:4", "--tensorrt", "off",
+                            "--json"])
+    assert done.exit_code == 0, done.output
+    report = json.loads(done.stdout)
+    assert report["target"]["name"] == "trt8.5" and report["target"]["requested"] == "jetpack5"
+    assert report["readiness"]["ok"] and report["readiness"]["target"] == "trt8.5"
+    meta = json.loads((run / "bundle" / "metadata.json").read_text())
+    assert meta["target"]["export_opset"] == 16 and meta["onnx"]["exporter"] == "torchscript opset 16"
+    done = cli.invoke(app, ["validate", str(run / "bundle"), "--target", "jetpack5", "--tensorrt", "off", "--json"])
+    assert done.exit_code == 0, done.output
+    default = tmp_path / "default-bundle"
+    done = cli.invoke(app, ["merge-export", str(run), "-o", str(default), "--batch", "1:2:4", "--tensorrt", "off"])
+    assert done.exit_code == 0, done.output
+    assert "trt8.6 (TensorRT >= 8.6): TensorRT-ready" in done.stdout
+    done = cli.invoke(app, ["validate", str(default), "--target", "jetpack5", "--tensorrt", "off", "--json"])
+    assert done.exit_code == ExportError.exit_code and "not TensorRT-ready for jetpack5" in done.stderr

@@ -14,7 +14,7 @@ from rich.console import Console
 from peftx.errors import BackendUnavailableError, UsageError
 from peftx.exports.onnx_export import export_onnx
 from peftx.exports.parity import ParityReport, compare, error_stats, make_input_sets, reference_outputs
-from peftx.exports.runners import OnnxRuntimeRunner, Runner, TorchRunner
+from peftx.exports.runners import OnnxRuntimeRunner, TorchRunner
 from peftx.exports.tensorrt import (TensorRTRunner, build_engine, resolve_mode, tensorrt_available,
                                     unavailable_reason)
 from peftx.tolerances import FP16, MERGE_FP32, ONNX_FP32, TENSORRT_FP32
@@ -158,7 +158,26 @@ def test_report_json_and_rich_table(inputs):
 def test_torch_runner_refuses_training_mode():
     with pytest.raises(UsageError, match="training mode"):
         TorchRunner(tiny_vit().train())
-    assert isinstance(TorchRunner(tiny_vit()), Runner)
+
+
+def test_every_runner_keeps_the_contract_the_comparator_relies_on(images, tmp_path):
+    """Runner (runners.py) promises: any float batch in, FP32 [n, classes] out, the same numbers whatever the input's
+    dtype or memory layout, resources released on exit. A runner that passed float64 through, returned float64, or
+    mis-read a strided batch would break every comparison silently; each of those fails here."""
+    model = tiny_vit()
+    onnx_path = export_onnx(model, tmp_path / "m.onnx", input_size=(3, SIZE, SIZE))
+    batch = np.ascontiguousarray(images[:3], dtype=np.float32)
+    awkward = np.asfortranarray(batch.astype(np.float64))  # float64 and not C-contiguous
+    assert not awkward.flags["C_CONTIGUOUS"] and awkward.dtype == np.float64
+    outputs = {}
+    for runner in (TorchRunner(model, name="torch"), OnnxRuntimeRunner(onnx_path, name="ort")):
+        with runner:
+            plain, odd = runner.infer(batch), runner.infer(awkward)
+        assert plain.dtype == np.float32 and plain.shape == (3, 5), runner.name
+        np.testing.assert_array_equal(plain, odd)
+        outputs[runner.name] = plain
+    assert np.abs(outputs["torch"] - outputs["ort"]).max() < ONNX_FP32.atol
+    assert runner._session is None, "the ONNX Runtime session is dropped when the `with` block ends"
 
 
 # --- TensorRT: real code where TensorRT and a GPU exist; honest skips elsewhere --------------------------------

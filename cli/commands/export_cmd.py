@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import handle_errors
-from ..options import Force, Json, Weights
+from ..options import Force, Json, Target, Weights
 from ..output import console, err_console, key_values, print_json
 
 
@@ -27,6 +27,7 @@ def merge_export(
     weights: Weights = None,
     images: Annotated[Optional[Path], typer.Option("--images", help="Directory of real images for the parity check [default: the run's validation images].", show_default=False)] = None,
     no_simplify: Annotated[bool, typer.Option("--no-simplify", help="Skip the onnxslim pass.")] = False,
+    target: Target = None,
     force: Force = False,
     json_out: Json = False,
 ) -> None:
@@ -35,13 +36,15 @@ def merge_export(
 
     report = run(source, output=output, batch=parse_batch(batch), precision=precision, tensorrt=tensorrt,
                  force=force, simplify=not no_simplify, model_name=model, weights=weights, images_dir=images,
-                 progress=_progress(json_out))
+                 progress=_progress(json_out), target=target)
     if json_out:
         print_json(report.to_json())
         return
     console.print(report.parity.table())
     files = sorted(p.name for p in report.out_dir.iterdir())
-    console.print(key_values("bundle", {"directory": report.out_dir, "status": report.status,
+    target_line = (f"{report.target.requested or report.target.name} (TensorRT >= {report.target.tensorrt_min}): "
+                   + ("TensorRT-ready" if report.readiness.ok else "NOT TensorRT-ready, see trt_readiness.json"))
+    console.print(key_values("bundle", {"directory": report.out_dir, "status": report.status, "target": target_line,
                                         "files": ", ".join(files), "tensorrt": report.tensorrt.get("message", ""),
                                         **{f"{k} (s)": f"{v:.1f}" for k, v in report.timings.items()}}))
 
@@ -53,13 +56,14 @@ def validate(
     adapter: Annotated[Optional[Path], typer.Option("--adapter", help="The run directory / adapter file, if it moved.", show_default=False)] = None,
     weights: Weights = None,
     tensorrt: Annotated[str, typer.Option("--tensorrt", help="auto, on or off (check model.engine).")] = "auto",
+    target: Annotated[Optional[str], typer.Option("--target", "-t", help="Check readiness for this deployment target (see `peftx targets`) [default: the bundle's own].", show_default=False)] = None,
     json_out: Json = False,
 ) -> None:
-    """Re-check an existing bundle: artifact hashes, then parity of every artifact against the unmerged model."""
+    """Re-check an existing bundle: artifact hashes, TensorRT readiness for its target, the engine's manifest, then parity of every artifact against the unmerged model."""
     from peftx.deploy import validate as run
 
     report = run(bundle, images_dir=images, adapter=adapter, weights=weights, tensorrt=tensorrt,
-                 progress=_progress(json_out))
+                 progress=_progress(json_out), target=target)
     if json_out:
         print_json(report.to_json())
         return

@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
 """Classify images with this bundle and print the top-5 classes.
 
-Standalone: needs numpy, pillow and onnxruntime (plus tensorrt and torch for model.engine). Preprocessing (input size,
-interpolation, crop_pct, mean, std) and class names come from metadata.json next to this file; they reproduce timm's
-evaluation transform (resize the shorter side to size / crop_pct, centre-crop, normalise).
+Standalone: needs numpy, pillow and onnxruntime; for model.engine, the TensorRT Python package (8.5 or newer) and
+cuda-python instead of onnxruntime (no torch). Preprocessing (input size, interpolation, crop_pct, mean, std) and class
+names come from metadata.json next to this file; they reproduce timm's evaluation transform (resize the shorter side
+to size / crop_pct, centre-crop, normalise).
 
     python infer.py photo.jpg [more.jpg ...] [--backend auto|onnx|tensorrt] [--top 5]
 
-``--backend auto`` runs model.engine with TensorRT when the engine is present and TensorRT + CUDA are importable, and
-model.onnx with ONNX Runtime otherwise.
+``--backend auto`` runs model.engine with TensorRT when the engine is present and TensorRT + cuda-python + a GPU are
+there, and model.onnx with ONNX Runtime otherwise. Before an engine is loaded, model.engine.json (written wherever the
+engine was built) is compared with this machine: an engine built for another GPU or TensorRT version is refused with
+one line instead of TensorRT's "version tag does not match". peftx's own `validate` uses the same functions.
 """
 
 from __future__ import annotations
@@ -70,55 +73,237 @@ class OnnxBackend:
         return self.session.run(None, {self.input_name: batch})[0]
 
 
+# --- engine manifest: what an engine was built for (peftx.exports imports these; keep them pure and standalone) ---
+
+MANIFEST_FILE = "model.engine.json"
+MANIFEST_FORMAT = "peftx-engine-manifest"
+
+
+def read_engine_manifest(path: Path) -> dict | None:
+    """The manifest next to an engine, or None when there is none (an engine built by hand)."""
+    try:
+        manifest = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{Path(path).name} is unreadable ({exc}); rebuild the engine with ./build_engine.sh")
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{Path(path).name} is not a {MANIFEST_FORMAT}; rebuild the engine with ./build_engine.sh")
+    return manifest
+
+
+def _release(version) -> tuple[int, ...]:
+    """TensorRT '10.3.0.26' -> (10, 3, 0): engines load only under the same major.minor.patch."""
+    parts = []
+    for piece in str(version or "").split(".")[:3]:
+        if not piece.isdigit():
+            break
+        parts.append(int(piece))
+    return tuple(parts)
+
+
+def _describe(facts: dict) -> str:
+    gpu = facts.get("gpu") or {}
+    where = f"{gpu.get('name') or 'an unknown GPU'} (compute capability {gpu.get('compute_capability') or '?'})"
+    l4t = (facts.get("jetson") or {}).get("l4t")
+    version = facts.get("tensorrt_version") or "no TensorRT"
+    return f"TensorRT {version} on {where}" + (f", L4T {l4t}" if l4t else "")
+
+
+def engine_problems(manifest: dict, here: dict) -> tuple[list[str], list[str]]:
+    """(refusals, warnings) for running the engine ``manifest`` describes on the machine ``here`` describes.
+
+    ``here`` holds ``tensorrt_version``, ``gpu`` {name, compute_capability}, ``jetson`` ({model, l4t} or None) and
+    optionally ``sha256`` {file name: digest} of the engine and ONNX files present. Refused: another TensorRT
+    major.minor.patch or compute capability (TensorRT cannot load it), an engine file or source ONNX that is not the
+    one the manifest names. Only warned: another GPU name with the same compute capability, another L4T release
+    with the same TensorRT (TensorRT itself loads those, with a performance warning).
+    """
+    refusals, warnings = [], []
+    built, have = _release(manifest.get("tensorrt_version")), _release(here.get("tensorrt_version"))
+    if not have:
+        refusals.append("TensorRT is not installed here")
+    elif built != have:
+        refusals.append(f"TensorRT {manifest.get('tensorrt_version')} built it, this machine has "
+                        f"{here.get('tensorrt_version')}")
+    m_gpu, h_gpu = manifest.get("gpu") or {}, here.get("gpu") or {}
+    if not m_gpu.get("compute_capability"):
+        warnings.append(f"{MANIFEST_FILE} does not say which GPU built the engine: it cannot be checked against this one")
+    elif h_gpu.get("compute_capability") and m_gpu.get("compute_capability") != h_gpu.get("compute_capability"):
+        refusals.append(f"it was built for compute capability {m_gpu.get('compute_capability')} "
+                        f"({m_gpu.get('name')}), this GPU is {h_gpu.get('compute_capability')} ({h_gpu.get('name')})")
+    elif h_gpu.get("name") and m_gpu.get("name") and m_gpu.get("name") != h_gpu.get("name"):
+        warnings.append(f"model.engine was built on {m_gpu.get('name')}, this GPU is {h_gpu.get('name')} (same "
+                        "compute capability: it loads, but rebuild it here for full speed)")
+    m_l4t, h_l4t = (manifest.get("jetson") or {}).get("l4t"), (here.get("jetson") or {}).get("l4t")
+    if m_l4t and h_l4t and m_l4t != h_l4t:
+        warnings.append(f"model.engine was built on L4T {m_l4t}, this Jetson runs L4T {h_l4t}")
+    digests = here.get("sha256") or {}
+    engine_name = manifest.get("engine", "model.engine")
+    if manifest.get("engine_sha256") and digests.get(engine_name) not in (None, manifest["engine_sha256"]):
+        refusals.append(f"{engine_name} is not the engine {MANIFEST_FILE} describes (sha256 differs)")
+    source = manifest.get("source_onnx")
+    if source and manifest.get("source_onnx_sha256") and digests.get(source) not in (None,
+                                                                                   manifest["source_onnx_sha256"]):
+        refusals.append(f"it was built from another {source} (sha256 differs)")
+    return refusals, warnings
+
+
+def refusal_line(manifest: dict, here: dict, refusals: list[str]) -> str:
+    """The one line shown when an engine is refused: what it was built for, what is here, how to fix it."""
+    return (f"{manifest.get('engine', 'model.engine')} was built for {_describe(manifest)}; this machine has "
+            f"{_describe(here)} ({'; '.join(refusals)}) — rebuild it here with ./build_engine.sh")
+
+
+def parse_l4t(text: str) -> str | None:
+    """'# R36 (release), REVISION: 4.3, GCID: ...' (/etc/nv_tegra_release) -> '36.4.3'."""
+    head = text.strip().splitlines()[0] if text.strip() else ""
+    major = head.split("(")[0].strip().lstrip("#").strip().lstrip("R")
+    revision = head.split("REVISION:")[1].split(",")[0].strip() if "REVISION:" in head else ""
+    return f"{major}.{revision}" if major.isdigit() and revision else None
+
+
+def jetson_facts(root: Path = Path("/")) -> dict | None:
+    """{model, l4t} on a Jetson (from /etc/nv_tegra_release and /proc/device-tree/model), None elsewhere."""
+    try:
+        l4t = parse_l4t((root / "etc/nv_tegra_release").read_text(encoding="utf-8", errors="replace"))
+    except OSError:
+        return None
+    try:
+        model = (root / "proc/device-tree/model").read_bytes().rstrip(b"\0").decode("utf-8", "replace").strip()
+    except OSError:
+        model = None
+    return {"model": model, "l4t": l4t}
+
+
+def _cudart():
+    """cuda-python's runtime module: ``cuda.bindings.runtime`` from 12.6 on, ``cuda.cudart`` before."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        from cuda import cudart
+    return cudart
+
+
+def _cuda(result):
+    """Unpack a cuda-python (error, *values) tuple, raising on an error code."""
+    err, *values = result
+    if getattr(err, "value", err) != 0:
+        raise RuntimeError(f"CUDA call failed: {err}")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def device_facts() -> dict:
+    """What this machine would run an engine with: TensorRT version, GPU 0 (via cuda-python), Jetson facts."""
+    import tensorrt as trt
+
+    cudart = _cudart()
+    props = _cuda(cudart.cudaGetDeviceProperties(0))
+    name = props.name.decode("utf-8", "replace") if isinstance(props.name, bytes) else str(props.name)
+    return {"tensorrt_version": str(trt.__version__),
+            "gpu": {"name": name.split("\0")[0].strip(), "compute_capability": f"{props.major}.{props.minor}"},
+            "jetson": jetson_facts()}
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_engine(engine: Path, facts=device_facts) -> None:
+    """Refuse (exit with one line) an engine its manifest says was built for another machine; warn otherwise."""
+    try:
+        manifest = read_engine_manifest(engine.with_name(MANIFEST_FILE))
+    except ValueError as exc:
+        sys.exit(f"infer.py: {exc}")
+    if manifest is None:
+        print(f"warning: no {MANIFEST_FILE} beside {engine.name}: cannot check it was built on this machine",
+              file=sys.stderr)
+        return
+    here = dict(facts())
+    names = {manifest.get("engine", engine.name), manifest.get("source_onnx")}
+    here["sha256"] = {n: _sha256(engine.parent / n) for n in names if n and (engine.parent / n).is_file()}
+    refusals, warnings = engine_problems(manifest, here)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if refusals:
+        sys.exit(f"infer.py: {refusal_line(manifest, here, refusals)}")
+
+
 class TensorRTBackend:
+    """model.engine through the TensorRT Python API (8.5+: name-based tensor API) with cuda-python buffers."""
+
     name = "tensorrt"
 
     def __init__(self, path: Path):
         import tensorrt as trt
-        import torch
 
-        self.torch = torch
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        self.trt, self.cudart = trt, _cudart()
+        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
-            raise RuntimeError(f"{path.name} does not load here (engines are tied to one GPU and TensorRT version)")
+            sys.exit(f"infer.py: {path.name} does not load here (engines are tied to one GPU and TensorRT version) "
+                     "— rebuild it with ./build_engine.sh")
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
         self.output_name = next(n for n in names if n != self.input_name)
-        self.min_batch = self.engine.get_tensor_profile_shape(self.input_name, 0)[0][0]
+        low, _, high = self.engine.get_tensor_profile_shape(self.input_name, 0)
+        self.min_batch, self.max_batch = int(low[0]), int(high[0])
+        self.stream = _cuda(self.cudart.cudaStreamCreate())
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        torch = self.torch
         n = len(batch)
-        if n < self.min_batch:  # the engine's profile starts above 1: pad, then drop the padding
+        if n > self.max_batch:
+            return np.concatenate([self(batch[i:i + self.max_batch]) for i in range(0, n, self.max_batch)])
+        if n < self.min_batch:  # the engine's profile starts above the batch: pad, then drop the padding
             batch = np.concatenate([batch] + [batch[-1:]] * (self.min_batch - n))
-        x = torch.from_numpy(batch).cuda()
+        trt, cudart = self.trt, self.cudart
+        x = np.ascontiguousarray(batch, dtype=trt.nptype(self.engine.get_tensor_dtype(self.input_name)))
         self.context.set_input_shape(self.input_name, tuple(x.shape))
-        self.context.set_tensor_address(self.input_name, x.data_ptr())
-        out = torch.empty(tuple(self.context.get_tensor_shape(self.output_name)), dtype=torch.float32, device="cuda")
-        self.context.set_tensor_address(self.output_name, out.data_ptr())
-        stream = torch.cuda.current_stream()
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError("TensorRT execution failed")
-        stream.synchronize()
-        return out[:n].cpu().numpy()
+        out = np.empty(tuple(self.context.get_tensor_shape(self.output_name)),
+                       dtype=trt.nptype(self.engine.get_tensor_dtype(self.output_name)))
+        d_in, d_out = _cuda(cudart.cudaMalloc(x.nbytes)), _cuda(cudart.cudaMalloc(out.nbytes))
+        try:
+            _cuda(cudart.cudaMemcpy(d_in, x.ctypes.data, x.nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice))
+            self.context.set_tensor_address(self.input_name, int(d_in))
+            self.context.set_tensor_address(self.output_name, int(d_out))
+            if not self.context.execute_async_v3(self.stream):
+                raise RuntimeError("TensorRT execution failed")
+            _cuda(cudart.cudaStreamSynchronize(self.stream))
+            _cuda(cudart.cudaMemcpy(out.ctypes.data, d_out, out.nbytes,
+                                    cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost))
+        finally:
+            cudart.cudaFree(d_in)
+            cudart.cudaFree(d_out)
+        return out[:n].astype(np.float32)
 
 
 def tensorrt_usable() -> bool:
+    """TensorRT and cuda-python importable and a CUDA device visible (no torch needed)."""
     try:
         import tensorrt  # noqa: F401
-        import torch
-    except ImportError:
+
+        count = _cuda(_cudart().cudaGetDeviceCount())
+    except Exception:  # noqa: BLE001 - any import or driver failure means: use ONNX Runtime
         return False
-    return torch.cuda.is_available()
+    return count > 0
 
 
-def pick_backend(choice: str, meta: dict):
+def pick_backend(choice: str, meta: dict, facts=device_facts):
     engine = HERE / "model.engine"
     if choice == "tensorrt" or (choice == "auto" and engine.exists() and tensorrt_usable()):
         if not engine.exists():
-            sys.exit("model.engine is missing: build it on this device with ./build_engine.sh")
+            sys.exit("infer.py: model.engine is missing — build it on this device with ./build_engine.sh")
+        if not tensorrt_usable():
+            sys.exit("infer.py: --backend tensorrt needs the tensorrt and cuda-python packages and a GPU — "
+                     "install them (pip install cuda-python) or use --backend onnx")
+        check_engine(engine, facts)
         return TensorRTBackend(engine)
     return OnnxBackend(HERE / meta["artifacts"]["onnx"])
 
