@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .adapter import adapt, count_parameters, state_of, trainable_names
+from .adapter import adapt, count_parameters, split_weight_decay, state_of, trainable_names
 from .backbones import DEMO_MODEL
 from .adapter_io import ADAPTER_FILE, CONFIG_FILE, check_tensors, read_adapter, save_adapter
 from .checkpoint import LoopState, checkpoint_path, load_checkpoint, restore_optimizer, save_checkpoint
@@ -51,7 +51,7 @@ from .errors import NonFiniteError, OutputError, TrainingInterrupted, UsageError
 from .evaluate import (AMP_MODES, autocast, eval_loader, evaluate_model, resolve_amp, resolve_device, to_device,
                        use_fused_attention)
 from .fsutil import ensure_dir, output_error, write_text_atomic
-from .methods import METHOD_NAMES, config_class
+from .methods import config_class, method_names
 from .recipes import GENERIC, Recipe, canonical_task, recipe
 from .regularization import add_residual_dropout, residual_dropout_removed
 
@@ -121,7 +121,7 @@ class TrainConfig:
         for name in ("model_kwargs", "method_options", "data_overrides"):
             if not isinstance(getattr(self, name), dict):
                 raise UsageError(f"{name}: expected a mapping, got {type(getattr(self, name)).__name__}")
-        _check_choice("method", self.method, METHOD_NAMES)
+        _check_choice("method", self.method, method_names())
         _check_choice("amp", self.amp, AMP_MODES)
         if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
             raise UsageError(f"device: {self.device!r} is not a device", "use auto, cpu or cuda")
@@ -245,24 +245,13 @@ def schedule(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
                               warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr)
 
 
-# Adapter tensors that are per-channel scales / shifts or generator vectors: decaying them toward 0 would pull RLRR's
-# rescaling and SSF's scale away from their meaning (SSF's scale toward 0, not 1) and AOFT's q off the unit sphere.
-# Official RLRR (timm optimizer factory) skips every 1-d tensor; our s_col is stored [groups, in] and AOFT stacks
-# q vectors, so they are named here. What decays: the head weight and LoRA's A/B matrices.
-NO_DECAY_LEAVES = frozenset({"s_row", "s_col", "f", "ssf_scale", "ssf_shift", "q_up", "q_down", "lam"})
-
-
-def no_weight_decay(name: str, param: torch.Tensor) -> bool:
-    leaf = name.rsplit(".", 1)[-1]
-    return param.ndim <= 1 or "bias" in name or "norm" in name or leaf in NO_DECAY_LEAVES
-
-
 def param_groups(model: nn.Module, weight_decay: float) -> tuple[list[dict[str, Any]], list[str]]:
-    """AdamW groups (decay, no-decay) over the adapted model's trainable tensors, and their names in that order."""
+    """AdamW groups (decay, no-decay) over the adapted model's trainable tensors, and their names in that order.
+
+    Which tensors decay is the method's decision (peftx.adapter.split_weight_decay, through the method registry).
+    """
     params = dict(model.named_parameters())
-    decay, no_decay = [], []
-    for name in trainable_names(model):
-        (no_decay if no_weight_decay(name, params[name]) else decay).append(name)
+    decay, no_decay = split_weight_decay(model)
     groups, names = [], []
     for group_names, wd in ((decay, weight_decay), (no_decay, 0.0)):
         if group_names:

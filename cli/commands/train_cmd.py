@@ -8,25 +8,11 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..errors import handle_errors
-from ..options import Device, Json, Method, Weights
+from ..options import Alpha, Device, Init, Json, Method, MethodOption, Rank, Targets, Weights
 from ..output import console, err_console, key_values, print_json
 
 _SUMMARY_KEYS = ("run_dir", "best_epoch", "val_accuracy", "test_accuracy", "trainable_params", "total_params",
                  "train_seconds", "img_per_s", "peak_memory_mb")
-
-
-def _method_options(method: str, rank: int | None, alpha: float | None, targets: str | None,
-                    init: str | None) -> dict[str, Any]:
-    opts: dict[str, Any] = {}
-    if rank is not None:
-        opts["r" if method == "lora" else "rank"] = rank
-    if alpha is not None:
-        opts["alpha"] = alpha
-    if targets:
-        opts["targets"] = [t.strip() for t in targets.split(",") if t.strip()]
-    if init is not None:
-        opts["init"] = init
-    return opts
 
 
 def _run_with_progress(fn, json_out: bool):
@@ -69,10 +55,11 @@ def train(
     dropout: Annotated[Optional[float], typer.Option("--dropout", help="Residual dropout rate of the last block.", show_default=False)] = None,
     hflip: Annotated[Optional[bool], typer.Option("--hflip/--no-hflip", help="Random horizontal flips.", show_default=False)] = None,
     img_size: Annotated[Optional[int], typer.Option("--img-size", min=1, show_default=False)] = None,
-    rank: Annotated[Optional[int], typer.Option("--rank", "-r", help="LoRA r / AOFT d.", show_default=False)] = None,
-    alpha: Annotated[Optional[float], typer.Option("--alpha", help="LoRA alpha.", show_default=False)] = None,
-    targets: Annotated[Optional[str], typer.Option("--targets", help="Comma list of q,k,v,qkv,proj,fc1,fc2,reduction.", show_default=False)] = None,
-    init: Annotated[Optional[str], typer.Option("--init", help="RLRR init: kaiming, normal, zeros.", show_default=False)] = None,
+    rank: Rank = None,
+    alpha: Alpha = None,
+    targets: Targets = None,
+    init: Init = None,
+    method_option: MethodOption = None,
     amp: Annotated[str, typer.Option("--amp", help="auto, bf16, fp16 or off.")] = "auto",
     device: Device = "auto",
     seed: Annotated[int, typer.Option("--seed")] = 42,
@@ -81,6 +68,7 @@ def train(
     json_out: Json = False,
 ) -> None:
     """Fine-tune an adapter (no arguments: the embedded demo, a few minutes on a laptop CPU)."""
+    from peftx.methods import options_from_cli
     from peftx.train import TrainConfig, train as run
 
     kwargs: dict[str, Any] = dict(
@@ -89,7 +77,8 @@ def train(
         batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, min_lr=min_lr,
         dropout=dropout, hflip=hflip, img_size=img_size, amp=amp, device=device, seed=seed,
         num_workers=num_workers, overwrite=overwrite,
-        method_options=_method_options(method, rank, alpha, targets, init))
+        method_options=options_from_cli(method, {"rank": rank, "alpha": alpha, "targets": targets, "init": init},
+                                        method_option or ()))
     if model is not None:
         kwargs["model"] = model
     summary = _run_with_progress(lambda progress: run(TrainConfig(**kwargs), progress=progress), json_out)
