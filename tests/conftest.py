@@ -34,7 +34,7 @@ EDGE_MODELS = {
     "vit_pre_norm": ("vit_tiny_patch16_224", dict(_V, pre_norm=True)),  # norm_pre, patch conv without bias
     "vit_pre_norm_reg": ("vit_tiny_patch16_224", dict(_V, pre_norm=True, reg_tokens=2, no_embed_class=True)),
     "vit_gap_fc_norm": ("vit_tiny_patch16_224", dict(_V, global_pool="avg", fc_norm=True, class_token=False)),
-    "vit_gap_240": ("vit_medium_patch16_gap_240", dict(_V, init_values=0.1)),  # no cls token, avg pool, no qkv bias
+    "vit_gap_240": ("vit_medium_patch16_gap_240", dict(_V, init_values=1.0)),  # no cls token, avg pool, no qkv bias
     "deit": ("deit_tiny_patch16_224", dict(_V)),
     "swin_no_qkv_bias": ("swin_tiny_patch4_window7_224", dict(img_size=64, window_size=4, embed_dim=24,
                                                               depths=(1, 1, 1), num_heads=(1, 2, 2), qkv_bias=False)),

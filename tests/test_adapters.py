@@ -232,3 +232,75 @@ def test_failed_inplace_unload_leaves_the_model_adapted_and_unchanged():
     unmerge(model)
     with torch.no_grad():
         assert (model(x) - ref).abs().max() <= MERGE_FP32.bound(ref.abs().max().item())
+
+
+# -- sites a method may not be able to merge: every method on every such model, through to ONNX Runtime ------------
+
+EDGE_CASES = [(m, f) for m in METHOD_NAMES for f in EDGE_MODELS]
+
+
+@pytest.mark.parametrize("method,family", EDGE_CASES, ids=[f"{m}-{f}" for m, f in EDGE_CASES])
+def test_every_method_merges_and_exports_on_every_site(tmp_path, method, family):
+    """adapt -> non-trivial adapter -> output changed -> merge_and_unload -> the plain timm state dict (keys and
+    shapes of timm.create_model itself) -> merged == unmerged (MERGE_FP32) -> ONNX -> ONNX Runtime == unmerged."""
+    import timm
+
+    from peftx.exports.onnx_export import export_onnx
+    from peftx.exports.parity import compare, make_input_sets
+    from peftx.exports.runners import OnnxRuntimeRunner, TorchRunner
+
+    plain, model = adapted(method, family)
+    x = real_batch(family)
+    with torch.no_grad():
+        ref = model(x)
+        assert (ref - plain(x)).abs().max() > 1e-2  # the adapter matters, so parity cannot pass by accident
+        merged = merge_and_unload(model)
+        out = merged(x)
+    name, kw = EDGE_MODELS[family]
+    fresh = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES, **kw)
+    assert type(merged) is type(fresh) and not any("peftx" in type(m).__module__ for m in merged.modules())
+    assert {k: v.shape for k, v in merged.state_dict().items()} == {k: v.shape for k, v in fresh.state_dict().items()}
+    assert (out - ref).abs().max() <= MERGE_FP32.bound(ref.abs().max().item())
+    size = tiny_data_cfg(family)["input_size"]
+    path = export_onnx(merged.eval(), tmp_path / "m.onnx", input_size=size)
+    inputs = make_input_sets(x.numpy(), (1, 3))
+    result = compare(TorchRunner(model.eval(), name="unmerged"), OnnxRuntimeRunner(path), inputs, ONNX_FP32)
+    assert result.passed, result.overall
+
+
+def test_rlrr_bias_free_sites_are_left_out_or_folded_exactly():
+    """RLRR's shift f: left out where no exact fold exists (qkv / fc1 without bias: out > in), kept and folded into
+    attn.norm / mlp.norm where they feed a bias-free proj / fc2; the patch-token SSF shift of a bias-free patch conv
+    lives in the position embedding's patch rows. Each omission is a note."""
+    model = adapt(make_tiny("vit_no_qkv_bias"), make_config("rlrr"))
+    qkv, proj = model.get_submodule("blocks.0.attn.qkv"), model.get_submodule("blocks.0.attn.proj")
+    assert qkv.f is None and proj.f is not None
+    assert any(n.startswith("blocks.0.attn.qkv: no bias shift f") for n in state_of(model).notes)
+
+    model = adapt(make_tiny("vit_norms_no_proj_bias"), make_config("rlrr"))
+    perturb_adapter(model)
+    for sub, norm in (("attn.proj", "attn.norm"), ("mlp.fc2", "mlp.norm")):
+        layer = model.get_submodule(f"blocks.0.{sub}")
+        assert layer.base_layer.bias is None and layer.f is not None and layer.fold_norm == f"blocks.0.{norm}"
+    assert model.get_submodule("blocks.0.mlp.fc1").f is None
+    before = model.get_submodule("blocks.0.attn.norm").bias.clone()
+    merged = merge_and_unload(model)
+    assert not torch.allclose(merged.get_submodule("blocks.0.attn.norm").bias, before)  # f moved there
+
+    for family, offset in (("vit_pre_norm", 1), ("vit_pre_norm_reg", 0)):
+        model = adapt(make_tiny(family), make_config("rlrr"))
+        perturb_adapter(model)
+        ssf = model.get_submodule("patch_embed.norm")
+        assert model.patch_embed.proj.bias is None and ssf.ssf_shift is not None and ssf.pos_offset == offset
+        pos = model.pos_embed.detach().clone()
+        merged = merge_and_unload(model)
+        moved = merged.pos_embed.detach() - pos
+        assert torch.equal(moved[:, :offset], torch.zeros_like(moved[:, :offset]))  # the prefix tokens' rows stay
+        torch.testing.assert_close(moved[0, offset:], ssf.ssf_shift.detach().expand_as(moved[0, offset:]))
+
+
+def test_rlrr_reduction_keeps_its_shift_and_merges_via_the_norm():
+    """Swin's bias-free PatchMerging reduction (2C x 4C, full row rank) keeps f: it folds into downsample.norm."""
+    model = adapt(make_tiny("swin"), make_config("rlrr"))
+    red = model.get_submodule("layers.1.downsample.reduction")
+    assert red.f is not None and red.fold_norm == "layers.1.downsample.norm" and not state_of(model).notes

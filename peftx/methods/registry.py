@@ -178,7 +178,8 @@ def _parse(method: str, field: dataclasses.Field, text: str) -> Any:
         if kind.startswith("float"):
             return float(text)
     except ValueError:
-        raise UsageError(f"{method} option {field.name}: {text!r} is not a {kind.split('|')[0]}") from None
+        what = {"bool": "true or false", "int": "an integer", "float": "a number"}.get(kind.split("|")[0], kind)
+        raise UsageError(f"{method} option {field.name}: {text!r} is not {what}") from None
     return text
 
 
