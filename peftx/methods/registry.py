@@ -178,8 +178,11 @@ def _parse(method: str, field: dataclasses.Field, text: str) -> Any:
         if kind.startswith("float"):
             return float(text)
     except ValueError:
-        what = {"bool": "true or false", "int": "an integer", "float": "a number"}.get(kind.split("|")[0], kind)
-        raise UsageError(f"{method} option {field.name}: {text!r} is not {what}") from None
+        base = kind.split("|")[0]
+        what = {"bool": "true or false", "int": "an integer", "float": "a number"}.get(base, base)
+        example = {"bool": "false", "int": "8", "float": "0.01"}.get(base, "VALUE")
+        raise UsageError(f"{method} option {field.name}: {text!r} is not {what}",
+                         f"e.g. --method-option {field.name}={example}") from None
     return text
 
 
