@@ -20,5 +20,5 @@ Rank = Annotated[Optional[int], typer.Option("--rank", "-r", help="Rank, for met
 Alpha = Annotated[Optional[float], typer.Option("--alpha", help="LoRA alpha.", show_default=False)]
 Targets = Annotated[Optional[str], typer.Option("--targets", help="Comma list of q,k,v,qkv,proj,fc1,fc2,reduction.", show_default=False)]
 Init = Annotated[Optional[str], typer.Option("--init", help="RLRR init: kaiming, normal, zeros.", show_default=False)]
-MethodOption = Annotated[Optional[list[str]], typer.Option("--method-option", help="KEY=VALUE, repeatable: any field of the method's config, e.g. --method-option ssf=false.", show_default=False)]
+MethodOption = Annotated[Optional[list[str]], typer.Option("--method-option", metavar="KEY=VALUE", help="KEY=VALUE, repeatable: any field of the method's config, e.g. --method-option ssf=false.", show_default=False)]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]

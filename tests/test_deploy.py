@@ -101,3 +101,28 @@ def test_bad_batch_and_precision(tmp_path):
             parse_batch(bad)
     with pytest.raises(UsageError, match="precision"):
         merge_export(tmp_path, precision="int8")
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("vit_base_patch16_224_miil", {}),  # timm's config: qkv_bias=False (the RLRR shift f had nowhere to go)
+    ("vit_tiny_patch16_224", {"pre_norm": True}),  # CLIP-style: a patch conv without bias (the SSF shift)
+], ids=["miil-no-qkv-bias", "pre-norm-no-patch-bias"])
+def test_a_run_that_trains_always_merges_and_exports(tmp_path, tiny_weights, digit_folder, name, kw):
+    """`peftx train` then `peftx merge-export` with RLRR on the models whose merge used to fail after training."""
+    import timm
+
+    from peftx.train import train
+
+    from conftest import TINY_IMG, TINY_KW, tiny_config
+
+    kw = dict(TINY_KW, **kw)
+    torch.manual_seed(0)
+    weights = tmp_path / "w.safetensors"
+    plain = timm.create_model(name, pretrained=False, num_classes=0, img_size=TINY_IMG, **kw)
+    save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(weights))
+    run = tmp_path / "run"
+    summary = train(tiny_config(weights, run, model=name, model_kwargs=kw, data=str(digit_folder), method="rlrr",
+                                epochs=1))
+    assert summary["best_epoch"] == 1
+    report = merge_export(run, batch=(1, 2, 4), simplify=False, tensorrt="off")
+    assert report.status == "ok"
