@@ -7,7 +7,7 @@ method modules load on first access.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .registry import (BUILTIN, Method, config_class, config_from_dict, get_method, make_config, method_names,
                        method_of, options_from_cli, plain_no_weight_decay, register)
@@ -19,6 +19,17 @@ _LAZY = {
     "RLRRConfig": "rlrr", "RLRRLinear": "rlrr", "AOFTConfig": "aoft", "AOFTLinear": "aoft",
     "LoRAConfig": "lora", "LoRALinear": "lora", "LinearConfig": "linear", "FullConfig": "full",
 }
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
+    from .aoft import AOFTConfig, AOFTLinear
+    from .base import AdapterConfig, AdapterLinear, AdapterModule, LowRankLinear, TargetedConfig, TargetedMethod
+    from .full import FullConfig
+    from .linear import LinearConfig
+    from .lora import LoRAConfig, LoRALinear
+    from .rlrr import RLRRConfig, RLRRLinear
+    from .ssf import SSF
+
+    METHOD_NAMES: tuple[str, ...]
 
 
 def __getattr__(name: str) -> Any:

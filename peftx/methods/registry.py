@@ -124,13 +124,13 @@ def method_names() -> tuple[str, ...]:
 
 def get_method(name: str) -> Method:
     """The registered method called ``name`` (a UsageError listing the names if there is none)."""
+    if not isinstance(name, str) or (name not in _REGISTERED and name not in BUILTIN):
+        raise UsageError(f"unknown method {name!r}", f"choose from {', '.join(method_names())}")
     if name in _INSTANCES:
         return _INSTANCES[name]
-    if name not in _REGISTERED and isinstance(name, str) and name in BUILTIN:
+    if name not in _REGISTERED:
         module, _, cls = BUILTIN[name].partition(":")
         register(getattr(importlib.import_module(module), cls))
-    if not isinstance(name, str) or name not in _REGISTERED:
-        raise UsageError(f"unknown method {name!r}", f"choose from {', '.join(method_names())}")
     _INSTANCES[name] = _REGISTERED[name]()
     return _INSTANCES[name]
 
