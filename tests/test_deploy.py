@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from peftx.adapter import adapt, state_of
+from peftx.adapter import adapt
 from peftx.adapter_io import save_adapter
 from peftx.deploy import merge_export, validate
 from peftx.errors import ExportError, OutputError, UsageError
@@ -18,7 +18,7 @@ from peftx.exports.onnx_export import export_onnx, op_histogram, param_count
 from peftx.methods import METHOD_NAMES, make_config
 from peftx.tolerances import ONNX_FP32
 
-from conftest import TINY_MODELS, make_tiny, perturb_adapter, tiny_data_cfg
+from conftest import TINY_MODELS, make_tiny, perturb_adapter, plain_reference, tiny_data_cfg
 
 CASES = [(m, f) for m in METHOD_NAMES for f in TINY_MODELS]
 
@@ -42,9 +42,7 @@ def make_run(tmp_path, method: str, family: str):
     run = tmp_path / "run"
     save_adapter(model, run, extra={"data_config": tiny_data_cfg(family),
                                     "class_names": [f"c{i}" for i in range(5)]})
-    head = state_of(model).layout.head
-    plain.get_submodule(head).load_state_dict(model.get_submodule(head).state_dict())
-    return run, plain, model
+    return run, plain_reference(plain, model), model
 
 
 @pytest.mark.parametrize("method,family", CASES, ids=[f"{m}-{f}" for m, f in CASES])
