@@ -51,7 +51,7 @@ from .errors import NonFiniteError, OutputError, TrainingInterrupted, UsageError
 from .evaluate import (AMP_MODES, autocast, eval_loader, evaluate_model, resolve_amp, resolve_device, to_device,
                        use_fused_attention)
 from .fsutil import ensure_dir, output_error, write_text_atomic
-from .methods import config_class, method_names
+from .methods import config_class, get_method, method_names
 from .recipes import GENERIC, Recipe, canonical_task, recipe
 from .regularization import add_residual_dropout, residual_dropout_removed
 
@@ -174,6 +174,8 @@ class TrainConfig:
         for name, value in r.to_dict().items():
             if name in values and values[name] is None:
                 values[name] = value
+        if self.lr is None:  # the recipes' learning rates are tuned for adapters; the method may scale them
+            values["lr"] = values["lr"] * get_method(self.method).recipe_lr_scale
         if values["eval_batch_size"] is None:
             values["eval_batch_size"] = 2 * values["batch_size"]
         if values["weights"] is not None:

@@ -112,3 +112,16 @@ def test_full_fine_tuning_resumes_bit_identical(tiny_weights, digit_folder, tmp_
     assert done.keys() == resumed.keys()
     for name in done:
         assert torch.equal(done[name], resumed[name]), name
+
+
+def test_full_fine_tuning_scales_the_adapter_recipes_learning_rate():
+    """The recipes are tuned for adapters; full fine-tuning takes a hundredth of their lr unless --lr is given."""
+    from peftx.recipes import DEMO, VTAB_1K
+
+    assert TrainConfig(method="full").resolved().lr == pytest.approx(DEMO.lr / 100)
+    assert TrainConfig(method="full", task="dtd", data="x").resolved().lr == pytest.approx(VTAB_1K["dtd"].lr / 100)
+    assert TrainConfig(method="full", lr=1e-3).resolved().lr == 1e-3  # an explicit lr wins
+    resolved = TrainConfig(method="full").resolved()
+    assert resolved.resolved().lr == resolved.lr  # resolving again (a resumed run's config) does not scale twice
+    for method in ("rlrr", "linear"):
+        assert TrainConfig(method=method).resolved().lr == DEMO.lr

@@ -61,6 +61,9 @@ class Method:
     trains_backbone: ClassVar[bool] = False
     # True: adapt() refuses a model on which the method wraps no layer (it would silently train the head only).
     wraps_layers: ClassVar[bool] = True
+    # Multiplies the training recipe's learning rate when the run does not set one (--lr): the recipes (the RLRR
+    # paper's VTAB-1k table, the demo) are tuned for adapters.
+    recipe_lr_scale: ClassVar[float] = 1.0
 
     # -- hooks ------------------------------------------------------------------------------------------------------
     def resolve_targets(self, config: AdapterConfig, layout: Layout) -> set[str]:
