@@ -22,8 +22,8 @@ from .adapter import adapt, adapter_modules, adapter_state_dict, count_parameter
 from .checks import all_finite, is_pickle_file
 from .errors import AdapterFileError, AdapterMismatchError, NonFiniteError
 from .fsutil import atomic_path, write_text_atomic
-from .methods import AdapterLinear, config_from_dict
-from .targets import describe
+from .layout import describe
+from .methods import config_from_dict
 
 ADAPTER_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -40,7 +40,7 @@ def adapter_config(model: nn.Module, extra: dict[str, Any] | None = None) -> dic
         "method": st.config.method, "config": st.config.to_dict(),
         "base_model": st.spec.get("name"), "spec": st.spec, "family": st.layout.family,
         "num_classes": st.num_classes, "base_fingerprint": st.base_fingerprint,
-        "trainable_params": trainable, "total_params": total, **(extra or {}),
+        "trainable_params": trainable, "total_params": total, "notes": list(st.notes), **(extra or {}),
     }
 
 
@@ -194,9 +194,8 @@ def _undo_adapt(model: nn.Module, head: str, head_state: dict[str, torch.Tensor]
                 requires_grad: dict[str, bool]) -> None:
     """Unwrap what adapt() wrapped (the frozen layers inside are untouched) and restore the head it zero-initialised."""
     for name, module in reversed(adapter_modules(model)):
-        inner = module.base_layer if isinstance(module, AdapterLinear) else module.base
         parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, inner)
+        setattr(model.get_submodule(parent) if parent else model, leaf, module.inner)
     if getattr(model, "peftx_state", None) is not None:
         del model.peftx_state
     model.get_submodule(head).load_state_dict(head_state)

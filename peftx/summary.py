@@ -27,5 +27,5 @@ def inspect_model(model_name: str, method: str, *, num_classes: int = 10, img_si
         "config": config.to_dict(), "num_classes": num_classes,
         "trainable_params": trainable, "adapter_params": trainable - head_params, "head_params": head_params,
         "total_params": total, "trainable_fraction": trainable / total,
-        "adapted_layers": adapted_layers(model),
+        "adapted_layers": adapted_layers(model), "notes": list(state_of(model).notes),
     }

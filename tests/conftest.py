@@ -23,17 +23,34 @@ TINY_MODELS = {
 }
 NUM_CLASSES = 5
 
+# Sites a method may not be able to merge: bias-free Linears, a bias-free patch conv (CLIP-style pre-norm), global
+# pooling with fc_norm, DeiT, a Swin without qkv bias. Tiny configs of the real timm classes.
+_V = dict(img_size=32, depth=2, embed_dim=64, num_heads=2)
+EDGE_MODELS = {
+    "vit_no_qkv_bias": ("vit_base_patch16_224_miil", dict(_V)),  # qkv_bias=False in timm's own config
+    "vit_no_proj_bias": ("vit_tiny_patch16_224", dict(_V, proj_bias=False)),  # proj, fc1, fc2 without bias
+    "vit_norms_no_proj_bias": ("vit_tiny_patch16_224", dict(_V, proj_bias=False, scale_attn_norm=True,
+                                                            scale_mlp_norm=True)),  # attn.norm / mlp.norm feed them
+    "vit_pre_norm": ("vit_tiny_patch16_224", dict(_V, pre_norm=True)),  # norm_pre, patch conv without bias
+    "vit_pre_norm_reg": ("vit_tiny_patch16_224", dict(_V, pre_norm=True, reg_tokens=2, no_embed_class=True)),
+    "vit_gap_fc_norm": ("vit_tiny_patch16_224", dict(_V, global_pool="avg", fc_norm=True, class_token=False)),
+    "vit_gap_240": ("vit_medium_patch16_gap_240", dict(_V, init_values=1.0)),  # no cls token, avg pool, no qkv bias
+    "deit": ("deit_tiny_patch16_224", dict(_V)),
+    "swin_no_qkv_bias": ("swin_tiny_patch4_window7_224", dict(img_size=64, window_size=4, embed_dim=24,
+                                                              depths=(1, 1, 1), num_heads=(1, 2, 2), qkv_bias=False)),
+}
+
 
 def make_tiny(family: str, seed: int = 0, num_classes: int = NUM_CLASSES):
     import timm
 
-    name, kw = TINY_MODELS[family]
+    name, kw = TINY_MODELS[family] if family in TINY_MODELS else EDGE_MODELS[family]
     torch.manual_seed(seed)
     return timm.create_model(name, pretrained=False, num_classes=num_classes, exportable=True, **kw).eval()
 
 
 def tiny_data_cfg(family: str) -> dict:
-    s = TINY_MODELS[family][1]["img_size"]
+    s = (TINY_MODELS[family] if family in TINY_MODELS else EDGE_MODELS[family])[1]["img_size"]
     return {"input_size": (3, s, s), "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
             "std": (0.229, 0.224, 0.225), "crop_pct": 1.0}
 
@@ -52,6 +69,21 @@ def perturb_adapter(model, std: float = 0.2, seed: int = 1) -> None:
         for _, p in model.named_parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+def plain_reference(plain, model):
+    """What ``model`` computes without its adapter: ``plain`` with the adapted model's (trained) head, so a test
+    sees the adapter's effect alone. When the head is all the method trains (linear probing) the head IS the adapter,
+    and ``plain`` keeps its own."""
+    import copy
+
+    from peftx.adapter import state_of, trainable_names
+
+    head = state_of(model).layout.head
+    ref = copy.deepcopy(plain)
+    if any(not n.startswith(head + ".") for n in trainable_names(model)):
+        ref.get_submodule(head).load_state_dict(model.get_submodule(head).state_dict())
+    return ref
 
 
 # -- training fixtures: a real, rebuildable tiny-ViT weights file and a real PNG ImageFolder of sklearn digits --------

@@ -263,6 +263,28 @@ def test_user_file_for_a_custom_load_config_goes_through_the_state_dict_loader(t
     assert backbone_equal(source, loaded) and torch.equal(source.head.weight, loaded.head.weight)
 
 
+def test_user_file_never_reaches_timms_npz_loader_even_where_timm_keeps_custom_load(tmp_path: Path,
+                                                                                     monkeypatch) -> None:
+    """The augreg configs' custom_load means "the original .npz, read by the model's own load_pretrained" (numpy
+    code, not the safetensors / weights_only reader). timm >= 1.0.31 resets the flag when a file is overlaid; an
+    older timm does not, which is simulated here by emptying the keys that trigger timm's reset. A local file must
+    still load through the state-dict reader, and the npz loader must never run."""
+    import timm.models._builder as builder
+    from timm.models.vision_transformer import VisionTransformer
+
+    def npz_loader(self, *args, **kwargs):
+        raise AssertionError("timm's custom (npz) loader was used for a user file")
+
+    monkeypatch.setattr(builder, "_PRETRAINED_SOURCE_KEYS", ())
+    monkeypatch.setattr(VisionTransformer, "load_pretrained", npz_loader)
+    name = "vit_base_patch16_224.augreg_in21k"
+    source = timm.create_model(name, pretrained=False, num_classes=3, img_size=32, depth=1)
+    path = tmp_path / "augreg.safetensors"
+    save_file(source.state_dict(), str(path))
+    loaded = create_backbone(name, num_classes=3, weights=path, img_size=32, depth=1)
+    assert backbone_equal(source, loaded) and torch.equal(source.head.weight, loaded.head.weight)
+
+
 # ----------------------------------------------------------------------------------------------------- data config
 
 

@@ -398,7 +398,7 @@ CASES = [
     Case("inspect-unsupported-model", lambda e, t: ["inspect", "resnet18", "--json"], UnsupportedModelError,
          "ResNet is not supported"),
     Case("train-unknown-method", lambda e, t: train(e, t, "--method", "dora"), UsageError,
-         "method: 'dora' is not one of rlrr, aoft, lora"),
+         "unknown method 'dora' — choose from rlrr, aoft, lora, linear, full"),
     Case("inspect-unknown-method", lambda e, t: ["inspect", TRAIN_MODEL, "--method", "dora", "--json"], UsageError,
          "unknown method 'dora'"),
     Case("inspect-rank-too-large", lambda e, t: ["inspect", TRAIN_MODEL, "--method", "lora", "--rank", "100000",
@@ -406,7 +406,16 @@ CASES = [
     Case("train-unknown-target", lambda e, t: train(e, t, "--targets", "q,bogus"), UsageError,
          "unknown target(s) ['bogus']"),
     Case("train-option-of-another-method", lambda e, t: train(e, t, "--method", "lora", "--init", "zeros"),
-         UsageError, "unknown field(s) ['init']"),
+         UsageError, "--init is not an option of method lora — lora takes --rank, --alpha, --targets"),
+    Case("train-rank-for-a-method-without-one", lambda e, t: train(e, t, "--method", "full", "--rank", "4"),
+         UsageError, "--rank is not an option of method full — full takes none"),
+    Case("train-unknown-method-option", lambda e, t: train(e, t, "--method-option", "bogus=1"), UsageError,
+         "--method-option bogus: method rlrr has no such option"),
+    Case("train-method-option-bad-value", lambda e, t: train(e, t, "--method-option", "ssf=maybe"), UsageError,
+         "rlrr option ssf: 'maybe' is not true or false"),
+    Case("inspect-option-of-another-method", lambda e, t: ["inspect", TRAIN_MODEL, "--method", "linear", "--alpha",
+                                                           "2", "--json"], UsageError,
+         "--alpha is not an option of method linear"),
     Case("train-resume-with-other-output", lambda e, t: train(e, t, "--resume", str(e.run)), UsageError,
          "differs from the resumed run"),
     Case("train-resume-not-a-run", lambda e, t: ["train", "--resume", str(e.run), "--json"], AdapterFileError,
@@ -863,11 +872,9 @@ def test_nothing_loaded_from_disk_can_execute_code():
         allowed_seen |= seen
     assert not findings, "code paths that may unpickle / execute file contents:\n" + "\n".join(findings)
     assert allowed_seen == _ALLOWED  # the one allowed reader is really the one in use
-    # ...and it is safe: timm's reader defaults to torch.load(weights_only=True), and peftx never enables timm's
-    # custom (npz) loader for a weights file.
+    # ...and it is safe: timm's reader defaults to torch.load(weights_only=True). That peftx never lets timm's
+    # custom (npz) loader read a weights file is tested by behaviour in test_backbones.py.
     import timm.models._helpers as helpers
 
     assert inspect.signature(helpers.load_state_dict).parameters["weights_only"].default is True
     assert inspect.signature(helpers._torch_load).parameters["weights_only"].default is True
-    backbones = Path(importlib.import_module("peftx.backbones").__file__).read_text()
-    assert "custom_load=False" in backbones

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from peftx.adapter import adapt, state_of
+from peftx.adapter import adapt
 from peftx.adapter_io import save_adapter
 from peftx.deploy import merge_export, validate
 from peftx.errors import ExportError, OutputError, UsageError
@@ -18,7 +18,7 @@ from peftx.exports.onnx_export import export_onnx, op_histogram, param_count
 from peftx.methods import METHOD_NAMES, make_config
 from peftx.tolerances import ONNX_FP32
 
-from conftest import TINY_MODELS, make_tiny, perturb_adapter, tiny_data_cfg
+from conftest import TINY_MODELS, make_tiny, perturb_adapter, plain_reference, tiny_data_cfg
 
 CASES = [(m, f) for m in METHOD_NAMES for f in TINY_MODELS]
 
@@ -42,9 +42,7 @@ def make_run(tmp_path, method: str, family: str):
     run = tmp_path / "run"
     save_adapter(model, run, extra={"data_config": tiny_data_cfg(family),
                                     "class_names": [f"c{i}" for i in range(5)]})
-    head = state_of(model).layout.head
-    plain.get_submodule(head).load_state_dict(model.get_submodule(head).state_dict())
-    return run, plain, model
+    return run, plain_reference(plain, model), model
 
 
 @pytest.mark.parametrize("method,family", CASES, ids=[f"{m}-{f}" for m, f in CASES])
@@ -128,3 +126,28 @@ def test_cli_merge_export_and_validate_follow_the_target(tmp_path):
     assert "trt8.6 (TensorRT >= 8.6): TensorRT-ready" in done.stdout
     done = cli.invoke(app, ["validate", str(default), "--target", "jetpack5", "--tensorrt", "off", "--json"])
     assert done.exit_code == ExportError.exit_code and "not TensorRT-ready for jetpack5" in done.stderr
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("vit_base_patch16_224_miil", {}),  # timm's config: qkv_bias=False (the RLRR shift f had nowhere to go)
+    ("vit_tiny_patch16_224", {"pre_norm": True}),  # CLIP-style: a patch conv without bias (the SSF shift)
+], ids=["miil-no-qkv-bias", "pre-norm-no-patch-bias"])
+def test_a_run_that_trains_always_merges_and_exports(tmp_path, tiny_weights, digit_folder, name, kw):
+    """`peftx train` then `peftx merge-export` with RLRR on the models whose merge used to fail after training."""
+    import timm
+
+    from peftx.train import train
+
+    from conftest import TINY_IMG, TINY_KW, tiny_config
+
+    kw = dict(TINY_KW, **kw)
+    torch.manual_seed(0)
+    weights = tmp_path / "w.safetensors"
+    plain = timm.create_model(name, pretrained=False, num_classes=0, img_size=TINY_IMG, **kw)
+    save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(weights))
+    run = tmp_path / "run"
+    summary = train(tiny_config(weights, run, model=name, model_kwargs=kw, data=str(digit_folder), method="rlrr",
+                                epochs=1))
+    assert summary["best_epoch"] == 1
+    report = merge_export(run, batch=(1, 2, 4), simplify=False, tensorrt="off")
+    assert report.status == "ok"

@@ -138,3 +138,21 @@ def test_rlrr_model_trains_through_the_fast_path_and_merges_exactly():
         unmerged = model(x)
         merged = merge_and_unload(model)(x)
     torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)
+
+
+def test_rlrr_fast_backward_refuses_a_second_derivative():
+    """The hand-written backward is once differentiable: create_graph + a second backward raises a clear error
+    instead of returning a silently wrong (missing) second-order term. Through merge_weight (eval / the
+    definition) autograd still gives second derivatives."""
+    torch.manual_seed(0)
+    layer = RLRRLinear(_frozen_linear(8, 12), "t", col_groups=1)
+    x = torch.randn(3, 8)
+    y = layer(x)
+    assert "Rescaled" in type(y.grad_fn).__name__
+    (g,) = torch.autograd.grad(y.pow(2).sum(), layer.s_row, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice .*once_differentiable"):
+        g.sum().backward()
+    ref = AdapterLinear.forward(layer, x)  # the definition: twice differentiable
+    (g,) = torch.autograd.grad(ref.pow(2).sum(), layer.s_row, create_graph=True)
+    (h,) = torch.autograd.grad(g.sum(), layer.s_col)
+    assert torch.isfinite(h).all() and h.abs().sum() > 0

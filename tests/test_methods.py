@@ -38,14 +38,18 @@ def test_ao_basis_drift_off_the_unit_sphere():
     assert drift[1.01] < 0.1  # near the sphere the columns stay nearly orthonormal
 
 
-def test_ao_basis_guard_at_the_pole():
-    q = torch.zeros(32)
-    q[0] = -1.0  # 1 + q0 = 0 exactly
-    m = ao_basis(q.requires_grad_(), 4)
+@pytest.mark.parametrize("gap", [0.0, 1e-12, 1e-9, 1e-6, DENOM_EPS / 10, -0.5], ids=lambda g: f"1+q0={g:g}")
+def test_ao_basis_guard_near_the_pole(gap):
+    """1 + q0 at or near 0 (or below): the clamped denominator keeps AO and its gradient finite AND bounded by
+    what the guard allows, |u|^2 / DENOM_EPS; without it they grow as 1 / (1 + q0) (5e7 at 1e-9 here)."""
+    u = torch.randn(31, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.1
+    q = torch.cat([torch.tensor([-1.0 + gap], dtype=torch.float64), u]).requires_grad_()
+    m = ao_basis(q, 4)
     assert torch.isfinite(m).all()
-    m.sum().backward()
+    assert m.abs().max() <= 1 + u.abs().max() ** 2 / DENOM_EPS
+    (m ** 2).sum().backward()
     assert torch.isfinite(q.grad).all()
-    assert DENOM_EPS > 0
+    assert q.grad.abs().max() <= 1 / DENOM_EPS ** 2  # unguarded: ~|u|^3 / (1 + q0)^2, 1e15 at 1e-9
 
 
 def test_rlrr_official_init_and_qkv_structure():
@@ -82,7 +86,7 @@ def test_unsupported_model_and_targets():
         make_config("rlrr", targets=("q",))
     with pytest.raises(UsageError, match="unknown target"):
         make_config("aoft", targets=("attn",))
-    with pytest.raises(UsageError, match="unknown method"):
+    with pytest.raises(UsageError, match="unknown method 'dora'.*choose from rlrr, aoft, lora, linear, full"):
         make_config("dora")
     with pytest.raises(UsageError, match="already"):
         adapt(adapt(make_tiny("vit"), make_config("lora")), make_config("lora"))
@@ -194,3 +198,155 @@ def test_safetensors_whose_header_length_looks_like_a_pickle_still_loads(saved, 
     torch.save({"x": torch.zeros(2)}, saved / "zip.pt")
     torch.save({"x": torch.zeros(2)}, saved / "raw.pt", _use_new_zipfile_serialization=False)
     assert is_pickle_file(saved / "zip.pt") and is_pickle_file(saved / "raw.pt")
+
+
+# ---------------------------------------------------------------------------------------------------- the registry
+
+
+def test_registry_lists_and_finds_every_builtin_method():
+    from peftx.methods import get_method, method_names
+
+    assert method_names() == ("rlrr", "aoft", "lora", "linear", "full")
+    for name in method_names():
+        m = get_method(name)
+        assert m.name == name and m.config_class.method == name and make_config(name).method == name
+    assert get_method("full").trains_backbone and not get_method("linear").wraps_layers
+
+
+def test_registration_is_checked():
+    from peftx.methods import Method, register
+    from peftx.methods.lora import LoRAConfig
+
+    with pytest.raises(TypeError):
+        register(object)  # type: ignore[arg-type]
+
+    class Clash(Method):
+        name = "lora"
+        config_class = LoRAConfig
+
+    with pytest.raises(ValueError, match="already registered"):
+        register(Clash)
+
+    class Mismatch(Method):
+        name = "other"
+        config_class = LoRAConfig
+
+    with pytest.raises(ValueError, match="config_class.method"):
+        register(Mismatch)
+
+
+@pytest.fixture
+def ia3():
+    """A method defined outside peftx, in ONE module (here: this fixture) plus ONE registration line: a learned
+    per-output-channel scale of fc2, W' = diag(1 + s) W (IA3-like). Removed from the registry afterwards."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from torch import nn
+
+    from peftx.methods import Method, register, registry
+    from peftx.methods.base import AdapterConfig, AdapterLinear
+
+    @dataclass
+    class IA3Config(AdapterConfig):
+        method: ClassVar[str] = "ia3"
+        init_std: float = 0.0
+
+    class IA3Linear(AdapterLinear):
+        def __init__(self, base, name, init_std):
+            super().__init__(base, name)
+            self.s = nn.Parameter(torch.randn(base.out_features) * init_std)
+
+        def merge_weight(self, weight):
+            return weight * (1 + self.s.to(weight.dtype)).unsqueeze(1)
+
+        def unmerge_weight(self, merged):
+            return merged / (1 + self.s.to(merged.dtype)).unsqueeze(1)
+
+    class IA3(Method):
+        name = "ia3"
+        config_class = IA3Config
+        cli_options = {"init-std": "init_std"}
+        no_decay = frozenset({"s"})
+
+        def resolve_targets(self, config, layout):
+            return {"fc2"}
+
+        def wrap_linear(self, site, base, config, targets, note):
+            return IA3Linear(base, site.path, config.init_std) if site.role in targets else None
+
+    register(IA3)  # the one registration line
+    yield IA3
+    registry._REGISTERED.pop("ia3", None)
+    registry._INSTANCES.pop("ia3", None)
+
+
+def test_a_new_method_is_one_module_and_one_registration_line(ia3, tmp_path):
+    """Nothing in the core, the trainer's groups or the CLI option mapping names a method: a method registered from
+    outside adapts, splits its weight decay, merges into the plain class, saves / loads, and takes CLI options."""
+    from peftx.adapter import merge_and_unload, split_weight_decay, state_of
+    from peftx.methods import method_names, options_from_cli
+    from peftx.tolerances import MERGE_FP32
+    from peftx.train import TrainConfig
+
+    from conftest import plain_reference, real_batch
+
+    assert "ia3" in method_names()
+    assert options_from_cli("ia3", {"init_std": None}, ["init-std=0.3"]) == {"init_std": 0.3}
+    TrainConfig(method="ia3", method_options={"init_std": 0.3})  # the trainer accepts it
+    plain = make_tiny("vit")
+    model = adapt(make_tiny("vit"), make_config("ia3", init_std=0.3))
+    perturb_adapter(model)
+    decay, no_decay = split_weight_decay(model)
+    assert decay == ["head.weight"] and set(no_decay) == {"blocks.0.mlp.fc2.s", "blocks.1.mlp.fc2.s", "head.bias"}
+    x = real_batch("vit", 4)
+    with torch.no_grad():
+        ref = model(x)
+        assert (ref - plain_reference(plain, model)(x)).abs().max() > 1e-2
+        merged = merge_and_unload(model)
+        assert type(merged) is type(plain) and merged.state_dict().keys() == plain.state_dict().keys()
+        assert (merged(x) - ref).abs().max() <= MERGE_FP32.bound(ref.abs().max().item())
+    save_adapter(model, tmp_path)
+    fresh = load_adapter(make_tiny("vit"), tmp_path)
+    assert state_of(fresh).config.method == "ia3"
+    with torch.no_grad():
+        assert torch.equal(fresh(x), ref)
+
+
+def test_cli_options_map_through_each_method():
+    from peftx.methods import options_from_cli
+
+    given = {"rank": 4, "alpha": None, "targets": "q, v", "init": None}
+    assert options_from_cli("lora", {**given, "alpha": 2.0}) == {"r": 4, "alpha": 2.0, "targets": ["q", "v"]}
+    assert options_from_cli("aoft", given) == {"rank": 4, "targets": ["q", "v"]}
+    assert options_from_cli("rlrr", {"init": "zeros"}, ["ssf=false", "ssf-init-std=0.01"]) == {
+        "init": "zeros", "ssf": False, "ssf_init_std": 0.01}
+    assert options_from_cli("lora", {}, ["r=2", "alpha=1e-1"]) == {"r": 2, "alpha": 0.1}
+    assert options_from_cli("full", {"rank": None}) == {}
+    with pytest.raises(UsageError, match="--rank is not an option of method rlrr") as e:
+        options_from_cli("rlrr", {"rank": 4})
+    assert "--init, --targets, --ssf, --ssf-init-std" in e.value.hint and "\n" not in e.value.message
+    with pytest.raises(UsageError, match="--init is not an option of method lora"):
+        options_from_cli("lora", {"init": "zeros"})
+    with pytest.raises(UsageError, match="--alpha is not an option of method linear") as e:
+        options_from_cli("linear", {"alpha": 1.0})
+    assert "linear takes none" in e.value.hint
+    with pytest.raises(UsageError, match="method aoft has no such option"):
+        options_from_cli("aoft", {}, ["init=zeros"])
+    with pytest.raises(UsageError, match="not KEY=VALUE"):
+        options_from_cli("aoft", {}, ["rank"])
+    with pytest.raises(UsageError, match="rank: 'four' is not an integer"):
+        options_from_cli("aoft", {}, ["rank=four"])
+    with pytest.raises(UsageError, match="ssf: 'maybe' is not true or false"):
+        options_from_cli("rlrr", {}, ["ssf=maybe"])
+
+
+def test_rlrr_without_ssf_and_notes_in_the_adapter_record(tmp_path):
+    import json
+
+    model = adapt(make_tiny("vit"), make_config("rlrr", ssf=False))
+    assert not any(type(m).__name__ == "SSF" for m in model.modules())
+    model = adapt(make_tiny("vit_no_qkv_bias"), make_config("rlrr"))
+    save_adapter(model, tmp_path)
+    notes = json.loads((tmp_path / "adapter_config.json").read_text())["notes"]
+    assert len(notes) == 2 and all("attn.qkv: no bias shift f" in n for n in notes)

@@ -212,7 +212,44 @@ def test_loader_damaged_records(loader, changes, method_changes):
         meta["config"].update(method_changes)
     path = Path(tempfile.mkdtemp(dir=loader.root)) / ADAPTER_FILE
     save_file(loader.tensors, str(path), metadata={"peftx_config": json.dumps(meta)})
-    _load(loader, path, "damaged records")
+    outcome = _load(loader, path, "damaged records")
+    expected = _expected_record_outcome(loader.meta, json.loads(json.dumps(meta)))
+    COUNTS[f"damaged records: expected {expected}"] += 1
+    if expected == "ok":
+        assert outcome == "ok", (changes, method_changes)
+    elif expected == "refused":
+        assert outcome != "ok", (changes, method_changes)
+
+
+def _same(a, b) -> bool:
+    """Equal as JSON values (so 3.0 differs from 3, and true from 1, as they do to the loader's type checks)."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def _expected_record_outcome(good: dict, meta: dict) -> str:
+    """What loading a record must give: 'ok', 'refused' (some PeftxError), or 'unknown' where the change's validity
+    is not modelled here (e.g. another finite alpha loads, a zero alpha does not)."""
+    if _same(meta, good):
+        return "ok"
+    # the fields that bind the file to its model: another value there is always refused
+    if any(not _same(meta.get(k), good[k]) for k in ("format", "num_classes", "base_fingerprint")):
+        return "refused"
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > good["format_version"]:  # bool is an int to the loader, too
+        return "refused"
+    cfg, good_cfg = meta.get("config"), good["config"]
+    if not isinstance(cfg, dict) or set(cfg) - set(good_cfg) or not _same(cfg.get("method"), good_cfg["method"]) \
+            or not _same(cfg.get("r"), good_cfg["r"]):
+        return "refused"  # another method, an unknown field, or a rank that changes the tensors' shapes
+    targets = cfg.get("targets")
+    same_targets = isinstance(targets, list) and all(isinstance(t, str) for t in targets) \
+        and set(targets) == set(good_cfg["targets"])
+    if not same_targets:
+        return "refused"  # other layers: other tensor names (or not a list of roles at all)
+    changed = {k for k in set(meta) | set(good) if not _same(meta.get(k), good.get(k))}
+    if changed <= {"method"} and all(_same(cfg.get(k), v) for k, v in good_cfg.items() if k != "targets"):
+        return "ok"  # the top-level method name is informational; the settings under "config" are what load
+    return "unknown"
 
 
 # ---------------------------------------------------------------------------------------------------- VTAB lists
@@ -396,7 +433,8 @@ PROPERTY_TESTS = {
     "test_loader_random_tensor_dicts": ["adapter loader: random tensor dicts"],
     "test_loader_random_bytes": ["adapter loader: random bytes"],
     "test_loader_truncated_or_flipped_files": ["adapter loader: truncated / bit-flipped files"],
-    "test_loader_damaged_records": ["adapter loader: damaged records"],
+    "test_loader_damaged_records": ["adapter loader: damaged records", "damaged records: expected ok",
+                                    "damaged records: expected refused"],
     "test_vtab_list_parser": ["vtab list parser: random lines"],
     "test_vtab_list_parser_bytes": ["vtab list parser: random bytes"],
     "test_merge_then_unmerge_restores_and_matches": ["merge/unmerge: rlrr", "merge/unmerge: lora",

@@ -23,7 +23,8 @@ from peftx.methods import make_config
 from peftx.train.recipes import GENERIC, VTAB_1K, recipe
 from peftx.train.regularization import (ResidualDropout, add_residual_dropout, depth_rates, remove_residual_dropout,
                                   residual_dropout_rates, residual_dropout_removed)
-from peftx.train import EVENTS, TrainConfig, lr_at, no_weight_decay, param_groups, train
+from peftx.methods import plain_no_weight_decay
+from peftx.train import EVENTS, TrainConfig, lr_at, param_groups, train
 
 from conftest import TINY_ARCH, TINY_IMG, TINY_KW, tiny_config
 
@@ -122,9 +123,15 @@ def test_warmup_cosine_cooldown_schedule() -> None:
     assert lr_at(0, **no_warm) == pytest.approx(1e-2)
 
 
+_LAYERS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+
+
 @pytest.mark.parametrize("method, decayed", [
-    ("rlrr", set()), ("aoft", set()), ("lora", {"lora_A", "lora_B"})])
-def test_weight_decay_only_on_head_weight_and_lora_matrices(method: str, decayed: set[str]) -> None:
+    ("rlrr", set()), ("aoft", set()), ("lora", {"lora_A", "lora_B"}), ("linear", set()), ("full", None)])
+def test_weight_decay_only_on_weight_matrices(method: str, decayed: set[str] | None) -> None:
+    """Adapters: the head weight and LoRA's A/B decay, scales / shifts / generators / biases do not. Full
+    fine-tuning: every weight matrix (patch conv, q/k/v/proj/fc, head) decays; biases, norms, LayerScale, the
+    position embedding and the cls token do not."""
     torch.manual_seed(0)
     model = adapt(timm.create_model(TINY_ARCH, pretrained=False, num_classes=5, img_size=TINY_IMG, **TINY_KW),
                   make_config(method))
@@ -134,13 +141,21 @@ def test_weight_decay_only_on_head_weight_and_lora_matrices(method: str, decayed
     by_id = {id(p): n for n, p in model.named_parameters()}
     decay = {by_id[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     no_decay = {by_id[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert f"{head}.bias" in no_decay and not decay & no_decay and decay | no_decay == set(names)
+    if decayed is None:  # full
+        depth = TINY_KW["depth"]
+        assert decay == {f"blocks.{i}.{lay}.weight" for i in range(depth) for lay in _LAYERS} | {
+            "patch_embed.proj.weight", f"{head}.weight"}
+        assert {"pos_embed", "cls_token", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias"} <= no_decay
+        return
     assert decay == {f"{head}.weight"} | {n for n in names if n.rsplit(".", 1)[-1] in decayed}
-    assert f"{head}.bias" in no_decay and not decay & no_decay
     leaves = {n.rsplit(".", 1)[-1] for n in no_decay}
     expected = {"rlrr": {"s_row", "s_col", "f", "ssf_scale", "ssf_shift"}, "aoft": {"q_up", "q_down", "lam"},
-                "lora": set()}[method]
+                "lora": set(), "linear": {"bias"}}[method]
     assert expected <= leaves
-    assert no_weight_decay("blocks.0.norm1.weight", torch.zeros(3, 3))  # names with norm / bias, whatever the shape
+    assert plain_no_weight_decay("blocks.0.norm1.weight", 2)  # names with norm / bias, whatever the shape
+    assert plain_no_weight_decay("layers.0.blocks.0.attn.relative_position_bias_table", 2)
+    assert not plain_no_weight_decay("blocks.0.attn.qkv.weight", 2)
 
 
 # -- residual dropout -------------------------------------------------------------------------------------------------

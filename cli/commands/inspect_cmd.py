@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import handle_errors
-from ..options import Json, Method
+from ..options import Alpha, Init, Json, Method, MethodOption, Rank, Targets
 from ..output import console, key_values, print_json, table
 
 
@@ -17,13 +17,19 @@ def inspect(
     method: Method = "rlrr",
     num_classes: Annotated[int, typer.Option("--num-classes", "-c", min=1, help="Classes of the new head.")] = 10,
     img_size: Annotated[Optional[int], typer.Option("--img-size", help="Input size (default: the model's).")] = None,
-    rank: Annotated[Optional[int], typer.Option("--rank", "-r", help="Rank (LoRA r / AOFT d).")] = None,
+    rank: Rank = None,
+    alpha: Alpha = None,
+    targets: Targets = None,
+    init: Init = None,
+    method_option: MethodOption = None,
     json_out: Json = False,
 ) -> None:
     """Show which layers an adapter method wraps and how many parameters it trains."""
+    from peftx.methods import options_from_cli
     from peftx.summary import inspect_model
 
-    options = {} if rank is None else ({"r": rank} if method == "lora" else {"rank": rank})
+    options = options_from_cli(method, {"rank": rank, "alpha": alpha, "targets": targets, "init": init},
+                               method_option or ())
     info = inspect_model(model, method, num_classes=num_classes, img_size=img_size, options=options)
     if json_out:
         print_json(info)
@@ -35,3 +41,5 @@ def inspect(
         "trainable_params": info["trainable_params"], "  adapter": info["adapter_params"],
         "  head": info["head_params"], "total_params": info["total_params"],
         "trainable fraction": f"{100 * info['trainable_fraction']:.3f} %"}))
+    for note in info["notes"]:  # what the method left out here because it would not merge exactly
+        console.print(f"note: {note}")

@@ -8,25 +8,11 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..errors import handle_errors
-from ..options import Device, Json, Method, Weights
+from ..options import Alpha, Device, Init, Json, Method, MethodOption, Rank, Targets, Weights
 from ..output import console, err_console, key_values, print_json
 
 _SUMMARY_KEYS = ("run_dir", "best_epoch", "val_accuracy", "test_accuracy", "trainable_params", "total_params",
                  "train_seconds", "img_per_s", "peak_memory_mb")
-
-
-def _method_options(method: str, rank: int | None, alpha: float | None, targets: str | None,
-                    init: str | None) -> dict[str, Any]:
-    opts: dict[str, Any] = {}
-    if rank is not None:
-        opts["r" if method == "lora" else "rank"] = rank
-    if alpha is not None:
-        opts["alpha"] = alpha
-    if targets:
-        opts["targets"] = [t.strip() for t in targets.split(",") if t.strip()]
-    if init is not None:
-        opts["init"] = init
-    return opts
 
 
 def _run_with_progress(fn, json_out: bool):
@@ -128,10 +114,11 @@ def train(
     dropout: Annotated[Optional[float], typer.Option("--dropout", help="Residual dropout rate of the last block.", show_default="the recipe's: demo 0, own data 0.1")] = None,
     hflip: Annotated[Optional[bool], typer.Option("--hflip/--no-hflip", help="Random horizontal flips.", show_default="the recipe's: off; VTAB per task")] = None,
     img_size: Annotated[Optional[int], typer.Option("--img-size", min=1, help="Training (and export) image size.", show_default="the recipe's: demo 56, own data 224")] = None,
-    rank: Annotated[Optional[int], typer.Option("--rank", "-r", help="LoRA r / AOFT d.", show_default=False)] = None,
-    alpha: Annotated[Optional[float], typer.Option("--alpha", help="LoRA alpha.", show_default=False)] = None,
-    targets: Annotated[Optional[str], typer.Option("--targets", help="Comma list of q,k,v,qkv,proj,fc1,fc2,reduction.", show_default=False)] = None,
-    init: Annotated[Optional[str], typer.Option("--init", help="RLRR init: kaiming, normal, zeros.", show_default=False)] = None,
+    rank: Rank = None,
+    alpha: Alpha = None,
+    targets: Targets = None,
+    init: Init = None,
+    method_option: MethodOption = None,
     amp: Annotated[Optional[str], typer.Option("--amp", help="auto, bf16, fp16 or off.", show_default="auto")] = None,
     device: Device = None,  # type: ignore[assignment]  # None: auto
     seed: Annotated[Optional[int], typer.Option("--seed", show_default="42")] = None,
@@ -145,15 +132,20 @@ def train(
 
     Options not given come from the recipe; with --resume every option given must equal the run's.
     """
+    from peftx.methods import options_from_cli
     from peftx.train import TrainConfig, train as run
+    from peftx.train.resume import method_of
 
     given: dict[str, Any] = dict(
         model=model, weights=str(weights) if weights else None, method=method, data=data, task=task,
         output=str(output) if output else None, resume=str(resume) if resume else None, epochs=epochs,
         batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, min_lr=min_lr,
         dropout=dropout, hflip=hflip, img_size=img_size, amp=amp, device=device, seed=seed,
-        num_workers=num_workers, overwrite=overwrite or None,
-        method_options=_method_options(method, rank, alpha, targets, init) or None)
+        num_workers=num_workers, overwrite=overwrite or None)
+    options = {"rank": rank, "alpha": alpha, "targets": targets, "init": init}
+    if any(v is not None for v in options.values()) or method_option:
+        # The shared options map to the method's own config fields (resumed run: the run's method).
+        given["method_options"] = options_from_cli(method or method_of(resume), options, method_option or ())
     cfg = TrainConfig(**{k: v for k, v in given.items() if v is not None})  # not given: None (see TrainConfig)
     summary = _run_with_progress(lambda progress: run(cfg, progress=progress), json_out)
     if json_out:

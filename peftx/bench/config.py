@@ -22,7 +22,7 @@ TRAIN_METHODS = ("full", "frozen", "lora", "rlrr", "aoft")
 # still flowing back to the patch tokens as it must for adapters in every block. method / frozen is what the method
 # itself adds to back-propagating through the backbone (a near-floor: LoRA/AOFT on q, v skip block 0's input
 # gradient, which the reference computes, so they can come out a little under 1).
-TRAIN_BASELINES = ("full", "frozen")
+TRAIN_BASELINES = ("frozen",)  # not a method: the floor of back-propagating through the frozen backbone
 NUM_CLASSES = 1000  # ImageNet-size head for inference: the standard FLOP count (ViT-B/16 224 px: 35.1 GFLOP)
 TRAIN_CLASSES = 100
 MATMUL_N = 2048

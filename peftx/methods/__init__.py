@@ -1,34 +1,44 @@
-"""Adapter methods: one module per method, registered here by name."""
+"""Adapter methods: one module per method, found by name through the registry (registry.py).
+
+The registry's functions are imported eagerly (they need no torch, so the CLI starts fast); the classes of the
+method modules load on first access.
+"""
 
 from __future__ import annotations
 
-from ..errors import UsageError
-from .aoft import AOFTConfig, AOFTLinear
-from .base import AdapterConfig, AdapterLinear, LowRankLinear
-from .lora import LoRAConfig, LoRALinear
-from .rlrr import RLRRConfig, RLRRLinear
-from .ssf import SSF
+import importlib
+from typing import TYPE_CHECKING, Any
 
-CONFIGS: dict[str, type[AdapterConfig]] = {c.method: c for c in (RLRRConfig, AOFTConfig, LoRAConfig)}
-METHOD_NAMES = tuple(CONFIGS)
+from .registry import (BUILTIN, Method, config_class, config_from_dict, get_method, make_config, method_names,
+                       method_of, options_from_cli, plain_no_weight_decay, register)
+
+# name -> submodule, for the classes re-exported here (loaded on first access: they import torch).
+_LAZY = {
+    "AdapterConfig": "base", "TargetedConfig": "base", "AdapterModule": "base", "AdapterLinear": "base",
+    "LowRankLinear": "base", "TargetedMethod": "base", "SSF": "ssf",
+    "RLRRConfig": "rlrr", "RLRRLinear": "rlrr", "AOFTConfig": "aoft", "AOFTLinear": "aoft",
+    "LoRAConfig": "lora", "LoRALinear": "lora", "LinearConfig": "linear", "FullConfig": "full",
+}
+
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
+    from .aoft import AOFTConfig, AOFTLinear
+    from .base import AdapterConfig, AdapterLinear, AdapterModule, LowRankLinear, TargetedConfig, TargetedMethod
+    from .full import FullConfig
+    from .linear import LinearConfig
+    from .lora import LoRAConfig, LoRALinear
+    from .rlrr import RLRRConfig, RLRRLinear
+    from .ssf import SSF
+
+    METHOD_NAMES: tuple[str, ...]
 
 
-def config_class(method: str) -> type[AdapterConfig]:
-    try:
-        return CONFIGS[method]
-    except KeyError:
-        raise UsageError(f"unknown method {method!r}", f"choose from {', '.join(METHOD_NAMES)}") from None
+def __getattr__(name: str) -> Any:
+    if name == "METHOD_NAMES":  # kept for callers of the old constant: now every registered method
+        return method_names()
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def make_config(method: str, **kwargs) -> AdapterConfig:
-    return config_class(method)(**kwargs)
-
-
-def config_from_dict(d: dict) -> AdapterConfig:
-    d = dict(d)
-    return config_class(d.pop("method", None)).from_dict(d)
-
-
-__all__ = ["AdapterConfig", "AdapterLinear", "LowRankLinear", "SSF", "RLRRConfig", "RLRRLinear", "AOFTConfig",
-           "AOFTLinear", "LoRAConfig", "LoRALinear", "CONFIGS", "METHOD_NAMES", "config_class", "make_config",
-           "config_from_dict"]
+__all__ = ["BUILTIN", "Method", "config_class", "config_from_dict", "get_method", "make_config", "method_names",
+           "method_of", "options_from_cli", "plain_no_weight_decay", "register", "METHOD_NAMES", *_LAZY]

@@ -24,12 +24,13 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from .base import AdapterConfig, LowRankLinear
+from .base import LowRankLinear, TargetedConfig, TargetedMethod, row_slices
 from .orthogonal import ao_basis, random_unit_vector
+from .registry import Note
 
 
 @dataclass
-class AOFTConfig(AdapterConfig):
+class AOFTConfig(TargetedConfig):
     """AOFT hyper-parameters. rank: d, columns taken from each generator; scale: fixed multiplier of ΔW."""
 
     method: ClassVar[str] = "aoft"
@@ -64,3 +65,20 @@ class AOFTLinear(LowRankLinear):
         # All slices in one batched generator call each for the up and down bases.
         up = ao_basis(self.q_up, self.rank) * (self.scale * self.lam).unsqueeze(-2)  # [S, slice_out, d]
         return up, ao_basis(self.q_down, self.rank).transpose(-1, -2)  # [S, d, in]
+
+
+class AOFT(TargetedMethod):
+    """AOFT on row slices (q, v by default) or whole layers; merges as W + ΔW, so any site merges exactly."""
+
+    name = "aoft"
+    config_class = AOFTConfig
+    description = "approximately orthogonal low-rank update from one generator vector per side (ICCV 2025)"
+    cli_options = {"rank": "rank", "scale": "scale", "targets": "targets"}
+    # Generator vectors and the per-rank scales λ: decay would pull q off the unit sphere (the AO columns' norm).
+    no_decay = frozenset({"q_up", "q_down", "lam"})
+
+    def wrap_linear(self, site, base: nn.Linear, config: AOFTConfig, targets: set[str], note: Note):
+        rows = row_slices(site.role, targets)
+        if rows is None:
+            return None
+        return AOFTLinear(base, site.path, rows[0], rows[1], rank=config.rank, scale=config.scale)

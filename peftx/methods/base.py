@@ -1,32 +1,65 @@
-"""Shared pieces of every adapter method: the config base class and the wrapped-linear base classes.
+"""Shared pieces of every adapter method: config base classes and the wrapper base classes.
 
-An adapter layer WRAPS the frozen ``base_layer`` (never copies it). Each method defines its weight delta in exactly
-one function; forward, merge and unmerge all go through it, so they cannot disagree.
+An adapter layer WRAPS the frozen layer (never copies it). Each method defines its weight delta in exactly one
+function; forward, merge and unmerge all go through it, so they cannot disagree.
+
+Merging is planned before anything is written: a wrapper's ``merge_plan`` / ``unmerge_plan`` / ``unload_plan``
+return (destination tensor, new value) pairs computed from ``value(t)``, the value ``t`` will hold once the earlier
+entries of the plan are written, and checked finite. The model-level functions (adapter.py) collect every wrapper's
+plan, check it, and only then write, so a refused merge or unload leaves the model exactly as it was.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..checks import all_finite
-from ..errors import NonFiniteError, UsageError
+from ..errors import ExportError, NonFiniteError, UsageError
+from ..tolerances import LSTSQ_FOLD_REL
+from .registry import Method
 
 # Logical targets a user can name. q/k/v are row slices of timm's fused qkv Linear.
 QKV_SLICES = ("q", "k", "v")
 ALL_TARGETS = ("q", "k", "v", "qkv", "proj", "fc1", "fc2", "reduction")
 
+Plan = list[tuple[torch.Tensor, torch.Tensor]]
+Value = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
 
 @dataclass
 class AdapterConfig:
-    """Base of every method's config. Subclasses set ``method`` and add their hyper-parameters."""
+    """Base of every method's config. Subclasses set ``method`` and add their hyper-parameters as fields."""
 
     method: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {"method": self.method, **{k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "AdapterConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields - {"method"}
+        if unknown:
+            raise UsageError(f"{cls.method} config: unknown field(s) {sorted(unknown)}",
+                             f"valid fields: {', '.join(sorted(fields)) or 'none'}")
+        return cls(**{k: v for k, v in d.items() if k in fields})
+
+
+@dataclass
+class TargetedConfig(AdapterConfig):
+    """A method that adapts chosen layer roles (``targets``) of every block."""
+
     default_targets: ClassVar[tuple[str, ...]] = ()
 
     # None means the method's default targets, restricted to the layers the model has.
@@ -34,6 +67,9 @@ class AdapterConfig:
 
     def __post_init__(self) -> None:
         if self.targets is not None:
+            if not isinstance(self.targets, (list, tuple)) or not all(isinstance(t, str) for t in self.targets):
+                raise UsageError(f"targets: expected a list of layer roles, got {self.targets!r}",
+                                 f"choose from {', '.join(ALL_TARGETS)}")
             self.targets = tuple(self.targets)
             bad = [t for t in self.targets if t not in ALL_TARGETS]
             if bad:
@@ -44,19 +80,33 @@ class AdapterConfig:
                 raise UsageError("targets: 'qkv' together with q/k/v slices",
                                  "name either the fused 'qkv' or its slices q, k, v")
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["targets"] = list(self.targets) if self.targets is not None else None
-        return {"method": self.method, **d}
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "AdapterConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - fields - {"method"}
-        if unknown:
-            raise UsageError(f"{cls.method} config: unknown field(s) {sorted(unknown)}",
-                             f"valid fields: {', '.join(sorted(fields))}")
-        return cls(**{k: v for k, v in d.items() if k in fields})
+def resolve_targets(config: TargetedConfig, layout: Any) -> set[str]:
+    """The roles ``config`` adapts on a model with ``layout`` (named targets must exist there)."""
+    if config.targets is None:
+        return set(config.default_targets)
+    wanted = set(config.targets)
+    roles = {("qkv" if t in QKV_SLICES else t) for t in wanted}
+    missing = sorted(roles - layout.roles)
+    if missing:
+        raise UsageError(f"target(s) {missing} match no layer of this {layout.family} model",
+                         f"this model has: {', '.join(sorted(layout.roles | set(QKV_SLICES)))}")
+    return wanted
+
+
+class TargetedMethod(Method):
+    """A method whose config is a :class:`TargetedConfig`: it adapts the layer roles the config names."""
+
+    def resolve_targets(self, config: TargetedConfig, layout: Any) -> set[str]:  # type: ignore[override]
+        return resolve_targets(config, layout)
+
+
+def row_slices(role: str, targets: set[str]) -> tuple[int, tuple[int, ...]] | None:
+    """(groups, adapted row blocks) of a layer for a slice-aware method: q/k/v of the fused qkv, or the whole layer."""
+    if role == "qkv" and "qkv" not in targets:
+        slices = tuple(i for i, n in enumerate(QKV_SLICES) if n in targets)
+        return (3, slices) if slices else None
+    return (1, (0,)) if role in targets else None
 
 
 def _check_finite(name: str, *tensors: torch.Tensor | None) -> None:
@@ -66,21 +116,90 @@ def _check_finite(name: str, *tensors: torch.Tensor | None) -> None:
                                  "the adapter holds NaN/Inf or extreme values: retrain or load a clean checkpoint")
 
 
-class AdapterLinear(nn.Module):
-    """An ``nn.Linear`` wrapped with a trainable weight update.
+def fold_shift_into_norm(norm_bias: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor,
+                         where: str) -> torch.Tensor:
+    """New LayerNorm bias β' with W β' = W β + shift: moves the bias of a bias-free Linear into the LayerNorm that
+    feeds it.
 
-    ``groups`` splits the output rows into equal blocks (3 for timm's fused qkv: q, k, v).
-    Subclasses implement :meth:`merge_weight` / :meth:`unmerge_weight` from their single delta function, and may
-    override :meth:`bias_delta` (an additive bias update).
+    Exact when W [out, in] has full row rank (out <= in; Swin's reduction is 2C x 4C). Solved in float64 with the
+    min-norm least-squares solution; refused if the residual is above FP32 rounding.
+    """
+    w = weight.double()
+    delta = torch.linalg.lstsq(w, shift.double().unsqueeze(1), driver="gelsd").solution.squeeze(1)
+    resid = (w @ delta - shift.double()).norm().item()
+    if resid > LSTSQ_FOLD_REL * max(shift.double().norm().item(), 1e-30):
+        raise ExportError(f"{where}: the bias shift cannot be folded into the preceding LayerNorm "
+                          f"(residual {resid:.2e}); nothing was changed",
+                          "its merged weight lost full row rank: retrain, or adapt without this layer (--targets)")
+    return (norm_bias.double() + delta).to(norm_bias.dtype)
+
+
+def has_full_row_rank(weight: torch.Tensor) -> bool:
+    """W [out, in] has rank out (W Wᵀ positive definite, float64 Cholesky): the condition for an exact norm fold."""
+    w = weight.detach().double()
+    return w.shape[0] <= w.shape[1] and torch.linalg.cholesky_ex(w @ w.T).info.item() == 0
+
+
+class AdapterModule(nn.Module):
+    """A trainable wrapper around one frozen layer, stored under the attribute :attr:`inner_name`.
+
+    ``note``: what the wrapper leaves out because it would not merge exactly into the plain model (None: nothing).
     """
 
-    def __init__(self, base_layer: nn.Linear, name: str):
+    inner_name: ClassVar[str] = "base_layer"
+
+    def __init__(self, name: str):
         super().__init__()
+        self.layer_name = name
+        self.merged = False
+        self.note: str | None = None
+
+    @property
+    def inner(self) -> nn.Module:
+        return getattr(self, self.inner_name)
+
+    def own_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The wrapper's own (trainable) parameters, not those of the frozen layer it wraps."""
+        skip = self.inner_name + "."
+        return [(n, p) for n, p in self.named_parameters() if not n.startswith(skip)]
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [p for _, p in self.own_parameters()]
+
+    def merge_plan(self, model: nn.Module | None, value: Value = _same) -> Plan:
+        """Tensors to write so the frozen tensors compute what the adapter does (the wrapper stays, merged)."""
+        raise NotImplementedError
+
+    def unmerge_plan(self, model: nn.Module | None, value: Value = _same) -> Plan:
+        """Inverse of :meth:`merge_plan`."""
+        raise NotImplementedError
+
+    def unload_plan(self, model: nn.Module, value: Value = _same) -> Plan:
+        """Further tensors to write when the (merged) wrapper is removed; ``value`` gives the merged tensors."""
+        return []
+
+    def _apply_plan(self, plan: Plan) -> None:
+        with torch.no_grad():
+            for dst, val in plan:
+                dst.copy_(val)
+
+
+class AdapterLinear(AdapterModule):
+    """An ``nn.Linear`` wrapped with a trainable weight update.
+
+    Subclasses implement :meth:`merge_weight` / :meth:`unmerge_weight` from their single delta function, and may
+    override :meth:`bias_delta` (an additive bias update). ``fold_norm``: for a bias-free base layer with a bias
+    delta, the path of the LayerNorm right before it, into whose bias the delta moves when the wrapper is unloaded.
+    """
+
+    inner_name = "base_layer"
+
+    def __init__(self, base_layer: nn.Linear, name: str, fold_norm: str | None = None):
+        super().__init__(name)
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"{name}: expected nn.Linear, got {type(base_layer).__name__}")
         self.base_layer = base_layer
-        self.layer_name = name
-        self.merged = False
+        self.fold_norm = fold_norm
 
     @property
     def in_features(self) -> int:
@@ -116,48 +235,67 @@ class AdapterLinear(nn.Module):
 
     def _merged_forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        # A bias delta on a bias-free base layer (Swin's PatchMerging reduction) cannot live in base_layer.
+        # A bias delta on a bias-free base layer (Swin's PatchMerging reduction) cannot live in base_layer; it moves
+        # into the preceding LayerNorm only when the wrapper is unloaded.
         db = self.bias_delta()
         if db is not None and self.base_layer.bias is None:
             out = out + db.to(out.dtype)
         return out
 
     @torch.no_grad()
-    def merged_tensors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def merged_tensors(self, value: Value = _same) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(W_m, b_m) computed without touching the base layer; float64 math, base dtype out. Refuses NaN/Inf."""
-        w = self.base_layer.weight
+        w = value(self.base_layer.weight)
         wm = self.merge_weight(w.double()).to(w.dtype)
         b, db = self.base_layer.bias, self.bias_delta()
+        b = None if b is None else value(b)
         bm = None if b is None else (b if db is None else (b.double() + db.double()).to(b.dtype))
         _check_finite(self.layer_name, wm, bm)
         return wm, bm
 
+    def merge_plan(self, model: nn.Module | None, value: Value = _same) -> Plan:
+        wm, bm = self.merged_tensors(value)
+        plan = [(self.base_layer.weight, wm)]
+        if bm is not None:
+            plan.append((self.base_layer.bias, bm))
+        return plan
+
+    @torch.no_grad()
+    def unmerge_plan(self, model: nn.Module | None, value: Value = _same) -> Plan:
+        w = value(self.base_layer.weight)
+        wu = self.unmerge_weight(w.double()).to(w.dtype)
+        b, db = self.base_layer.bias, self.bias_delta()
+        bu = None if (b is None or db is None) else (value(b).double() - db.double()).to(b.dtype)
+        _check_finite(self.layer_name, wu, bu)
+        plan = [(self.base_layer.weight, wu)]
+        if bu is not None:
+            plan.append((self.base_layer.bias, bu))
+        return plan
+
+    @torch.no_grad()
+    def unload_plan(self, model: nn.Module, value: Value = _same) -> Plan:
+        db = self.bias_delta()
+        if db is None or self.base_layer.bias is not None:
+            return []
+        if self.fold_norm is None:  # the method must not create a bias delta it cannot place
+            raise ExportError(f"{self.layer_name} has a bias shift but neither a bias nor a LayerNorm to fold it into")
+        norm = model.get_submodule(self.fold_norm)
+        new_bias = fold_shift_into_norm(value(norm.bias), value(self.base_layer.weight), db, self.layer_name)
+        _check_finite(self.fold_norm, new_bias)
+        return [(norm.bias, new_bias)]
+
     @torch.no_grad()
     def merge(self) -> None:
-        if self.merged:
-            return
-        wm, bm = self.merged_tensors()
-        self.base_layer.weight.copy_(wm)
-        if bm is not None:
-            self.base_layer.bias.copy_(bm)
-        self.merged = True
+        """Merge this layer alone (the model-level :func:`peftx.adapter.merge` is what models use)."""
+        if not self.merged:
+            self._apply_plan(self.merge_plan(None))
+            self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        if not self.merged:
-            return
-        w = self.base_layer.weight
-        wu = self.unmerge_weight(w.double()).to(w.dtype)
-        b, db = self.base_layer.bias, self.bias_delta()
-        bu = None if (b is None or db is None) else (b.double() - db.double()).to(b.dtype)
-        _check_finite(self.layer_name, wu, bu)
-        w.copy_(wu)
-        if bu is not None:
-            b.copy_(bu)
-        self.merged = False
-
-    def adapter_parameters(self) -> list[nn.Parameter]:
-        return [p for n, p in self.named_parameters() if not n.startswith("base_layer.")]
+        if self.merged:
+            self._apply_plan(self.unmerge_plan(None))
+            self.merged = False
 
 
 class LowRankLinear(AdapterLinear):

@@ -10,11 +10,12 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from .base import AdapterConfig, LowRankLinear
+from .base import LowRankLinear, TargetedConfig, TargetedMethod, row_slices
+from .registry import Note
 
 
 @dataclass
-class LoRAConfig(AdapterConfig):
+class LoRAConfig(TargetedConfig):
     """LoRA hyper-parameters. r: rank; alpha: scaling numerator (ΔW scaled by alpha / r)."""
 
     method: ClassVar[str] = "lora"
@@ -48,3 +49,19 @@ class LoRALinear(LowRankLinear):
 
     def slice_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_B * self.scaling, self.lora_A
+
+
+class LoRA(TargetedMethod):
+    """LoRA on row slices (q, v by default) or whole layers; merges as W + ΔW, so any site merges exactly."""
+
+    name = "lora"
+    config_class = LoRAConfig
+    description = "low-rank update (alpha/r) B A (Hu et al. 2021), the reference baseline"
+    cli_options = {"rank": "r", "alpha": "alpha", "targets": "targets"}
+    no_decay = frozenset()  # A and B are weight matrices: they decay, like the head's weight
+
+    def wrap_linear(self, site, base: nn.Linear, config: LoRAConfig, targets: set[str], note: Note):
+        rows = row_slices(site.role, targets)
+        if rows is None:
+            return None
+        return LoRALinear(base, site.path, rows[0], rows[1], r=config.r, alpha=config.alpha)

@@ -7,7 +7,12 @@ Per adapted linear layer with frozen W [out, in] and b [out]::
 The frozen W term is the "residual": the layer cannot drift far from the pretrained matrix. On timm ViT's fused qkv,
 s_col is three separate [in] vectors (one per q/k/v row block), matching the official per-projection parameters;
 Swin shares one s_col across q, k, v (official swin.py). SSF scale/shift on the patch embedding and LayerNorm outputs
-is part of the method (see ssf.py and targets.py for where).
+is part of the method (see ssf.py, and layout.py for where).
+
+What RLRR cannot merge, and so does not create: the shift f of a layer without a bias, unless a LayerNorm feeds that
+layer alone and its W has full row rank (Swin's PatchMerging reduction: f then moves into that LayerNorm's bias,
+exactly); the SSF shift on the patch tokens when the patch conv has no bias and the model no position embedding; SSF
+on a LayerNorm without an affine. Each such omission is a note in the adapter's record (``peftx inspect`` shows it).
 """
 
 from __future__ import annotations
@@ -19,15 +24,18 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ..errors import NonFiniteError, UsageError
-from .base import AdapterConfig, AdapterLinear
+from .base import AdapterLinear, TargetedConfig, TargetedMethod, has_full_row_rank
+from .registry import Note
+from .ssf import SSF
 
 INITS = ("kaiming", "normal", "zeros")
 
 
 @dataclass
-class RLRRConfig(AdapterConfig):
+class RLRRConfig(TargetedConfig):
     """RLRR hyper-parameters.
 
     init: "kaiming" (official: s_row ~ U(±√6), s_col ~ U(±√(6/in)), ||ΔW||/||W|| ≈ 0.07 at start, best in the
@@ -56,17 +64,22 @@ class RLRRConfig(AdapterConfig):
 
 
 class RLRRLinear(AdapterLinear):
-    """W ⊙ (1 + S) with S = s_row s_col^T, s_col per row group (``col_groups`` = 3 for ViT's fused qkv)."""
+    """W ⊙ (1 + S) with S = s_row s_col^T, s_col per row group (``col_groups`` = 3 for ViT's fused qkv).
 
-    def __init__(self, base_layer: nn.Linear, name: str, col_groups: int = 1, init: str = "kaiming"):
-        super().__init__(base_layer, name)
+    ``bias_shift=False`` leaves f out (a bias-free layer with nowhere to fold it).
+    """
+
+    def __init__(self, base_layer: nn.Linear, name: str, col_groups: int = 1, init: str = "kaiming", *,
+                 bias_shift: bool = True, fold_norm: str | None = None):
+        super().__init__(base_layer, name, fold_norm=fold_norm)
         out, inp = base_layer.out_features, base_layer.in_features
         if out % col_groups:
             raise ValueError(f"{name}: out_features {out} not divisible by {col_groups}")
         self.col_groups = col_groups
         self.s_row = nn.Parameter(torch.empty(out))  # official name: scale_line
         self.s_col = nn.Parameter(torch.empty(col_groups, inp))  # official name: scale_col
-        self.f = nn.Parameter(torch.zeros(out))  # official name: shift_bias
+        # official name: shift_bias
+        self.register_parameter("f", nn.Parameter(torch.zeros(out)) if bias_shift else None)
         self.reset_parameters(init)
 
     @torch.no_grad()
@@ -81,7 +94,8 @@ class RLRRLinear(AdapterLinear):
         else:
             self.s_row.zero_()
             self.s_col.zero_()
-        self.f.zero_()
+        if self.f is not None:
+            self.f.zero_()
 
     def scale_matrix(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """S = s_row s_col^T per row group, [out, in] (unmerge divides by 1 + S)."""
@@ -104,7 +118,7 @@ class RLRRLinear(AdapterLinear):
                                  "reload the base weights instead of unmerging")
         return merged / denom
 
-    def bias_delta(self) -> torch.Tensor:
+    def bias_delta(self) -> torch.Tensor | None:
         return self.f
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,6 +165,8 @@ class _RescaledLinear(torch.autograd.Function):
     builds the W' passed in (no_grad), so forward, merge and this path share one definition.
 
     Mixed precision: the matmuls run in the autocast dtype, the rescale and the reductions in the weight's dtype.
+    Once differentiable: a second derivative through this path raises (compute it with the layer in eval / no-grad
+    mode on W, or through ``merge_weight``, which autograd differentiates any number of times).
     """
 
     @staticmethod
@@ -166,6 +182,7 @@ class _RescaledLinear(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # this backward is not itself differentiable: a double backward must raise, not be wrong
     def backward(ctx, gy):  # noqa: D102
         xc, weight, w_eff, s_row, s_col = ctx.saved_tensors
         g = ctx.groups
@@ -190,3 +207,39 @@ def rescale_vector_grads(grad_w: torch.Tensor, weight: torch.Tensor, s_row: torc
     m = grad_w.mul_(weight).view(groups, out // groups, inp)
     r, c = s_row.to(m.dtype).view(groups, 1, -1), s_col.to(m.dtype).view(groups, -1, 1)
     return torch.bmm(m, c).view(out).to(s_row.dtype), torch.bmm(r, m).view(groups, inp).to(s_col.dtype)
+
+
+class RLRR(TargetedMethod):
+    """RLRR on every qkv / proj / fc1 / fc2 / reduction Linear, SSF on the patch tokens and every LayerNorm output."""
+
+    name = "rlrr"
+    config_class = RLRRConfig
+    description = "residual-based low-rank rescaling W ⊙ (1 + s_row s_colᵀ) + SSF (CVPR 2024)"
+    cli_options = {"init": "init", "targets": "targets", "ssf": "ssf", "ssf-init-std": "ssf_init_std"}
+    # Per-channel scales and shifts: decaying them pulls W' toward W ⊙ 1 and SSF's scale toward 0, not 1. Official
+    # RLRR (timm's optimiser factory) skips every 1-d tensor; s_col is stored [groups, in], so it is named.
+    no_decay = frozenset({"s_row", "s_col", "f", "ssf_scale", "ssf_shift"})
+
+    def wrap_linear(self, site, base: nn.Linear, config: RLRRConfig, targets: set[str], note: Note):
+        if site.role not in targets:
+            return None
+        shift = base.bias is not None or (site.fold_norm is not None and has_full_row_rank(base.weight))
+        if not shift:
+            note(f"{site.path}: no bias shift f (the layer has no bias, and no LayerNorm it could be folded into "
+                 "exactly)")
+        return RLRRLinear(base, site.path, col_groups=site.col_groups, init=config.init, bias_shift=shift,
+                          fold_norm=site.fold_norm if base.bias is None else None)
+
+    def wrap_norm(self, site, base: nn.Module, config: RLRRConfig, model: nn.Module, note: Note):
+        if not config.ssf:
+            return None
+        if isinstance(base, nn.LayerNorm) and (base.weight is None or base.bias is None):
+            note(f"{site.path}: no SSF (a LayerNorm without affine weight and bias has nothing to fold it into)")
+            return None
+        shift = True
+        if site.fold_conv is not None and model.get_submodule(site.fold_conv).bias is None and site.pos_embed is None:
+            note(f"{site.path}: SSF scale only (the patch conv has no bias and the model no position embedding "
+                 "to take the shift)")
+            shift = False
+        return SSF(base, site.dim, site.path, init_std=config.ssf_init_std, fold_conv=site.fold_conv,
+                   pos_embed=site.pos_embed, pos_offset=site.pos_offset, shift=shift)

@@ -21,21 +21,21 @@ _EXPORTS = {
     "train": "loop", "Trainer": "loop",
     "EVENTS": "progress", "rich_progress": "progress",
     "lr_at": "schedule", "Schedule": "schedule",
-    "param_groups": "optim", "no_weight_decay": "optim", "NO_DECAY_LEAVES": "optim", "make_optimizer": "optim",
+    "param_groups": "optim", "make_optimizer": "optim",
     "seed_for": "seeding", "SeededSamples": "seeding",
     "StopFlag": "signals", "stop_on_signals": "signals",
     "METRICS_FILE": "rundir", "SUMMARY_FILE": "rundir", "CURVES_FILE": "rundir",
 }
 
 __all__ = ["TrainingInterrupted", "TrainConfig", "resolve", "DEFAULTS", "RUNTIME_FIELDS", "train", "Trainer",
-           "EVENTS", "rich_progress", "lr_at", "Schedule", "param_groups", "no_weight_decay", "NO_DECAY_LEAVES",
+           "EVENTS", "rich_progress", "lr_at", "Schedule", "param_groups",
            "make_optimizer", "seed_for", "SeededSamples", "StopFlag", "stop_on_signals", "METRICS_FILE",
            "SUMMARY_FILE", "CURVES_FILE"]
 
 if TYPE_CHECKING:
     from .config import DEFAULTS, RUNTIME_FIELDS, TrainConfig, resolve
     from .loop import Trainer, train
-    from .optim import NO_DECAY_LEAVES, make_optimizer, no_weight_decay, param_groups
+    from .optim import make_optimizer, param_groups
     from .progress import EVENTS, rich_progress
     from .rundir import CURVES_FILE, METRICS_FILE, SUMMARY_FILE
     from .schedule import Schedule, lr_at

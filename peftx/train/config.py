@@ -21,7 +21,7 @@ from typing import Any
 
 from ..backbones import DEMO_MODEL
 from ..errors import UsageError
-from ..methods import METHOD_NAMES, config_class
+from ..methods import config_class, get_method, method_names
 from ..runtime import AMP_MODES
 from .recipes import GENERIC, Recipe, canonical_task, recipe
 
@@ -88,7 +88,7 @@ class TrainConfig:
             if value is not None and not isinstance(value, dict):
                 raise UsageError(f"{name}: expected a mapping, got {type(value).__name__}")
         if self.method is not None:
-            _check_choice("method", self.method, METHOD_NAMES)
+            _check_choice("method", self.method, method_names())
         if self.amp is not None:
             _check_choice("amp", self.amp, AMP_MODES)
         if self.device is not None and not (self.device in ("auto", "cpu", "cuda")
@@ -169,6 +169,11 @@ def resolve(cfg: TrainConfig) -> Resolved:
     for name in from_recipe:
         values[name] = getattr(r, name)
     notes = _fit_schedule(values, r, from_recipe)
+    scale = get_method(values["method"]).recipe_lr_scale
+    if "lr" in from_recipe and scale != 1:  # the recipes' learning rates are tuned for adapters
+        values["lr"] = values["lr"] * scale
+        notes.append(f"lr {r.lr:g} x {scale:g} = {values['lr']:g}: {values['method']} takes {scale:g} of the "
+                     "recipe's adapter learning rate (--lr sets it)")
     _check_schedule_fits(values["epochs"], values["warmup_epochs"], values["cooldown_epochs"])
     if values["eval_batch_size"] is None:
         values["eval_batch_size"] = 2 * values["batch_size"]

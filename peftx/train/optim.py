@@ -1,7 +1,8 @@
 """AdamW parameter groups: weight decay on matrices, none on biases, norms and the adapters' scales / vectors.
 
-The rule (:func:`no_weight_decay`) is METHODS.md's "no weight decay on names containing bias or norm", plus every
-1-d tensor and the adapter tensors named in :data:`NO_DECAY_LEAVES`. The grouping itself is timm's
+Which tensors skip decay is each method's decision, made in its module and collected by
+:func:`peftx.adapter.split_weight_decay` (METHODS.md's "no weight decay on names containing bias or norm", every 1-d
+tensor, and the adapter tensors each method names). The grouping itself is timm's
 :func:`timm.optim.param_groups_weight_decay`, given our decisions as its ``no_weight_decay_list`` (exact names): its
 own built-in rule (1-d tensors and names ending in ``.bias``) is a subset of ours, but on its own it would decay
 names that merely contain ``norm`` and our 2-d adapter tensors (RLRR's ``s_col`` is stored [groups, in], AOFT stacks
@@ -16,26 +17,24 @@ import torch
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
-# Adapter tensors that are per-channel scales / shifts or generator vectors: decaying them toward 0 would pull RLRR's
-# rescaling and SSF's scale away from their meaning (SSF's scale toward 0, not 1) and AOFT's q off the unit sphere.
-# Official RLRR (timm optimizer factory) skips every 1-d tensor; our s_col is stored [groups, in] and AOFT stacks
-# q vectors, so they are named here. What decays: the head weight and LoRA's A/B matrices.
-NO_DECAY_LEAVES = frozenset({"s_row", "s_col", "f", "ssf_scale", "ssf_shift", "q_up", "q_down", "lam"})
-
-
-def no_weight_decay(name: str, param: torch.Tensor) -> bool:
-    leaf = name.rsplit(".", 1)[-1]
-    return param.ndim <= 1 or "bias" in name or "norm" in name or leaf in NO_DECAY_LEAVES
+from ..adapter import split_weight_decay
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> tuple[list[dict[str, Any]], list[str]]:
     """AdamW groups over the tensors that require grad (for an adapted model: adapter + head), and their names in
-    group order (the checkpoint keys the optimiser state by name)."""
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    skip = [n for n, p in trainable if no_weight_decay(n, p)]
-    groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
-    name_of = {id(p): n for n, p in trainable}
-    names = [name_of[id(p)] for g in groups for p in g["params"]]
+    group order (the checkpoint keys the optimiser state by name).
+
+    Which tensors decay is the method's decision (:func:`peftx.adapter.split_weight_decay`, through the method
+    registry); timm only does the grouping, and we check it agrees with that decision.
+    """
+    decay, no_decay = split_weight_decay(model)
+    groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_decay)
+    trainable = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    names = [trainable[id(p)] for g in groups for p in g["params"]]
+    decayed = {trainable[id(p)] for g in groups if g["weight_decay"] for p in g["params"]}
+    if (weight_decay and decayed != set(decay)) or set(names) != set(decay) | set(no_decay):
+        raise RuntimeError(f"optimiser groups disagree with the method's weight-decay split: "
+                           f"{sorted(decayed ^ set(decay))[:5]}")
     return groups, names
 
 

@@ -113,3 +113,15 @@ def _normalise(name: str, value: Any) -> Any:
     if name == "weights":
         return str(Path(str(value)).expanduser().absolute())
     return jsonable(value)
+
+
+def method_of(resume: str | Path | None) -> str:
+    """The method a run is trained with: the resumed run's, or the default for a new run (the CLI maps its shared
+    options such as --rank to that method's config fields)."""
+    if resume is None:
+        return str(DEFAULTS["method"])
+    method = load_checkpoint(resume).config.get("method")
+    if not isinstance(method, str):
+        raise AdapterFileError(f"{resume}: the checkpoint does not record its method",
+                               "the checkpoint was edited or damaged: restore it, or start the run again")
+    return method

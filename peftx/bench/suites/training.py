@@ -49,8 +49,8 @@ def _freeze_all_but(model: nn.Module, trainable: bool) -> None:
 
 def train_setup(spec: ModelSpec, method: str, *, batch: int, device: torch.device, seed: int = 0,
                 fused_attention: bool = True) -> _TrainSetup:
-    """The model, AdamW and a fixed batch for one training step of ``method`` ("full" = full fine-tuning, "frozen"
-    = the backbone-only reference, see TRAIN_BASELINES).
+    """The model, AdamW and a fixed batch for one training step of ``method`` (a registered method, "full" = full
+    fine-tuning among them, or "frozen" = the backbone-only reference, see TRAIN_BASELINES).
 
     Mirrors peftx's trainer: timm's fused (SDPA) attention switched on for training, and the trainer's own AdamW
     and parameter groups (:func:`peftx.train.optim.make_optimizer`: no decay on biases, norms and adapter scales)
@@ -64,10 +64,7 @@ def train_setup(spec: ModelSpec, method: str, *, batch: int, device: torch.devic
 
     torch.manual_seed(seed)
     model = spec.build(TRAIN_CLASSES, train=True)
-    if method == "full":
-        _freeze_all_but(model, True)
-        trainable = total = sum(p.numel() for p in model.parameters())
-    elif method == "frozen":
+    if method == "frozen":
         _freeze_all_but(model, False)
         head = model.get_classifier()
         head.requires_grad_(True)

@@ -1,4 +1,4 @@
-"""Find where adapters go, from the model's structure (no hard-coded layer counts).
+"""Adapter layout discovery: where adapters can go, found from the model's structure (no hard-coded layer counts).
 
 Supported: timm ``VisionTransformer`` (ViT, DeiT, DINOv2 with LayerScale and register tokens) and ``SwinTransformer``
 (v1). Anything else, or a block whose layers are not the expected ``nn.Linear`` / ``nn.LayerNorm``, is an
@@ -19,7 +19,10 @@ class LinearSite:
     path: str  # module path of the nn.Linear
     role: str  # qkv | proj | fc1 | fc2 | reduction
     col_groups: int = 1  # RLRR s_col groups: 3 for ViT's fused qkv (per q/k/v), 1 elsewhere (Swin shares one)
-    fold_norm: str | None = None  # for a bias-free layer: the LayerNorm right before it, to fold a shift into
+    # For a bias-free layer: the affine LayerNorm that feeds it and nothing else, when out <= in. A bias shift f on
+    # the layer can then move into that LayerNorm's bias exactly (solve W δ = f; exact when W has full row rank).
+    # None where no such LayerNorm exists (e.g. qkv/fc1: out > in, so W δ = f has no solution in general).
+    fold_norm: str | None = None
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,11 @@ class SSFSite:
     path: str  # a LayerNorm, or the Identity in patch_embed.norm
     dim: int
     fold_conv: str | None = None  # Identity at patch_embed.norm: the patch conv the SSF folds into
+    # Patch conv without a bias (CLIP-style pre-norm ViTs): the position embedding is added to every patch token
+    # right after the conv, so a per-channel shift of the patch tokens lives exactly in its patch rows
+    # (from row ``pos_offset`` on: after the prefix tokens, or every row with ``no_embed_class``).
+    pos_embed: str | None = None
+    pos_offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -66,7 +74,7 @@ def _vit_layout(model: nn.Module) -> Layout:
     _need(model, "patch_embed.proj", nn.Conv2d)
     pe_norm = _need(model, "patch_embed.norm", (nn.Identity, nn.LayerNorm))
     dim = pe.proj.out_channels
-    ssf.append(SSFSite("patch_embed.norm", dim, "patch_embed.proj" if isinstance(pe_norm, nn.Identity) else None))
+    ssf.append(_patch_site(model, pe_norm, dim))
     for i in range(len(model.blocks)):
         b = f"blocks.{i}"
         blocks.append(b)
@@ -74,14 +82,44 @@ def _vit_layout(model: nn.Module) -> Layout:
         if qkv.out_features != 3 * qkv.in_features:
             raise UnsupportedModelError(f"layer '{b}.attn.qkv' is not a fused q/k/v projection of width 3x{qkv.in_features}")
         linears.append(LinearSite(f"{b}.attn.qkv", "qkv", col_groups=3))
-        for sub, role in (("attn.proj", "proj"), ("mlp.fc1", "fc1"), ("mlp.fc2", "fc2")):
-            _need(model, f"{b}.{sub}", nn.Linear)
-            linears.append(LinearSite(f"{b}.{sub}", role))
+        # timm's Attention applies attn.norm right before proj, Mlp applies mlp.norm right before fc2 (LayerNorms
+        # with scale_attn_norm / scale_mlp_norm, else Identity); qkv and fc1 follow norm1 / norm2 but have out > in.
+        for sub, role, before in (("attn.proj", "proj", "attn.norm"), ("mlp.fc1", "fc1", None),
+                                  ("mlp.fc2", "fc2", "mlp.norm")):
+            lin = _need(model, f"{b}.{sub}", nn.Linear)
+            fold = _fold_norm(model, lin, f"{b}.{before}" if before else None)
+            linears.append(LinearSite(f"{b}.{sub}", role, fold_norm=fold))
         for n in ("norm1", "norm2"):
             ssf.append(SSFSite(f"{b}.{n}", _need(model, f"{b}.{n}", nn.LayerNorm).normalized_shape[0]))
-    final = "norm" if isinstance(getattr(model, "norm", None), nn.LayerNorm) else "fc_norm"
-    ssf.append(SSFSite(final, _need(model, final, nn.LayerNorm).normalized_shape[0]))
+    # The final norm: `norm` for token pooling, `fc_norm` after global pooling (timm makes the other an Identity);
+    # neither with final_norm=False.
+    for final in ("norm", "fc_norm"):
+        if isinstance(getattr(model, final, None), nn.LayerNorm):
+            ssf.append(SSFSite(final, getattr(model, final).normalized_shape[0]))
+            break
     return Layout("vit", tuple(linears), tuple(ssf), _head_path(model), tuple(blocks))
+
+
+def _patch_site(model: nn.Module, pe_norm: nn.Module, dim: int) -> SSFSite:
+    """The SSF site on the patch tokens: the LayerNorm in patch_embed.norm, or the Identity there (fold: the conv)."""
+    if isinstance(pe_norm, nn.LayerNorm):
+        return SSFSite("patch_embed.norm", dim)
+    if model.patch_embed.proj.bias is not None or not isinstance(getattr(model, "pos_embed", None), nn.Parameter):
+        return SSFSite("patch_embed.norm", dim, "patch_embed.proj")
+    offset = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 0))
+    return SSFSite("patch_embed.norm", dim, "patch_embed.proj", pos_embed="pos_embed", pos_offset=offset)
+
+
+def _fold_norm(model: nn.Module, linear: nn.Linear, before: str | None) -> str | None:
+    """``before`` when it is an affine LayerNorm a bias-free ``linear`` with out <= in could take a shift from."""
+    if before is None or linear.bias is not None or linear.out_features > linear.in_features:
+        return None
+    try:
+        norm = model.get_submodule(before)
+    except AttributeError:  # older timm blocks have no attn.norm / mlp.norm slot
+        return None
+    ok = isinstance(norm, nn.LayerNorm) and norm.weight is not None and norm.bias is not None
+    return before if ok else None
 
 
 def _swin_layout(model: nn.Module) -> Layout:
@@ -90,8 +128,8 @@ def _swin_layout(model: nn.Module) -> Layout:
         s = f"layers.{si}"
         if not isinstance(stage.downsample, nn.Identity):
             _need(model, f"{s}.downsample.norm", nn.LayerNorm)
-            red = _need(model, f"{s}.downsample.reduction", nn.Linear)
-            fold = f"{s}.downsample.norm" if red.bias is None else None
+            red = _need(model, f"{s}.downsample.reduction", nn.Linear)  # bias-free, 2C x 4C, right after its norm
+            fold = _fold_norm(model, red, f"{s}.downsample.norm")
             linears.append(LinearSite(f"{s}.downsample.reduction", "reduction", fold_norm=fold))
         for bi in range(len(stage.blocks)):
             b = f"{s}.blocks.{bi}"
