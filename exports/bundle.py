@@ -45,8 +45,10 @@ import torch
 import peftx
 from peftx.errors import ExportError, OutputError, ParityError, UsageError
 from peftx.fsutil import sha256_file, write_text_atomic
-from peftx.tolerances import FP16, MERGE_FP32, ONNX_FP32, TENSORRT_FP32
+from peftx.preprocess import contract
+from peftx.tolerances import ACCURACY_FP16, ACCURACY_FP32, FP16, MERGE_FP32, ONNX_FP32, TENSORRT_FP32
 
+from .accuracy import AccuracyReport, AccuracySet, Candidate, measure_accuracy
 from .fp16 import convert_to_fp16, strict_fp16_emulation
 from .layernorm import decomposed_layernorms, fp32_node_names, unsafe_layer_names
 from .onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, op_histogram, param_count, read_metadata
@@ -91,6 +93,7 @@ class _Options:
     timing_cache: str | Path | None
     target: TargetProfile
     layernorms: int  # LayerNorm modules of the model: a decomposed export must show exactly this many
+    accuracy_set: AccuracySet | None = None  # labelled images for the accuracy gate (None: not measured)
 
 
 @dataclass
@@ -137,13 +140,16 @@ def write_bundle(
     parity_max_batch: int = 32,
     timing_cache: str | Path | None = None,
     target: TargetProfile | str | None = None,
+    accuracy_set: AccuracySet | None = None,
 ) -> BundleReport:
     """Export ``merged``, check every artifact against ``reference`` on ``images``, and write the bundle to ``out_dir``.
 
     ``images`` are REAL preprocessed images [N, *input_size]. Parity runs at batch sizes 1, 3, 7 and max(batch)
     (capped at ``parity_max_batch``), clamped into the engine's batch profile. ``timing_cache`` is an optional
     TensorRT timing-cache file to reuse across builds (it is not part of the bundle). ``target`` is a deployment
-    target name (``peftx targets``), "auto", a TargetProfile, or None for the default.
+    target name (``peftx targets``), "auto", a TargetProfile, or None for the default. ``accuracy_set`` (labelled
+    images, ``accuracy.select``) adds the accuracy gate: the unmerged model on the training-side transform against
+    every artifact on the bundle's own infer.py preprocessing of the raw images (``accuracy.py``).
     Raises OutputError (exists, not writable), UsageError (also: an unknown target), BackendUnavailableError
     (tensorrt="on" without a TensorRT that can build the target), ExportError (export or TensorRT readiness failed)
     before anything is written, and ParityError after the bundle is written with status "failed".
@@ -157,7 +163,7 @@ def write_bundle(
     layernorms = sum(isinstance(m, torch.nn.LayerNorm) for m in merged.modules())
     options = _Options(tuple(input_size), _preprocessing(data_config), list(class_names), provenance, tuple(batch),
                        precision, tensorrt, use_trt, trt_message, simplify, parity_max_batch, timing_cache, profile,
-                       layernorms)
+                       layernorms, accuracy_set)
     work = _make_workdir(out_dir)
     try:
         report = _assemble(work, reference, merged, array, options, say)
@@ -214,6 +220,7 @@ def validate_bundle(
     progress: Progress | None = None,
     parity_max_batch: int = 32,
     target: TargetProfile | str | None = None,
+    accuracy_set: AccuracySet | None = None,
 ) -> ParityReport:
     """Verify artifact hashes and TensorRT readiness, re-run parity of every artifact against ``reference``, rewrite
     parity.json and trt_readiness.json.
@@ -221,7 +228,8 @@ def validate_bundle(
     ``target`` (default: the bundle's own) is the deployment target the shipped files are checked against; a bundle
     not ready for it is an ExportError naming the fix. A model.engine built later on the device (by build_engine.sh)
     is checked too when TensorRT is usable, after its model.engine.json is compared with this machine (an engine
-    built for another GPU or TensorRT is refused with one line). On a parity failure parity.json and metadata.json's
+    built for another GPU or TensorRT is refused with one line). ``accuracy_set`` re-measures the accuracy gate
+    through the bundle's own infer.py (see ``write_bundle``). On a parity failure parity.json and metadata.json's
     status are updated first, then ParityError is raised.
     """
     bundle_dir = Path(bundle_dir)
@@ -261,19 +269,29 @@ def validate_bundle(
         tolerance = FP16 if engine_precision == "fp16" else TENSORRT_FP32
         candidates.append((TensorRTRunner(engine, name=f"tensorrt {engine_precision}"), tolerance, True))
     results = []
+    accuracy = None
     try:
         for runner, tolerance, required in candidates:
             say(f"checking {runner.name}")
             results.append(compare(expected, runner, inputs, tolerance, reference_name="reference (unmerged PyTorch)",
                                    required=required))
+        if accuracy_set is not None:
+            accuracy = measure_accuracy(
+                TorchRunner(reference, name="unmerged PyTorch"),
+                [(runner, _accuracy_tolerance(tol), req) for runner, tol, req in candidates],
+                accuracy_set, meta["preprocessing"], bundle_dir / INFER_FILE, batch=(batch[0], batch[2]),
+                progress=say)
+        else:
+            notes.append("accuracy not re-measured: no labelled images were given")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    report = ParityReport(results, notes)
+    report = ParityReport(results, notes, accuracy)
     _write_json_atomic(bundle_dir / PARITY_FILE, report.to_json())
     if profile.name == recorded.name:
         _write_json_atomic(bundle_dir / READINESS_FILE, readiness.to_json())
     meta = {**meta, "status": "ok" if report.passed else "failed", "validated_at": _now(),
-            "parity": _parity_summary(report)}
+            "parity": _parity_summary(report),
+            "accuracy": _accuracy_summary(report.accuracy) if report.accuracy is not None else meta.get("accuracy")}
     _write_json_atomic(bundle_dir / METADATA_FILE, meta)
     if not report.passed:
         raise _parity_error(report, bundle_dir)
@@ -343,8 +361,9 @@ def _assemble(work: Path, reference: torch.nn.Module, merged: torch.nn.Module, i
     results.append(ort_result)
     timings["simplify_and_ort_s"] = time.perf_counter() - started
     fp32_nodes = _target_fp32_nodes(onnx_path, opt)
-    fp16, fp16_results = _fp16_step(work, onnx_path, images, opt, check, fp32_nodes, timings, say)
-    results += fp16_results
+    scratch = Path(tempfile.mkdtemp(dir=work))  # the FP16 emulation graph: checked, not shipped
+    fp16, fp16_runners = _fp16_step(work, onnx_path, images, opt, fp32_nodes, scratch, timings, say)
+    results += [check(runner, FP16, required=opt.precision == "fp16") for runner in fp16_runners]
     if opt.precision != "fp16":
         notes.append("FP16 checks are advisory for an fp32 bundle: reported, not required")
     say(f"checking TensorRT readiness of the shipped files for {opt.target.requested or opt.target.name}")
@@ -352,11 +371,30 @@ def _assemble(work: Path, reference: torch.nn.Module, merged: torch.nn.Module, i
     _handle_readiness(readiness.problems, opt.tensorrt, warnings, opt.target)
     warnings += [f"not ready for the newer target {name}: {problems[0]}"
                  for name, problems in readiness.newer.items() if problems]
-    trt_info, trt_results = _tensorrt_step(work, onnx_path, opt, check, fp32_nodes, timings, say)
-    results += trt_results
+    trt_info, trt_runner = _tensorrt_step(work, onnx_path, opt, fp32_nodes, timings, say)
+    if trt_runner is not None:
+        results.append(check(trt_runner, FP16 if opt.precision == "fp16" else TENSORRT_FP32))
 
-    parity = ParityReport(results, notes)
     _write_text(work / INFER_FILE, _template("infer.py"))
+    accuracy = None
+    try:
+        if opt.accuracy_set is not None:
+            started = time.perf_counter()
+            candidates: list[Candidate] = [
+                (OnnxRuntimeRunner(onnx_path, name="onnxruntime fp32"), ACCURACY_FP32, True),
+                *((runner, ACCURACY_FP16, opt.precision == "fp16") for runner in fp16_runners)]
+            if trt_runner is not None:
+                candidates.append((trt_runner, ACCURACY_FP16 if opt.precision == "fp16" else ACCURACY_FP32, True))
+            accuracy = measure_accuracy(TorchRunner(reference, name="unmerged PyTorch"), candidates,
+                                        opt.accuracy_set, json.loads(json.dumps(opt.preprocessing)),
+                                        work / INFER_FILE, batch=(opt.batch[0], opt.batch[2]), progress=say)
+            timings["accuracy_s"] = time.perf_counter() - started
+        else:
+            notes.append("accuracy not measured: no labelled images (the run's data are not on disk; "
+                         "--images ROOT/<class>/... measures it)")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    parity = ParityReport(results, notes, accuracy)
     script = render_build_script(onnx_path, opt.batch, opt.precision, target=opt.target, ready=readiness.ok,
                                  fp32_layers=fp32_nodes, check_atol=_check_atol(ort_result))
     _write_text(work / BUILD_SCRIPT_FILE, script, executable=True)
@@ -411,37 +449,31 @@ def _target_fp32_nodes(onnx_path: Path, opt: _Options) -> list[str]:
     return names
 
 
-def _fp16_step(work: Path, onnx_path: Path, images: np.ndarray, opt: _Options, check, fp32_nodes: list[str],
-               timings: dict[str, float], say: Progress) -> tuple[dict, list[ParityResult]]:
-    """Write model_fp16.onnx (the target's FP32 nodes kept FP32) and check its parity (ORT run, strict emulation)."""
+def _fp16_step(work: Path, onnx_path: Path, images: np.ndarray, opt: _Options, fp32_nodes: list[str], scratch: Path,
+               timings: dict[str, float], say: Progress) -> tuple[dict, list[OnnxRuntimeRunner]]:
+    """Write model_fp16.onnx (the target's FP32 nodes kept FP32); return its runners (ORT run, strict emulation in
+    ``scratch``) for the parity and accuracy checks."""
     say("converting to FP16")
     started = time.perf_counter()
     fp16 = convert_to_fp16(onnx_path, work / FP16_FILE, calibration=images[:FP16_CALIBRATION_IMAGES],
                            keep_fp32_nodes=fp32_nodes)
     timings["fp16_s"] = time.perf_counter() - started
-    scratch = Path(tempfile.mkdtemp(dir=work))
-    try:
-        results = [check(runner, FP16, required=opt.precision == "fp16")
-                   for runner in _fp16_runners(onnx_path, fp16.path, scratch)]
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return fp16.to_json(), results
+    return fp16.to_json(), _fp16_runners(onnx_path, fp16.path, scratch)
 
 
-def _tensorrt_step(work: Path, onnx_path: Path, opt: _Options, check, fp32_nodes: list[str],
-                   timings: dict[str, float], say: Progress) -> tuple[dict[str, Any], list[ParityResult]]:
-    """Build and check model.engine (+ model.engine.json) when TensorRT is in use; otherwise record why not."""
+def _tensorrt_step(work: Path, onnx_path: Path, opt: _Options, fp32_nodes: list[str], timings: dict[str, float],
+                   say: Progress) -> tuple[dict[str, Any], TensorRTRunner | None]:
+    """Build model.engine (+ model.engine.json) when TensorRT is in use and return its runner; else record why not."""
     info: dict[str, Any] = {"mode": opt.tensorrt, "used": opt.use_trt, "message": opt.trt_message, "build": None}
     if not opt.use_trt:
-        return info, []
+        return info, None
     say(f"building the TensorRT {opt.precision} engine")
     build = build_engine(onnx_path, work / ENGINE_FILE, batch=opt.batch, precision=opt.precision,
                          timing_cache_path=opt.timing_cache, fp16_onnx_path=work / FP16_FILE,
                          fp32_layers=fp32_nodes, target=opt.target.name)
     info["build"] = build.to_json()
     timings["tensorrt_build_s"] = build.seconds
-    tolerance = FP16 if opt.precision == "fp16" else TENSORRT_FP32
-    return info, [check(TensorRTRunner(build.path, name=f"tensorrt {opt.precision}"), tolerance)]
+    return info, TensorRTRunner(build.path, name=f"tensorrt {opt.precision}")
 
 
 def _checker(expected: dict[str, np.ndarray], inputs: dict[str, np.ndarray], say: Progress):
@@ -535,12 +567,8 @@ def render_build_script(onnx_path: str | Path, batch: tuple[int, int, int], prec
 
 
 def _preprocessing(data_config: Mapping[str, Any]) -> dict[str, Any]:
-    prep = {key: data_config[key] for key in _DATA_CONFIG_KEYS}
-    prep["input_size"] = [int(v) for v in prep["input_size"]]
-    prep["mean"], prep["std"] = [float(v) for v in prep["mean"]], [float(v) for v in prep["std"]]
-    prep["crop_pct"] = float(prep["crop_pct"]) if prep["crop_pct"] is not None else 1.0
-    prep["crop_mode"] = data_config.get("crop_mode", "center")
-    return prep
+    """The run's preprocessing contract as metadata.json and infer.py carry it (``peftx.preprocess.contract``)."""
+    return contract(data_config)
 
 
 def _onnx_metadata(preprocessing: dict, class_names: list[str], provenance: Mapping[str, Any],
@@ -575,14 +603,25 @@ def _metadata(report: BundleReport, onnx_path: Path, opt: _Options) -> dict[str,
         "trt_readiness": {"ok": report.readiness.ok, "problems": len(report.readiness.problems),
                           "target": opt.target.name, "tensorrt_version_checked": report.readiness.tensorrt_version,
                           "files": sorted(report.readiness.files), "file": READINESS_FILE},
-        "parity": _parity_summary(report.parity), "timings": report.timings, "warnings": report.warnings,
+        "parity": _parity_summary(report.parity), "accuracy": _accuracy_summary(report.parity.accuracy),
+        "timings": report.timings, "warnings": report.warnings,
         "versions": _versions(),
     }
 
 
 def _parity_summary(parity: ParityReport) -> dict[str, Any]:
     return {"passed": parity.passed, "failed": [r.candidate for r in parity.failed],
-            "checked": [r.candidate for r in parity.results], "file": PARITY_FILE}
+            "checked": [r.candidate for r in parity.results], "file": PARITY_FILE,
+            "accuracy_failures": parity.accuracy.failures() if parity.accuracy is not None else []}
+
+
+def _accuracy_summary(accuracy: AccuracyReport | None) -> dict[str, Any]:
+    return accuracy.summary() if accuracy is not None else {"measured": False}
+
+
+def _accuracy_tolerance(parity_tolerance) -> Any:
+    """The accuracy tolerance for an artifact checked with ``parity_tolerance`` (FP16 artifacts: FP16's)."""
+    return ACCURACY_FP16 if parity_tolerance is FP16 else ACCURACY_FP32
 
 
 def _versions() -> dict[str, str]:
@@ -601,9 +640,8 @@ def _versions() -> dict[str, str]:
 
 
 def _parity_error(report: ParityReport, where: Path) -> ParityError:
-    failed = "; ".join(f"{r.candidate}: {r.overall.failures[0] if r.overall.failures else 'failed'}"
-                       for r in report.failed)
-    return ParityError(f"parity failed for {failed}", f"inspect {where / PARITY_FILE}; the bundle is marked failed")
+    return ParityError(f"parity failed for {'; '.join(report.failure_lines())}",
+                       f"inspect {where / PARITY_FILE}; the bundle is marked failed")
 
 
 # --- validation of arguments ------------------------------------------------------------------------------------
@@ -620,6 +658,7 @@ def _validate_inputs(input_size, data_config, class_names, images, batch, precis
     missing = [key for key in _DATA_CONFIG_KEYS if key not in data_config]
     if missing:
         raise UsageError(f"data_config lacks {', '.join(missing)}", "pass timm.data.resolve_data_config(model=...)")
+    contract(data_config)  # a crop mode, interpolation or crop_pct the shipped infer.py cannot reproduce fails here
     if tuple(data_config["input_size"]) != tuple(input_size):
         raise UsageError(f"data_config input_size {tuple(data_config['input_size'])} != input_size {tuple(input_size)}",
                          "export at the size the preprocessing produces")

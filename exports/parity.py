@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from rich.table import Table
@@ -18,6 +19,9 @@ from rich.table import Table
 from peftx.tolerances import Tolerance
 
 from .runners import Runner
+
+if TYPE_CHECKING:
+    from .accuracy import AccuracyReport
 
 # Elements with |reference| below this fraction of the output's scale are left out of the relative error, where
 # |Δ|/|ref| is noise divided by ~0 and says nothing about the model.
@@ -63,19 +67,29 @@ class ParityResult:
 
 @dataclass
 class ParityReport:
+    """Every logit comparison and, when labelled images were available, the accuracy gate (``accuracy.py``)."""
+
     results: list[ParityResult]
     notes: list[str] = field(default_factory=list)
+    accuracy: AccuracyReport | None = None
 
     @property
     def passed(self) -> bool:
-        return all(r.passed for r in self.results if r.required)
+        return all(r.passed for r in self.results if r.required) and (self.accuracy is None or self.accuracy.passed)
 
     @property
     def failed(self) -> list[ParityResult]:
+        """The required logit comparisons that failed (accuracy failures: ``failure_lines``)."""
         return [r for r in self.results if r.required and not r.passed]
 
+    def failure_lines(self) -> list[str]:
+        """One line per failure, logits and accuracy alike."""
+        lines = [f"{r.candidate}: {r.overall.failures[0] if r.overall.failures else 'failed'}" for r in self.failed]
+        return lines + (self.accuracy.failures() if self.accuracy is not None else [])
+
     def to_json(self) -> dict:
-        return {"passed": self.passed, "results": [r.to_json() for r in self.results], "notes": self.notes}
+        return {"passed": self.passed, "results": [r.to_json() for r in self.results], "notes": self.notes,
+                "accuracy": self.accuracy.to_json() if self.accuracy is not None else None}
 
     def table(self) -> Table:
         return parity_table(self.results)

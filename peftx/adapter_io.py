@@ -24,6 +24,7 @@ from .errors import AdapterFileError, AdapterMismatchError, NonFiniteError
 from .fsutil import atomic_path, write_text_atomic
 from .layout import describe
 from .methods import config_from_dict
+from .preprocess import CROP_MODES, INTERPOLATIONS
 
 ADAPTER_FILE = "adapter.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -130,8 +131,11 @@ def _record_problem(config: dict[str, Any]) -> str | None:
             if not numbers(data_cfg.get(key), positive=key == "std"):
                 return f"data_config.{key} is {data_cfg.get(key)!r}, expected one finite number per channel"
         crop = data_cfg.get("crop_pct")
-        if crop is not None and (isinstance(crop, bool) or not isinstance(crop, (int, float)) or not crop > 0):
-            return f"data_config.crop_pct is {crop!r}, expected a positive number"
+        if crop is not None and (isinstance(crop, bool) or not isinstance(crop, (int, float)) or not 0 < crop <= 1):
+            return f"data_config.crop_pct is {crop!r}, expected a number in (0, 1]"
+        for key, known in (("crop_mode", CROP_MODES), ("interpolation", INTERPOLATIONS)):
+            if key in data_cfg and data_cfg[key] not in known:
+                return f"data_config.{key} is {data_cfg[key]!r}, expected one of {', '.join(known)}"
     return None
 
 

@@ -351,7 +351,8 @@ def _load_file(timm_name: str, path: Path, **kwargs: Any) -> torch.nn.Module:
 
 
 def data_config(model: torch.nn.Module, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Preprocessing for ``model``: input_size, interpolation, mean, std, crop_pct; ``overrides`` win.
+    """Preprocessing for ``model`` (timm's evaluation config): input_size, interpolation, mean, std, crop_pct,
+    crop_mode; ``overrides`` win. The run's preprocessing contract is built from it (:mod:`peftx.preprocess`).
 
     timm's pretrained config keeps the checkpoint's input size (518 for DINOv2) even when the model was built with
     another ``img_size``, so the size is taken from the model's patch embedding when it has one.
@@ -365,6 +366,7 @@ def data_config(model: torch.nn.Module, overrides: dict[str, Any] | None = None)
         "mean": tuple(float(v) for v in resolved["mean"]),
         "std": tuple(float(v) for v in resolved["std"]),
         "crop_pct": float(resolved["crop_pct"]),
+        "crop_mode": str(resolved.get("crop_mode") or "center"),  # timm's default when a config names none
     }
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if img_size is not None:

@@ -18,8 +18,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
-from torchvision import transforms as T
+from torch.utils.data import Dataset, Subset
 
 from peftx.errors import DataError, UsageError
 
@@ -97,20 +96,27 @@ class InMemoryImageDataset(Dataset):
 
 
 def build_transform(data_cfg: dict[str, Any], *, train: bool, hflip: bool) -> Callable:
-    """The paper's recipe: Resize to (H, W) with the config's interpolation, optional flip (training only),
-    ToTensor, Normalize. No random crops: VTAB-1k training resizes whole images."""
-    _, height, width = data_cfg["input_size"]
-    name = str(data_cfg.get("interpolation", "bicubic"))
-    try:
-        mode = T.InterpolationMode(name)
-    except ValueError as exc:
-        known = ", ".join(m.value for m in T.InterpolationMode)
-        raise UsageError(f"unknown interpolation {name!r} in the data config", f"use one of: {known}") from exc
-    steps: list[Callable] = [T.Resize((int(height), int(width)), interpolation=mode)]
-    if train and hflip:
-        steps.append(T.RandomHorizontalFlip())
-    steps += [T.ToTensor(), T.Normalize(mean=list(data_cfg["mean"]), std=list(data_cfg["std"]))]
-    return T.Compose(steps)
+    """The run's preprocessing contract (:mod:`peftx.preprocess`): timm's evaluation transform for ``data_cfg``,
+    with a random horizontal flip when ``train and hflip``. No random crops: VTAB-1k training uses the evaluation
+    geometry, so training, evaluation and the shipped ``infer.py`` all see the same pixels."""
+    from peftx.preprocess import eval_transform, train_transform
+
+    return train_transform(data_cfg, hflip=True) if train and hflip else eval_transform(data_cfg)
+
+
+def raw_sample(dataset: Dataset, index: int) -> tuple[Path | Image.Image, int]:
+    """The undecoded sample behind ``dataset[index]``: its image file, or its in-memory PIL image, and its label.
+
+    What the accuracy check hands to the bundle's own preprocessing, which must turn it into ``dataset[index][0]``.
+    """
+    if isinstance(dataset, Subset):
+        return raw_sample(dataset.dataset, int(dataset.indices[index]))
+    if isinstance(dataset, ImageFileDataset):
+        return dataset.samples[index]
+    if isinstance(dataset, InMemoryImageDataset):
+        return dataset.images[index], dataset.labels[index]
+    raise UsageError(f"{type(dataset).__name__} does not expose its raw images",
+                     "use an ImageFileDataset or InMemoryImageDataset")
 
 
 # ----------------------------------------------------------------------------------------------------- splits
@@ -392,6 +398,23 @@ def images_from_dir(directory: str | Path, data_cfg: dict[str, Any], *, limit: i
                         f"add files with one of: {', '.join(sorted(IMAGE_EXTENSIONS))}")
     dataset = ImageFileDataset([(p, 0) for p in paths], build_transform(data_cfg, train=False, hflip=False))
     return torch.stack([dataset[i][0] for i in range(len(dataset))])
+
+
+def labelled_folder(directory: str | Path, class_names: Sequence[str], data_cfg: dict[str, Any]) -> Dataset | None:
+    """A user's own labelled images for the accuracy check: ``DIR/<class>/<image>`` (or ``DIR/test/<class>/...``,
+    ``DIR/val/<class>/...``) with the run's class names, preprocessed with ``data_cfg``. None when no folder there is
+    one of the run's classes (unlabelled images: parity only). A class folder the run does not know is a DataError."""
+    root = Path(directory).expanduser()
+    if not root.is_dir():
+        raise DataError(f"image directory {root} does not exist", "pass a directory of .jpg/.png images")
+    index = {name: i for i, name in enumerate(class_names)}
+    for candidate in (root, root / "test", root / "val"):
+        if candidate.is_dir() and any(name in index for name in _class_dirs(candidate)):
+            samples = _scan_split(candidate, index)
+            if not samples:
+                raise DataError(f"{candidate} holds no images", "add images under <class>/ folders")
+            return ImageFileDataset(samples, build_transform(data_cfg, train=False, hflip=False))
+    return None
 
 
 def _random_crop(photo: Image.Image, rng: np.random.Generator) -> Image.Image:

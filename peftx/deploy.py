@@ -2,7 +2,9 @@
 
 Rebuilds the UNMERGED adapted model from a run directory (or an adapter file plus a backbone spec), merges it into a
 plain timm model, and hands both to :mod:`peftx.exports.bundle`, which exports, checks every artifact against the
-unmerged model on real images, and writes the bundle atomically.
+unmerged model on real images, and writes the bundle atomically. The accuracy gate measures the run's test split
+(val when there is none, or a labelled ``--images`` folder): the unmerged model through the run's recorded
+transform, every artifact through the bundle's own infer.py from the raw files.
 """
 
 from __future__ import annotations
@@ -19,8 +21,13 @@ from .adapter import merge_and_unload
 from .adapter_io import ADAPTER_FILE, load_adapter, read_adapter
 from .errors import DataError, UsageError
 from .fsutil import sha256_file
+from .preprocess import contract
 
 PARITY_IMAGES = 16  # real images per parity run: enough for odd batch sizes 1, 3, 7 plus a full batch
+# Labelled images the accuracy gate measures by default (a seeded subset of a larger split): resolves 0.2 points,
+# covers the demo's whole test split (450), and bounds the CPU cost of a big test split (VTAB's ~20k images) to
+# a few minutes per artifact at ViT-B/16 224 px. --accuracy-images all measures every image.
+ACCURACY_IMAGES = 500
 BUNDLE_DIR = "bundle"
 
 
@@ -53,25 +60,73 @@ def load_reference(source: str | Path, *, model_name: str | None = None,
     model = rebuild_model(config, weights=weights)
     load_adapter(model, path)
     model.eval()
-    data_cfg = dict(config.get("data_config") or data_config(model))
+    data_cfg = contract(config.get("data_config") or data_config(model))  # the run's recorded preprocessing
     names = config.get("class_names") or [str(i) for i in range(config["num_classes"])]
     return Loaded(model, path, config, data_cfg, list(names))
 
 
-def parity_images(loaded: Loaded, images_dir: str | Path | None = None, n: int = PARITY_IMAGES) -> torch.Tensor:
+def _run_splits(loaded: Loaded):
+    """The run's own splits (its recorded data, preprocessing and split seed), or the DataError why not."""
+    from .data import load_splits
+
+    data = loaded.config.get("data")
+    if not data:
+        return DataError("the adapter does not record its training data")
+    seed = loaded.config.get("seed")
+    try:
+        splits = load_splits(data, loaded.data_config, seed=seed if isinstance(seed, int) else 42)
+    except DataError as exc:
+        return exc
+    if list(splits.class_names) != list(loaded.class_names):
+        return DataError(f"{data} now has other classes than the run was trained on")
+    return splits
+
+
+def parity_images(loaded: Loaded, images_dir: str | Path | None = None, n: int = PARITY_IMAGES,
+                  splits: Any = None) -> torch.Tensor:
     """REAL images for parity: ``images_dir`` if given, else the run's validation split, else the shipped photos."""
-    from .data import images_from_dir, load_splits, real_images
+    from .data import images_from_dir, real_images
 
     if images_dir is not None:
         return images_from_dir(images_dir, loaded.data_config, limit=n)
-    data = loaded.config.get("data")
-    if data:
-        try:
-            val = load_splits(data, loaded.data_config).val
-            return torch.stack([val[i][0] for i in range(min(n, len(val)))])
-        except DataError:
-            pass  # the training data moved or is gone: fall back to the registry-shipped photos
-    return real_images(n, loaded.data_config)
+    splits = _run_splits(loaded) if splits is None else splits
+    if not isinstance(splits, DataError):
+        val = splits.val
+        return torch.stack([val[i][0] for i in range(min(n, len(val)))])
+    return real_images(n, loaded.data_config)  # the training data moved or is gone: the registry-shipped photos
+
+
+def parse_count(text: str | int | None, option: str = "--accuracy-images") -> int | None:
+    """'500' -> 500, 'all' -> None (every image), '0' -> 0 (skip)."""
+    if text is None or (isinstance(text, str) and text.strip().lower() == "all"):
+        return None
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise UsageError(f"{option} {text!r} is not a count", f"e.g. {option} 500, or all, or 0 to skip") from None
+    if value < 0:
+        raise UsageError(f"{option} {value} is negative", f"e.g. {option} 500, or all, or 0 to skip")
+    return value
+
+
+def accuracy_images(loaded: Loaded, images_dir: str | Path | None = None, limit: int | None = ACCURACY_IMAGES,
+                    splits: Any = None):
+    """(AccuracySet or None, why not): a labelled ``images_dir`` (``DIR/<class>/...``), else the run's test split,
+    else its val split; ``limit`` images at most (None: all; 0: not measured)."""
+    from .data import labelled_folder
+    from .exports.accuracy import select
+
+    if limit == 0:
+        return None, "--accuracy-images 0"
+    if images_dir is not None:
+        own = labelled_folder(images_dir, loaded.class_names, loaded.data_config)
+        if own is not None:
+            return select(own, f"labelled images in {images_dir}", limit), None
+    splits = _run_splits(loaded) if splits is None else splits
+    if isinstance(splits, DataError):
+        return None, f"no labelled images: {splits.message}"
+    name, dataset = ("test", splits.test) if splits.test is not None and len(splits.test) else ("val", splits.val)
+    return select(dataset, f"{name} split of {splits.source}", limit), None
 
 
 def provenance(loaded: Loaded) -> dict[str, Any]:
@@ -100,11 +155,13 @@ def merge_export(source: str | Path, *, output: str | Path | None = None, batch:
                  precision: str = "fp32", tensorrt: str = "auto", force: bool = False, simplify: bool = True,
                  model_name: str | None = None, weights: str | Path | None = None,
                  images_dir: str | Path | None = None, progress: Callable[[str], None] | None = None,
-                 target: str | None = None):
+                 target: str | None = None, accuracy_limit: int | None = ACCURACY_IMAGES):
     """Load, merge, export, validate; returns the :class:`~peftx.exports.bundle.BundleReport`.
 
     ``target`` is a deployment target (``peftx targets``: trt8.5, jetpack6, ..., "auto"; None: the default).
-    Raises ParityError (after writing a bundle marked failed) when any artifact disagrees with the unmerged model.
+    ``accuracy_limit``: labelled images for the accuracy gate (None: all of the split; 0: not measured).
+    Raises ParityError (after writing a bundle marked failed) when any artifact disagrees with the unmerged model
+    or loses accuracy beyond its tolerance.
     """
     from .exports.bundle import write_bundle
     from .exports.tensorrt import resolve_target_here
@@ -120,18 +177,29 @@ def merge_export(source: str | Path, *, output: str | Path | None = None, batch:
     out = Path(output) if output else _adapter_path(source).parent / BUNDLE_DIR
     say("merging")
     merged = merge_and_unload(loaded.model)
-    images = parity_images(loaded, images_dir)
+    splits = _run_splits(loaded)
+    images = parity_images(loaded, images_dir, splits=splits)
+    labelled = _accuracy_set(loaded, images_dir, accuracy_limit, splits, say)
     return write_bundle(loaded.model, merged, out, input_size=tuple(loaded.data_config["input_size"]),
                         data_config=loaded.data_config, class_names=loaded.class_names,
                         provenance=provenance(loaded), images=images, batch=tuple(batch), precision=precision,
-                        tensorrt=tensorrt, simplify=simplify, force=force, progress=say, target=profile)
+                        tensorrt=tensorrt, simplify=simplify, force=force, progress=say, target=profile,
+                        accuracy_set=labelled)
+
+
+def _accuracy_set(loaded: Loaded, images_dir, limit, splits, say: Callable[[str], None]):
+    labelled, why_not = accuracy_images(loaded, images_dir, limit, splits)
+    if labelled is None:
+        say(f"accuracy not measured ({why_not})")
+    return labelled
 
 
 def validate(bundle: str | Path, *, images_dir: str | Path | None = None, adapter: str | Path | None = None,
              weights: str | Path | None = None, tensorrt: str = "auto",
-             progress: Callable[[str], None] | None = None, target: str | None = None):
-    """Re-run the readiness (for ``target``, default the bundle's own) and parity checks of an existing bundle
-    against the unmerged model it was made from."""
+             progress: Callable[[str], None] | None = None, target: str | None = None,
+             accuracy_limit: int | None = ACCURACY_IMAGES):
+    """Re-run the readiness (for ``target``, default the bundle's own), parity and accuracy checks of an existing
+    bundle against the unmerged model it was made from."""
     from .exports.bundle import read_bundle, validate_bundle
     from .exports.tensorrt import resolve_target_here
 
@@ -147,5 +215,8 @@ def validate(bundle: str | Path, *, images_dir: str | Path | None = None, adapte
         raise UsageError(f"{source} changed since the bundle was made (sha256 differs)",
                          "pass --adapter with the adapter the bundle was made from, or re-export")
     loaded = load_reference(source, weights=weights)
-    return validate_bundle(bundle, loaded.model, parity_images(loaded, images_dir), tensorrt=tensorrt,
-                           progress=progress, target=target)
+    say = progress or (lambda _m: None)
+    splits = _run_splits(loaded)
+    return validate_bundle(bundle, loaded.model, parity_images(loaded, images_dir, splits=splits), tensorrt=tensorrt,
+                           progress=progress, target=target,
+                           accuracy_set=_accuracy_set(loaded, images_dir, accuracy_limit, splits, say))

@@ -20,6 +20,8 @@ def run_demo(output: str | Path | None = None, *, method: str = "rlrr", train_pr
     run_dir = Path(summary["run_dir"])
     report = merge_export(run_dir, progress=export_progress)
     ort = next((r for r in report.parity.results if r.candidate.startswith("onnxruntime fp32")), None)
+    accuracy = report.parity.accuracy
+    ort_acc = next((r for r in accuracy.results if r.candidate == "onnxruntime fp32"), None) if accuracy else None
     return {
         "run_dir": str(run_dir), "bundle": str(report.out_dir), "method": method,
         "test_accuracy": summary.get("test_accuracy"), "val_accuracy": summary.get("val_accuracy"),
@@ -27,6 +29,9 @@ def run_demo(output: str | Path | None = None, *, method: str = "rlrr", train_pr
         "trainable_params": summary.get("trainable_params"), "bundle_status": report.status,
         "onnx_fp32_max_abs_err": ort.overall.max_abs if ort else None,
         "onnx_fp32_top1_agreement": ort.overall.top1_agreement if ort else None,
+        # the test split again, each image through the bundle's own infer.py preprocessing into model.onnx
+        "bundle_test_accuracy": ort_acc.accuracy if ort_acc else None,
+        "bundle_accuracy_images": accuracy.images if accuracy else 0,
         "files": sorted(p.name for p in report.out_dir.iterdir()),
         "tensorrt": report.tensorrt.get("message", ""),
     }

@@ -94,14 +94,20 @@ def test_digits_items_are_normalised_rgb_tensors() -> None:
 # ----------------------------------------------------------------------------------------------------- transforms
 
 
-def test_transform_is_resize_flip_totensor_normalize_without_crops() -> None:
-    train = build_transform(CFG, train=True, hflip=True)
-    kinds = [type(t) for t in train.transforms]
-    assert kinds == [T.Resize, T.RandomHorizontalFlip, T.ToTensor, T.Normalize]
-    assert train.transforms[0].interpolation == T.InterpolationMode.BICUBIC
-    assert train.transforms[0].size == [32, 32] or tuple(train.transforms[0].size) == (32, 32)
-    for t in (build_transform(CFG, train=True, hflip=False), build_transform(CFG, train=False, hflip=True)):
-        assert [type(s) for s in t.transforms] == [T.Resize, T.ToTensor, T.Normalize]
+def test_training_transform_is_the_eval_geometry_plus_a_flip_and_nothing_random_else(photo: Image.Image) -> None:
+    """No random crops: training sees the evaluation pixels, mirrored half of the time (VTAB-1k's recipe)."""
+    crop = photo.crop((0, 0, 400, 250))  # non-square, so a crop or an aspect change would show
+    for cfg in (CFG, {**CFG, "crop_mode": "center", "crop_pct": 0.875}):
+        evaluation = build_transform(cfg, train=False, hflip=True)(crop)  # hflip is ignored outside training
+        assert torch.equal(evaluation, build_transform(cfg, train=True, hflip=False)(crop))
+        train = build_transform(cfg, train=True, hflip=True)
+        seen = set()
+        for seed in range(12):
+            torch.manual_seed(seed)
+            x = train(crop)
+            assert torch.equal(x, evaluation) or torch.equal(x, evaluation.flip(-1))
+            seen.add(torch.equal(x, evaluation))
+        assert seen == {True, False}  # both the image and its mirror occur
 
 
 def test_transform_normalises_with_config_mean_std(photo: Image.Image) -> None:

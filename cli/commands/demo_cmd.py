@@ -34,6 +34,9 @@ def demo(
         "trainable params": result["trainable_params"],
         "ONNX vs unmerged": f"max |Δ| {result['onnx_fp32_max_abs_err']:.1e}, "
                             f"top-1 agreement {100 * result['onnx_fp32_top1_agreement']:.0f} %",
+        "bundle accuracy": (f"{100 * result['bundle_test_accuracy']:.2f} % (model.onnx on the "
+                            f"{result['bundle_accuracy_images']} test images through infer.py's preprocessing)"
+                            if result.get("bundle_test_accuracy") is not None else "not measured"),
         "bundle status": result["bundle_status"],
         "run directory": result["run_dir"],
         "bundle": f"{result['bundle']}  ({', '.join(result['files'])})",

@@ -25,22 +25,25 @@ def merge_export(
     tensorrt: Annotated[str, typer.Option("--tensorrt", help="auto: build an engine when TensorRT and a GPU exist; on: require it; off: skip (and tolerate readiness problems).")] = "auto",
     model: Annotated[Optional[str], typer.Option("--model", help="Backbone name, for an adapter file whose spec you override.", show_default=False)] = None,
     weights: Weights = None,
-    images: Annotated[Optional[Path], typer.Option("--images", help="Directory of real images for the parity check [default: the run's validation images].", show_default=False)] = None,
+    images: Annotated[Optional[Path], typer.Option("--images", help="Real images for the parity check; labelled as DIR/<class>/... (or DIR/test/<class>/...), they are also the accuracy check's [default: the run's validation images; accuracy on its test split].", show_default=False)] = None,
+    accuracy_images: Annotated[str, typer.Option("--accuracy-images", help="Labelled images the accuracy check measures (a seeded subset of a larger split), 'all', or 0 to skip.")] = "500",
     no_simplify: Annotated[bool, typer.Option("--no-simplify", help="Skip the onnxslim pass.")] = False,
     target: Target = None,
     force: Force = False,
     json_out: Json = False,
 ) -> None:
     """Merge an adapter into its backbone, export ONNX (+ TensorRT), and validate every artifact against the unmerged model."""
-    from peftx.deploy import merge_export as run, parse_batch
+    from peftx.deploy import merge_export as run, parse_batch, parse_count
 
     report = run(source, output=output, batch=parse_batch(batch), precision=precision, tensorrt=tensorrt,
                  force=force, simplify=not no_simplify, model_name=model, weights=weights, images_dir=images,
-                 progress=_progress(json_out), target=target)
+                 progress=_progress(json_out), target=target, accuracy_limit=parse_count(accuracy_images))
     if json_out:
         print_json(report.to_json())
         return
     console.print(report.parity.table())
+    if report.parity.accuracy is not None:
+        console.print(report.parity.accuracy.table())
     files = sorted(p.name for p in report.out_dir.iterdir())
     target_line = (f"{report.target.requested or report.target.name} (TensorRT >= {report.target.tensorrt_min}): "
                    + ("TensorRT-ready" if report.readiness.ok else "NOT TensorRT-ready, see trt_readiness.json"))
@@ -52,20 +55,23 @@ def merge_export(
 @handle_errors
 def validate(
     bundle: Annotated[Path, typer.Argument(help="A bundle directory written by `peftx merge-export`.")],
-    images: Annotated[Optional[Path], typer.Option("--images", help="Directory of real images to check on.", show_default=False)] = None,
+    images: Annotated[Optional[Path], typer.Option("--images", help="Real images to check on; labelled as DIR/<class>/..., also the accuracy check's [default: the run's data].", show_default=False)] = None,
+    accuracy_images: Annotated[str, typer.Option("--accuracy-images", help="Labelled images the accuracy check measures, 'all', or 0 to skip.")] = "500",
     adapter: Annotated[Optional[Path], typer.Option("--adapter", help="The run directory / adapter file, if it moved.", show_default=False)] = None,
     weights: Weights = None,
     tensorrt: Annotated[str, typer.Option("--tensorrt", help="auto, on or off (check model.engine).")] = "auto",
     target: Annotated[Optional[str], typer.Option("--target", "-t", help="Check readiness for this deployment target (see `peftx targets`) [default: the bundle's own].", show_default=False)] = None,
     json_out: Json = False,
 ) -> None:
-    """Re-check an existing bundle: artifact hashes, TensorRT readiness for its target, the engine's manifest, then parity of every artifact against the unmerged model."""
-    from peftx.deploy import validate as run
+    """Re-check an existing bundle: artifact hashes, TensorRT readiness for its target, the engine's manifest, then parity and accuracy of every artifact against the unmerged model."""
+    from peftx.deploy import parse_count, validate as run
 
     report = run(bundle, images_dir=images, adapter=adapter, weights=weights, tensorrt=tensorrt,
-                 progress=_progress(json_out), target=target)
+                 progress=_progress(json_out), target=target, accuracy_limit=parse_count(accuracy_images))
     if json_out:
         print_json(report.to_json())
         return
     console.print(report.table())
+    if report.accuracy is not None:
+        console.print(report.accuracy.table())
     console.print(f"[green]bundle {bundle} passed[/]")

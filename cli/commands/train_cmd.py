@@ -63,6 +63,8 @@ def _duration(seconds: float) -> str:
 
 def start_lines(f: dict[str, Any]) -> list[str]:
     """The effective configuration of a run (the library's ``start`` event), before its first step."""
+    from peftx.preprocess import describe
+
     c = f["config"]
     size = f"{c['img_size']} px" if c.get("img_size") else "the backbone's size"
     lines = [
@@ -71,6 +73,8 @@ def start_lines(f: dict[str, Any]) -> list[str]:
         f"{size}, batch {c['batch_size']} ({f['steps_per_epoch']} steps per epoch)",
         f"schedule: {_count(c['epochs'], 'epoch')}, AdamW lr {c['lr']:g}, warm-up {c['warmup_epochs']:g} from "
         f"{c['warmup_lr']:g}, cosine to {c['min_lr']:g}, cool-down {c['cooldown_epochs']}",
+        *([f"preprocessing (training, eval and the bundle's infer.py): {describe(f['preprocessing'])}"]
+          if f.get("preprocessing") else []),
         f"regularisation: weight decay {c['weight_decay']:g}, residual dropout {c['dropout']:g}, flip "
         f"{'on' if c['hflip'] else 'off'}; seed {c['seed']}",
         f"device {f['device']}, AMP {f['amp']}, {_count(f['world_size'], 'process', 'processes')}; run directory "
@@ -114,6 +118,8 @@ def train(
     dropout: Annotated[Optional[float], typer.Option("--dropout", help="Residual dropout rate of the last block.", show_default="the recipe's: demo 0, own data 0.1")] = None,
     hflip: Annotated[Optional[bool], typer.Option("--hflip/--no-hflip", help="Random horizontal flips.", show_default="the recipe's: off; VTAB per task")] = None,
     img_size: Annotated[Optional[int], typer.Option("--img-size", min=1, help="Training (and export) image size.", show_default="the recipe's: demo 56, own data 224")] = None,
+    crop_mode: Annotated[Optional[str], typer.Option("--crop-mode", help="How an image is fitted to the input size, in training, eval and the bundle's infer.py alike: squash (whole image resized), center (aspect kept, centre crop) or border (aspect kept, padded).", show_default="squash")] = None,
+    crop_pct: Annotated[Optional[float], typer.Option("--crop-pct", help="timm's crop_pct: resize to size / crop_pct, then crop to size.", show_default="1.0")] = None,
     rank: Rank = None,
     alpha: Alpha = None,
     targets: Targets = None,
@@ -141,7 +147,8 @@ def train(
         output=str(output) if output else None, resume=str(resume) if resume else None, epochs=epochs,
         batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, min_lr=min_lr,
         dropout=dropout, hflip=hflip, img_size=img_size, amp=amp, device=device, seed=seed,
-        num_workers=num_workers, overwrite=overwrite or None)
+        num_workers=num_workers, overwrite=overwrite or None,
+        data_overrides={k: v for k, v in (("crop_mode", crop_mode), ("crop_pct", crop_pct)) if v is not None} or None)
     options = {"rank": rank, "alpha": alpha, "targets": targets, "init": init}
     if any(v is not None for v in options.values()) or method_option:
         # The shared options map to the method's own config fields (resumed run: the run's method).

@@ -2,14 +2,16 @@
 """Classify images with this bundle and print the top-5 classes.
 
 Standalone: needs numpy, pillow and onnxruntime; for model.engine, the TensorRT Python package (8.5 or newer) and
-cuda-python instead of onnxruntime (no torch). Preprocessing (input size, interpolation, crop_pct, mean, std) and class
-names come from metadata.json next to this file; they reproduce timm's evaluation transform (resize the shorter side
-to size / crop_pct, centre-crop, normalise).
+cuda-python instead of onnxruntime (no torch). Preprocessing (input size, interpolation, crop_pct, crop_mode, mean,
+std: the run's recorded contract) and class names come from metadata.json next to this file; ``preprocess_image``
+reproduces timm's evaluation transform, which training and `peftx eval` used, to the bit.
 
-    python infer.py photo.jpg [more.jpg ...] [--backend auto|onnx|tensorrt] [--top 5]
+    python infer.py photo.jpg [more.jpg ...] [--backend auto|onnx|tensorrt] [--precision fp32|fp16] [--top 5]
 
 ``--backend auto`` runs model.engine with TensorRT when the engine is present and TensorRT + cuda-python + a GPU are
-there, and model.onnx with ONNX Runtime otherwise. Before an engine is loaded, model.engine.json (written wherever the
+there (and, with ``--precision``, the engine was built at that precision), and ONNX Runtime otherwise.
+``--precision`` picks the artifact: fp32 model.onnx, fp16 model_fp16.onnx (any other the bundle lists in
+metadata.json's artifacts); without it, the bundle's own precision for ONNX, and model.engine as built. Before an engine is loaded, model.engine.json (written wherever the
 engine was built) is compared with this machine: an engine built for another GPU or TensorRT version is refused with
 one line instead of TensorRT's "version tag does not match". peftx's own `validate` uses the same functions.
 """
@@ -33,36 +35,92 @@ RESAMPLE = {
 }
 
 
-def preprocess(path: Path, cfg: dict) -> np.ndarray:
-    """One image as a normalised float32 [1, 3, H, W] array, as timm's eval transform makes it."""
-    _, height, width = cfg["input_size"]
-    crop_pct = cfg.get("crop_pct") or 1.0
+def load_image(path: Path) -> Image.Image:
+    """The file as an RGB image, decoded as peftx's training data loader decodes it."""
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def preprocess_image(image: Image.Image, cfg: dict) -> np.ndarray:
+    """One RGB image as the model's float32 [3, H, W] input: the bundle's preprocessing contract.
+
+    The same steps, in the same order and arithmetic, as timm's evaluation transform (create_transform with
+    is_training=False) that training and `peftx eval` apply, so the device sees the pixels the model was checked on:
+    resize by crop_pct, then per crop_mode ``squash`` (both sides to size / crop_pct, centre crop), ``center``
+    (shorter side to size / crop_pct keeping the aspect ratio, centre crop) or ``border`` (longer side to
+    size / crop_pct, pad with the mean colour, centre crop); then /255 and (x - mean) / std in float32.
+    """
+    _, height, width = (int(v) for v in cfg["input_size"])
+    crop_pct = float(cfg.get("crop_pct") or 1.0)
+    mode = cfg.get("crop_mode", "center")
     resample = RESAMPLE[cfg.get("interpolation") or "bilinear"]
-    image = Image.open(path).convert("RGB")
-    if height == width and cfg.get("crop_mode", "center") == "center":
-        image = _resize_shorter(image, math.floor(height / crop_pct), resample)
-    else:  # non-square input or crop_mode "squash": both sides scaled independently
-        image = image.resize((math.floor(width / crop_pct), math.floor(height / crop_pct)), resample)
-    left = int(round((image.width - width) / 2.0))
-    top = int(round((image.height - height) / 2.0))
-    image = image.crop((left, top, left + width, top + height))
+    scaled = (math.floor(height / crop_pct), math.floor(width / crop_pct))
+    if mode == "squash":
+        image = _resize(image, scaled, resample)
+        image = _center_crop(image, height, width, fill=(0, 0, 0))
+    elif mode == "border":
+        image = _resize(image, _keep_ratio_size(image, scaled, longest=1.0), resample)
+        image = _center_crop(image, height, width, fill=tuple(round(255 * v) for v in cfg["mean"]))
+    elif mode == "center":
+        if scaled[0] == scaled[1]:
+            image = _resize(image, _shorter_side_size(image, scaled[0]), resample)
+        else:
+            image = _resize(image, _keep_ratio_size(image, scaled, longest=0.0), resample)
+        image = _center_crop(image, height, width, fill=(0, 0, 0))
+    else:
+        raise ValueError(f"unknown crop_mode {mode!r} in metadata.json")
     array = np.asarray(image, dtype=np.float32) / 255.0
     array = (array - np.asarray(cfg["mean"], np.float32)) / np.asarray(cfg["std"], np.float32)
-    return np.ascontiguousarray(array.transpose(2, 0, 1)[None])
+    return np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
-def _resize_shorter(image: Image.Image, size: int, resample: int) -> Image.Image:
+def preprocess(path: Path, cfg: dict) -> np.ndarray:
+    """One image file as a [1, 3, H, W] batch."""
+    return preprocess_image(load_image(path), cfg)[None]
+
+
+def _resize(image: Image.Image, size: tuple[int, int], resample: int) -> Image.Image:
+    """Resize to (height, width); an image already that size is returned as it is (as torchvision does)."""
+    height, width = size
+    return image if image.size == (width, height) else image.resize((width, height), resample)
+
+
+def _shorter_side_size(image: Image.Image, size: int) -> tuple[int, int]:
+    """(height, width) with the shorter side ``size`` (torchvision's Resize(int) rounding: int() of the long side)."""
     w, h = image.size
-    if w <= h:
-        return image.resize((size, int(size * h / w)), resample)
-    return image.resize((int(size * w / h), size), resample)
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(size * long / short)
+    return (new_long, size) if w <= h else (size, new_long)
+
+
+def _keep_ratio_size(image: Image.Image, target: tuple[int, int], longest: float) -> tuple[int, int]:
+    """timm's ResizeKeepRatio: scale by a blend of the two side ratios (longest=0: fit the shorter, 1: the longer)."""
+    w, h = image.size
+    ratio_h, ratio_w = h / target[0], w / target[1]
+    ratio = max(ratio_h, ratio_w) * longest + min(ratio_h, ratio_w) * (1.0 - longest)
+    return round(h / ratio), round(w / ratio)
+
+
+def _center_crop(image: Image.Image, height: int, width: int, fill: tuple[int, ...]) -> Image.Image:
+    """torchvision's / timm's centre crop: pad (with ``fill``) a side shorter than the crop, then crop the middle."""
+    from PIL import ImageOps
+
+    if width > image.width or height > image.height:
+        pad_w, pad_h = max(width - image.width, 0), max(height - image.height, 0)
+        image = ImageOps.expand(image, border=(pad_w // 2, pad_h // 2, (pad_w + 1) // 2, (pad_h + 1) // 2),
+                                fill=fill)
+        if image.size == (width, height):
+            return image
+    top = int(round((image.height - height) / 2.0))
+    left = int(round((image.width - width) / 2.0))
+    return image.crop((left, top, left + width, top + height))
 
 
 class OnnxBackend:
-    name = "onnxruntime"
-
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, precision: str = "fp32"):
         import onnxruntime as ort
+
+        self.name = f"onnxruntime ({path.name}, {precision})"
 
         wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         providers = [p for p in wanted if p in ort.get_available_providers()]
@@ -295,17 +353,47 @@ def tensorrt_usable() -> bool:
     return count > 0
 
 
-def pick_backend(choice: str, meta: dict, facts=device_facts):
+# --precision -> the metadata.json "artifacts" key of the ONNX file that runs it
+PRECISION_ARTIFACTS = {"fp32": "onnx", "fp16": "onnx_fp16", "int8": "onnx_int8"}
+
+
+def precisions(meta: dict) -> list[str]:
+    """The precisions this bundle has an ONNX file for."""
+    artifacts = meta.get("artifacts") or {}
+    return [p for p, key in PRECISION_ARTIFACTS.items() if artifacts.get(key) and (HERE / artifacts[key]).is_file()]
+
+
+def engine_precision(engine: Path) -> str | None:
+    """The precision model.engine.json says the engine was built at (None: unknown)."""
+    try:
+        return (read_engine_manifest(engine.with_name(MANIFEST_FILE)) or {}).get("precision")
+    except ValueError:
+        return None
+
+
+def pick_backend(choice: str, meta: dict, facts=device_facts, precision: str | None = None):
+    """The backend for ``choice`` (auto | onnx | tensorrt) running the artifact of ``precision`` (None: see above)."""
     engine = HERE / "model.engine"
-    if choice == "tensorrt" or (choice == "auto" and engine.exists() and tensorrt_usable()):
+    if precision is not None and precision not in precisions(meta):
+        sys.exit(f"infer.py: this bundle has no {precision} model — choose --precision "
+                 f"{' or '.join(precisions(meta)) or 'fp32'}")
+    built = engine_precision(engine) if engine.exists() else None
+    engine_fits = precision is None or built == precision
+    if choice == "tensorrt" or (choice == "auto" and engine.exists() and engine_fits and tensorrt_usable()):
         if not engine.exists():
             sys.exit("infer.py: model.engine is missing — build it on this device with ./build_engine.sh")
+        if not engine_fits:
+            sys.exit(f"infer.py: model.engine was built at {built or 'an unknown precision'}, not {precision} — "
+                     f"rebuild it with ./build_engine.sh {precision}, or use --backend onnx")
         if not tensorrt_usable():
             sys.exit("infer.py: --backend tensorrt needs the tensorrt and cuda-python packages and a GPU — "
                      "install them (pip install cuda-python) or use --backend onnx")
         check_engine(engine, facts)
         return TensorRTBackend(engine)
-    return OnnxBackend(HERE / meta["artifacts"]["onnx"])
+    chosen = precision or meta.get("precision") or "fp32"
+    if chosen not in precisions(meta):  # an fp16 bundle whose FP16 file was removed: run what is there
+        chosen = "fp32"
+    return OnnxBackend(HERE / meta["artifacts"][PRECISION_ARTIFACTS[chosen]], chosen)
 
 
 def top_k(logits: np.ndarray, k: int) -> list[tuple[int, float]]:
@@ -319,12 +407,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="+", type=Path)
     parser.add_argument("--backend", choices=("auto", "onnx", "tensorrt"), default="auto")
+    parser.add_argument("--precision", choices=tuple(PRECISION_ARTIFACTS), default=None,
+                        help="which artifact runs [default: the bundle's precision; model.engine as built]")
     parser.add_argument("--top", type=int, default=5)
     args = parser.parse_args(argv)
     meta = json.loads((HERE / "metadata.json").read_text(encoding="utf-8"))
     if meta.get("status") != "ok":
         print(f"warning: this bundle's status is {meta.get('status')!r}; see parity.json", file=sys.stderr)
-    backend = pick_backend(args.backend, meta)
+    backend = pick_backend(args.backend, meta, precision=args.precision)
     print(f"backend: {backend.name}", file=sys.stderr)
     names = meta.get("class_names") or []
     for path in args.images:

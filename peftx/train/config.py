@@ -43,7 +43,7 @@ CLI_OPTIONS = {"epochs": "--epochs", "warmup_epochs": "--warmup-epochs", "batch_
                "lr": "--lr", "weight_decay": "--weight-decay", "min_lr": "--min-lr", "dropout": "--dropout",
                "hflip": "--hflip/--no-hflip", "img_size": "--img-size", "seed": "--seed", "model": "--model",
                "weights": "--weights", "method": "--method", "method_options": "--rank/--alpha/--targets/--init",
-               "data": "--data", "task": "--task"}
+               "data": "--data", "task": "--task", "data_overrides": "--crop-mode/--crop-pct"}
 
 
 @dataclass

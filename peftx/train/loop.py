@@ -121,6 +121,7 @@ def _spec(cfg: TrainConfig) -> dict[str, Any]:
 def _build(cfg: TrainConfig, ckpt: Checkpoint | None) -> _Setup:
     from ..backbones import create_backbone, data_config
     from ..data import load_splits
+    from ..preprocess import TRAINING as PREPROCESSING_DEFAULT, contract
 
     device = resolve_device(cfg.device)
     info = init_distributed(device.type)
@@ -135,7 +136,9 @@ def _build(cfg: TrainConfig, ckpt: Checkpoint | None) -> _Setup:
         run_dir = prepare_run_dir(cfg, info, create=False)
         cfg = replace(cfg, output=str(run_dir))  # recorded in the checkpoint and the summary
         seed_everything(cfg.seed)
-        data_cfg = data_config(_meta_backbone(cfg), cfg.data_overrides or None)
+        # The run's preprocessing contract, recorded in the adapter file: peftx's training default (whole image
+        # squashed to the input size), then whatever the run asked for (crop_mode / crop_pct / mean / ...).
+        data_cfg = contract(data_config(_meta_backbone(cfg), {**PREPROCESSING_DEFAULT, **(cfg.data_overrides or {})}))
         splits = load_splits(cfg.data, data_cfg, hflip=bool(cfg.hflip), seed=cfg.seed)
         torch.manual_seed(cfg.seed)  # identical init on every rank, and rebuildable for pretrained=False
         model = create_backbone(cfg.model, num_classes=len(splits.class_names), weights=cfg.weights,
@@ -264,7 +267,7 @@ class Trainer:
                   world_size=self.info.world_size, train_size=len(sp.train), val_size=len(sp.val),
                   test_size=len(sp.test) if sp.test is not None else 0, trainable_params=trainable,
                   total_params=total, resumed=self.s.checkpoint is not None, config=self.cfg.to_dict(),
-                  notes=list(self.notes), extended_from=self.extended_from)
+                  notes=list(self.notes), extended_from=self.extended_from, preprocessing=dict(self.s.data_cfg))
         self.val_loader = self._eval_loader(sp.val)
         flag = StopFlag()
         with stop_on_signals(flag):

@@ -91,6 +91,14 @@ def _differences(given: dict[str, Any], saved: TrainConfig) -> list[tuple[str, s
         for key in options:
             if key in mine and mine.get(key) != theirs.get(key):
                 out.append(("method_options", _describe(f"method_options.{key}", mine[key], theirs.get(key))))
+    overrides = given.pop("data_overrides", None)
+    if overrides:  # per key, against the preprocessing the run trained with (peftx's default where it gave none)
+        from ..preprocess import TRAINING
+
+        theirs = {**TRAINING, **(saved.data_overrides or {})}
+        for key, value in overrides.items():
+            if jsonable(value) != jsonable(theirs.get(key)):
+                out.append(("data_overrides", _describe(f"data_overrides.{key}", value, theirs.get(key))))
     for name, value in given.items():
         ours, theirs = _normalise(name, value), _normalise(name, getattr(saved, name))
         if ours != theirs:
