@@ -25,7 +25,7 @@ from peftx.exports.tensorrt_ops import ReadinessReport, TargetReadiness
 
 SIZE = 32
 CLASSES = ["cat", "dog", "fox", "owl", "yak"]
-DATA_CONFIG = {"input_size": (3, SIZE, SIZE), "interpolation": "bicubic", "crop_pct": 0.9,
+DATA_CONFIG = {"input_size": (3, SIZE, SIZE), "interpolation": "bicubic", "crop_pct": 0.9, "crop_mode": "center",
                "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 PROVENANCE = {"method": "test", "base_model": "vit_tiny_patch16_224", "adapter_sha256": "0" * 64}
 BATCH = (1, 4, 16)
@@ -105,6 +105,7 @@ def test_metadata_carries_preprocessing_classes_and_provenance(built):
     meta = read_bundle(out)
     assert meta["preprocessing"]["input_size"] == [3, SIZE, SIZE]
     assert meta["preprocessing"]["interpolation"] == "bicubic" and meta["preprocessing"]["crop_pct"] == 0.9
+    assert meta["preprocessing"]["crop_mode"] == "center"
     assert meta["class_names"] == CLASSES and meta["num_classes"] == 5 and meta["provenance"] == PROVENANCE
     assert meta["batch"] == {"min": 1, "opt": 4, "max": 16} and meta["precision"] == "fp16"
     assert meta["input"]["name"] == "input" and meta["onnx"]["exporter"] == "torchscript opset 17"

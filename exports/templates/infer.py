@@ -11,9 +11,11 @@ reproduces timm's evaluation transform, which training and `peftx eval` used, to
 ``--backend auto`` runs model.engine with TensorRT when the engine is present and TensorRT + cuda-python + a GPU are
 there (and, with ``--precision``, the engine was built at that precision), and ONNX Runtime otherwise.
 ``--precision`` picks the artifact: fp32 model.onnx, fp16 model_fp16.onnx (any other the bundle lists in
-metadata.json's artifacts); without it, the bundle's own precision for ONNX, and model.engine as built. Before an engine is loaded, model.engine.json (written wherever the
-engine was built) is compared with this machine: an engine built for another GPU or TensorRT version is refused with
-one line instead of TensorRT's "version tag does not match". peftx's own `validate` uses the same functions.
+metadata.json's artifacts); without it, the bundle's own precision for ONNX, and model.engine as built.
+
+Before an engine is loaded, model.engine.json (written wherever the engine was built) is compared with this machine:
+an engine built for another GPU or TensorRT version is refused with one line instead of TensorRT's "version tag does
+not match". peftx's own `validate` uses the same functions, and its accuracy check runs this file's preprocessing.
 """
 
 from __future__ import annotations
