@@ -400,7 +400,7 @@ def _run_one(plan: RunPlan, signals: _Signals, emit: Progress) -> dict[str, Any]
         status, result = ("interrupted" if signals.received else "failed"), {"reason": reason,
                                                                               "error_type": "ProcessDied"}
     return _write_record(plan, status=status, reason=result.get("reason"), error_type=result.get("error_type"),
-                         exit_code=code, seconds=time.perf_counter() - t0)
+                         exit_code=code, seconds=time.perf_counter() - t0, cpu_seconds=result.get("cpu_seconds"))
 
 
 # -- rows and summary -------------------------------------------------------------------------------------------------
@@ -426,6 +426,7 @@ def _run_row(plan: RunPlan, record: dict[str, Any] | None, action: str) -> dict[
             "train_seconds": summary.get("train_seconds"), "img_per_s": summary.get("img_per_s"),
             "peak_memory_mb": summary.get("peak_memory_mb"), "peak_memory_kind": summary.get("peak_memory_kind"),
             "baseline_rss_mb": record.get("baseline_rss_mb"), "device": summary.get("device"),
+            "process_seconds": record.get("seconds"), "cpu_seconds": record.get("cpu_seconds"),
             "lr": config.get("lr"), "weight_decay": config.get("weight_decay"), "dropout": config.get("dropout"),
             "resumed": summary.get("resumed"), "config": config}
 

@@ -41,6 +41,11 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main(argv: list[str]) -> int:
     _die_with_parent()
     from peftx.errors import PeftxError, TrainingInterrupted
@@ -71,7 +76,7 @@ def main(argv: list[str]) -> int:
         _send("result", status="failed", reason=f"internal error: {type(e).__name__}: {e}".splitlines()[0],
               error_type=type(e).__name__)
         return 70
-    _send("result", status="ok", reason=None, error_type=None)
+    _send("result", status="ok", reason=None, error_type=None, cpu_seconds=_cpu_seconds())
     return 0
 
 
