@@ -180,7 +180,7 @@ def method_train_defaults(method: str) -> dict[str, Any]:
     return {k: v for k, v in dict(declared).items() if k in PER_METHOD_FIELDS}
 
 
-# -- plan ---------------------------------------------------------------------------------------------------------------
+# -- plan -------------------------------------------------------------------------------------------------------------
 
 @dataclass
 class RunPlan:
@@ -498,7 +498,7 @@ def _save(result: dict[str, Any]) -> None:
     write_text_atomic(Path(result["output"]) / COMPARE_FILE, json.dumps(result, indent=2, default=str) + "\n")
 
 
-# -- merged latency -----------------------------------------------------------------------------------------------
+# -- merged latency ---------------------------------------------------------------------------------------------------
 
 def merged_signature(model: Any) -> str:
     """What makes two merged models the same graph: the class, and every state-dict key with its shape."""
@@ -563,7 +563,7 @@ def measure_merged_latency(run_dirs: list[str | Path], *, batches: tuple[int, ..
             "note": "every method merges into the plain timm model; timed once per distinct merged graph"}
 
 
-# -- the comparison ---------------------------------------------------------------------------------------------
+# -- the comparison ---------------------------------------------------------------------------------------------------
 
 def _quiet(*_args: Any, **_kwargs: Any) -> None:
     return None

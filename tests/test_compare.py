@@ -6,21 +6,18 @@ process exactly as the command does it; the interrupt test sends a real SIGINT t
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
 import signal
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from peftx.compare import (COMPARE_FILE, RUN_RECORD, CompareConfig, compare, config_differences, parse_set,
-                           plan_runs)
+from peftx.compare import (COMPARE_FILE, RUN_RECORD, CompareConfig, compare, config_differences, decide_action,
+                           parse_set, plan_runs)
 from peftx.compare_report import WIDTH, format_table
 from peftx.errors import OutputError, UsageError
 from peftx.methods import LoRAConfig
@@ -171,13 +168,11 @@ def test_failing_methods_are_rows_with_their_reason(tmp_path, tiny_weights, digi
     assert max(len(line) for line in text.splitlines()) <= WIDTH
     for i, m in enumerate(("nope", "lora", "rlrr"), start=1):
         assert f"[{i}] {m} seed 7: failed:" in text
-    # Kept as rows on a re-run (nothing retrained), retrained with retry_failed.
+    # Kept as rows on a re-run (nothing retrained); retry_failed trains them again.
     events = Events()
-    compare(cfg, events)
-    assert events.started() == []
-    events = Events()
-    compare(dataclasses.replace(cfg, retry_failed=True), events)
-    assert events.started() == [("lora", "new"), ("rlrr", "new")]
+    again = compare(cfg, events)
+    assert events.started() == [] and [r["action"] for r in again["runs"]] == ["invalid", "failed", "failed"]
+    assert [decide_action(p, force=False, retry_failed=True) for p in plan_runs(cfg)] == ["invalid", "new", "new"]
 
 
 def test_seeds_report_mean_and_spread(tmp_path, tiny_weights, digit_folder) -> None:
@@ -289,14 +284,3 @@ def test_default_methods_are_the_registered_ones() -> None:
 
     assert default_methods() == [m for m in DEFAULT_METHODS if m in METHOD_NAMES]
     assert {"rlrr", "aoft", "lora"} <= set(default_methods())
-
-
-def test_worker_reports_a_crash_as_a_failed_result(tmp_path) -> None:
-    """The worker protocol on its own: a config the trainer refuses comes back as one JSON result line."""
-    bad = json.dumps({"method": "lora", "data": str(tmp_path / "missing"), "device": "cpu",
-                      "output": str(tmp_path / "run")})
-    proc = subprocess.run([sys.executable, "-m", "peftx.compare_worker", bad], capture_output=True, text=True,
-                          timeout=120, env=dict(os.environ, PEFTX_DEBUG=""))
-    last = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert proc.returncode == 4 and last["event"] == "result" and last["status"] == "failed"
-    assert "does not exist" in last["reason"] and last["error_type"] == "DataError"
