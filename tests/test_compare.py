@@ -10,6 +10,7 @@ import json
 import signal
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,7 @@ def test_failing_methods_are_rows_with_their_reason(tmp_path, tiny_weights, digi
     assert "r=100000 exceeds" in rows["lora"]["reason"] and rows["lora"]["error_type"] == "UsageError"
     assert "became nan" in rows["rlrr"]["reason"] or "became inf" in rows["rlrr"]["reason"]
     assert rows["rlrr"]["error_type"] == "NonFiniteError"
+    assert not any(r["reason"].startswith("internal error") for r in rows.values())  # the errors' own messages
     text = format_table(result)
     assert max(len(line) for line in text.splitlines()) <= WIDTH
     for i, m in enumerate(("nope", "lora", "rlrr"), start=1):
@@ -284,3 +286,17 @@ def test_default_methods_are_the_registered_ones() -> None:
 
     assert default_methods() == [m for m in DEFAULT_METHODS if m in METHOD_NAMES]
     assert {"rlrr", "aoft", "lora"} <= set(default_methods())
+
+
+@pytest.mark.parametrize("args, code, start", [
+    (["--set", "lr=1e-4"], 2, "peftx: error: --set 'lr=1e-4' is not METHOD.FIELD=VALUE"),
+    (["--methods", "rlrr,lora", "--set", "lora.batch_size=4"], 2, "peftx: error: lora.batch_size: batch_size is shared"),
+    (["--seeds", "0"], 2, "peftx: error: Invalid value for '--seeds'"),
+])
+def test_cli_bad_options_are_one_line(tmp_path, args, code, start) -> None:
+    proc = subprocess.run([sys.executable, "-c", "import sys; from peftx.cli.app import main; main(sys.argv[1:])",
+                           "compare", "--output", str(tmp_path / "cmp"), *args], capture_output=True, text=True,
+                          timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == code and len(lines) == 1 and lines[0].startswith(start), proc.stderr
+    assert not (tmp_path / "cmp").exists()  # nothing written

@@ -25,8 +25,11 @@ def _progress() -> tuple[Callable[..., None], Callable[[], None]]:
 
     def on(event: str, **f: Any) -> None:
         if event == "plan":
-            todo = sum(r["action"] in ("new", "resume") for r in f["runs"])
-            err_console.print(f"{len(f['runs'])} run(s): {todo} to train, {len(f['runs']) - todo} already done")
+            actions = [r["action"] for r in f["runs"]]
+            counts = {a: actions.count(a) for a in ("new", "resume", "skip", "failed", "invalid")}
+            err_console.print(f"{len(actions)} run(s): {counts['new'] + counts['resume']} to train "
+                              f"({counts['resume']} resuming), {counts['skip']} finished earlier, "
+                              f"{counts['failed']} failed earlier (--retry-failed), {counts['invalid']} cannot run")
         elif event == "run_start":
             err_console.print(f"[{f['index'] + 1}/{f['total']}] {f['method']} seed {f['seed']}"
                               f"{' (resuming)' if f['action'] == 'resume' else ''}")
@@ -54,19 +57,23 @@ def _progress() -> tuple[Callable[..., None], Callable[[], None]]:
 
 
 def _train_event(state: dict[str, Any], event: str, f: dict[str, Any]) -> None:
+    """The trainer's events (peftx.train.EVENTS) as bars; a field it stops sending only blanks a bar."""
     bar = state["bar"]
     if event == "start":
-        state["epochs"] = bar.add_task("epochs", total=f["epochs"], completed=f["start_epoch"])
+        state["epochs"] = bar.add_task("epochs", total=f.get("epochs"), completed=f.get("start_epoch", 0))
     elif event == "epoch_start":
         if state.get("steps") is not None:
             bar.remove_task(state["steps"])
-        state["steps"] = bar.add_task(f"epoch {f['epoch']}/{f['epochs']}", total=f["steps"],
-                                      completed=f["start_step"])
+        state["steps"] = bar.add_task(f"epoch {f.get('epoch')}/{f.get('epochs')}", total=f.get("steps"),
+                                      completed=f.get("start_step", 0))
     elif event == "step" and state.get("steps") is not None:
-        bar.update(state["steps"], completed=f["step"], description=f"epoch {f['epoch']} loss {f['loss']:.4f}")
+        loss = f.get("loss")
+        bar.update(state["steps"], completed=f.get("step"),
+                   description=f"epoch {f.get('epoch')} loss {loss:.4f}" if isinstance(loss, float) else None)
     elif event == "epoch" and state.get("epochs") is not None:
-        bar.update(state["epochs"], completed=f["epoch"],
-                   description=f"epochs (val {100 * f['val_accuracy']:.1f} %)")
+        acc = f.get("val_accuracy")
+        bar.update(state["epochs"], completed=f.get("epoch"),
+                   description=f"epochs (val {100 * acc:.1f} %)" if isinstance(acc, float) else None)
 
 
 @handle_errors
