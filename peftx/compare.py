@@ -378,11 +378,8 @@ def _run_one(plan: RunPlan, signals: _Signals, emit: Progress) -> dict[str, Any]
                     result = message
                 elif event in _FORWARDED_EVENTS:
                     emit("train", method=plan.method, seed=plan.seed, train_event=event, fields=message)
-                elif event == "worker":
-                    result.setdefault("baseline_rss_mb", message.get("baseline_rss_mb"))
-                    baseline = message.get("baseline_rss_mb")
-                    if baseline is not None:
-                        _write_record(plan, baseline_rss_mb=baseline)
+                elif event == "worker" and message.get("baseline_rss_mb") is not None:
+                    _write_record(plan, baseline_rss_mb=message["baseline_rss_mb"])
             code = proc.wait()
         finally:
             if proc.poll() is None:  # we are unwinding from an error of our own: do not leave a trainer behind
@@ -464,13 +461,17 @@ def aggregate(rows: list[dict[str, Any]], methods: list[str]) -> list[dict[str, 
 
 
 def config_differences(rows: list[dict[str, Any]]) -> list[str]:
-    """Recorded TrainConfig fields that differ between finished runs beyond method and its own hyper-parameters
-    (seed, when seeds differ, is expected): should be empty."""
+    """Recorded TrainConfig fields that differ between finished runs beyond the method and its own
+    hyper-parameters: should be empty. Runs of one seed are compared on everything else, seed included; runs of
+    different seeds on everything but the seed."""
     ok = [r for r in rows if r["status"] == "ok"]
     fields: set[str] = set()
     for r in ok[1:]:
-        fields |= set(_differences(ok[0]["config"], r["config"]))
-    return sorted(fields - _MAY_DIFFER - {"seed"})
+        diff = set(_differences(ok[0]["config"], r["config"])) - _MAY_DIFFER
+        fields |= diff if r["seed"] == ok[0]["seed"] else diff - {"seed"}
+        same_seed = next(o for o in ok if o["seed"] == r["seed"])
+        fields |= set(_differences(same_seed["config"], r["config"])) - _MAY_DIFFER
+    return sorted(fields)
 
 
 def _shared_settings(rows: list[dict[str, Any]], cfg: CompareConfig) -> dict[str, Any]:

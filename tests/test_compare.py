@@ -106,6 +106,20 @@ def test_runs_differ_only_in_method(compared) -> None:
     assert len({s["trainable_params"] for s in summaries.values()}) == 3
 
 
+def test_config_differences_flags_anything_but_the_method(compared) -> None:
+    import copy
+
+    _, result, _ = compared
+    rows = copy.deepcopy(result["runs"])
+    assert config_differences(rows) == []
+    rows[1]["config"]["seed"] += 1  # aoft trained with another seed than the others of "seed 7"
+    rows[2]["config"]["batch_size"] = 4
+    assert config_differences(rows) == ["batch_size", "seed"]
+    other_seed = copy.deepcopy(result["runs"][:1])[0]
+    other_seed["seed"] = other_seed["config"]["seed"] = 8  # a second seed of rlrr: its seed may differ
+    assert config_differences(result["runs"] + [other_seed]) == []
+
+
 def test_table_json_and_chart(compared) -> None:
     out, result, _ = compared
     text = format_table(result)
