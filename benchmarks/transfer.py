@@ -103,8 +103,9 @@ def _stderr_pct(p: float, n: int) -> float:
 
 
 def cross_task(results: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
-    """Per method: accuracy on each task, the mean over tasks (only over tasks where it ran), and its test-set
-    noise (binomial SE of the mean); seed spread when there are several seeds."""
+    """Per method: accuracy on each task, the mean over tasks and its test-set noise (binomial SE of the mean),
+    the seed spread when there are several seeds. The mean is None unless the method ran on every task (a mean over
+    other tasks would not be comparable); why it did not is listed under "_failures"."""
     table = {}
     for m in methods:
         per_task, ses, sds = {}, [], []
@@ -118,7 +119,8 @@ def cross_task(results: list[dict[str, Any]], methods: list[str]) -> dict[str, A
                 if entry.get("test_accuracy_sd") is not None:
                     sds.append(100 * entry["test_accuracy_sd"])
             else:
-                reason = (entry or {}).get("failures", [{}])[0].get("reason") if entry else "not run"
+                reason = ((entry.get("failures") or [{}])[0].get("reason") or "no test accuracy") if entry \
+                    else "not run"
                 per_task[res["task"]["name"]] = None
                 table.setdefault("_failures", []).append(f"{m} on {res['task']['name']}: {reason}")
         ran = [v for v in per_task.values() if v is not None]

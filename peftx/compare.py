@@ -288,8 +288,8 @@ def decide_action(plan: RunPlan, *, force: bool, retry_failed: bool) -> str:
         return "new"
     if force:
         return "new"
-    if record.get("request") != plan.request:
-        diff = _differences(record.get("request") or {}, plan.request or {})
+    diff = [k for k in _differences(record.get("request") or {}, plan.request or {}) if k != "output"]
+    if diff:  # (the output path may differ: a comparison directory can be moved)
         raise OutputError(f"{d} holds a {plan.method} run with other settings ({', '.join(diff[:6])} differ)",
                           "re-run with the options it was started with, pass --force to start over, or choose "
                           "another --output")
