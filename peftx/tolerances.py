@@ -51,3 +51,10 @@ LSTSQ_FOLD_REL = 1e-6
 
 # Orthogonality of AO(q, d) for a unit q: exact algebra, FP32 rounding on a D x d product.
 ORTHOGONALITY_FP32 = 1e-5
+
+# A peftx low-rank adapter written as a peft LoRA (the same factors, peft scaling 1) and loaded by peft, vs the peftx
+# model: the same FP32 products in another order (peft adds B(A x) after the base GEMM, peftx accumulates it into the
+# GEMM), ~1e-7 of the logit scale. The contract is 1e-6 absolute on real images; the relative term keeps the
+# bound meaningful for backbones whose logits reach tens.
+PEFT_CONVERSION_FP32 = Tolerance("peft_conversion_fp32", atol=1e-6, rel_to_max=1e-6, min_top1=1.0, min_cosine=0.999999,
+                                 reason="exact re-parametrisation; only FP32 re-association error remains")
