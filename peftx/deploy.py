@@ -26,7 +26,7 @@ BUNDLE_DIR = "bundle"
 
 @dataclass
 class Loaded:
-    """An adapted (unmerged) model rebuilt from an adapter, with what the export needs to describe it."""
+    """An unmerged reference (a peftx adapter, a peft adapter, a plain checkpoint), with what the export needs."""
 
     model: nn.Module
     adapter_path: Path

@@ -180,7 +180,7 @@ def read_peft_dir(source: str | Path) -> PeftDir:
         source_record = _read_json(path / SOURCE_FILE, f"{path / SOURCE_FILE} is unreadable", "")
         if source_record.get("format") != SOURCE_FORMAT:
             raise AdapterFileError(f"{path / SOURCE_FILE} is not a {SOURCE_FORMAT} record",
-                                   f"remove it, or re-create the adapter with `peftx convert --to peft`")
+                                   "remove it, or re-create the adapter with `peftx convert --to peft`")
     return PeftDir(path, config, _read_tensors(weights), source_record)
 
 
@@ -449,7 +449,7 @@ def peft_warnings() -> Iterator[None]:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
-def _check_targets(peft, config, model: nn.Module, pd: PeftDir, name: str) -> None:
+def _check_targets(config, model: nn.Module, pd: PeftDir, name: str) -> None:
     """Every module the config targets must be a layer merge_and_unload folds into (named when it is not)."""
     from peft.tuners.tuners_utils import check_target_module_exists
 
@@ -475,7 +475,7 @@ def _inject_and_load(peft, pd: PeftDir, model: nn.Module, name: str) -> nn.Modul
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
     config = _peft_config(peft, pd.config, pd.path)
-    _check_targets(peft, config, model, pd, name)
+    _check_targets(config, model, pd, name)
     with peft_warnings():
         try:
             wrapped = peft.PeftModel(model, config)

@@ -32,7 +32,7 @@ from torch import nn
 from . import __version__
 from .errors import OutputError, ParityError, UsageError
 from .peft_adapter import (KEY_PREFIX, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, SOURCE_FILE, SOURCE_FORMAT,
-                           SOURCE_FORMAT_VERSION, peft_warnings, import_peft)
+                           SOURCE_FORMAT_VERSION, import_peft, peft_warnings)
 from .tolerances import PEFT_CONVERSION_FP32
 
 FORMATS = ("peft",)

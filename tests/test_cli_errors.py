@@ -278,7 +278,7 @@ def tensorrt_importable() -> bool:
     return importlib.util.find_spec("tensorrt") is not None
 
 
-# ---------------------------------------------------------------------------------------------------- bring your own model
+# ------------------------------------------------------------------------------------------- bring your own model
 
 PEFT_LORA = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["qkv"], "modules_to_save": ["head"]}
 
@@ -604,7 +604,7 @@ CASES = [
          UsageError, "changed since the bundle was made"),
     Case("validate-with-another-adapter", lambda e, t: validate(copy_tree(e.bundle, t / "bundle"), "--adapter",
                                                                   str(e.run_other)), ParityError, "parity failed"),
-    # --- bring your own model: peft adapter directories, plain checkpoints, convert ---------------------- exit 2 / 3 / 8
+    # --- bring your own model: peft adapter directories, plain checkpoints, convert ------------- exit 2 / 3 / 8
     Case("export-peft-no-adapter-config", lambda e, t: export_peft(e, t, peft_dir(t, config_file=False)),
          AdapterFileError, "has no adapter_config.json"),
     Case("export-peft-unsupported-type", lambda e, t: export_peft(e, t, peft_dir(
@@ -621,7 +621,8 @@ CASES = [
          "is a peft adapter for vit_small_patch16_224.augreg_in21k (its base_model_name_or_path), not for "
          "vit_tiny_patch16_224"),
     Case("export-peft-for-another-base-model-by-shape", lambda e, t: export_peft(e, t, peft_dir(t, width=384)),
-         AdapterMismatchError, "blocks.0.attn.qkv.lora_A.weight has shape [4, 384], vit_tiny_patch16_224 needs [4, 192]"),
+         AdapterMismatchError,
+         "blocks.0.attn.qkv.lora_A.weight has shape [4, 384], vit_tiny_patch16_224 needs [4, 192]"),
     Case("export-peft-without-peft-installed", lambda e, t: export_peft(e, t, peft_dir(t)), BackendUnavailableError,
          "Hugging Face peft is not installed", fault=without_peft),
     Case("export-img-size-for-a-peftx-run", lambda e, t: export(e, t, None, "--img-size", "64"), UsageError,

@@ -290,7 +290,8 @@ def test_tensors_of_a_deeper_model_are_refused(tmp_path):
     adapter, _, source = tiny_peft_dir(tmp_path, LoraConfig(r=2, target_modules=["qkv"], modules_to_save=["head"]))
     tensors = load_file(str(adapter / PEFT_WEIGHTS_FILE))
     for suffix in ("lora_A.weight", "lora_B.weight"):
-        tensors[f"base_model.model.blocks.2.attn.qkv.{suffix}"] = tensors[f"base_model.model.blocks.1.attn.qkv.{suffix}"].clone()
+        copied = tensors[f"base_model.model.blocks.1.attn.qkv.{suffix}"].clone()
+        tensors[f"base_model.model.blocks.2.attn.qkv.{suffix}"] = copied
     save_file(tensors, str(adapter / PEFT_WEIGHTS_FILE))
     with pytest.raises(AdapterMismatchError, match=r"0 tensors .* are missing and 2 are for layers it does not have"):
         source.load()
@@ -483,8 +484,8 @@ def test_peft_is_importable_lazily():
     """peftx itself never imports peft: only the peft paths do (it is an optional extra)."""
     import subprocess
 
-    code = ("import sys; import peftx.deploy, peftx.cli.app, peftx.byo, peftx.peft_adapter, peftx.peft_convert, peftx.plain_export; "
-            "print('peft' in sys.modules)")
+    code = ("import sys; import peftx.deploy, peftx.cli.app, peftx.byo, peftx.peft_adapter, peftx.peft_convert, "
+            "peftx.plain_export; print('peft' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
