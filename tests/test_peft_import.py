@@ -240,13 +240,6 @@ def test_what_peft_merges_exactly_is_merged_exactly(tmp_path, variant):
     assert result.passed, result.overall.failures
 
 
-def test_dora_bundle(tmp_path):
-    _, _, source = tiny_peft_dir(tmp_path, copy.deepcopy(VARIANTS["dora"]))
-    report = merge_export(source, output=tmp_path / "bundle", batch=(1, 2, 4), tensorrt="off", simplify=False)
-    assert report.status == "ok"
-    assert json.loads((tmp_path / "bundle" / "metadata.json").read_text())["provenance"]["adapter_config"]["use_dora"]
-
-
 # ---------------------------------------------------------------------------------------------------- refusals
 
 
