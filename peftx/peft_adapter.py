@@ -260,6 +260,7 @@ def _peft_config(peft, config: Mapping[str, Any], where: Path):
     free = _COMMON_OPTIONS | _FREE_OPTIONS[str(config["peft_type"]).upper()]
     kwargs = {k: v for k, v in config.items() if k in free}  # unknown options left are all off: dropped
     kwargs["inference_mode"] = True
+    kwargs["peft_type"] = str(config["peft_type"]).upper()  # peft's enum values; a hand-written "lora" means it too
     if "init_lora_weights" in kwargs:
         # The saved tensors overwrite whatever the init makes; True avoids inits that need data or an even rank.
         kwargs["init_lora_weights"] = True
