@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import handle_errors
-from ..options import Batch, Force, Images, ImgSize, Json, NoSimplify, Precision, TensorRT, Weights
+from ..options import Batch, Force, Images, ImgSize, Json, NoSimplify, Precision, Target, TensorRT, Weights
 from ..output import console, key_values, print_json
 from .export_cmd import _progress
 
@@ -37,6 +37,7 @@ def export(
     tensorrt: TensorRT = "auto",
     images: Images = None,
     no_simplify: NoSimplify = False,
+    target: Target = None,
     force: Force = False,
     json_out: Json = False,
 ) -> None:
@@ -47,7 +48,7 @@ def export(
     report = export_checkpoint(model, weights=weights, num_classes=num_classes, class_names_file=class_names,
                                img_size=img_size, output=output, batch=parse_batch(batch), precision=precision,
                                tensorrt=tensorrt, force=force, simplify=not no_simplify, images_dir=images,
-                               progress=_progress(json_out))
+                               progress=_progress(json_out), target=target)
     _show_bundle(report, json_out)
 
 
