@@ -11,7 +11,7 @@ try:  # typer >= 0.22 vendors click; its exception classes live here (there is n
 except ImportError:  # older typer on top of click
     from click import exceptions as click_errors
 
-from .commands import bench_cmd, demo_cmd, export_cmd, inspect_cmd, targets_cmd, train_cmd
+from .commands import bench_cmd, byo_cmd, compare_cmd, demo_cmd, export_cmd, inspect_cmd, targets_cmd, train_cmd
 
 app = typer.Typer(
     name="peftx",
@@ -34,10 +34,13 @@ app.command("eval")(train_cmd.eval)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("merge-export")(export_cmd.merge_export)
 app.command("validate")(export_cmd.validate)
+app.command("export")(byo_cmd.export)
+app.command("convert")(byo_cmd.convert)
 app.command("bench")(bench_cmd.bench)
 app.command("targets")(targets_cmd.targets)
 app.command("doctor")(targets_cmd.doctor)
 app.command("env", help="Alias of `peftx doctor`.")(targets_cmd.doctor)
+app.command("compare")(compare_cmd.compare)
 
 
 def main(argv: list[str] | None = None) -> None:

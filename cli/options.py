@@ -23,3 +23,11 @@ Init = Annotated[Optional[str], typer.Option("--init", help="RLRR init: kaiming,
 MethodOption = Annotated[Optional[list[str]], typer.Option("--method-option", metavar="KEY=VALUE", help="KEY=VALUE, repeatable: any field of the method's config, e.g. --method-option ssf=false.", show_default=False)]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 Target = Annotated[Optional[str], typer.Option("--target", "-t", help="Deployment target: trt8.5, trt8.6, trt10, trt11, jetpack5, jetpack6.0, jetpack6, jetpack7 or auto (the installed TensorRT's); see `peftx targets` [default: trt8.6].", show_default=False)]
+
+# The bundle options every exporting command shares (`merge-export` declares its own copies of the first four).
+Batch = Annotated[str, typer.Option("--batch", help="Dynamic batch profile MIN:OPT:MAX.")]
+Precision = Annotated[str, typer.Option("--precision", help="fp32 or fp16 (the TensorRT engine; the FP16 ONNX is always checked).")]
+TensorRT = Annotated[str, typer.Option("--tensorrt", help="auto: build an engine when TensorRT and a GPU exist; on: require it; off: skip (and tolerate readiness problems).")]
+Images = Annotated[Optional[Path], typer.Option("--images", help="Directory of real images for the parity check (default: the run's validation images, else shipped photos).", show_default=False)]
+NoSimplify = Annotated[bool, typer.Option("--no-simplify", help="Skip the onnxslim pass.")]
+ImgSize = Annotated[Optional[int], typer.Option("--img-size", min=1, help="Image size the model was fine-tuned at (default: the timm model's).", show_default=False)]

@@ -19,6 +19,7 @@ import difflib
 import os
 import socket
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -348,6 +349,49 @@ def _load_file(timm_name: str, path: Path, **kwargs: Any) -> torch.nn.Module:
         raise WeightsError(_unreadable_message(path, exc), _unreadable_hint(path, exc)) from exc
     _check_finite(model, path)
     return model
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a weights file holds for a model, read from its header: the class count of its classifier (0 = none),
+    and the tensors whose shape differs from the model's in a way timm would silently resample (position
+    embeddings / relative-position tables of another image or window size), as ``key [file] vs [model]``."""
+
+    num_classes: int
+    resampled: tuple[str, ...]
+    img_size: int | None = None  # the square image size the file's ViT position grid was made for (None: no ViT grid)
+
+
+def inspect_checkpoint(name: str, weights: str | Path, *, img_size: int | None = None,
+                       **model_kwargs: Any) -> CheckpointInfo:
+    """Check that ``weights`` fits timm model ``name`` (as :func:`create_backbone` would) without loading it, and
+    report its classifier's class count and resampled tensors. For plain fine-tuned checkpoints, whose head and
+    position embeddings ARE the model: a resample there means the wrong ``img_size``, not a pretrained grid."""
+    arch, _ = _check_name(name)
+    timm_name = arch if name == DEMO_MODEL else name
+    path = _check_readable(weights)
+    kwargs: dict[str, Any] = dict(num_classes=1, exportable=True, **model_kwargs)
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    with torch.device("meta"):
+        ref = _create(timm_name, pretrained=False, **kwargs)
+    shapes, integral = _file_shapes(path)
+    _check_fits(path, shapes, ref, timm_name, integral)
+    expected = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    resampled = tuple(sorted(f"{k} {list(shapes[k])} vs {list(expected[k])}" for k in set(shapes) & set(expected)
+                             if shapes[k] != expected[k] and _resamplable(k, shapes[k], expected[k])))
+    return CheckpointInfo(_head_rows(shapes, ref), resampled, _grid_img_size(shapes, ref))
+
+
+def _grid_img_size(shapes: dict[str, tuple[int, ...]], ref: torch.nn.Module) -> int | None:
+    """A ViT checkpoint's pos_embed holds its prefix tokens (if the model embeds them) and a square patch grid."""
+    embed, pos = getattr(ref, "patch_embed", None), getattr(ref, "pos_embed", None)
+    if "pos_embed" not in shapes or pos is None or not hasattr(embed, "grid_size"):
+        return None
+    prefix = pos.shape[1] - embed.grid_size[0] * embed.grid_size[1]
+    grid = round((shapes["pos_embed"][1] - prefix) ** 0.5) if shapes["pos_embed"][1] > prefix else 0
+    patch = embed.patch_size[0] if isinstance(embed.patch_size, (tuple, list)) else embed.patch_size
+    return grid * patch if grid and grid * grid == shapes["pos_embed"][1] - prefix else None
 
 
 def data_config(model: torch.nn.Module, overrides: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -33,13 +33,15 @@ BUNDLE_DIR = "bundle"
 
 @dataclass
 class Loaded:
-    """An adapted (unmerged) model rebuilt from an adapter, with what the export needs to describe it."""
+    """An unmerged reference (a peftx adapter, a peft adapter, a plain checkpoint), with what the export needs."""
 
     model: nn.Module
     adapter_path: Path
     config: dict[str, Any]
     data_config: dict[str, Any]
     class_names: list[str]
+    # How ``model`` becomes the plain timm model that is exported: peftx's fold, peft's merge_and_unload, a copy.
+    merge: Callable[[nn.Module], nn.Module] = merge_and_unload
 
 
 def _adapter_path(source: str | Path) -> Path:
@@ -47,12 +49,20 @@ def _adapter_path(source: str | Path) -> Path:
     return source / ADAPTER_FILE if source.is_dir() else source
 
 
-def load_reference(source: str | Path, *, model_name: str | None = None,
-                   weights: str | Path | None = None) -> Loaded:
-    """The unmerged adapted model of a run directory or adapter file (``model_name``/``weights`` override the spec)."""
+def load_reference(source: str | Path, *, model_name: str | None = None, weights: str | Path | None = None,
+                   img_size: int | None = None) -> Loaded:
+    """The unmerged adapted model of a run directory or adapter file (``model_name``/``weights`` override the spec),
+    or of a source :mod:`peftx.byo` loads (a peft adapter directory, a plain checkpoint)."""
     from .backbones import data_config
+    from .byo import load_foreign
     from .evaluate import rebuild_model
 
+    foreign = load_foreign(source, model_name=model_name, weights=weights, img_size=img_size)
+    if foreign is not None:
+        foreign.data_config = contract(foreign.data_config)  # its recorded preprocessing, or timm's eval config
+        return foreign
+    if img_size is not None:
+        raise UsageError("--img-size is for peft adapters and checkpoints", "a peftx run records its image size")
     path = _adapter_path(source)
     config, _ = read_adapter(path)
     if model_name:  # an adapter file used with a backbone named on the command line
@@ -153,7 +163,7 @@ def parse_batch(text: str) -> tuple[int, int, int]:
 
 def merge_export(source: str | Path, *, output: str | Path | None = None, batch: Sequence[int] = (1, 8, 32),
                  precision: str = "fp32", tensorrt: str = "auto", force: bool = False, simplify: bool = True,
-                 model_name: str | None = None, weights: str | Path | None = None,
+                 model_name: str | None = None, weights: str | Path | None = None, img_size: int | None = None,
                  images_dir: str | Path | None = None, progress: Callable[[str], None] | None = None,
                  target: str | None = None, accuracy_limit: int | None = ACCURACY_IMAGES):
     """Load, merge, export, validate; returns the :class:`~peftx.exports.bundle.BundleReport`.
@@ -173,10 +183,10 @@ def merge_export(source: str | Path, *, output: str | Path | None = None, batch:
     profile = resolve_target_here(target)  # an unknown target fails here, before the model is loaded
     say = progress or (lambda _m: None)
     say("loading the backbone and adapter")
-    loaded = load_reference(source, model_name=model_name, weights=weights)
-    out = Path(output) if output else _adapter_path(source).parent / BUNDLE_DIR
+    loaded = load_reference(source, model_name=model_name, weights=weights, img_size=img_size)
+    out = Path(output) if output else loaded.adapter_path.parent / BUNDLE_DIR
     say("merging")
-    merged = merge_and_unload(loaded.model)
+    merged = loaded.merge(loaded.model)
     splits = _run_splits(loaded)
     images = parity_images(loaded, images_dir, splits=splits)
     labelled = _accuracy_set(loaded, images_dir, accuracy_limit, splits, say)
@@ -214,7 +224,9 @@ def validate(bundle: str | Path, *, images_dir: str | Path | None = None, adapte
     if adapter is None and prov.get("adapter_sha256") and sha256_file(source) != prov["adapter_sha256"]:
         raise UsageError(f"{source} changed since the bundle was made (sha256 differs)",
                          "pass --adapter with the adapter the bundle was made from, or re-export")
-    loaded = load_reference(source, weights=weights)
+    from .byo import recorded_source
+
+    loaded = load_reference(recorded_source(prov, source), weights=weights)
     say = progress or (lambda _m: None)
     splits = _run_splits(loaded)
     return validate_bundle(bundle, loaded.model, parity_images(loaded, images_dir, splits=splits), tensorrt=tensorrt,

@@ -290,6 +290,69 @@ def bundle_with_foreign_engine(e: Env, t: Path) -> Path:
     return bundle
 
 
+# ------------------------------------------------------------------------------------------- bring your own model
+
+PEFT_LORA = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["qkv"], "modules_to_save": ["head"]}
+
+
+def peft_dir(t: Path, *, width: int = 192, config: dict | None = None, config_file: bool = True,
+             weights: bool = True) -> Path:
+    """A peft LoRA directory for TRAIN_MODEL laid out as peft's save_pretrained writes it (hand-made, like a user's
+    files: adapter_config.json + adapter_model.safetensors, keys base_model.model.<module>...)."""
+    d = t / "peft"
+    d.mkdir()
+    if config_file:
+        (d / "adapter_config.json").write_text(json.dumps({**PEFT_LORA, **(config or {})}))
+    if weights:
+        g = torch.Generator().manual_seed(0)
+        tensors = {}
+        for i in range(12):
+            tensors[f"base_model.model.blocks.{i}.attn.qkv.lora_A.weight"] = torch.randn(4, width, generator=g)
+            tensors[f"base_model.model.blocks.{i}.attn.qkv.lora_B.weight"] = torch.randn(3 * width, 4, generator=g)
+        tensors["base_model.model.head.weight"] = torch.randn(NUM_CLASSES, width, generator=g)
+        tensors["base_model.model.head.bias"] = torch.zeros(NUM_CLASSES)
+        save_file(tensors, str(d / "adapter_model.safetensors"))
+    return d
+
+
+def pickled_peft_dir(e: Env, t: Path) -> Path:
+    d = peft_dir(t, weights=False)
+    torch.save({"base_model.model.head.weight": torch.zeros(NUM_CLASSES, 192), "x": Payload(marker(t))},
+               d / "adapter_model.bin")
+    return d
+
+
+def export_peft(e: Env, t: Path, d: Path, *extra: str) -> list[str]:
+    return export(e, t, d, "--model", TRAIN_MODEL, "--weights", str(e.train_weights), "--img-size", str(TRAIN_IMG),
+                  *extra)
+
+
+def without_peft(mp: pytest.MonkeyPatch, e: Env, t: Path) -> None:
+    mp.setitem(sys.modules, "peft", None)  # what `import peft` meets in a venv without the extra
+
+
+def finetuned_checkpoint(e: Env, t: Path) -> Path:
+    """TRAIN_MODEL's weights with a NUM_CLASSES-class head: a plain fine-tuned checkpoint (224 px grid)."""
+    g = torch.Generator().manual_seed(0)
+    state = load_file(str(e.train_weights))
+    state["head.weight"] = torch.randn(NUM_CLASSES, 192, generator=g)
+    state["head.bias"] = torch.zeros(NUM_CLASSES)
+    out = t / "ft.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out))
+    return out
+
+
+def export_checkpoint_argv(e: Env, t: Path, weights: Path | None, *extra: str) -> list[str]:
+    return ["export", TRAIN_MODEL, *(["--weights", str(weights)] if weights else []), "--output", str(t / "out"),
+            "--batch", "1:2:4", "--tensorrt", "off", "--no-simplify", "--json", *extra]
+
+
+def names_file(t: Path, n: int) -> str:
+    path = t / "classes.txt"
+    path.write_text("".join(f"class{i}\n" for i in range(n)))
+    return str(path)
+
+
 # ---------------------------------------------------------------------------------------------------- faults
 # A fault(monkeypatch, env, tmp) is installed just before the command runs and undone when the test ends.
 
@@ -605,6 +668,48 @@ CASES = [
          fault=rtx_4090_with_tensorrt_10_3),
     Case("validate-with-another-adapter", lambda e, t: validate(copy_tree(e.bundle, t / "bundle"), "--adapter",
                                                                   str(e.run_other)), ParityError, "parity failed"),
+    # --- bring your own model: peft adapter directories, plain checkpoints, convert ------------- exit 2 / 3 / 8
+    Case("export-peft-no-adapter-config", lambda e, t: export_peft(e, t, peft_dir(t, config_file=False)),
+         AdapterFileError, "has no adapter_config.json"),
+    Case("export-peft-unsupported-type", lambda e, t: export_peft(e, t, peft_dir(
+        t, config={"peft_type": "PROMPT_TUNING"})), AdapterFileError,
+         "peft type PROMPT_TUNING cannot be merged into a plain timm model"),
+    Case("export-peft-option-that-does-not-merge", lambda e, t: export_peft(e, t, peft_dir(
+        t, config={"layer_replication": [[0, 4], [2, 6]]})), AdapterFileError, "it duplicates layers"),
+    Case("export-peft-pickle", lambda e, t: export_peft(e, t, pickled_peft_dir(e, t)), AdapterFileError,
+         "adapter_model.bin is a pickle/torch file", check=no_code_ran),
+    Case("export-peft-no-model", lambda e, t: export(e, t, peft_dir(t)), UsageError,
+         "does not record which timm model it is for — pass --model"),
+    Case("export-peft-for-another-base-model-by-name", lambda e, t: export_peft(e, t, peft_dir(
+        t, config={"base_model_name_or_path": "timm/vit_small_patch16_224.augreg_in21k"})), AdapterMismatchError,
+         "is a peft adapter for vit_small_patch16_224.augreg_in21k (its base_model_name_or_path), not for "
+         "vit_tiny_patch16_224"),
+    Case("export-peft-for-another-base-model-by-shape", lambda e, t: export_peft(e, t, peft_dir(t, width=384)),
+         AdapterMismatchError,
+         "blocks.0.attn.qkv.lora_A.weight has shape [4, 384], vit_tiny_patch16_224 needs [4, 192]"),
+    Case("export-peft-without-peft-installed", lambda e, t: export_peft(e, t, peft_dir(t)), BackendUnavailableError,
+         "Hugging Face peft is not installed", fault=without_peft),
+    Case("export-img-size-for-a-peftx-run", lambda e, t: export(e, t, None, "--img-size", "64"), UsageError,
+         "--img-size is for peft adapters and checkpoints"),
+    Case("checkpoint-no-weights", lambda e, t: export_checkpoint_argv(e, t, None), UsageError,
+         "needs the fine-tuned checkpoint — pass --weights FILE"),
+    Case("checkpoint-without-head", lambda e, t: export_checkpoint_argv(e, t, e.train_weights), WeightsError,
+         "has no classifier head for vit_tiny_patch16_224"),
+    Case("checkpoint-class-names-count", lambda e, t: export_checkpoint_argv(
+        e, t, finetuned_checkpoint(e, t), "--class-names", names_file(t, 3)), UsageError,
+         "3 class names for the 5 classes"),
+    Case("checkpoint-class-names-missing", lambda e, t: export_checkpoint_argv(
+        e, t, finetuned_checkpoint(e, t), "--class-names", str(t / "no_such.txt")), DataError,
+         "cannot read the class-names file"),
+    Case("checkpoint-num-classes-differs", lambda e, t: export_checkpoint_argv(
+        e, t, finetuned_checkpoint(e, t), "--num-classes", "7"), UsageError, "--num-classes 7, but the head in"),
+    Case("checkpoint-other-image-size", lambda e, t: export_checkpoint_argv(
+        e, t, finetuned_checkpoint(e, t), "--img-size", "32"), UsageError,
+         "was fine-tuned at another image size than vit_tiny_patch16_224 is built at (pos_embed"),
+    Case("convert-rlrr-run", lambda e, t: ["convert", str(e.run), "--output", str(t / "out"), "--json"], UsageError,
+         "the rlrr adapter cannot be written as a peft LoRA"),
+    Case("convert-unknown-format", lambda e, t: ["convert", str(e.run), "--to", "onnx", "--output", str(t / "out"),
+                                                 "--json"], UsageError, "--to 'onnx' is not a format"),
 ]
 
 

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import handle_errors
-from ..options import Force, Json, Target, Weights
+from ..options import Force, ImgSize, Json, Target, Weights
 from ..output import console, err_console, key_values, print_json
 
 
@@ -18,13 +18,14 @@ def _progress(json_out: bool):
 
 @handle_errors
 def merge_export(
-    source: Annotated[Path, typer.Argument(help="Run directory (from `peftx train`) or an adapter .safetensors file.")],
+    source: Annotated[Path, typer.Argument(help="Run directory (from `peftx train`), an adapter .safetensors file, or a peft adapter directory.")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Bundle directory [default: SOURCE/bundle].", show_default=False)] = None,
     batch: Annotated[str, typer.Option("--batch", help="Dynamic batch profile MIN:OPT:MAX.")] = "1:8:32",
     precision: Annotated[str, typer.Option("--precision", help="fp32 or fp16 (the TensorRT engine; the FP16 ONNX is always checked).")] = "fp32",
     tensorrt: Annotated[str, typer.Option("--tensorrt", help="auto: build an engine when TensorRT and a GPU exist; on: require it; off: skip (and tolerate readiness problems).")] = "auto",
-    model: Annotated[Optional[str], typer.Option("--model", help="Backbone name, for an adapter file whose spec you override.", show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Backbone name: the timm model of a peft adapter, or an override of a peftx adapter's spec.", show_default=False)] = None,
     weights: Weights = None,
+    img_size: ImgSize = None,
     images: Annotated[Optional[Path], typer.Option("--images", help="Real images for the parity check; labelled as DIR/<class>/... (or DIR/test/<class>/...), they are also the accuracy check's [default: the run's validation images; accuracy on its test split].", show_default=False)] = None,
     accuracy_images: Annotated[str, typer.Option("--accuracy-images", help="Labelled images the accuracy check measures (a seeded subset of a larger split), 'all', or 0 to skip.")] = "500",
     no_simplify: Annotated[bool, typer.Option("--no-simplify", help="Skip the onnxslim pass.")] = False,
@@ -36,8 +37,9 @@ def merge_export(
     from peftx.deploy import merge_export as run, parse_batch, parse_count
 
     report = run(source, output=output, batch=parse_batch(batch), precision=precision, tensorrt=tensorrt,
-                 force=force, simplify=not no_simplify, model_name=model, weights=weights, images_dir=images,
-                 progress=_progress(json_out), target=target, accuracy_limit=parse_count(accuracy_images))
+                 force=force, simplify=not no_simplify, model_name=model, weights=weights, img_size=img_size,
+                 images_dir=images, progress=_progress(json_out), target=target,
+                 accuracy_limit=parse_count(accuracy_images))
     if json_out:
         print_json(report.to_json())
         return

@@ -42,11 +42,6 @@ class _TrainSetup:
         nn.functional.cross_entropy(self.model(self.x), self.y).backward()
 
 
-def _freeze_all_but(model: nn.Module, trainable: bool) -> None:
-    for p in model.parameters():
-        p.requires_grad_(trainable)
-
-
 def train_setup(spec: ModelSpec, method: str, *, batch: int, device: torch.device, seed: int = 0,
                 fused_attention: bool = True) -> _TrainSetup:
     """The model, AdamW and a fixed batch for one training step of ``method`` (a registered method, "full" = full
@@ -64,17 +59,12 @@ def train_setup(spec: ModelSpec, method: str, *, batch: int, device: torch.devic
 
     torch.manual_seed(seed)
     model = spec.build(TRAIN_CLASSES, train=True)
+    # "frozen" trains what the linear probe trains (the head), but back-propagates through the whole backbone.
+    adapt(model, make_config("linear" if method == "frozen" else method), base_fingerprint="benchmark (not computed)")
+    trainable, total = count_parameters(model)
     if method == "frozen":
-        _freeze_all_but(model, False)
-        head = model.get_classifier()
-        head.requires_grad_(True)
         # The input image needs no gradient, so without this backward would stop at the head.
         model.patch_embed.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
-        total = sum(p.numel() for p in model.parameters())
-        trainable = sum(p.numel() for p in head.parameters())
-    else:
-        adapt(model, make_config(method), base_fingerprint="benchmark (not computed)")
-        trainable, total = count_parameters(model)
     if fused_attention:
         use_fused_attention(model)
     model.to(device).train()

@@ -1,0 +1,77 @@
+"""`peftx export` (a plain fine-tuned timm checkpoint) and `peftx convert` (a peftx run as a peft adapter)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import handle_errors
+from ..options import Batch, Force, Images, ImgSize, Json, NoSimplify, Precision, Target, TensorRT, Weights
+from ..output import console, key_values, print_json
+from .export_cmd import _progress
+
+
+def _show_bundle(report, json_out: bool) -> None:
+    if json_out:
+        print_json(report.to_json())
+        return
+    console.print(report.parity.table())
+    files = sorted(p.name for p in report.out_dir.iterdir())
+    console.print(key_values("bundle", {"directory": report.out_dir, "status": report.status,
+                                        "files": ", ".join(files), "tensorrt": report.tensorrt.get("message", ""),
+                                        **{f"{k} (s)": f"{v:.1f}" for k, v in report.timings.items()}}))
+
+
+@handle_errors
+def export(
+    model: Annotated[str, typer.Argument(help="timm model name of the checkpoint, e.g. vit_base_patch16_224.")],
+    weights: Weights = None,
+    num_classes: Annotated[Optional[int], typer.Option("--num-classes", help="Classes of the head (default: read from the checkpoint).", show_default=False)] = None,
+    class_names: Annotated[Optional[Path], typer.Option("--class-names", help="Text file, one class name per line, in the head's order.", show_default=False)] = None,
+    img_size: ImgSize = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Bundle directory (default: WEIGHTS-bundle beside the checkpoint).", show_default=False)] = None,
+    batch: Batch = "1:8:32",
+    precision: Precision = "fp32",
+    tensorrt: TensorRT = "auto",
+    images: Images = None,
+    no_simplify: NoSimplify = False,
+    target: Target = None,
+    force: Force = False,
+    json_out: Json = False,
+) -> None:
+    """Export a plain fine-tuned timm checkpoint (no adapter) to the same validated bundle as merge-export."""
+    from peftx.deploy import parse_batch
+    from peftx.plain_export import export_checkpoint
+
+    report = export_checkpoint(model, weights=weights, num_classes=num_classes, class_names_file=class_names,
+                               img_size=img_size, output=output, batch=parse_batch(batch), precision=precision,
+                               tensorrt=tensorrt, force=force, simplify=not no_simplify, images_dir=images,
+                               progress=_progress(json_out), target=target)
+    _show_bundle(report, json_out)
+
+
+@handle_errors
+def convert(
+    run: Annotated[Path, typer.Argument(help="Run directory (from `peftx train`, method lora or aoft) or its adapter file.")],
+    to: Annotated[str, typer.Option("--to", help="Format to write: peft (a Hugging Face peft LoRA directory).")] = "peft",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Directory to write (default: RUN/peft).", show_default=False)] = None,
+    weights: Weights = None,
+    images: Images = None,
+    force: Force = False,
+    json_out: Json = False,
+) -> None:
+    """Write a peftx adapter in another format (peft: loads with PeftModel.from_pretrained onto the same timm model), checked against the peftx model."""
+    from peftx.peft_convert import convert_run
+
+    report = convert_run(run, to=to, output=output, weights=weights, images_dir=images, force=force,
+                         progress=_progress(json_out))
+    if json_out:
+        print_json(report.to_json())
+        return
+    from peftx.exports.parity import parity_table
+
+    console.print(parity_table([report.parity], title="peft's load of the adapter vs the peftx model"))
+    console.print(key_values("peft adapter", {"directory": report.out_dir, "layers": report.layers,
+                                              "ranks": ", ".join(sorted({str(r) for r in report.ranks.values()}))}))
