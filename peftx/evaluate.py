@@ -54,7 +54,7 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
     """Accuracy of a trained run on ``split`` of ``data`` (default: the data it was trained on).
 
     Rebuilds the backbone from the adapter's recorded spec, loads the adapter (fingerprint-checked), and uses the
-    preprocessing recorded at training time. Returns {accuracy, loss, n, split, data, adapter}.
+    preprocessing recorded at training time. Returns {accuracy, loss, n, split, data, adapter, preprocessing}.
     """
     from .adapter_io import ADAPTER_FILE, load_adapter, read_adapter
     from .data import load_splits
@@ -89,4 +89,7 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
     loader = eval_loader(dataset, batch_size, info=DistInfo(), num_workers=num_workers,
                          pin_memory=dev.type == "cuda")
     result = evaluate_model(model, loader, device=dev, amp_dtype=resolve_amp(amp, dev))
-    return {**result, "split": split, "data": str(data), "adapter": str(path)}
+    from .preprocess import describe
+
+    return {**result, "split": split, "data": str(data), "adapter": str(path),
+            "preprocessing": describe(data_cfg)}  # the run's contract: what the bundle's infer.py applies too

@@ -23,7 +23,7 @@ from peftx.data import load_splits
 from peftx.deploy import accuracy_images, load_reference, merge_export, validate
 from peftx.errors import DataError, ParityError
 from peftx.evaluate import evaluate
-from peftx.exports.accuracy import measure_accuracy, select
+from peftx.exports.accuracy import load_infer_module, measure_accuracy, select
 from peftx.exports.runners import OnnxRuntimeRunner, TorchRunner
 from peftx.tolerances import ACCURACY_FP32
 from peftx.train import train
@@ -226,3 +226,24 @@ def test_infer_py_precision_picks_the_artifact(wide_run, tmp_path):
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and missing.stdout == ""
     assert missing.stderr.strip() == "infer.py: this bundle has no int8 model — choose --precision fp32 or fp16"
+
+
+def test_infer_py_precision_and_an_engine_of_another_precision(wide_run, tmp_path, monkeypatch):
+    """--precision fp16 never runs an engine model.engine.json says is FP32: refused with --backend tensorrt,
+    the FP16 ONNX model instead with --backend auto (no TensorRT is needed to check either)."""
+    run, _, _ = wide_run
+    bundle = tmp_path / "bundle"
+    merge_export(run, output=bundle, batch=(1, 4, 8), tensorrt="off", simplify=False, accuracy_limit=0)
+    (bundle / "model.engine").write_bytes(b"not a real engine: TensorRT cannot exist here")
+    (bundle / "model.engine.json").write_text(json.dumps({"format": "peftx-engine-manifest", "precision": "fp32",
+                                                           "engine": "model.engine"}))
+    infer = load_infer_module(bundle / "infer.py")
+    meta = json.loads((bundle / "metadata.json").read_text())
+    monkeypatch.setattr(infer, "tensorrt_usable", lambda: True)  # as on a device with TensorRT and cuda-python
+    monkeypatch.setattr(infer, "TensorRTBackend", lambda path: pytest.fail("the FP32 engine must not be loaded"))
+    with pytest.raises(SystemExit) as info:
+        infer.pick_backend("tensorrt", meta, precision="fp16")
+    assert str(info.value.code) == ("infer.py: model.engine was built at fp32, not fp16 — rebuild it with "
+                                    "./build_engine.sh fp16, or use --backend onnx")
+    backend = infer.pick_backend("auto", meta, precision="fp16")
+    assert backend.name == "onnxruntime (model_fp16.onnx, fp16)"
