@@ -242,18 +242,17 @@ def _result(name: str, tol: AccuracyTolerance, required: bool, chunks: list[np.n
 
 
 def accuracy_table(report: AccuracyReport, *, title: str | None = None) -> Table:
-    """One row for the reference and one per artifact; fits 80 columns."""
-    table = Table(title=title or f"Accuracy on {report.source}")
-    for column in ("model", "accuracy", "drop", "agree", "max drop", "verdict"):
-        table.add_column(column, justify="left" if column in ("model", "verdict") else "right")
+    """The reference and one row per artifact, the preprocessing check as the caption; fits 80 columns."""
     pre = report.preprocessing
-    table.add_row(f"{report.reference} (training transform)", f"{100 * report.reference_accuracy:.2f} %", "", "", "",
-                  "reference")
+    verdict = "[green]pass[/]" if pre.passed else "[red]FAIL[/]"
+    table = Table(title=title or f"Accuracy on {report.source}",
+                  caption=f"unmerged: the run's transform; artifacts: the bundle's infer.py on the raw images; "
+                          f"their inputs differ by max |Δ| {pre.max_abs:.1e} (bound {pre.bound:.0e}): {verdict}")
+    for column in ("model", "accuracy", "drop", "agree", "allowed", "verdict"):
+        table.add_column(column, justify="left" if column in ("model", "verdict") else "right")
+    table.add_row(report.reference, f"{100 * report.reference_accuracy:.2f} %", "", "", "", "reference")
     for r in report.results:
-        verdict = ("[green]pass[/]" if r.passed else "[red]FAIL[/]" if r.required else "[yellow]fail (advisory)[/]")
+        state = "[green]pass[/]" if r.passed else "[red]FAIL[/]" if r.required else "[yellow]fail (advisory)[/]"
         table.add_row(r.candidate, f"{100 * r.accuracy:.2f} %", f"{100 * r.drop:+.2f}", f"{100 * r.agreement:.1f} %",
-                      f"{100 * r.bound:.2f}", verdict)
-    table.add_section()
-    table.add_row("shipped preprocessing vs training", f"max |Δ| {pre.max_abs:.1e}", "", "", f"{pre.bound:.0e}",
-                  "[green]pass[/]" if pre.passed else "[red]FAIL[/]")
+                      f"{100 * r.bound:.2f}", state)
     return table
