@@ -100,11 +100,16 @@ def train_transform(cfg: Mapping[str, Any], *, hflip: bool) -> Callable:
 
 
 def describe(cfg: Mapping[str, Any]) -> str:
-    """One line for reports: '224x224 squash (crop_pct 1), bicubic, mean (...), std (...)'."""
+    """One line for reports: '224x224 squash (crop_pct 1), bicubic, ImageNet mean/std'."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
     c = contract(cfg)
     _, h, w = c["input_size"]
-    return (f"{h}x{w} {c['crop_mode']} (crop_pct {c['crop_pct']:g}), {c['interpolation']}, "
-            f"mean {tuple(round(v, 4) for v in c['mean'])}, std {tuple(round(v, 4) for v in c['std'])}")
+    imagenet = all(math.isclose(a, b, abs_tol=1e-6) for a, b in zip(c["mean"] + c["std"],
+                                                                   IMAGENET_DEFAULT_MEAN + IMAGENET_DEFAULT_STD))
+    stats = "ImageNet mean/std" if imagenet else \
+        f"mean {tuple(round(v, 4) for v in c['mean'])}, std {tuple(round(v, 4) for v in c['std'])}"
+    return f"{h}x{w} {c['crop_mode']} (crop_pct {c['crop_pct']:g}), {c['interpolation']}, {stats}"
 
 
 def _ints(value: Any, key: str) -> list[int]:

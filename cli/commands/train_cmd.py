@@ -73,7 +73,7 @@ def start_lines(f: dict[str, Any]) -> list[str]:
         f"{size}, batch {c['batch_size']} ({f['steps_per_epoch']} steps per epoch)",
         f"schedule: {_count(c['epochs'], 'epoch')}, AdamW lr {c['lr']:g}, warm-up {c['warmup_epochs']:g} from "
         f"{c['warmup_lr']:g}, cosine to {c['min_lr']:g}, cool-down {c['cooldown_epochs']}",
-        *([f"preprocessing (training, eval and the bundle's infer.py): {describe(f['preprocessing'])}"]
+        *([f"preprocessing: {describe(f['preprocessing'])}; eval and the bundle's infer.py apply the same"]
           if f.get("preprocessing") else []),
         f"regularisation: weight decay {c['weight_decay']:g}, residual dropout {c['dropout']:g}, flip "
         f"{'on' if c['hflip'] else 'off'}; seed {c['seed']}",
