@@ -15,7 +15,7 @@ from .train_cmd import _run_with_progress
 
 @handle_errors
 def demo(
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory [default: runs/<method>-demo-<time>].", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory.", show_default="runs/<method>-demo-<time>")] = None,
     method: Method = "rlrr",
     json_out: Json = False,
 ) -> None:

