@@ -42,11 +42,6 @@ class _TrainSetup:
         nn.functional.cross_entropy(self.model(self.x), self.y).backward()
 
 
-def _freeze_all_but(model: nn.Module, trainable: bool) -> None:
-    for p in model.parameters():
-        p.requires_grad_(trainable)
-
-
 def train_setup(spec: ModelSpec, method: str, *, batch: int, device: torch.device, seed: int = 0,
                 fused_attention: bool = True) -> _TrainSetup:
     """The model, AdamW and a fixed batch for one training step of ``method`` (a registered method, "full" = full
@@ -65,13 +60,11 @@ def train_setup(spec: ModelSpec, method: str, *, batch: int, device: torch.devic
     torch.manual_seed(seed)
     model = spec.build(TRAIN_CLASSES, train=True)
     if method == "frozen":
-        _freeze_all_but(model, False)
-        head = model.get_classifier()
-        head.requires_grad_(True)
-        # The input image needs no gradient, so without this backward would stop at the head.
+        # The registered linear-probe method (frozen backbone, new head): the trainer's optimiser groups need an
+        # adapted model. The input image needs no gradient, so without the hook backward would stop at the head.
+        adapt(model, make_config("linear"), base_fingerprint="benchmark (not computed)")
         model.patch_embed.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
-        total = sum(p.numel() for p in model.parameters())
-        trainable = sum(p.numel() for p in head.parameters())
+        trainable, total = count_parameters(model)
     else:
         adapt(model, make_config(method), base_fingerprint="benchmark (not computed)")
         trainable, total = count_parameters(model)
