@@ -105,6 +105,24 @@ def _quiet_torch_load():
         yield
 
 
+# timm's RegularGridInterpolator (timm/layers/interpolate.py) resamples Swin's relative-position bias tables when the
+# window differs from the checkpoint's (any --img-size other than the pretrained one), and torch warns twice from
+# inside it on every such load: about a non-contiguous searchsorted input (a speed note) and about list indexing
+# (a deprecation in timm's own code). Neither is anything a peftx user can act on, and the CLI's contract is one line
+# on stderr. Exactly these two messages, from exactly that module, are silenced; every other warning still shows.
+_TIMM_RESAMPLING_WARNINGS = (r"torch\.searchsorted\(\): input value tensor is non-contiguous",
+                             r"Using a non-tuple sequence for multidimensional indexing is deprecated")
+_TIMM_RESAMPLING_MODULE = r"timm\.layers\.interpolate"
+
+
+@contextlib.contextmanager
+def _quiet_timm_resampling():
+    with warnings.catch_warnings():
+        for message in _TIMM_RESAMPLING_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning, module=_TIMM_RESAMPLING_MODULE)
+        yield
+
+
 def _file_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     """Key -> shape of a weights file, and key -> dtype of its non-floating tensors, read the way timm will read it
     (safetensors header only, when possible)."""
@@ -364,7 +382,7 @@ def _load_file(timm_name: str, path: Path, **kwargs: Any) -> torch.nn.Module:
         custom_load=False,
     )
     try:
-        with _quiet_torch_load():
+        with _quiet_torch_load(), _quiet_timm_resampling():
             model = timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except Exception as exc:  # readers and timm's filters raise assorted types for one outcome: unusable weights
         raise WeightsError(_unreadable_message(path, exc), _unreadable_hint(path, exc)) from exc

@@ -17,7 +17,7 @@ from torch import nn
 from . import __version__
 from .adapter import merge_and_unload
 from .adapter_io import ADAPTER_FILE, load_adapter, read_adapter
-from .errors import DataError, UsageError
+from .errors import AdapterFileError, AdapterMismatchError, DataError, ExportError, UsageError
 from .fsutil import sha256_file
 
 PARITY_IMAGES = 16  # real images per parity run: enough for odd batch sizes 1, 3, 7 plus a full batch
@@ -49,6 +49,7 @@ def load_reference(source: str | Path, *, model_name: str | None = None,
     path = _adapter_path(source)
     config, _ = read_adapter(path)
     if model_name:  # an adapter file used with a backbone named on the command line
+        _check_same_backbone(config, model_name, path)
         config = {**config, "spec": {**(config.get("spec") or {}), "name": model_name}}
     model = rebuild_model(config, weights=weights)
     load_adapter(model, path)
@@ -56,6 +57,18 @@ def load_reference(source: str | Path, *, model_name: str | None = None,
     data_cfg = dict(config.get("data_config") or data_config(model))
     names = config.get("class_names") or [str(i) for i in range(config["num_classes"])]
     return Loaded(model, path, config, data_cfg, list(names))
+
+
+def _check_same_backbone(config: dict[str, Any], model_name: str, path: Path) -> None:
+    """``--model`` renames the backbone of an adapter that records none; an adapter trained on another
+    architecture cannot be loaded onto this one (building it would fail later on a size or a tensor shape, with a
+    message about that instead of about the adapter)."""
+    recorded = (config.get("spec") or {}).get("name")
+    if recorded and recorded.partition(".")[0] != model_name.partition(".")[0]:
+        raise AdapterMismatchError(f"the adapter {path} belongs to backbone {recorded} (recorded in its "
+                                   f"adapter_config.json), not {model_name}",
+                                   "drop --model: merge-export rebuilds the recorded backbone; for "
+                                   f"{model_name}, train an adapter on it (peftx train --model {model_name})")
 
 
 def parity_images(loaded: Loaded, images_dir: str | Path | None = None, n: int = PARITY_IMAGES) -> torch.Tensor:
@@ -66,8 +79,11 @@ def parity_images(loaded: Loaded, images_dir: str | Path | None = None, n: int =
         return images_from_dir(images_dir, loaded.data_config, limit=n)
     data = loaded.config.get("data")
     if data:
-        try:
-            val = load_splits(data, loaded.data_config).val
+        from .evaluate import run_val_files
+
+        try:  # the run's own validation split, drawn from train/ when the data had no val/ (val_split.json)
+            val = load_splits(data, loaded.data_config, seed=loaded.config.get("seed") or 42,
+                              val_files=run_val_files(loaded.config, loaded.adapter_path, data)).val
             return torch.stack([val[i][0] for i in range(min(n, len(val)))])
         except DataError:
             pass  # the training data moved or is gone: fall back to the registry-shipped photos
@@ -127,6 +143,18 @@ def merge_export(source: str | Path, *, output: str | Path | None = None, batch:
                         tensorrt=tensorrt, simplify=simplify, force=force, progress=say, target=profile)
 
 
+def bundle_dir(path: str | Path) -> Path:
+    """The bundle to validate: ``path`` itself, or RUN_DIR/bundle for a run directory (what merge-export writes
+    by default), so that ``validate`` takes what ``merge-export`` took."""
+    path = Path(path)
+    if (path / "metadata.json").exists() or not (path / ADAPTER_FILE).exists():
+        return path
+    if (path / BUNDLE_DIR / "metadata.json").exists():
+        return path / BUNDLE_DIR
+    raise ExportError(f"{path} is a run directory without a bundle ({path / BUNDLE_DIR} does not exist)",
+                      f"export it first: peftx merge-export {path}")
+
+
 def validate(bundle: str | Path, *, images_dir: str | Path | None = None, adapter: str | Path | None = None,
              weights: str | Path | None = None, tensorrt: str = "auto",
              progress: Callable[[str], None] | None = None, target: str | None = None):
@@ -137,15 +165,16 @@ def validate(bundle: str | Path, *, images_dir: str | Path | None = None, adapte
 
     if target is not None:
         resolve_target_here(target)  # an unknown target fails before anything is loaded
+    bundle = bundle_dir(bundle)
     meta = read_bundle(bundle)
     prov = meta.get("provenance") or {}
     source = adapter or prov.get("adapter_file")
     if not source or not Path(source).exists():
-        raise UsageError(f"the adapter this bundle was made from ({source}) is not available",
-                         "pass --adapter PATH to the run directory or adapter file")
+        raise AdapterFileError(f"the adapter this bundle was made from ({source}) is not available",
+                               "pass --adapter PATH to the run directory or adapter file")
     if adapter is None and prov.get("adapter_sha256") and sha256_file(source) != prov["adapter_sha256"]:
-        raise UsageError(f"{source} changed since the bundle was made (sha256 differs)",
-                         "pass --adapter with the adapter the bundle was made from, or re-export")
+        raise AdapterMismatchError(f"{source} changed since the bundle was made (sha256 differs)",
+                                   "pass --adapter with the adapter the bundle was made from, or re-export")
     loaded = load_reference(source, weights=weights)
     return validate_bundle(bundle, loaded.model, parity_images(loaded, images_dir), tensorrt=tensorrt,
                            progress=progress, target=target)

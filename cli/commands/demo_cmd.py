@@ -28,15 +28,20 @@ def demo(
     if json_out:
         print_json(result)
         return
-    console.print(key_values("peftx demo: results", {
+    console.print(key_values("peftx demo: results", demo_items(result)))
+
+
+def demo_items(result: dict) -> dict[str, str]:
+    """The demo's results, for people (the JSON has every digit)."""
+    return {
         "test accuracy": f"{100 * result['test_accuracy']:.2f} % (epoch {result['best_epoch']}, chosen on validation)",
         "training time": f"{result['train_seconds']:.0f} s",
-        "trainable params": result["trainable_params"],
+        "trainable params": f"{result['trainable_params']:,}",
         "ONNX vs unmerged": f"max |Δ| {result['onnx_fp32_max_abs_err']:.1e}, "
                             f"top-1 agreement {100 * result['onnx_fp32_top1_agreement']:.0f} %",
         "bundle status": result["bundle_status"],
-        "run directory": result["run_dir"],
+        "run directory": str(result["run_dir"]),
         "bundle": f"{result['bundle']}  ({', '.join(result['files'])})",
         "tensorrt": result["tensorrt"],
         "try it": f"python {result['bundle']}/infer.py IMAGE",
-    }))
+    }

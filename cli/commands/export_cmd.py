@@ -42,12 +42,17 @@ def merge_export(
         print_json(report.to_json())
         return
     console.print(report.parity.table())
+    console.print(key_values("bundle", bundle_items(report)))
+
+
+def bundle_items(report) -> dict[str, str]:
+    """What merge-export wrote, for people: directory, status, target readiness, files, TensorRT, step times."""
     files = sorted(p.name for p in report.out_dir.iterdir())
     target_line = (f"{report.target.requested or report.target.name} (TensorRT >= {report.target.tensorrt_min}): "
                    + ("TensorRT-ready" if report.readiness.ok else "NOT TensorRT-ready, see trt_readiness.json"))
-    console.print(key_values("bundle", {"directory": report.out_dir, "status": report.status, "target": target_line,
-                                        "files": ", ".join(files), "tensorrt": report.tensorrt.get("message", ""),
-                                        **{f"{k} (s)": f"{v:.1f}" for k, v in report.timings.items()}}))
+    return {"directory": str(report.out_dir), "status": report.status, "target": target_line,
+            "files": ", ".join(files), "tensorrt": report.tensorrt.get("message", ""),
+            "seconds": ", ".join(f"{k} {v:.1f}" for k, v in report.timings.items())}
 
 
 @handle_errors
@@ -61,12 +66,13 @@ def validate(
     json_out: Json = False,
 ) -> None:
     """Re-check an existing bundle: artifact hashes, TensorRT readiness for its target, the engine's manifest, then parity of every artifact against the unmerged model."""
-    from peftx.deploy import validate as run
+    from peftx.deploy import bundle_dir, validate as run
 
+    bundle = bundle_dir(bundle)  # a run directory: its bundle/
     report = run(bundle, images_dir=images, adapter=adapter, weights=weights, tensorrt=tensorrt,
                  progress=_progress(json_out), target=target)
     if json_out:
         print_json(report.to_json())
         return
     console.print(report.table())
-    console.print(f"[green]bundle {bundle} passed[/]")
+    console.print(f"bundle {bundle} passed", style="green", markup=False)
