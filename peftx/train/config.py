@@ -21,7 +21,7 @@ from typing import Any
 
 from ..backbones import DEMO_MODEL
 from ..errors import UsageError
-from ..methods import config_class, get_method, method_names
+from ..methods import config_class, get_method
 from ..runtime import AMP_MODES
 from .recipes import GENERIC, Recipe, canonical_task, recipe
 
@@ -88,7 +88,7 @@ class TrainConfig:
             if value is not None and not isinstance(value, dict):
                 raise UsageError(f"{name}: expected a mapping, got {type(value).__name__}")
         if self.method is not None:
-            _check_choice("method", self.method, method_names())
+            get_method(self.method)  # the registry's message: "unknown method 'x' — choose from ..."
         if self.amp is not None:
             _check_choice("amp", self.amp, AMP_MODES)
         if self.device is not None and not (self.device in ("auto", "cpu", "cuda")
