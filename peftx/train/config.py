@@ -88,7 +88,10 @@ class TrainConfig:
             if value is not None and not isinstance(value, dict):
                 raise UsageError(f"{name}: expected a mapping, got {type(value).__name__}")
         if self.method is not None:
-            get_method(self.method)  # the registry's message: "unknown method 'x' — choose from ..."
+            try:
+                get_method(self.method)
+            except UsageError as e:  # the registry's words, behind the field's name as every field error has it
+                raise UsageError(f"method: {e.message}", e.hint) from None
         if self.amp is not None:
             _check_choice("amp", self.amp, AMP_MODES)
         if self.device is not None and not (self.device in ("auto", "cpu", "cuda")
