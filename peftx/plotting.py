@@ -82,10 +82,13 @@ def plot_confusion(counts: Sequence[Sequence[int]], class_names: Sequence[str], 
                 if m[i, j]:
                     ax.text(j, i, f"{int(m[i, j])}", ha="center", va="center", fontsize=8 if c <= 10 else 6,
                             color="white" if share[i, j] > 0.5 else "black")
-    heading = title or "confusion matrix"
+    import textwrap
+
+    lines = [title or "confusion matrix"]
     if c > CONFUSION_LABELS_MAX:
-        heading += f"\n{c} classes: labels left out above {CONFUSION_LABELS_MAX} (per-class numbers in the JSON)"
-    ax.set_title(heading, fontsize=10)
+        lines.append(f"{c} classes: labels left out above {CONFUSION_LABELS_MAX} (per-class numbers in the JSON)")
+    chars = int(side * 11)  # about what fits above the matrix at 10 pt
+    ax.set_title("\n".join(textwrap.fill(line, chars) for line in lines), fontsize=10)
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:

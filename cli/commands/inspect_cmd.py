@@ -36,7 +36,7 @@ def inspect(
         return
     layers = info["adapted_layers"]
     console.print(table(f"{len(layers)} adapted layers", ["layer", "kind", "params"],
-                        ([r["name"], r["kind"], f"{r['params']:,}"] for r in layers)))
+                        ([r["name"], r["kind"], f"{r['params']:,}"] for r in layers), right=(2,)))
     console.print(key_values(f"{model} + {method}", {
         "trainable_params": info["trainable_params"], "  adapter": info["adapter_params"],
         "  head": info["head_params"], "total_params": info["total_params"],

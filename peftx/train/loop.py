@@ -278,10 +278,7 @@ class Trainer:
                   total_params=total, resumed=self.s.checkpoint is not None, config=self.cfg.to_dict(),
                   notes=list(self.notes), extended_from=self.extended_from, source=sp.source,
                   skipped_files=[str(p) for p in sp.skipped], val_drawn=_drawn_summary(sp.val_drawn))
-        if sp.val_drawn is not None and self.info.is_main:
-            from ..data import write_val_split
 
-            write_val_split(self.s.run_dir, sp.val_drawn)
         self.val_loader = self._eval_loader(sp.val)
         flag = StopFlag()
         with stop_on_signals(flag):
@@ -425,10 +422,21 @@ class Trainer:
                  "data": self.cfg.data, "data_source": sp.source, "seed": self.cfg.seed, "task": self.cfg.task,
                  "best_epoch": st.best_epoch, "val_accuracy": st.best_val_accuracy, "val_loss": st.best_val_loss,
                  "train_config": self.cfg.to_dict(), "val_split": _drawn_summary(sp.val_drawn)}
+        self._record_val_split()
         with residual_dropout_removed(self.model):
             save_adapter(self.model, self.s.run_dir, extra=extra)
 
+    def _record_val_split(self) -> None:
+        """val_split.json, written with the run's first adapter or checkpoint (a run that fails before either
+        leaves no file behind), so that eval, merge-export and --resume rebuild the drawn split."""
+        drawn = self.s.splits.val_drawn
+        if drawn is not None:
+            from ..data import write_val_split
+
+            write_val_split(self.s.run_dir, drawn)
+
     def _save_checkpoint(self, reason: str) -> Path:
+        self._record_val_split()
         path = save_checkpoint(checkpoint_path(self.s.run_dir), params=_snapshot(self.model), optimizer=self.optimizer,
                                optimizer_names=self.opt_names, scaler=self.scaler, state=self.state,
                                config=self.cfg.to_dict())
