@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from peftx.adapter_io import ADAPTER_FILE, read_adapter
-from peftx.checkpoint import checkpoint_path, load_checkpoint
+from peftx.train.checkpoint import checkpoint_path, load_checkpoint
 from peftx.deploy import load_reference, merge_export, validate
 from peftx.errors import AdapterFileError, AdapterMismatchError, NonFiniteError
 from peftx.evaluate import evaluate
@@ -116,7 +116,7 @@ def test_full_fine_tuning_resumes_bit_identical(tiny_weights, digit_folder, tmp_
 
 def test_full_fine_tuning_scales_the_adapter_recipes_learning_rate():
     """The recipes are tuned for adapters; full fine-tuning takes a hundredth of their lr unless --lr is given."""
-    from peftx.recipes import DEMO, VTAB_1K
+    from peftx.train.recipes import DEMO, VTAB_1K
 
     assert TrainConfig(method="full").resolved().lr == pytest.approx(DEMO.lr / 100)
     assert TrainConfig(method="full", task="dtd", data="x").resolved().lr == pytest.approx(VTAB_1K["dtd"].lr / 100)
