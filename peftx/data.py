@@ -176,9 +176,9 @@ def load_eval_split(spec: str | Path, data_cfg: dict[str, Any], split: str, clas
     that is absent is simply not measured), a class the run was not trained on is refused.
     """
     root = Path(spec).expanduser() if not _is_demo(spec) else None
-    partial = (root is not None and root.is_dir() and not (root / "train").is_dir()
-               and not any((root / name).is_file() for name in VTAB_LISTS.values()) and class_names is not None)
-    if not partial or root is None or class_names is None:
+    partial = (root is not None and class_names is not None and root.is_dir() and not (root / "train").is_dir()
+               and not any((root / name).is_file() for name in VTAB_LISTS.values()))
+    if not partial:
         splits = load_splits(spec, data_cfg, hflip=False, seed=seed, val_files=val_files)
         if class_names is not None and list(class_names) != list(splits.class_names):
             raise DataError(f"{spec} has classes {_some(splits.class_names)}, the adapter was trained on "
@@ -187,6 +187,7 @@ def load_eval_split(spec: str | Path, data_cfg: dict[str, Any], split: str, clas
         if dataset is None or len(dataset) == 0:
             raise DataError(f"{spec} has no {split} split", "choose another --split")
         return EvalSplit(dataset, splits.source, splits.skipped)
+    assert root is not None and class_names is not None
     folder = root / split if (root / split).is_dir() else root
     index = {name: i for i, name in enumerate(class_names)}
     skipped: list[Path] = []

@@ -228,6 +228,19 @@ def marker(t: Path) -> Path:
     return t / "CODE_RAN"
 
 
+def run_with_drawn_val(e: Env, t: Path, damaged: bool = False) -> Path:
+    """A run trained on an ImageFolder without val/ (its record says the split was drawn, val_split.json lists the
+    files), whose first listed validation image was deleted since — or whose val_split.json is damaged."""
+    data = folder_copy(e, t, lambda r: shutil.rmtree(r / "val"))
+    listed = sorted(p.relative_to(data / "train").as_posix() for p in (data / "train").rglob("*.png"))[::2]
+    record = {"from": "train", "seed": 42, "fraction": 0.2, "max_per_class": 100, "n": len(listed),
+              "file": "val_split.json"}
+    adapter = adapter_variant(e, t, config=lambda c: {**c, "data": str(data), "val_split": record})
+    (adapter.parent / "val_split.json").write_text("{not json" if damaged else json.dumps({**record, "files": listed}))
+    (data / "train" / listed[0]).unlink()
+    return adapter.parent
+
+
 def pickled_adapter(e: Env, t: Path) -> Path:
     out = t / "pickled" / ADAPTER_FILE
     out.parent.mkdir()
@@ -543,6 +556,12 @@ CASES = [
     Case("eval-test-only-folder-with-an-unknown-class", lambda e, t: ["eval", str(e.run), "--data", str(
         write_digit_folder(t / "only", classes=["0", "zebra"], per_split={"test": 1})), "--json"], DataError,
          "only/test/zebra is not a training class — the run was trained on the classes 0, 1, 2, 3, 4"),
+    Case("eval-drawn-val-image-removed", lambda e, t: ["eval", str(run_with_drawn_val(e, t)), "--split", "val",
+                                                       "--json"], DataError,
+         "a validation image the run drew from train/, is no longer there"),
+    Case("eval-drawn-val-record-damaged", lambda e, t: ["eval", str(run_with_drawn_val(e, t, damaged=True)),
+                                                        "--split", "val", "--json"], DataError,
+         "val_split.json is unreadable"),
     Case("eval-adapter-on-other-classes", lambda e, t: ["eval", str(e.run), "--data", str(write_digit_folder(
         t / "three", classes=["0", "1", "2"])), "--json"], DataError, "the adapter was trained on"),
     # --- datasets ------------------------------------------------------------------------------------------- exit 4

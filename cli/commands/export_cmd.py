@@ -36,8 +36,8 @@ def merge_export(
     from peftx.deploy import merge_export as run, parse_batch
 
     report = run(source, output=output, batch=parse_batch(batch), precision=precision, tensorrt=tensorrt,
-                 force=force or overwrite, simplify=not no_simplify, model_name=model, weights=weights, images_dir=images,
-                 progress=_progress(json_out), target=target)
+                 force=force or overwrite, simplify=not no_simplify, model_name=model, weights=weights,
+                 images_dir=images, progress=_progress(json_out), target=target)
     if json_out:
         print_json(report.to_json())
         return

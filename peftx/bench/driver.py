@@ -127,8 +127,8 @@ def evaluate_targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
             add("peak training memory below full fine-tuning", f"{r['model']} {r['method']}",
                 f"{r['peak_memory_vs_full']:.3f}x", r["memory_met"], None)  # memory is measured, not timed
     for model in results.get("export", []):
-        add(f"merge + ONNX export < {EXPORT_SECONDS_MAX:.0f} s", model["model"], f"{model['merge_plus_export_s']:.1f} s",
-            model["met"], None)
+        add(f"merge + ONNX export < {EXPORT_SECONDS_MAX:.0f} s", model["model"],
+            f"{model['merge_plus_export_s']:.1f} s", model["met"], None)
     return targets
 
 

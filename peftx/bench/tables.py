@@ -103,8 +103,8 @@ def _inference(model: Mapping[str, Any]) -> list[Table]:
         f"{model['gflop_per_image']:.2f} GFLOP/img (counted); merged = {model['merged_method']}; p99 in bench.json",
         ["batch", "backend", "variant", "p50 ms", "p90 ms", "rounds", "img/s", "GFLOP/s", "% peak"], rows)]
     rows = [[str(r["batch"]), r["ratio"], r["backend"], _fmt(r["value"], ".3f"), _fmt(r["min_ratio"], ".3f"),
-             "—" if r["target"] is None else f"<= {r['target']}", _met(r["met"], _inference_rounds(model, r["batch"]))]
-            for r in model["ratios"]]
+             "—" if r["target"] is None else f"<= {r['target']}",
+             _met(r["met"], _inference_rounds(model, r["batch"]))] for r in model["ratios"]]
     out.append((f"Ratios — {model['model']} (median of per-round ratios; 'of mins' = best case / best case)",
                 ["batch", "ratio", "backend", "median", "of mins", "target", "verdict"], rows))
     rows = [[k, "pass" if v["passed"] else "FAIL", f"{v['max_abs']:.2e}", f"{v['bound']:.1e}", v["tolerance"],
