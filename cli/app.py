@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
 import typer
 
@@ -19,28 +20,42 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # Click's plain help: it wraps long option texts and defaults at the terminal width (rich's panels cut them off
+    # with "…" at 80 columns, and read "[default: ...]" inside help strings as markup).
+    rich_markup_mode=None,
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from peftx import __version__
+
+        print(f"peftx {__version__}")
+        raise typer.Exit()
+
 
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
     """peftx: parameter-efficient fine-tuning for timm vision transformers, deployed to the edge."""
 
 
-app.command("demo")(demo_cmd.demo)
-app.command("train")(train_cmd.train)
-app.command("eval")(train_cmd.eval)
-app.command("inspect")(inspect_cmd.inspect)
-app.command("merge-export")(export_cmd.merge_export)
-app.command("validate")(export_cmd.validate)
-app.command("export")(byo_cmd.export)
-app.command("convert")(byo_cmd.convert)
-app.command("bench")(bench_cmd.bench)
-app.command("targets")(targets_cmd.targets)
-app.command("doctor")(targets_cmd.doctor)
-app.command("env", help="Alias of `peftx doctor`.")(targets_cmd.doctor)
-app.command("compare")(compare_cmd.compare)
+# short_help: the command list shows each in full (click cuts a longer docstring's first sentence with "...").
+app.command("demo", short_help="Train, merge, export and validate the embedded demo.")(demo_cmd.demo)
+app.command("train", short_help="Fine-tune an adapter (no options: the demo).")(train_cmd.train)
+app.command("eval", short_help="Accuracy, per class and confusion, of a trained run.")(train_cmd.eval)
+app.command("inspect", short_help="Which layers a method adapts; parameter counts.")(inspect_cmd.inspect)
+app.command("merge-export", short_help="Merge, export ONNX (+ TensorRT), check parity.")(export_cmd.merge_export)
+app.command("validate", short_help="Re-check a bundle against the unmerged model.")(export_cmd.validate)
+app.command("export", short_help="Export a plain fine-tuned timm checkpoint (no adapter).")(byo_cmd.export)
+app.command("convert", short_help="Convert a LoRA run to a Hugging Face peft adapter.")(byo_cmd.convert)
+app.command("bench", short_help="Benchmark inference, training and export.")(bench_cmd.bench)
+app.command("compare", short_help="Train several methods on the same data; one table.")(compare_cmd.compare)
+app.command("targets", short_help="The deployment targets (TensorRT releases).")(targets_cmd.targets)
+app.command("doctor", short_help="What this machine has for deployment.")(targets_cmd.doctor)
+app.command("env", help="Alias of `peftx doctor`.", short_help="Alias of `peftx doctor`.")(targets_cmd.doctor)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -54,12 +54,33 @@ def _check_name(name: str) -> tuple[str, str]:
         hint = f"did you mean: {', '.join(close)}" if close else UnknownModelError.default_hint
         raise UnknownModelError(f"unknown timm model {name!r}", hint)
     if tag and name != DEMO_MODEL:
-        known = timm.list_pretrained(f"{arch}.*")
+        known = _known_names(arch)
         if name not in known:
             tags = ", ".join(k.partition(".")[2] for k in known) or "none"
             raise UnknownModelError(f"timm has no pretrained tag {tag!r} for {arch}",
                                     f"known tags: {tags}; or pass the name without a tag")
     return arch, tag
+
+
+def _known_names(arch: str) -> list[str]:
+    """Every ``arch.tag`` peftx can build with pretrained weights: timm's hub tags, and the embedded demo weights."""
+    known = list(timm.list_pretrained(f"{arch}.*"))
+    if DEMO_MODEL.partition(".")[0] == arch:
+        known.insert(0, DEMO_MODEL)
+    return known
+
+
+def _alternatives_hint(name: str) -> str:
+    """What to use instead of hub weights that cannot be had: the embedded weights, the hub tags, or a file."""
+    arch = name.partition(".")[0]
+    parts = []
+    if DEMO_MODEL.partition(".")[0] == arch and name != DEMO_MODEL:
+        parts.append(f"use --model {DEMO_MODEL} (embedded: no network needed)")
+    hub = [k for k in timm.list_pretrained(f"{arch}.*") if k != name]
+    if hub:
+        listed = ", ".join(hub[:4]) + (", ..." if len(hub) > 4 else "")
+        parts.append(f"the hub's {listed} need{'s' if len(hub) == 1 else ''} a network")
+    return "; ".join(parts + [_WEIGHTS_HINT.replace("pass a", "or pass a" if parts else "pass a")])
 
 
 # ----------------------------------------------------------------------------------------------------- files
@@ -82,6 +103,24 @@ def _quiet_torch_load():
     contract is one line on stderr, and the outcome (loaded, or refused with a WeightsError) says all there is."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        yield
+
+
+# timm's RegularGridInterpolator (timm/layers/interpolate.py) resamples Swin's relative-position bias tables when the
+# window differs from the checkpoint's (any --img-size other than the pretrained one), and torch warns twice from
+# inside it on every such load: about a non-contiguous searchsorted input (a speed note) and about list indexing
+# (a deprecation in timm's own code). Neither is anything a peftx user can act on, and the CLI's contract is one line
+# on stderr. Exactly these two messages, from exactly that module, are silenced; every other warning still shows.
+_TIMM_RESAMPLING_WARNINGS = (r"torch\.searchsorted\(\): input value tensor is non-contiguous",
+                             r"Using a non-tuple sequence for multidimensional indexing is deprecated")
+_TIMM_RESAMPLING_MODULE = r"timm\.layers\.interpolate"
+
+
+@contextlib.contextmanager
+def _quiet_timm_resampling():
+    with warnings.catch_warnings():
+        for message in _TIMM_RESAMPLING_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning, module=_TIMM_RESAMPLING_MODULE)
         yield
 
 
@@ -237,7 +276,7 @@ def _hub_weights_file(name: str, timm_name: str) -> Path:
         return cached
     reason = _download_unavailable(name, cfg)
     if reason:
-        raise WeightsError(reason, _WEIGHTS_HINT)
+        raise WeightsError(reason, _alternatives_hint(name))
     try:
         return _download(cfg)
     except Exception as exc:  # huggingface_hub / urllib raise many types for one outcome: no weights
@@ -320,7 +359,8 @@ def _check_img_size(model: torch.nn.Module, timm_name: str) -> None:
     size, patch = (size, size) if isinstance(size, int) else size, (patch, patch) if isinstance(patch, int) else patch
     if any(s % p for s, p in zip(size, patch)):
         raise UsageError(f"img_size {tuple(size)} is not a multiple of {timm_name}'s patch size {tuple(patch)}",
-                         f"use a multiple of {patch[0]}, e.g. {max(1, round(size[0] / patch[0])) * patch[0]}")
+                         f"use a multiple of {patch[0]}: peftx train --img-size "
+                         f"{max(1, round(size[0] / patch[0])) * patch[0]}")
 
 
 def _kwargs_text(kwargs: dict[str, Any]) -> str:
@@ -343,7 +383,7 @@ def _load_file(timm_name: str, path: Path, **kwargs: Any) -> torch.nn.Module:
         custom_load=False,
     )
     try:
-        with _quiet_torch_load():
+        with _quiet_torch_load(), _quiet_timm_resampling():
             model = timm.create_model(timm_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except Exception as exc:  # readers and timm's filters raise assorted types for one outcome: unusable weights
         raise WeightsError(_unreadable_message(path, exc), _unreadable_hint(path, exc)) from exc

@@ -1,5 +1,12 @@
 """Datasets and transforms: sklearn digits (the demo), ImageFolder trees and the VTAB-1k list layout.
 
+ImageFolder trees: a file that is not an image (by extension: ``notes.txt``, ``README``, ``.DS_Store``) is skipped
+and counted (:attr:`Splits.skipped`, logged and shown by ``peftx train``); a file with an image extension that does
+not parse is a corrupt image and fails, named. A tree without ``val/`` gets a validation split drawn from ``train/``
+(:func:`draw_val`, after VTAB-1k's train800 / val200: seeded, stratified by class), which the run records so that
+evaluation and export rebuild exactly the same split. ``peftx eval`` also reads a folder that holds only the split
+it evaluates (:func:`load_eval_split`).
+
 Every problem with the data is a ``DataError`` whose message names the file or folder at fault. Image files are
 checked when the splits are built with PIL's ``Image.open(...).verify()``: it parses the header and, for PNG, walks
 the chunk CRCs without decoding pixels — about 25-60 us a file here (~1 s for VTAB's ~20k test images), where a full
@@ -9,9 +16,11 @@ naming it from ``__getitem__``.
 
 from __future__ import annotations
 
+import json
 import logging
+import zlib
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Callable, Sequence
 
@@ -31,6 +40,11 @@ DEMO_SPECS = ("demo", "digits")
 ACCEPTED_SPECS = ("'demo' (alias 'digits'); an ImageFolder root ROOT/{train,val[,test]}/<class>/<image>; "
                   "or a VTAB-1k task directory ROOT/<task>/ with train800.txt, val200.txt and test.txt")
 IMBALANCE_WARN_RATIO = 10.0
+# Validation drawn from train/ when an ImageFolder has no val/: VTAB-1k's 200 of 1,000 (20 %), per class, capped so
+# that a large dataset does not spend most of each epoch validating (Fashion-MNIST's 6,000 a class would give 1,200).
+VAL_FRACTION = 0.20
+VAL_MAX_PER_CLASS = 100
+VAL_SPLIT_FILE = "val_split.json"  # in the run directory: the drawn split, file by file
 # Digits split: 25 % test, then 20 % of the rest (15 % of all) for validation, leaving 60 % for training.
 _DIGITS_TEST_FRACTION = 0.25
 _DIGITS_VAL_FRACTION = 0.20
@@ -45,6 +59,8 @@ class Splits:
     test: Dataset | None
     class_names: list[str]
     source: str
+    val_drawn: dict[str, Any] | None = None  # how val was drawn from train (seed, fraction, files), when it was
+    skipped: list[Path] = field(default_factory=list)  # non-image files left out of an ImageFolder tree
 
 
 # ----------------------------------------------------------------------------------------------------- datasets
@@ -122,8 +138,13 @@ def raw_sample(dataset: Dataset, index: int) -> tuple[Path | Image.Image, int]:
 # ----------------------------------------------------------------------------------------------------- splits
 
 
-def load_splits(spec: str | Path, data_cfg: dict[str, Any], *, hflip: bool = False, seed: int = 42) -> Splits:
-    """Train / val / test splits for ``spec``: 'demo' (alias 'digits'), an ImageFolder root, or a VTAB-1k task dir."""
+def load_splits(spec: str | Path, data_cfg: dict[str, Any], *, hflip: bool = False, seed: int = 42,
+                val_files: Sequence[str] | None = None) -> Splits:
+    """Train / val / test splits for ``spec``: 'demo' (alias 'digits'), an ImageFolder root, or a VTAB-1k task dir.
+
+    ``val_files``: for an ImageFolder without val/, the validation files a run drew (paths relative to train/, as
+    recorded in its val_split.json); without them the split is drawn with ``seed`` (:func:`draw_val`).
+    """
     train_tf = build_transform(data_cfg, train=True, hflip=hflip)
     eval_tf = build_transform(data_cfg, train=False, hflip=False)
     if isinstance(spec, str) and spec.strip().lower() in DEMO_SPECS:
@@ -134,12 +155,63 @@ def load_splits(spec: str | Path, data_cfg: dict[str, Any], *, hflip: bool = Fal
     if root.is_dir() and any((root / name).is_file() for name in VTAB_LISTS.values()):
         return _vtab_splits(root, train_tf, eval_tf)
     if root.is_dir() and (root / "train").is_dir():
-        return _folder_splits(root, train_tf, eval_tf)
+        return _folder_splits(root, train_tf, eval_tf, seed, val_files)
     tasks = sorted(p.name for p in root.glob("*/") if (p / VTAB_LISTS["train"]).is_file()) if root.is_dir() else []
     if tasks:
         raise DataError(f"{root} is a VTAB-1k root holding {len(tasks)} task(s) ({', '.join(tasks[:5])}), not a task",
                         f"pass one task directory, e.g. {root / tasks[0]}")
     raise DataError(f"{root} is not a dataset peftx recognises", f"pass {ACCEPTED_SPECS}")
+
+
+@dataclass
+class EvalSplit:
+    """One split to evaluate a trained run on, labelled with the run's class indices."""
+
+    dataset: Dataset
+    source: str
+    skipped: list[Path] = field(default_factory=list)
+
+
+def load_eval_split(spec: str | Path, data_cfg: dict[str, Any], split: str, class_names: Sequence[str] | None, *,
+                    seed: int = 42, val_files: Sequence[str] | None = None) -> EvalSplit:
+    """The ``split`` of ``spec`` for evaluating a run trained on ``class_names``.
+
+    Besides everything :func:`load_splits` reads (the training classes must then be the run's, in order), this
+    takes a folder that holds only what is evaluated: ``ROOT/<split>/<class>/...`` (no train/), or a folder of class
+    folders ``ROOT/<class>/...`` itself. Its classes are matched to the run's by NAME: a subset is fine (a class
+    that is absent is simply not measured), a class the run was not trained on is refused.
+    """
+    root = Path(spec).expanduser() if not _is_demo(spec) else None
+    partial = (root is not None and class_names is not None and root.is_dir() and not (root / "train").is_dir()
+               and not any((root / name).is_file() for name in VTAB_LISTS.values()))
+    if not partial:
+        splits = load_splits(spec, data_cfg, hflip=False, seed=seed, val_files=val_files)
+        if class_names is not None and list(class_names) != list(splits.class_names):
+            raise DataError(f"{spec} has classes {_some(splits.class_names)}, the adapter was trained on "
+                            f"{_some(class_names)}", "evaluate on data with the training classes, in order")
+        dataset = getattr(splits, split)
+        if dataset is None or len(dataset) == 0:
+            raise DataError(f"{spec} has no {split} split", "choose another --split")
+        return EvalSplit(dataset, splits.source, splits.skipped)
+    assert root is not None and class_names is not None
+    folder = root / split if (root / split).is_dir() else root
+    index = {name: i for i, name in enumerate(class_names)}
+    skipped: list[Path] = []
+    samples = _scan_split(folder, index, skipped, of_run=True)
+    if not samples:
+        raise DataError(f"{folder} holds no images", f"lay images out as {folder}/<class>/<image>")
+    present = sorted({label for _, label in samples})
+    source = (f"ImageFolder {folder} ({len(present)} of the run's {len(index)} classes, matched by name"
+              + (f"; {len(skipped)} non-image file(s) skipped" if skipped else "") + ")")
+    return EvalSplit(ImageFileDataset(samples, build_transform(data_cfg, train=False, hflip=False)), source, skipped)
+
+
+def _is_demo(spec: str | Path) -> bool:
+    return isinstance(spec, str) and spec.strip().lower() in DEMO_SPECS
+
+
+def _some(names: Sequence[str], n: int = 5) -> str:
+    return "[" + ", ".join(map(str, list(names)[:n])) + (", ..." if len(names) > n else "") + "]"
 
 
 def _digits_splits(train_tf: Callable, eval_tf: Callable, seed: int) -> Splits:
@@ -175,48 +247,135 @@ def _digit_images() -> tuple[list[Image.Image], np.ndarray]:
 # ---- ImageFolder
 
 
-def _folder_splits(root: Path, train_tf: Callable, eval_tf: Callable) -> Splits:
-    if not (root / "val").is_dir():
-        raise DataError(f"ImageFolder dataset {root} has no val/ folder",
-                        "create ROOT/val/<class>/... (peftx selects checkpoints on validation, never on test)")
+def _folder_splits(root: Path, train_tf: Callable, eval_tf: Callable, seed: int,
+                   val_files: Sequence[str] | None) -> Splits:
     classes = _class_dirs(root / "train")
     if not classes:
         raise DataError(f"{root / 'train'} holds no class folders", "lay images out as ROOT/train/<class>/<image>")
     index = {name: i for i, name in enumerate(classes)}
-    train = _scan_split(root / "train", index)
+    skipped: list[Path] = []
+    train = _scan_split(root / "train", index, skipped)
     counts = Counter(label for _, label in train)
     empty = [name for name, i in index.items() if counts[i] == 0]
     if empty:
         raise DataError(f"class folder {root / 'train' / empty[0]} has no training images"
                         + (f" ({len(empty) - 1} more such)" if len(empty) > 1 else ""),
                         "add images, or delete the empty class folder")
-    val = _scan_split(root / "val", index)
-    test = _scan_split(root / "test", index) if (root / "test").is_dir() else None
+    drawn = None
+    if (root / "val").is_dir():
+        val = _scan_split(root / "val", index, skipped)
+    else:
+        train, val, drawn = _split_val(root, train, classes, seed, val_files)
+        counts = Counter(label for _, label in train)
+    test = _scan_split(root / "test", index, skipped) if (root / "test").is_dir() else None
     for name, samples in (("val", val), ("test", test)):
         if samples is not None and not samples:
             raise DataError(f"split {root / name} holds no images", "add images, or remove the folder")
     _warn_imbalance(counts, classes, root / "train")
+    if skipped:
+        log.info("%s: skipped %d non-image file(s), e.g. %s", root, len(skipped),
+                    ", ".join(str(p.relative_to(root)) for p in skipped[:3]))
+    source = f"ImageFolder {root} ({len(classes)} classes)"
+    if drawn is not None:
+        source += (f"; val drawn from train/: {len(val)} images ({drawn['fraction']:.0%} of each class, at most "
+                   f"{drawn['max_per_class']}, seed {drawn['seed']})")
     return Splits(ImageFileDataset(train, train_tf), ImageFileDataset(val, eval_tf),
-                  ImageFileDataset(test, eval_tf) if test is not None else None, classes,
-                  f"ImageFolder {root} ({len(classes)} classes)")
+                  ImageFileDataset(test, eval_tf) if test is not None else None, classes, source, drawn, skipped)
+
+
+def draw_val(samples: Sequence[tuple[Path, int]], class_names: Sequence[str], seed: int,
+             fraction: float = VAL_FRACTION, max_per_class: int = VAL_MAX_PER_CLASS) -> set[Path]:
+    """The validation images drawn from ``samples`` (training images), stratified by class.
+
+    Each class gives ``min(max_per_class, round(fraction * n))`` of its n images, at least 1 when n >= 2 and never
+    all of them (a class with one image keeps it for training). Each class is shuffled by its own generator, seeded
+    with (seed, crc32 of the class name): adding images to one class does not change another class's draw.
+    """
+    by_class: dict[int, list[Path]] = {}
+    for path, label in samples:
+        by_class.setdefault(label, []).append(path)
+    chosen: set[Path] = set()
+    for label, paths in sorted(by_class.items()):
+        n = len(paths)
+        k = 0 if n < 2 else min(n - 1, max(1, min(max_per_class, round(fraction * n))))
+        rng = np.random.default_rng([seed, zlib.crc32(class_names[label].encode("utf-8"))])
+        chosen.update(sorted(paths)[i] for i in rng.permutation(n)[:k])
+    return chosen
+
+
+def _split_val(root: Path, train: list[tuple[Path, int]], classes: list[str], seed: int,
+               val_files: Sequence[str] | None) -> tuple[list, list, dict[str, Any]]:
+    """(train, val, record) for a tree without val/: the recorded files if given, else a fresh draw."""
+    base = root / "train"
+    if val_files is not None:
+        known = {path.relative_to(base).as_posix(): path for path, _ in train}
+        gone = [f for f in val_files if f not in known]
+        if gone:
+            raise DataError(f"{base / gone[0]}, a validation image the run drew from train/, is no longer there"
+                            + (f" ({len(gone) - 1} more)" if len(gone) > 1 else ""),
+                            f"restore it, or pass a dataset with a val/ folder (the run's split is its "
+                            f"{VAL_SPLIT_FILE})")
+        chosen = {known[f] for f in val_files}
+    else:
+        chosen = draw_val(train, classes, seed)
+    if not chosen:
+        raise DataError(f"ImageFolder dataset {root} has no val/ folder, and too few training images to draw one "
+                        "(every class has a single image)",
+                        "add images (2 or more per class), or create ROOT/val/<class>/...")
+    val = [(p, label) for p, label in train if p in chosen]
+    rest = [(p, label) for p, label in train if p not in chosen]
+    record = {"from": "train", "seed": seed, "fraction": VAL_FRACTION, "max_per_class": VAL_MAX_PER_CLASS,
+              "recorded": val_files is not None, "files": [p.relative_to(base).as_posix() for p, _ in val]}
+    return rest, val, record
+
+
+def write_val_split(run_dir: str | Path, drawn: dict[str, Any]) -> Path:
+    """The drawn split as ``RUN_DIR/val_split.json`` (rule, seed, and every file relative to train/)."""
+    from .fsutil import write_text_atomic
+
+    record = {k: v for k, v in drawn.items() if k != "recorded"}
+    return write_text_atomic(Path(run_dir) / VAL_SPLIT_FILE, json.dumps(record, indent=1) + "\n")
+
+
+def read_val_split(run_dir: str | Path) -> list[str] | None:
+    """The validation files a run drew (relative to train/), or None when it did not draw one."""
+    path = Path(run_dir) / VAL_SPLIT_FILE
+    if not path.is_file():
+        return None
+    try:
+        files = json.loads(path.read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path} is unreadable ({_first_line(exc)})",
+                        "restore it from the run directory, or delete it to draw the split again from the seed") \
+            from exc
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        raise DataError(f"{path} does not list files", "restore it, or delete it to draw the split again")
+    return files
 
 
 def _class_dirs(split: Path) -> list[str]:
     return sorted(p.name for p in split.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _scan_split(split: Path, index: dict[str, int]) -> list[tuple[Path, int]]:
-    """(image, label) pairs of one split folder; every file must be a readable image in a known class folder."""
+def _scan_split(split: Path, index: dict[str, int], skipped: list[Path] | None = None, *,
+                of_run: bool = False) -> list[tuple[Path, int]]:
+    """(image, label) pairs of one split folder, every image checked; non-image files go to ``skipped``.
+    ``of_run``: ``index`` is a trained run's classes (evaluation), not this tree's train/ folder."""
     unknown = [name for name in _class_dirs(split) if name not in index]
     if unknown:
+        known = f"{', '.join(list(index)[:8])}{', ...' if len(index) > 8 else ''}"
         raise DataError(f"class folder {split / unknown[0]} is not a training class",
-                        f"every {split.name}/ class must also exist under train/ (training classes: "
-                        f"{', '.join(list(index)[:8])}{', ...' if len(index) > 8 else ''})")
+                        f"the run was trained on the classes {known}: remove or rename the others" if of_run else
+                        f"every {split.name}/ class must also exist under train/ (training classes: {known})")
     samples: list[tuple[Path, int]] = []
     for path in sorted(split.rglob("*")):
-        if path.is_dir() or _is_junk(path.relative_to(split)):
+        if path.is_dir():
             continue
         rel = path.relative_to(split)
+        if _is_junk(rel) or path.suffix.lower() not in IMAGE_EXTENSIONS:
+            if skipped is not None:
+                skipped.append(path)
+            continue
         if len(rel.parts) < 2:
             raise DataError(f"{path} is not inside a class folder", f"move it to {split}/<class>/")
         _check_image(path)

@@ -19,7 +19,7 @@ from torch import nn
 from . import __version__
 from .adapter import merge_and_unload
 from .adapter_io import ADAPTER_FILE, load_adapter, read_adapter
-from .errors import DataError, UsageError
+from .errors import AdapterFileError, AdapterMismatchError, DataError, ExportError, UsageError
 from .fsutil import sha256_file
 from .preprocess import contract
 
@@ -66,6 +66,7 @@ def load_reference(source: str | Path, *, model_name: str | None = None, weights
     path = _adapter_path(source)
     config, _ = read_adapter(path)
     if model_name:  # an adapter file used with a backbone named on the command line
+        _check_same_backbone(config, model_name, path)
         config = {**config, "spec": {**(config.get("spec") or {}), "name": model_name}}
     model = rebuild_model(config, weights=weights)
     load_adapter(model, path)
@@ -76,20 +77,35 @@ def load_reference(source: str | Path, *, model_name: str | None = None, weights
 
 
 def _run_splits(loaded: Loaded):
-    """The run's own splits (its recorded data, preprocessing and split seed), or the DataError why not."""
+    """The run's own splits (its recorded data, preprocessing, split seed and the validation files it drew from
+    train/), or the DataError why not."""
     from .data import load_splits
+    from .evaluate import run_val_files
 
     data = loaded.config.get("data")
     if not data:
         return DataError("the adapter does not record its training data")
     seed = loaded.config.get("seed")
     try:
-        splits = load_splits(data, loaded.data_config, seed=seed if isinstance(seed, int) else 42)
+        splits = load_splits(data, loaded.data_config, seed=seed if isinstance(seed, int) else 42,
+                             val_files=run_val_files(loaded.config, loaded.adapter_path, data))
     except DataError as exc:
         return exc
     if list(splits.class_names) != list(loaded.class_names):
         return DataError(f"{data} now has other classes than the run was trained on")
     return splits
+
+
+def _check_same_backbone(config: dict[str, Any], model_name: str, path: Path) -> None:
+    """``--model`` renames the backbone of an adapter that records none; an adapter trained on another
+    architecture cannot be loaded onto this one (building it would fail later on a size or a tensor shape, with a
+    message about that instead of about the adapter)."""
+    recorded = (config.get("spec") or {}).get("name")
+    if recorded and recorded.partition(".")[0] != model_name.partition(".")[0]:
+        raise AdapterMismatchError(f"the adapter {path} belongs to backbone {recorded} (recorded in its "
+                                   f"adapter_config.json), not {model_name}",
+                                   "drop --model: merge-export rebuilds the recorded backbone; for "
+                                   f"{model_name}, train an adapter on it (peftx train --model {model_name})")
 
 
 def parity_images(loaded: Loaded, images_dir: str | Path | None = None, n: int = PARITY_IMAGES,
@@ -204,6 +220,18 @@ def _accuracy_set(loaded: Loaded, images_dir, limit, splits, say: Callable[[str]
     return labelled
 
 
+def bundle_dir(path: str | Path) -> Path:
+    """The bundle to validate: ``path`` itself, or RUN_DIR/bundle for a run directory (what merge-export writes
+    by default), so that ``validate`` takes what ``merge-export`` took."""
+    path = Path(path)
+    if (path / "metadata.json").exists() or not (path / ADAPTER_FILE).exists():
+        return path
+    if (path / BUNDLE_DIR / "metadata.json").exists():
+        return path / BUNDLE_DIR
+    raise ExportError(f"{path} is a run directory without a bundle ({path / BUNDLE_DIR} does not exist)",
+                      f"export it first: peftx merge-export {path}")
+
+
 def validate(bundle: str | Path, *, images_dir: str | Path | None = None, adapter: str | Path | None = None,
              weights: str | Path | None = None, tensorrt: str = "auto",
              progress: Callable[[str], None] | None = None, target: str | None = None,
@@ -215,15 +243,16 @@ def validate(bundle: str | Path, *, images_dir: str | Path | None = None, adapte
 
     if target is not None:
         resolve_target_here(target)  # an unknown target fails before anything is loaded
+    bundle = bundle_dir(bundle)
     meta = read_bundle(bundle)
     prov = meta.get("provenance") or {}
     source = adapter or prov.get("adapter_file")
     if not source or not Path(source).exists():
-        raise UsageError(f"the adapter this bundle was made from ({source}) is not available",
-                         "pass --adapter PATH to the run directory or adapter file")
+        raise AdapterFileError(f"the adapter this bundle was made from ({source}) is not available",
+                               "pass --adapter PATH to the run directory or adapter file")
     if adapter is None and prov.get("adapter_sha256") and sha256_file(source) != prov["adapter_sha256"]:
-        raise UsageError(f"{source} changed since the bundle was made (sha256 differs)",
-                         "pass --adapter with the adapter the bundle was made from, or re-export")
+        raise AdapterMismatchError(f"{source} changed since the bundle was made (sha256 differs)",
+                                   "pass --adapter with the adapter the bundle was made from, or re-export")
     from .byo import recorded_source
 
     loaded = load_reference(recorded_source(prov, source), weights=weights)

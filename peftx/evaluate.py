@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import AdapterFileError, DataError, UsageError
+from .errors import AdapterFileError, UsageError
 from .runtime import eval_loader, evaluate_model, resolve_amp, resolve_device, use_fused_attention
 from .train.distributed import DistInfo
 
@@ -48,16 +48,36 @@ def rebuild_model(config: dict[str, Any], *, weights: str | Path | None = None) 
                            img_size=spec.get("img_size"), **(spec.get("model_kwargs") or {}))
 
 
+def run_val_files(config: dict[str, Any], adapter_path: Path, data: Any) -> list[str] | None:
+    """The validation files the run drew from train/ (its val_split.json), when ``data`` is the data it trained on;
+    None otherwise (a dataset with its own val/, or other data)."""
+    from .data import read_val_split
+
+    if not config.get("val_split") or data is None or config.get("data") is None:
+        return None
+    if _same_data(data, config["data"]):
+        return read_val_split(adapter_path.parent)
+    return None
+
+
+def _same_data(a: Any, b: Any) -> bool:
+    return str(a) == str(b) or Path(str(a)).expanduser().absolute() == Path(str(b)).expanduser().absolute()
+
+
 def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "test",
              weights: str | Path | None = None, *, batch_size: int = 64, device: str = "auto", amp: str = "off",
-             num_workers: int = 0) -> dict[str, Any]:
-    """Accuracy of a trained run on ``split`` of ``data`` (default: the data it was trained on).
+             num_workers: int = 0, confusion_png: str | Path | None = None) -> dict[str, Any]:
+    """Accuracy, per-class accuracy and confusion matrix of a trained run on ``split`` of ``data`` (default: the
+    data it was trained on; also a folder holding only that split, see :func:`~peftx.data.load_eval_split`).
 
     Rebuilds the backbone from the adapter's recorded spec, loads the adapter (fingerprint-checked), and uses the
-    preprocessing recorded at training time. Returns {accuracy, loss, n, split, data, adapter, preprocessing}.
+    preprocessing recorded at training time; a validation split the run drew from train/ is rebuilt from its
+    val_split.json. ``confusion_png``: also write the matrix as a PNG there. Returns {accuracy, loss, n, split, data,
+    source, skipped_files, adapter, preprocessing, per_class, confusion_matrix[, confusion_png]}.
     """
     from .adapter_io import ADAPTER_FILE, load_adapter, read_adapter
-    from .data import load_splits
+    from .data import load_eval_split
+    from .metrics import class_report
 
     if split not in SPLITS:
         raise UsageError(f"split: {split!r} is not a split", f"choose from {', '.join(SPLITS)}")
@@ -75,21 +95,26 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
     if not data_cfg:
         from .backbones import data_config
         data_cfg = data_config(model)
-    splits = load_splits(data, data_cfg, hflip=False, seed=_recorded_int(config, "seed", 42))
-    trained_names = config.get("class_names")
-    if trained_names is not None and list(trained_names) != list(splits.class_names):
-        raise DataError(f"{data} has classes {splits.class_names[:5]}..., the adapter was trained on "
-                        f"{list(trained_names)[:5]}...", "evaluate on data with the training classes, in order")
-    dataset = getattr(splits, split)
-    if dataset is None or len(dataset) == 0:
-        raise DataError(f"{data} has no {split} split", "choose another --split")
+    names = config.get("class_names") or [str(i) for i in range(_recorded_int(config, "num_classes") or 0)]
+    chosen = load_eval_split(data, data_cfg, split, config.get("class_names"), seed=_recorded_int(config, "seed", 42),
+                             val_files=run_val_files(config, path, data))
     load_adapter(model, path)
     use_fused_attention(model)
     model.to(dev).eval()
-    loader = eval_loader(dataset, batch_size, info=DistInfo(), num_workers=num_workers,
+    loader = eval_loader(chosen.dataset, batch_size, info=DistInfo(), num_workers=num_workers,
                          pin_memory=dev.type == "cuda")
-    result = evaluate_model(model, loader, device=dev, amp_dtype=resolve_amp(amp, dev))
+    result = evaluate_model(model, loader, device=dev, amp_dtype=resolve_amp(amp, dev), num_classes=len(names))
     from .preprocess import describe
 
-    return {**result, "split": split, "data": str(data), "adapter": str(path),
-            "preprocessing": describe(data_cfg)}  # the run's contract: what the bundle's infer.py applies too
+    report = class_report(result.pop("confusion"), names)
+    out = {**result, "split": split, "data": str(data), "source": chosen.source, "skipped_files": len(chosen.skipped),
+           "adapter": str(path),
+           "preprocessing": describe(data_cfg),  # the run's contract: what the bundle's infer.py applies too
+           **report}
+    if confusion_png is not None:
+        from .plotting import plot_confusion
+
+        title = f"{split}: {100 * result['accuracy']:.1f} % of {result['n']:,} images"
+        out["confusion_png"] = str(plot_confusion(report["confusion_matrix"]["counts"], names, confusion_png,
+                                                  title=title))
+    return out

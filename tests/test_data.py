@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 from PIL import Image
 from torchvision import transforms as T
 
-from peftx.data import (Splits, build_transform, images_from_dir, load_splits, parse_vtab_list, real_images,
-                        sample_photos)
+from peftx.data import (VAL_FRACTION, VAL_MAX_PER_CLASS, Splits, build_transform, draw_val, images_from_dir,
+                        load_eval_split, load_splits, parse_vtab_list, read_val_split, real_images, sample_photos,
+                        write_val_split)
 from peftx.errors import DataError, UsageError
 
 CFG = {"input_size": (3, 32, 32), "interpolation": "bicubic", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
@@ -144,11 +145,57 @@ def test_image_folder_test_split_is_optional(tmp_path: Path, photo: Image.Image)
     assert load_splits(root, CFG).test is None
 
 
-def test_image_folder_without_val_is_refused(tmp_path: Path, photo: Image.Image) -> None:
-    root = make_folder(tmp_path / "ds", photo, {"train": BALANCED["train"]})
-    with pytest.raises(DataError, match="no val/ folder") as err:
+def test_image_folder_without_val_draws_a_seeded_stratified_split(tmp_path: Path, photo: Image.Image) -> None:
+    root = make_folder(tmp_path / "ds", photo, {"train": {"cat": 10, "dog": 5, "emu": 2, "yak": 1}})
+    splits = load_splits(root, CFG, seed=3)
+    val = [(p.relative_to(root / "train").as_posix(), label) for p, label in splits.val.samples]
+    # 20 % of each class, at least 1, never a class's only image
+    assert Counter(label for _, label in val) == {0: 2, 1: 1, 2: 1}
+    assert len(splits.train) + len(splits.val) == 18
+    assert not {p for p, _ in splits.val.samples} & {p for p, _ in splits.train.samples}
+    drawn = splits.val_drawn
+    assert drawn["seed"] == 3 and drawn["fraction"] == VAL_FRACTION and drawn["files"] == [f for f, _ in val]
+    assert "val drawn from train/" in splits.source
+    assert load_splits(root, CFG, seed=3).val_drawn["files"] == drawn["files"]  # the same seed, the same split
+    others = [load_splits(root, CFG, seed=s).val_drawn["files"] for s in (4, 5, 6)]
+    assert any(o != drawn["files"] for o in others)
+
+
+def test_drawn_split_per_class_is_independent_and_capped(tmp_path: Path) -> None:
+    samples = [(tmp_path / f"c{c}" / f"{i}.png", c) for c in range(2) for i in range(1000)]
+    chosen = draw_val(samples, ["a", "b"], seed=0)
+    assert Counter(label for p, label in samples if p in chosen) == {0: VAL_MAX_PER_CLASS, 1: VAL_MAX_PER_CLASS}
+    # adding images to class "b" leaves class "a"'s draw as it was
+    more = samples + [(tmp_path / "c1" / f"x{i}.png", 1) for i in range(10)]
+    again = draw_val(more, ["a", "b"], seed=0)
+    assert {p for p in chosen if p.parent.name == "c0"} == {p for p in again if p.parent.name == "c0"}
+
+
+def test_recorded_val_files_rebuild_the_run_split(tmp_path: Path, photo: Image.Image) -> None:
+    root = make_folder(tmp_path / "ds", photo, {"train": {"cat": 10, "dog": 10}})
+    first = load_splits(root, CFG, seed=1)
+    (tmp_path / "run").mkdir()
+    write_val_split(tmp_path / "run", first.val_drawn)
+    files = read_val_split(tmp_path / "run")
+    assert files == first.val_drawn["files"]
+    # images added since: a fresh draw could differ, the recorded list does not
+    make_folder(tmp_path / "extra", photo, {"train": {"cat": 5}})
+    for i, png in enumerate(sorted((tmp_path / "extra" / "train" / "cat").glob("*.png"))):
+        png.rename(root / "train" / "cat" / f"new{i}.png")
+    again = load_splits(root, CFG, seed=99, val_files=files)
+    assert [p for p, _ in again.val.samples] == [p for p, _ in first.val.samples]
+    assert len(again.train) == len(first.train) + 5
+    (root / "train" / files[0]).unlink()
+    with pytest.raises(DataError, match="no longer there") as err:
+        load_splits(root, CFG, val_files=files)
+    assert files[0].split("/")[-1] in err.value.message
+
+
+def test_a_val_split_cannot_be_drawn_from_single_images(tmp_path: Path, photo: Image.Image) -> None:
+    root = make_folder(tmp_path / "ds", photo, {"train": {"cat": 1, "dog": 1}})
+    with pytest.raises(DataError, match="too few training images to draw one") as err:
         load_splits(root, CFG)
-    assert str(root) in err.value.message
+    assert str(root) in err.value.message and "val/" in err.value.hint
 
 
 def test_class_without_training_images_is_refused(tmp_path: Path, photo: Image.Image) -> None:
@@ -173,12 +220,23 @@ def test_empty_split_is_refused(tmp_path: Path, photo: Image.Image) -> None:
     assert str(root / "test") in err.value.message
 
 
-def test_non_image_file_is_refused(tmp_path: Path, photo: Image.Image) -> None:
+def test_non_image_files_are_skipped_and_counted(tmp_path: Path, photo: Image.Image) -> None:
     root = make_folder(tmp_path / "ds", photo, BALANCED)
-    (root / "train" / "dog" / "notes.txt").write_text("not an image")
-    with pytest.raises(DataError, match="not an image file") as err:
+    strays = [root / "train" / "dog" / "notes.txt", root / "train" / "README", root / "val" / "cat" / ".DS_Store",
+              root / "test" / "Thumbs.db"]
+    for path in strays:
+        path.write_text("not an image")
+    splits = load_splits(root, CFG)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (6, 2, 3)
+    assert sorted(splits.skipped) == sorted(strays)
+
+
+def test_a_corrupt_file_with_an_image_extension_is_refused(tmp_path: Path, photo: Image.Image) -> None:
+    root = make_folder(tmp_path / "ds", photo, BALANCED)
+    (root / "train" / "dog" / "notes.jpg").write_text("text saved as .jpg")
+    with pytest.raises(DataError, match="is not a readable image") as err:
         load_splits(root, CFG)
-    assert "notes.txt" in err.value.message
+    assert "notes.jpg" in err.value.message
 
 
 def test_corrupt_image_is_refused_when_splits_are_built(tmp_path: Path, photo: Image.Image) -> None:
@@ -220,6 +278,42 @@ def test_imbalance_over_10x_warns(tmp_path: Path, photo: Image.Image, caplog: py
     with caplog.at_level(logging.WARNING, logger="peftx.data"):
         load_splits(root, CFG)
     assert len(caplog.records) == 1 and "imbalanced" in caplog.text and "cat" in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------------- eval split
+
+
+def test_eval_split_of_a_test_only_folder_matches_classes_by_name(tmp_path: Path, photo: Image.Image) -> None:
+    trained = ["ant", "cat", "dog"]
+    root = make_folder(tmp_path / "only", photo, {"test": {"dog": 2, "cat": 1}})
+    (root / "test" / "dog" / "notes.txt").write_text("skipped")
+    chosen = load_eval_split(root, CFG, "test", trained)
+    assert sorted(label for _, label in chosen.dataset.samples) == [1, 2, 2]  # the run's indices, not 0..1
+    assert len(chosen.skipped) == 1 and "2 of the run's 3 classes" in chosen.source
+    classes = tmp_path / "classes"  # a folder of class folders, no split level: ROOT/<class>/...
+    write_image(classes / "ant" / "1.png", photo, 7)
+    write_image(classes / "dog" / "1.png", photo, 8)
+    chosen = load_eval_split(classes, CFG, "test", trained)
+    assert sorted(label for _, label in chosen.dataset.samples) == [0, 2]
+    x, y = chosen.dataset[0]
+    assert x.shape == (3, 32, 32) and y == 0
+
+
+def test_eval_split_refuses_classes_the_run_was_not_trained_on(tmp_path: Path, photo: Image.Image) -> None:
+    root = make_folder(tmp_path / "only", photo, {"test": {"cat": 1, "emu": 1}})
+    with pytest.raises(DataError, match="is not a training class") as err:
+        load_eval_split(root, CFG, "test", ["cat", "dog"])
+    assert "emu" in err.value.message and "cat, dog" in err.value.hint
+    (tmp_path / "empty" / "cat").mkdir(parents=True)
+    with pytest.raises(DataError, match="holds no images"):
+        load_eval_split(tmp_path / "empty", CFG, "test", ["cat"])
+
+
+def test_eval_split_of_a_whole_tree_checks_the_class_list(tmp_path: Path, photo: Image.Image) -> None:
+    root = make_folder(tmp_path / "ds", photo, BALANCED)
+    assert len(load_eval_split(root, CFG, "test", ["cat", "dog"]).dataset) == 3
+    with pytest.raises(DataError, match="the adapter was trained on"):
+        load_eval_split(root, CFG, "test", ["cat", "dog", "emu"])
 
 
 # ----------------------------------------------------------------------------------------------------- VTAB-1k

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from peftx.adapter import adapt
 from peftx.adapter_io import save_adapter
 from peftx.deploy import merge_export, validate
-from peftx.errors import ExportError, OutputError, UsageError
+from peftx.errors import AdapterMismatchError, ExportError, OutputError, UsageError
 from peftx.exports.onnx_export import export_onnx, op_histogram, param_count
 from peftx.methods import METHOD_NAMES, make_config
 from peftx.tolerances import ONNX_FP32
@@ -72,6 +72,7 @@ def test_validate_and_tamper_and_no_overwrite(tmp_path):
     merge_export(run, batch=(1, 2, 4), tensorrt="off")
     bundle = run / "bundle"
     assert validate(bundle, tensorrt="off").passed
+    assert validate(run, tensorrt="off").passed  # the run directory merge-export took: its bundle/
     before = (bundle / "model.onnx").read_bytes()
     with pytest.raises(OutputError, match="already exists"):
         merge_export(run, batch=(1, 2, 4), tensorrt="off")
@@ -86,8 +87,27 @@ def test_adapter_changed_since_export_is_refused(tmp_path):
     run, _, _ = make_run(tmp_path, "lora", "vit")
     merge_export(run, batch=(1, 2, 4), tensorrt="off")
     make_run(tmp_path, "aoft", "vit")  # overwrites run/adapter.safetensors with another adapter
-    with pytest.raises(UsageError, match="changed since the bundle"):
+    with pytest.raises(AdapterMismatchError, match="changed since the bundle"):
         validate(run / "bundle", tensorrt="off")
+
+
+def test_validate_cli_takes_the_run_directory_and_bundle_table_fits(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from cli_render import assert_renders
+    from peftx.cli.app import app
+    from peftx.cli.commands.export_cmd import bundle_items
+    from peftx.cli.output import key_values
+
+    run, _, _ = make_run(tmp_path, "lora", "vit")
+    report = merge_export(run, batch=(1, 2, 4), tensorrt="off", simplify=False)
+    items = bundle_items(report)
+    assert items["status"] == "ok" and "model.onnx" in items["files"]
+    for width in (80, 100):
+        assert_renders(key_values("bundle", items), width, [v for k, v in items.items() if k != "files"])
+    res = CliRunner().invoke(app, ["validate", str(run), "--tensorrt", "off"])
+    assert res.exit_code == 0, res.stderr
+    assert f"bundle {run / 'bundle'} passed" in " ".join(res.stdout.split())
 
 
 def test_bad_batch_and_precision(tmp_path):

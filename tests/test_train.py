@@ -238,10 +238,67 @@ def test_training_on_digits_learns_and_writes_the_run_dir(tiny_weights: Path, tm
     assert estimate["seconds_per_step"] > 0 and estimate["eval_seconds"] > 0
     assert estimate["total_seconds"] == pytest.approx(estimate["seconds_per_step"] * 33 + estimate["eval_seconds"])
 
+    # Per class and the confusion matrix, of the selected epoch on test: consistent with the accuracy.
+    counts = summary["confusion_matrix"]["counts"]
+    assert summary["class_report_split"] == "test" and summary["confusion_matrix"]["labels"] == config["class_names"]
+    assert sum(map(sum, counts)) == 450 and sum(counts[i][i] for i in range(10)) / 450 == summary["test_accuracy"]
+    assert [r["n"] for r in summary["per_class"]] == [sum(row) for row in counts]
+    assert all(r["accuracy"] == r["correct"] / r["n"] for r in summary["per_class"])
+    assert len({r["accuracy"] for r in summary["per_class"]}) > 1  # real per-class numbers, not one copied figure
+    assert (run / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and written["confusion_png"]
+
     # The evaluator rebuilds the backbone from the adapter's spec and reproduces the test accuracy.
     again = evaluate(run, split="test")
     assert again["n"] == summary["test_images"] == 450
     assert again["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-9)
+    assert again["confusion_matrix"] == summary["confusion_matrix"] and again["per_class"] == summary["per_class"]
+
+
+def test_own_folder_without_val_and_with_stray_files(tiny_weights: Path, digit_folder: Path, tmp_path: Path) -> None:
+    """No val/ folder: a validation split is drawn from train/, recorded, and rebuilt by eval and by a resume;
+    stray files are skipped and counted; eval also runs on a folder that holds only test images."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(digit_folder / "train", data / "train")
+    shutil.copytree(digit_folder / "test", data / "test")
+    (data / "train" / "notes.txt").write_text("a stray file")
+    (data / "train" / "2" / ".DS_Store").write_bytes(b"\0")
+    run = tmp_path / "run"
+    rec = Recorder()
+    summary = train(tiny_config(tiny_weights, run, data=str(data), epochs=1), progress=rec)
+    (start,) = rec.of("start")
+    assert start["val_size"] == 4 * 2 and start["train_size"] == 4 * 10  # 20 % of 12 per class
+    assert start["val_drawn"] == {"from": "train", "seed": 7, "fraction": 0.2, "max_per_class": 100, "n": 8,
+                                  "file": "val_split.json"}
+    assert sorted(Path(p).name for p in start["skipped_files"]) == [".DS_Store", "notes.txt"]
+    recorded = json.loads((run / "val_split.json").read_text())
+    assert len(recorded["files"]) == 8 and recorded["seed"] == 7
+    assert summary["val_split"]["n"] == 8 and summary["skipped_files"] == 2
+    assert read_adapter(run)[0]["val_split"]["file"] == "val_split.json"
+
+    # eval rebuilds the same validation split from the record: the selected epoch's val accuracy, exactly
+    val = evaluate(run, split="val")
+    assert val["n"] == 8 and val["accuracy"] == summary["val_accuracy"]
+    # new images in train/ change a fresh draw, not the recorded one (eval and a resume both read the record)
+    for png in sorted((digit_folder / "val" / "0").glob("*.png")):
+        shutil.copy(png, data / "train" / "0" / f"new_{png.name}")
+    assert evaluate(run, split="val")["accuracy"] == summary["val_accuracy"]
+    rec = Recorder()
+    train(TrainConfig(resume=str(run), epochs=2, device="cpu"), progress=rec)
+    (start,) = rec.of("start")
+    assert start["val_size"] == 8 and start["train_size"] == 40 + 6
+    assert json.loads((run / "val_split.json").read_text())["files"] == recorded["files"]
+
+    # a folder with only test images, classes matched by name (a subset of the run's)
+    only = tmp_path / "only"
+    for cls in ("1", "3"):
+        shutil.copytree(digit_folder / "test" / cls, only / "test" / cls)
+    res = evaluate(run, data=str(only), split="test")
+    assert res["n"] == 12 and [r["n"] for r in res["per_class"]] == [0, 6, 0, 6]
+    assert res["per_class"][0]["accuracy"] is None  # a class with no images is not measured
+    res = evaluate(run, data=str(only / "test"), split="test", confusion_png=tmp_path / "cm.png")
+    assert res["n"] == 12 and (tmp_path / "cm.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_png_folder_run_with_a_rich_bar_and_existing_output_is_refused(tiny_weights: Path, digit_folder: Path,

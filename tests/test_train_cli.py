@@ -63,3 +63,38 @@ def test_cli_long_run_estimate_says_how_to_shorten_it() -> None:
                         "2 min of evaluation)")
     assert fields["total_seconds"] > LONG_RUN_S and "--epochs N and --img-size PX shorten it" in lines[1]
     assert len(estimate_lines(dict(fields, total_seconds=60.0))) == 1
+
+
+@pytest.mark.parametrize("width", [80, 100])
+def test_own_folder_without_val_the_output_says_what_it_did_and_fits(inputs, tmp_path, monkeypatch, width) -> None:
+    """No val/: the drawn split and the skipped stray file are said before the first step; the summary, per-class
+    and confusion tables fit the terminal, with no raw floats."""
+    import shutil
+
+    from cli_render import assert_fits
+
+    from peftx.cli import output
+
+    weights, digits = inputs
+    data = tmp_path / "data"
+    shutil.copytree(digits / "train", data / "train")
+    shutil.copytree(digits / "test", data / "test")
+    (data / "train" / "3" / "notes.txt").write_text("stray")
+    monkeypatch.setattr(output.console, "width", width)
+    res = CliRunner().invoke(app, _train(weights, data, tmp_path / "run", "--epochs", "1"))
+    assert res.exit_code == 0, res.stderr
+    assert "validation: 5 images drawn from train/ (no val/ folder): 20% of each class, at most 100, seed 42" \
+        in res.stderr
+    assert "skipped 1 non-image file in the dataset (notes.txt)" in res.stderr
+    out = res.stdout
+    for heading in ("training run", "selected epoch", "test accuracy", "per class (test)", "confusion (test)",
+                    "true \\ predicted"):
+        assert heading in out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert_fits(out, width, [summary["run_dir"], *(r["class"] for r in summary["per_class"])])
+    assert f"{100 * summary['test_accuracy']:.2f} %" in out
+
+    ev = CliRunner().invoke(app, ["eval", str(tmp_path / "run"), "--split", "val"])
+    assert ev.exit_code == 0, ev.stderr
+    assert f"{100 * summary['val_accuracy']:.2f} % of 5 images" in ev.stdout
+    assert_fits(ev.stdout, width)

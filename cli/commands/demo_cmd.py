@@ -15,7 +15,7 @@ from .train_cmd import _run_with_progress
 
 @handle_errors
 def demo(
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory [default: runs/<method>-demo-<time>].", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory.", show_default="runs/<method>-demo-<time>")] = None,
     method: Method = "rlrr",
     json_out: Json = False,
 ) -> None:
@@ -28,18 +28,23 @@ def demo(
     if json_out:
         print_json(result)
         return
-    console.print(key_values("peftx demo: results", {
+    console.print(key_values("peftx demo: results", demo_items(result)))
+
+
+def demo_items(result: dict) -> dict[str, str]:
+    """The demo's results, for people (the JSON has every digit)."""
+    return {
         "test accuracy": f"{100 * result['test_accuracy']:.2f} % (epoch {result['best_epoch']}, chosen on validation)",
         "training time": f"{result['train_seconds']:.0f} s",
-        "trainable params": result["trainable_params"],
+        "trainable params": f"{result['trainable_params']:,}",
         "ONNX vs unmerged": f"max |Δ| {result['onnx_fp32_max_abs_err']:.1e}, "
                             f"top-1 agreement {100 * result['onnx_fp32_top1_agreement']:.0f} %",
         "bundle accuracy": (f"{100 * result['bundle_test_accuracy']:.2f} % (model.onnx on the "
                             f"{result['bundle_accuracy_images']} test images through infer.py's preprocessing)"
                             if result.get("bundle_test_accuracy") is not None else "not measured"),
         "bundle status": result["bundle_status"],
-        "run directory": result["run_dir"],
+        "run directory": str(result["run_dir"]),
         "bundle": f"{result['bundle']}  ({', '.join(result['files'])})",
         "tensorrt": result["tensorrt"],
         "try it": f"python {result['bundle']}/infer.py IMAGE",
-    }))
+    }

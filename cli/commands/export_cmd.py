@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import handle_errors
-from ..options import Force, ImgSize, Json, Target, Weights
+from ..options import Force, ImgSize, Json, Overwrite, Target, Weights
 from ..output import console, err_console, key_values, print_json
 
 
@@ -19,26 +19,27 @@ def _progress(json_out: bool):
 @handle_errors
 def merge_export(
     source: Annotated[Path, typer.Argument(help="Run directory (from `peftx train`), an adapter .safetensors file, or a peft adapter directory.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Bundle directory [default: SOURCE/bundle].", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Bundle directory.", show_default="SOURCE/bundle")] = None,
     batch: Annotated[str, typer.Option("--batch", help="Dynamic batch profile MIN:OPT:MAX.")] = "1:8:32",
     precision: Annotated[str, typer.Option("--precision", help="fp32 or fp16 (the TensorRT engine; the FP16 ONNX is always checked).")] = "fp32",
     tensorrt: Annotated[str, typer.Option("--tensorrt", help="auto: build an engine when TensorRT and a GPU exist; on: require it; off: skip (and tolerate readiness problems).")] = "auto",
-    model: Annotated[Optional[str], typer.Option("--model", help="Backbone name: the timm model of a peft adapter, or an override of a peftx adapter's spec.", show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Backbone name: the timm model of a peft adapter, or of an adapter file that records none (peftx runs record theirs).", show_default="the one the adapter records")] = None,
     weights: Weights = None,
     img_size: ImgSize = None,
-    images: Annotated[Optional[Path], typer.Option("--images", help="Real images for the parity check; labelled as DIR/<class>/... (or DIR/test/<class>/...), they are also the accuracy check's [default: the run's validation images; accuracy on its test split].", show_default=False)] = None,
+    images: Annotated[Optional[Path], typer.Option("--images", help="Real images for the parity check; labelled as DIR/<class>/... (or DIR/test/<class>/...), they are also the accuracy check's.", show_default="the run's validation images; accuracy on its test split")] = None,
     accuracy_images: Annotated[str, typer.Option("--accuracy-images", help="Labelled images the accuracy check measures (a seeded subset of a larger split), 'all', or 0 to skip.")] = "500",
     no_simplify: Annotated[bool, typer.Option("--no-simplify", help="Skip the onnxslim pass.")] = False,
     target: Target = None,
     force: Force = False,
+    overwrite: Overwrite = False,
     json_out: Json = False,
 ) -> None:
     """Merge an adapter into its backbone, export ONNX (+ TensorRT), and validate every artifact against the unmerged model."""
     from peftx.deploy import merge_export as run, parse_batch, parse_count
 
     report = run(source, output=output, batch=parse_batch(batch), precision=precision, tensorrt=tensorrt,
-                 force=force, simplify=not no_simplify, model_name=model, weights=weights, img_size=img_size,
-                 images_dir=images, progress=_progress(json_out), target=target,
+                 force=force or overwrite, simplify=not no_simplify, model_name=model, weights=weights,
+                 img_size=img_size, images_dir=images, progress=_progress(json_out), target=target,
                  accuracy_limit=parse_count(accuracy_images))
     if json_out:
         print_json(report.to_json())
@@ -46,28 +47,34 @@ def merge_export(
     console.print(report.parity.table())
     if report.parity.accuracy is not None:
         console.print(report.parity.accuracy.table())
+    console.print(key_values("bundle", bundle_items(report)))
+
+
+def bundle_items(report) -> dict[str, str]:
+    """What merge-export wrote, for people: directory, status, target readiness, files, TensorRT, step times."""
     files = sorted(p.name for p in report.out_dir.iterdir())
     target_line = (f"{report.target.requested or report.target.name} (TensorRT >= {report.target.tensorrt_min}): "
                    + ("TensorRT-ready" if report.readiness.ok else "NOT TensorRT-ready, see trt_readiness.json"))
-    console.print(key_values("bundle", {"directory": report.out_dir, "status": report.status, "target": target_line,
-                                        "files": ", ".join(files), "tensorrt": report.tensorrt.get("message", ""),
-                                        **{f"{k} (s)": f"{v:.1f}" for k, v in report.timings.items()}}))
+    return {"directory": str(report.out_dir), "status": report.status, "target": target_line,
+            "files": ", ".join(files), "tensorrt": report.tensorrt.get("message", ""),
+            "seconds": ", ".join(f"{k} {v:.1f}" for k, v in report.timings.items())}
 
 
 @handle_errors
 def validate(
-    bundle: Annotated[Path, typer.Argument(help="A bundle directory written by `peftx merge-export`.")],
-    images: Annotated[Optional[Path], typer.Option("--images", help="Real images to check on; labelled as DIR/<class>/..., also the accuracy check's [default: the run's data].", show_default=False)] = None,
+    bundle: Annotated[Path, typer.Argument(help="A bundle directory written by `peftx merge-export`, or the run directory whose bundle/ it is.")],
+    images: Annotated[Optional[Path], typer.Option("--images", help="Real images to check on; labelled as DIR/<class>/..., also the accuracy check's.", show_default="the run's data")] = None,
     accuracy_images: Annotated[str, typer.Option("--accuracy-images", help="Labelled images the accuracy check measures, 'all', or 0 to skip.")] = "500",
-    adapter: Annotated[Optional[Path], typer.Option("--adapter", help="The run directory / adapter file, if it moved.", show_default=False)] = None,
+    adapter: Annotated[Optional[Path], typer.Option("--adapter", help="The run directory / adapter file, if it moved.", show_default="the one metadata.json records")] = None,
     weights: Weights = None,
     tensorrt: Annotated[str, typer.Option("--tensorrt", help="auto, on or off (check model.engine).")] = "auto",
-    target: Annotated[Optional[str], typer.Option("--target", "-t", help="Check readiness for this deployment target (see `peftx targets`) [default: the bundle's own].", show_default=False)] = None,
+    target: Annotated[Optional[str], typer.Option("--target", "-t", help="Check readiness for this deployment target (see `peftx targets`).", show_default="the bundle's own")] = None,
     json_out: Json = False,
 ) -> None:
     """Re-check an existing bundle: artifact hashes, TensorRT readiness for its target, the engine's manifest, then parity and accuracy of every artifact against the unmerged model."""
-    from peftx.deploy import parse_count, validate as run
+    from peftx.deploy import bundle_dir, parse_count, validate as run
 
+    bundle = bundle_dir(bundle)  # a run directory: its bundle/
     report = run(bundle, images_dir=images, adapter=adapter, weights=weights, tensorrt=tensorrt,
                  progress=_progress(json_out), target=target, accuracy_limit=parse_count(accuracy_images))
     if json_out:
@@ -76,4 +83,4 @@ def validate(
     console.print(report.table())
     if report.accuracy is not None:
         console.print(report.accuracy.table())
-    console.print(f"[green]bundle {bundle} passed[/]")
+    console.print(f"bundle {bundle} passed", style="green", markup=False)

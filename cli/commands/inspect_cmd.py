@@ -16,7 +16,7 @@ def inspect(
     model: Annotated[str, typer.Argument(help="timm model name, e.g. vit_base_patch16_224 or swin_tiny_patch4_window7_224.")],
     method: Method = "rlrr",
     num_classes: Annotated[int, typer.Option("--num-classes", "-c", min=1, help="Classes of the new head.")] = 10,
-    img_size: Annotated[Optional[int], typer.Option("--img-size", help="Input size (default: the model's).")] = None,
+    img_size: Annotated[Optional[int], typer.Option("--img-size", help="Input size.", show_default="the model's")] = None,
     rank: Rank = None,
     alpha: Alpha = None,
     targets: Targets = None,
@@ -36,7 +36,7 @@ def inspect(
         return
     layers = info["adapted_layers"]
     console.print(table(f"{len(layers)} adapted layers", ["layer", "kind", "params"],
-                        ([r["name"], r["kind"], f"{r['params']:,}"] for r in layers)))
+                        ([r["name"], r["kind"], f"{r['params']:,}"] for r in layers), right=(2,)))
     console.print(key_values(f"{model} + {method}", {
         "trainable_params": info["trainable_params"], "  adapter": info["adapter_params"],
         "  head": info["head_params"], "total_params": info["total_params"],

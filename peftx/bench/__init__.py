@@ -38,8 +38,8 @@ into (title, columns, rows) triples for any renderer.
 from __future__ import annotations
 
 from .config import (DEFAULT_SUITES, EXPORT_SECONDS_MAX, MERGED_OVER_PLAIN_MAX, METHODS, MODELS, NUM_CLASSES,
-                     ORT_PEAK_FRACTION_MIN, SUITES, TRAIN_BASELINES, TRAIN_CLASSES, TRAIN_METHODS, BenchConfig,
-                     ModelSpec, Progress, parse_list)
+                     ORT_PEAK_FRACTION_MIN, SUITES, TRAIN_BASELINES, TRAIN_CLASSES, TRAIN_METHODS, VERDICT_MIN_ROUNDS,
+                     BenchConfig, ModelSpec, Progress, parse_list)
 from .driver import evaluate_targets, finalize, run_benchmarks, write_results
 from .flops import count_flops, count_step_flops
 from .machine import device_sync, environment, physical_cores, torch_threads
@@ -53,7 +53,8 @@ from .timing import (ContentionGuard, Timing, contention_probe, interleaved_timi
                      paired_ratio, timed_rounds)
 
 __all__ = ["DEFAULT_SUITES", "EXPORT_SECONDS_MAX", "MERGED_OVER_PLAIN_MAX", "METHODS", "MODELS", "NUM_CLASSES",
-           "ORT_PEAK_FRACTION_MIN", "SUITES", "TRAIN_BASELINES", "TRAIN_CLASSES", "TRAIN_METHODS", "BenchConfig",
+           "ORT_PEAK_FRACTION_MIN", "SUITES", "TRAIN_BASELINES", "TRAIN_CLASSES", "TRAIN_METHODS", "VERDICT_MIN_ROUNDS",
+           "BenchConfig",
            "ModelSpec", "Progress", "parse_list", "evaluate_targets", "finalize", "run_benchmarks", "write_results",
            "count_flops", "count_step_flops", "device_sync", "environment", "physical_cores", "torch_threads",
            "model_dims", "optimize_for_ort", "ort_providers", "ort_session_options", "matmul_peak", "ort_matmul_peak",

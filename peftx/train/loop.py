@@ -120,7 +120,7 @@ def _spec(cfg: TrainConfig) -> dict[str, Any]:
 
 def _build(cfg: TrainConfig, ckpt: Checkpoint | None) -> _Setup:
     from ..backbones import create_backbone, data_config
-    from ..data import load_splits
+    from ..data import load_splits, read_val_split
     from ..preprocess import TRAINING as PREPROCESSING_DEFAULT, contract
 
     device = resolve_device(cfg.device)
@@ -139,7 +139,9 @@ def _build(cfg: TrainConfig, ckpt: Checkpoint | None) -> _Setup:
         # The run's preprocessing contract, recorded in the adapter file: peftx's training default (whole image
         # squashed to the input size), then whatever the run asked for (crop_mode / crop_pct / mean / ...).
         data_cfg = contract(data_config(_meta_backbone(cfg), {**PREPROCESSING_DEFAULT, **(cfg.data_overrides or {})}))
-        splits = load_splits(cfg.data, data_cfg, hflip=bool(cfg.hflip), seed=cfg.seed)
+        # a resumed run keeps the validation split it drew (its val_split.json), even if files were added since
+        val_files = read_val_split(run_dir) if cfg.resume is not None else None
+        splits = load_splits(cfg.data, data_cfg, hflip=bool(cfg.hflip), seed=cfg.seed, val_files=val_files)
         torch.manual_seed(cfg.seed)  # identical init on every rank, and rebuildable for pretrained=False
         model = create_backbone(cfg.model, num_classes=len(splits.class_names), weights=cfg.weights,
                                 pretrained=cfg.pretrained, img_size=cfg.img_size, **cfg.model_kwargs)
@@ -173,6 +175,16 @@ def _peak_memory(device: torch.device) -> tuple[float, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_max_rss"
+
+
+def _drawn_summary(drawn: dict[str, Any] | None) -> dict[str, Any] | None:
+    """How a validation split was drawn from train/ (the file list itself is in val_split.json)."""
+    if drawn is None:
+        return None
+    from ..data import VAL_SPLIT_FILE
+
+    return {"from": drawn["from"], "seed": drawn["seed"], "fraction": drawn["fraction"],
+            "max_per_class": drawn["max_per_class"], "n": len(drawn["files"]), "file": VAL_SPLIT_FILE}
 
 
 def _amp_name(dtype: torch.dtype | None) -> str:
@@ -267,7 +279,9 @@ class Trainer:
                   world_size=self.info.world_size, train_size=len(sp.train), val_size=len(sp.val),
                   test_size=len(sp.test) if sp.test is not None else 0, trainable_params=trainable,
                   total_params=total, resumed=self.s.checkpoint is not None, config=self.cfg.to_dict(),
-                  notes=list(self.notes), extended_from=self.extended_from, preprocessing=dict(self.s.data_cfg))
+                  notes=list(self.notes), extended_from=self.extended_from, preprocessing=dict(self.s.data_cfg),
+                  source=sp.source, skipped_files=[str(p) for p in sp.skipped], val_drawn=_drawn_summary(sp.val_drawn))
+
         self.val_loader = self._eval_loader(sp.val)
         flag = StopFlag()
         with stop_on_signals(flag):
@@ -410,11 +424,22 @@ class Trainer:
         extra = {"class_names": list(sp.class_names), "data_config": jsonable(self.s.data_cfg),
                  "data": self.cfg.data, "data_source": sp.source, "seed": self.cfg.seed, "task": self.cfg.task,
                  "best_epoch": st.best_epoch, "val_accuracy": st.best_val_accuracy, "val_loss": st.best_val_loss,
-                 "train_config": self.cfg.to_dict()}
+                 "train_config": self.cfg.to_dict(), "val_split": _drawn_summary(sp.val_drawn)}
+        self._record_val_split()
         with residual_dropout_removed(self.model):
             save_adapter(self.model, self.s.run_dir, extra=extra)
 
+    def _record_val_split(self) -> None:
+        """val_split.json, written with the run's first adapter or checkpoint (a run that fails before either
+        leaves no file behind), so that eval, merge-export and --resume rebuild the drawn split."""
+        drawn = self.s.splits.val_drawn
+        if drawn is not None:
+            from ..data import write_val_split
+
+            write_val_split(self.s.run_dir, drawn)
+
     def _save_checkpoint(self, reason: str) -> Path:
+        self._record_val_split()
         path = save_checkpoint(checkpoint_path(self.s.run_dir), params=_snapshot(self.model), optimizer=self.optimizer,
                                optimizer_names=self.opt_names, scaler=self.scaler, state=self.state,
                                config=self.cfg.to_dict())
@@ -435,6 +460,22 @@ class Trainer:
                                   f"continue with: peftx train --resume {self.s.run_dir}")
 
     # -- end ----------------------------------------------------------------------------------------------------
+    def _class_report(self, measured: dict[str, Any], split: str) -> dict[str, Any]:
+        """Per-class accuracy + confusion matrix (summary.json) and confusion.png, of the selected epoch."""
+        from ..metrics import class_report
+        from ..plotting import plot_confusion
+        from .rundir import CONFUSION_FILE
+
+        names = list(self.s.splits.class_names)
+        report = {"class_report_split": split, **class_report(measured["confusion"], names)}
+        if self.info.is_main:
+            title = (f"{self.cfg.method} on {self.cfg.model}, {split} at epoch {self.state.best_epoch}: "
+                     f"{100 * measured['accuracy']:.1f} % of {measured['n']:,}")
+            path = plot_confusion(report["confusion_matrix"]["counts"], names, self.s.run_dir / CONFUSION_FILE,
+                                  title=title)
+            report["confusion_png"] = str(path)
+        return report
+
     def _finish(self, trainable: int, total: int) -> dict[str, Any]:
         st, sp = self.state, self.s.splits
         best = self.best_params
@@ -442,10 +483,16 @@ class Trainer:
             _, best = read_adapter(self.s.run_dir / ADAPTER_FILE)
         _load_params(self.model, best, str(self.s.run_dir / ADAPTER_FILE))
         test = {"accuracy": None, "loss": None, "n": 0}
-        if sp.test is not None and len(sp.test):
-            test = evaluate_model(self.model, self._eval_loader(sp.test), device=self.device,
-                                  amp_dtype=self.s.amp_dtype, channels_last=self.s.channels_last, info=self.info)
+        classes = len(sp.class_names)
+        has_test = sp.test is not None and len(sp.test) > 0
+        # per-class accuracy and the confusion matrix: on test at the selected epoch, else on validation
+        measured = evaluate_model(self.model, self._eval_loader(sp.test if has_test else sp.val), device=self.device,
+                                  amp_dtype=self.s.amp_dtype, channels_last=self.s.channels_last, info=self.info,
+                                  num_classes=classes)
+        if has_test:
+            test = measured
         self.emit("test", accuracy=test["accuracy"], loss=test["loss"], n=test["n"], best_epoch=st.best_epoch)
+        report = self._class_report(measured, "test" if has_test else "val")
         peak, peak_kind = _peak_memory(self.device)
         summary = {
             "best_epoch": st.best_epoch, "val_accuracy": st.best_val_accuracy, "val_loss": st.best_val_loss,
@@ -461,6 +508,7 @@ class Trainer:
             "world_size": self.info.world_size, "residual_dropout_rates": self.dropout_rates,
             "run_dir": str(self.s.run_dir), "adapter": str(self.s.run_dir / ADAPTER_FILE),
             "resumed": self.s.checkpoint is not None, "extensions": st.extensions, "notes": self.notes,
+            "val_split": _drawn_summary(sp.val_drawn), "skipped_files": len(sp.skipped), **report,
             "config": self.cfg.to_dict(),
         }
         if self.info.is_main:

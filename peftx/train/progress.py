@@ -13,10 +13,12 @@ from .distributed import DistInfo
 EVENTS: dict[str, tuple[str, ...]] = {
     # before the first step: the effective configuration (``config``: the resolved TrainConfig as a dict; ``notes``:
     # what was adjusted on its own, e.g. a warm-up scaled to a short run; ``extended_from``: the epochs of a run
-    # that --epochs extends, else None; ``preprocessing``: the run's preprocessing contract, peftx.preprocess)
+    # that --epochs extends, else None; ``preprocessing``: the run's preprocessing contract, peftx.preprocess;
+    # ``source``: the data, described; ``skipped_files``: non-image files left out of an ImageFolder; ``val_drawn``:
+    # how val was drawn from train/ when the folder has no val/, else None)
     "start": ("run_dir", "epochs", "start_epoch", "steps_per_epoch", "device", "amp", "world_size", "train_size",
               "val_size", "test_size", "trainable_params", "total_params", "resumed", "config", "notes",
-              "extended_from", "preprocessing"),
+              "extended_from", "preprocessing", "source", "skipped_files", "val_drawn"),
     "epoch_start": ("epoch", "epochs", "steps", "start_step"),
     "step": ("epoch", "step", "steps", "global_step", "loss", "lr"),
     # once, after the first few steps of this process: the time the rest of the run will take (steps x the measured

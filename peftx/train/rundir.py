@@ -5,6 +5,8 @@ run's.
     metrics.jsonl                              one line per epoch
     summary.json                               selection, test accuracy at the selected epoch, cost
     curves.png                                 loss / accuracy per epoch
+    confusion.png                              confusion matrix of the selected epoch (test, else val)
+    val_split.json                             the validation files drawn from train/ (ImageFolder without val/)
     checkpoint/last.safetensors                resumable state, rewritten atomically every epoch and on SIGINT/SIGTERM
 """
 
@@ -25,6 +27,7 @@ from .distributed import DistInfo
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CURVES_FILE = "curves.png"
+CONFUSION_FILE = "confusion.png"
 
 
 def default_output(cfg: TrainConfig) -> str:
@@ -33,8 +36,10 @@ def default_output(cfg: TrainConfig) -> str:
 
 
 def run_files(run_dir: Path) -> list[Path]:
-    return [run_dir / n for n in (ADAPTER_FILE, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, CURVES_FILE)] + \
-        [checkpoint_path(run_dir)]
+    from ..data import VAL_SPLIT_FILE
+
+    names = (ADAPTER_FILE, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, CURVES_FILE, CONFUSION_FILE, VAL_SPLIT_FILE)
+    return [run_dir / n for n in names] + [checkpoint_path(run_dir)]
 
 
 def prepare_run_dir(cfg: TrainConfig, info: DistInfo, *, create: bool) -> Path:
@@ -48,7 +53,8 @@ def prepare_run_dir(cfg: TrainConfig, info: DistInfo, *, create: bool) -> Path:
         old = [p for p in run_files(run_dir) if p.exists()] if cfg.resume is None else []
         if old and not cfg.overwrite:
             raise OutputError(f"{run_dir} already holds a training run",
-                              f"resume it with --resume {run_dir}, pass --overwrite, or choose another --output")
+                              f"resume it with --resume {run_dir}, pass --force to replace it, or choose another "
+                              "--output")
         if not create:
             return run_dir
         for path in old:

@@ -1,0 +1,42 @@
+"""The CLI's tables as a terminal of 80 and 100 columns shows them: nothing cut off with "…", no line wider than the
+terminal, no raw floats (the training / eval / bench / bundle tables are checked where those commands are tested:
+test_train_cli.py, test_bench.py, test_deploy.py)."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from cli_render import assert_fits
+from peftx.cli import output
+from peftx.cli.app import app
+
+
+@pytest.mark.parametrize("width", [80, 100])
+@pytest.mark.parametrize("argv", [["targets"], ["doctor"], ["inspect", "vit_tiny_patch16_224", "--img-size", "32"],
+                                  ["inspect", "swin_tiny_patch4_window7_224", "--method", "lora", "--img-size", "64"]],
+                         ids=["targets", "doctor", "inspect-vit", "inspect-swin"])
+def test_command_tables_fit(argv: list[str], width: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(output.console, "width", width)
+    res = CliRunner().invoke(app, argv)
+    assert res.exit_code == 0, res.stderr
+    assert_fits(res.stdout, width)
+
+
+def test_numbers_are_rounded_for_people() -> None:
+    from peftx.cli.output import duration, number, percent
+
+    assert number(22.28850870999986) == "22.29" and number(0.000123456) == "1.23e-04" and number(1234567) == "1,234,567"
+    assert number(None) == "—" and number(True) == "True" and number(3.0) == "3"
+    assert percent(0.97777) == "97.78 %" and percent(None) == "—"
+    assert duration(22.3) == "22 s" and duration(1117) == "19 min" and duration(7200) == "2.0 h"
+
+
+def test_markup_in_data_is_printed_as_written() -> None:
+    """A class or a path with [brackets] is data, not rich markup."""
+    from cli_render import render
+
+    text = render(output.table("per class (test)", ["class"], [["[cat]"], ["[bold]dog[/bold]"]]), 80)
+    assert "[cat]" in text and "[bold]dog[/bold]" in text
+    text = render(output.key_values("run [test]", {"path": "/data/[x]/y"}), 80)
+    assert "run [test]" in text and "/data/[x]/y" in text

@@ -1,0 +1,164 @@
+"""Packaging: the package list covers every directory that holds code or data, a real (non-editable) build is quiet
+and installs a working `peftx`, and scripts/setup-venv.sh reinstalls the project only when it has to."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tomllib
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+SETUPTOOLS = PYPROJECT["tool"]["setuptools"]
+SOURCE_DIRS = ("peftx", "cli", "exports")  # what package-dir maps
+
+
+def _package_of(directory: Path) -> str:
+    """The installed package name of a source directory, through the package-dir mapping."""
+    rel = directory.relative_to(REPO).as_posix()
+    best = max((src for src in SETUPTOOLS["package-dir"].values() if rel == src or rel.startswith(src + "/")),
+               key=len)
+    pkg = next(name for name, src in SETUPTOOLS["package-dir"].items() if src == best)
+    rest = rel[len(best):].strip("/")
+    return pkg + ("." + rest.replace("/", ".") if rest else "")
+
+
+def _source_files() -> dict[Path, list[Path]]:
+    """Every source directory -> its files (no caches)."""
+    out: dict[Path, list[Path]] = {}
+    for top in SOURCE_DIRS:
+        for dirpath, dirnames, filenames in os.walk(REPO / top):
+            dirnames[:] = [d for d in dirnames if d != "__pycache__" and not d.startswith(".")]
+            files = [Path(dirpath) / f for f in filenames if not f.endswith((".pyc", ".pyo"))]
+            out[Path(dirpath)] = files
+    return out
+
+
+def test_package_list_covers_every_directory_with_code_or_data() -> None:
+    packages = set(SETUPTOOLS["packages"])
+    data = SETUPTOOLS.get("package-data", {})
+    missing, unshipped = [], []
+    for directory, files in _source_files().items():
+        if not files:
+            continue
+        pkg = _package_of(directory)
+        if pkg not in packages:
+            missing.append(f"{directory.relative_to(REPO)} ({pkg})")
+            continue
+        for f in files:
+            if f.suffix != ".py" and not any(fnmatch.fnmatch(f.name, pat) for pat in data.get(pkg, [])):
+                unshipped.append(str(f.relative_to(REPO)))
+    assert not missing, f"directories with files that pyproject's packages does not list: {missing}"
+    assert not unshipped, f"data files no package-data pattern ships: {unshipped}"
+    assert PYPROJECT["project"]["license"] == "MIT"  # an SPDX string, not the deprecated table
+
+
+def _copy_source(dst: Path) -> Path:
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, dst / name)
+    for top in SOURCE_DIRS:
+        shutil.copytree(REPO / top, dst / top, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return dst
+
+
+def test_non_editable_install_is_quiet_and_works(tmp_path: Path) -> None:
+    """Build a wheel from a copy of the sources (no setuptools warnings), install it into a scratch venv that sees
+    this environment's dependencies but not its editable peftx, and run the console script from there."""
+    src = tmp_path / "src"
+    src.mkdir()
+    _copy_source(src)
+    wheel_dir = tmp_path / "wheel"
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v",
+                            "-w", str(wheel_dir), str(src)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    log = build.stdout + build.stderr
+    noisy = [line for line in log.splitlines() if "Warning" in line or "deprecated" in line.lower()
+             or "absent from" in line]
+    assert not noisy, "the build warns:\n" + "\n".join(noisy)
+    (wheel,) = wheel_dir.glob("peftx-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = {"peftx/" + _package_of(d).removeprefix("peftx").strip(".").replace(".", "/") + "/" + f.name
+                for d, files in _source_files().items() for f in files}
+    expected = {n.replace("peftx//", "peftx/") for n in expected}
+    assert expected <= names, f"the wheel lacks {sorted(expected - names)[:10]}"
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    site = Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
+    # The dependencies (torch, timm, ...) from this environment, by path: a .pth entry adds the directory but runs
+    # none of the .pth files inside it, so this environment's editable peftx stays out of sight.
+    (site / "deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    install = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
+                              "-q", "--no-deps", str(wheel)], capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stderr[-3000:]
+    check = subprocess.run([str(venv / "bin" / "python"), "-c",
+                            "import peftx, peftx.train, peftx.bench, peftx.bench.suites, peftx.exports, peftx.cli;"
+                            "import peftx.exports.targets as t; print(len(t.all_targets())); print(peftx.__file__)"],
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert check.returncode == 0, check.stderr[-3000:]
+    assert check.stdout.splitlines()[-1].startswith(str(site)), check.stdout  # the installed copy, not the repo
+    assert int(check.stdout.splitlines()[0]) >= 4  # the op lists (package data) were found
+    cli = subprocess.run([str(venv / "bin" / "peftx"), "--help"], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    assert cli.returncode == 0 and "merge-export" in cli.stdout, cli.stderr[-3000:]
+    assert cli.stderr == ""
+
+
+# ---------------------------------------------------------------------------------------------------- setup-venv.sh
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# Stand-in for the venv's python: records how it was called; `pip install -e` creates bin/peftx as pip would.
+echo "$*" >> "$(dirname "$0")/../calls.log"
+case "$*" in *" -e "*) printf '#!/bin/sh\\n' > "$(dirname "$0")/peftx"; chmod +x "$(dirname "$0")/peftx";; esac
+"""
+
+
+def _clone(root: Path) -> Path:
+    (root / "scripts").mkdir(parents=True)
+    shutil.copy(REPO / "scripts" / "setup-venv.sh", root / "scripts" / "setup-venv.sh")
+    shutil.copy(REPO / "pyproject.toml", root / "pyproject.toml")
+    shutil.copy(REPO / "requirements.lock", root / "requirements.lock")
+    return root
+
+
+def _setup(clone: Path, venv: Path) -> tuple[str, list[str]]:
+    before = (venv / "calls.log").read_text().splitlines() if (venv / "calls.log").exists() else []
+    proc = subprocess.run(["bash", str(clone / "scripts" / "setup-venv.sh")], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PEFTX_VENV": str(venv)})
+    assert proc.returncode == 0, proc.stderr
+    after = (venv / "calls.log").read_text().splitlines() if (venv / "calls.log").exists() else []
+    return proc.stdout.strip().splitlines()[-1], after[len(before):]
+
+
+def test_setup_venv_reinstalls_the_project_only_when_needed(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text(FAKE_PYTHON)
+    (venv / "bin" / "python").chmod(0o755)
+    (venv / ".complete").touch()  # the dependencies are installed: only the project's own install is at stake
+    a, b = _clone(tmp_path / "a"), _clone(tmp_path / "b")
+
+    printed, calls = _setup(a, venv)
+    assert printed == str(venv)
+    assert len(calls) == 1 and "-e " + str(a) in calls[0] and "--no-deps" in calls[0]
+    assert _setup(a, venv)[1] == []  # nothing changed: no reinstall, nothing printed by pip
+    (a / "pyproject.toml").write_text((a / "pyproject.toml").read_text() + "\n# changed\n")
+    assert ["-e " + str(a) in c for c in _setup(a, venv)[1]] == [True]
+    assert ["-e " + str(b) in c for c in _setup(b, venv)[1]] == [True]  # another clone: re-pointed at it
+    assert ["-e " + str(a) in c for c in _setup(a, venv)[1]] == [True]  # and back
+    (venv / "bin" / "peftx").unlink()  # an install that went missing is redone
+    assert len(_setup(a, venv)[1]) == 1
+    assert _setup(a, venv)[1] == []
+
+
+def test_setup_venv_key_follows_the_lock_not_pyproject() -> None:
+    """A pyproject change reinstalls the project into the same venv (above); only the lock (and the script, which
+    names what is installed) select another venv."""
+    (line,) = [x for x in (REPO / "scripts" / "setup-venv.sh").read_text().splitlines() if x.startswith("key=")]
+    assert "requirements.lock" in line and "setup-venv.sh" in line and "pyproject.toml" not in line
