@@ -45,6 +45,8 @@ def test_every_option_that_takes_a_value_shows_its_default(command: str) -> None
             continue
         if param.is_flag and not param.secondary_opts:  # a plain switch (--json, --force): off unless given
             continue
+        if param.required:  # no default to show: the help says [required]
+            continue
         record = param.get_help_record(ctx)
         if record is None or "[default:" not in record[1]:
             missing.append("/".join(param.opts))
