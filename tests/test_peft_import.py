@@ -177,7 +177,7 @@ def test_validate_refuses_a_changed_peft_config_or_other_base_weights(cli_peft, 
         validate(bundle, tensorrt="off", weights=other)
     config = json.loads((local / PEFT_CONFIG_FILE).read_text())
     (local / PEFT_CONFIG_FILE).write_text(json.dumps({**config, "lora_alpha": 32}))
-    with pytest.raises(UsageError, match="changed since the bundle was made"):
+    with pytest.raises(AdapterMismatchError, match="changed since the bundle was made"):
         validate(bundle, tensorrt="off")
 
 
@@ -451,7 +451,7 @@ def test_plain_checkpoint_default_output_and_checks(checkpoint, tmp_path):
     assert report.out_dir == tmp_path / "ft-bundle" and report.status == "ok"
     local.write_bytes(save_weights(perturbed(copy.deepcopy(model), 4), tmp_path / "x.safetensors",
                                    headless=False).read_bytes())
-    with pytest.raises(UsageError, match="changed since the bundle was made"):
+    with pytest.raises(AdapterMismatchError, match="changed since the bundle was made"):
         validate(report.out_dir, tensorrt="off")
     with pytest.raises(UsageError, match="--num-classes 7, but the head"):
         export_checkpoint(CLI_MODEL, weights=st, num_classes=7, img_size=CLI_IMG, output=tmp_path / "b2")
