@@ -340,8 +340,8 @@ class PeftSource:
         pd = read_peft_dir(self.path)
         check_supported(pd.config, pd.path / PEFT_CONFIG_FILE)
         if self.expected_config is not None and dict(self.expected_config) != pd.config:
-            raise UsageError(f"{pd.path / PEFT_CONFIG_FILE} changed since the bundle was made",
-                             "pass --adapter with the adapter the bundle was made from, or re-export")
+            raise AdapterMismatchError(f"{pd.path / PEFT_CONFIG_FILE} changed since the bundle was made",
+                                       "pass --adapter with the adapter the bundle was made from, or re-export")
         peft = import_peft()
         name = _resolve_name(pd, self.model_name)
         spec = self._spec(pd, name)
