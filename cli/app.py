@@ -11,7 +11,7 @@ try:  # typer >= 0.22 vendors click; its exception classes live here (there is n
 except ImportError:  # older typer on top of click
     from click import exceptions as click_errors
 
-from .commands import bench_cmd, demo_cmd, export_cmd, inspect_cmd, train_cmd
+from .commands import bench_cmd, demo_cmd, export_cmd, gpucheck_cmd, inspect_cmd, train_cmd
 
 app = typer.Typer(
     name="peftx",
@@ -35,6 +35,7 @@ app.command("inspect")(inspect_cmd.inspect)
 app.command("merge-export")(export_cmd.merge_export)
 app.command("validate")(export_cmd.validate)
 app.command("bench")(bench_cmd.bench)
+app.command("gpu-check")(gpucheck_cmd.gpu_check)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -106,7 +106,14 @@ MODELS: dict[str, ModelSpec] = {
                          img_size=224, train_img_size=112),
     "vit_b16": ModelSpec("vit_b16", "vit_base_patch16_224", "ViT-B/16 (random init)", train_img_size=112),
     "swin_t": ModelSpec("swin_t", "swin_tiny_patch4_window7_224", "Swin-T (random init)", ort_model_type="swin"),
+    # smoke runs only (the GPU check's CPU mode): milliseconds per step on 2 cores
+    "tiny": ModelSpec("tiny", "vit_tiny_patch16_224", "ViT-Ti/16 depth 2 (random init; smoke runs)", img_size=64,
+                      kwargs=(("depth", 2),)),
 }
+# --dtype: the precision the PyTorch variants run in (weights and inputs cast); the matmul peak is measured in it.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# --compile: the variants torch.compile also times (the merged method's unmerged form: the costliest to compile).
+COMPILED_VARIANTS = ("plain", "merged", "unmerged")
 
 
 # ----------------------------------------------------------------------------------------------------- config
@@ -128,6 +135,8 @@ class BenchConfig:
     onnxruntime: bool = True
     ort_fused: bool = True  # also time the onnxruntime.transformers.optimizer graph
     tensorrt: str = "auto"  # auto | off
+    dtype: str = "fp32"  # PyTorch inference precision: fp32 | bf16 | fp16 (ONNX Runtime / TensorRT stay FP32)
+    compile: str = "off"  # off, or a torch.compile backend (inductor; eager = dynamo tracing only) for "compiled"
     # inference timing: rounds adapt to budget_s per (model, batch), within [min_rounds, max_rounds]
     warmup: int = 1
     min_rounds: int = 5
@@ -137,6 +146,8 @@ class BenchConfig:
     discard_contended: bool = True  # CPU: re-run rounds during which another process held a core
     # training
     train_batch: int = 32
+    train_img_size: int | None = None  # None: the model spec's training size
+    train_amp: str = "off"  # off | bf16 | fp16 (with a GradScaler), as peftx train --amp
     train_warmup: int = 1
     train_rounds: int = 4
     train_budget_s: float = 30.0
@@ -194,6 +205,16 @@ class BenchConfig:
             raise UsageError(f"tensorrt {self.tensorrt!r}", "choose auto or off")
         if self.threads is not None and self.threads < 1:
             raise UsageError(f"threads must be >= 1, got {self.threads}")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"dtype {self.dtype!r}", f"choose from {', '.join(DTYPES)}")
+        if self.train_amp not in ("off", "bf16", "fp16"):
+            raise UsageError(f"train amp {self.train_amp!r}", "choose off, bf16 or fp16")
+        if self.train_amp != "off":
+            from .evaluate import resolve_amp
+
+            resolve_amp(self.train_amp, resolve_device(self.device))  # fp16 autocast on CPU is refused here
+        if self.train_img_size is not None and self.train_img_size < 1:
+            raise UsageError(f"train image size must be >= 1, got {self.train_img_size}")
 
 
 def parse_list(text: str | Sequence[str] | None, *, kind: type = str) -> tuple:
@@ -502,7 +523,7 @@ def ort_matmul_peak(n: int = MATMUL_N, *, reps: int = 10, warmup: int = 3, threa
          helper.make_tensor_value_info("B", TensorProto.FLOAT, [n, n])],
         [helper.make_tensor_value_info("C", TensorProto.FLOAT, [n, n])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = min(model.ir_version, onnx.IR_VERSION)
+    model.ir_version = 8  # opset 17's IR: onnx 1.23 writes 14 by default, ONNX Runtime 1.30 reads at most 13
     session = ort.InferenceSession(model.SerializeToString(), ort_session_options(threads),
                                    providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
@@ -699,7 +720,7 @@ def bench_inference(spec: ModelSpec, cfg: BenchConfig, *, threads: int, device: 
     merged_method = cfg.methods[0]
     merged = merge_and_unload(unmerged[merged_method]).eval()
     out: dict[str, Any] = {"model": spec.key, "label": spec.label, "timm_name": spec.name,
-                           "input_size": list(input_size),
+                           "input_size": list(input_size), "dtype": cfg.dtype,
                            "gflop_per_image": flops / 1e9, "merged_method": merged_method, "rows": [], "ratios": [],
                            "parity": {}, "notes": []}
     images = real_images(cfg.parity_images, dcfg).numpy()
@@ -722,14 +743,24 @@ def bench_inference(spec: ModelSpec, cfg: BenchConfig, *, threads: int, device: 
     engines = _tensorrt_runners(cfg, work_dir, spec, max(cfg.batches), inputs,
                                 {"plain": ref_plain, "merged": ref_unmerged}, out, say)
 
+    dtype = DTYPES[cfg.dtype]
+    for m in modules.values():  # after the FP32 exports and parity: only the timed PyTorch variants change
+        m.to(dtype)
+        if device.type == "cuda":  # GPU users run timm's fused SDPA attention (peftx's evaluate does too)
+            from .evaluate import use_fused_attention
+
+            use_fused_attention(m)
+    out["attention"] = "fused SDPA" if device.type == "cuda" else "timm exportable (no SDPA), as exported"
     sync = _sync(device)
     gen = torch.Generator().manual_seed(cfg.seed)
     for batch in cfg.batches:
         x = torch.randn(batch, *input_size, generator=gen)
-        xd, xn = x.to(device), x.numpy()
+        xd, xn = x.to(device, dtype), x.numpy()
         fns: dict[str, Callable[[], Any]] = {}
         for variant, module in modules.items():
             fns[f"eager:{variant}"] = (lambda mod=module: mod(xd))
+        if cfg.compile != "off":
+            fns.update(_compiled_variants(modules, merged_method, xd, cfg.compile, out, batch, say))
         for key, runner in sessions.items():
             fns[key] = (lambda r=runner: r.infer(xn))
         for key, runner in engines.items():
@@ -743,7 +774,7 @@ def bench_inference(spec: ModelSpec, cfg: BenchConfig, *, threads: int, device: 
         out.setdefault("timing", {})[str(batch)] = timing.to_json()
         for key, ts in times.items():
             backend, _, variant = key.partition(":")
-            parity = out["parity"].get(key)
+            parity = out["parity"].get(f"{key}@b{batch}") or out["parity"].get(key)
             out["rows"].append({
                 "model": spec.key, "batch": batch, "backend": backend, "variant": variant,
                 "valid": parity["passed"] if parity else True, **latency_stats(ts, batch, flops),
@@ -752,6 +783,31 @@ def bench_inference(spec: ModelSpec, cfg: BenchConfig, *, threads: int, device: 
     for runner in engines.values():
         runner.__exit__(None, None, None)
     return out
+
+
+def _compiled_variants(modules: dict[str, nn.Module], merged_method: str, x: torch.Tensor, backend: str,
+                       out: dict, batch: int, say: Progress) -> dict[str, Callable[[], Any]]:
+    """torch.compile'd plain, merged and unmerged models (static shapes: one graph per batch size), compiled here
+    and checked against their eager outputs on ``x`` (COMPILED_VS_EAGER), so a timed graph is known to be right."""
+    from .tolerances import COMPILED_VS_EAGER
+
+    torch.compiler.reset()  # a fresh cache per batch size: no recompile limit is reached across variants
+    fns: dict[str, Callable[[], Any]] = {}
+    for variant in COMPILED_VARIANTS:
+        key = f"unmerged-{merged_method}" if variant == "unmerged" else variant
+        say(f"batch {batch}: torch.compile (backend {backend}) of the {key} model")
+        compiled = torch.compile(modules[key], backend=backend, dynamic=False)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            got, want = compiled(x).float(), modules[key](x).float()
+        out.setdefault("compile_s", {})[f"b{batch}:{key}"] = time.perf_counter() - t0
+        err = float((got - want).abs().max())
+        bound = COMPILED_VS_EAGER.bound(float(want.abs().max()))
+        out["parity"][f"compiled:{key}@b{batch}"] = {
+            "passed": bool(math.isfinite(err) and err <= bound), "tolerance": COMPILED_VS_EAGER.name, "max_abs": err,
+            "bound": bound, "reference": f"eager {key} ({x.dtype}, batch {batch})", "failures": []}
+        fns[f"compiled:{key}"] = (lambda c=compiled: c(x))
+    return fns
 
 
 def _ort_sessions(spec: ModelSpec, cfg: BenchConfig, plain: nn.Module, merged: nn.Module, input_size: tuple,
@@ -827,7 +883,7 @@ def _tensorrt_runners(cfg: BenchConfig, work_dir: Path, spec: ModelSpec, max_bat
 
 def _inference_ratios(model: str, batch: int, times: dict[str, list[float]], methods: Sequence[str]) -> list[dict]:
     rows = []
-    for backend in ("eager", "ort", "ort-fused", "trt"):
+    for backend in ("eager", "compiled", "ort", "ort-fused", "trt"):
         p, m = times.get(f"{backend}:plain"), times.get(f"{backend}:merged")
         if p and m:
             r = paired_ratio(m, p)
@@ -841,7 +897,7 @@ def _inference_ratios(model: str, batch: int, times: dict[str, list[float]], met
             rows.append({"model": model, "batch": batch, "ratio": f"unmerged-{method}/merged", "backend": "eager",
                          "value": paired_ratio(u, merged), "min_ratio": min_ratio(u, merged), "target": None,
                          "met": None})
-    for backend in ("ort", "ort-fused", "trt"):
+    for backend in ("compiled", "ort", "ort-fused", "trt"):
         b = times.get(f"{backend}:merged")
         if b and merged:
             rows.append({"model": model, "batch": batch, "ratio": f"{backend}/eager (merged)", "backend": backend,
@@ -862,26 +918,40 @@ class _TrainSetup:
     y: torch.Tensor
     trainable: int
     total: int
+    amp: torch.dtype | None = None  # autocast dtype, as peftx's trainer (fp16 with a GradScaler)
+    scaler: Any = None
+
+    def _loss(self) -> torch.Tensor:
+        from .evaluate import autocast
+
+        with autocast(self.x.device, self.amp):
+            logits = self.model(self.x)
+        return nn.functional.cross_entropy(logits.float(), self.y)
 
     def step(self) -> float:
         self.optimizer.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(self.model(self.x), self.y)
-        loss.backward()
-        self.optimizer.step()
+        loss = self._loss()
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         return float(loss.detach())
 
     def forward_backward(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(self.model(self.x), self.y).backward()
+        self._loss().backward()
 
 
 def train_setup(spec: ModelSpec, method: str, *, batch: int, device: torch.device, seed: int = 0,
-                fused_attention: bool = True) -> _TrainSetup:
+                fused_attention: bool = True, amp: str = "off") -> _TrainSetup:
     """The model, AdamW and a fixed batch for one training step of ``method`` ("full" = full fine-tuning, "frozen"
     = the backbone-only reference, see TRAIN_BASELINES).
 
     Mirrors peftx's trainer: timm's fused (SDPA) attention switched on for training, AdamW (lr 1e-4, weight decay
-    0.05 on matrices) over the trainable tensors only, FP32.
+    0.05 on matrices) over the trainable tensors only, FP32 or ``amp`` autocast (fp16 with a GradScaler).
     """
     from .adapter import adapt, count_parameters
     from .methods import make_config
@@ -916,7 +986,11 @@ def train_setup(spec: ModelSpec, method: str, *, batch: int, device: torch.devic
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, *size, generator=gen).to(device)
     y = torch.randint(0, TRAIN_CLASSES, (batch,), generator=gen).to(device)
-    return _TrainSetup(method, model, optimizer, x, y, trainable, total)
+    from .evaluate import resolve_amp
+
+    amp_dtype = resolve_amp(amp, device)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    return _TrainSetup(method, model, optimizer, x, y, trainable, total, amp_dtype, scaler)
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -952,6 +1026,7 @@ def delta_cost(model: nn.Module, *, reps: int = 5) -> dict[str, Any] | None:
         return outs
 
     outs = build()
+    sync = _sync(layers[0].base_layer.weight.device)  # CUDA kernels run asynchronously: time them, not their launch
     grads = [torch.randn_like(t) for t in outs if t.requires_grad]
     rlrr_grads = [torch.randn_like(m.base_layer.weight) for m in rlrr]
     params = [p for m in layers for p in m.adapter_parameters()]
@@ -959,14 +1034,17 @@ def delta_cost(model: nn.Module, *, reps: int = 5) -> dict[str, Any] | None:
     for _ in range(reps + 1):
         for p in params:
             p.grad = None
+        sync()
         t0 = time.perf_counter()
         outs = build()
+        sync()
         t1 = time.perf_counter()
         if grads:
             torch.autograd.backward([t for t in outs if t.requires_grad], grads)
         with torch.no_grad():
             for m, g in zip(rlrr, rlrr_grads):
                 rescale_vector_grads(g.clone(), m.base_layer.weight, m.s_row, m.s_col, m.col_groups)
+        sync()
         t2 = time.perf_counter()
         fwd.append(t1 - t0)
         total.append(t2 - t0)
@@ -995,13 +1073,13 @@ def _reset_peak_rss() -> bool:
 
 
 def memory_worker(spec: ModelSpec, method: str, batch: int, steps: int, threads: int, device: str,
-                  seed: int) -> dict[str, Any]:
+                  seed: int, amp: str = "off") -> dict[str, Any]:
     """Runs in a fresh process: peak memory (and an isolated step time) of ``steps`` training steps of ``method``."""
     import resource
 
     torch.set_num_threads(threads)
     dev = torch.device(device)
-    setup = train_setup(spec, method, batch=batch, device=dev, seed=seed)
+    setup = train_setup(spec, method, batch=batch, device=dev, seed=seed, amp=amp)
     out: dict[str, Any] = {"method": method}
     params = [p for p in setup.model.parameters() if p.requires_grad]
     out["param_bytes"] = sum(p.numel() * p.element_size() for p in setup.model.parameters())
@@ -1082,10 +1160,11 @@ def _memory_worker_main() -> None:
 
 def bench_profile(spec: ModelSpec, cfg: BenchConfig, *, device: torch.device, progress: Progress) -> dict[str, Any]:
     """torch.profiler over a few training steps of each method (same backbone and batch as the training suite)."""
+    spec = replace(spec, train_img_size=cfg.train_img_size or spec.train_img_size)
     out: dict[str, Any] = {"model": spec.key, "label": spec.label, "batch": cfg.train_batch, "profiles": {}}
     for m in cfg.train_methods:
         progress(f"{spec.key} profile: {m}")
-        setup = train_setup(spec, m, batch=cfg.train_batch, device=device, seed=cfg.seed)
+        setup = train_setup(spec, m, batch=cfg.train_batch, device=device, seed=cfg.seed, amp=cfg.train_amp)
         out["img_size"] = list(setup.x.shape[-2:])
         out["profiles"][m] = profile_step(setup.step, steps=cfg.profile_steps, cuda=device.type == "cuda")
         del setup
@@ -1097,12 +1176,16 @@ def bench_training(spec: ModelSpec, cfg: BenchConfig, *, threads: int, device: t
     """Full fine-tuning vs each adapter on one backbone and batch: step time, FLOPs, memory, optimizer state."""
     say = progress
     methods = list(cfg.train_methods)
+    spec = replace(spec, train_img_size=cfg.train_img_size or spec.train_img_size)
     say(f"{spec.key} training: building {', '.join(methods)}")
-    setups = {m: train_setup(spec, m, batch=cfg.train_batch, device=device, seed=cfg.seed) for m in methods}
+    setups = {m: train_setup(spec, m, batch=cfg.train_batch, device=device, seed=cfg.seed, amp=cfg.train_amp)
+              for m in methods}
     any_setup = next(iter(setups.values()))
+    precision = "FP32" if cfg.train_amp == "off" else f"{cfg.train_amp} autocast" + (
+        " + GradScaler" if cfg.train_amp == "fp16" else "")
     out: dict[str, Any] = {"model": spec.key, "label": spec.label, "batch": cfg.train_batch,
                            "img_size": list(any_setup.x.shape[-2:]), "rows": [], "ratios": [],
-                           "settings": "FP32, timm fused (SDPA) attention on as in peftx's trainer, AdamW "
+                           "settings": f"{precision}, timm fused (SDPA) attention on as in peftx's trainer, AdamW "
                                        "(torch default implementation) over the trainable tensors only"}
     step_flops = {m: count_step_flops(s.forward_backward, cfg.train_batch) for m, s in setups.items()}
     say(f"{spec.key} training: timing {len(methods)} methods interleaved")
@@ -1120,7 +1203,7 @@ def bench_training(spec: ModelSpec, cfg: BenchConfig, *, threads: int, device: t
     for m in methods:
         say(f"{spec.key} training: peak memory of {m} ({'own process' if cfg.isolate_memory else 'in process'})")
         memory[m] = _run_memory_worker(cfg.isolate_memory, spec, m, cfg.train_batch, cfg.memory_steps, threads,
-                                       str(device), cfg.seed)
+                                       str(device), cfg.seed, cfg.train_amp)
     for m in methods:
         st = latency_stats(times[m], cfg.train_batch, None)
         mem = memory[m]
@@ -1253,8 +1336,8 @@ def run_benchmarks(cfg: BenchConfig, progress: Progress | None = None) -> dict[s
     started = time.perf_counter()
     results: dict[str, Any] = {"config": _config_json(cfg), "environment": environment(threads, device)}
     with torch_threads(threads), _work_dir(cfg.work_dir) as work:
-        say(f"matmul peak: {cfg.matmul_n}^3 sgemm on {device.type}, {threads} thread(s)")
-        peaks = [matmul_peak(cfg.matmul_n, reps=cfg.matmul_reps, device=device)]
+        say(f"matmul peak: {cfg.matmul_n}^3 {cfg.dtype} GEMM on {device.type}, {threads} thread(s)")
+        peaks = [matmul_peak(cfg.matmul_n, reps=cfg.matmul_reps, device=device, dtype=DTYPES[cfg.dtype])]
         if cfg.onnxruntime and device.type == "cpu" and "inference" in cfg.suites:
             peaks.append(ort_matmul_peak(cfg.matmul_n, reps=cfg.matmul_reps, threads=threads))
         results["peak_start"] = peaks
@@ -1273,7 +1356,8 @@ def run_benchmarks(cfg: BenchConfig, progress: Progress | None = None) -> dict[s
             results["export"] = [bench_export(cfg.spec(k), cfg, threads=threads, work_dir=work, progress=say)
                                  for k in cfg.export_models]
         say("matmul peak again (end of run)")
-        results["peak_end"] = [matmul_peak(cfg.matmul_n, reps=cfg.matmul_reps, device=device)]
+        results["peak_end"] = [matmul_peak(cfg.matmul_n, reps=cfg.matmul_reps, device=device,
+                                           dtype=DTYPES[cfg.dtype])]
         if device.type == "cpu":
             results["contention_end"] = contention_probe(threads)
     results["environment"]["loadavg_end"] = _loadavg()
@@ -1288,7 +1372,8 @@ def finalize(results: dict[str, Any]) -> dict[str, Any]:
                    if p["backend"].startswith("torch")]
     all_peaks = [p for p in results.get("peak_start", []) + results.get("peak_end", [])]
     peak = max(torch_peaks) if torch_peaks else None
-    results["peak"] = {"gflops": peak, "basis": "best torch.mm sgemm of this run (start and end)",
+    dtypes = sorted({p["dtype"] for p in all_peaks if p["backend"].startswith("torch")})
+    results["peak"] = {"gflops": peak, "basis": f"best torch.mm {'/'.join(dtypes)} GEMM of this run (start and end)",
                        "all": all_peaks}
     for model in results.get("inference", []):
         for row in model["rows"]:

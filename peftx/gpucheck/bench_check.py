@@ -1,0 +1,89 @@
+"""Step 4: ``peftx bench`` on the device, on a short budget, and the figures the issue asks for read from its JSON.
+
+On CUDA: inference of ViT-B/16 (random init: speed does not depend on the values) at batch 1 and 256 in bf16,
+eager and ``torch.compile`` (inductor), plain vs merged vs every unmerged method, against the bf16 matmul peak
+measured in the same run; training steps of ViT-B/16 at 224 px, batch 64, bf16 autocast, each method vs full
+fine-tuning (step time, and peak memory from ``torch.cuda.max_memory_allocated`` in one process per method).
+ONNX Runtime is left out (the GPU machine has its CPU build only) and so is TensorRT (not installed there).
+``--quick`` on the CPU runs the same command on a tiny random ViT, with the ``eager`` compile backend (dynamo
+tracing without inductor's minutes of C++ / Triton compilation).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from .config import BENCH_DIR
+from .report import Context, check, run_logged
+
+BASELINES = ("full", "frozen")
+
+
+def bench_command(ctx: Context) -> list[str]:
+    methods = ctx.cfg.resolved_methods()
+    adapters = [m for m in methods if m not in BASELINES]
+    train_methods = list(BASELINES) + adapters
+    common = ["--quick", "--suite", "inference,training", "--methods", ",".join(adapters or methods),
+              "--train-methods", ",".join(train_methods), "--no-onnxruntime", "--tensorrt", "off",
+              "--output", str(ctx.out / BENCH_DIR)]
+    if ctx.cfg.quick:
+        sizes = ["--device", ctx.device, "--models", "tiny", "--batch", "1,4", "--dtype", "bf16", "--compile", "eager",
+                 "--train-models", "tiny", "--train-batch", "8", "--train-amp", "bf16", "--matmul-n", "256",
+                 "--budget", "0.3", "--min-rounds", "2"]
+    else:
+        amp = "bf16" if ctx.device == "cuda" else "off"
+        sizes = ["--device", ctx.device, "--models", "vit_b16", "--batch", "1,256",
+                 "--dtype", "bf16" if ctx.device == "cuda" else "fp32",
+                 "--compile", "inductor", "--train-models", "vit_b16", "--train-img-size", "224",
+                 "--train-batch", "64", "--train-amp", amp, "--matmul-n", "8192" if ctx.device == "cuda" else "2048",
+                 "--budget", "3", "--min-rounds", "5"]
+    return [sys.executable, "-m", "peftx.cli.app", "bench", *sizes, *common]
+
+
+def headline(bench: dict[str, Any]) -> dict[str, Any]:
+    """The issue's figures: images/s and % of the matmul peak per (batch, backend, variant); merged/plain and
+    compiled/eager ratios; training step time and peak memory vs full fine-tuning; the bench's own targets."""
+    out: dict[str, Any] = {"peak": bench.get("peak", {}), "inference": {}, "training": {},
+                           "targets": bench.get("targets", [])}
+    for model in bench.get("inference", []):
+        rows = {f"b{r['batch']} {r['backend']}:{r['variant']}": {
+            "images_per_s": r["images_per_s"], "p50_ms": r["p50_ms"], "pct_peak": r.get("pct_peak"),
+            "valid": r["valid"]} for r in model["rows"]}
+        ratios = {f"b{r['batch']} {r['backend']} {r['ratio']}": r["value"] for r in model["ratios"]}
+        out["inference"][model["model"]] = {"dtype": model.get("dtype"), "gflop_per_image": model["gflop_per_image"],
+                                            "rows": rows, "ratios": ratios, "notes": model.get("notes", [])}
+    for model in bench.get("training", []):
+        out["training"][model["model"]] = {
+            "settings": model.get("settings"), "batch": model["batch"], "img_size": model["img_size"],
+            "rows": {r["method"]: {"step_ms_p50": r["step_ms_p50"], "peak_delta_mib": r["peak_delta_bytes"] / 2**20,
+                                   "trainable_params": r["trainable_params"]} for r in model["rows"]},
+            "vs_full": {r["method"]: {"step_time": r["step_time_vs_full"], "peak_memory": r["peak_memory_vs_full"]}
+                        for r in model["ratios"]}}
+    return out
+
+
+def run_bench_check(ctx: Context) -> dict[str, Any]:
+    cmd = bench_command(ctx)
+    ctx.say("bench: " + " ".join(cmd[cmd.index("bench"):]))
+    if ctx.device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()  # this process's cached blocks must not shrink what the bench can use
+    run = run_logged(cmd, ctx, timeout_s=ctx.cfg.step_timeout_s, env={"COLUMNS": "200"})
+    result: dict[str, Any] = {"command": cmd, **run, "json": f"{BENCH_DIR}/bench.json"}
+    path = ctx.out / BENCH_DIR / "bench.json"
+    if run["rc"] != 0 or not path.is_file():
+        why = "timed out" if run["timed_out"] else f"peftx bench exited {run['rc']} (see the log)"
+        result.update(status="failed", checks=[check("bench/ran", False, why)])
+        return result
+    bench = json.loads(path.read_text())
+    result["headline"] = headline(bench)
+    checks = [check("bench/ran", True, f"{run['seconds']:.0f} s, wrote {result['json']}")]
+    rows = [r for m in bench.get("inference", []) for r in m["rows"]]
+    bad = [f"b{r['batch']} {r['backend']}:{r['variant']}" for r in rows if not r["valid"]]
+    checks.append(check("bench/timed variants compute the right outputs", not bad and bool(rows),
+                        f"{len(rows)} rows" + (f"; invalid: {', '.join(bad)}" if bad else "")))
+    result.update(status="ok" if all(c["ok"] is not False for c in checks) else "failed", checks=checks)
+    return result

@@ -1,0 +1,146 @@
+"""The run's shared context, its log, check records and the JSON file (rewritten after every step)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from peftx.fsutil import ensure_dir, write_text_atomic
+
+from .config import JSON_FILE, LOG_FILE, GpuCheckConfig
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class Weights:
+    """The backbone weights the training and parity steps use: a file (or None: random init) and its description."""
+
+    path: Path | None
+    info: dict[str, Any]
+
+    @property
+    def real(self) -> bool:
+        return self.info.get("kind") == "real"
+
+
+@dataclass
+class Context:
+    cfg: GpuCheckConfig
+    device: str
+    out: Path
+    work: Path
+    weights: Weights
+    log_path: Path
+    progress: Say | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+    def say(self, message: str) -> None:
+        """One progress line: to the caller's callback and, time-stamped, to the log."""
+        self.log(f"[{time.perf_counter() - self.started:7.1f} s] {message}")
+        if self.progress is not None:
+            self.progress(message)
+
+    def log(self, text: str) -> None:
+        with open(self.log_path, "a", encoding="utf-8") as fh:
+            fh.write(text if text.endswith("\n") else text + "\n")
+
+
+def check(name: str, ok: bool | None, detail: str) -> dict[str, Any]:
+    """One verdict: ok True / False, or None when it could not apply here (e.g. fp16 autocast on CPU)."""
+    return {"name": name, "ok": ok, "detail": detail}
+
+
+def error_text(exc: BaseException) -> str:
+    message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {message.splitlines()[0][:300]}"
+
+
+def run_logged(cmd: list[str], ctx: Context, *, timeout_s: float, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``cmd``, appending its stdout+stderr to the log as it goes; returns rc, seconds and the output's tail."""
+    ctx.log(f"$ {' '.join(cmd)}")
+    t0 = time.perf_counter()
+    with open(ctx.log_path, "a", encoding="utf-8") as fh:
+        try:
+            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout_s,
+                                  env={**os.environ, **(env or {})})
+            rc, timed_out = proc.returncode, False
+        except subprocess.TimeoutExpired:
+            rc, timed_out = None, True
+    seconds = time.perf_counter() - t0
+    if timed_out:
+        ctx.log(f"(killed after {timeout_s:.0f} s)")
+    return {"rc": rc, "timed_out": timed_out, "seconds": seconds}
+
+
+def environment(device: str) -> dict[str, Any]:
+    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
+                            "torch": torch.__version__, "cpu_count": os.cpu_count(), "device": device,
+                            "executable": sys.executable}
+    for mod in ("timm", "onnx", "onnxruntime", "safetensors", "numpy", "typer"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - a missing optional package is a fact to report
+            info[mod] = None
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                    capability=f"{props.major}.{props.minor}", multiprocessors=props.multi_processor_count,
+                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                    bf16_supported=torch.cuda.is_bf16_supported())
+    info["source"] = source_identity()
+    return info
+
+
+def source_identity(root: Path | None = None) -> dict[str, Any]:
+    """Which code ran: the git commit when the tree has one, and a digest of every tracked kind of source file
+    (the copied tree on a GPU machine has no .git; the same digest can be computed from a checkout)."""
+    root = root or Path(__file__).resolve().parents[2]
+    digest = hashlib.sha256()
+    files = sorted(p for d in ("peftx", "cli", "exports", "tests") for p in (root / d).rglob("*.py")
+                   if "__pycache__" not in p.parts)
+    for p in files:
+        digest.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
+    commit = None
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"git_commit": commit, "python_files": len(files), "sha256": digest.hexdigest()}
+
+
+def jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_json(out: Path, results: dict[str, Any]) -> Path:
+    ensure_dir(out)
+    return write_text_atomic(out / JSON_FILE, json.dumps(jsonable(results), indent=2) + "\n")
+
+
+def open_log(out: Path) -> Path:
+    """The log file in ``out``; appended to (the shell script writes the install step into it first)."""
+    ensure_dir(out)
+    path = out / LOG_FILE
+    path.touch()
+    return path
