@@ -24,7 +24,8 @@ BASELINES = ("full", "frozen")
 def bench_command(ctx: Context) -> list[str]:
     methods = ctx.cfg.resolved_methods()
     adapters = [m for m in methods if m not in BASELINES]
-    train_methods = list(BASELINES) + adapters
+    # --quick: full fine-tuning and one adapter (each training method costs a fresh process for its peak memory)
+    train_methods = ["full", *adapters[:1]] if ctx.cfg.quick else [*BASELINES, *adapters]
     common = ["--quick", "--suite", "inference,training", "--methods", ",".join(adapters or methods),
               "--train-methods", ",".join(train_methods), "--no-onnxruntime", "--tensorrt", "off",
               "--output", str(ctx.out / BENCH_DIR)]
