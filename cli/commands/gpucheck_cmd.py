@@ -28,7 +28,7 @@ def gpu_check(
 ) -> None:
     """Check and measure the CUDA paths: gpu tests, AMP training vs CPU, merged-vs-unmerged parity, peftx bench."""
     from peftx.bench import parse_list
-    from peftx.gpucheck import ASSET_DIR, GpuCheckConfig, prepare_assets, run_gpu_check
+    from peftx.gpucheck import ASSET_DIR, GpuCheckConfig, prepare_assets, run_gpu_check, summary_tables
 
     if prepare:
         info = prepare_assets(ASSET_DIR)
@@ -46,9 +46,8 @@ def gpu_check(
     if json_out:
         print_json(results)
     else:
-        rows = [[c["name"], {True: "ok", False: "FAILED", None: "n/a"}[c["ok"]], c["detail"]]
-                for s in results["steps"].values() for c in s.get("checks", [])]
-        console.print(table("gpu check", ["check", "verdict", "detail"], rows))
+        for title, columns, rows in summary_tables(results):
+            console.print(table(title, columns, rows))
         console.print(f"{results['status']}: {results['summary']}; results in {cfg.resolved_out()}")
     if results["status"] != "ok":
         from peftx.errors import CheckFailedError

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from .assets import ASSET_DIR, ASSET_FILE, prepare_assets
 from .config import STEPS, GpuCheckConfig
+from .report import summary_tables
 from .run import NEEDS_REAL_WEIGHTS, run_gpu_check
 
 __all__ = ["ASSET_DIR", "ASSET_FILE", "GpuCheckConfig", "NEEDS_REAL_WEIGHTS", "STEPS", "prepare_assets",
-           "run_gpu_check"]
+           "run_gpu_check", "summary_tables"]

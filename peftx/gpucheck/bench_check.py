@@ -32,7 +32,7 @@ def bench_command(ctx: Context) -> list[str]:
     if ctx.cfg.quick:
         sizes = ["--device", ctx.device, "--models", "tiny", "--batch", "1,4", "--dtype", "bf16", "--compile", "eager",
                  "--train-models", "tiny", "--train-batch", "8", "--train-amp", "bf16", "--matmul-n", "256",
-                 "--budget", "0.3", "--min-rounds", "2"]
+                 "--budget", "0.3", "--min-rounds", "2", "--threads", "1"]
     else:
         amp = "bf16" if ctx.device == "cuda" else "off"
         sizes = ["--device", ctx.device, "--models", "vit_b16", "--batch", "1,256",

@@ -144,3 +144,51 @@ def open_log(out: Path) -> Path:
     path = out / LOG_FILE
     path.touch()
     return path
+
+
+def _pct(v: Any) -> str:
+    return "—" if v is None else f"{v:.1f}"
+
+
+def summary_tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, columns, rows) for a terminal: the steps, the failed checks, and the headline figures."""
+    tables = []
+    rows = []
+    for name, step in results.get("steps", {}).items():
+        checks = step.get("checks", [])
+        rows.append([name, step.get("status", "?"), f"{step.get('seconds', 0):.0f}",
+                     str(sum(c["ok"] is True for c in checks)), str(sum(c["ok"] is False for c in checks)),
+                     str(sum(c["ok"] is None for c in checks))])
+    tables.append(("gpu check — steps", ["step", "status", "s", "ok", "failed", "n/a"], rows))
+    failed = [[c["name"], c["detail"]] for s in results.get("steps", {}).values() for c in s.get("checks", [])
+              if c["ok"] is False]
+    if failed:
+        tables.append(("failed checks", ["check", "detail"], failed[:30]))
+    train = results.get("steps", {}).get("train", {})
+    rows = []
+    for method, entry in train.get("methods", {}).items():
+        ref = entry["reference"]
+        for amp, run in entry.get("runs", {}).items():
+            if run.get("status") != "ok":
+                rows.append([method, amp, run.get("status", "?"), "", "", "", ""])
+                continue
+            rows.append([method, amp, f"{100 * run['test_accuracy']:.2f}",
+                         f"{100 * ref['test_accuracy']:.2f}" if ref.get("test_accuracy") is not None else "—",
+                         f"{run['img_per_s']:.0f}" if run.get("img_per_s") else "—",
+                         f"{run['peak_memory_mb']:.0f}", str(run.get("grad_scale_final", ""))])
+    if rows:
+        tables.append(("training on the demo (test accuracy %, CPU FP32 reference beside it)",
+                       ["method", "amp", "test %", "cpu fp32 %", "img/s", "peak MiB", "grad scale"], rows))
+    head = results.get("steps", {}).get("bench", {}).get("headline", {})
+    for model, inf in head.get("inference", {}).items():
+        rows = [[k, f"{v['images_per_s']:.1f}", _pct(v.get("pct_peak")), "" if v["valid"] else "INVALID"]
+                for k, v in inf["rows"].items()]
+        rows += [[k, f"{v:.3f}", "", ""] for k, v in inf["ratios"].items()]
+        peak = head.get("peak", {})
+        tables.append((f"inference {model} ({inf.get('dtype')}); peak {_pct(peak.get('gflops'))} GFLOP/s "
+                       f"({peak.get('basis', '')})", ["variant / ratio", "img/s / value", "% peak", ""], rows))
+    for model, tr in head.get("training", {}).items():
+        rows = [[m, f"{v['step_time']:.3f}", f"{v['peak_memory']:.3f}"] for m, v in tr["vs_full"].items()]
+        tables.append((f"training {model} {tr['img_size']} px batch {tr['batch']} ({tr['settings']}): vs full "
+                       "fine-tuning", ["method", "step time", "peak memory"], rows))
+    return tables

@@ -9,6 +9,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import torch
+
 from peftx.fsutil import ensure_dir
 
 from .assets import default_asset, load_demo_copy, write_tiny_weights
@@ -45,6 +47,19 @@ def _work_dir(path: str | None) -> Iterator[Path]:
         yield Path(tmp)
 
 
+@contextlib.contextmanager
+def _quick_threads(quick: bool) -> Iterator[None]:
+    """--quick: one torch thread. Tiny models gain nothing from a second one, and on a shared CI machine an OpenMP
+    thread spin-waiting for a descheduled partner costs more than the whole computation."""
+    before = torch.get_num_threads()
+    if quick:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def resolve_weights(cfg: GpuCheckConfig, work: Path) -> Weights:
     """--quick: a random tiny ViT; else the carried fp16 demo copy (upcast), or random init when there is none."""
     if cfg.quick:
@@ -63,6 +78,13 @@ def run_gpu_check(cfg: GpuCheckConfig, progress: Callable[[str], None] | None = 
     """
     cfg.validate()
     device = cfg.resolved_device()
+    with _work_dir(cfg.work_dir) as work, _quick_threads(cfg.quick):
+        weights = resolve_weights(cfg, work)  # a bad --weights file fails here, before anything is written
+        return _run_steps(cfg, device, work, weights, progress)
+
+
+def _run_steps(cfg: GpuCheckConfig, device: str, work: Path, weights: Weights,
+               progress: Callable[[str], None] | None) -> dict[str, Any]:
     out = ensure_dir(cfg.resolved_out())
     log_path = open_log(out)
     results: dict[str, Any] = {
@@ -70,30 +92,23 @@ def run_gpu_check(cfg: GpuCheckConfig, progress: Callable[[str], None] | None = 
         "mode": {"device": device, "quick": cfg.quick, "steps": list(cfg.steps)},
         "methods": list(cfg.resolved_methods()), "environment": environment(device),
         "files": {"json": "gpu-check.json", "log": LOG_FILE, "junit": JUNIT_FILE, "bench": f"{BENCH_DIR}/bench.json"},
-        "needs_real_weights": NEEDS_REAL_WEIGHTS, "steps": {}}
-    with _work_dir(cfg.work_dir) as work:
-        ctx = Context(cfg, device, out, work, Weights(None, {}), log_path, progress)
-        ctx.say(f"gpu check: device {device}{' (quick)' if cfg.quick else ''}, out {out}")
+        "needs_real_weights": NEEDS_REAL_WEIGHTS, "weights": weights.info, "steps": {}}
+    ctx = Context(cfg, device, out, work, weights, log_path, progress)
+    ctx.say(f"gpu check: device {device}{' (quick)' if cfg.quick else ''}, out {out}, weights: {weights.info['what']}")
+    write_json(out, results)
+    for step in cfg.steps:
+        t0 = time.perf_counter()
         try:
-            ctx.weights = resolve_weights(cfg, work)
-        except Exception as exc:  # noqa: BLE001 - no weights: the steps that need none still run
-            ctx.weights = Weights(None, {"kind": "random", "error": error_text(exc),
-                                         "sha256": "random-init:vit_small_patch14_dinov2:seed42"})
-        results["weights"] = ctx.weights.info
+            outcome = STEP_FUNCTIONS[step](ctx)
+        except Exception as exc:  # noqa: BLE001 - recorded; the next step still runs
+            outcome = {"status": "error", "error": error_text(exc),
+                       "checks": [{"name": f"{step}/ran", "ok": False, "detail": error_text(exc)}]}
+        outcome["seconds"] = time.perf_counter() - t0
+        results["steps"][step] = outcome
+        ctx.say(f"{step}: {outcome['status']} ({outcome['seconds']:.0f} s)")
         write_json(out, results)
-        for step in cfg.steps:
-            t0 = time.perf_counter()
-            try:
-                outcome = STEP_FUNCTIONS[step](ctx)
-            except Exception as exc:  # noqa: BLE001 - recorded; the next step still runs
-                outcome = {"status": "error", "error": error_text(exc),
-                           "checks": [{"name": f"{step}/ran", "ok": False, "detail": error_text(exc)}]}
-            outcome["seconds"] = time.perf_counter() - t0
-            results["steps"][step] = outcome
-            ctx.say(f"{step}: {outcome['status']} ({outcome['seconds']:.0f} s)")
-            write_json(out, results)
-        finish(results, time.perf_counter() - ctx.started)
-        ctx.say(f"gpu check: {results['status']} — {results['summary']}")
+    finish(results, time.perf_counter() - ctx.started)
+    ctx.say(f"gpu check: {results['status']} — {results['summary']}")
     write_json(out, results)
     return results
 

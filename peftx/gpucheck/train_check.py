@@ -41,10 +41,10 @@ def train_plan(ctx: Context) -> dict[str, Any]:
     """TrainConfig fields shared by every run of this step (the method, device and AMP mode vary)."""
     from peftx.backbones import DEMO_MODEL
 
-    if ctx.cfg.quick:  # 2 x 10 steps of a random tiny ViT: enough for the loss to fall, seconds per run
+    if ctx.cfg.quick:  # 20 steps of a random tiny ViT, one epoch (one validation pass): the loss falls in seconds
         return {"model": TINY_ARCH, "weights": str(ctx.weights.path), "model_kwargs": dict(TINY_KW),
-                "img_size": TINY_IMG, "data": "demo", "epochs": 2, "batch_size": 32, "lr": 5e-3,
-                "warmup_epochs": 0.0, "dropout": 0.0, "limit_train_batches": 10, "seed": 42}
+                "img_size": TINY_IMG, "data": "demo", "epochs": 1, "batch_size": 32, "lr": 5e-3,
+                "warmup_epochs": 0.0, "dropout": 0.0, "limit_train_batches": 20, "seed": 42}
     plan: dict[str, Any] = {"model": DEMO_MODEL, "data": "demo", "seed": 42}  # the demo recipe, as `peftx train`
     if ctx.weights.path is not None:
         plan["weights"] = str(ctx.weights.path)
@@ -189,11 +189,14 @@ def run_train_check(ctx: Context) -> dict[str, Any]:
 
 
 def record_reference(ctx: Context, result: dict[str, Any], weights_id: str) -> Path:
-    """Write the CPU runs of this step as the reference later GPU runs compare with."""
+    """Write the CPU runs of this step as the reference later GPU runs compare with. Entries an existing file holds
+    for other methods (same weights) are kept, so one method can be (re-)recorded alone with --methods."""
     keep = ("fingerprint", "status", "test_accuracy", "val_accuracy", "best_epoch", "train_seconds", "steps",
             "epochs", "step_losses", "img_per_s")
-    runs = {m: {k: e["reference"].get(k) for k in keep} for m, e in result["methods"].items()
-            if e["reference"].get("status") == "ok"}
+    old = load_reference(ctx.cfg.record_reference)
+    runs = dict(old["runs"]) if old and old.get("weights_sha256") == weights_id else {}
+    runs.update({m: {k: e["reference"].get(k) for k in keep} for m, e in result["methods"].items()
+                 if e["reference"].get("status") == "ok"})
     data = {"kind": REFERENCE_KIND, "schema": 1, "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "weights_sha256": weights_id, "weights": ctx.weights.info.get("what"),
             "environment": {k: v for k, v in environment("cpu").items() if k != "executable"}, "runs": runs}
