@@ -62,15 +62,17 @@ CUDA_VS_CPU_FP32 = Tolerance("cuda_vs_cpu_fp32", atol=0.0, rel_to_max=1e-4, min_
 
 # The MERGED model under bf16 autocast vs the UNMERGED model in FP32. bf16 keeps 8 significant bits (unit roundoff
 # 3.9e-3) and autocast rounds every GEMM input, so over 12 residual blocks logits move by about 1 % of their scale
-# (measured on CPU bf16 autocast, tiny to ViT-B/16 sizes: 0.3-2 %). 5 % bounds that with margin and still catches a
-# broken merge: a wrong fold or a lost scale moves the logits by the adapter's whole effect (tens of %, which the
-# check measures and requires to be well above the bound). Top-1 is not required: the heads here are random, so the
-# argmax is a near-tie that any rounding flips; the cosine of the logit vectors carries the direction.
+# (measured with CPU bf16 autocast on ViT-S/14 real weights, ViT-B/16, Swin-T, every method: 0.4-1.4 %, cosine
+# >= 0.9999; the unmerged model under the same autocast: 0.3-1.3 %). 5 % bounds that with margin and still catches a
+# broken merge: a wrong fold or a lost scale moves the logits by the adapter's whole effect (80-120 % of the scale
+# in the check, which requires it to exceed the bound). Top-1 is not required: the heads in these checks are random,
+# so the argmax is a near-tie that any rounding flips; the cosine of the logit vectors carries the direction.
 MERGE_BF16_AUTOCAST = Tolerance("merge_bf16_autocast", atol=0.0, rel_to_max=5e-2, min_top1=0.0, min_cosine=0.995,
                                 reason="bf16 rounds every GEMM input (8 significant bits) over 12+ blocks")
 
-# The same under fp16 autocast: 11 significant bits (unit roundoff 4.9e-4), 8x finer than bf16, so 1 % of the
-# logit scale. fp16's range (65504) is the other risk: an overflow gives Inf / NaN, which fails the finite check.
+# The same under fp16 autocast: 11 significant bits (unit roundoff 4.9e-4), 8x finer than bf16 (measured as above:
+# 0.04-0.11 %, cosine 1.00000), so 1 % of the logit scale. fp16's range (65504) is the other risk: an overflow gives
+# Inf / NaN, which fails the finite check.
 MERGE_FP16_AUTOCAST = Tolerance("merge_fp16_autocast", atol=0.0, rel_to_max=1e-2, min_top1=0.0, min_cosine=0.9995,
                                 reason="fp16 rounds every GEMM input (11 significant bits) over 12+ blocks")
 

