@@ -513,7 +513,6 @@ def matmul_peak(n: int = MATMUL_N, *, reps: int = 10, warmup: int = 3, device: t
 
 def ort_matmul_peak(n: int = MATMUL_N, *, reps: int = 10, warmup: int = 3, threads: int = 1) -> dict[str, Any]:
     """The same GEMM as one ONNX MatMul node under ONNX Runtime's CPU provider (MLAS): its own sgemm ceiling."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 

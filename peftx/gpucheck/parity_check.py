@@ -130,7 +130,8 @@ def parity_case(plain: nn.Module, method: str, inputs: dict[str, np.ndarray], pl
                 reference_name="unmerged cpu fp32"))
     for amp, (dtype, tol) in AMP_TOLERANCES.items():
         comparisons[f"merged {amp} autocast"] = _summary(compare(
-            ref, ModuleRunner(merged, device, dtype, name=f"merged {amp}"), inputs, tol, reference_name="unmerged fp32"))
+            ref, ModuleRunner(merged, device, dtype, name=f"merged {amp}"), inputs, tol,
+            reference_name="unmerged fp32"))
         comparisons[f"unmerged {amp} autocast"] = _summary(compare(
             ref, ModuleRunner(unmerged, device, dtype, name=f"unmerged {amp}"), inputs, tol,
             reference_name="unmerged fp32", required=False))

@@ -128,7 +128,8 @@ def pick_reference(recorded: dict[str, Any] | None, method: str, fingerprint: st
         return None, f"the recorded reference has no {method} run"
     if entry.get("fingerprint") != fingerprint:
         return None, "the recorded reference used another recipe"
-    return entry, f"recorded {recorded.get('created', '?')} ({recorded.get('environment', {}).get('torch', '?')})"
+    when = entry.get("recorded") or recorded.get("created", "?")
+    return entry, f"recorded {when} ({recorded.get('environment', {}).get('torch', '?')})"
 
 
 def run_train_check(ctx: Context) -> dict[str, Any]:
@@ -138,8 +139,8 @@ def run_train_check(ctx: Context) -> dict[str, Any]:
     recorded = None if ctx.cfg.quick else load_reference(ctx.cfg.reference)
     weights_id = ctx.weights.info["sha256"]
     result: dict[str, Any] = {"plan": {k: v for k, v in plan.items() if k != "weights"}, "device": ctx.device,
-                              "accuracy_points_allowed": points, "loss_fall_ratio": fall, "reference_file": ctx.cfg.reference,
-                              "methods": {}, "checks": []}
+                              "accuracy_points_allowed": points, "loss_fall_ratio": fall,
+                              "reference_file": ctx.cfg.reference, "methods": {}, "checks": []}
     checks = result["checks"]
     for method in ctx.cfg.resolved_methods():
         fingerprint = recipe_fingerprint(plan, method)
@@ -195,9 +196,10 @@ def record_reference(ctx: Context, result: dict[str, Any], weights_id: str) -> P
             "epochs", "step_losses", "img_per_s")
     old = load_reference(ctx.cfg.record_reference)
     runs = dict(old["runs"]) if old and old.get("weights_sha256") == weights_id else {}
-    runs.update({m: {k: e["reference"].get(k) for k in keep} for m, e in result["methods"].items()
-                 if e["reference"].get("status") == "ok"})
-    data = {"kind": REFERENCE_KIND, "schema": 1, "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    runs.update({m: {**{k: e["reference"].get(k) for k in keep}, "recorded": now}
+                 for m, e in result["methods"].items() if e["reference"].get("status") == "ok"})
+    data = {"kind": REFERENCE_KIND, "schema": 1, "created": now,
             "weights_sha256": weights_id, "weights": ctx.weights.info.get("what"),
             "environment": {k: v for k, v in environment("cpu").items() if k != "executable"}, "runs": runs}
     return write_text_atomic(Path(ctx.cfg.record_reference), json.dumps(data, indent=2) + "\n")
