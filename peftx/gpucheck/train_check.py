@@ -32,9 +32,11 @@ from .report import Context, check, environment, error_text
 
 AMP_RUNS = ("bf16", "fp16")
 REFERENCE_KIND = "peftx gpu-check CPU FP32 reference"
-# How a run executes, not what it computes: left out of the recipe fingerprint.
-_RUNTIME = ("device", "amp", "output", "overwrite", "resume", "num_workers", "channels_last", "fast_attention",
-            "eval_batch_size", "weights")
+# What a run computes (resolved from the recipe): the recipe fingerprint covers these TrainConfig fields only, so
+# how a run executes (device, amp, paths, workers) or a field added later with its default does not change it.
+RECIPE_FIELDS = ("model", "pretrained", "model_kwargs", "method", "method_options", "data", "data_overrides", "task",
+                 "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "cooldown_epochs", "min_lr",
+                 "warmup_lr", "dropout", "hflip", "img_size", "seed", "limit_train_batches")
 
 
 def train_plan(ctx: Context) -> dict[str, Any]:
@@ -54,11 +56,12 @@ def train_plan(ctx: Context) -> dict[str, Any]:
 
 
 def recipe_fingerprint(plan: dict[str, Any], method: str) -> str:
-    """sha256 of the resolved TrainConfig without its runtime fields: equal fingerprints train the same thing."""
+    """sha256 of the resolved TrainConfig's RECIPE_FIELDS: equal fingerprints train the same thing (the weights are
+    identified separately, by their tensors)."""
     from peftx.train import TrainConfig
 
     d = TrainConfig(**{**plan, "method": method, "device": "cpu", "amp": "off"}).resolved().to_dict()
-    d = {k: v for k, v in d.items() if k not in _RUNTIME}
+    d = {k: d.get(k) for k in RECIPE_FIELDS}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
