@@ -11,7 +11,8 @@ try:  # typer >= 0.22 vendors click; its exception classes live here (there is n
 except ImportError:  # older typer on top of click
     from click import exceptions as click_errors
 
-from .commands import bench_cmd, byo_cmd, compare_cmd, demo_cmd, export_cmd, inspect_cmd, targets_cmd, train_cmd
+from .commands import (bench_cmd, byo_cmd, compare_cmd, demo_cmd, export_cmd, gpucheck_cmd, inspect_cmd, targets_cmd,
+                       train_cmd)
 
 app = typer.Typer(
     name="peftx",
@@ -41,6 +42,7 @@ app.command("targets")(targets_cmd.targets)
 app.command("doctor")(targets_cmd.doctor)
 app.command("env", help="Alias of `peftx doctor`.")(targets_cmd.doctor)
 app.command("compare")(compare_cmd.compare)
+app.command("gpu-check")(gpucheck_cmd.gpu_check)
 
 
 def main(argv: list[str] | None = None) -> None:
