@@ -189,6 +189,26 @@ def test_compiled_and_bf16_inference_rows_are_checked_against_eager():
     assert any(r["ratio"] == "merged/plain" and r["backend"] == "compiled" for r in model["ratios"])
 
 
+def test_a_variant_that_fails_to_compile_is_reported_and_not_timed(monkeypatch):
+    """A bare GPU machine may lack what inductor needs (a C compiler for Triton): the compiled rows are dropped with
+    a failed parity entry and a note, and the eager rows of the run are still measured."""
+    class Broken:
+        def __init__(self, *_a, **_k):
+            pass
+
+        def __call__(self, _x):
+            raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+    monkeypatch.setattr(torch, "compile", Broken)
+    out = bench.run_benchmarks(_tiny_config(suites=("inference",), models=("tiny_vit",), methods=("lora",),
+                                            batches=(2,), onnxruntime=False, tensorrt="off", compile="inductor"))
+    model = out["inference"][0]
+    assert {r["backend"] for r in model["rows"]} == {"eager"} and all(r["valid"] for r in model["rows"])
+    failed = model["parity"]["compiled:merged@b2"]
+    assert not failed["passed"] and "C compiler" in failed["failures"][0]
+    assert any("compiled:unmerged-lora at batch 2 failed to compile" in n for n in model["notes"])
+
+
 def test_delta_cost_per_method():
     for method in ("rlrr", "lora", "aoft"):
         setup = bench.train_setup(SPECS["tiny_vit"], method, batch=2, device=torch.device("cpu"))

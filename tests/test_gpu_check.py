@@ -165,6 +165,18 @@ def test_bench_methods_come_from_the_registry() -> None:
     assert bench_methods(("linear",), quick=False) == (["linear"], ["full", "frozen", "linear"])
 
 
+def test_a_compile_that_failed_or_did_not_run_fails_the_bench_check() -> None:
+    from peftx.gpucheck.bench_check import _compiled_check
+
+    ok = {"passed": True, "failures": [], "tolerance": "compiled_vs_eager"}
+    broken = {"passed": False, "failures": ["compile failed: RuntimeError: no C compiler"],
+              "tolerance": "compiled_vs_eager"}
+    assert _compiled_check({"inference": [{"parity": {"compiled:plain@b1": ok}}]})["ok"] is True
+    result = _compiled_check({"inference": [{"parity": {"compiled:plain@b1": ok, "compiled:merged@b1": broken}}]})
+    assert result["ok"] is False and "no C compiler" in result["detail"]
+    assert _compiled_check({"inference": [{"parity": {"eager:merged": ok}}]})["ok"] is False  # nothing compiled
+
+
 def test_a_recorded_reference_is_used_only_for_its_recipe_and_weights() -> None:
     from peftx.gpucheck.train_check import REFERENCE_KIND, pick_reference, recipe_fingerprint
 

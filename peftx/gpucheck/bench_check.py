@@ -104,9 +104,20 @@ def run_bench_check(ctx: Context) -> dict[str, Any]:
                 result["checks"].append(check("bench/inference/timed variants compute the right outputs",
                                               not bad and bool(rows),
                                               f"{len(rows)} rows" + (f"; invalid: {', '.join(bad)}" if bad else "")))
+                result["checks"].append(_compiled_check(bench))
     result["headline"] = headline(merged)
     result["status"] = "ok" if all(c["ok"] is not False for c in result["checks"]) else "failed"
     return result
+
+
+def _compiled_check(bench: dict[str, Any]) -> dict[str, Any]:
+    """Every torch.compile'd variant was built and matches its eager output (a failed compile is not timed, so the
+    row check above cannot see it)."""
+    entries = {k: v for m in bench.get("inference", []) for k, v in m["parity"].items() if k.startswith("compiled:")}
+    bad = [f"{k}: {'; '.join(v['failures']) or 'outside ' + v['tolerance']}" for k, v in entries.items()
+           if not v["passed"]]
+    return check("bench/inference/torch.compile variants built and match eager", bool(entries) and not bad,
+                 f"{len(entries)} compiled variants" + (f"; {' | '.join(bad)[:600]}" if bad else ""))
 
 
 def _run_suite(ctx: Context, suite: str) -> tuple[dict[str, Any] | None, dict[str, Any]]:

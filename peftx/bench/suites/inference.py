@@ -107,7 +107,11 @@ def bench_inference(spec: ModelSpec, cfg: BenchConfig, *, threads: int, device: 
 def _compiled_variants(modules: dict[str, nn.Module], merged_method: str, x: torch.Tensor, backend: str,
                        out: dict, batch: int, say: Progress) -> dict[str, Callable[[], Any]]:
     """torch.compile'd plain, merged and unmerged models (static shapes: one graph per batch size), compiled here
-    and checked against their eager outputs on ``x`` (COMPILED_VS_EAGER), so a timed graph is known to be right."""
+    and checked against their eager outputs on ``x`` (COMPILED_VS_EAGER), so a timed graph is known to be right.
+
+    A variant that fails to compile (no C compiler for Triton's launcher on a bare machine, an unsupported op) is
+    recorded as a failed parity entry and a note, and is not timed: the eager rows of the run still count.
+    """
     from ...tolerances import COMPILED_VS_EAGER
 
     torch.compiler.reset()  # a fresh cache per batch size: no recompile limit is reached across variants
@@ -117,8 +121,16 @@ def _compiled_variants(modules: dict[str, nn.Module], merged_method: str, x: tor
         say(f"batch {batch}: torch.compile (backend {backend}) of the {key} model")
         compiled = torch.compile(modules[key], backend=backend, dynamic=False)
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            got, want = compiled(x).float(), modules[key](x).float()
+        try:
+            with torch.inference_mode():
+                got, want = compiled(x).float(), modules[key](x).float()
+        except Exception as exc:  # noqa: BLE001 - recorded; eager timing goes on without this variant
+            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+            out["notes"].append(f"compiled:{key} at batch {batch} failed to compile ({reason}): not timed")
+            out["parity"][f"compiled:{key}@b{batch}"] = {
+                "passed": False, "tolerance": COMPILED_VS_EAGER.name, "max_abs": math.nan, "bound": math.nan,
+                "reference": f"eager {key} ({x.dtype}, batch {batch})", "failures": [f"compile failed: {reason}"]}
+            continue
         out.setdefault("compile_s", {})[f"b{batch}:{key}"] = time.perf_counter() - t0
         err = float((got - want).abs().max())
         bound = COMPILED_VS_EAGER.bound(float(want.abs().max()))
