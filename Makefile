@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV = $(shell scripts/setup-venv.sh)
 
-.PHONY: setup demo test test-fast bench lock clean
+.PHONY: setup demo test test-fast bench gpu-check-prepare gpu-check-quick gpu-check-reference lock clean
 
 setup:
 	@echo "venv: $(VENV)"
@@ -18,6 +18,15 @@ test-fast:  ## skip the real-weight tests
 
 bench:  ## benchmarks (minutes): inference, training, export; see README
 	$(VENV)/bin/peftx bench
+
+gpu-check-prepare:  ## before a GPU check: the fp16 demo weights it carries (gpu-check-assets/, gitignored)
+	PYTHON=$(VENV)/bin/python bash scripts/gpu-check.sh --prepare
+
+gpu-check-quick:  ## the GPU check's CPU mode: every step on tiny random models (what its test runs)
+	PYTHON=$(VENV)/bin/python bash scripts/gpu-check.sh --device cpu --quick
+
+gpu-check-reference:  ## re-record the CPU FP32 training reference the GPU check compares with (minutes)
+	PYTHON=$(VENV)/bin/python bash scripts/gpu-check.sh --record-reference
 
 lock:  ## regenerate requirements.lock from the current venv
 	$(VENV)/bin/python -m pip freeze --all | grep -viE '^(-e|peftx|img.focus|pip==)' > requirements.lock

@@ -12,7 +12,8 @@ try:  # typer >= 0.22 vendors click; its exception classes live here (there is n
 except ImportError:  # older typer on top of click
     from click import exceptions as click_errors
 
-from .commands import bench_cmd, byo_cmd, compare_cmd, demo_cmd, export_cmd, inspect_cmd, targets_cmd, train_cmd
+from .commands import (bench_cmd, byo_cmd, compare_cmd, demo_cmd, export_cmd, gpucheck_cmd, inspect_cmd, targets_cmd,
+                       train_cmd)
 
 app = typer.Typer(
     name="peftx",
@@ -56,6 +57,7 @@ app.command("compare", short_help="Train several methods on the same data; one t
 app.command("targets", short_help="The deployment targets (TensorRT releases).")(targets_cmd.targets)
 app.command("doctor", short_help="What this machine has for deployment.")(targets_cmd.doctor)
 app.command("env", help="Alias of `peftx doctor`.", short_help="Alias of `peftx doctor`.")(targets_cmd.doctor)
+app.command("gpu-check", short_help="The GPU check: AMP training, CUDA parity, GPU bench.")(gpucheck_cmd.gpu_check)
 
 
 def main(argv: list[str] | None = None) -> None:

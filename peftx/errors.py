@@ -98,6 +98,12 @@ class BackendUnavailableError(PeftxError):
     exit_code = 8
 
 
+class CheckFailedError(PeftxError):
+    """A check run (``peftx gpu-check``) completed, and at least one of its checks failed; its report says which."""
+
+    exit_code = 9
+
+
 class TrainingInterrupted(PeftxError):
     """SIGINT / SIGTERM arrived: the current step finished and a resumable checkpoint was written."""
 

@@ -100,3 +100,51 @@ ACCURACY_FP16 = AccuracyTolerance("accuracy_fp16", max_drop=0.005, slack_images=
 # normalisation in another numpy or torch, while any geometric difference (another crop, resize or filter) moves
 # inputs by 0.1 or more.
 PREPROCESSING_ATOL = 1e-5
+
+
+# -- the GPU check (peftx/gpucheck) -------------------------------------------------------------------------------
+
+# The unmerged model on CUDA vs the same model on the CPU, both FP32 with TF32 off: the same function through other
+# GEMM / reduction kernels (cuBLAS blocking and split-K, another summation order), ~1e-6 relative per layer over
+# 12+ blocks. ONNX Runtime's FP32 contract (1e-4) as a fraction of the logit scale leaves that two orders of headroom.
+CUDA_VS_CPU_FP32 = Tolerance("cuda_vs_cpu_fp32", atol=0.0, rel_to_max=1e-4, min_top1=1.0, min_cosine=0.99999,
+                             reason="same FP32 math (TF32 off) through other kernels and summation orders")
+
+# The MERGED model under bf16 autocast vs the UNMERGED model in FP32. bf16 keeps 8 significant bits (unit roundoff
+# 3.9e-3) and autocast rounds every GEMM input, so over 12 residual blocks logits move by about 1 % of their scale
+# (measured with CPU bf16 autocast on ViT-S/14 real weights, ViT-B/16, Swin-T, every method: 0.4-1.4 %, cosine
+# >= 0.9999; the unmerged model under the same autocast: 0.3-1.3 %). 5 % bounds that with margin and still catches a
+# broken merge: a wrong fold or a lost scale moves the logits by the adapter's whole effect (80-120 % of the scale
+# in the check, which requires it to exceed the bound). Top-1 is not required: the heads in these checks are random,
+# so the argmax is a near-tie that any rounding flips; the cosine of the logit vectors carries the direction.
+MERGE_BF16_AUTOCAST = Tolerance("merge_bf16_autocast", atol=0.0, rel_to_max=5e-2, min_top1=0.0, min_cosine=0.995,
+                                reason="bf16 rounds every GEMM input (8 significant bits) over 12+ blocks")
+
+# The same under fp16 autocast: 11 significant bits (unit roundoff 4.9e-4), 8x finer than bf16 (measured as above:
+# 0.04-0.11 %, cosine 1.00000), so 1 % of the logit scale. fp16's range (65504) is the other risk: an overflow gives
+# Inf / NaN, which fails the finite check.
+MERGE_FP16_AUTOCAST = Tolerance("merge_fp16_autocast", atol=0.0, rel_to_max=1e-2, min_top1=0.0, min_cosine=0.9995,
+                                reason="fp16 rounds every GEMM input (11 significant bits) over 12+ blocks")
+
+# A short AMP training run vs the CPU FP32 run of the same recipe, seed and data order: test accuracy may differ by
+# this many percentage points. The demo's test split has 450 images (1 point = 4.5 images); AMP rounding changes
+# the trajectory from the first step (measured, CPU bf16 autocast vs the recorded FP32 runs: RLRR +0.44, AOFT 0.00,
+# LoRA +0.44 points), and two FP32 runs of the demo with other seeds already differ by 0.5 points (recipes.py).
+# 3 points is "a few", and far below what a broken AMP path costs (the run stays near chance, 10 %).
+TRAIN_ACCURACY_POINTS = 3.0
+# --quick: 20 steps of a random tiny ViT reach only 40-55 %, where a handful of borderline images move the figure by
+# points (CPU bf16 vs FP32 measured: within 1.2 points); the check there is that the AMP run learns about as much.
+TRAIN_ACCURACY_POINTS_QUICK = 10.0
+# "The losses fall": the mean loss over the last quarter of the steps is below this fraction of the first quarter's.
+# The demo goes from 2.3 (chance over 10 classes) to about 0.1 (measured on CPU: ratios 0.03-0.2 over 3 epochs), so
+# half is a loose floor that a run which does not learn (ratio ~1) or diverges never meets.
+TRAIN_LOSS_FALL = 0.5
+# --quick: 20 steps of the tiny random ViT bring the loss from 2.30 to 1.8-2.1 (ratios 0.78-0.92 measured).
+TRAIN_LOSS_FALL_QUICK = 0.95
+
+# torch.compile'd model vs the same model in eager mode, same dtype (the bench's "compiled" rows). Inductor fuses
+# elementwise chains and keeps their intermediates in FP32 where eager rounds after every op, and reorders
+# reductions: ~1e-6 of the logit scale in FP32, a few bf16 / fp16 ulps (~1 %) in half precision. 3 % of the scale
+# covers half precision and still flags a wrong graph, whose error is of the order of the logits themselves.
+COMPILED_VS_EAGER = Tolerance("compiled_vs_eager", atol=0.0, rel_to_max=3e-2, min_top1=0.0, min_cosine=0.99,
+                              reason="inductor fusion keeps FP32 intermediates that eager rounds to the model dtype")

@@ -148,6 +148,67 @@ def test_config_validation():
     assert quick.models == ("vit_s14",) and quick.quick_preset
 
 
+def test_precision_options_are_validated():
+    for bad in (dict(dtype="fp8"), dict(train_amp="int8"), dict(train_img_size=0), dict(train_amp="fp16")):
+        with pytest.raises(UsageError):  # fp16 autocast is CUDA-only: refused on this CPU before anything runs
+            _tiny_config(device="cpu", **bad).validate()
+    cfg = _tiny_config(train_img_size=48)
+    assert cfg.train_spec("tiny_vit").train_img_size == 48 and cfg.spec("tiny_vit").train_img_size is None
+
+
+def test_bf16_autocast_training_step_and_bf16_peak():
+    """--train-amp bf16: the step's forward really runs in bf16, the loss falls on a fixed batch, and the master
+    tensors stay FP32; --dtype bf16: the peak is a bf16 GEMM."""
+    setup = bench.train_setup(SPECS["tiny_vit"], "lora", batch=4, device=torch.device("cpu"), amp="bf16")
+    assert setup.amp == torch.bfloat16 and setup.scaler is None
+    seen = []
+    hook = setup.model.head.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    losses = [setup.step() for _ in range(8)]
+    hook.remove()
+    assert seen and all(d == torch.bfloat16 for d in seen)
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert all(p.dtype == torch.float32 for p in setup.model.parameters())
+    peak = bench.matmul_peak(64, reps=2, warmup=1, dtype=torch.bfloat16)
+    assert peak["dtype"] == "bfloat16" and _finite_positive(peak["gflops"])
+
+
+def test_compiled_and_bf16_inference_rows_are_checked_against_eager():
+    """--dtype bf16 --compile eager: compiled plain / merged / unmerged rows next to the eager ones, each with a
+    parity entry against its eager output at that batch, and the run's peak measured in bf16."""
+    out = bench.run_benchmarks(_tiny_config(suites=("inference",), models=("tiny_vit",), methods=("rlrr",),
+                                            onnxruntime=False, tensorrt="off", dtype="bf16", compile="eager"))
+    model = out["inference"][0]
+    assert model["dtype"] == "bf16" and "bfloat16" in out["peak"]["basis"]
+    for batch in (1, 3):
+        keys = {(r["backend"], r["variant"]) for r in model["rows"] if r["batch"] == batch}
+        assert {("compiled", "plain"), ("compiled", "merged"), ("compiled", "unmerged-rlrr")} <= keys
+        for variant in ("plain", "merged", "unmerged-rlrr"):
+            parity = model["parity"][f"compiled:{variant}@b{batch}"]
+            assert parity["passed"] and parity["tolerance"] == "compiled_vs_eager", parity
+    assert all(r["valid"] for r in model["rows"])
+    assert any(r["ratio"] == "merged/plain" and r["backend"] == "compiled" for r in model["ratios"])
+
+
+def test_a_variant_that_fails_to_compile_is_reported_and_not_timed(monkeypatch):
+    """A bare GPU machine may lack what inductor needs (a C compiler for Triton): the compiled rows are dropped with
+    a failed parity entry and a note, and the eager rows of the run are still measured."""
+    class Broken:
+        def __init__(self, *_a, **_k):
+            pass
+
+        def __call__(self, _x):
+            raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+    monkeypatch.setattr(torch, "compile", Broken)
+    out = bench.run_benchmarks(_tiny_config(suites=("inference",), models=("tiny_vit",), methods=("lora",),
+                                            batches=(2,), onnxruntime=False, tensorrt="off", compile="inductor"))
+    model = out["inference"][0]
+    assert {r["backend"] for r in model["rows"]} == {"eager"} and all(r["valid"] for r in model["rows"])
+    failed = model["parity"]["compiled:merged@b2"]
+    assert not failed["passed"] and "C compiler" in failed["failures"][0]
+    assert any("compiled:unmerged-lora at batch 2 failed to compile" in n for n in model["notes"])
+
+
 def test_delta_cost_per_method():
     for method in ("rlrr", "lora", "aoft"):
         setup = bench.train_setup(SPECS["tiny_vit"], method, batch=2, device=torch.device("cpu"))

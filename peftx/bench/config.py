@@ -3,7 +3,7 @@ it checks (from the project's issue). :meth:`BenchConfig.quick` is the minutes-l
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -69,7 +69,15 @@ MODELS: dict[str, ModelSpec] = {
                          img_size=224, train_img_size=112),
     "vit_b16": ModelSpec("vit_b16", "vit_base_patch16_224", "ViT-B/16 (random init)", train_img_size=112),
     "swin_t": ModelSpec("swin_t", "swin_tiny_patch4_window7_224", "Swin-T (random init)", ort_model_type="swin"),
+    # smoke runs only (the GPU check's CPU mode): milliseconds per step on 2 cores
+    "tiny": ModelSpec("tiny", "vit_tiny_patch16_224", "ViT-Ti/16 depth 2 (random init; smoke runs)", img_size=64,
+                      kwargs=(("depth", 2),)),
 }
+# --dtype: the precision the PyTorch variants run in (weights and inputs cast); the matmul peak is measured in it.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# --compile: the variants torch.compile also times (the merged method's unmerged form: the costliest to compile).
+COMPILED_VARIANTS = ("plain", "merged", "unmerged")
+TRAIN_AMP = ("off", "bf16", "fp16")
 
 
 @dataclass
@@ -88,6 +96,8 @@ class BenchConfig:
     onnxruntime: bool = True
     ort_fused: bool = True  # also time the onnxruntime.transformers.optimizer graph
     tensorrt: str = "auto"  # auto | off
+    dtype: str = "fp32"  # PyTorch inference precision: fp32 | bf16 | fp16 (ONNX Runtime / TensorRT stay FP32)
+    compile: str = "off"  # off, or a torch.compile backend (inductor; eager = dynamo tracing only) for "compiled"
     # inference timing: rounds adapt to budget_s per (model, batch), within [min_rounds, max_rounds]
     warmup: int = 1
     min_rounds: int = 5
@@ -97,6 +107,8 @@ class BenchConfig:
     discard_contended: bool = True  # CPU: re-run rounds during which another process held a core
     # training
     train_batch: int = 32
+    train_img_size: int | None = None  # None: the model spec's training size
+    train_amp: str = "off"  # off | bf16 | fp16 (with a GradScaler), as peftx train --amp
     train_warmup: int = 1
     train_rounds: int = 4
     train_budget_s: float = 30.0
@@ -154,6 +166,21 @@ class BenchConfig:
             raise UsageError(f"tensorrt {self.tensorrt!r}", "choose auto or off")
         if self.threads is not None and self.threads < 1:
             raise UsageError(f"threads must be >= 1, got {self.threads}")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"dtype {self.dtype!r}", f"choose from {', '.join(DTYPES)}")
+        if self.train_amp not in TRAIN_AMP:
+            raise UsageError(f"train amp {self.train_amp!r}", f"choose from {', '.join(TRAIN_AMP)}")
+        if self.train_amp != "off":
+            from ..runtime import resolve_amp, resolve_device
+
+            resolve_amp(self.train_amp, resolve_device(self.device))  # fp16 autocast on CPU is refused here
+        if self.train_img_size is not None and self.train_img_size < 1:
+            raise UsageError(f"train image size must be >= 1, got {self.train_img_size}")
+
+    def train_spec(self, key: str) -> ModelSpec:
+        """The training backbone ``key`` at ``train_img_size`` when one is set (the training and profile suites)."""
+        spec = self.spec(key)
+        return replace(spec, train_img_size=self.train_img_size) if self.train_img_size else spec
 
 
 def parse_list(text: str | Sequence[str] | None, *, kind: type = str) -> tuple:

@@ -15,8 +15,8 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from ..runtime import resolve_device
-from .config import (EXPORT_SECONDS_MAX, MERGED_OVER_PLAIN_MAX, ORT_PEAK_FRACTION_MIN, VERDICT_MIN_ROUNDS,
-                     BenchConfig, Progress)
+from .config import (DTYPES, EXPORT_SECONDS_MAX, MERGED_OVER_PLAIN_MAX, ORT_PEAK_FRACTION_MIN,
+                     VERDICT_MIN_ROUNDS, BenchConfig, Progress)
 from .machine import environment, loadavg, physical_cores, torch_threads
 from .peak import matmul_peak, ort_matmul_peak
 from .plots import plot_results
@@ -36,8 +36,8 @@ def run_benchmarks(cfg: BenchConfig, progress: Progress | None = None) -> dict[s
     started = time.perf_counter()
     results: dict[str, Any] = {"config": _config_json(cfg), "environment": environment(threads, device)}
     with torch_threads(threads), _work_dir(cfg.work_dir) as work:
-        say(f"matmul peak: {cfg.matmul_n}^3 sgemm on {device.type}, {threads} thread(s)")
-        peaks = [matmul_peak(cfg.matmul_n, reps=cfg.matmul_reps, device=device)]
+        say(f"matmul peak: {cfg.matmul_n}^3 {cfg.dtype} GEMM on {device.type}, {threads} thread(s)")
+        peaks = [matmul_peak(cfg.matmul_n, reps=cfg.matmul_reps, device=device, dtype=DTYPES[cfg.dtype])]
         if cfg.onnxruntime and device.type == "cpu" and "inference" in cfg.suites:
             peaks.append(ort_matmul_peak(cfg.matmul_n, reps=cfg.matmul_reps, threads=threads))
         results["peak_start"] = peaks
@@ -47,16 +47,17 @@ def run_benchmarks(cfg: BenchConfig, progress: Progress | None = None) -> dict[s
             results["inference"] = [bench_inference(cfg.spec(k), cfg, threads=threads, device=device,
                                                     work_dir=work, progress=say) for k in cfg.models]
         if "training" in cfg.suites:
-            results["training"] = [bench_training(cfg.spec(k), cfg, threads=threads, device=device, progress=say)
+            results["training"] = [bench_training(cfg.train_spec(k), cfg, threads=threads, device=device, progress=say)
                                    for k in cfg.train_models]
         if "profile" in cfg.suites:
-            results["profile"] = [bench_profile(cfg.spec(k), cfg, device=device, progress=say)
+            results["profile"] = [bench_profile(cfg.train_spec(k), cfg, device=device, progress=say)
                                   for k in cfg.train_models]
         if "export" in cfg.suites:
             results["export"] = [bench_export(cfg.spec(k), cfg, threads=threads, work_dir=work, progress=say)
                                  for k in cfg.export_models]
         say("matmul peak again (end of run)")
-        results["peak_end"] = [matmul_peak(cfg.matmul_n, reps=cfg.matmul_reps, device=device)]
+        results["peak_end"] = [matmul_peak(cfg.matmul_n, reps=cfg.matmul_reps, device=device,
+                                           dtype=DTYPES[cfg.dtype])]
         if device.type == "cpu":
             results["contention_end"] = contention_probe(threads)
     results["environment"]["loadavg_end"] = loadavg()
@@ -71,7 +72,8 @@ def finalize(results: dict[str, Any]) -> dict[str, Any]:
                    if p["backend"].startswith("torch")]
     all_peaks = [p for p in results.get("peak_start", []) + results.get("peak_end", [])]
     peak = max(torch_peaks) if torch_peaks else None
-    results["peak"] = {"gflops": peak, "basis": "best torch.mm sgemm of this run (start and end)",
+    dtypes = sorted({p["dtype"] for p in all_peaks if p["backend"].startswith("torch")})
+    results["peak"] = {"gflops": peak, "basis": f"best torch.mm {'/'.join(dtypes)} GEMM of this run (start and end)",
                        "all": all_peaks}
     for model in results.get("inference", []):
         for row in model["rows"]:

@@ -122,16 +122,18 @@ def fold_shift_into_norm(norm_bias: torch.Tensor, weight: torch.Tensor, shift: t
     feeds it.
 
     Exact when W [out, in] has full row rank (out <= in; Swin's reduction is 2C x 4C). Solved in float64 with the
-    min-norm least-squares solution; refused if the residual is above FP32 rounding.
+    min-norm least-squares solution; refused if the residual is above FP32 rounding. Solved on the CPU whatever the
+    model's device: CUDA's lstsq has only the 'gels' driver, which needs a tall full-rank matrix (this one is wide).
     """
-    w = weight.double()
-    delta = torch.linalg.lstsq(w, shift.double().unsqueeze(1), driver="gelsd").solution.squeeze(1)
-    resid = (w @ delta - shift.double()).norm().item()
-    if resid > LSTSQ_FOLD_REL * max(shift.double().norm().item(), 1e-30):
+    w = weight.detach().to("cpu", torch.float64)
+    s = shift.detach().to("cpu", torch.float64)
+    delta = torch.linalg.lstsq(w, s.unsqueeze(1), driver="gelsd").solution.squeeze(1)
+    resid = (w @ delta - s).norm().item()
+    if resid > LSTSQ_FOLD_REL * max(s.norm().item(), 1e-30):
         raise ExportError(f"{where}: the bias shift cannot be folded into the preceding LayerNorm "
                           f"(residual {resid:.2e}); nothing was changed",
                           "its merged weight lost full row rank: retrain, or adapt without this layer (--targets)")
-    return (norm_bias.double() + delta).to(norm_bias.dtype)
+    return (norm_bias.double() + delta.to(norm_bias.device)).to(norm_bias.dtype)
 
 
 def has_full_row_rank(weight: torch.Tensor) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -9,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ..config import MERGED_OVER_PLAIN_MAX, NUM_CLASSES, BenchConfig, ModelSpec, Progress
+from ..config import COMPILED_VARIANTS, DTYPES, MERGED_OVER_PLAIN_MAX, NUM_CLASSES, BenchConfig, ModelSpec, Progress
 from ..flops import count_flops
 from ..machine import device_sync
 from ..ort import model_dims, optimize_for_ort, ort_providers, ort_session_options
@@ -28,6 +29,7 @@ def bench_inference(spec: ModelSpec, cfg: BenchConfig, *, threads: int, device: 
     from ...data import real_images
     from ...exports.parity import make_input_sets
     from ...exports.runners import TorchRunner
+    from ...runtime import use_fused_attention
     from ...tolerances import MERGE_FP32
 
     say = progress
@@ -41,7 +43,7 @@ def bench_inference(spec: ModelSpec, cfg: BenchConfig, *, threads: int, device: 
     merged_method = cfg.methods[0]
     merged = merge_and_unload(unmerged[merged_method]).eval()
     out: dict[str, Any] = {"model": spec.key, "label": spec.label, "timm_name": spec.name,
-                           "input_size": list(input_size),
+                           "input_size": list(input_size), "dtype": cfg.dtype,
                            "gflop_per_image": flops / 1e9, "merged_method": merged_method, "rows": [], "ratios": [],
                            "parity": {}, "notes": []}
     images = real_images(cfg.parity_images, dcfg).numpy()
@@ -62,14 +64,22 @@ def bench_inference(spec: ModelSpec, cfg: BenchConfig, *, threads: int, device: 
     engines = _tensorrt_runners(cfg, work_dir, spec, max(cfg.batches), inputs,
                                 {"plain": ref_plain, "merged": ref_unmerged}, out, say)
 
+    dtype = DTYPES[cfg.dtype]
+    for m in modules.values():  # after the FP32 exports and parity: only the timed PyTorch variants change
+        m.to(dtype)
+        if device.type == "cuda":  # GPU users run timm's fused SDPA attention (peftx's trainer and eval do too)
+            use_fused_attention(m)
+    out["attention"] = "fused SDPA" if device.type == "cuda" else "timm exportable (no SDPA), as exported"
     sync = device_sync(device)
     gen = torch.Generator().manual_seed(cfg.seed)
     for batch in cfg.batches:
         x = torch.randn(batch, *input_size, generator=gen)
-        xd, xn = x.to(device), x.numpy()
+        xd, xn = x.to(device, dtype), x.numpy()
         fns: dict[str, Callable[[], Any]] = {}
         for variant, module in modules.items():
             fns[f"eager:{variant}"] = (lambda mod=module: mod(xd))
+        if cfg.compile != "off":
+            fns.update(_compiled_variants(modules, merged_method, xd, cfg.compile, out, batch, say))
         for key, runner in sessions.items():
             fns[key] = (lambda r=runner: r.infer(xn))
         for key, runner in engines.items():
@@ -83,7 +93,7 @@ def bench_inference(spec: ModelSpec, cfg: BenchConfig, *, threads: int, device: 
         out.setdefault("timing", {})[str(batch)] = timing.to_json()
         for key, ts in times.items():
             backend, _, variant = key.partition(":")
-            parity = out["parity"].get(key)
+            parity = out["parity"].get(f"{key}@b{batch}") or out["parity"].get(key)
             out["rows"].append({
                 "model": spec.key, "batch": batch, "backend": backend, "variant": variant,
                 "valid": parity["passed"] if parity else True, **latency_stats(ts, batch, flops),
@@ -92,6 +102,43 @@ def bench_inference(spec: ModelSpec, cfg: BenchConfig, *, threads: int, device: 
     for runner in (*sessions.values(), *engines.values()):
         runner.__exit__(None, None, None)
     return out
+
+
+def _compiled_variants(modules: dict[str, nn.Module], merged_method: str, x: torch.Tensor, backend: str,
+                       out: dict, batch: int, say: Progress) -> dict[str, Callable[[], Any]]:
+    """torch.compile'd plain, merged and unmerged models (static shapes: one graph per batch size), compiled here
+    and checked against their eager outputs on ``x`` (COMPILED_VS_EAGER), so a timed graph is known to be right.
+
+    A variant that fails to compile (no C compiler for Triton's launcher on a bare machine, an unsupported op) is
+    recorded as a failed parity entry and a note, and is not timed: the eager rows of the run still count.
+    """
+    from ...tolerances import COMPILED_VS_EAGER
+
+    torch.compiler.reset()  # a fresh cache per batch size: no recompile limit is reached across variants
+    fns: dict[str, Callable[[], Any]] = {}
+    for variant in COMPILED_VARIANTS:
+        key = f"unmerged-{merged_method}" if variant == "unmerged" else variant
+        say(f"batch {batch}: torch.compile (backend {backend}) of the {key} model")
+        compiled = torch.compile(modules[key], backend=backend, dynamic=False)
+        t0 = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                got, want = compiled(x).float(), modules[key](x).float()
+        except Exception as exc:  # noqa: BLE001 - recorded; eager timing goes on without this variant
+            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+            out["notes"].append(f"compiled:{key} at batch {batch} failed to compile ({reason}): not timed")
+            out["parity"][f"compiled:{key}@b{batch}"] = {
+                "passed": False, "tolerance": COMPILED_VS_EAGER.name, "max_abs": math.nan, "bound": math.nan,
+                "reference": f"eager {key} ({x.dtype}, batch {batch})", "failures": [f"compile failed: {reason}"]}
+            continue
+        out.setdefault("compile_s", {})[f"b{batch}:{key}"] = time.perf_counter() - t0
+        err = float((got - want).abs().max())
+        bound = COMPILED_VS_EAGER.bound(float(want.abs().max()))
+        out["parity"][f"compiled:{key}@b{batch}"] = {
+            "passed": bool(math.isfinite(err) and err <= bound), "tolerance": COMPILED_VS_EAGER.name, "max_abs": err,
+            "bound": bound, "reference": f"eager {key} ({x.dtype}, batch {batch})", "failures": []}
+        fns[f"compiled:{key}"] = (lambda c=compiled: c(x))
+    return fns
 
 
 def _ort_sessions(spec: ModelSpec, cfg: BenchConfig, plain: nn.Module, merged: nn.Module, input_size: tuple,
@@ -176,7 +223,7 @@ def _tensorrt_runners(cfg: BenchConfig, work_dir: Path, spec: ModelSpec, max_bat
 
 def _inference_ratios(model: str, batch: int, times: dict[str, list[float]], methods: Sequence[str]) -> list[dict]:
     rows = []
-    for backend in ("eager", "ort", "ort-fused", "trt"):
+    for backend in ("eager", "compiled", "ort", "ort-fused", "trt"):
         p, m = times.get(f"{backend}:plain"), times.get(f"{backend}:merged")
         if p and m:
             r = paired_ratio(m, p)
@@ -190,7 +237,7 @@ def _inference_ratios(model: str, batch: int, times: dict[str, list[float]], met
             rows.append({"model": model, "batch": batch, "ratio": f"unmerged-{method}/merged", "backend": "eager",
                          "value": paired_ratio(u, merged), "min_ratio": min_ratio(u, merged), "target": None,
                          "met": None})
-    for backend in ("ort", "ort-fused", "trt"):
+    for backend in ("compiled", "ort", "ort-fused", "trt"):
         b = times.get(f"{backend}:merged")
         if b and merged:
             rows.append({"model": model, "batch": batch, "ratio": f"{backend}/eager (merged)", "backend": backend,

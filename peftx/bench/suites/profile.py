@@ -16,7 +16,7 @@ def bench_profile(spec: ModelSpec, cfg: BenchConfig, *, device: torch.device, pr
     out: dict[str, Any] = {"model": spec.key, "label": spec.label, "batch": cfg.train_batch, "profiles": {}}
     for m in cfg.train_methods:
         progress(f"{spec.key} profile: {m}")
-        setup = train_setup(spec, m, batch=cfg.train_batch, device=device, seed=cfg.seed)
+        setup = train_setup(spec, m, batch=cfg.train_batch, device=device, seed=cfg.seed, amp=cfg.train_amp)
         out["img_size"] = list(setup.x.shape[-2:])
         out["profiles"][m] = profile_step(setup.step, steps=cfg.profile_steps, cuda=device.type == "cuda")
         del setup

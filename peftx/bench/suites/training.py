@@ -29,31 +29,46 @@ class _TrainSetup:
     y: torch.Tensor
     trainable: int
     total: int
+    amp: torch.dtype | None = None  # autocast dtype, as peftx's trainer (fp16 with a GradScaler)
+    scaler: Any = None
+
+    def _loss(self) -> torch.Tensor:
+        from ...runtime import autocast
+
+        with autocast(self.x.device, self.amp):
+            logits = self.model(self.x)
+        return nn.functional.cross_entropy(logits.float(), self.y)
 
     def step(self) -> float:
         self.optimizer.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(self.model(self.x), self.y)
-        loss.backward()
-        self.optimizer.step()
+        loss = self._loss()
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         return float(loss.detach())
 
     def forward_backward(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(self.model(self.x), self.y).backward()
+        self._loss().backward()
 
 
 def train_setup(spec: ModelSpec, method: str, *, batch: int, device: torch.device, seed: int = 0,
-                fused_attention: bool = True) -> _TrainSetup:
+                fused_attention: bool = True, amp: str = "off") -> _TrainSetup:
     """The model, AdamW and a fixed batch for one training step of ``method`` (a registered method, "full" = full
     fine-tuning among them, or "frozen" = the backbone-only reference, see TRAIN_BASELINES).
 
     Mirrors peftx's trainer: timm's fused (SDPA) attention switched on for training, and the trainer's own AdamW
     and parameter groups (:func:`peftx.train.optim.make_optimizer`: no decay on biases, norms and adapter scales)
-    with lr 1e-4 and the generic recipe's weight decay, FP32.
+    with lr 1e-4 and the generic recipe's weight decay, in FP32 or under ``amp`` autocast (fp16 with a GradScaler,
+    as the trainer).
     """
     from ...adapter import adapt, count_parameters
     from ...methods import make_config
-    from ...runtime import use_fused_attention
+    from ...runtime import resolve_amp, use_fused_attention
     from ...train.optim import make_optimizer
     from ...train.recipes import GENERIC
 
@@ -74,7 +89,9 @@ def train_setup(spec: ModelSpec, method: str, *, batch: int, device: torch.devic
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, *size, generator=gen).to(device)
     y = torch.randint(0, TRAIN_CLASSES, (batch,), generator=gen).to(device)
-    return _TrainSetup(method, model, optimizer, x, y, trainable, total)
+    amp_dtype = resolve_amp(amp, device)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    return _TrainSetup(method, model, optimizer, x, y, trainable, total, amp_dtype, scaler)
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -110,6 +127,7 @@ def delta_cost(model: nn.Module, *, reps: int = 5) -> dict[str, Any] | None:
         return outs
 
     outs = build()
+    sync = device_sync(layers[0].base_layer.weight.device)  # CUDA runs asynchronously: time kernels, not launches
     grads = [torch.randn_like(t) for t in outs if t.requires_grad]
     rlrr_grads = [torch.randn_like(m.base_layer.weight) for m in rlrr]
     params = [p for m in layers for p in m.adapter_parameters()]
@@ -117,14 +135,17 @@ def delta_cost(model: nn.Module, *, reps: int = 5) -> dict[str, Any] | None:
     for _ in range(reps + 1):
         for p in params:
             p.grad = None
+        sync()
         t0 = time.perf_counter()
         outs = build()
+        sync()
         t1 = time.perf_counter()
         if grads:
             torch.autograd.backward([t for t in outs if t.requires_grad], grads)
         with torch.no_grad():
             for m, g in zip(rlrr, rlrr_grads):
                 rescale_vector_grads(g.clone(), m.base_layer.weight, m.s_row, m.s_col, m.col_groups)
+        sync()
         t2 = time.perf_counter()
         fwd.append(t1 - t0)
         total.append(t2 - t0)
@@ -153,13 +174,13 @@ def _reset_peak_rss() -> bool:
 
 
 def memory_worker(spec: ModelSpec, method: str, batch: int, steps: int, threads: int, device: str,
-                  seed: int) -> dict[str, Any]:
+                  seed: int, amp: str = "off") -> dict[str, Any]:
     """Runs in a fresh process: peak memory (and an isolated step time) of ``steps`` training steps of ``method``."""
     import resource
 
     torch.set_num_threads(threads)
     dev = torch.device(device)
-    setup = train_setup(spec, method, batch=batch, device=dev, seed=seed)
+    setup = train_setup(spec, method, batch=batch, device=dev, seed=seed, amp=amp)
     out: dict[str, Any] = {"method": method}
     params = [p for p in setup.model.parameters() if p.requires_grad]
     out["param_bytes"] = sum(p.numel() * p.element_size() for p in setup.model.parameters())
@@ -244,11 +265,14 @@ def bench_training(spec: ModelSpec, cfg: BenchConfig, *, threads: int, device: t
     say = progress
     methods = list(cfg.train_methods)
     say(f"{spec.key} training: building {', '.join(methods)}")
-    setups = {m: train_setup(spec, m, batch=cfg.train_batch, device=device, seed=cfg.seed) for m in methods}
+    setups = {m: train_setup(spec, m, batch=cfg.train_batch, device=device, seed=cfg.seed, amp=cfg.train_amp)
+              for m in methods}
     any_setup = next(iter(setups.values()))
+    precision = "FP32" if cfg.train_amp == "off" else f"{cfg.train_amp} autocast" + (
+        " + GradScaler" if cfg.train_amp == "fp16" else "")
     out: dict[str, Any] = {"model": spec.key, "label": spec.label, "batch": cfg.train_batch,
                            "img_size": list(any_setup.x.shape[-2:]), "rows": [], "ratios": [],
-                           "settings": "FP32, timm fused (SDPA) attention on as in peftx's trainer, AdamW "
+                           "settings": f"{precision}, timm fused (SDPA) attention on as in peftx's trainer, AdamW "
                                        "(torch default implementation) over the trainable tensors only"}
     step_flops = {m: count_step_flops(s.forward_backward, cfg.train_batch) for m, s in setups.items()}
     say(f"{spec.key} training: timing {len(methods)} methods interleaved")
@@ -266,7 +290,7 @@ def bench_training(spec: ModelSpec, cfg: BenchConfig, *, threads: int, device: t
     for m in methods:
         say(f"{spec.key} training: peak memory of {m} ({'own process' if cfg.isolate_memory else 'in process'})")
         memory[m] = run_memory_worker(cfg.isolate_memory, spec, m, cfg.train_batch, cfg.memory_steps, threads,
-                                       str(device), cfg.seed)
+                                      str(device), cfg.seed, cfg.train_amp)
     for m in methods:
         st = latency_stats(times[m], cfg.train_batch, None)
         mem = memory[m]
