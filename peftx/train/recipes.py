@@ -1,6 +1,6 @@
 """Training recipes: the RLRR paper's per-task VTAB-1k hyper-parameters, and the embedded demo's defaults.
 
-Source: /work/shared/METHODS.md, read from the RLRR authors' code (zstarN70/RLRR). Every value is a default only:
+Source: the RLRR paper (arXiv 2403.19067) and its authors' code (zstarN70/RLRR). Every value is a default only:
 any field a :class:`~peftx.train.TrainConfig` sets explicitly wins over the recipe.
 """
 
