@@ -32,7 +32,8 @@ from peftx.compare_report import WIDTH, format_table
 from peftx.datasets_registry import TASK_NAMES, prepare_task, read_task
 from peftx.demo_weights import cache_dir
 
-# Mean top-1 over the 19 VTAB-1k tasks, ViT-B/16 ImageNet-21k (RLRR arXiv 2403.19067, AOFT arXiv 2507.13260 — AOFT: its variants' range).
+# Mean top-1 over the 19 VTAB-1k tasks, ViT-B/16 ImageNet-21k (RLRR arXiv 2403.19067, AOFT arXiv 2507.13260;
+# AOFT: its variants' range).
 PAPER_VTAB = {"rlrr": (74.5, 74.5), "aoft": (72.7, 74.1), "lora": (72.3, 72.3), "full": (65.6, 65.6),
               "linear": (52.9, 52.9)}
 PAPER_ORDER = ("rlrr", "aoft", "lora", "full", "linear")  # best first, by the papers' means
