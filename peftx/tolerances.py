@@ -136,9 +136,11 @@ TRAIN_ACCURACY_POINTS = 3.0
 # points (CPU bf16 vs FP32 measured: within 1.2 points); the check there is that the AMP run learns about as much.
 TRAIN_ACCURACY_POINTS_QUICK = 10.0
 # "The losses fall": the mean loss over the last quarter of the steps is below this fraction of the first quarter's.
-# The demo goes from 2.3 (chance over 10 classes) to about 0.1 (measured on CPU: ratios 0.03-0.2 over 3 epochs), so
-# half is a loose floor that a run which does not learn (ratio ~1) or diverges never meets.
-TRAIN_LOSS_FALL = 0.5
+# The adapters take the demo from 2.3 (chance over 10 classes) to about 0.1 (measured on CPU: ratios 0.03-0.2 over
+# 3 epochs); the baselines learn slower in those 3 epochs: linear 0.41, full (its recipe's 0.01 x lr) 0.65, still
+# reaching 80 / 85 % test accuracy. 0.8 keeps them in and is still a floor that a run which does not learn (ratio ~1)
+# or diverges never meets.
+TRAIN_LOSS_FALL = 0.8
 # --quick: 20 steps of the tiny random ViT bring the loss from 2.30 to 1.8-2.1 (ratios 0.78-0.92 measured).
 TRAIN_LOSS_FALL_QUICK = 0.95
 
