@@ -52,6 +52,7 @@ from .accuracy import AccuracyReport, AccuracySet, Candidate, measure_accuracy
 from .fp16 import convert_to_fp16, strict_fp16_emulation
 from .layernorm import decomposed_layernorms, fp32_node_names, unsafe_layer_names
 from .onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, op_histogram, param_count, read_metadata
+from .reference_set import REFERENCE_FILE, write_reference_set
 from .parity import ParityReport, ParityResult, compare, make_input_sets, reference_outputs
 from .runners import OnnxRuntimeRunner, TensorRTRunner, TorchRunner
 from .simplify import simplify_onnx
@@ -109,6 +110,7 @@ class BundleReport:
     timings: dict[str, float]
     warnings: list[str] = field(default_factory=list)
     fp32_nodes: list[str] = field(default_factory=list)  # the target's FP32 nodes in FP16 builds
+    reference_set: dict[str, Any] = field(default_factory=dict)  # metadata.json's entry (reference_set.py)
 
     @property
     def target(self) -> TargetProfile:
@@ -400,9 +402,14 @@ def _assemble(work: Path, reference: torch.nn.Module, merged: torch.nn.Module, i
     _write_text(work / BUILD_SCRIPT_FILE, script, executable=True)
     # The engine is device-specific and is rebuilt on the device: it is tied to the bundle by model.engine.json (sha256
     # of the engine and of its source ONNX), not by metadata.json, so a rebuild with build_engine.sh keeps it valid.
-    sha = {name: sha256_file(work / name) for name in (ONNX_FILE, FP16_FILE, INFER_FILE, BUILD_SCRIPT_FILE)}
+    say("writing the reference set (infer.py --check)")
+    reference_set = write_reference_set(work, reference, json.loads(json.dumps(opt.preprocessing)), opt.accuracy_set,
+                                        images)
+    hashed = (ONNX_FILE, FP16_FILE, INFER_FILE, BUILD_SCRIPT_FILE, REFERENCE_FILE, *reference_set["raw_files"])
+    sha = {name: sha256_file(work / name) for name in hashed}
     report = BundleReport(work, "ok" if parity.passed else "failed", parity, readiness, sha, trt_info,
-                          simplify_info, fp16, {k: round(v, 3) for k, v in timings.items()}, warnings, fp32_nodes)
+                          simplify_info, fp16, {k: round(v, 3) for k, v in timings.items()}, warnings, fp32_nodes,
+                          reference_set)
     _write_json_atomic(work / PARITY_FILE, parity.to_json())
     _write_json_atomic(work / READINESS_FILE, readiness.to_json())
     _write_json_atomic(work / METADATA_FILE, _metadata(report, onnx_path, opt))
@@ -604,6 +611,7 @@ def _metadata(report: BundleReport, onnx_path: Path, opt: _Options) -> dict[str,
                           "target": opt.target.name, "tensorrt_version_checked": report.readiness.tensorrt_version,
                           "files": sorted(report.readiness.files), "file": READINESS_FILE},
         "parity": _parity_summary(report.parity), "accuracy": _accuracy_summary(report.parity.accuracy),
+        "reference_set": report.reference_set,
         "timings": report.timings, "warnings": report.warnings,
         "versions": _versions(),
     }
