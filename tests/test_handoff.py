@@ -263,3 +263,60 @@ def test_usage_mistakes_exit_2(built):
     for args in ((), ("--check", "x.jpg"), ("--top", "0", "x.jpg")):
         done = run_infer(out, *args)
         assert done.returncode == 2 and "Traceback" not in done.stderr
+
+
+# --- DeepStream --------------------------------------------------------------------------------------------------
+
+
+def nvinfer_worst_error(k: float, offsets, mean, std) -> float:
+    """nvinfer's y = k * (x - offset) against (x / 255 - mean) / std, over every 8-bit pixel value and channel."""
+    x = np.arange(256, dtype=np.float64)
+    return max(float(np.abs(k * (x - o) - (x / 255 - m) / s).max()) for o, m, s in zip(offsets, mean, std))
+
+
+def test_deepstream_config_and_labels(built):
+    import configparser
+
+    out, _ = built
+    meta = json.loads((out / "metadata.json").read_text())
+    text = (out / "config_infer_primary.txt").read_text()
+    parser = configparser.ConfigParser()
+    parser.read_string(text)
+    prop = parser["property"]
+    assert (prop["onnx-file"], prop["model-engine-file"], prop["labelfile-path"]) == \
+        ("model.onnx", "model.engine", "labels.txt")
+    assert prop["network-mode"] == "0" and prop["network-type"] == "1" and prop["infer-dims"] == f"3;{SIZE};{SIZE}"
+    assert prop["model-color-format"] == "0" and prop["output-blob-names"] == "logits" and prop["batch-size"] == "4"
+    assert (out / "labels.txt").read_text() == ";".join(CLASSES) + "\n"
+    mean, std = DATA_CONFIG["mean"], DATA_CONFIG["std"]
+    k, offsets = float(prop["net-scale-factor"]), [float(v) for v in prop["offsets"].split(";")]
+    np.testing.assert_allclose(offsets, [255 * m for m in mean], rtol=1e-6)
+    worst = nvinfer_worst_error(k, offsets, mean, std)
+    assert worst == pytest.approx(meta["deepstream"]["max_abs_error"], rel=1e-4) and worst > 0.02  # ImageNet std
+    assert f"max error {worst:.3g}" in text
+    for nudge in (0.999, 1.001):  # no other single scale does better
+        assert nvinfer_worst_error(k * nudge, offsets, mean, std) > worst
+    # this bundle centre-crops: the config says nvinfer cannot, and what to do
+    assert meta["deepstream"]["geometry"]["matches"] is False and "nvinfer cannot crop" in text
+
+
+@pytest.mark.parametrize("mode, crop, aspect, matches", [
+    ("squash", 1.0, 0, True), ("squash", 0.9, 0, False), ("center", 0.875, 0, False), ("border", 1.0, 1, False)])
+def test_deepstream_resize_per_crop_mode(mode, crop, aspect, matches):
+    from peftx.exports.deepstream import geometry
+
+    geo = geometry({**DATA_CONFIG, "crop_mode": mode, "crop_pct": crop})
+    assert (geo.maintain_aspect_ratio, geo.symmetric_padding, geo.matches) == (aspect, aspect, matches)
+    assert matches or "re-train with" in geo.note
+
+
+def test_deepstream_network_mode_per_precision_and_exact_scales():
+    from peftx.exports.deepstream import labels_text, render_config
+
+    prep = {**DATA_CONFIG, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    for precision, mode in (("fp32", "0"), ("fp16", "2"), ("int8", "1")):
+        text, entry = render_config(prep, precision=precision, onnx_file="m.onnx", batch=1, output_name="logits")
+        assert f"\nnetwork-mode={mode}\n" in text
+    assert entry["exact"] is True and entry["max_abs_error"] == 0.0 and "exact (one std" in text
+    labels, warnings = labels_text(["a;b", "c"])
+    assert labels == "a,b;c\n" and len(warnings) == 1
