@@ -660,8 +660,12 @@ def _versions() -> dict[str, str]:
     import onnx
     import onnxruntime
 
+    import PIL
+
+    # numpy and Pillow made the reference set's tensors: a device that preprocesses differently is told which ones
     versions = {"python": platform.python_version(), "peftx": peftx.__version__, "torch": torch.__version__,
-                "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+                "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
+                "pillow": PIL.__version__}
     try:
         import timm
 

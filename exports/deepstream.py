@@ -105,7 +105,7 @@ def render_config(prep: Mapping[str, Any], *, precision: str, onnx_file: str, ba
     _, h, w = prep["input_size"]
     error = ("exact (one std for every channel)" if scale.exact else
              f"max error {scale.max_abs_error:.3g} on the normalised input ({scale.max_rel_error:.2%} of the "
-             "per-channel scale): see metadata.json's reference set and check accuracy on the device")
+             "per-channel scale): check accuracy on the device, or normalise per channel in your own code")
     lines = [
         "# Gst-nvinfer config for this peftx bundle: a primary classifier on full frames (edit paths and batch-size).",
         "# nvinfer computes y = net-scale-factor * (x - offsets[c]), x in 0..255, ONE scale for all channels; the",
