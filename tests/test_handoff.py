@@ -320,3 +320,29 @@ def test_deepstream_network_mode_per_precision_and_exact_scales():
     assert entry["exact"] is True and entry["max_abs_error"] == 0.0 and "exact (one std" in text
     labels, warnings = labels_text(["a;b", "c"])
     assert labels == "a,b;c\n" and len(warnings) == 1
+
+
+def test_check_with_tensorrt_needs_an_engine(built):
+    out, _ = built
+    done = run_infer(out, "--check", "--backend", "tensorrt")
+    assert done.returncode == 1
+    assert "FAIL  model.engine: missing — build it with ./build_engine.sh" in done.stdout.splitlines()
+
+
+def test_check_runs_a_real_engine(labelled, tmp_path):
+    """Where TensorRT exists: an engine built for the bundle passes --check under TensorRT (skipped elsewhere)."""
+    pytest.importorskip("tensorrt")
+    from peftx.exports.tensorrt import tensorrt_available
+
+    if not tensorrt_available():
+        pytest.skip("TensorRT cannot build here (no GPU)")
+    reference = tiny_vit()
+    accuracy = select(labelled_folder(labelled, CLASSES, DATA_CONFIG), "labelled", None)
+    images = np.stack([accuracy.dataset[i][0].numpy() for i in range(8)])
+    out = tmp_path / "bundle"
+    write_bundle(reference, copy.deepcopy(reference), out, input_size=(3, SIZE, SIZE), data_config=DATA_CONFIG,
+                 class_names=CLASSES, provenance={"method": "test"}, images=images, batch=(1, 4, 8),
+                 precision="fp16", tensorrt="on", accuracy_set=accuracy)
+    done = run_infer(out, "--check", "--backend", "tensorrt")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert any(line.startswith("PASS  fp16 model.engine (tensorrt)") for line in done.stdout.splitlines())

@@ -566,7 +566,7 @@ def _check_targets(meta: dict, choice: str, precision: str | None) -> tuple[list
         built = engine_precision(engine) if engine.exists() else None
         source = (_manifest_or_none(engine.with_name(MANIFEST_FILE)) or {}).get("source_onnx")
         if not engine.exists():
-            (targets.append(("model.engine", ["model.engine"], None, None, True)) if choice == "tensorrt" else
+            (targets.append(("model.engine", [], None, None, True)) if choice == "tensorrt" else
              notes.append("model.engine: not checked (not built here: ./build_engine.sh builds it)"))
         elif precision and built != precision:
             notes.append(f"model.engine: not checked (built at {built or 'an unknown precision'}, not {precision})")
