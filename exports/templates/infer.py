@@ -6,16 +6,7 @@ cuda-python instead of onnxruntime (no torch). Preprocessing (input size, interp
 std: the run's recorded contract) and class names come from metadata.json next to this file; ``preprocess_image``
 reproduces timm's evaluation transform, which training and `peftx eval` used, to the bit.
 
-    python infer.py photo.jpg [more.jpg | DIR ...] [--backend auto|onnx|tensorrt] [--precision fp32|fp16] [--top 5]
-    python infer.py --check [--backend ...] [--precision ...]     # the bundle checks itself on this machine
-
-A directory stands for the image files directly in it. Before an artifact is loaded its sha256 is compared with
-metadata.json's record, and a modified file is refused (``--no-verify`` skips that, for a file changed on purpose).
-``--check`` runs every artifact present (and model.engine, built here by build_engine.sh) on the shipped reference
-set (reference_set.npz: real preprocessed images with the UNMERGED model's outputs) with the tolerances recorded in
-metadata.json, and re-does the preprocessing of the raw files in reference/ with this machine's PIL and numpy; it
-prints pass/fail per artifact with the error figures. Exit status: 0 ok, 1 a check failed or an engine was refused,
-2 bad input (a missing or unreadable image, a bad option), 3 the bundle is incomplete or was modified.
+    python infer.py photo.jpg [more.jpg ...] [--backend auto|onnx|tensorrt] [--precision fp32|fp16] [--top 5]
 
 ``--backend auto`` runs model.engine with TensorRT when the engine is present and TensorRT + cuda-python + a GPU are
 there (and, with ``--precision``, the engine was built at that precision), and ONNX Runtime otherwise.
@@ -25,6 +16,15 @@ metadata.json's artifacts); without it, the bundle's own precision for ONNX, and
 Before an engine is loaded, model.engine.json (written wherever the engine was built) is compared with this machine:
 an engine built for another GPU or TensorRT version is refused with one line instead of TensorRT's "version tag does
 not match". peftx's own `validate` uses the same functions, and its accuracy check runs this file's preprocessing.
+
+A directory argument stands for the image files directly in it. Before an artifact is loaded its sha256 is compared
+with metadata.json's record, and a modified file is refused (``--no-verify`` skips that, for a file changed on
+purpose). ``python infer.py --check [--backend ...] [--precision ...]``: the bundle checks itself on this machine. It
+runs every artifact present (model.engine too, once build_engine.sh built it here) on the shipped reference set
+(reference_set.npz: real preprocessed images with the UNMERGED model's outputs) with the tolerances recorded in
+metadata.json, re-does the preprocessing of the raw files in reference/ with this machine's PIL and numpy, and
+prints pass/fail per artifact with the error figures. Exit status: 0 ok, 1 a check failed or an engine was refused,
+2 bad input (a missing or unreadable image, a bad option), 3 the bundle is incomplete or was modified.
 """
 
 from __future__ import annotations
@@ -362,6 +362,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _manifest_or_none(path: Path) -> dict | None:
+    """The engine manifest, or None when it is absent or unreadable (the caller decides what that means)."""
+    try:
+        return read_engine_manifest(path)
+    except ValueError:
+        return None
+
+
 def check_engine(engine: Path, facts=device_facts) -> None:
     """Refuse (exit with one line) an engine its manifest says was built for another machine; warn otherwise."""
     try:
@@ -453,13 +461,6 @@ def precisions(meta: dict) -> list[str]:
     """The precisions this bundle has an ONNX file for."""
     artifacts = meta.get("artifacts") or {}
     return [p for p, key in PRECISION_ARTIFACTS.items() if artifacts.get(key) and (HERE / artifacts[key]).is_file()]
-
-
-def _manifest_or_none(path: Path) -> dict | None:
-    try:
-        return read_engine_manifest(path)
-    except ValueError:
-        return None
 
 
 def engine_precision(engine: Path) -> str | None:
