@@ -346,3 +346,29 @@ def test_check_runs_a_real_engine(labelled, tmp_path):
     done = run_infer(out, "--check", "--backend", "tensorrt")
     assert done.returncode == 0, done.stdout + done.stderr
     assert any(line.startswith("PASS  fp16 model.engine (tensorrt)") for line in done.stdout.splitlines())
+
+
+def test_without_labelled_images_the_parity_images_are_the_reference_set(labelled, tmp_path):
+    """No labelled files on disk: the reference set is the (real, unlabelled) parity images, no raw files; --check
+    still runs every artifact, says the preprocessing could not be checked, and names a precision it lacks."""
+    from timm.data import create_transform
+
+    reference = tiny_vit(seed=3)
+    transform = create_transform(**DATA_CONFIG)
+    images = torch.stack([transform(Image.open(p).convert("RGB")) for p in sorted(labelled.rglob("*.*"))[:6]])
+    out = tmp_path / "bundle"
+    write_bundle(reference, copy.deepcopy(reference), out, input_size=(3, SIZE, SIZE), data_config=DATA_CONFIG,
+                 class_names=CLASSES, provenance={"method": "test"}, images=images, batch=(1, 4, 8),
+                 precision="fp16", tensorrt="off")
+    with np.load(out / "reference_set.npz", allow_pickle=False) as npz:
+        np.testing.assert_array_equal(npz["inputs"], images.numpy())
+        assert (npz["labels"] == -1).all() and len(npz["raw_files"]) == 0
+    done = run_infer(out, "--check")
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert "skip  preprocessing: not checked (the bundle holds no raw image files)" in lines
+    assert any(line.startswith("PASS  fp16 model_fp16.onnx (onnxruntime)") for line in lines)  # required: fp16
+    assert not any("accuracy" in line for line in lines)  # no labels, no accuracy figure
+    missing = run_infer(out, "--check", "--precision", "int8")
+    assert missing.returncode == 1 and missing.stdout.splitlines()[-1] == \
+        "check FAILED: this bundle has no int8 artifact to run here"

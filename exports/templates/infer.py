@@ -651,7 +651,11 @@ def check_bundle(meta: dict, choice: str = "auto", precision: str | None = None,
     for note in notes:
         print(f"skip  {note}")
     if not checked:
-        print("check FAILED: no artifact could be checked here (install onnxruntime, or tensorrt + cuda-python)")
+        engine_built = engine_precision(HERE / "model.engine")
+        lacking = precision and precision not in precisions(meta) and engine_built != precision
+        why = f"this bundle has no {precision} artifact to run here" if lacking else \
+            "no artifact could be checked here (install onnxruntime, or tensorrt + cuda-python)"
+        print(f"check FAILED: {why}")
         return EXIT_FAILED
     if failed:
         print(f"check FAILED: {', '.join(failed)}")
