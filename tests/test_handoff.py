@@ -372,3 +372,16 @@ def test_without_labelled_images_the_parity_images_are_the_reference_set(labelle
     missing = run_infer(out, "--check", "--precision", "int8")
     assert missing.returncode == 1 and missing.stdout.splitlines()[-1] == \
         "check FAILED: this bundle has no int8 artifact to run here"
+
+
+def test_check_needs_only_numpy_and_a_runtime(built, labelled):
+    """Without Pillow (a bare Jetson image: numpy + TensorRT or ONNX Runtime) --check still checks every artifact;
+    classifying an image says in one line that Pillow is needed."""
+    out, _ = built
+    no_pil = "sys.modules['PIL'] = None"
+    done = run_infer(out, "--check", patch=no_pil)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "skip  preprocessing: not checked (Pillow is not installed: pip install pillow)" in done.stdout
+    assert any(line.startswith("PASS  fp32 model.onnx") for line in done.stdout.splitlines())
+    classify = run_infer(out, str(labelled / "cat" / "p0.jpg"), patch=no_pil)
+    assert classify.returncode == 1 and one_line(classify).startswith("infer.py: Pillow is not installed")

@@ -37,7 +37,11 @@ from pathlib import Path
 from typing import NoReturn
 
 import numpy as np
-from PIL import Image
+
+try:  # Pillow decodes and resizes images; `--check` runs without it (only its raw-file line is then skipped)
+    from PIL import Image
+except ImportError:
+    Image = None
 
 HERE = Path(__file__).resolve().parent
 EXIT_FAILED, EXIT_INPUT, EXIT_BUNDLE = 1, 2, 3
@@ -45,7 +49,7 @@ EXIT_FAILED, EXIT_INPUT, EXIT_BUNDLE = 1, 2, 3
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # metadata.json of the bundle, when main verifies what loads against it (None: imported as a module, or --no-verify).
 VERIFY_AGAINST: dict | None = None
-RESAMPLE = {
+RESAMPLE = {} if Image is None else {
     "nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
     "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING,
@@ -110,6 +114,8 @@ def image_files(paths: list[Path]) -> list[Path]:
 def read_image(path: Path, *, verify_only: bool = False) -> Image.Image | None:
     """``load_image``, with a file PIL cannot decode named in one line; ``verify_only``: the cheap check (header and
     PNG checksums, no pixel decode) that runs on every file before a model is loaded."""
+    if Image is None:
+        fail("Pillow is not installed — pip install pillow (it decodes and resizes the images)", EXIT_FAILED)
     try:
         if not verify_only:
             return load_image(path)
@@ -590,6 +596,8 @@ def _check_preprocessing(data, meta: dict, ref: dict) -> tuple[bool | None, str]
     names = [str(n) for n in data["raw_files"]]
     if not names:
         return None, "preprocessing: not checked (the bundle holds no raw image files)"
+    if Image is None:
+        return None, "preprocessing: not checked (Pillow is not installed: pip install pillow)"
     worst = 0.0
     for name, row in zip(names, data["raw_index"]):
         x = preprocess_image(read_image(HERE / name), meta["preprocessing"])
