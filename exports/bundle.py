@@ -51,12 +51,12 @@ from peftx.preprocess import contract
 from peftx.tolerances import ACCURACY_FP16, ACCURACY_FP32, FP16, MERGE_FP32, ONNX_FP32, TENSORRT_FP32
 
 from .accuracy import AccuracyReport, AccuracySet, Candidate, measure_accuracy
+from .deepstream import LABELS_FILE, NVINFER_CONFIG, labels_text, render_config
 from .fp16 import convert_to_fp16, strict_fp16_emulation
 from .layernorm import decomposed_layernorms, fp32_node_names, unsafe_layer_names
 from .onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, op_histogram, param_count, read_metadata
-from .deepstream import LABELS_FILE, NVINFER_CONFIG, labels_text, render_config
-from .reference_set import REFERENCE_FILE, write_reference_set
 from .parity import ParityReport, ParityResult, compare, make_input_sets, reference_outputs
+from .reference_set import REFERENCE_FILE, write_reference_set
 from .runners import OnnxRuntimeRunner, TensorRTRunner, TorchRunner
 from .simplify import simplify_onnx
 from .targets import TargetProfile
@@ -404,17 +404,17 @@ def _assemble(work: Path, reference: torch.nn.Module, merged: torch.nn.Module, i
     script = render_build_script(onnx_path, opt.batch, opt.precision, target=opt.target, ready=readiness.ok,
                                  fp32_layers=fp32_nodes, check_atol=_check_atol(ort_result))
     _write_text(work / BUILD_SCRIPT_FILE, script, executable=True)
-    # The engine is device-specific and is rebuilt on the device: it is tied to the bundle by model.engine.json (sha256
-    # of the engine and of its source ONNX), not by metadata.json, so a rebuild with build_engine.sh keeps it valid.
     say("writing the reference set (infer.py --check)")
     reference_set = write_reference_set(work, reference, json.loads(json.dumps(opt.preprocessing)), opt.accuracy_set,
                                         images)
     deepstream = _write_deepstream(work, opt, warnings)
-    hashed = (ONNX_FILE, FP16_FILE, INFER_FILE, BUILD_SCRIPT_FILE, REFERENCE_FILE, *reference_set["raw_files"])
-    sha = {name: sha256_file(work / name) for name in hashed}
+    # The engine is device-specific and is rebuilt on the device: it is tied to the bundle by model.engine.json (sha256
+    # of the engine and of its source ONNX), not by metadata.json, so a rebuild with build_engine.sh keeps it valid.
+    sha = {name: sha256_file(work / name) for name in (ONNX_FILE, FP16_FILE, INFER_FILE, BUILD_SCRIPT_FILE)}
     report = BundleReport(work, "ok" if parity.passed else "failed", parity, readiness, sha, trt_info,
-                          simplify_info, fp16, {k: round(v, 3) for k, v in timings.items()}, warnings, fp32_nodes,
-                          reference_set, deepstream)
+                          simplify_info, fp16, {k: round(v, 3) for k, v in timings.items()}, warnings, fp32_nodes)
+    report.reference_set, report.deepstream = reference_set, deepstream  # hashed like the models: --check trusts them
+    report.sha256.update({name: sha256_file(work / name) for name in (REFERENCE_FILE, *reference_set["raw_files"])})
     _write_json_atomic(work / PARITY_FILE, parity.to_json())
     _write_json_atomic(work / READINESS_FILE, readiness.to_json())
     _write_json_atomic(work / METADATA_FILE, _metadata(report, onnx_path, opt))
@@ -659,7 +659,6 @@ def _accuracy_tolerance(parity_tolerance) -> Any:
 def _versions() -> dict[str, str]:
     import onnx
     import onnxruntime
-
     import PIL
 
     # numpy and Pillow made the reference set's tensors: a device that preprocesses differently is told which ones
