@@ -83,11 +83,14 @@ def built(tmp_path_factory: pytest.TempPathFactory, labelled: Path):
     transform = create_transform(**DATA_CONFIG)
     images = torch.stack([transform(Image.open(p).convert("RGB")) for p in sorted(labelled.rglob("*.jpg"))])
     accuracy = select(labelled_folder(labelled, CLASSES, DATA_CONFIG), f"labelled images in {labelled}", None)
+    merged = copy.deepcopy(reference)
+    with torch.no_grad():  # within every FP32 bound, yet not bit-equal: tells the unmerged outputs from the merged
+        merged.head.bias += 5e-7
     out = tmp_path_factory.mktemp("bundles") / "bundle"
-    write_bundle(reference, copy.deepcopy(reference), out, input_size=(3, SIZE, SIZE), data_config=DATA_CONFIG,
+    write_bundle(reference, merged, out, input_size=(3, SIZE, SIZE), data_config=DATA_CONFIG,
                  class_names=CLASSES, provenance={"method": "test"}, images=images, batch=(1, 4, 8),
                  precision="fp32", tensorrt="off", accuracy_set=accuracy)
-    return out, reference
+    return out, reference, merged
 
 
 @pytest.fixture()
@@ -110,15 +113,17 @@ def flip_a_weight_byte(path: Path) -> None:
 
 
 def test_reference_set_holds_real_images_the_unmerged_outputs_and_raw_files(built, labelled):
-    out, reference = built
+    out, reference, merged = built
     meta = json.loads((out / "metadata.json").read_text())
+    assert meta["status"] == "ok"
     ref = meta["reference_set"]
     with np.load(out / ref["file"], allow_pickle=False) as npz:  # numpy only: nothing unpickled
         data = {key: npz[key] for key in npz.files}
     n = len(list(labelled.rglob("*.*")))
     assert len(data["inputs"]) == ref["images"] == min(n, 24) and data["inputs"].dtype == np.float32
-    expected = reference(torch.from_numpy(data["inputs"])).detach().numpy()
-    np.testing.assert_allclose(data["reference_logits"], expected, atol=1e-6)
+    with torch.inference_mode():  # the UNMERGED model's outputs, to the bit, and not the merged model's
+        np.testing.assert_array_equal(data["reference_logits"], reference(torch.from_numpy(data["inputs"])).numpy())
+        assert not np.array_equal(data["reference_logits"], merged(torch.from_numpy(data["inputs"])).numpy())
     assert set(data["labels"].tolist()) == set(range(len(CLASSES)))  # a spread over classes, not the first class
     # every raw file is byte for byte one of the labelled images of its row's class, and preprocesses to its row
     infer = load_infer_module(out / "infer.py")
@@ -141,7 +146,7 @@ def test_reference_set_holds_real_images_the_unmerged_outputs_and_raw_files(buil
 
 
 def test_check_passes_on_an_intact_bundle_without_torch_or_peftx(built):
-    out, _ = built
+    out = built[0]
     done = run_infer(out, "--check", patch="import atexit; atexit.register(lambda: print("
                      "'torch imported' if sys.modules.get('torch') else 'no torch', file=sys.stderr))")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -179,7 +184,7 @@ def test_check_fails_when_outputs_drift(bundle):
 
 def test_check_fails_when_this_machines_resize_differs(built):
     """A device whose Pillow resizes differently (here: forced to nearest-neighbour) fails the raw-file check."""
-    out, _ = built
+    out = built[0]
     patch = ("from PIL import Image\nresize = Image.Image.resize\n"
              "Image.Image.resize = lambda self, size, resample=None, *a, **k: "
              "resize(self, size, Image.Resampling.NEAREST)\n")
@@ -201,7 +206,7 @@ def test_check_refuses_a_modified_reference_set(bundle):
 
 
 def test_infer_classifies_the_images_in_a_directory(built, labelled, tmp_path):
-    out, _ = built
+    out = built[0]
     folder = tmp_path / "photos"
     shutil.copytree(labelled / "cat", folder)
     (folder / "notes.txt").write_text("not an image")
@@ -219,7 +224,7 @@ def test_infer_classifies_the_images_in_a_directory(built, labelled, tmp_path):
     ("truncated png", 2, "cannot be decoded as an image"),
 ])
 def test_bad_images_are_one_line(built, labelled, tmp_path, case, code, expected):
-    out, _ = built
+    out = built[0]
     path = tmp_path / {"empty directory": "empty", "missing file": "gone.jpg", "text file": "notes.jpg",
                        "truncated png": "cut.png"}[case]
     if case == "empty directory":
@@ -259,7 +264,7 @@ def test_a_modified_model_is_refused_unless_no_verify(bundle, labelled):
 
 
 def test_usage_mistakes_exit_2(built):
-    out, _ = built
+    out = built[0]
     for args in ((), ("--check", "x.jpg"), ("--top", "0", "x.jpg")):
         done = run_infer(out, *args)
         assert done.returncode == 2 and "Traceback" not in done.stderr
@@ -277,7 +282,7 @@ def nvinfer_worst_error(k: float, offsets, mean, std) -> float:
 def test_deepstream_config_and_labels(built):
     import configparser
 
-    out, _ = built
+    out = built[0]
     meta = json.loads((out / "metadata.json").read_text())
     text = (out / "config_infer_primary.txt").read_text()
     parser = configparser.ConfigParser()
@@ -323,7 +328,7 @@ def test_deepstream_network_mode_per_precision_and_exact_scales():
 
 
 def test_check_with_tensorrt_needs_an_engine(built):
-    out, _ = built
+    out = built[0]
     done = run_infer(out, "--check", "--backend", "tensorrt")
     assert done.returncode == 1
     assert "FAIL  model.engine: missing — build it with ./build_engine.sh" in done.stdout.splitlines()
@@ -377,7 +382,7 @@ def test_without_labelled_images_the_parity_images_are_the_reference_set(labelle
 def test_check_needs_only_numpy_and_a_runtime(built, labelled):
     """Without Pillow (a bare Jetson image: numpy + TensorRT or ONNX Runtime) --check still checks every artifact;
     classifying an image says in one line that Pillow is needed."""
-    out, _ = built
+    out = built[0]
     no_pil = "sys.modules['PIL'] = None"
     done = run_infer(out, "--check", patch=no_pil)
     assert done.returncode == 0, done.stdout + done.stderr
