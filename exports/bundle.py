@@ -10,6 +10,8 @@ Layout of a bundle directory::
     metadata.json       every fact above, the deployment target, sha256 of every artifact, status "ok" | "failed"
     parity.json         each backend vs the UNMERGED reference model, on real images and random inputs
     trt_readiness.json  the target's TensorRT parser readiness of model.onnx and model_fp16.onnx AS SHIPPED
+    reference_set.npz   real preprocessed images + the UNMERGED model's outputs (+ reference/ raw files): infer.py --check
+    config_infer_primary.txt, labels.txt   DeepStream Gst-nvinfer config (deepstream.py: the single-scale error)
 
 The export follows the deployment target (``targets.py``): its opset, its LayerNorm form (decomposed for TensorRT
 8.5, whose FP16 build and FP16 ONNX keep that subgraph FP32), its op list. The target is recorded in metadata.json
@@ -49,10 +51,12 @@ from peftx.preprocess import contract
 from peftx.tolerances import ACCURACY_FP16, ACCURACY_FP32, FP16, MERGE_FP32, ONNX_FP32, TENSORRT_FP32
 
 from .accuracy import AccuracyReport, AccuracySet, Candidate, measure_accuracy
+from .deepstream import LABELS_FILE, NVINFER_CONFIG, labels_text, render_config
 from .fp16 import convert_to_fp16, strict_fp16_emulation
 from .layernorm import decomposed_layernorms, fp32_node_names, unsafe_layer_names
 from .onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, op_histogram, param_count, read_metadata
 from .parity import ParityReport, ParityResult, compare, make_input_sets, reference_outputs
+from .reference_set import REFERENCE_FILE, write_reference_set
 from .runners import OnnxRuntimeRunner, TensorRTRunner, TorchRunner
 from .simplify import simplify_onnx
 from .targets import TargetProfile
@@ -109,6 +113,8 @@ class BundleReport:
     timings: dict[str, float]
     warnings: list[str] = field(default_factory=list)
     fp32_nodes: list[str] = field(default_factory=list)  # the target's FP32 nodes in FP16 builds
+    reference_set: dict[str, Any] = field(default_factory=dict)  # metadata.json's entry (reference_set.py)
+    deepstream: dict[str, Any] = field(default_factory=dict)  # metadata.json's entry (deepstream.py)
 
     @property
     def target(self) -> TargetProfile:
@@ -398,15 +404,40 @@ def _assemble(work: Path, reference: torch.nn.Module, merged: torch.nn.Module, i
     script = render_build_script(onnx_path, opt.batch, opt.precision, target=opt.target, ready=readiness.ok,
                                  fp32_layers=fp32_nodes, check_atol=_check_atol(ort_result))
     _write_text(work / BUILD_SCRIPT_FILE, script, executable=True)
+    say("writing the reference set (infer.py --check)")
+    reference_set = write_reference_set(work, reference, json.loads(json.dumps(opt.preprocessing)), opt.accuracy_set,
+                                        images)
+    deepstream = _write_deepstream(work, opt, warnings)
     # The engine is device-specific and is rebuilt on the device: it is tied to the bundle by model.engine.json (sha256
     # of the engine and of its source ONNX), not by metadata.json, so a rebuild with build_engine.sh keeps it valid.
     sha = {name: sha256_file(work / name) for name in (ONNX_FILE, FP16_FILE, INFER_FILE, BUILD_SCRIPT_FILE)}
     report = BundleReport(work, "ok" if parity.passed else "failed", parity, readiness, sha, trt_info,
                           simplify_info, fp16, {k: round(v, 3) for k, v in timings.items()}, warnings, fp32_nodes)
+    report.reference_set, report.deepstream = reference_set, deepstream  # hashed like the models: --check trusts them
+    report.sha256.update({name: sha256_file(work / name) for name in (REFERENCE_FILE, *reference_set["raw_files"])})
     _write_json_atomic(work / PARITY_FILE, parity.to_json())
     _write_json_atomic(work / READINESS_FILE, readiness.to_json())
     _write_json_atomic(work / METADATA_FILE, _metadata(report, onnx_path, opt))
     return report
+
+
+def _write_deepstream(work: Path, opt: _Options, warnings: list[str]) -> dict[str, Any]:
+    """config_infer_primary.txt + labels.txt (deepstream.py): the ONNX nvinfer would build from is the one the
+    target's engine of this precision is built from (build_engine.sh's choice)."""
+    onnx_file = ONNX_FILE
+    if opt.precision == "fp16" and opt.target.fp16 == "fp16_onnx":
+        onnx_file = FP16_FILE
+    elif opt.precision not in ("fp32", "fp16") and (work / f"model_{opt.precision}.onnx").exists():
+        onnx_file = f"model_{opt.precision}.onnx"
+    note = ("This target keeps LayerNorm FP32 in FP16 engines, which only build_engine.sh sets up: do not let "
+            "nvinfer build the engine.") if opt.precision == "fp16" and opt.target.fp16_fp32_nodes else ""
+    text, entry = render_config(opt.preprocessing, precision=opt.precision, onnx_file=onnx_file, batch=opt.batch[1],
+                                output_name=OUTPUT_NAME, tensorrt_note=note)
+    labels, label_warnings = labels_text(opt.class_names)
+    warnings.extend(label_warnings)
+    _write_text(work / NVINFER_CONFIG, text)
+    _write_text(work / LABELS_FILE, labels)
+    return entry
 
 
 def _export_ready_onnx(work: Path, merged: torch.nn.Module, opt: _Options, warnings: list[str],
@@ -604,6 +635,7 @@ def _metadata(report: BundleReport, onnx_path: Path, opt: _Options) -> dict[str,
                           "target": opt.target.name, "tensorrt_version_checked": report.readiness.tensorrt_version,
                           "files": sorted(report.readiness.files), "file": READINESS_FILE},
         "parity": _parity_summary(report.parity), "accuracy": _accuracy_summary(report.parity.accuracy),
+        "reference_set": report.reference_set, "deepstream": report.deepstream,
         "timings": report.timings, "warnings": report.warnings,
         "versions": _versions(),
     }
@@ -627,9 +659,12 @@ def _accuracy_tolerance(parity_tolerance) -> Any:
 def _versions() -> dict[str, str]:
     import onnx
     import onnxruntime
+    import PIL
 
+    # numpy and Pillow made the reference set's tensors: a device that preprocesses differently is told which ones
     versions = {"python": platform.python_version(), "peftx": peftx.__version__, "torch": torch.__version__,
-                "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+                "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
+                "pillow": PIL.__version__}
     try:
         import timm
 

@@ -89,12 +89,13 @@ def copy_of(built, tmp_path: Path) -> Path:
 def test_bundle_has_every_file_and_hashes_match(built):
     out, report, steps = built
     expected = {"model.onnx", "model_fp16.onnx", "metadata.json", "parity.json", "trt_readiness.json", "infer.py",
-                "build_engine.sh"}
+                "build_engine.sh", "reference_set.npz"}
     assert expected <= {p.name for p in out.iterdir()}
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "no temporary directory may remain"
     meta = read_bundle(out)
     assert meta["status"] == "ok" and report.status == "ok"
-    assert set(meta["sha256"]) == {"model.onnx", "model_fp16.onnx", "infer.py", "build_engine.sh"}
+    # no labelled images here: the reference set is the parity images, with no raw files
+    assert set(meta["sha256"]) == {"model.onnx", "model_fp16.onnx", "infer.py", "build_engine.sh", "reference_set.npz"}
     for name, digest in meta["sha256"].items():
         assert bundle_module.sha256_file(out / name) == digest
     assert steps[0].startswith("exporting ONNX for trt8.6") and steps[-1].startswith("bundle written")

@@ -46,5 +46,5 @@ def demo_items(result: dict) -> dict[str, str]:
         "run directory": str(result["run_dir"]),
         "bundle": f"{result['bundle']}  ({', '.join(result['files'])})",
         "tensorrt": result["tensorrt"],
-        "try it": f"python {result['bundle']}/infer.py IMAGE",
+        "try it": f"python {result['bundle']}/infer.py IMAGE  (on the device: infer.py --check)",
     }

@@ -16,6 +16,15 @@ metadata.json's artifacts); without it, the bundle's own precision for ONNX, and
 Before an engine is loaded, model.engine.json (written wherever the engine was built) is compared with this machine:
 an engine built for another GPU or TensorRT version is refused with one line instead of TensorRT's "version tag does
 not match". peftx's own `validate` uses the same functions, and its accuracy check runs this file's preprocessing.
+
+A directory argument stands for the image files directly in it. Before an artifact is loaded its sha256 is compared
+with metadata.json's record, and a modified file is refused (``--no-verify`` skips that, for a file changed on
+purpose). ``python infer.py --check [--backend ...] [--precision ...]``: the bundle checks itself on this machine. It
+runs every artifact present (model.engine too, once build_engine.sh built it here) on the shipped reference set
+(reference_set.npz: real preprocessed images with the UNMERGED model's outputs) with the tolerances recorded in
+metadata.json, re-does the preprocessing of the raw files in reference/ with this machine's PIL and numpy, and
+prints pass/fail per artifact with the error figures. Exit status: 0 ok, 1 a check failed or an engine was refused,
+2 bad input (a missing or unreadable image, a bad option), 3 the bundle is incomplete or was modified.
 """
 
 from __future__ import annotations
@@ -25,12 +34,22 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
-from PIL import Image
+
+try:  # Pillow decodes and resizes images; `--check` runs without it (only its raw-file line is then skipped)
+    from PIL import Image
+except ImportError:
+    Image = None
 
 HERE = Path(__file__).resolve().parent
-RESAMPLE = {
+EXIT_FAILED, EXIT_INPUT, EXIT_BUNDLE = 1, 2, 3
+# What a directory argument stands for (peftx.data's IMAGE_EXTENSIONS: the files training would read).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# metadata.json of the bundle, when main verifies what loads against it (None: imported as a module, or --no-verify).
+VERIFY_AGAINST: dict | None = None
+RESAMPLE = {} if Image is None else {
     "nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
     "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING,
@@ -41,6 +60,72 @@ def load_image(path: Path) -> Image.Image:
     """The file as an RGB image, decoded as peftx's training data loader decodes it."""
     with Image.open(path) as image:
         return image.convert("RGB")
+
+
+def fail(message: str, code: int = EXIT_BUNDLE) -> NoReturn:
+    """Stop with one line on stderr (no traceback) and ``code``."""
+    print(f"infer.py: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def read_metadata() -> dict:
+    """metadata.json beside this file, or one line saying it is missing or unreadable."""
+    path = HERE / "metadata.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        fail(f"metadata.json is missing beside {path.parent / 'infer.py'} — copy the whole bundle directory")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        fail(f"metadata.json is unreadable ({exc}) — copy the bundle again")
+
+
+def verify_artifact(name: str, meta: dict) -> None:
+    """Refuse a bundle file that is missing or whose sha256 is not the one metadata.json recorded when the bundle
+    was written and checked (a flipped byte in a model runs silently otherwise)."""
+    problem = artifact_problem(name, meta)
+    if problem == "missing from the bundle":
+        fail(f"{name} is missing from the bundle {HERE} — copy it from the original bundle")
+    if problem:
+        fail(f"{name} is {problem} — copy it again from the original bundle, or pass --no-verify if you changed "
+             "it on purpose")
+
+
+def image_files(paths: list[Path]) -> list[Path]:
+    """The files to classify: each file given, and the image files directly in each directory given."""
+    files = []
+    for path in paths:
+        if path.is_dir():
+            inside = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+            found = [p for p in inside if p.suffix.lower() in IMAGE_EXTENSIONS]
+            if not found:
+                fail(f"{path} holds no image files ({', '.join(IMAGE_EXTENSIONS)}; sub-folders are not searched) — "
+                     "pass image files, or a directory of them", EXIT_INPUT)
+            if len(found) < len(inside):
+                print(f"warning: {path}: skipped {len(inside) - len(found)} file(s) that are not images",
+                      file=sys.stderr)
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            fail(f"{path} does not exist" if not path.exists() else f"{path} is not a file", EXIT_INPUT)
+    return files
+
+
+def read_image(path: Path, *, verify_only: bool = False) -> Image.Image | None:
+    """``load_image``, with a file PIL cannot decode named in one line; ``verify_only``: the cheap check (header and
+    PNG checksums, no pixel decode) that runs on every file before a model is loaded."""
+    if Image is None:
+        fail("Pillow is not installed — pip install pillow (it decodes and resizes the images)", EXIT_FAILED)
+    try:
+        if not verify_only:
+            return load_image(path)
+        with Image.open(path) as image:
+            image.verify()
+        return None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        what = "is not an image PIL can identify" if type(exc).__name__ == "UnidentifiedImageError" else \
+            f"cannot be decoded as an image ({exc})"
+        fail(f"{path} {what} — pass {', '.join(IMAGE_EXTENSIONS)} files", EXIT_INPUT)
 
 
 def preprocess_image(image: Image.Image, cfg: dict) -> np.ndarray:
@@ -120,7 +205,15 @@ def _center_crop(image: Image.Image, height: int, width: int, fill: tuple[int, .
 
 class OnnxBackend:
     def __init__(self, path: Path, precision: str = "fp32"):
-        import onnxruntime as ort
+        if VERIFY_AGAINST is not None:
+            verify_artifact(path.name, VERIFY_AGAINST)
+        elif not path.is_file():
+            fail(f"{path.name} is missing from the bundle {path.parent} — copy it from the original bundle")
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            fail("onnxruntime is not installed — pip install onnxruntime (or onnxruntime-gpu), or run the TensorRT "
+                 "engine (./build_engine.sh, then --backend tensorrt)", EXIT_FAILED)
 
         self.name = f"onnxruntime ({path.name}, {precision})"
 
@@ -275,6 +368,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _manifest_or_none(path: Path) -> dict | None:
+    """The engine manifest, or None when it is absent or unreadable (the caller decides what that means)."""
+    try:
+        return read_engine_manifest(path)
+    except ValueError:
+        return None
+
+
 def check_engine(engine: Path, facts=device_facts) -> None:
     """Refuse (exit with one line) an engine its manifest says was built for another machine; warn otherwise."""
     try:
@@ -303,6 +404,9 @@ class TensorRTBackend:
     def __init__(self, path: Path):
         import tensorrt as trt
 
+        source = (_manifest_or_none(path.with_name(MANIFEST_FILE)) or {}).get("source_onnx")
+        if VERIFY_AGAINST is not None and source:  # an engine built from a modified ONNX is a modified artifact
+            verify_artifact(source, VERIFY_AGAINST)
         self.trt, self.cudart = trt, _cudart()
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
@@ -405,23 +509,203 @@ def top_k(logits: np.ndarray, k: int) -> list[tuple[int, float]]:
     return [(int(i), float(probs[i])) for i in order]
 
 
+# --- the bundle checks itself: reference_set.npz through every artifact present here ------------------------------
+
+
+def artifact_problem(name: str, meta: dict, verify: bool = True) -> str | None:
+    """Why ``name`` cannot be trusted ("missing", "sha256 differs from metadata.json"), or None."""
+    path = HERE / name
+    if not path.is_file():
+        return "missing from the bundle"
+    if not verify:
+        return None
+    expected = (meta.get("sha256") or {}).get(name)
+    if expected is None:
+        return "metadata.json records no sha256 for it"
+    return None if _sha256(path) == expected else "modified: its sha256 differs from metadata.json"
+
+
+def compare_outputs(expected: np.ndarray, actual: np.ndarray, tol: dict) -> tuple[list[str], str]:
+    """(failures, figures) of ``actual`` against the unmerged model's ``expected`` under a recorded tolerance: the
+    same four tests as peftx's parity (finite, max |Δ| <= atol + rel_to_max * max|ref|, top-1, worst cosine)."""
+    if tuple(actual.shape) != tuple(expected.shape):
+        return [f"output shape {tuple(actual.shape)} != {tuple(expected.shape)}"], ""
+    ref, out = expected.astype(np.float64), actual.astype(np.float64)
+    max_abs = float(np.abs(out - ref).max(initial=0.0))
+    bound = float(tol["atol"]) + float(tol["rel_to_max"]) * float(np.abs(ref).max(initial=0.0))
+    top1 = float((ref.argmax(axis=1) == out.argmax(axis=1)).mean())
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cosine = float(np.nan_to_num(np.where(norms == 0, 1.0, (ref * out).sum(axis=1) / norms), nan=0.0).min())
+    failures = [] if np.isfinite(out).all() else ["non-finite outputs"]
+    if not max_abs <= bound:
+        failures.append(f"max |Δ| {max_abs:.3g} > bound {bound:.3g}")
+    if top1 < float(tol["min_top1"]):
+        failures.append(f"top-1 agreement {100 * top1:.1f} % < {100 * float(tol['min_top1']):g} %")
+    if cosine < float(tol["min_cosine"]):
+        failures.append(f"cosine {cosine:.6f} < {tol['min_cosine']}")
+    figures = (f"max |Δ| {max_abs:.2e} (bound {bound:.2e}), worst cosine {cosine:.6f}, "
+               f"top-1 agreement {100 * top1:.1f} % ({tol['name']})")
+    return failures, figures
+
+
+def _check_targets(meta: dict, choice: str, precision: str | None) -> tuple[list[tuple], list[str]]:
+    """(what, files to verify, backend factory, tolerance key, required) per artifact to check, and notes on the
+    artifacts that cannot be checked here. Every ONNX file metadata.json lists runs under ONNX Runtime; model.engine
+    (built here by build_engine.sh) under TensorRT."""
+    import importlib.util
+
+    targets, notes = [], []
+    if choice in ("auto", "onnx"):
+        have_ort = importlib.util.find_spec("onnxruntime") is not None
+        for prec, key in PRECISION_ARTIFACTS.items():
+            name = (meta.get("artifacts") or {}).get(key)
+            if not name or (precision and prec != precision):
+                continue
+            if not have_ort:
+                notes.append(f"{name}: not checked (onnxruntime is not installed)")
+                continue
+            required = precision is not None or prec in ("fp32", meta.get("precision"))
+            targets.append((f"{prec} {name} (onnxruntime)", [name],
+                            lambda name=name, prec=prec: OnnxBackend(HERE / name, prec), prec, required))
+    engine = HERE / "model.engine"
+    if choice in ("auto", "tensorrt"):
+        built = engine_precision(engine) if engine.exists() else None
+        source = (_manifest_or_none(engine.with_name(MANIFEST_FILE)) or {}).get("source_onnx")
+        if not engine.exists():
+            (targets.append(("model.engine", [], None, None, True)) if choice == "tensorrt" else
+             notes.append("model.engine: not checked (not built here: ./build_engine.sh builds it)"))
+        elif precision and built != precision:
+            notes.append(f"model.engine: not checked (built at {built or 'an unknown precision'}, not {precision})")
+        elif not tensorrt_usable():
+            what = "not checked (needs tensorrt, cuda-python and a GPU)"
+            (targets.append((f"model.engine: {what}", [], None, None, True)) if choice == "tensorrt" else
+             notes.append(f"model.engine: {what}"))
+        else:
+            def make(engine=engine):
+                check_engine(engine)  # another GPU / TensorRT than the engine was built for: refused, one line
+                return TensorRTBackend(engine)
+            targets.append((f"{built or 'unknown precision'} model.engine (tensorrt)", [source] if source else [],
+                            make, f"tensorrt_{built or meta.get('precision') or 'fp32'}", True))
+    return targets, notes
+
+
+def _check_preprocessing(data, meta: dict, ref: dict) -> tuple[bool | None, str]:
+    """The raw files in reference/ through this machine's PIL + numpy against the tensors made where the bundle was
+    written: another Pillow or numpy that resizes or rounds differently shows here, not as a silent accuracy loss."""
+    names = [str(n) for n in data["raw_files"]]
+    if not names:
+        return None, "preprocessing: not checked (the bundle holds no raw image files)"
+    if Image is None:
+        return None, "preprocessing: not checked (Pillow is not installed: pip install pillow)"
+    worst = 0.0
+    for name, row in zip(names, data["raw_index"]):
+        x = preprocess_image(read_image(HERE / name), meta["preprocessing"])
+        expected = data["inputs"][int(row)]
+        worst = max(worst, float(np.abs(x - expected).max()) if x.shape == expected.shape else math.inf)
+    bound = float(ref["preprocessing_atol"])
+    import PIL
+
+    return worst <= bound, (f"preprocessing: {len(names)} raw files through Pillow {PIL.__version__} + numpy "
+                            f"{np.__version__}: max |Δ| {worst:.2e} (bound {bound:.0e})")
+
+
+def check_bundle(meta: dict, choice: str = "auto", precision: str | None = None, verify: bool = True) -> int:
+    """``--check``: print PASS/FAIL per artifact and for the preprocessing; 0 when every required check passed."""
+    global VERIFY_AGAINST
+    VERIFY_AGAINST = None  # each file is verified below, and a modified one is a FAIL line, not the end of the check
+    ref = meta.get("reference_set")
+    if not ref:
+        fail("this bundle has no reference set (written by an older peftx) — re-export it with peftx merge-export")
+    for name in [ref["file"], *ref.get("raw_files", [])]:
+        problem = artifact_problem(name, meta, verify)
+        if problem:
+            fail(f"the reference set cannot be trusted: {name} is {problem} — copy the bundle again")
+    with np.load(HERE / ref["file"], allow_pickle=False) as npz:
+        data = {key: npz[key] for key in npz.files}
+    inputs, expected, labels = data["inputs"], data["reference_logits"], data["labels"]
+    known = labels >= 0
+    print(f"reference set: {len(inputs)} real images ({ref.get('source', 'unknown source')}) with the unmerged "
+          f"model's outputs{'' if verify else '; sha256 NOT verified (--no-verify)'}")
+    failed, checked = [], 0
+    passed, line = _check_preprocessing(data, meta, ref)
+    print(f"{'skip' if passed is None else 'PASS' if passed else 'FAIL'}  {line}")
+    if passed is False:
+        failed.append("preprocessing")
+    targets, notes = _check_targets(meta, choice, precision)
+    chunk = int((meta.get("batch") or {}).get("max") or len(inputs))
+    for what, files, make, tol_key, required in targets:
+        problems = [f"{name} is {p}" for name in files if (p := artifact_problem(name, meta, verify))]
+        tol = (ref.get("tolerances") or {}).get(tol_key) if tol_key else None
+        if make is None:
+            problems.append("missing — build it with ./build_engine.sh" if what == "model.engine" else "")
+        elif tol is None:
+            problems.append(f"metadata.json records no tolerance for {tol_key}")
+        figures = ""
+        if not problems:
+            backend = make()
+            actual = np.concatenate([backend(inputs[i:i + chunk]) for i in range(0, len(inputs), chunk)])
+            problems, figures = compare_outputs(expected, actual, tol)
+            if known.any():
+                accuracy = float((actual.argmax(axis=1) == labels)[known].mean())
+                reference = float((expected.argmax(axis=1) == labels)[known].mean())
+                figures += f"; accuracy {100 * accuracy:.1f} % (unmerged {100 * reference:.1f} %)"
+        checked += 1
+        verdict = "PASS" if not problems else "FAIL" if required else "fail (advisory)"
+        detail = "; ".join(p for p in problems if p) + (" — " if problems and figures else "") + figures
+        print(f"{verdict}  {what}: {detail}".rstrip(": "))
+        if problems and required:
+            failed.append(what)
+    for note in notes:
+        print(f"skip  {note}")
+    if not checked:
+        engine_built = engine_precision(HERE / "model.engine")
+        lacking = precision and precision not in precisions(meta) and engine_built != precision
+        why = f"this bundle has no {precision} artifact to run here" if lacking else \
+            "no artifact could be checked here (install onnxruntime, or tensorrt + cuda-python)"
+        print(f"check FAILED: {why}")
+        return EXIT_FAILED
+    if failed:
+        print(f"check FAILED: {', '.join(failed)}")
+        return EXIT_FAILED
+    print(f"check passed: {checked} artifact(s) and the preprocessing agree with the unmerged model")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    global VERIFY_AGAINST
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("images", nargs="+", type=Path)
+    parser.add_argument("images", nargs="*", type=Path, help="image files, or directories of them")
     parser.add_argument("--backend", choices=("auto", "onnx", "tensorrt"), default="auto")
     parser.add_argument("--precision", choices=tuple(PRECISION_ARTIFACTS), default=None,
                         help="which artifact runs [default: the bundle's precision; model.engine as built]")
     parser.add_argument("--top", type=int, default=5)
+    parser.add_argument("--check", action="store_true",
+                        help="run every artifact here on the shipped reference set and print pass/fail")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="run artifacts whose sha256 differs from metadata.json (files changed on purpose)")
     args = parser.parse_args(argv)
-    meta = json.loads((HERE / "metadata.json").read_text(encoding="utf-8"))
+    if args.check == bool(args.images):
+        parser.error("give image files or directories to classify, or --check (not both)")
+    if args.top < 1:
+        parser.error(f"--top {args.top}: must be at least 1")
+    meta = read_metadata()
+    if args.no_verify:
+        print("warning: --no-verify: the artifacts' sha256 are not checked against metadata.json", file=sys.stderr)
+    VERIFY_AGAINST = None if args.no_verify else meta
+    if args.check:
+        return check_bundle(meta, args.backend, args.precision, verify=not args.no_verify)
+    files = image_files(args.images)  # every path is checked before a model is loaded
+    for path in files:
+        read_image(path, verify_only=True)
     if meta.get("status") != "ok":
         print(f"warning: this bundle's status is {meta.get('status')!r}; see parity.json", file=sys.stderr)
     backend = pick_backend(args.backend, meta, precision=args.precision)
     print(f"backend: {backend.name}", file=sys.stderr)
     names = meta.get("class_names") or []
-    for path in args.images:
-        logits = backend(preprocess(path, meta["preprocessing"]))[0]
-        if len(args.images) > 1:
+    for path in files:
+        logits = backend(preprocess_image(read_image(path), meta["preprocessing"])[None])[0]
+        if len(files) > 1:
             print(f"# {path}")
         for rank, (index, prob) in enumerate(top_k(logits, args.top), start=1):
             label = names[index] if index < len(names) else str(index)
