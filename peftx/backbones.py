@@ -357,7 +357,7 @@ def _check_img_size(model: torch.nn.Module, timm_name: str) -> None:
     if size is None or patch is None:
         return
     size, patch = (size, size) if isinstance(size, int) else size, (patch, patch) if isinstance(patch, int) else patch
-    if any(s % p for s, p in zip(size, patch)):
+    if any(s % p for s, p in zip(size, patch, strict=True)):
         raise UsageError(f"img_size {tuple(size)} is not a multiple of {timm_name}'s patch size {tuple(patch)}",
                          f"use a multiple of {patch[0]}: peftx train --img-size "
                          f"{max(1, round(size[0] / patch[0])) * patch[0]}")

@@ -11,8 +11,9 @@ checks or produces (targets, precisions, gates) applies to all of them alike.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import UsageError
 

@@ -20,9 +20,10 @@ import json
 import logging
 import zlib
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -472,7 +473,7 @@ def _vtab_splits(root: Path, train_tf: Callable, eval_tf: Callable) -> Splits:
     for split, samples in lists.items():
         if not samples:
             raise DataError(f"split file {root / VTAB_LISTS[split]} lists no images", "check the VTAB-1k layout")
-    for split, samples in lists.items():
+    for samples in lists.values():
         for image, _ in samples:
             _check_image(image)
     num_classes = 1 + max(label for samples in lists.values() for _, label in samples)

@@ -35,9 +35,9 @@ import struct
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -78,7 +78,7 @@ class TaskSource:
     name: str
     registry: str
     licence: str
-    load: Callable[["PrepareOptions"], Pool]
+    load: Callable[[PrepareOptions], Pool]
 
 
 @dataclass(frozen=True)

@@ -40,8 +40,15 @@ from torch import nn
 from .adapter import fingerprint
 from .adapter_io import ADAPTER_FILE
 from .checks import all_finite, is_pickle_file
-from .errors import (AdapterFileError, AdapterMismatchError, BackendUnavailableError, ExportError, NonFiniteError,
-                     UnsupportedModelError, UsageError)
+from .errors import (
+    AdapterFileError,
+    AdapterMismatchError,
+    BackendUnavailableError,
+    ExportError,
+    NonFiniteError,
+    UnsupportedModelError,
+    UsageError,
+)
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"

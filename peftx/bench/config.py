@@ -3,8 +3,9 @@ it checks (from the project's issue). :meth:`BenchConfig.quick` is the minutes-l
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn

@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from peftx.fsutil import write_text_atomic
-from peftx.tolerances import (TRAIN_ACCURACY_POINTS, TRAIN_ACCURACY_POINTS_QUICK, TRAIN_LOSS_FALL,
-                              TRAIN_LOSS_FALL_QUICK)
+from peftx.tolerances import TRAIN_ACCURACY_POINTS, TRAIN_ACCURACY_POINTS_QUICK, TRAIN_LOSS_FALL, TRAIN_LOSS_FALL_QUICK
 
 from .assets import TINY_ARCH, TINY_IMG, TINY_KW
 from .report import Context, check, environment, error_text

@@ -12,8 +12,9 @@ plan, check it, and only then write, so a refused merge or unload leaves the mod
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +48,7 @@ class AdapterConfig:
         return {"method": self.method, **{k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "AdapterConfig":
+    def from_dict(cls, d: dict[str, Any]) -> AdapterConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - fields - {"method"}
         if unknown:

@@ -123,7 +123,7 @@ def flatten_optimizer(optimizer: torch.optim.Optimizer, names: list[str]) -> tup
     order = [i for g in sd["param_groups"] for i in g["params"]]
     if len(order) != len(names):
         raise ValueError(f"optimizer holds {len(order)} parameters, {len(names)} names given")
-    name_of = dict(zip(order, names))
+    name_of = dict(zip(order, names, strict=True))
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for idx, st in sd["state"].items():

@@ -121,7 +121,8 @@ def _spec(cfg: TrainConfig) -> dict[str, Any]:
 def _build(cfg: TrainConfig, ckpt: Checkpoint | None) -> _Setup:
     from ..backbones import create_backbone, data_config
     from ..data import load_splits, read_val_split
-    from ..preprocess import TRAINING as PREPROCESSING_DEFAULT, contract
+    from ..preprocess import TRAINING as PREPROCESSING_DEFAULT
+    from ..preprocess import contract
 
     device = resolve_device(cfg.device)
     info = init_distributed(device.type)

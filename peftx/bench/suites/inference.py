@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -77,13 +78,13 @@ def bench_inference(spec: ModelSpec, cfg: BenchConfig, *, threads: int, device: 
         xd, xn = x.to(device, dtype), x.numpy()
         fns: dict[str, Callable[[], Any]] = {}
         for variant, module in modules.items():
-            fns[f"eager:{variant}"] = (lambda mod=module: mod(xd))
+            fns[f"eager:{variant}"] = (lambda mod=module, x=xd: mod(x))
         if cfg.compile != "off":
             fns.update(_compiled_variants(modules, merged_method, xd, cfg.compile, out, batch, say))
         for key, runner in sessions.items():
-            fns[key] = (lambda r=runner: r.infer(xn))
+            fns[key] = (lambda r=runner, x=xn: r.infer(x))
         for key, runner in engines.items():
-            fns[key] = (lambda r=runner: r.infer(xn))
+            fns[key] = (lambda r=runner, x=xn: r.infer(x))
         say(f"{spec.key} batch {batch}: timing {len(fns)} variants interleaved")
         with torch.inference_mode():
             timing = timed_rounds(fns, warmup=cfg.warmup, min_rounds=cfg.min_rounds, max_rounds=cfg.max_rounds,

@@ -143,7 +143,7 @@ def delta_cost(model: nn.Module, *, reps: int = 5) -> dict[str, Any] | None:
         if grads:
             torch.autograd.backward([t for t in outs if t.requires_grad], grads)
         with torch.no_grad():
-            for m, g in zip(rlrr, rlrr_grads):
+            for m, g in zip(rlrr, rlrr_grads, strict=True):
                 rescale_vector_grads(g.clone(), m.base_layer.weight, m.s_row, m.s_col, m.col_groups)
         sync()
         t2 = time.perf_counter()
