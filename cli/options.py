@@ -26,12 +26,12 @@ Targets = Annotated[str | None, typer.Option("--targets", help="Comma list of q,
 Init = Annotated[str | None, typer.Option("--init", help="RLRR init: kaiming, normal, zeros.", show_default="kaiming")]
 MethodOption = Annotated[list[str] | None, typer.Option("--method-option", metavar="KEY=VALUE", help="KEY=VALUE, repeatable: any field of the method's config, e.g. --method-option ssf=false.", show_default="none")]
 Device = Annotated[str, typer.Option("--device", help="auto (a GPU when there is one), cpu or cuda.", show_default="auto")]
-Target = Annotated[str | None, typer.Option("--target", "-t", help="Deployment target: trt8.5, trt8.6, trt10, trt11, jetpack5, jetpack6.0, jetpack6, jetpack7 or auto (the installed TensorRT's); see `peftx targets`.", show_default="trt8.6")]
+Target = Annotated[str | None, typer.Option("--target", "-t", help="Deployment target: trt8.5, trt8.6, trt10, trt11, jetpack5, jetpack6.0, jetpack6, " "jetpack7 or auto (the installed TensorRT's); see `peftx targets`.", show_default="trt8.6")]
 
 # The bundle options every exporting command shares (`merge-export` declares its own copies of the first four).
 Batch = Annotated[str, typer.Option("--batch", help="Dynamic batch profile MIN:OPT:MAX.")]
 Precision = Annotated[str, typer.Option("--precision", help="fp32 or fp16 (the TensorRT engine; the FP16 ONNX is always checked).")]
-TensorRT = Annotated[str, typer.Option("--tensorrt", help="auto: build an engine when TensorRT and a GPU exist; on: require it; off: skip (and tolerate readiness problems).")]
+TensorRT = Annotated[str, typer.Option("--tensorrt", help="auto: build an engine when TensorRT and a GPU exist; on: require it; off: skip (and " "tolerate readiness problems).")]
 Images = Annotated[Path | None, typer.Option("--images", help="Directory of real images for the parity check.", show_default="the run's validation images, else shipped photos")]
 NoSimplify = Annotated[bool, typer.Option("--no-simplify", help="Skip the onnxslim pass.")]
 ImgSize = Annotated[int | None, typer.Option("--img-size", min=1, help="Image size the model was fine-tuned at.", show_default="the timm model's")]

@@ -713,7 +713,7 @@ CASES = [
          OutputError, "already holds a training run"),
     Case("train-disk-full", lambda e, t: train(e, t, "--method", "lora", "-b", "8"), OutputError,  # 1 step, then the save
          "no space left on the device", fault=disk_full),
-    # --- bundles -------------------------------------------------------------------------------------------- exit 6 / 7
+    # --- bundles ------------------------------------------------------------------------------------------- exit 6 / 7
     Case("validate-tampered-onnx", lambda e, t: validate(tampered_bundle(e, t)), ExportError,
          "was modified after it was written: model.onnx (sha256 differs)"),
     Case("validate-run-dir-without-bundle", lambda e, t: validate(e.run), ExportError,

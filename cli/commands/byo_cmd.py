@@ -62,7 +62,8 @@ def convert(
     force: Force = False,
     json_out: Json = False,
 ) -> None:
-    """Write a peftx adapter in another format (peft: loads with PeftModel.from_pretrained onto the same timm model), checked against the peftx model."""
+    """Write a peftx adapter in another format (peft: loads with PeftModel.from_pretrained onto the same timm model),
+    checked against the peftx model."""
     from peftx.peft_convert import convert_run
 
     report = convert_run(run, to=to, output=output, weights=weights, images_dir=images, force=force,

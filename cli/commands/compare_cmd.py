@@ -90,7 +90,7 @@ def compare(
     lr: Annotated[float | None, typer.Option("--lr", help="One lr for every method.", show_default="each method's own, else the recipe's")] = None,
     warmup_epochs: Annotated[float | None, typer.Option("--warmup-epochs", min=0, help="Warm-up epochs (fractions allowed).", show_default="the recipe's")] = None,
     img_size: Annotated[int | None, typer.Option("--img-size", min=1, help="Input size.", show_default="the recipe's")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="METHOD.FIELD=VALUE for one method: lr, weight_decay, dropout or a method option (full.lr=1e-4, lora.r=4). Repeatable.", show_default="none")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="METHOD.FIELD=VALUE for one method: lr, weight_decay, dropout or a method option " "(full.lr=1e-4, lora.r=4). Repeatable.", show_default="none")] = None,
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="Runs per method (seeds S, S+1, ...): mean and spread.")] = 1,
     seed: Annotated[int, typer.Option("--seed", help="First seed.")] = 42,
     amp: Annotated[str, typer.Option("--amp", help="auto, bf16, fp16 or off.")] = "auto",
