@@ -21,7 +21,7 @@ def _num(x: Any) -> bool:
 
 
 def human_bytes(n: int | None) -> str:
-    if not _num(n):
+    if n is None or not _num(n):
         return "-"
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:

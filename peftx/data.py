@@ -498,7 +498,7 @@ def _warn_imbalance(counts: Counter, class_names: Sequence[str], where: Path) ->
     present = {label: n for label, n in counts.items() if n > 0}
     if len(present) < 2:
         return
-    big, small = max(present, key=present.get), min(present, key=present.get)
+    big, small = max(present, key=lambda c: present[c]), min(present, key=lambda c: present[c])
     if present[big] > IMBALANCE_WARN_RATIO * present[small]:
         log.warning("%s is imbalanced: class %s has %d training images, class %s only %d (> %gx)", where,
                     class_names[big], present[big], class_names[small], present[small], IMBALANCE_WARN_RATIO)

@@ -94,6 +94,7 @@ def train_transform(cfg: Mapping[str, Any], *, hflip: bool) -> Callable:
     composed = eval_transform(cfg)
     if not hflip:
         return composed
+    assert isinstance(composed, T.Compose), composed  # timm's create_transform composes its steps
     steps = list(composed.transforms)
     at = next(i for i, step in enumerate(steps) if type(step).__name__ in ("MaybeToTensor", "ToTensor"))
     return T.Compose([*steps[:at], T.RandomHorizontalFlip(), *steps[at:]])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -45,7 +45,7 @@ def bench(
     """Benchmark inference (eager / ONNX Runtime / TensorRT), training step cost and export time; write JSON + PNG."""
     from peftx.bench import BenchConfig, parse_list, result_tables, run_benchmarks, write_results
 
-    overrides = {
+    overrides: dict[str, Any] = {
         "suites": parse_list(suite), "batches": parse_list(batch, kind=int), "train_batch": train_batch,
         "device": device, "tensorrt": tensorrt, "threads": threads, "export_bundle": time_bundle or bundle,
         "models": parse_list(models), "methods": parse_list(methods), "train_models": parse_list(train_models),

@@ -130,7 +130,7 @@ class BenchConfig:
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:
         """A couple of minutes on 2 cores: ViT-S only, two adapter variants, tiny repetition counts."""
-        base = dict(models=("vit_s14",), batches=(1, 8), methods=("rlrr", "lora"), train_models=("vit_s14",),
+        base: dict[str, Any] = dict(models=("vit_s14",), batches=(1, 8), methods=("rlrr", "lora"), train_models=("vit_s14",),
                     export_models=("vit_s14",), min_rounds=2, max_rounds=8, budget_s=4.0, train_rounds=2,
                     train_budget_s=4.0, memory_steps=1, delta_reps=3, profile_steps=1, matmul_reps=5,
                     quick_preset=True)

@@ -26,7 +26,7 @@ _META_KEY = "peftx_gpu_check"
 
 # The --quick model: a random-init ViT small enough that 2 cores train it for a few steps in about a second.
 TINY_ARCH = "vit_tiny_patch16_224"
-TINY_KW = {"depth": 2, "embed_dim": 64, "num_heads": 2}
+TINY_KW: dict[str, Any] = {"depth": 2, "embed_dim": 64, "num_heads": 2}
 TINY_IMG = 32
 TINY_SEED = 0
 

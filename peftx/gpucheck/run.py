@@ -101,7 +101,7 @@ def _run_steps(cfg: GpuCheckConfig, device: str, work: Path, weights: Weights,
     for step in cfg.steps:
         t0 = time.perf_counter()
         if ctx.out_of_time():
-            outcome = {"status": "not run", "checks": [ctx.not_run(f"{step}/ran")]}
+            outcome: dict[str, Any] = {"status": "not run", "checks": [ctx.not_run(f"{step}/ran")]}
             outcome["seconds"] = 0.0
             results["steps"][step] = outcome
             ctx.say(f"{step}: not run (time limit)")

@@ -62,7 +62,7 @@ class LoopState:
     extensions: list[dict[str, Any]] = field(default_factory=list)  # --epochs on resume: {from_epochs, to_epochs, ...}
 
     @classmethod
-    def from_dict(cls, d: Any, where: str = "checkpoint") -> LoopState:
+    def from_dict(cls, d: Any, where: str | Path = "checkpoint") -> LoopState:
         """The state a checkpoint records; a damaged field is an :class:`AdapterFileError` naming it, not a crash."""
         if not isinstance(d, dict):
             raise _damaged(where, "state", d, "a mapping")
