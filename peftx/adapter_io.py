@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +140,7 @@ def _record_problem(config: dict[str, Any]) -> str | None:
     return None
 
 
-def check_tensors(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], where: str) -> None:
+def check_tensors(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], where: str) -> None:
     missing = sorted(set(expected) - set(got))
     extra = sorted(set(got) - set(expected))
     if missing or extra:

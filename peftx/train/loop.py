@@ -254,7 +254,7 @@ class Trainer:
             # Only adapter + head tensors require grad and every one of them is used in each forward. Buffers
             # (Swin's index tables / masks) are constants, identical on every rank: no per-forward sync.
             ids = [self.info.local_rank] if self.device.type == "cuda" else None
-            sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+            sync: dict[str, Any] = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
                     else {"broadcast_buffers": False})  # torch >= 2.14 renamed the option
             self.forward_model = DDP(self.model, device_ids=ids, find_unused_parameters=False, **sync)
         if self.device.type == "cuda":
@@ -412,7 +412,7 @@ class Trainer:
         st.history.append(record)
         st.train_seconds += record["seconds"]
         st.step_seconds += tr["train_seconds"]
-        st.train_images += tr["images"]
+        st.train_images += round(tr["images"])  # all-reduced as a float; a count
         if self.info.is_main:
             write_metrics(self.s.run_dir, st.history, best_epoch=st.best_epoch,
                           title=f"{self.cfg.method} on {self.cfg.model} ({Path(self.cfg.data).name})")
