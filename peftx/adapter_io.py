@@ -162,7 +162,8 @@ def load_adapter(model: nn.Module, path: str | Path, *, check_fingerprint: bool 
     """Adapt the plain ``model`` as the file describes and load its tensors. Returns ``model`` (in place)."""
     path = _resolve(path)
     config, tensors = read_adapter(path)
-    head_out = model.get_classifier().out_features if hasattr(model, "get_classifier") else None
+    get_classifier = getattr(model, "get_classifier", None)  # timm's; a plain nn.Module has none
+    head_out = get_classifier().out_features if get_classifier is not None else None
     if head_out != config.get("num_classes"):
         raise AdapterMismatchError(f"{path} is for {config.get('num_classes')} classes, the model has {head_out}",
                                    "create the backbone with the adapter's num_classes")

@@ -170,7 +170,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _classifier_keys(model: torch.nn.Module) -> tuple[str, ...]:
-    names = model.pretrained_cfg.get("classifier") or ()
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()  # timm's record of its head
     names = (names,) if isinstance(names, str) else tuple(names)
     return tuple(f"{n}.{p}" for n in names for p in ("weight", "bias"))
 

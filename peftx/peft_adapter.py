@@ -431,7 +431,8 @@ def _build_plain(spec: dict[str, Any], num_classes: int) -> nn.Module:
 
 
 def _classifier_path(model: nn.Module, name: str) -> str:
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    get_classifier = getattr(model, "get_classifier", None)  # timm's; a plain nn.Module has none
+    head = get_classifier() if get_classifier is not None else None
     if not isinstance(head, nn.Linear):
         raise UnsupportedModelError(f"{name}: the classifier is {type(head).__name__}, not an nn.Linear",
                                     "export a timm classification model")
