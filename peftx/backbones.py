@@ -269,8 +269,8 @@ def _hub_weights_file(name: str, timm_name: str) -> Path:
     Fetching the file here (rather than letting timm download and load in one go) means hub weights get the same
     fit check as a user's file, and a dead network fails in seconds.
     """
-    cfg = timm.models.get_pretrained_cfg(timm_name)
-    cfg = cfg.to_dict() if cfg is not None else {}
+    pretrained = timm.models.get_pretrained_cfg(timm_name)
+    cfg: dict[str, Any] = pretrained.to_dict() if pretrained is not None else {}
     cached = _hub_cached_file(cfg)
     if cached is not None:
         return cached
@@ -426,7 +426,7 @@ def inspect_checkpoint(name: str, weights: str | Path, *, img_size: int | None =
 def _grid_img_size(shapes: dict[str, tuple[int, ...]], ref: torch.nn.Module) -> int | None:
     """A ViT checkpoint's pos_embed holds its prefix tokens (if the model embeds them) and a square patch grid."""
     embed, pos = getattr(ref, "patch_embed", None), getattr(ref, "pos_embed", None)
-    if "pos_embed" not in shapes or pos is None or not hasattr(embed, "grid_size"):
+    if "pos_embed" not in shapes or pos is None or embed is None or not hasattr(embed, "grid_size"):
         return None
     prefix = pos.shape[1] - embed.grid_size[0] * embed.grid_size[1]
     grid = round((shapes["pos_embed"][1] - prefix) ** 0.5) if shapes["pos_embed"][1] > prefix else 0

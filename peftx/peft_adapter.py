@@ -496,8 +496,9 @@ def _inject_and_load(peft, pd: PeftDir, model: nn.Module, name: str) -> nn.Modul
         expected = get_peft_model_state_dict(wrapped, save_embedding_layers=False)
         _check_tensor_fit(expected, pd, name)
         result = set_peft_model_state_dict(wrapped, pd.tensors)
-    if getattr(result, "unexpected_keys", None):  # cannot happen after the fit check; a peft change would show here
-        raise AdapterFileError(f"{pd.path}: peft did not use {result.unexpected_keys[:3]}", "report this")
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:  # cannot happen after the fit check; a peft change would show here
+        raise AdapterFileError(f"{pd.path}: peft did not use {unexpected[:3]}", "report this")
     wrapped.eval()
     for p in wrapped.parameters():
         p.requires_grad_(False)
@@ -532,7 +533,8 @@ def merge_peft(reference: nn.Module, *, plain_class: type, plain_shapes: Mapping
     timm model: the same class, exactly the plain state-dict keys and shapes, every tensor finite."""
     with peft_warnings():
         try:
-            merged = copy.deepcopy(reference).merge_and_unload(safe_merge=True)
+            peft_model: Any = copy.deepcopy(reference)  # a peft.PeftModel (peft is untyped here)
+            merged: nn.Module = peft_model.merge_and_unload(safe_merge=True)
         except ValueError as exc:
             if "NaN" in str(exc):
                 raise NonFiniteError("merging the peft adapter gives non-finite weights",

@@ -78,6 +78,7 @@ def lora_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, i
     ranks: dict[str, int] = {}
     with torch.no_grad():
         for name, module in modules:
+            assert isinstance(module, LowRankLinear)  # every one checked above
             u, v = module.factors()  # exactly what the peftx forward multiplies (scaling folded into U)
             tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = v.detach().float().contiguous().clone()
             tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = u.detach().float().contiguous().clone()

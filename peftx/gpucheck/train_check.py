@@ -215,4 +215,5 @@ def record_reference(ctx: Context, result: dict[str, Any], weights_id: str) -> P
     data = {"kind": REFERENCE_KIND, "schema": 1, "created": now,
             "weights_sha256": weights_id, "weights": ctx.weights.info.get("what"),
             "environment": {k: v for k, v in environment("cpu").items() if k != "executable"}, "runs": runs}
+    assert ctx.cfg.record_reference is not None  # called for --record-reference only
     return write_text_atomic(Path(ctx.cfg.record_reference), json.dumps(data, indent=2) + "\n")
