@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV = $(shell scripts/setup-venv.sh)
 
-.PHONY: setup demo test test-fast bench gpu-check-prepare gpu-check-quick gpu-check-reference lock clean
+.PHONY: setup demo test test-fast lint fmt bench gpu-check-prepare gpu-check-quick gpu-check-reference lock clean
 
 setup:
 	@echo "venv: $(VENV)"
@@ -15,6 +15,15 @@ test:  ## the whole test suite (what CI runs)
 
 test-fast:  ## skip the real-weight tests
 	$(VENV)/bin/python -m pytest -q -m "not slow"
+
+lint:  ## ruff (lint + format check) and mypy (scripts/typecheck.sh: cli/ and exports/ as peftx.cli / peftx.exports)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	PYTHON=$(VENV)/bin/python scripts/typecheck.sh
+
+fmt:  ## format, then apply ruff's safe fixes
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 bench:  ## benchmarks (minutes): inference, training, export; see README
 	$(VENV)/bin/peftx bench

@@ -16,9 +16,21 @@ from pathlib import Path
 
 import torch
 
-from peftx.bench import (MODELS, ContentionGuard, count_flops, latency_stats, matmul_peak, model_dims, optimize_for_ort,
-                         ort_matmul_peak, ort_session_options, paired_ratio, physical_cores, timed_rounds)
 from peftx.backbones import data_config
+from peftx.bench import (
+    MODELS,
+    ContentionGuard,
+    count_flops,
+    latency_stats,
+    matmul_peak,
+    model_dims,
+    optimize_for_ort,
+    ort_matmul_peak,
+    ort_session_options,
+    paired_ratio,
+    physical_cores,
+    timed_rounds,
+)
 from peftx.data import real_images
 from peftx.exports.onnx_export import export_onnx
 from peftx.exports.parity import compare, make_input_sets
@@ -67,7 +79,7 @@ def main() -> None:
         for batch in (int(b) for b in args.batch.split(",")):
             x = torch.randn(batch, *size)
             xn = x.numpy()
-            fns = {"pytorch eager": lambda: model(x), **{k: (lambda r=r: r.infer(xn)) for k, r in runners.items()}}
+            fns = {"pytorch eager": lambda x=x: model(x), **{k: (lambda r=r, xn=xn: r.infer(xn)) for k, r in runners.items()}}
             guard = ContentionGuard(args.threads) if args.threads > 1 else None
             with torch.inference_mode():
                 timing = timed_rounds(fns, min_rounds=args.min_rounds, max_rounds=30, budget_s=args.budget,

@@ -105,12 +105,12 @@ def main() -> int:
     done = subprocess.run([sys.executable, str(bundle / "infer.py"), *map(str, files), "--top", "1"],
                           capture_output=True, text=True, check=True)
     rows = [line.split("\t")[3] for line in done.stdout.splitlines() if not line.startswith("# ")]
-    infer_acc = float(np.mean([p == y for p, y in zip(rows, labels)]))
+    infer_acc = float(np.mean([p == y for p, y in zip(rows, labels, strict=True)]))
     session = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
     names = meta["class_names"]
     old = [names[int(session.run(None, {"input": old_preprocess(p, meta["preprocessing"])})[0].argmax())]
            for p in files]
-    old_acc = float(np.mean([p == y for p, y in zip(old, labels)]))
+    old_acc = float(np.mean([p == y for p, y in zip(old, labels, strict=True)]))
     accuracy = report.parity.accuracy
     results = {
         "preprocessing": meta["preprocessing"], "train_seconds": round(train_s, 1),

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from peftx.bench import MODELS, physical_cores, paired_ratio, timed_rounds, train_setup
+from peftx.bench import MODELS, paired_ratio, physical_cores, timed_rounds, train_setup
 from peftx.methods import SSF, AOFTLinear, LowRankLinear, RLRRLinear
 from peftx.methods.orthogonal import ao_basis
 

@@ -10,10 +10,19 @@ import typer
 try:  # typer >= 0.22 vendors click; its exception classes live here (there is no public alias)
     from typer._click import exceptions as click_errors
 except ImportError:  # older typer on top of click
-    from click import exceptions as click_errors
+    from click import exceptions as click_errors  # type: ignore[no-redef]  # same module, the older home
 
-from .commands import (bench_cmd, byo_cmd, compare_cmd, demo_cmd, export_cmd, gpucheck_cmd, inspect_cmd, targets_cmd,
-                       train_cmd)
+from .commands import (
+    bench_cmd,
+    byo_cmd,
+    compare_cmd,
+    demo_cmd,
+    export_cmd,
+    gpucheck_cmd,
+    inspect_cmd,
+    targets_cmd,
+    train_cmd,
+)
 
 app = typer.Typer(
     name="peftx",

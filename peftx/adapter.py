@@ -66,19 +66,22 @@ def adapt(model: nn.Module, config: AdapterConfig, *, spec: dict[str, Any] | Non
     layout = describe(model)
     targets = method.resolve_targets(config, layout)
     head = model.get_submodule(layout.head)
+    assert isinstance(head, nn.Linear), head  # describe() refuses a model whose classifier is not one
     state = AdapterState(
         config=config, layout=layout, base_fingerprint=base_fingerprint or fingerprint(model, layout.head),
         plain_shapes={k: tuple(v.shape) for k, v in model.state_dict().items()},
         num_classes=head.out_features, spec=dict(spec or {}))
     wraps: list[tuple[str, nn.Module]] = []
     for site in layout.linears:
-        new = method.wrap_linear(site, model.get_submodule(site.path), config, targets, state.notes.append)
+        base = model.get_submodule(site.path)
+        assert isinstance(base, nn.Linear), site.path  # describe() checked every linear site
+        new = method.wrap_linear(site, base, config, targets, state.notes.append)
         if new is not None:
             wraps.append((site.path, new))
-    for site in layout.ssf_sites:
-        new = method.wrap_norm(site, model.get_submodule(site.path), config, model, state.notes.append)
+    for norm_site in layout.ssf_sites:
+        new = method.wrap_norm(norm_site, model.get_submodule(norm_site.path), config, model, state.notes.append)
         if new is not None:
-            wraps.append((site.path, new))
+            wraps.append((norm_site.path, new))
     linear_paths = {s.path for s in layout.linears}
     if method.wraps_layers and not any(path in linear_paths for path, _ in wraps):
         raise UsageError(f"no layer matched targets {sorted(targets)}")
@@ -89,7 +92,7 @@ def adapt(model: nn.Module, config: AdapterConfig, *, spec: dict[str, Any] | Non
             head.weight.zero_()
             if head.bias is not None:
                 head.bias.zero_()
-    model.peftx_state = state
+    model.peftx_state = state  # type: ignore[assignment]  # torch types Module attributes as Tensor | Module
     set_trainable(model)
     return model
 
@@ -136,8 +139,10 @@ def split_weight_decay(model: nn.Module) -> tuple[list[str], list[str]]:
     method = method_of(state_of(model).config)
     params = dict(model.named_parameters())
     own = set(_own_names(model))
-    skips = frozenset(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else frozenset()
-    decay, no_decay = [], []
+    own_skips = getattr(model, "no_weight_decay", None)  # timm models list their own (pos_embed, cls_token...)
+    skips = frozenset(own_skips()) if own_skips is not None else frozenset()
+    decay: list[str] = []
+    no_decay: list[str] = []
     for name in trainable_names(model):
         skip = method.no_weight_decay(name, params[name], own=name in own, model_skips=skips)
         (no_decay if skip else decay).append(name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +140,7 @@ def _record_problem(config: dict[str, Any]) -> str | None:
     return None
 
 
-def check_tensors(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], where: str) -> None:
+def check_tensors(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], where: str) -> None:
     missing = sorted(set(expected) - set(got))
     extra = sorted(set(got) - set(expected))
     if missing or extra:
@@ -161,7 +162,8 @@ def load_adapter(model: nn.Module, path: str | Path, *, check_fingerprint: bool 
     """Adapt the plain ``model`` as the file describes and load its tensors. Returns ``model`` (in place)."""
     path = _resolve(path)
     config, tensors = read_adapter(path)
-    head_out = model.get_classifier().out_features if hasattr(model, "get_classifier") else None
+    get_classifier = getattr(model, "get_classifier", None)  # timm's; a plain nn.Module has none
+    head_out = get_classifier().out_features if get_classifier is not None else None
     if head_out != config.get("num_classes"):
         raise AdapterMismatchError(f"{path} is for {config.get('num_classes')} classes, the model has {head_out}",
                                    "create the backbone with the adapter's num_classes")

@@ -170,7 +170,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _classifier_keys(model: torch.nn.Module) -> tuple[str, ...]:
-    names = model.pretrained_cfg.get("classifier") or ()
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()  # timm's record of its head
     names = (names,) if isinstance(names, str) else tuple(names)
     return tuple(f"{n}.{p}" for n in names for p in ("weight", "bias"))
 
@@ -269,8 +269,8 @@ def _hub_weights_file(name: str, timm_name: str) -> Path:
     Fetching the file here (rather than letting timm download and load in one go) means hub weights get the same
     fit check as a user's file, and a dead network fails in seconds.
     """
-    cfg = timm.models.get_pretrained_cfg(timm_name)
-    cfg = cfg.to_dict() if cfg is not None else {}
+    pretrained = timm.models.get_pretrained_cfg(timm_name)
+    cfg: dict[str, Any] = pretrained.to_dict() if pretrained is not None else {}
     cached = _hub_cached_file(cfg)
     if cached is not None:
         return cached
@@ -357,7 +357,7 @@ def _check_img_size(model: torch.nn.Module, timm_name: str) -> None:
     if size is None or patch is None:
         return
     size, patch = (size, size) if isinstance(size, int) else size, (patch, patch) if isinstance(patch, int) else patch
-    if any(s % p for s, p in zip(size, patch)):
+    if any(s % p for s, p in zip(size, patch, strict=True)):
         raise UsageError(f"img_size {tuple(size)} is not a multiple of {timm_name}'s patch size {tuple(patch)}",
                          f"use a multiple of {patch[0]}: peftx train --img-size "
                          f"{max(1, round(size[0] / patch[0])) * patch[0]}")
@@ -426,7 +426,7 @@ def inspect_checkpoint(name: str, weights: str | Path, *, img_size: int | None =
 def _grid_img_size(shapes: dict[str, tuple[int, ...]], ref: torch.nn.Module) -> int | None:
     """A ViT checkpoint's pos_embed holds its prefix tokens (if the model embeds them) and a square patch grid."""
     embed, pos = getattr(ref, "patch_embed", None), getattr(ref, "pos_embed", None)
-    if "pos_embed" not in shapes or pos is None or not hasattr(embed, "grid_size"):
+    if "pos_embed" not in shapes or pos is None or embed is None or not hasattr(embed, "grid_size"):
         return None
     prefix = pos.shape[1] - embed.grid_size[0] * embed.grid_size[1]
     grid = round((shapes["pos_embed"][1] - prefix) ** 0.5) if shapes["pos_embed"][1] > prefix else 0

@@ -11,8 +11,9 @@ checks or produces (targets, precisions, gates) applies to all of them alike.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import UsageError
 
@@ -26,7 +27,7 @@ def load_foreign(source: Any, *, model_name: str | None = None, weights: str | P
     overrides = {"model_name": model_name, "weights": weights, "img_size": img_size}
     if isinstance(source, (PeftSource, CheckpointSource)):
         return source.with_overrides(**overrides).load()
-    if isinstance(source, (str, os.PathLike)) and is_peft_dir(source):
+    if isinstance(source, (str, os.PathLike)) and is_peft_dir(Path(source)):
         return PeftSource(Path(source)).with_overrides(**overrides).load()
     return None
 
@@ -46,7 +47,7 @@ def recorded_source(provenance: Mapping[str, Any], source: str | Path) -> Any:
     if not spec.get("name"):
         raise UsageError(f"the bundle's provenance records no backbone for its {method} source",
                          "re-create the bundle with this peftx version")
-    kwargs = dict(img_size=spec.get("img_size"), model_kwargs=dict(spec.get("model_kwargs") or {}))
+    kwargs: dict[str, Any] = dict(img_size=spec.get("img_size"), model_kwargs=dict(spec.get("model_kwargs") or {}))
     if method == PEFT_METHOD:
         return PeftSource(adapter_dir(source), model_name=spec["name"], weights=spec.get("weights"),
                           expected_fingerprint=provenance.get("base_fingerprint"),

@@ -46,10 +46,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from .errors import OutputError, TrainingInterrupted, UsageError
 from .fsutil import ensure_dir, write_text_atomic
@@ -312,7 +313,7 @@ class _Signals:
             child.send_signal(signum)
 
     @contextmanager
-    def installed(self) -> Iterator["_Signals"]:
+    def installed(self) -> Iterator[_Signals]:
         if threading.current_thread() is not threading.main_thread():
             yield self
             return

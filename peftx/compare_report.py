@@ -21,7 +21,7 @@ def _num(x: Any) -> bool:
 
 
 def human_bytes(n: int | None) -> str:
-    if not _num(n):
+    if n is None or not _num(n):
         return "-"
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:
@@ -69,7 +69,7 @@ def method_cells(entry: dict[str, Any], note: str) -> list[str]:
               f"{entry['train_seconds']:.0f}" if _num(entry.get("train_seconds")) else "-",
               f"{entry['img_per_s']:.1f}" if _num(entry.get("img_per_s")) else "-",
               f"{entry['peak_memory_mb']:,.0f}" if _num(entry.get("peak_memory_mb")) else "-"]
-    return [_cell(v, w, a) for v, (_, w, a) in zip(values, _COLUMNS)] + [note]
+    return [_cell(v, w, a) for v, (_, w, a) in zip(values, _COLUMNS, strict=True)] + [note]
 
 
 def _line(cells: list[str]) -> str:
@@ -174,7 +174,7 @@ def plot_compare(result: dict[str, Any], path: str | Path) -> Path:
     acc = [100 * e["test_accuracy"] if _num(e.get("test_accuracy")) else 0.0 for e in summary]
     err = [100 * e["test_accuracy_sd"] if _num(e.get("test_accuracy_sd")) else 0.0 for e in summary]
     bars = ax_bar.bar(names, acc, yerr=err, capsize=4, color="tab:blue")
-    for bar, e in zip(bars, summary):
+    for bar, e in zip(bars, summary, strict=True):
         label = "failed" if not e.get("ok") else f"{100 * e['test_accuracy']:.1f}"
         ax_bar.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                         fontsize=8, color="tab:red" if not e.get("ok") else "black")

@@ -20,9 +20,10 @@ import json
 import logging
 import zlib
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -472,7 +473,7 @@ def _vtab_splits(root: Path, train_tf: Callable, eval_tf: Callable) -> Splits:
     for split, samples in lists.items():
         if not samples:
             raise DataError(f"split file {root / VTAB_LISTS[split]} lists no images", "check the VTAB-1k layout")
-    for split, samples in lists.items():
+    for samples in lists.values():
         for image, _ in samples:
             _check_image(image)
     num_classes = 1 + max(label for samples in lists.values() for _, label in samples)
@@ -497,7 +498,7 @@ def _warn_imbalance(counts: Counter, class_names: Sequence[str], where: Path) ->
     present = {label: n for label, n in counts.items() if n > 0}
     if len(present) < 2:
         return
-    big, small = max(present, key=present.get), min(present, key=present.get)
+    big, small = max(present, key=lambda c: present[c]), min(present, key=lambda c: present[c])
     if present[big] > IMBALANCE_WARN_RATIO * present[small]:
         log.warning("%s is imbalanced: class %s has %d training images, class %s only %d (> %gx)", where,
                     class_names[big], present[big], class_names[small], present[small], IMBALANCE_WARN_RATIO)

@@ -35,9 +35,9 @@ import struct
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -78,7 +78,7 @@ class TaskSource:
     name: str
     registry: str
     licence: str
-    load: Callable[["PrepareOptions"], Pool]
+    load: Callable[[PrepareOptions], Pool]
 
 
 @dataclass(frozen=True)
@@ -232,7 +232,7 @@ def vtab_sample(pool: Pool, *, seed: int, n_train: int, n_val: int, test_cap: in
     rng = np.random.default_rng(seed)
     order = rng.permutation(n)
     train, val = order[:n_train], order[n_train:n_train + n_val]
-    test = np.arange(len(pool.test_labels)) if own_test else order[n_train + n_val:]
+    test = np.arange(len(pool.test_labels)) if pool.test_labels is not None else order[n_train + n_val:]
     if test_cap is not None and test_cap < len(test):
         test = np.sort(np.random.default_rng(seed + 1).choice(test, size=test_cap, replace=False))
     return Sample(np.sort(train), np.sort(val), np.sort(test), not own_test)
@@ -284,7 +284,8 @@ def prepare_task(task: str, cache_dir: str | Path, *, seed: int = 0, n_train: in
         val = _write_split(tmp, "train", pool.train_images, pool.train_labels, sample.val)
         if sample.test_from_train_pool:
             test = _write_split(tmp, "train", pool.train_images, pool.train_labels, sample.test)
-        else:
+        else:  # a pool with its own test split (vtab_sample draws the test images from train otherwise)
+            assert pool.test_images is not None and pool.test_labels is not None
             test = _write_split(tmp, "test", pool.test_images, pool.test_labels, sample.test)
         for name, lines in (("train800.txt", train), ("val200.txt", val), ("train800val200.txt", train + val),
                             ("test.txt", test)):

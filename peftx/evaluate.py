@@ -31,6 +31,15 @@ def _recorded_int(record: dict[str, Any], key: str, default: int | None = None) 
     return value
 
 
+def _required_int(record: dict[str, Any], key: str, default: int | None = None) -> int:
+    """:func:`_recorded_int` for a field the model cannot be rebuilt without (absent and no default: damaged)."""
+    value = _recorded_int(record, key, default)
+    if value is None:
+        raise AdapterFileError(f"the adapter record's {key} is missing",
+                               "the adapter JSON was edited or damaged: restore it from the run directory")
+    return value
+
+
 def rebuild_model(config: dict[str, Any], *, weights: str | Path | None = None) -> nn.Module:
     """The plain backbone an adapter file's ``spec`` describes (``weights`` overrides the recorded file)."""
     from .backbones import create_backbone
@@ -43,7 +52,7 @@ def rebuild_model(config: dict[str, Any], *, weights: str | Path | None = None) 
     init_seed = _recorded_int(spec, "init_seed")
     if not pretrained and init_seed is not None:
         torch.manual_seed(init_seed)  # a random-init backbone is rebuilt from the seed it was made with
-    return create_backbone(spec["name"], num_classes=_recorded_int(config, "num_classes"),
+    return create_backbone(spec["name"], num_classes=_required_int(config, "num_classes"),
                            weights=weights or (spec.get("weights") if pretrained else None), pretrained=pretrained,
                            img_size=spec.get("img_size"), **(spec.get("model_kwargs") or {}))
 
@@ -96,7 +105,7 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, split: str = "
         from .backbones import data_config
         data_cfg = data_config(model)
     names = config.get("class_names") or [str(i) for i in range(_recorded_int(config, "num_classes") or 0)]
-    chosen = load_eval_split(data, data_cfg, split, config.get("class_names"), seed=_recorded_int(config, "seed", 42),
+    chosen = load_eval_split(data, data_cfg, split, config.get("class_names"), seed=_required_int(config, "seed", 42),
                              val_files=run_val_files(config, path, data))
     load_adapter(model, path)
     use_fused_attention(model)

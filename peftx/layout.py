@@ -8,6 +8,7 @@ Supported: timm ``VisionTransformer`` (ViT, DeiT, DINOv2 with LayerScale and reg
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, TypeVar, overload
 
 from torch import nn
 
@@ -47,6 +48,17 @@ class Layout:
     roles: frozenset[str] = field(default_factory=frozenset)
 
 
+# A timm model as the layout reads it: family attributes (blocks, layers, patch_embed, get_classifier) that
+# nn.Module does not declare, so they are looked up dynamically (and checked with _need where it matters).
+TimmModel = Any
+
+_M = TypeVar("_M", bound=nn.Module)
+
+
+@overload
+def _need(module: nn.Module, path: str, kind: type[_M]) -> _M: ...
+@overload
+def _need(module: nn.Module, path: str, kind: tuple[type, ...]) -> nn.Module: ...
 def _need(module: nn.Module, path: str, kind: type | tuple[type, ...]) -> nn.Module:
     try:
         sub = module.get_submodule(path)
@@ -65,15 +77,15 @@ def _module_path(model: nn.Module, target: nn.Module) -> str:
     raise UnsupportedModelError(f"{type(model).__name__}: classifier module not found in the model")
 
 
-def _vit_layout(model: nn.Module) -> Layout:
+def _vit_layout(model: TimmModel) -> Layout:
     if hasattr(model, "head_dist"):
         raise UnsupportedModelError(f"{type(model).__name__} has a distillation head",
                                     "use the non-distilled DeiT (e.g. deit_small_patch16_224)")
     linears, ssf, blocks = [], [], []
-    pe = _need(model, "patch_embed", nn.Module)
-    _need(model, "patch_embed.proj", nn.Conv2d)
+    _need(model, "patch_embed", nn.Module)
+    proj = _need(model, "patch_embed.proj", nn.Conv2d)
     pe_norm = _need(model, "patch_embed.norm", (nn.Identity, nn.LayerNorm))
-    dim = pe.proj.out_channels
+    dim = proj.out_channels
     ssf.append(_patch_site(model, pe_norm, dim))
     for i in range(len(model.blocks)):
         b = f"blocks.{i}"
@@ -100,7 +112,7 @@ def _vit_layout(model: nn.Module) -> Layout:
     return Layout("vit", tuple(linears), tuple(ssf), _head_path(model), tuple(blocks))
 
 
-def _patch_site(model: nn.Module, pe_norm: nn.Module, dim: int) -> SSFSite:
+def _patch_site(model: TimmModel, pe_norm: nn.Module, dim: int) -> SSFSite:
     """The SSF site on the patch tokens: the LayerNorm in patch_embed.norm, or the Identity there (fold: the conv)."""
     if isinstance(pe_norm, nn.LayerNorm):
         return SSFSite("patch_embed.norm", dim)
@@ -122,7 +134,7 @@ def _fold_norm(model: nn.Module, linear: nn.Linear, before: str | None) -> str |
     return before if ok else None
 
 
-def _swin_layout(model: nn.Module) -> Layout:
+def _swin_layout(model: TimmModel) -> Layout:
     linears, ssf, blocks = [], [], []
     for si, stage in enumerate(model.layers):
         s = f"layers.{si}"
@@ -146,7 +158,7 @@ def _swin_layout(model: nn.Module) -> Layout:
     return Layout("swin", tuple(linears), tuple(ssf), _head_path(model), tuple(blocks))
 
 
-def _head_path(model: nn.Module) -> str:
+def _head_path(model: TimmModel) -> str:
     head = model.get_classifier()
     if not isinstance(head, nn.Linear):
         raise UnsupportedModelError(f"{type(model).__name__}: the classifier is {type(head).__name__}",

@@ -40,8 +40,15 @@ from torch import nn
 from .adapter import fingerprint
 from .adapter_io import ADAPTER_FILE
 from .checks import all_finite, is_pickle_file
-from .errors import (AdapterFileError, AdapterMismatchError, BackendUnavailableError, ExportError, NonFiniteError,
-                     UnsupportedModelError, UsageError)
+from .errors import (
+    AdapterFileError,
+    AdapterMismatchError,
+    BackendUnavailableError,
+    ExportError,
+    NonFiniteError,
+    UnsupportedModelError,
+    UsageError,
+)
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -424,7 +431,8 @@ def _build_plain(spec: dict[str, Any], num_classes: int) -> nn.Module:
 
 
 def _classifier_path(model: nn.Module, name: str) -> str:
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    get_classifier = getattr(model, "get_classifier", None)  # timm's; a plain nn.Module has none
+    head = get_classifier() if get_classifier is not None else None
     if not isinstance(head, nn.Linear):
         raise UnsupportedModelError(f"{name}: the classifier is {type(head).__name__}, not an nn.Linear",
                                     "export a timm classification model")
@@ -488,8 +496,9 @@ def _inject_and_load(peft, pd: PeftDir, model: nn.Module, name: str) -> nn.Modul
         expected = get_peft_model_state_dict(wrapped, save_embedding_layers=False)
         _check_tensor_fit(expected, pd, name)
         result = set_peft_model_state_dict(wrapped, pd.tensors)
-    if getattr(result, "unexpected_keys", None):  # cannot happen after the fit check; a peft change would show here
-        raise AdapterFileError(f"{pd.path}: peft did not use {result.unexpected_keys[:3]}", "report this")
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:  # cannot happen after the fit check; a peft change would show here
+        raise AdapterFileError(f"{pd.path}: peft did not use {unexpected[:3]}", "report this")
     wrapped.eval()
     for p in wrapped.parameters():
         p.requires_grad_(False)
@@ -524,7 +533,8 @@ def merge_peft(reference: nn.Module, *, plain_class: type, plain_shapes: Mapping
     timm model: the same class, exactly the plain state-dict keys and shapes, every tensor finite."""
     with peft_warnings():
         try:
-            merged = copy.deepcopy(reference).merge_and_unload(safe_merge=True)
+            peft_model: Any = copy.deepcopy(reference)  # a peft.PeftModel (peft is untyped here)
+            merged: nn.Module = peft_model.merge_and_unload(safe_merge=True)
         except ValueError as exc:
             if "NaN" in str(exc):
                 raise NonFiniteError("merging the peft adapter gives non-finite weights",

@@ -21,9 +21,10 @@ import shutil
 import tempfile
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -31,8 +32,16 @@ from torch import nn
 
 from . import __version__
 from .errors import OutputError, ParityError, UsageError
-from .peft_adapter import (KEY_PREFIX, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, SOURCE_FILE, SOURCE_FORMAT,
-                           SOURCE_FORMAT_VERSION, import_peft, peft_warnings)
+from .peft_adapter import (
+    KEY_PREFIX,
+    PEFT_CONFIG_FILE,
+    PEFT_WEIGHTS_FILE,
+    SOURCE_FILE,
+    SOURCE_FORMAT,
+    SOURCE_FORMAT_VERSION,
+    import_peft,
+    peft_warnings,
+)
 from .tolerances import PEFT_CONVERSION_FP32
 
 FORMATS = ("peft",)
@@ -69,6 +78,7 @@ def lora_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, i
     ranks: dict[str, int] = {}
     with torch.no_grad():
         for name, module in modules:
+            assert isinstance(module, LowRankLinear)  # every one checked above
             u, v = module.factors()  # exactly what the peftx forward multiplies (scaling folded into U)
             tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = v.detach().float().contiguous().clone()
             tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = u.detach().float().contiguous().clone()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 def run_demo(output: str | Path | None = None, *, method: str = "rlrr", train_progress: Any = None,

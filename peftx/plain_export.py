@@ -34,7 +34,8 @@ def read_class_names(path: str | Path) -> list[str]:
                         "pass a UTF-8 text file with one class name per line") from None
     while lines and not lines[-1].strip():
         lines.pop()
-    names, seen = [], {}
+    names: list[str] = []
+    seen: dict[str, int] = {}
     for number, line in enumerate(lines, 1):
         name = line.strip()
         if not name:

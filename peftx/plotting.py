@@ -6,8 +6,9 @@ threads and on headless machines.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .fsutil import atomic_path
 

@@ -94,6 +94,7 @@ def train_transform(cfg: Mapping[str, Any], *, hflip: bool) -> Callable:
     composed = eval_transform(cfg)
     if not hflip:
         return composed
+    assert isinstance(composed, T.Compose), composed  # timm's create_transform composes its steps
     steps = list(composed.transforms)
     at = next(i for i, step in enumerate(steps) if type(step).__name__ in ("MaybeToTensor", "ToTensor"))
     return T.Compose([*steps[:at], T.RandomHorizontalFlip(), *steps[at:]])
@@ -105,8 +106,9 @@ def describe(cfg: Mapping[str, Any]) -> str:
 
     c = contract(cfg)
     _, h, w = c["input_size"]
-    imagenet = all(math.isclose(a, b, abs_tol=1e-6) for a, b in zip(c["mean"] + c["std"],
-                                                                   IMAGENET_DEFAULT_MEAN + IMAGENET_DEFAULT_STD))
+    ours, imagenet_stats = (*c["mean"], *c["std"]), (*IMAGENET_DEFAULT_MEAN, *IMAGENET_DEFAULT_STD)
+    imagenet = len(ours) == len(imagenet_stats) and all(
+        math.isclose(a, b, abs_tol=1e-6) for a, b in zip(ours, imagenet_stats, strict=True))
     stats = "ImageNet mean/std" if imagenet else \
         f"mean {tuple(round(v, 4) for v in c['mean'])}, std {tuple(round(v, 4) for v in c['std'])}"
     return f"{h}x{w} {c['crop_mode']} (crop_pct {c['crop_pct']:g}), {c['interpolation']}, {stats}"

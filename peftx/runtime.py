@@ -6,7 +6,8 @@ loader, summed over every DDP rank's shard).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ContextManager
+from collections.abc import Sized
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +60,7 @@ def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager:
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -80,7 +81,7 @@ def use_fused_attention(model: nn.Module, enabled: bool = True) -> int:
     n = 0
     for m in model.modules():
         if hasattr(m, "fused_attn"):
-            m.fused_attn = enabled
+            m.fused_attn = enabled  # type: ignore[assignment]  # torch types Module attributes as Tensor | Module
             n += 1
     return n
 
@@ -88,7 +89,7 @@ def use_fused_attention(model: nn.Module, enabled: bool = True) -> int:
 def eval_loader(dataset: Dataset, batch_size: int, *, info: DistInfo, num_workers: int = 0,
                 pin_memory: bool = False) -> DataLoader:
     """In-order loader over this rank's shard (no padding, so reduced counts are exact)."""
-    return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), info.rank, info.world_size),
+    return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(cast(Sized, dataset)), info.rank, info.world_size),
                       num_workers=num_workers, pin_memory=pin_memory, generator=torch.Generator().manual_seed(0))
 
 
@@ -102,7 +103,8 @@ def evaluate_model(model: nn.Module, loader: DataLoader, *, device: torch.device
     was_training = model.training
     model.eval()
     correct = loss_sum = count = 0.0
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device) if num_classes else None
+    k = num_classes or 0
+    confusion = torch.zeros(k * k, dtype=torch.int64, device=device) if k else None
     try:
         for x, y in loader:
             x, y = to_device(x, device, channels_last), y.to(device, non_blocking=True)
@@ -114,7 +116,7 @@ def evaluate_model(model: nn.Module, loader: DataLoader, *, device: torch.device
             correct += (pred == y).sum().item()
             count += y.numel()
             if confusion is not None:
-                confusion += torch.bincount(y * num_classes + pred, minlength=num_classes * num_classes)
+                confusion += torch.bincount(y * k + pred, minlength=k * k)
     finally:
         model.train(was_training)
     correct, loss_sum, count = all_reduce_sum([correct, loss_sum, count], device, info)

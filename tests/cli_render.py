@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from io import StringIO
-from typing import Any, Iterable
+from typing import Any
 
 from rich.console import Console
 

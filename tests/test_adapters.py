@@ -9,17 +9,33 @@ import sys
 
 import pytest
 import torch
+from conftest import (
+    EDGE_MODELS,
+    NUM_CLASSES,
+    TINY_MODELS,
+    make_tiny,
+    perturb_adapter,
+    plain_reference,
+    real_batch,
+    tiny_data_cfg,
+)
 from safetensors.torch import save_file
 
-from peftx.adapter import (adapt, adapter_modules, adapter_state_dict, count_parameters, merge, merge_and_unload,
-                           state_of, trainable_names, unmerge)
+from peftx.adapter import (
+    adapt,
+    adapter_modules,
+    adapter_state_dict,
+    count_parameters,
+    merge,
+    merge_and_unload,
+    state_of,
+    trainable_names,
+    unmerge,
+)
 from peftx.adapter_io import load_adapter, save_adapter
 from peftx.errors import ExportError, NonFiniteError
 from peftx.methods import METHOD_NAMES, get_method, make_config
 from peftx.tolerances import MERGE_FP32, ONNX_FP32
-
-from conftest import (EDGE_MODELS, NUM_CLASSES, TINY_MODELS, make_tiny, perturb_adapter, plain_reference,
-                      real_batch, tiny_data_cfg)
 
 CASES = [(m, f) for m in METHOD_NAMES for f in TINY_MODELS]
 

@@ -12,17 +12,16 @@ import signal
 
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from peftx.adapter_io import ADAPTER_FILE, read_adapter
-from peftx.train.checkpoint import checkpoint_path, load_checkpoint
 from peftx.deploy import load_reference, merge_export, validate
 from peftx.errors import AdapterFileError, AdapterMismatchError, NonFiniteError
 from peftx.evaluate import evaluate
 from peftx.train import TrainConfig, TrainingInterrupted, train
-
-from conftest import tiny_config
+from peftx.train.checkpoint import checkpoint_path, load_checkpoint
 
 RUN = dict(epochs=2, batch_size=8, lr=2e-3, warmup_epochs=0, dropout=0.0, hflip=False)
 

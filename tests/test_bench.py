@@ -13,9 +13,9 @@ import pytest
 import timm
 import torch
 import typer
+from conftest import TINY_MODELS
 from typer.testing import CliRunner
 
-from conftest import TINY_MODELS
 from peftx import bench
 from peftx.bench import BenchConfig, ModelSpec
 from peftx.errors import UsageError

@@ -20,14 +20,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import make_tiny, real_batch, tiny_data_cfg
 
 from peftx.exports.bundle import read_bundle, write_bundle
 from peftx.exports.layernorm import decomposed_layernorms
 from peftx.exports.targets import profile_for_tensorrt
 from peftx.exports.templates.infer import engine_problems, parse_l4t
 from peftx.fsutil import sha256_file
-
-from conftest import make_tiny, real_batch, tiny_data_cfg
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("sha256sum") is None,
                                 reason="build_engine.sh needs bash and coreutils")

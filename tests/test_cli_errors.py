@@ -22,12 +22,14 @@ import pickle
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
+from conftest import NUM_CLASSES, TINY_MODELS, make_tiny, perturb_adapter, tiny_data_cfg
+from conftest import write_digit_folder as shared_digit_folder
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
@@ -35,13 +37,22 @@ from typer.testing import CliRunner
 from peftx.adapter import adapt
 from peftx.adapter_io import ADAPTER_FILE, save_adapter
 from peftx.cli.app import app
-from peftx.errors import (AdapterFileError, AdapterMismatchError, BackendUnavailableError, DataError, ExportError,
-                          NonFiniteError, OutputError, ParityError, PeftxError, UnknownModelError,
-                          UnsupportedModelError, UsageError, WeightsError)
+from peftx.errors import (
+    AdapterFileError,
+    AdapterMismatchError,
+    BackendUnavailableError,
+    DataError,
+    ExportError,
+    NonFiniteError,
+    OutputError,
+    ParityError,
+    PeftxError,
+    UnknownModelError,
+    UnsupportedModelError,
+    UsageError,
+    WeightsError,
+)
 from peftx.methods import make_config
-
-from conftest import NUM_CLASSES, TINY_MODELS, make_tiny, perturb_adapter, tiny_data_cfg
-from conftest import write_digit_folder as shared_digit_folder
 
 TRAIN_MODEL = "vit_tiny_patch16_224"  # `peftx train` builds the full-width model: 12 blocks, but 32 px = 4 tokens
 TRAIN_IMG = 32
@@ -702,7 +713,7 @@ CASES = [
          OutputError, "already holds a training run"),
     Case("train-disk-full", lambda e, t: train(e, t, "--method", "lora", "-b", "8"), OutputError,  # 1 step, then the save
          "no space left on the device", fault=disk_full),
-    # --- bundles -------------------------------------------------------------------------------------------- exit 6 / 7
+    # --- bundles ------------------------------------------------------------------------------------------- exit 6 / 7
     Case("validate-tampered-onnx", lambda e, t: validate(tampered_bundle(e, t)), ExportError,
          "was modified after it was written: model.onnx (sha256 differs)"),
     Case("validate-run-dir-without-bundle", lambda e, t: validate(e.run), ExportError,

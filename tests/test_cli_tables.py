@@ -5,9 +5,9 @@ test_train_cli.py, test_bench.py, test_deploy.py)."""
 from __future__ import annotations
 
 import pytest
+from cli_render import assert_fits
 from typer.testing import CliRunner
 
-from cli_render import assert_fits
 from peftx.cli import output
 from peftx.cli.app import app
 

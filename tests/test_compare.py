@@ -16,14 +16,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import TINY_ARCH, TINY_IMG, TINY_KW, write_digit_folder
 
-from peftx.compare import (COMPARE_FILE, RUN_RECORD, CompareConfig, compare, config_differences, decide_action,
-                           parse_set, plan_runs)
+from peftx.compare import (
+    COMPARE_FILE,
+    RUN_RECORD,
+    CompareConfig,
+    compare,
+    config_differences,
+    decide_action,
+    parse_set,
+    plan_runs,
+)
 from peftx.compare_report import WIDTH, format_table
 from peftx.errors import OutputError, UsageError
 from peftx.train import TrainConfig
-
-from conftest import TINY_ARCH, TINY_IMG, TINY_KW, write_digit_folder
 
 SHARED = dict(model=TINY_ARCH, model_kwargs=dict(TINY_KW), img_size=TINY_IMG, epochs=2, batch_size=8, lr=1e-2,
               warmup_epochs=0, min_lr=1e-5, dropout=0.0, device="cpu", amp="off", seed=7)

@@ -14,9 +14,21 @@ from hypothesis import strategies as st
 from PIL import Image
 from torchvision import transforms as T
 
-from peftx.data import (VAL_FRACTION, VAL_MAX_PER_CLASS, Splits, build_transform, draw_val, images_from_dir,
-                        load_eval_split, load_splits, parse_vtab_list, read_val_split, real_images, sample_photos,
-                        write_val_split)
+from peftx.data import (
+    VAL_FRACTION,
+    VAL_MAX_PER_CLASS,
+    Splits,
+    build_transform,
+    draw_val,
+    images_from_dir,
+    load_eval_split,
+    load_splits,
+    parse_vtab_list,
+    read_val_split,
+    real_images,
+    sample_photos,
+    write_val_split,
+)
 from peftx.errors import DataError, UsageError
 
 CFG = {"input_size": (3, 32, 32), "interpolation": "bicubic", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_MODELS, make_tiny, perturb_adapter, plain_reference, tiny_data_cfg
 from safetensors.torch import save_file
 
 from peftx.adapter import adapt
@@ -17,8 +18,6 @@ from peftx.errors import AdapterMismatchError, ExportError, OutputError, UsageEr
 from peftx.exports.onnx_export import export_onnx, op_histogram, param_count
 from peftx.methods import METHOD_NAMES, make_config
 from peftx.tolerances import ONNX_FP32
-
-from conftest import TINY_MODELS, make_tiny, perturb_adapter, plain_reference, tiny_data_cfg
 
 CASES = [(m, f) for m in METHOD_NAMES for f in TINY_MODELS]
 
@@ -92,9 +91,9 @@ def test_adapter_changed_since_export_is_refused(tmp_path):
 
 
 def test_validate_cli_takes_the_run_directory_and_bundle_table_fits(tmp_path, monkeypatch):
+    from cli_render import assert_renders
     from typer.testing import CliRunner
 
-    from cli_render import assert_renders
     from peftx.cli.app import app
     from peftx.cli.commands.export_cmd import bundle_items
     from peftx.cli.output import key_values
@@ -155,10 +154,9 @@ def test_cli_merge_export_and_validate_follow_the_target(tmp_path):
 def test_a_run_that_trains_always_merges_and_exports(tmp_path, tiny_weights, digit_folder, name, kw):
     """`peftx train` then `peftx merge-export` with RLRR on the models whose merge used to fail after training."""
     import timm
+    from conftest import TINY_IMG, TINY_KW, tiny_config
 
     from peftx.train import train
-
-    from conftest import TINY_IMG, TINY_KW, tiny_config
 
     kw = dict(TINY_KW, **kw)
     torch.manual_seed(0)

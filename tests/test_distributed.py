@@ -11,15 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-from peftx.train.checkpoint import load_checkpoint
-from peftx.train.distributed import EpochSampler, ShardSampler
-from peftx.errors import UsageError
-from peftx.train import TrainConfig, train
-
 from conftest import tiny_config
 
-
+from peftx.errors import UsageError
+from peftx.train import TrainConfig, train
+from peftx.train.checkpoint import load_checkpoint
+from peftx.train.distributed import EpochSampler, ShardSampler
 
 # Dropout off: each rank draws its own dropout masks, so only a dropout-free run can equal the single process.
 # Flip stays on: augmentation is seeded per (seed, epoch, sample), the same whichever rank loads the sample.
@@ -68,7 +65,7 @@ def test_two_process_ddp_equals_single_process(tiny_weights, digit_folder, tmp_p
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3
     # The check can fail: training moved the (zero-initialised) head far beyond that tolerance.
     assert max(v.abs().max().item() for k, v in a.items() if k.startswith("head")) > 1e-3
-    for r1, r2 in zip(_history(single_run), _history(ddp_run)):
+    for r1, r2 in zip(_history(single_run), _history(ddp_run), strict=True):
         assert r1["val_accuracy"] == r2["val_accuracy"]  # all-reduced sums of correct / count over both shards
         assert r1["train_loss"] == pytest.approx(r2["train_loss"], abs=1e-5)
         assert r1["val_loss"] == pytest.approx(r2["val_loss"], abs=1e-5)

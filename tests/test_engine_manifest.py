@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tiny, real_batch, tiny_data_cfg
 
 from peftx.errors import ExportError
 from peftx.exports import bundle as bundle_module
@@ -27,8 +28,6 @@ from peftx.exports.bundle import read_bundle, validate_bundle, write_bundle
 from peftx.exports.templates.infer import engine_problems, jetson_facts, parse_l4t, refusal_line
 from peftx.exports.tensorrt import TensorRTProbe, check_engine_for_machine
 from peftx.fsutil import sha256_file
-
-from conftest import make_tiny, real_batch, tiny_data_cfg
 
 ORIN = {"tensorrt_version": "10.3.0", "gpu": {"name": "Orin", "compute_capability": "8.7"},
         "jetson": {"model": "NVIDIA Jetson AGX Orin", "l4t": "36.4.0"}}
@@ -60,8 +59,8 @@ def here(**changes) -> dict:
 ])
 def test_engine_problems(facts, refused, warned):
     refusals, warnings = engine_problems(MANIFEST, facts)
-    assert len(refusals) == len(refused) and all(r in got for r, got in zip(refused, refusals))
-    assert len(warnings) == len(warned) and all(w in got for w, got in zip(warned, warnings))
+    assert len(refusals) == len(refused) and all(r in got for r, got in zip(refused, refusals, strict=True))
+    assert len(warnings) == len(warned) and all(w in got for w, got in zip(warned, warnings, strict=True))
 
 
 def test_a_manifest_without_gpu_facts_warns_instead_of_refusing():

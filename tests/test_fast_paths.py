@@ -6,13 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_tiny, perturb_adapter
 from torch import nn
 
 from peftx.adapter import adapt
 from peftx.methods import SSF, AdapterLinear, LowRankLinear, RLRRLinear, make_config
 from peftx.methods.orthogonal import ao_basis, random_unit_vector
-
-from conftest import make_tiny, perturb_adapter
 
 
 def _frozen_linear(inp: int, out: int, dtype=torch.float32, bias: bool = True) -> nn.Linear:
@@ -39,7 +38,7 @@ def test_rlrr_hand_derived_backward_matches_autograd_through_merge_weight(groups
     assert torch.equal(y, ref)
     gy = torch.randn_like(y)
     got_all, want_all = _grads(y, wrt, gy), _grads(ref, wrt, gy)
-    for got, want in zip(got_all, want_all):
+    for got, want in zip(got_all, want_all, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert all(g.abs().sum() > 0 for g in got_all)
 
@@ -55,7 +54,7 @@ def test_rlrr_fast_path_under_bf16_autocast():
     torch.testing.assert_close(y, ref)
     gy = torch.randn_like(y)
     wrt = [x, layer.s_row, layer.s_col]
-    for got, want in zip(_grads(y, wrt, gy), _grads(ref, wrt, gy)):
+    for got, want in zip(_grads(y, wrt, gy), _grads(ref, wrt, gy), strict=True):
         assert got.dtype == want.dtype == torch.float32
         torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-3)  # bf16 matmuls on both sides
 
@@ -86,7 +85,7 @@ def test_ssf_folded_layernorm_equals_scale_shift_after_the_norm():
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     gy = torch.randn_like(y)
     wrt = [x, ssf.ssf_scale, ssf.ssf_shift]
-    for got, want in zip(_grads(y, wrt, gy), _grads(ref, wrt, gy)):
+    for got, want in zip(_grads(y, wrt, gy), _grads(ref, wrt, gy), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
@@ -107,7 +106,7 @@ def test_low_rank_accumulating_forward_matches_base_plus_update(method, amp):
     assert (ref - layer.base_layer(x)).abs().max() > 1e-3  # the update is not trivially zero
     torch.testing.assert_close(y, ref, **tol)
     gy = torch.randn_like(y)
-    for got, want in zip(_grads(y, params, gy), _grads(ref, params, gy)):
+    for got, want in zip(_grads(y, params, gy), _grads(ref, params, gy), strict=True):
         torch.testing.assert_close(got, want, **tol)
 
 

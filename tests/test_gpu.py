@@ -11,14 +11,13 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_tiny, perturb_adapter, real_batch
 from torch import nn
 
 from peftx.adapter import adapt, adapter_modules, merge_and_unload
 from peftx.exports.parity import compare, make_input_sets
 from peftx.methods import METHOD_NAMES, SSF, AdapterLinear, LowRankLinear, RLRRLinear, get_method, make_config
 from peftx.tolerances import MERGE_BF16_AUTOCAST, MERGE_FP16_AUTOCAST, MERGE_FP32
-
-from conftest import make_tiny, perturb_adapter, real_batch
 
 DEVICE = os.environ.get("PEFTX_GPU_TESTS_DEVICE", "cuda")
 pytestmark = [pytest.mark.gpu,
@@ -64,7 +63,7 @@ def test_rlrr_hand_backward_matches_autograd_float64(groups: int, bias: bool) ->
     torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
     gy = torch.randn_like(y)
     got_all, want_all = _grads(y, wrt, gy), _grads(ref, wrt, gy)
-    for got, want in zip(got_all, want_all):
+    for got, want in zip(got_all, want_all, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     assert all(g.abs().sum() > 0 for g in got_all)
 
@@ -84,7 +83,7 @@ def test_rlrr_hand_backward_under_autocast(amp: str) -> None:
     torch.testing.assert_close(y, ref, rtol=1e-2, atol=1e-3)
     gy = torch.randn_like(y)
     wrt = [x, layer.s_row, layer.s_col, layer.f]
-    for got, want in zip(_grads(y, wrt, gy), _grads(ref, wrt, gy)):
+    for got, want in zip(_grads(y, wrt, gy), _grads(ref, wrt, gy), strict=True):
         assert got.dtype == want.dtype == torch.float32  # master tensors get FP32 gradients
         assert torch.isfinite(got).all()
         # both sides run the same half-precision GEMMs; the reductions differ only in FP32 summation order
@@ -110,7 +109,7 @@ def test_low_rank_accumulating_forward_under_autocast(method: str, amp: str) -> 
     assert (ref - layer.base_layer(x)).abs().max() > 1e-2  # the update is not trivially zero
     torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)
     gy = torch.randn_like(y)
-    for got, want in zip(_grads(y, params, gy), _grads(ref, params, gy)):
+    for got, want in zip(_grads(y, params, gy), _grads(ref, params, gy), strict=True):
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
@@ -131,7 +130,7 @@ def test_ssf_folded_layernorm_on_the_device_under_autocast() -> None:
         torch.testing.assert_close(y.float(), ref.float(), **tol)
         gy = torch.randn_like(y)
         wrt = [x, ssf.ssf_scale, ssf.ssf_shift]
-        for got, want in zip(_grads(y, wrt, gy), _grads(ref, wrt, gy)):
+        for got, want in zip(_grads(y, wrt, gy), _grads(ref, wrt, gy), strict=True):
             torch.testing.assert_close(got, want, **(dict(rtol=1e-4, atol=1e-4) if amp is None else tol))
 
 

@@ -21,16 +21,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tiny
 from safetensors.torch import save_file
+from test_cli_errors import CLASSES, TRAIN_IMG, TRAIN_MODEL, make_tiny_run, write_digit_folder, write_train_weights
 from typer.testing import CliRunner
 
 from peftx.cli.app import app
 from peftx.deploy import merge_export
 from peftx.exports.bundle import METADATA_FILE, read_bundle, verify_artifacts
-
-from conftest import make_tiny
-from test_cli_errors import (CLASSES, TRAIN_IMG, TRAIN_MODEL, make_tiny_run, write_digit_folder,
-                             write_train_weights)
 
 BUNDLE_FILES = {"model.onnx", "model_fp16.onnx", "infer.py", "build_engine.sh", METADATA_FILE, "parity.json",
                 "trt_readiness.json"}
@@ -119,12 +117,12 @@ def test_sigkill_during_export_never_leaves_a_half_bundle(tmp_path):
              Kill("2.5 s into the export", 2.5),
              Kill("--force over a bundle, 1.5 s in", 1.5, force=True)]
     outs = [tmp_path / f"k{i}" / "bundle" if not k.force else forced_out for i, k in enumerate(kills)]
-    threads = [threading.Thread(target=_run_and_kill, args=(script, run, out, k)) for k, out in zip(kills, outs)]
+    threads = [threading.Thread(target=_run_and_kill, args=(script, run, out, k)) for k, out in zip(kills, outs, strict=True)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=300)
-    for k, out in zip(kills, outs):
+    for k, out in zip(kills, outs, strict=True):
         assert k.returncode is not None
         k.outcome = assert_absent_or_complete(out)
         k.leftovers = [p.name for p in partials(out)] + [p.name for p in out.parent.glob(f".{out.name}.old-*")]
@@ -134,7 +132,7 @@ def test_sigkill_during_export_never_leaves_a_half_bundle(tmp_path):
     assert forced.outcome == "complete" or any(".old-" in name for name in forced.leftovers)
 
     # Stranded .partial work dirs belong to dead writers: the next export next to them removes them and succeeds.
-    stranded = [k for k, out in zip(kills, outs) if partials(out)]
+    stranded = [k for k, out in zip(kills, outs, strict=True) if partials(out)]
     target = next((out for out in outs if partials(out)), outs[1])
     left = partials(target)
     # ... but never the work dir of a writer that is still alive (this process stands in for one)

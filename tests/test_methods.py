@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
+from conftest import make_tiny, perturb_adapter
 from safetensors.torch import save_file
 
 from peftx.adapter import adapt
@@ -14,8 +16,6 @@ from peftx.errors import AdapterFileError, AdapterMismatchError, NonFiniteError,
 from peftx.methods import make_config
 from peftx.methods.orthogonal import DENOM_EPS, ao_basis, orthogonality_error, random_unit_vector
 from peftx.tolerances import ORTHOGONALITY_FP32
-
-from conftest import make_tiny, perturb_adapter
 
 
 @pytest.mark.parametrize("D,d", [(64, 1), (64, 8), (384, 16), (768, 768)])
@@ -34,7 +34,7 @@ def test_ao_basis_drift_off_the_unit_sphere():
     print("||q|| -> max|AO^T AO - I|:", {k: f"{v:.2e}" for k, v in drift.items()})
     assert drift[1.0] <= ORTHOGONALITY_FP32
     values = list(drift.values())
-    assert all(a < b for a, b in zip(values, values[1:]))  # drift grows with the distance from the sphere
+    assert all(a < b for a, b in itertools.pairwise(values))  # drift grows with the distance from the sphere
     assert drift[1.01] < 0.1  # near the sphere the columns stay nearly orthonormal
 
 
@@ -284,12 +284,12 @@ def ia3():
 def test_a_new_method_is_one_module_and_one_registration_line(ia3, tmp_path):
     """Nothing in the core, the trainer's groups or the CLI option mapping names a method: a method registered from
     outside adapts, splits its weight decay, merges into the plain class, saves / loads, and takes CLI options."""
+    from conftest import plain_reference, real_batch
+
     from peftx.adapter import merge_and_unload, split_weight_decay, state_of
     from peftx.methods import method_names, options_from_cli
     from peftx.tolerances import MERGE_FP32
     from peftx.train import TrainConfig
-
-    from conftest import plain_reference, real_batch
 
     assert "ia3" in method_names()
     assert options_from_cli("ia3", {"init_std": None}, ["init-std=0.3"]) == {"init_std": 0.3}

@@ -9,9 +9,10 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import tomllib
 import zipfile
 from pathlib import Path
+
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -162,3 +163,35 @@ def test_setup_venv_key_follows_the_lock_not_pyproject() -> None:
     names what is installed) select another venv."""
     (line,) = [x for x in (REPO / "scripts" / "setup-venv.sh").read_text().splitlines() if x.startswith("key=")]
     assert "requirements.lock" in line and "setup-venv.sh" in line and "pyproject.toml" not in line
+
+
+# ---------------------------------------------------------------------------------------------------- make lint
+
+def test_lint_tools_are_pinned_and_installed_by_the_setup() -> None:
+    """`make lint` (CI runs it) calls ruff and mypy from the project venv: both must be pinned in the lock and
+    installed by scripts/setup-venv.sh, or a fresh CI venv has no linter."""
+    pinned = {line.split("==")[0].strip().lower() for line in (REPO / "requirements.lock").read_text().splitlines()
+              if "==" in line and not line.startswith("#")}
+    setup = (REPO / "scripts" / "setup-venv.sh").read_text()
+    (install,) = [x for x in setup.split("\n\n") if "-c requirements.lock" in x and "torch" in x]
+    installed = set(install.replace("\\", " ").split())
+    makefile = (REPO / "Makefile").read_text()
+    lint = makefile.split("\nlint:", 1)[1].split("\n\n", 1)[0]
+    for tool in ("ruff", "mypy"):
+        assert tool in pinned, f"{tool} is not pinned in requirements.lock"
+        assert tool in installed, f"scripts/setup-venv.sh does not install {tool}"
+    assert "ruff check ." in lint and "ruff format --check ." in lint and "scripts/typecheck.sh" in lint
+    assert "make lint" in (REPO / ".ci" / "run").read_text()
+    assert PYPROJECT["tool"]["ruff"]["line-length"] == 120
+
+
+def test_typecheck_tree_maps_every_package_dir() -> None:
+    """scripts/typecheck.sh links cli/ and exports/ into build/typecheck/peftx under their installed names; a new
+    package-dir mapping in pyproject must be linked there too, or mypy checks it under the wrong name."""
+    script = (REPO / "scripts" / "typecheck.sh").read_text()
+    for pkg, src in SETUPTOOLS["package-dir"].items():
+        if pkg == "peftx":
+            assert 'for entry in peftx/*' in script
+            continue
+        leaf = pkg.split(".", 1)[1]
+        assert f'ln -s ../../../{src} "$tree/peftx/{leaf}"' in script, f"{src} -> {pkg} is not linked"

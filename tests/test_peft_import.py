@@ -17,6 +17,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from conftest import TINY_MODELS, make_tiny, perturb_adapter, tiny_data_cfg
 from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
@@ -26,8 +27,15 @@ from peftx.adapter_io import save_adapter
 from peftx.cli.app import app
 from peftx.data import real_images
 from peftx.deploy import load_reference, merge_export, validate
-from peftx.errors import (AdapterFileError, AdapterMismatchError, BackendUnavailableError, NonFiniteError,
-                          UnsupportedModelError, UsageError, WeightsError)
+from peftx.errors import (
+    AdapterFileError,
+    AdapterMismatchError,
+    BackendUnavailableError,
+    NonFiniteError,
+    UnsupportedModelError,
+    UsageError,
+    WeightsError,
+)
 from peftx.exports.parity import compare
 from peftx.exports.runners import TorchRunner
 from peftx.methods import make_config
@@ -35,8 +43,6 @@ from peftx.peft_adapter import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, SOURCE_FILE,
 from peftx.peft_convert import convert_run
 from peftx.plain_export import export_checkpoint, read_class_names
 from peftx.tolerances import MERGE_FP32, ONNX_FP32
-
-from conftest import TINY_MODELS, make_tiny, perturb_adapter, tiny_data_cfg
 
 CLI_MODEL = "vit_tiny_patch16_224"  # what the CLI builds from a name alone: 12 blocks, 192 wide; 32 px = 4 tokens
 CLI_IMG = 32

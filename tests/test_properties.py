@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import perturb_adapter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -35,8 +36,6 @@ from peftx.data import parse_vtab_list
 from peftx.errors import DataError, NonFiniteError, PeftxError
 from peftx.methods import AOFTLinear, LoRALinear, RLRRLinear, make_config
 from peftx.tolerances import MERGE_FP32
-
-from conftest import perturb_adapter
 
 COUNTS: Counter = Counter()
 OUTCOMES: Counter = Counter()  # (loader input kind, 'ok' or the error class) -> examples
@@ -280,7 +279,7 @@ SEPARATORS = [" ", "\t", "  ", " \t "]
 
 @st.composite
 def list_lines(draw):
-    structured = st.builds(lambda p, s, l, pre, post: f"{pre}{p}{s}{l}{post}",
+    structured = st.builds(lambda p, s, label, pre, post: f"{pre}{p}{s}{label}{post}",
                            st.sampled_from(PATHS) | st.text(max_size=20), st.sampled_from(SEPARATORS),
                            st.sampled_from(LABELS) | st.text(max_size=5), st.sampled_from(["", " ", "\t"]),
                            st.sampled_from(["", " ", "\r", " extra"]))

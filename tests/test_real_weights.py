@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import perturb_adapter, plain_reference
 
 from peftx.adapter import adapt, merge_and_unload
 from peftx.backbones import DEMO_MODEL, create_backbone, data_config
 from peftx.data import real_images
 from peftx.methods import METHOD_NAMES, make_config
 from peftx.tolerances import MERGE_FP32
-
-from conftest import perturb_adapter, plain_reference
 
 pytestmark = pytest.mark.slow
 

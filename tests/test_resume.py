@@ -15,17 +15,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from peftx.adapter_io import read_adapter
 from peftx.checks import is_pickle_file
-from peftx.train.checkpoint import checkpoint_path, load_checkpoint
 from peftx.errors import AdapterFileError, UsageError
 from peftx.train import TrainConfig, TrainingInterrupted, train
-
-from conftest import tiny_config
+from peftx.train.checkpoint import checkpoint_path, load_checkpoint
 
 # Dropout and flip on: the resumed run must also reproduce the random numbers, not only the arithmetic.
 RUN = dict(epochs=3, batch_size=8, lr=5e-3, warmup_epochs=1, dropout=0.2, hflip=True, method="lora",

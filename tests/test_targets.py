@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import make_tiny, perturb_adapter, real_batch, tiny_data_cfg
 
 from peftx.errors import ExportError, UsageError
 from peftx.exports import bundle as bundle_module
@@ -23,13 +24,19 @@ from peftx.exports.layernorm import decomposed_layernorms, fused_layernorms
 from peftx.exports.onnx_export import export_onnx, read_metadata
 from peftx.exports.parity import compare, make_input_sets
 from peftx.exports.runners import OnnxRuntimeRunner
-from peftx.exports.targets import (ALIASES, DEFAULT_TARGET, PROFILES, all_targets, auto_target, jetpack_for_l4t,
-                                   profile_for_tensorrt, resolve_target)
+from peftx.exports.targets import (
+    ALIASES,
+    DEFAULT_TARGET,
+    PROFILES,
+    all_targets,
+    auto_target,
+    jetpack_for_l4t,
+    profile_for_tensorrt,
+    resolve_target,
+)
 from peftx.exports.tensorrt_ops import check_tensorrt_readiness
 from peftx.fsutil import sha256_file
 from peftx.tolerances import TARGET_EXPORT_FP32
-
-from conftest import make_tiny, perturb_adapter, real_batch, tiny_data_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("vit", "swin")

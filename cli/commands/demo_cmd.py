@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -15,7 +15,7 @@ from .train_cmd import _run_with_progress
 
 @handle_errors
 def demo(
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory.", show_default="runs/<method>-demo-<time>")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Run directory.", show_default="runs/<method>-demo-<time>")] = None,
     method: Method = "rlrr",
     json_out: Json = False,
 ) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -16,7 +16,7 @@ def inspect(
     model: Annotated[str, typer.Argument(help="timm model name, e.g. vit_base_patch16_224 or swin_tiny_patch4_window7_224.")],
     method: Method = "rlrr",
     num_classes: Annotated[int, typer.Option("--num-classes", "-c", min=1, help="Classes of the new head.")] = 10,
-    img_size: Annotated[Optional[int], typer.Option("--img-size", help="Input size.", show_default="the model's")] = None,
+    img_size: Annotated[int | None, typer.Option("--img-size", help="Input size.", show_default="the model's")] = None,
     rank: Rank = None,
     alpha: Alpha = None,
     targets: Targets = None,

@@ -38,7 +38,7 @@ def doctor(json_out: Json = False) -> None:
         print_json(report)
         return
     torch, ort, trt, jetson = report["torch"], report["onnxruntime"], report["tensorrt"], report["jetson"]
-    gpu = torch["gpu"]
+    gpu, auto = torch["gpu"], report["auto_target"]
     console.print(key_values("peftx doctor", {
         "python": f"{report['python']} ({report['machine']})", "peftx": report["peftx"],
         "torch": f"{torch['version']} (CUDA build {torch['cuda_build'] or 'none'}, "
@@ -52,6 +52,5 @@ def doctor(json_out: Json = False) -> None:
         "onnxslim": report["onnxslim"] or "not installed",
         "Jetson": f"{jetson['model']} (L4T {jetson['l4t']}, {jetson['jetpack'] or 'unknown JetPack'})" if jetson
         else "not a Jetson",
-        "--target auto": f"{report['auto_target']['name']} (TensorRT >= {report['auto_target']['tensorrt_min']}): "
-                         f"{report['auto_target']['why']}",
+        "--target auto": f"{auto['name']} (TensorRT >= {auto['tensorrt_min']}): {auto['why']}",
     }))

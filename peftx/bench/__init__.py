@@ -37,9 +37,24 @@ into (title, columns, rows) triples for any renderer.
 
 from __future__ import annotations
 
-from .config import (DEFAULT_SUITES, EXPORT_SECONDS_MAX, MERGED_OVER_PLAIN_MAX, METHODS, MODELS, NUM_CLASSES,
-                     ORT_PEAK_FRACTION_MIN, SUITES, TRAIN_BASELINES, TRAIN_CLASSES, TRAIN_METHODS, VERDICT_MIN_ROUNDS,
-                     BenchConfig, ModelSpec, Progress, parse_list)
+from .config import (
+                     DEFAULT_SUITES,
+                     EXPORT_SECONDS_MAX,
+                     MERGED_OVER_PLAIN_MAX,
+                     METHODS,
+                     MODELS,
+                     NUM_CLASSES,
+                     ORT_PEAK_FRACTION_MIN,
+                     SUITES,
+                     TRAIN_BASELINES,
+                     TRAIN_CLASSES,
+                     TRAIN_METHODS,
+                     VERDICT_MIN_ROUNDS,
+                     BenchConfig,
+                     ModelSpec,
+                     Progress,
+                     parse_list,
+)
 from .driver import evaluate_targets, finalize, run_benchmarks, write_results
 from .flops import count_flops, count_step_flops
 from .machine import device_sync, environment, physical_cores, torch_threads
@@ -49,8 +64,16 @@ from .plots import plot_results
 from .suites.common import adapted_copy
 from .suites.training import delta_cost, run_memory_worker, train_setup
 from .tables import result_tables
-from .timing import (ContentionGuard, Timing, contention_probe, interleaved_timing, latency_stats, min_ratio,
-                     paired_ratio, timed_rounds)
+from .timing import (
+                     ContentionGuard,
+                     Timing,
+                     contention_probe,
+                     interleaved_timing,
+                     latency_stats,
+                     min_ratio,
+                     paired_ratio,
+                     timed_rounds,
+)
 
 __all__ = ["DEFAULT_SUITES", "EXPORT_SECONDS_MAX", "MERGED_OVER_PLAIN_MAX", "METHODS", "MODELS", "NUM_CLASSES",
            "ORT_PEAK_FRACTION_MIN", "SUITES", "TRAIN_BASELINES", "TRAIN_CLASSES", "TRAIN_METHODS", "VERDICT_MIN_ROUNDS",

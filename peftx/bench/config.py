@@ -3,8 +3,9 @@ it checks (from the project's issue). :meth:`BenchConfig.quick` is the minutes-l
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -129,7 +130,7 @@ class BenchConfig:
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:
         """A couple of minutes on 2 cores: ViT-S only, two adapter variants, tiny repetition counts."""
-        base = dict(models=("vit_s14",), batches=(1, 8), methods=("rlrr", "lora"), train_models=("vit_s14",),
+        base: dict[str, Any] = dict(models=("vit_s14",), batches=(1, 8), methods=("rlrr", "lora"), train_models=("vit_s14",),
                     export_models=("vit_s14",), min_rounds=2, max_rounds=8, budget_s=4.0, train_rounds=2,
                     train_budget_s=4.0, memory_steps=1, delta_reps=3, profile_steps=1, matmul_reps=5,
                     quick_preset=True)

@@ -8,15 +8,23 @@ import json
 import math
 import tempfile
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
 from ..runtime import resolve_device
-from .config import (DTYPES, EXPORT_SECONDS_MAX, MERGED_OVER_PLAIN_MAX, ORT_PEAK_FRACTION_MIN,
-                     VERDICT_MIN_ROUNDS, BenchConfig, Progress)
+from .config import (
+    DTYPES,
+    EXPORT_SECONDS_MAX,
+    MERGED_OVER_PLAIN_MAX,
+    ORT_PEAK_FRACTION_MIN,
+    VERDICT_MIN_ROUNDS,
+    BenchConfig,
+    Progress,
+)
 from .machine import environment, loadavg, physical_cores, torch_threads
 from .peak import matmul_peak, ort_matmul_peak
 from .plots import plot_results

@@ -9,7 +9,8 @@ read "indicative (...)", never a bare met / NOT met.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .config import VERDICT_MIN_ROUNDS
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -148,7 +149,7 @@ def latency_stats(times: Sequence[float], batch: int, flops_per_image: float | N
     """p50/p90/p99/mean in ms, images/s at p50, achieved GFLOP/s at p50 (of ``flops_per_image``)."""
     a = np.asarray(times, dtype=np.float64)
     p50 = float(np.percentile(a, 50))
-    out = {"n": int(a.size), "p50_ms": 1e3 * p50, "p90_ms": 1e3 * float(np.percentile(a, 90)),
+    out: dict[str, float | None] = {"n": int(a.size), "p50_ms": 1e3 * p50, "p90_ms": 1e3 * float(np.percentile(a, 90)),
            "p99_ms": 1e3 * float(np.percentile(a, 99)), "mean_ms": 1e3 * float(a.mean()),
            "min_ms": 1e3 * float(a.min()), "images_per_s": batch / p50}
     out["gflops"] = flops_per_image * batch / p50 / 1e9 if flops_per_image else None

@@ -26,7 +26,7 @@ _META_KEY = "peftx_gpu_check"
 
 # The --quick model: a random-init ViT small enough that 2 cores train it for a few steps in about a second.
 TINY_ARCH = "vit_tiny_patch16_224"
-TINY_KW = {"depth": 2, "embed_dim": 64, "num_heads": 2}
+TINY_KW: dict[str, Any] = {"depth": 2, "embed_dim": 64, "num_heads": 2}
 TINY_IMG = 32
 TINY_SEED = 0
 
@@ -44,7 +44,7 @@ def prepare_assets(dest: str | Path = ASSET_DIR) -> dict[str, Any]:
     source = demo_weights_path()
     fp32 = load_file(str(source))
     half = {k: (v.half() if v.is_floating_point() and v.ndim >= 2 else v).contiguous() for k, v in fp32.items()}
-    worst = max(float(((h.float() - v).abs().max() / v.abs().max().clamp_min(1e-30)))
+    worst = max(float((h.float() - v).abs().max() / v.abs().max().clamp_min(1e-30))
                 for k, v in fp32.items() for h in (half[k],) if v.is_floating_point())
     target = ensure_dir(Path(dest)) / ASSET_FILE
     # One metadata key only: safetensors writes several in hash-map order, which would change the file's sha256.

@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -100,7 +101,7 @@ def _run_steps(cfg: GpuCheckConfig, device: str, work: Path, weights: Weights,
     for step in cfg.steps:
         t0 = time.perf_counter()
         if ctx.out_of_time():
-            outcome = {"status": "not run", "checks": [ctx.not_run(f"{step}/ran")]}
+            outcome: dict[str, Any] = {"status": "not run", "checks": [ctx.not_run(f"{step}/ran")]}
             outcome["seconds"] = 0.0
             results["steps"][step] = outcome
             ctx.say(f"{step}: not run (time limit)")

@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from peftx.fsutil import write_text_atomic
-from peftx.tolerances import (TRAIN_ACCURACY_POINTS, TRAIN_ACCURACY_POINTS_QUICK, TRAIN_LOSS_FALL,
-                              TRAIN_LOSS_FALL_QUICK)
+from peftx.tolerances import TRAIN_ACCURACY_POINTS, TRAIN_ACCURACY_POINTS_QUICK, TRAIN_LOSS_FALL, TRAIN_LOSS_FALL_QUICK
 
 from .assets import TINY_ARCH, TINY_IMG, TINY_KW
 from .report import Context, check, environment, error_text
@@ -216,4 +215,5 @@ def record_reference(ctx: Context, result: dict[str, Any], weights_id: str) -> P
     data = {"kind": REFERENCE_KIND, "schema": 1, "created": now,
             "weights_sha256": weights_id, "weights": ctx.weights.info.get("what"),
             "environment": {k: v for k, v in environment("cpu").items() if k != "executable"}, "runs": runs}
+    assert ctx.cfg.record_reference is not None  # called for --record-reference only
     return write_text_atomic(Path(ctx.cfg.record_reference), json.dumps(data, indent=2) + "\n")

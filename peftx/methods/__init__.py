@@ -9,8 +9,19 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .registry import (BUILTIN, Method, config_class, config_from_dict, get_method, make_config, method_names,
-                       method_of, options_from_cli, plain_no_weight_decay, register)
+from .registry import (
+    BUILTIN,
+    Method,
+    config_class,
+    config_from_dict,
+    get_method,
+    make_config,
+    method_names,
+    method_of,
+    options_from_cli,
+    plain_no_weight_decay,
+    register,
+)
 
 # name -> submodule, for the classes re-exported here (loaded on first access: they import torch).
 _LAZY = {
@@ -21,13 +32,21 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
-    from .aoft import AOFTConfig, AOFTLinear
-    from .base import AdapterConfig, AdapterLinear, AdapterModule, LowRankLinear, TargetedConfig, TargetedMethod
-    from .full import FullConfig
-    from .linear import LinearConfig
-    from .lora import LoRAConfig, LoRALinear
-    from .rlrr import RLRRConfig, RLRRLinear
-    from .ssf import SSF
+    # re-exported (named in __all__ through _LAZY, which ruff cannot read): unused here on purpose
+    from .aoft import AOFTConfig, AOFTLinear  # noqa: F401
+    from .base import (  # noqa: F401
+        AdapterConfig,
+        AdapterLinear,
+        AdapterModule,
+        LowRankLinear,
+        TargetedConfig,
+        TargetedMethod,
+    )
+    from .full import FullConfig  # noqa: F401
+    from .linear import LinearConfig  # noqa: F401
+    from .lora import LoRAConfig, LoRALinear  # noqa: F401
+    from .rlrr import RLRRConfig, RLRRLinear  # noqa: F401
+    from .ssf import SSF  # noqa: F401
 
     METHOD_NAMES: tuple[str, ...]
 

@@ -67,7 +67,7 @@ class AOFTLinear(LowRankLinear):
         return up, ao_basis(self.q_down, self.rank).transpose(-1, -2)  # [S, d, in]
 
 
-class AOFT(TargetedMethod):
+class AOFT(TargetedMethod[AOFTConfig]):
     """AOFT on row slices (q, v by default) or whole layers; merges as W + ΔW, so any site merges exactly."""
 
     name = "aoft"

@@ -12,8 +12,9 @@ plan, check it, and only then write, so a refused merge or unload leaves the mod
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +48,7 @@ class AdapterConfig:
         return {"method": self.method, **{k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "AdapterConfig":
+    def from_dict(cls, d: dict[str, Any]) -> AdapterConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - fields - {"method"}
         if unknown:
@@ -94,10 +95,13 @@ def resolve_targets(config: TargetedConfig, layout: Any) -> set[str]:
     return wanted
 
 
-class TargetedMethod(Method):
+TargetedConfigT = TypeVar("TargetedConfigT", bound=TargetedConfig)
+
+
+class TargetedMethod(Method[TargetedConfigT]):
     """A method whose config is a :class:`TargetedConfig`: it adapts the layer roles the config names."""
 
-    def resolve_targets(self, config: TargetedConfig, layout: Any) -> set[str]:  # type: ignore[override]
+    def resolve_targets(self, config: TargetedConfigT, layout: Any) -> set[str]:
         return resolve_targets(config, layout)
 
 
@@ -249,8 +253,8 @@ class AdapterLinear(AdapterModule):
         """(W_m, b_m) computed without touching the base layer; float64 math, base dtype out. Refuses NaN/Inf."""
         w = value(self.base_layer.weight)
         wm = self.merge_weight(w.double()).to(w.dtype)
-        b, db = self.base_layer.bias, self.bias_delta()
-        b = None if b is None else value(b)
+        base_bias, db = self.base_layer.bias, self.bias_delta()
+        b = None if base_bias is None else value(base_bias)
         bm = None if b is None else (b if db is None else (b.double() + db.double()).to(b.dtype))
         _check_finite(self.layer_name, wm, bm)
         return wm, bm

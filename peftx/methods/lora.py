@@ -51,7 +51,7 @@ class LoRALinear(LowRankLinear):
         return self.lora_B * self.scaling, self.lora_A
 
 
-class LoRA(TargetedMethod):
+class LoRA(TargetedMethod[LoRAConfig]):
     """LoRA on row slices (q, v by default) or whole layers; merges as W + ΔW, so any site merges exactly."""
 
     name = "lora"

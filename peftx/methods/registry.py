@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from ..errors import UsageError
 
@@ -42,9 +43,11 @@ BUILTIN: dict[str, str] = {
 }
 
 Note = Callable[[str], None]
+# The method's config class: a subclass ``Method[MyConfig]`` receives its own config in the hooks.
+ConfigT = TypeVar("ConfigT", bound="AdapterConfig")
 
 
-class Method:
+class Method(Generic[ConfigT]):
     """How one PEFT method adapts a timm model. Subclass it in the method's module and set the class attributes;
     override the hooks the method needs (the defaults wrap nothing)."""
 
@@ -66,16 +69,16 @@ class Method:
     recipe_lr_scale: ClassVar[float] = 1.0
 
     # -- hooks ------------------------------------------------------------------------------------------------------
-    def resolve_targets(self, config: AdapterConfig, layout: Layout) -> set[str]:
+    def resolve_targets(self, config: ConfigT, layout: Layout) -> set[str]:
         """The layer roles the method adapts on this model (checked against the layout)."""
         return set()
 
-    def wrap_linear(self, site: LinearSite, base: nn.Linear, config: AdapterConfig, targets: set[str],
+    def wrap_linear(self, site: LinearSite, base: nn.Linear, config: ConfigT, targets: set[str],
                     note: Note) -> nn.Module | None:
         """The wrapper for the Linear at ``site`` (None: leave it alone). ``note(text)`` records what is left out."""
         return None
 
-    def wrap_norm(self, site: SSFSite, base: nn.Module, config: AdapterConfig, model: nn.Module,
+    def wrap_norm(self, site: SSFSite, base: nn.Module, config: ConfigT, model: nn.Module,
                   note: Note) -> nn.Module | None:
         """The wrapper for a LayerNorm output / the patch tokens at ``site`` (None: leave it alone)."""
         return None

@@ -69,6 +69,8 @@ class RLRRLinear(AdapterLinear):
     ``bias_shift=False`` leaves f out (a bias-free layer with nowhere to fold it).
     """
 
+    f: nn.Parameter | None  # registered in __init__ (None without bias_shift, so it stays out of the state dict)
+
     def __init__(self, base_layer: nn.Linear, name: str, col_groups: int = 1, init: str = "kaiming", *,
                  bias_shift: bool = True, fold_norm: str | None = None):
         super().__init__(base_layer, name, fold_norm=fold_norm)
@@ -209,7 +211,7 @@ def rescale_vector_grads(grad_w: torch.Tensor, weight: torch.Tensor, s_row: torc
     return torch.bmm(m, c).view(out).to(s_row.dtype), torch.bmm(r, m).view(groups, inp).to(s_col.dtype)
 
 
-class RLRR(TargetedMethod):
+class RLRR(TargetedMethod[RLRRConfig]):
     """RLRR on every qkv / proj / fc1 / fc2 / reduction Linear, SSF on the patch tokens and every LayerNorm output."""
 
     name = "rlrr"

@@ -18,6 +18,7 @@ from .base import AdapterModule, Plan, Value, _check_finite, _same
 
 class SSF(AdapterModule):
     inner_name = "base"
+    ssf_shift: nn.Parameter | None  # registered in __init__ (None without a shift, so it stays out of the state dict)
 
     def __init__(self, base: nn.Module, dim: int, name: str, init_std: float = 0.02, *, fold_conv: str | None = None,
                  pos_embed: str | None = None, pos_offset: int = 0, shift: bool = True):
@@ -73,13 +74,16 @@ class SSF(AdapterModule):
         _check_finite(self.layer_name, w, b)
         return w, b
 
-    def _targets(self, model: nn.Module | None) -> tuple[nn.Module, torch.Tensor | None]:
+    def _targets(self, model: nn.Module | None) -> tuple[nn.LayerNorm | nn.Conv2d, torch.Tensor | None]:
         """(module whose weight/bias take the fold, position embedding taking the shift or None)."""
         if isinstance(self.base, nn.LayerNorm):
             return self.base, None
         if model is None:
             raise ValueError(f"{self.layer_name}: folding into the patch conv needs the model")
+        assert self.fold_conv is not None  # __init__ requires it for an Identity base
         conv = model.get_submodule(self.fold_conv)
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"{self.layer_name}: {self.fold_conv} is {type(conv).__name__}, not the patch Conv2d")
         pos = model.get_parameter(self.pos_embed) if conv.bias is None and self.pos_embed else None
         return conv, pos
 
@@ -94,6 +98,7 @@ class SSF(AdapterModule):
         w = self.folded_affine(value(target.weight), torch.zeros_like(self.ssf_scale))[0]
         plan = [(target.weight, w)]
         if self.ssf_shift is not None:
+            assert pos is not None, self.layer_name  # a shift on a bias-free conv lives in the position embedding
             p = value(pos).double().clone()
             p[:, self.pos_offset:] += self.ssf_shift.double()
             p = p.to(pos.dtype)
@@ -106,10 +111,12 @@ class SSF(AdapterModule):
         target, pos = self._targets(model)
         if target.bias is not None:
             w, b = self.unfolded_affine(value(target.weight), value(target.bias))
+            assert b is not None  # unfolded from a bias
             return [(target.weight, w), (target.bias, b)]
         w = self.unfolded_affine(value(target.weight), None)[0]
         plan = [(target.weight, w)]
         if self.ssf_shift is not None:
+            assert pos is not None, self.layer_name  # as in merge_plan
             p = value(pos).double().clone()
             p[:, self.pos_offset:] -= self.ssf_shift.double()
             plan.append((pos, p.to(pos.dtype)))

@@ -62,7 +62,7 @@ class LoopState:
     extensions: list[dict[str, Any]] = field(default_factory=list)  # --epochs on resume: {from_epochs, to_epochs, ...}
 
     @classmethod
-    def from_dict(cls, d: Any, where: str = "checkpoint") -> LoopState:
+    def from_dict(cls, d: Any, where: str | Path = "checkpoint") -> LoopState:
         """The state a checkpoint records; a damaged field is an :class:`AdapterFileError` naming it, not a crash."""
         if not isinstance(d, dict):
             raise _damaged(where, "state", d, "a mapping")
@@ -123,7 +123,7 @@ def flatten_optimizer(optimizer: torch.optim.Optimizer, names: list[str]) -> tup
     order = [i for g in sd["param_groups"] for i in g["params"]]
     if len(order) != len(names):
         raise ValueError(f"optimizer holds {len(order)} parameters, {len(names)} names given")
-    name_of = dict(zip(order, names))
+    name_of = dict(zip(order, names, strict=True))
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for idx, st in sd["state"].items():

@@ -17,7 +17,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..backbones import DEMO_MODEL
 from ..errors import UsageError
@@ -131,7 +131,7 @@ class TrainConfig:
             return recipe(None)
         return GENERIC
 
-    def resolved(self) -> TrainConfig:
+    def resolved(self) -> RunConfig:
         """A copy with every field filled (see :func:`resolve`)."""
         return resolve(self).config
 
@@ -147,9 +147,42 @@ class TrainConfig:
         return cls(**d)
 
 
+if TYPE_CHECKING:
+    class RunConfig(TrainConfig):
+        """For the type checker only: a TrainConfig after :func:`resolve`, so these fields are never None (at run time
+        it IS TrainConfig; resolve() and a resumed run's checked config are where the narrowing is established)."""
+
+        model: str
+        pretrained: bool
+        model_kwargs: dict[str, Any]
+        method: str
+        method_options: dict[str, Any]
+        data: str
+        data_overrides: dict[str, Any]
+        epochs: int
+        batch_size: int
+        lr: float
+        weight_decay: float
+        warmup_epochs: float
+        cooldown_epochs: int
+        min_lr: float
+        warmup_lr: float
+        dropout: float
+        hflip: bool
+        amp: str
+        device: str
+        seed: int
+        fast_attention: bool
+        num_workers: int
+        eval_batch_size: int
+        overwrite: bool
+else:
+    RunConfig = TrainConfig
+
+
 @dataclass
 class Resolved:
-    config: TrainConfig  # every field filled, paths absolute
+    config: RunConfig  # every field filled, paths absolute
     notes: list[str]  # what resolve() adjusted on its own (shown before the first step)
 
 
@@ -184,12 +217,12 @@ def resolve(cfg: TrainConfig) -> Resolved:
         values["weights"] = str(Path(values["weights"]).expanduser().absolute())
     if not is_demo_data(values["data"]) and Path(values["data"]).expanduser().exists():
         values["data"] = str(Path(values["data"]).expanduser().absolute())
-    return Resolved(TrainConfig(**values), notes)
+    return Resolved(cast(RunConfig, TrainConfig(**values)), notes)
 
 
 def _fit_schedule(values: dict[str, Any], r: Recipe, from_recipe: set[str]) -> list[str]:
     """Scale the recipe's warm-up / cool-down to a run shorter than the recipe's (same fraction of the run)."""
-    epochs, notes = values["epochs"], []
+    epochs, notes = values["epochs"], list[str]()
     if epochs >= r.epochs:
         return notes
     frac = epochs / r.epochs

@@ -6,8 +6,8 @@ A single process is the degenerate case of every helper here (rank 0 of 1), so t
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.distributed as dist

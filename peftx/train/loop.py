@@ -42,7 +42,7 @@ from ..errors import NonFiniteError, TrainingInterrupted, UsageError
 from ..methods import config_class
 from ..runtime import autocast, eval_loader, evaluate_model, resolve_amp, resolve_device, to_device, use_fused_attention
 from .checkpoint import Checkpoint, LoopState, checkpoint_path, restore_optimizer, save_checkpoint
-from .config import TrainConfig, jsonable, resolve
+from .config import RunConfig, TrainConfig, jsonable, resolve
 from .distributed import DistInfo, EpochSampler, all_reduce_sum, any_rank, init_distributed, shutdown
 from .optim import make_optimizer
 from .progress import Progress, emitter
@@ -64,19 +64,20 @@ def train(cfg: TrainConfig | None = None, progress: Progress | Any = None) -> di
     ``rich.progress.Progress``. Raises :class:`TrainingInterrupted` after SIGINT / SIGTERM, once a resumable
     checkpoint is written.
     """
-    cfg = cfg or TrainConfig()
+    asked = cfg or TrainConfig()
     extended_from = None
-    if cfg.resume is None:
-        resolved = resolve(cfg)
-        cfg, ckpt, notes = resolved.config, None, resolved.notes
+    run: RunConfig
+    if asked.resume is None:
+        resolved = resolve(asked)
+        run, ckpt, notes = resolved.config, None, resolved.notes
     else:
-        plan = plan_resume(cfg)
-        cfg, ckpt, notes, extended_from = plan.config, plan.checkpoint, [], plan.extended_from
+        plan = plan_resume(asked)
+        run, ckpt, notes, extended_from = plan.config, plan.checkpoint, [], plan.extended_from
         if extended_from is not None:
-            notes.append(f"extends the run from {extended_from} to {cfg.epochs} epochs: the cosine schedule is "
+            notes.append(f"extends the run from {extended_from} to {run.epochs} epochs: the cosine schedule is "
                          "recomputed for the new total, so the rate rises at the resume step and decays from there")
     wall0 = time.perf_counter()
-    setup = _build(cfg, ckpt)
+    setup = _build(run, ckpt)
     try:
         return Trainer(setup, emitter(progress, setup.info), wall0, notes, extended_from).run()
     except BaseException:
@@ -91,7 +92,7 @@ def train(cfg: TrainConfig | None = None, progress: Progress | Any = None) -> di
 
 @dataclass
 class _Setup:
-    cfg: TrainConfig
+    cfg: RunConfig
     info: DistInfo
     device: torch.device
     amp_dtype: torch.dtype | None
@@ -104,7 +105,7 @@ class _Setup:
     created_run_dir: bool = False  # this run made run_dir (so may remove it while it is still empty)
 
 
-def _meta_backbone(cfg: TrainConfig) -> nn.Module:
+def _meta_backbone(cfg: RunConfig) -> nn.Module:
     """Shapes-only model, for the preprocessing config before the class count (and so the head) is known."""
     from ..backbones import create_backbone
 
@@ -112,16 +113,17 @@ def _meta_backbone(cfg: TrainConfig) -> nn.Module:
         return create_backbone(cfg.model, num_classes=1, pretrained=False, img_size=cfg.img_size, **cfg.model_kwargs)
 
 
-def _spec(cfg: TrainConfig) -> dict[str, Any]:
+def _spec(cfg: RunConfig) -> dict[str, Any]:
     """How to rebuild the backbone (evaluate / merge-export read it from the adapter file)."""
     return {"name": cfg.model, "weights": cfg.weights, "img_size": cfg.img_size, "model_kwargs": cfg.model_kwargs,
             "pretrained": cfg.pretrained, "init_seed": None if cfg.pretrained else cfg.seed}
 
 
-def _build(cfg: TrainConfig, ckpt: Checkpoint | None) -> _Setup:
+def _build(cfg: RunConfig, ckpt: Checkpoint | None) -> _Setup:
     from ..backbones import create_backbone, data_config
     from ..data import load_splits, read_val_split
-    from ..preprocess import TRAINING as PREPROCESSING_DEFAULT, contract
+    from ..preprocess import TRAINING as PREPROCESSING_DEFAULT
+    from ..preprocess import contract
 
     device = resolve_device(cfg.device)
     info = init_distributed(device.type)
@@ -252,7 +254,7 @@ class Trainer:
             # Only adapter + head tensors require grad and every one of them is used in each forward. Buffers
             # (Swin's index tables / masks) are constants, identical on every rank: no per-forward sync.
             ids = [self.info.local_rank] if self.device.type == "cuda" else None
-            sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+            sync: dict[str, Any] = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
                     else {"broadcast_buffers": False})  # torch >= 2.14 renamed the option
             self.forward_model = DDP(self.model, device_ids=ids, find_unused_parameters=False, **sync)
         if self.device.type == "cuda":
@@ -410,7 +412,7 @@ class Trainer:
         st.history.append(record)
         st.train_seconds += record["seconds"]
         st.step_seconds += tr["train_seconds"]
-        st.train_images += tr["images"]
+        st.train_images += round(tr["images"])  # all-reduced as a float; a count
         if self.info.is_main:
             write_metrics(self.s.run_dir, st.history, best_epoch=st.best_epoch,
                           title=f"{self.cfg.method} on {self.cfg.model} ({Path(self.cfg.data).name})")

@@ -4,7 +4,8 @@ drives a ``rich.progress.Progress`` handed in by the caller (the CLI composes bo
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..errors import UsageError
 from .distributed import DistInfo

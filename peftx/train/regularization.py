@@ -9,8 +9,8 @@ and :func:`remove_residual_dropout` puts it back, so saved, merged and exported 
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +54,7 @@ def add_residual_dropout(model: nn.Module, p: float, blocks: Sequence[str]) -> l
     if has_residual_dropout(model):
         raise UsageError("the model already carries residual dropout", "call remove_residual_dropout first")
     rates = depth_rates(p, len(blocks))
-    for path, rate in zip(blocks, rates):
+    for path, rate in zip(blocks, rates, strict=True):
         block = model.get_submodule(path)
         for slot in SLOTS:
             if not hasattr(block, slot):

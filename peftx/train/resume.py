@@ -17,17 +17,26 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ..errors import AdapterFileError, UsageError
 from .checkpoint import Checkpoint, load_checkpoint
-from .config import CLI_OPTIONS, DEFAULTS, RUNTIME_FIELDS, TrainConfig, check_method_options, is_demo_data, jsonable
+from .config import (
+    CLI_OPTIONS,
+    DEFAULTS,
+    RUNTIME_FIELDS,
+    RunConfig,
+    TrainConfig,
+    check_method_options,
+    is_demo_data,
+    jsonable,
+)
 from .rundir import SUMMARY_FILE
 
 
 @dataclass
 class ResumePlan:
-    config: TrainConfig  # the run's configuration, runtime options and an extension applied
+    config: RunConfig  # the run's configuration, runtime options and an extension applied
     checkpoint: Checkpoint
     extended_from: int | None  # the run's epochs before this --epochs, when it extends the run
 
@@ -37,15 +46,16 @@ def plan_resume(cfg: TrainConfig) -> ResumePlan:
     assert cfg.resume is not None
     ckpt = load_checkpoint(cfg.resume)
     try:
-        saved = TrainConfig.from_dict(ckpt.config)
+        recorded = TrainConfig.from_dict(ckpt.config)
     except UsageError as e:
         raise AdapterFileError(f"{ckpt.path}: the checkpoint's config is damaged ({e.message})",
                                "the checkpoint was edited or damaged: restore it, or start the run again") from None
     missing = [n for n in ("model", "method", "data", "epochs", "batch_size", "lr", "warmup_epochs",
-                           "cooldown_epochs", "min_lr", "warmup_lr", "seed") if getattr(saved, n) is None]
+                           "cooldown_epochs", "min_lr", "warmup_lr", "seed") if getattr(recorded, n) is None]
     if missing:
         raise AdapterFileError(f"{ckpt.path}: the checkpoint's config lacks {', '.join(missing)}",
                                "the checkpoint was edited or damaged: restore it, or start the run again")
+    saved = cast(RunConfig, recorded)  # a resolved run's config, its required fields checked just above
     given = {k: v for k, v in cfg.given().items() if k not in RUNTIME_FIELDS}
     epochs = given.pop("epochs", None)
     differences = _differences(given, saved)
@@ -74,7 +84,7 @@ def plan_resume(cfg: TrainConfig) -> ResumePlan:
     return ResumePlan(merged, ckpt, extended_from)
 
 
-def _differences(given: dict[str, Any], saved: TrainConfig) -> list[tuple[str, str]]:
+def _differences(given: dict[str, Any], saved: RunConfig) -> list[tuple[str, str]]:
     """(field, description) of every given option that is not the run's."""
     out = []
     kwargs = dict(given.pop("model_kwargs", None) or {})

@@ -21,7 +21,7 @@ import torch
 from timm.scheduler import CosineLRScheduler
 
 if TYPE_CHECKING:
-    from .config import TrainConfig
+    from .config import RunConfig
 
 
 class Schedule:
@@ -47,7 +47,7 @@ class Schedule:
         return float(self._placeholder.param_groups[0]["lr"])
 
 
-def schedule(cfg: TrainConfig, steps_per_epoch: int) -> Schedule:
+def schedule(cfg: RunConfig, steps_per_epoch: int) -> Schedule:
     """The schedule of a resolved config."""
     return Schedule(lr=cfg.lr, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
                     cooldown_epochs=cfg.cooldown_epochs, warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr)

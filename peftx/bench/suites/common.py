@@ -17,13 +17,13 @@ def adapted_copy(plain: nn.Module, method: str, *, seed: int = 0, perturb_std: f
     The head is kept (not zeroed) and zero-initialised tensors (LoRA B, AOFT λ, the RLRR shift) are perturbed, so the
     merged model really differs from the plain one and a parity check cannot pass by accident.
     """
-    from ...adapter import adapt
+    from ...adapter import adapt, state_of
     from ...methods import make_config
 
     model = adapt(copy.deepcopy(plain), make_config(method), zero_head=False,
                   base_fingerprint=fingerprint or "benchmark (not computed)")
     gen = torch.Generator().manual_seed(seed)
-    head = model.peftx_state.layout.head + "."
+    head = state_of(model).layout.head + "."
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad and not name.startswith(head):

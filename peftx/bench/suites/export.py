@@ -30,7 +30,8 @@ def bench_export(spec: ModelSpec, cfg: BenchConfig, *, threads: int, work_dir: P
     plain = spec.build(NUM_CLASSES)
     build_s = time.perf_counter() - t0
     dcfg = data_config(plain)
-    input_size = tuple(int(v) for v in dcfg["input_size"])
+    c, h, w = (int(v) for v in dcfg["input_size"])
+    input_size = (c, h, w)
     out: dict[str, Any] = {"model": spec.key, "label": spec.label, "build_s": build_s, "merge_s": {}, "steps": {}}
     method = cfg.methods[0]
     for i, m in enumerate(cfg.methods):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -77,13 +79,13 @@ def bench_inference(spec: ModelSpec, cfg: BenchConfig, *, threads: int, device: 
         xd, xn = x.to(device, dtype), x.numpy()
         fns: dict[str, Callable[[], Any]] = {}
         for variant, module in modules.items():
-            fns[f"eager:{variant}"] = (lambda mod=module: mod(xd))
+            fns[f"eager:{variant}"] = functools.partial(module, xd)
         if cfg.compile != "off":
             fns.update(_compiled_variants(modules, merged_method, xd, cfg.compile, out, batch, say))
         for key, runner in sessions.items():
-            fns[key] = (lambda r=runner: r.infer(xn))
+            fns[key] = functools.partial(runner.infer, xn)
         for key, runner in engines.items():
-            fns[key] = (lambda r=runner: r.infer(xn))
+            fns[key] = functools.partial(runner.infer, xn)
         say(f"{spec.key} batch {batch}: timing {len(fns)} variants interleaved")
         with torch.inference_mode():
             timing = timed_rounds(fns, warmup=cfg.warmup, min_rounds=cfg.min_rounds, max_rounds=cfg.max_rounds,
@@ -137,7 +139,7 @@ def _compiled_variants(modules: dict[str, nn.Module], merged_method: str, x: tor
         out["parity"][f"compiled:{key}@b{batch}"] = {
             "passed": bool(math.isfinite(err) and err <= bound), "tolerance": COMPILED_VS_EAGER.name, "max_abs": err,
             "bound": bound, "reference": f"eager {key} ({x.dtype}, batch {batch})", "failures": []}
-        fns[f"compiled:{key}"] = (lambda c=compiled: c(x))
+        fns[f"compiled:{key}"] = functools.partial(compiled, x)
     return fns
 
 

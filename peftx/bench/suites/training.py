@@ -79,12 +79,13 @@ def train_setup(spec: ModelSpec, method: str, *, batch: int, device: torch.devic
     trainable, total = count_parameters(model)
     if method == "frozen":
         # The input image needs no gradient, so without this backward would stop at the head.
-        model.patch_embed.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+        model.get_submodule("patch_embed").register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
     if fused_attention:
         use_fused_attention(model)
     model.to(device).train()
     optimizer, _ = make_optimizer(model, lr=1e-4, weight_decay=GENERIC.weight_decay)
-    size = model.patch_embed.img_size if hasattr(model, "patch_embed") else (224, 224)
+    embed = getattr(model, "patch_embed", None)  # timm's ViT/Swin patch embedding knows the input size
+    size = embed.img_size if embed is not None else (224, 224)
     size = (size, size) if isinstance(size, int) else tuple(size)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, *size, generator=gen).to(device)
@@ -122,8 +123,8 @@ def delta_cost(model: nn.Module, *, reps: int = 5) -> dict[str, Any] | None:
         for m in low_rank:
             outs.extend(m.factors())
         with torch.no_grad():
-            for m in rlrr:
-                outs.append(m.merge_weight(m.base_layer.weight))
+            for r in rlrr:
+                outs.append(r.merge_weight(r.base_layer.weight))
         return outs
 
     outs = build()
@@ -143,7 +144,7 @@ def delta_cost(model: nn.Module, *, reps: int = 5) -> dict[str, Any] | None:
         if grads:
             torch.autograd.backward([t for t in outs if t.requires_grad], grads)
         with torch.no_grad():
-            for m, g in zip(rlrr, rlrr_grads):
+            for m, g in zip(rlrr, rlrr_grads, strict=True):
                 rescale_vector_grads(g.clone(), m.base_layer.weight, m.s_row, m.s_col, m.col_groups)
         sync()
         t2 = time.perf_counter()
