@@ -43,8 +43,10 @@ CALIBRATION_IMAGES = 256
 # Fewer images give per-tensor activation ranges set by a handful of images' extremes: refused, not silently used.
 MIN_CALIBRATION_IMAGES = 32
 CALIBRATION_BATCH = 32
-# MinMax keeps at most this many batches of intermediate outputs before folding them into the ranges (bounds memory).
-_MAX_INTERMEDIATE = 4
+# Calibration folds each batch's intermediate outputs into the ranges (histograms) before running the next
+# (CalibStridedMinMax=1): peak memory is one batch of activations. (CalibMaxIntermediateOutputs is not used: in
+# onnxruntime 1.32 MinMax it clears the collected outputs without merging them, so only the last group counted.)
+_STRIDE_BATCHES = 1
 # Sensitivity runs each quantized node alone on this many calibration images: one FP32-speed forward per node.
 SENSITIVITY_IMAGES = 32
 # The fallback keeps 1, 2, 3, ... of the most sensitive nodes float, checking the gate after each; at most this share of
@@ -159,23 +161,25 @@ class Int8Graph:
 
 
 class _Reader:
-    """onnxruntime.quantization's CalibrationDataReader protocol over an array, in batches (re-iterable)."""
+    """onnxruntime.quantization's CalibrationDataReader protocol over an array, in batches; ``set_range`` (batch
+    indices) is how quantize_static's strided calibration walks it one group at a time."""
 
     def __init__(self, input_name: str, inputs: np.ndarray, batch: int = CALIBRATION_BATCH):
         self.input_name, self.inputs, self.batch = input_name, inputs, batch
-        self._it: Iterator[dict[str, np.ndarray]] | None = None
+        self._it: Iterator[dict[str, np.ndarray]] = self._batches(0, len(self))
+
+    def _batches(self, start: int, end: int) -> Iterator[dict[str, np.ndarray]]:
+        for b in range(start, min(end, len(self))):
+            yield {self.input_name: np.ascontiguousarray(self.inputs[b * self.batch:(b + 1) * self.batch])}
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        if self._it is None:
-            self._it = ({self.input_name: np.ascontiguousarray(self.inputs[i:i + self.batch])}
-                        for i in range(0, len(self.inputs), self.batch))
         return next(self._it, None)
 
     def __len__(self) -> int:
         return math.ceil(len(self.inputs) / self.batch)
 
-    def set_range(self, start_index: int, end_index: int) -> None:  # CalibStridedMinMax's hook, unused
-        self._it = None
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._it = self._batches(start_index, end_index)
 
 
 def quantizable_nodes(onnx_path: str | Path) -> list[str]:
@@ -207,7 +211,7 @@ def quantize(onnx_path: str | Path, out_path: str | Path, calibration: np.ndarra
     extra = {"ActivationSymmetric": True, "WeightSymmetric": True,
              # the bias stays FP32: TensorRT's DequantizeLinear takes INT8 only (8.5/8.6 operators.md), and an INT32
              # bias is ONNX Runtime's convention, not TensorRT's (it fuses the bias into the INT8 GEMM itself)
-             "QuantizeBias": False, "CalibMaxIntermediateOutputs": _MAX_INTERMEDIATE,
+             "QuantizeBias": False, "CalibStridedMinMax": _STRIDE_BATCHES,
              "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS)}  # inputs only: outputs feed float ops
     started = time.perf_counter()
     quiet = logging.getLogger()
