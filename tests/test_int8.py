@@ -261,3 +261,36 @@ def test_the_python_builder_rules_per_tensorrt_version(tmp_path):
     (tmp_path / "model_int8.onnx").write_bytes(b"x")
     assert _engine_source(tmp_path / "model.onnx", None, "int8", 11, tmp_path / "model_int8.onnx").name == \
         "model_int8.onnx"
+
+
+def test_merge_export_int8_calibrates_on_the_training_split_and_takes_calibration_data_when_it_moved(tmp_path):
+    """A run on an ImageFolder of real digits: INT8 calibrates on its train/ (never test/); after the data folder
+    moved, the one-line DataError names --calibration-data, and with it (plus labelled --images) the bundle is made."""
+    from safetensors.torch import save_file
+
+    from peftx.deploy import merge_export
+
+    from conftest import write_digit_folder
+    from test_cli_errors import CLASSES, make_tiny_run
+
+    plain = make_tiny("vit")
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    base = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(base))
+    data = write_digit_folder(tmp_path / "digits", CLASSES, {"train": 10, "val": 4, "test": 20})
+    run = make_tiny_run(tmp_path, "run", base, data, seed=1)
+    report = merge_export(run, output=tmp_path / "b", batch=(1, 2, 8), tensorrt="off", simplify=False,
+                          precision="int8", calibration=40)
+    calibration = report.int8["calibration"]
+    assert calibration["images"] == 40 and calibration["source"].startswith("train split of")
+    assert calibration["per_class"] == {c: 8 for c in CLASSES}  # class-stratified: 40 of 5 x 10
+    assert report.parity.accuracy.source.startswith("test split")  # the gate measures test/, calibration train/
+    moved = data.rename(tmp_path / "moved")
+    with pytest.raises(DataError, match="--calibration-data"):
+        merge_export(run, output=tmp_path / "b2", tensorrt="off", precision="int8", calibration=40)
+    assert not (tmp_path / "b2").exists()
+    report = merge_export(run, output=tmp_path / "b2", batch=(1, 2, 8), tensorrt="off", simplify=False,
+                          precision="int8", calibration=40, calibration_data=moved, images_dir=moved / "test")
+    assert report.status == "ok" and report.int8["calibration"]["source"].startswith(f"images in {moved / 'train'}")
