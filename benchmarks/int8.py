@@ -113,7 +113,7 @@ def main() -> None:
             child = mp.get_context("spawn").Process(target=_calibrate, args=(str(fp32), str(int8), args.calibration,
                                                                                 size, args.method, queue))
             child.start()
-            calibration = queue.get()
+            calibration = queue.get(timeout=3600)  # the child failing leaves it empty: fail, do not hang
             child.join()
             timing = _time_pair(fp32, int8, size, batches, args.threads, args.budget, args.min_rounds)
             results["models"][key] = {"label": f"{MODELS[key].label}, {size[1]} px", "timing": timing,

@@ -21,10 +21,10 @@ import torch
 from PIL import Image
 
 from peftx.data import InMemoryImageDataset, sample_photos
-from peftx.errors import DataError, ParityError, UsageError
+from peftx.errors import DataError, ExportError, ParityError, UsageError
 from peftx.exports import int8
 from peftx.exports.accuracy import select
-from peftx.exports.bundle import INT8_FILE, read_bundle, write_bundle
+from peftx.exports.bundle import INT8_FILE, read_bundle, validate_bundle, write_bundle
 from peftx.exports.layernorm import decomposed_layernorms
 from peftx.exports.onnx_export import export_onnx
 from peftx.exports.targets import resolve_target
@@ -171,6 +171,15 @@ def test_an_int8_bundle_passes_its_gate_and_runs_from_infer_py(tmp_path):
     run = subprocess.run([sys.executable, str(tmp_path / "b" / "infer.py"), str(photo), "--precision", "int8"],
                          capture_output=True, text=True, check=True)
     assert "model_int8.onnx" in run.stderr and len(run.stdout.strip().splitlines()) == 5
+    # validate re-measures the INT8 gate, and a changed model_int8.onnx is refused by its sha256
+    checked = validate_bundle(tmp_path / "b", model, real_batch("vit", n=8), tensorrt="off",
+                              accuracy_set=select(_labelled(model, "vit", 150, seed=1), "crops", None))
+    row = next(r for r in checked.accuracy.results if r.candidate == "onnxruntime int8")
+    assert row.required and row.passed
+    with open(tmp_path / "b" / INT8_FILE, "ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(ExportError, match="model_int8.onnx \\(sha256 differs\\)"):
+        validate_bundle(tmp_path / "b", model, real_batch("vit", n=8), tensorrt="off")
 
 
 def test_the_gate_fails_a_graph_calibrated_on_constant_images(tmp_path):
