@@ -73,7 +73,7 @@ def _time_pair(fp32: Path, int8: Path, size, batches, threads: int, budget: floa
     out = {}
     for batch in batches:
         x = np.random.default_rng(0).standard_normal((batch, *size)).astype(np.float32)
-        fns = {k: (lambda s=s: s.run(None, {name: x})) for k, s in sessions.items()}
+        fns = {k: (lambda s=s, x=x: s.run(None, {name: x})) for k, s in sessions.items()}
         timing = timed_rounds(fns, warmup=1, min_rounds=min_rounds, budget_s=budget, settle_s=0.05)
         out[batch] = {"fp32": latency_stats(timing.times["fp32"], batch, None),
                       "int8": latency_stats(timing.times["int8"], batch, None),

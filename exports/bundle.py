@@ -50,8 +50,8 @@ from peftx.preprocess import contract
 from peftx.tolerances import (ACCURACY_FP16, ACCURACY_FP32, ACCURACY_INT8, FP16, INT8, MERGE_FP32, ONNX_FP32,
                                TENSORRT_FP32)
 
-from .accuracy import AccuracyReport, AccuracySet, Candidate, load_infer_module, measure_accuracy, result_for
 from . import int8 as int8_mod
+from .accuracy import AccuracyReport, AccuracySet, Candidate, load_infer_module, measure_accuracy, result_for
 from .fp16 import convert_to_fp16, strict_fp16_emulation
 from .layernorm import decomposed_layernorms, fp32_node_names, unsafe_layer_names
 from .onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, op_histogram, param_count, read_metadata
@@ -574,9 +574,12 @@ def _int8_gate(work: Path, onnx_path: Path, graph: int8_mod.Int8Graph, calibrati
         return result_for(name, ACCURACY_INT8, True, pred, labels, ref_pred, accuracy.reference_accuracy)
 
     started = time.perf_counter()
+    def gate(path: Path) -> tuple[float, bool]:
+        verdict = result(path)
+        return verdict.accuracy, verdict.passed
+
     outcome = int8_mod.fallback(onnx_path, work / INT8_FILE, calibration.inputs, _int8_cache(scratch),
-                                opt.int8.method, lambda path: (lambda r: (r.accuracy, r.passed))(result(path)),
-                                scratch, progress=say)
+                                opt.int8.method, gate, scratch, progress=say)
     timings["int8_fallback_s"] = time.perf_counter() - started
     info["fallback"] = outcome.to_json()
     if outcome.passed:

@@ -69,7 +69,7 @@ class Calibration:
     per_class: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"images": int(len(self.inputs)), "source": self.source, "seed": self.seed,
+        return {"images": len(self.inputs), "source": self.source, "seed": self.seed,
                 "per_class": self.per_class}
 
 
