@@ -303,3 +303,28 @@ def test_merge_export_int8_calibrates_on_the_training_split_and_takes_calibratio
     report = merge_export(run, output=tmp_path / "b2", batch=(1, 2, 8), tensorrt="off", simplify=False,
                           precision="int8", calibration=40, calibration_data=moved, images_dir=moved / "test")
     assert report.status == "ok" and report.int8["calibration"]["source"].startswith(f"images in {moved / 'train'}")
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_the_histogram_calibrations_give_a_graph_that_holds_too(tmp_path, method):
+    profile = resolve_target("trt8.6")
+    cfg = tiny_data_cfg("vit")
+    fp32 = tmp_path / "vit.onnx"
+    export_onnx(make_tiny("vit"), fp32, input_size=cfg["input_size"], opset=profile.export_opset)
+    x = real_batch("vit", n=32).numpy()
+    minmax, other = tmp_path / "minmax.onnx", tmp_path / f"{method}.onnx"
+    int8.quantize(fp32, minmax, x)
+    graph = int8.quantize(fp32, other, x, method=method)
+    assert graph.method == method and int8.graph_problems(other, profile) == []
+    assert json.loads(next(p.value for p in onnx.load(str(other)).metadata_props
+                           if p.key == "peftx_int8"))["calibration_method"] == method
+
+    def activation_scales(path: Path) -> dict[str, float]:
+        model = onnx.load(str(path))
+        inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+        return {n.input[0]: float(inits[n.input[1]]) for n in model.graph.node if n.op_type == "QuantizeLinear"}
+
+    # histogram methods clip outliers: no activation range is wider than MinMax's, and some are narrower
+    a, b = activation_scales(minmax), activation_scales(other)
+    assert a.keys() == b.keys()
+    assert all(b[k] <= a[k] * (1 + 1e-6) for k in a) and any(b[k] < 0.99 * a[k] for k in a)
