@@ -241,6 +241,14 @@ def _result(name: str, tol: AccuracyTolerance, required: bool, chunks: list[np.n
     return AccuracyResult(name, tol, required, n, acc, ref_acc, drop, agreement, bound, not failures, failures)
 
 
+def result_for(name: str, tol: AccuracyTolerance, required: bool, pred: np.ndarray, labels: np.ndarray,
+               reference_pred: np.ndarray, reference_accuracy: float) -> AccuracyResult:
+    """The gate's verdict for predictions ``pred`` on images already measured (``AccuracyReport.kept``): how the
+    INT8 fallback re-checks a graph without running the reference and the preprocessing again."""
+    return _result(name, tol, required, [np.asarray(pred)], np.asarray(labels), np.asarray(reference_pred),
+                   reference_accuracy)
+
+
 def accuracy_table(report: AccuracyReport, *, title: str | None = None) -> Table:
     """The reference and one row per artifact, the preprocessing check as the caption; fits 80 columns."""
     pre = report.preprocessing

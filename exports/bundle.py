@@ -4,6 +4,7 @@ Layout of a bundle directory::
 
     model.onnx          FP32, dynamic batch; metadata_props carry preprocessing, class names and provenance
     model_fp16.onnx     always written: TensorRT 11's FP16 build input and the FP16 emulation ONNX Runtime checks
+    model_int8.onnx     --precision int8 only: symmetric Q/DQ graph calibrated on the run's training images (int8.py)
     model.engine        only when TensorRT built one here (+ model.engine.json: what it was built for)
     build_engine.sh     trtexec for TensorRT 8.5 / 8.6 / 10.x / 11.x, each with its own flags, on the target device
     infer.py            standalone (no peftx import): metadata.json preprocessing -> engine or ONNX -> top-5
@@ -36,7 +37,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -48,9 +49,11 @@ import peftx
 from peftx.errors import ExportError, OutputError, ParityError, UsageError
 from peftx.fsutil import sha256_file, write_text_atomic
 from peftx.preprocess import contract
-from peftx.tolerances import ACCURACY_FP16, ACCURACY_FP32, FP16, MERGE_FP32, ONNX_FP32, TENSORRT_FP32
+from peftx.tolerances import (ACCURACY_FP16, ACCURACY_FP32, ACCURACY_INT8, FP16, INT8, MERGE_FP32, ONNX_FP32,
+                               TENSORRT_FP32)
 
-from .accuracy import AccuracyReport, AccuracySet, Candidate, measure_accuracy
+from . import int8 as int8_mod
+from .accuracy import AccuracyReport, AccuracySet, Candidate, load_infer_module, measure_accuracy, result_for
 from .deepstream import LABELS_FILE, NVINFER_CONFIG, labels_text, render_config
 from .fp16 import convert_to_fp16, strict_fp16_emulation
 from .layernorm import decomposed_layernorms, fp32_node_names, unsafe_layer_names
@@ -59,7 +62,7 @@ from .parity import ParityReport, ParityResult, compare, make_input_sets, refere
 from .reference_set import REFERENCE_FILE, write_reference_set
 from .runners import OnnxRuntimeRunner, TensorRTRunner, TorchRunner
 from .simplify import simplify_onnx
-from .targets import TargetProfile
+from .targets import TargetProfile, resolve_target
 from .tensorrt import (MANIFEST_FILE, TensorRTMode, build_engine, check_engine_for_machine, machine_facts, probe,
                        resolve_mode, resolve_target_here)
 from .tensorrt_ops import TargetReadiness, check_target_readiness, check_tensorrt_readiness
@@ -67,6 +70,7 @@ from .tensorrt_ops import TargetReadiness, check_target_readiness, check_tensorr
 FORMAT = "peftx-bundle"
 FORMAT_VERSION = 1
 ONNX_FILE, FP16_FILE, ENGINE_FILE = "model.onnx", "model_fp16.onnx", "model.engine"
+INT8_FILE = "model_int8.onnx"
 INFER_FILE, BUILD_SCRIPT_FILE = "infer.py", "build_engine.sh"
 METADATA_FILE, PARITY_FILE, READINESS_FILE = "metadata.json", "parity.json", "trt_readiness.json"
 # Odd batch sizes catch batch-mixing reshapes and padding bugs that even sizes can hide.
@@ -88,7 +92,7 @@ class _Options:
     class_names: list[str]
     provenance: Mapping[str, Any]
     batch: tuple[int, int, int]
-    precision: Literal["fp32", "fp16"]
+    precision: Literal["fp32", "fp16", "int8"]
     tensorrt: TensorRTMode
     use_trt: bool
     trt_message: str
@@ -98,6 +102,7 @@ class _Options:
     target: TargetProfile
     layernorms: int  # LayerNorm modules of the model: a decomposed export must show exactly this many
     accuracy_set: AccuracySet | None = None  # labelled images for the accuracy gate (None: not measured)
+    int8: int8_mod.Int8Request | None = None  # calibration images and method (precision "int8")
 
 
 @dataclass
@@ -115,6 +120,7 @@ class BundleReport:
     fp32_nodes: list[str] = field(default_factory=list)  # the target's FP32 nodes in FP16 builds
     reference_set: dict[str, Any] = field(default_factory=dict)  # metadata.json's entry (reference_set.py)
     deepstream: dict[str, Any] = field(default_factory=dict)  # metadata.json's entry (deepstream.py)
+    int8: dict[str, Any] | None = None  # how model_int8.onnx was made (precision "int8")
 
     @property
     def target(self) -> TargetProfile:
@@ -123,8 +129,8 @@ class BundleReport:
     def to_json(self) -> dict:
         return {"out_dir": str(self.out_dir), "status": self.status, "target": target_summary(self.target),
                 "parity": self.parity.to_json(), "readiness": self.readiness.to_json(), "sha256": self.sha256,
-                "tensorrt": self.tensorrt, "simplify": self.simplify, "fp16": self.fp16, "timings": self.timings,
-                "warnings": self.warnings}
+                "tensorrt": self.tensorrt, "simplify": self.simplify, "fp16": self.fp16, "int8": self.int8,
+                "timings": self.timings, "warnings": self.warnings}
 
 
 def write_bundle(
@@ -138,7 +144,7 @@ def write_bundle(
     provenance: Mapping[str, Any],
     images: torch.Tensor | np.ndarray,
     batch: tuple[int, int, int] = (1, 8, 32),
-    precision: Literal["fp32", "fp16"] = "fp32",
+    precision: Literal["fp32", "fp16", "int8"] = "fp32",
     tensorrt: TensorRTMode = "auto",
     simplify: bool = True,
     force: bool = False,
@@ -147,6 +153,7 @@ def write_bundle(
     timing_cache: str | Path | None = None,
     target: TargetProfile | str | None = None,
     accuracy_set: AccuracySet | None = None,
+    int8: int8_mod.Int8Request | None = None,
 ) -> BundleReport:
     """Export ``merged``, check every artifact against ``reference`` on ``images``, and write the bundle to ``out_dir``.
 
@@ -155,7 +162,9 @@ def write_bundle(
     TensorRT timing-cache file to reuse across builds (it is not part of the bundle). ``target`` is a deployment
     target name (``peftx targets``), "auto", a TargetProfile, or None for the default. ``accuracy_set`` (labelled
     images, ``accuracy.select``) adds the accuracy gate: the unmerged model on the training-side transform against
-    every artifact on the bundle's own infer.py preprocessing of the raw images (``accuracy.py``).
+    every artifact on the bundle's own infer.py preprocessing of the raw images (``accuracy.py``). ``precision``
+    "int8" also writes model_int8.onnx, calibrated on ``int8``'s images (``int8.py``; it needs ``accuracy_set``:
+    task accuracy is its gate, with the sensitivity fallback when it fails).
     Raises OutputError (exists, not writable), UsageError (also: an unknown target), BackendUnavailableError
     (tensorrt="on" without a TensorRT that can build the target), ExportError (export or TensorRT readiness failed)
     before anything is written, and ParityError after the bundle is written with status "failed".
@@ -164,12 +173,13 @@ def write_bundle(
     say = progress or (lambda message: None)
     profile = target if isinstance(target, TargetProfile) else resolve_target_here(target)
     array = _validate_inputs(input_size, data_config, class_names, images, batch, precision, parity_max_batch)
+    _check_int8_request(precision, int8, accuracy_set, profile)
     _check_destination(out_dir, force)
     use_trt, trt_message = resolve_mode(tensorrt, profile)  # fails here, before any work, when it must
     layernorms = sum(isinstance(m, torch.nn.LayerNorm) for m in merged.modules())
     options = _Options(tuple(input_size), _preprocessing(data_config), list(class_names), provenance, tuple(batch),
                        precision, tensorrt, use_trt, trt_message, simplify, parity_max_batch, timing_cache, profile,
-                       layernorms, accuracy_set)
+                       layernorms, accuracy_set, int8)
     work = _make_workdir(out_dir)
     try:
         report = _assemble(work, reference, merged, array, options, say)
@@ -270,10 +280,13 @@ def validate_bundle(
     if (bundle_dir / FP16_FILE).exists():
         candidates += [(runner, FP16, fp16_required)
                        for runner in _fp16_runners(bundle_dir / ONNX_FILE, bundle_dir / FP16_FILE, scratch)]
+    if (bundle_dir / INT8_FILE).exists():  # logits advisory (they move by design); its accuracy gate is required
+        candidates.append((OnnxRuntimeRunner(bundle_dir / INT8_FILE, name="onnxruntime int8"), INT8, False))
     if engine.exists() and use_trt:
         engine_precision = (meta.get("tensorrt", {}).get("build") or {}).get("precision", meta["precision"])
-        tolerance = FP16 if engine_precision == "fp16" else TENSORRT_FP32
-        candidates.append((TensorRTRunner(engine, name=f"tensorrt {engine_precision}"), tolerance, True))
+        tolerance = {"fp16": FP16, "int8": INT8}.get(engine_precision, TENSORRT_FP32)
+        candidates.append((TensorRTRunner(engine, name=f"tensorrt {engine_precision}"), tolerance,
+                           engine_precision != "int8"))  # an INT8 engine: logits advisory, accuracy required
     results = []
     accuracy = None
     try:
@@ -284,7 +297,7 @@ def validate_bundle(
         if accuracy_set is not None:
             accuracy = measure_accuracy(
                 TorchRunner(reference, name="unmerged PyTorch"),
-                [(runner, _accuracy_tolerance(tol), req) for runner, tol, req in candidates],
+                [(runner, _accuracy_tolerance(tol), req or tol is INT8) for runner, tol, req in candidates],
                 accuracy_set, meta["preprocessing"], bundle_dir / INFER_FILE, batch=(batch[0], batch[2]),
                 progress=say)
         else:
@@ -311,7 +324,7 @@ def _recorded_target(meta: Mapping[str, Any]) -> TargetProfile:
 
 
 def _shipped_onnx(bundle_dir: Path) -> dict[str, Path]:
-    return {name: bundle_dir / name for name in (ONNX_FILE, FP16_FILE) if (bundle_dir / name).exists()}
+    return {name: bundle_dir / name for name in (ONNX_FILE, FP16_FILE, INT8_FILE) if (bundle_dir / name).exists()}
 
 
 def _first_problems(problems: list[str], n: int = 3) -> str:
@@ -371,7 +384,13 @@ def _assemble(work: Path, reference: torch.nn.Module, merged: torch.nn.Module, i
     fp16, fp16_runners = _fp16_step(work, onnx_path, images, opt, fp32_nodes, scratch, timings, say)
     results += [check(runner, FP16, required=opt.precision == "fp16") for runner in fp16_runners]
     if opt.precision != "fp16":
-        notes.append("FP16 checks are advisory for an fp32 bundle: reported, not required")
+        notes.append(f"FP16 checks are advisory for an {opt.precision} bundle: reported, not required")
+    _write_text(work / INFER_FILE, _template("infer.py"))  # before INT8: calibration runs its preprocessing
+    int8_graph, calibration = None, None
+    if opt.precision == "int8":
+        int8_graph, calibration = _int8_step(work, onnx_path, opt, scratch, timings, say)
+        results.append(check(OnnxRuntimeRunner(int8_graph.path, name="onnxruntime int8"), INT8, required=False))
+        notes.append("INT8 logits are advisory (they move by design); the INT8 artifact is gated on task accuracy")
     say(f"checking TensorRT readiness of the shipped files for {opt.target.requested or opt.target.name}")
     readiness = check_target_readiness(_shipped_onnx(work), opt.target)
     _handle_readiness(readiness.problems, opt.tensorrt, warnings, opt.target)
@@ -379,28 +398,44 @@ def _assemble(work: Path, reference: torch.nn.Module, merged: torch.nn.Module, i
                  for name, problems in readiness.newer.items() if problems]
     trt_info, trt_runner = _tensorrt_step(work, onnx_path, opt, fp32_nodes, timings, say)
     if trt_runner is not None:
-        results.append(check(trt_runner, FP16 if opt.precision == "fp16" else TENSORRT_FP32))
+        tolerance = {"fp16": FP16, "int8": INT8}.get(opt.precision, TENSORRT_FP32)
+        results.append(check(trt_runner, tolerance, required=opt.precision != "int8"))
 
-    _write_text(work / INFER_FILE, _template("infer.py"))
     accuracy = None
+    int8_info = None
     try:
         if opt.accuracy_set is not None:
             started = time.perf_counter()
             candidates: list[Candidate] = [
                 (OnnxRuntimeRunner(onnx_path, name="onnxruntime fp32"), ACCURACY_FP32, True),
                 *((runner, ACCURACY_FP16, opt.precision == "fp16") for runner in fp16_runners)]
+            if int8_graph is not None:
+                candidates.append((OnnxRuntimeRunner(int8_graph.path, name="onnxruntime int8"), ACCURACY_INT8, True))
             if trt_runner is not None:
-                candidates.append((trt_runner, ACCURACY_FP16 if opt.precision == "fp16" else ACCURACY_FP32, True))
+                tolerance = {"fp16": ACCURACY_FP16, "int8": ACCURACY_INT8}.get(opt.precision, ACCURACY_FP32)
+                candidates.append((trt_runner, tolerance, True))
             accuracy = measure_accuracy(TorchRunner(reference, name="unmerged PyTorch"), candidates,
                                         opt.accuracy_set, json.loads(json.dumps(opt.preprocessing)),
-                                        work / INFER_FILE, batch=(opt.batch[0], opt.batch[2]), progress=say)
+                                        work / INFER_FILE, batch=(opt.batch[0], opt.batch[2]), progress=say,
+                                        keep=len(opt.accuracy_set) if int8_graph is not None else 0)
             timings["accuracy_s"] = time.perf_counter() - started
+            if int8_graph is not None:
+                int8_info = _int8_gate(work, onnx_path, int8_graph, calibration, accuracy, opt, scratch, timings,
+                                       say, results, check)
+                if trt_runner is not None and int8_info["fallback"]["ran"]:
+                    warnings.append("model.engine was built from the INT8 graph before the fallback changed it: "
+                                    "rebuild it with build_engine.sh int8")
         else:
             notes.append("accuracy not measured: no labelled images (the run's data are not on disk; "
                          "--images ROOT/<class>/... measures it)")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     parity = ParityReport(results, notes, accuracy)
+    if int8_graph is not None:  # the graph as shipped (after any fallback) is what must hold
+        _check_int8_graph(work / INT8_FILE, opt.target, fp32_nodes)
+        if int8_info and int8_info["fallback"].get("passed"):  # the fallback replaced it: check it again
+            readiness = check_target_readiness(_shipped_onnx(work), opt.target)
+            _handle_readiness(readiness.problems, opt.tensorrt, warnings, opt.target)
     script = render_build_script(onnx_path, opt.batch, opt.precision, target=opt.target, ready=readiness.ok,
                                  fp32_layers=fp32_nodes, check_atol=_check_atol(ort_result))
     _write_text(work / BUILD_SCRIPT_FILE, script, executable=True)
@@ -410,9 +445,11 @@ def _assemble(work: Path, reference: torch.nn.Module, merged: torch.nn.Module, i
     deepstream = _write_deepstream(work, opt, warnings)
     # The engine is device-specific and is rebuilt on the device: it is tied to the bundle by model.engine.json (sha256
     # of the engine and of its source ONNX), not by metadata.json, so a rebuild with build_engine.sh keeps it valid.
-    sha = {name: sha256_file(work / name) for name in (ONNX_FILE, FP16_FILE, INFER_FILE, BUILD_SCRIPT_FILE)}
+    shipped = (ONNX_FILE, FP16_FILE, *((INT8_FILE,) if int8_graph is not None else ()), INFER_FILE, BUILD_SCRIPT_FILE)
+    sha = {name: sha256_file(work / name) for name in shipped}
     report = BundleReport(work, "ok" if parity.passed else "failed", parity, readiness, sha, trt_info,
-                          simplify_info, fp16, {k: round(v, 3) for k, v in timings.items()}, warnings, fp32_nodes)
+                          simplify_info, fp16, {k: round(v, 3) for k, v in timings.items()}, warnings, fp32_nodes,
+                          int8_info)
     report.reference_set, report.deepstream = reference_set, deepstream  # hashed like the models: --check trusts them
     report.sha256.update({name: sha256_file(work / name) for name in (REFERENCE_FILE, *reference_set["raw_files"])})
     _write_json_atomic(work / PARITY_FILE, parity.to_json())
@@ -501,10 +538,110 @@ def _tensorrt_step(work: Path, onnx_path: Path, opt: _Options, fp32_nodes: list[
     say(f"building the TensorRT {opt.precision} engine")
     build = build_engine(onnx_path, work / ENGINE_FILE, batch=opt.batch, precision=opt.precision,
                          timing_cache_path=opt.timing_cache, fp16_onnx_path=work / FP16_FILE,
-                         fp32_layers=fp32_nodes, target=opt.target.name)
+                         int8_onnx_path=work / INT8_FILE, fp32_layers=fp32_nodes, target=opt.target.name)
     info["build"] = build.to_json()
     timings["tensorrt_build_s"] = build.seconds
     return info, TensorRTRunner(build.path, name=f"tensorrt {opt.precision}")
+
+
+def _check_int8_request(precision: str, request: int8_mod.Int8Request | None, accuracy_set: AccuracySet | None,
+                        target: TargetProfile) -> None:
+    """precision "int8" needs calibration images, labelled images for its gate, and a target that takes Q/DQ."""
+    if precision != "int8":
+        return
+    int8_mod.check_target(target)
+    if request is None:
+        raise UsageError("precision 'int8' needs calibration images", "pass int8=int8.select_calibration(...)")
+    if accuracy_set is None:
+        raise UsageError("--precision int8 needs labelled images: task accuracy is the only honest INT8 gate",
+                         "drop --accuracy-images 0, or pass --images DIR/<class>/... with labelled images")
+
+
+def _int8_step(work: Path, onnx_path: Path, opt: _Options, scratch: Path, timings: dict[str, float],
+               say: Progress) -> tuple[int8_mod.Int8Graph, int8_mod.Calibration]:
+    """Calibrate on the request's images AS SHIPPED (the bundle's infer.py preprocessing) and write model_int8.onnx.
+    The calibrated ranges stay in ``scratch`` for the fallback's re-quantizations."""
+    request = opt.int8
+    assert request is not None
+    say(f"preprocessing {len(request.indices)} calibration images with the bundle's infer.py")
+    started = time.perf_counter()
+    calibration = int8_mod.calibration_inputs(request, load_infer_module(work / INFER_FILE),
+                                              json.loads(json.dumps(opt.preprocessing)))
+    say(f"calibrating INT8 ({request.method}) on {len(calibration.inputs)} images of {request.source}")
+    graph = int8_mod.quantize(onnx_path, work / INT8_FILE, calibration.inputs, method=request.method,
+                              cache=_int8_cache(scratch))
+    timings["int8_calibration_s"] = time.perf_counter() - started
+    return graph, calibration
+
+
+def _int8_cache(scratch: Path) -> Path:
+    return scratch / "int8_calibration.json"
+
+
+def _int8_gate(work: Path, onnx_path: Path, graph: int8_mod.Int8Graph, calibration: int8_mod.Calibration,
+               accuracy: AccuracyReport, opt: _Options, scratch: Path, timings: dict[str, float], say: Progress,
+               results: list[ParityResult], check) -> dict[str, Any]:
+    """The INT8 accuracy gate's outcome; when it failed, the sensitivity fallback (``int8.fallback``) and, when that
+    passes, the report's INT8 rows replaced by the shipped graph's. Returns metadata.json's "int8" section."""
+    name = "onnxruntime int8"
+    index = next(i for i, r in enumerate(accuracy.results) if r.candidate == name)
+    first = accuracy.results[index]
+    kept = accuracy.kept or {}
+    info: dict[str, Any] = {**graph.to_json(), "calibration": calibration.to_json(),
+                            "tolerance": asdict(ACCURACY_INT8), "gate": {
+                                "accuracy": first.accuracy, "drop": first.drop, "passed": first.passed},
+                            "fallback": {"ran": False}}
+    if first.passed or not opt.int8 or not opt.int8.fallback:
+        if not first.passed:
+            info["fallback"] = {"ran": False, "reason": "disabled"}
+        return info
+    labels, ref_pred = kept["labels"], kept["reference_logits"].argmax(axis=1)
+
+    def result(path: Path):
+        runner = OnnxRuntimeRunner(path, name=name)
+        with runner:
+            pred = np.concatenate([runner.infer(kept["inputs"][i:i + 32]).argmax(axis=1)
+                                   for i in range(0, len(labels), 32)])
+        return result_for(name, ACCURACY_INT8, True, pred, labels, ref_pred, accuracy.reference_accuracy)
+
+    started = time.perf_counter()
+    def gate(path: Path) -> tuple[float, bool]:
+        verdict = result(path)
+        return verdict.accuracy, verdict.passed
+
+    outcome = int8_mod.fallback(onnx_path, work / INT8_FILE, calibration.inputs, _int8_cache(scratch),
+                                opt.int8.method, gate, scratch, progress=say)
+    timings["int8_fallback_s"] = time.perf_counter() - started
+    info["fallback"] = outcome.to_json()
+    if outcome.passed:
+        accuracy.results[index] = result(work / INT8_FILE)
+        placement = int8_mod.qdq_placement(work / INT8_FILE)
+        info.update(quantized=placement["quantized"], float_nodes=placement["float"],
+                    quantized_count=len(placement["quantized"]))
+        for i, r in enumerate(results):
+            if r.candidate == name:
+                results[i] = check(OnnxRuntimeRunner(work / INT8_FILE, name=name), INT8, required=False)
+        say(f"INT8 gate passes with {len(outcome.float_nodes)} node(s) float: {', '.join(outcome.float_nodes)}")
+    else:
+        accuracy.notes.append(f"INT8 fallback found no graph that passes within its bound ({outcome.bound}); "
+                              f"best accuracy {100 * (outcome.best_accuracy or 0):.2f} % with "
+                              f"{len(outcome.float_nodes)} node(s) float")
+    return info
+
+
+def _check_int8_graph(path: Path, target: TargetProfile, fp32_nodes: Sequence[str]) -> None:
+    """What must hold of the shipped INT8 graph (zero points 0, INT8, placement, opset), and TensorRT 8.5's FP32
+    LayerNorm layers still present by name: a violation is peftx's bug, so the export stops."""
+    import onnx
+
+    problems = int8_mod.graph_problems(path, target)
+    names = {n.name for n in onnx.load(str(path), load_external_data=False).graph.node}
+    missing = [n for n in fp32_nodes if n not in names]
+    if missing:
+        problems.append(f"{len(missing)} FP32 LayerNorm node(s) of {target.name} are gone (first: {missing[0]})")
+    if problems:
+        raise ExportError(f"{path.name} breaks the INT8 rules for {target.requested or target.name}: "
+                          f"{_first_problems(problems)}", "report this model; use --precision fp16 meanwhile")
 
 
 def _checker(expected: dict[str, np.ndarray], inputs: dict[str, np.ndarray], say: Progress):
@@ -587,11 +724,18 @@ def render_build_script(onnx_path: str | Path, batch: tuple[int, int, int], prec
               "OPT_BATCH_DIMS": ",".join(str(d) for d in (batch[1], *rest)), "TARGET": target.name,
               "TARGET_LABEL": label, "TARGET_MIN": target.tensorrt_min, "READY": int(bool(ready)),
               "LAYER_SPEC": ",".join(f"{name}:fp32" for name in fp32_layers), "FP32_LAYER_COUNT": len(fp32_layers),
+              "INT8_FLAGS": " ".join(_int8_trtexec_flags(target)),
               "CHECK_ATOL_FP32": f"{atol['fp32']:.3g}", "CHECK_ATOL_FP16": f"{atol['fp16']:.3g}"}
     text = _template("build_engine.sh.in")
     for key, value in values.items():
         text = text.replace(f"@{key}@", str(value))
     return text
+
+
+def _int8_trtexec_flags(target: TargetProfile) -> tuple[str, ...]:
+    """trtexec's INT8 flags on 8.x/10.x (the 8.x/10.x profiles agree: --int8); 11 has none and is handled apart."""
+    flags = target.int8.trtexec_flags if target.int8.trtexec_flags else resolve_target("trt10").int8.trtexec_flags
+    return flags
 
 
 # --- metadata ---------------------------------------------------------------------------------------------------
@@ -622,6 +766,7 @@ def _metadata(report: BundleReport, onnx_path: Path, opt: _Options) -> dict[str,
         "preprocessing": prep, "num_classes": len(class_names), "class_names": class_names,
         "provenance": json.loads(json.dumps(opt.provenance, default=str)),
         "artifacts": {"onnx": ONNX_FILE, "onnx_fp16": FP16_FILE,
+                      "onnx_int8": INT8_FILE if (report.out_dir / INT8_FILE).exists() else None,
                       "engine": ENGINE_FILE if (report.out_dir / ENGINE_FILE).exists() else None,
                       "engine_manifest": MANIFEST_FILE if (report.out_dir / MANIFEST_FILE).exists() else None,
                       "infer": INFER_FILE, "build_script": BUILD_SCRIPT_FILE},
@@ -630,7 +775,7 @@ def _metadata(report: BundleReport, onnx_path: Path, opt: _Options) -> dict[str,
                  "params": param_count(onnx_path), "simplify": report.simplify},
         "target": {**target_summary(opt.target), "ready": report.readiness.ok,
                    "fp32_nodes_in_fp16_builds": len(report.fp32_nodes)},
-        "fp16": report.fp16, "tensorrt": report.tensorrt,
+        "fp16": report.fp16, "int8": report.int8, "tensorrt": report.tensorrt,
         "trt_readiness": {"ok": report.readiness.ok, "problems": len(report.readiness.problems),
                           "target": opt.target.name, "tensorrt_version_checked": report.readiness.tensorrt_version,
                           "files": sorted(report.readiness.files), "file": READINESS_FILE},
@@ -652,8 +797,8 @@ def _accuracy_summary(accuracy: AccuracyReport | None) -> dict[str, Any]:
 
 
 def _accuracy_tolerance(parity_tolerance) -> Any:
-    """The accuracy tolerance for an artifact checked with ``parity_tolerance`` (FP16 artifacts: FP16's)."""
-    return ACCURACY_FP16 if parity_tolerance is FP16 else ACCURACY_FP32
+    """The accuracy tolerance for an artifact checked with ``parity_tolerance`` (FP16 artifacts: FP16's, INT8: INT8's)."""
+    return ACCURACY_FP16 if parity_tolerance is FP16 else ACCURACY_INT8 if parity_tolerance is INT8 else ACCURACY_FP32
 
 
 def _versions() -> dict[str, str]:
@@ -683,8 +828,8 @@ def _parity_error(report: ParityReport, where: Path) -> ParityError:
 
 
 def _validate_inputs(input_size, data_config, class_names, images, batch, precision, parity_max_batch) -> np.ndarray:
-    if precision not in ("fp32", "fp16"):
-        raise UsageError(f"precision must be 'fp32' or 'fp16', got {precision!r}", "use precision='fp32'")
+    if precision not in ("fp32", "fp16", "int8"):
+        raise UsageError(f"precision must be 'fp32', 'fp16' or 'int8', got {precision!r}", "use precision='fp32'")
     if len(batch) != 3 or not 1 <= batch[0] <= batch[1] <= batch[2]:
         raise UsageError(f"batch must be (min, opt, max) with 1 <= min <= opt <= max, got {batch}",
                          "e.g. batch=(1, 8, 32)")

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from peftx.tolerances import FP16, ONNX_FP32, PREPROCESSING_ATOL, TENSORRT_FP32, Tolerance
+from peftx.tolerances import FP16, INT8, ONNX_FP32, PREPROCESSING_ATOL, TENSORRT_FP32, Tolerance
 
 from .accuracy import AccuracySet, load_infer_module
 from .runners import TorchRunner
@@ -42,8 +42,10 @@ REFERENCE_RAW_FILES = 4
 RAW_BYTES_BUDGET = 1 << 20
 # The tolerance infer.py --check applies per artifact: the key is the precision of an ONNX file (infer.py's
 # PRECISION_ARTIFACTS) or tensorrt_<precision> for an engine built on the device; the same bounds parity used.
+# INT8: the logits bound of the INT8 artifact (its logits move by design; on the device it flags a broken engine,
+# e.g. a calibration lost in the build, not the quantisation itself: the bundle's accuracy gate judged that here).
 CHECK_TOLERANCES: dict[str, Tolerance] = {"fp32": ONNX_FP32, "fp16": FP16, "tensorrt_fp32": TENSORRT_FP32,
-                                          "tensorrt_fp16": FP16}
+                                          "tensorrt_fp16": FP16, "int8": INT8, "tensorrt_int8": INT8}
 
 
 def write_reference_set(work: Path, reference: torch.nn.Module, preprocessing: Mapping[str, Any],

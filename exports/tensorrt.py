@@ -8,6 +8,9 @@ What differs by version, and where it is handled (facts from NVIDIA/TensorRT's p
   FP16 means parsing the FP16 ONNX made by ``fp16.py`` (LayerNorm/Softmax/large values kept FP32 there).
 * a target's FP32 nodes (TensorRT 8.5's decomposed LayerNorm) are pinned in FP16 builds with per-layer precision and
   ``BuilderFlag.OBEY_PRECISION_CONSTRAINTS`` (8.x-10.x); the ONNX parser names layers after their nodes.
+* INT8: always the Q/DQ graph (model_int8.onnx, explicit quantization; no calibrator). 8.x-10.x set
+  ``BuilderFlag.INT8`` and ``FP16`` (the float parts between the quantized GEMMs run FP16), with the FP32 pinning as
+  for FP16; 11 is strongly typed: no flags, the Q/DQ nodes say what is INT8 and the rest stays as typed (FP32).
 * FP32 builds turn TF32 off so an "FP32" engine really computes in FP32.
 * running: the name-based tensor API (``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``) exists from
   8.5 on, so one runner serves every supported version.
@@ -39,7 +42,7 @@ from peftx.fsutil import sha256_file, write_text_atomic
 
 from .targets import TargetProfile, at_least, profile_for_tensorrt, resolve_target, version_tuple
 
-Precision = Literal["fp32", "fp16"]
+Precision = Literal["fp32", "fp16", "int8"]
 TensorRTMode = Literal["auto", "on", "off"]
 MANIFEST_FILE = "model.engine.json"
 MANIFEST_FORMAT = "peftx-engine-manifest"
@@ -153,16 +156,18 @@ def build_engine(
     fp16_onnx_path: str | Path | None = None,
     fp32_layers: Iterable[str] = (),
     target: str = "",
+    int8_onnx_path: str | Path | None = None,
 ) -> EngineBuild:
     """Build and serialise an engine for the dynamic-batch ``onnx_path`` with batch profile (min, opt, max), and
     write its manifest (``model.engine.json``) beside it.
 
     ``fp16_onnx_path`` is the FP16 ONNX that TensorRT >= 11 parses for ``precision="fp16"``. ``fp32_layers`` are
-    ONNX node names kept FP32 in an FP16 build on 8.x-10.x (on 11 the FP16 ONNX already keeps them FP32).
+    ONNX node names kept FP32 in an FP16 build on 8.x-10.x (on 11 the FP16 ONNX already keeps them FP32), and in
+    an INT8 build there. ``int8_onnx_path`` is the Q/DQ graph every INT8 build parses.
     """
     trt = _import_tensorrt()
     major = tensorrt_major(trt)
-    source = _engine_source(Path(onnx_path), fp16_onnx_path, precision, major)
+    source = _engine_source(Path(onnx_path), fp16_onnx_path, precision, major, int8_onnx_path)
     started = time.perf_counter()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -175,7 +180,7 @@ def build_engine(
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     _set_precision(trt, config, precision, major)
-    pinned = pin_fp32_layers(trt, network, config, fp32_layers) if precision == "fp16" and major < 11 else 0
+    pinned = pin_fp32_layers(trt, network, config, fp32_layers) if precision != "fp32" and major < 11 else 0
     config.add_optimization_profile(_batch_profile(builder, network, batch))
     _load_timing_cache(config, timing_cache_path)
     serialized = builder.build_serialized_network(network, config)
@@ -198,9 +203,15 @@ def network_flags(trt: ModuleType, major: int) -> int:
     return 0
 
 
-def _engine_source(onnx_path: Path, fp16_onnx_path: str | Path | None, precision: Precision, major: int) -> Path:
-    if precision not in ("fp32", "fp16"):
-        raise UsageError(f"precision must be 'fp32' or 'fp16', got {precision!r}", "use fp32 or fp16")
+def _engine_source(onnx_path: Path, fp16_onnx_path: str | Path | None, precision: Precision, major: int,
+                   int8_onnx_path: str | Path | None = None) -> Path:
+    if precision not in ("fp32", "fp16", "int8"):
+        raise UsageError(f"precision must be 'fp32', 'fp16' or 'int8', got {precision!r}", "use fp32, fp16 or int8")
+    if precision == "int8":
+        if int8_onnx_path is None or not Path(int8_onnx_path).is_file():
+            raise UsageError("an INT8 engine is built from the Q/DQ graph (model_int8.onnx), which is missing",
+                             "export with --precision int8 (peftx merge-export RUN --precision int8)")
+        return Path(int8_onnx_path)
     if precision == "fp16" and major >= 11:
         if fp16_onnx_path is None:
             raise UsageError("TensorRT >= 11 has no FP16 builder flag: an FP16 build needs the FP16 ONNX",
@@ -209,11 +220,20 @@ def _engine_source(onnx_path: Path, fp16_onnx_path: str | Path | None, precision
     return onnx_path
 
 
+def builder_flags(precision: Precision, major: int) -> list[str]:
+    """trt.BuilderFlag names to set for ``precision`` on TensorRT ``major`` (the profiles' int8.builder_flags plus
+    FP16 for the float parts): none on 11, where every network is strongly typed."""
+    if major >= 11 or precision == "fp32":
+        return []
+    profile = profile_for_tensorrt(f"{major}.6" if major == 8 else f"{major}.0")
+    return ["FP16"] if precision == "fp16" else [*profile.int8.builder_flags, "FP16"]
+
+
 def _set_precision(trt: ModuleType, config, precision: Precision, major: int) -> None:
     if hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)  # FP32 layers must be FP32, not 10-bit-mantissa TF32
-    if precision == "fp16" and major < 11:
-        config.set_flag(trt.BuilderFlag.FP16)
+    for flag in builder_flags(precision, major):
+        config.set_flag(getattr(trt.BuilderFlag, flag))
 
 
 def pin_fp32_layers(trt: ModuleType, network, config, names: Iterable[str]) -> int:

@@ -4,7 +4,8 @@ Rebuilds the UNMERGED adapted model from a run directory (or an adapter file plu
 plain timm model, and hands both to :mod:`peftx.exports.bundle`, which exports, checks every artifact against the
 unmerged model on real images, and writes the bundle atomically. The accuracy gate measures the run's test split
 (val when there is none, or a labelled ``--images`` folder): the unmerged model through the run's recorded
-transform, every artifact through the bundle's own infer.py from the raw files.
+transform, every artifact through the bundle's own infer.py from the raw files. ``--precision int8`` calibrates on
+the run's TRAINING split (``--calibration-data DIR`` when it moved), never on the images the gate measures.
 """
 
 from __future__ import annotations
@@ -181,22 +182,41 @@ def merge_export(source: str | Path, *, output: str | Path | None = None, batch:
                  precision: str = "fp32", tensorrt: str = "auto", force: bool = False, simplify: bool = True,
                  model_name: str | None = None, weights: str | Path | None = None, img_size: int | None = None,
                  images_dir: str | Path | None = None, progress: Callable[[str], None] | None = None,
-                 target: str | None = None, accuracy_limit: int | None = ACCURACY_IMAGES):
+                 target: str | None = None, accuracy_limit: int | None = ACCURACY_IMAGES,
+                 calibration: int | None = None, calibration_method: str = "minmax",
+                 calibration_data: str | Path | None = None):
     """Load, merge, export, validate; returns the :class:`~peftx.exports.bundle.BundleReport`.
 
     ``target`` is a deployment target (``peftx targets``: trt8.5, jetpack6, ..., "auto"; None: the default).
     ``accuracy_limit``: labelled images for the accuracy gate (None: all of the split; 0: not measured).
+    ``precision="int8"``: ``calibration`` images (default ``int8.CALIBRATION_IMAGES``) of the run's training split
+    or of ``calibration_data``, seeded and class-stratified, calibrated with ``calibration_method``.
     Raises ParityError (after writing a bundle marked failed) when any artifact disagrees with the unmerged model
     or loses accuracy beyond its tolerance.
     """
     from .exports.bundle import write_bundle
     from .exports.tensorrt import resolve_target_here
 
-    if precision not in ("fp32", "fp16"):
-        raise UsageError(f"--precision {precision!r}", "choose fp32 or fp16")
+    from .exports import int8
+
+    if precision not in ("fp32", "fp16", "int8"):
+        raise UsageError(f"--precision {precision!r}", "choose fp32, fp16 or int8")
     if tensorrt not in ("auto", "on", "off"):
         raise UsageError(f"--tensorrt {tensorrt!r}", "choose auto, on or off")
     profile = resolve_target_here(target)  # an unknown target fails here, before the model is loaded
+    count = int8.CALIBRATION_IMAGES if calibration is None else calibration
+    if precision == "int8":  # every INT8 argument fails here too
+        int8.check_target(profile)
+        int8.check_method(calibration_method)
+        if count < int8.MIN_CALIBRATION_IMAGES:
+            raise UsageError(f"--calibration {count}: at least {int8.MIN_CALIBRATION_IMAGES} images are needed",
+                             f"pass --calibration {int8.CALIBRATION_IMAGES} (the default) or more")
+        if accuracy_limit == 0:
+            raise UsageError("--precision int8 with --accuracy-images 0: task accuracy is the only honest INT8 gate",
+                             "drop --accuracy-images 0")
+    elif calibration is not None or calibration_data is not None:
+        raise UsageError("--calibration and --calibration-data are for --precision int8",
+                         "add --precision int8, or drop them")
     say = progress or (lambda _m: None)
     say("loading the backbone and adapter")
     loaded = load_reference(source, model_name=model_name, weights=weights, img_size=img_size)
@@ -206,11 +226,51 @@ def merge_export(source: str | Path, *, output: str | Path | None = None, batch:
     splits = _run_splits(loaded)
     images = parity_images(loaded, images_dir, splits=splits)
     labelled = _accuracy_set(loaded, images_dir, accuracy_limit, splits, say)
+    request = _calibration_request(loaded, splits, calibration_data, count, calibration_method) \
+        if precision == "int8" else None
     return write_bundle(loaded.model, merged, out, input_size=tuple(loaded.data_config["input_size"]),
                         data_config=loaded.data_config, class_names=loaded.class_names,
                         provenance=provenance(loaded), images=images, batch=tuple(batch), precision=precision,
                         tensorrt=tensorrt, simplify=simplify, force=force, progress=say, target=profile,
-                        accuracy_set=labelled)
+                        accuracy_set=labelled, int8=request)
+
+
+def _calibration_request(loaded: Loaded, splits: Any, directory: str | Path | None, n: int, method: str):
+    """INT8 calibration images: the run's training split (seeded with the run's seed, class-stratified), or the
+    images under ``directory`` (an ImageFolder root's train/, class folders, or a flat folder)."""
+    from .data import raw_sample
+    from .exports.int8 import select_calibration
+
+    seed = loaded.config.get("seed")
+    seed = seed if isinstance(seed, int) else 42
+    if directory is not None:
+        dataset, source = _calibration_folder(Path(directory), loaded)
+    elif isinstance(splits, DataError):
+        data = loaded.config.get("data") or "not recorded"
+        raise DataError(f"INT8 calibration needs the run's training images (data {data}): {splits.message}",
+                        "pass --calibration-data DIR with training images (DIR/<class>/... or an ImageFolder root)")
+    else:
+        dataset, source = splits.train, f"train split of {splits.source}"
+    labels = getattr(dataset, "targets", None)
+    if labels is None:
+        labels = [raw_sample(dataset, i)[1] for i in range(len(dataset))]
+    return select_calibration(dataset, list(labels), n, seed, source, method)
+
+
+def _calibration_folder(directory: Path, loaded: Loaded):
+    """(dataset, source) of the images under ``directory`` (its train/ when it is an ImageFolder root); labels are
+    their class folders (only used to stratify the draw)."""
+    from .data import IMAGE_EXTENSIONS, ImageFileDataset, build_transform
+
+    root = directory / "train" if (directory / "train").is_dir() else directory
+    if not root.is_dir():
+        raise DataError(f"calibration directory {directory} does not exist",
+                        "pass --calibration-data DIR with training images")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    folders = {folder: i for i, folder in enumerate(sorted({p.parent for p in files}))}
+    samples = [(p, folders[p.parent]) for p in files]
+    return ImageFileDataset(samples, build_transform(loaded.data_config, train=False, hflip=False)), \
+        f"images in {root}"
 
 
 def _accuracy_set(loaded: Loaded, images_dir, limit, splits, say: Callable[[str], None]):

@@ -101,6 +101,21 @@ ACCURACY_FP16 = AccuracyTolerance("accuracy_fp16", max_drop=0.005, slack_images=
 # inputs by 0.1 or more.
 PREPROCESSING_ATOL = 1e-5
 
+# INT8 artifacts (model_int8.onnx: symmetric Q/DQ on MatMul/Gemm/Conv inputs, per-channel weights, per-tensor
+# activations). GEMM-only post-training quantization costs about 0.4-1 point of ImageNet top-1 on ViT-B/16 and Swin-T
+# and ~2 on DeiT-S (PTQ4ViT's baselines, DEPLOY.md); the target is <= 1 point on the demo, where we measured
+# -0.22 points (MinMax: one image MORE right) and 0.00 (entropy, jetpack5), agreement 99.3-99.6 % (README "INT8").
+# 1 point plus one image: a good INT8 graph passes with room, a broken calibration (constant images: tens of points,
+# tests/test_int8.py) or a quantized LayerNorm/Softmax does not.
+ACCURACY_INT8 = AccuracyTolerance("accuracy_int8", max_drop=0.01, slack_images=1,
+                                  reason="GEMM-only symmetric PTQ: ~0.4-1 point on ViT-B/Swin-T; the issue's 1 point")
+
+# INT8 logits vs the unmerged FP32 model: ADVISORY (reported, never failing a bundle), because logits move by design
+# (each quantized GEMM adds up to half a step of its scale). The figures say how far they moved; the accuracy gate
+# above decides. 10 % of the logit scale and 95 % top-1 agreement flag a graph worth a look.
+INT8 = Tolerance("int8", atol=1e-3, rel_to_max=0.1, min_top1=0.95, min_cosine=0.99,
+                 reason="INT8 logits move by design: advisory; the task-accuracy gate decides")
+
 
 # -- the GPU check (peftx/gpucheck) -------------------------------------------------------------------------------
 

@@ -227,3 +227,53 @@ def test_missing_trtexec_and_unreadable_banner_are_one_line_each(bundles, stand_
     done = subprocess.run(["bash", str(work / "build_engine.sh")], env={**env, "TRTEXEC": str(mute)},
                           capture_output=True, text=True)
     assert done.returncode == 2 and "cannot read the TensorRT version" in done.stderr and "TRT_VERSION" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def int8_bundles(tmp_path_factory) -> dict[str, Path]:
+    """--precision int8 bundles (model_int8.onnx, a Q/DQ graph) for the default target and TensorRT 8.5."""
+    from peftx.exports.accuracy import select
+
+    from test_int8 import _labelled, _request
+
+    root = tmp_path_factory.mktemp("build_engine_int8")
+    reference = make_tiny("vit", seed=4)
+    cfg = tiny_data_cfg("vit")
+    out = {}
+    for name in ("default", "jetpack5"):
+        out[name] = root / name
+        write_bundle(reference, copy.deepcopy(reference), out[name], input_size=cfg["input_size"], data_config=cfg,
+                     class_names=[f"c{i}" for i in range(5)], provenance={"method": "test"},
+                     images=real_batch("vit", n=8), batch=(1, 4, 8), precision="int8", tensorrt="off",
+                     simplify=False, target=None if name == "default" else name,
+                     accuracy_set=select(_labelled(reference, "vit", 120, seed=1), "crops", None),
+                     int8=_request(_labelled(reference, "vit", 48, seed=2)))
+    return out
+
+
+@pytest.mark.parametrize("version", ["8.5", "8.6", "10.3", "10.13", "11.4"])
+def test_int8_builds_the_qdq_graph_with_each_versions_flags(int8_bundles, stand_in, tmp_path, version):
+    bundle = int8_bundles["jetpack5" if version == "8.5" else "default"]
+    rc, args, stderr, work = run_script(bundle, stand_in, tmp_path, version, "int8")
+    assert rc == 0, stderr
+    profile = profile_for_tensorrt(VERSIONS[version][2])
+    assert args[0] == "--onnx=model_int8.onnx"  # explicit quantization on every version: never a calibrator
+    assert not any(a.startswith("--calib") for a in args) and "--best" not in args
+    if profile.int8.trtexec_flags:  # 8.x / 10.x: INT8 kernels on, the float parts in FP16
+        assert [a for a in args if a in ("--int8", "--fp16")] == [*profile.int8.trtexec_flags, "--fp16"]
+    else:  # 11: strongly typed, the Q/DQ nodes say what is INT8
+        assert not {"--int8", "--fp16", "--precisionConstraints=obey"} & set(args)
+    manifest = json.loads((work / "model.engine.json").read_text())
+    assert manifest["precision"] == "int8" and manifest["source_onnx"] == "model_int8.onnx"
+    assert manifest["source_onnx_sha256"] == sha256_file(work / "model_int8.onnx")
+    if version == "8.5":  # its decomposed LayerNorm stays FP32 in the INT8 build too, by the Q/DQ graph's node names
+        spec = _layer_spec(bundle)
+        assert f"--layerPrecisions={spec}" in args and "--precisionConstraints=obey" in args
+        assert manifest["fp32_layers"] == 35
+    else:
+        assert not any(a.startswith("--layer") for a in args)
+
+
+def test_int8_without_the_qdq_graph_is_refused(bundles, stand_in, tmp_path):
+    rc, args, stderr, _ = run_script(bundles["default"], stand_in, tmp_path, "10.3", "int8")
+    assert rc == 2 and not args and "model_int8.onnx" in stderr and len(stderr.strip().splitlines()) == 1

@@ -532,8 +532,24 @@ CASES = [
          "CUDA is not available", skip=lambda: "CUDA is available" if torch.cuda.is_available() else None),
     Case("export-batch-min-above-opt", lambda e, t: export(e, t, None, "--batch", "8:4:16"), UsageError,
          "--batch '8:4:16'"),
-    Case("export-unknown-precision", lambda e, t: export(e, t, None, "--precision", "int8"), UsageError,
-         "--precision 'int8'"),
+    Case("export-unknown-precision", lambda e, t: export(e, t, None, "--precision", "int4"), UsageError,
+         "--precision 'int4'"),
+    Case("export-int8-too-few-calibration-images", lambda e, t: export(e, t, None, "--precision", "int8",
+                                                                      "--calibration", "8"), UsageError,
+         "--calibration 8: at least 32 images"),
+    Case("export-int8-training-split-too-small", lambda e, t: export(e, t, None, "--precision", "int8"), DataError,
+         "fewer than the 32 int8 calibration needs"),
+    Case("export-int8-training-data-moved",
+         lambda e, t: export(e, t, make_tiny_run(t, "moved", e.base, t / "moved-away", seed=1), "--precision", "int8"),
+         DataError, "int8 calibration needs the run's training images"),
+    Case("export-int8-without-accuracy-gate", lambda e, t: export(e, t, None, "--precision", "int8",
+                                                                 "--accuracy-images", "0"), UsageError,
+         "task accuracy is the only honest int8 gate"),
+    Case("export-calibration-without-int8", lambda e, t: export(e, t, None, "--calibration", "64"), UsageError,
+         "are for --precision int8"),
+    Case("export-int8-unknown-calibration-method", lambda e, t: export(e, t, None, "--precision", "int8",
+                                                                      "--calibration-method", "kl"), UsageError,
+         "--calibration-method 'kl'"),
     Case("export-tensorrt-on-without-tensorrt", lambda e, t: export(e, t, None, "--tensorrt", "on"),
          BackendUnavailableError, "TensorRT was required",
          skip=lambda: "TensorRT is installed" if tensorrt_importable() else None),
@@ -920,12 +936,14 @@ def test_unexpected_exception_is_one_line_exit_70(env: Env, tmp_path: Path, monk
 
 def test_human_mode_error_is_the_last_and_only_error_line(env: Env, tmp_path: Path, cli):
     """Without --json, progress lines ("· merging") may precede it on stderr; the error is still one last line."""
+    # INT8 on a run whose training split is too small to calibrate: fails after loading and merging (progress lines)
     argv = [a for a in export(env, tmp_path, None, "--precision", "int8") if a != "--json"]
     result = cli.invoke(app, argv)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.exit_code == UsageError.exit_code
+    assert result.exit_code == DataError.exit_code
+    assert any(line.startswith("· merging") for line in lines)
     assert [line for line in lines if "error" in line.lower()] == [lines[-1]]
-    assert lines[-1].startswith("peftx: error: --precision 'int8'")
+    assert lines[-1].startswith("peftx: error: ") and "fewer than the 32 INT8 calibration needs" in lines[-1]
 
 
 PARSE_ERRORS = [

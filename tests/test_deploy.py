@@ -117,7 +117,9 @@ def test_bad_batch_and_precision(tmp_path):
         with pytest.raises(UsageError, match="--batch"):
             parse_batch(bad)
     with pytest.raises(UsageError, match="precision"):
-        merge_export(tmp_path, precision="int8")
+        merge_export(tmp_path, precision="int4")
+    with pytest.raises(UsageError, match="--calibration 8: at least 32"):  # INT8's options fail before any loading
+        merge_export(tmp_path, precision="int8", calibration=8)
 
 
 def test_cli_merge_export_and_validate_follow_the_target(tmp_path):

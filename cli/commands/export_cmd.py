@@ -21,7 +21,10 @@ def merge_export(
     source: Annotated[Path, typer.Argument(help="Run directory (from `peftx train`), an adapter .safetensors file, or a peft adapter directory.")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Bundle directory.", show_default="SOURCE/bundle")] = None,
     batch: Annotated[str, typer.Option("--batch", help="Dynamic batch profile MIN:OPT:MAX.")] = "1:8:32",
-    precision: Annotated[str, typer.Option("--precision", help="fp32 or fp16 (the TensorRT engine; the FP16 ONNX is always checked).")] = "fp32",
+    precision: Annotated[str, typer.Option("--precision", help="fp32, fp16 or int8 (the TensorRT engine; the FP16 ONNX is always checked; int8 also writes model_int8.onnx, calibrated and accuracy-gated).")] = "fp32",
+    calibration: Annotated[Optional[int], typer.Option("--calibration", help="INT8: training images to calibrate on (seeded, class-stratified).", show_default="256")] = None,
+    calibration_method: Annotated[str, typer.Option("--calibration-method", help="INT8: minmax, entropy or percentile.")] = "minmax",
+    calibration_data: Annotated[Optional[Path], typer.Option("--calibration-data", help="INT8: training images to calibrate on when the run's data moved (DIR/<class>/... or an ImageFolder root).", show_default="the run's training split")] = None,
     tensorrt: Annotated[str, typer.Option("--tensorrt", help="auto: build an engine when TensorRT and a GPU exist; on: require it; off: skip (and tolerate readiness problems).")] = "auto",
     model: Annotated[Optional[str], typer.Option("--model", help="Backbone name: the timm model of a peft adapter, or of an adapter file that records none (peftx runs record theirs).", show_default="the one the adapter records")] = None,
     weights: Weights = None,
@@ -40,7 +43,8 @@ def merge_export(
     report = run(source, output=output, batch=parse_batch(batch), precision=precision, tensorrt=tensorrt,
                  force=force or overwrite, simplify=not no_simplify, model_name=model, weights=weights,
                  img_size=img_size, images_dir=images, progress=_progress(json_out), target=target,
-                 accuracy_limit=parse_count(accuracy_images))
+                 accuracy_limit=parse_count(accuracy_images), calibration=calibration,
+                 calibration_method=calibration_method, calibration_data=calibration_data)
     if json_out:
         print_json(report.to_json())
         return
@@ -55,9 +59,24 @@ def bundle_items(report) -> dict[str, str]:
     files = sorted(p.name for p in report.out_dir.iterdir())
     target_line = (f"{report.target.requested or report.target.name} (TensorRT >= {report.target.tensorrt_min}): "
                    + ("TensorRT-ready" if report.readiness.ok else "NOT TensorRT-ready, see trt_readiness.json"))
-    return {"directory": str(report.out_dir), "status": report.status, "target": target_line,
-            "files": ", ".join(files), "tensorrt": report.tensorrt.get("message", ""),
-            "seconds": ", ".join(f"{k} {v:.1f}" for k, v in report.timings.items())}
+    items = {"directory": str(report.out_dir), "status": report.status, "target": target_line,
+             "files": ", ".join(files), "tensorrt": report.tensorrt.get("message", "")}
+    if report.int8:
+        items["int8"] = int8_line(report.int8)
+    return {**items, "seconds": ", ".join(f"{k} {v:.1f}" for k, v in report.timings.items())}
+
+
+def int8_line(info: dict) -> str:
+    """model_int8.onnx in one line: what is quantized, the calibration, and what the fallback kept float."""
+    fallback = info.get("fallback") or {}
+    floats = info.get("float_nodes") or []
+    kept = f"{len(floats)} kept float ({', '.join(floats[:3])}{' ...' if len(floats) > 3 else ''})" if floats \
+        else "none kept float"
+    verdict = "" if not fallback.get("ran") else \
+        ("; fallback passed" if fallback.get("passed") else "; fallback found no passing graph")
+    return (f"{info.get('quantized_count')} MatMul/Gemm/Conv quantized, {kept}; {info['calibration']['images']} "
+            f"calibration images ({info.get('method')}); {info['tool']['name'].split(' ')[0]} "
+            f"{info['tool']['version']}{verdict}")
 
 
 @handle_errors

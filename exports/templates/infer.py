@@ -6,12 +6,13 @@ cuda-python instead of onnxruntime (no torch). Preprocessing (input size, interp
 std: the run's recorded contract) and class names come from metadata.json next to this file; ``preprocess_image``
 reproduces timm's evaluation transform, which training and `peftx eval` used, to the bit.
 
-    python infer.py photo.jpg [more.jpg ...] [--backend auto|onnx|tensorrt] [--precision fp32|fp16] [--top 5]
+    python infer.py photo.jpg [more.jpg ...] [--backend auto|onnx|tensorrt] [--precision fp32|fp16|int8] [--top 5]
 
 ``--backend auto`` runs model.engine with TensorRT when the engine is present and TensorRT + cuda-python + a GPU are
 there (and, with ``--precision``, the engine was built at that precision), and ONNX Runtime otherwise.
-``--precision`` picks the artifact: fp32 model.onnx, fp16 model_fp16.onnx (any other the bundle lists in
-metadata.json's artifacts); without it, the bundle's own precision for ONNX, and model.engine as built.
+``--precision`` picks the artifact: fp32 model.onnx, fp16 model_fp16.onnx, int8 model_int8.onnx (the Q/DQ graph of a
+``--precision int8`` bundle; ONNX Runtime runs it on CPU with INT8 kernels); without it, the bundle's own precision
+for ONNX, and model.engine as built.
 
 Before an engine is loaded, model.engine.json (written wherever the engine was built) is compared with this machine:
 an engine built for another GPU or TensorRT version is refused with one line instead of TensorRT's "version tag does

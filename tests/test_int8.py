@@ -1,0 +1,330 @@
+"""INT8 bundles: the Q/DQ graph read back from the file (what is and is not quantized, zero points, dtypes, opset),
+the accuracy gate on real images, the sensitivity fallback, and the bad-input errors.
+
+Labels for the gate on these random tiny models are the unmerged model's own predictions on real photo crops: the
+reference then scores 100 %, and the INT8 artifact's accuracy is its top-1 agreement, which a broken quantization
+loses (tens of points) and a good one keeps within the tolerance.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+
+from peftx.data import InMemoryImageDataset, sample_photos
+from peftx.errors import DataError, ExportError, ParityError, UsageError
+from peftx.exports import int8
+from peftx.exports.accuracy import select
+from peftx.exports.bundle import INT8_FILE, read_bundle, validate_bundle, write_bundle
+from peftx.exports.layernorm import decomposed_layernorms
+from peftx.exports.onnx_export import export_onnx
+from peftx.exports.targets import resolve_target
+from peftx.exports.tensorrt import _engine_source, builder_flags
+from peftx.exports.tensorrt_ops import check_tensorrt_readiness
+from peftx.preprocess import eval_transform
+
+from conftest import make_tiny, real_batch, tiny_data_cfg
+
+FLOAT_OPS = ("LayerNormalization", "Softmax", "Erf", "Add", "ReduceMean", "Sqrt", "Pow", "Div", "Sub", "Mul")
+
+
+def _crops(n: int, seed: int) -> list[Image.Image]:
+    """REAL images: seeded crops of the registry-shipped photos."""
+    rng = np.random.default_rng(seed)
+    photos, out = sample_photos(), []
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        w, h = photo.size
+        cw, ch = int(w * rng.uniform(0.3, 0.9)), int(h * rng.uniform(0.3, 0.9))
+        left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        out.append(photo.crop((left, top, left + cw, top + ch)).convert("RGB"))
+    return out
+
+
+def _labelled(model, family: str, n: int, seed: int) -> InMemoryImageDataset:
+    """Real crops labelled with ``model``'s own top-1 (see the module docstring)."""
+    dataset = InMemoryImageDataset(_crops(n, seed), [0] * n, eval_transform(tiny_data_cfg(family)))
+    with torch.no_grad():
+        pred = model(torch.stack([dataset[i][0] for i in range(n)])).argmax(1)
+    dataset.labels = [int(p) for p in pred]
+    return dataset
+
+
+def _request(dataset, n: int = 48, seed: int = 0, **kw) -> int8.Int8Request:
+    request = int8.select_calibration(dataset, dataset.targets, n, seed, "calibration crops")
+    return int8.Int8Request(**{**request.__dict__, **kw})
+
+
+def _write(model, family: str, out: Path, *, calibration, target=None, accuracy_n: int = 150, **kw):
+    cfg = tiny_data_cfg(family)
+    labelled = _labelled(model, family, accuracy_n, seed=1)
+    return write_bundle(model, copy.deepcopy(model), out, input_size=cfg["input_size"], data_config=cfg,
+                        class_names=[f"c{i}" for i in range(5)], provenance={"method": "test"},
+                        images=real_batch(family, n=8), batch=(1, 4, 8), precision="int8", tensorrt="off",
+                        simplify=False, target=target, accuracy_set=select(labelled, "crops", None),
+                        int8=calibration, **kw)
+
+
+def _quantized(family: str, tmp_path: Path, target: str = "trt8.6") -> tuple[Path, Path]:
+    profile = resolve_target(target)
+    cfg = tiny_data_cfg(family)
+    fp32 = tmp_path / f"{family}.onnx"
+    export_onnx(make_tiny(family), fp32, input_size=cfg["input_size"], opset=profile.export_opset,
+                layernorm=profile.layernorm)
+    q = tmp_path / f"{family}_int8.onnx"
+    int8.quantize(fp32, q, real_batch(family, n=32).numpy())
+    return fp32, q
+
+
+def _consumers_of_dq(model: onnx.ModelProto) -> dict[str, list[str]]:
+    producer = {o: n for n in model.graph.node for o in n.output}
+    out: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            if name in producer and producer[name].op_type == "DequantizeLinear":
+                out.setdefault(node.op_type, []).append(node.name)
+    return out
+
+
+@pytest.mark.parametrize("family,target", [("vit", "trt8.6"), ("swin", "trt10"), ("vit_ls_reg", "trt11"),
+                                           ("vit", "jetpack5")])
+def test_only_matmul_gemm_conv_inputs_are_quantized(tmp_path, family, target):
+    fp32, q = _quantized(family, tmp_path, target)
+    model = onnx.load(str(q))
+    fed = _consumers_of_dq(model)
+    # every MatMul/Gemm/Conv of the FP32 graph is quantized, and nothing else reads a dequantized tensor
+    assert set(fed) <= {"MatMul", "Gemm", "Conv"}, fed
+    assert set(fed["MatMul"] + fed.get("Gemm", []) + fed["Conv"]) == set(int8.quantizable_nodes(fp32))
+    for op in FLOAT_OPS:
+        assert op not in fed
+    # no MatMul/Gemm/Conv OUTPUT is quantized: no QuantizeLinear reads one
+    producer = {o: n for n in model.graph.node for o in n.output}
+    q_of = [producer[n.input[0]].op_type for n in model.graph.node
+            if n.op_type == "QuantizeLinear" and n.input[0] in producer]
+    assert not {"MatMul", "Gemm", "Conv"} & set(q_of)
+    profile = resolve_target(target)
+    assert int8.graph_problems(q, profile) == []
+    assert check_tensorrt_readiness(q, target=profile).problems == []
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    assert opset == profile.export_opset <= profile.opset_max
+    if profile.layernorm == "decomposed":  # TensorRT 8.5: its decomposed LayerNorm is all there, all float
+        assert len(decomposed_layernorms(model)) == len(decomposed_layernorms(onnx.load(str(fp32)))) > 0
+    assert "peftx_int8" in {p.key for p in model.metadata_props}
+
+
+def test_zero_points_are_int8_zero_and_weights_per_channel(tmp_path):
+    _, q = _quantized("vit", tmp_path)
+    model = onnx.load(str(q))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert len(qdq) > 20
+    for node in qdq:
+        zp = next(t for t in model.graph.initializer if t.name == node.input[2])
+        assert zp.data_type == onnx.TensorProto.INT8 and not inits[node.input[2]].any()
+    weights = [n for n in qdq if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert weights and all(inits[n.input[0]].dtype == np.int8 for n in weights)
+    # per-channel: one scale per output channel on every weight (Conv: axis 0, MatMul [in, out]: axis 1)
+    assert all(inits[n.input[1]].size > 1 for n in weights)
+    activations = [n for n in qdq if n.op_type == "QuantizeLinear"]
+    assert all(inits[n.input[1]].size == 1 for n in activations)  # per-tensor
+
+
+def test_the_checker_catches_an_asymmetric_or_uint8_graph(tmp_path):
+    _, q = _quantized("vit", tmp_path)
+    model = onnx.load(str(q))
+    node = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
+    zp = next(t for t in model.graph.initializer if t.name == node.input[2])
+    zp.CopyFrom(onnx.numpy_helper.from_array(np.array(3, dtype=np.int8), zp.name))
+    broken = tmp_path / "asym.onnx"
+    onnx.save(model, str(broken))
+    assert any("zero point is not 0" in p for p in int8.graph_problems(broken, resolve_target("trt8.6")))
+    zp.CopyFrom(onnx.numpy_helper.from_array(np.array(0, dtype=np.uint8), zp.name))
+    onnx.save(model, str(broken))
+    assert any("not INT8" in p for p in int8.graph_problems(broken, resolve_target("trt8.6")))
+
+
+def test_an_int8_bundle_passes_its_gate_and_runs_from_infer_py(tmp_path):
+    model = make_tiny("vit", seed=3)
+    calibration = _request(_labelled(model, "vit", 64, seed=7))
+    report = _write(model, "vit", tmp_path / "b", calibration=calibration)
+    assert report.status == "ok"
+    meta = read_bundle(tmp_path / "b")
+    assert meta["artifacts"]["onnx_int8"] == INT8_FILE and INT8_FILE in meta["sha256"]
+    assert meta["int8"]["calibration"]["images"] == 48 and meta["int8"]["float_nodes"] == []
+    assert meta["int8"]["tool"]["name"].startswith("onnxruntime.quantization")
+    row = meta["accuracy"]["artifacts"]["onnxruntime int8"]
+    assert row["required"] and row["passed"] and row["agreement"] >= 0.97
+    assert INT8_FILE in json.loads((tmp_path / "b" / "trt_readiness.json").read_text())["files"]
+    parity = json.loads((tmp_path / "b" / "parity.json").read_text())
+    assert any(r["candidate"] == "onnxruntime int8" and not r["required"] for r in parity["results"])
+    photo = tmp_path / "photo.png"
+    _crops(1, seed=9)[0].save(photo)
+    run = subprocess.run([sys.executable, str(tmp_path / "b" / "infer.py"), str(photo), "--precision", "int8"],
+                         capture_output=True, text=True, check=True)
+    assert "model_int8.onnx" in run.stderr and len(run.stdout.strip().splitlines()) == 5
+    # validate re-measures the INT8 gate, and a changed model_int8.onnx is refused by its sha256
+    checked = validate_bundle(tmp_path / "b", model, real_batch("vit", n=8), tensorrt="off",
+                              accuracy_set=select(_labelled(model, "vit", 150, seed=1), "crops", None))
+    row = next(r for r in checked.accuracy.results if r.candidate == "onnxruntime int8")
+    assert row.required and row.passed
+    with open(tmp_path / "b" / INT8_FILE, "ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(ExportError, match="model_int8.onnx \\(sha256 differs\\)"):
+        validate_bundle(tmp_path / "b", model, real_batch("vit", n=8), tensorrt="off")
+
+
+def test_the_gate_fails_a_graph_calibrated_on_constant_images(tmp_path):
+    model = make_tiny("vit", seed=3)
+    grey = InMemoryImageDataset([Image.new("RGB", (40, 40), (128, 128, 128))] * 48, [0] * 48,
+                                eval_transform(tiny_data_cfg("vit")))
+    with pytest.raises(ParityError, match="onnxruntime int8"):
+        _write(model, "vit", tmp_path / "b", calibration=_request(grey, fallback=False))
+    meta = read_bundle(tmp_path / "b")
+    assert meta["status"] == "failed"
+    row = meta["accuracy"]["artifacts"]["onnxruntime int8"]
+    assert not row["passed"] and row["drop"] > 0.05
+    assert meta["int8"]["fallback"] == {"ran": False, "reason": "disabled"}
+
+
+def _with_outlier_channel(model, block: int = 1, channel: int = 3):
+    """A model whose fc1 of ``block`` reads one huge input channel (LayerNorm gain 1000) that its weights ignore: the
+    FP32 function barely changes, but that MatMul's per-tensor activation scale is set by the outlier, so quantizing
+    it rounds every other channel to 0. It is the one very sensitive node."""
+    blk = model.blocks[block]
+    with torch.no_grad():
+        blk.norm2.weight[channel] = 1000.0
+        blk.mlp.fc1.weight[:, channel] = 0.0
+    return model
+
+
+def test_the_fallback_keeps_the_one_sensitive_node_float(tmp_path):
+    model = _with_outlier_channel(make_tiny("vit", seed=3))
+    calibration = _request(_labelled(model, "vit", 64, seed=7))
+    report = _write(model, "vit", tmp_path / "b", calibration=calibration)
+    assert report.status == "ok"
+    info = report.int8
+    assert info["gate"]["passed"] is False  # the full INT8 graph failed ...
+    assert info["fallback"]["passed"] and info["fallback"]["float_nodes"] == ["/blocks/blocks.1/mlp/fc1/MatMul"]
+    assert info["fallback"]["ranking"][0]["node"] == "/blocks/blocks.1/mlp/fc1/MatMul"
+    assert info["float_nodes"] == ["/blocks/blocks.1/mlp/fc1/MatMul"]  # ... and the shipped graph has it float
+    placement = int8.qdq_placement(tmp_path / "b" / INT8_FILE)
+    assert placement["float"] == ["/blocks/blocks.1/mlp/fc1/MatMul"] and len(placement["quantized"]) == 13
+    assert read_bundle(tmp_path / "b")["accuracy"]["artifacts"]["onnxruntime int8"]["passed"]
+
+
+def test_a_fallback_that_finds_nothing_says_so(tmp_path):
+    model = make_tiny("vit", seed=3)
+    grey = InMemoryImageDataset([Image.new("RGB", (40, 40), (128, 128, 128))] * 48, [0] * 48,
+                                eval_transform(tiny_data_cfg("vit")))
+    with pytest.raises(ParityError):
+        _write(model, "vit", tmp_path / "b", calibration=_request(grey))
+    meta = read_bundle(tmp_path / "b")
+    fallback = meta["int8"]["fallback"]
+    assert meta["status"] == "failed" and fallback["ran"] and not fallback["passed"]
+    assert [len(t["float_nodes"]) for t in fallback["trials"]] == int8.fallback_steps(14) == [1, 2, 3]
+    assert fallback["best_accuracy"] == max(t["accuracy"] for t in fallback["trials"])
+    assert "gate checks at most" in fallback["bound"]
+
+
+def test_bad_int8_input_is_refused_before_anything_is_written(tmp_path):
+    model = make_tiny("vit", seed=3)
+    few = _labelled(model, "vit", 20, seed=7)
+    with pytest.raises(DataError, match="fewer than the 32"):
+        int8.select_calibration(few, few.targets, 64, 0, "crops")
+    with pytest.raises(UsageError, match="at least 32"):
+        int8.select_calibration(few, few.targets, 8, 0, "crops")
+    with pytest.raises(UsageError, match="calibration-method"):
+        int8.check_method("kl")
+    import dataclasses
+
+    no_qdq = dataclasses.replace(resolve_target("trt8.6"), int8=dataclasses.replace(resolve_target("trt8.6").int8,
+                                                                                     qdq=False))
+    calibration = _request(_labelled(model, "vit", 48, seed=7))
+    with pytest.raises(UsageError, match="no symmetric Q/DQ"):
+        _write(model, "vit", tmp_path / "b", calibration=calibration, target=no_qdq)
+    cfg = tiny_data_cfg("vit")
+    with pytest.raises(UsageError, match="labelled images"):
+        write_bundle(model, copy.deepcopy(model), tmp_path / "b", input_size=cfg["input_size"], data_config=cfg,
+                     class_names=[f"c{i}" for i in range(5)], provenance={}, images=real_batch("vit", n=4),
+                     precision="int8", tensorrt="off", int8=calibration)
+    assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b.*"))
+
+
+def test_the_python_builder_rules_per_tensorrt_version(tmp_path):
+    for major in (8, 10):
+        assert builder_flags("int8", major) == [*resolve_target("trt10").int8.builder_flags, "FP16"] == \
+            ["INT8", "FP16"]
+        assert builder_flags("fp16", major) == ["FP16"]
+    assert builder_flags("int8", 11) == list(resolve_target("trt11").int8.builder_flags) == []
+    with pytest.raises(UsageError, match="model_int8.onnx"):
+        _engine_source(tmp_path / "model.onnx", None, "int8", 10, tmp_path / "missing.onnx")
+    (tmp_path / "model_int8.onnx").write_bytes(b"x")
+    assert _engine_source(tmp_path / "model.onnx", None, "int8", 11, tmp_path / "model_int8.onnx").name == \
+        "model_int8.onnx"
+
+
+def test_merge_export_int8_calibrates_on_the_training_split_and_takes_calibration_data_when_it_moved(tmp_path):
+    """A run on an ImageFolder of real digits: INT8 calibrates on its train/ (never test/); after the data folder
+    moved, the one-line DataError names --calibration-data, and with it (plus labelled --images) the bundle is made."""
+    from safetensors.torch import save_file
+
+    from peftx.deploy import merge_export
+
+    from conftest import write_digit_folder
+    from test_cli_errors import CLASSES, make_tiny_run
+
+    plain = make_tiny("vit")
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    base = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(base))
+    data = write_digit_folder(tmp_path / "digits", CLASSES, {"train": 10, "val": 4, "test": 20})
+    run = make_tiny_run(tmp_path, "run", base, data, seed=1)
+    report = merge_export(run, output=tmp_path / "b", batch=(1, 2, 8), tensorrt="off", simplify=False,
+                          precision="int8", calibration=40)
+    calibration = report.int8["calibration"]
+    assert calibration["images"] == 40 and calibration["source"].startswith("train split of")
+    assert calibration["per_class"] == {c: 8 for c in CLASSES}  # class-stratified: 40 of 5 x 10
+    assert report.parity.accuracy.source.startswith("test split")  # the gate measures test/, calibration train/
+    moved = data.rename(tmp_path / "moved")
+    with pytest.raises(DataError, match="--calibration-data"):
+        merge_export(run, output=tmp_path / "b2", tensorrt="off", precision="int8", calibration=40)
+    assert not (tmp_path / "b2").exists()
+    report = merge_export(run, output=tmp_path / "b2", batch=(1, 2, 8), tensorrt="off", simplify=False,
+                          precision="int8", calibration=40, calibration_data=moved, images_dir=moved / "test")
+    assert report.status == "ok" and report.int8["calibration"]["source"].startswith(f"images in {moved / 'train'}")
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_the_histogram_calibrations_give_a_graph_that_holds_too(tmp_path, method):
+    profile = resolve_target("trt8.6")
+    cfg = tiny_data_cfg("vit")
+    fp32 = tmp_path / "vit.onnx"
+    export_onnx(make_tiny("vit"), fp32, input_size=cfg["input_size"], opset=profile.export_opset)
+    x = real_batch("vit", n=32).numpy()
+    minmax, other = tmp_path / "minmax.onnx", tmp_path / f"{method}.onnx"
+    int8.quantize(fp32, minmax, x)
+    graph = int8.quantize(fp32, other, x, method=method)
+    assert graph.method == method and int8.graph_problems(other, profile) == []
+    assert json.loads(next(p.value for p in onnx.load(str(other)).metadata_props
+                           if p.key == "peftx_int8"))["calibration_method"] == method
+
+    def activation_scales(path: Path) -> dict[str, float]:
+        model = onnx.load(str(path))
+        inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+        return {n.input[0]: float(inits[n.input[1]]) for n in model.graph.node if n.op_type == "QuantizeLinear"}
+
+    # histogram methods clip outliers: no activation range is wider than MinMax's, and some are narrower
+    a, b = activation_scales(minmax), activation_scales(other)
+    assert a.keys() == b.keys()
+    assert all(b[k] <= a[k] * (1 + 1e-6) for k in a) and any(b[k] < 0.99 * a[k] for k in a)
