@@ -38,25 +38,56 @@ def main() -> int:
 
     def progress(event: str, **f) -> None:
         if event == "start":
-            print(f"[{time.perf_counter() - t0:6.1f}s] start: {f['train_size']} train / {f['val_size']} val / "
-                  f"{f['test_size']} test images, {f['steps_per_epoch']} steps per epoch, device {f['device']}, "
-                  f"amp {f['amp']}, {f['trainable_params']:,} of {f['total_params']:,} parameters trained")
+            print(
+                f"[{time.perf_counter() - t0:6.1f}s] start: {f['train_size']} train / {f['val_size']} val / "
+                f"{f['test_size']} test images, {f['steps_per_epoch']} steps per epoch, device {f['device']}, "
+                f"amp {f['amp']}, {f['trainable_params']:,} of {f['total_params']:,} parameters trained"
+            )
         elif event == "epoch":
-            print(f"[{time.perf_counter() - t0:6.1f}s] epoch {f['epoch']}/{f['epochs']}: train loss "
-                  f"{f['train_loss']:.4f}, val loss {f['val_loss']:.4f}, val acc {100 * f['val_accuracy']:.2f} %, "
-                  f"{f['img_per_s']:.1f} img/s, {f['seconds']:.1f} s")
+            print(
+                f"[{time.perf_counter() - t0:6.1f}s] epoch {f['epoch']}/{f['epochs']}: train loss "
+                f"{f['train_loss']:.4f}, val loss {f['val_loss']:.4f}, val acc {100 * f['val_accuracy']:.2f} %, "
+                f"{f['img_per_s']:.1f} img/s, {f['seconds']:.1f} s"
+            )
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(output=args.output or os.path.join(tmp, "run"), overwrite=True, method=args.method,
-                          epochs=args.epochs, img_size=args.img_size, lr=args.lr, batch_size=args.batch_size,
-                          warmup_epochs=args.warmup_epochs, seed=args.seed)
+        cfg = TrainConfig(
+            output=args.output or os.path.join(tmp, "run"),
+            overwrite=True,
+            method=args.method,
+            epochs=args.epochs,
+            img_size=args.img_size,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            warmup_epochs=args.warmup_epochs,
+            seed=args.seed,
+        )
         summary = train(cfg, progress=progress)
     wall = time.perf_counter() - t0
-    print(json.dumps({k: summary[k] for k in ("method", "model", "epochs", "best_epoch", "val_accuracy",
-                                                 "test_accuracy", "train_seconds", "img_per_s", "peak_memory_mb",
-                                                 "trainable_params")}, indent=2))
-    print(f"test accuracy {100 * summary['test_accuracy']:.2f} % (epoch {summary['best_epoch']}, selected on val); "
-          f"wall time {wall:.1f} s with {args.threads} threads (img size {summary['config']['img_size']})")
+    print(
+        json.dumps(
+            {
+                k: summary[k]
+                for k in (
+                    "method",
+                    "model",
+                    "epochs",
+                    "best_epoch",
+                    "val_accuracy",
+                    "test_accuracy",
+                    "train_seconds",
+                    "img_per_s",
+                    "peak_memory_mb",
+                    "trainable_params",
+                )
+            },
+            indent=2,
+        )
+    )
+    print(
+        f"test accuracy {100 * summary['test_accuracy']:.2f} % (epoch {summary['best_epoch']}, selected on val); "
+        f"wall time {wall:.1f} s with {args.threads} threads (img size {summary['config']['img_size']})"
+    )
     return 0
 
 

@@ -39,15 +39,27 @@ def _calibrate(fp32: str, out: str, n: int, size: tuple[int, int, int], method: 
     from peftx.data import real_images
     from peftx.exports.int8 import quantize
 
-    cfg = {"input_size": size, "interpolation": "bicubic", "crop_pct": 0.875, "mean": (0.485, 0.456, 0.406),
-           "std": (0.229, 0.224, 0.225)}
+    cfg = {
+        "input_size": size,
+        "interpolation": "bicubic",
+        "crop_pct": 0.875,
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+    }
     images = real_images(n, cfg).numpy()
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     started = time.perf_counter()
     graph = quantize(fp32, out, images, method=method)
-    queue.put({"seconds": time.perf_counter() - started, "images": n, "method": method,
-               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_mb": base,
-               "quantized": len(graph.quantized)})
+    queue.put(
+        {
+            "seconds": time.perf_counter() - started,
+            "images": n,
+            "method": method,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rss_before_mb": base,
+            "quantized": len(graph.quantized),
+        }
+    )
 
 
 def _export(key: str, tmp: Path) -> tuple[Path, tuple[int, int, int]]:
@@ -75,9 +87,12 @@ def _time_pair(fp32: Path, int8: Path, size, batches, threads: int, budget: floa
         x = np.random.default_rng(0).standard_normal((batch, *size)).astype(np.float32)
         fns = {k: (lambda s=s, x=x: s.run(None, {name: x})) for k, s in sessions.items()}
         timing = timed_rounds(fns, warmup=1, min_rounds=min_rounds, budget_s=budget, settle_s=0.05)
-        out[batch] = {"fp32": latency_stats(timing.times["fp32"], batch, None),
-                      "int8": latency_stats(timing.times["int8"], batch, None),
-                      "speedup": paired_ratio(timing.times["fp32"], timing.times["int8"]), **timing.to_json()}
+        out[batch] = {
+            "fp32": latency_stats(timing.times["fp32"], batch, None),
+            "int8": latency_stats(timing.times["int8"], batch, None),
+            "speedup": paired_ratio(timing.times["fp32"], timing.times["int8"]),
+            **timing.to_json(),
+        }
     return out
 
 
@@ -99,47 +114,70 @@ def main() -> None:
     if args.demo_bundle:
         meta = json.loads((args.demo_bundle / "metadata.json").read_text())
         size = tuple(meta["preprocessing"]["input_size"])
-        timing = _time_pair(args.demo_bundle / "model.onnx", args.demo_bundle / "model_int8.onnx", size, batches,
-                            args.threads, args.budget, args.min_rounds)
+        timing = _time_pair(
+            args.demo_bundle / "model.onnx",
+            args.demo_bundle / "model_int8.onnx",
+            size,
+            batches,
+            args.threads,
+            args.budget,
+            args.min_rounds,
+        )
         acc = meta["accuracy"]
-        results["models"]["vit_s14_demo"] = {"label": f"ViT-S/14 demo (real fine-tuned, {size[1]} px)",
-                                             "timing": timing, "int8": meta["int8"], "accuracy": acc}
+        results["models"]["vit_s14_demo"] = {
+            "label": f"ViT-S/14 demo (real fine-tuned, {size[1]} px)",
+            "timing": timing,
+            "int8": meta["int8"],
+            "accuracy": acc,
+        }
         rows.append(("vit_s14_demo", results["models"]["vit_s14_demo"]))
     with tempfile.TemporaryDirectory() as tmp:
         for key in [k for k in args.models.split(",") if k]:
             fp32, size = _export(key, Path(tmp))
             int8 = Path(tmp) / f"{key}_int8.onnx"
             queue = mp.get_context("spawn").Queue()
-            child = mp.get_context("spawn").Process(target=_calibrate, args=(str(fp32), str(int8), args.calibration,
-                                                                                size, args.method, queue))
+            child = mp.get_context("spawn").Process(
+                target=_calibrate, args=(str(fp32), str(int8), args.calibration, size, args.method, queue)
+            )
             child.start()
             calibration = queue.get(timeout=3600)  # the child failing leaves it empty: fail, do not hang
             child.join()
             timing = _time_pair(fp32, int8, size, batches, args.threads, args.budget, args.min_rounds)
-            results["models"][key] = {"label": f"{MODELS[key].label}, {size[1]} px", "timing": timing,
-                                      "calibration": calibration}
+            results["models"][key] = {
+                "label": f"{MODELS[key].label}, {size[1]} px",
+                "timing": timing,
+                "calibration": calibration,
+            }
             rows.append((key, results["models"][key]))
     results["loadavg_end"] = os.getloadavg()
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "int8.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    print(f"ONNX Runtime CPU, {args.threads} threads; load average {results['loadavg_start'][0]:.1f} -> "
-          f"{results['loadavg_end'][0]:.1f}")
+    print(
+        f"ONNX Runtime CPU, {args.threads} threads; load average {results['loadavg_start'][0]:.1f} -> "
+        f"{results['loadavg_end'][0]:.1f}"
+    )
     print(f"{'model':44} {'batch':>5} {'fp32 ms':>9} {'int8 ms':>9} {'speed-up':>8} {'rounds':>6}")
-    for key, r in rows:
+    for _key, r in rows:
         for batch, t in r["timing"].items():
-            print(f"{r['label']:44} {batch:>5} {t['fp32']['p50_ms']:9.1f} {t['int8']['p50_ms']:9.1f} "
-                  f"{t['speedup']:7.2f}x {t['rounds']:>6}")
+            print(
+                f"{r['label']:44} {batch:>5} {t['fp32']['p50_ms']:9.1f} {t['int8']['p50_ms']:9.1f} "
+                f"{t['speedup']:7.2f}x {t['rounds']:>6}"
+            )
         if "calibration" in r:
             c = r["calibration"]
-            print(f"  calibration: {c['images']} images ({c['method']}) {c['seconds']:.1f} s, peak RSS "
-                  f"{c['peak_rss_mb']:.0f} MB (before {c['rss_before_mb']:.0f} MB), {c['quantized']} nodes quantized")
+            print(
+                f"  calibration: {c['images']} images ({c['method']}) {c['seconds']:.1f} s, peak RSS "
+                f"{c['peak_rss_mb']:.0f} MB (before {c['rss_before_mb']:.0f} MB), {c['quantized']} nodes quantized"
+            )
         if "accuracy" in r:
             a = r["accuracy"]
             i8 = a["artifacts"]["onnxruntime int8"]
-            print(f"  accuracy on {a['images']} test images: unmerged {100 * a['reference_accuracy']:.2f} %, INT8 "
-                  f"{100 * i8['accuracy']:.2f} % (drop {100 * i8['drop']:+.2f} points, top-1 agreement "
-                  f"{100 * i8['agreement']:.1f} %); calibration {r['int8']['calibration']['images']} images, "
-                  f"{r['int8']['seconds']:.1f} s")
+            print(
+                f"  accuracy on {a['images']} test images: unmerged {100 * a['reference_accuracy']:.2f} %, INT8 "
+                f"{100 * i8['accuracy']:.2f} % (drop {100 * i8['drop']:+.2f} points, top-1 agreement "
+                f"{100 * i8['agreement']:.1f} %); calibration {r['int8']['calibration']['images']} images, "
+                f"{r['int8']['seconds']:.1f} s"
+            )
 
 
 if __name__ == "__main__":

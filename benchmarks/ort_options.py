@@ -62,6 +62,7 @@ def main() -> None:
         fused = Path(tmp) / "fused.onnx"
         heads, hidden = model_dims(model)
         info = optimize_for_ort(path, fused, model_type=spec.ort_model_type, num_heads=heads, hidden_size=hidden)
+
         def runner(onnx: Path, name: str, threads: int = args.threads, **options) -> OnnxRuntimeRunner:
             return OnnxRuntimeRunner(onnx, name=name, session_options=ort_session_options(threads, **options))
 
@@ -79,30 +80,57 @@ def main() -> None:
         for batch in (int(b) for b in args.batch.split(",")):
             x = torch.randn(batch, *size)
             xn = x.numpy()
-            fns = {"pytorch eager": lambda x=x: model(x), **{k: (lambda r=r, xn=xn: r.infer(xn)) for k, r in runners.items()}}
+            fns = {
+                "pytorch eager": lambda x=x: model(x),
+                **{k: (lambda r=r, xn=xn: r.infer(xn)) for k, r in runners.items()},
+            }
             guard = ContentionGuard(args.threads) if args.threads > 1 else None
             with torch.inference_mode():
-                timing = timed_rounds(fns, min_rounds=args.min_rounds, max_rounds=30, budget_s=args.budget,
-                                      settle_s=0.05, guard=guard)
+                timing = timed_rounds(
+                    fns, min_rounds=args.min_rounds, max_rounds=30, budget_s=args.budget, settle_s=0.05, guard=guard
+                )
             times = timing.times
-            notes.append(f"batch {batch}: {timing.rounds} rounds kept, {timing.discarded} discarded (contention)"
-                         + (", CONTENDED" if timing.contended else ""))
+            notes.append(
+                f"batch {batch}: {timing.rounds} rounds kept, {timing.discarded} discarded (contention)"
+                + (", CONTENDED" if timing.contended else "")
+            )
             for k, ts in times.items():
                 st = latency_stats(ts, batch, flops)
-                rows.append({"batch": batch, "variant": k, "valid": valid.get(k, True), **st,
-                             "pct_peak": 100 * st["gflops"] / peak,
-                             "vs_eager": paired_ratio(ts, times["pytorch eager"])})
-    out = {"model": args.model, "threads": args.threads, "torch_sgemm_gflops": peak, "ort_mlas_sgemm_gflops": mlas,
-           "gflop_per_image": flops / 1e9, "optimizer": info, "rows": rows, "notes": notes}
+                rows.append(
+                    {
+                        "batch": batch,
+                        "variant": k,
+                        "valid": valid.get(k, True),
+                        **st,
+                        "pct_peak": 100 * st["gflops"] / peak,
+                        "vs_eager": paired_ratio(ts, times["pytorch eager"]),
+                    }
+                )
+    out = {
+        "model": args.model,
+        "threads": args.threads,
+        "torch_sgemm_gflops": peak,
+        "ort_mlas_sgemm_gflops": mlas,
+        "gflop_per_image": flops / 1e9,
+        "optimizer": info,
+        "rows": rows,
+        "notes": notes,
+    }
     Path(args.output).mkdir(parents=True, exist_ok=True)
     (Path(args.output) / "ort_options.json").write_text(json.dumps(out, indent=2, default=str))
-    print(f"{args.model}: {flops / 1e9:.2f} GFLOP/img; matmul peak torch {peak:.0f} GFLOP/s, ORT MLAS {mlas:.0f} "
-          f"GFLOP/s; {args.threads} threads; optimizer: {info.get('fused_ops', info.get('reason'))}")
-    print(f"{'batch':>5} {'variant':32} {'p50 ms':>9} {'p90 ms':>9} {'GFLOP/s':>8} {'% peak':>7} {'vs eager':>8}  valid")
+    print(
+        f"{args.model}: {flops / 1e9:.2f} GFLOP/img; matmul peak torch {peak:.0f} GFLOP/s, ORT MLAS {mlas:.0f} "
+        f"GFLOP/s; {args.threads} threads; optimizer: {info.get('fused_ops', info.get('reason'))}"
+    )
+    print(
+        f"{'batch':>5} {'variant':32} {'p50 ms':>9} {'p90 ms':>9} {'GFLOP/s':>8} {'% peak':>7} {'vs eager':>8}  valid"
+    )
     print("; ".join(notes))
     for r in rows:
-        print(f"{r['batch']:>5} {r['variant']:32} {r['p50_ms']:9.1f} {r['p90_ms']:9.1f} {r['gflops']:8.0f} "
-              f"{r['pct_peak']:7.1f} {r['vs_eager']:8.3f}  {r['valid']}")
+        print(
+            f"{r['batch']:>5} {r['variant']:32} {r['p50_ms']:9.1f} {r['p90_ms']:9.1f} {r['gflops']:8.0f} "
+            f"{r['pct_peak']:7.1f} {r['vs_eager']:8.3f}  {r['valid']}"
+        )
 
 
 if __name__ == "__main__":

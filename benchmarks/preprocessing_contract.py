@@ -32,24 +32,32 @@ PER_CLASS = {"train": 60, "val": 20, "test": 30}
 def write_wide_fashion(root: Path, seed: int = 0) -> Path:
     """ROOT/{train,val,test}/<class>/<i>.png: each item in a random third of an 84x28 canvas (train from the 60k
     training set, val and test from t10k)."""
-    train_x, train_y = read_idx(FASHION_DIR / "train-images-idx3-ubyte.gz"), read_idx(FASHION_DIR /
-                                                                                      "train-labels-idx1-ubyte.gz")
-    test_x, test_y = read_idx(FASHION_DIR / "t10k-images-idx3-ubyte.gz"), read_idx(FASHION_DIR /
-                                                                                   "t10k-labels-idx1-ubyte.gz")
+    train_x, train_y = (
+        read_idx(FASHION_DIR / "train-images-idx3-ubyte.gz"),
+        read_idx(FASHION_DIR / "train-labels-idx1-ubyte.gz"),
+    )
+    test_x, test_y = (
+        read_idx(FASHION_DIR / "t10k-images-idx3-ubyte.gz"),
+        read_idx(FASHION_DIR / "t10k-labels-idx1-ubyte.gz"),
+    )
     rng = np.random.default_rng(seed)
     for c in range(10):
-        pools = {"train": rng.permutation(np.flatnonzero(train_y == c)),
-                 "t10k": rng.permutation(np.flatnonzero(test_y == c))}
-        picks = {"train": (train_x, pools["train"][:PER_CLASS["train"]]),
-                 "val": (test_x, pools["t10k"][:PER_CLASS["val"]]),
-                 "test": (test_x, pools["t10k"][PER_CLASS["val"]:PER_CLASS["val"] + PER_CLASS["test"]])}
+        pools = {
+            "train": rng.permutation(np.flatnonzero(train_y == c)),
+            "t10k": rng.permutation(np.flatnonzero(test_y == c)),
+        }
+        picks = {
+            "train": (train_x, pools["train"][: PER_CLASS["train"]]),
+            "val": (test_x, pools["t10k"][: PER_CLASS["val"]]),
+            "test": (test_x, pools["t10k"][PER_CLASS["val"] : PER_CLASS["val"] + PER_CLASS["test"]]),
+        }
         for split, (images, idx) in picks.items():
             folder = root / split / f"c{c}"
             folder.mkdir(parents=True, exist_ok=True)
             for j, i in enumerate(idx):
                 canvas = np.zeros((28, 84), np.uint8)
                 slot = int(rng.integers(0, 3))
-                canvas[:, 28 * slot:28 * slot + 28] = images[i]
+                canvas[:, 28 * slot : 28 * slot + 28] = images[i]
                 Image.fromarray(canvas).convert("RGB").save(folder / f"{j}.png")
     return root
 
@@ -91,8 +99,16 @@ def main() -> int:
     overrides = {k: v for k, v in (("crop_mode", args.crop_mode), ("crop_pct", args.crop_pct)) if v is not None}
     run = out / ("run-" + (args.crop_mode or "default"))
     started = time.perf_counter()
-    summary = train(TrainConfig(data=str(data), epochs=args.epochs, img_size=args.img_size, output=str(run),
-                                data_overrides=overrides or None, overwrite=True))
+    summary = train(
+        TrainConfig(
+            data=str(data),
+            epochs=args.epochs,
+            img_size=args.img_size,
+            output=str(run),
+            data_overrides=overrides or None,
+            overwrite=True,
+        )
+    )
     train_s = time.perf_counter() - started
     evaluated = evaluate(run, split="test")
     started = time.perf_counter()
@@ -102,32 +118,45 @@ def main() -> int:
     meta = json.loads((bundle / "metadata.json").read_text())
     files = sorted(p for p in (data / "test").rglob("*.png"))
     labels = [p.parent.name for p in files]
-    done = subprocess.run([sys.executable, str(bundle / "infer.py"), *map(str, files), "--top", "1"],
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, str(bundle / "infer.py"), *map(str, files), "--top", "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     rows = [line.split("\t")[3] for line in done.stdout.splitlines() if not line.startswith("# ")]
     infer_acc = float(np.mean([p == y for p, y in zip(rows, labels, strict=True)]))
     session = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
     names = meta["class_names"]
-    old = [names[int(session.run(None, {"input": old_preprocess(p, meta["preprocessing"])})[0].argmax())]
-           for p in files]
+    old = [
+        names[int(session.run(None, {"input": old_preprocess(p, meta["preprocessing"])})[0].argmax())] for p in files
+    ]
     old_acc = float(np.mean([p == y for p, y in zip(old, labels, strict=True)]))
     accuracy = report.parity.accuracy
     results = {
-        "preprocessing": meta["preprocessing"], "train_seconds": round(train_s, 1),
-        "export_seconds": round(export_s, 1), "summary_test_accuracy": summary["test_accuracy"],
-        "peftx_eval_accuracy": evaluated["accuracy"], "test_images": evaluated["n"],
-        "bundle_gate": {r.candidate: {"accuracy": r.accuracy, "drop": r.drop, "agreement": r.agreement}
-                        for r in accuracy.results},
+        "preprocessing": meta["preprocessing"],
+        "train_seconds": round(train_s, 1),
+        "export_seconds": round(export_s, 1),
+        "summary_test_accuracy": summary["test_accuracy"],
+        "peftx_eval_accuracy": evaluated["accuracy"],
+        "test_images": evaluated["n"],
+        "bundle_gate": {
+            r.candidate: {"accuracy": r.accuracy, "drop": r.drop, "agreement": r.agreement} for r in accuracy.results
+        },
         "bundle_gate_preprocessing_max_abs": accuracy.preprocessing.max_abs,
-        "infer_py_accuracy": infer_acc, "pre_contract_infer_py_accuracy": old_acc, "bundle_status": report.status,
+        "infer_py_accuracy": infer_acc,
+        "pre_contract_infer_py_accuracy": old_acc,
+        "bundle_status": report.status,
     }
     (out / f"results-{args.crop_mode or 'default'}.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"preprocessing: {meta['preprocessing']}")
     print(f"train {train_s:.0f} s, merge-export (incl. accuracy gate) {export_s:.0f} s, bundle {report.status}")
     print(f"peftx eval (test, {evaluated['n']} images)        {100 * evaluated['accuracy']:6.2f} %")
     for r in accuracy.results:
-        print(f"gate: {r.candidate:34s} {100 * r.accuracy:6.2f} % (drop {100 * r.drop:+.2f}, agree "
-              f"{100 * r.agreement:.1f} %)")
+        print(
+            f"gate: {r.candidate:34s} {100 * r.accuracy:6.2f} % (drop {100 * r.drop:+.2f}, agree "
+            f"{100 * r.agreement:.1f} %)"
+        )
     print(f"bundle infer.py on the raw test files   {100 * infer_acc:6.2f} %")
     print(f"pre-contract infer.py preprocessing     {100 * old_acc:6.2f} %")
     return 0

@@ -81,15 +81,23 @@ def main() -> None:
     for m in ("rlrr", "lora", "aoft"):
         a, b = setups[f"{m} before"].step(), setups[f"{m} after"].step()
         assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), (m, a, b)
-    t = timed_rounds({k: s.step for k, s in setups.items()}, warmup=1, min_rounds=args.rounds,
-                     max_rounds=args.rounds, budget_s=0.0, seed=0).times
+    t = timed_rounds(
+        {k: s.step for k, s in setups.items()},
+        warmup=1,
+        min_rounds=args.rounds,
+        max_rounds=args.rounds,
+        budget_s=0.0,
+        seed=0,
+    ).times
     print(f"{spec.label}, {args.batch} images/step, {args.threads} threads, {args.rounds} interleaved rounds")
     print(f"{'variant':<14}{'step ms p50':>12}{'/ full':>9}{'/ frozen':>10}{'after/before':>14}")
     for k, v in t.items():
         m = k.split()[0]
         ab = f"{paired_ratio(v, t[f'{m} before']):.3f}" if k.endswith("after") else ""
-        print(f"{k:<14}{1e3 * np.median(v):>12.0f}{paired_ratio(v, t['full']):>9.3f}"
-              f"{paired_ratio(v, t['frozen']):>10.3f}{ab:>14}")
+        print(
+            f"{k:<14}{1e3 * np.median(v):>12.0f}{paired_ratio(v, t['full']):>9.3f}"
+            f"{paired_ratio(v, t['frozen']):>10.3f}{ab:>14}"
+        )
 
 
 if __name__ == "__main__":

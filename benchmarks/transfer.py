@@ -34,8 +34,13 @@ from peftx.demo_weights import cache_dir
 
 # Mean top-1 over the 19 VTAB-1k tasks, ViT-B/16 ImageNet-21k (RLRR arXiv 2403.19067, AOFT arXiv 2507.13260;
 # AOFT: its variants' range).
-PAPER_VTAB = {"rlrr": (74.5, 74.5), "aoft": (72.7, 74.1), "lora": (72.3, 72.3), "full": (65.6, 65.6),
-              "linear": (52.9, 52.9)}
+PAPER_VTAB = {
+    "rlrr": (74.5, 74.5),
+    "aoft": (72.7, 74.1),
+    "lora": (72.3, 72.3),
+    "full": (65.6, 65.6),
+    "linear": (52.9, 52.9),
+}
 PAPER_ORDER = ("rlrr", "aoft", "lora", "full", "linear")  # best first, by the papers' means
 
 # The schedule every method shares (sized on this 2-core machine; see README "Which method for my data"). The rest
@@ -70,29 +75,62 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _progress(task: str, t0: float):
     def on(event: str, **f: Any) -> None:
         if event == "run_start":
-            print(f"[{time.perf_counter() - t0:7.1f}s] {task}: {f['method']} seed {f['seed']} ({f['action']})",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[{time.perf_counter() - t0:7.1f}s] {task}: {f['method']} seed {f['seed']} ({f['action']})",
+                file=sys.stderr,
+                flush=True,
+            )
         elif event == "train" and f["train_event"] == "epoch":
             e = f["fields"]
-            print(f"[{time.perf_counter() - t0:7.1f}s]   epoch {e['epoch']}/{e['epochs']} val "
-                  f"{100 * e['val_accuracy']:.1f} % ({e['seconds']:.1f} s)", file=sys.stderr, flush=True)
+            print(
+                f"[{time.perf_counter() - t0:7.1f}s]   epoch {e['epoch']}/{e['epochs']} val "
+                f"{100 * e['val_accuracy']:.1f} % ({e['seconds']:.1f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
         elif event == "run_end":
             r = f["row"]
-            what = f"test {100 * r['test_accuracy']:.2f} %" if r["status"] == "ok" and r.get("test_accuracy") \
-                is not None else f"{r['status']}: {r.get('reason')}"
+            what = (
+                f"test {100 * r['test_accuracy']:.2f} %"
+                if r["status"] == "ok" and r.get("test_accuracy") is not None
+                else f"{r['status']}: {r.get('reason')}"
+            )
             print(f"[{time.perf_counter() - t0:7.1f}s]   {r['method']}: {what}", file=sys.stderr, flush=True)
+
     return on
 
 
-def run_task(task: str, args: argparse.Namespace, methods: list[str], out: Path, t0: float,
-             latency: bool) -> dict[str, Any]:
+def run_task(
+    task: str, args: argparse.Namespace, methods: list[str], out: Path, t0: float, latency: bool
+) -> dict[str, Any]:
     cap = args.test_cap or None
-    task_dir = prepare_task(task, args.cache, seed=args.data_seed, n_train=args.n_train, n_val=args.n_val,
-                            test_cap=cap, npm_tarball=args.npm_tarball)
-    train = dict(model=args.model, img_size=args.img_size, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
-                 seed=args.seed, device=args.device, amp=args.amp)
-    cfg = CompareConfig(output=str(out / task), data=str(task_dir), methods=methods, seeds=args.seeds, train=train,
-                        per_method=parse_set(args.set), latency=latency)
+    task_dir = prepare_task(
+        task,
+        args.cache,
+        seed=args.data_seed,
+        n_train=args.n_train,
+        n_val=args.n_val,
+        test_cap=cap,
+        npm_tarball=args.npm_tarball,
+    )
+    train = dict(
+        model=args.model,
+        img_size=args.img_size,
+        epochs=args.epochs,
+        warmup_epochs=args.warmup_epochs,
+        seed=args.seed,
+        device=args.device,
+        amp=args.amp,
+    )
+    cfg = CompareConfig(
+        output=str(out / task),
+        data=str(task_dir),
+        methods=methods,
+        seeds=args.seeds,
+        train=train,
+        per_method=parse_set(args.set),
+        latency=latency,
+    )
     result = compare(cfg, progress=_progress(task, t0))
     result["task"] = {"name": task, "dir": str(task_dir), **read_task(task_dir)}
     return result
@@ -120,16 +158,19 @@ def cross_task(results: list[dict[str, Any]], methods: list[str]) -> dict[str, A
                 if entry.get("test_accuracy_sd") is not None:
                     sds.append(100 * entry["test_accuracy_sd"])
             else:
-                reason = ((entry.get("failures") or [{}])[0].get("reason") or "no test accuracy") if entry \
-                    else "not run"
+                reason = (
+                    ((entry.get("failures") or [{}])[0].get("reason") or "no test accuracy") if entry else "not run"
+                )
                 per_task[res["task"]["name"]] = None
                 table.setdefault("_failures", []).append(f"{m} on {res['task']['name']}: {reason}")
         ran = [v for v in per_task.values() if v is not None]
         complete = len(ran) == len(results) and ran
-        table[m] = {"per_task": per_task,
-                    "mean": sum(ran) / len(ran) if complete else None,
-                    "se": math.sqrt(sum(s * s for s in ses)) / len(ses) if complete else None,
-                    "seed_sd_mean": sum(sds) / len(sds) if sds and complete else None}
+        table[m] = {
+            "per_task": per_task,
+            "mean": sum(ran) / len(ran) if complete else None,
+            "se": math.sqrt(sum(s * s for s in ses)) / len(ses) if complete else None,
+            "seed_sd_mean": sum(sds) / len(sds) if sds and complete else None,
+        }
     return table
 
 
@@ -139,7 +180,7 @@ def agreement(table: dict[str, Any], methods: list[str]) -> list[str]:
     ours = [m for m in PAPER_ORDER if m in methods and table.get(m, {}).get("mean") is not None]
     missing = [m for m in PAPER_ORDER if m not in ours]
     for i, a in enumerate(ours):
-        for b in ours[i + 1:]:
+        for b in ours[i + 1 :]:
             ma, mb = table[a]["mean"], table[b]["mean"]
             noise = 2 * math.sqrt(table[a]["se"] ** 2 + table[b]["se"] ** 2)
             spread = max(table[a]["seed_sd_mean"] or 0.0, table[b]["seed_sd_mean"] or 0.0)
@@ -163,25 +204,29 @@ def _paper(m: str) -> str:
     return f"{lo:.1f}" if lo == hi else f"{lo:.1f}-{hi:.1f}"
 
 
-def format_cross(table: dict[str, Any], results: list[dict[str, Any]], methods: list[str],
-                 elapsed: float) -> str:
+def format_cross(table: dict[str, Any], results: list[dict[str, Any]], methods: list[str], elapsed: float) -> str:
     tasks = [r["task"]["name"] for r in results]
-    head = f"{'method':8} " + " ".join(f"{t[:13]:>13}" for t in tasks) + f" {'mean':>7} {'+-SE':>5} " \
-           f"{'paper VTAB':>11} {'rank':>4} {'paper':>5}"
+    head = (
+        f"{'method':8} " + " ".join(f"{t[:13]:>13}" for t in tasks) + f" {'mean':>7} {'+-SE':>5} "
+        f"{'paper VTAB':>11} {'rank':>4} {'paper':>5}"
+    )
     ranked = sorted([m for m in methods if table[m]["mean"] is not None], key=lambda m: -table[m]["mean"])
     paper_rank = {m: i + 1 for i, m in enumerate(m for m in PAPER_ORDER if m in methods)}
     lines = [head]
     for m in methods:
         t = table[m]
-        cells = " ".join(f"{t['per_task'][k]:13.2f}" if t["per_task"].get(k) is not None else f"{'failed':>13}"
-                         for k in tasks)
+        cells = " ".join(
+            f"{t['per_task'][k]:13.2f}" if t["per_task"].get(k) is not None else f"{'failed':>13}" for k in tasks
+        )
         mean = f"{t['mean']:7.2f} {t['se']:5.2f}" if t["mean"] is not None else f"{'-':>7} {'-':>5}"
         rank = str(ranked.index(m) + 1) if m in ranked else "-"
         paper = _paper(m) if m in PAPER_VTAB else "-"
         lines.append(f"{m:8} {cells} {mean} {paper:>11} {rank:>4} {paper_rank.get(m, '-'):>5}")
     s = results[0]["shared"] if results else {}
-    counts = ", ".join(f"{r['task']['name']} {r['task']['counts']['train']}/{r['task']['counts']['val']}/"
-                       f"{r['task']['counts']['test']}" for r in results)
+    counts = ", ".join(
+        f"{r['task']['name']} {r['task']['counts']['train']}/{r['task']['counts']['val']}/{r['task']['counts']['test']}"
+        for r in results
+    )
     notes = [
         f"Test accuracy (%) at the validation-selected epoch; {s.get('model')} at {s.get('img_size')} px, "
         f"{s.get('epochs')} epochs, batch {s.get('batch_size')}; train/val/test images: {counts}.",
@@ -228,11 +273,27 @@ def main(argv: list[str] | None = None) -> int:
     print("== mean over tasks, next to the papers' VTAB-1k means\n" + cross, flush=True)
     report.append("== mean over tasks, next to the papers' VTAB-1k means\n" + cross)
     (out / "transfer.txt").write_text("\n\n".join(report) + "\n")
-    (out / "transfer.json").write_text(json.dumps({
-        "args": vars(args), "methods": methods, "tasks": tasks, "cross_task": table, "paper_vtab": PAPER_VTAB,
-        "agreement": agreement(table, methods), "seconds": time.perf_counter() - t0,
-        "per_task": [{"task": r["task"], "summary": r["summary"], "shared": r["shared"], "latency": r["latency"]}
-                     for r in results], "threads": os.cpu_count()}, indent=2, default=str) + "\n")
+    (out / "transfer.json").write_text(
+        json.dumps(
+            {
+                "args": vars(args),
+                "methods": methods,
+                "tasks": tasks,
+                "cross_task": table,
+                "paper_vtab": PAPER_VTAB,
+                "agreement": agreement(table, methods),
+                "seconds": time.perf_counter() - t0,
+                "per_task": [
+                    {"task": r["task"], "summary": r["summary"], "shared": r["shared"], "latency": r["latency"]}
+                    for r in results
+                ],
+                "threads": os.cpu_count(),
+            },
+            indent=2,
+            default=str,
+        )
+        + "\n"
+    )
     return 0
 
 

@@ -49,7 +49,10 @@ def handle_errors(fn: F) -> F:
         except Exception as e:  # a bug or an unmapped library error: still one line, the traceback on request
             if _debug():
                 raise
-            raise _fail(f"internal error: {type(e).__name__}: {e}".split("\n")[0],
-                        f"set {DEBUG_VAR}=1 for the traceback and please report it", INTERNAL_ERROR_EXIT) from None
+            raise _fail(
+                f"internal error: {type(e).__name__}: {e}".split("\n")[0],
+                f"set {DEBUG_VAR}=1 for the traceback and please report it",
+                INTERNAL_ERROR_EXIT,
+            ) from None
 
     return wrapper  # type: ignore[return-value]

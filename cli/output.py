@@ -66,8 +66,9 @@ def table(title: str, columns: Iterable[str], rows: Iterable[Iterable[Any]], *, 
 
 
 def key_values(title: str, items: dict[str, Any]) -> Table:
-    t = Table(title=Text(title), title_justify="left", show_header=False, box=box.SIMPLE, pad_edge=False,
-              show_edge=False)
+    t = Table(
+        title=Text(title), title_justify="left", show_header=False, box=box.SIMPLE, pad_edge=False, show_edge=False
+    )
     t.add_column("key", style="bold", no_wrap=True)
     t.add_column("value", overflow="fold")
     for k, v in items.items():

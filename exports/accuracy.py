@@ -116,23 +116,49 @@ class AccuracyReport:
         return self.preprocessing.passed and all(r.passed for r in self.results if r.required)
 
     def failures(self) -> list[str]:
-        out = [] if self.preprocessing.passed else [
-            f"the shipped preprocessing differs from the training transform (max |Δ| {self.preprocessing.max_abs:.3g}"
-            f" > {self.preprocessing.bound:.1g})"]
+        out = (
+            []
+            if self.preprocessing.passed
+            else [
+                f"the shipped preprocessing differs from the training transform "
+                f"(max |Δ| {self.preprocessing.max_abs:.3g} > {self.preprocessing.bound:.1g})"
+            ]
+        )
         return out + [f"{r.candidate}: {f}" for r in self.results if r.required for f in r.failures]
 
     def to_json(self) -> dict[str, Any]:
-        return {"passed": self.passed, "source": self.source, "images": self.images, "total": self.total,
-                "reference": self.reference, "reference_accuracy": self.reference_accuracy,
-                "preprocessing": self.preprocessing.to_json(), "results": [r.to_json() for r in self.results],
-                "notes": self.notes}
+        return {
+            "passed": self.passed,
+            "source": self.source,
+            "images": self.images,
+            "total": self.total,
+            "reference": self.reference,
+            "reference_accuracy": self.reference_accuracy,
+            "preprocessing": self.preprocessing.to_json(),
+            "results": [r.to_json() for r in self.results],
+            "notes": self.notes,
+        }
 
     def summary(self) -> dict[str, Any]:
         """What metadata.json keeps: the accuracies, drops and verdicts (the details are in parity.json)."""
-        return {"measured": True, "passed": self.passed, "source": self.source, "images": self.images,
-                "reference_accuracy": self.reference_accuracy, "preprocessing_max_abs": self.preprocessing.max_abs,
-                "artifacts": {r.candidate: {"accuracy": r.accuracy, "drop": r.drop, "agreement": r.agreement,
-                                            "passed": r.passed, "required": r.required} for r in self.results}}
+        return {
+            "measured": True,
+            "passed": self.passed,
+            "source": self.source,
+            "images": self.images,
+            "reference_accuracy": self.reference_accuracy,
+            "preprocessing_max_abs": self.preprocessing.max_abs,
+            "artifacts": {
+                r.candidate: {
+                    "accuracy": r.accuracy,
+                    "drop": r.drop,
+                    "agreement": r.agreement,
+                    "passed": r.passed,
+                    "required": r.required,
+                }
+                for r in self.results
+            },
+        }
 
     def table(self) -> Table:
         return accuracy_table(self)
@@ -154,9 +180,17 @@ def load_infer_module(path: str | Path) -> ModuleType:
     return module
 
 
-def measure_accuracy(reference: Runner, candidates: Sequence[Candidate], images: AccuracySet,
-                     preprocessing: Mapping[str, Any], infer_path: str | Path, *, batch: tuple[int, int] = (1, 32),
-                     keep: int = 0, progress: Callable[[str], None] | None = None) -> AccuracyReport:
+def measure_accuracy(
+    reference: Runner,
+    candidates: Sequence[Candidate],
+    images: AccuracySet,
+    preprocessing: Mapping[str, Any],
+    infer_path: str | Path,
+    *,
+    batch: tuple[int, int] = (1, 32),
+    keep: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> AccuracyReport:
     """Accuracy of ``reference`` (training-side inputs) and of every candidate (shipped-preprocessing inputs).
 
     ``preprocessing`` is the bundle's recorded contract (metadata.json's), ``infer_path`` the bundle's infer.py,
@@ -181,7 +215,7 @@ def measure_accuracy(reference: Runner, candidates: Sequence[Candidate], images:
         for runner, _, _ in candidates:
             stack.enter_context(runner)
         for start in range(0, len(images), size):
-            chunk = images.indices[start:start + size]
+            chunk = images.indices[start : start + size]
             ours, theirs, ys = [], [], []
             for index in chunk:
                 x, y = images.dataset[index]
@@ -207,12 +241,21 @@ def measure_accuracy(reference: Runner, candidates: Sequence[Candidate], images:
                     preds[runner.name].append(_run(runner, theirs_b, low).argmax(axis=1))
     y_true, y_ref = np.concatenate(labels), np.concatenate(ref_pred)
     ref_acc = float((y_ref == y_true).mean())
-    check = PreprocessingCheck(len(y_true), max_abs, PREPROCESSING_ATOL, max_abs <= PREPROCESSING_ATOL,
-                               f"{Path(infer_path).name}: load_image + preprocess_image", prep)
-    results = [_result(runner.name, tol, required, preds[runner.name], y_true, y_ref, ref_acc)
-               for runner, tol, required in candidates]
-    report = AccuracyReport(images.source, len(y_true), images.total, getattr(reference, "name", "reference"),
-                            ref_acc, check, results)
+    check = PreprocessingCheck(
+        len(y_true),
+        max_abs,
+        PREPROCESSING_ATOL,
+        max_abs <= PREPROCESSING_ATOL,
+        f"{Path(infer_path).name}: load_image + preprocess_image",
+        prep,
+    )
+    results = [
+        _result(runner.name, tol, required, preds[runner.name], y_true, y_ref, ref_acc)
+        for runner, tol, required in candidates
+    ]
+    report = AccuracyReport(
+        images.source, len(y_true), images.total, getattr(reference, "name", "reference"), ref_acc, check, results
+    )
     if keep:
         report.kept = {k: np.concatenate(v)[:keep] for k, v in kept.items() if v}
     return report
@@ -226,41 +269,80 @@ def _run(runner: Runner, batch: np.ndarray, low: int) -> np.ndarray:
     return np.asarray(runner.infer(np.ascontiguousarray(batch)), dtype=np.float32)[:n]
 
 
-def _result(name: str, tol: AccuracyTolerance, required: bool, chunks: list[np.ndarray], y_true: np.ndarray,
-            y_ref: np.ndarray, ref_acc: float) -> AccuracyResult:
+def _result(
+    name: str,
+    tol: AccuracyTolerance,
+    required: bool,
+    chunks: list[np.ndarray],
+    y_true: np.ndarray,
+    y_ref: np.ndarray,
+    ref_acc: float,
+) -> AccuracyResult:
     n = len(y_true)
     if not chunks:  # the shipped inputs had another shape: nothing could run
-        return AccuracyResult(name, tol, required, n, math.nan, ref_acc, math.nan, math.nan, tol.bound(n), False,
-                              ["not run: the shipped preprocessing produced inputs of another shape"])
+        return AccuracyResult(
+            name,
+            tol,
+            required,
+            n,
+            math.nan,
+            ref_acc,
+            math.nan,
+            math.nan,
+            tol.bound(n),
+            False,
+            ["not run: the shipped preprocessing produced inputs of another shape"],
+        )
     pred = np.concatenate(chunks)
     acc, agreement = float((pred == y_true).mean()), float((pred == y_ref).mean())
     drop, bound = ref_acc - acc, tol.bound(n)
-    failures = [] if drop <= bound + 1e-12 else [
-        f"accuracy {100 * acc:.2f} % is {100 * drop:.2f} points below the unmerged model's {100 * ref_acc:.2f} % "
-        f"(allowed {100 * bound:.2f} on {n} images, {tol.name})"]
+    failures = (
+        []
+        if drop <= bound + 1e-12
+        else [
+            f"accuracy {100 * acc:.2f} % is {100 * drop:.2f} points below the unmerged model's {100 * ref_acc:.2f} % "
+            f"(allowed {100 * bound:.2f} on {n} images, {tol.name})"
+        ]
+    )
     return AccuracyResult(name, tol, required, n, acc, ref_acc, drop, agreement, bound, not failures, failures)
 
 
-def result_for(name: str, tol: AccuracyTolerance, required: bool, pred: np.ndarray, labels: np.ndarray,
-               reference_pred: np.ndarray, reference_accuracy: float) -> AccuracyResult:
+def result_for(
+    name: str,
+    tol: AccuracyTolerance,
+    required: bool,
+    pred: np.ndarray,
+    labels: np.ndarray,
+    reference_pred: np.ndarray,
+    reference_accuracy: float,
+) -> AccuracyResult:
     """The gate's verdict for predictions ``pred`` on images already measured (``AccuracyReport.kept``): how the
     INT8 fallback re-checks a graph without running the reference and the preprocessing again."""
-    return _result(name, tol, required, [np.asarray(pred)], np.asarray(labels), np.asarray(reference_pred),
-                   reference_accuracy)
+    return _result(
+        name, tol, required, [np.asarray(pred)], np.asarray(labels), np.asarray(reference_pred), reference_accuracy
+    )
 
 
 def accuracy_table(report: AccuracyReport, *, title: str | None = None) -> Table:
     """The reference and one row per artifact, the preprocessing check as the caption; fits 80 columns."""
     pre = report.preprocessing
     verdict = "[green]pass[/]" if pre.passed else "[red]FAIL[/]"
-    table = Table(title=title or f"Accuracy on {report.source}",
-                  caption=f"unmerged: the run's transform; artifacts: the bundle's infer.py on the raw images; "
-                          f"their inputs differ by max |Δ| {pre.max_abs:.1e} (bound {pre.bound:.0e}): {verdict}")
+    table = Table(
+        title=title or f"Accuracy on {report.source}",
+        caption=f"unmerged: the run's transform; artifacts: the bundle's infer.py on the raw images; "
+        f"their inputs differ by max |Δ| {pre.max_abs:.1e} (bound {pre.bound:.0e}): {verdict}",
+    )
     for column in ("model", "accuracy", "drop", "agree", "allowed", "verdict"):
         table.add_column(column, justify="left" if column in ("model", "verdict") else "right")
     table.add_row(report.reference, f"{100 * report.reference_accuracy:.2f} %", "", "", "", "reference")
     for r in report.results:
         state = "[green]pass[/]" if r.passed else "[red]FAIL[/]" if r.required else "[yellow]fail (advisory)[/]"
-        table.add_row(r.candidate, f"{100 * r.accuracy:.2f} %", f"{100 * r.drop:+.2f}", f"{100 * r.agreement:.1f} %",
-                      f"{100 * r.bound:.2f}", state)
+        table.add_row(
+            r.candidate,
+            f"{100 * r.accuracy:.2f} %",
+            f"{100 * r.drop:+.2f}",
+            f"{100 * r.agreement:.1f} %",
+            f"{100 * r.bound:.2f}",
+            state,
+        )
     return table

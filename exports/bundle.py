@@ -11,7 +11,8 @@ Layout of a bundle directory::
     metadata.json       every fact above, the deployment target, sha256 of every artifact, status "ok" | "failed"
     parity.json         each backend vs the UNMERGED reference model, on real images and random inputs
     trt_readiness.json  the target's TensorRT parser readiness of model.onnx and model_fp16.onnx AS SHIPPED
-    reference_set.npz   real preprocessed images + the UNMERGED model's outputs (+ reference/ raw files): infer.py --check
+    reference_set.npz   real preprocessed images + the UNMERGED model's outputs (+ reference/ raw files):
+                        what infer.py --check runs
     config_infer_primary.txt, labels.txt   DeepStream Gst-nvinfer config (deepstream.py: the single-scale error)
 
 The export follows the deployment target (``targets.py``): its opset, its LayerNorm form (decomposed for TensorRT
@@ -49,8 +50,16 @@ import peftx
 from peftx.errors import ExportError, OutputError, ParityError, UsageError
 from peftx.fsutil import sha256_file, write_text_atomic
 from peftx.preprocess import contract
-from peftx.tolerances import (ACCURACY_FP16, ACCURACY_FP32, ACCURACY_INT8, FP16, INT8, MERGE_FP32, ONNX_FP32,
-                               TENSORRT_FP32)
+from peftx.tolerances import (
+    ACCURACY_FP16,
+    ACCURACY_FP32,
+    ACCURACY_INT8,
+    FP16,
+    INT8,
+    MERGE_FP32,
+    ONNX_FP32,
+    TENSORRT_FP32,
+)
 
 from . import int8 as int8_mod
 from .accuracy import AccuracyReport, AccuracySet, Candidate, load_infer_module, measure_accuracy, result_for
@@ -63,8 +72,16 @@ from .reference_set import REFERENCE_FILE, write_reference_set
 from .runners import OnnxRuntimeRunner, TensorRTRunner, TorchRunner
 from .simplify import simplify_onnx
 from .targets import TargetProfile, resolve_target
-from .tensorrt import (MANIFEST_FILE, TensorRTMode, build_engine, check_engine_for_machine, machine_facts, probe,
-                       resolve_mode, resolve_target_here)
+from .tensorrt import (
+    MANIFEST_FILE,
+    TensorRTMode,
+    build_engine,
+    check_engine_for_machine,
+    machine_facts,
+    probe,
+    resolve_mode,
+    resolve_target_here,
+)
 from .tensorrt_ops import TargetReadiness, check_target_readiness, check_tensorrt_readiness
 
 FORMAT = "peftx-bundle"
@@ -127,10 +144,20 @@ class BundleReport:
         return self.readiness.target
 
     def to_json(self) -> dict:
-        return {"out_dir": str(self.out_dir), "status": self.status, "target": target_summary(self.target),
-                "parity": self.parity.to_json(), "readiness": self.readiness.to_json(), "sha256": self.sha256,
-                "tensorrt": self.tensorrt, "simplify": self.simplify, "fp16": self.fp16, "int8": self.int8,
-                "timings": self.timings, "warnings": self.warnings}
+        return {
+            "out_dir": str(self.out_dir),
+            "status": self.status,
+            "target": target_summary(self.target),
+            "parity": self.parity.to_json(),
+            "readiness": self.readiness.to_json(),
+            "sha256": self.sha256,
+            "tensorrt": self.tensorrt,
+            "simplify": self.simplify,
+            "fp16": self.fp16,
+            "int8": self.int8,
+            "timings": self.timings,
+            "warnings": self.warnings,
+        }
 
 
 def write_bundle(
@@ -177,9 +204,24 @@ def write_bundle(
     _check_destination(out_dir, force)
     use_trt, trt_message = resolve_mode(tensorrt, profile)  # fails here, before any work, when it must
     layernorms = sum(isinstance(m, torch.nn.LayerNorm) for m in merged.modules())
-    options = _Options(tuple(input_size), _preprocessing(data_config), list(class_names), provenance, tuple(batch),
-                       precision, tensorrt, use_trt, trt_message, simplify, parity_max_batch, timing_cache, profile,
-                       layernorms, accuracy_set, int8)
+    options = _Options(
+        tuple(input_size),
+        _preprocessing(data_config),
+        list(class_names),
+        provenance,
+        tuple(batch),
+        precision,
+        tensorrt,
+        use_trt,
+        trt_message,
+        simplify,
+        parity_max_batch,
+        timing_cache,
+        profile,
+        layernorms,
+        accuracy_set,
+        int8,
+    )
     work = _make_workdir(out_dir)
     try:
         report = _assemble(work, reference, merged, array, options, say)
@@ -203,11 +245,13 @@ def read_bundle(bundle_dir: str | Path) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise ExportError(f"{path} is missing or unreadable: {exc}",
-                          "point at a bundle directory written by `peftx merge-export`") from exc
+        raise ExportError(
+            f"{path} is missing or unreadable: {exc}", "point at a bundle directory written by `peftx merge-export`"
+        ) from exc
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise ExportError(f"{path} is not a {FORMAT} v{FORMAT_VERSION} metadata file",
-                          "re-create the bundle with this peftx version")
+        raise ExportError(
+            f"{path} is not a {FORMAT} v{FORMAT_VERSION} metadata file", "re-create the bundle with this peftx version"
+        )
     return meta
 
 
@@ -223,8 +267,10 @@ def verify_artifacts(bundle_dir: str | Path, meta: Mapping[str, Any] | None = No
         elif sha256_file(path) != expected:
             changed.append(f"{name} (sha256 differs)")
     if changed:
-        raise ExportError(f"bundle {bundle_dir} was modified after it was written: {', '.join(changed)}",
-                          "re-create the bundle; never edit its artifacts in place")
+        raise ExportError(
+            f"bundle {bundle_dir} was modified after it was written: {', '.join(changed)}",
+            "re-create the bundle; never edit its artifacts in place",
+        )
 
 
 def validate_bundle(
@@ -254,14 +300,15 @@ def validate_bundle(
     say("verifying artifact hashes")
     verify_artifacts(bundle_dir, meta)
     recorded = _recorded_target(meta)
-    profile = target if isinstance(target, TargetProfile) else \
-        (resolve_target_here(target) if target else recorded)
+    profile = target if isinstance(target, TargetProfile) else (resolve_target_here(target) if target else recorded)
     say(f"checking TensorRT readiness for {profile.requested or profile.name}")
     readiness = check_target_readiness(_shipped_onnx(bundle_dir), profile)
     if not readiness.ok:
         shown = _first_problems(readiness.problems)
-        raise ExportError(f"bundle {bundle_dir} is not TensorRT-ready for {profile.requested or profile.name}: {shown}",
-                          f"re-export it: peftx merge-export RUN --target {profile.requested or profile.name}")
+        raise ExportError(
+            f"bundle {bundle_dir} is not TensorRT-ready for {profile.requested or profile.name}: {shown}",
+            f"re-export it: peftx merge-export RUN --target {profile.requested or profile.name}",
+        )
     use_trt, trt_message = resolve_mode(tensorrt, profile)
     notes = [trt_message]
     engine = bundle_dir / ENGINE_FILE
@@ -278,28 +325,43 @@ def validate_bundle(
     scratch = Path(tempfile.mkdtemp())
     candidates = [(OnnxRuntimeRunner(bundle_dir / ONNX_FILE, name="onnxruntime fp32"), ONNX_FP32, True)]
     if (bundle_dir / FP16_FILE).exists():
-        candidates += [(runner, FP16, fp16_required)
-                       for runner in _fp16_runners(bundle_dir / ONNX_FILE, bundle_dir / FP16_FILE, scratch)]
+        candidates += [
+            (runner, FP16, fp16_required)
+            for runner in _fp16_runners(bundle_dir / ONNX_FILE, bundle_dir / FP16_FILE, scratch)
+        ]
     if (bundle_dir / INT8_FILE).exists():  # logits advisory (they move by design); its accuracy gate is required
         candidates.append((OnnxRuntimeRunner(bundle_dir / INT8_FILE, name="onnxruntime int8"), INT8, False))
     if engine.exists() and use_trt:
         engine_precision = (meta.get("tensorrt", {}).get("build") or {}).get("precision", meta["precision"])
         tolerance = {"fp16": FP16, "int8": INT8}.get(engine_precision, TENSORRT_FP32)
-        candidates.append((TensorRTRunner(engine, name=f"tensorrt {engine_precision}"), tolerance,
-                           engine_precision != "int8"))  # an INT8 engine: logits advisory, accuracy required
+        candidates.append(
+            (TensorRTRunner(engine, name=f"tensorrt {engine_precision}"), tolerance, engine_precision != "int8")
+        )  # an INT8 engine: logits advisory, accuracy required
     results = []
     accuracy = None
     try:
         for runner, tolerance, required in candidates:
             say(f"checking {runner.name}")
-            results.append(compare(expected, runner, inputs, tolerance, reference_name="reference (unmerged PyTorch)",
-                                   required=required))
+            results.append(
+                compare(
+                    expected,
+                    runner,
+                    inputs,
+                    tolerance,
+                    reference_name="reference (unmerged PyTorch)",
+                    required=required,
+                )
+            )
         if accuracy_set is not None:
             accuracy = measure_accuracy(
                 TorchRunner(reference, name="unmerged PyTorch"),
                 [(runner, _accuracy_tolerance(tol), req or tol is INT8) for runner, tol, req in candidates],
-                accuracy_set, meta["preprocessing"], bundle_dir / INFER_FILE, batch=(batch[0], batch[2]),
-                progress=say)
+                accuracy_set,
+                meta["preprocessing"],
+                bundle_dir / INFER_FILE,
+                batch=(batch[0], batch[2]),
+                progress=say,
+            )
         else:
             notes.append("accuracy not re-measured: no labelled images were given")
     finally:
@@ -308,9 +370,13 @@ def validate_bundle(
     _write_json_atomic(bundle_dir / PARITY_FILE, report.to_json())
     if profile.name == recorded.name:
         _write_json_atomic(bundle_dir / READINESS_FILE, readiness.to_json())
-    meta = {**meta, "status": "ok" if report.passed else "failed", "validated_at": _now(),
-            "parity": _parity_summary(report),
-            "accuracy": _accuracy_summary(report.accuracy) if report.accuracy is not None else meta.get("accuracy")}
+    meta = {
+        **meta,
+        "status": "ok" if report.passed else "failed",
+        "validated_at": _now(),
+        "parity": _parity_summary(report),
+        "accuracy": _accuracy_summary(report.accuracy) if report.accuracy is not None else meta.get("accuracy"),
+    }
     _write_json_atomic(bundle_dir / METADATA_FILE, meta)
     if not report.passed:
         raise _parity_error(report, bundle_dir)
@@ -344,10 +410,21 @@ def _first_problems(problems: list[str], n: int = 3) -> str:
 def target_summary(target: TargetProfile) -> dict[str, Any]:
     """What metadata.json and reports record of the target (the full profile is `peftx targets --json`)."""
     ops = target.operators()
-    return {"name": target.name, "requested": target.requested or target.name, "tensorrt": target.tensorrt,
-            "tensorrt_min": target.tensorrt_min, "export_opset": target.export_opset, "layernorm": target.layernorm,
-            "fp16": target.fp16, "op_list": {"source": ops["source"], "ref": ops["ref"], "commit": ops["commit"],
-                                             "tensorrt_version": ops["tensorrt_version"]}}
+    return {
+        "name": target.name,
+        "requested": target.requested or target.name,
+        "tensorrt": target.tensorrt,
+        "tensorrt_min": target.tensorrt_min,
+        "export_opset": target.export_opset,
+        "layernorm": target.layernorm,
+        "fp16": target.fp16,
+        "op_list": {
+            "source": ops["source"],
+            "ref": ops["ref"],
+            "commit": ops["commit"],
+            "tensorrt_version": ops["tensorrt_version"],
+        },
+    }
 
 
 def parity_batches(batch: tuple[int, int, int], parity_max_batch: int = 32) -> list[int]:
@@ -360,8 +437,9 @@ def parity_batches(batch: tuple[int, int, int], parity_max_batch: int = 32) -> l
 # --- assembling -------------------------------------------------------------------------------------------------
 
 
-def _assemble(work: Path, reference: torch.nn.Module, merged: torch.nn.Module, images: np.ndarray, opt: _Options,
-              say: Progress) -> BundleReport:
+def _assemble(
+    work: Path, reference: torch.nn.Module, merged: torch.nn.Module, images: np.ndarray, opt: _Options, say: Progress
+) -> BundleReport:
     """Write every file of the bundle into ``work``; return the report (its status reflects parity)."""
     timings: dict[str, float] = {}
     warnings: list[str] = []
@@ -371,9 +449,12 @@ def _assemble(work: Path, reference: torch.nn.Module, merged: torch.nn.Module, i
     expected = reference_outputs(TorchRunner(reference, name="reference (unmerged PyTorch)"), inputs)
     _check_class_count(expected, opt.class_names)
     check = _checker(expected, inputs, say)
-    notes = [f"reference: unmerged PyTorch; {len(images)} real images (cycled to fill larger batches)",
-             f"target: {opt.target.requested or opt.target.name} (TensorRT >= {opt.target.tensorrt_min}, "
-             f"opset {opt.target.export_opset}, LayerNorm {opt.target.layernorm})", opt.trt_message]
+    notes = [
+        f"reference: unmerged PyTorch; {len(images)} real images (cycled to fill larger batches)",
+        f"target: {opt.target.requested or opt.target.name} (TensorRT >= {opt.target.tensorrt_min}, "
+        f"opset {opt.target.export_opset}, LayerNorm {opt.target.layernorm})",
+        opt.trt_message,
+    ]
     results = [check(TorchRunner(merged, name="merged PyTorch"), MERGE_FP32)]
     started = time.perf_counter()
     simplify_info, ort_result = _simplified_or_original(work, onnx_path, opt, check, notes)
@@ -394,8 +475,11 @@ def _assemble(work: Path, reference: torch.nn.Module, merged: torch.nn.Module, i
     say(f"checking TensorRT readiness of the shipped files for {opt.target.requested or opt.target.name}")
     readiness = check_target_readiness(_shipped_onnx(work), opt.target)
     _handle_readiness(readiness.problems, opt.tensorrt, warnings, opt.target)
-    warnings += [f"not ready for the newer target {name}: {problems[0]}"
-                 for name, problems in readiness.newer.items() if problems]
+    warnings += [
+        f"not ready for the newer target {name}: {problems[0]}"
+        for name, problems in readiness.newer.items()
+        if problems
+    ]
     trt_info, trt_runner = _tensorrt_step(work, onnx_path, opt, fp32_nodes, timings, say)
     if trt_runner is not None:
         tolerance = {"fp16": FP16, "int8": INT8}.get(opt.precision, TENSORRT_FP32)
@@ -408,26 +492,38 @@ def _assemble(work: Path, reference: torch.nn.Module, merged: torch.nn.Module, i
             started = time.perf_counter()
             candidates: list[Candidate] = [
                 (OnnxRuntimeRunner(onnx_path, name="onnxruntime fp32"), ACCURACY_FP32, True),
-                *((runner, ACCURACY_FP16, opt.precision == "fp16") for runner in fp16_runners)]
+                *((runner, ACCURACY_FP16, opt.precision == "fp16") for runner in fp16_runners),
+            ]
             if int8_graph is not None:
                 candidates.append((OnnxRuntimeRunner(int8_graph.path, name="onnxruntime int8"), ACCURACY_INT8, True))
             if trt_runner is not None:
                 tolerance = {"fp16": ACCURACY_FP16, "int8": ACCURACY_INT8}.get(opt.precision, ACCURACY_FP32)
                 candidates.append((trt_runner, tolerance, True))
-            accuracy = measure_accuracy(TorchRunner(reference, name="unmerged PyTorch"), candidates,
-                                        opt.accuracy_set, json.loads(json.dumps(opt.preprocessing)),
-                                        work / INFER_FILE, batch=(opt.batch[0], opt.batch[2]), progress=say,
-                                        keep=len(opt.accuracy_set) if int8_graph is not None else 0)
+            accuracy = measure_accuracy(
+                TorchRunner(reference, name="unmerged PyTorch"),
+                candidates,
+                opt.accuracy_set,
+                json.loads(json.dumps(opt.preprocessing)),
+                work / INFER_FILE,
+                batch=(opt.batch[0], opt.batch[2]),
+                progress=say,
+                keep=len(opt.accuracy_set) if int8_graph is not None else 0,
+            )
             timings["accuracy_s"] = time.perf_counter() - started
             if int8_graph is not None:
-                int8_info = _int8_gate(work, onnx_path, int8_graph, calibration, accuracy, opt, scratch, timings,
-                                       say, results, check)
+                int8_info = _int8_gate(
+                    work, onnx_path, int8_graph, calibration, accuracy, opt, scratch, timings, say, results, check
+                )
                 if trt_runner is not None and int8_info["fallback"]["ran"]:
-                    warnings.append("model.engine was built from the INT8 graph before the fallback changed it: "
-                                    "rebuild it with build_engine.sh int8")
+                    warnings.append(
+                        "model.engine was built from the INT8 graph before the fallback changed it: "
+                        "rebuild it with build_engine.sh int8"
+                    )
         else:
-            notes.append("accuracy not measured: no labelled images (the run's data are not on disk; "
-                         "--images ROOT/<class>/... measures it)")
+            notes.append(
+                "accuracy not measured: no labelled images (the run's data are not on disk; "
+                "--images ROOT/<class>/... measures it)"
+            )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     parity = ParityReport(results, notes, accuracy)
@@ -436,20 +532,39 @@ def _assemble(work: Path, reference: torch.nn.Module, merged: torch.nn.Module, i
         if int8_info and int8_info["fallback"].get("passed"):  # the fallback replaced it: check it again
             readiness = check_target_readiness(_shipped_onnx(work), opt.target)
             _handle_readiness(readiness.problems, opt.tensorrt, warnings, opt.target)
-    script = render_build_script(onnx_path, opt.batch, opt.precision, target=opt.target, ready=readiness.ok,
-                                 fp32_layers=fp32_nodes, check_atol=_check_atol(ort_result))
+    script = render_build_script(
+        onnx_path,
+        opt.batch,
+        opt.precision,
+        target=opt.target,
+        ready=readiness.ok,
+        fp32_layers=fp32_nodes,
+        check_atol=_check_atol(ort_result),
+    )
     _write_text(work / BUILD_SCRIPT_FILE, script, executable=True)
     say("writing the reference set (infer.py --check)")
-    reference_set = write_reference_set(work, reference, json.loads(json.dumps(opt.preprocessing)), opt.accuracy_set,
-                                        images)
+    reference_set = write_reference_set(
+        work, reference, json.loads(json.dumps(opt.preprocessing)), opt.accuracy_set, images
+    )
     deepstream = _write_deepstream(work, opt, warnings)
     # The engine is device-specific and is rebuilt on the device: it is tied to the bundle by model.engine.json (sha256
     # of the engine and of its source ONNX), not by metadata.json, so a rebuild with build_engine.sh keeps it valid.
     shipped = (ONNX_FILE, FP16_FILE, *((INT8_FILE,) if int8_graph is not None else ()), INFER_FILE, BUILD_SCRIPT_FILE)
     sha = {name: sha256_file(work / name) for name in shipped}
-    report = BundleReport(work, "ok" if parity.passed else "failed", parity, readiness, sha, trt_info,
-                          simplify_info, fp16, {k: round(v, 3) for k, v in timings.items()}, warnings, fp32_nodes,
-                          int8_info)
+    report = BundleReport(
+        work,
+        "ok" if parity.passed else "failed",
+        parity,
+        readiness,
+        sha,
+        trt_info,
+        simplify_info,
+        fp16,
+        {k: round(v, 3) for k, v in timings.items()},
+        warnings,
+        fp32_nodes,
+        int8=int8_info,
+    )
     report.reference_set, report.deepstream = reference_set, deepstream  # hashed like the models: --check trusts them
     report.sha256.update({name: sha256_file(work / name) for name in (REFERENCE_FILE, *reference_set["raw_files"])})
     _write_json_atomic(work / PARITY_FILE, parity.to_json())
@@ -466,10 +581,22 @@ def _write_deepstream(work: Path, opt: _Options, warnings: list[str]) -> dict[st
         onnx_file = FP16_FILE
     elif opt.precision not in ("fp32", "fp16") and (work / f"model_{opt.precision}.onnx").exists():
         onnx_file = f"model_{opt.precision}.onnx"
-    note = ("This target keeps LayerNorm FP32 in FP16 engines, which only build_engine.sh sets up: do not let "
-            "nvinfer build the engine.") if opt.precision == "fp16" and opt.target.fp16_fp32_nodes else ""
-    text, entry = render_config(opt.preprocessing, precision=opt.precision, onnx_file=onnx_file, batch=opt.batch[1],
-                                output_name=OUTPUT_NAME, tensorrt_note=note)
+    note = (
+        (
+            "This target keeps LayerNorm FP32 in FP16 engines, which only build_engine.sh sets up: do not let "
+            "nvinfer build the engine."
+        )
+        if opt.precision == "fp16" and opt.target.fp16_fp32_nodes
+        else ""
+    )
+    text, entry = render_config(
+        opt.preprocessing,
+        precision=opt.precision,
+        onnx_file=onnx_file,
+        batch=opt.batch[1],
+        output_name=OUTPUT_NAME,
+        tensorrt_note=note,
+    )
     labels, label_warnings = labels_text(opt.class_names)
     warnings.extend(label_warnings)
     _write_text(work / NVINFER_CONFIG, text)
@@ -477,22 +604,31 @@ def _write_deepstream(work: Path, opt: _Options, warnings: list[str]) -> dict[st
     return entry
 
 
-def _export_ready_onnx(work: Path, merged: torch.nn.Module, opt: _Options, warnings: list[str],
-                       timings: dict[str, float], say: Progress) -> Path:
+def _export_ready_onnx(
+    work: Path, merged: torch.nn.Module, opt: _Options, warnings: list[str], timings: dict[str, float], say: Progress
+) -> Path:
     """Export model.onnx the way the target wants it and check its readiness at once: an unready graph fails before
     the costly checks (the files as shipped are checked again at the end)."""
     onnx_path = work / ONNX_FILE
-    say(f"exporting ONNX for {opt.target.requested or opt.target.name} (opset {opt.target.export_opset}, "
-        f"LayerNorm {opt.target.layernorm})")
+    say(
+        f"exporting ONNX for {opt.target.requested or opt.target.name} (opset {opt.target.export_opset}, "
+        f"LayerNorm {opt.target.layernorm})"
+    )
     started = time.perf_counter()
-    export_onnx(merged, onnx_path, input_size=opt.input_size, opset=opt.target.export_opset,
-                layernorm=opt.target.layernorm,
-                metadata=_onnx_metadata(opt.preprocessing, opt.class_names, opt.provenance, opt.target))
+    export_onnx(
+        merged,
+        onnx_path,
+        input_size=opt.input_size,
+        opset=opt.target.export_opset,
+        layernorm=opt.target.layernorm,
+        metadata=_onnx_metadata(opt.preprocessing, opt.class_names, opt.provenance, opt.target),
+    )
     timings["export_s"] = time.perf_counter() - started
     if opt.tensorrt != "off":  # with TensorRT off, the shipped files' problems become warnings once, at the end
         say("checking TensorRT readiness")
-        _handle_readiness(check_tensorrt_readiness(onnx_path, target=opt.target).problems, opt.tensorrt, warnings,
-                          opt.target)
+        _handle_readiness(
+            check_tensorrt_readiness(onnx_path, target=opt.target).problems, opt.tensorrt, warnings, opt.target
+        )
     return onnx_path
 
 
@@ -506,46 +642,69 @@ def _target_fp32_nodes(onnx_path: Path, opt: _Options) -> list[str]:
     model = onnx.load(str(onnx_path), load_external_data=False)
     found = len(decomposed_layernorms(model))
     if "layernorm" in opt.target.fp16_fp32_nodes and found != opt.layernorms:
-        raise ExportError(f"found {found} decomposed LayerNorm subgraphs in {onnx_path.name}, the model has "
-                          f"{opt.layernorms} LayerNorm modules: the FP32 pinning for {opt.target.name} would miss some",
-                          "report this model; export for a target with LayerNormalization (--target trt8.6)")
+        raise ExportError(
+            f"found {found} decomposed LayerNorm subgraphs in {onnx_path.name}, the model has "
+            f"{opt.layernorms} LayerNorm modules: the FP32 pinning for {opt.target.name} would miss some",
+            "report this model; export for a target with LayerNormalization (--target trt8.6)",
+        )
     names = fp32_node_names(model, opt.target.fp16_fp32_nodes)
     unsafe = unsafe_layer_names(names)
     if unsafe:
-        raise ExportError(f"node name {unsafe[0]!r} cannot be passed to trtexec --layerPrecisions",
-                          "report this model; its exporter named nodes with ',', ':' or spaces")
+        raise ExportError(
+            f"node name {unsafe[0]!r} cannot be passed to trtexec --layerPrecisions",
+            "report this model; its exporter named nodes with ',', ':' or spaces",
+        )
     return names
 
 
-def _fp16_step(work: Path, onnx_path: Path, images: np.ndarray, opt: _Options, fp32_nodes: list[str], scratch: Path,
-               timings: dict[str, float], say: Progress) -> tuple[dict, list[OnnxRuntimeRunner]]:
+def _fp16_step(
+    work: Path,
+    onnx_path: Path,
+    images: np.ndarray,
+    opt: _Options,
+    fp32_nodes: list[str],
+    scratch: Path,
+    timings: dict[str, float],
+    say: Progress,
+) -> tuple[dict, list[OnnxRuntimeRunner]]:
     """Write model_fp16.onnx (the target's FP32 nodes kept FP32); return its runners (ORT run, strict emulation in
     ``scratch``) for the parity and accuracy checks."""
     say("converting to FP16")
     started = time.perf_counter()
-    fp16 = convert_to_fp16(onnx_path, work / FP16_FILE, calibration=images[:FP16_CALIBRATION_IMAGES],
-                           keep_fp32_nodes=fp32_nodes)
+    fp16 = convert_to_fp16(
+        onnx_path, work / FP16_FILE, calibration=images[:FP16_CALIBRATION_IMAGES], keep_fp32_nodes=fp32_nodes
+    )
     timings["fp16_s"] = time.perf_counter() - started
     return fp16.to_json(), _fp16_runners(onnx_path, fp16.path, scratch)
 
 
-def _tensorrt_step(work: Path, onnx_path: Path, opt: _Options, fp32_nodes: list[str], timings: dict[str, float],
-                   say: Progress) -> tuple[dict[str, Any], TensorRTRunner | None]:
+def _tensorrt_step(
+    work: Path, onnx_path: Path, opt: _Options, fp32_nodes: list[str], timings: dict[str, float], say: Progress
+) -> tuple[dict[str, Any], TensorRTRunner | None]:
     """Build model.engine (+ model.engine.json) when TensorRT is in use and return its runner; else record why not."""
     info: dict[str, Any] = {"mode": opt.tensorrt, "used": opt.use_trt, "message": opt.trt_message, "build": None}
     if not opt.use_trt:
         return info, None
     say(f"building the TensorRT {opt.precision} engine")
-    build = build_engine(onnx_path, work / ENGINE_FILE, batch=opt.batch, precision=opt.precision,
-                         timing_cache_path=opt.timing_cache, fp16_onnx_path=work / FP16_FILE,
-                         int8_onnx_path=work / INT8_FILE, fp32_layers=fp32_nodes, target=opt.target.name)
+    build = build_engine(
+        onnx_path,
+        work / ENGINE_FILE,
+        batch=opt.batch,
+        precision=opt.precision,
+        timing_cache_path=opt.timing_cache,
+        fp16_onnx_path=work / FP16_FILE,
+        int8_onnx_path=work / INT8_FILE,
+        fp32_layers=fp32_nodes,
+        target=opt.target.name,
+    )
     info["build"] = build.to_json()
     timings["tensorrt_build_s"] = build.seconds
     return info, TensorRTRunner(build.path, name=f"tensorrt {opt.precision}")
 
 
-def _check_int8_request(precision: str, request: int8_mod.Int8Request | None, accuracy_set: AccuracySet | None,
-                        target: TargetProfile) -> None:
+def _check_int8_request(
+    precision: str, request: int8_mod.Int8Request | None, accuracy_set: AccuracySet | None, target: TargetProfile
+) -> None:
     """precision "int8" needs calibration images, labelled images for its gate, and a target that takes Q/DQ."""
     if precision != "int8":
         return
@@ -553,23 +712,28 @@ def _check_int8_request(precision: str, request: int8_mod.Int8Request | None, ac
     if request is None:
         raise UsageError("precision 'int8' needs calibration images", "pass int8=int8.select_calibration(...)")
     if accuracy_set is None:
-        raise UsageError("--precision int8 needs labelled images: task accuracy is the only honest INT8 gate",
-                         "drop --accuracy-images 0, or pass --images DIR/<class>/... with labelled images")
+        raise UsageError(
+            "--precision int8 needs labelled images: task accuracy is the only honest INT8 gate",
+            "drop --accuracy-images 0, or pass --images DIR/<class>/... with labelled images",
+        )
 
 
-def _int8_step(work: Path, onnx_path: Path, opt: _Options, scratch: Path, timings: dict[str, float],
-               say: Progress) -> tuple[int8_mod.Int8Graph, int8_mod.Calibration]:
+def _int8_step(
+    work: Path, onnx_path: Path, opt: _Options, scratch: Path, timings: dict[str, float], say: Progress
+) -> tuple[int8_mod.Int8Graph, int8_mod.Calibration]:
     """Calibrate on the request's images AS SHIPPED (the bundle's infer.py preprocessing) and write model_int8.onnx.
     The calibrated ranges stay in ``scratch`` for the fallback's re-quantizations."""
     request = opt.int8
     assert request is not None
     say(f"preprocessing {len(request.indices)} calibration images with the bundle's infer.py")
     started = time.perf_counter()
-    calibration = int8_mod.calibration_inputs(request, load_infer_module(work / INFER_FILE),
-                                              json.loads(json.dumps(opt.preprocessing)))
+    calibration = int8_mod.calibration_inputs(
+        request, load_infer_module(work / INFER_FILE), json.loads(json.dumps(opt.preprocessing))
+    )
     say(f"calibrating INT8 ({request.method}) on {len(calibration.inputs)} images of {request.source}")
-    graph = int8_mod.quantize(onnx_path, work / INT8_FILE, calibration.inputs, method=request.method,
-                              cache=_int8_cache(scratch))
+    graph = int8_mod.quantize(
+        onnx_path, work / INT8_FILE, calibration.inputs, method=request.method, cache=_int8_cache(scratch)
+    )
     timings["int8_calibration_s"] = time.perf_counter() - started
     return graph, calibration
 
@@ -578,19 +742,32 @@ def _int8_cache(scratch: Path) -> Path:
     return scratch / "int8_calibration.json"
 
 
-def _int8_gate(work: Path, onnx_path: Path, graph: int8_mod.Int8Graph, calibration: int8_mod.Calibration,
-               accuracy: AccuracyReport, opt: _Options, scratch: Path, timings: dict[str, float], say: Progress,
-               results: list[ParityResult], check) -> dict[str, Any]:
+def _int8_gate(
+    work: Path,
+    onnx_path: Path,
+    graph: int8_mod.Int8Graph,
+    calibration: int8_mod.Calibration,
+    accuracy: AccuracyReport,
+    opt: _Options,
+    scratch: Path,
+    timings: dict[str, float],
+    say: Progress,
+    results: list[ParityResult],
+    check,
+) -> dict[str, Any]:
     """The INT8 accuracy gate's outcome; when it failed, the sensitivity fallback (``int8.fallback``) and, when that
     passes, the report's INT8 rows replaced by the shipped graph's. Returns metadata.json's "int8" section."""
     name = "onnxruntime int8"
     index = next(i for i, r in enumerate(accuracy.results) if r.candidate == name)
     first = accuracy.results[index]
     kept = accuracy.kept or {}
-    info: dict[str, Any] = {**graph.to_json(), "calibration": calibration.to_json(),
-                            "tolerance": asdict(ACCURACY_INT8), "gate": {
-                                "accuracy": first.accuracy, "drop": first.drop, "passed": first.passed},
-                            "fallback": {"ran": False}}
+    info: dict[str, Any] = {
+        **graph.to_json(),
+        "calibration": calibration.to_json(),
+        "tolerance": asdict(ACCURACY_INT8),
+        "gate": {"accuracy": first.accuracy, "drop": first.drop, "passed": first.passed},
+        "fallback": {"ran": False},
+    }
     if first.passed or not opt.int8 or not opt.int8.fallback:
         if not first.passed:
             info["fallback"] = {"ran": False, "reason": "disabled"}
@@ -600,32 +777,47 @@ def _int8_gate(work: Path, onnx_path: Path, graph: int8_mod.Int8Graph, calibrati
     def result(path: Path):
         runner = OnnxRuntimeRunner(path, name=name)
         with runner:
-            pred = np.concatenate([runner.infer(kept["inputs"][i:i + 32]).argmax(axis=1)
-                                   for i in range(0, len(labels), 32)])
+            pred = np.concatenate(
+                [runner.infer(kept["inputs"][i : i + 32]).argmax(axis=1) for i in range(0, len(labels), 32)]
+            )
         return result_for(name, ACCURACY_INT8, True, pred, labels, ref_pred, accuracy.reference_accuracy)
 
     started = time.perf_counter()
+
     def gate(path: Path) -> tuple[float, bool]:
         verdict = result(path)
         return verdict.accuracy, verdict.passed
 
-    outcome = int8_mod.fallback(onnx_path, work / INT8_FILE, calibration.inputs, _int8_cache(scratch),
-                                opt.int8.method, gate, scratch, progress=say)
+    outcome = int8_mod.fallback(
+        onnx_path,
+        work / INT8_FILE,
+        calibration.inputs,
+        _int8_cache(scratch),
+        opt.int8.method,
+        gate,
+        scratch,
+        progress=say,
+    )
     timings["int8_fallback_s"] = time.perf_counter() - started
     info["fallback"] = outcome.to_json()
     if outcome.passed:
         accuracy.results[index] = result(work / INT8_FILE)
         placement = int8_mod.qdq_placement(work / INT8_FILE)
-        info.update(quantized=placement["quantized"], float_nodes=placement["float"],
-                    quantized_count=len(placement["quantized"]))
+        info.update(
+            quantized=placement["quantized"],
+            float_nodes=placement["float"],
+            quantized_count=len(placement["quantized"]),
+        )
         for i, r in enumerate(results):
             if r.candidate == name:
                 results[i] = check(OnnxRuntimeRunner(work / INT8_FILE, name=name), INT8, required=False)
         say(f"INT8 gate passes with {len(outcome.float_nodes)} node(s) float: {', '.join(outcome.float_nodes)}")
     else:
-        accuracy.notes.append(f"INT8 fallback found no graph that passes within its bound ({outcome.bound}); "
-                              f"best accuracy {100 * (outcome.best_accuracy or 0):.2f} % with "
-                              f"{len(outcome.float_nodes)} node(s) float")
+        accuracy.notes.append(
+            f"INT8 fallback found no graph that passes within its bound ({outcome.bound}); "
+            f"best accuracy {100 * (outcome.best_accuracy or 0):.2f} % with "
+            f"{len(outcome.float_nodes)} node(s) float"
+        )
     return info
 
 
@@ -640,24 +832,31 @@ def _check_int8_graph(path: Path, target: TargetProfile, fp32_nodes: Sequence[st
     if missing:
         problems.append(f"{len(missing)} FP32 LayerNorm node(s) of {target.name} are gone (first: {missing[0]})")
     if problems:
-        raise ExportError(f"{path.name} breaks the INT8 rules for {target.requested or target.name}: "
-                          f"{_first_problems(problems)}", "report this model; use --precision fp16 meanwhile")
+        raise ExportError(
+            f"{path.name} breaks the INT8 rules for {target.requested or target.name}: {_first_problems(problems)}",
+            "report this model; use --precision fp16 meanwhile",
+        )
 
 
 def _checker(expected: dict[str, np.ndarray], inputs: dict[str, np.ndarray], say: Progress):
     """compare() bound to the cached reference outputs and input sets."""
+
     def check(runner, tolerance, *, required: bool = True) -> ParityResult:
         say(f"checking {runner.name}")
-        return compare(expected, runner, inputs, tolerance, reference_name="reference (unmerged PyTorch)",
-                       required=required)
+        return compare(
+            expected, runner, inputs, tolerance, reference_name="reference (unmerged PyTorch)", required=required
+        )
+
     return check
 
 
 def _fp16_runners(onnx_path: Path, fp16_path: Path, scratch: Path) -> list[OnnxRuntimeRunner]:
     """The FP16 ONNX as ONNX Runtime runs it, and the strict rounding emulation (see fp16.py for why both)."""
     emulation = strict_fp16_emulation(onnx_path, fp16_path, scratch / "fp16_emulation.onnx")
-    return [OnnxRuntimeRunner(fp16_path, name="onnxruntime fp16"),
-            OnnxRuntimeRunner(emulation, name="fp16 emulation (strict rounding)")]
+    return [
+        OnnxRuntimeRunner(fp16_path, name="onnxruntime fp16"),
+        OnnxRuntimeRunner(emulation, name="fp16 emulation (strict rounding)"),
+    ]
 
 
 def _simplified_or_original(work: Path, onnx_path: Path, opt: _Options, check, notes: list[str]):
@@ -668,8 +867,9 @@ def _simplified_or_original(work: Path, onnx_path: Path, opt: _Options, check, n
     slim_path = work / "model.slim.onnx"
     info = simplify_onnx(onnx_path, slim_path)
     if info.applied:
-        added = set(check_tensorrt_readiness(slim_path, target=opt.target).problems) - \
-            set(check_tensorrt_readiness(onnx_path, target=opt.target).problems)
+        added = set(check_tensorrt_readiness(slim_path, target=opt.target).problems) - set(
+            check_tensorrt_readiness(onnx_path, target=opt.target).problems
+        )
         result = check(OnnxRuntimeRunner(slim_path, name="onnxruntime fp32"), ONNX_FP32)
         if result.passed and not added:
             os.replace(slim_path, onnx_path)
@@ -691,9 +891,11 @@ def _handle_readiness(problems: list[str], tensorrt: str, warnings: list[str], t
     if tensorrt == "off":
         warnings.extend(f"TensorRT readiness ({name}): {p}" for p in problems)
         return
-    raise ExportError(f"the ONNX graph is not TensorRT-ready for {name}: {_first_problems(problems)}",
-                      "choose another --target (see `peftx targets`), pass --tensorrt off for an ONNX-only bundle, "
-                      "or change the model")
+    raise ExportError(
+        f"the ONNX graph is not TensorRT-ready for {name}: {_first_problems(problems)}",
+        "choose another --target (see `peftx targets`), pass --tensorrt off for an ONNX-only bundle, "
+        "or change the model",
+    )
 
 
 def _check_atol(ort_result: ParityResult) -> dict[str, float]:
@@ -702,9 +904,16 @@ def _check_atol(ort_result: ParityResult) -> dict[str, float]:
     return {"fp32": TENSORRT_FP32.bound(scale), "fp16": FP16.bound(scale)}
 
 
-def render_build_script(onnx_path: str | Path, batch: tuple[int, int, int], precision: str, *,
-                        target: TargetProfile | None = None, ready: bool = True, fp32_layers: Sequence[str] = (),
-                        check_atol: Mapping[str, float] | None = None) -> str:
+def render_build_script(
+    onnx_path: str | Path,
+    batch: tuple[int, int, int],
+    precision: str,
+    *,
+    target: TargetProfile | None = None,
+    ready: bool = True,
+    fp32_layers: Sequence[str] = (),
+    check_atol: Mapping[str, float] | None = None,
+) -> str:
     """build_engine.sh for this graph: input name and C/H/W from the ONNX, min/opt/max from ``batch``, the target's
     floor and FP32 layers, and whether its readiness passed (the script refuses to build an unready bundle)."""
     import onnx
@@ -716,16 +925,32 @@ def render_build_script(onnx_path: str | Path, batch: tuple[int, int, int], prec
     rest = [d.dim_value for d in tensor.type.tensor_type.shape.dim][1:]
     shape = lambda n: "x".join(str(d) for d in (n, *rest))  # noqa: E731 - trtexec's NxCxHxW
     atol = {"fp32": 1e-3, "fp16": 1e-2, **(check_atol or {})}
-    label = target.name if not target.requested or target.requested == target.name else \
-        f"{target.requested} ({target.name})"
-    values = {"INPUT_NAME": tensor.name, "INPUT_DIMS": "batch x " + " x ".join(map(str, rest)),
-              "PRECISION": precision, "MIN_BATCH": batch[0], "OPT_BATCH": batch[1], "MAX_BATCH": batch[2],
-              "MIN_SHAPE": shape(batch[0]), "OPT_SHAPE": shape(batch[1]), "MAX_SHAPE": shape(batch[2]),
-              "OPT_BATCH_DIMS": ",".join(str(d) for d in (batch[1], *rest)), "TARGET": target.name,
-              "TARGET_LABEL": label, "TARGET_MIN": target.tensorrt_min, "READY": int(bool(ready)),
-              "LAYER_SPEC": ",".join(f"{name}:fp32" for name in fp32_layers), "FP32_LAYER_COUNT": len(fp32_layers),
-              "INT8_FLAGS": " ".join(_int8_trtexec_flags(target)),
-              "CHECK_ATOL_FP32": f"{atol['fp32']:.3g}", "CHECK_ATOL_FP16": f"{atol['fp16']:.3g}"}
+    label = (
+        target.name
+        if not target.requested or target.requested == target.name
+        else f"{target.requested} ({target.name})"
+    )
+    values = {
+        "INPUT_NAME": tensor.name,
+        "INPUT_DIMS": "batch x " + " x ".join(map(str, rest)),
+        "PRECISION": precision,
+        "MIN_BATCH": batch[0],
+        "OPT_BATCH": batch[1],
+        "MAX_BATCH": batch[2],
+        "MIN_SHAPE": shape(batch[0]),
+        "OPT_SHAPE": shape(batch[1]),
+        "MAX_SHAPE": shape(batch[2]),
+        "OPT_BATCH_DIMS": ",".join(str(d) for d in (batch[1], *rest)),
+        "TARGET": target.name,
+        "TARGET_LABEL": label,
+        "TARGET_MIN": target.tensorrt_min,
+        "READY": int(bool(ready)),
+        "LAYER_SPEC": ",".join(f"{name}:fp32" for name in fp32_layers),
+        "FP32_LAYER_COUNT": len(fp32_layers),
+        "INT8_FLAGS": " ".join(_int8_trtexec_flags(target)),
+        "CHECK_ATOL_FP32": f"{atol['fp32']:.3g}",
+        "CHECK_ATOL_FP16": f"{atol['fp16']:.3g}",
+    }
     text = _template("build_engine.sh.in")
     for key, value in values.items():
         text = text.replace(f"@{key}@", str(value))
@@ -746,50 +971,87 @@ def _preprocessing(data_config: Mapping[str, Any]) -> dict[str, Any]:
     return contract(data_config)
 
 
-def _onnx_metadata(preprocessing: dict, class_names: list[str], provenance: Mapping[str, Any],
-                   target: TargetProfile) -> dict[str, str]:
-    return {"preprocessing": json.dumps(preprocessing), "class_names": json.dumps(class_names),
-            "num_classes": str(len(class_names)), "provenance": json.dumps(provenance, default=str, sort_keys=True),
-            "peftx_version": peftx.__version__, "peftx_target": target.requested or target.name,
-            "peftx_target_profile": target.name, "peftx_target_tensorrt_min": target.tensorrt_min}
+def _onnx_metadata(
+    preprocessing: dict, class_names: list[str], provenance: Mapping[str, Any], target: TargetProfile
+) -> dict[str, str]:
+    return {
+        "preprocessing": json.dumps(preprocessing),
+        "class_names": json.dumps(class_names),
+        "num_classes": str(len(class_names)),
+        "provenance": json.dumps(provenance, default=str, sort_keys=True),
+        "peftx_version": peftx.__version__,
+        "peftx_target": target.requested or target.name,
+        "peftx_target_profile": target.name,
+        "peftx_target_tensorrt_min": target.tensorrt_min,
+    }
 
 
 def _metadata(report: BundleReport, onnx_path: Path, opt: _Options) -> dict[str, Any]:
     props = read_metadata(onnx_path)
     batch, prep, class_names = opt.batch, opt.preprocessing, opt.class_names
     return {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "status": report.status, "created_at": _now(),
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "status": report.status,
+        "created_at": _now(),
         "precision": opt.precision,
         "input": {"name": INPUT_NAME, "shape": ["batch", *prep["input_size"]], "dtype": "float32"},
         "output": {"name": OUTPUT_NAME, "shape": ["batch", len(class_names)], "dtype": "float32"},
         "batch": {"min": batch[0], "opt": batch[1], "max": batch[2]},
-        "preprocessing": prep, "num_classes": len(class_names), "class_names": class_names,
+        "preprocessing": prep,
+        "num_classes": len(class_names),
+        "class_names": class_names,
         "provenance": json.loads(json.dumps(opt.provenance, default=str)),
-        "artifacts": {"onnx": ONNX_FILE, "onnx_fp16": FP16_FILE,
-                      "onnx_int8": INT8_FILE if (report.out_dir / INT8_FILE).exists() else None,
-                      "engine": ENGINE_FILE if (report.out_dir / ENGINE_FILE).exists() else None,
-                      "engine_manifest": MANIFEST_FILE if (report.out_dir / MANIFEST_FILE).exists() else None,
-                      "infer": INFER_FILE, "build_script": BUILD_SCRIPT_FILE},
+        "artifacts": {
+            "onnx": ONNX_FILE,
+            "onnx_fp16": FP16_FILE,
+            "onnx_int8": INT8_FILE if (report.out_dir / INT8_FILE).exists() else None,
+            "engine": ENGINE_FILE if (report.out_dir / ENGINE_FILE).exists() else None,
+            "engine_manifest": MANIFEST_FILE if (report.out_dir / MANIFEST_FILE).exists() else None,
+            "infer": INFER_FILE,
+            "build_script": BUILD_SCRIPT_FILE,
+        },
         "sha256": report.sha256,
-        "onnx": {"exporter": props.get("onnx_exporter"), "ops": op_histogram(onnx_path),
-                 "params": param_count(onnx_path), "simplify": report.simplify},
-        "target": {**target_summary(opt.target), "ready": report.readiness.ok,
-                   "fp32_nodes_in_fp16_builds": len(report.fp32_nodes)},
-        "fp16": report.fp16, "int8": report.int8, "tensorrt": report.tensorrt,
-        "trt_readiness": {"ok": report.readiness.ok, "problems": len(report.readiness.problems),
-                          "target": opt.target.name, "tensorrt_version_checked": report.readiness.tensorrt_version,
-                          "files": sorted(report.readiness.files), "file": READINESS_FILE},
-        "parity": _parity_summary(report.parity), "accuracy": _accuracy_summary(report.parity.accuracy),
-        "reference_set": report.reference_set, "deepstream": report.deepstream,
-        "timings": report.timings, "warnings": report.warnings,
+        "onnx": {
+            "exporter": props.get("onnx_exporter"),
+            "ops": op_histogram(onnx_path),
+            "params": param_count(onnx_path),
+            "simplify": report.simplify,
+        },
+        "target": {
+            **target_summary(opt.target),
+            "ready": report.readiness.ok,
+            "fp32_nodes_in_fp16_builds": len(report.fp32_nodes),
+        },
+        "fp16": report.fp16,
+        "int8": report.int8,
+        "tensorrt": report.tensorrt,
+        "trt_readiness": {
+            "ok": report.readiness.ok,
+            "problems": len(report.readiness.problems),
+            "target": opt.target.name,
+            "tensorrt_version_checked": report.readiness.tensorrt_version,
+            "files": sorted(report.readiness.files),
+            "file": READINESS_FILE,
+        },
+        "parity": _parity_summary(report.parity),
+        "accuracy": _accuracy_summary(report.parity.accuracy),
+        "reference_set": report.reference_set,
+        "deepstream": report.deepstream,
+        "timings": report.timings,
+        "warnings": report.warnings,
         "versions": _versions(),
     }
 
 
 def _parity_summary(parity: ParityReport) -> dict[str, Any]:
-    return {"passed": parity.passed, "failed": [r.candidate for r in parity.failed],
-            "checked": [r.candidate for r in parity.results], "file": PARITY_FILE,
-            "accuracy_failures": parity.accuracy.failures() if parity.accuracy is not None else []}
+    return {
+        "passed": parity.passed,
+        "failed": [r.candidate for r in parity.failed],
+        "checked": [r.candidate for r in parity.results],
+        "file": PARITY_FILE,
+        "accuracy_failures": parity.accuracy.failures() if parity.accuracy is not None else [],
+    }
 
 
 def _accuracy_summary(accuracy: AccuracyReport | None) -> dict[str, Any]:
@@ -797,7 +1059,7 @@ def _accuracy_summary(accuracy: AccuracyReport | None) -> dict[str, Any]:
 
 
 def _accuracy_tolerance(parity_tolerance) -> Any:
-    """The accuracy tolerance for an artifact checked with ``parity_tolerance`` (FP16 artifacts: FP16's, INT8: INT8's)."""
+    """The accuracy tolerance for an artifact checked with ``parity_tolerance`` (FP16: FP16's, INT8: INT8's)."""
     return ACCURACY_FP16 if parity_tolerance is FP16 else ACCURACY_INT8 if parity_tolerance is INT8 else ACCURACY_FP32
 
 
@@ -807,9 +1069,15 @@ def _versions() -> dict[str, str]:
     import PIL
 
     # numpy and Pillow made the reference set's tensors: a device that preprocesses differently is told which ones
-    versions = {"python": platform.python_version(), "peftx": peftx.__version__, "torch": torch.__version__,
-                "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
-                "pillow": PIL.__version__}
+    versions = {
+        "python": platform.python_version(),
+        "peftx": peftx.__version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+    }
     try:
         import timm
 
@@ -820,8 +1088,10 @@ def _versions() -> dict[str, str]:
 
 
 def _parity_error(report: ParityReport, where: Path) -> ParityError:
-    return ParityError(f"parity failed for {'; '.join(report.failure_lines())}",
-                       f"inspect {where / PARITY_FILE}; the bundle is marked failed")
+    return ParityError(
+        f"parity failed for {'; '.join(report.failure_lines())}",
+        f"inspect {where / PARITY_FILE}; the bundle is marked failed",
+    )
 
 
 # --- validation of arguments ------------------------------------------------------------------------------------
@@ -831,8 +1101,9 @@ def _validate_inputs(input_size, data_config, class_names, images, batch, precis
     if precision not in ("fp32", "fp16", "int8"):
         raise UsageError(f"precision must be 'fp32', 'fp16' or 'int8', got {precision!r}", "use precision='fp32'")
     if len(batch) != 3 or not 1 <= batch[0] <= batch[1] <= batch[2]:
-        raise UsageError(f"batch must be (min, opt, max) with 1 <= min <= opt <= max, got {batch}",
-                         "e.g. batch=(1, 8, 32)")
+        raise UsageError(
+            f"batch must be (min, opt, max) with 1 <= min <= opt <= max, got {batch}", "e.g. batch=(1, 8, 32)"
+        )
     if parity_max_batch < 1:
         raise UsageError(f"parity_max_batch must be >= 1, got {parity_max_batch}", "use the default of 32")
     missing = [key for key in _DATA_CONFIG_KEYS if key not in data_config]
@@ -840,8 +1111,10 @@ def _validate_inputs(input_size, data_config, class_names, images, batch, precis
         raise UsageError(f"data_config lacks {', '.join(missing)}", "pass timm.data.resolve_data_config(model=...)")
     contract(data_config)  # a crop mode, interpolation or crop_pct the shipped infer.py cannot reproduce fails here
     if tuple(data_config["input_size"]) != tuple(input_size):
-        raise UsageError(f"data_config input_size {tuple(data_config['input_size'])} != input_size {tuple(input_size)}",
-                         "export at the size the preprocessing produces")
+        raise UsageError(
+            f"data_config input_size {tuple(data_config['input_size'])} != input_size {tuple(input_size)}",
+            "export at the size the preprocessing produces",
+        )
     if not class_names:
         raise UsageError("class_names is empty", "pass one name per output class")
     return _images_array(images, input_size)
@@ -850,8 +1123,10 @@ def _validate_inputs(input_size, data_config, class_names, images, batch, precis
 def _images_array(images: torch.Tensor | np.ndarray, input_size: Sequence[int]) -> np.ndarray:
     array = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     if array.ndim != 4 or tuple(array.shape[1:]) != tuple(input_size) or len(array) == 0:
-        raise UsageError(f"images must be [N, {', '.join(map(str, input_size))}] with N >= 1, got {list(array.shape)}",
-                         "pass real images preprocessed with the bundle's data_config")
+        raise UsageError(
+            f"images must be [N, {', '.join(map(str, input_size))}] with N >= 1, got {list(array.shape)}",
+            "pass real images preprocessed with the bundle's data_config",
+        )
     if not np.isfinite(array).all():
         raise UsageError("images contain NaN or Inf", "check the preprocessing")
     return np.ascontiguousarray(array, dtype=np.float32)
@@ -860,8 +1135,10 @@ def _images_array(images: torch.Tensor | np.ndarray, input_size: Sequence[int]) 
 def _check_class_count(expected: Mapping[str, np.ndarray], class_names: Sequence[str]) -> None:
     width = next(iter(expected.values())).shape[-1]
     if width != len(class_names):
-        raise UsageError(f"the model has {width} outputs but {len(class_names)} class names were given",
-                         "pass one name per output class")
+        raise UsageError(
+            f"the model has {width} outputs but {len(class_names)} class names were given",
+            "pass one name per output class",
+        )
 
 
 # --- files ------------------------------------------------------------------------------------------------------
@@ -871,12 +1148,13 @@ def _check_destination(out_dir: Path, force: bool) -> None:
     if not out_dir.exists():
         return
     if not force:
-        raise OutputError(f"{out_dir} already exists",
-                          "pass --force to replace it, or choose another --output")
+        raise OutputError(f"{out_dir} already exists", "pass --force to replace it, or choose another --output")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / METADATA_FILE).exists():
         # force replaces bundles, never an arbitrary non-empty directory someone pointed us at by mistake
-        raise OutputError(f"{out_dir} exists and is not a peftx bundle; refusing to replace it",
-                          "remove it yourself or choose another path")
+        raise OutputError(
+            f"{out_dir} exists and is not a peftx bundle; refusing to replace it",
+            "remove it yourself or choose another path",
+        )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -894,7 +1172,7 @@ def remove_stale_workdirs(out_dir: Path) -> list[Path]:
     loss): its PID no longer exists. A live PID, even a recycled one, keeps its directory (the safe side)."""
     removed = []
     for p in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.pid*.partial"):
-        pid = p.name[len(out_dir.name) + 5:].split(".", 1)[0]
+        pid = p.name[len(out_dir.name) + 5 :].split(".", 1)[0]
         if pid.isdigit() and not _pid_alive(int(pid)) and p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
@@ -907,8 +1185,9 @@ def _make_workdir(out_dir: Path) -> Path:
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_workdirs(out_dir)
-        work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.pid{os.getpid()}.", suffix=".partial",
-                                     dir=out_dir.parent))
+        work = Path(
+            tempfile.mkdtemp(prefix=f".{out_dir.name}.pid{os.getpid()}.", suffix=".partial", dir=out_dir.parent)
+        )
     except OSError as exc:
         raise OutputError(f"cannot create a directory in {out_dir.parent}: {exc}", "check permissions") from exc
     work.chmod(0o755)  # mkdtemp makes it 0700; a bundle is meant to be shared

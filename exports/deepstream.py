@@ -45,13 +45,16 @@ def single_scale(mean: Sequence[float], std: Sequence[float]) -> SingleScale:
     reach = [max(o, 255.0 - o) for o in offsets]
 
     def worst(k: float) -> float:
-        return max(abs(k - kc) * r for kc, r in zip(scales, reach))
+        return max(abs(k - kc) * r for kc, r in zip(scales, reach, strict=True))
 
-    candidates = list(scales) + [(scales[i] * reach[i] + scales[j] * reach[j]) / (reach[i] + reach[j])
-                                 for i, j in itertools.combinations(range(len(scales)), 2)]
+    candidates = list(scales) + [
+        (scales[i] * reach[i] + scales[j] * reach[j]) / (reach[i] + reach[j])
+        for i, j in itertools.combinations(range(len(scales)), 2)
+    ]
     best = min(candidates, key=worst)
-    return SingleScale(best, offsets, scales, worst(best), max(abs(best / kc - 1.0) for kc in scales),
-                       len(set(std)) == 1)
+    return SingleScale(
+        best, offsets, scales, worst(best), max(abs(best / kc - 1.0) for kc in scales), len(set(std)) == 1
+    )
 
 
 @dataclass(frozen=True)
@@ -68,22 +71,39 @@ def geometry(prep: Mapping[str, Any]) -> Geometry:
     """What nvinfer does with a frame against the bundle's crop mode (peftx.preprocess)."""
     mode, crop = prep["crop_mode"], float(prep["crop_pct"])
     _, h, w = prep["input_size"]
-    filt = (f"nvinfer scales with its own filter (scaling-filter; ours is PIL {prep['interpolation']} with "
-            "antialiasing), so pixels differ slightly: check accuracy on the device")
+    filt = (
+        f"nvinfer scales with its own filter (scaling-filter; ours is PIL {prep['interpolation']} with "
+        "antialiasing), so pixels differ slightly: check accuracy on the device"
+    )
     if mode == "squash" and crop == 1.0:
         return Geometry(0, 0, True, f"squash at crop_pct 1: the whole frame scaled to {w}x{h}, as nvinfer does; {filt}")
     upstream = "crop the frame upstream (nvvideoconvert src-crop, or an nvdspreprocess ROI) and let nvinfer scale it"
     if mode == "squash":
-        return Geometry(0, 0, False, f"squash at crop_pct {crop:g}: ours keeps the central {crop:.1%} of each side, "
-                                     f"nvinfer scales the whole frame: {upstream}, or re-train with --crop-pct 1")
+        return Geometry(
+            0,
+            0,
+            False,
+            f"squash at crop_pct {crop:g}: ours keeps the central {crop:.1%} of each side, "
+            f"nvinfer scales the whole frame: {upstream}, or re-train with --crop-pct 1",
+        )
     if mode == "center":
-        return Geometry(0, 0, False, f"center: ours keeps the aspect ratio and centre-crops {w}:{h} "
-                                     f"({crop:.1%} of the shorter side); nvinfer cannot crop: {upstream} to that "
-                                     "centred region, or re-train with --crop-mode squash")
-    return Geometry(1, 1, False, "border: both keep the aspect ratio and pad symmetrically, but nvinfer pads black "
-                                 "where ours pads the mean colour (0 after normalisation)"
-                                 + (f", and ours then keeps the central {crop:.1%}" if crop < 1.0 else "")
-                                 + "; re-train with --crop-mode squash for an exact match")
+        return Geometry(
+            0,
+            0,
+            False,
+            f"center: ours keeps the aspect ratio and centre-crops {w}:{h} "
+            f"({crop:.1%} of the shorter side); nvinfer cannot crop: {upstream} to that "
+            "centred region, or re-train with --crop-mode squash",
+        )
+    return Geometry(
+        1,
+        1,
+        False,
+        "border: both keep the aspect ratio and pad symmetrically, but nvinfer pads black "
+        "where ours pads the mean colour (0 after normalisation)"
+        + (f", and ours then keeps the central {crop:.1%}" if crop < 1.0 else "")
+        + "; re-train with --crop-mode squash for an exact match",
+    )
 
 
 def labels_text(class_names: Sequence[str]) -> tuple[str, list[str]]:
@@ -98,14 +118,18 @@ def labels_text(class_names: Sequence[str]) -> tuple[str, list[str]]:
     return ";".join(cleaned) + "\n", warnings
 
 
-def render_config(prep: Mapping[str, Any], *, precision: str, onnx_file: str, batch: int, output_name: str,
-                  tensorrt_note: str = "") -> tuple[str, dict[str, Any]]:
+def render_config(
+    prep: Mapping[str, Any], *, precision: str, onnx_file: str, batch: int, output_name: str, tensorrt_note: str = ""
+) -> tuple[str, dict[str, Any]]:
     """config_infer_primary.txt (a primary classifier on full frames) and metadata.json's ``deepstream`` entry."""
     scale, geo = single_scale(prep["mean"], prep["std"]), geometry(prep)
     _, h, w = prep["input_size"]
-    error = ("exact (one std for every channel)" if scale.exact else
-             f"max error {scale.max_abs_error:.3g} on the normalised input ({scale.max_rel_error:.2%} of the "
-             "per-channel scale): check accuracy on the device, or normalise per channel in your own code")
+    error = (
+        "exact (one std for every channel)"
+        if scale.exact
+        else f"max error {scale.max_abs_error:.3g} on the normalised input ({scale.max_rel_error:.2%} of the "
+        "per-channel scale): check accuracy on the device, or normalise per channel in your own code"
+    )
     lines = [
         "# Gst-nvinfer config for this peftx bundle: a primary classifier on full frames (edit paths and batch-size).",
         "# nvinfer computes y = net-scale-factor * (x - offsets[c]), x in 0..255, ONE scale for all channels; the",

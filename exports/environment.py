@@ -35,10 +35,17 @@ def _torch_facts() -> dict[str, Any]:
     gpu = None
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability(0)
-        gpu = {"name": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}",
-               "count": torch.cuda.device_count()}
-    return {"version": torch.__version__, "cuda_build": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
-            "gpu": gpu}
+        gpu = {
+            "name": torch.cuda.get_device_name(0),
+            "compute_capability": f"{major}.{minor}",
+            "count": torch.cuda.device_count(),
+        }
+    return {
+        "version": torch.__version__,
+        "cuda_build": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "gpu": gpu,
+    }
 
 
 def _onnxruntime_facts() -> dict[str, Any]:
@@ -61,10 +68,16 @@ def doctor_report(root: Path = Path("/")) -> dict[str, Any]:
         jetson = {**jetson, "jetpack": jetpack_for_l4t(jetson["l4t"]) if jetson.get("l4t") else None}
     auto, why = auto_target(found.version, (jetson or {}).get("l4t"))
     return {
-        "python": platform.python_version(), "machine": platform.machine(), "peftx": peftx.__version__,
-        "torch": _torch_facts(), "onnx": _dist_version("onnx"), "onnxruntime": _onnxruntime_facts(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "peftx": peftx.__version__,
+        "torch": _torch_facts(),
+        "onnx": _dist_version("onnx"),
+        "onnxruntime": _onnxruntime_facts(),
         "tensorrt": {"version": found.version, "usable": found.reason is None, "reason": found.reason},
-        "polygraphy": _dist_version("polygraphy"), "cuda_python": _dist_version("cuda-python", "cuda-bindings"),
-        "onnxslim": _dist_version("onnxslim"), "jetson": jetson,
+        "polygraphy": _dist_version("polygraphy"),
+        "cuda_python": _dist_version("cuda-python", "cuda-bindings"),
+        "onnxslim": _dist_version("onnxslim"),
+        "jetson": jetson,
         "auto_target": {"name": auto.name, "tensorrt_min": auto.tensorrt_min, "why": why},
     }

@@ -41,9 +41,18 @@ from onnx import numpy_helper
 from peftx.errors import ExportError
 
 FP32_OPS: tuple[str, ...] = (
-    "LayerNormalization", "GroupNormalization", "InstanceNormalization",  # variance = mean of squares
-    "Softmax", "LogSoftmax", "Exp",  # exp overflows FP16 above ~11
-    "Pow", "Sqrt", "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2",  # decomposed norms, long sums
+    "LayerNormalization",
+    "GroupNormalization",
+    "InstanceNormalization",  # variance = mean of squares
+    "Softmax",
+    "LogSoftmax",
+    "Exp",  # exp overflows FP16 above ~11
+    "Pow",
+    "Sqrt",
+    "ReduceMean",
+    "ReduceSum",
+    "ReduceSumSquare",
+    "ReduceL2",  # decomposed norms, long sums
 )
 
 # FP16's largest finite value is 65504. A node whose calibration inputs/outputs exceed 1e4 is within a factor 6.5 of
@@ -64,9 +73,14 @@ class Fp16Result:
     pinned_nodes: list[str] = field(default_factory=list)  # the target's FP32 nodes (a subset of blocked_nodes)
 
     def to_json(self) -> dict:
-        return {"path": self.path.name, "blocked_ops": self.blocked_ops, "blocked_nodes": self.blocked_nodes,
-                "pinned_nodes": self.pinned_nodes, "calibration_max_abs": self.calibration_max_abs,
-                "fp16_safe_max": FP16_SAFE_MAX}
+        return {
+            "path": self.path.name,
+            "blocked_ops": self.blocked_ops,
+            "blocked_nodes": self.blocked_nodes,
+            "pinned_nodes": self.pinned_nodes,
+            "calibration_max_abs": self.calibration_max_abs,
+            "fp16_safe_max": FP16_SAFE_MAX,
+        }
 
 
 def convert_to_fp16(
@@ -94,8 +108,10 @@ def convert_to_fp16(
     pinned = list(keep_fp32_nodes)
     missing = sorted(set(pinned) - {n.name for n in model.graph.node})
     if missing:
-        raise ExportError(f"nodes to keep FP32 are not in {src.name}: {', '.join(missing[:3])}",
-                          "pass node names of this graph (see peftx.exports.layernorm)")
+        raise ExportError(
+            f"nodes to keep FP32 are not in {src.name}: {', '.join(missing[:3])}",
+            "pass node names of this graph (see peftx.exports.layernorm)",
+        )
     nodes = list(dict.fromkeys([*pinned, *nodes]))
     try:
         fp16 = convert_float_to_float16(model, keep_io_types=True, op_block_list=ops, node_block_list=nodes or None)
@@ -105,8 +121,10 @@ def convert_to_fp16(
         onnx.save(fp16, str(dst))
         onnx.checker.check_model(str(dst), full_check=True)
     except Exception as exc:  # noqa: BLE001 - surface any converter/checker failure as an export failure
-        raise ExportError(f"FP16 conversion of {src.name} failed: {type(exc).__name__}: {exc}",
-                          "export FP32 only (precision='fp32') and report the model") from exc
+        raise ExportError(
+            f"FP16 conversion of {src.name} failed: {type(exc).__name__}: {exc}",
+            "export FP32 only (precision='fp32') and report the model",
+        ) from exc
     return Fp16Result(dst, sorted(set(op_block_list)), nodes, seen_max, pinned)
 
 
@@ -123,10 +141,18 @@ def strict_fp16_emulation(fp32_path: str | Path, fp16_path: str | Path, dst: str
         for j, name in enumerate(node.output):
             if name in half:
                 node.output[j] = f"{name}__fp32"
-                round_trips += [onnx.helper.make_node("Cast", [f"{name}__fp32"], [f"{name}__fp16"],
-                                                      name=f"{name}__to_fp16", to=onnx.TensorProto.FLOAT16),
-                                onnx.helper.make_node("Cast", [f"{name}__fp16"], [name],
-                                                      name=f"{name}__to_fp32", to=onnx.TensorProto.FLOAT)]
+                round_trips += [
+                    onnx.helper.make_node(
+                        "Cast",
+                        [f"{name}__fp32"],
+                        [f"{name}__fp16"],
+                        name=f"{name}__to_fp16",
+                        to=onnx.TensorProto.FLOAT16,
+                    ),
+                    onnx.helper.make_node(
+                        "Cast", [f"{name}__fp16"], [name], name=f"{name}__to_fp32", to=onnx.TensorProto.FLOAT
+                    ),
+                ]
     model.graph.node.extend(round_trips)
     _toposort(model.graph)
     del model.graph.value_info[:]  # stale: outputs were renamed
@@ -139,8 +165,11 @@ def _half_tensors(fp16_model: onnx.ModelProto) -> set[str]:
     graph = onnx.shape_inference.infer_shapes(fp16_model).graph
     produced = {out for node in graph.node for out in node.output}
     half = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT16}
-    half |= {v.name for v in graph.value_info
-             if v.name in produced and v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16}
+    half |= {
+        v.name
+        for v in graph.value_info
+        if v.name in produced and v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    }
     return half
 
 
@@ -154,8 +183,13 @@ def large_magnitude_nodes(
 ) -> tuple[list[str], float]:
     """Nodes reading or writing a float value with |value| > ``safe_max`` on ``calibration``, and the max seen."""
     peaks = _float_tensor_peaks(model, calibration)
-    peaks.update({t.name: _peak(numpy_helper.to_array(t)) for t in model.graph.initializer
-                  if t.data_type == onnx.TensorProto.FLOAT})
+    peaks.update(
+        {
+            t.name: _peak(numpy_helper.to_array(t))
+            for t in model.graph.initializer
+            if t.data_type == onnx.TensorProto.FLOAT
+        }
+    )
     hot = {name for name, peak in peaks.items() if peak > safe_max}
     nodes = [n.name for n in model.graph.node if hot.intersection(n.input) or hot.intersection(n.output)]
     if any(not name for name in nodes):
@@ -166,14 +200,17 @@ def large_magnitude_nodes(
 def _float_tensor_peaks(model: onnx.ModelProto, calibration: np.ndarray) -> dict[str, float]:
     """max |value| of every FP32 activation, exposing a chunk of tensors as graph outputs per ONNX Runtime run."""
     inferred = onnx.shape_inference.infer_shapes(model)
-    names = [vi.name for vi in [*inferred.graph.value_info, *inferred.graph.output]
-             if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
+    names = [
+        vi.name
+        for vi in [*inferred.graph.value_info, *inferred.graph.output]
+        if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    ]
     feed_name = next(i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor addressable
     peaks: dict[str, float] = {feed_name: _peak(calibration)}
     for start in range(0, len(names), _TENSORS_PER_RUN):
-        chunk = names[start:start + _TENSORS_PER_RUN]
+        chunk = names[start : start + _TENSORS_PER_RUN]
         probe = onnx.ModelProto()
         probe.CopyFrom(model)
         del probe.graph.output[:]
@@ -206,8 +243,11 @@ def _drop_half_round_trips(model: onnx.ModelProto) -> int:
         if not _is_cast_to(node, onnx.TensorProto.FLOAT) or node.output[0] in graph_outputs:
             continue
         j = producer.get(node.input[0])
-        if j is not None and _is_cast_to(nodes[j], onnx.TensorProto.FLOAT16) \
-                and types.get(nodes[j].input[0]) == onnx.TensorProto.FLOAT:
+        if (
+            j is not None
+            and _is_cast_to(nodes[j], onnx.TensorProto.FLOAT16)
+            and types.get(nodes[j].input[0]) == onnx.TensorProto.FLOAT
+        ):
             rename[node.output[0]] = nodes[j].input[0]
             dropped.add(i)
             first_casts.add(j)

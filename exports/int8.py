@@ -69,8 +69,7 @@ class Calibration:
     per_class: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"images": len(self.inputs), "source": self.source, "seed": self.seed,
-                "per_class": self.per_class}
+        return {"images": len(self.inputs), "source": self.source, "seed": self.seed, "per_class": self.per_class}
 
 
 @dataclass(frozen=True)
@@ -88,8 +87,10 @@ class Int8Request:
 
 def check_method(method: str) -> CalibrationMethod:
     if method not in CALIBRATION_METHODS:
-        raise UsageError(f"--calibration-method {method!r} is not one of {', '.join(CALIBRATION_METHODS)}",
-                         "use minmax (the default), entropy or percentile")
+        raise UsageError(
+            f"--calibration-method {method!r} is not one of {', '.join(CALIBRATION_METHODS)}",
+            "use minmax (the default), entropy or percentile",
+        )
     return method  # type: ignore[return-value]
 
 
@@ -97,27 +98,36 @@ def check_target(target: TargetProfile) -> None:
     """A target that cannot take a Q/DQ graph with per-channel weights is refused before anything is done."""
     name = target.requested or target.name
     if not target.int8.qdq or not target.int8.zero_point_zero:
-        raise UsageError(f"--precision int8: target {name} takes no symmetric Q/DQ (explicitly quantized) graph",
-                         "choose a target with INT8 (see `peftx targets`), or --precision fp16")
+        raise UsageError(
+            f"--precision int8: target {name} takes no symmetric Q/DQ (explicitly quantized) graph",
+            "choose a target with INT8 (see `peftx targets`), or --precision fp16",
+        )
     if target.export_opset < target.int8.per_channel_min_opset:
-        raise UsageError(f"--precision int8: target {name} exports at opset {target.export_opset}, per-channel "
-                         f"weight scales need opset >= {target.int8.per_channel_min_opset}",
-                         "choose a newer target (see `peftx targets`)")
+        raise UsageError(
+            f"--precision int8: target {name} exports at opset {target.export_opset}, per-channel "
+            f"weight scales need opset >= {target.int8.per_channel_min_opset}",
+            "choose a newer target (see `peftx targets`)",
+        )
 
 
-def select_calibration(dataset: Any, labels: Sequence[int], n: int, seed: int, source: str,
-                       method: str = "minmax") -> Int8Request:
+def select_calibration(
+    dataset: Any, labels: Sequence[int], n: int, seed: int, source: str, method: str = "minmax"
+) -> Int8Request:
     """``n`` images of ``dataset`` (its TRAINING split), seeded and class-stratified: each class gives its share of
     ``n`` (largest remainders), drawn by one generator; fewer than MIN_CALIBRATION_IMAGES available is a DataError."""
     method = check_method(method)
     if n < MIN_CALIBRATION_IMAGES:
-        raise UsageError(f"--calibration {n}: at least {MIN_CALIBRATION_IMAGES} images are needed for activation "
-                         "ranges that are not set by a few images' extremes",
-                         f"pass --calibration {CALIBRATION_IMAGES} (the default) or more")
+        raise UsageError(
+            f"--calibration {n}: at least {MIN_CALIBRATION_IMAGES} images are needed for activation "
+            "ranges that are not set by a few images' extremes",
+            f"pass --calibration {CALIBRATION_IMAGES} (the default) or more",
+        )
     labels = np.asarray(labels)
     if len(labels) < MIN_CALIBRATION_IMAGES:
-        raise DataError(f"{source} has {len(labels)} images, fewer than the {MIN_CALIBRATION_IMAGES} INT8 "
-                        "calibration needs", "pass --calibration-data DIR with more training images")
+        raise DataError(
+            f"{source} has {len(labels)} images, fewer than the {MIN_CALIBRATION_IMAGES} INT8 calibration needs",
+            "pass --calibration-data DIR with more training images",
+        )
     rng = np.random.default_rng(seed)
     n = min(n, len(labels))
     classes, counts = np.unique(labels, return_counts=True)
@@ -125,9 +135,16 @@ def select_calibration(dataset: Any, labels: Sequence[int], n: int, seed: int, s
     take = np.floor(share).astype(int)
     for i in np.argsort(-(share - take))[: n - take.sum()]:
         take[i] += 1
-    chosen = [int(j) for c, k in zip(classes, take) for j in rng.permutation(np.flatnonzero(labels == c))[:k]]
-    return Int8Request(dataset, sorted(chosen), f"{source} ({n:,} of {len(labels):,} images, class-stratified, "
-                                                f"seed {seed})", seed, method)
+    chosen = [
+        int(j) for c, k in zip(classes, take, strict=True) for j in rng.permutation(np.flatnonzero(labels == c))[:k]
+    ]
+    return Int8Request(
+        dataset,
+        sorted(chosen),
+        f"{source} ({n:,} of {len(labels):,} images, class-stratified, seed {seed})",
+        seed,
+        method,
+    )
 
 
 def calibration_inputs(request: Int8Request, shipped: Any, preprocessing: dict[str, Any]) -> Calibration:
@@ -140,8 +157,9 @@ def calibration_inputs(request: Int8Request, shipped: Any, preprocessing: dict[s
         image = shipped.load_image(raw) if isinstance(raw, (str, Path)) else raw.convert("RGB")
         arrays.append(np.asarray(shipped.preprocess_image(image, preprocessing), dtype=np.float32))
         per_class[str(label)] = per_class.get(str(label), 0) + 1
-    return Calibration(np.ascontiguousarray(np.stack(arrays)), request.source, request.seed,
-                       dict(sorted(per_class.items())))
+    return Calibration(
+        np.ascontiguousarray(np.stack(arrays)), request.source, request.seed, dict(sorted(per_class.items()))
+    )
 
 
 # --- quantization -------------------------------------------------------------------------------------------------
@@ -159,8 +177,11 @@ class Int8Graph:
     process_peak_rss_mb: float  # this process's peak resident memory so far (ru_maxrss), after calibrating
 
     def to_json(self) -> dict[str, Any]:
-        return {**{k: v for k, v in asdict(self).items() if k != "path"}, "file": self.path.name,
-                "quantized_count": len(self.quantized)}
+        return {
+            **{k: v for k, v in asdict(self).items() if k != "path"},
+            "file": self.path.name,
+            "quantized_count": len(self.quantized),
+        }
 
 
 class _Reader:
@@ -173,7 +194,7 @@ class _Reader:
 
     def _batches(self, start: int, end: int) -> Iterator[dict[str, np.ndarray]]:
         for b in range(start, min(end, len(self))):
-            yield {self.input_name: np.ascontiguousarray(self.inputs[b * self.batch:(b + 1) * self.batch])}
+            yield {self.input_name: np.ascontiguousarray(self.inputs[b * self.batch : (b + 1) * self.batch])}
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._it, None)
@@ -191,9 +212,16 @@ def quantizable_nodes(onnx_path: str | Path) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type in QUANTIZED_OPS]
 
 
-def quantize(onnx_path: str | Path, out_path: str | Path, calibration: np.ndarray | None, *,
-             method: CalibrationMethod = "minmax", exclude: Sequence[str] = (), only: Sequence[str] | None = None,
-             cache: str | Path | None = None) -> Int8Graph:
+def quantize(
+    onnx_path: str | Path,
+    out_path: str | Path,
+    calibration: np.ndarray | None,
+    *,
+    method: CalibrationMethod = "minmax",
+    exclude: Sequence[str] = (),
+    only: Sequence[str] | None = None,
+    cache: str | Path | None = None,
+) -> Int8Graph:
     """Write the symmetric INT8 Q/DQ graph of ``onnx_path`` to ``out_path``.
 
     ``calibration`` may be None when ``cache`` (onnxruntime's calibration cache JSON) already holds the ranges: the
@@ -203,42 +231,66 @@ def quantize(onnx_path: str | Path, out_path: str | Path, calibration: np.ndarra
     import onnxruntime
     from onnxruntime import quantization as oq
 
-    methods = {"minmax": oq.CalibrationMethod.MinMax, "entropy": oq.CalibrationMethod.Entropy,
-               "percentile": oq.CalibrationMethod.Percentile}
+    methods = {
+        "minmax": oq.CalibrationMethod.MinMax,
+        "entropy": oq.CalibrationMethod.Entropy,
+        "percentile": oq.CalibrationMethod.Percentile,
+    }
     method = check_method(method)
     onnx_path, out_path = Path(onnx_path), Path(out_path)
     model = onnx.load(str(onnx_path), load_external_data=False)
     initializers = {t.name for t in model.graph.initializer}
     input_name = next(i.name for i in model.graph.input if i.name not in initializers)
     reader = _Reader(input_name, calibration, _CALIBRATION_READ_BATCH) if calibration is not None else None
-    extra = {"ActivationSymmetric": True, "WeightSymmetric": True,
-             # the bias stays FP32: TensorRT's DequantizeLinear takes INT8 only (8.5/8.6 operators.md), and an INT32
-             # bias is ONNX Runtime's convention, not TensorRT's (it fuses the bias into the INT8 GEMM itself)
-             "QuantizeBias": False, "CalibStridedMinMax": _STRIDE_BATCHES,
-             "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS)}  # inputs only: outputs feed float ops
+    extra = {
+        "ActivationSymmetric": True,
+        "WeightSymmetric": True,
+        # the bias stays FP32: TensorRT's DequantizeLinear takes INT8 only (8.5/8.6 operators.md), and an INT32
+        # bias is ONNX Runtime's convention, not TensorRT's (it fuses the bias into the INT8 GEMM itself)
+        "QuantizeBias": False,
+        "CalibStridedMinMax": _STRIDE_BATCHES,
+        "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS),
+    }  # inputs only: outputs feed float ops
     started = time.perf_counter()
     quiet = logging.getLogger()
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # quantize_static warns at root level that the graph was not "pre-processed"
     try:
-        oq.quantize_static(str(onnx_path), str(out_path), reader, quant_format=oq.QuantFormat.QDQ,
-                           activation_type=oq.QuantType.QInt8, weight_type=oq.QuantType.QInt8, per_channel=True,
-                           op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_exclude=list(exclude),
-                           nodes_to_quantize=list(only) if only is not None else None,
-                           calibrate_method=methods[method], extra_options=extra,
-                           calibration_cache_path=str(cache) if cache is not None else None)
+        oq.quantize_static(
+            str(onnx_path),
+            str(out_path),
+            reader,
+            quant_format=oq.QuantFormat.QDQ,
+            activation_type=oq.QuantType.QInt8,
+            weight_type=oq.QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=list(QUANTIZED_OPS),
+            nodes_to_exclude=list(exclude),
+            nodes_to_quantize=list(only) if only is not None else None,
+            calibrate_method=methods[method],
+            extra_options=extra,
+            calibration_cache_path=str(cache) if cache is not None else None,
+        )
     except (ValueError, RuntimeError, onnx.checker.ValidationError) as exc:
-        raise ExportError(f"INT8 quantization of {onnx_path.name} failed: {exc}",
-                          "report this model; pass --precision fp32 or fp16 meanwhile") from exc
+        raise ExportError(
+            f"INT8 quantization of {onnx_path.name} failed: {exc}",
+            "report this model; pass --precision fp32 or fp16 meanwhile",
+        ) from exc
     finally:
         quiet.setLevel(level)
     seconds = time.perf_counter() - started
     _finish(model, out_path, method)
     placement = qdq_placement(out_path)
-    return Int8Graph(out_path, method, {"name": "onnxruntime.quantization.quantize_static (QuantFormat.QDQ)",
-                                        "version": onnxruntime.__version__},
-                     placement["quantized"], placement["float"], _opset(onnx.load(str(out_path))), seconds,
-                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return Int8Graph(
+        out_path,
+        method,
+        {"name": "onnxruntime.quantization.quantize_static (QuantFormat.QDQ)", "version": onnxruntime.__version__},
+        placement["quantized"],
+        placement["float"],
+        _opset(onnx.load(str(out_path))),
+        seconds,
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    )
 
 
 def _finish(source: onnx.ModelProto, out_path: Path, method: str) -> None:
@@ -252,10 +304,20 @@ def _finish(source: onnx.ModelProto, out_path: Path, method: str) -> None:
     for prop in source.metadata_props:
         if prop.key not in have:
             out.metadata_props.add(key=prop.key, value=prop.value)
-    out.metadata_props.add(key="peftx_int8", value=json.dumps(
-        {"tool": "onnxruntime.quantization.quantize_static", "version": onnxruntime.__version__,
-         "format": "QDQ", "symmetric": True, "per_channel_weights": True, "calibration_method": method,
-         "ops": list(QUANTIZED_OPS)}))
+    out.metadata_props.add(
+        key="peftx_int8",
+        value=json.dumps(
+            {
+                "tool": "onnxruntime.quantization.quantize_static",
+                "version": onnxruntime.__version__,
+                "format": "QDQ",
+                "symmetric": True,
+                "per_channel_weights": True,
+                "calibration_method": method,
+                "ops": list(QUANTIZED_OPS),
+            }
+        ),
+    )
     onnx.save(out, str(out_path))
 
 
@@ -266,8 +328,11 @@ def _float_consumers_back(model: onnx.ModelProto) -> int:
     producer = {o: n for n in model.graph.node for o in n.output}
     float_of = {}
     for node in model.graph.node:
-        if node.op_type == "DequantizeLinear" and node.input[0] in producer \
-                and producer[node.input[0]].op_type == "QuantizeLinear":
+        if (
+            node.op_type == "DequantizeLinear"
+            and node.input[0] in producer
+            and producer[node.input[0]].op_type == "QuantizeLinear"
+        ):
             float_of[node.output[0]] = producer[node.input[0]].input[0]
     moved = 0
     for node in model.graph.node:
@@ -312,14 +377,18 @@ def graph_problems(path: str | Path, target: TargetProfile) -> list[str]:
     """
     model = onnx.load(str(path), load_external_data=False)
     inits = {t.name: t for t in model.graph.initializer}
-    consts = {n.output[0]: next(a.t for a in n.attribute if a.name == "value")
-              for n in model.graph.node if n.op_type == "Constant" and any(a.name == "value" for a in n.attribute)}
+    consts = {
+        n.output[0]: next(a.t for a in n.attribute if a.name == "value")
+        for n in model.graph.node
+        if n.op_type == "Constant" and any(a.name == "value" for a in n.attribute)
+    }
     tensors = {**consts, **inits}
     problems = []
     opset = _opset(model)
     if opset > target.opset_max or opset < target.int8.per_channel_min_opset:
-        problems.append(f"opset {opset} is outside {target.int8.per_channel_min_opset}..{target.opset_max} "
-                        f"({target.name})")
+        problems.append(
+            f"opset {opset} is outside {target.int8.per_channel_min_opset}..{target.opset_max} ({target.name})"
+        )
     for node in model.graph.node:
         where = f"{node.op_type} {node.name}"
         if node.op_type in target.int8.unsupported_ops:
@@ -342,10 +411,15 @@ def graph_problems(path: str | Path, target: TargetProfile) -> list[str]:
             values = onnx.numpy_helper.to_array(scale)
             if not (np.isfinite(values).all() and (values > 0).all()):
                 problems.append(f"{where}: scale has non-positive or non-finite values")
-        if node.op_type == "DequantizeLinear" and node.input[0] in tensors \
-                and tensors[node.input[0]].data_type != _INT8:
-            problems.append(f"{where}: quantized weight is "
-                            f"{onnx.TensorProto.DataType.Name(tensors[node.input[0]].data_type)}, not INT8")
+        if (
+            node.op_type == "DequantizeLinear"
+            and node.input[0] in tensors
+            and tensors[node.input[0]].data_type != _INT8
+        ):
+            problems.append(
+                f"{where}: quantized weight is "
+                f"{onnx.TensorProto.DataType.Name(tensors[node.input[0]].data_type)}, not INT8"
+            )
     placement = qdq_placement(path)
     problems += [f"{n}: Q/DQ feeds a node that must stay float" for n in placement["elsewhere"]]
     problems += [f"{n}: only some of its inputs are quantized" for n in placement["partial"]]
@@ -363,8 +437,14 @@ class Sensitivity:
     error: float  # mean over images of |int8 - fp32|^2 / |fp32|^2 of the logits, this node alone quantized
 
 
-def sensitivity(onnx_path: Path, calibration: np.ndarray, cache: Path, scratch: Path,
-                method: CalibrationMethod = "minmax", nodes: Sequence[str] | None = None) -> list[Sensitivity]:
+def sensitivity(
+    onnx_path: Path,
+    calibration: np.ndarray,
+    cache: Path,
+    scratch: Path,
+    method: CalibrationMethod = "minmax",
+    nodes: Sequence[str] | None = None,
+) -> list[Sensitivity]:
     """Every quantizable node quantized ALONE (ranges from ``cache``), its logits error against FP32 on the first
     SENSITIVITY_IMAGES calibration images; most sensitive first. Cost: one graph rewrite and one FP32-speed forward
     of SENSITIVITY_IMAGES images per node (ViT-S: 74 nodes)."""
@@ -372,7 +452,7 @@ def sensitivity(onnx_path: Path, calibration: np.ndarray, cache: Path, scratch: 
 
     x = np.ascontiguousarray(calibration[:SENSITIVITY_IMAGES])
     reference = _session_run(ort, onnx_path, x)
-    norm = np.maximum((reference ** 2).sum(axis=1), 1e-12)
+    norm = np.maximum((reference**2).sum(axis=1), 1e-12)
     out = []
     for name in nodes if nodes is not None else quantizable_nodes(onnx_path):
         trial = scratch / "sensitivity.onnx"
@@ -388,8 +468,9 @@ def _session_run(ort, path: Path, x: np.ndarray) -> np.ndarray:
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: x[i:i + CALIBRATION_BATCH]})[0]
-                           for i in range(0, len(x), CALIBRATION_BATCH)]).astype(np.float64)
+    return np.concatenate(
+        [session.run(None, {name: x[i : i + CALIBRATION_BATCH]})[0] for i in range(0, len(x), CALIBRATION_BATCH)]
+    ).astype(np.float64)
 
 
 @dataclass
@@ -411,10 +492,16 @@ class Fallback:
     best_accuracy: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"ran": self.ran, "passed": self.passed, "float_nodes": self.float_nodes,
-                "best_accuracy": self.best_accuracy, "bound": self.bound, "seconds": round(self.seconds, 2),
-                "trials": [asdict(t) for t in self.trials],
-                "ranking": [asdict(s) for s in self.ranking[:16]]}
+        return {
+            "ran": self.ran,
+            "passed": self.passed,
+            "float_nodes": self.float_nodes,
+            "best_accuracy": self.best_accuracy,
+            "bound": self.bound,
+            "seconds": round(self.seconds, 2),
+            "trials": [asdict(t) for t in self.trials],
+            "ranking": [asdict(s) for s in self.ranking[:16]],
+        }
 
 
 def fallback_steps(quantizable: int) -> list[int]:
@@ -423,9 +510,16 @@ def fallback_steps(quantizable: int) -> list[int]:
     return [k for k in _FALLBACK_STEPS if k <= cap]
 
 
-def fallback(onnx_path: Path, out_path: Path, calibration: np.ndarray, cache: Path, method: CalibrationMethod,
-             gate: Callable[[Path], tuple[float, bool]], scratch: Path,
-             progress: Callable[[str], None] | None = None) -> Fallback:
+def fallback(
+    onnx_path: Path,
+    out_path: Path,
+    calibration: np.ndarray,
+    cache: Path,
+    method: CalibrationMethod,
+    gate: Callable[[Path], tuple[float, bool]],
+    scratch: Path,
+    progress: Callable[[str], None] | None = None,
+) -> Fallback:
     """Keep the fewest most-sensitive nodes float until ``gate`` (path -> (accuracy, passed)) passes.
 
     On success ``out_path`` holds the passing graph; otherwise it is left as it was (the full INT8 graph) and the
@@ -433,13 +527,17 @@ def fallback(onnx_path: Path, out_path: Path, calibration: np.ndarray, cache: Pa
     """
     say = progress or (lambda _m: None)
     started = time.perf_counter()
-    say(f"INT8 gate failed: ranking quantized nodes by sensitivity on {min(len(calibration), SENSITIVITY_IMAGES)} "
-        "calibration images")
+    say(
+        f"INT8 gate failed: ranking quantized nodes by sensitivity on {min(len(calibration), SENSITIVITY_IMAGES)} "
+        "calibration images"
+    )
     ranking = sensitivity(onnx_path, calibration, cache, scratch, method)
     steps = fallback_steps(len(ranking))
-    bound = (f"{len(steps)} gate checks at most (float nodes {', '.join(map(str, steps))}: at most "
-             f"{int(MAX_FLOAT_FRACTION * 100)} % of the {len(ranking)} quantizable nodes), after one sensitivity pass "
-             f"of {len(ranking)} single-node graphs on {min(len(calibration), SENSITIVITY_IMAGES)} images")
+    bound = (
+        f"{len(steps)} gate checks at most (float nodes {', '.join(map(str, steps))}: at most "
+        f"{int(MAX_FLOAT_FRACTION * 100)} % of the {len(ranking)} quantizable nodes), after one sensitivity pass "
+        f"of {len(ranking)} single-node graphs on {min(len(calibration), SENSITIVITY_IMAGES)} images"
+    )
     trials = []
     for k in steps:
         names = [s.node for s in ranking[:k]]
@@ -453,8 +551,16 @@ def fallback(onnx_path: Path, out_path: Path, calibration: np.ndarray, cache: Pa
             return Fallback(True, True, names, trials, ranking, bound, time.perf_counter() - started, accuracy)
         trial.unlink()
     best = max(trials, key=lambda t: t.accuracy) if trials else None
-    return Fallback(True, False, best.float_nodes if best else [], trials, ranking, bound,
-                    time.perf_counter() - started, best.accuracy if best else None)
+    return Fallback(
+        True,
+        False,
+        best.float_nodes if best else [],
+        trials,
+        ranking,
+        bound,
+        time.perf_counter() - started,
+        best.accuracy if best else None,
+    )
 
 
 def calibration_cache(scratch: Path) -> Path:

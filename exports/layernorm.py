@@ -112,8 +112,14 @@ def _match_from_sqrt(sqrt, producer, consumers, constants) -> DecomposedLayerNor
     mean = producer.get(sub.input[1])
     if mean is None or mean.op_type != "ReduceMean" or mean.input[0] != sub.input[0]:
         return None
-    div = next((c for c in consumers.get(sqrt.output[0], []) if c.op_type == "Div"
-                and c.input[0] == sub.output[0] and c.input[1] == sqrt.output[0]), None)
+    div = next(
+        (
+            c
+            for c in consumers.get(sqrt.output[0], [])
+            if c.op_type == "Div" and c.input[0] == sub.output[0] and c.input[1] == sqrt.output[0]
+        ),
+        None,
+    )
     if div is None:
         return None
     return DecomposedLayerNorm(mean.name, sub.name, square.name, variance.name, add_eps.name, sqrt.name, div.name)

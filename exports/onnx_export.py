@@ -67,8 +67,10 @@ def export_onnx(
     proto = onnx.load(str(path))
     _check_io_shapes(proto, input_size)
     if layernorm == "decomposed" and any(n.op_type == "LayerNormalization" for n in proto.graph.node):
-        raise ExportError(f"{path.name} holds LayerNormalization nodes although LayerNorm was to be decomposed",
-                          "export at opset <= 16 with the TorchScript exporter")
+        raise ExportError(
+            f"{path.name} holds LayerNormalization nodes although LayerNorm was to be decomposed",
+            "export at opset <= 16 with the TorchScript exporter",
+        )
     props = {**(metadata or {}), "onnx_exporter": used}
     onnx.helper.set_model_props(proto, {str(k): str(v) for k, v in props.items()})
     proto.producer_name = "peftx"
@@ -76,8 +78,9 @@ def export_onnx(
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as exc:
-        raise ExportError(f"onnx.checker rejected {path.name}: {exc}",
-                          "report this model/exporter combination") from exc
+        raise ExportError(
+            f"onnx.checker rejected {path.name}: {exc}", "report this model/exporter combination"
+        ) from exc
     return path
 
 
@@ -85,18 +88,24 @@ def _opset_for(layernorm: LayerNormForm, opset: int | None, exporter: Exporter) 
     """The opset and exporter a LayerNorm form allows (fused: >= 17, any exporter; decomposed: <= 16, TorchScript)."""
     if layernorm == "fused":
         if opset is not None and opset < MIN_OPSET:
-            raise UsageError(f"opset {opset} is below {MIN_OPSET}",
-                             "opset >= 17 keeps LayerNorm one node (FP16-safe); a TensorRT 8.5 target decomposes it")
+            raise UsageError(
+                f"opset {opset} is below {MIN_OPSET}",
+                "opset >= 17 keeps LayerNorm one node (FP16-safe); a TensorRT 8.5 target decomposes it",
+            )
         return opset, exporter
     if layernorm != "decomposed":
         raise UsageError(f"layernorm must be 'fused' or 'decomposed', got {layernorm!r}", "use layernorm='fused'")
     opset = DECOMPOSED_LAYERNORM_OPSET if opset is None else opset
     if opset > DECOMPOSED_LAYERNORM_OPSET:
-        raise UsageError(f"opset {opset} exports LayerNorm as one LayerNormalization node",
-                         f"a decomposed LayerNorm needs opset <= {DECOMPOSED_LAYERNORM_OPSET}")
+        raise UsageError(
+            f"opset {opset} exports LayerNorm as one LayerNormalization node",
+            f"a decomposed LayerNorm needs opset <= {DECOMPOSED_LAYERNORM_OPSET}",
+        )
     if exporter == "dynamo":
-        raise UsageError("the torch.export-based exporter starts at opset 18, where LayerNorm is one node",
-                         "use exporter='torchscript' (or 'auto') for a decomposed LayerNorm")
+        raise UsageError(
+            "the torch.export-based exporter starts at opset 18, where LayerNorm is one node",
+            "use exporter='torchscript' (or 'auto') for a decomposed LayerNorm",
+        )
     return opset, "torchscript"
 
 
@@ -116,8 +125,9 @@ def param_count(onnx_path: str | Path) -> int:
     """
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     tensors = list(graph.initializer)
-    tensors += [attr.t for node in graph.node if node.op_type == "Constant"
-                for attr in node.attribute if attr.name == "value"]
+    tensors += [
+        attr.t for node in graph.node if node.op_type == "Constant" for attr in node.attribute if attr.name == "value"
+    ]
     return sum(int(np.prod(t.dims, dtype=np.int64)) for t in tensors if _is_float(t.data_type))
 
 
@@ -163,7 +173,12 @@ def _export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Pat
         # checks at 1/3/7 are what proves the trace generalises, so the warnings are noise here.
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, (example,), str(path), dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
+            model,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: BATCH_AXIS_NAME}, OUTPUT_NAME: {0: BATCH_AXIS_NAME}},
             do_constant_folding=True,
@@ -175,8 +190,14 @@ def _export_dynamo(model: torch.nn.Module, example: torch.Tensor, path: Path, op
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            model, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_shapes=({0: batch},), verbose=False,
+            model,
+            (example,),
+            dynamo=True,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: batch},),
+            verbose=False,
         )
     program.save(str(path), external_data=False)
 
@@ -191,8 +212,10 @@ def _check_io_shapes(proto: onnx.ModelProto, input_size: tuple[int, int, int]) -
         raise ExportError(f"expected one graph input, found {len(inputs)}", "export a single-image-tensor model")
     dims = _dims(inputs[0])
     if not isinstance(dims[0], str) or dims[1:] != list(input_size):
-        raise ExportError(f"input shape {dims} is not [batch, {', '.join(map(str, input_size))}]",
-                          "the batch axis must be dynamic and C/H/W static")
+        raise ExportError(
+            f"input shape {dims} is not [batch, {', '.join(map(str, input_size))}]",
+            "the batch axis must be dynamic and C/H/W static",
+        )
     for out in proto.graph.output:
         out_dims = _dims(out)
         if not out_dims or not isinstance(out_dims[0], str) or any(not isinstance(d, int) for d in out_dims[1:]):
@@ -208,4 +231,3 @@ def _dims(value_info: onnx.ValueInfoProto) -> list[int | str]:
 def read_metadata(onnx_path: str | Path) -> dict[str, str]:
     """The model's ``metadata_props`` as a dict."""
     return {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
-

@@ -60,9 +60,15 @@ class ParityResult:
         return self.overall.passed
 
     def to_json(self) -> dict:
-        return {"candidate": self.candidate, "reference": self.reference, "required": self.required,
-                "passed": self.passed, "tolerance": asdict(self.tolerance), "overall": _clean(asdict(self.overall)),
-                "sets": {name: _clean(asdict(stats)) for name, stats in self.sets.items()}}
+        return {
+            "candidate": self.candidate,
+            "reference": self.reference,
+            "required": self.required,
+            "passed": self.passed,
+            "tolerance": asdict(self.tolerance),
+            "overall": _clean(asdict(self.overall)),
+            "sets": {name: _clean(asdict(stats)) for name, stats in self.sets.items()},
+        }
 
 
 @dataclass
@@ -88,15 +94,20 @@ class ParityReport:
         return lines + (self.accuracy.failures() if self.accuracy is not None else [])
 
     def to_json(self) -> dict:
-        return {"passed": self.passed, "results": [r.to_json() for r in self.results], "notes": self.notes,
-                "accuracy": self.accuracy.to_json() if self.accuracy is not None else None}
+        return {
+            "passed": self.passed,
+            "results": [r.to_json() for r in self.results],
+            "notes": self.notes,
+            "accuracy": self.accuracy.to_json() if self.accuracy is not None else None,
+        }
 
     def table(self) -> Table:
         return parity_table(self.results)
 
 
-def make_input_sets(images: np.ndarray, batch_sizes: Sequence[int], *, random_batch: int = 3,
-                    seed: int = 0) -> dict[str, np.ndarray]:
+def make_input_sets(
+    images: np.ndarray, batch_sizes: Sequence[int], *, random_batch: int = 3, seed: int = 0
+) -> dict[str, np.ndarray]:
     """Named input sets: ``real_b{n}`` (real images, cycled when fewer than n) and ``random_b{random_batch}``.
 
     Real images are what matters (errors on noise can hide or exaggerate); the random set probes inputs off the data.
@@ -132,8 +143,9 @@ def compare(
     with candidate:
         actual = {name: candidate.infer(batch) for name, batch in inputs.items()}
     sets = {name: error_stats(expected[name], actual[name], tolerance) for name in inputs}
-    return ParityResult(candidate.name, ref_name, tolerance, sets, _overall(expected, actual, sets, tolerance),
-                        required)
+    return ParityResult(
+        candidate.name, ref_name, tolerance, sets, _overall(expected, actual, sets, tolerance), required
+    )
 
 
 def error_stats(expected: np.ndarray, actual: np.ndarray, tolerance: Tolerance) -> ErrorStats:
@@ -148,10 +160,18 @@ def error_stats(expected: np.ndarray, actual: np.ndarray, tolerance: Tolerance) 
     max_rel = float((diff[significant] / np.abs(ref).ravel()[significant]).max(initial=0.0))
     max_abs = float(diff.max(initial=0.0))
     stats = ErrorStats(
-        samples=len(expected), max_abs=max_abs, mean_abs=float(diff.mean()), median_abs=float(np.median(diff)),
-        p99_abs=float(np.quantile(diff, 0.99)), max_rel=max_rel, ref_max_abs=ref_max,
-        min_cosine=_min_cosine(ref, out), top1_agreement=_top1(ref, out), finite=finite,
-        bound=tolerance.bound(ref_max), would_pass_atol=max(0.0, max_abs - tolerance.rel_to_max * ref_max),
+        samples=len(expected),
+        max_abs=max_abs,
+        mean_abs=float(diff.mean()),
+        median_abs=float(np.median(diff)),
+        p99_abs=float(np.quantile(diff, 0.99)),
+        max_rel=max_rel,
+        ref_max_abs=ref_max,
+        min_cosine=_min_cosine(ref, out),
+        top1_agreement=_top1(ref, out),
+        finite=finite,
+        bound=tolerance.bound(ref_max),
+        would_pass_atol=max(0.0, max_abs - tolerance.rel_to_max * ref_max),
         passed=False,
     )
     stats.failures = _failures(stats, tolerance)
@@ -172,8 +192,12 @@ def _failures(s: ErrorStats, tol: Tolerance) -> list[str]:
     return failures
 
 
-def _overall(expected: Mapping[str, np.ndarray], actual: Mapping[str, np.ndarray], sets: Mapping[str, ErrorStats],
-             tolerance: Tolerance) -> ErrorStats:
+def _overall(
+    expected: Mapping[str, np.ndarray],
+    actual: Mapping[str, np.ndarray],
+    sets: Mapping[str, ErrorStats],
+    tolerance: Tolerance,
+) -> ErrorStats:
     """Statistics over all sets together; it passes only if every set passed (each set is bounded at its own scale)."""
     if len({a.shape[1:] for a in (*expected.values(), *actual.values())}) == 1:
         stats = error_stats(np.concatenate(list(expected.values())), np.concatenate(list(actual.values())), tolerance)
@@ -213,19 +237,40 @@ def _clean(d: dict) -> dict:
 def parity_table(results: Sequence[ParityResult], *, title: str = "Parity vs the unmerged PyTorch model") -> Table:
     """One row per candidate x input set, then the candidate's overall row."""
     table = Table(title=title)
-    for column in ("candidate", "inputs", "max |Δ|", "mean |Δ|", "p99 |Δ|", "max rel", "cosine", "top-1", "bound",
-                   "would pass atol", "verdict"):
+    for column in (
+        "candidate",
+        "inputs",
+        "max |Δ|",
+        "mean |Δ|",
+        "p99 |Δ|",
+        "max rel",
+        "cosine",
+        "top-1",
+        "bound",
+        "would pass atol",
+        "verdict",
+    ):
         table.add_column(column, justify="left" if column in ("candidate", "inputs", "verdict") else "right")
     for result in results:
         rows = [*result.sets.items(), ("overall", result.overall)]
         for i, (name, s) in enumerate(rows):
-            verdict = ("[green]pass[/]" if s.passed
-                       else "[red]FAIL[/]" if result.required else "[yellow]fail (advisory)[/]")
+            verdict = (
+                "[green]pass[/]" if s.passed else "[red]FAIL[/]" if result.required else "[yellow]fail (advisory)[/]"
+            )
             style = "bold" if name == "overall" else None
             table.add_row(
-                result.candidate if i == 0 else "", name, f"{s.max_abs:.2e}", f"{s.mean_abs:.2e}", f"{s.p99_abs:.2e}",
-                f"{s.max_rel:.2e}", f"{s.min_cosine:.6f}", f"{s.top1_agreement:.3f}",
-                f"{s.bound:.1e} ({result.tolerance.name})", f"{s.would_pass_atol:.1e}", verdict, style=style,
+                result.candidate if i == 0 else "",
+                name,
+                f"{s.max_abs:.2e}",
+                f"{s.mean_abs:.2e}",
+                f"{s.p99_abs:.2e}",
+                f"{s.max_rel:.2e}",
+                f"{s.min_cosine:.6f}",
+                f"{s.top1_agreement:.3f}",
+                f"{s.bound:.1e} ({result.tolerance.name})",
+                f"{s.would_pass_atol:.1e}",
+                verdict,
+                style=style,
             )
         table.add_section()
     return table

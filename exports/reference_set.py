@@ -44,13 +44,26 @@ RAW_BYTES_BUDGET = 1 << 20
 # PRECISION_ARTIFACTS) or tensorrt_<precision> for an engine built on the device; the same bounds parity used.
 # INT8: the logits bound of the INT8 artifact (its logits move by design; on the device it flags a broken engine,
 # e.g. a calibration lost in the build, not the quantisation itself: the bundle's accuracy gate judged that here).
-CHECK_TOLERANCES: dict[str, Tolerance] = {"fp32": ONNX_FP32, "fp16": FP16, "tensorrt_fp32": TENSORRT_FP32,
-                                          "tensorrt_fp16": FP16, "int8": INT8, "tensorrt_int8": INT8}
+CHECK_TOLERANCES: dict[str, Tolerance] = {
+    "fp32": ONNX_FP32,
+    "fp16": FP16,
+    "tensorrt_fp32": TENSORRT_FP32,
+    "tensorrt_fp16": FP16,
+    "int8": INT8,
+    "tensorrt_int8": INT8,
+}
 
 
-def write_reference_set(work: Path, reference: torch.nn.Module, preprocessing: Mapping[str, Any],
-                        accuracy_set: AccuracySet | None, images: np.ndarray, *, n: int = REFERENCE_IMAGES,
-                        raw_files: int = REFERENCE_RAW_FILES) -> dict[str, Any]:
+def write_reference_set(
+    work: Path,
+    reference: torch.nn.Module,
+    preprocessing: Mapping[str, Any],
+    accuracy_set: AccuracySet | None,
+    images: np.ndarray,
+    *,
+    n: int = REFERENCE_IMAGES,
+    raw_files: int = REFERENCE_RAW_FILES,
+) -> dict[str, Any]:
     """Write reference_set.npz (+ reference/ raw files) into the bundle directory ``work``; return metadata.json's
     ``reference_set`` entry. ``accuracy_set`` (labelled images with raw files) is preferred; without it the parity
     ``images`` (real, already preprocessed, unlabelled) are used and no raw file ships."""
@@ -65,15 +78,25 @@ def write_reference_set(work: Path, reference: torch.nn.Module, preprocessing: M
         (work / RAW_DIR).mkdir()
     names = [_copy_raw(raw, work / RAW_DIR, k) for k, (_, raw) in enumerate(chosen)]
     with TorchRunner(reference, name="unmerged PyTorch") as runner:
-        logits = np.concatenate([runner.infer(inputs[i:i + 32]) for i in range(0, len(inputs), 32)])
-    np.savez_compressed(work / REFERENCE_FILE, inputs=inputs, reference_logits=logits.astype(np.float32),
-                        labels=np.asarray(labels, dtype=np.int64),
-                        raw_files=np.asarray(names, dtype=str) if names else np.zeros(0, dtype="<U1"),
-                        raw_index=np.asarray([row for row, _ in chosen], dtype=np.int64))
-    return {"file": REFERENCE_FILE, "images": int(len(inputs)), "source": source,
-            "labels": bool((np.asarray(labels) >= 0).any()), "raw_files": names,
-            "preprocessing_atol": PREPROCESSING_ATOL, "reference": "unmerged PyTorch",
-            "tolerances": {key: dataclasses.asdict(tol) for key, tol in CHECK_TOLERANCES.items()}}
+        logits = np.concatenate([runner.infer(inputs[i : i + 32]) for i in range(0, len(inputs), 32)])
+    np.savez_compressed(
+        work / REFERENCE_FILE,
+        inputs=inputs,
+        reference_logits=logits.astype(np.float32),
+        labels=np.asarray(labels, dtype=np.int64),
+        raw_files=np.asarray(names, dtype=str) if names else np.zeros(0, dtype="<U1"),
+        raw_index=np.asarray([row for row, _ in chosen], dtype=np.int64),
+    )
+    return {
+        "file": REFERENCE_FILE,
+        "images": int(len(inputs)),
+        "source": source,
+        "labels": bool((np.asarray(labels) >= 0).any()),
+        "raw_files": names,
+        "preprocessing_atol": PREPROCESSING_ATOL,
+        "reference": "unmerged PyTorch",
+        "tolerances": {key: dataclasses.asdict(tol) for key, tol in CHECK_TOLERANCES.items()},
+    }
 
 
 def _from_labelled(work: Path, images: AccuracySet, prep: dict[str, Any], n: int):

@@ -58,8 +58,15 @@ class OnnxRuntimeRunner:
     Runtime's defaults with errors-only logging. The benchmarks pass theirs, so they time this same runner.
     """
 
-    def __init__(self, path: str | Path, *, providers: tuple[str, ...] = ("CPUExecutionProvider",),
-                 name: str | None = None, session_options: Any = None, optimize: bool = True):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        providers: tuple[str, ...] = ("CPUExecutionProvider",),
+        name: str | None = None,
+        session_options: Any = None,
+        optimize: bool = True,
+    ):
         # optimize=False runs the graph as written: ONNX Runtime's optimizer would fuse a decomposed LayerNorm back
         # into its own kernel, hiding how the decomposed graph computes (the form TensorRT 8.5 receives).
         self.path, self.providers, self.optimize = Path(path), tuple(providers), optimize
@@ -93,7 +100,8 @@ class OnnxRuntimeRunner:
             try:
                 self._session = ort.InferenceSession(str(self.path), options, providers=list(self.providers))
             except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
-                raise ExportError(f"ONNX Runtime cannot load {self.path.name}: {exc}",
-                                  "re-export the model; check its opset and ops") from exc
+                raise ExportError(
+                    f"ONNX Runtime cannot load {self.path.name}: {exc}", "re-export the model; check its opset and ops"
+                ) from exc
             self._input = self._session.get_inputs()[0].name
         return self._session

@@ -23,8 +23,13 @@ class SimplifyResult:
     removed_ops: dict[str, int] = field(default_factory=dict)  # op type -> nodes removed (negative: added)
 
     def to_json(self) -> dict:
-        return {"applied": self.applied, "reason": self.reason, "nodes_before": self.nodes_before,
-                "nodes_after": self.nodes_after, "removed_ops": self.removed_ops}
+        return {
+            "applied": self.applied,
+            "reason": self.reason,
+            "nodes_before": self.nodes_before,
+            "nodes_after": self.nodes_after,
+            "removed_ops": self.removed_ops,
+        }
 
 
 def simplify_onnx(src: str | Path, dst: str | Path) -> SimplifyResult:
@@ -46,5 +51,10 @@ def simplify_onnx(src: str | Path, dst: str | Path) -> SimplifyResult:
         return SimplifyResult(False, f"onnxslim failed: {type(exc).__name__}: {exc}")
     before, after = op_histogram(src), op_histogram(dst)
     removed = {op: before.get(op, 0) - after.get(op, 0) for op in sorted(set(before) | set(after))}
-    return SimplifyResult(True, f"onnxslim {getattr(onnxslim, '__version__', '?')}", sum(before.values()),
-                          sum(after.values()), {op: n for op, n in removed.items() if n})
+    return SimplifyResult(
+        True,
+        f"onnxslim {getattr(onnxslim, '__version__', '?')}",
+        sum(before.values()),
+        sum(after.values()),
+        {op: n for op, n in removed.items() if n},
+    )

@@ -94,15 +94,32 @@ class TargetProfile:
 
     def to_json(self) -> dict[str, Any]:
         ops = self.operators()
-        return {"name": self.name, "requested": self.requested or self.name, "aliases": list(self.aliases),
-                "tensorrt": self.tensorrt, "tensorrt_min": self.tensorrt_min, "devices": self.devices,
-                "opset_range": [self.opset_min, self.opset_max], "export_opset": self.export_opset,
-                "layernorm": self.layernorm, "fp16": self.fp16, "fp16_fp32_nodes": list(self.fp16_fp32_nodes),
-                "explicit_batch_flag": self.explicit_batch_flag, "cast_down": dict(self.cast_down),
-                "io_dtypes": list(self.io_dtypes), "int8": dataclasses.asdict(self.int8),
-                "trtexec": dataclasses.asdict(self.trtexec), "notes": list(self.notes),
-                "op_list": {"source": ops["source"], "ref": ops["ref"], "commit": ops["commit"],
-                            "tensorrt_version": ops["tensorrt_version"], "remarks": ops.get("remarks", [])}}
+        return {
+            "name": self.name,
+            "requested": self.requested or self.name,
+            "aliases": list(self.aliases),
+            "tensorrt": self.tensorrt,
+            "tensorrt_min": self.tensorrt_min,
+            "devices": self.devices,
+            "opset_range": [self.opset_min, self.opset_max],
+            "export_opset": self.export_opset,
+            "layernorm": self.layernorm,
+            "fp16": self.fp16,
+            "fp16_fp32_nodes": list(self.fp16_fp32_nodes),
+            "explicit_batch_flag": self.explicit_batch_flag,
+            "cast_down": dict(self.cast_down),
+            "io_dtypes": list(self.io_dtypes),
+            "int8": dataclasses.asdict(self.int8),
+            "trtexec": dataclasses.asdict(self.trtexec),
+            "notes": list(self.notes),
+            "op_list": {
+                "source": ops["source"],
+                "ref": ops["ref"],
+                "commit": ops["commit"],
+                "tensorrt_version": ops["tensorrt_version"],
+                "remarks": ops.get("remarks", []),
+            },
+        }
 
 
 @functools.cache
@@ -121,63 +138,147 @@ _CAST_10X = {"DOUBLE": "FP32"}  # 10.x: INT64 is a real type; DOUBLE is still ca
 _IO_8X = ("FP32", "FP16", "INT32", "INT8", "BOOL")  # UINT8 is not among 8.x's ONNX data types
 _IO_10X = ("FP32", "FP16", "BF16", "INT32", "INT64", "UINT8", "BOOL")  # "UINT8 only as network input or output"
 
-_WEAK_TYPED = TrtexecFlags(fp16=("--fp16",), no_tf32="--noTF32", timing_cache="--timingCacheFile",
-                           precision_constraints="--precisionConstraints=obey", layer_precisions="--layerPrecisions",
-                           layer_output_types="--layerOutputTypes", explicit_batch=None)
-_STRONG_TYPED = TrtexecFlags(fp16=(), no_tf32="--noTF32", timing_cache="--timingCacheFile",
-                             precision_constraints=None, layer_precisions=None, layer_output_types=None,
-                             explicit_batch=None)
+_WEAK_TYPED = TrtexecFlags(
+    fp16=("--fp16",),
+    no_tf32="--noTF32",
+    timing_cache="--timingCacheFile",
+    precision_constraints="--precisionConstraints=obey",
+    layer_precisions="--layerPrecisions",
+    layer_output_types="--layerOutputTypes",
+    explicit_batch=None,
+)
+_STRONG_TYPED = TrtexecFlags(
+    fp16=(),
+    no_tf32="--noTF32",
+    timing_cache="--timingCacheFile",
+    precision_constraints=None,
+    layer_precisions=None,
+    layer_output_types=None,
+    explicit_batch=None,
+)
 
 _PROFILES = (
     TargetProfile(
-        name="trt8.5", tensorrt="8.5", tensorrt_min="8.5",
+        name="trt8.5",
+        tensorrt="8.5",
+        tensorrt_min="8.5",
         devices="JetPack 5.1.x (L4T 35): Xavier NX/AGX, Orin on JetPack 5 — TensorRT 8.5.2",
-        ops_file="onnx_tensorrt_ops_8.5-GA.json", opset_min=9, opset_max=17, export_opset=16,
-        layernorm="decomposed", fp16="builder_flag", fp16_fp32_nodes=("layernorm",), explicit_batch_flag=True,
-        cast_down=_CAST_8X, io_dtypes=_IO_8X,
-        int8=Int8Rules(qdq=True, zero_point_zero=True, per_channel_min_opset=13, trtexec_flags=("--int8",),
-                       builder_flags=("INT8",), unsupported_ops=_QUANT_OPS_8X),
+        ops_file="onnx_tensorrt_ops_8.5-GA.json",
+        opset_min=9,
+        opset_max=17,
+        export_opset=16,
+        layernorm="decomposed",
+        fp16="builder_flag",
+        fp16_fp32_nodes=("layernorm",),
+        explicit_batch_flag=True,
+        cast_down=_CAST_8X,
+        io_dtypes=_IO_8X,
+        int8=Int8Rules(
+            qdq=True,
+            zero_point_zero=True,
+            per_channel_min_opset=13,
+            trtexec_flags=("--int8",),
+            builder_flags=("INT8",),
+            unsupported_ops=_QUANT_OPS_8X,
+        ),
         trtexec=_WEAK_TYPED,
-        notes=("no LayerNormalization in 8.5's parser: LayerNorm is exported at opset 16 as "
-               "ReduceMean/Sub/Pow/Sqrt/Div, and FP16 builds keep that subgraph FP32 "
-               "(--precisionConstraints=obey --layerPrecisions), the known ViT FP16 overflow otherwise",
-               "trtexec 8.x always parses ONNX in explicit-batch mode; its --explicitBatch is a deprecated no-op, "
-               "so build_engine.sh passes the shape flags only")),
+        notes=(
+            "no LayerNormalization in 8.5's parser: LayerNorm is exported at opset 16 as "
+            "ReduceMean/Sub/Pow/Sqrt/Div, and FP16 builds keep that subgraph FP32 "
+            "(--precisionConstraints=obey --layerPrecisions), the known ViT FP16 overflow otherwise",
+            "trtexec 8.x always parses ONNX in explicit-batch mode; its --explicitBatch is a deprecated no-op, "
+            "so build_engine.sh passes the shape flags only",
+        ),
+    ),
     TargetProfile(
-        name="trt8.6", tensorrt="8.6", tensorrt_min="8.6",
+        name="trt8.6",
+        tensorrt="8.6",
+        tensorrt_min="8.6",
         devices="JetPack 6.0 (L4T 36.2/36.3): Orin — TensorRT 8.6.2; desktops with TensorRT 8.6",
-        ops_file="onnx_tensorrt_ops_8.6-GA.json", opset_min=9, opset_max=17, export_opset=17,
-        layernorm="fused", fp16="builder_flag", fp16_fp32_nodes=(), explicit_batch_flag=True,
-        cast_down=_CAST_8X, io_dtypes=_IO_8X,
-        int8=Int8Rules(qdq=True, zero_point_zero=True, per_channel_min_opset=13, trtexec_flags=("--int8",),
-                       builder_flags=("INT8",), unsupported_ops=_QUANT_OPS_8X),
+        ops_file="onnx_tensorrt_ops_8.6-GA.json",
+        opset_min=9,
+        opset_max=17,
+        export_opset=17,
+        layernorm="fused",
+        fp16="builder_flag",
+        fp16_fp32_nodes=(),
+        explicit_batch_flag=True,
+        cast_down=_CAST_8X,
+        io_dtypes=_IO_8X,
+        int8=Int8Rules(
+            qdq=True,
+            zero_point_zero=True,
+            per_channel_min_opset=13,
+            trtexec_flags=("--int8",),
+            builder_flags=("INT8",),
+            unsupported_ops=_QUANT_OPS_8X,
+        ),
         trtexec=_WEAK_TYPED,
-        notes=("the default: its graph (opset 17, one LayerNormalization node per LayerNorm) is the one trt10 gets "
-               "too, and it is checked against the oldest parser that takes it, so one bundle builds on JetPack 6.0, "
-               "6.1/6.2, 7 and desktop TensorRT 8.6 to 11",)),
+        notes=(
+            "the default: its graph (opset 17, one LayerNormalization node per LayerNorm) is the one trt10 gets "
+            "too, and it is checked against the oldest parser that takes it, so one bundle builds on JetPack 6.0, "
+            "6.1/6.2, 7 and desktop TensorRT 8.6 to 11",
+        ),
+    ),
     TargetProfile(
-        name="trt10", tensorrt="10.x", tensorrt_min="10.1",
+        name="trt10",
+        tensorrt="10.x",
+        tensorrt_min="10.1",
         devices="JetPack 6.1/6.2 (L4T 36.4): Orin — TensorRT 10.3; JetPack 7.0/7.1 (Thor) — 10.13; desktops",
-        ops_file="onnx_tensorrt_ops_10.1-GA.json", opset_min=9, opset_max=20, export_opset=17,
-        layernorm="fused", fp16="builder_flag", fp16_fp32_nodes=(), explicit_batch_flag=False,
-        cast_down=_CAST_10X, io_dtypes=_IO_10X,
-        int8=Int8Rules(qdq=True, zero_point_zero=True, per_channel_min_opset=13, trtexec_flags=("--int8",),
-                       builder_flags=("INT8",), unsupported_ops=_QUANT_OPS_8X),
+        ops_file="onnx_tensorrt_ops_10.1-GA.json",
+        opset_min=9,
+        opset_max=20,
+        export_opset=17,
+        layernorm="fused",
+        fp16="builder_flag",
+        fp16_fp32_nodes=(),
+        explicit_batch_flag=False,
+        cast_down=_CAST_10X,
+        io_dtypes=_IO_10X,
+        int8=Int8Rules(
+            qdq=True,
+            zero_point_zero=True,
+            per_channel_min_opset=13,
+            trtexec_flags=("--int8",),
+            builder_flags=("INT8",),
+            unsupported_ops=_QUANT_OPS_8X,
+        ),
         trtexec=_WEAK_TYPED,
-        notes=("op list: 10.1-GA, the newest 10.x branch that could be read (a lower bound for 10.3 and 10.13)",
-               "ViT FP16/FP32 regressions were reported on 10.3/10.4: check the engine's parity on the device")),
+        notes=(
+            "op list: 10.1-GA, the newest 10.x branch that could be read (a lower bound for 10.3 and 10.13)",
+            "ViT FP16/FP32 regressions were reported on 10.3/10.4: check the engine's parity on the device",
+        ),
+    ),
     TargetProfile(
-        name="trt11", tensorrt="11.x", tensorrt_min="11.0",
+        name="trt11",
+        tensorrt="11.x",
+        tensorrt_min="11.0",
         devices="desktops/servers with TensorRT 11; JetPack >= 7.2.2 (AGX Orin, Thor) — TensorRT 11.4",
-        ops_file="onnx_tensorrt_ops_10.15-main.json", opset_min=9, opset_max=24, export_opset=17,
-        layernorm="fused", fp16="fp16_onnx", fp16_fp32_nodes=(), explicit_batch_flag=False,
-        cast_down=_CAST_10X, io_dtypes=_IO_10X,
-        int8=Int8Rules(qdq=True, zero_point_zero=True, per_channel_min_opset=13, trtexec_flags=(),
-                       builder_flags=(), unsupported_ops=_QUANT_OPS_8X),
+        ops_file="onnx_tensorrt_ops_10.15-main.json",
+        opset_min=9,
+        opset_max=24,
+        export_opset=17,
+        layernorm="fused",
+        fp16="fp16_onnx",
+        fp16_fp32_nodes=(),
+        explicit_batch_flag=False,
+        cast_down=_CAST_10X,
+        io_dtypes=_IO_10X,
+        int8=Int8Rules(
+            qdq=True,
+            zero_point_zero=True,
+            per_channel_min_opset=13,
+            trtexec_flags=(),
+            builder_flags=(),
+            unsupported_ops=_QUANT_OPS_8X,
+        ),
         trtexec=_STRONG_TYPED,
-        notes=("strongly typed only: no --fp16/--int8/--best/--precisionConstraints; an FP16 engine is built "
-               "from model_fp16.onnx, where LayerNorm/Softmax/large-magnitude nodes are kept FP32",
-               "op list: 10.15 (main) as a stand-in, no 11.x operators.md could be read")),
+        notes=(
+            "strongly typed only: no --fp16/--int8/--best/--precisionConstraints; an FP16 engine is built "
+            "from model_fp16.onnx, where LayerNorm/Softmax/large-magnitude nodes are kept FP32",
+            "op list: 10.15 (main) as a stand-in, no 11.x operators.md could be read",
+        ),
+    ),
 )
 
 PROFILES: dict[str, TargetProfile] = {p.name: p for p in _PROFILES}
@@ -220,12 +321,16 @@ def resolve_target(name: str | None, *, tensorrt_version: str | None = None, l4t
         return _with_aliases(PROFILES[key])
     if key in ALIASES:
         profile, floor = ALIASES[key]
-        return dataclasses.replace(_with_aliases(PROFILES[profile]), requested=key,
-                                   tensorrt_min=max(PROFILES[profile].tensorrt_min, floor, key=version_tuple))
+        return dataclasses.replace(
+            _with_aliases(PROFILES[profile]),
+            requested=key,
+            tensorrt_min=max(PROFILES[profile].tensorrt_min, floor, key=version_tuple),
+        )
     close = difflib.get_close_matches(key, target_names(), n=3, cutoff=0.5)
     guess = f" — did you mean: {', '.join(close)}?" if close else ""
-    raise UsageError(f"unknown target {name!r}{guess}",
-                     f"choose one of {', '.join(target_names())} (`peftx targets` describes them)")
+    raise UsageError(
+        f"unknown target {name!r}{guess}", f"choose one of {', '.join(target_names())} (`peftx targets` describes them)"
+    )
 
 
 def profile_for_tensorrt(version: str) -> TargetProfile | None:
@@ -261,8 +366,9 @@ def auto_target(tensorrt_version: str | None, l4t: str | None = None) -> tuple[T
         profile = profile_for_tensorrt(tensorrt_version)
         if profile is not None:
             floor = max(profile.tensorrt_min, _line(tensorrt_version), key=version_tuple)
-            return dataclasses.replace(_with_aliases(profile), tensorrt_min=floor), \
-                f"the installed TensorRT {tensorrt_version}"
+            return dataclasses.replace(
+                _with_aliases(profile), tensorrt_min=floor
+            ), f"the installed TensorRT {tensorrt_version}"
         return resolve_target(None), f"TensorRT {tensorrt_version} is older than every target (8.5): the default"
     if l4t and (alias := jetpack_for_l4t(l4t)):
         return resolve_target(alias), f"Jetson Linux {l4t} is {alias}, and no TensorRT Python package is installed"

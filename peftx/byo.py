@@ -18,8 +18,9 @@ from typing import Any
 from .errors import UsageError
 
 
-def load_foreign(source: Any, *, model_name: str | None = None, weights: str | Path | None = None,
-                 img_size: int | None = None):
+def load_foreign(
+    source: Any, *, model_name: str | None = None, weights: str | Path | None = None, img_size: int | None = None
+):
     """The Loaded of a peft adapter directory or a source object; None for a peftx run (deploy loads those)."""
     from .peft_adapter import PeftSource, is_peft_dir
     from .plain_export import CheckpointSource
@@ -45,11 +46,18 @@ def recorded_source(provenance: Mapping[str, Any], source: str | Path) -> Any:
     if method not in (PEFT_METHOD, CHECKPOINT_METHOD):
         return source
     if not spec.get("name"):
-        raise UsageError(f"the bundle's provenance records no backbone for its {method} source",
-                         "re-create the bundle with this peftx version")
+        raise UsageError(
+            f"the bundle's provenance records no backbone for its {method} source",
+            "re-create the bundle with this peftx version",
+        )
     kwargs: dict[str, Any] = dict(img_size=spec.get("img_size"), model_kwargs=dict(spec.get("model_kwargs") or {}))
     if method == PEFT_METHOD:
-        return PeftSource(adapter_dir(source), model_name=spec["name"], weights=spec.get("weights"),
-                          expected_fingerprint=provenance.get("base_fingerprint"),
-                          expected_config=provenance.get("adapter_config"), **kwargs)
+        return PeftSource(
+            adapter_dir(source),
+            model_name=spec["name"],
+            weights=spec.get("weights"),
+            expected_fingerprint=provenance.get("base_fingerprint"),
+            expected_config=provenance.get("adapter_config"),
+            **kwargs,
+        )
     return CheckpointSource(spec["name"], Path(source), num_classes=provenance.get("num_classes"), **kwargs)

@@ -84,6 +84,7 @@ Progress = Callable[..., None]
 
 # -- config -----------------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class CompareConfig:
     """A comparison: the methods, the shared training settings, per-method overrides, where to write."""
@@ -106,9 +107,11 @@ class CompareConfig:
             raise UsageError("train and per_method must be mappings")
         owned = sorted(set(self.train) & _OWNED_FIELDS)
         if owned:
-            raise UsageError(f"compare sets {', '.join(owned)} itself for every run",
-                             "pass the data as data=..., the methods as methods=[...], per-method values as "
-                             "per_method={method: {...}}")
+            raise UsageError(
+                f"compare sets {', '.join(owned)} itself for every run",
+                "pass the data as data=..., the methods as methods=[...], per-method values as "
+                "per_method={method: {...}}",
+            )
         if self.methods is not None:
             self.methods = [str(m).strip() for m in self.methods if str(m).strip()]
             if not self.methods:
@@ -124,12 +127,16 @@ class CompareConfig:
         for m, values in self.per_method.items():
             shared = sorted((set(values) & train_fields) - set(PER_METHOD_FIELDS))
             if shared:
-                raise UsageError(f"{m}.{shared[0]}: {shared[0]} is shared by every method (one data order and "
-                                 "schedule for all)", f"set it once for all methods (--{shared[0].replace('_', '-')})")
+                raise UsageError(
+                    f"{m}.{shared[0]}: {shared[0]} is shared by every method (one data order and schedule for all)",
+                    f"set it once for all methods (--{shared[0].replace('_', '-')})",
+                )
         unused = sorted(set(self.per_method) - set(self.method_names()))
         if unused:
-            raise UsageError(f"per-method settings for {', '.join(unused)}, which is not compared",
-                             f"compared: {', '.join(self.method_names())}")
+            raise UsageError(
+                f"per-method settings for {', '.join(unused)}, which is not compared",
+                f"compared: {', '.join(self.method_names())}",
+            )
         if any(not isinstance(b, int) or b < 1 for b in self.latency_batches):
             raise UsageError(f"latency_batches: {self.latency_batches!r} must be positive integers")
 
@@ -176,6 +183,7 @@ def method_lr_scale(method: str) -> float:
 
 
 # -- plan -------------------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class RunPlan:
@@ -238,18 +246,28 @@ def plan_runs(cfg: CompareConfig) -> list[RunPlan]:
                 sources[name] = "recipe"
         for seed in cfg.seed_list():
             run_dir = out / method / f"seed{seed}"
-            kwargs = {**shared, **fields, "seed": seed, "method": method, "method_options": own,
-                      "output": str(run_dir.absolute())}
+            kwargs = {
+                **shared,
+                **fields,
+                "seed": seed,
+                "method": method,
+                "method_options": own,
+                "output": str(run_dir.absolute()),
+            }
             plan = RunPlan(method, seed, run_dir, None, sources)
             if method not in METHOD_NAMES:
-                plan.error = {"reason": f"unknown method {method!r} (this peftx registers "
-                                        f"{', '.join(METHOD_NAMES)})", "error_type": "UsageError"}
+                plan.error = {
+                    "reason": f"unknown method {method!r} (this peftx registers {', '.join(METHOD_NAMES)})",
+                    "error_type": "UsageError",
+                }
             else:
                 try:
                     plan.request = TrainConfig(**kwargs).to_dict()
                 except PeftxError as e:
-                    plan.error = {"reason": e.message + (f" ({e.hint})" if e.hint else ""),
-                                  "error_type": type(e).__name__}
+                    plan.error = {
+                        "reason": e.message + (f" ({e.hint})" if e.hint else ""),
+                        "error_type": type(e).__name__,
+                    }
             plans.append(plan)
     return plans
 
@@ -277,16 +295,19 @@ def decide_action(plan: RunPlan, *, force: bool, retry_failed: bool) -> str:
     has_run = any((d / f).exists() for f in _RUN_FILES)
     if record is None:
         if has_run:
-            raise OutputError(f"{d} holds a training run that peftx compare did not start",
-                              "choose another --output, or move that run away")
+            raise OutputError(
+                f"{d} holds a training run that peftx compare did not start",
+                "choose another --output, or move that run away",
+            )
         return "new"
     if force:
         return "new"
     diff = [k for k in _differences(record.get("request") or {}, plan.request or {}) if k != "output"]
     if diff:  # (the output path may differ: a comparison directory can be moved)
-        raise OutputError(f"{d} holds a {plan.method} run with other settings ({', '.join(diff[:6])} differ)",
-                          "re-run with the options it was started with, pass --force to start over, or choose "
-                          "another --output")
+        raise OutputError(
+            f"{d} holds a {plan.method} run with other settings ({', '.join(diff[:6])} differ)",
+            "re-run with the options it was started with, pass --force to start over, or choose another --output",
+        )
     if (d / _SUMMARY).exists():
         return "skip"
     if record.get("status") == "failed" and not retry_failed:
@@ -297,6 +318,7 @@ def decide_action(plan: RunPlan, *, force: bool, retry_failed: bool) -> str:
 
 
 # -- running one run in its own process -------------------------------------------------------------------------------
+
 
 class _Signals:
     """While a comparison runs: SIGINT / SIGTERM are forwarded to the running trainer (which checkpoints), and the
@@ -328,8 +350,16 @@ class _Signals:
 def _write_record(plan: RunPlan, **fields: Any) -> dict[str, Any]:
     path = plan.run_dir / RUN_RECORD
     record = _read_json(path) or {}
-    record.update({"format": FORMAT + "-run", "method": plan.method, "seed": plan.seed, "request": plan.request,
-                   "sources": plan.sources, **fields})
+    record.update(
+        {
+            "format": FORMAT + "-run",
+            "method": plan.method,
+            "seed": plan.seed,
+            "request": plan.request,
+            "sources": plan.sources,
+            **fields,
+        }
+    )
     write_text_atomic(path, json.dumps(record, indent=2) + "\n")
     return record
 
@@ -354,8 +384,9 @@ def _run_one(plan: RunPlan, signals: _Signals, emit: Progress) -> dict[str, Any]
         log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {plan.action} {plan.method} seed {plan.seed}\n")
         log.flush()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        proc = subprocess.Popen(_worker_argv(request), stdout=subprocess.PIPE, stderr=log, text=True, env=env,
-                                start_new_session=True)  # its own group: a terminal's Ctrl-C reaches it once, via us
+        proc = subprocess.Popen(
+            _worker_argv(request), stdout=subprocess.PIPE, stderr=log, text=True, env=env, start_new_session=True
+        )  # its own group: a terminal's Ctrl-C reaches it once, via us
         signals.child = proc
         if signals.received:  # the signal came while the process was being started
             proc.send_signal(signal.SIGINT)
@@ -388,38 +419,72 @@ def _run_one(plan: RunPlan, signals: _Signals, emit: Progress) -> dict[str, Any]
             reason = f"the training process was killed by {name}{why}"
         else:
             reason = f"the training process exited with code {code} without a result (see {plan.run_dir / RUN_LOG})"
-        status, result = ("interrupted" if signals.received else "failed"), {"reason": reason,
-                                                                              "error_type": "ProcessDied"}
-    return _write_record(plan, status=status, reason=result.get("reason"), error_type=result.get("error_type"),
-                         exit_code=code, seconds=time.perf_counter() - t0, cpu_seconds=result.get("cpu_seconds"))
+        status, result = (
+            ("interrupted" if signals.received else "failed"),
+            {"reason": reason, "error_type": "ProcessDied"},
+        )
+    return _write_record(
+        plan,
+        status=status,
+        reason=result.get("reason"),
+        error_type=result.get("error_type"),
+        exit_code=code,
+        seconds=time.perf_counter() - t0,
+        cpu_seconds=result.get("cpu_seconds"),
+    )
 
 
 # -- rows and summary -------------------------------------------------------------------------------------------------
 
+
 def _run_row(plan: RunPlan, record: dict[str, Any] | None, action: str) -> dict[str, Any]:
-    row: dict[str, Any] = {"method": plan.method, "seed": plan.seed, "run_dir": str(plan.run_dir),
-                           "action": action, "sources": plan.sources}
+    row: dict[str, Any] = {
+        "method": plan.method,
+        "seed": plan.seed,
+        "run_dir": str(plan.run_dir),
+        "action": action,
+        "sources": plan.sources,
+    }
     if plan.error is not None:
         return {**row, "status": "failed", **plan.error}
     record = record or {}
     summary = _read_json(plan.run_dir / _SUMMARY)
     if summary is None:
-        return {**row, "status": record.get("status") or "pending", "reason": record.get("reason"),
-                "error_type": record.get("error_type")}
+        return {
+            **row,
+            "status": record.get("status") or "pending",
+            "reason": record.get("reason"),
+            "error_type": record.get("error_type"),
+        }
     adapter = plan.run_dir / _ADAPTER
     config = summary.get("config") or {}
-    return {**row, "status": "ok", "reason": None,
-            "test_accuracy": summary.get("test_accuracy"), "val_accuracy": summary.get("val_accuracy"),
-            "test_images": summary.get("test_images"), "best_epoch": summary.get("best_epoch"),
-            "epochs": summary.get("epochs"), "steps_per_epoch": summary.get("steps_per_epoch"),
-            "trainable_params": summary.get("trainable_params"), "total_params": summary.get("total_params"),
-            "adapter_bytes": adapter.stat().st_size if adapter.exists() else None,
-            "train_seconds": summary.get("train_seconds"), "img_per_s": summary.get("img_per_s"),
-            "peak_memory_mb": summary.get("peak_memory_mb"), "peak_memory_kind": summary.get("peak_memory_kind"),
-            "baseline_rss_mb": record.get("baseline_rss_mb"), "device": summary.get("device"),
-            "process_seconds": record.get("seconds"), "cpu_seconds": record.get("cpu_seconds"),
-            "lr": config.get("lr"), "weight_decay": config.get("weight_decay"), "dropout": config.get("dropout"),
-            "resumed": summary.get("resumed"), "config": config}
+    return {
+        **row,
+        "status": "ok",
+        "reason": None,
+        "test_accuracy": summary.get("test_accuracy"),
+        "val_accuracy": summary.get("val_accuracy"),
+        "test_images": summary.get("test_images"),
+        "best_epoch": summary.get("best_epoch"),
+        "epochs": summary.get("epochs"),
+        "steps_per_epoch": summary.get("steps_per_epoch"),
+        "trainable_params": summary.get("trainable_params"),
+        "total_params": summary.get("total_params"),
+        "adapter_bytes": adapter.stat().st_size if adapter.exists() else None,
+        "train_seconds": summary.get("train_seconds"),
+        "img_per_s": summary.get("img_per_s"),
+        "peak_memory_mb": summary.get("peak_memory_mb"),
+        "peak_memory_kind": summary.get("peak_memory_kind"),
+        "baseline_rss_mb": record.get("baseline_rss_mb"),
+        "device": summary.get("device"),
+        "process_seconds": record.get("seconds"),
+        "cpu_seconds": record.get("cpu_seconds"),
+        "lr": config.get("lr"),
+        "weight_decay": config.get("weight_decay"),
+        "dropout": config.get("dropout"),
+        "resumed": summary.get("resumed"),
+        "config": config,
+    }
 
 
 def _mean(values: list[float]) -> float | None:
@@ -433,23 +498,39 @@ def aggregate(rows: list[dict[str, Any]], methods: list[str]) -> list[dict[str, 
         mine = [r for r in rows if r["method"] == method]
         ok = [r for r in mine if r["status"] == "ok"]
         acc = [r["test_accuracy"] for r in ok if r.get("test_accuracy") is not None]
-        entry: dict[str, Any] = {"method": method, "runs": len(mine), "ok": len(ok),
-                                 "failures": [{"seed": r["seed"], "status": r["status"], "reason": r.get("reason")}
-                                              for r in mine if r["status"] != "ok"]}
+        entry: dict[str, Any] = {
+            "method": method,
+            "runs": len(mine),
+            "ok": len(ok),
+            "failures": [
+                {"seed": r["seed"], "status": r["status"], "reason": r.get("reason")}
+                for r in mine
+                if r["status"] != "ok"
+            ],
+        }
         if ok:
             first = ok[0]
-            entry.update({
-                "test_accuracy": _mean(acc), "test_accuracy_sd": statistics.stdev(acc) if len(acc) > 1 else None,
-                "test_accuracy_min": min(acc) if acc else None, "test_accuracy_max": max(acc) if acc else None,
-                "val_accuracy": _mean([r["val_accuracy"] for r in ok if r.get("val_accuracy") is not None]),
-                "best_epochs": [r.get("best_epoch") for r in ok], "epochs": first.get("epochs"),
-                "trainable_params": first.get("trainable_params"), "total_params": first.get("total_params"),
-                "adapter_bytes": first.get("adapter_bytes"), "lr": first.get("lr"),
-                "lr_source": first["sources"].get("lr"),
-                **{k: _mean([r[k] for r in ok if r.get(k) is not None])
-                   for k in ("train_seconds", "img_per_s", "peak_memory_mb", "baseline_rss_mb")},
-                "peak_memory_kind": first.get("peak_memory_kind"),
-            })
+            entry.update(
+                {
+                    "test_accuracy": _mean(acc),
+                    "test_accuracy_sd": statistics.stdev(acc) if len(acc) > 1 else None,
+                    "test_accuracy_min": min(acc) if acc else None,
+                    "test_accuracy_max": max(acc) if acc else None,
+                    "val_accuracy": _mean([r["val_accuracy"] for r in ok if r.get("val_accuracy") is not None]),
+                    "best_epochs": [r.get("best_epoch") for r in ok],
+                    "epochs": first.get("epochs"),
+                    "trainable_params": first.get("trainable_params"),
+                    "total_params": first.get("total_params"),
+                    "adapter_bytes": first.get("adapter_bytes"),
+                    "lr": first.get("lr"),
+                    "lr_source": first["sources"].get("lr"),
+                    **{
+                        k: _mean([r[k] for r in ok if r.get(k) is not None])
+                        for k in ("train_seconds", "img_per_s", "peak_memory_mb", "baseline_rss_mb")
+                    },
+                    "peak_memory_kind": first.get("peak_memory_kind"),
+                }
+            )
         out.append(entry)
     return out
 
@@ -473,20 +554,47 @@ def _shared_settings(rows: list[dict[str, Any]], cfg: CompareConfig) -> dict[str
     if not ok:
         return {"data": cfg.data, "seeds": cfg.seed_list(), **{k: v for k, v in cfg.train.items()}}
     c = ok[0]["config"]
-    keys = ("model", "data", "task", "img_size", "epochs", "batch_size", "warmup_epochs", "cooldown_epochs", "min_lr",
-            "hflip", "amp", "device")
-    return {**{k: c.get(k) for k in keys}, "seeds": cfg.seed_list(), "steps_per_epoch": ok[0].get("steps_per_epoch"),
-            "test_images": ok[0].get("test_images")}
+    keys = (
+        "model",
+        "data",
+        "task",
+        "img_size",
+        "epochs",
+        "batch_size",
+        "warmup_epochs",
+        "cooldown_epochs",
+        "min_lr",
+        "hflip",
+        "amp",
+        "device",
+    )
+    return {
+        **{k: c.get(k) for k in keys},
+        "seeds": cfg.seed_list(),
+        "steps_per_epoch": ok[0].get("steps_per_epoch"),
+        "test_images": ok[0].get("test_images"),
+    }
 
 
-def _result(cfg: CompareConfig, plans: list[RunPlan], rows: list[dict[str, Any]],
-            latency: dict[str, Any] | None, state: str) -> dict[str, Any]:
+def _result(
+    cfg: CompareConfig, plans: list[RunPlan], rows: list[dict[str, Any]], latency: dict[str, Any] | None, state: str
+) -> dict[str, Any]:
     methods = cfg.method_names()
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "state": state, "output": str(cfg.output),
-            "methods": methods, "seeds": cfg.seed_list(), "shared": _shared_settings(rows, cfg),
-            "per_method": cfg.per_method, "differing_fields": config_differences(rows),
-            "summary": aggregate(rows, methods), "runs": rows, "latency": latency,
-            "chart": str(Path(cfg.output) / CHART_FILE)}
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "state": state,
+        "output": str(cfg.output),
+        "methods": methods,
+        "seeds": cfg.seed_list(),
+        "shared": _shared_settings(rows, cfg),
+        "per_method": cfg.per_method,
+        "differing_fields": config_differences(rows),
+        "summary": aggregate(rows, methods),
+        "runs": rows,
+        "latency": latency,
+        "chart": str(Path(cfg.output) / CHART_FILE),
+    }
 
 
 def _save(result: dict[str, Any]) -> None:
@@ -494,6 +602,7 @@ def _save(result: dict[str, Any]) -> None:
 
 
 # -- merged latency ---------------------------------------------------------------------------------------------------
+
 
 def merged_signature(model: Any) -> str:
     """What makes two merged models the same graph: the class, and every state-dict key with its shape."""
@@ -504,8 +613,9 @@ def merged_signature(model: Any) -> str:
     return hashlib.sha256("\n".join(items).encode()).hexdigest()[:16]
 
 
-def measure_merged_latency(run_dirs: list[str | Path], *, batches: tuple[int, ...] = (1,), device: str = "auto",
-                           min_run_time: float = 2.0) -> dict[str, Any]:
+def measure_merged_latency(
+    run_dirs: list[str | Path], *, batches: tuple[int, ...] = (1,), device: str = "auto", min_run_time: float = 2.0
+) -> dict[str, Any]:
     """Merge each finished run, group them by merged graph, time one model per group (torch.utils.benchmark).
 
     Eager PyTorch, float32, fused SDPA attention (as ``peftx eval`` runs it), torch's thread count; ONNX Runtime and
@@ -534,8 +644,16 @@ def measure_merged_latency(run_dirs: list[str | Path], *, batches: tuple[int, ..
             problems.append({"run_dir": str(run_dir), "reason": f"{type(e).__name__}: {e}".splitlines()[0]})
             continue
         sig = merged_signature(merged)
-        group = groups.setdefault(sig, {"signature": sig, "runs": [], "model": merged, "data_config":
-                                        loaded.data_config, "class": type(merged).__name__})
+        group = groups.setdefault(
+            sig,
+            {
+                "signature": sig,
+                "runs": [],
+                "model": merged,
+                "data_config": loaded.data_config,
+                "class": type(merged).__name__,
+            },
+        )
         group["runs"].append(str(run_dir))
     graphs = []
     for group in groups.values():
@@ -547,32 +665,54 @@ def measure_merged_latency(run_dirs: list[str | Path], *, batches: tuple[int, ..
             x = torch.randn(b, 3, int(h), int(w), device=dev)
             with torch.inference_mode():
                 model(x)  # warm-up (allocations, kernels)
-                t = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x},
-                                    num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=min_run_time)
-            timings.append({"batch": b, "median_ms": 1e3 * t.median, "iqr_ms": 1e3 * t.iqr,
-                            "img_per_s": b / t.median, "measurements": len(t.times)})
-        graphs.append({**{k: v for k, v in group.items() if k != "data_config"},
-                       "input_size": list(group["data_config"]["input_size"]), "timings": timings})
-    return {"graphs": graphs, "same_graph": len(graphs) <= 1, "problems": problems, "device": str(dev),
-            "threads": torch.get_num_threads(), "backend": "pytorch eager fp32",
-            "note": "every method merges into the plain timm model; timed once per distinct merged graph"}
+                t = benchmark.Timer(
+                    stmt="model(x)", globals={"model": model, "x": x}, num_threads=torch.get_num_threads()
+                ).blocked_autorange(min_run_time=min_run_time)
+            timings.append(
+                {
+                    "batch": b,
+                    "median_ms": 1e3 * t.median,
+                    "iqr_ms": 1e3 * t.iqr,
+                    "img_per_s": b / t.median,
+                    "measurements": len(t.times),
+                }
+            )
+        graphs.append(
+            {
+                **{k: v for k, v in group.items() if k != "data_config"},
+                "input_size": list(group["data_config"]["input_size"]),
+                "timings": timings,
+            }
+        )
+    return {
+        "graphs": graphs,
+        "same_graph": len(graphs) <= 1,
+        "problems": problems,
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "backend": "pytorch eager fp32",
+        "note": "every method merges into the plain timm model; timed once per distinct merged graph",
+    }
 
 
 # -- the comparison ---------------------------------------------------------------------------------------------------
+
 
 def _quiet(*_args: Any, **_kwargs: Any) -> None:
     return None
 
 
-def _interrupted(cfg: CompareConfig, plans: list[RunPlan], rows: list[dict[str, Any]], plan: RunPlan,
-                 signals: _Signals) -> TrainingInterrupted:
+def _interrupted(
+    cfg: CompareConfig, plans: list[RunPlan], rows: list[dict[str, Any]], plan: RunPlan, signals: _Signals
+) -> TrainingInterrupted:
     _save(_result(cfg, plans, rows, None, "interrupted"))
     done = sum(r["status"] == "ok" for r in rows)
     return TrainingInterrupted(
         f"comparison interrupted by {signals.received or 'a signal'} at {plan.method} seed {plan.seed}; "
         f"{done} finished run(s) kept in {cfg.output}",
         "re-run the same command to continue: finished runs are skipped, an interrupted one resumes from its "
-        "checkpoint")
+        "checkpoint",
+    )
 
 
 def compare(cfg: CompareConfig, progress: Progress | None = None) -> dict[str, Any]:
@@ -607,8 +747,9 @@ def compare(cfg: CompareConfig, progress: Progress | None = None) -> dict[str, A
     latency = None
     ok_dirs = [r["run_dir"] for r in rows if r["status"] == "ok"]
     if cfg.latency and ok_dirs:
-        latency = measure_merged_latency(ok_dirs, batches=cfg.latency_batches,
-                                         device=str(cfg.train.get("device", "auto")))
+        latency = measure_merged_latency(
+            ok_dirs, batches=cfg.latency_batches, device=str(cfg.train.get("device", "auto"))
+        )
         emit("latency", latency=latency)
     result = _result(cfg, plans, rows, latency, "done")
     from .compare_report import plot_compare
@@ -628,6 +769,21 @@ def load_result(output: str | Path) -> dict[str, Any]:
     return data
 
 
-__all__ = ["CompareConfig", "compare", "default_methods", "parse_set", "plan_runs", "decide_action", "aggregate",
-           "config_differences", "measure_merged_latency", "merged_signature", "load_result", "DEFAULT_METHODS",
-           "PER_METHOD_FIELDS", "COMPARE_FILE", "CHART_FILE", "RUN_RECORD"]
+__all__ = [
+    "CompareConfig",
+    "compare",
+    "default_methods",
+    "parse_set",
+    "plan_runs",
+    "decide_action",
+    "aggregate",
+    "config_differences",
+    "measure_merged_latency",
+    "merged_signature",
+    "load_result",
+    "DEFAULT_METHODS",
+    "PER_METHOD_FIELDS",
+    "COMPARE_FILE",
+    "CHART_FILE",
+    "RUN_RECORD",
+]

@@ -12,8 +12,17 @@ from .fsutil import atomic_path
 WIDTH = 100
 _LR_SOURCE = {"set": "set", "shared": "all", "recipe x method": "rec*", "recipe": "rec"}
 # (header, width, align) — numbers right-aligned; the note takes what is left of WIDTH.
-_COLUMNS = (("method", 8, "<"), ("test %", 13, ">"), ("epoch", 7, ">"), ("lr", 9, "<"), ("trainable", 10, ">"),
-            ("adapter", 9, ">"), ("train s", 7, ">"), ("img/s", 6, ">"), ("peak MB", 7, ">"))
+_COLUMNS = (
+    ("method", 8, "<"),
+    ("test %", 13, ">"),
+    ("epoch", 7, ">"),
+    ("lr", 9, "<"),
+    ("trainable", 10, ">"),
+    ("adapter", 9, ">"),
+    ("train s", 7, ">"),
+    ("img/s", 6, ">"),
+    ("peak MB", 7, ">"),
+)
 
 
 def _num(x: Any) -> bool:
@@ -63,12 +72,17 @@ def _cell(value: str, width: int, align: str) -> str:
 def method_cells(entry: dict[str, Any], note: str) -> list[str]:
     failed = not entry.get("ok")
     acc = "failed" if failed else _accuracy(entry)
-    values = [entry["method"], acc, _epochs(entry), _lr(entry),
-              f"{entry['trainable_params']:,}" if _num(entry.get("trainable_params")) else "-",
-              human_bytes(entry.get("adapter_bytes")),
-              f"{entry['train_seconds']:.0f}" if _num(entry.get("train_seconds")) else "-",
-              f"{entry['img_per_s']:.1f}" if _num(entry.get("img_per_s")) else "-",
-              f"{entry['peak_memory_mb']:,.0f}" if _num(entry.get("peak_memory_mb")) else "-"]
+    values = [
+        entry["method"],
+        acc,
+        _epochs(entry),
+        _lr(entry),
+        f"{entry['trainable_params']:,}" if _num(entry.get("trainable_params")) else "-",
+        human_bytes(entry.get("adapter_bytes")),
+        f"{entry['train_seconds']:.0f}" if _num(entry.get("train_seconds")) else "-",
+        f"{entry['img_per_s']:.1f}" if _num(entry.get("img_per_s")) else "-",
+        f"{entry['peak_memory_mb']:,.0f}" if _num(entry.get("peak_memory_mb")) else "-",
+    ]
     return [_cell(v, w, a) for v, (_, w, a) in zip(values, _COLUMNS, strict=True)] + [note]
 
 
@@ -86,12 +100,16 @@ def _title(result: dict[str, Any]) -> list[str]:
     name = data if data.lower() in ("demo", "digits") else (Path(data).name or data)
     seeds = result.get("seeds") or []
     seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}..{seeds[-1]} ({len(seeds)})"
-    head = (f"peftx compare: {name} on {s.get('model') or '?'}, {s.get('img_size') or '?'} px, "
-            f"{s.get('epochs') or '?'} epochs x {s.get('steps_per_epoch') or '?'} steps, batch "
-            f"{s.get('batch_size') or '?'}, {seed_text}, {s.get('test_images') or '?'} test images")
+    head = (
+        f"peftx compare: {name} on {s.get('model') or '?'}, {s.get('img_size') or '?'} px, "
+        f"{s.get('epochs') or '?'} epochs x {s.get('steps_per_epoch') or '?'} steps, batch "
+        f"{s.get('batch_size') or '?'}, {seed_text}, {s.get('test_images') or '?'} test images"
+    )
     lines = _wrap(head)
-    lines += _wrap("Every method: the same data, split, data order, augmentation and schedule. Test accuracy at the "
-                   "epoch selected on validation (never on test).")
+    lines += _wrap(
+        "Every method: the same data, split, data order, augmentation and schedule. Test accuracy at the "
+        "epoch selected on validation (never on test)."
+    )
     return lines
 
 
@@ -101,13 +119,19 @@ def _latency_lines(latency: dict[str, Any] | None) -> list[str]:
     lines = []
     graphs = latency["graphs"]
     for g in graphs:
-        times = ", ".join(f"{t['median_ms']:.1f} ms at batch {t['batch']} ({t['img_per_s']:.0f} img/s)"
-                          for t in g["timings"])
-        who = "every method above merges into this graph" if len(graphs) == 1 else \
-            f"{len(g['runs'])} run(s) merge into this graph"
-        lines += _wrap(f"Merged model: {times}; {latency['backend']} on {latency['device']}, {latency['threads']} "
-                       f"thread(s). Measured once: {who} (a plain timm {g['class']}, the same keys and shapes), so "
-                       "it has no per-method latency.")
+        times = ", ".join(
+            f"{t['median_ms']:.1f} ms at batch {t['batch']} ({t['img_per_s']:.0f} img/s)" for t in g["timings"]
+        )
+        who = (
+            "every method above merges into this graph"
+            if len(graphs) == 1
+            else f"{len(g['runs'])} run(s) merge into this graph"
+        )
+        lines += _wrap(
+            f"Merged model: {times}; {latency['backend']} on {latency['device']}, {latency['threads']} "
+            f"thread(s). Measured once: {who} (a plain timm {g['class']}, the same keys and shapes), so "
+            "it has no per-method latency."
+        )
     for p in latency.get("problems") or []:
         lines += _wrap(f"  not merged: {p['run_dir']}: {p['reason']}")
     return lines
@@ -137,15 +161,21 @@ def format_table(result: dict[str, Any]) -> str:
             lines += _wrap(f"[{n}] {what}: {f.get('reason') or 'no reason recorded'}")
     seeds = result.get("seeds") or []
     if len(seeds) > 1:
-        lines += _wrap(f"± = sample standard deviation over the {len(seeds)} seeds (each seed: its own split for "
-                       "'demo', its own init and data order); min and max per method in compare.json.")
-    lines += _wrap("lr: rec = the recipe's, all = --lr for every method, set = --set METHOD.lr, def = the method's "
-                   "own default. adapter = adapter.safetensors (full: the whole model).")
+        lines += _wrap(
+            f"± = sample standard deviation over the {len(seeds)} seeds (each seed: its own split for "
+            "'demo', its own init and data order); min and max per method in compare.json."
+        )
+    lines += _wrap(
+        "lr: rec = the recipe's, all = --lr for every method, set = --set METHOD.lr, def = the method's "
+        "own default. adapter = adapter.safetensors (full: the whole model)."
+    )
     baselines = [e.get("baseline_rss_mb") for e in summary if _num(e.get("baseline_rss_mb"))]
     kinds = {e.get("peak_memory_kind") for e in summary if e.get("peak_memory_kind")}
     if "cpu_max_rss" in kinds and baselines:
-        lines += _wrap(f"peak MB: the training process's max RSS, of which ~{min(baselines):,.0f} MB is Python with "
-                       "torch loaded (each run has its own process).")
+        lines += _wrap(
+            f"peak MB: the training process's max RSS, of which ~{min(baselines):,.0f} MB is Python with "
+            "torch loaded (each run has its own process)."
+        )
     elif "cuda_max_allocated" in kinds:
         lines += _wrap("peak MB: torch.cuda.max_memory_allocated of the run.")
     lines += _latency_lines(result.get("latency"))
@@ -176,14 +206,25 @@ def plot_compare(result: dict[str, Any], path: str | Path) -> Path:
     bars = ax_bar.bar(names, acc, yerr=err, capsize=4, color="tab:blue")
     for bar, e in zip(bars, summary, strict=True):
         label = "failed" if not e.get("ok") else f"{100 * e['test_accuracy']:.1f}"
-        ax_bar.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
-                        fontsize=8, color="tab:red" if not e.get("ok") else "black")
+        ax_bar.annotate(
+            label,
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            color="tab:red" if not e.get("ok") else "black",
+        )
     ax_bar.set(ylabel="test accuracy (%)", title="test accuracy at the val-selected epoch", ylim=(0, 105))
     for e in summary:
         if e.get("ok") and _num(e.get("trainable_params")) and _num(e.get("test_accuracy")):
             x, y = e["trainable_params"], 100 * e["test_accuracy"]
-            ax_sc.errorbar([x], [y], yerr=[100 * e["test_accuracy_sd"]] if _num(e.get("test_accuracy_sd")) else None,
-                           fmt="o", capsize=3)
+            ax_sc.errorbar(
+                [x],
+                [y],
+                yerr=[100 * e["test_accuracy_sd"]] if _num(e.get("test_accuracy_sd")) else None,
+                fmt="o",
+                capsize=3,
+            )
             secs = f", {e['train_seconds']:.0f} s" if _num(e.get("train_seconds")) else ""
             ax_sc.annotate(f"{e['method']}{secs}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax_sc.set_xscale("log")

@@ -69,12 +69,20 @@ def main(argv: list[str]) -> int:
             _send("result", status="interrupted", reason=e.message, error_type=type(e).__name__)
             return e.exit_code
         if isinstance(e, PeftxError):
-            _send("result", status="failed", reason=e.message + (f" ({e.hint})" if e.hint else ""),
-                  error_type=type(e).__name__)
+            _send(
+                "result",
+                status="failed",
+                reason=e.message + (f" ({e.hint})" if e.hint else ""),
+                error_type=type(e).__name__,
+            )
             return e.exit_code
         traceback.print_exc()
-        _send("result", status="failed", reason=f"internal error: {type(e).__name__}: {e}".splitlines()[0],
-              error_type=type(e).__name__)
+        _send(
+            "result",
+            status="failed",
+            reason=f"internal error: {type(e).__name__}: {e}".splitlines()[0],
+            error_type=type(e).__name__,
+        )
         return 70
     _send("result", status="ok", reason=None, error_type=None, cpu_seconds=_cpu_seconds())
     return 0

@@ -38,8 +38,10 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", "
 _JUNK_FILES = frozenset({"thumbs.db", "desktop.ini"})  # OS droppings that are never meant as data
 VTAB_LISTS = {"train": "train800.txt", "val": "val200.txt", "test": "test.txt"}
 DEMO_SPECS = ("demo", "digits")
-ACCEPTED_SPECS = ("'demo' (alias 'digits'); an ImageFolder root ROOT/{train,val[,test]}/<class>/<image>; "
-                  "or a VTAB-1k task directory ROOT/<task>/ with train800.txt, val200.txt and test.txt")
+ACCEPTED_SPECS = (
+    "'demo' (alias 'digits'); an ImageFolder root ROOT/{train,val[,test]}/<class>/<image>; "
+    "or a VTAB-1k task directory ROOT/<task>/ with train800.txt, val200.txt and test.txt"
+)
 IMBALANCE_WARN_RATIO = 10.0
 # Validation drawn from train/ when an ImageFolder has no val/: VTAB-1k's 200 of 1,000 (20 %), per class, capped so
 # that a large dataset does not spend most of each epoch validating (Fashion-MNIST's 6,000 a class would give 1,200).
@@ -87,8 +89,9 @@ class ImageFileDataset(Dataset):
             with Image.open(path) as im:
                 image = im.convert("RGB")
         except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError... for one outcome: undecodable
-            raise DataError(f"cannot decode image {path}: {_first_line(exc)}",
-                            "replace or delete the file, then run again") from exc
+            raise DataError(
+                f"cannot decode image {path}: {_first_line(exc)}", "replace or delete the file, then run again"
+            ) from exc
         return self.transform(image), label
 
 
@@ -132,15 +135,22 @@ def raw_sample(dataset: Dataset, index: int) -> tuple[Path | Image.Image, int]:
         return dataset.samples[index]
     if isinstance(dataset, InMemoryImageDataset):
         return dataset.images[index], dataset.labels[index]
-    raise UsageError(f"{type(dataset).__name__} does not expose its raw images",
-                     "use an ImageFileDataset or InMemoryImageDataset")
+    raise UsageError(
+        f"{type(dataset).__name__} does not expose its raw images", "use an ImageFileDataset or InMemoryImageDataset"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- splits
 
 
-def load_splits(spec: str | Path, data_cfg: dict[str, Any], *, hflip: bool = False, seed: int = 42,
-                val_files: Sequence[str] | None = None) -> Splits:
+def load_splits(
+    spec: str | Path,
+    data_cfg: dict[str, Any],
+    *,
+    hflip: bool = False,
+    seed: int = 42,
+    val_files: Sequence[str] | None = None,
+) -> Splits:
     """Train / val / test splits for ``spec``: 'demo' (alias 'digits'), an ImageFolder root, or a VTAB-1k task dir.
 
     ``val_files``: for an ImageFolder without val/, the validation files a run drew (paths relative to train/, as
@@ -159,8 +169,10 @@ def load_splits(spec: str | Path, data_cfg: dict[str, Any], *, hflip: bool = Fal
         return _folder_splits(root, train_tf, eval_tf, seed, val_files)
     tasks = sorted(p.name for p in root.glob("*/") if (p / VTAB_LISTS["train"]).is_file()) if root.is_dir() else []
     if tasks:
-        raise DataError(f"{root} is a VTAB-1k root holding {len(tasks)} task(s) ({', '.join(tasks[:5])}), not a task",
-                        f"pass one task directory, e.g. {root / tasks[0]}")
+        raise DataError(
+            f"{root} is a VTAB-1k root holding {len(tasks)} task(s) ({', '.join(tasks[:5])}), not a task",
+            f"pass one task directory, e.g. {root / tasks[0]}",
+        )
     raise DataError(f"{root} is not a dataset peftx recognises", f"pass {ACCEPTED_SPECS}")
 
 
@@ -173,8 +185,15 @@ class EvalSplit:
     skipped: list[Path] = field(default_factory=list)
 
 
-def load_eval_split(spec: str | Path, data_cfg: dict[str, Any], split: str, class_names: Sequence[str] | None, *,
-                    seed: int = 42, val_files: Sequence[str] | None = None) -> EvalSplit:
+def load_eval_split(
+    spec: str | Path,
+    data_cfg: dict[str, Any],
+    split: str,
+    class_names: Sequence[str] | None,
+    *,
+    seed: int = 42,
+    val_files: Sequence[str] | None = None,
+) -> EvalSplit:
     """The ``split`` of ``spec`` for evaluating a run trained on ``class_names``.
 
     Besides everything :func:`load_splits` reads (the training classes must then be the run's, in order), this
@@ -183,13 +202,20 @@ def load_eval_split(spec: str | Path, data_cfg: dict[str, Any], split: str, clas
     that is absent is simply not measured), a class the run was not trained on is refused.
     """
     root = Path(spec).expanduser() if not _is_demo(spec) else None
-    partial = (root is not None and class_names is not None and root.is_dir() and not (root / "train").is_dir()
-               and not any((root / name).is_file() for name in VTAB_LISTS.values()))
+    partial = (
+        root is not None
+        and class_names is not None
+        and root.is_dir()
+        and not (root / "train").is_dir()
+        and not any((root / name).is_file() for name in VTAB_LISTS.values())
+    )
     if not partial:
         splits = load_splits(spec, data_cfg, hflip=False, seed=seed, val_files=val_files)
         if class_names is not None and list(class_names) != list(splits.class_names):
-            raise DataError(f"{spec} has classes {_some(splits.class_names)}, the adapter was trained on "
-                            f"{_some(class_names)}", "evaluate on data with the training classes, in order")
+            raise DataError(
+                f"{spec} has classes {_some(splits.class_names)}, the adapter was trained on {_some(class_names)}",
+                "evaluate on data with the training classes, in order",
+            )
         dataset = getattr(splits, split)
         if dataset is None or len(dataset) == 0:
             raise DataError(f"{spec} has no {split} split", "choose another --split")
@@ -202,8 +228,11 @@ def load_eval_split(spec: str | Path, data_cfg: dict[str, Any], split: str, clas
     if not samples:
         raise DataError(f"{folder} holds no images", f"lay images out as {folder}/<class>/<image>")
     present = sorted({label for _, label in samples})
-    source = (f"ImageFolder {folder} ({len(present)} of the run's {len(index)} classes, matched by name"
-              + (f"; {len(skipped)} non-image file(s) skipped" if skipped else "") + ")")
+    source = (
+        f"ImageFolder {folder} ({len(present)} of the run's {len(index)} classes, matched by name"
+        + (f"; {len(skipped)} non-image file(s) skipped" if skipped else "")
+        + ")"
+    )
     return EvalSplit(ImageFileDataset(samples, build_transform(data_cfg, train=False, hflip=False)), source, skipped)
 
 
@@ -228,8 +257,13 @@ def _digits_splits(train_tf: Callable, eval_tf: Callable, seed: int) -> Splits:
         idx = np.sort(idx)
         return InMemoryImageDataset([images[i] for i in idx], labels[idx].tolist(), tf)
 
-    return Splits(subset(train, train_tf), subset(val, eval_tf), subset(test, eval_tf),
-                  [str(d) for d in range(10)], f"sklearn digits (1,797 8x8 images), stratified split seed {seed}")
+    return Splits(
+        subset(train, train_tf),
+        subset(val, eval_tf),
+        subset(test, eval_tf),
+        [str(d) for d in range(10)],
+        f"sklearn digits (1,797 8x8 images), stratified split seed {seed}",
+    )
 
 
 def _digit_images() -> tuple[list[Image.Image], np.ndarray]:
@@ -238,8 +272,9 @@ def _digit_images() -> tuple[list[Image.Image], np.ndarray]:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split  # noqa: F401 - what the split needs, checked here
     except ImportError as exc:
-        raise DataError("the demo data needs scikit-learn, which is not installed",
-                        "pip install scikit-learn (or peftx[demo])") from exc
+        raise DataError(
+            "the demo data needs scikit-learn, which is not installed", "pip install scikit-learn (or peftx[demo])"
+        ) from exc
     digits = load_digits()
     pixels = np.clip(np.rint(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
     return [Image.fromarray(p).convert("RGB") for p in pixels], digits.target.astype(np.int64)
@@ -248,8 +283,9 @@ def _digit_images() -> tuple[list[Image.Image], np.ndarray]:
 # ---- ImageFolder
 
 
-def _folder_splits(root: Path, train_tf: Callable, eval_tf: Callable, seed: int,
-                   val_files: Sequence[str] | None) -> Splits:
+def _folder_splits(
+    root: Path, train_tf: Callable, eval_tf: Callable, seed: int, val_files: Sequence[str] | None
+) -> Splits:
     classes = _class_dirs(root / "train")
     if not classes:
         raise DataError(f"{root / 'train'} holds no class folders", "lay images out as ROOT/train/<class>/<image>")
@@ -259,9 +295,11 @@ def _folder_splits(root: Path, train_tf: Callable, eval_tf: Callable, seed: int,
     counts = Counter(label for _, label in train)
     empty = [name for name, i in index.items() if counts[i] == 0]
     if empty:
-        raise DataError(f"class folder {root / 'train' / empty[0]} has no training images"
-                        + (f" ({len(empty) - 1} more such)" if len(empty) > 1 else ""),
-                        "add images, or delete the empty class folder")
+        raise DataError(
+            f"class folder {root / 'train' / empty[0]} has no training images"
+            + (f" ({len(empty) - 1} more such)" if len(empty) > 1 else ""),
+            "add images, or delete the empty class folder",
+        )
     drawn = None
     if (root / "val").is_dir():
         val = _scan_split(root / "val", index, skipped)
@@ -274,18 +312,36 @@ def _folder_splits(root: Path, train_tf: Callable, eval_tf: Callable, seed: int,
             raise DataError(f"split {root / name} holds no images", "add images, or remove the folder")
     _warn_imbalance(counts, classes, root / "train")
     if skipped:
-        log.info("%s: skipped %d non-image file(s), e.g. %s", root, len(skipped),
-                    ", ".join(str(p.relative_to(root)) for p in skipped[:3]))
+        log.info(
+            "%s: skipped %d non-image file(s), e.g. %s",
+            root,
+            len(skipped),
+            ", ".join(str(p.relative_to(root)) for p in skipped[:3]),
+        )
     source = f"ImageFolder {root} ({len(classes)} classes)"
     if drawn is not None:
-        source += (f"; val drawn from train/: {len(val)} images ({drawn['fraction']:.0%} of each class, at most "
-                   f"{drawn['max_per_class']}, seed {drawn['seed']})")
-    return Splits(ImageFileDataset(train, train_tf), ImageFileDataset(val, eval_tf),
-                  ImageFileDataset(test, eval_tf) if test is not None else None, classes, source, drawn, skipped)
+        source += (
+            f"; val drawn from train/: {len(val)} images ({drawn['fraction']:.0%} of each class, at most "
+            f"{drawn['max_per_class']}, seed {drawn['seed']})"
+        )
+    return Splits(
+        ImageFileDataset(train, train_tf),
+        ImageFileDataset(val, eval_tf),
+        ImageFileDataset(test, eval_tf) if test is not None else None,
+        classes,
+        source,
+        drawn,
+        skipped,
+    )
 
 
-def draw_val(samples: Sequence[tuple[Path, int]], class_names: Sequence[str], seed: int,
-             fraction: float = VAL_FRACTION, max_per_class: int = VAL_MAX_PER_CLASS) -> set[Path]:
+def draw_val(
+    samples: Sequence[tuple[Path, int]],
+    class_names: Sequence[str],
+    seed: int,
+    fraction: float = VAL_FRACTION,
+    max_per_class: int = VAL_MAX_PER_CLASS,
+) -> set[Path]:
     """The validation images drawn from ``samples`` (training images), stratified by class.
 
     Each class gives ``min(max_per_class, round(fraction * n))`` of its n images, at least 1 when n >= 2 and never
@@ -304,29 +360,39 @@ def draw_val(samples: Sequence[tuple[Path, int]], class_names: Sequence[str], se
     return chosen
 
 
-def _split_val(root: Path, train: list[tuple[Path, int]], classes: list[str], seed: int,
-               val_files: Sequence[str] | None) -> tuple[list, list, dict[str, Any]]:
+def _split_val(
+    root: Path, train: list[tuple[Path, int]], classes: list[str], seed: int, val_files: Sequence[str] | None
+) -> tuple[list, list, dict[str, Any]]:
     """(train, val, record) for a tree without val/: the recorded files if given, else a fresh draw."""
     base = root / "train"
     if val_files is not None:
         known = {path.relative_to(base).as_posix(): path for path, _ in train}
         gone = [f for f in val_files if f not in known]
         if gone:
-            raise DataError(f"{base / gone[0]}, a validation image the run drew from train/, is no longer there"
-                            + (f" ({len(gone) - 1} more)" if len(gone) > 1 else ""),
-                            f"restore it, or pass a dataset with a val/ folder (the run's split is its "
-                            f"{VAL_SPLIT_FILE})")
+            raise DataError(
+                f"{base / gone[0]}, a validation image the run drew from train/, is no longer there"
+                + (f" ({len(gone) - 1} more)" if len(gone) > 1 else ""),
+                f"restore it, or pass a dataset with a val/ folder (the run's split is its {VAL_SPLIT_FILE})",
+            )
         chosen = {known[f] for f in val_files}
     else:
         chosen = draw_val(train, classes, seed)
     if not chosen:
-        raise DataError(f"ImageFolder dataset {root} has no val/ folder, and too few training images to draw one "
-                        "(every class has a single image)",
-                        "add images (2 or more per class), or create ROOT/val/<class>/...")
+        raise DataError(
+            f"ImageFolder dataset {root} has no val/ folder, and too few training images to draw one "
+            "(every class has a single image)",
+            "add images (2 or more per class), or create ROOT/val/<class>/...",
+        )
     val = [(p, label) for p, label in train if p in chosen]
     rest = [(p, label) for p, label in train if p not in chosen]
-    record = {"from": "train", "seed": seed, "fraction": VAL_FRACTION, "max_per_class": VAL_MAX_PER_CLASS,
-              "recorded": val_files is not None, "files": [p.relative_to(base).as_posix() for p, _ in val]}
+    record = {
+        "from": "train",
+        "seed": seed,
+        "fraction": VAL_FRACTION,
+        "max_per_class": VAL_MAX_PER_CLASS,
+        "recorded": val_files is not None,
+        "files": [p.relative_to(base).as_posix() for p, _ in val],
+    }
     return rest, val, record
 
 
@@ -346,9 +412,10 @@ def read_val_split(run_dir: str | Path) -> list[str] | None:
     try:
         files = json.loads(path.read_text(encoding="utf-8"))["files"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{path} is unreadable ({_first_line(exc)})",
-                        "restore it from the run directory, or delete it to draw the split again from the seed") \
-            from exc
+        raise DataError(
+            f"{path} is unreadable ({_first_line(exc)})",
+            "restore it from the run directory, or delete it to draw the split again from the seed",
+        ) from exc
     if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
         raise DataError(f"{path} does not list files", "restore it, or delete it to draw the split again")
     return files
@@ -358,16 +425,20 @@ def _class_dirs(split: Path) -> list[str]:
     return sorted(p.name for p in split.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _scan_split(split: Path, index: dict[str, int], skipped: list[Path] | None = None, *,
-                of_run: bool = False) -> list[tuple[Path, int]]:
+def _scan_split(
+    split: Path, index: dict[str, int], skipped: list[Path] | None = None, *, of_run: bool = False
+) -> list[tuple[Path, int]]:
     """(image, label) pairs of one split folder, every image checked; non-image files go to ``skipped``.
     ``of_run``: ``index`` is a trained run's classes (evaluation), not this tree's train/ folder."""
     unknown = [name for name in _class_dirs(split) if name not in index]
     if unknown:
         known = f"{', '.join(list(index)[:8])}{', ...' if len(index) > 8 else ''}"
-        raise DataError(f"class folder {split / unknown[0]} is not a training class",
-                        f"the run was trained on the classes {known}: remove or rename the others" if of_run else
-                        f"every {split.name}/ class must also exist under train/ (training classes: {known})")
+        raise DataError(
+            f"class folder {split / unknown[0]} is not a training class",
+            f"the run was trained on the classes {known}: remove or rename the others"
+            if of_run
+            else f"every {split.name}/ class must also exist under train/ (training classes: {known})",
+        )
     samples: list[tuple[Path, int]] = []
     for path in sorted(split.rglob("*")):
         if path.is_dir():
@@ -391,14 +462,15 @@ def _is_junk(rel: Path) -> bool:
 def _check_image(path: Path) -> None:
     """Cheap integrity check (header + PNG chunk CRCs, no pixel decode); see the module docstring for the cost."""
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
-        raise DataError(f"{path} is not an image file (extension {path.suffix or 'none'})",
-                        f"remove it, or use one of: {', '.join(sorted(IMAGE_EXTENSIONS))}")
+        raise DataError(
+            f"{path} is not an image file (extension {path.suffix or 'none'})",
+            f"remove it, or use one of: {', '.join(sorted(IMAGE_EXTENSIONS))}",
+        )
     try:
         with Image.open(path) as im:
             im.verify()
     except Exception as exc:  # UnidentifiedImageError, OSError, SyntaxError...: one outcome, unreadable
-        raise DataError(f"{path} is not a readable image ({_first_line(exc)})",
-                        "replace or delete the file") from exc
+        raise DataError(f"{path} is not a readable image ({_first_line(exc)})", "replace or delete the file") from exc
 
 
 # ---- VTAB-1k
@@ -442,8 +514,10 @@ def _parse_vtab_line(line: str, where: str, root: Path, real_root: Path) -> tupl
     if label < 0:
         raise DataError(f"{where}: label {label} is negative", "labels are class indices 0..K-1")
     if label >= MAX_CLASSES:
-        raise DataError(f"{where}: label {label} is not a plausible class index (the head would have {label + 1:,} "
-                        "outputs)", f"labels are class indices 0..K-1 with K <= {MAX_CLASSES:,}")
+        raise DataError(
+            f"{where}: label {label} is not a plausible class index (the head would have {label + 1:,} outputs)",
+            f"labels are class indices 0..K-1 with K <= {MAX_CLASSES:,}",
+        )
     if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive:
         raise DataError(f"{where}: path {rel!r} is absolute", "list paths relative to the task directory")
     if ".." in PurePosixPath(rel.replace("\\", "/")).parts:
@@ -454,11 +528,14 @@ def _parse_vtab_line(line: str, where: str, root: Path, real_root: Path) -> tupl
         is_file = real.is_relative_to(real_root) and real.is_file()
     # a NUL byte (ValueError), a name too long (OSError), a symlink loop (RuntimeError before Python 3.13)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise DataError(f"{where}: path {rel!r} is not a usable file name ({_first_line(exc)})",
-                        "fix or delete the line") from None
+        raise DataError(
+            f"{where}: path {rel!r} is not a usable file name ({_first_line(exc)})", "fix or delete the line"
+        ) from None
     if not real.is_relative_to(real_root):
-        raise DataError(f"{where}: path {rel!r} resolves outside the task directory (to {real})",
-                        "copy the image into the task directory instead of linking out of it")
+        raise DataError(
+            f"{where}: path {rel!r} resolves outside the task directory (to {real})",
+            "copy the image into the task directory instead of linking out of it",
+        )
     if not is_file:
         raise DataError(f"{where}: image {full} does not exist", "fix the path, or restore the file")
     return full, label
@@ -467,8 +544,10 @@ def _parse_vtab_line(line: str, where: str, root: Path, real_root: Path) -> tupl
 def _vtab_splits(root: Path, train_tf: Callable, eval_tf: Callable) -> Splits:
     missing = [name for name in VTAB_LISTS.values() if not (root / name).is_file()]
     if missing:
-        raise DataError(f"VTAB-1k task {root} has no {', '.join(missing)}",
-                        f"a task directory needs {', '.join(VTAB_LISTS.values())}")
+        raise DataError(
+            f"VTAB-1k task {root} has no {', '.join(missing)}",
+            f"a task directory needs {', '.join(VTAB_LISTS.values())}",
+        )
     lists = {split: parse_vtab_list(root / name, root) for split, name in VTAB_LISTS.items()}
     for split, samples in lists.items():
         if not samples:
@@ -482,13 +561,22 @@ def _vtab_splits(root: Path, train_tf: Callable, eval_tf: Callable) -> Splits:
     # class: an uncovered label is the benchmark's design, not a broken file. Warn rather than refuse.
     uncovered = sorted({label for s in ("val", "test") for _, label in lists[s]} - set(counts))
     if uncovered:
-        log.warning("%s: %d label(s) in val/test have no training image in %s (e.g. %s)", root, len(uncovered),
-                    VTAB_LISTS["train"], ", ".join(map(str, uncovered[:5])))
+        log.warning(
+            "%s: %d label(s) in val/test have no training image in %s (e.g. %s)",
+            root,
+            len(uncovered),
+            VTAB_LISTS["train"],
+            ", ".join(map(str, uncovered[:5])),
+        )
     names = [str(i) for i in range(num_classes)]
     _warn_imbalance(counts, names, root / VTAB_LISTS["train"])
-    return Splits(ImageFileDataset(lists["train"], train_tf), ImageFileDataset(lists["val"], eval_tf),
-                  ImageFileDataset(lists["test"], eval_tf), names,
-                  f"VTAB-1k task {root.name} ({root}; train800 / val200 / test)")
+    return Splits(
+        ImageFileDataset(lists["train"], train_tf),
+        ImageFileDataset(lists["val"], eval_tf),
+        ImageFileDataset(lists["test"], eval_tf),
+        names,
+        f"VTAB-1k task {root.name} ({root}; train800 / val200 / test)",
+    )
 
 
 # ---- shared
@@ -500,8 +588,15 @@ def _warn_imbalance(counts: Counter, class_names: Sequence[str], where: Path) ->
         return
     big, small = max(present, key=lambda c: present[c]), min(present, key=lambda c: present[c])
     if present[big] > IMBALANCE_WARN_RATIO * present[small]:
-        log.warning("%s is imbalanced: class %s has %d training images, class %s only %d (> %gx)", where,
-                    class_names[big], present[big], class_names[small], present[small], IMBALANCE_WARN_RATIO)
+        log.warning(
+            "%s is imbalanced: class %s has %d training images, class %s only %d (> %gx)",
+            where,
+            class_names[big],
+            present[big],
+            class_names[small],
+            present[small],
+            IMBALANCE_WARN_RATIO,
+        )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -517,8 +612,9 @@ def sample_photos() -> list[Image.Image]:
     try:
         from sklearn.datasets import load_sample_images
     except ImportError as exc:
-        raise DataError("the sample photos need scikit-learn, which is not installed",
-                        "pip install scikit-learn (or peftx[demo])") from exc
+        raise DataError(
+            "the sample photos need scikit-learn, which is not installed", "pip install scikit-learn (or peftx[demo])"
+        ) from exc
     return [Image.fromarray(array) for array in load_sample_images().images]
 
 
@@ -550,12 +646,16 @@ def images_from_dir(directory: str | Path, data_cfg: dict[str, Any], *, limit: i
     root = Path(directory).expanduser()
     if not root.is_dir():
         raise DataError(f"image directory {root} does not exist", "pass a directory of .jpg/.png images")
-    paths = sorted(p for p in root.rglob("*")
-                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not _is_junk(p.relative_to(root)))
+    paths = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not _is_junk(p.relative_to(root))
+    )
     paths = paths[:limit] if limit is not None else paths
     if not paths:
-        raise DataError(f"image directory {root} holds no images",
-                        f"add files with one of: {', '.join(sorted(IMAGE_EXTENSIONS))}")
+        raise DataError(
+            f"image directory {root} holds no images", f"add files with one of: {', '.join(sorted(IMAGE_EXTENSIONS))}"
+        )
     dataset = ImageFileDataset([(p, 0) for p in paths], build_transform(data_cfg, train=False, hflip=False))
     return torch.stack([dataset[i][0] for i in range(len(dataset))])
 

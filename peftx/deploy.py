@@ -10,9 +10,10 @@ the run's TRAINING split (``--calibration-data DIR`` when it moved), never on th
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,8 +51,9 @@ def _adapter_path(source: str | Path) -> Path:
     return source / ADAPTER_FILE if source.is_dir() else source
 
 
-def load_reference(source: str | Path, *, model_name: str | None = None, weights: str | Path | None = None,
-                   img_size: int | None = None) -> Loaded:
+def load_reference(
+    source: str | Path, *, model_name: str | None = None, weights: str | Path | None = None, img_size: int | None = None
+) -> Loaded:
     """The unmerged adapted model of a run directory or adapter file (``model_name``/``weights`` override the spec),
     or of a source :mod:`peftx.byo` loads (a peft adapter directory, a plain checkpoint)."""
     from .backbones import data_config
@@ -88,8 +90,12 @@ def _run_splits(loaded: Loaded):
         return DataError("the adapter does not record its training data")
     seed = loaded.config.get("seed")
     try:
-        splits = load_splits(data, loaded.data_config, seed=seed if isinstance(seed, int) else 42,
-                             val_files=run_val_files(loaded.config, loaded.adapter_path, data))
+        splits = load_splits(
+            data,
+            loaded.data_config,
+            seed=seed if isinstance(seed, int) else 42,
+            val_files=run_val_files(loaded.config, loaded.adapter_path, data),
+        )
     except DataError as exc:
         return exc
     if list(splits.class_names) != list(loaded.class_names):
@@ -103,14 +109,17 @@ def _check_same_backbone(config: dict[str, Any], model_name: str, path: Path) ->
     message about that instead of about the adapter)."""
     recorded = (config.get("spec") or {}).get("name")
     if recorded and recorded.partition(".")[0] != model_name.partition(".")[0]:
-        raise AdapterMismatchError(f"the adapter {path} belongs to backbone {recorded} (recorded in its "
-                                   f"adapter_config.json), not {model_name}",
-                                   "drop --model: merge-export rebuilds the recorded backbone; for "
-                                   f"{model_name}, train an adapter on it (peftx train --model {model_name})")
+        raise AdapterMismatchError(
+            f"the adapter {path} belongs to backbone {recorded} (recorded in its "
+            f"adapter_config.json), not {model_name}",
+            "drop --model: merge-export rebuilds the recorded backbone; for "
+            f"{model_name}, train an adapter on it (peftx train --model {model_name})",
+        )
 
 
-def parity_images(loaded: Loaded, images_dir: str | Path | None = None, n: int = PARITY_IMAGES,
-                  splits: Any = None) -> torch.Tensor:
+def parity_images(
+    loaded: Loaded, images_dir: str | Path | None = None, n: int = PARITY_IMAGES, splits: Any = None
+) -> torch.Tensor:
     """REAL images for parity: ``images_dir`` if given, else the run's validation split, else the shipped photos."""
     from .data import images_from_dir, real_images
 
@@ -136,8 +145,9 @@ def parse_count(text: str | int | None, option: str = "--accuracy-images") -> in
     return value
 
 
-def accuracy_images(loaded: Loaded, images_dir: str | Path | None = None, limit: int | None = ACCURACY_IMAGES,
-                    splits: Any = None):
+def accuracy_images(
+    loaded: Loaded, images_dir: str | Path | None = None, limit: int | None = ACCURACY_IMAGES, splits: Any = None
+):
     """(AccuracySet or None, why not): a labelled ``images_dir`` (``DIR/<class>/...``), else the run's test split,
     else its val split; ``limit`` images at most (None: all; 0: not measured)."""
     from .data import labelled_folder
@@ -158,11 +168,18 @@ def accuracy_images(loaded: Loaded, images_dir: str | Path | None = None, limit:
 
 def provenance(loaded: Loaded) -> dict[str, Any]:
     c = loaded.config
-    return {"adapter_file": str(loaded.adapter_path.absolute()), "adapter_sha256": sha256_file(loaded.adapter_path),
-            "method": c.get("method"), "adapter_config": c.get("config"), "base_model": c.get("base_model"),
-            "base_fingerprint": c.get("base_fingerprint"), "backbone_spec": c.get("spec"),
-            "num_classes": c.get("num_classes"), "trainable_params": c.get("trainable_params"),
-            "peftx_version": __version__}
+    return {
+        "adapter_file": str(loaded.adapter_path.absolute()),
+        "adapter_sha256": sha256_file(loaded.adapter_path),
+        "method": c.get("method"),
+        "adapter_config": c.get("config"),
+        "base_model": c.get("base_model"),
+        "base_fingerprint": c.get("base_fingerprint"),
+        "backbone_spec": c.get("spec"),
+        "num_classes": c.get("num_classes"),
+        "trainable_params": c.get("trainable_params"),
+        "peftx_version": __version__,
+    }
 
 
 def parse_batch(text: str) -> tuple[int, int, int]:
@@ -178,13 +195,26 @@ def parse_batch(text: str) -> tuple[int, int, int]:
     return parts[0], parts[1], parts[2]
 
 
-def merge_export(source: str | Path, *, output: str | Path | None = None, batch: Sequence[int] = (1, 8, 32),
-                 precision: str = "fp32", tensorrt: str = "auto", force: bool = False, simplify: bool = True,
-                 model_name: str | None = None, weights: str | Path | None = None, img_size: int | None = None,
-                 images_dir: str | Path | None = None, progress: Callable[[str], None] | None = None,
-                 target: str | None = None, accuracy_limit: int | None = ACCURACY_IMAGES,
-                 calibration: int | None = None, calibration_method: str = "minmax",
-                 calibration_data: str | Path | None = None):
+def merge_export(
+    source: str | Path,
+    *,
+    output: str | Path | None = None,
+    batch: Sequence[int] = (1, 8, 32),
+    precision: str = "fp32",
+    tensorrt: str = "auto",
+    force: bool = False,
+    simplify: bool = True,
+    model_name: str | None = None,
+    weights: str | Path | None = None,
+    img_size: int | None = None,
+    images_dir: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
+    target: str | None = None,
+    accuracy_limit: int | None = ACCURACY_IMAGES,
+    calibration: int | None = None,
+    calibration_method: str = "minmax",
+    calibration_data: str | Path | None = None,
+):
     """Load, merge, export, validate; returns the :class:`~peftx.exports.bundle.BundleReport`.
 
     ``target`` is a deployment target (``peftx targets``: trt8.5, jetpack6, ..., "auto"; None: the default).
@@ -194,10 +224,9 @@ def merge_export(source: str | Path, *, output: str | Path | None = None, batch:
     Raises ParityError (after writing a bundle marked failed) when any artifact disagrees with the unmerged model
     or loses accuracy beyond its tolerance.
     """
+    from .exports import int8
     from .exports.bundle import write_bundle
     from .exports.tensorrt import resolve_target_here
-
-    from .exports import int8
 
     if precision not in ("fp32", "fp16", "int8"):
         raise UsageError(f"--precision {precision!r}", "choose fp32, fp16 or int8")
@@ -209,14 +238,19 @@ def merge_export(source: str | Path, *, output: str | Path | None = None, batch:
         int8.check_target(profile)
         int8.check_method(calibration_method)
         if count < int8.MIN_CALIBRATION_IMAGES:
-            raise UsageError(f"--calibration {count}: at least {int8.MIN_CALIBRATION_IMAGES} images are needed",
-                             f"pass --calibration {int8.CALIBRATION_IMAGES} (the default) or more")
+            raise UsageError(
+                f"--calibration {count}: at least {int8.MIN_CALIBRATION_IMAGES} images are needed",
+                f"pass --calibration {int8.CALIBRATION_IMAGES} (the default) or more",
+            )
         if accuracy_limit == 0:
-            raise UsageError("--precision int8 with --accuracy-images 0: task accuracy is the only honest INT8 gate",
-                             "drop --accuracy-images 0")
+            raise UsageError(
+                "--precision int8 with --accuracy-images 0: task accuracy is the only honest INT8 gate",
+                "drop --accuracy-images 0",
+            )
     elif calibration is not None or calibration_data is not None:
-        raise UsageError("--calibration and --calibration-data are for --precision int8",
-                         "add --precision int8, or drop them")
+        raise UsageError(
+            "--calibration and --calibration-data are for --precision int8", "add --precision int8, or drop them"
+        )
     say = progress or (lambda _m: None)
     say("loading the backbone and adapter")
     loaded = load_reference(source, model_name=model_name, weights=weights, img_size=img_size)
@@ -226,13 +260,30 @@ def merge_export(source: str | Path, *, output: str | Path | None = None, batch:
     splits = _run_splits(loaded)
     images = parity_images(loaded, images_dir, splits=splits)
     labelled = _accuracy_set(loaded, images_dir, accuracy_limit, splits, say)
-    request = _calibration_request(loaded, splits, calibration_data, count, calibration_method) \
-        if precision == "int8" else None
-    return write_bundle(loaded.model, merged, out, input_size=tuple(loaded.data_config["input_size"]),
-                        data_config=loaded.data_config, class_names=loaded.class_names,
-                        provenance=provenance(loaded), images=images, batch=tuple(batch), precision=precision,
-                        tensorrt=tensorrt, simplify=simplify, force=force, progress=say, target=profile,
-                        accuracy_set=labelled, int8=request)
+    request = (
+        _calibration_request(loaded, splits, calibration_data, count, calibration_method)
+        if precision == "int8"
+        else None
+    )
+    return write_bundle(
+        loaded.model,
+        merged,
+        out,
+        input_size=tuple(loaded.data_config["input_size"]),
+        data_config=loaded.data_config,
+        class_names=loaded.class_names,
+        provenance=provenance(loaded),
+        images=images,
+        batch=tuple(batch),
+        precision=precision,
+        tensorrt=tensorrt,
+        simplify=simplify,
+        force=force,
+        progress=say,
+        target=profile,
+        accuracy_set=labelled,
+        int8=request,
+    )
 
 
 def _calibration_request(loaded: Loaded, splits: Any, directory: str | Path | None, n: int, method: str):
@@ -247,8 +298,10 @@ def _calibration_request(loaded: Loaded, splits: Any, directory: str | Path | No
         dataset, source = _calibration_folder(Path(directory), loaded)
     elif isinstance(splits, DataError):
         data = loaded.config.get("data") or "not recorded"
-        raise DataError(f"INT8 calibration needs the run's training images (data {data}): {splits.message}",
-                        "pass --calibration-data DIR with training images (DIR/<class>/... or an ImageFolder root)")
+        raise DataError(
+            f"INT8 calibration needs the run's training images (data {data}): {splits.message}",
+            "pass --calibration-data DIR with training images (DIR/<class>/... or an ImageFolder root)",
+        )
     else:
         dataset, source = splits.train, f"train split of {splits.source}"
     labels = getattr(dataset, "targets", None)
@@ -264,13 +317,13 @@ def _calibration_folder(directory: Path, loaded: Loaded):
 
     root = directory / "train" if (directory / "train").is_dir() else directory
     if not root.is_dir():
-        raise DataError(f"calibration directory {directory} does not exist",
-                        "pass --calibration-data DIR with training images")
+        raise DataError(
+            f"calibration directory {directory} does not exist", "pass --calibration-data DIR with training images"
+        )
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     folders = {folder: i for i, folder in enumerate(sorted({p.parent for p in files}))}
     samples = [(p, folders[p.parent]) for p in files]
-    return ImageFileDataset(samples, build_transform(loaded.data_config, train=False, hflip=False)), \
-        f"images in {root}"
+    return ImageFileDataset(samples, build_transform(loaded.data_config, train=False, hflip=False)), f"images in {root}"
 
 
 def _accuracy_set(loaded: Loaded, images_dir, limit, splits, say: Callable[[str], None]):
@@ -288,14 +341,23 @@ def bundle_dir(path: str | Path) -> Path:
         return path
     if (path / BUNDLE_DIR / "metadata.json").exists():
         return path / BUNDLE_DIR
-    raise ExportError(f"{path} is a run directory without a bundle ({path / BUNDLE_DIR} does not exist)",
-                      f"export it first: peftx merge-export {path}")
+    raise ExportError(
+        f"{path} is a run directory without a bundle ({path / BUNDLE_DIR} does not exist)",
+        f"export it first: peftx merge-export {path}",
+    )
 
 
-def validate(bundle: str | Path, *, images_dir: str | Path | None = None, adapter: str | Path | None = None,
-             weights: str | Path | None = None, tensorrt: str = "auto",
-             progress: Callable[[str], None] | None = None, target: str | None = None,
-             accuracy_limit: int | None = ACCURACY_IMAGES):
+def validate(
+    bundle: str | Path,
+    *,
+    images_dir: str | Path | None = None,
+    adapter: str | Path | None = None,
+    weights: str | Path | None = None,
+    tensorrt: str = "auto",
+    progress: Callable[[str], None] | None = None,
+    target: str | None = None,
+    accuracy_limit: int | None = ACCURACY_IMAGES,
+):
     """Re-run the readiness (for ``target``, default the bundle's own), parity and accuracy checks of an existing
     bundle against the unmerged model it was made from."""
     from .exports.bundle import read_bundle, validate_bundle
@@ -308,16 +370,26 @@ def validate(bundle: str | Path, *, images_dir: str | Path | None = None, adapte
     prov = meta.get("provenance") or {}
     source = adapter or prov.get("adapter_file")
     if not source or not Path(source).exists():
-        raise AdapterFileError(f"the adapter this bundle was made from ({source}) is not available",
-                               "pass --adapter PATH to the run directory or adapter file")
+        raise AdapterFileError(
+            f"the adapter this bundle was made from ({source}) is not available",
+            "pass --adapter PATH to the run directory or adapter file",
+        )
     if adapter is None and prov.get("adapter_sha256") and sha256_file(source) != prov["adapter_sha256"]:
-        raise AdapterMismatchError(f"{source} changed since the bundle was made (sha256 differs)",
-                                   "pass --adapter with the adapter the bundle was made from, or re-export")
+        raise AdapterMismatchError(
+            f"{source} changed since the bundle was made (sha256 differs)",
+            "pass --adapter with the adapter the bundle was made from, or re-export",
+        )
     from .byo import recorded_source
 
     loaded = load_reference(recorded_source(prov, source), weights=weights)
     say = progress or (lambda _m: None)
     splits = _run_splits(loaded)
-    return validate_bundle(bundle, loaded.model, parity_images(loaded, images_dir, splits=splits), tensorrt=tensorrt,
-                           progress=progress, target=target,
-                           accuracy_set=_accuracy_set(loaded, images_dir, accuracy_limit, splits, say))
+    return validate_bundle(
+        bundle,
+        loaded.model,
+        parity_images(loaded, images_dir, splits=splits),
+        tensorrt=tensorrt,
+        progress=progress,
+        target=target,
+        accuracy_set=_accuracy_set(loaded, images_dir, accuracy_limit, splits, say),
+    )

@@ -79,8 +79,10 @@ def _module_path(model: nn.Module, target: nn.Module) -> str:
 
 def _vit_layout(model: TimmModel) -> Layout:
     if hasattr(model, "head_dist"):
-        raise UnsupportedModelError(f"{type(model).__name__} has a distillation head",
-                                    "use the non-distilled DeiT (e.g. deit_small_patch16_224)")
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has a distillation head",
+            "use the non-distilled DeiT (e.g. deit_small_patch16_224)",
+        )
     linears, ssf, blocks = [], [], []
     _need(model, "patch_embed", nn.Module)
     proj = _need(model, "patch_embed.proj", nn.Conv2d)
@@ -92,12 +94,17 @@ def _vit_layout(model: TimmModel) -> Layout:
         blocks.append(b)
         qkv = _need(model, f"{b}.attn.qkv", nn.Linear)
         if qkv.out_features != 3 * qkv.in_features:
-            raise UnsupportedModelError(f"layer '{b}.attn.qkv' is not a fused q/k/v projection of width 3x{qkv.in_features}")
+            raise UnsupportedModelError(
+                f"layer '{b}.attn.qkv' is not a fused q/k/v projection of width 3x{qkv.in_features}"
+            )
         linears.append(LinearSite(f"{b}.attn.qkv", "qkv", col_groups=3))
         # timm's Attention applies attn.norm right before proj, Mlp applies mlp.norm right before fc2 (LayerNorms
         # with scale_attn_norm / scale_mlp_norm, else Identity); qkv and fc1 follow norm1 / norm2 but have out > in.
-        for sub, role, before in (("attn.proj", "proj", "attn.norm"), ("mlp.fc1", "fc1", None),
-                                  ("mlp.fc2", "fc2", "mlp.norm")):
+        for sub, role, before in (
+            ("attn.proj", "proj", "attn.norm"),
+            ("mlp.fc1", "fc1", None),
+            ("mlp.fc2", "fc2", "mlp.norm"),
+        ):
             lin = _need(model, f"{b}.{sub}", nn.Linear)
             fold = _fold_norm(model, lin, f"{b}.{before}" if before else None)
             linears.append(LinearSite(f"{b}.{sub}", role, fold_norm=fold))
@@ -161,8 +168,10 @@ def _swin_layout(model: TimmModel) -> Layout:
 def _head_path(model: TimmModel) -> str:
     head = model.get_classifier()
     if not isinstance(head, nn.Linear):
-        raise UnsupportedModelError(f"{type(model).__name__}: the classifier is {type(head).__name__}",
-                                    "create the model with num_classes >= 1 so it has a Linear head")
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: the classifier is {type(head).__name__}",
+            "create the model with num_classes >= 1 so it has a Linear head",
+        )
     return _module_path(model, head)
 
 
@@ -177,5 +186,11 @@ def describe(model: nn.Module) -> Layout:
         layout = _swin_layout(model)
     else:
         raise UnsupportedModelError(f"model class {type(model).__name__} is not supported")
-    return Layout(layout.family, layout.linears, layout.ssf_sites, layout.head, layout.blocks,
-                  frozenset(s.role for s in layout.linears))
+    return Layout(
+        layout.family,
+        layout.linears,
+        layout.ssf_sites,
+        layout.head,
+        layout.blocks,
+        frozenset(s.role for s in layout.linears),
+    )

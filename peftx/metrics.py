@@ -15,9 +15,22 @@ def class_report(confusion: Sequence[Sequence[int]], class_names: Sequence[str])
         n = int(sum(row))
         wrong = [(int(c), j) for j, c in enumerate(row) if j != i and c > 0]
         count, j = max(wrong) if wrong else (0, None)
-        rows.append({"class": names[i], "n": n, "correct": int(row[i]),
-                     "accuracy": row[i] / n if n else None,
-                     "most_confused_with": names[j] if j is not None else None, "confused_count": count})
-    return {"per_class": rows,
-            "confusion_matrix": {"labels": names, "rows": "true class", "columns": "predicted class",
-                                 "counts": [[int(c) for c in row] for row in confusion]}}
+        rows.append(
+            {
+                "class": names[i],
+                "n": n,
+                "correct": int(row[i]),
+                "accuracy": row[i] / n if n else None,
+                "most_confused_with": names[j] if j is not None else None,
+                "confused_count": count,
+            }
+        )
+    return {
+        "per_class": rows,
+        "confusion_matrix": {
+            "labels": names,
+            "rows": "true class",
+            "columns": "predicted class",
+            "counts": [[int(c) for c in row] for row in confusion],
+        },
+    }

@@ -63,20 +63,75 @@ _MERGEABLE_LAYERS = (nn.Linear, nn.Conv2d)
 _INSTALL_HINT = "install the extra: pip install 'peftx[peft]' (or pip install peft)"
 
 # Options every peft config has that do not change what a merge computes.
-_COMMON_OPTIONS = frozenset({"peft_type", "auto_mapping", "base_model_name_or_path", "revision", "task_type",
-                             "inference_mode", "peft_version", "target_modules", "exclude_modules", "modules_to_save",
-                             "layers_to_transform", "layers_pattern"})
+_COMMON_OPTIONS = frozenset(
+    {
+        "peft_type",
+        "auto_mapping",
+        "base_model_name_or_path",
+        "revision",
+        "task_type",
+        "inference_mode",
+        "peft_version",
+        "target_modules",
+        "exclude_modules",
+        "modules_to_save",
+        "layers_to_transform",
+        "layers_pattern",
+    }
+)
 # Per type: options that may take any value, because merge_and_unload folds them exactly (or they act only while
 # training: dropout, init settings, which the saved tensors overwrite). Every OTHER option must keep its off value.
 _FREE_OPTIONS = {
-    "LORA": frozenset({"r", "lora_alpha", "lora_dropout", "fan_in_fan_out", "bias", "use_rslora", "init_lora_weights",
-                       "rank_pattern", "alpha_pattern", "use_dora", "lora_bias", "megatron_core", "qalora_group_size",
-                       "eva_config", "loftq_config", "corda_config", "lora_ga_config", "runtime_config"}),
+    "LORA": frozenset(
+        {
+            "r",
+            "lora_alpha",
+            "lora_dropout",
+            "fan_in_fan_out",
+            "bias",
+            "use_rslora",
+            "init_lora_weights",
+            "rank_pattern",
+            "alpha_pattern",
+            "use_dora",
+            "lora_bias",
+            "megatron_core",
+            "qalora_group_size",
+            "eva_config",
+            "loftq_config",
+            "corda_config",
+            "lora_ga_config",
+            "runtime_config",
+        }
+    ),
     "IA3": frozenset({"feedforward_modules", "fan_in_fan_out", "init_ia3_weights"}),
-    "LOHA": frozenset({"r", "alpha", "rank_dropout", "module_dropout", "use_effective_conv2d", "init_weights",
-                       "rank_pattern", "alpha_pattern"}),
-    "LOKR": frozenset({"r", "alpha", "rank_dropout", "module_dropout", "use_effective_conv2d", "init_weights",
-                       "rank_pattern", "alpha_pattern", "decompose_both", "decompose_factor", "rank_dropout_scale"}),
+    "LOHA": frozenset(
+        {
+            "r",
+            "alpha",
+            "rank_dropout",
+            "module_dropout",
+            "use_effective_conv2d",
+            "init_weights",
+            "rank_pattern",
+            "alpha_pattern",
+        }
+    ),
+    "LOKR": frozenset(
+        {
+            "r",
+            "alpha",
+            "rank_dropout",
+            "module_dropout",
+            "use_effective_conv2d",
+            "init_weights",
+            "rank_pattern",
+            "alpha_pattern",
+            "decompose_both",
+            "decompose_factor",
+            "rank_dropout_scale",
+        }
+    ),
 }
 _REFUSED_OPTIONS = {
     "layer_replication": "it duplicates layers, so the merged model is not the timm architecture",
@@ -97,8 +152,10 @@ _REFUSED_OPTIONS = {
 _BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 _PLAIN_INITS = ("gaussian", "eva", "orthogonal")
 _TYPE_REASONS = {
-    **dict.fromkeys(("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING", "CPT", "CARTRIDGE"),
-                    "it adds learned tokens to the input sequence, which a plain timm model has no place for"),
+    **dict.fromkeys(
+        ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING", "CPT", "CARTRIDGE"),
+        "it adds learned tokens to the input sequence, which a plain timm model has no place for",
+    ),
     "ADAPTION_PROMPT": "it adds gated prompt-attention layers that do not exist in the timm model",
     **dict.fromkeys(("XLORA", "POLY"), "it mixes several adapters with weights computed from each input"),
     "TRAINABLE_TOKENS": "it trains token embeddings, which a timm image model does not have",
@@ -106,8 +163,10 @@ _TYPE_REASONS = {
 # peft warnings that say nothing wrong about an adapter loaded for inference, dropped so that the CLI's output stays
 # its own: fan_in_fan_out is reset for nn.Linear the same way during training and loading; lora_bias tensors are 1-D
 # by design, which peft's ZeRO-3 sharding heuristic mistakes for unsaved shards.
-_HARMLESS_WARNINGS = ("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`",
-                      "have invalid shape: ")
+_HARMLESS_WARNINGS = (
+    "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`",
+    "have invalid shape: ",
+)
 
 
 def import_peft():
@@ -119,8 +178,9 @@ def import_peft():
             raise BackendUnavailableError(f"Hugging Face peft cannot be imported: {exc}", _INSTALL_HINT) from None
         raise BackendUnavailableError("Hugging Face peft is not installed", _INSTALL_HINT) from None
     except ImportError as exc:  # a broken install (version mismatch with transformers, ...)
-        raise BackendUnavailableError(f"Hugging Face peft cannot be imported: {exc}".split("\n")[0],
-                                      _INSTALL_HINT) from None
+        raise BackendUnavailableError(
+            f"Hugging Face peft cannot be imported: {exc}".split("\n")[0], _INSTALL_HINT
+        ) from None
     return peft
 
 
@@ -169,25 +229,34 @@ class PeftDir:
 def read_peft_dir(source: str | Path) -> PeftDir:
     """Read a peft adapter directory: its JSON config, its safetensors tensors (never a pickle), peftx's sidecar."""
     path = adapter_dir(source)
-    config = _read_json(path / PEFT_CONFIG_FILE, f"{path} has no {PEFT_CONFIG_FILE}",
-                        "a peft adapter directory holds adapter_config.json and adapter_model.safetensors, "
-                        "as PeftModel.save_pretrained writes them")
+    config = _read_json(
+        path / PEFT_CONFIG_FILE,
+        f"{path} has no {PEFT_CONFIG_FILE}",
+        "a peft adapter directory holds adapter_config.json and adapter_model.safetensors, "
+        "as PeftModel.save_pretrained writes them",
+    )
     if "peft_type" not in config:
-        raise AdapterFileError(f"{path / PEFT_CONFIG_FILE} names no peft_type",
-                               "it is not a peft adapter config: re-save the adapter with peft's save_pretrained")
+        raise AdapterFileError(
+            f"{path / PEFT_CONFIG_FILE} names no peft_type",
+            "it is not a peft adapter config: re-save the adapter with peft's save_pretrained",
+        )
     weights = path / PEFT_WEIGHTS_FILE
     if not weights.is_file():
         if (path / PEFT_PICKLE_FILE).exists():
-            raise AdapterFileError(f"{path / PEFT_PICKLE_FILE} is a pickle/torch file; peftx reads peft adapters only "
-                                   f"from {PEFT_WEIGHTS_FILE}", "re-save it with save_pretrained(DIR, "
-                                   "safe_serialization=True); nothing from disk is ever unpickled")
+            raise AdapterFileError(
+                f"{path / PEFT_PICKLE_FILE} is a pickle/torch file; peftx reads peft adapters only "
+                f"from {PEFT_WEIGHTS_FILE}",
+                "re-save it with save_pretrained(DIR, safe_serialization=True); nothing from disk is ever unpickled",
+            )
         raise AdapterFileError(f"{path} has no {PEFT_WEIGHTS_FILE}", "save the adapter with peft's save_pretrained")
     source_record = None
     if (path / SOURCE_FILE).exists():
         source_record = _read_json(path / SOURCE_FILE, f"{path / SOURCE_FILE} is unreadable", "")
         if source_record.get("format") != SOURCE_FORMAT:
-            raise AdapterFileError(f"{path / SOURCE_FILE} is not a {SOURCE_FORMAT} record",
-                                   "remove it, or re-create the adapter with `peftx convert --to peft`")
+            raise AdapterFileError(
+                f"{path / SOURCE_FILE} is not a {SOURCE_FORMAT} record",
+                "remove it, or re-create the adapter with `peftx convert --to peft`",
+            )
     return PeftDir(path, config, _read_tensors(weights), source_record)
 
 
@@ -197,8 +266,10 @@ def _read_json(path: Path, missing: str, hint: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise AdapterFileError(missing, hint) from None
     except (OSError, ValueError) as exc:
-        raise AdapterFileError(f"{path} is not readable JSON ({type(exc).__name__}: {exc})".split("\n")[0],
-                               "the file is damaged: save the adapter again") from None
+        raise AdapterFileError(
+            f"{path} is not readable JSON ({type(exc).__name__}: {exc})".split("\n")[0],
+            "the file is damaged: save the adapter again",
+        ) from None
     if not isinstance(data, dict):
         raise AdapterFileError(f"{path} is not a JSON object", "the file is damaged: save the adapter again")
     return data
@@ -208,21 +279,29 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
     if is_pickle_file(path):  # torch.save output under a safetensors name: refused, never unpickled
-        raise AdapterFileError(f"{path} is a pickle/torch file, not safetensors",
-                               "re-save it with save_pretrained(DIR, safe_serialization=True)")
+        raise AdapterFileError(
+            f"{path} is a pickle/torch file, not safetensors",
+            "re-save it with save_pretrained(DIR, safe_serialization=True)",
+        )
     try:
         with safe_open(str(path), framework="pt") as fh:
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except Exception as exc:  # safetensors raises its own types for corrupt / truncated headers and data
-        raise AdapterFileError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})"
-                               .split("\n")[0], "the file is corrupt or truncated: save the adapter again") from None
+        raise AdapterFileError(
+            f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})".split("\n")[0],
+            "the file is corrupt or truncated: save the adapter again",
+        ) from None
     for key, value in tensors.items():
         if not key.startswith(KEY_PREFIX):
-            raise AdapterFileError(f"{path}: tensor {key} is not in peft's layout ({KEY_PREFIX}<module>...)",
-                                   "save the adapter with peft's save_pretrained")
+            raise AdapterFileError(
+                f"{path}: tensor {key} is not in peft's layout ({KEY_PREFIX}<module>...)",
+                "save the adapter with peft's save_pretrained",
+            )
         if not value.is_floating_point():
-            raise AdapterFileError(f"{path}: tensor {key} has dtype {value.dtype}, expected a floating dtype",
-                                   "the file is damaged: save the adapter again")
+            raise AdapterFileError(
+                f"{path}: tensor {key} has dtype {value.dtype}, expected a floating dtype",
+                "the file is damaged: save the adapter again",
+            )
         if not all_finite(value):
             raise NonFiniteError(f"{path}: tensor {key} holds NaN or Inf", "use an earlier, finite checkpoint")
     return tensors
@@ -236,16 +315,21 @@ def check_supported(config: Mapping[str, Any], where: Path | str) -> None:
     peft_type = str(config.get("peft_type")).upper()
     if peft_type not in SUPPORTED_TYPES:
         reason = _TYPE_REASONS.get(peft_type, "peftx has not checked that merge_and_unload folds it exactly")
-        raise AdapterFileError(f"{where}: peft type {peft_type} cannot be merged into a plain timm model: {reason}",
-                               f"peftx exports peft adapters of type {', '.join(SUPPORTED_TYPES)}")
+        raise AdapterFileError(
+            f"{where}: peft type {peft_type} cannot be merged into a plain timm model: {reason}",
+            f"peftx exports peft adapters of type {', '.join(SUPPORTED_TYPES)}",
+        )
     free = _COMMON_OPTIONS | _FREE_OPTIONS[peft_type]
     for key, value in config.items():
         if key in free or value in (None, False, {}, [], ""):
             continue
-        reason = _REFUSED_OPTIONS.get(key, f"an option peftx does not know (written by peft "
-                                           f"{config.get('peft_version', '?')})")
-        raise AdapterFileError(f"{where}: {key}={value!r} cannot be merged into a plain timm model: {reason}",
-                               f"peftx exports {peft_type} adapters without {key}")
+        reason = _REFUSED_OPTIONS.get(
+            key, f"an option peftx does not know (written by peft {config.get('peft_version', '?')})"
+        )
+        raise AdapterFileError(
+            f"{where}: {key}={value!r} cannot be merged into a plain timm model: {reason}",
+            f"peftx exports {peft_type} adapters without {key}",
+        )
     if peft_type == "LORA":
         _check_lora_init(config.get("init_lora_weights", True), where)
 
@@ -254,12 +338,16 @@ def _check_lora_init(init: Any, where: Path | str) -> None:
     if isinstance(init, bool) or (isinstance(init, str) and init.lower() in _PLAIN_INITS):
         return
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
-        raise AdapterFileError(f"{where}: init_lora_weights={init!r} changed the base weights when the adapter was "
-                               "created, so the adapter does not fit the original weights",
-                               "save it with save_pretrained(..., path_initial_model_for_weight_conversion=...), "
-                               "which peft converts to a plain LoRA, and export that")
-    raise AdapterFileError(f"{where}: init_lora_weights={init!r} is a LoRA variant peftx has not checked",
-                           "peftx exports LoRA initialised with True, False, gaussian, eva or orthogonal")
+        raise AdapterFileError(
+            f"{where}: init_lora_weights={init!r} changed the base weights when the adapter was "
+            "created, so the adapter does not fit the original weights",
+            "save it with save_pretrained(..., path_initial_model_for_weight_conversion=...), "
+            "which peft converts to a plain LoRA, and export that",
+        )
+    raise AdapterFileError(
+        f"{where}: init_lora_weights={init!r} is a LoRA variant peftx has not checked",
+        "peftx exports LoRA initialised with True, False, gaussian, eva or orthogonal",
+    )
 
 
 def _peft_config(peft, config: Mapping[str, Any], where: Path):
@@ -274,8 +362,10 @@ def _peft_config(peft, config: Mapping[str, Any], where: Path):
     try:
         return peft.PeftConfig.from_peft_type(**kwargs)
     except (TypeError, ValueError) as exc:
-        raise AdapterFileError(f"{where / PEFT_CONFIG_FILE}: peft rejects it ({exc})".split("\n")[0],
-                               "the config is damaged or from an incompatible peft version") from None
+        raise AdapterFileError(
+            f"{where / PEFT_CONFIG_FILE}: peft rejects it ({exc})".split("\n")[0],
+            "the config is damaged or from an incompatible peft version",
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------------- names
@@ -306,12 +396,16 @@ def _resolve_name(pd: PeftDir, model_name: str | None) -> str:
     converted = ((pd.source or {}).get("spec") or {}).get("name")
     name = model_name or converted or recorded
     if not name:
-        raise UsageError(f"{pd.path}: the peft adapter does not record which timm model it is for",
-                         "pass --model NAME (and --weights FILE with the base weights it was trained on)")
+        raise UsageError(
+            f"{pd.path}: the peft adapter does not record which timm model it is for",
+            "pass --model NAME (and --weights FILE with the base weights it was trained on)",
+        )
     for what, other in (("its base_model_name_or_path", recorded), (SOURCE_FILE, converted)):
         if other and not _same_model(name, other):
-            raise AdapterMismatchError(f"{pd.path} is a peft adapter for {other} ({what}), not for {name}",
-                                       f"pass --model {other} with the base weights it was trained on")
+            raise AdapterMismatchError(
+                f"{pd.path} is a peft adapter for {other} ({what}), not for {name}",
+                f"pass --model {other} with the base weights it was trained on",
+            )
     return name
 
 
@@ -347,8 +441,10 @@ class PeftSource:
         pd = read_peft_dir(self.path)
         check_supported(pd.config, pd.path / PEFT_CONFIG_FILE)
         if self.expected_config is not None and dict(self.expected_config) != pd.config:
-            raise AdapterMismatchError(f"{pd.path / PEFT_CONFIG_FILE} changed since the bundle was made",
-                                       "pass --adapter with the adapter the bundle was made from, or re-export")
+            raise AdapterMismatchError(
+                f"{pd.path / PEFT_CONFIG_FILE} changed since the bundle was made",
+                "pass --adapter with the adapter the bundle was made from, or re-export",
+            )
         peft = import_peft()
         name = _resolve_name(pd, self.model_name)
         spec = self._spec(pd, name)
@@ -358,9 +454,16 @@ class PeftSource:
         self._check_fingerprint(pd, fp, spec)
         plain_shapes = {k: tuple(v.shape) for k, v in plain.state_dict().items()}
         reference = _inject_and_load(peft, pd, plain, name)
-        record = {"method": METHOD, "config": pd.config, "base_model": name, "spec": spec, "base_fingerprint": fp,
-                  "num_classes": num_classes, "trainable_params": sum(t.numel() for t in pd.tensors.values()),
-                  "data": (pd.source or {}).get("data")}
+        record = {
+            "method": METHOD,
+            "config": pd.config,
+            "base_model": name,
+            "spec": spec,
+            "base_fingerprint": fp,
+            "num_classes": num_classes,
+            "trainable_params": sum(t.numel() for t in pd.tensors.values()),
+            "data": (pd.source or {}).get("data"),
+        }
         data_cfg = dict((pd.source or {}).get("data_config") or _data_config(plain))
         merge = functools.partial(merge_peft, plain_class=type(plain), plain_shapes=plain_shapes)
         return Loaded(reference, pd.weights_file, record, data_cfg, self._class_names(pd, num_classes), merge)
@@ -384,8 +487,9 @@ class PeftSource:
 
         kwargs = dict(spec.get("model_kwargs") or {})
         with torch.device("meta"):  # structure only: no weights, no memory
-            meta = create_backbone(spec["name"], num_classes=1, pretrained=False, img_size=spec.get("img_size"),
-                                   **kwargs)
+            meta = create_backbone(
+                spec["name"], num_classes=1, pretrained=False, img_size=spec.get("img_size"), **kwargs
+            )
         _check_recorded_class(pd, meta, spec["name"])
         head = _classifier_path(meta, spec["name"])
         saved = pd.tensors.get(f"{KEY_PREFIX}{head}.weight")
@@ -396,24 +500,32 @@ class PeftSource:
         else:
             n = int((pd.source or {}).get("num_classes") or 0)
         if n < 1:
-            raise AdapterFileError(f"{pd.path}: the adapter saves no classifier ({head} is not in modules_to_save) "
-                                   f"and the base weights have none", "train the head with modules_to_save="
-                                   f"['{head}'], or pass --weights with the fine-tuned head")
+            raise AdapterFileError(
+                f"{pd.path}: the adapter saves no classifier ({head} is not in modules_to_save) "
+                f"and the base weights have none",
+                f"train the head with modules_to_save=['{head}'], or pass --weights with the fine-tuned head",
+            )
         return head, n
 
     def _check_fingerprint(self, pd: PeftDir, fp: str, spec: dict[str, Any]) -> None:
-        for recorded, where in ((self.expected_fingerprint, "the bundle"), ((pd.source or {}).get("base_fingerprint"),
-                                                                          pd.path / SOURCE_FILE)):
+        for recorded, where in (
+            (self.expected_fingerprint, "the bundle"),
+            ((pd.source or {}).get("base_fingerprint"), pd.path / SOURCE_FILE),
+        ):
             if recorded and recorded != fp:
                 raise AdapterMismatchError(
                     f"{pd.path} was trained on other base weights (fingerprint {str(recorded)[:12]} in {where}, "
-                    f"this backbone {fp[:12]})", f"load it onto {spec['name']} with the weights it was trained on")
+                    f"this backbone {fp[:12]})",
+                    f"load it onto {spec['name']} with the weights it was trained on",
+                )
 
     def _class_names(self, pd: PeftDir, num_classes: int) -> list[str]:
         names = list(self.class_names or (pd.source or {}).get("class_names") or [])
         if names and len(names) != num_classes:
-            raise UsageError(f"{len(names)} class names for the {num_classes} classes of {pd.path}'s head",
-                             "pass one name per class, in the head's order")
+            raise UsageError(
+                f"{len(names)} class names for the {num_classes} classes of {pd.path}'s head",
+                "pass one name per class, in the head's order",
+            )
         return names or [str(i) for i in range(num_classes)]
 
 
@@ -434,16 +546,19 @@ def _classifier_path(model: nn.Module, name: str) -> str:
     get_classifier = getattr(model, "get_classifier", None)  # timm's; a plain nn.Module has none
     head = get_classifier() if get_classifier is not None else None
     if not isinstance(head, nn.Linear):
-        raise UnsupportedModelError(f"{name}: the classifier is {type(head).__name__}, not an nn.Linear",
-                                    "export a timm classification model")
+        raise UnsupportedModelError(
+            f"{name}: the classifier is {type(head).__name__}, not an nn.Linear", "export a timm classification model"
+        )
     return next(n for n, m in model.named_modules() if m is head)
 
 
 def _check_recorded_class(pd: PeftDir, model: nn.Module, name: str) -> None:
     recorded = (pd.config.get("auto_mapping") or {}).get("base_model_class")
     if recorded and recorded != type(model).__name__:
-        raise AdapterMismatchError(f"{pd.path} is a peft adapter for a {recorded}, {name} is a "
-                                   f"{type(model).__name__}", "pass --model with the timm model it was trained on")
+        raise AdapterMismatchError(
+            f"{pd.path} is a peft adapter for a {recorded}, {name} is a {type(model).__name__}",
+            "pass --model with the timm model it was trained on",
+        )
 
 
 @contextlib.contextmanager
@@ -466,17 +581,22 @@ def _check_targets(config, model: nn.Module, pd: PeftDir, name: str) -> None:
         return
     targeted = [(n, m) for n, m in model.named_modules() if n and check_target_module_exists(config, n)]
     if not targeted:
-        raise AdapterMismatchError(f"{pd.path}: none of its target modules ({config.target_modules}) is a layer of "
-                                   f"{name}", "the adapter was made for another model: pass the --model it was "
-                                   "trained on")
+        raise AdapterMismatchError(
+            f"{pd.path}: none of its target modules ({config.target_modules}) is a layer of {name}",
+            "the adapter was made for another model: pass the --model it was trained on",
+        )
     for module_name, module in targeted:
         if not isinstance(module, _MERGEABLE_LAYERS):
-            raise UnsupportedModelError(f"{pd.path}: {module_name} is a {type(module).__name__}; peft "
-                                        f"{pd.peft_type} folds into plain weights only on nn.Linear and nn.Conv2d",
-                                        "target the Linear layers inside it (e.g. attn.qkv, mlp.fc1)")
+            raise UnsupportedModelError(
+                f"{pd.path}: {module_name} is a {type(module).__name__}; peft "
+                f"{pd.peft_type} folds into plain weights only on nn.Linear and nn.Conv2d",
+                "target the Linear layers inside it (e.g. attn.qkv, mlp.fc1)",
+            )
         if getattr(config, "lora_bias", False) and module.bias is None:
-            raise UnsupportedModelError(f"{pd.path}: lora_bias adds a bias to {module_name}, which has none in the "
-                                        "timm model", "train without lora_bias on bias-free layers")
+            raise UnsupportedModelError(
+                f"{pd.path}: lora_bias adds a bias to {module_name}, which has none in the timm model",
+                "train without lora_bias on bias-free layers",
+            )
 
 
 def _inject_and_load(peft, pd: PeftDir, model: nn.Module, name: str) -> nn.Module:
@@ -489,8 +609,10 @@ def _inject_and_load(peft, pd: PeftDir, model: nn.Module, name: str) -> nn.Modul
         try:
             wrapped = peft.PeftModel(model, config)
         except ValueError as exc:  # peft's refusal of a module it cannot wrap
-            raise UnsupportedModelError(f"{pd.path}: peft cannot apply it to {name} ({exc})".split("\n")[0],
-                                        "the adapter was made for another model") from None
+            raise UnsupportedModelError(
+                f"{pd.path}: peft cannot apply it to {name} ({exc})".split("\n")[0],
+                "the adapter was made for another model",
+            ) from None
         # save_embedding_layers=False: "auto" looks base_model_name_or_path up on the Hugging Face hub (a network
         # call); a timm image model has no token embeddings to save anyway.
         expected = get_peft_model_state_dict(wrapped, save_embedding_layers=False)
@@ -513,15 +635,17 @@ def _check_tensor_fit(expected: Mapping[str, torch.Tensor], pd: PeftDir, name: s
     got = pd.tensors
     for key in sorted(set(expected) & set(got)):
         if tuple(got[key].shape) != tuple(expected[key].shape):
-            raise AdapterMismatchError(f"{pd.path}: {_short(key)} has shape {list(got[key].shape)}, {name} needs "
-                                       f"{list(expected[key].shape)}", "the adapter was made for another base model "
-                                       "(other width, rank pattern or class count)")
+            raise AdapterMismatchError(
+                f"{pd.path}: {_short(key)} has shape {list(got[key].shape)}, {name} needs {list(expected[key].shape)}",
+                "the adapter was made for another base model (other width, rank pattern or class count)",
+            )
     missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
     if missing or extra:
         raise AdapterMismatchError(
             f"{pd.path}: {len(missing)} tensors {name} needs are missing and {len(extra)} are for layers it does not "
             f"have (e.g. missing {[_short(k) for k in missing[:2]]}, extra {[_short(k) for k in extra[:2]]})",
-            "the adapter was made for another base model (other depth or layer names)")
+            "the adapter was made for another base model (other depth or layer names)",
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- merge
@@ -537,17 +661,22 @@ def merge_peft(reference: nn.Module, *, plain_class: type, plain_shapes: Mapping
             merged: nn.Module = peft_model.merge_and_unload(safe_merge=True)
         except ValueError as exc:
             if "NaN" in str(exc):
-                raise NonFiniteError("merging the peft adapter gives non-finite weights",
-                                     "the adapter holds extreme values: use another checkpoint") from None
-            raise ExportError(f"peft cannot merge the adapter: {exc}".split("\n")[0],
-                              "the adapter has a layer peft does not merge") from None
+                raise NonFiniteError(
+                    "merging the peft adapter gives non-finite weights",
+                    "the adapter holds extreme values: use another checkpoint",
+                ) from None
+            raise ExportError(
+                f"peft cannot merge the adapter: {exc}".split("\n")[0], "the adapter has a layer peft does not merge"
+            ) from None
     if type(merged) is not plain_class:
         raise ExportError(f"merging gave a {type(merged).__name__}, not the plain {plain_class.__name__}")
     shapes = {k: tuple(v.shape) for k, v in merged.state_dict().items()}
     if shapes != dict(plain_shapes):
         diff = sorted(set(shapes.items()) ^ set(plain_shapes.items()))[:4]
-        raise ExportError(f"the merged model does not have the plain timm state dict: {diff}",
-                          "a peft module survived the merge: this adapter cannot be exported")
+        raise ExportError(
+            f"the merged model does not have the plain timm state dict: {diff}",
+            "a peft module survived the merge: this adapter cannot be exported",
+        )
     bad = [k for k, v in merged.state_dict().items() if not all_finite(v)]
     if bad:
         raise NonFiniteError(f"merging the peft adapter gives non-finite {bad[0]}", "use another checkpoint")

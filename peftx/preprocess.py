@@ -39,8 +39,10 @@ def contract(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """
     missing = [k for k in ("input_size", "mean", "std") if k not in cfg]
     if missing:
-        raise UsageError(f"preprocessing config lacks {', '.join(missing)}",
-                         "pass peftx.backbones.data_config(model) (timm's data config)")
+        raise UsageError(
+            f"preprocessing config lacks {', '.join(missing)}",
+            "pass peftx.backbones.data_config(model) (timm's data config)",
+        )
     legacy = "crop_mode" not in cfg
     out = {
         "input_size": _ints(cfg["input_size"], "input_size"),
@@ -52,23 +54,31 @@ def contract(cfg: Mapping[str, Any]) -> dict[str, Any]:
     }
     channels = out["input_size"][0] if len(out["input_size"]) == 3 else 0
     if len(out["input_size"]) != 3 or min(out["input_size"]) < 1 or channels != 3:
-        raise UsageError(f"preprocessing input_size {out['input_size']} is not [3, height, width]",
-                         "RGB models only: input_size = [3, H, W]")
+        raise UsageError(
+            f"preprocessing input_size {out['input_size']} is not [3, height, width]",
+            "RGB models only: input_size = [3, H, W]",
+        )
     for key in ("mean", "std"):
         if len(out[key]) != channels:
-            raise UsageError(f"preprocessing {key} {out[key]} has {len(out[key])} values for {channels} channels",
-                             "give one value per channel")
+            raise UsageError(
+                f"preprocessing {key} {out[key]} has {len(out[key])} values for {channels} channels",
+                "give one value per channel",
+            )
     if min(out["std"]) <= 0:
         raise UsageError(f"preprocessing std {out['std']} is not positive", "every std must be > 0")
     if out["interpolation"] not in INTERPOLATIONS:
-        raise UsageError(f"unknown interpolation {out['interpolation']!r} in the data config",
-                         f"use one of: {', '.join(INTERPOLATIONS)}")
+        raise UsageError(
+            f"unknown interpolation {out['interpolation']!r} in the data config",
+            f"use one of: {', '.join(INTERPOLATIONS)}",
+        )
     if out["crop_mode"] not in CROP_MODES:
         raise UsageError(f"crop_mode {out['crop_mode']!r} is not a crop mode", f"use one of: {', '.join(CROP_MODES)}")
     crop = out["crop_pct"]
     if isinstance(crop, bool) or not isinstance(crop, (int, float)) or not (0 < crop <= 1) or not math.isfinite(crop):
-        raise UsageError(f"crop_pct {crop!r} is outside (0, 1]",
-                         "the share of the resized image the crop keeps, e.g. 1.0 (all) or 0.875")
+        raise UsageError(
+            f"crop_pct {crop!r} is outside (0, 1]",
+            "the share of the resized image the crop keeps, e.g. 1.0 (all) or 0.875",
+        )
     out["crop_pct"] = float(crop)
     return out
 
@@ -78,9 +88,15 @@ def eval_transform(cfg: Mapping[str, Any]) -> Callable:
     from timm.data import create_transform
 
     c = contract(cfg)
-    return create_transform(input_size=tuple(c["input_size"]), is_training=False, interpolation=c["interpolation"],
-                            mean=tuple(c["mean"]), std=tuple(c["std"]), crop_pct=c["crop_pct"],
-                            crop_mode=c["crop_mode"])
+    return create_transform(
+        input_size=tuple(c["input_size"]),
+        is_training=False,
+        interpolation=c["interpolation"],
+        mean=tuple(c["mean"]),
+        std=tuple(c["std"]),
+        crop_pct=c["crop_pct"],
+        crop_mode=c["crop_mode"],
+    )
 
 
 def train_transform(cfg: Mapping[str, Any], *, hflip: bool) -> Callable:
@@ -108,9 +124,13 @@ def describe(cfg: Mapping[str, Any]) -> str:
     _, h, w = c["input_size"]
     ours, imagenet_stats = (*c["mean"], *c["std"]), (*IMAGENET_DEFAULT_MEAN, *IMAGENET_DEFAULT_STD)
     imagenet = len(ours) == len(imagenet_stats) and all(
-        math.isclose(a, b, abs_tol=1e-6) for a, b in zip(ours, imagenet_stats, strict=True))
-    stats = "ImageNet mean/std" if imagenet else \
-        f"mean {tuple(round(v, 4) for v in c['mean'])}, std {tuple(round(v, 4) for v in c['std'])}"
+        math.isclose(a, b, abs_tol=1e-6) for a, b in zip(ours, imagenet_stats, strict=True)
+    )
+    stats = (
+        "ImageNet mean/std"
+        if imagenet
+        else f"mean {tuple(round(v, 4) for v in c['mean'])}, std {tuple(round(v, 4) for v in c['std'])}"
+    )
     return f"{h}x{w} {c['crop_mode']} (crop_pct {c['crop_pct']:g}), {c['interpolation']}, {stats}"
 
 

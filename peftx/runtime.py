@@ -29,8 +29,10 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError:
         raise UsageError(f"device: {name!r} is not a device", "use auto, cpu or cuda") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise BackendUnavailableError(f"device {name!r} requested but CUDA is not available",
-                                      "use --device cpu (or auto), or run on a machine with an NVIDIA GPU")
+        raise BackendUnavailableError(
+            f"device {name!r} requested but CUDA is not available",
+            "use --device cpu (or auto), or run on a machine with an NVIDIA GPU",
+        )
     if device.type not in ("cpu", "cuda"):
         raise UsageError(f"device: {name!r} is not supported", "use auto, cpu or cuda")
     return device
@@ -86,17 +88,31 @@ def use_fused_attention(model: nn.Module, enabled: bool = True) -> int:
     return n
 
 
-def eval_loader(dataset: Dataset, batch_size: int, *, info: DistInfo, num_workers: int = 0,
-                pin_memory: bool = False) -> DataLoader:
+def eval_loader(
+    dataset: Dataset, batch_size: int, *, info: DistInfo, num_workers: int = 0, pin_memory: bool = False
+) -> DataLoader:
     """In-order loader over this rank's shard (no padding, so reduced counts are exact)."""
-    return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(cast(Sized, dataset)), info.rank, info.world_size),
-                      num_workers=num_workers, pin_memory=pin_memory, generator=torch.Generator().manual_seed(0))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=ShardSampler(len(cast(Sized, dataset)), info.rank, info.world_size),
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(0),
+    )
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, loader: DataLoader, *, device: torch.device, amp_dtype: torch.dtype | None = None,
-                   channels_last: bool = False, info: DistInfo | None = None,
-                   num_classes: int | None = None) -> dict[str, Any]:
+def evaluate_model(
+    model: nn.Module,
+    loader: DataLoader,
+    *,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    info: DistInfo | None = None,
+    num_classes: int | None = None,
+) -> dict[str, Any]:
     """{accuracy, loss, n} over ``loader``, summed over every rank's shard; with ``num_classes`` also
     ``confusion``: the [true][predicted] counts as nested lists (what per-class accuracy is computed from)."""
     info = info or DistInfo()
@@ -121,9 +137,12 @@ def evaluate_model(model: nn.Module, loader: DataLoader, *, device: torch.device
         model.train(was_training)
     correct, loss_sum, count = all_reduce_sum([correct, loss_sum, count], device, info)
     n = int(round(count))
-    out: dict[str, Any] = {"accuracy": correct / n if n else float("nan"), "loss": loss_sum / n if n else float("nan"),
-                           "n": n}
+    out: dict[str, Any] = {
+        "accuracy": correct / n if n else float("nan"),
+        "loss": loss_sum / n if n else float("nan"),
+        "n": n,
+    }
     if confusion is not None and num_classes:
         flat = [int(round(v)) for v in all_reduce_sum(confusion.double().tolist(), device, info)]
-        out["confusion"] = [flat[i * num_classes:(i + 1) * num_classes] for i in range(num_classes)]
+        out["confusion"] = [flat[i * num_classes : (i + 1) * num_classes] for i in range(num_classes)]
     return out

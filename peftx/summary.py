@@ -10,8 +10,14 @@ from .adapter import adapt, adapted_layers, count_parameters, state_of
 from .methods import make_config
 
 
-def inspect_model(model_name: str, method: str, *, num_classes: int = 10, img_size: int | None = None,
-                  options: dict[str, Any] | None = None) -> dict[str, Any]:
+def inspect_model(
+    model_name: str,
+    method: str,
+    *,
+    num_classes: int = 10,
+    img_size: int | None = None,
+    options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Build ``model_name`` (random weights: structure is all that counts) with the adapter and describe it."""
     from .backbones import create_backbone
 
@@ -23,9 +29,16 @@ def inspect_model(model_name: str, method: str, *, num_classes: int = 10, img_si
     head = state_of(model).layout.head
     head_params = sum(p.numel() for p in model.get_submodule(head).parameters())
     return {
-        "model": model_name, "family": state_of(model).layout.family, "method": method,
-        "config": config.to_dict(), "num_classes": num_classes,
-        "trainable_params": trainable, "adapter_params": trainable - head_params, "head_params": head_params,
-        "total_params": total, "trainable_fraction": trainable / total,
-        "adapted_layers": adapted_layers(model), "notes": list(state_of(model).notes),
+        "model": model_name,
+        "family": state_of(model).layout.family,
+        "method": method,
+        "config": config.to_dict(),
+        "num_classes": num_classes,
+        "trainable_params": trainable,
+        "adapter_params": trainable - head_params,
+        "head_params": head_params,
+        "total_params": total,
+        "trainable_fraction": trainable / total,
+        "adapted_layers": adapted_layers(model),
+        "notes": list(state_of(model).notes),
     }

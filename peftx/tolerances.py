@@ -25,25 +25,49 @@ class Tolerance:
 # Merged vs unmerged PyTorch, FP32. The merge is exact algebra; what remains is FP32 rounding of W*(1+s s^T) and of a
 # re-ordered sum over ~10 layers, ~1e-7 relative per op. 1e-5 of the logit scale is the issue's contract and leaves
 # two orders of magnitude of headroom over what we measure (~1e-7).
-MERGE_FP32 = Tolerance("merge_fp32", atol=0.0, rel_to_max=1e-5, min_top1=1.0, min_cosine=0.99999,
-                       reason="exact closed-form merge; only FP32 re-association error remains")
+MERGE_FP32 = Tolerance(
+    "merge_fp32",
+    atol=0.0,
+    rel_to_max=1e-5,
+    min_top1=1.0,
+    min_cosine=0.99999,
+    reason="exact closed-form merge; only FP32 re-association error remains",
+)
 
 # ONNX Runtime FP32 vs the unmerged PyTorch model. transformers' ViT/Swin ONNX configs use atol 1e-4; ORT and PyTorch
 # use different GEMM/GELU kernels (~1e-6..1e-5 on real images), and the merge adds ~1e-7.
-ONNX_FP32 = Tolerance("onnxruntime_fp32", atol=1e-4, rel_to_max=0.0, min_top1=1.0, min_cosine=0.99999,
-                      reason="transformers' ONNX config atol for ViT/Swin; different kernels, same FP32 math")
+ONNX_FP32 = Tolerance(
+    "onnxruntime_fp32",
+    atol=1e-4,
+    rel_to_max=0.0,
+    min_top1=1.0,
+    min_cosine=0.99999,
+    reason="transformers' ONNX config atol for ViT/Swin; different kernels, same FP32 math",
+)
 
 # FP16 graph (emulated under ORT, or a TensorRT FP16 engine) vs FP32 unmerged. Half precision carries ~3 significant
 # digits (eps 9.8e-4); accumulated over 12+ blocks errors of a few 1e-3 of the logit scale are normal. NVIDIA's timm ViT
 # contract asks top-1 to match; we require it on >= 99% of samples (an FP16 near-tie may flip) and bound the error at 2%
 # of the logit scale, which still catches every real breakage (overflowing LayerNorm gives O(1) errors or NaN).
-FP16 = Tolerance("fp16", atol=1e-3, rel_to_max=2e-2, min_top1=0.99, min_cosine=0.999,
-                 reason="half precision: eps 9.8e-4 accumulated over the network; top-1 must (almost) always agree")
+FP16 = Tolerance(
+    "fp16",
+    atol=1e-3,
+    rel_to_max=2e-2,
+    min_top1=0.99,
+    min_cosine=0.999,
+    reason="half precision: eps 9.8e-4 accumulated over the network; top-1 must (almost) always agree",
+)
 
 # TensorRT FP32 engine vs unmerged PyTorch: TF32 is disabled by peftx's builder config, but TensorRT picks other GEMM
 # tactics and fuses LayerNorm/GELU; Polygraphy's 1e-5 default is too tight for a 12-block ViT, ONNX's 1e-4 suits.
-TENSORRT_FP32 = Tolerance("tensorrt_fp32", atol=1e-4, rel_to_max=1e-5, min_top1=1.0, min_cosine=0.99999,
-                          reason="FP32 with fused kernels and other GEMM tactics than PyTorch")
+TENSORRT_FP32 = Tolerance(
+    "tensorrt_fp32",
+    atol=1e-4,
+    rel_to_max=1e-5,
+    min_top1=1.0,
+    min_cosine=0.99999,
+    reason="FP32 with fused kernels and other GEMM tactics than PyTorch",
+)
 
 # Folding Swin's PatchMerging shift into the preceding LayerNorm solves W x = f in float64; its residual must be at
 # FP32 rounding level relative to |f|, else the fold is refused.
@@ -56,15 +80,27 @@ ORTHOGONALITY_FP32 = 1e-5
 # vs the default's one LayerNormalization node), both run by ONNX Runtime FP32. The function is the same; only the
 # order of FP32 operations inside LayerNorm differs (~1e-6 measured on tiny ViT/Swin). 1e-4 is issue 10's contract,
 # transformers' ONNX atol for ViT/Swin.
-TARGET_EXPORT_FP32 = Tolerance("target_export_fp32", atol=1e-4, rel_to_max=0.0, min_top1=1.0, min_cosine=0.99999,
-                               reason="same function, LayerNorm fused vs decomposed: FP32 re-association only")
+TARGET_EXPORT_FP32 = Tolerance(
+    "target_export_fp32",
+    atol=1e-4,
+    rel_to_max=0.0,
+    min_top1=1.0,
+    min_cosine=0.99999,
+    reason="same function, LayerNorm fused vs decomposed: FP32 re-association only",
+)
 
 # A peftx low-rank adapter written as a peft LoRA (the same factors, peft scaling 1) and loaded by peft, vs the peftx
 # model: the same FP32 products in another order (peft adds B(A x) after the base GEMM, peftx accumulates it into the
 # GEMM), ~1e-7 of the logit scale. The issue's contract is 1e-6 absolute on real images; the relative term keeps the
 # bound meaningful for backbones whose logits reach tens.
-PEFT_CONVERSION_FP32 = Tolerance("peft_conversion_fp32", atol=1e-6, rel_to_max=1e-6, min_top1=1.0, min_cosine=0.999999,
-                                 reason="exact re-parametrisation; only FP32 re-association error remains")
+PEFT_CONVERSION_FP32 = Tolerance(
+    "peft_conversion_fp32",
+    atol=1e-6,
+    rel_to_max=1e-6,
+    min_top1=1.0,
+    min_cosine=0.999999,
+    reason="exact re-parametrisation; only FP32 re-association error remains",
+)
 
 
 @dataclass(frozen=True)
@@ -85,14 +121,22 @@ class AccuracyTolerance:
 # top-1 equal: only an image whose two best logits lie within ~1e-5 can change class, in either direction. 0.2 points
 # plus one image is far above that and far below what a wrong artifact or a preprocessing mismatch costs (tens of
 # points: issue 10's non-square photos went from 57 % to 14 %).
-ACCURACY_FP32 = AccuracyTolerance("accuracy_fp32", max_drop=0.002, slack_images=1,
-                                  reason="same FP32 function as the reference: only exact near-ties may flip")
+ACCURACY_FP32 = AccuracyTolerance(
+    "accuracy_fp32",
+    max_drop=0.002,
+    slack_images=1,
+    reason="same FP32 function as the reference: only exact near-ties may flip",
+)
 
 # FP16 artifacts (the FP16 ONNX under ONNX Runtime, its strict-rounding emulation, a TensorRT FP16 engine): FP16 parity
 # already requires top-1 agreement on >= 99 % of images, and near-tie flips go both ways, so the net loss stays well
 # under that. 0.5 points plus one image; issue 10's contract for the bundle as a whole is 1 point.
-ACCURACY_FP16 = AccuracyTolerance("accuracy_fp16", max_drop=0.005, slack_images=1,
-                                  reason="half precision flips near-ties both ways; FP16 parity keeps top-1 on >= 99 %")
+ACCURACY_FP16 = AccuracyTolerance(
+    "accuracy_fp16",
+    max_drop=0.005,
+    slack_images=1,
+    reason="half precision flips near-ties both ways; FP16 parity keeps top-1 on >= 99 %",
+)
 
 # The bundle's own infer.py preprocessing vs the training-side transform (timm's eval transform), on the same raw
 # files. Both run the same PIL resize and crop, then /255 and (x - mean) / std in float32: equal to the bit on this
@@ -107,14 +151,24 @@ PREPROCESSING_ATOL = 1e-5
 # -0.22 points (MinMax: one image MORE right) and 0.00 (entropy, jetpack5), agreement 99.3-99.6 % (README "INT8").
 # 1 point plus one image: a good INT8 graph passes with room, a broken calibration (constant images: tens of points,
 # tests/test_int8.py) or a quantized LayerNorm/Softmax does not.
-ACCURACY_INT8 = AccuracyTolerance("accuracy_int8", max_drop=0.01, slack_images=1,
-                                  reason="GEMM-only symmetric PTQ: ~0.4-1 point on ViT-B/Swin-T; the issue's 1 point")
+ACCURACY_INT8 = AccuracyTolerance(
+    "accuracy_int8",
+    max_drop=0.01,
+    slack_images=1,
+    reason="GEMM-only symmetric PTQ: ~0.4-1 point on ViT-B/Swin-T; the issue's 1 point",
+)
 
 # INT8 logits vs the unmerged FP32 model: ADVISORY (reported, never failing a bundle), because logits move by design
 # (each quantized GEMM adds up to half a step of its scale). The figures say how far they moved; the accuracy gate
 # above decides. 10 % of the logit scale and 95 % top-1 agreement flag a graph worth a look.
-INT8 = Tolerance("int8", atol=1e-3, rel_to_max=0.1, min_top1=0.95, min_cosine=0.99,
-                 reason="INT8 logits move by design: advisory; the task-accuracy gate decides")
+INT8 = Tolerance(
+    "int8",
+    atol=1e-3,
+    rel_to_max=0.1,
+    min_top1=0.95,
+    min_cosine=0.99,
+    reason="INT8 logits move by design: advisory; the task-accuracy gate decides",
+)
 
 
 # -- the GPU check (peftx/gpucheck) -------------------------------------------------------------------------------
@@ -122,8 +176,14 @@ INT8 = Tolerance("int8", atol=1e-3, rel_to_max=0.1, min_top1=0.95, min_cosine=0.
 # The unmerged model on CUDA vs the same model on the CPU, both FP32 with TF32 off: the same function through other
 # GEMM / reduction kernels (cuBLAS blocking and split-K, another summation order), ~1e-6 relative per layer over
 # 12+ blocks. ONNX Runtime's FP32 contract (1e-4) as a fraction of the logit scale leaves that two orders of headroom.
-CUDA_VS_CPU_FP32 = Tolerance("cuda_vs_cpu_fp32", atol=0.0, rel_to_max=1e-4, min_top1=1.0, min_cosine=0.99999,
-                             reason="same FP32 math (TF32 off) through other kernels and summation orders")
+CUDA_VS_CPU_FP32 = Tolerance(
+    "cuda_vs_cpu_fp32",
+    atol=0.0,
+    rel_to_max=1e-4,
+    min_top1=1.0,
+    min_cosine=0.99999,
+    reason="same FP32 math (TF32 off) through other kernels and summation orders",
+)
 
 # The MERGED model under bf16 autocast vs the UNMERGED model in FP32. bf16 keeps 8 significant bits (unit roundoff
 # 3.9e-3) and autocast rounds every GEMM input, so over 12 residual blocks logits move by about 1 % of their scale
@@ -132,14 +192,26 @@ CUDA_VS_CPU_FP32 = Tolerance("cuda_vs_cpu_fp32", atol=0.0, rel_to_max=1e-4, min_
 # broken merge: a wrong fold or a lost scale moves the logits by the adapter's whole effect (80-120 % of the scale
 # in the check, which requires it to exceed the bound). Top-1 is not required: the heads in these checks are random,
 # so the argmax is a near-tie that any rounding flips; the cosine of the logit vectors carries the direction.
-MERGE_BF16_AUTOCAST = Tolerance("merge_bf16_autocast", atol=0.0, rel_to_max=5e-2, min_top1=0.0, min_cosine=0.995,
-                                reason="bf16 rounds every GEMM input (8 significant bits) over 12+ blocks")
+MERGE_BF16_AUTOCAST = Tolerance(
+    "merge_bf16_autocast",
+    atol=0.0,
+    rel_to_max=5e-2,
+    min_top1=0.0,
+    min_cosine=0.995,
+    reason="bf16 rounds every GEMM input (8 significant bits) over 12+ blocks",
+)
 
 # The same under fp16 autocast: 11 significant bits (unit roundoff 4.9e-4), 8x finer than bf16 (measured as above:
 # 0.04-0.11 %, cosine 1.00000), so 1 % of the logit scale. fp16's range (65504) is the other risk: an overflow gives
 # Inf / NaN, which fails the finite check.
-MERGE_FP16_AUTOCAST = Tolerance("merge_fp16_autocast", atol=0.0, rel_to_max=1e-2, min_top1=0.0, min_cosine=0.9995,
-                                reason="fp16 rounds every GEMM input (11 significant bits) over 12+ blocks")
+MERGE_FP16_AUTOCAST = Tolerance(
+    "merge_fp16_autocast",
+    atol=0.0,
+    rel_to_max=1e-2,
+    min_top1=0.0,
+    min_cosine=0.9995,
+    reason="fp16 rounds every GEMM input (11 significant bits) over 12+ blocks",
+)
 
 # A short AMP training run vs the CPU FP32 run of the same recipe, seed and data order: test accuracy may differ by
 # this many percentage points. The demo's test split has 450 images (1 point = 4.5 images); AMP rounding changes
@@ -163,5 +235,11 @@ TRAIN_LOSS_FALL_QUICK = 0.95
 # elementwise chains and keeps their intermediates in FP32 where eager rounds after every op, and reorders
 # reductions: ~1e-6 of the logit scale in FP32, a few bf16 / fp16 ulps (~1 %) in half precision. 3 % of the scale
 # covers half precision and still flags a wrong graph, whose error is of the order of the logits themselves.
-COMPILED_VS_EAGER = Tolerance("compiled_vs_eager", atol=0.0, rel_to_max=3e-2, min_top1=0.0, min_cosine=0.99,
-                              reason="inductor fusion keeps FP32 intermediates that eager rounds to the model dtype")
+COMPILED_VS_EAGER = Tolerance(
+    "compiled_vs_eager",
+    atol=0.0,
+    rel_to_max=3e-2,
+    min_top1=0.0,
+    min_cosine=0.99,
+    reason="inductor fusion keeps FP32 intermediates that eager rounds to the model dtype",
+)

@@ -28,7 +28,7 @@ def read_idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         data = f.read()
     dims = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(dims))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims))
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
@@ -50,8 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--source", type=Path, default=SOURCE)
     args = ap.parse_args(argv)
     if not (args.source / "train-images-idx3-ubyte.gz").is_file():
-        print(f"fashion_mnist_folder.py: {args.source} has no Fashion-MNIST — apt-get install dataset-fashion-mnist",
-              file=sys.stderr)
+        print(
+            f"fashion_mnist_folder.py: {args.source} has no Fashion-MNIST — apt-get install dataset-fashion-mnist",
+            file=sys.stderr,
+        )
         return 2
     for split, prefix, per_class in (("train", "train", args.train_per_class), ("test", "t10k", args.test_per_class)):
         images = read_idx(args.source / f"{prefix}-images-idx3-ubyte.gz")

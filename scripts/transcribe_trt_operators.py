@@ -23,8 +23,10 @@ import re
 from pathlib import Path
 
 REPO_URL = "https://github.com/onnx/onnx-tensorrt"
-_RANGE = re.compile(r"TensorRT\s+([0-9.]+)\s+supports operators in the inclusive range of opset\s+(\d+)"
-                    r"\s+to opset\s+(\d+)")
+_RANGE = re.compile(
+    r"TensorRT\s+([0-9.]+)\s+supports operators in the inclusive range of opset\s+(\d+)"
+    r"\s+to opset\s+(\d+)"
+)
 _UP_TO = re.compile(r"TensorRT\s+([0-9.]+)\s+supports operators up to Opset\s+(\d+)", re.IGNORECASE)
 _TYPES = re.compile(r"TensorRT supports the following ONNX data types:\s*(.+)")
 _TYPE_NAMES = {"FLOAT32": "FP32", "FLOAT16": "FP16", "BFLOAT16": "BF16"}
@@ -37,15 +39,23 @@ def parse(text: str) -> dict:
     elif match := _UP_TO.search(text):
         # 8.x docs give only a ceiling; the parser's floor for these releases is opset 7 (its ModelImporter check),
         # which no peftx export comes near, so 9 (the 10.x floor) is recorded as the conservative bound.
-        header = {"tensorrt_version": match[1], "opset_min": 9, "opset_max": int(match[2]),
-                  "opset_min_note": "the 8.x docs state only the ceiling; 9 is a conservative floor"}
+        header = {
+            "tensorrt_version": match[1],
+            "opset_min": 9,
+            "opset_max": int(match[2]),
+            "opset_min_note": "the 8.x docs state only the ceiling; 9 is a conservative floor",
+        }
     if not header:
         raise SystemExit("no 'TensorRT X supports operators ...' line found")
     types_line = _TYPES.search(text)
-    data_types = [_TYPE_NAMES.get(t, t) for t in re.split(r",\s*(?:and\s+)?|\s+and\s+", types_line[1].rstrip(". "))
-                  if t] if types_line else []
-    notes = [line.lstrip("> ").replace("Note: ", "").strip() for line in text.splitlines()
-             if line.startswith("> Note:")]
+    data_types = (
+        [_TYPE_NAMES.get(t, t) for t in re.split(r",\s*(?:and\s+)?|\s+and\s+", types_line[1].rstrip(". ")) if t]
+        if types_line
+        else []
+    )
+    notes = [
+        line.lstrip("> ").replace("Note: ", "").strip() for line in text.splitlines() if line.startswith("> Note:")
+    ]
     return {**header, "data_types": data_types, "header_notes": notes, "operators": _operators(text)}
 
 
@@ -78,11 +88,17 @@ def _operators(text: str) -> dict:
 def dump(record: dict) -> str:
     """JSON with one line per operator, so a diff between two releases' lists reads op by op."""
     head = {k: v for k, v in record.items() if k not in ("operators", "errata")}
-    ops = ",\n".join(f"  {json.dumps(name)}: {json.dumps(entry, ensure_ascii=False)}"
-                     for name, entry in record["operators"].items())
+    ops = ",\n".join(
+        f"  {json.dumps(name)}: {json.dumps(entry, ensure_ascii=False)}" for name, entry in record["operators"].items()
+    )
     errata = json.dumps(record.get("errata", {}), indent=1, ensure_ascii=False).replace("\n", "\n ")
-    return (json.dumps(head, indent=1, ensure_ascii=False)[:-2] + ',\n "operators": {\n' + ops + "\n },\n"
-            + f' "errata": {errata}\n}}\n')
+    return (
+        json.dumps(head, indent=1, ensure_ascii=False)[:-2]
+        + ',\n "operators": {\n'
+        + ops
+        + "\n },\n"
+        + f' "errata": {errata}\n}}\n'
+    )
 
 
 def _errata(items: list[str], operators: dict) -> dict:
@@ -102,19 +118,32 @@ def main() -> None:
     parser.add_argument("--ref", required=True, help="branch or tag the file was read from, e.g. 8.6-GA")
     parser.add_argument("--commit", default=None, help="the commit it was read at (None when unknown)")
     parser.add_argument("--remark", action="append", default=[], help="a note on how this list is used")
-    parser.add_argument("--erratum", action="append", default=[],
-                        help="'OP=TYPE,TYPE|evidence': the supported types the importer source shows")
+    parser.add_argument(
+        "--erratum",
+        action="append",
+        default=[],
+        help="'OP=TYPE,TYPE|evidence': the supported types the importer source shows",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     data = parse(args.markdown.read_text(encoding="utf-8"))
     source = f"{REPO_URL}/blob/{args.commit or args.ref}/docs/operators.md"
-    record = {"_comment": "Transcribed by scripts/transcribe_trt_operators.py from the source below; do not edit by "
-                          "hand, re-run the script.",
-              "source": source, "repository": REPO_URL, "ref": args.ref, "commit": args.commit,
-              "remarks": args.remark, **data, "errata": _errata(args.erratum, data["operators"])}
+    record = {
+        "_comment": "Transcribed by scripts/transcribe_trt_operators.py from the source below; do not edit by "
+        "hand, re-run the script.",
+        "source": source,
+        "repository": REPO_URL,
+        "ref": args.ref,
+        "commit": args.commit,
+        "remarks": args.remark,
+        **data,
+        "errata": _errata(args.erratum, data["operators"]),
+    }
     args.out.write_text(dump(record), encoding="utf-8")
-    print(f"{args.out}: TensorRT {data['tensorrt_version']}, opset {data['opset_min']}..{data['opset_max']}, "
-          f"{len(data['operators'])} operators ({sum(e['supported'] for e in data['operators'].values())} supported)")
+    print(
+        f"{args.out}: TensorRT {data['tensorrt_version']}, opset {data['opset_min']}..{data['opset_max']}, "
+        f"{len(data['operators'])} operators ({sum(e['supported'] for e in data['operators'].values())} supported)"
+    )
 
 
 if __name__ == "__main__":

@@ -16,10 +16,14 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 # Tiny members of each supported family: plain ViT, DINOv2-style ViT (LayerScale + register tokens), Swin v1.
 TINY_MODELS = {
     "vit": ("vit_tiny_patch16_224", dict(img_size=32, depth=2)),
-    "vit_ls_reg": ("vit_small_patch14_reg4_dinov2", dict(img_size=28, depth=2, embed_dim=64, num_heads=2,
-                                                          init_values=0.1)),
-    "swin": ("swin_tiny_patch4_window7_224", dict(img_size=64, window_size=4, embed_dim=24, depths=(1, 1, 1),
-                                                  num_heads=(1, 2, 2))),
+    "vit_ls_reg": (
+        "vit_small_patch14_reg4_dinov2",
+        dict(img_size=28, depth=2, embed_dim=64, num_heads=2, init_values=0.1),
+    ),
+    "swin": (
+        "swin_tiny_patch4_window7_224",
+        dict(img_size=64, window_size=4, embed_dim=24, depths=(1, 1, 1), num_heads=(1, 2, 2)),
+    ),
 }
 NUM_CLASSES = 5
 
@@ -29,15 +33,19 @@ _V = dict(img_size=32, depth=2, embed_dim=64, num_heads=2)
 EDGE_MODELS = {
     "vit_no_qkv_bias": ("vit_base_patch16_224_miil", dict(_V)),  # qkv_bias=False in timm's own config
     "vit_no_proj_bias": ("vit_tiny_patch16_224", dict(_V, proj_bias=False)),  # proj, fc1, fc2 without bias
-    "vit_norms_no_proj_bias": ("vit_tiny_patch16_224", dict(_V, proj_bias=False, scale_attn_norm=True,
-                                                            scale_mlp_norm=True)),  # attn.norm / mlp.norm feed them
+    "vit_norms_no_proj_bias": (
+        "vit_tiny_patch16_224",
+        dict(_V, proj_bias=False, scale_attn_norm=True, scale_mlp_norm=True),
+    ),  # attn.norm / mlp.norm feed them
     "vit_pre_norm": ("vit_tiny_patch16_224", dict(_V, pre_norm=True)),  # norm_pre, patch conv without bias
     "vit_pre_norm_reg": ("vit_tiny_patch16_224", dict(_V, pre_norm=True, reg_tokens=2, no_embed_class=True)),
     "vit_gap_fc_norm": ("vit_tiny_patch16_224", dict(_V, global_pool="avg", fc_norm=True, class_token=False)),
     "vit_gap_240": ("vit_medium_patch16_gap_240", dict(_V, init_values=1.0)),  # no cls token, avg pool, no qkv bias
     "deit": ("deit_tiny_patch16_224", dict(_V)),
-    "swin_no_qkv_bias": ("swin_tiny_patch4_window7_224", dict(img_size=64, window_size=4, embed_dim=24,
-                                                              depths=(1, 1, 1), num_heads=(1, 2, 2), qkv_bias=False)),
+    "swin_no_qkv_bias": (
+        "swin_tiny_patch4_window7_224",
+        dict(img_size=64, window_size=4, embed_dim=24, depths=(1, 1, 1), num_heads=(1, 2, 2), qkv_bias=False),
+    ),
 }
 
 
@@ -51,8 +59,13 @@ def make_tiny(family: str, seed: int = 0, num_classes: int = NUM_CLASSES):
 
 def tiny_data_cfg(family: str) -> dict:
     s = (TINY_MODELS[family] if family in TINY_MODELS else EDGE_MODELS[family])[1]["img_size"]
-    return {"input_size": (3, s, s), "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
-            "std": (0.229, 0.224, 0.225), "crop_pct": 1.0}
+    return {
+        "input_size": (3, s, s),
+        "interpolation": "bicubic",
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "crop_pct": 1.0,
+    }
 
 
 def real_batch(family: str, n: int = 6, seed: int = 0) -> torch.Tensor:
@@ -104,8 +117,9 @@ def write_tiny_weights(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def write_digit_folder(root: Path, classes: int | list[str] = 4, per_split: dict[str, int] | None = None,
-                       seed: int = 0) -> Path:
+def write_digit_folder(
+    root: Path, classes: int | list[str] = 4, per_split: dict[str, int] | None = None, seed: int = 0
+) -> Path:
     """ROOT/{train,val,test}/<class>/<i>.png from sklearn's REAL digit images, disjoint across splits.
 
     ``classes``: a count (folders "0".."N-1") or folder names; class c holds images of digit c % 10.
@@ -122,7 +136,7 @@ def write_digit_folder(root: Path, classes: int | list[str] = 4, per_split: dict
         start = 0
         for split, n in per_split.items():
             (root / split / name).mkdir(parents=True, exist_ok=True)
-            for j, i in enumerate(idx[start:start + n]):
+            for j, i in enumerate(idx[start : start + n]):
                 pixels = np.clip(np.rint(digits.images[i] * (255 / 16)), 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).convert("RGB").save(root / split / name / f"{j}.png")
             start += n
@@ -142,8 +156,21 @@ def digit_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_config(weights: Path, output: Path, **kw: Any):
     from peftx.train import TrainConfig
 
-    base: dict[str, Any] = dict(model=TINY_ARCH, weights=str(weights), model_kwargs=dict(TINY_KW), img_size=TINY_IMG,
-                                epochs=2, batch_size=8, lr=1e-2, warmup_epochs=0, min_lr=1e-5, dropout=0.0,
-                                output=str(output), device="cpu", amp="off", seed=7)
+    base: dict[str, Any] = dict(
+        model=TINY_ARCH,
+        weights=str(weights),
+        model_kwargs=dict(TINY_KW),
+        img_size=TINY_IMG,
+        epochs=2,
+        batch_size=8,
+        lr=1e-2,
+        warmup_epochs=0,
+        min_lr=1e-5,
+        dropout=0.0,
+        output=str(output),
+        device="cpu",
+        amp="off",
+        seed=7,
+    )
     base.update(kw)
     return TrainConfig(**base)

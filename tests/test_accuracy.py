@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_config, write_tiny_weights
 from PIL import Image
 
 import peftx.exports.bundle as bundle_module
@@ -27,8 +28,6 @@ from peftx.exports.accuracy import load_infer_module, measure_accuracy, select
 from peftx.exports.runners import OnnxRuntimeRunner, TorchRunner
 from peftx.tolerances import ACCURACY_FP32
 from peftx.train import train
-
-from conftest import tiny_config, write_tiny_weights
 
 CLASSES = 4
 TEMPLATE = Path(__file__).resolve().parents[1] / "exports" / "templates" / "infer.py"
@@ -45,10 +44,10 @@ def write_wide_digit_folder(root: Path, per_split: dict[str, int], seed: int = 0
         start = 0
         for split, n in per_split.items():
             (root / split / str(c)).mkdir(parents=True, exist_ok=True)
-            for j, i in enumerate(idx[start:start + n]):
+            for j, i in enumerate(idx[start : start + n]):
                 canvas = np.zeros((8, 24), np.uint8)
                 slot = int(rng.integers(0, 3))
-                canvas[:, 8 * slot:8 * slot + 8] = np.clip(np.rint(digits.images[i] * 255 / 16), 0, 255)
+                canvas[:, 8 * slot : 8 * slot + 8] = np.clip(np.rint(digits.images[i] * 255 / 16), 0, 255)
                 image = Image.fromarray(canvas).convert("RGB").resize((96, 32), Image.Resampling.BILINEAR)
                 image.save(root / split / str(c) / f"{j}.png")
             start += n
@@ -69,8 +68,12 @@ def wide_run(tmp_path_factory):
 
 
 def _infer_top1(bundle: Path, files: list[Path], *extra: str) -> list[str]:
-    done = subprocess.run([sys.executable, "-I", str(bundle / "infer.py"), *map(str, files), "--top", "1", *extra],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-I", str(bundle / "infer.py"), *map(str, files), "--top", "1", *extra],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     rows = [line for line in done.stdout.splitlines() if not line.startswith("# ")]
     assert len(rows) == len(files)
@@ -87,15 +90,18 @@ def test_infer_py_on_the_raw_test_files_reaches_peftx_eval_accuracy(wide_run, tm
     assert accuracy.preprocessing.max_abs == 0.0 and accuracy.preprocessing.contract["crop_mode"] == "squash"
     ort = next(r for r in accuracy.results if r.candidate == "onnxruntime fp32")
     assert ort.required and ort.passed and ort.agreement == 1.0 and ort.drop == 0.0
-    assert {r.candidate for r in accuracy.results} == {"onnxruntime fp32", "onnxruntime fp16",
-                                                       "fp16 emulation (strict rounding)"}
+    assert {r.candidate for r in accuracy.results} == {
+        "onnxruntime fp32",
+        "onnxruntime fp16",
+        "fp16 emulation (strict rounding)",
+    }
 
     # The bundle's own infer.py, as a user runs it, on the raw test files.
     splits = load_splits(folder, load_reference(run).data_config)
     files = [path for path, _ in splits.test.samples]
     labels = [splits.class_names[label] for _, label in splits.test.samples]
     predicted = _infer_top1(tmp_path / "bundle", files)
-    infer_accuracy = float(np.mean([p == y for p, y in zip(predicted, labels)]))
+    infer_accuracy = float(np.mean([p == y for p, y in zip(predicted, labels, strict=True)]))
     assert abs(infer_accuracy - evaluated["accuracy"]) <= 0.01
 
     # ... image for image what the unmerged model predicts on the training-side tensors (peftx eval's inputs)
@@ -117,8 +123,9 @@ def test_a_bundle_whose_infer_py_preprocesses_otherwise_fails(wide_run, tmp_path
     template = TEMPLATE.read_text()
     assert 'mode = cfg.get("crop_mode", "center")' in template
     centre_cropping = template.replace('mode = cfg.get("crop_mode", "center")', 'mode = "center"')
-    monkeypatch.setattr(bundle_module, "_template",
-                        lambda name: centre_cropping if name == "infer.py" else template_of(name))
+    monkeypatch.setattr(
+        bundle_module, "_template", lambda name: centre_cropping if name == "infer.py" else template_of(name)
+    )
     with pytest.raises(ParityError, match="shipped preprocessing differs from the training transform"):
         merge_export(run, output=tmp_path / "bundle", batch=(1, 4, 8), tensorrt="off", simplify=False)
     meta = json.loads((tmp_path / "bundle" / "metadata.json").read_text())
@@ -154,8 +161,7 @@ class Permuted:
 
 def test_an_artifact_that_classifies_otherwise_fails_and_advisory_ones_only_report(wide_run, tmp_path):
     run, _, evaluated = wide_run
-    merge_export(run, output=tmp_path / "bundle", batch=(1, 4, 8), tensorrt="off", simplify=False,
-                 accuracy_limit=0)
+    merge_export(run, output=tmp_path / "bundle", batch=(1, 4, 8), tensorrt="off", simplify=False, accuracy_limit=0)
     loaded = load_reference(run)
     labelled, why_not = accuracy_images(loaded)
     assert why_not is None and len(labelled) == 48
@@ -163,10 +169,16 @@ def test_an_artifact_that_classifies_otherwise_fails_and_advisory_ones_only_repo
     meta = json.loads((tmp_path / "bundle" / "metadata.json").read_text())
     report = measure_accuracy(
         TorchRunner(loaded.model, name="unmerged PyTorch"),
-        [(OnnxRuntimeRunner(onnx, name="good"), ACCURACY_FP32, True),
-         (Permuted(OnnxRuntimeRunner(onnx), name="permuted"), ACCURACY_FP32, True),
-         (Permuted(OnnxRuntimeRunner(onnx), name="permuted advisory"), ACCURACY_FP32, False)],
-        labelled, meta["preprocessing"], tmp_path / "bundle" / "infer.py", batch=(1, 8))
+        [
+            (OnnxRuntimeRunner(onnx, name="good"), ACCURACY_FP32, True),
+            (Permuted(OnnxRuntimeRunner(onnx), name="permuted"), ACCURACY_FP32, True),
+            (Permuted(OnnxRuntimeRunner(onnx), name="permuted advisory"), ACCURACY_FP32, False),
+        ],
+        labelled,
+        meta["preprocessing"],
+        tmp_path / "bundle" / "infer.py",
+        batch=(1, 8),
+    )
     good, bad, advisory = report.results
     assert report.reference_accuracy == pytest.approx(evaluated["accuracy"], abs=1 / 48 + 1e-9)
     assert good.passed and good.drop == 0.0 and good.agreement == 1.0
@@ -180,8 +192,7 @@ def test_an_artifact_that_classifies_otherwise_fails_and_advisory_ones_only_repo
 
 def test_validate_measures_a_labelled_images_folder_and_a_subset(wide_run, tmp_path):
     run, folder, _ = wide_run
-    merge_export(run, output=tmp_path / "bundle", batch=(1, 4, 8), tensorrt="off", simplify=False,
-                 accuracy_limit=10)
+    merge_export(run, output=tmp_path / "bundle", batch=(1, 4, 8), tensorrt="off", simplify=False, accuracy_limit=10)
     meta = json.loads((tmp_path / "bundle" / "metadata.json").read_text())
     assert meta["accuracy"]["images"] == 10 and "10 of 48 images" in meta["accuracy"]["source"]
     report = validate(tmp_path / "bundle", images_dir=folder, tensorrt="off", accuracy_limit=None)
@@ -210,20 +221,36 @@ def test_select_is_seeded_and_in_dataset_order():
 
 def test_infer_py_precision_picks_the_artifact(wide_run, tmp_path):
     run, folder, _ = wide_run
-    merge_export(run, output=tmp_path / "bundle", batch=(1, 4, 8), tensorrt="off", simplify=False, precision="fp16",
-                 accuracy_limit=0)
+    merge_export(
+        run,
+        output=tmp_path / "bundle",
+        batch=(1, 4, 8),
+        tensorrt="off",
+        simplify=False,
+        precision="fp16",
+        accuracy_limit=0,
+    )
     files = sorted((folder / "test" / "1").iterdir())[:4]
     bundle = tmp_path / "bundle"
     for precision, artifact in (("fp32", "model.onnx"), ("fp16", "model_fp16.onnx")):
-        done = subprocess.run([sys.executable, "-I", str(bundle / "infer.py"), str(files[0]), "--precision",
-                               precision], capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-I", str(bundle / "infer.py"), str(files[0]), "--precision", precision],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert done.returncode == 0 and f"backend: onnxruntime ({artifact}, {precision})" in done.stderr
-    default = subprocess.run([sys.executable, "-I", str(bundle / "infer.py"), str(files[0])], capture_output=True,
-                             text=True, timeout=120)
+    default = subprocess.run(
+        [sys.executable, "-I", str(bundle / "infer.py"), str(files[0])], capture_output=True, text=True, timeout=120
+    )
     assert "(model_fp16.onnx, fp16)" in default.stderr  # an fp16 bundle runs its FP16 model by default
     assert _infer_top1(bundle, files, "--precision", "fp16") == _infer_top1(bundle, files, "--precision", "fp32")
-    missing = subprocess.run([sys.executable, "-I", str(bundle / "infer.py"), str(files[0]), "--precision", "int8"],
-                             capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        [sys.executable, "-I", str(bundle / "infer.py"), str(files[0]), "--precision", "int8"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert missing.returncode != 0 and missing.stdout == ""
     assert missing.stderr.strip() == "infer.py: this bundle has no int8 model — choose --precision fp32 or fp16"
 
@@ -235,15 +262,18 @@ def test_infer_py_precision_and_an_engine_of_another_precision(wide_run, tmp_pat
     bundle = tmp_path / "bundle"
     merge_export(run, output=bundle, batch=(1, 4, 8), tensorrt="off", simplify=False, accuracy_limit=0)
     (bundle / "model.engine").write_bytes(b"not a real engine: TensorRT cannot exist here")
-    (bundle / "model.engine.json").write_text(json.dumps({"format": "peftx-engine-manifest", "precision": "fp32",
-                                                           "engine": "model.engine"}))
+    (bundle / "model.engine.json").write_text(
+        json.dumps({"format": "peftx-engine-manifest", "precision": "fp32", "engine": "model.engine"})
+    )
     infer = load_infer_module(bundle / "infer.py")
     meta = json.loads((bundle / "metadata.json").read_text())
     monkeypatch.setattr(infer, "tensorrt_usable", lambda: True)  # as on a device with TensorRT and cuda-python
     monkeypatch.setattr(infer, "TensorRTBackend", lambda path: pytest.fail("the FP32 engine must not be loaded"))
     with pytest.raises(SystemExit) as info:
         infer.pick_backend("tensorrt", meta, precision="fp16")
-    assert str(info.value.code) == ("infer.py: model.engine was built at fp32, not fp16 — rebuild it with "
-                                    "./build_engine.sh fp16, or use --backend onnx")
+    assert str(info.value.code) == (
+        "infer.py: model.engine was built at fp32, not fp16 — rebuild it with "
+        "./build_engine.sh fp16, or use --backend onnx"
+    )
     backend = infer.pick_backend("auto", meta, precision="fp16")
     assert backend.name == "onnxruntime (model_fp16.onnx, fp16)"

@@ -77,8 +77,9 @@ def test_only_adapter_and_head_get_gradients(case):
     if method.trains_backbone:
         assert trainable == {n for n, _ in model.named_parameters()}
     elif method.wraps_layers:
-        assert beyond_head and all(n in {f"{p}.{o}" for p, m in adapter_modules(model) for o, _ in m.own_parameters()}
-                                   for n in beyond_head)
+        assert beyond_head and all(
+            n in {f"{p}.{o}" for p, m in adapter_modules(model) for o, _ in m.own_parameters()} for n in beyond_head
+        )
     else:
         assert not beyond_head  # linear probing: the head alone
 
@@ -146,8 +147,11 @@ def _expected_count(method: str, model) -> int:
         return sum(p.numel() for p in model.parameters())
     total = sum(p.numel() for p in model.get_submodule(st.layout.head).parameters())
     for site in st.layout.linears:
-        lin = model.get_submodule(site.path).base_layer if hasattr(model.get_submodule(site.path), "base_layer") \
+        lin = (
+            model.get_submodule(site.path).base_layer
+            if hasattr(model.get_submodule(site.path), "base_layer")
             else model.get_submodule(site.path)
+        )
         out, inp = lin.out_features, lin.in_features
         if method == "rlrr":  # s_row, s_col per group, and f where the layer has a bias or a norm to fold f into
             total += out + site.col_groups * inp + (out if lin.bias is not None or site.fold_norm else 0)
@@ -191,7 +195,8 @@ def test_merged_model_loads_with_timm_alone(tmp_path):
         f"m = timm.create_model({name!r}, pretrained=False, num_classes={NUM_CLASSES}, **{kw!r}).eval()\n"
         f"m.load_state_dict(load_file({str(tmp_path / 'm.safetensors')!r}), strict=True)\n"
         "assert not any(k.startswith('peftx') for k in sys.modules)\n"
-        f"torch.save(m(torch.load({str(tmp_path / 'x.pt')!r})).detach(), {str(tmp_path / 'y.pt')!r})\n")
+        f"torch.save(m(torch.load({str(tmp_path / 'x.pt')!r})).detach(), {str(tmp_path / 'y.pt')!r})\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
     with torch.no_grad():
         ref = model(x)

@@ -88,8 +88,14 @@ def test_timm_resampling_warnings_are_silenced_precisely(tmp_path: Path) -> None
     overlay = dict(file=str(path), num_classes=0)
     with warnings.catch_warnings(record=True) as raw:  # timm itself, without peftx: the warnings are real
         warnings.simplefilter("always")
-        timm.create_model("swin_tiny_patch4_window7_224", num_classes=3, pretrained=True,
-                          pretrained_cfg_overlay=overlay, img_size=32, **kw)
+        timm.create_model(
+            "swin_tiny_patch4_window7_224",
+            num_classes=3,
+            pretrained=True,
+            pretrained_cfg_overlay=overlay,
+            img_size=32,
+            **kw,
+        )
     assert any("non-tuple sequence" in str(w.message) and w.filename.endswith("interpolate.py") for w in raw)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
@@ -98,21 +104,35 @@ def test_timm_resampling_warnings_are_silenced_precisely(tmp_path: Path) -> None
     with warnings.catch_warnings(record=True) as other:
         warnings.simplefilter("always")
         with _quiet_timm_resampling():
-            warnings.warn_explicit("another warning", UserWarning, "interpolate.py", 1,
-                                   module="timm.layers.interpolate")
-            warnings.warn_explicit("Using a non-tuple sequence for multidimensional indexing is deprecated",
-                                   UserWarning, "mine.py", 1, module="my.module")
-    assert [str(w.message) for w in other] == ["another warning", "Using a non-tuple sequence for multidimensional "
-                                                                  "indexing is deprecated"]
+            warnings.warn_explicit(
+                "another warning", UserWarning, "interpolate.py", 1, module="timm.layers.interpolate"
+            )
+            warnings.warn_explicit(
+                "Using a non-tuple sequence for multidimensional indexing is deprecated",
+                UserWarning,
+                "mine.py",
+                1,
+                module="my.module",
+            )
+    assert [str(w.message) for w in other] == [
+        "another warning",
+        "Using a non-tuple sequence for multidimensional indexing is deprecated",
+    ]
 
 
-@pytest.mark.parametrize("name, kwargs, attn", [
-    (TINY, TINY_KW, "Attention"),
-    ("deit_tiny_patch16_224", TINY_KW, "Attention"),
-    ("vit_small_patch14_reg4_dinov2", dict(img_size=56, depth=2), "Attention"),
-    ("swin_tiny_patch4_window7_224", dict(img_size=56, window_size=7, depths=(1, 1), num_heads=(1, 2),
-                                          embed_dim=32), "WindowAttention"),
-])
+@pytest.mark.parametrize(
+    "name, kwargs, attn",
+    [
+        (TINY, TINY_KW, "Attention"),
+        ("deit_tiny_patch16_224", TINY_KW, "Attention"),
+        ("vit_small_patch14_reg4_dinov2", dict(img_size=56, depth=2), "Attention"),
+        (
+            "swin_tiny_patch4_window7_224",
+            dict(img_size=56, window_size=7, depths=(1, 1), num_heads=(1, 2), embed_dim=32),
+            "WindowAttention",
+        ),
+    ],
+)
 def test_random_init_is_exportable_for_vit_dinov2_and_swin(name: str, kwargs: dict, attn: str) -> None:
     model = create_backbone(name, num_classes=5, pretrained=False, **kwargs).eval()
     attns = [m for m in model.modules() if type(m).__name__ == attn]
@@ -167,8 +187,15 @@ def test_file_for_another_architecture_is_refused_before_partial_load(tiny) -> N
         create_backbone(TINY, num_classes=3, weights=tiny[1], img_size=32, depth=3)
     assert str(tiny[1]) in err.value.message and "missing (blocks.2." in err.value.message
     with pytest.raises(WeightsError, match="unexpected") as err:
-        create_backbone("swin_tiny_patch4_window7_224", num_classes=3, weights=tiny[1], img_size=56,
-                        depths=(1, 1), num_heads=(1, 2), embed_dim=32)
+        create_backbone(
+            "swin_tiny_patch4_window7_224",
+            num_classes=3,
+            weights=tiny[1],
+            img_size=56,
+            depths=(1, 1),
+            num_heads=(1, 2),
+            embed_dim=32,
+        )
     assert "blocks.0." in err.value.message
     with pytest.raises(WeightsError, match=r"wrong-shape \(.*\[192\] vs \[96\]"):
         create_backbone(TINY, num_classes=3, weights=tiny[1], embed_dim=96, num_heads=3, **TINY_KW)
@@ -279,8 +306,9 @@ def test_hub_name_without_pretrained_weights_is_refused() -> None:
         create_backbone("vit_base_patch16_gap_224", num_classes=3, img_size=32, depth=1)
 
 
-def test_hub_checkpoint_in_local_hf_cache_loads_offline_and_is_checked(tiny, tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_checkpoint_in_local_hf_cache_loads_offline_and_is_checked(
+    tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import huggingface_hub.constants
 
     # The layout huggingface_hub writes: models--ORG--NAME/{refs/main, snapshots/<commit>/FILE}.
@@ -309,8 +337,9 @@ def test_user_file_for_a_custom_load_config_goes_through_the_state_dict_loader(t
     assert backbone_equal(source, loaded) and torch.equal(source.head.weight, loaded.head.weight)
 
 
-def test_user_file_never_reaches_timms_npz_loader_even_where_timm_keeps_custom_load(tmp_path: Path,
-                                                                                     monkeypatch) -> None:
+def test_user_file_never_reaches_timms_npz_loader_even_where_timm_keeps_custom_load(
+    tmp_path: Path, monkeypatch
+) -> None:
     """The augreg configs' custom_load means "the original .npz, read by the model's own load_pretrained" (numpy
     code, not the safetensors / weights_only reader). timm >= 1.0.31 resets the flag when a file is overlaid; an
     older timm does not, which is simulated here by emptying the keys that trigger timm's reset. A local file must
@@ -337,8 +366,14 @@ def test_user_file_never_reaches_timms_npz_loader_even_where_timm_keeps_custom_l
 def test_data_config_follows_model_and_overrides_win(tiny) -> None:
     model = create_backbone(TINY, num_classes=3, weights=tiny[1], **TINY_KW)
     cfg = data_config(model)
-    assert cfg == {"input_size": (3, 32, 32), "interpolation": "bicubic", "mean": (0.5, 0.5, 0.5),
-                   "std": (0.5, 0.5, 0.5), "crop_pct": 0.9, "crop_mode": "center"}
+    assert cfg == {
+        "input_size": (3, 32, 32),
+        "interpolation": "bicubic",
+        "mean": (0.5, 0.5, 0.5),
+        "std": (0.5, 0.5, 0.5),
+        "crop_pct": 0.9,
+        "crop_mode": "center",
+    }
     cfg = data_config(model, {"mean": (0.1, 0.2, 0.3), "interpolation": "bilinear"})
     assert cfg["mean"] == (0.1, 0.2, 0.3) and cfg["interpolation"] == "bilinear" and cfg["input_size"] == (3, 32, 32)
     with pytest.raises(UsageError, match="colour"):
@@ -371,8 +406,9 @@ def test_demo_model_at_112px_uses_converted_weights(demo_cache: Path) -> None:
     assert model.pretrained_cfg["file"] == str(demo_cache)
 
 
-def test_demo_cache_is_reused_and_a_damaged_cache_reconverted(demo_cache: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_demo_cache_is_reused_and_a_damaged_cache_reconverted(
+    demo_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     good = demo_weights.sha256_file(demo_cache)
 
     def no_conversion(path):

@@ -73,10 +73,10 @@ def test_full_adapter_file_has_the_usual_checks(trained, tiny_weights, tmp_path)
     save_file({k: (v + 0.01).contiguous() for k, v in load_file(str(tiny_weights)).items()}, str(other))
     with pytest.raises(AdapterMismatchError, match="other base weights"):
         load_adapter(rebuild_model(config, weights=other), run)
-    for name, mutate, err in (("shape", lambda t: t.__setitem__("blocks.0.attn.qkv.weight", torch.zeros(3, 3)),
-                               AdapterFileError),
-                              ("nan", lambda t: t["blocks.1.mlp.fc1.weight"].__setitem__((0, 0), float("nan")),
-                               NonFiniteError)):
+    for name, mutate, err in (
+        ("shape", lambda t: t.__setitem__("blocks.0.attn.qkv.weight", torch.zeros(3, 3)), AdapterFileError),
+        ("nan", lambda t: t["blocks.1.mlp.fc1.weight"].__setitem__((0, 0), float("nan")), NonFiniteError),
+    ):
         bad = {k: v.clone() for k, v in tensors.items()}
         mutate(bad)
         path = tmp_path / name / ADAPTER_FILE

@@ -25,18 +25,42 @@ def _spec(family: str, key: str) -> ModelSpec:
     name, kw = TINY_MODELS[family]
     kw = dict(kw)
     size = kw.pop("img_size")
-    return ModelSpec(key, name, f"tiny {family}", img_size=size, kwargs=tuple(kw.items()),
-                     ort_model_type="swin" if family == "swin" else "vit")
+    return ModelSpec(
+        key,
+        name,
+        f"tiny {family}",
+        img_size=size,
+        kwargs=tuple(kw.items()),
+        ort_model_type="swin" if family == "swin" else "vit",
+    )
 
 
 SPECS = {"tiny_vit": _spec("vit", "tiny_vit"), "tiny_swin": _spec("swin", "tiny_swin")}
 
 
 def _tiny_config(**overrides) -> BenchConfig:
-    base = dict(models=("tiny_vit", "tiny_swin"), batches=(1, 3), methods=("rlrr", "lora", "aoft"),
-                train_models=("tiny_vit",), export_models=("tiny_vit",), train_batch=4, min_rounds=2, max_rounds=2,
-                budget_s=0.01, settle_s=0.0, train_rounds=2, train_budget_s=0.01, memory_steps=1, delta_reps=1,
-                profile_steps=1, matmul_n=128, matmul_reps=2, isolate_memory=False, specs=SPECS, threads=1)
+    base = dict(
+        models=("tiny_vit", "tiny_swin"),
+        batches=(1, 3),
+        methods=("rlrr", "lora", "aoft"),
+        train_models=("tiny_vit",),
+        export_models=("tiny_vit",),
+        train_batch=4,
+        min_rounds=2,
+        max_rounds=2,
+        budget_s=0.01,
+        settle_s=0.0,
+        train_rounds=2,
+        train_budget_s=0.01,
+        memory_steps=1,
+        delta_reps=1,
+        profile_steps=1,
+        matmul_n=128,
+        matmul_reps=2,
+        isolate_memory=False,
+        specs=SPECS,
+        threads=1,
+    )
     base.update(overrides)
     return BenchConfig(**base)
 
@@ -65,7 +89,7 @@ def test_interleaved_timing_is_paired_and_respects_min_rounds():
     assert all(len(v) == 4 for v in times.values())  # budget 0 -> min_rounds
     assert all(t >= 0 for v in times.values() for t in v)
     assert len(calls) == 3 * (1 + 4)
-    rounds = [calls[i:i + 3] for i in range(3, len(calls), 3)]
+    rounds = [calls[i : i + 3] for i in range(3, len(calls), 3)]
     assert all(sorted(r) == ["a", "b", "c"] for r in rounds)  # every variant once per round
 
 
@@ -80,13 +104,21 @@ class _ScriptedGuard:
 def test_timed_rounds_discards_rounds_a_failed_probe_brackets():
     fns = {"a": lambda: None, "b": lambda: None}
     # probes: before r1 ok, after r1 FAIL (r1 dropped), after r2 ok (r2 dropped: its 'before' failed), then clean
-    timing = bench.timed_rounds(fns, warmup=0, min_rounds=3, max_rounds=3, budget_s=0.0,
-                                guard=_ScriptedGuard([True, False, True]), max_wall_s=60)
+    timing = bench.timed_rounds(
+        fns,
+        warmup=0,
+        min_rounds=3,
+        max_rounds=3,
+        budget_s=0.0,
+        guard=_ScriptedGuard([True, False, True]),
+        max_wall_s=60,
+    )
     assert timing.rounds == 3 and timing.discarded == 2 and not timing.contended
     assert all(len(v) == 3 for v in timing.times.values())
     # a machine that never gets quiet: every round is kept once the wall limit is hit, and the result is flagged
-    noisy = bench.timed_rounds(fns, warmup=0, min_rounds=2, max_rounds=5, budget_s=0.0,
-                               guard=_ScriptedGuard([False] * 100), max_wall_s=0.0)
+    noisy = bench.timed_rounds(
+        fns, warmup=0, min_rounds=2, max_rounds=5, budget_s=0.0, guard=_ScriptedGuard([False] * 100), max_wall_s=0.0
+    )
     assert noisy.contended and noisy.rounds >= 2 and all(len(v) == noisy.rounds for v in noisy.times.values())
 
 
@@ -175,8 +207,17 @@ def test_bf16_autocast_training_step_and_bf16_peak():
 def test_compiled_and_bf16_inference_rows_are_checked_against_eager():
     """--dtype bf16 --compile eager: compiled plain / merged / unmerged rows next to the eager ones, each with a
     parity entry against its eager output at that batch, and the run's peak measured in bf16."""
-    out = bench.run_benchmarks(_tiny_config(suites=("inference",), models=("tiny_vit",), methods=("rlrr",),
-                                            onnxruntime=False, tensorrt="off", dtype="bf16", compile="eager"))
+    out = bench.run_benchmarks(
+        _tiny_config(
+            suites=("inference",),
+            models=("tiny_vit",),
+            methods=("rlrr",),
+            onnxruntime=False,
+            tensorrt="off",
+            dtype="bf16",
+            compile="eager",
+        )
+    )
     model = out["inference"][0]
     assert model["dtype"] == "bf16" and "bfloat16" in out["peak"]["basis"]
     for batch in (1, 3):
@@ -192,6 +233,7 @@ def test_compiled_and_bf16_inference_rows_are_checked_against_eager():
 def test_a_variant_that_fails_to_compile_is_reported_and_not_timed(monkeypatch):
     """A bare GPU machine may lack what inductor needs (a C compiler for Triton): the compiled rows are dropped with
     a failed parity entry and a note, and the eager rows of the run are still measured."""
+
     class Broken:
         def __init__(self, *_a, **_k):
             pass
@@ -200,8 +242,17 @@ def test_a_variant_that_fails_to_compile_is_reported_and_not_timed(monkeypatch):
             raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
 
     monkeypatch.setattr(torch, "compile", Broken)
-    out = bench.run_benchmarks(_tiny_config(suites=("inference",), models=("tiny_vit",), methods=("lora",),
-                                            batches=(2,), onnxruntime=False, tensorrt="off", compile="inductor"))
+    out = bench.run_benchmarks(
+        _tiny_config(
+            suites=("inference",),
+            models=("tiny_vit",),
+            methods=("lora",),
+            batches=(2,),
+            onnxruntime=False,
+            tensorrt="off",
+            compile="inductor",
+        )
+    )
     model = out["inference"][0]
     assert {r["backend"] for r in model["rows"]} == {"eager"} and all(r["valid"] for r in model["rows"])
     failed = model["parity"]["compiled:merged@b2"]
@@ -247,8 +298,9 @@ def test_onnxruntime_runner_runs_with_the_benchmarks_session_options(tmp_path):
         assert options.intra_op_num_threads == 1 and options.inter_op_num_threads == 1
         assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     with OnnxRuntimeRunner(path) as default:  # the library's default: ONNX Runtime's own choices
-        assert default._session.get_session_options().graph_optimization_level == \
-            ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        assert (
+            default._session.get_session_options().graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        )
 
 
 def test_isolated_memory_worker_runs_in_a_subprocess():
@@ -344,11 +396,11 @@ def test_results_serialise_and_render(results, tmp_path):
         assert title and all(len(r) == len(columns) for r in rows)
     # the tables show the measured numbers, row for row
     for model in results["inference"]:
-        (_, columns, rows), = [t for t in tables if t[0].startswith(f"Inference — {model['label']}")]
+        ((_, columns, rows),) = [t for t in tables if t[0].startswith(f"Inference — {model['label']}")]
         shown = {(r[0], r[1], r[2]): r[columns.index("p50 ms")] for r in rows}
         for r in model["rows"]:
             assert shown[(str(r["batch"]), r["backend"], r["variant"])] == f"{r['p50_ms']:.1f}"
-    (_, columns, rows), = [t for t in tables if t[0].startswith("Targets")]
+    ((_, columns, rows),) = [t for t in tables if t[0].startswith("Targets")]
     # this run keeps 2 timed rounds (like --quick): its timing verdicts are only indicative
     for row, t in zip(rows, results["targets"], strict=True):
         if t["rounds"] is not None:
@@ -368,7 +420,7 @@ def test_verdicts_from_enough_rounds_are_plain_met_or_not(results):
             t["rounds"] = bench.VERDICT_MIN_ROUNDS
     full["training"][0]["timing"]["rounds"] = bench.VERDICT_MIN_ROUNDS
     bench.finalize(full)
-    (title, _, rows), = [t for t in bench.result_tables(full) if t[0].startswith("Targets")]
+    ((title, _, rows),) = [t for t in bench.result_tables(full) if t[0].startswith("Targets")]
     assert title == "Targets" and {row[-1] for row in rows} <= {"met", "NOT met"}
     assert not any(t["indicative"] for t in full["targets"])
 
@@ -403,9 +455,28 @@ def test_cli_rejects_bad_options(tmp_path):
 
 def test_cli_json_run(tmp_path, monkeypatch):
     monkeypatch.setitem(bench.MODELS, "tiny_vit", SPECS["tiny_vit"])
-    res = CliRunner().invoke(_cli(), ["--suite", "inference", "--models", "tiny_vit", "--batch", "2", "--methods",
-                                      "lora", "--budget", "0.1", "--min-rounds", "1", "--threads", "1", "--output",
-                                      str(tmp_path), "--json"])
+    res = CliRunner().invoke(
+        _cli(),
+        [
+            "--suite",
+            "inference",
+            "--models",
+            "tiny_vit",
+            "--batch",
+            "2",
+            "--methods",
+            "lora",
+            "--budget",
+            "0.1",
+            "--min-rounds",
+            "1",
+            "--threads",
+            "1",
+            "--output",
+            str(tmp_path),
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     data = json.loads(res.output)
     assert data["inference"][0]["model"] == "tiny_vit"

@@ -28,8 +28,9 @@ from peftx.exports.targets import profile_for_tensorrt
 from peftx.exports.templates.infer import engine_problems, parse_l4t
 from peftx.fsutil import sha256_file
 
-pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("sha256sum") is None,
-                                reason="build_engine.sh needs bash and coreutils")
+pytestmark = pytest.mark.skipif(
+    shutil.which("bash") is None or shutil.which("sha256sum") is None, reason="build_engine.sh needs bash and coreutils"
+)
 
 STAND_IN = r"""#!/usr/bin/env bash
 # A stand-in for trtexec (TensorRT cannot be installed here): banner, argument log, device report, engine file.
@@ -43,25 +44,42 @@ echo "[12/01/2026-10:00:00] [I] Compute Capability: ${STUB_CC:-8.7}"
 for a in "$@"; do case "$a" in --saveEngine=*) echo "engine built by the stand-in" > "${a#--saveEngine=}" ;; esac; done
 """
 # (banner code, build suffix, version the script must read): how each release line prints itself.
-VERSIONS = {"8.5": ("8502", "", "8.5.2"), "8.6": ("8602", "", "8.6.2"), "10.3": ("100300", " [b26]", "10.3.0"),
-            "10.13": ("101300", " [b12]", "10.13.0"), "11.4": ("110400", " [b3]", "11.4.0")}
+VERSIONS = {
+    "8.5": ("8502", "", "8.5.2"),
+    "8.6": ("8602", "", "8.6.2"),
+    "10.3": ("100300", " [b26]", "10.3.0"),
+    "10.13": ("101300", " [b12]", "10.13.0"),
+    "11.4": ("110400", " [b3]", "11.4.0"),
+}
 
 
 def _bundle(out: Path, target: str | None) -> Path:
     reference = make_tiny("vit", seed=4)
     cfg = tiny_data_cfg("vit")
-    write_bundle(reference, copy.deepcopy(reference), out, input_size=cfg["input_size"], data_config=cfg,
-                 class_names=[f"c{i}" for i in range(5)], provenance={"method": "test"},
-                 images=real_batch("vit", n=8), batch=(1, 4, 8), precision="fp16", tensorrt="off", simplify=False,
-                 target=target)
+    write_bundle(
+        reference,
+        copy.deepcopy(reference),
+        out,
+        input_size=cfg["input_size"],
+        data_config=cfg,
+        class_names=[f"c{i}" for i in range(5)],
+        provenance={"method": "test"},
+        images=real_batch("vit", n=8),
+        batch=(1, 4, 8),
+        precision="fp16",
+        tensorrt="off",
+        simplify=False,
+        target=target,
+    )
     return out
 
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("build_engine")
-    return {name: _bundle(root / name, None if name == "default" else name)
-            for name in ("default", "jetpack5", "jetpack7")}
+    return {
+        name: _bundle(root / name, None if name == "default" else name) for name in ("default", "jetpack5", "jetpack7")
+    }
 
 
 @pytest.fixture
@@ -73,18 +91,27 @@ def stand_in(tmp_path) -> Path:
     return bin_dir
 
 
-def run_script(bundle: Path, stand_in: Path, tmp: Path, version: str, precision: str,
-               **env: str) -> tuple[int, list[str], str, Path]:
+def run_script(
+    bundle: Path, stand_in: Path, tmp: Path, version: str, precision: str, **env: str
+) -> tuple[int, list[str], str, Path]:
     """Run a fresh copy of the bundle's build_engine.sh; return (exit code, trtexec's arguments, stderr, the copy)."""
     work = tmp / f"run-{version}-{precision}"
     shutil.copytree(bundle, work)
     code, build, _ = VERSIONS[version]
     args_log = tmp / "args.txt"
     args_log.unlink(missing_ok=True)
-    full_env = {**os.environ, "PATH": f"{stand_in}:{os.environ['PATH']}", "STUB_CODE": code, "STUB_BUILD": build,
-                "STUB_ARGS": str(args_log), "NV_TEGRA_RELEASE": str(tmp / "no-such-file"), **env}
-    done = subprocess.run(["bash", str(work / "build_engine.sh"), precision], env=full_env, capture_output=True,
-                          text=True, timeout=60)
+    full_env = {
+        **os.environ,
+        "PATH": f"{stand_in}:{os.environ['PATH']}",
+        "STUB_CODE": code,
+        "STUB_BUILD": build,
+        "STUB_ARGS": str(args_log),
+        "NV_TEGRA_RELEASE": str(tmp / "no-such-file"),
+        **env,
+    }
+    done = subprocess.run(
+        ["bash", str(work / "build_engine.sh"), precision], env=full_env, capture_output=True, text=True, timeout=60
+    )
     args = args_log.read_text().splitlines() if args_log.exists() else []
     return done.returncode, args, done.stderr, work
 
@@ -117,15 +144,17 @@ def test_flags_follow_the_installed_tensorrt(bundles, stand_in, tmp_path, versio
         assert flags.fp16 == ("--fp16",) and "--fp16" in args
     else:
         assert "--fp16" not in args
-    forbidden = {"--explicitBatch", "--best", "--int8"} | ({"--fp16", "--precisionConstraints=obey"}
-                                                           if strongly_typed else set())
+    forbidden = {"--explicitBatch", "--best", "--int8"} | (
+        {"--fp16", "--precisionConstraints=obey"} if strongly_typed else set()
+    )
     assert not forbidden & set(args) and not any(a.startswith("--layerPrecisions") for a in args)
     assert f"+ TensorRT {VERSIONS[version][2]}" in stderr
 
 
 @pytest.mark.parametrize("version", ["8.5", "8.6", "10.3", "11.4"])
-def test_tensorrt_8_5_bundles_keep_the_decomposed_layernorm_fp32_where_flags_exist(bundles, stand_in, tmp_path,
-                                                                                   version):
+def test_tensorrt_8_5_bundles_keep_the_decomposed_layernorm_fp32_where_flags_exist(
+    bundles, stand_in, tmp_path, version
+):
     spec = _layer_spec(bundles["jetpack5"])
     assert spec.count(":fp32") == 7 * 5  # 5 LayerNorms (2 blocks x 2 + final norm), 7 nodes each
     rc, args, stderr, work = run_script(bundles["jetpack5"], stand_in, tmp_path, version, "fp16")
@@ -148,12 +177,16 @@ def test_fp32_builds_of_a_tensorrt_8_5_bundle_pin_nothing(bundles, stand_in, tmp
     assert "--fp16" not in args and not any(a.startswith(("--precision", "--layer")) for a in args)
 
 
-@pytest.mark.parametrize("bundle, version, floor, fix", [
-    ("default", "8.5", "8.6", "--target jetpack5"),
-    ("jetpack7", "10.3", "10.13", "--target trt10"),
-])
-def test_a_tensorrt_older_than_the_target_is_refused_in_one_line(bundles, stand_in, tmp_path, bundle, version, floor,
-                                                                 fix):
+@pytest.mark.parametrize(
+    "bundle, version, floor, fix",
+    [
+        ("default", "8.5", "8.6", "--target jetpack5"),
+        ("jetpack7", "10.3", "10.13", "--target trt10"),
+    ],
+)
+def test_a_tensorrt_older_than_the_target_is_refused_in_one_line(
+    bundles, stand_in, tmp_path, bundle, version, floor, fix
+):
     rc, args, stderr, work = run_script(bundles[bundle], stand_in, tmp_path, version, "fp16")
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert rc == 2 and len(lines) == 1, stderr
@@ -168,8 +201,9 @@ def test_a_tensorrt_older_than_8_5_is_refused(bundles, stand_in, tmp_path):
 
 
 def test_the_manifest_describes_the_engine_the_stand_in_wrote(bundles, stand_in, tmp_path):
-    rc, args, stderr, work = run_script(bundles["default"], stand_in, tmp_path, "11.4", "fp16",
-                                        STUB_GPU="NVIDIA GeForce RTX 4090", STUB_CC="8.9")
+    rc, args, stderr, work = run_script(
+        bundles["default"], stand_in, tmp_path, "11.4", "fp16", STUB_GPU="NVIDIA GeForce RTX 4090", STUB_CC="8.9"
+    )
     assert rc == 0, stderr
     manifest = json.loads((work / "model.engine.json").read_text())
     assert manifest["format"] == "peftx-engine-manifest" and manifest["tensorrt_version"] == "11.4.0"
@@ -180,9 +214,15 @@ def test_the_manifest_describes_the_engine_the_stand_in_wrote(bundles, stand_in,
     assert manifest["batch"] == {"min": 1, "opt": 4, "max": 8} and manifest["precision"] == "fp16"
     assert manifest["jetson"] is None and manifest["target"] == "trt8.6"
     assert not list(work.glob(".model.engine.partial*")), "no partial file may remain"
-    here = {"tensorrt_version": "11.4.0.11", "gpu": manifest["gpu"], "jetson": None,
-            "sha256": {"model.engine": sha256_file(work / "model.engine"),
-                       "model_fp16.onnx": sha256_file(work / "model_fp16.onnx")}}
+    here = {
+        "tensorrt_version": "11.4.0.11",
+        "gpu": manifest["gpu"],
+        "jetson": None,
+        "sha256": {
+            "model.engine": sha256_file(work / "model.engine"),
+            "model_fp16.onnx": sha256_file(work / "model_fp16.onnx"),
+        },
+    }
     assert engine_problems(manifest, here) == ([], []), "the manifest the script writes is one infer.py accepts"
     assert "polygraphy run model.engine --model-type engine --trt" in stderr  # the re-check lines for the device
 
@@ -191,9 +231,15 @@ def test_on_a_jetson_the_manifest_records_l4t_and_the_model(bundles, stand_in, t
     release = "# R35 (release), REVISION: 4.1, GCID: 33958178, BOARD: t186ref, EABI: aarch64, DATE: Tue Aug  1 2023\n"
     (tmp_path / "nv_tegra_release").write_text(release)
     (tmp_path / "model").write_bytes(b"NVIDIA Jetson Xavier NX Developer Kit\0")
-    rc, _, stderr, work = run_script(bundles["jetpack5"], stand_in, tmp_path, "8.5", "fp16",
-                                     NV_TEGRA_RELEASE=str(tmp_path / "nv_tegra_release"),
-                                     DEVICE_TREE_MODEL=str(tmp_path / "model"))
+    rc, _, stderr, work = run_script(
+        bundles["jetpack5"],
+        stand_in,
+        tmp_path,
+        "8.5",
+        "fp16",
+        NV_TEGRA_RELEASE=str(tmp_path / "nv_tegra_release"),
+        DEVICE_TREE_MODEL=str(tmp_path / "model"),
+    )
     assert rc == 0, stderr
     jetson = json.loads((work / "model.engine.json").read_text())["jetson"]
     assert jetson == {"model": "NVIDIA Jetson Xavier NX Developer Kit", "l4t": "35.4.1"}
@@ -224,17 +270,18 @@ def test_missing_trtexec_and_unreadable_banner_are_one_line_each(bundles, stand_
     mute = stand_in / "quiet-trtexec"
     mute.write_text("#!/usr/bin/env bash\nexit 0\n")
     mute.chmod(0o755)
-    done = subprocess.run(["bash", str(work / "build_engine.sh")], env={**env, "TRTEXEC": str(mute)},
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["bash", str(work / "build_engine.sh")], env={**env, "TRTEXEC": str(mute)}, capture_output=True, text=True
+    )
     assert done.returncode == 2 and "cannot read the TensorRT version" in done.stderr and "TRT_VERSION" in done.stderr
 
 
 @pytest.fixture(scope="module")
 def int8_bundles(tmp_path_factory) -> dict[str, Path]:
     """--precision int8 bundles (model_int8.onnx, a Q/DQ graph) for the default target and TensorRT 8.5."""
-    from peftx.exports.accuracy import select
-
     from test_int8 import _labelled, _request
+
+    from peftx.exports.accuracy import select
 
     root = tmp_path_factory.mktemp("build_engine_int8")
     reference = make_tiny("vit", seed=4)
@@ -242,12 +289,23 @@ def int8_bundles(tmp_path_factory) -> dict[str, Path]:
     out = {}
     for name in ("default", "jetpack5"):
         out[name] = root / name
-        write_bundle(reference, copy.deepcopy(reference), out[name], input_size=cfg["input_size"], data_config=cfg,
-                     class_names=[f"c{i}" for i in range(5)], provenance={"method": "test"},
-                     images=real_batch("vit", n=8), batch=(1, 4, 8), precision="int8", tensorrt="off",
-                     simplify=False, target=None if name == "default" else name,
-                     accuracy_set=select(_labelled(reference, "vit", 120, seed=1), "crops", None),
-                     int8=_request(_labelled(reference, "vit", 48, seed=2)))
+        write_bundle(
+            reference,
+            copy.deepcopy(reference),
+            out[name],
+            input_size=cfg["input_size"],
+            data_config=cfg,
+            class_names=[f"c{i}" for i in range(5)],
+            provenance={"method": "test"},
+            images=real_batch("vit", n=8),
+            batch=(1, 4, 8),
+            precision="int8",
+            tensorrt="off",
+            simplify=False,
+            target=None if name == "default" else name,
+            accuracy_set=select(_labelled(reference, "vit", 120, seed=1), "crops", None),
+            int8=_request(_labelled(reference, "vit", 48, seed=2)),
+        )
     return out
 
 

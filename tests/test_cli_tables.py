@@ -13,9 +13,16 @@ from peftx.cli.app import app
 
 
 @pytest.mark.parametrize("width", [80, 100])
-@pytest.mark.parametrize("argv", [["targets"], ["doctor"], ["inspect", "vit_tiny_patch16_224", "--img-size", "32"],
-                                  ["inspect", "swin_tiny_patch4_window7_224", "--method", "lora", "--img-size", "64"]],
-                         ids=["targets", "doctor", "inspect-vit", "inspect-swin"])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["targets"],
+        ["doctor"],
+        ["inspect", "vit_tiny_patch16_224", "--img-size", "32"],
+        ["inspect", "swin_tiny_patch4_window7_224", "--method", "lora", "--img-size", "64"],
+    ],
+    ids=["targets", "doctor", "inspect-vit", "inspect-swin"],
+)
 def test_command_tables_fit(argv: list[str], width: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(output.console, "width", width)
     res = CliRunner().invoke(app, argv)

@@ -32,8 +32,20 @@ from peftx.compare_report import WIDTH, format_table
 from peftx.errors import OutputError, UsageError
 from peftx.train import TrainConfig
 
-SHARED = dict(model=TINY_ARCH, model_kwargs=dict(TINY_KW), img_size=TINY_IMG, epochs=2, batch_size=8, lr=1e-2,
-              warmup_epochs=0, min_lr=1e-5, dropout=0.0, device="cpu", amp="off", seed=7)
+SHARED = dict(
+    model=TINY_ARCH,
+    model_kwargs=dict(TINY_KW),
+    img_size=TINY_IMG,
+    epochs=2,
+    batch_size=8,
+    lr=1e-2,
+    warmup_epochs=0,
+    min_lr=1e-5,
+    dropout=0.0,
+    device="cpu",
+    amp="off",
+    seed=7,
+)
 
 
 # The CLI builds timm's own configs (no model_kwargs): timm's 6-block, 64-wide test ViT at 32 px (4 tokens).
@@ -104,8 +116,9 @@ def test_runs_differ_only_in_method(compared) -> None:
     # (the methods really are different).
     metrics = {m: _lines(out / m / "seed7" / "metrics.jsonl") for m in rows}
     for m in metrics:
-        assert [(r["epoch"], r["global_step"], r["lr"]) for r in metrics[m]] == \
-            [(r["epoch"], r["global_step"], r["lr"]) for r in metrics["rlrr"]], m
+        assert [(r["epoch"], r["global_step"], r["lr"]) for r in metrics[m]] == [
+            (r["epoch"], r["global_step"], r["lr"]) for r in metrics["rlrr"]
+        ], m
         assert summaries[m]["steps_per_epoch"] == summaries["rlrr"]["steps_per_epoch"]
         assert summaries[m]["test_images"] == summaries["rlrr"]["test_images"] > 0
         assert summaries[m]["data_source"] == summaries["rlrr"]["data_source"]
@@ -154,8 +167,9 @@ def test_each_run_directory_is_an_ordinary_run(compared, tmp_path) -> None:
     from peftx.deploy import merge_export
 
     out, _, _ = compared
-    report = merge_export(out / "lora" / "seed7", output=tmp_path / "bundle", batch=(1, 2, 4), tensorrt="off",
-                          simplify=False)
+    report = merge_export(
+        out / "lora" / "seed7", output=tmp_path / "bundle", batch=(1, 2, 4), tensorrt="off", simplify=False
+    )
     assert report.status == "ok"
 
 
@@ -163,8 +177,9 @@ def test_rerun_skips_finished_runs_and_refuses_other_settings(compared, tiny_wei
     out, result, _ = compared
     before = {m: (out / m / "seed7" / "summary.json").read_bytes() for m in ("rlrr", "aoft", "lora")}
     events = Events()
-    again = compare(tiny_compare(out, tiny_weights, digit_folder, methods=["rlrr", "aoft", "lora"], latency=False),
-                    events)
+    again = compare(
+        tiny_compare(out, tiny_weights, digit_folder, methods=["rlrr", "aoft", "lora"], latency=False), events
+    )
     assert events.started() == []  # nothing trained
     assert [r["action"] for r in again["runs"]] == ["skip"] * 3
     assert {m: (out / m / "seed7" / "summary.json").read_bytes() for m in before} == before
@@ -177,8 +192,14 @@ def test_failing_methods_are_rows_with_their_reason(tmp_path, tiny_weights, digi
     out = tmp_path / "cmp"
     # Three ways a method fails: not registered; unsupported on this backbone (rank above the layer's size: the
     # error comes from adapt() in the worker); diverging (the loss becomes non-finite).
-    cfg = tiny_compare(out, tiny_weights, digit_folder, methods=["nope", "lora", "rlrr"], latency=False,
-                       per_method={"lora": {"r": 100_000}, "rlrr": {"lr": 1e30}})
+    cfg = tiny_compare(
+        out,
+        tiny_weights,
+        digit_folder,
+        methods=["nope", "lora", "rlrr"],
+        latency=False,
+        per_method={"lora": {"r": 100_000}, "rlrr": {"lr": 1e30}},
+    )
     result = compare(cfg)
     rows = {r["method"]: r for r in result["runs"]}
     assert {m: r["status"] for m, r in rows.items()} == {"nope": "failed", "lora": "failed", "rlrr": "failed"}
@@ -222,9 +243,34 @@ def test_interrupt_keeps_finished_runs_and_rerun_resumes(tmp_path) -> None:
     weights = write_cli_weights(tmp_path / "test_vit.safetensors")
     data = write_digit_folder(tmp_path / "digits", per_split={"train": 4, "val": 1, "test": 1})
     out = tmp_path / "cmp"
-    argv = [script, "compare", "--methods", "rlrr,lora", "--model", CLI_MODEL, "--weights", str(weights),
-            "--data", str(data), "--img-size", str(CLI_IMG), "--epochs", "12", "--warmup-epochs", "0", "-b", "4",
-            "--device", "cpu", "--amp", "off", "--no-latency", "--output", str(out), "--json"]
+    argv = [
+        script,
+        "compare",
+        "--methods",
+        "rlrr,lora",
+        "--model",
+        CLI_MODEL,
+        "--weights",
+        str(weights),
+        "--data",
+        str(data),
+        "--img-size",
+        str(CLI_IMG),
+        "--epochs",
+        "12",
+        "--warmup-epochs",
+        "0",
+        "-b",
+        "4",
+        "--device",
+        "cpu",
+        "--amp",
+        "off",
+        "--no-latency",
+        "--output",
+        str(out),
+        "--json",
+    ]
     env = dict(clean_env(), OMP_NUM_THREADS="1")
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     lora_ckpt = out / "lora" / "seed42" / "checkpoint" / "last.safetensors"
@@ -252,8 +298,10 @@ def test_interrupt_keeps_finished_runs_and_rerun_resumes(tmp_path) -> None:
     again = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0, again.stderr
     result = json.loads(again.stdout)
-    assert [(r["method"], r["action"], r["status"]) for r in result["runs"]] == \
-        [("rlrr", "skip", "ok"), ("lora", "resume", "ok")]
+    assert [(r["method"], r["action"], r["status"]) for r in result["runs"]] == [
+        ("rlrr", "skip", "ok"),
+        ("lora", "resume", "ok"),
+    ]
     assert (out / "rlrr" / "seed42" / "summary.json").read_bytes() == rlrr_summary
     lora = json.loads((out / "lora" / "seed42" / "summary.json").read_text())
     assert lora["resumed"] is True and lora["epochs"] == 12
@@ -262,23 +310,30 @@ def test_interrupt_keeps_finished_runs_and_rerun_resumes(tmp_path) -> None:
 
 # -- configuration (no training) ---------------------------------------------------------------------------------
 
+
 def test_parse_set() -> None:
-    assert parse_set(["full.lr=1e-4", "lora.r=4", "lora.targets=q,v", "aoft.init=zeros"]) == \
-        {"full": {"lr": 1e-4}, "lora": {"r": 4, "targets": ["q", "v"]}, "aoft": {"init": "zeros"}}
+    assert parse_set(["full.lr=1e-4", "lora.r=4", "lora.targets=q,v", "aoft.init=zeros"]) == {
+        "full": {"lr": 1e-4},
+        "lora": {"r": 4, "targets": ["q", "v"]},
+        "aoft": {"init": "zeros"},
+    }
     for bad in ("lr=1e-4", "full.lr", ".lr=1", "full.=1"):
         with pytest.raises(UsageError, match="METHOD.FIELD=VALUE"):
             parse_set([bad])
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(per_method={"lora": {"batch_size": 4}}), "batch_size is shared by every method"),
-    (dict(per_method={"lora": {"epochs": 4}}), "epochs is shared by every method"),
-    (dict(per_method={"full": {"lr": 1e-4}}), "not compared"),
-    (dict(train={"method": "lora"}), "compare sets method"),
-    (dict(methods=["lora", "lora"]), "twice"),
-    (dict(methods=["../x"]), "not a plain name"),
-    (dict(seeds=0), "seeds"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(per_method={"lora": {"batch_size": 4}}), "batch_size is shared by every method"),
+        (dict(per_method={"lora": {"epochs": 4}}), "epochs is shared by every method"),
+        (dict(per_method={"full": {"lr": 1e-4}}), "not compared"),
+        (dict(train={"method": "lora"}), "compare sets method"),
+        (dict(methods=["lora", "lora"]), "twice"),
+        (dict(methods=["../x"]), "not a plain name"),
+        (dict(seeds=0), "seeds"),
+    ],
+)
 def test_bad_comparisons_are_refused_before_anything_runs(tmp_path, kw, match) -> None:
     base = dict(output=str(tmp_path / "cmp"), methods=["rlrr", "lora"])
     with pytest.raises(UsageError, match=match):
@@ -295,11 +350,14 @@ def test_learning_rate_precedence(tmp_path) -> None:
     assert (plans["rlrr"].request["lr"], plans["rlrr"].sources["lr"]) == (None, "recipe")
     lrs = {m: resolve(TrainConfig.from_dict(p.request)).config.lr for m, p in plans.items()}
     assert lrs["full"] == pytest.approx(lrs["rlrr"] * 0.01)
-    shared = {p.method: p for p in plan_runs(CompareConfig(output=str(tmp_path), methods=["rlrr", "lora"],
-                                                           train={"lr": 2e-3}))}
+    shared = {
+        p.method: p
+        for p in plan_runs(CompareConfig(output=str(tmp_path), methods=["rlrr", "lora"], train={"lr": 2e-3}))
+    }
     assert [(p.request["lr"], p.sources["lr"]) for p in shared.values()] == [(2e-3, "shared")] * 2
-    own = plan_runs(CompareConfig(output=str(tmp_path), methods=["lora"], train={"lr": 2e-3},
-                                  per_method={"lora": {"lr": 1e-3}}))
+    own = plan_runs(
+        CompareConfig(output=str(tmp_path), methods=["lora"], train={"lr": 2e-3}, per_method={"lora": {"lr": 1e-3}})
+    )
     assert (own[0].request["lr"], own[0].sources["lr"]) == (1e-3, "set")
 
 
@@ -311,15 +369,33 @@ def test_default_methods_are_the_registered_ones() -> None:
     assert {"rlrr", "aoft", "lora"} <= set(default_methods())
 
 
-@pytest.mark.parametrize("args, code, start", [
-    (["--set", "lr=1e-4"], 2, "peftx: error: --set 'lr=1e-4' is not METHOD.FIELD=VALUE"),
-    (["--methods", "rlrr,lora", "--set", "lora.batch_size=4"], 2, "peftx: error: lora.batch_size: batch_size is shared"),
-    (["--seeds", "0"], 2, "peftx: error: Invalid value for '--seeds'"),
-])
+@pytest.mark.parametrize(
+    "args, code, start",
+    [
+        (["--set", "lr=1e-4"], 2, "peftx: error: --set 'lr=1e-4' is not METHOD.FIELD=VALUE"),
+        (
+            ["--methods", "rlrr,lora", "--set", "lora.batch_size=4"],
+            2,
+            "peftx: error: lora.batch_size: batch_size is shared",
+        ),
+        (["--seeds", "0"], 2, "peftx: error: Invalid value for '--seeds'"),
+    ],
+)
 def test_cli_bad_options_are_one_line(tmp_path, args, code, start) -> None:
-    proc = subprocess.run([sys.executable, "-c", "import sys; from peftx.cli.app import main; main(sys.argv[1:])",
-                           "compare", "--output", str(tmp_path / "cmp"), *args], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from peftx.cli.app import main; main(sys.argv[1:])",
+            "compare",
+            "--output",
+            str(tmp_path / "cmp"),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == code and len(lines) == 1 and lines[0].startswith(start), proc.stderr
     assert not (tmp_path / "cmp").exists()  # nothing written

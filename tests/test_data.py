@@ -31,8 +31,13 @@ from peftx.data import (
 )
 from peftx.errors import DataError, UsageError
 
-CFG = {"input_size": (3, 32, 32), "interpolation": "bicubic", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
-       "crop_pct": 1.0}
+CFG = {
+    "input_size": (3, 32, 32),
+    "interpolation": "bicubic",
+    "mean": (0.5, 0.5, 0.5),
+    "std": (0.5, 0.5, 0.5),
+    "crop_pct": 1.0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +71,11 @@ BALANCED = {"train": {"cat": 3, "dog": 3}, "val": {"cat": 1, "dog": 1}, "test": 
 
 def make_vtab(task: Path, photo: Image.Image, lists: dict[str, list[tuple[str, int]]] | None = None) -> Path:
     """A VTAB-1k task dir with images/ and the three list files."""
-    lists = lists or {"train800.txt": [(f"images/tr{i}.png", i % 3) for i in range(6)],
-                      "val200.txt": [(f"images/va{i}.png", i % 3) for i in range(3)],
-                      "test.txt": [(f"images/te{i}.png", i % 3) for i in range(4)]}
+    lists = lists or {
+        "train800.txt": [(f"images/tr{i}.png", i % 3) for i in range(6)],
+        "val200.txt": [(f"images/va{i}.png", i % 3) for i in range(3)],
+        "test.txt": [(f"images/te{i}.png", i % 3) for i in range(4)],
+    }
     for seed, (name, rows) in enumerate(lists.items()):
         for j, (rel, _) in enumerate(rows):
             write_image(task / rel, photo, 100 * seed + j)
@@ -234,8 +241,12 @@ def test_empty_split_is_refused(tmp_path: Path, photo: Image.Image) -> None:
 
 def test_non_image_files_are_skipped_and_counted(tmp_path: Path, photo: Image.Image) -> None:
     root = make_folder(tmp_path / "ds", photo, BALANCED)
-    strays = [root / "train" / "dog" / "notes.txt", root / "train" / "README", root / "val" / "cat" / ".DS_Store",
-              root / "test" / "Thumbs.db"]
+    strays = [
+        root / "train" / "dog" / "notes.txt",
+        root / "train" / "README",
+        root / "val" / "cat" / ".DS_Store",
+        root / "test" / "Thumbs.db",
+    ]
     for path in strays:
         path.write_text("not an image")
     splits = load_splits(root, CFG)
@@ -343,11 +354,15 @@ def test_vtab_task_splits(tmp_path: Path, photo: Image.Image) -> None:
     assert "eurosat" in splits.source
 
 
-def test_vtab_label_absent_from_train_warns(tmp_path: Path, photo: Image.Image,
-                                            caplog: pytest.LogCaptureFixture) -> None:
+def test_vtab_label_absent_from_train_warns(
+    tmp_path: Path, photo: Image.Image, caplog: pytest.LogCaptureFixture
+) -> None:
     # VTAB-1k's 800 training images cannot cover all 397 SUN397 classes: warn, do not refuse.
-    lists = {"train800.txt": [("images/a.png", 0), ("images/b.png", 1)], "val200.txt": [("images/c.png", 1)],
-             "test.txt": [("images/d.png", 4)]}
+    lists = {
+        "train800.txt": [("images/a.png", 0), ("images/b.png", 1)],
+        "val200.txt": [("images/c.png", 1)],
+        "test.txt": [("images/d.png", 4)],
+    }
     task = make_vtab(tmp_path / "sun397", photo, lists)
     with caplog.at_level(logging.WARNING, logger="peftx.data"):
         splits = load_splits(task, CFG)
@@ -384,24 +399,30 @@ def test_parse_vtab_list_accepts_spaces_blank_lines_and_crlf(tmp_path: Path, pho
     write_image(tmp_path / "images" / "c.png", photo, 2)
     lst = tmp_path / "train800.txt"
     lst.write_bytes(b"images/a b.png 3\r\n\r\nimages/c.png 99999\r\n")  # 99999: the largest index accepted
-    assert parse_vtab_list(lst, tmp_path) == [(tmp_path / "images" / "a b.png", 3),
-                                              (tmp_path / "images" / "c.png", 99_999)]
+    assert parse_vtab_list(lst, tmp_path) == [
+        (tmp_path / "images" / "a b.png", 3),
+        (tmp_path / "images" / "c.png", 99_999),
+    ]
 
 
-@pytest.mark.parametrize("line, match", [
-    ("images/ok.png", "expected 'relative/path label'"),
-    ("images/ok.png three", "'three' is not an integer"),
-    ("images/ok.png 1.5", "is not an integer"),
-    ("images/ok.png -1", "label -1 is negative"),
-    ("images/ok.png 1000000000", "label 1000000000 is not a plausible class index"),
-    ("/etc/passwd 0", "is absolute"),
-    ("C:\\data\\x.png 0", "is absolute"),
-    ("images/../../outside.png 0", "leaves the task directory"),
-    ("images/link.png 0", "resolves outside the task directory"),
-    ("images/missing.png 0", "does not exist"),
-])
-def test_parse_vtab_list_refuses_bad_lines_with_file_and_line(tmp_path: Path, photo: Image.Image, line: str,
-                                                               match: str) -> None:
+@pytest.mark.parametrize(
+    "line, match",
+    [
+        ("images/ok.png", "expected 'relative/path label'"),
+        ("images/ok.png three", "'three' is not an integer"),
+        ("images/ok.png 1.5", "is not an integer"),
+        ("images/ok.png -1", "label -1 is negative"),
+        ("images/ok.png 1000000000", "label 1000000000 is not a plausible class index"),
+        ("/etc/passwd 0", "is absolute"),
+        ("C:\\data\\x.png 0", "is absolute"),
+        ("images/../../outside.png 0", "leaves the task directory"),
+        ("images/link.png 0", "resolves outside the task directory"),
+        ("images/missing.png 0", "does not exist"),
+    ],
+)
+def test_parse_vtab_list_refuses_bad_lines_with_file_and_line(
+    tmp_path: Path, photo: Image.Image, line: str, match: str
+) -> None:
     task = tmp_path / "task"
     write_image(task / "images" / "ok.png", photo, 1)
     outside = write_image(tmp_path / "outside.png", photo, 2)
@@ -414,8 +435,14 @@ def test_parse_vtab_list_refuses_bad_lines_with_file_and_line(tmp_path: Path, ph
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(line=st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n\x0b\x0c\x1c\x1d"
-                                           "\x1e\x85\u2028\u2029"), max_size=40))
+@given(
+    line=st.text(
+        alphabet=st.characters(
+            blacklist_categories=("Cs",), blacklist_characters="\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+        ),
+        max_size=40,
+    )
+)
 @example(line="a\x00b 0").via("NUL byte in a path")
 @example(line="images/" + "x" * 300 + ".png 1").via("file name too long")
 def test_parse_vtab_list_never_fails_with_anything_but_data_error(tmp_path: Path, line: str) -> None:

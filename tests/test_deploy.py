@@ -39,8 +39,7 @@ def make_run(tmp_path, method: str, family: str):
     model = adapt(copy.deepcopy(plain), make_config(method), spec=spec)
     perturb_adapter(model, std=0.1)
     run = tmp_path / "run"
-    save_adapter(model, run, extra={"data_config": tiny_data_cfg(family),
-                                    "class_names": [f"c{i}" for i in range(5)]})
+    save_adapter(model, run, extra={"data_config": tiny_data_cfg(family), "class_names": [f"c{i}" for i in range(5)]})
     return run, plain_reference(plain, model), model
 
 
@@ -131,8 +130,9 @@ def test_cli_merge_export_and_validate_follow_the_target(tmp_path):
 
     run, _, _ = make_run(tmp_path, "rlrr", "vit")
     cli = CliRunner()
-    done = cli.invoke(app, ["merge-export", str(run), "--target", "jetpack5", "--batch", "1:2:4", "--tensorrt", "off",
-                            "--json"])
+    done = cli.invoke(
+        app, ["merge-export", str(run), "--target", "jetpack5", "--batch", "1:2:4", "--tensorrt", "off", "--json"]
+    )
     assert done.exit_code == 0, done.output
     report = json.loads(done.stdout)
     assert report["target"]["name"] == "trt8.5" and report["target"]["requested"] == "jetpack5"
@@ -149,10 +149,14 @@ def test_cli_merge_export_and_validate_follow_the_target(tmp_path):
     assert done.exit_code == ExportError.exit_code and "not TensorRT-ready for jetpack5" in done.stderr
 
 
-@pytest.mark.parametrize("name,kw", [
-    ("vit_base_patch16_224_miil", {}),  # timm's config: qkv_bias=False (the RLRR shift f had nowhere to go)
-    ("vit_tiny_patch16_224", {"pre_norm": True}),  # CLIP-style: a patch conv without bias (the SSF shift)
-], ids=["miil-no-qkv-bias", "pre-norm-no-patch-bias"])
+@pytest.mark.parametrize(
+    "name,kw",
+    [
+        ("vit_base_patch16_224_miil", {}),  # timm's config: qkv_bias=False (the RLRR shift f had nowhere to go)
+        ("vit_tiny_patch16_224", {"pre_norm": True}),  # CLIP-style: a patch conv without bias (the SSF shift)
+    ],
+    ids=["miil-no-qkv-bias", "pre-norm-no-patch-bias"],
+)
 def test_a_run_that_trains_always_merges_and_exports(tmp_path, tiny_weights, digit_folder, name, kw):
     """`peftx train` then `peftx merge-export` with RLRR on the models whose merge used to fail after training."""
     import timm
@@ -166,8 +170,9 @@ def test_a_run_that_trains_always_merges_and_exports(tmp_path, tiny_weights, dig
     plain = timm.create_model(name, pretrained=False, num_classes=0, img_size=TINY_IMG, **kw)
     save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(weights))
     run = tmp_path / "run"
-    summary = train(tiny_config(weights, run, model=name, model_kwargs=kw, data=str(digit_folder), method="rlrr",
-                                epochs=1))
+    summary = train(
+        tiny_config(weights, run, model=name, model_kwargs=kw, data=str(digit_folder), method="rlrr", epochs=1)
+    )
     assert summary["best_epoch"] == 1
     report = merge_export(run, batch=(1, 2, 4), simplify=False, tensorrt="off")
     assert report.status == "ok"

@@ -31,8 +31,14 @@ def _free_port() -> int:
 
 def _worker(rank: int, world: int, port: int, config: dict) -> None:
     torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        GLOO_SOCKET_IFNAME="lo",
+    )
     train(TrainConfig.from_dict(config))
 
 
@@ -76,8 +82,14 @@ def test_two_process_ddp_equals_single_process(tiny_weights, digit_folder, tmp_p
 def _poison_worker(rank: int, world: int, port: int, config: dict, out_dir: str) -> None:
     """Rank 1's third training loss is NaN; every rank records how its train() ended."""
     torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        GLOO_SOCKET_IFNAME="lo",
+    )
     if rank == 1:
         real, calls = torch.nn.functional.cross_entropy, [0]
 
@@ -102,8 +114,9 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_that_step(tiny_weight
     """Without the all-reduced flag rank 1 would stop alone (after backward had already spread its NaN gradients to
     rank 0) and leave rank 0 waiting in a collective; here both raise NonFiniteError at step 2, within seconds."""
     cfg = tiny_config(tiny_weights, tmp_path / "run", data=str(digit_folder), **RUN)
-    ctx = mp.start_processes(_poison_worker, args=(2, _free_port(), cfg.to_dict(), str(tmp_path)), nprocs=2,
-                             start_method="spawn", join=False)
+    ctx = mp.start_processes(
+        _poison_worker, args=(2, _free_port(), cfg.to_dict(), str(tmp_path)), nprocs=2, start_method="spawn", join=False
+    )
     deadline = time.monotonic() + 300
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:
@@ -128,8 +141,8 @@ def test_epoch_sampler_shards_global_batches() -> None:
     shards = [list(s) for s in ranks]
     per = batch // 2
     for j in range(3):  # global batch j = union of each rank's batch j
-        union = set(shards[0][j * per:(j + 1) * per]) | set(shards[1][j * per:(j + 1) * per])
-        assert union == set(order[j * batch:(j + 1) * batch])
+        union = set(shards[0][j * per : (j + 1) * per]) | set(shards[1][j * per : (j + 1) * per])
+        assert union == set(order[j * batch : (j + 1) * batch])
     single.set_epoch(5)
     assert list(single) != order  # a new permutation each epoch ...
     single.set_epoch(4)

@@ -29,11 +29,23 @@ from peftx.exports.templates.infer import engine_problems, jetson_facts, parse_l
 from peftx.exports.tensorrt import TensorRTProbe, check_engine_for_machine
 from peftx.fsutil import sha256_file
 
-ORIN = {"tensorrt_version": "10.3.0", "gpu": {"name": "Orin", "compute_capability": "8.7"},
-        "jetson": {"model": "NVIDIA Jetson AGX Orin", "l4t": "36.4.0"}}
-MANIFEST = {"format": "peftx-engine-manifest", "format_version": 1, "engine": "model.engine", "engine_sha256": "e" * 64,
-            **ORIN, "precision": "fp16", "batch": {"min": 1, "opt": 4, "max": 8}, "source_onnx": "model.onnx",
-            "source_onnx_sha256": "o" * 64, "target": "trt10"}
+ORIN = {
+    "tensorrt_version": "10.3.0",
+    "gpu": {"name": "Orin", "compute_capability": "8.7"},
+    "jetson": {"model": "NVIDIA Jetson AGX Orin", "l4t": "36.4.0"},
+}
+MANIFEST = {
+    "format": "peftx-engine-manifest",
+    "format_version": 1,
+    "engine": "model.engine",
+    "engine_sha256": "e" * 64,
+    **ORIN,
+    "precision": "fp16",
+    "batch": {"min": 1, "opt": 4, "max": 8},
+    "source_onnx": "model.onnx",
+    "source_onnx_sha256": "o" * 64,
+    "target": "trt10",
+}
 
 
 def here(**changes) -> dict:
@@ -44,19 +56,25 @@ def here(**changes) -> dict:
     return facts
 
 
-@pytest.mark.parametrize("facts, refused, warned", [
-    (here(), [], []),
-    (here(tensorrt_version="10.3.0.26"), [], []),  # the build number does not matter, major.minor.patch does
-    (here(tensorrt_version="8.6.2"), ["TensorRT 10.3.0 built it, this machine has 8.6.2"], []),
-    (here(tensorrt_version="10.4.0"), ["TensorRT 10.3.0 built it"], []),
-    (here(tensorrt_version=None), ["TensorRT is not installed here"], []),
-    (here(gpu={"name": "Xavier", "compute_capability": "7.2"}), ["compute capability 8.7 (Orin), this GPU is 7.2"],
-     []),
-    (here(gpu={"name": "Orin NX", "compute_capability": "8.7"}), [], ["built on Orin, this GPU is Orin NX"]),
-    (here(jetson={"model": "x", "l4t": "36.3.0"}), [], ["built on L4T 36.4.0, this Jetson runs L4T 36.3.0"]),
-    (here(sha256={"model.engine": "f" * 64, "model.onnx": "o" * 64}), ["model.engine is not the engine"], []),
-    (here(sha256={"model.engine": "e" * 64, "model.onnx": "p" * 64}), ["built from another model.onnx"], []),
-])
+@pytest.mark.parametrize(
+    "facts, refused, warned",
+    [
+        (here(), [], []),
+        (here(tensorrt_version="10.3.0.26"), [], []),  # the build number does not matter, major.minor.patch does
+        (here(tensorrt_version="8.6.2"), ["TensorRT 10.3.0 built it, this machine has 8.6.2"], []),
+        (here(tensorrt_version="10.4.0"), ["TensorRT 10.3.0 built it"], []),
+        (here(tensorrt_version=None), ["TensorRT is not installed here"], []),
+        (
+            here(gpu={"name": "Xavier", "compute_capability": "7.2"}),
+            ["compute capability 8.7 (Orin), this GPU is 7.2"],
+            [],
+        ),
+        (here(gpu={"name": "Orin NX", "compute_capability": "8.7"}), [], ["built on Orin, this GPU is Orin NX"]),
+        (here(jetson={"model": "x", "l4t": "36.3.0"}), [], ["built on L4T 36.4.0, this Jetson runs L4T 36.3.0"]),
+        (here(sha256={"model.engine": "f" * 64, "model.onnx": "o" * 64}), ["model.engine is not the engine"], []),
+        (here(sha256={"model.engine": "e" * 64, "model.onnx": "p" * 64}), ["built from another model.onnx"], []),
+    ],
+)
 def test_engine_problems(facts, refused, warned):
     refusals, warnings = engine_problems(MANIFEST, facts)
     assert len(refusals) == len(refused) and all(r in got for r, got in zip(refused, refusals, strict=True))
@@ -77,8 +95,9 @@ def test_the_refusal_is_one_line_with_both_machines_and_the_fix():
 
 
 def test_l4t_and_jetson_model_are_read_from_the_files_a_jetson_has(tmp_path):
-    assert parse_l4t("# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: aarch64, DATE: x") == \
-        "36.4.3"
+    assert (
+        parse_l4t("# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic, EABI: aarch64, DATE: x") == "36.4.3"
+    )
     assert parse_l4t("") is None and parse_l4t("garbage") is None
     assert jetson_facts(tmp_path) is None  # not a Jetson
     (tmp_path / "etc").mkdir()
@@ -94,9 +113,20 @@ def bundle(tmp_path_factory) -> Path:
     reference = make_tiny("vit", seed=6)
     cfg = tiny_data_cfg("vit")
     out = tmp_path_factory.mktemp("manifest") / "b"
-    write_bundle(reference, copy.deepcopy(reference), out, input_size=cfg["input_size"], data_config=cfg,
-                 class_names=[f"c{i}" for i in range(5)], provenance={"method": "test"}, images=real_batch("vit", n=8),
-                 batch=(1, 4, 8), precision="fp32", tensorrt="off", simplify=False)
+    write_bundle(
+        reference,
+        copy.deepcopy(reference),
+        out,
+        input_size=cfg["input_size"],
+        data_config=cfg,
+        class_names=[f"c{i}" for i in range(5)],
+        provenance={"method": "test"},
+        images=real_batch("vit", n=8),
+        batch=(1, 4, 8),
+        precision="fp32",
+        tensorrt="off",
+        simplify=False,
+    )
     return out
 
 
@@ -104,8 +134,12 @@ def with_engine(bundle: Path, tmp: Path, **manifest_changes) -> Path:
     """A copy of the bundle with an engine file (bytes no TensorRT would load) and its manifest."""
     out = shutil.copytree(bundle, tmp / "with-engine")
     (out / "model.engine").write_bytes(b"not a real engine: TensorRT cannot exist here")
-    manifest = {**MANIFEST, "engine_sha256": sha256_file(out / "model.engine"),
-                "source_onnx_sha256": sha256_file(out / "model.onnx"), **manifest_changes}
+    manifest = {
+        **MANIFEST,
+        "engine_sha256": sha256_file(out / "model.engine"),
+        "source_onnx_sha256": sha256_file(out / "model.onnx"),
+        **manifest_changes,
+    }
     (out / "model.engine.json").write_text(json.dumps(manifest))
     return out
 
@@ -149,14 +183,19 @@ def test_infer_without_tensorrt_says_what_to_install(bundle, tmp_path):
     from sklearn.datasets import load_sample_images
 
     Image.fromarray(load_sample_images().images[1]).save(photo)
-    done = subprocess.run([sys.executable, "-I", str(out / "infer.py"), str(photo), "--backend", "tensorrt"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-I", str(out / "infer.py"), str(photo), "--backend", "tensorrt"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if "tensorrt" in sys.modules or importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("TensorRT is importable here")
     assert done.returncode != 0 and done.stdout == ""
     assert done.stderr.strip().endswith("install them (pip install cuda-python) or use --backend onnx")
-    auto = subprocess.run([sys.executable, "-I", str(out / "infer.py"), str(photo)], capture_output=True, text=True,
-                          timeout=120)
+    auto = subprocess.run(
+        [sys.executable, "-I", str(out / "infer.py"), str(photo)], capture_output=True, text=True, timeout=120
+    )
     assert auto.returncode == 0 and "backend: onnxruntime" in auto.stderr  # auto falls back to the ONNX model
 
 
@@ -165,8 +204,9 @@ def test_the_infer_py_tensorrt_backend_needs_no_torch(bundle):
 
     tree = ast.parse((bundle / "infer.py").read_text())
     backend = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "TensorRTBackend")
-    imported = {a.name for n in ast.walk(tree) for a in getattr(n, "names", []) if isinstance(n, (ast.Import,
-                                                                                               ast.ImportFrom))}
+    imported = {
+        a.name for n in ast.walk(tree) for a in getattr(n, "names", []) if isinstance(n, (ast.Import, ast.ImportFrom))
+    }
     assert "torch" not in imported and "tensorrt" in imported
     assert "cudaMalloc" in ast.unparse(backend) and "execute_async_v3" in ast.unparse(backend)
 
@@ -178,9 +218,15 @@ def test_validate_refuses_an_engine_from_another_device_before_writing(bundle, t
     out = with_engine(bundle, tmp_path)
     monkeypatch.setattr(trt_module, "probe", lambda: TensorRTProbe("10.3.0", None))  # as if TensorRT were here
     monkeypatch.setattr(bundle_module, "probe", lambda: TensorRTProbe("10.3.0", None))
-    monkeypatch.setattr(bundle_module, "machine_facts", lambda version: {
-        "tensorrt_version": version, "gpu": {"name": "NVIDIA GeForce RTX 4090", "compute_capability": "8.9"},
-        "jetson": None})
+    monkeypatch.setattr(
+        bundle_module,
+        "machine_facts",
+        lambda version: {
+            "tensorrt_version": version,
+            "gpu": {"name": "NVIDIA GeForce RTX 4090", "compute_capability": "8.9"},
+            "jetson": None,
+        },
+    )
     monkeypatch.setattr(bundle_module, "TensorRTRunner", lambda *a, **k: pytest.fail("the engine must not be loaded"))
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(ExportError, match=r"model\.engine was built for TensorRT 10\.3\.0 on Orin .* RTX 4090") as info:
@@ -195,8 +241,7 @@ def test_check_engine_for_machine_is_the_same_comparison(bundle, tmp_path):
     out = with_engine(bundle, tmp_path)
     assert check_engine_for_machine(out / "model.engine", copy.deepcopy(ORIN)) == []
     with pytest.raises(ExportError, match="compute capability 8.7 .*this GPU is 7.2"):
-        check_engine_for_machine(out / "model.engine", {**ORIN, "gpu": {"name": "Xavier",
-                                                                         "compute_capability": "7.2"}})
+        check_engine_for_machine(out / "model.engine", {**ORIN, "gpu": {"name": "Xavier", "compute_capability": "7.2"}})
     (out / "model.engine.json").write_text("{not json")
     with pytest.raises(ExportError, match="model.engine.json is unreadable"):
         check_engine_for_machine(out / "model.engine", ORIN)
@@ -212,13 +257,28 @@ def test_a_real_tensorrt_8_5_target_fp16_build_pins_its_layernorm(tmp_path):
         pytest.skip("TensorRT needs a CUDA GPU")
     reference = make_tiny("vit", seed=6)
     cfg = tiny_data_cfg("vit")
-    report = write_bundle(reference, copy.deepcopy(reference), tmp_path / "b", input_size=cfg["input_size"],
-                          data_config=cfg, class_names=[f"c{i}" for i in range(5)], provenance={"method": "test"},
-                          images=real_batch("vit", n=8), batch=(1, 4, 8), precision="fp16", tensorrt="on",
-                          target="jetpack5")
+    report = write_bundle(
+        reference,
+        copy.deepcopy(reference),
+        tmp_path / "b",
+        input_size=cfg["input_size"],
+        data_config=cfg,
+        class_names=[f"c{i}" for i in range(5)],
+        provenance={"method": "test"},
+        images=real_batch("vit", n=8),
+        batch=(1, 4, 8),
+        precision="fp16",
+        tensorrt="on",
+        target="jetpack5",
+    )
     manifest = json.loads((tmp_path / "b" / "model.engine.json").read_text())
     assert manifest["fp32_layers"] == len(report.fp32_nodes) == 35
     assert any(r.candidate == "tensorrt fp16" and r.passed for r in report.parity.results)
     with pytest.raises(ExportError, match="not in the parsed network"):  # a name the parser did not produce
-        trt_module.build_engine(tmp_path / "b" / "model.onnx", tmp_path / "x.engine", batch=(1, 4, 8),
-                                precision="fp16", fp32_layers=["/no/such/node"])
+        trt_module.build_engine(
+            tmp_path / "b" / "model.onnx",
+            tmp_path / "x.engine",
+            batch=(1, 4, 8),
+            precision="fp16",
+            fp32_layers=["/no/such/node"],
+        )

@@ -13,8 +13,11 @@ import peftx.errors as errors
 from peftx.cli.errors import INTERNAL_ERROR_EXIT, INTERRUPTED_EXIT
 
 REPO = Path(__file__).resolve().parents[1]
-CLASSES = {name: cls for name, cls in inspect.getmembers(errors, inspect.isclass)
-           if issubclass(cls, errors.PeftxError) and cls is not errors.PeftxError}
+CLASSES = {
+    name: cls
+    for name, cls in inspect.getmembers(errors, inspect.isclass)
+    if issubclass(cls, errors.PeftxError) and cls is not errors.PeftxError
+}
 
 
 def exit_table(path: Path, header: str) -> dict[int, str]:
@@ -22,7 +25,7 @@ def exit_table(path: Path, header: str) -> dict[int, str]:
     lines = path.read_text(encoding="utf-8").splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(header))
     rows: dict[int, str] = {}
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
         cells = [c.strip() for c in line.strip("|").split("|")]
@@ -32,8 +35,9 @@ def exit_table(path: Path, header: str) -> dict[int, str]:
     return rows
 
 
-@pytest.mark.parametrize("path, header", [(REPO / "README.md", "| exit | error"),
-                                          (REPO / "docs" / "ERRORS.md", "| code | error")])
+@pytest.mark.parametrize(
+    "path, header", [(REPO / "README.md", "| exit | error"), (REPO / "docs" / "ERRORS.md", "| code | error")]
+)
 def test_exit_code_table_matches_the_exception_classes(path: Path, header: str) -> None:
     table = exit_table(path, header)
     listed: dict[str, int] = {}

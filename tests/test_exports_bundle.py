@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import copy
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -25,16 +24,23 @@ from peftx.exports.tensorrt_ops import ReadinessReport, TargetReadiness
 
 SIZE = 32
 CLASSES = ["cat", "dog", "fox", "owl", "yak"]
-DATA_CONFIG = {"input_size": (3, SIZE, SIZE), "interpolation": "bicubic", "crop_pct": 0.9, "crop_mode": "center",
-               "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+DATA_CONFIG = {
+    "input_size": (3, SIZE, SIZE),
+    "interpolation": "bicubic",
+    "crop_pct": 0.9,
+    "crop_mode": "center",
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+}
 PROVENANCE = {"method": "test", "base_model": "vit_tiny_patch16_224", "adapter_sha256": "0" * 64}
 BATCH = (1, 4, 16)
 
 
 def tiny_vit(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=SIZE, depth=2, num_classes=5,
-                             exportable=True).eval()
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=SIZE, depth=2, num_classes=5, exportable=True
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -58,16 +64,26 @@ def images() -> torch.Tensor:
     crops = []
     for photo in load_sample_images().images:
         h, w, _ = photo.shape
-        crops += [transform(Image.fromarray(photo[i * h // 8: i * h // 8 + h // 2, i * w // 8: i * w // 8 + w // 2]))
-                  for i in range(4)]
+        crops += [
+            transform(Image.fromarray(photo[i * h // 8 : i * h // 8 + h // 2, i * w // 8 : i * w // 8 + w // 2]))
+            for i in range(4)
+        ]
     return torch.stack(crops)
 
 
 def make_bundle(out: Path, images: torch.Tensor, *, reference=None, merged=None, **kw):
     reference = reference if reference is not None else tiny_vit()
     merged = merged if merged is not None else copy.deepcopy(reference)
-    options = dict(input_size=(3, SIZE, SIZE), data_config=DATA_CONFIG, class_names=CLASSES, provenance=PROVENANCE,
-                   images=images, batch=BATCH, precision="fp16", tensorrt="auto")
+    options = dict(
+        input_size=(3, SIZE, SIZE),
+        data_config=DATA_CONFIG,
+        class_names=CLASSES,
+        provenance=PROVENANCE,
+        images=images,
+        batch=BATCH,
+        precision="fp16",
+        tensorrt="auto",
+    )
     return write_bundle(reference, merged, out, **{**options, **kw})
 
 
@@ -88,8 +104,16 @@ def copy_of(built, tmp_path: Path) -> Path:
 
 def test_bundle_has_every_file_and_hashes_match(built):
     out, report, steps = built
-    expected = {"model.onnx", "model_fp16.onnx", "metadata.json", "parity.json", "trt_readiness.json", "infer.py",
-                "build_engine.sh", "reference_set.npz"}
+    expected = {
+        "model.onnx",
+        "model_fp16.onnx",
+        "metadata.json",
+        "parity.json",
+        "trt_readiness.json",
+        "infer.py",
+        "build_engine.sh",
+        "reference_set.npz",
+    }
     assert expected <= {p.name for p in out.iterdir()}
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "no temporary directory may remain"
     meta = read_bundle(out)
@@ -138,16 +162,30 @@ def test_parity_covers_every_backend_at_odd_batches(built):
 def test_infer_py_runs_standalone_without_peftx(built, photo, tmp_path):
     out, _, _ = built
     template = (out / "infer.py").read_text()
-    imported = {alias.name.split(".")[0] for node in ast.walk(ast.parse(template))
-                if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in getattr(node, "names", [])}
-    imported |= {node.module.split(".")[0] for node in ast.walk(ast.parse(template))
-                 if isinstance(node, ast.ImportFrom) and node.module}
+    imported = {
+        alias.name.split(".")[0]
+        for node in ast.walk(ast.parse(template))
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in getattr(node, "names", [])
+    }
+    imported |= {
+        node.module.split(".")[0]
+        for node in ast.walk(ast.parse(template))
+        if isinstance(node, ast.ImportFrom) and node.module
+    }
     assert "peftx" not in imported
     # -I: isolated (no PYTHONPATH, no cwd on sys.path); and peftx is made unimportable in case the venv has it.
-    runner = ("import runpy, sys; sys.modules['peftx'] = None; sys.argv = sys.argv[1:]; "
-              "runpy.run_path(sys.argv[0], run_name='__main__')")
-    done = subprocess.run([sys.executable, "-I", "-c", runner, str(out / "infer.py"), str(photo)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    runner = (
+        "import runpy, sys; sys.modules['peftx'] = None; sys.argv = sys.argv[1:]; "
+        "runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", runner, str(out / "infer.py"), str(photo)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 5
@@ -166,8 +204,10 @@ def test_infer_py_preprocessing_matches_timm(built, photo):
     spec = importlib.util.spec_from_file_location("bundle_infer", built[0] / "infer.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    for cfg in (DATA_CONFIG, {**DATA_CONFIG, "input_size": (3, 224, 224), "interpolation": "bilinear",
-                              "crop_pct": 0.875}):
+    for cfg in (
+        DATA_CONFIG,
+        {**DATA_CONFIG, "input_size": (3, 224, 224), "interpolation": "bilinear", "crop_pct": 0.875},
+    ):
         ours = module.preprocess(photo, cfg)
         timm_ = create_transform(**cfg)(Image.open(photo).convert("RGB")).numpy()[None]
         np.testing.assert_allclose(ours, timm_, atol=1e-6)
@@ -272,16 +312,19 @@ def test_readiness_failure_is_an_export_error_unless_tensorrt_is_off(images, tmp
     assert any("Unique" in w for w in read_bundle(tmp_path / "off")["warnings"])
     assert json.loads((tmp_path / "off" / "trt_readiness.json").read_text())["ok"] is False
     assert read_bundle(tmp_path / "off")["target"]["ready"] is False
-    assert "READY=\"0\"" in (tmp_path / "off" / "build_engine.sh").read_text()  # the script refuses to build it
+    assert 'READY="0"' in (tmp_path / "off" / "build_engine.sh").read_text()  # the script refuses to build it
 
 
-@pytest.mark.parametrize("bad, match", [
-    ({"precision": "int8"}, "precision"),
-    ({"batch": (8, 4, 16)}, "batch"),
-    ({"class_names": ["only", "two"]}, "5 outputs but 2 class names"),
-    ({"data_config": {k: v for k, v in DATA_CONFIG.items() if k != "std"}}, "std"),
-    ({"images": torch.zeros(2, 3, 16, 16)}, "images must be"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"precision": "int8"}, "precision"),
+        ({"batch": (8, 4, 16)}, "batch"),
+        ({"class_names": ["only", "two"]}, "5 outputs but 2 class names"),
+        ({"data_config": {k: v for k, v in DATA_CONFIG.items() if k != "std"}}, "std"),
+        ({"images": torch.zeros(2, 3, 16, 16)}, "images must be"),
+    ],
+)
 def test_bad_arguments_are_usage_errors(images, tmp_path, bad, match):
     with pytest.raises(UsageError, match=match):
         make_bundle(tmp_path / "x", bad.get("images", images), **{k: v for k, v in bad.items() if k != "images"})

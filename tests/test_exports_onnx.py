@@ -23,10 +23,14 @@ from peftx.tolerances import FP16, ONNX_FP32
 
 FAMILIES = {
     "vit": ("vit_tiny_patch16_224", dict(img_size=32, depth=2)),
-    "vit_reg": ("vit_small_patch14_reg4_dinov2", dict(img_size=28, depth=2, embed_dim=64, num_heads=2,
-                                                      init_values=0.1)),
-    "swin": ("swin_tiny_patch4_window7_224", dict(img_size=64, window_size=4, embed_dim=24, depths=(1, 1),
-                                                  num_heads=(1, 2))),
+    "vit_reg": (
+        "vit_small_patch14_reg4_dinov2",
+        dict(img_size=28, depth=2, embed_dim=64, num_heads=2, init_values=0.1),
+    ),
+    "swin": (
+        "swin_tiny_patch4_window7_224",
+        dict(img_size=64, window_size=4, embed_dim=24, depths=(1, 1), num_heads=(1, 2)),
+    ),
 }
 
 
@@ -47,13 +51,18 @@ def real_images(size: int, n: int = 8) -> np.ndarray:
     from sklearn.datasets import load_sample_images
     from timm.data import create_transform
 
-    transform = create_transform(input_size=(3, size, size), interpolation="bicubic", crop_pct=0.9,
-                                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    transform = create_transform(
+        input_size=(3, size, size),
+        interpolation="bicubic",
+        crop_pct=0.9,
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+    )
     crops = []
     for photo in load_sample_images().images:
         h, w, _ = photo.shape
         for i in range(n // 2):
-            crop = photo[i * h // 8: i * h // 8 + h // 2, i * w // 8: i * w // 8 + w // 2]
+            crop = photo[i * h // 8 : i * h // 8 + h // 2, i * w // 8 : i * w // 8 + w // 2]
             crops.append(transform(Image.fromarray(crop)).numpy())
     return np.stack(crops)
 
@@ -65,8 +74,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[torch.
     models = {}
     for family in FAMILIES:
         model = tiny(family)
-        path = export_onnx(model, out / f"{family}.onnx", input_size=input_size(family),
-                           metadata={"family": family})
+        path = export_onnx(model, out / f"{family}.onnx", input_size=input_size(family), metadata={"family": family})
         models[family] = (model, path)
     return models
 
@@ -255,4 +263,3 @@ def test_operator_list_is_data_with_its_source():
     assert ops["source"].startswith("https://github.com/onnx/onnx-tensorrt")
     assert ops["operators"]["LayerNormalization"]["supported"]
     assert not ops["operators"]["Unique"]["supported"]
-

@@ -15,8 +15,7 @@ from peftx.errors import BackendUnavailableError, UsageError
 from peftx.exports.onnx_export import export_onnx
 from peftx.exports.parity import ParityReport, compare, error_stats, make_input_sets, reference_outputs
 from peftx.exports.runners import OnnxRuntimeRunner, TorchRunner
-from peftx.exports.tensorrt import (TensorRTRunner, build_engine, resolve_mode, tensorrt_available,
-                                    unavailable_reason)
+from peftx.exports.tensorrt import TensorRTRunner, build_engine, resolve_mode, tensorrt_available, unavailable_reason
 from peftx.tolerances import FP16, MERGE_FP32, ONNX_FP32, TENSORRT_FP32
 
 SIZE = 32
@@ -24,8 +23,9 @@ SIZE = 32
 
 def tiny_vit(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=SIZE, depth=2, num_classes=5,
-                             exportable=True).eval()
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=SIZE, depth=2, num_classes=5, exportable=True
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +35,16 @@ def images() -> np.ndarray:
     from sklearn.datasets import load_sample_images
     from timm.data import create_transform
 
-    transform = create_transform(input_size=(3, SIZE, SIZE), interpolation="bicubic", crop_pct=0.9,
-                                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    transform = create_transform(
+        input_size=(3, SIZE, SIZE), interpolation="bicubic", crop_pct=0.9, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
+    )
     crops = []
     for photo in load_sample_images().images:
         h, w, _ = photo.shape
-        crops += [transform(Image.fromarray(photo[i * h // 8: i * h // 8 + h // 2, i * w // 8: i * w // 8 + w // 2]))
-                  for i in range(4)]
+        crops += [
+            transform(Image.fromarray(photo[i * h // 8 : i * h // 8 + h // 2, i * w // 8 : i * w // 8 + w // 2]))
+            for i in range(4)
+        ]
     return torch.stack(crops).numpy()
 
 
@@ -95,8 +98,10 @@ def test_one_perturbed_weight_fails_parity(inputs, tmp_path):
     assert change > 100 * ONNX_FP32.atol, "the perturbation must change the outputs, or the test proves nothing"
 
     exported = export_onnx(perturbed, tmp_path / "p.onnx", input_size=(3, SIZE, SIZE))
-    for runner, tolerance in ((TorchRunner(perturbed, name="merged"), MERGE_FP32),
-                              (OnnxRuntimeRunner(exported), ONNX_FP32)):
+    for runner, tolerance in (
+        (TorchRunner(perturbed, name="merged"), MERGE_FP32),
+        (OnnxRuntimeRunner(exported), ONNX_FP32),
+    ):
         result = compare(TorchRunner(model), runner, inputs, tolerance)
         assert not result.passed
         assert any("max |Δ|" in f for f in result.overall.failures)
@@ -138,8 +143,9 @@ def test_report_json_and_rich_table(inputs):
     model = tiny_vit()
     good = compare(TorchRunner(model), TorchRunner(copy.deepcopy(model), name="merged"), inputs, MERGE_FP32)
     bad = compare(TorchRunner(model), _Fixed(model, lambda y: y + 1.0, name="shifted"), inputs, ONNX_FP32)
-    advisory = compare(TorchRunner(model), _Fixed(model, lambda y: y + 1.0, name="advisory"), inputs, FP16,
-                       required=False)
+    advisory = compare(
+        TorchRunner(model), _Fixed(model, lambda y: y + 1.0, name="advisory"), inputs, FP16, required=False
+    )
     report = ParityReport([good, bad, advisory], notes=["test"])
     assert not report.passed and [r.candidate for r in report.failed] == ["shifted"]
     assert ParityReport([good, advisory]).passed  # an advisory failure does not fail the report
@@ -212,8 +218,15 @@ def test_tensorrt_engine_matches_reference(trt_ready, precision, inputs, tmp_pat
     model = tiny_vit()
     onnx_path = export_onnx(model, tmp_path / "m.onnx", input_size=(3, SIZE, SIZE))
     fp16_path = convert_to_fp16(onnx_path, tmp_path / "m16.onnx", calibration=inputs["real_b7"]).path
-    build = build_engine(onnx_path, tmp_path / "m.engine", batch=(1, 4, 8), precision=precision,
-                         timing_cache_path=tmp_path / "timing.cache", workspace_gb=1.0, fp16_onnx_path=fp16_path)
+    build = build_engine(
+        onnx_path,
+        tmp_path / "m.engine",
+        batch=(1, 4, 8),
+        precision=precision,
+        timing_cache_path=tmp_path / "timing.cache",
+        workspace_gb=1.0,
+        fp16_onnx_path=fp16_path,
+    )
     assert build.path.stat().st_size > 0 and (tmp_path / "timing.cache").exists()
     tolerance = FP16 if precision == "fp16" else TENSORRT_FP32
     result = compare(TorchRunner(model), TensorRTRunner(build.path), inputs, tolerance)

@@ -20,8 +20,10 @@ from peftx.methods import METHOD_NAMES, SSF, AdapterLinear, LowRankLinear, RLRRL
 from peftx.tolerances import MERGE_BF16_AUTOCAST, MERGE_FP16_AUTOCAST, MERGE_FP32
 
 DEVICE = os.environ.get("PEFTX_GPU_TESTS_DEVICE", "cuda")
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs CUDA"),
+]
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # The methods that wrap layers (their own fast paths); training and merging are checked for every method.
 ADAPTERS = [m for m in METHOD_NAMES if get_method(m).wraps_layers]
@@ -47,6 +49,7 @@ def _grads(y: torch.Tensor, tensors: list[torch.Tensor], gy: torch.Tensor) -> li
 
 
 # -- RLRR's hand-written backward against autograd through merge_weight, on the device -------------------------------
+
 
 @pytest.mark.parametrize("groups,bias", [(1, True), (3, True), (3, False)])
 def test_rlrr_hand_backward_matches_autograd_float64(groups: int, bias: bool) -> None:
@@ -92,6 +95,7 @@ def test_rlrr_hand_backward_under_autocast(amp: str) -> None:
 
 # -- the other fast paths ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("method", [m for m in ADAPTERS if m != "rlrr"])
 @pytest.mark.parametrize("amp", AMP)
 def test_low_rank_accumulating_forward_under_autocast(method: str, amp: str) -> None:
@@ -135,6 +139,7 @@ def test_ssf_folded_layernorm_on_the_device_under_autocast() -> None:
 
 
 # -- AMP training steps ----------------------------------------------------------------------------------------------
+
 
 def _flat_grads(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.grad.float().flatten() for p in model.parameters() if p.requires_grad and p.grad is not None])
@@ -196,6 +201,7 @@ def test_amp_training_steps_learn_like_fp32(family: str, method: str, amp: str) 
 
 # -- merged vs unmerged on the device --------------------------------------------------------------------------------
 
+
 class _Runner:
     """A module on the device as a parity runner, optionally under autocast."""
 
@@ -209,8 +215,10 @@ class _Runner:
         return None
 
     def infer(self, batch):
-        with torch.inference_mode(), torch.autocast(DEVICE, dtype=self.amp or torch.bfloat16,
-                                                    enabled=self.amp is not None):
+        with (
+            torch.inference_mode(),
+            torch.autocast(DEVICE, dtype=self.amp or torch.bfloat16, enabled=self.amp is not None),
+        ):
             return self.module(torch.from_numpy(batch).to(DEVICE)).float().cpu().numpy()
 
 

@@ -23,8 +23,14 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Comp
     out = tmp_path_factory.mktemp("gpu-check")
     env = {**os.environ, "PYTHON": sys.executable}
     env.pop("OUT", None)
-    proc = subprocess.run(["bash", "scripts/gpu-check.sh", "--device", "cpu", "--quick", "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        ["bash", "scripts/gpu-check.sh", "--device", "cpu", "--quick", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     return proc, out
 
 
@@ -38,8 +44,12 @@ def test_quick_cpu_run_passes_and_writes_the_json_and_log(quick_run) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads((out / "gpu-check.json").read_text())
     assert r["kind"] == "peftx gpu-check" and r["status"] == "ok" and not r["failed_checks"]
-    assert r["mode"] == {"device": "cpu", "quick": True, "steps": ["tests", "train", "parity", "bench"],
-                         "time_limit_s": None}
+    assert r["mode"] == {
+        "device": "cpu",
+        "quick": True,
+        "steps": ["tests", "train", "parity", "bench"],
+        "time_limit_s": None,
+    }
     assert r["methods"] == list(METHOD_NAMES)  # read from the registry: new methods are checked automatically
     assert set(r["steps"]) == {"tests", "train", "parity", "bench"} and r["weights"]["kind"] == "random"
     assert r["environment"]["torch"] == torch.__version__ and r["environment"]["source"]["sha256"]
@@ -118,6 +128,7 @@ def test_quick_run_runs_the_gpu_tests_which_skip_without_cuda(quick_run) -> None
 
 # -- failing checks, references, assets ------------------------------------------------------------------------------
 
+
 def test_a_failing_check_fails_the_run_with_a_json_and_exit_9(tmp_path: Path, monkeypatch, capsys) -> None:
     """A bound nothing can meet: the parity check fails, the JSON says which check, and the CLI exits 9."""
     import peftx.gpucheck.parity_check as parity
@@ -127,8 +138,20 @@ def test_a_failing_check_fails_the_run_with_a_json_and_exit_9(tmp_path: Path, mo
     impossible = Tolerance("impossible", atol=-1.0, rel_to_max=0.0, min_top1=0.0, min_cosine=0.0, reason="test")
     monkeypatch.setattr(parity, "MERGE_FP32", impossible)
     with pytest.raises(SystemExit) as exit_:
-        main(["gpu-check", "--device", "cpu", "--quick", "--steps", "parity", "--methods", METHOD_NAMES[0],
-              "--out", str(tmp_path)])
+        main(
+            [
+                "gpu-check",
+                "--device",
+                "cpu",
+                "--quick",
+                "--steps",
+                "parity",
+                "--methods",
+                METHOD_NAMES[0],
+                "--out",
+                str(tmp_path),
+            ]
+        )
     assert exit_.value.code == 9
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("peftx: error: ") and "parity/vit_tiny/" in err and "gpu-check.json" in err
@@ -143,8 +166,20 @@ def test_the_time_limit_ends_the_run_with_its_json(tmp_path: Path, capsys) -> No
     from peftx.cli.app import main
 
     with pytest.raises(SystemExit) as exit_:
-        main(["gpu-check", "--device", "cpu", "--quick", "--steps", "tests,bench", "--time-limit", "1",
-              "--out", str(tmp_path)])
+        main(
+            [
+                "gpu-check",
+                "--device",
+                "cpu",
+                "--quick",
+                "--steps",
+                "tests,bench",
+                "--time-limit",
+                "1",
+                "--out",
+                str(tmp_path),
+            ]
+        )
     assert exit_.value.code == 9
     r = json.loads((tmp_path / "gpu-check.json").read_text())
     assert r["mode"]["time_limit_s"] == 1.0 and r["status"] == "failed"
@@ -169,8 +204,11 @@ def test_a_compile_that_failed_or_did_not_run_fails_the_bench_check() -> None:
     from peftx.gpucheck.bench_check import _compiled_check
 
     ok = {"passed": True, "failures": [], "tolerance": "compiled_vs_eager"}
-    broken = {"passed": False, "failures": ["compile failed: RuntimeError: no C compiler"],
-              "tolerance": "compiled_vs_eager"}
+    broken = {
+        "passed": False,
+        "failures": ["compile failed: RuntimeError: no C compiler"],
+        "tolerance": "compiled_vs_eager",
+    }
     assert _compiled_check({"inference": [{"parity": {"compiled:plain@b1": ok}}]})["ok"] is True
     result = _compiled_check({"inference": [{"parity": {"compiled:plain@b1": ok, "compiled:merged@b1": broken}}]})
     assert result["ok"] is False and "no C compiler" in result["detail"]
@@ -190,8 +228,11 @@ def test_a_recorded_reference_is_used_only_for_its_recipe_and_weights() -> None:
     assert lora != recipe_fingerprint({**plan, "method_options": {"r": 4}}, "lora")
     # full fine-tuning's recipe lr is 0.01 of the adapters' (Method.recipe_lr_scale): part of what is fingerprinted
     assert recipe_fingerprint(plan, "full") != recipe_fingerprint({**plan, "lr": 3e-3}, "full")
-    recorded = {"kind": REFERENCE_KIND, "weights_sha256": "w1", "runs": {"rlrr": {"fingerprint": fp,
-                                                                                 "test_accuracy": 0.9}}}
+    recorded = {
+        "kind": REFERENCE_KIND,
+        "weights_sha256": "w1",
+        "runs": {"rlrr": {"fingerprint": fp, "test_accuracy": 0.9}},
+    }
     assert pick_reference(recorded, "rlrr", fp, "w1")[0]["test_accuracy"] == 0.9
     assert pick_reference(recorded, "rlrr", fp, "w2") == (None, "the recorded reference used other weights")
     assert pick_reference(recorded, "lora", recipe_fingerprint(plan, "lora"), "w1")[0] is None
@@ -222,8 +263,11 @@ def test_the_fp16_demo_copy_loads_upcast_and_foreign_files_are_refused(tmp_path:
     from peftx.gpucheck.assets import _META_KEY, DEMO_ARCH, load_demo_copy
 
     w = torch.randn(6, 4)
-    save_file({"a.weight": w.half(), "a.bias": torch.ones(6)}, str(tmp_path / "copy.safetensors"),
-              metadata={_META_KEY: json.dumps({"arch": DEMO_ARCH})})
+    save_file(
+        {"a.weight": w.half(), "a.bias": torch.ones(6)},
+        str(tmp_path / "copy.safetensors"),
+        metadata={_META_KEY: json.dumps({"arch": DEMO_ARCH})},
+    )
     path, info = load_demo_copy(tmp_path / "copy.safetensors", tmp_path / "work")
     from safetensors.torch import load_file
 
@@ -237,12 +281,15 @@ def test_the_fp16_demo_copy_loads_upcast_and_foreign_files_are_refused(tmp_path:
         load_demo_copy(tmp_path / "missing.safetensors", tmp_path / "work")
 
 
-@pytest.mark.parametrize("args, error, message", [
-    (["--steps", "tests,nope"], "UsageError", "unknown step(s) ['nope']"),
-    (["--methods", "vpt"], "UsageError", "unknown method(s) ['vpt']"),
-    (["--weights", "{tmp}/missing.safetensors"], "WeightsError", "demo weights"),
-    (["--record-reference", "{tmp}/ref.json", "--quick"], "UsageError", "--record-reference"),
-])
+@pytest.mark.parametrize(
+    "args, error, message",
+    [
+        (["--steps", "tests,nope"], "UsageError", "unknown step(s) ['nope']"),
+        (["--methods", "vpt"], "UsageError", "unknown method(s) ['vpt']"),
+        (["--weights", "{tmp}/missing.safetensors"], "WeightsError", "demo weights"),
+        (["--record-reference", "{tmp}/ref.json", "--quick"], "UsageError", "--record-reference"),
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, capsys, args, error, message) -> None:
     import peftx.errors as errors
     from peftx.cli.app import main

@@ -25,21 +25,34 @@ from peftx.tolerances import FP16, ONNX_FP32, PREPROCESSING_ATOL
 
 SIZE = 32
 CLASSES = ["cat", "dog", "fox", "owl"]
-DATA_CONFIG = {"input_size": (3, SIZE, SIZE), "interpolation": "bicubic", "crop_pct": 0.9, "crop_mode": "center",
-               "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+DATA_CONFIG = {
+    "input_size": (3, SIZE, SIZE),
+    "interpolation": "bicubic",
+    "crop_pct": 0.9,
+    "crop_mode": "center",
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+}
 # Stands in for a device: peftx, torch and friends cannot be imported (an import attempt raises ImportError);
 # -I drops PYTHONPATH, the user site and the working directory. PATCH (optional code) runs first.
-ISOLATED = ("import runpy, sys\n"
-            "for name in ('peftx', 'torch', 'timm', 'torchvision'):\n"
-            "    sys.modules[name] = None\n"
-            "exec(sys.argv[1])\n"
-            "sys.argv = sys.argv[2:]\n"
-            "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+ISOLATED = (
+    "import runpy, sys\n"
+    "for name in ('peftx', 'torch', 'timm', 'torchvision'):\n"
+    "    sys.modules[name] = None\n"
+    "exec(sys.argv[1])\n"
+    "sys.argv = sys.argv[2:]\n"
+    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+)
 
 
 def run_infer(bundle: Path, *args: str, patch: str = "", cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-I", "-c", ISOLATED, patch, str(bundle / "infer.py"), *args],
-                          cwd=cwd or bundle.parent, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-I", "-c", ISOLATED, patch, str(bundle / "infer.py"), *args],
+        cwd=cwd or bundle.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def one_line(done: subprocess.CompletedProcess) -> str:
@@ -51,8 +64,9 @@ def one_line(done: subprocess.CompletedProcess) -> str:
 
 def tiny_vit(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=SIZE, depth=2,
-                             num_classes=len(CLASSES), exportable=True).eval()
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=SIZE, depth=2, num_classes=len(CLASSES), exportable=True
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +83,9 @@ def labelled(tmp_path_factory: pytest.TempPathFactory) -> Path:
             Image.fromarray(pixels).convert("RGB").save(root / name / f"d{j}.png")
             photo = photos[(c + j) % 2]
             top, left = 40 * c + 13 * j, 60 * c + 7 * j
-            Image.fromarray(photo[top:top + 45 + 5 * c, left:left + 70 + 3 * j]).save(root / name / f"p{j}.jpg",
-                                                                                      quality=90)
+            Image.fromarray(photo[top : top + 45 + 5 * c, left : left + 70 + 3 * j]).save(
+                root / name / f"p{j}.jpg", quality=90
+            )
     return root
 
 
@@ -87,9 +102,20 @@ def built(tmp_path_factory: pytest.TempPathFactory, labelled: Path):
     with torch.no_grad():  # within every FP32 bound, yet not bit-equal: tells the unmerged outputs from the merged
         merged.head.bias += 5e-7
     out = tmp_path_factory.mktemp("bundles") / "bundle"
-    write_bundle(reference, merged, out, input_size=(3, SIZE, SIZE), data_config=DATA_CONFIG,
-                 class_names=CLASSES, provenance={"method": "test"}, images=images, batch=(1, 4, 8),
-                 precision="fp32", tensorrt="off", accuracy_set=accuracy)
+    write_bundle(
+        reference,
+        merged,
+        out,
+        input_size=(3, SIZE, SIZE),
+        data_config=DATA_CONFIG,
+        class_names=CLASSES,
+        provenance={"method": "test"},
+        images=images,
+        batch=(1, 4, 8),
+        precision="fp32",
+        tensorrt="off",
+        accuracy_set=accuracy,
+    )
     return out, reference, merged
 
 
@@ -128,12 +154,11 @@ def test_reference_set_holds_real_images_the_unmerged_outputs_and_raw_files(buil
     # every raw file is byte for byte one of the labelled images of its row's class, and preprocesses to its row
     infer = load_infer_module(out / "infer.py")
     suffixes = set()
-    for name, row in zip(data["raw_files"], data["raw_index"]):
+    for name, row in zip(data["raw_files"], data["raw_index"], strict=True):
         shipped = (out / str(name)).read_bytes()
         label = CLASSES[int(data["labels"][row])]
         assert any(p.read_bytes() == shipped for p in (labelled / label).iterdir()), name
-        np.testing.assert_array_equal(infer.preprocess(out / str(name), meta["preprocessing"])[0],
-                                      data["inputs"][row])
+        np.testing.assert_array_equal(infer.preprocess(out / str(name), meta["preprocessing"])[0], data["inputs"][row])
         suffixes.add(Path(str(name)).suffix)
     assert suffixes == {".png", ".jpg"} and len(data["raw_files"]) == 4  # each decoder the device needs
     assert ref["tolerances"]["fp32"]["atol"] == ONNX_FP32.atol and ref["tolerances"]["fp16"]["name"] == FP16.name
@@ -147,8 +172,12 @@ def test_reference_set_holds_real_images_the_unmerged_outputs_and_raw_files(buil
 
 def test_check_passes_on_an_intact_bundle_without_torch_or_peftx(built):
     out = built[0]
-    done = run_infer(out, "--check", patch="import atexit; atexit.register(lambda: print("
-                     "'torch imported' if sys.modules.get('torch') else 'no torch', file=sys.stderr))")
+    done = run_infer(
+        out,
+        "--check",
+        patch="import atexit; atexit.register(lambda: print("
+        "'torch imported' if sys.modules.get('torch') else 'no torch', file=sys.stderr))",
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].startswith("reference set: 16 real images")
@@ -185,14 +214,17 @@ def test_check_fails_when_outputs_drift(bundle):
 def test_check_fails_when_this_machines_resize_differs(built):
     """A device whose Pillow resizes differently (here: forced to nearest-neighbour) fails the raw-file check."""
     out = built[0]
-    patch = ("from PIL import Image\nresize = Image.Image.resize\n"
-             "Image.Image.resize = lambda self, size, resample=None, *a, **k: "
-             "resize(self, size, Image.Resampling.NEAREST)\n")
+    patch = (
+        "from PIL import Image\nresize = Image.Image.resize\n"
+        "Image.Image.resize = lambda self, size, resample=None, *a, **k: "
+        "resize(self, size, Image.Resampling.NEAREST)\n"
+    )
     done = run_infer(out, "--check", patch=patch)
     assert done.returncode == 1, done.stdout + done.stderr
     line = next(line for line in done.stdout.splitlines() if "preprocessing" in line)
     assert line.startswith("FAIL  preprocessing: 4 raw files") and done.stdout.splitlines()[-1].startswith(
-        "check FAILED: preprocessing")
+        "check FAILED: preprocessing"
+    )
 
 
 def test_check_refuses_a_modified_reference_set(bundle):
@@ -217,16 +249,26 @@ def test_infer_classifies_the_images_in_a_directory(built, labelled, tmp_path):
     assert "skipped 1 file(s) that are not images" in done.stderr
 
 
-@pytest.mark.parametrize("case, code, expected", [
-    ("empty directory", 2, "holds no image files"),
-    ("missing file", 2, "does not exist"),
-    ("text file", 2, "is not an image PIL can identify"),
-    ("truncated png", 2, "cannot be decoded as an image"),
-])
+@pytest.mark.parametrize(
+    "case, code, expected",
+    [
+        ("empty directory", 2, "holds no image files"),
+        ("missing file", 2, "does not exist"),
+        ("text file", 2, "is not an image PIL can identify"),
+        ("truncated png", 2, "cannot be decoded as an image"),
+    ],
+)
 def test_bad_images_are_one_line(built, labelled, tmp_path, case, code, expected):
     out = built[0]
-    path = tmp_path / {"empty directory": "empty", "missing file": "gone.jpg", "text file": "notes.jpg",
-                       "truncated png": "cut.png"}[case]
+    path = (
+        tmp_path
+        / {
+            "empty directory": "empty",
+            "missing file": "gone.jpg",
+            "text file": "notes.jpg",
+            "truncated png": "cut.png",
+        }[case]
+    )
     if case == "empty directory":
         path.mkdir()
     elif case == "text file":
@@ -256,8 +298,10 @@ def test_a_modified_model_is_refused_unless_no_verify(bundle, labelled):
     flip_a_weight_byte(bundle / "model.onnx")
     done = run_infer(bundle, photo)
     assert done.returncode == 3
-    assert one_line(done) == ("infer.py: model.onnx is modified: its sha256 differs from metadata.json — copy it "
-                              "again from the original bundle, or pass --no-verify if you changed it on purpose")
+    assert one_line(done) == (
+        "infer.py: model.onnx is modified: its sha256 differs from metadata.json — copy it "
+        "again from the original bundle, or pass --no-verify if you changed it on purpose"
+    )
     forced = run_infer(bundle, photo, "--no-verify")
     assert forced.returncode == 0 and "--no-verify" in forced.stderr
     assert forced.stdout != intact.stdout  # the flipped weight really runs
@@ -276,7 +320,7 @@ def test_usage_mistakes_exit_2(built):
 def nvinfer_worst_error(k: float, offsets, mean, std) -> float:
     """nvinfer's y = k * (x - offset) against (x / 255 - mean) / std, over every 8-bit pixel value and channel."""
     x = np.arange(256, dtype=np.float64)
-    return max(float(np.abs(k * (x - o) - (x / 255 - m) / s).max()) for o, m, s in zip(offsets, mean, std))
+    return max(float(np.abs(k * (x - o) - (x / 255 - m) / s).max()) for o, m, s in zip(offsets, mean, std, strict=True))
 
 
 def test_deepstream_config_and_labels(built):
@@ -288,8 +332,11 @@ def test_deepstream_config_and_labels(built):
     parser = configparser.ConfigParser()
     parser.read_string(text)
     prop = parser["property"]
-    assert (prop["onnx-file"], prop["model-engine-file"], prop["labelfile-path"]) == \
-        ("model.onnx", "model.engine", "labels.txt")
+    assert (prop["onnx-file"], prop["model-engine-file"], prop["labelfile-path"]) == (
+        "model.onnx",
+        "model.engine",
+        "labels.txt",
+    )
     assert prop["network-mode"] == "0" and prop["network-type"] == "1" and prop["infer-dims"] == f"3;{SIZE};{SIZE}"
     assert prop["model-color-format"] == "0" and prop["output-blob-names"] == "logits" and prop["batch-size"] == "4"
     assert (out / "labels.txt").read_text() == ";".join(CLASSES) + "\n"
@@ -305,8 +352,10 @@ def test_deepstream_config_and_labels(built):
     assert meta["deepstream"]["geometry"]["matches"] is False and "nvinfer cannot crop" in text
 
 
-@pytest.mark.parametrize("mode, crop, aspect, matches", [
-    ("squash", 1.0, 0, True), ("squash", 0.9, 0, False), ("center", 0.875, 0, False), ("border", 1.0, 1, False)])
+@pytest.mark.parametrize(
+    "mode, crop, aspect, matches",
+    [("squash", 1.0, 0, True), ("squash", 0.9, 0, False), ("center", 0.875, 0, False), ("border", 1.0, 1, False)],
+)
 def test_deepstream_resize_per_crop_mode(mode, crop, aspect, matches):
     from peftx.exports.deepstream import geometry
 
@@ -345,9 +394,20 @@ def test_check_runs_a_real_engine(labelled, tmp_path):
     accuracy = select(labelled_folder(labelled, CLASSES, DATA_CONFIG), "labelled", None)
     images = np.stack([accuracy.dataset[i][0].numpy() for i in range(8)])
     out = tmp_path / "bundle"
-    write_bundle(reference, copy.deepcopy(reference), out, input_size=(3, SIZE, SIZE), data_config=DATA_CONFIG,
-                 class_names=CLASSES, provenance={"method": "test"}, images=images, batch=(1, 4, 8),
-                 precision="fp16", tensorrt="on", accuracy_set=accuracy)
+    write_bundle(
+        reference,
+        copy.deepcopy(reference),
+        out,
+        input_size=(3, SIZE, SIZE),
+        data_config=DATA_CONFIG,
+        class_names=CLASSES,
+        provenance={"method": "test"},
+        images=images,
+        batch=(1, 4, 8),
+        precision="fp16",
+        tensorrt="on",
+        accuracy_set=accuracy,
+    )
     done = run_infer(out, "--check", "--backend", "tensorrt")
     assert done.returncode == 0, done.stdout + done.stderr
     assert any(line.startswith("PASS  fp16 model.engine (tensorrt)") for line in done.stdout.splitlines())
@@ -362,9 +422,19 @@ def test_without_labelled_images_the_parity_images_are_the_reference_set(labelle
     transform = create_transform(**DATA_CONFIG)
     images = torch.stack([transform(Image.open(p).convert("RGB")) for p in sorted(labelled.rglob("*.*"))[:6]])
     out = tmp_path / "bundle"
-    write_bundle(reference, copy.deepcopy(reference), out, input_size=(3, SIZE, SIZE), data_config=DATA_CONFIG,
-                 class_names=CLASSES, provenance={"method": "test"}, images=images, batch=(1, 4, 8),
-                 precision="fp16", tensorrt="off")
+    write_bundle(
+        reference,
+        copy.deepcopy(reference),
+        out,
+        input_size=(3, SIZE, SIZE),
+        data_config=DATA_CONFIG,
+        class_names=CLASSES,
+        provenance={"method": "test"},
+        images=images,
+        batch=(1, 4, 8),
+        precision="fp16",
+        tensorrt="off",
+    )
     with np.load(out / "reference_set.npz", allow_pickle=False) as npz:
         np.testing.assert_array_equal(npz["inputs"], images.numpy())
         assert (npz["labels"] == -1).all() and len(npz["raw_files"]) == 0
@@ -375,8 +445,10 @@ def test_without_labelled_images_the_parity_images_are_the_reference_set(labelle
     assert any(line.startswith("PASS  fp16 model_fp16.onnx (onnxruntime)") for line in lines)  # required: fp16
     assert not any("accuracy" in line for line in lines)  # no labels, no accuracy figure
     missing = run_infer(out, "--check", "--precision", "int8")
-    assert missing.returncode == 1 and missing.stdout.splitlines()[-1] == \
-        "check FAILED: this bundle has no int8 artifact to run here"
+    assert (
+        missing.returncode == 1
+        and missing.stdout.splitlines()[-1] == "check FAILED: this bundle has no int8 artifact to run here"
+    )
 
 
 def test_check_needs_only_numpy_and_a_runtime(built, labelled):

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import make_tiny, real_batch, tiny_data_cfg
 from PIL import Image
 
 from peftx.data import InMemoryImageDataset, sample_photos
@@ -31,8 +32,6 @@ from peftx.exports.targets import resolve_target
 from peftx.exports.tensorrt import _engine_source, builder_flags
 from peftx.exports.tensorrt_ops import check_tensorrt_readiness
 from peftx.preprocess import eval_transform
-
-from conftest import make_tiny, real_batch, tiny_data_cfg
 
 FLOAT_OPS = ("LayerNormalization", "Softmax", "Erf", "Add", "ReduceMean", "Sqrt", "Pow", "Div", "Sub", "Mul")
 
@@ -67,19 +66,33 @@ def _request(dataset, n: int = 48, seed: int = 0, **kw) -> int8.Int8Request:
 def _write(model, family: str, out: Path, *, calibration, target=None, accuracy_n: int = 150, **kw):
     cfg = tiny_data_cfg(family)
     labelled = _labelled(model, family, accuracy_n, seed=1)
-    return write_bundle(model, copy.deepcopy(model), out, input_size=cfg["input_size"], data_config=cfg,
-                        class_names=[f"c{i}" for i in range(5)], provenance={"method": "test"},
-                        images=real_batch(family, n=8), batch=(1, 4, 8), precision="int8", tensorrt="off",
-                        simplify=False, target=target, accuracy_set=select(labelled, "crops", None),
-                        int8=calibration, **kw)
+    return write_bundle(
+        model,
+        copy.deepcopy(model),
+        out,
+        input_size=cfg["input_size"],
+        data_config=cfg,
+        class_names=[f"c{i}" for i in range(5)],
+        provenance={"method": "test"},
+        images=real_batch(family, n=8),
+        batch=(1, 4, 8),
+        precision="int8",
+        tensorrt="off",
+        simplify=False,
+        target=target,
+        accuracy_set=select(labelled, "crops", None),
+        int8=calibration,
+        **kw,
+    )
 
 
 def _quantized(family: str, tmp_path: Path, target: str = "trt8.6") -> tuple[Path, Path]:
     profile = resolve_target(target)
     cfg = tiny_data_cfg(family)
     fp32 = tmp_path / f"{family}.onnx"
-    export_onnx(make_tiny(family), fp32, input_size=cfg["input_size"], opset=profile.export_opset,
-                layernorm=profile.layernorm)
+    export_onnx(
+        make_tiny(family), fp32, input_size=cfg["input_size"], opset=profile.export_opset, layernorm=profile.layernorm
+    )
     q = tmp_path / f"{family}_int8.onnx"
     int8.quantize(fp32, q, real_batch(family, n=32).numpy())
     return fp32, q
@@ -95,8 +108,9 @@ def _consumers_of_dq(model: onnx.ModelProto) -> dict[str, list[str]]:
     return out
 
 
-@pytest.mark.parametrize("family,target", [("vit", "trt8.6"), ("swin", "trt10"), ("vit_ls_reg", "trt11"),
-                                           ("vit", "jetpack5")])
+@pytest.mark.parametrize(
+    "family,target", [("vit", "trt8.6"), ("swin", "trt10"), ("vit_ls_reg", "trt11"), ("vit", "jetpack5")]
+)
 def test_only_matmul_gemm_conv_inputs_are_quantized(tmp_path, family, target):
     fp32, q = _quantized(family, tmp_path, target)
     model = onnx.load(str(q))
@@ -108,8 +122,11 @@ def test_only_matmul_gemm_conv_inputs_are_quantized(tmp_path, family, target):
         assert op not in fed
     # no MatMul/Gemm/Conv OUTPUT is quantized: no QuantizeLinear reads one
     producer = {o: n for n in model.graph.node for o in n.output}
-    q_of = [producer[n.input[0]].op_type for n in model.graph.node
-            if n.op_type == "QuantizeLinear" and n.input[0] in producer]
+    q_of = [
+        producer[n.input[0]].op_type
+        for n in model.graph.node
+        if n.op_type == "QuantizeLinear" and n.input[0] in producer
+    ]
     assert not {"MatMul", "Gemm", "Conv"} & set(q_of)
     profile = resolve_target(target)
     assert int8.graph_problems(q, profile) == []
@@ -168,12 +185,21 @@ def test_an_int8_bundle_passes_its_gate_and_runs_from_infer_py(tmp_path):
     assert any(r["candidate"] == "onnxruntime int8" and not r["required"] for r in parity["results"])
     photo = tmp_path / "photo.png"
     _crops(1, seed=9)[0].save(photo)
-    run = subprocess.run([sys.executable, str(tmp_path / "b" / "infer.py"), str(photo), "--precision", "int8"],
-                         capture_output=True, text=True, check=True)
+    run = subprocess.run(
+        [sys.executable, str(tmp_path / "b" / "infer.py"), str(photo), "--precision", "int8"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "model_int8.onnx" in run.stderr and len(run.stdout.strip().splitlines()) == 5
     # validate re-measures the INT8 gate, and a changed model_int8.onnx is refused by its sha256
-    checked = validate_bundle(tmp_path / "b", model, real_batch("vit", n=8), tensorrt="off",
-                              accuracy_set=select(_labelled(model, "vit", 150, seed=1), "crops", None))
+    checked = validate_bundle(
+        tmp_path / "b",
+        model,
+        real_batch("vit", n=8),
+        tensorrt="off",
+        accuracy_set=select(_labelled(model, "vit", 150, seed=1), "crops", None),
+    )
     row = next(r for r in checked.accuracy.results if r.candidate == "onnxruntime int8")
     assert row.required and row.passed
     with open(tmp_path / "b" / INT8_FILE, "ab") as fh:
@@ -184,8 +210,9 @@ def test_an_int8_bundle_passes_its_gate_and_runs_from_infer_py(tmp_path):
 
 def test_the_gate_fails_a_graph_calibrated_on_constant_images(tmp_path):
     model = make_tiny("vit", seed=3)
-    grey = InMemoryImageDataset([Image.new("RGB", (40, 40), (128, 128, 128))] * 48, [0] * 48,
-                                eval_transform(tiny_data_cfg("vit")))
+    grey = InMemoryImageDataset(
+        [Image.new("RGB", (40, 40), (128, 128, 128))] * 48, [0] * 48, eval_transform(tiny_data_cfg("vit"))
+    )
     with pytest.raises(ParityError, match="onnxruntime int8"):
         _write(model, "vit", tmp_path / "b", calibration=_request(grey, fallback=False))
     meta = read_bundle(tmp_path / "b")
@@ -223,8 +250,9 @@ def test_the_fallback_keeps_the_one_sensitive_node_float(tmp_path):
 
 def test_a_fallback_that_finds_nothing_says_so(tmp_path):
     model = make_tiny("vit", seed=3)
-    grey = InMemoryImageDataset([Image.new("RGB", (40, 40), (128, 128, 128))] * 48, [0] * 48,
-                                eval_transform(tiny_data_cfg("vit")))
+    grey = InMemoryImageDataset(
+        [Image.new("RGB", (40, 40), (128, 128, 128))] * 48, [0] * 48, eval_transform(tiny_data_cfg("vit"))
+    )
     with pytest.raises(ParityError):
         _write(model, "vit", tmp_path / "b", calibration=_request(grey))
     meta = read_bundle(tmp_path / "b")
@@ -246,41 +274,52 @@ def test_bad_int8_input_is_refused_before_anything_is_written(tmp_path):
         int8.check_method("kl")
     import dataclasses
 
-    no_qdq = dataclasses.replace(resolve_target("trt8.6"), int8=dataclasses.replace(resolve_target("trt8.6").int8,
-                                                                                     qdq=False))
+    no_qdq = dataclasses.replace(
+        resolve_target("trt8.6"), int8=dataclasses.replace(resolve_target("trt8.6").int8, qdq=False)
+    )
     calibration = _request(_labelled(model, "vit", 48, seed=7))
     with pytest.raises(UsageError, match="no symmetric Q/DQ"):
         _write(model, "vit", tmp_path / "b", calibration=calibration, target=no_qdq)
     cfg = tiny_data_cfg("vit")
     with pytest.raises(UsageError, match="labelled images"):
-        write_bundle(model, copy.deepcopy(model), tmp_path / "b", input_size=cfg["input_size"], data_config=cfg,
-                     class_names=[f"c{i}" for i in range(5)], provenance={}, images=real_batch("vit", n=4),
-                     precision="int8", tensorrt="off", int8=calibration)
+        write_bundle(
+            model,
+            copy.deepcopy(model),
+            tmp_path / "b",
+            input_size=cfg["input_size"],
+            data_config=cfg,
+            class_names=[f"c{i}" for i in range(5)],
+            provenance={},
+            images=real_batch("vit", n=4),
+            precision="int8",
+            tensorrt="off",
+            int8=calibration,
+        )
     assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b.*"))
 
 
 def test_the_python_builder_rules_per_tensorrt_version(tmp_path):
     for major in (8, 10):
-        assert builder_flags("int8", major) == [*resolve_target("trt10").int8.builder_flags, "FP16"] == \
-            ["INT8", "FP16"]
+        assert builder_flags("int8", major) == [*resolve_target("trt10").int8.builder_flags, "FP16"] == ["INT8", "FP16"]
         assert builder_flags("fp16", major) == ["FP16"]
     assert builder_flags("int8", 11) == list(resolve_target("trt11").int8.builder_flags) == []
     with pytest.raises(UsageError, match="model_int8.onnx"):
         _engine_source(tmp_path / "model.onnx", None, "int8", 10, tmp_path / "missing.onnx")
     (tmp_path / "model_int8.onnx").write_bytes(b"x")
-    assert _engine_source(tmp_path / "model.onnx", None, "int8", 11, tmp_path / "model_int8.onnx").name == \
-        "model_int8.onnx"
+    assert (
+        _engine_source(tmp_path / "model.onnx", None, "int8", 11, tmp_path / "model_int8.onnx").name
+        == "model_int8.onnx"
+    )
 
 
 def test_merge_export_int8_calibrates_on_the_training_split_and_takes_calibration_data_when_it_moved(tmp_path):
     """A run on an ImageFolder of real digits: INT8 calibrates on its train/ (never test/); after the data folder
     moved, the one-line DataError names --calibration-data, and with it (plus labelled --images) the bundle is made."""
+    from conftest import write_digit_folder
     from safetensors.torch import save_file
+    from test_cli_errors import CLASSES, make_tiny_run
 
     from peftx.deploy import merge_export
-
-    from conftest import write_digit_folder
-    from test_cli_errors import CLASSES, make_tiny_run
 
     plain = make_tiny("vit")
     with torch.no_grad():
@@ -290,8 +329,9 @@ def test_merge_export_int8_calibrates_on_the_training_split_and_takes_calibratio
     save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(base))
     data = write_digit_folder(tmp_path / "digits", CLASSES, {"train": 10, "val": 4, "test": 20})
     run = make_tiny_run(tmp_path, "run", base, data, seed=1)
-    report = merge_export(run, output=tmp_path / "b", batch=(1, 2, 8), tensorrt="off", simplify=False,
-                          precision="int8", calibration=40)
+    report = merge_export(
+        run, output=tmp_path / "b", batch=(1, 2, 8), tensorrt="off", simplify=False, precision="int8", calibration=40
+    )
     calibration = report.int8["calibration"]
     assert calibration["images"] == 40 and calibration["source"].startswith("train split of")
     assert calibration["per_class"] == {c: 8 for c in CLASSES}  # class-stratified: 40 of 5 x 10
@@ -300,8 +340,17 @@ def test_merge_export_int8_calibrates_on_the_training_split_and_takes_calibratio
     with pytest.raises(DataError, match="--calibration-data"):
         merge_export(run, output=tmp_path / "b2", tensorrt="off", precision="int8", calibration=40)
     assert not (tmp_path / "b2").exists()
-    report = merge_export(run, output=tmp_path / "b2", batch=(1, 2, 8), tensorrt="off", simplify=False,
-                          precision="int8", calibration=40, calibration_data=moved, images_dir=moved / "test")
+    report = merge_export(
+        run,
+        output=tmp_path / "b2",
+        batch=(1, 2, 8),
+        tensorrt="off",
+        simplify=False,
+        precision="int8",
+        calibration=40,
+        calibration_data=moved,
+        images_dir=moved / "test",
+    )
     assert report.status == "ok" and report.int8["calibration"]["source"].startswith(f"images in {moved / 'train'}")
 
 
@@ -316,8 +365,12 @@ def test_the_histogram_calibrations_give_a_graph_that_holds_too(tmp_path, method
     int8.quantize(fp32, minmax, x)
     graph = int8.quantize(fp32, other, x, method=method)
     assert graph.method == method and int8.graph_problems(other, profile) == []
-    assert json.loads(next(p.value for p in onnx.load(str(other)).metadata_props
-                           if p.key == "peftx_int8"))["calibration_method"] == method
+    assert (
+        json.loads(next(p.value for p in onnx.load(str(other)).metadata_props if p.key == "peftx_int8"))[
+            "calibration_method"
+        ]
+        == method
+    )
 
     def activation_scales(path: Path) -> dict[str, float]:
         model = onnx.load(str(path))

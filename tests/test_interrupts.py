@@ -30,8 +30,15 @@ from peftx.cli.app import app
 from peftx.deploy import merge_export
 from peftx.exports.bundle import METADATA_FILE, read_bundle, verify_artifacts
 
-BUNDLE_FILES = {"model.onnx", "model_fp16.onnx", "infer.py", "build_engine.sh", METADATA_FILE, "parity.json",
-                "trt_readiness.json"}
+BUNDLE_FILES = {
+    "model.onnx",
+    "model_fp16.onnx",
+    "infer.py",
+    "build_engine.sh",
+    METADATA_FILE,
+    "parity.json",
+    "trt_readiness.json",
+}
 
 
 def console_script() -> str:
@@ -111,13 +118,17 @@ def test_sigkill_during_export_never_leaves_a_half_bundle(tmp_path):
     # an existing, complete bundle for the --force case
     forced_out = tmp_path / "forced" / "bundle"
     merge_export(run, output=forced_out, batch=(1, 2, 4), tensorrt="off")
-    kills = [Kill("while the interpreter starts", None, start_s=1.0),
-             Kill("as the work directory appears", 0.0),
-             Kill("1 s into the export", 1.0),
-             Kill("2.5 s into the export", 2.5),
-             Kill("--force over a bundle, 1.5 s in", 1.5, force=True)]
+    kills = [
+        Kill("while the interpreter starts", None, start_s=1.0),
+        Kill("as the work directory appears", 0.0),
+        Kill("1 s into the export", 1.0),
+        Kill("2.5 s into the export", 2.5),
+        Kill("--force over a bundle, 1.5 s in", 1.5, force=True),
+    ]
     outs = [tmp_path / f"k{i}" / "bundle" if not k.force else forced_out for i, k in enumerate(kills)]
-    threads = [threading.Thread(target=_run_and_kill, args=(script, run, out, k)) for k, out in zip(kills, outs, strict=True)]
+    threads = [
+        threading.Thread(target=_run_and_kill, args=(script, run, out, k)) for k, out in zip(kills, outs, strict=True)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -126,8 +137,9 @@ def test_sigkill_during_export_never_leaves_a_half_bundle(tmp_path):
         assert k.returncode is not None
         k.outcome = assert_absent_or_complete(out)
         k.leftovers = [p.name for p in partials(out)] + [p.name for p in out.parent.glob(f".{out.name}.old-*")]
-    assert any(k.saw_work_dir and k.returncode == -signal.SIGKILL for k in kills), \
+    assert any(k.saw_work_dir and k.returncode == -signal.SIGKILL for k in kills), (
         "no kill landed while a bundle was being written: the test proved nothing"
+    )
     forced = kills[-1]  # killed mid re-export: the old bundle, the new one, or (a rename apart) moved aside
     assert forced.outcome == "complete" or any(".old-" in name for name in forced.leftovers)
 
@@ -139,8 +151,21 @@ def test_sigkill_during_export_never_leaves_a_half_bundle(tmp_path):
     live = target.parent / f".{target.name}.pid{os.getpid()}.x.partial"
     live.mkdir()
     runner = CliRunner()
-    again = runner.invoke(app, ["merge-export", str(run), "--output", str(target), "--batch", "1:2:4",
-                                "--tensorrt", "off", "--json", "--force"])
+    again = runner.invoke(
+        app,
+        [
+            "merge-export",
+            str(run),
+            "--output",
+            str(target),
+            "--batch",
+            "1:2:4",
+            "--tensorrt",
+            "off",
+            "--json",
+            "--force",
+        ],
+    )
     assert again.exit_code == 0, again.stderr
     assert assert_absent_or_complete(target) == "complete"  # an export left alone ends complete
     checked = runner.invoke(app, ["validate", str(target), "--tensorrt", "off", "--json"])
@@ -148,10 +173,11 @@ def test_sigkill_during_export_never_leaves_a_half_bundle(tmp_path):
     assert json.loads(checked.stdout)["passed"] is True
     assert partials(target) == [live]  # the dead writers' dirs are gone, the live one's kept
     live.rmdir()
-    report = "; ".join(f"{k.label}: rc {k.returncode}, bundle {k.outcome}, leftovers {len(k.leftovers)}"
-                       for k in kills)
-    print(f"SIGKILL during merge-export -> {report}; {len(stranded)} run(s) stranded a .partial dir "
-          f"({len(left)} next to the re-exported bundle), removed by the next merge-export")
+    report = "; ".join(f"{k.label}: rc {k.returncode}, bundle {k.outcome}, leftovers {len(k.leftovers)}" for k in kills)
+    print(
+        f"SIGKILL during merge-export -> {report}; {len(stranded)} run(s) stranded a .partial dir "
+        f"({len(left)} next to the re-exported bundle), removed by the next merge-export"
+    )
 
 
 def test_sigint_during_train_exits_130_and_resume_completes(tmp_path):
@@ -159,9 +185,31 @@ def test_sigint_during_train_exits_130_and_resume_completes(tmp_path):
     weights = write_train_weights(tmp_path / "vit_tiny.safetensors")
     data = write_digit_folder(tmp_path / "digits", per_split={"train": 4, "val": 1, "test": 1})
     run = tmp_path / "run"
-    argv = [script, "train", "--model", TRAIN_MODEL, "--weights", str(weights), "--data", str(data),
-            "--img-size", str(TRAIN_IMG), "--epochs", "2", "--warmup-epochs", "0", "-b", "4", "--device", "cpu",
-            "--method", "lora", "--json", "--output", str(run)]
+    argv = [
+        script,
+        "train",
+        "--model",
+        TRAIN_MODEL,
+        "--weights",
+        str(weights),
+        "--data",
+        str(data),
+        "--img-size",
+        str(TRAIN_IMG),
+        "--epochs",
+        "2",
+        "--warmup-epochs",
+        "0",
+        "-b",
+        "4",
+        "--device",
+        "cpu",
+        "--method",
+        "lora",
+        "--json",
+        "--output",
+        str(run),
+    ]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
     checkpoint = run / "checkpoint" / "last.safetensors"
     t0 = time.monotonic()

@@ -47,9 +47,9 @@ def test_ao_basis_guard_near_the_pole(gap):
     m = ao_basis(q, 4)
     assert torch.isfinite(m).all()
     assert m.abs().max() <= 1 + u.abs().max() ** 2 / DENOM_EPS
-    (m ** 2).sum().backward()
+    (m**2).sum().backward()
     assert torch.isfinite(q.grad).all()
-    assert q.grad.abs().max() <= 1 / DENOM_EPS ** 2  # unguarded: ~|u|^3 / (1 + q0)^2, 1e15 at 1e-9
+    assert q.grad.abs().max() <= 1 / DENOM_EPS**2  # unguarded: ~|u|^3 / (1 + q0)^2, 1e15 at 1e-9
 
 
 def test_rlrr_official_init_and_qkv_structure():
@@ -128,14 +128,21 @@ def _rewrite(saved, mutate):
     return path
 
 
-@pytest.mark.parametrize("mutate,err,match", [
-    (lambda t: t.pop(next(iter(t))), AdapterFileError, "missing"),
-    (lambda t: t.__setitem__("blocks.9.attn.qkv.lam", torch.zeros(1, 8)), AdapterFileError, "unexpected"),
-    (lambda t: t.__setitem__("blocks.0.attn.qkv.lam", torch.zeros(2, 3)), AdapterFileError, "shape"),
-    (lambda t: t.__setitem__("blocks.0.attn.qkv.lam", torch.zeros(2, 8, dtype=torch.int64)), AdapterFileError,
-     "dtype"),
-    (lambda t: t["blocks.0.attn.qkv.lam"].__setitem__((0, 0), float("nan")), NonFiniteError, "NaN"),
-], ids=["missing", "extra", "shape", "dtype", "nan"])
+@pytest.mark.parametrize(
+    "mutate,err,match",
+    [
+        (lambda t: t.pop(next(iter(t))), AdapterFileError, "missing"),
+        (lambda t: t.__setitem__("blocks.9.attn.qkv.lam", torch.zeros(1, 8)), AdapterFileError, "unexpected"),
+        (lambda t: t.__setitem__("blocks.0.attn.qkv.lam", torch.zeros(2, 3)), AdapterFileError, "shape"),
+        (
+            lambda t: t.__setitem__("blocks.0.attn.qkv.lam", torch.zeros(2, 8, dtype=torch.int64)),
+            AdapterFileError,
+            "dtype",
+        ),
+        (lambda t: t["blocks.0.attn.qkv.lam"].__setitem__((0, 0), float("nan")), NonFiniteError, "NaN"),
+    ],
+    ids=["missing", "extra", "shape", "dtype", "nan"],
+)
 def test_bad_tensors(saved, mutate, err, match):
     _rewrite(saved, mutate)
     with pytest.raises(err, match=match):
@@ -320,7 +327,10 @@ def test_cli_options_map_through_each_method():
     assert options_from_cli("lora", {**given, "alpha": 2.0}) == {"r": 4, "alpha": 2.0, "targets": ["q", "v"]}
     assert options_from_cli("aoft", given) == {"rank": 4, "targets": ["q", "v"]}
     assert options_from_cli("rlrr", {"init": "zeros"}, ["ssf=false", "ssf-init-std=0.01"]) == {
-        "init": "zeros", "ssf": False, "ssf_init_std": 0.01}
+        "init": "zeros",
+        "ssf": False,
+        "ssf_init_std": 0.01,
+    }
     assert options_from_cli("lora", {}, ["r=2", "alpha=1e-1"]) == {"r": 2, "alpha": 0.1}
     assert options_from_cli("full", {"rank": None}) == {}
     with pytest.raises(UsageError, match="--rank is not an option of method rlrr") as e:

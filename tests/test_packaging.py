@@ -23,10 +23,9 @@ SOURCE_DIRS = ("peftx", "cli", "exports")  # what package-dir maps
 def _package_of(directory: Path) -> str:
     """The installed package name of a source directory, through the package-dir mapping."""
     rel = directory.relative_to(REPO).as_posix()
-    best = max((src for src in SETUPTOOLS["package-dir"].values() if rel == src or rel.startswith(src + "/")),
-               key=len)
+    best = max((src for src in SETUPTOOLS["package-dir"].values() if rel == src or rel.startswith(src + "/")), key=len)
     pkg = next(name for name, src in SETUPTOOLS["package-dir"].items() if src == best)
-    rest = rel[len(best):].strip("/")
+    rest = rel[len(best) :].strip("/")
     return pkg + ("." + rest.replace("/", ".") if rest else "")
 
 
@@ -75,17 +74,37 @@ def test_non_editable_install_is_quiet_and_works(tmp_path: Path) -> None:
     src.mkdir()
     _copy_source(src)
     wheel_dir = tmp_path / "wheel"
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v",
-                            "-w", str(wheel_dir), str(src)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    build = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-v",
+            "-w",
+            str(wheel_dir),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     log = build.stdout + build.stderr
-    noisy = [line for line in log.splitlines() if "Warning" in line or "deprecated" in line.lower()
-             or "absent from" in line]
+    noisy = [
+        line for line in log.splitlines() if "Warning" in line or "deprecated" in line.lower() or "absent from" in line
+    ]
     assert not noisy, "the build warns:\n" + "\n".join(noisy)
     (wheel,) = wheel_dir.glob("peftx-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    expected = {"peftx/" + _package_of(d).removeprefix("peftx").strip(".").replace(".", "/") + "/" + f.name
-                for d, files in _source_files().items() for f in files}
+    expected = {
+        "peftx/" + _package_of(d).removeprefix("peftx").strip(".").replace(".", "/") + "/" + f.name
+        for d, files in _source_files().items()
+        for f in files
+    }
     expected = {n.replace("peftx//", "peftx/") for n in expected}
     assert expected <= names, f"the wheel lacks {sorted(expected - names)[:10]}"
 
@@ -95,18 +114,41 @@ def test_non_editable_install_is_quiet_and_works(tmp_path: Path) -> None:
     # The dependencies (torch, timm, ...) from this environment, by path: a .pth entry adds the directory but runs
     # none of the .pth files inside it, so this environment's editable peftx stays out of sight.
     (site / "deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
-    install = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
-                              "-q", "--no-deps", str(wheel)], capture_output=True, text=True, timeout=300)
+    install = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(venv / "bin" / "python"),
+            "install",
+            "-q",
+            "--no-deps",
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert install.returncode == 0, install.stderr[-3000:]
-    check = subprocess.run([str(venv / "bin" / "python"), "-c",
-                            "import peftx, peftx.train, peftx.bench, peftx.bench.suites, peftx.exports, peftx.cli;"
-                            "import peftx.exports.targets as t; print(len(t.all_targets())); print(peftx.__file__)"],
-                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    check = subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            "import peftx, peftx.train, peftx.bench, peftx.bench.suites, peftx.exports, peftx.cli;"
+            "import peftx.exports.targets as t; print(len(t.all_targets())); print(peftx.__file__)",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert check.returncode == 0, check.stderr[-3000:]
     assert check.stdout.splitlines()[-1].startswith(str(site)), check.stdout  # the installed copy, not the repo
     assert int(check.stdout.splitlines()[0]) >= 4  # the op lists (package data) were found
-    cli = subprocess.run([str(venv / "bin" / "peftx"), "--help"], capture_output=True, text=True, timeout=300,
-                         cwd=tmp_path)
+    cli = subprocess.run(
+        [str(venv / "bin" / "peftx"), "--help"], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
     assert cli.returncode == 0 and "merge-export" in cli.stdout, cli.stderr[-3000:]
     assert cli.stderr == ""
 
@@ -130,11 +172,16 @@ def _clone(root: Path) -> Path:
 
 def _setup(clone: Path, venv: Path) -> tuple[str, list[str]]:
     before = (venv / "calls.log").read_text().splitlines() if (venv / "calls.log").exists() else []
-    proc = subprocess.run(["bash", str(clone / "scripts" / "setup-venv.sh")], capture_output=True, text=True,
-                          timeout=60, env={**os.environ, "PEFTX_VENV": str(venv)})
+    proc = subprocess.run(
+        ["bash", str(clone / "scripts" / "setup-venv.sh")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PEFTX_VENV": str(venv)},
+    )
     assert proc.returncode == 0, proc.stderr
     after = (venv / "calls.log").read_text().splitlines() if (venv / "calls.log").exists() else []
-    return proc.stdout.strip().splitlines()[-1], after[len(before):]
+    return proc.stdout.strip().splitlines()[-1], after[len(before) :]
 
 
 def test_setup_venv_reinstalls_the_project_only_when_needed(tmp_path: Path) -> None:
@@ -167,11 +214,15 @@ def test_setup_venv_key_follows_the_lock_not_pyproject() -> None:
 
 # ---------------------------------------------------------------------------------------------------- make lint
 
+
 def test_lint_tools_are_pinned_and_installed_by_the_setup() -> None:
     """`make lint` (CI runs it) calls ruff and mypy from the project venv: both must be pinned in the lock and
     installed by scripts/setup-venv.sh, or a fresh CI venv has no linter."""
-    pinned = {line.split("==")[0].strip().lower() for line in (REPO / "requirements.lock").read_text().splitlines()
-              if "==" in line and not line.startswith("#")}
+    pinned = {
+        line.split("==")[0].strip().lower()
+        for line in (REPO / "requirements.lock").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    }
     setup = (REPO / "scripts" / "setup-venv.sh").read_text()
     (install,) = [x for x in setup.split("\n\n") if "-c requirements.lock" in x and "torch" in x]
     installed = set(install.replace("\\", " ").split())
@@ -191,7 +242,7 @@ def test_typecheck_tree_maps_every_package_dir() -> None:
     script = (REPO / "scripts" / "typecheck.sh").read_text()
     for pkg, src in SETUPTOOLS["package-dir"].items():
         if pkg == "peftx":
-            assert 'for entry in peftx/*' in script
+            assert "for entry in peftx/*" in script
             continue
         leaf = pkg.split(".", 1)[1]
         assert f'ln -s ../../../{src} "$tree/peftx/{leaf}"' in script, f"{src} -> {pkg} is not linked"

@@ -63,16 +63,16 @@ def perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def save_weights(model: torch.nn.Module, path: Path, *, headless: bool = True) -> Path:
-    state = {k: v.contiguous() for k, v in model.state_dict().items()
-             if not (headless and k.startswith("head."))}
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if not (headless and k.startswith("head."))}
     save_file(state, str(path))
     return path
 
 
 def cli_base(num_classes: int = CLASSES, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return perturbed(timm.create_model(CLI_MODEL, pretrained=False, num_classes=num_classes, img_size=CLI_IMG,
-                                       exportable=True), seed)
+    return perturbed(
+        timm.create_model(CLI_MODEL, pretrained=False, num_classes=num_classes, img_size=CLI_IMG, exportable=True), seed
+    )
 
 
 def cli_images(n: int = 8) -> torch.Tensor:
@@ -129,8 +129,11 @@ def cli_peft(tmp_path_factory):
     plain = cli_base()
     weights = save_weights(plain, root / "base.safetensors")
     images = cli_images()
-    wrapped, losses = train_with_peft(copy.deepcopy(plain), LoraConfig(
-        r=4, lora_alpha=8, target_modules=["qkv", "fc1"], modules_to_save=["head"]), images)
+    wrapped, losses = train_with_peft(
+        copy.deepcopy(plain),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["qkv", "fc1"], modules_to_save=["head"]),
+        images,
+    )
     assert losses[-1] < losses[0], f"peft training did not learn: {losses}"
     wrapped.save_pretrained(str(root / "adapter"))
     return root / "adapter", weights, plain, images
@@ -150,8 +153,21 @@ def test_peft_trained_lora_exports_and_validates_through_the_cli(cli_peft, tmp_p
     assert compare(TorchRunner(loaded.model), TorchRunner(merged), {"real": images.numpy()}, MERGE_FP32).passed
 
     out = tmp_path / "bundle"
-    result, lines = run_cli(["merge-export", str(adapter), "--model", CLI_MODEL, "--weights", str(weights),
-                             "--img-size", str(CLI_IMG), "--output", str(out), *EXPORT])
+    result, lines = run_cli(
+        [
+            "merge-export",
+            str(adapter),
+            "--model",
+            CLI_MODEL,
+            "--weights",
+            str(weights),
+            "--img-size",
+            str(CLI_IMG),
+            "--output",
+            str(out),
+            *EXPORT,
+        ]
+    )
     assert result.exit_code == 0, lines
     assert json.loads(result.stdout)["status"] == "ok"
     parity = {r["candidate"]: r for r in json.loads((out / "parity.json").read_text())["results"]}
@@ -174,8 +190,9 @@ def test_validate_refuses_a_changed_peft_config_or_other_base_weights(cli_peft, 
     local.mkdir()
     for name in (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE):
         (local / name).write_bytes((adapter / name).read_bytes())
-    merge_export(local, model_name=CLI_MODEL, weights=weights, img_size=CLI_IMG, batch=(1, 2, 4), tensorrt="off",
-                 simplify=False)
+    merge_export(
+        local, model_name=CLI_MODEL, weights=weights, img_size=CLI_IMG, batch=(1, 2, 4), tensorrt="off", simplify=False
+    )
     bundle = local / "bundle"  # default: beside the adapter, like RUN/bundle
     assert validate(bundle, tensorrt="off").passed
     other = save_weights(perturbed(copy.deepcopy(plain), seed=5), tmp_path / "other.safetensors")
@@ -195,8 +212,11 @@ def test_peft_trained_lora_on_swin_exports(tmp_path):
     plain = perturbed(make_tiny("swin", num_classes=CLASSES))
     weights = save_weights(plain, tmp_path / "swin.safetensors")
     images = real_images(8, tiny_data_cfg("swin"))
-    wrapped, _ = train_with_peft(copy.deepcopy(plain), LoraConfig(
-        r=2, lora_alpha=4, target_modules=["qkv", "reduction"], modules_to_save=["head"]), images)
+    wrapped, _ = train_with_peft(
+        copy.deepcopy(plain),
+        LoraConfig(r=2, lora_alpha=4, target_modules=["qkv", "reduction"], modules_to_save=["head"]),
+        images,
+    )
     wrapped.save_pretrained(str(tmp_path / "adapter"))
     source = PeftSource(tmp_path / "adapter", model_name=name, weights=weights, img_size=size, model_kwargs=kw)
     loaded = source.load()
@@ -208,11 +228,20 @@ def test_peft_trained_lora_on_swin_exports(tmp_path):
 
 VARIANTS = {
     "dora": LoraConfig(r=4, lora_alpha=8, target_modules=["qkv", "fc2"], use_dora=True, modules_to_save=["head"]),
-    "rslora-patterns-bias": LoraConfig(r=4, lora_alpha=8, target_modules=["qkv", "fc2"], use_rslora=True,
-                                       rank_pattern={"fc2": 2}, alpha_pattern={"fc2": 3}, bias="lora_only",
-                                       lora_bias=True, modules_to_save=["head"]),
-    "lora-on-patch-conv": LoraConfig(r=2, lora_alpha=2, target_modules=["patch_embed.proj", "qkv"],
-                                     modules_to_save=["head"]),
+    "rslora-patterns-bias": LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["qkv", "fc2"],
+        use_rslora=True,
+        rank_pattern={"fc2": 2},
+        alpha_pattern={"fc2": 3},
+        bias="lora_only",
+        lora_bias=True,
+        modules_to_save=["head"],
+    ),
+    "lora-on-patch-conv": LoraConfig(
+        r=2, lora_alpha=2, target_modules=["patch_embed.proj", "qkv"], modules_to_save=["head"]
+    ),
     "ia3": IA3Config(target_modules=["qkv", "fc2"], feedforward_modules=["fc2"], modules_to_save=["head"]),
     "loha": LoHaConfig(r=4, alpha=8, target_modules=["qkv", "fc1"], modules_to_save=["head"]),
     "lokr": LoKrConfig(r=4, alpha=8, target_modules=["qkv", "fc1"], modules_to_save=["head"]),
@@ -230,8 +259,11 @@ def tiny_peft_dir(tmp_path: Path, config, *, perturb: bool = True, seed: int = 0
     if perturb:
         perturb_peft(wrapped)
     wrapped.save_pretrained(str(tmp_path / "adapter"))
-    return tmp_path / "adapter", plain, PeftSource(tmp_path / "adapter", model_name=name, weights=weights,
-                                                   img_size=size, model_kwargs=kw)
+    return (
+        tmp_path / "adapter",
+        plain,
+        PeftSource(tmp_path / "adapter", model_name=name, weights=weights, img_size=size, model_kwargs=kw),
+    )
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -263,17 +295,26 @@ REFUSED_OPTIONS = [
     ("type-prompt", {"peft_type": "PROMPT_TUNING"}, AdapterFileError, "adds learned tokens"),
     ("attention-module", {"target_modules": ["attn"]}, UnsupportedModelError, "blocks.0.attn is a Attention"),
     ("no-such-module", {"target_modules": ["reduction"]}, AdapterMismatchError, "none of its target modules"),
-    ("other-base-model", {"base_model_name_or_path": "timm/vit_small_patch16_224.augreg_in21k"},
-     AdapterMismatchError, "is a peft adapter for vit_small_patch16_224.augreg_in21k"),
-    ("other-model-class", {"auto_mapping": {"base_model_class": "SwinTransformer"}}, AdapterMismatchError,
-     "is a peft adapter for a SwinTransformer"),
+    (
+        "other-base-model",
+        {"base_model_name_or_path": "timm/vit_small_patch16_224.augreg_in21k"},
+        AdapterMismatchError,
+        "is a peft adapter for vit_small_patch16_224.augreg_in21k",
+    ),
+    (
+        "other-model-class",
+        {"auto_mapping": {"base_model_class": "SwinTransformer"}},
+        AdapterMismatchError,
+        "is a peft adapter for a SwinTransformer",
+    ),
 ]
 
 
 @pytest.mark.parametrize("changes,error,message", [c[1:] for c in REFUSED_OPTIONS], ids=[c[0] for c in REFUSED_OPTIONS])
 def test_what_does_not_merge_exactly_is_refused(tmp_path, changes, error, message):
-    adapter, _, source = tiny_peft_dir(tmp_path, LoraConfig(r=2, target_modules=["qkv"], modules_to_save=["head"]),
-                                       perturb=False)
+    adapter, _, source = tiny_peft_dir(
+        tmp_path, LoraConfig(r=2, target_modules=["qkv"], modules_to_save=["head"]), perturb=False
+    )
     edit_config(adapter, **changes)
     with pytest.raises(error, match=message.replace("(", r"\(").replace("[", r"\[")):
         source.load()
@@ -417,8 +458,21 @@ def test_plain_checkpoint_exports_and_validates(checkpoint, tmp_path):
     names = tmp_path / "classes.txt"
     names.write_text("cat\ndog\nfox\nowl\nyak\n")
     out = tmp_path / "bundle"
-    result, lines = run_cli(["export", CLI_MODEL, "--weights", str(weights), "--img-size", str(CLI_IMG),
-                             "--class-names", str(names), "--output", str(out), *EXPORT])
+    result, lines = run_cli(
+        [
+            "export",
+            CLI_MODEL,
+            "--weights",
+            str(weights),
+            "--img-size",
+            str(CLI_IMG),
+            "--class-names",
+            str(names),
+            "--output",
+            str(out),
+            *EXPORT,
+        ]
+    )
     assert result.exit_code == 0, lines
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["status"] == "ok" and meta["class_names"] == ["cat", "dog", "fox", "owl", "yak"]
@@ -452,11 +506,13 @@ def test_plain_checkpoint_default_output_and_checks(checkpoint, tmp_path):
     st, _, model = checkpoint
     local = tmp_path / "ft.safetensors"
     local.write_bytes(st.read_bytes())
-    report = export_checkpoint(CLI_MODEL, weights=local, num_classes=5, img_size=CLI_IMG, batch=(1, 2, 4),
-                               tensorrt="off", simplify=False)
+    report = export_checkpoint(
+        CLI_MODEL, weights=local, num_classes=5, img_size=CLI_IMG, batch=(1, 2, 4), tensorrt="off", simplify=False
+    )
     assert report.out_dir == tmp_path / "ft-bundle" and report.status == "ok"
-    local.write_bytes(save_weights(perturbed(copy.deepcopy(model), 4), tmp_path / "x.safetensors",
-                                   headless=False).read_bytes())
+    local.write_bytes(
+        save_weights(perturbed(copy.deepcopy(model), 4), tmp_path / "x.safetensors", headless=False).read_bytes()
+    )
     with pytest.raises(AdapterMismatchError, match="changed since the bundle was made"):
         validate(report.out_dir, tensorrt="off")
     with pytest.raises(UsageError, match="--num-classes 7, but the head"):
@@ -483,8 +539,10 @@ def test_peft_is_importable_lazily():
     """peftx itself never imports peft: only the peft paths do (it is an optional extra)."""
     import subprocess
 
-    code = ("import sys; import peftx.deploy, peftx.cli.app, peftx.byo, peftx.peft_adapter, peftx.peft_convert, "
-            "peftx.plain_export; print('peft' in sys.modules)")
+    code = (
+        "import sys; import peftx.deploy, peftx.cli.app, peftx.byo, peftx.peft_adapter, peftx.peft_convert, "
+        "peftx.plain_export; print('peft' in sys.modules)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
@@ -509,17 +567,26 @@ def test_real_dinov2_round_trip_and_peft_trained_bundle(tmp_path):
     with torch.no_grad():
         assert (model.eval()(x) - head_only(plain, model)(x)).abs().max() > 1e-2
     stats = convert_run(tmp_path / "run").parity.overall
-    print(f"peftx LoRA -> peft on DINOv2 ViT-S/14: max|Δlogit| {stats.max_abs:.2e} at logit scale "
-          f"{stats.ref_max_abs:.2f} (bound {PEFT_CONVERSION_FP32.bound(stats.ref_max_abs):.2e})")
+    print(
+        f"peftx LoRA -> peft on DINOv2 ViT-S/14: max|Δlogit| {stats.max_abs:.2e} at logit scale "
+        f"{stats.ref_max_abs:.2f} (bound {PEFT_CONVERSION_FP32.bound(stats.ref_max_abs):.2e})"
+    )
     assert stats.max_abs <= 1e-6
 
-    wrapped, losses = train_with_peft(copy.deepcopy(plain), LoraConfig(
-        r=4, lora_alpha=8, target_modules=["qkv"], modules_to_save=["head"]), x, steps=4, lr=3e-3)
+    wrapped, losses = train_with_peft(
+        copy.deepcopy(plain),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["qkv"], modules_to_save=["head"]),
+        x,
+        steps=4,
+        lr=3e-3,
+    )
     assert losses[-1] < losses[0]
     wrapped.save_pretrained(str(tmp_path / "peft"))
     report = merge_export(tmp_path / "peft", model_name=DEMO_MODEL, img_size=112, batch=(1, 2, 8), tensorrt="off")
     assert report.status == "ok"
     ort = next(r for r in report.parity.results if r.candidate == "onnxruntime fp32").overall
     merged = next(r for r in report.parity.results if r.candidate == "merged PyTorch").overall
-    print(f"peft-trained LoRA on DINOv2 ViT-S/14 -> bundle: merged vs unmerged peft {merged.max_abs:.2e}, "
-          f"ONNX Runtime FP32 {ort.max_abs:.2e} at logit scale {ort.ref_max_abs:.2f}")
+    print(
+        f"peft-trained LoRA on DINOv2 ViT-S/14 -> bundle: merged vs unmerged peft {merged.max_abs:.2e}, "
+        f"ONNX Runtime FP32 {ort.max_abs:.2e} at logit scale {ort.ref_max_abs:.2f}"
+    )

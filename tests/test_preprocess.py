@@ -29,8 +29,12 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CONFIGS = {
     "squash (peftx default)": {"input_size": (3, 32, 32), "interpolation": "bicubic", **TRAINING},
     "center 0.875": {"input_size": (3, 32, 32), "interpolation": "bicubic", "crop_mode": "center", "crop_pct": 0.875},
-    "center 0.9 non-square input": {"input_size": (3, 28, 40), "interpolation": "bilinear", "crop_mode": "center",
-                                    "crop_pct": 0.9},
+    "center 0.9 non-square input": {
+        "input_size": (3, 28, 40),
+        "interpolation": "bilinear",
+        "crop_mode": "center",
+        "crop_pct": 0.9,
+    },
     "border 0.95": {"input_size": (3, 36, 36), "interpolation": "bicubic", "crop_mode": "border", "crop_pct": 0.95},
     "squash 0.8": {"input_size": (3, 32, 32), "interpolation": "lanczos", "crop_mode": "squash", "crop_pct": 0.8},
 }
@@ -60,7 +64,7 @@ def raw_files(tmp_path_factory) -> list[Path]:
     digits = load_digits()
     for i in range(3):
         canvas = np.zeros((8, 24), np.uint8)
-        canvas[:, 8 * i:8 * i + 8] = np.clip(np.rint(digits.images[i] * 255 / 16), 0, 255).astype(np.uint8)
+        canvas[:, 8 * i : 8 * i + 8] = np.clip(np.rint(digits.images[i] * 255 / 16), 0, 255).astype(np.uint8)
         path = root / f"digit{i}.png"
         Image.fromarray(canvas).convert("RGB").resize((72, 24), Image.Resampling.NEAREST).save(path)
         files.append(path)
@@ -100,11 +104,21 @@ def test_equal_on_a_grid_of_sizes_modes_filters_and_crop_pcts(shipped):
     photos = sample_photos()
     rng = np.random.default_rng(0)
     images = [photos[i % 2].crop((0, 0, int(rng.integers(60, 640)), int(rng.integers(60, 427)))) for i in range(4)]
-    grid = itertools.product(("squash", "center", "border"), (1.0, 0.875, 0.95), ((3, 32, 32), (3, 24, 40)),
-                             ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos"))
+    grid = itertools.product(
+        ("squash", "center", "border"),
+        (1.0, 0.875, 0.95),
+        ((3, 32, 32), (3, 24, 40)),
+        ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos"),
+    )
     for mode, pct, size, interpolation in grid:
-        cfg = {"input_size": size, "interpolation": interpolation, "mean": MEAN, "std": STD, "crop_pct": pct,
-               "crop_mode": mode}
+        cfg = {
+            "input_size": size,
+            "interpolation": interpolation,
+            "mean": MEAN,
+            "std": STD,
+            "crop_pct": pct,
+            "crop_mode": mode,
+        }
         transform, record = eval_transform(cfg), _shipped_record(cfg)
         for image in images:
             assert np.array_equal(transform(image).numpy(), shipped.preprocess_image(image, record)), (cfg, image.size)
@@ -124,8 +138,13 @@ def test_load_splits_uses_the_recorded_contract(tmp_path, raw_files, shipped):
 
 def test_a_record_without_crop_mode_reads_as_the_whole_image_it_was_trained_on():
     """Runs written before the contract trained on the whole image resized to H x W, whatever crop_pct said."""
-    legacy = {"input_size": [3, 32, 32], "interpolation": "bicubic", "mean": list(MEAN), "std": list(STD),
-              "crop_pct": 0.9}
+    legacy = {
+        "input_size": [3, 32, 32],
+        "interpolation": "bicubic",
+        "mean": list(MEAN),
+        "std": list(STD),
+        "crop_pct": 0.9,
+    }
     c = contract(legacy)
     assert c["crop_mode"] == "squash" and c["crop_pct"] == 1.0
     photo = sample_photos()[0]
@@ -134,15 +153,18 @@ def test_a_record_without_crop_mode_reads_as_the_whole_image_it_was_trained_on()
     assert torch.equal(eval_transform(legacy)(photo), expected)
 
 
-@pytest.mark.parametrize("change,match", [
-    ({"crop_mode": "stretch"}, "crop_mode 'stretch' is not a crop mode"),
-    ({"crop_pct": 1.2}, r"crop_pct 1.2 is outside \(0, 1\]"),
-    ({"crop_pct": 0}, r"crop_pct 0 is outside"),
-    ({"interpolation": "cubicle"}, "unknown interpolation 'cubicle'"),
-    ({"input_size": (1, 32, 32)}, r"is not \[3, height, width\]"),
-    ({"mean": (0.5, 0.5)}, "has 2 values for 3 channels"),
-    ({"std": (0.5, 0.0, 0.5)}, "is not positive"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"crop_mode": "stretch"}, "crop_mode 'stretch' is not a crop mode"),
+        ({"crop_pct": 1.2}, r"crop_pct 1.2 is outside \(0, 1\]"),
+        ({"crop_pct": 0}, r"crop_pct 0 is outside"),
+        ({"interpolation": "cubicle"}, "unknown interpolation 'cubicle'"),
+        ({"input_size": (1, 32, 32)}, r"is not \[3, height, width\]"),
+        ({"mean": (0.5, 0.5)}, "has 2 values for 3 channels"),
+        ({"std": (0.5, 0.0, 0.5)}, "is not positive"),
+    ],
+)
 def test_the_contract_refuses_what_the_shipped_code_cannot_reproduce(change, match):
     with pytest.raises(UsageError, match=match):
         contract({**_cfg("center 0.875"), **change})

@@ -40,8 +40,13 @@ from peftx.tolerances import MERGE_FP32
 COUNTS: Counter = Counter()
 OUTCOMES: Counter = Counter()  # (loader input kind, 'ok' or the error class) -> examples
 # Enough examples to explore each input space, few enough for the file to run in well under a minute on 2 cores.
-FAST = settings(max_examples=100, deadline=timedelta(seconds=10), derandomize=False, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FAST = settings(
+    max_examples=100,
+    deadline=timedelta(seconds=10),
+    derandomize=False,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 MODEL = settings(FAST, max_examples=50)
 
 
@@ -55,8 +60,16 @@ class Loader:
         import timm
 
         torch.manual_seed(0)  # a one-block, 32-wide ViT: every example copies it, so it must be cheap
-        self.plain = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32, depth=1,
-                                       embed_dim=32, num_heads=2, exportable=True).eval()
+        self.plain = timm.create_model(
+            "vit_tiny_patch16_224",
+            pretrained=False,
+            num_classes=3,
+            img_size=32,
+            depth=1,
+            embed_dim=32,
+            num_heads=2,
+            exportable=True,
+        ).eval()
         model = adapt(copy.deepcopy(self.plain), make_config("lora", r=2, targets=("q", "v", "fc2")))
         perturb_adapter(model, std=0.1)
         self.path = save_adapter(model, root / "good")
@@ -110,8 +123,16 @@ def _write(loader: Loader, name: str, data: bytes) -> Path:
     return path
 
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32, torch.int64, torch.uint8,
-          torch.bool]
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int32,
+    torch.int64,
+    torch.uint8,
+    torch.bool,
+]
 
 
 @st.composite
@@ -120,11 +141,15 @@ def tensor_edits(draw, names: list[str]):
     edit = st.one_of(
         st.tuples(st.just("drop"), st.sampled_from(names)),
         st.tuples(st.just("extra"), st.text(min_size=1, max_size=20)),
-        st.tuples(st.just("reshape"), st.sampled_from(names),
-                  st.lists(st.integers(0, 5), min_size=0, max_size=3).map(tuple)),
+        st.tuples(
+            st.just("reshape"), st.sampled_from(names), st.lists(st.integers(0, 5), min_size=0, max_size=3).map(tuple)
+        ),
         st.tuples(st.just("dtype"), st.sampled_from(names), st.sampled_from(DTYPES)),
-        st.tuples(st.just("value"), st.sampled_from(names),
-                  st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e38, -0.0, 5e-45])),
+        st.tuples(
+            st.just("value"),
+            st.sampled_from(names),
+            st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e38, -0.0, 5e-45]),
+        ),
     )
     return draw(st.lists(edit, min_size=0, max_size=4))
 
@@ -151,11 +176,14 @@ def test_loader_random_tensor_dicts(loader, data):
     edits = data.draw(tensor_edits(sorted(loader.tensors)))
     tensors = _apply(loader.tensors, edits)
     path = Path(tempfile.mkdtemp(dir=loader.root)) / ADAPTER_FILE
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
-              metadata={"peftx_config": json.dumps(loader.meta)})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"peftx_config": json.dumps(loader.meta)}
+    )
     outcome = _load(loader, path, "random tensor dicts")
-    unchanged = all(torch.equal(tensors.get(k, torch.empty(0)), v) for k, v in loader.tensors.items()) \
+    unchanged = (
+        all(torch.equal(tensors.get(k, torch.empty(0)), v) for k, v in loader.tensors.items())
         and tensors.keys() == loader.tensors.keys()
+    )
     if unchanged:
         assert outcome == "ok"
     if any(not v.is_floating_point() for v in tensors.values()) or tensors.keys() != loader.tensors.keys():
@@ -165,23 +193,32 @@ def test_loader_random_tensor_dicts(loader, data):
 
 
 @FAST
-@given(blob=st.one_of(
-    st.binary(max_size=2048),
-    # a plausible safetensors start: a little-endian header length, then JSON-ish text and junk
-    st.tuples(st.integers(0, 2**64 - 1), st.text(max_size=200), st.binary(max_size=256)).map(
-        lambda t: struct.pack("<Q", t[0]) + t[1].encode("utf-8", "surrogatepass") + t[2]),
-    st.tuples(st.text(max_size=300), st.binary(max_size=64)).map(
-        lambda t: struct.pack("<Q", len(t[0].encode("utf-8", "surrogatepass"))) + t[0].encode(
-            "utf-8", "surrogatepass") + t[1]),
-))
+@given(
+    blob=st.one_of(
+        st.binary(max_size=2048),
+        # a plausible safetensors start: a little-endian header length, then JSON-ish text and junk
+        st.tuples(st.integers(0, 2**64 - 1), st.text(max_size=200), st.binary(max_size=256)).map(
+            lambda t: struct.pack("<Q", t[0]) + t[1].encode("utf-8", "surrogatepass") + t[2]
+        ),
+        st.tuples(st.text(max_size=300), st.binary(max_size=64)).map(
+            lambda t: (
+                struct.pack("<Q", len(t[0].encode("utf-8", "surrogatepass")))
+                + t[0].encode("utf-8", "surrogatepass")
+                + t[1]
+            )
+        ),
+    )
+)
 def test_loader_random_bytes(loader, blob):
     outcome = _load(loader, _write(loader, ADAPTER_FILE, blob), "random bytes")
     assert outcome != "ok"
 
 
 @FAST
-@given(cut=st.none() | st.integers(0, 10**9), flips=st.lists(st.tuples(st.integers(0, 10**9), st.integers(1, 255)),
-                                                   max_size=3))
+@given(
+    cut=st.none() | st.integers(0, 10**9),
+    flips=st.lists(st.tuples(st.integers(0, 10**9), st.integers(1, 255)), max_size=3),
+)
 def test_loader_truncated_or_flipped_files(loader, cut, flips):
     data = bytearray(loader.bytes)
     for pos, mask in flips:
@@ -192,18 +229,31 @@ def test_loader_truncated_or_flipped_files(loader, cut, flips):
         assert outcome != "ok"
 
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
-                    | st.text(max_size=12),
-                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                                 max_size=4), max_leaves=12)
-RECORD_KEYS = ["format", "format_version", "method", "config", "num_classes", "base_fingerprint", "spec",
-               "class_names", "data_config"]
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+RECORD_KEYS = [
+    "format",
+    "format_version",
+    "method",
+    "config",
+    "num_classes",
+    "base_fingerprint",
+    "spec",
+    "class_names",
+    "data_config",
+]
 
 
 @MODEL
-@given(changes=st.dictionaries(st.sampled_from(RECORD_KEYS), JSON, max_size=3),
-       method_changes=st.dictionaries(st.sampled_from(["method", "r", "alpha", "targets", "rank", "scale", "x"]),
-                                      JSON, max_size=2))
+@given(
+    changes=st.dictionaries(st.sampled_from(RECORD_KEYS), JSON, max_size=3),
+    method_changes=st.dictionaries(
+        st.sampled_from(["method", "r", "alpha", "targets", "rank", "scale", "x"]), JSON, max_size=2
+    ),
+)
 def test_loader_damaged_records(loader, changes, method_changes):
     meta = copy.deepcopy(loader.meta)
     meta.update(changes)
@@ -237,12 +287,19 @@ def _expected_record_outcome(good: dict, meta: dict) -> str:
     if not isinstance(version, int) or version > good["format_version"]:  # bool is an int to the loader, too
         return "refused"
     cfg, good_cfg = meta.get("config"), good["config"]
-    if not isinstance(cfg, dict) or set(cfg) - set(good_cfg) or not _same(cfg.get("method"), good_cfg["method"]) \
-            or not _same(cfg.get("r"), good_cfg["r"]):
+    if (
+        not isinstance(cfg, dict)
+        or set(cfg) - set(good_cfg)
+        or not _same(cfg.get("method"), good_cfg["method"])
+        or not _same(cfg.get("r"), good_cfg["r"])
+    ):
         return "refused"  # another method, an unknown field, or a rank that changes the tensors' shapes
     targets = cfg.get("targets")
-    same_targets = isinstance(targets, list) and all(isinstance(t, str) for t in targets) \
+    same_targets = (
+        isinstance(targets, list)
+        and all(isinstance(t, str) for t in targets)
         and set(targets) == set(good_cfg["targets"])
+    )
     if not same_targets:
         return "refused"  # other layers: other tensor names (or not a list of roles at all)
     changed = {k for k in set(meta) | set(good) if not _same(meta.get(k), good.get(k))}
@@ -269,20 +326,44 @@ def vtab_root(tmp_path_factory) -> Path:
     return root
 
 
-PATHS = ["images/a.png", "images/sub/b.png", "images/with space.png", "in_link.png", "out_link.png", "loop.png",
-         "../outside.png", "images/../images/a.png", "images/../../outside.png", "./images/a.png", "/etc/hostname",
-         "C:\\x.png", "\\\\server\\share\\x.png", "images\\..\\..\\outside.png", "images/nope.png", "images/dir",
-         "images", "~/x.png", "images/a.png\x00.txt", "a" * 300, "images//a.png", "ímages/á.png"]
+PATHS = [
+    "images/a.png",
+    "images/sub/b.png",
+    "images/with space.png",
+    "in_link.png",
+    "out_link.png",
+    "loop.png",
+    "../outside.png",
+    "images/../images/a.png",
+    "images/../../outside.png",
+    "./images/a.png",
+    "/etc/hostname",
+    "C:\\x.png",
+    "\\\\server\\share\\x.png",
+    "images\\..\\..\\outside.png",
+    "images/nope.png",
+    "images/dir",
+    "images",
+    "~/x.png",
+    "images/a.png\x00.txt",
+    "a" * 300,
+    "images//a.png",
+    "ímages/á.png",
+]
 LABELS = ["0", "1", "7", "-1", "x", "1.5", "+2", "٣", "1_0", "99999999999999999999999", "", "0x1", "nan"]
 SEPARATORS = [" ", "\t", "  ", " \t "]
 
 
 @st.composite
 def list_lines(draw):
-    structured = st.builds(lambda p, s, label, pre, post: f"{pre}{p}{s}{label}{post}",
-                           st.sampled_from(PATHS) | st.text(max_size=20), st.sampled_from(SEPARATORS),
-                           st.sampled_from(LABELS) | st.text(max_size=5), st.sampled_from(["", " ", "\t"]),
-                           st.sampled_from(["", " ", "\r", " extra"]))
+    structured = st.builds(
+        lambda p, s, label, pre, post: f"{pre}{p}{s}{label}{post}",
+        st.sampled_from(PATHS) | st.text(max_size=20),
+        st.sampled_from(SEPARATORS),
+        st.sampled_from(LABELS) | st.text(max_size=5),
+        st.sampled_from(["", " ", "\t"]),
+        st.sampled_from(["", " ", "\r", " extra"]),
+    )
     noise = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
     return draw(st.lists(structured | noise | st.just(""), max_size=12))
 
@@ -301,7 +382,7 @@ def test_vtab_list_parser(vtab_root, lines):
     except DataError as e:
         prefix = f"{path}:"
         assert e.message.startswith(prefix), e.message  # every complaint names file:line
-        lineno = int(e.message[len(prefix):].split(":", 1)[0])
+        lineno = int(e.message[len(prefix) :].split(":", 1)[0])
         assert 1 <= lineno <= len(numbered) and numbered[lineno - 1].strip()
         # every earlier line was fine on its own
         good = "\n".join(numbered[: lineno - 1])
@@ -355,9 +436,11 @@ def layers(draw):
     else:
         slices = tuple(sorted(draw(st.sets(st.integers(0, groups - 1), min_size=1))))
         rank = draw(st.integers(1, min(out // groups, inp)))
-        layer = (LoRALinear(base, "layer", groups, slices, r=rank, alpha=draw(st.sampled_from([1.0, 8.0, -2.0])))
-                 if method == "lora" else
-                 AOFTLinear(base, "layer", groups, slices, rank=rank, scale=draw(st.sampled_from([1.0, 0.5]))))
+        layer = (
+            LoRALinear(base, "layer", groups, slices, r=rank, alpha=draw(st.sampled_from([1.0, 8.0, -2.0])))
+            if method == "lora"
+            else AOFTLinear(base, "layer", groups, slices, rank=rank, scale=draw(st.sampled_from([1.0, 0.5])))
+        )
     with torch.no_grad():
         for name, p in layer.named_parameters():
             if name.startswith("base_layer."):
@@ -369,8 +452,11 @@ def layers(draw):
             else:
                 # RLRR: |s_row|,|s_col| <= 0.7 keeps 1 + s_row s_col^T >= 0.51, so unmerge is well conditioned
                 bound = 0.7 if method == "rlrr" and name in ("s_row", "s_col") else float("inf")
-                p.copy_((torch.randn(p.shape, generator=g) * a_scale * (1.0 if method != "rlrr" else 1.4))
-                        .clamp(-bound, bound))
+                p.copy_(
+                    (torch.randn(p.shape, generator=g) * a_scale * (1.0 if method != "rlrr" else 1.4)).clamp(
+                        -bound, bound
+                    )
+                )
     x = torch.randn(draw(st.integers(1, 5)), inp, generator=g)
     return method, layer, x
 
@@ -432,12 +518,18 @@ PROPERTY_TESTS = {
     "test_loader_random_tensor_dicts": ["adapter loader: random tensor dicts"],
     "test_loader_random_bytes": ["adapter loader: random bytes"],
     "test_loader_truncated_or_flipped_files": ["adapter loader: truncated / bit-flipped files"],
-    "test_loader_damaged_records": ["adapter loader: damaged records", "damaged records: expected ok",
-                                    "damaged records: expected refused"],
+    "test_loader_damaged_records": [
+        "adapter loader: damaged records",
+        "damaged records: expected ok",
+        "damaged records: expected refused",
+    ],
     "test_vtab_list_parser": ["vtab list parser: random lines"],
     "test_vtab_list_parser_bytes": ["vtab list parser: random bytes"],
-    "test_merge_then_unmerge_restores_and_matches": ["merge/unmerge: rlrr", "merge/unmerge: lora",
-                                                     "merge/unmerge: aoft"],
+    "test_merge_then_unmerge_restores_and_matches": [
+        "merge/unmerge: rlrr",
+        "merge/unmerge: lora",
+        "merge/unmerge: aoft",
+    ],
     "test_rlrr_unmerge_refuses_a_zero_denominator": ["merge/unmerge: rlrr singular"],
 }
 
@@ -450,8 +542,9 @@ def test_zz_report_counts(request, capsys):
         pytest.skip("no property test selected in this session")
     ran = {k: COUNTS[k] for k in keys}
     with capsys.disabled():
-        print("\nhypothesis cases run: " + ", ".join(f"{k}={v}" for k, v in ran.items())
-              + f" (total {sum(ran.values())})")
+        print(
+            "\nhypothesis cases run: " + ", ".join(f"{k}={v}" for k, v in ran.items()) + f" (total {sum(ran.values())})"
+        )
         outcomes = {}
         for (kind, outcome), n in sorted(OUTCOMES.items()):
             outcomes.setdefault(kind, []).append(f"{outcome} {n}")

@@ -27,8 +27,9 @@ from peftx.train import TrainConfig, TrainingInterrupted, train
 from peftx.train.checkpoint import checkpoint_path, load_checkpoint
 
 # Dropout and flip on: the resumed run must also reproduce the random numbers, not only the arithmetic.
-RUN = dict(epochs=3, batch_size=8, lr=5e-3, warmup_epochs=1, dropout=0.2, hflip=True, method="lora",
-           method_options={"r": 2})
+RUN = dict(
+    epochs=3, batch_size=8, lr=5e-3, warmup_epochs=1, dropout=0.2, hflip=True, method="lora", method_options={"r": 2}
+)
 STEPS_PER_EPOCH = 6  # 48 training images / batch 8
 
 
@@ -58,12 +59,15 @@ def uninterrupted(tiny_weights, digit_folder, tmp_path_factory):
     return run, summary
 
 
-@pytest.mark.parametrize("sig, event, match", [
-    (signal.SIGINT, "step", {"epoch": 2, "step": 3}),  # mid-epoch: skip 3 batches, restore the partial epoch
-    (signal.SIGTERM, "epoch", {"epoch": 1}),  # during the epoch end: resume at the next epoch
-], ids=["sigint-mid-epoch", "sigterm-epoch-end"])
-def test_resume_equals_uninterrupted(uninterrupted, tiny_weights, digit_folder, tmp_path,
-                                     sig, event, match) -> None:
+@pytest.mark.parametrize(
+    "sig, event, match",
+    [
+        (signal.SIGINT, "step", {"epoch": 2, "step": 3}),  # mid-epoch: skip 3 batches, restore the partial epoch
+        (signal.SIGTERM, "epoch", {"epoch": 1}),  # during the epoch end: resume at the next epoch
+    ],
+    ids=["sigint-mid-epoch", "sigterm-epoch-end"],
+)
+def test_resume_equals_uninterrupted(uninterrupted, tiny_weights, digit_folder, tmp_path, sig, event, match) -> None:
     full_run, full_summary = uninterrupted
     run = tmp_path / "run"
     # what was installed before (SIG_IGN, not Python's default, when the test runs as a background job)
@@ -150,8 +154,16 @@ def test_resume_refuses_every_given_option_that_differs_even_a_default_value(uni
     with pytest.raises(UsageError, match=r"method_options.r: 4 differs from the resumed run's 2"):
         train(TrainConfig(resume=str(run), method_options={"r": 4}))
     # the run's own values (spelled as the user would) are accepted; the run is complete, so nothing else happens
-    same = dict(seed=7, data=str(digit_folder), method="lora", method_options={"r": 2}, lr=5e-3, epochs=3,
-                device="cpu", amp="off")
+    same = dict(
+        seed=7,
+        data=str(digit_folder),
+        method="lora",
+        method_options={"r": 2},
+        lr=5e-3,
+        epochs=3,
+        device="cpu",
+        amp="off",
+    )
     with pytest.raises(UsageError, match="already complete") as err:
         train(TrainConfig(resume=str(run), **same))
     assert f"--resume {run} --epochs N (N > 3)" in err.value.hint
@@ -182,13 +194,21 @@ def test_extending_a_finished_run_trains_to_the_new_total(uninterrupted, tmp_pat
         train(TrainConfig(resume=str(run), epochs=2))
     summary = train(TrainConfig(resume=str(run), epochs=5), progress=lambda e, **f: events.append((e, f)))
     assert summary["epochs"] == 5 and [r["epoch"] for r in _history(run)] == [1, 2, 3, 4, 5]
-    assert summary["extensions"] == [{"from_epochs": 3, "to_epochs": 5, "at_epoch": 3,
-                                      "at_global_step": 3 * STEPS_PER_EPOCH}]
+    assert summary["extensions"] == [
+        {"from_epochs": 3, "to_epochs": 5, "at_epoch": 3, "at_global_step": 3 * STEPS_PER_EPOCH}
+    ]
     (start,) = [f for e, f in events if e == "start"]
     assert start["extended_from"] == 3 and any("extends the run" in n for n in start["notes"])
     # the schedule is the one of a 5-epoch run from the resume step on
-    new = Schedule(lr=5e-3, steps_per_epoch=STEPS_PER_EPOCH, epochs=5, warmup_epochs=1, cooldown_epochs=0,
-                   warmup_lr=1e-7, min_lr=1e-5)
+    new = Schedule(
+        lr=5e-3,
+        steps_per_epoch=STEPS_PER_EPOCH,
+        epochs=5,
+        warmup_epochs=1,
+        cooldown_epochs=0,
+        warmup_lr=1e-7,
+        min_lr=1e-5,
+    )
     lrs = {f["global_step"]: f["lr"] for e, f in events if e == "step"}
     assert min(lrs) == 3 * STEPS_PER_EPOCH + 1
     assert all(lr == pytest.approx(new(step - 1)) for step, lr in lrs.items())
@@ -215,16 +235,27 @@ def _rewrite_checkpoint(run: Path, edit) -> None:
     save_file(tensors, str(path), metadata={"peftx_checkpoint": json.dumps(meta)})
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda m: m["state"].update(epoch="three"), "state.epoch is 'three', not an integer"),
-    (lambda m: m["state"].update(global_step=-4), "state.global_step is -4"),
-    (lambda m: m["state"].update(history={"epoch": 1}), "state.history"),
-    (lambda m: m.update(state=[1, 2]), "state is [1, 2], not a mapping"),
-    (lambda m: m["config"].update(lr="fast"), "config is damaged (lr: 'fast' must be a positive"),
-    (lambda m: m["config"].pop("epochs"), "config lacks epochs"),
-    (lambda m: m["optimizer"].update(param_groups="x"), "optimizer.param_groups"),
-], ids=["epoch-not-int", "negative-step", "history-not-list", "state-not-mapping", "config-bad-lr",
-        "config-no-epochs", "optimizer-groups"])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m["state"].update(epoch="three"), "state.epoch is 'three', not an integer"),
+        (lambda m: m["state"].update(global_step=-4), "state.global_step is -4"),
+        (lambda m: m["state"].update(history={"epoch": 1}), "state.history"),
+        (lambda m: m.update(state=[1, 2]), "state is [1, 2], not a mapping"),
+        (lambda m: m["config"].update(lr="fast"), "config is damaged (lr: 'fast' must be a positive"),
+        (lambda m: m["config"].pop("epochs"), "config lacks epochs"),
+        (lambda m: m["optimizer"].update(param_groups="x"), "optimizer.param_groups"),
+    ],
+    ids=[
+        "epoch-not-int",
+        "negative-step",
+        "history-not-list",
+        "state-not-mapping",
+        "config-bad-lr",
+        "config-no-epochs",
+        "optimizer-groups",
+    ],
+)
 def test_damaged_checkpoint_fields_are_a_typed_error(uninterrupted, tmp_path, edit, message) -> None:
     run = _copy_run(uninterrupted[0], tmp_path)
     _rewrite_checkpoint(run, edit)
@@ -249,7 +280,7 @@ def _is_safetensors(path: Path) -> bool:
     if not 2 <= size <= len(data) - 8:
         return False
     try:
-        header = json.loads(data[8:8 + size])
+        header = json.loads(data[8 : 8 + size])
     except ValueError:
         return False
     return isinstance(header, dict) and "__metadata__" in header

@@ -46,8 +46,12 @@ FAMILIES = ("vit", "swin")
 
 
 def test_aliases_resolve_to_their_profile_with_the_jetpack_tensorrt_as_floor():
-    expected = {"jetpack5": ("trt8.5", "8.5"), "jetpack6.0": ("trt8.6", "8.6"), "jetpack6": ("trt10", "10.3"),
-                "jetpack7": ("trt10", "10.13")}
+    expected = {
+        "jetpack5": ("trt8.5", "8.5"),
+        "jetpack6.0": ("trt8.6", "8.6"),
+        "jetpack6": ("trt10", "10.3"),
+        "jetpack7": ("trt10", "10.13"),
+    }
     assert set(ALIASES) == set(expected)
     for alias, (name, floor) in expected.items():
         target = resolve_target(alias)
@@ -66,18 +70,33 @@ def test_an_unknown_target_is_a_usage_error_that_suggests_the_closest_names():
     assert info.value.message == "unknown target 'xyzzy'"  # nothing close: no guess
 
 
-@pytest.mark.parametrize("version, name, floor", [
-    ("8.5.2.2", "trt8.5", "8.5"), ("8.6.2", "trt8.6", "8.6"), ("9.3.0", "trt8.6", "9.3"),
-    ("10.3.0.26", "trt10", "10.3"), ("10.13.2", "trt10", "10.13"), ("11.4.1", "trt11", "11.4"),
-])
+@pytest.mark.parametrize(
+    "version, name, floor",
+    [
+        ("8.5.2.2", "trt8.5", "8.5"),
+        ("8.6.2", "trt8.6", "8.6"),
+        ("9.3.0", "trt8.6", "9.3"),
+        ("10.3.0.26", "trt10", "10.3"),
+        ("10.13.2", "trt10", "10.13"),
+        ("11.4.1", "trt11", "11.4"),
+    ],
+)
 def test_auto_picks_the_installed_tensorrt_profile(version, name, floor):
     target, why = auto_target(version)
     assert (target.name, target.tensorrt_min) == (name, floor) and version in why
     assert profile_for_tensorrt(version).name == name
 
 
-@pytest.mark.parametrize("l4t, alias", [("35.4.1", "jetpack5"), ("36.3.0", "jetpack6.0"), ("36.4.3", "jetpack6"),
-                                        ("38.2.1", "jetpack7"), ("32.7.4", None)])
+@pytest.mark.parametrize(
+    "l4t, alias",
+    [
+        ("35.4.1", "jetpack5"),
+        ("36.3.0", "jetpack6.0"),
+        ("36.4.3", "jetpack6"),
+        ("38.2.1", "jetpack7"),
+        ("32.7.4", None),
+    ],
+)
 def test_auto_without_tensorrt_uses_the_jetsons_jetpack(l4t, alias):
     assert jetpack_for_l4t(l4t) == alias
     target, why = auto_target(None, l4t)
@@ -105,10 +124,15 @@ def test_profiles_say_what_later_int8_and_preprocessing_work_needs():
 # --- the op lists as data --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, ref, version, commit_known", [
-    ("trt8.5", "8.5-GA", "8.5", True), ("trt8.6", "release/8.6-GA", "8.6", True), ("trt10", "10.1-GA", "10.0", True),
-    ("trt11", "main", "10.15", False),
-])
+@pytest.mark.parametrize(
+    "name, ref, version, commit_known",
+    [
+        ("trt8.5", "8.5-GA", "8.5", True),
+        ("trt8.6", "release/8.6-GA", "8.6", True),
+        ("trt10", "10.1-GA", "10.0", True),
+        ("trt11", "main", "10.15", False),
+    ],
+)
 def test_each_op_list_names_its_source_branch_and_version(name, ref, version, commit_known):
     ops = PROFILES[name].operators()
     assert ops["repository"] == "https://github.com/onnx/onnx-tensorrt" and ops["ref"] == ref
@@ -139,18 +163,34 @@ def test_errata_keep_the_transcription_and_carry_their_evidence():
 
 
 def test_the_transcriber_reads_both_header_styles_and_every_row_form(tmp_path):
-    sample = ("# Supported ONNX Operators\n\nTensorRT 8.6 supports operators up to Opset 17. Latest ...\n\n"
-              "TensorRT supports the following ONNX data types: DOUBLE, FLOAT32, FLOAT16, INT8, and BOOL\n\n"
-              "> Note: There is limited support for INT32.\n\n## Operator Support Matrix\n\n"
-              "| Operator | Supported  | Supported Types | Restrictions |\n|---|---|---|---|\n"
-              "| Abs                       | Y          | FP32, FP16, INT32 |\n"
-              "| Bernoulli                 | N          |\n"
-              "| NonMaxSuppression         | Y [EXPERIMENTAL] | FP32, FP16 | Inputs must be initializers.\n"
-              "| DynamicQuantizeLinear     | N          | Not supported. Compose it.\n")
+    sample = (
+        "# Supported ONNX Operators\n\nTensorRT 8.6 supports operators up to Opset 17. Latest ...\n\n"
+        "TensorRT supports the following ONNX data types: DOUBLE, FLOAT32, FLOAT16, INT8, and BOOL\n\n"
+        "> Note: There is limited support for INT32.\n\n## Operator Support Matrix\n\n"
+        "| Operator | Supported  | Supported Types | Restrictions |\n|---|---|---|---|\n"
+        "| Abs                       | Y          | FP32, FP16, INT32 |\n"
+        "| Bernoulli                 | N          |\n"
+        "| NonMaxSuppression         | Y [EXPERIMENTAL] | FP32, FP16 | Inputs must be initializers.\n"
+        "| DynamicQuantizeLinear     | N          | Not supported. Compose it.\n"
+    )
     (tmp_path / "ops.md").write_text(sample)
-    done = subprocess.run([sys.executable, str(ROOT / "scripts/transcribe_trt_operators.py"), str(tmp_path / "ops.md"),
-                           "--ref", "8.6-GA", "--commit", "abc123", "--erratum", "Abs=FP32|importer says so",
-                           "--out", str(tmp_path / "ops.json")], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts/transcribe_trt_operators.py"),
+            str(tmp_path / "ops.md"),
+            "--ref",
+            "8.6-GA",
+            "--commit",
+            "abc123",
+            "--erratum",
+            "Abs=FP32|importer says so",
+            "--out",
+            str(tmp_path / "ops.json"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     data = json.loads((tmp_path / "ops.json").read_text())
     assert (data["tensorrt_version"], data["opset_max"], data["ref"], data["commit"]) == ("8.6", 17, "8.6-GA", "abc123")
@@ -175,9 +215,17 @@ def _bundle(family: str, out: Path, target: str | None, **kw):
     reference = _model(family)
     merged = copy.deepcopy(reference)
     cfg = tiny_data_cfg(family)
-    options = dict(input_size=cfg["input_size"], data_config=cfg, class_names=[f"c{i}" for i in range(5)],
-                   provenance={"method": "test"}, images=real_batch(family, n=8), batch=(1, 4, 8),
-                   precision="fp16", tensorrt="auto", target=target)
+    options = dict(
+        input_size=cfg["input_size"],
+        data_config=cfg,
+        class_names=[f"c{i}" for i in range(5)],
+        provenance={"method": "test"},
+        images=real_batch(family, n=8),
+        batch=(1, 4, 8),
+        precision="fp16",
+        tensorrt="auto",
+        target=target,
+    )
     return write_bundle(reference, merged, out, **{**options, **kw})
 
 
@@ -261,13 +309,19 @@ def test_every_layernorm_is_decomposed_and_kept_fp32_in_the_fp16_onnx(bundles, f
 def test_the_target_is_recorded_in_metadata_json_and_the_onnx(bundles):
     out = bundles["vit", "jetpack5"]
     meta = read_bundle(out)
-    assert (meta["target"]["name"], meta["target"]["requested"], meta["target"]["tensorrt_min"]) == \
-        ("trt8.5", "jetpack5", "8.5")
+    assert (meta["target"]["name"], meta["target"]["requested"], meta["target"]["tensorrt_min"]) == (
+        "trt8.5",
+        "jetpack5",
+        "8.5",
+    )
     assert meta["target"]["export_opset"] == 16 and meta["target"]["layernorm"] == "decomposed"
     for name in ("model.onnx", "model_fp16.onnx"):
         props = read_metadata(out / name)
-        assert (props["peftx_target"], props["peftx_target_profile"], props["peftx_target_tensorrt_min"]) == \
-            ("jetpack5", "trt8.5", "8.5")
+        assert (props["peftx_target"], props["peftx_target_profile"], props["peftx_target_tensorrt_min"]) == (
+            "jetpack5",
+            "trt8.5",
+            "8.5",
+        )
 
 
 @pytest.mark.parametrize("target", ["default", "jetpack5"])
@@ -278,10 +332,12 @@ def test_readiness_describes_the_files_as_shipped(bundles, target):
     assert set(readiness["files"]) == {"model.onnx", "model_fp16.onnx"}
     for name, report in readiness["files"].items():
         assert report["sha256"] == sha256_file(out / name) == read_bundle(out)["sha256"][name]
-        assert report["ops"] == dict(sorted(__import__("collections").Counter(
-            n.op_type for n in _shipped(out / name).graph.node).items()))
-    assert set(readiness["newer_targets"]) == ({"trt10", "trt11"} if target == "default" else
-                                               {"trt8.6", "trt10", "trt11"})
+        assert report["ops"] == dict(
+            sorted(__import__("collections").Counter(n.op_type for n in _shipped(out / name).graph.node).items())
+        )
+    assert set(readiness["newer_targets"]) == (
+        {"trt10", "trt11"} if target == "default" else {"trt8.6", "trt10", "trt11"}
+    )
     assert all(v["ok"] for v in readiness["newer_targets"].values())
 
 
@@ -333,19 +389,26 @@ def test_readiness_rules_follow_the_target(tmp_path):
         report = check_tensorrt_readiness(path, target=name)
         assert report.ok, (name, report.problems)
         assert report.target == name and report.sha256 == sha256_file(path)
-    assert any("INT64 tensors are cast down to INT32" in w for w in check_tensorrt_readiness(path, target="trt8.6")
-               .warnings)
+    assert any(
+        "INT64 tensors are cast down to INT32" in w for w in check_tensorrt_readiness(path, target="trt8.6").warnings
+    )
     model = onnx.load(str(path))
     model.opset_import[0].version = 18
     onnx.save(model, str(tmp_path / "m18.onnx"))
-    assert any("opset 18 is outside 9..17" in p for p in check_tensorrt_readiness(tmp_path / "m18.onnx",
-                                                                                    target="trt8.6").problems)
+    assert any(
+        "opset 18 is outside 9..17" in p
+        for p in check_tensorrt_readiness(tmp_path / "m18.onnx", target="trt8.6").problems
+    )
     assert check_tensorrt_readiness(tmp_path / "m18.onnx", target="trt10").ok
-    uint8 = onnx.helper.make_model(onnx.helper.make_graph(
-        [onnx.helper.make_node("Cast", ["x"], ["y"], to=onnx.TensorProto.FLOAT)], "g",
-        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.UINT8, ["batch", 3])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 3])]),
-        opset_imports=[onnx.helper.make_opsetid("", 17)])
+    uint8 = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [onnx.helper.make_node("Cast", ["x"], ["y"], to=onnx.TensorProto.FLOAT)],
+            "g",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.UINT8, ["batch", 3])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 3])],
+        ),
+        opset_imports=[onnx.helper.make_opsetid("", 17)],
+    )
     onnx.save(uint8, str(tmp_path / "u8.onnx"))
     assert any("UINT8" in p for p in check_tensorrt_readiness(tmp_path / "u8.onnx", target="trt8.6").problems)
     assert check_tensorrt_readiness(tmp_path / "u8.onnx", target="trt10").ok  # 10.x takes UINT8 network inputs
@@ -402,13 +465,18 @@ def test_doctor_reports_this_machine_and_the_auto_target(tmp_path):
         assert report["auto_target"]["name"] in PROFILES
     # On a (fake) Jetson file tree without the TensorRT Python package, auto names that JetPack.
     (tmp_path / "etc").mkdir()
-    (tmp_path / "etc/nv_tegra_release").write_text("# R35 (release), REVISION: 4.1, GCID: 33958178, BOARD: t186ref, "
-                                                   "EABI: aarch64, DATE: Tue Aug  1 19:57:35 UTC 2023\n")
+    (tmp_path / "etc/nv_tegra_release").write_text(
+        "# R35 (release), REVISION: 4.1, GCID: 33958178, BOARD: t186ref, "
+        "EABI: aarch64, DATE: Tue Aug  1 19:57:35 UTC 2023\n"
+    )
     (tmp_path / "proc/device-tree").mkdir(parents=True)
     (tmp_path / "proc/device-tree/model").write_bytes(b"NVIDIA Jetson Xavier NX Developer Kit\0")
     report = doctor_report(tmp_path)
-    assert report["jetson"] == {"model": "NVIDIA Jetson Xavier NX Developer Kit", "l4t": "35.4.1",
-                                "jetpack": "jetpack5"}
+    assert report["jetson"] == {
+        "model": "NVIDIA Jetson Xavier NX Developer Kit",
+        "l4t": "35.4.1",
+        "jetpack": "jetpack5",
+    }
     if report["tensorrt"]["version"] is None:
         assert report["auto_target"]["name"] == "trt8.5" and "jetpack5" in report["auto_target"]["why"]
 
@@ -418,5 +486,5 @@ def test_inputs_of_the_same_batch_give_the_same_outputs_in_both_exports(bundles)
     images = real_batch("swin", n=7, seed=2)
     with OnnxRuntimeRunner(bundles["swin", "jetpack5"] / "model.onnx") as runner:
         together = runner.infer(images)
-        alone = np.concatenate([runner.infer(images[i:i + 1]) for i in range(len(images))])
+        alone = np.concatenate([runner.infer(images[i : i + 1]) for i in range(len(images))])
     np.testing.assert_allclose(together, alone, atol=1e-5)

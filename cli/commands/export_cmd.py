@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -18,33 +18,122 @@ def _progress(json_out: bool):
 
 @handle_errors
 def merge_export(
-    source: Annotated[Path, typer.Argument(help="Run directory (from `peftx train`), an adapter .safetensors file, or a peft adapter directory.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Bundle directory.", show_default="SOURCE/bundle")] = None,
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="Run directory (from `peftx train`), an adapter .safetensors file, or a peft adapter directory."
+        ),
+    ],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Bundle directory.", show_default="SOURCE/bundle")
+    ] = None,
     batch: Annotated[str, typer.Option("--batch", help="Dynamic batch profile MIN:OPT:MAX.")] = "1:8:32",
-    precision: Annotated[str, typer.Option("--precision", help="fp32, fp16 or int8 (the TensorRT engine; the FP16 ONNX is always checked; int8 also writes model_int8.onnx, calibrated and accuracy-gated).")] = "fp32",
-    calibration: Annotated[Optional[int], typer.Option("--calibration", help="INT8: training images to calibrate on (seeded, class-stratified).", show_default="256")] = None,
-    calibration_method: Annotated[str, typer.Option("--calibration-method", help="INT8: minmax, entropy or percentile.")] = "minmax",
-    calibration_data: Annotated[Optional[Path], typer.Option("--calibration-data", help="INT8: training images to calibrate on when the run's data moved (DIR/<class>/... or an ImageFolder root).", show_default="the run's training split")] = None,
-    tensorrt: Annotated[str, typer.Option("--tensorrt", help="auto: build an engine when TensorRT and a GPU exist; on: require it; off: skip (and tolerate readiness problems).")] = "auto",
-    model: Annotated[Optional[str], typer.Option("--model", help="Backbone name: the timm model of a peft adapter, or of an adapter file that records none (peftx runs record theirs).", show_default="the one the adapter records")] = None,
+    precision: Annotated[
+        str,
+        typer.Option(
+            "--precision",
+            help=(
+                "fp32, fp16 or int8 (the TensorRT engine; the FP16 ONNX is always checked; int8 also writes "
+                "model_int8.onnx, calibrated and accuracy-gated)."
+            ),
+        ),
+    ] = "fp32",
+    calibration: Annotated[
+        int | None,
+        typer.Option(
+            "--calibration",
+            help="INT8: training images to calibrate on (seeded, class-stratified).",
+            show_default="256",
+        ),
+    ] = None,
+    calibration_method: Annotated[
+        str, typer.Option("--calibration-method", help="INT8: minmax, entropy or percentile.")
+    ] = "minmax",
+    calibration_data: Annotated[
+        Path | None,
+        typer.Option(
+            "--calibration-data",
+            help=(
+                "INT8: training images to calibrate on when the run's data moved (DIR/<class>/... or an ImageFolder "
+                "root)."
+            ),
+            show_default="the run's training split",
+        ),
+    ] = None,
+    tensorrt: Annotated[
+        str,
+        typer.Option(
+            "--tensorrt",
+            help=(
+                "auto: build an engine when TensorRT and a GPU exist; on: require it; off: skip (and tolerate "
+                "readiness problems)."
+            ),
+        ),
+    ] = "auto",
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help=(
+                "Backbone name: the timm model of a peft adapter, or of an adapter file that records none (peftx runs "
+                "record theirs)."
+            ),
+            show_default="the one the adapter records",
+        ),
+    ] = None,
     weights: Weights = None,
     img_size: ImgSize = None,
-    images: Annotated[Optional[Path], typer.Option("--images", help="Real images for the parity check; labelled as DIR/<class>/... (or DIR/test/<class>/...), they are also the accuracy check's.", show_default="the run's validation images; accuracy on its test split")] = None,
-    accuracy_images: Annotated[str, typer.Option("--accuracy-images", help="Labelled images the accuracy check measures (a seeded subset of a larger split), 'all', or 0 to skip.")] = "500",
+    images: Annotated[
+        Path | None,
+        typer.Option(
+            "--images",
+            help=(
+                "Real images for the parity check; labelled as DIR/<class>/... (or DIR/test/<class>/...), they are "
+                "also the accuracy check's."
+            ),
+            show_default="the run's validation images; accuracy on its test split",
+        ),
+    ] = None,
+    accuracy_images: Annotated[
+        str,
+        typer.Option(
+            "--accuracy-images",
+            help=(
+                "Labelled images the accuracy check measures (a seeded subset of a larger split), 'all', or 0 to skip."
+            ),
+        ),
+    ] = "500",
     no_simplify: Annotated[bool, typer.Option("--no-simplify", help="Skip the onnxslim pass.")] = False,
     target: Target = None,
     force: Force = False,
     overwrite: Overwrite = False,
     json_out: Json = False,
 ) -> None:
-    """Merge an adapter into its backbone, export ONNX (+ TensorRT), and validate every artifact against the unmerged model."""
-    from peftx.deploy import merge_export as run, parse_batch, parse_count
+    """Merge an adapter into its backbone, export ONNX (+ TensorRT), and validate every artifact against the unmerged
+    model.
+    """
+    from peftx.deploy import merge_export as run
+    from peftx.deploy import parse_batch, parse_count
 
-    report = run(source, output=output, batch=parse_batch(batch), precision=precision, tensorrt=tensorrt,
-                 force=force or overwrite, simplify=not no_simplify, model_name=model, weights=weights,
-                 img_size=img_size, images_dir=images, progress=_progress(json_out), target=target,
-                 accuracy_limit=parse_count(accuracy_images), calibration=calibration,
-                 calibration_method=calibration_method, calibration_data=calibration_data)
+    report = run(
+        source,
+        output=output,
+        batch=parse_batch(batch),
+        precision=precision,
+        tensorrt=tensorrt,
+        force=force or overwrite,
+        simplify=not no_simplify,
+        model_name=model,
+        weights=weights,
+        img_size=img_size,
+        images_dir=images,
+        progress=_progress(json_out),
+        target=target,
+        accuracy_limit=parse_count(accuracy_images),
+        calibration=calibration,
+        calibration_method=calibration_method,
+        calibration_data=calibration_data,
+    )
     if json_out:
         print_json(report.to_json())
         return
@@ -57,10 +146,16 @@ def merge_export(
 def bundle_items(report) -> dict[str, str]:
     """What merge-export wrote, for people: directory, status, target readiness, files, TensorRT, step times."""
     files = sorted(p.name for p in report.out_dir.iterdir())
-    target_line = (f"{report.target.requested or report.target.name} (TensorRT >= {report.target.tensorrt_min}): "
-                   + ("TensorRT-ready" if report.readiness.ok else "NOT TensorRT-ready, see trt_readiness.json"))
-    items = {"directory": str(report.out_dir), "status": report.status, "target": target_line,
-             "files": ", ".join(files), "tensorrt": report.tensorrt.get("message", "")}
+    target_line = f"{report.target.requested or report.target.name} (TensorRT >= {report.target.tensorrt_min}): " + (
+        "TensorRT-ready" if report.readiness.ok else "NOT TensorRT-ready, see trt_readiness.json"
+    )
+    items = {
+        "directory": str(report.out_dir),
+        "status": report.status,
+        "target": target_line,
+        "files": ", ".join(files),
+        "tensorrt": report.tensorrt.get("message", ""),
+    }
     if report.int8:
         items["int8"] = int8_line(report.int8)
     return {**items, "seconds": ", ".join(f"{k} {v:.1f}" for k, v in report.timings.items())}
@@ -70,32 +165,80 @@ def int8_line(info: dict) -> str:
     """model_int8.onnx in one line: what is quantized, the calibration, and what the fallback kept float."""
     fallback = info.get("fallback") or {}
     floats = info.get("float_nodes") or []
-    kept = f"{len(floats)} kept float ({', '.join(floats[:3])}{' ...' if len(floats) > 3 else ''})" if floats \
+    kept = (
+        f"{len(floats)} kept float ({', '.join(floats[:3])}{' ...' if len(floats) > 3 else ''})"
+        if floats
         else "none kept float"
-    verdict = "" if not fallback.get("ran") else \
-        ("; fallback passed" if fallback.get("passed") else "; fallback found no passing graph")
-    return (f"{info.get('quantized_count')} MatMul/Gemm/Conv quantized, {kept}; {info['calibration']['images']} "
-            f"calibration images ({info.get('method')}); {info['tool']['name'].split(' ')[0]} "
-            f"{info['tool']['version']}{verdict}")
+    )
+    verdict = (
+        ""
+        if not fallback.get("ran")
+        else ("; fallback passed" if fallback.get("passed") else "; fallback found no passing graph")
+    )
+    return (
+        f"{info.get('quantized_count')} MatMul/Gemm/Conv quantized, {kept}; {info['calibration']['images']} "
+        f"calibration images ({info.get('method')}); {info['tool']['name'].split(' ')[0]} "
+        f"{info['tool']['version']}{verdict}"
+    )
 
 
 @handle_errors
 def validate(
-    bundle: Annotated[Path, typer.Argument(help="A bundle directory written by `peftx merge-export`, or the run directory whose bundle/ it is.")],
-    images: Annotated[Optional[Path], typer.Option("--images", help="Real images to check on; labelled as DIR/<class>/..., also the accuracy check's.", show_default="the run's data")] = None,
-    accuracy_images: Annotated[str, typer.Option("--accuracy-images", help="Labelled images the accuracy check measures, 'all', or 0 to skip.")] = "500",
-    adapter: Annotated[Optional[Path], typer.Option("--adapter", help="The run directory / adapter file, if it moved.", show_default="the one metadata.json records")] = None,
+    bundle: Annotated[
+        Path,
+        typer.Argument(
+            help="A bundle directory written by `peftx merge-export`, or the run directory whose bundle/ it is."
+        ),
+    ],
+    images: Annotated[
+        Path | None,
+        typer.Option(
+            "--images",
+            help="Real images to check on; labelled as DIR/<class>/..., also the accuracy check's.",
+            show_default="the run's data",
+        ),
+    ] = None,
+    accuracy_images: Annotated[
+        str, typer.Option("--accuracy-images", help="Labelled images the accuracy check measures, 'all', or 0 to skip.")
+    ] = "500",
+    adapter: Annotated[
+        Path | None,
+        typer.Option(
+            "--adapter",
+            help="The run directory / adapter file, if it moved.",
+            show_default="the one metadata.json records",
+        ),
+    ] = None,
     weights: Weights = None,
     tensorrt: Annotated[str, typer.Option("--tensorrt", help="auto, on or off (check model.engine).")] = "auto",
-    target: Annotated[Optional[str], typer.Option("--target", "-t", help="Check readiness for this deployment target (see `peftx targets`).", show_default="the bundle's own")] = None,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            "--target",
+            "-t",
+            help="Check readiness for this deployment target (see `peftx targets`).",
+            show_default="the bundle's own",
+        ),
+    ] = None,
     json_out: Json = False,
 ) -> None:
-    """Re-check an existing bundle: artifact hashes, TensorRT readiness for its target, the engine's manifest, then parity and accuracy of every artifact against the unmerged model."""
-    from peftx.deploy import bundle_dir, parse_count, validate as run
+    """Re-check an existing bundle: artifact hashes, TensorRT readiness for its target, the engine's manifest, then
+    parity and accuracy of every artifact against the unmerged model.
+    """
+    from peftx.deploy import bundle_dir, parse_count
+    from peftx.deploy import validate as run
 
     bundle = bundle_dir(bundle)  # a run directory: its bundle/
-    report = run(bundle, images_dir=images, adapter=adapter, weights=weights, tensorrt=tensorrt,
-                 progress=_progress(json_out), target=target, accuracy_limit=parse_count(accuracy_images))
+    report = run(
+        bundle,
+        images_dir=images,
+        adapter=adapter,
+        weights=weights,
+        tensorrt=tensorrt,
+        progress=_progress(json_out),
+        target=target,
+        accuracy_limit=parse_count(accuracy_images),
+    )
     if json_out:
         print_json(report.to_json())
         return

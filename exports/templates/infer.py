@@ -50,11 +50,18 @@ EXIT_FAILED, EXIT_INPUT, EXIT_BUNDLE = 1, 2, 3
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # metadata.json of the bundle, when main verifies what loads against it (None: imported as a module, or --no-verify).
 VERIFY_AGAINST: dict | None = None
-RESAMPLE = {} if Image is None else {
-    "nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING,
-}
+RESAMPLE = (
+    {}
+    if Image is None
+    else {
+        "nearest": Image.Resampling.NEAREST,
+        "bilinear": Image.Resampling.BILINEAR,
+        "bicubic": Image.Resampling.BICUBIC,
+        "lanczos": Image.Resampling.LANCZOS,
+        "box": Image.Resampling.BOX,
+        "hamming": Image.Resampling.HAMMING,
+    }
+)
 
 
 def load_image(path: Path) -> Image.Image:
@@ -87,8 +94,10 @@ def verify_artifact(name: str, meta: dict) -> None:
     if problem == "missing from the bundle":
         fail(f"{name} is missing from the bundle {HERE} — copy it from the original bundle")
     if problem:
-        fail(f"{name} is {problem} — copy it again from the original bundle, or pass --no-verify if you changed "
-             "it on purpose")
+        fail(
+            f"{name} is {problem} — copy it again from the original bundle, or pass --no-verify if you changed "
+            "it on purpose"
+        )
 
 
 def image_files(paths: list[Path]) -> list[Path]:
@@ -99,11 +108,15 @@ def image_files(paths: list[Path]) -> list[Path]:
             inside = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
             found = [p for p in inside if p.suffix.lower() in IMAGE_EXTENSIONS]
             if not found:
-                fail(f"{path} holds no image files ({', '.join(IMAGE_EXTENSIONS)}; sub-folders are not searched) — "
-                     "pass image files, or a directory of them", EXIT_INPUT)
+                fail(
+                    f"{path} holds no image files ({', '.join(IMAGE_EXTENSIONS)}; sub-folders are not searched) — "
+                    "pass image files, or a directory of them",
+                    EXIT_INPUT,
+                )
             if len(found) < len(inside):
-                print(f"warning: {path}: skipped {len(inside) - len(found)} file(s) that are not images",
-                      file=sys.stderr)
+                print(
+                    f"warning: {path}: skipped {len(inside) - len(found)} file(s) that are not images", file=sys.stderr
+                )
             files += found
         elif path.is_file():
             files.append(path)
@@ -124,8 +137,11 @@ def read_image(path: Path, *, verify_only: bool = False) -> Image.Image | None:
             image.verify()
         return None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        what = "is not an image PIL can identify" if type(exc).__name__ == "UnidentifiedImageError" else \
-            f"cannot be decoded as an image ({exc})"
+        what = (
+            "is not an image PIL can identify"
+            if type(exc).__name__ == "UnidentifiedImageError"
+            else f"cannot be decoded as an image ({exc})"
+        )
         fail(f"{path} {what} — pass {', '.join(IMAGE_EXTENSIONS)} files", EXIT_INPUT)
 
 
@@ -195,8 +211,7 @@ def _center_crop(image: Image.Image, height: int, width: int, fill: tuple[int, .
 
     if width > image.width or height > image.height:
         pad_w, pad_h = max(width - image.width, 0), max(height - image.height, 0)
-        image = ImageOps.expand(image, border=(pad_w // 2, pad_h // 2, (pad_w + 1) // 2, (pad_h + 1) // 2),
-                                fill=fill)
+        image = ImageOps.expand(image, border=(pad_w // 2, pad_h // 2, (pad_w + 1) // 2, (pad_h + 1) // 2), fill=fill)
         if image.size == (width, height):
             return image
     top = int(round((image.height - height) / 2.0))
@@ -213,8 +228,11 @@ class OnnxBackend:
         try:
             import onnxruntime as ort
         except ImportError:
-            fail("onnxruntime is not installed — pip install onnxruntime (or onnxruntime-gpu), or run the TensorRT "
-                 "engine (./build_engine.sh, then --backend tensorrt)", EXIT_FAILED)
+            fail(
+                "onnxruntime is not installed — pip install onnxruntime (or onnxruntime-gpu), or run the TensorRT "
+                "engine (./build_engine.sh, then --backend tensorrt)",
+                EXIT_FAILED,
+            )
 
         self.name = f"onnxruntime ({path.name}, {precision})"
 
@@ -240,7 +258,9 @@ def read_engine_manifest(path: Path) -> dict | None:
     except FileNotFoundError:
         return None
     except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{Path(path).name} is unreadable ({exc}); rebuild the engine with ./build_engine.sh")
+        raise ValueError(
+            f"{Path(path).name} is unreadable ({exc}); rebuild the engine with ./build_engine.sh"
+        ) from None
     if manifest.get("format") != MANIFEST_FORMAT:
         raise ValueError(f"{Path(path).name} is not a {MANIFEST_FORMAT}; rebuild the engine with ./build_engine.sh")
     return manifest
@@ -278,17 +298,24 @@ def engine_problems(manifest: dict, here: dict) -> tuple[list[str], list[str]]:
     if not have:
         refusals.append("TensorRT is not installed here")
     elif built != have:
-        refusals.append(f"TensorRT {manifest.get('tensorrt_version')} built it, this machine has "
-                        f"{here.get('tensorrt_version')}")
+        refusals.append(
+            f"TensorRT {manifest.get('tensorrt_version')} built it, this machine has {here.get('tensorrt_version')}"
+        )
     m_gpu, h_gpu = manifest.get("gpu") or {}, here.get("gpu") or {}
     if not m_gpu.get("compute_capability"):
-        warnings.append(f"{MANIFEST_FILE} does not say which GPU built the engine: it cannot be checked against this one")
+        warnings.append(
+            f"{MANIFEST_FILE} does not say which GPU built the engine: it cannot be checked against this one"
+        )
     elif h_gpu.get("compute_capability") and m_gpu.get("compute_capability") != h_gpu.get("compute_capability"):
-        refusals.append(f"it was built for compute capability {m_gpu.get('compute_capability')} "
-                        f"({m_gpu.get('name')}), this GPU is {h_gpu.get('compute_capability')} ({h_gpu.get('name')})")
+        refusals.append(
+            f"it was built for compute capability {m_gpu.get('compute_capability')} "
+            f"({m_gpu.get('name')}), this GPU is {h_gpu.get('compute_capability')} ({h_gpu.get('name')})"
+        )
     elif h_gpu.get("name") and m_gpu.get("name") and m_gpu.get("name") != h_gpu.get("name"):
-        warnings.append(f"model.engine was built on {m_gpu.get('name')}, this GPU is {h_gpu.get('name')} (same "
-                        "compute capability: it loads, but rebuild it here for full speed)")
+        warnings.append(
+            f"model.engine was built on {m_gpu.get('name')}, this GPU is {h_gpu.get('name')} (same "
+            "compute capability: it loads, but rebuild it here for full speed)"
+        )
     m_l4t, h_l4t = (manifest.get("jetson") or {}).get("l4t"), (here.get("jetson") or {}).get("l4t")
     if m_l4t and h_l4t and m_l4t != h_l4t:
         warnings.append(f"model.engine was built on L4T {m_l4t}, this Jetson runs L4T {h_l4t}")
@@ -297,16 +324,21 @@ def engine_problems(manifest: dict, here: dict) -> tuple[list[str], list[str]]:
     if manifest.get("engine_sha256") and digests.get(engine_name) not in (None, manifest["engine_sha256"]):
         refusals.append(f"{engine_name} is not the engine {MANIFEST_FILE} describes (sha256 differs)")
     source = manifest.get("source_onnx")
-    if source and manifest.get("source_onnx_sha256") and digests.get(source) not in (None,
-                                                                                   manifest["source_onnx_sha256"]):
+    if (
+        source
+        and manifest.get("source_onnx_sha256")
+        and digests.get(source) not in (None, manifest["source_onnx_sha256"])
+    ):
         refusals.append(f"it was built from another {source} (sha256 differs)")
     return refusals, warnings
 
 
 def refusal_line(manifest: dict, here: dict, refusals: list[str]) -> str:
     """The one line shown when an engine is refused: what it was built for, what is here, how to fix it."""
-    return (f"{manifest.get('engine', 'model.engine')} was built for {_describe(manifest)}; this machine has "
-            f"{_describe(here)} ({'; '.join(refusals)}) — rebuild it here with ./build_engine.sh")
+    return (
+        f"{manifest.get('engine', 'model.engine')} was built for {_describe(manifest)}; this machine has "
+        f"{_describe(here)} ({'; '.join(refusals)}) — rebuild it here with ./build_engine.sh"
+    )
 
 
 def parse_l4t(text: str) -> str | None:
@@ -354,9 +386,11 @@ def device_facts() -> dict:
     cudart = _cudart()
     props = _cuda(cudart.cudaGetDeviceProperties(0))
     name = props.name.decode("utf-8", "replace") if isinstance(props.name, bytes) else str(props.name)
-    return {"tensorrt_version": str(trt.__version__),
-            "gpu": {"name": name.split("\0")[0].strip(), "compute_capability": f"{props.major}.{props.minor}"},
-            "jetson": jetson_facts()}
+    return {
+        "tensorrt_version": str(trt.__version__),
+        "gpu": {"name": name.split("\0")[0].strip(), "compute_capability": f"{props.major}.{props.minor}"},
+        "jetson": jetson_facts(),
+    }
 
 
 def _sha256(path: Path) -> str:
@@ -384,8 +418,10 @@ def check_engine(engine: Path, facts=device_facts) -> None:
     except ValueError as exc:
         sys.exit(f"infer.py: {exc}")
     if manifest is None:
-        print(f"warning: no {MANIFEST_FILE} beside {engine.name}: cannot check it was built on this machine",
-              file=sys.stderr)
+        print(
+            f"warning: no {MANIFEST_FILE} beside {engine.name}: cannot check it was built on this machine",
+            file=sys.stderr,
+        )
         return
     here = dict(facts())
     names = {manifest.get("engine", engine.name), manifest.get("source_onnx")}
@@ -412,8 +448,10 @@ class TensorRTBackend:
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
-            sys.exit(f"infer.py: {path.name} does not load here (engines are tied to one GPU and TensorRT version) "
-                     "— rebuild it with ./build_engine.sh")
+            sys.exit(
+                f"infer.py: {path.name} does not load here (engines are tied to one GPU and TensorRT version) "
+                "— rebuild it with ./build_engine.sh"
+            )
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
@@ -425,14 +463,16 @@ class TensorRTBackend:
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         n = len(batch)
         if n > self.max_batch:
-            return np.concatenate([self(batch[i:i + self.max_batch]) for i in range(0, n, self.max_batch)])
+            return np.concatenate([self(batch[i : i + self.max_batch]) for i in range(0, n, self.max_batch)])
         if n < self.min_batch:  # the engine's profile starts above the batch: pad, then drop the padding
             batch = np.concatenate([batch] + [batch[-1:]] * (self.min_batch - n))
         trt, cudart = self.trt, self.cudart
         x = np.ascontiguousarray(batch, dtype=trt.nptype(self.engine.get_tensor_dtype(self.input_name)))
         self.context.set_input_shape(self.input_name, tuple(x.shape))
-        out = np.empty(tuple(self.context.get_tensor_shape(self.output_name)),
-                       dtype=trt.nptype(self.engine.get_tensor_dtype(self.output_name)))
+        out = np.empty(
+            tuple(self.context.get_tensor_shape(self.output_name)),
+            dtype=trt.nptype(self.engine.get_tensor_dtype(self.output_name)),
+        )
         d_in, d_out = _cuda(cudart.cudaMalloc(x.nbytes)), _cuda(cudart.cudaMalloc(out.nbytes))
         try:
             _cuda(cudart.cudaMemcpy(d_in, x.ctypes.data, x.nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice))
@@ -441,8 +481,7 @@ class TensorRTBackend:
             if not self.context.execute_async_v3(self.stream):
                 raise RuntimeError("TensorRT execution failed")
             _cuda(cudart.cudaStreamSynchronize(self.stream))
-            _cuda(cudart.cudaMemcpy(out.ctypes.data, d_out, out.nbytes,
-                                    cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost))
+            _cuda(cudart.cudaMemcpy(out.ctypes.data, d_out, out.nbytes, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost))
         finally:
             cudart.cudaFree(d_in)
             cudart.cudaFree(d_out)
@@ -482,19 +521,25 @@ def pick_backend(choice: str, meta: dict, facts=device_facts, precision: str | N
     """The backend for ``choice`` (auto | onnx | tensorrt) running the artifact of ``precision`` (None: see above)."""
     engine = HERE / "model.engine"
     if precision is not None and precision not in precisions(meta):
-        sys.exit(f"infer.py: this bundle has no {precision} model — choose --precision "
-                 f"{' or '.join(precisions(meta)) or 'fp32'}")
+        sys.exit(
+            f"infer.py: this bundle has no {precision} model — choose --precision "
+            f"{' or '.join(precisions(meta)) or 'fp32'}"
+        )
     built = engine_precision(engine) if engine.exists() else None
     engine_fits = precision is None or built == precision
     if choice == "tensorrt" or (choice == "auto" and engine.exists() and engine_fits and tensorrt_usable()):
         if not engine.exists():
             sys.exit("infer.py: model.engine is missing — build it on this device with ./build_engine.sh")
         if not engine_fits:
-            sys.exit(f"infer.py: model.engine was built at {built or 'an unknown precision'}, not {precision} — "
-                     f"rebuild it with ./build_engine.sh {precision}, or use --backend onnx")
+            sys.exit(
+                f"infer.py: model.engine was built at {built or 'an unknown precision'}, not {precision} — "
+                f"rebuild it with ./build_engine.sh {precision}, or use --backend onnx"
+            )
         if not tensorrt_usable():
-            sys.exit("infer.py: --backend tensorrt needs the tensorrt and cuda-python packages and a GPU — "
-                     "install them (pip install cuda-python) or use --backend onnx")
+            sys.exit(
+                "infer.py: --backend tensorrt needs the tensorrt and cuda-python packages and a GPU — "
+                "install them (pip install cuda-python) or use --backend onnx"
+            )
         check_engine(engine, facts)
         return TensorRTBackend(engine)
     chosen = precision or meta.get("precision") or "fp32"
@@ -545,8 +590,10 @@ def compare_outputs(expected: np.ndarray, actual: np.ndarray, tol: dict) -> tupl
         failures.append(f"top-1 agreement {100 * top1:.1f} % < {100 * float(tol['min_top1']):g} %")
     if cosine < float(tol["min_cosine"]):
         failures.append(f"cosine {cosine:.6f} < {tol['min_cosine']}")
-    figures = (f"max |Δ| {max_abs:.2e} (bound {bound:.2e}), worst cosine {cosine:.6f}, "
-               f"top-1 agreement {100 * top1:.1f} % ({tol['name']})")
+    figures = (
+        f"max |Δ| {max_abs:.2e} (bound {bound:.2e}), worst cosine {cosine:.6f}, "
+        f"top-1 agreement {100 * top1:.1f} % ({tol['name']})"
+    )
     return failures, figures
 
 
@@ -567,27 +614,49 @@ def _check_targets(meta: dict, choice: str, precision: str | None) -> tuple[list
                 notes.append(f"{name}: not checked (onnxruntime is not installed)")
                 continue
             required = precision is not None or prec in ("fp32", meta.get("precision"))
-            targets.append((f"{prec} {name} (onnxruntime)", [name],
-                            lambda name=name, prec=prec: OnnxBackend(HERE / name, prec), prec, required))
+            targets.append(
+                (
+                    f"{prec} {name} (onnxruntime)",
+                    [name],
+                    lambda name=name, prec=prec: OnnxBackend(HERE / name, prec),
+                    prec,
+                    required,
+                )
+            )
     engine = HERE / "model.engine"
     if choice in ("auto", "tensorrt"):
         built = engine_precision(engine) if engine.exists() else None
         source = (_manifest_or_none(engine.with_name(MANIFEST_FILE)) or {}).get("source_onnx")
         if not engine.exists():
-            (targets.append(("model.engine", [], None, None, True)) if choice == "tensorrt" else
-             notes.append("model.engine: not checked (not built here: ./build_engine.sh builds it)"))
+            (
+                targets.append(("model.engine", [], None, None, True))
+                if choice == "tensorrt"
+                else notes.append("model.engine: not checked (not built here: ./build_engine.sh builds it)")
+            )
         elif precision and built != precision:
             notes.append(f"model.engine: not checked (built at {built or 'an unknown precision'}, not {precision})")
         elif not tensorrt_usable():
             what = "not checked (needs tensorrt, cuda-python and a GPU)"
-            (targets.append((f"model.engine: {what}", [], None, None, True)) if choice == "tensorrt" else
-             notes.append(f"model.engine: {what}"))
+            (
+                targets.append((f"model.engine: {what}", [], None, None, True))
+                if choice == "tensorrt"
+                else notes.append(f"model.engine: {what}")
+            )
         else:
+
             def make(engine=engine):
                 check_engine(engine)  # another GPU / TensorRT than the engine was built for: refused, one line
                 return TensorRTBackend(engine)
-            targets.append((f"{built or 'unknown precision'} model.engine (tensorrt)", [source] if source else [],
-                            make, f"tensorrt_{built or meta.get('precision') or 'fp32'}", True))
+
+            targets.append(
+                (
+                    f"{built or 'unknown precision'} model.engine (tensorrt)",
+                    [source] if source else [],
+                    make,
+                    f"tensorrt_{built or meta.get('precision') or 'fp32'}",
+                    True,
+                )
+            )
     return targets, notes
 
 
@@ -607,8 +676,10 @@ def _check_preprocessing(data, meta: dict, ref: dict) -> tuple[bool | None, str]
     bound = float(ref["preprocessing_atol"])
     import PIL
 
-    return worst <= bound, (f"preprocessing: {len(names)} raw files through Pillow {PIL.__version__} + numpy "
-                            f"{np.__version__}: max |Δ| {worst:.2e} (bound {bound:.0e})")
+    return worst <= bound, (
+        f"preprocessing: {len(names)} raw files through Pillow {PIL.__version__} + numpy "
+        f"{np.__version__}: max |Δ| {worst:.2e} (bound {bound:.0e})"
+    )
 
 
 def check_bundle(meta: dict, choice: str = "auto", precision: str | None = None, verify: bool = True) -> int:
@@ -626,8 +697,10 @@ def check_bundle(meta: dict, choice: str = "auto", precision: str | None = None,
         data = {key: npz[key] for key in npz.files}
     inputs, expected, labels = data["inputs"], data["reference_logits"], data["labels"]
     known = labels >= 0
-    print(f"reference set: {len(inputs)} real images ({ref.get('source', 'unknown source')}) with the unmerged "
-          f"model's outputs{'' if verify else '; sha256 NOT verified (--no-verify)'}")
+    print(
+        f"reference set: {len(inputs)} real images ({ref.get('source', 'unknown source')}) with the unmerged "
+        f"model's outputs{'' if verify else '; sha256 NOT verified (--no-verify)'}"
+    )
     failed, checked = [], 0
     passed, line = _check_preprocessing(data, meta, ref)
     print(f"{'skip' if passed is None else 'PASS' if passed else 'FAIL'}  {line}")
@@ -645,7 +718,7 @@ def check_bundle(meta: dict, choice: str = "auto", precision: str | None = None,
         figures = ""
         if not problems:
             backend = make()
-            actual = np.concatenate([backend(inputs[i:i + chunk]) for i in range(0, len(inputs), chunk)])
+            actual = np.concatenate([backend(inputs[i : i + chunk]) for i in range(0, len(inputs), chunk)])
             problems, figures = compare_outputs(expected, actual, tol)
             if known.any():
                 accuracy = float((actual.argmax(axis=1) == labels)[known].mean())
@@ -662,8 +735,11 @@ def check_bundle(meta: dict, choice: str = "auto", precision: str | None = None,
     if not checked:
         engine_built = engine_precision(HERE / "model.engine")
         lacking = precision and precision not in precisions(meta) and engine_built != precision
-        why = f"this bundle has no {precision} artifact to run here" if lacking else \
-            "no artifact could be checked here (install onnxruntime, or tensorrt + cuda-python)"
+        why = (
+            f"this bundle has no {precision} artifact to run here"
+            if lacking
+            else "no artifact could be checked here (install onnxruntime, or tensorrt + cuda-python)"
+        )
         print(f"check FAILED: {why}")
         return EXIT_FAILED
     if failed:
@@ -678,13 +754,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="*", type=Path, help="image files, or directories of them")
     parser.add_argument("--backend", choices=("auto", "onnx", "tensorrt"), default="auto")
-    parser.add_argument("--precision", choices=tuple(PRECISION_ARTIFACTS), default=None,
-                        help="which artifact runs [default: the bundle's precision; model.engine as built]")
+    parser.add_argument(
+        "--precision",
+        choices=tuple(PRECISION_ARTIFACTS),
+        default=None,
+        help="which artifact runs [default: the bundle's precision; model.engine as built]",
+    )
     parser.add_argument("--top", type=int, default=5)
-    parser.add_argument("--check", action="store_true",
-                        help="run every artifact here on the shipped reference set and print pass/fail")
-    parser.add_argument("--no-verify", action="store_true",
-                        help="run artifacts whose sha256 differs from metadata.json (files changed on purpose)")
+    parser.add_argument(
+        "--check", action="store_true", help="run every artifact here on the shipped reference set and print pass/fail"
+    )
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="run artifacts whose sha256 differs from metadata.json (files changed on purpose)",
+    )
     args = parser.parse_args(argv)
     if args.check == bool(args.images):
         parser.error("give image files or directories to classify, or --check (not both)")

@@ -54,8 +54,9 @@ class ModelSpec:
         from ..backbones import create_backbone
 
         size = (self.train_img_size or self.img_size) if train else self.img_size
-        model = create_backbone(self.name, num_classes=num_classes, pretrained=self.pretrained, img_size=size,
-                                **dict(self.kwargs))
+        model = create_backbone(
+            self.name, num_classes=num_classes, pretrained=self.pretrained, img_size=size, **dict(self.kwargs)
+        )
         return model.eval()
 
 
@@ -66,13 +67,24 @@ def _demo_model() -> str:
 
 
 MODELS: dict[str, ModelSpec] = {
-    "vit_s14": ModelSpec("vit_s14", _demo_model(), "ViT-S/14 DINOv2 (real demo weights)", pretrained=True,
-                         img_size=224, train_img_size=112),
+    "vit_s14": ModelSpec(
+        "vit_s14",
+        _demo_model(),
+        "ViT-S/14 DINOv2 (real demo weights)",
+        pretrained=True,
+        img_size=224,
+        train_img_size=112,
+    ),
     "vit_b16": ModelSpec("vit_b16", "vit_base_patch16_224", "ViT-B/16 (random init)", train_img_size=112),
     "swin_t": ModelSpec("swin_t", "swin_tiny_patch4_window7_224", "Swin-T (random init)", ort_model_type="swin"),
     # smoke runs only (the GPU check's CPU mode): milliseconds per step on 2 cores
-    "tiny": ModelSpec("tiny", "vit_tiny_patch16_224", "ViT-Ti/16 depth 2 (random init; smoke runs)", img_size=64,
-                      kwargs=(("depth", 2),)),
+    "tiny": ModelSpec(
+        "tiny",
+        "vit_tiny_patch16_224",
+        "ViT-Ti/16 depth 2 (random init; smoke runs)",
+        img_size=64,
+        kwargs=(("depth", 2),),
+    ),
 }
 # --dtype: the precision the PyTorch variants run in (weights and inputs cast); the matmul peak is measured in it.
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -130,10 +142,23 @@ class BenchConfig:
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:
         """A couple of minutes on 2 cores: ViT-S only, two adapter variants, tiny repetition counts."""
-        base: dict[str, Any] = dict(models=("vit_s14",), batches=(1, 8), methods=("rlrr", "lora"), train_models=("vit_s14",),
-                    export_models=("vit_s14",), min_rounds=2, max_rounds=8, budget_s=4.0, train_rounds=2,
-                    train_budget_s=4.0, memory_steps=1, delta_reps=3, profile_steps=1, matmul_reps=5,
-                    quick_preset=True)
+        base: dict[str, Any] = dict(
+            models=("vit_s14",),
+            batches=(1, 8),
+            methods=("rlrr", "lora"),
+            train_models=("vit_s14",),
+            export_models=("vit_s14",),
+            min_rounds=2,
+            max_rounds=8,
+            budget_s=4.0,
+            train_rounds=2,
+            train_budget_s=4.0,
+            memory_steps=1,
+            delta_reps=3,
+            profile_steps=1,
+            matmul_reps=5,
+            quick_preset=True,
+        )
         base.update(overrides)
         return cls(**base)
 

@@ -52,20 +52,25 @@ def run_benchmarks(cfg: BenchConfig, progress: Progress | None = None) -> dict[s
         if device.type == "cpu":
             results["contention_start"] = contention_probe(threads)
         if "inference" in cfg.suites:
-            results["inference"] = [bench_inference(cfg.spec(k), cfg, threads=threads, device=device,
-                                                    work_dir=work, progress=say) for k in cfg.models]
+            results["inference"] = [
+                bench_inference(cfg.spec(k), cfg, threads=threads, device=device, work_dir=work, progress=say)
+                for k in cfg.models
+            ]
         if "training" in cfg.suites:
-            results["training"] = [bench_training(cfg.train_spec(k), cfg, threads=threads, device=device, progress=say)
-                                   for k in cfg.train_models]
+            results["training"] = [
+                bench_training(cfg.train_spec(k), cfg, threads=threads, device=device, progress=say)
+                for k in cfg.train_models
+            ]
         if "profile" in cfg.suites:
-            results["profile"] = [bench_profile(cfg.train_spec(k), cfg, device=device, progress=say)
-                                  for k in cfg.train_models]
+            results["profile"] = [
+                bench_profile(cfg.train_spec(k), cfg, device=device, progress=say) for k in cfg.train_models
+            ]
         if "export" in cfg.suites:
-            results["export"] = [bench_export(cfg.spec(k), cfg, threads=threads, work_dir=work, progress=say)
-                                 for k in cfg.export_models]
+            results["export"] = [
+                bench_export(cfg.spec(k), cfg, threads=threads, work_dir=work, progress=say) for k in cfg.export_models
+            ]
         say("matmul peak again (end of run)")
-        results["peak_end"] = [matmul_peak(cfg.matmul_n, reps=cfg.matmul_reps, device=device,
-                                           dtype=DTYPES[cfg.dtype])]
+        results["peak_end"] = [matmul_peak(cfg.matmul_n, reps=cfg.matmul_reps, device=device, dtype=DTYPES[cfg.dtype])]
         if device.type == "cpu":
             results["contention_end"] = contention_probe(threads)
     results["environment"]["loadavg_end"] = loadavg()
@@ -76,13 +81,19 @@ def run_benchmarks(cfg: BenchConfig, progress: Progress | None = None) -> dict[s
 
 def finalize(results: dict[str, Any]) -> dict[str, Any]:
     """Peak = best torch sgemm of the run (start/end); add % of peak to every inference row; evaluate targets."""
-    torch_peaks = [p["gflops"] for p in results.get("peak_start", []) + results.get("peak_end", [])
-                   if p["backend"].startswith("torch")]
+    torch_peaks = [
+        p["gflops"]
+        for p in results.get("peak_start", []) + results.get("peak_end", [])
+        if p["backend"].startswith("torch")
+    ]
     all_peaks = [p for p in results.get("peak_start", []) + results.get("peak_end", [])]
     peak = max(torch_peaks) if torch_peaks else None
     dtypes = sorted({p["dtype"] for p in all_peaks if p["backend"].startswith("torch")})
-    results["peak"] = {"gflops": peak, "basis": f"best torch.mm {'/'.join(dtypes)} GEMM of this run (start and end)",
-                       "all": all_peaks}
+    results["peak"] = {
+        "gflops": peak,
+        "basis": f"best torch.mm {'/'.join(dtypes)} GEMM of this run (start and end)",
+        "all": all_peaks,
+    }
     for model in results.get("inference", []):
         for row in model["rows"]:
             row["pct_peak"] = 100.0 * row["gflops"] / peak if peak and row.get("gflops") else None
@@ -100,45 +111,84 @@ def evaluate_targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     targets: list[dict[str, Any]] = []
 
     def add(target: str, where: str, value: str, met: bool | None, rounds: int | None) -> None:
-        targets.append({"target": target, "where": where, "value": value, "met": met, "rounds": rounds,
-                        "indicative": rounds is not None and rounds < VERDICT_MIN_ROUNDS})
+        targets.append(
+            {
+                "target": target,
+                "where": where,
+                "value": value,
+                "met": met,
+                "rounds": rounds,
+                "indicative": rounds is not None and rounds < VERDICT_MIN_ROUNDS,
+            }
+        )
 
     for model in results.get("inference", []):
         for r in model["ratios"]:
             if r["ratio"] == "merged/plain":
-                add(f"merged <= {MERGED_OVER_PLAIN_MAX}x plain latency", f"{r['model']} b{r['batch']} {r['backend']}",
-                    f"{r['value']:.3f}x", r["met"], _rounds(model, r["batch"]))
+                add(
+                    f"merged <= {MERGED_OVER_PLAIN_MAX}x plain latency",
+                    f"{r['model']} b{r['batch']} {r['backend']}",
+                    f"{r['value']:.3f}x",
+                    r["met"],
+                    _rounds(model, r["batch"]),
+                )
         if model["model"] != "vit_b16":
             continue
         rows = {(row["batch"], row["backend"], row["variant"]): row for row in model["rows"]}
         for batch in sorted({row["batch"] for row in model["rows"]}):
-            ort_rows = [rows[k] for k in ((batch, "ort", "merged"), (batch, "ort-fused", "merged"))
-                        if k in rows and rows[k]["valid"]]
+            ort_rows = [
+                rows[k]
+                for k in ((batch, "ort", "merged"), (batch, "ort-fused", "merged"))
+                if k in rows and rows[k]["valid"]
+            ]
             eager = rows.get((batch, "eager", "merged"))
             if not ort_rows:
                 continue
             best = min(ort_rows, key=lambda row: row["p50_ms"])
             pct = best.get("pct_peak")
             pct_min = 100 * ORT_PEAK_FRACTION_MIN
-            add(f"ONNX Runtime FP32 ViT-B/16 >= {pct_min:.0f}% of matmul peak", f"b{batch} {best['backend']}",
+            add(
+                f"ONNX Runtime FP32 ViT-B/16 >= {pct_min:.0f}% of matmul peak",
+                f"b{batch} {best['backend']}",
                 f"{pct:.1f}% ({best['gflops']:.0f} GFLOP/s)" if pct is not None else "n/a",
-                bool(pct is not None and pct >= 100 * ORT_PEAK_FRACTION_MIN), _rounds(model, batch))
+                bool(pct is not None and pct >= 100 * ORT_PEAK_FRACTION_MIN),
+                _rounds(model, batch),
+            )
             if eager:
-                add("ONNX Runtime faster than PyTorch eager (merged ViT-B/16)", f"b{batch} {best['backend']}",
-                    f"{best['p50_ms']:.1f} ms vs {eager['p50_ms']:.1f} ms", bool(best["p50_ms"] < eager["p50_ms"]),
-                    _rounds(model, batch))
+                add(
+                    "ONNX Runtime faster than PyTorch eager (merged ViT-B/16)",
+                    f"b{batch} {best['backend']}",
+                    f"{best['p50_ms']:.1f} ms vs {eager['p50_ms']:.1f} ms",
+                    bool(best["p50_ms"] < eager["p50_ms"]),
+                    _rounds(model, batch),
+                )
     for model in results.get("training", []):
         rounds = (model.get("timing") or {}).get("rounds")
         for r in model["ratios"]:
             if not r["targeted"]:
                 continue
-            add("step time <= full fine-tuning", f"{r['model']} {r['method']}", f"{r['step_time_vs_full']:.3f}x",
-                r["step_time_met"], rounds)
-            add("peak training memory below full fine-tuning", f"{r['model']} {r['method']}",
-                f"{r['peak_memory_vs_full']:.3f}x", r["memory_met"], None)  # memory is measured, not timed
+            add(
+                "step time <= full fine-tuning",
+                f"{r['model']} {r['method']}",
+                f"{r['step_time_vs_full']:.3f}x",
+                r["step_time_met"],
+                rounds,
+            )
+            add(
+                "peak training memory below full fine-tuning",
+                f"{r['model']} {r['method']}",
+                f"{r['peak_memory_vs_full']:.3f}x",
+                r["memory_met"],
+                None,
+            )  # memory is measured, not timed
     for model in results.get("export", []):
-        add(f"merge + ONNX export < {EXPORT_SECONDS_MAX:.0f} s", model["model"],
-            f"{model['merge_plus_export_s']:.1f} s", model["met"], None)
+        add(
+            f"merge + ONNX export < {EXPORT_SECONDS_MAX:.0f} s",
+            model["model"],
+            f"{model['merge_plus_export_s']:.1f} s",
+            model["met"],
+            None,
+        )
     return targets
 
 

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 
-def count_flops(model: nn.Module, input_size: Sequence[int], *, batch: int = 1,
-                device: torch.device | str = "cpu") -> float:
+def count_flops(
+    model: nn.Module, input_size: Sequence[int], *, batch: int = 1, device: torch.device | str = "cpu"
+) -> float:
     """FLOPs per image of one forward (GEMM/conv/attention matmuls; 1 MAC = 2 FLOPs), counted by FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
 

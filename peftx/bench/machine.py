@@ -40,11 +40,16 @@ def physical_cores() -> int:
 
 def environment(threads: int, device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {
-        "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-        "cpu": _cpu_name(), "logical_cpus": os.cpu_count(), "physical_cores": physical_cores(),
-        "threads": threads, "device": str(device),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "logical_cpus": os.cpu_count(),
+        "physical_cores": physical_cores(),
+        "threads": threads,
+        "device": str(device),
         "thread_settings": f"torch.set_num_threads({threads}); onnxruntime intra_op_num_threads={threads}, "
-                           "inter_op_num_threads=1, ORT_SEQUENTIAL, ORT_ENABLE_ALL",
+        "inter_op_num_threads=1, ORT_SEQUENTIAL, ORT_ENABLE_ALL",
         "loadavg_start": loadavg(),
     }
     for mod in ("timm", "onnx", "onnxruntime", "onnxslim"):

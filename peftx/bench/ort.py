@@ -35,10 +35,12 @@ def ort_session_options(threads: int, *, level: str = "all", spinning: bool = Tr
     benchmarks time the same runner the bundle's parity checks use, only with the threads pinned."""
     import onnxruntime as ort
 
-    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    levels = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
     so = ort.SessionOptions()
     so.graph_optimization_level = levels[level]
     so.intra_op_num_threads = threads
@@ -59,8 +61,9 @@ def ort_providers(device: torch.device) -> tuple[str, ...]:
     return ("CPUExecutionProvider",)
 
 
-def optimize_for_ort(src: str | Path, dst: str | Path, *, model_type: str, num_heads: int = 0,
-                     hidden_size: int = 0) -> dict[str, Any]:
+def optimize_for_ort(
+    src: str | Path, dst: str | Path, *, model_type: str, num_heads: int = 0, hidden_size: int = 0
+) -> dict[str, Any]:
     """Run ``onnxruntime.transformers.optimizer.optimize_model`` (attention/LayerNorm/GELU fusion); returns stats.
 
     Never raises: a model the optimizer cannot handle gives ``{"ok": False, "reason": ...}``.

@@ -33,8 +33,12 @@ def plot_results(results: Mapping[str, Any], path: str | Path) -> bool:
         i += 1
         rows = [r for r in model["rows"] if r["batch"] == batch]
         labels = [f"{r['backend']}\n{r['variant']}" for r in rows]
-        ax.bar(range(len(rows)), [r["p50_ms"] for r in rows], color=[colors.get(r["backend"], "grey") for r in rows],
-               hatch=None)
+        ax.bar(
+            range(len(rows)),
+            [r["p50_ms"] for r in rows],
+            color=[colors.get(r["backend"], "grey") for r in rows],
+            hatch=None,
+        )
         for j, r in enumerate(rows):
             if not r["valid"]:
                 ax.text(j, r["p50_ms"], "invalid", ha="center", va="bottom", fontsize=7, color="red")
@@ -54,8 +58,8 @@ def plot_results(results: Mapping[str, Any], path: str | Path) -> bool:
         ax.grid(axis="y", alpha=0.3)
         ax = axes[i]
         i += 1
-        ax.bar(names, [r["peak_delta_bytes"] / 2 ** 20 for r in rows], color="tab:brown", label="peak Δ")
-        ax.bar(names, [r["optimizer_state_bytes"] / 2 ** 20 for r in rows], color="tab:gray", label="AdamW state")
+        ax.bar(names, [r["peak_delta_bytes"] / 2**20 for r in rows], color="tab:brown", label="peak Δ")
+        ax.bar(names, [r["optimizer_state_bytes"] / 2**20 for r in rows], color="tab:gray", label="AdamW state")
         ax.set(ylabel="MiB", title=f"{model['model']} training peak memory")
         ax.legend(fontsize=7)
         ax.grid(axis="y", alpha=0.3)

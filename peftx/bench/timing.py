@@ -55,10 +55,19 @@ class Timing:
         return {"rounds": self.rounds, "discarded_rounds": self.discarded, "contended": self.contended}
 
 
-def timed_rounds(fns: Mapping[str, Callable[[], Any]], *, warmup: int = 1, min_rounds: int = 3,
-                 max_rounds: int = 30, budget_s: float = 10.0, sync: Callable[[], None] | None = None,
-                 settle_s: float = 0.0, seed: int = 0, guard: ContentionGuard | None = None,
-                 max_wall_s: float | None = None) -> Timing:
+def timed_rounds(
+    fns: Mapping[str, Callable[[], Any]],
+    *,
+    warmup: int = 1,
+    min_rounds: int = 3,
+    max_rounds: int = 30,
+    budget_s: float = 10.0,
+    sync: Callable[[], None] | None = None,
+    settle_s: float = 0.0,
+    seed: int = 0,
+    guard: ContentionGuard | None = None,
+    max_wall_s: float | None = None,
+) -> Timing:
     """Seconds per call of every function, measured in rounds: each round runs every function once, in a fresh
     random order (seeded), so no variant always follows the same neighbour.
 
@@ -83,6 +92,7 @@ def timed_rounds(fns: Mapping[str, Callable[[], Any]], *, warmup: int = 1, min_r
     every: dict[str, list[float]] = {n: [] for n in names}
     spent, kept, total, started = 0.0, 0, 0, time.perf_counter()
     limit = max_wall_s
+
     def probe() -> bool:
         if guard is None:
             return True
@@ -141,17 +151,29 @@ def contention_probe(threads: int, *, reps: int = 50) -> dict[str, Any]:
                 torch.mul(a, b)
             out[n] = (time.perf_counter() - t0) / reps * 1e3
     ratio = out[threads] / out[1]
-    return {"op": "mul 1536x384 fp32", f"ms_{threads}_threads": out[threads], "ms_1_thread": out[1],
-            "ratio": ratio, "contended": bool(threads > 1 and ratio > 3.0), "loadavg": loadavg()}
+    return {
+        "op": "mul 1536x384 fp32",
+        f"ms_{threads}_threads": out[threads],
+        "ms_1_thread": out[1],
+        "ratio": ratio,
+        "contended": bool(threads > 1 and ratio > 3.0),
+        "loadavg": loadavg(),
+    }
 
 
 def latency_stats(times: Sequence[float], batch: int, flops_per_image: float | None) -> dict[str, Any]:
     """p50/p90/p99/mean in ms, images/s at p50, achieved GFLOP/s at p50 (of ``flops_per_image``)."""
     a = np.asarray(times, dtype=np.float64)
     p50 = float(np.percentile(a, 50))
-    out: dict[str, float | None] = {"n": int(a.size), "p50_ms": 1e3 * p50, "p90_ms": 1e3 * float(np.percentile(a, 90)),
-           "p99_ms": 1e3 * float(np.percentile(a, 99)), "mean_ms": 1e3 * float(a.mean()),
-           "min_ms": 1e3 * float(a.min()), "images_per_s": batch / p50}
+    out: dict[str, float | None] = {
+        "n": int(a.size),
+        "p50_ms": 1e3 * p50,
+        "p90_ms": 1e3 * float(np.percentile(a, 90)),
+        "p99_ms": 1e3 * float(np.percentile(a, 99)),
+        "mean_ms": 1e3 * float(a.mean()),
+        "min_ms": 1e3 * float(a.min()),
+        "images_per_s": batch / p50,
+    }
     out["gflops"] = flops_per_image * batch / p50 / 1e9 if flops_per_image else None
     return out
 

@@ -15,5 +15,13 @@ from .config import STEPS, GpuCheckConfig
 from .report import summary_tables
 from .run import NEEDS_REAL_WEIGHTS, run_gpu_check
 
-__all__ = ["ASSET_DIR", "ASSET_FILE", "GpuCheckConfig", "NEEDS_REAL_WEIGHTS", "STEPS", "prepare_assets",
-           "run_gpu_check", "summary_tables"]
+__all__ = [
+    "ASSET_DIR",
+    "ASSET_FILE",
+    "GpuCheckConfig",
+    "NEEDS_REAL_WEIGHTS",
+    "STEPS",
+    "prepare_assets",
+    "run_gpu_check",
+    "summary_tables",
+]

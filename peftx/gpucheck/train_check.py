@@ -33,9 +33,29 @@ AMP_RUNS = ("bf16", "fp16")
 REFERENCE_KIND = "peftx gpu-check CPU FP32 reference"
 # What a run computes (resolved from the recipe): the recipe fingerprint covers these TrainConfig fields only, so
 # how a run executes (device, amp, paths, workers) or a field added later with its default does not change it.
-RECIPE_FIELDS = ("model", "pretrained", "model_kwargs", "method", "method_options", "data", "data_overrides", "task",
-                 "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "cooldown_epochs", "min_lr",
-                 "warmup_lr", "dropout", "hflip", "img_size", "seed", "limit_train_batches")
+RECIPE_FIELDS = (
+    "model",
+    "pretrained",
+    "model_kwargs",
+    "method",
+    "method_options",
+    "data",
+    "data_overrides",
+    "task",
+    "epochs",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "warmup_epochs",
+    "cooldown_epochs",
+    "min_lr",
+    "warmup_lr",
+    "dropout",
+    "hflip",
+    "img_size",
+    "seed",
+    "limit_train_batches",
+)
 
 
 def train_plan(ctx: Context) -> dict[str, Any]:
@@ -43,9 +63,20 @@ def train_plan(ctx: Context) -> dict[str, Any]:
     from peftx.backbones import DEMO_MODEL
 
     if ctx.cfg.quick:  # 20 steps of a random tiny ViT, one epoch (one validation pass): the loss falls in seconds
-        return {"model": TINY_ARCH, "weights": str(ctx.weights.path), "model_kwargs": dict(TINY_KW),
-                "img_size": TINY_IMG, "data": "demo", "epochs": 1, "batch_size": 32, "lr": 5e-3,
-                "warmup_epochs": 0.0, "dropout": 0.0, "limit_train_batches": 20, "seed": 42}
+        return {
+            "model": TINY_ARCH,
+            "weights": str(ctx.weights.path),
+            "model_kwargs": dict(TINY_KW),
+            "img_size": TINY_IMG,
+            "data": "demo",
+            "epochs": 1,
+            "batch_size": 32,
+            "lr": 5e-3,
+            "warmup_epochs": 0.0,
+            "dropout": 0.0,
+            "limit_train_batches": 20,
+            "seed": 42,
+        }
     plan: dict[str, Any] = {"model": DEMO_MODEL, "data": "demo", "seed": 42}  # the demo recipe, as `peftx train`
     if ctx.weights.path is not None:
         plan["weights"] = str(ctx.weights.path)
@@ -84,19 +115,36 @@ def run_one(ctx: Context, plan: dict[str, Any], method: str, device: str, amp: s
         cfg = TrainConfig(**plan, method=method, device=device, amp=amp, output=str(run_dir), overwrite=True)
         summary = train(cfg, progress=progress)
     except Exception as exc:  # noqa: BLE001 - recorded and reported; the other runs still go
-        return {"status": "error", "error": error_text(exc), "hint": getattr(exc, "hint", ""), "device": device,
-                "amp": amp, "step_losses": losses, "wall_s": time.perf_counter() - t0}
+        return {
+            "status": "error",
+            "error": error_text(exc),
+            "hint": getattr(exc, "hint", ""),
+            "device": device,
+            "amp": amp,
+            "step_losses": losses,
+            "wall_s": time.perf_counter() - t0,
+        }
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rec = {"status": "ok", "device": summary["device"], "amp": summary["amp"],
-           "test_accuracy": summary["test_accuracy"], "val_accuracy": summary["val_accuracy"],
-           "best_epoch": summary["best_epoch"], "img_per_s": summary["img_per_s"],
-           "train_seconds": summary["train_seconds"], "wall_s": time.perf_counter() - t0,
-           "peak_memory_mb": summary["peak_memory_mb"], "peak_memory_kind": summary["peak_memory_kind"],
-           "trainable_params": summary["trainable_params"], "steps": len(losses),
-           "amp_skipped_steps": summary.get("amp_skipped_steps"),
-           "epochs": [{k: r.get(k) for k in ("epoch", "train_loss", "val_loss", "val_accuracy", "img_per_s")}
-                      for r in history],
-           "step_losses": [round(x, 5) for x in losses]}
+    rec = {
+        "status": "ok",
+        "device": summary["device"],
+        "amp": summary["amp"],
+        "test_accuracy": summary["test_accuracy"],
+        "val_accuracy": summary["val_accuracy"],
+        "best_epoch": summary["best_epoch"],
+        "img_per_s": summary["img_per_s"],
+        "train_seconds": summary["train_seconds"],
+        "wall_s": time.perf_counter() - t0,
+        "peak_memory_mb": summary["peak_memory_mb"],
+        "peak_memory_kind": summary["peak_memory_kind"],
+        "trainable_params": summary["trainable_params"],
+        "steps": len(losses),
+        "amp_skipped_steps": summary.get("amp_skipped_steps"),
+        "epochs": [
+            {k: r.get(k) for k in ("epoch", "train_loss", "val_loss", "val_accuracy", "img_per_s")} for r in history
+        ],
+        "step_losses": [round(x, 5) for x in losses],
+    }
     if amp == "fp16":
         scaler = load_checkpoint(run_dir).scaler or {}
         rec["grad_scale_final"] = scaler.get("scale")  # GradScaler halves it at every overflowing step
@@ -111,8 +159,10 @@ def loss_falls(losses: list[float], ratio: float) -> tuple[bool, str]:
         return False, "a loss was not finite"
     k = max(1, len(losses) // 4)
     first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
-    return last < ratio * first, (f"mean loss {first:.3f} over the first {k} steps -> {last:.3f} over the last "
-                                  f"{k} (x{last / first:.3f}; must be below x{ratio})")
+    return last < ratio * first, (
+        f"mean loss {first:.3f} over the first {k} steps -> {last:.3f} over the last "
+        f"{k} (x{last / first:.3f}; must be below x{ratio})"
+    )
 
 
 def load_reference(path: str | None) -> dict[str, Any] | None:
@@ -122,8 +172,9 @@ def load_reference(path: str | None) -> dict[str, Any] | None:
     return data if data.get("kind") == REFERENCE_KIND else None
 
 
-def pick_reference(recorded: dict[str, Any] | None, method: str, fingerprint: str,
-                   weights_id: str) -> tuple[dict[str, Any] | None, str]:
+def pick_reference(
+    recorded: dict[str, Any] | None, method: str, fingerprint: str, weights_id: str
+) -> tuple[dict[str, Any] | None, str]:
     """The recorded reference entry for ``method`` if it was made with this recipe and these weights."""
     if recorded is None:
         return None, "no recorded reference file"
@@ -144,9 +195,15 @@ def run_train_check(ctx: Context) -> dict[str, Any]:
     fall = TRAIN_LOSS_FALL_QUICK if ctx.cfg.quick else TRAIN_LOSS_FALL
     recorded = None if ctx.cfg.quick else load_reference(ctx.cfg.reference)
     weights_id = ctx.weights.info["sha256"]
-    result: dict[str, Any] = {"plan": {k: v for k, v in plan.items() if k != "weights"}, "device": ctx.device,
-                              "accuracy_points_allowed": points, "loss_fall_ratio": fall,
-                              "reference_file": ctx.cfg.reference, "methods": {}, "checks": []}
+    result: dict[str, Any] = {
+        "plan": {k: v for k, v in plan.items() if k != "weights"},
+        "device": ctx.device,
+        "accuracy_points_allowed": points,
+        "loss_fall_ratio": fall,
+        "reference_file": ctx.cfg.reference,
+        "methods": {},
+        "checks": [],
+    }
     checks = result["checks"]
     for method in ctx.cfg.resolved_methods():
         fingerprint = recipe_fingerprint(plan, method)
@@ -192,9 +249,14 @@ def run_train_check(ctx: Context) -> dict[str, Any]:
             if ref_ok:
                 diff = 100 * (run["test_accuracy"] - ref["test_accuracy"])
                 run["accuracy_vs_reference_points"] = diff
-                checks.append(check(f"{name}/accuracy vs cpu", abs(diff) <= points,
-                                    f"test {100 * run['test_accuracy']:.2f} % vs cpu fp32 "
-                                    f"{100 * ref['test_accuracy']:.2f} % ({diff:+.2f} points, allowed {points})"))
+                checks.append(
+                    check(
+                        f"{name}/accuracy vs cpu",
+                        abs(diff) <= points,
+                        f"test {100 * run['test_accuracy']:.2f} % vs cpu fp32 "
+                        f"{100 * ref['test_accuracy']:.2f} % ({diff:+.2f} points, allowed {points})",
+                    )
+                )
     if ctx.cfg.record_reference:
         path = record_reference(ctx, result, weights_id)
         result["recorded_to"] = str(path)
@@ -205,15 +267,36 @@ def run_train_check(ctx: Context) -> dict[str, Any]:
 def record_reference(ctx: Context, result: dict[str, Any], weights_id: str) -> Path:
     """Write the CPU runs of this step as the reference later GPU runs compare with. Entries an existing file holds
     for other methods (same weights) are kept, so one method can be (re-)recorded alone with --methods."""
-    keep = ("fingerprint", "status", "test_accuracy", "val_accuracy", "best_epoch", "train_seconds", "steps",
-            "epochs", "step_losses", "img_per_s")
+    keep = (
+        "fingerprint",
+        "status",
+        "test_accuracy",
+        "val_accuracy",
+        "best_epoch",
+        "train_seconds",
+        "steps",
+        "epochs",
+        "step_losses",
+        "img_per_s",
+    )
     old = load_reference(ctx.cfg.record_reference)
     runs = dict(old["runs"]) if old and old.get("weights_sha256") == weights_id else {}
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    runs.update({m: {**{k: e["reference"].get(k) for k in keep}, "recorded": now}
-                 for m, e in result["methods"].items() if e["reference"].get("status") == "ok"})
-    data = {"kind": REFERENCE_KIND, "schema": 1, "created": now,
-            "weights_sha256": weights_id, "weights": ctx.weights.info.get("what"),
-            "environment": {k: v for k, v in environment("cpu").items() if k != "executable"}, "runs": runs}
+    runs.update(
+        {
+            m: {**{k: e["reference"].get(k) for k in keep}, "recorded": now}
+            for m, e in result["methods"].items()
+            if e["reference"].get("status") == "ok"
+        }
+    )
+    data = {
+        "kind": REFERENCE_KIND,
+        "schema": 1,
+        "created": now,
+        "weights_sha256": weights_id,
+        "weights": ctx.weights.info.get("what"),
+        "environment": {k: v for k, v in environment("cpu").items() if k != "executable"},
+        "runs": runs,
+    }
     assert ctx.cfg.record_reference is not None  # called for --record-reference only
     return write_text_atomic(Path(ctx.cfg.record_reference), json.dumps(data, indent=2) + "\n")

@@ -25,10 +25,21 @@ from .registry import (
 
 # name -> submodule, for the classes re-exported here (loaded on first access: they import torch).
 _LAZY = {
-    "AdapterConfig": "base", "TargetedConfig": "base", "AdapterModule": "base", "AdapterLinear": "base",
-    "LowRankLinear": "base", "TargetedMethod": "base", "SSF": "ssf",
-    "RLRRConfig": "rlrr", "RLRRLinear": "rlrr", "AOFTConfig": "aoft", "AOFTLinear": "aoft",
-    "LoRAConfig": "lora", "LoRALinear": "lora", "LinearConfig": "linear", "FullConfig": "full",
+    "AdapterConfig": "base",
+    "TargetedConfig": "base",
+    "AdapterModule": "base",
+    "AdapterLinear": "base",
+    "LowRankLinear": "base",
+    "TargetedMethod": "base",
+    "SSF": "ssf",
+    "RLRRConfig": "rlrr",
+    "RLRRLinear": "rlrr",
+    "AOFTConfig": "aoft",
+    "AOFTLinear": "aoft",
+    "LoRAConfig": "lora",
+    "LoRALinear": "lora",
+    "LinearConfig": "linear",
+    "FullConfig": "full",
 }
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
@@ -59,5 +70,18 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["BUILTIN", "Method", "config_class", "config_from_dict", "get_method", "make_config", "method_names",
-           "method_of", "options_from_cli", "plain_no_weight_decay", "register", "METHOD_NAMES", *_LAZY]
+__all__ = [
+    "BUILTIN",
+    "Method",
+    "config_class",
+    "config_from_dict",
+    "get_method",
+    "make_config",
+    "method_names",
+    "method_of",
+    "options_from_cli",
+    "plain_no_weight_decay",
+    "register",
+    "METHOD_NAMES",
+    *_LAZY,
+]

@@ -48,12 +48,13 @@ class AOFTConfig(TargetedConfig):
 
 
 class AOFTLinear(LowRankLinear):
-    def __init__(self, base_layer: nn.Linear, name: str, groups: int, slices: tuple[int, ...], rank: int,
-                 scale: float):
+    def __init__(self, base_layer: nn.Linear, name: str, groups: int, slices: tuple[int, ...], rank: int, scale: float):
         super().__init__(base_layer, name, groups, slices)
         if rank > min(self.slice_out, self.in_features):
-            raise UsageError(f"aoft rank={rank} exceeds the size of {name} ({self.slice_out}x{self.in_features})",
-                             f"use a smaller rank (--rank; at most {min(self.slice_out, self.in_features)} for this layer)")
+            raise UsageError(
+                f"aoft rank={rank} exceeds the size of {name} ({self.slice_out}x{self.in_features})",
+                f"use a smaller rank (--rank; at most {min(self.slice_out, self.in_features)} for this layer)",
+            )
         self.rank = rank
         self.scale = scale
         s = len(self.slices)

@@ -52,8 +52,10 @@ class AdapterConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - fields - {"method"}
         if unknown:
-            raise UsageError(f"{cls.method} config: unknown field(s) {sorted(unknown)}",
-                             f"valid fields: {', '.join(sorted(fields)) or 'none'}")
+            raise UsageError(
+                f"{cls.method} config: unknown field(s) {sorted(unknown)}",
+                f"valid fields: {', '.join(sorted(fields)) or 'none'}",
+            )
         return cls(**{k: v for k, v in d.items() if k in fields})
 
 
@@ -69,8 +71,10 @@ class TargetedConfig(AdapterConfig):
     def __post_init__(self) -> None:
         if self.targets is not None:
             if not isinstance(self.targets, (list, tuple)) or not all(isinstance(t, str) for t in self.targets):
-                raise UsageError(f"targets: expected a list of layer roles, got {self.targets!r}",
-                                 f"choose from {', '.join(ALL_TARGETS)}")
+                raise UsageError(
+                    f"targets: expected a list of layer roles, got {self.targets!r}",
+                    f"choose from {', '.join(ALL_TARGETS)}",
+                )
             self.targets = tuple(self.targets)
             bad = [t for t in self.targets if t not in ALL_TARGETS]
             if bad:
@@ -78,8 +82,9 @@ class TargetedConfig(AdapterConfig):
             if not self.targets:
                 raise UsageError("targets: empty list", "name at least one layer role or leave the default")
             if "qkv" in self.targets and set(self.targets) & set(QKV_SLICES):
-                raise UsageError("targets: 'qkv' together with q/k/v slices",
-                                 "name either the fused 'qkv' or its slices q, k, v")
+                raise UsageError(
+                    "targets: 'qkv' together with q/k/v slices", "name either the fused 'qkv' or its slices q, k, v"
+                )
 
 
 def resolve_targets(config: TargetedConfig, layout: Any) -> set[str]:
@@ -90,8 +95,10 @@ def resolve_targets(config: TargetedConfig, layout: Any) -> set[str]:
     roles = {("qkv" if t in QKV_SLICES else t) for t in wanted}
     missing = sorted(roles - layout.roles)
     if missing:
-        raise UsageError(f"target(s) {missing} match no layer of this {layout.family} model",
-                         f"this model has: {', '.join(sorted(layout.roles | set(QKV_SLICES)))}")
+        raise UsageError(
+            f"target(s) {missing} match no layer of this {layout.family} model",
+            f"this model has: {', '.join(sorted(layout.roles | set(QKV_SLICES)))}",
+        )
     return wanted
 
 
@@ -116,12 +123,15 @@ def row_slices(role: str, targets: set[str]) -> tuple[int, tuple[int, ...]] | No
 def _check_finite(name: str, *tensors: torch.Tensor | None) -> None:
     for t in tensors:
         if t is not None and not all_finite(t):
-            raise NonFiniteError(f"merging {name} gives non-finite weights; no weight was changed",
-                                 "the adapter holds NaN/Inf or extreme values: retrain or load a clean checkpoint")
+            raise NonFiniteError(
+                f"merging {name} gives non-finite weights; no weight was changed",
+                "the adapter holds NaN/Inf or extreme values: retrain or load a clean checkpoint",
+            )
 
 
-def fold_shift_into_norm(norm_bias: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor,
-                         where: str) -> torch.Tensor:
+def fold_shift_into_norm(
+    norm_bias: torch.Tensor, weight: torch.Tensor, shift: torch.Tensor, where: str
+) -> torch.Tensor:
     """New LayerNorm bias β' with W β' = W β + shift: moves the bias of a bias-free Linear into the LayerNorm that
     feeds it.
 
@@ -134,9 +144,11 @@ def fold_shift_into_norm(norm_bias: torch.Tensor, weight: torch.Tensor, shift: t
     delta = torch.linalg.lstsq(w, s.unsqueeze(1), driver="gelsd").solution.squeeze(1)
     resid = (w @ delta - s).norm().item()
     if resid > LSTSQ_FOLD_REL * max(s.norm().item(), 1e-30):
-        raise ExportError(f"{where}: the bias shift cannot be folded into the preceding LayerNorm "
-                          f"(residual {resid:.2e}); nothing was changed",
-                          "its merged weight lost full row rank: retrain, or adapt without this layer (--targets)")
+        raise ExportError(
+            f"{where}: the bias shift cannot be folded into the preceding LayerNorm "
+            f"(residual {resid:.2e}); nothing was changed",
+            "its merged weight lost full row rank: retrain, or adapt without this layer (--targets)",
+        )
     return (norm_bias.double() + delta.to(norm_bias.device)).to(norm_bias.dtype)
 
 
@@ -334,7 +346,7 @@ class LowRankLinear(AdapterLinear):
             return u[0], v[0]
         full = u.new_zeros(self.out_features, s_count * r)
         for i, g in enumerate(self.slices):
-            full[g * self.slice_out:(g + 1) * self.slice_out, i * r:(i + 1) * r] = u[i]
+            full[g * self.slice_out : (g + 1) * self.slice_out, i * r : (i + 1) * r] = u[i]
         return full, v.reshape(s_count * r, self.in_features)
 
     def delta_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:

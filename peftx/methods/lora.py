@@ -36,8 +36,10 @@ class LoRALinear(LowRankLinear):
     def __init__(self, base_layer: nn.Linear, name: str, groups: int, slices: tuple[int, ...], r: int, alpha: float):
         super().__init__(base_layer, name, groups, slices)
         if r > min(self.slice_out, self.in_features):
-            raise UsageError(f"lora r={r} exceeds the size of {name} ({self.slice_out}x{self.in_features})",
-                             f"use a smaller rank (--rank; at most {min(self.slice_out, self.in_features)} for this layer)")
+            raise UsageError(
+                f"lora r={r} exceeds the size of {name} ({self.slice_out}x{self.in_features})",
+                f"use a smaller rank (--rank; at most {min(self.slice_out, self.in_features)} for this layer)",
+            )
         self.scaling = alpha / r
         s = len(self.slices)
         self.lora_A = nn.Parameter(torch.empty(s, r, self.in_features))

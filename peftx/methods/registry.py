@@ -73,13 +73,15 @@ class Method(Generic[ConfigT]):
         """The layer roles the method adapts on this model (checked against the layout)."""
         return set()
 
-    def wrap_linear(self, site: LinearSite, base: nn.Linear, config: ConfigT, targets: set[str],
-                    note: Note) -> nn.Module | None:
+    def wrap_linear(
+        self, site: LinearSite, base: nn.Linear, config: ConfigT, targets: set[str], note: Note
+    ) -> nn.Module | None:
         """The wrapper for the Linear at ``site`` (None: leave it alone). ``note(text)`` records what is left out."""
         return None
 
-    def wrap_norm(self, site: SSFSite, base: nn.Module, config: ConfigT, model: nn.Module,
-                  note: Note) -> nn.Module | None:
+    def wrap_norm(
+        self, site: SSFSite, base: nn.Module, config: ConfigT, model: nn.Module, note: Note
+    ) -> nn.Module | None:
         """The wrapper for a LayerNorm output / the patch tokens at ``site`` (None: leave it alone)."""
         return None
 
@@ -160,6 +162,7 @@ def method_of(config: AdapterConfig) -> Method:
 
 # -- command-line options -------------------------------------------------------------------------------------------
 
+
 def _key(text: str) -> str:
     return text.strip().lstrip("-").replace("-", "_")
 
@@ -187,8 +190,9 @@ def _parse(method: str, field: dataclasses.Field, text: str) -> Any:
         base = kind.split("|")[0]
         what = {"bool": "true or false", "int": "an integer", "float": "a number"}.get(base, base)
         example = {"bool": "false", "int": "8", "float": "0.01"}.get(base, "VALUE")
-        raise UsageError(f"{method} option {field.name}: {text!r} is not {what}",
-                         f"e.g. --method-option {field.name}={example}") from None
+        raise UsageError(
+            f"{method} option {field.name}: {text!r} is not {what}", f"e.g. --method-option {field.name}={example}"
+        ) from None
     return text
 
 
@@ -210,8 +214,9 @@ def options_from_cli(method: str, given: Mapping[str, Any], extra: Sequence[str]
     m = get_method(method)
     fields = _fields(m.config_class)
     options = {_key(o): f for o, f in m.cli_options.items()}
-    hint = (f"{method} takes {option_help(method)}" + (f"; any of its fields ({', '.join(fields)}) also as "
-                                                         "--method-option KEY=VALUE" if fields else ""))
+    hint = f"{method} takes {option_help(method)}" + (
+        f"; any of its fields ({', '.join(fields)}) also as --method-option KEY=VALUE" if fields else ""
+    )
     out: dict[str, Any] = {}
     for option, value in given.items():
         if value is None:

@@ -57,8 +57,7 @@ class RLRRConfig(TargetedConfig):
         if self.init not in INITS:
             raise UsageError(f"rlrr init: unknown value {self.init!r}", f"choose from {', '.join(INITS)}")
         if self.targets is not None and set(self.targets) & {"q", "k", "v"}:
-            raise UsageError("rlrr targets: RLRR adapts the fused qkv as a whole, not its slices",
-                             "use target 'qkv'")
+            raise UsageError("rlrr targets: RLRR adapts the fused qkv as a whole, not its slices", "use target 'qkv'")
         if not self.ssf_init_std >= 0:
             raise UsageError(f"rlrr ssf_init_std: must be >= 0, got {self.ssf_init_std}")
 
@@ -71,8 +70,16 @@ class RLRRLinear(AdapterLinear):
 
     f: nn.Parameter | None  # registered in __init__ (None without bias_shift, so it stays out of the state dict)
 
-    def __init__(self, base_layer: nn.Linear, name: str, col_groups: int = 1, init: str = "kaiming", *,
-                 bias_shift: bool = True, fold_norm: str | None = None):
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        name: str,
+        col_groups: int = 1,
+        init: str = "kaiming",
+        *,
+        bias_shift: bool = True,
+        fold_norm: str | None = None,
+    ):
         super().__init__(base_layer, name, fold_norm=fold_norm)
         out, inp = base_layer.out_features, base_layer.in_features
         if out % col_groups:
@@ -116,8 +123,10 @@ class RLRRLinear(AdapterLinear):
     def unmerge_weight(self, merged: torch.Tensor) -> torch.Tensor:
         denom = 1.0 + self.scale_matrix(merged.dtype)
         if (denom.abs() < 1e-12).any():
-            raise NonFiniteError(f"{self.layer_name}: 1 + s_row s_col^T is zero somewhere, the merge cannot be undone",
-                                 "reload the base weights instead of unmerging")
+            raise NonFiniteError(
+                f"{self.layer_name}: 1 + s_row s_col^T is zero somewhere, the merge cannot be undone",
+                "reload the base weights instead of unmerging",
+            )
         return merged / denom
 
     def bias_delta(self) -> torch.Tensor | None:
@@ -130,8 +139,9 @@ class RLRRLinear(AdapterLinear):
         # Training: the same W' = merge_weight(W), built without autograd, with a hand-derived backward.
         with torch.no_grad():
             w_eff = self.merge_weight(self.base_layer.weight)
-        return _RescaledLinear.apply(x, w_eff, self.base_layer.weight, self.effective_bias(), self.s_row,
-                                     self.s_col, self.col_groups)
+        return _RescaledLinear.apply(
+            x, w_eff, self.base_layer.weight, self.effective_bias(), self.s_row, self.s_col, self.col_groups
+        )
 
 
 def _rescale(weight: torch.Tensor, r: torch.Tensor, c: torch.Tensor, groups: int) -> torch.Tensor:
@@ -202,8 +212,9 @@ class _RescaledLinear(torch.autograd.Function):
         return gx, None, None, gb, gr, gc, None
 
 
-def rescale_vector_grads(grad_w: torch.Tensor, weight: torch.Tensor, s_row: torch.Tensor, s_col: torch.Tensor,
-                         groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rescale_vector_grads(
+    grad_w: torch.Tensor, weight: torch.Tensor, s_row: torch.Tensor, s_col: torch.Tensor, groups: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(dL/ds_row, dL/ds_col) from dL/dW' (overwritten): (G ⊙ W) s_col and (G ⊙ W)^T s_row per row group."""
     out, inp = weight.shape
     m = grad_w.mul_(weight).view(groups, out // groups, inp)
@@ -227,10 +238,18 @@ class RLRR(TargetedMethod[RLRRConfig]):
             return None
         shift = base.bias is not None or (site.fold_norm is not None and has_full_row_rank(base.weight))
         if not shift:
-            note(f"{site.path}: no bias shift f (the layer has no bias, and no LayerNorm it could be folded into "
-                 "exactly)")
-        return RLRRLinear(base, site.path, col_groups=site.col_groups, init=config.init, bias_shift=shift,
-                          fold_norm=site.fold_norm if base.bias is None else None)
+            note(
+                f"{site.path}: no bias shift f (the layer has no bias, and no LayerNorm it could be folded into "
+                "exactly)"
+            )
+        return RLRRLinear(
+            base,
+            site.path,
+            col_groups=site.col_groups,
+            init=config.init,
+            bias_shift=shift,
+            fold_norm=site.fold_norm if base.bias is None else None,
+        )
 
     def wrap_norm(self, site, base: nn.Module, config: RLRRConfig, model: nn.Module, note: Note):
         if not config.ssf:
@@ -240,8 +259,18 @@ class RLRR(TargetedMethod[RLRRConfig]):
             return None
         shift = True
         if site.fold_conv is not None and model.get_submodule(site.fold_conv).bias is None and site.pos_embed is None:
-            note(f"{site.path}: SSF scale only (the patch conv has no bias and the model no position embedding "
-                 "to take the shift)")
+            note(
+                f"{site.path}: SSF scale only (the patch conv has no bias and the model no position embedding "
+                "to take the shift)"
+            )
             shift = False
-        return SSF(base, site.dim, site.path, init_std=config.ssf_init_std, fold_conv=site.fold_conv,
-                   pos_embed=site.pos_embed, pos_offset=site.pos_offset, shift=shift)
+        return SSF(
+            base,
+            site.dim,
+            site.path,
+            init_std=config.ssf_init_std,
+            fold_conv=site.fold_conv,
+            pos_embed=site.pos_embed,
+            pos_offset=site.pos_offset,
+            shift=shift,
+        )

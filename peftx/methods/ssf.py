@@ -20,8 +20,18 @@ class SSF(AdapterModule):
     inner_name = "base"
     ssf_shift: nn.Parameter | None  # registered in __init__ (None without a shift, so it stays out of the state dict)
 
-    def __init__(self, base: nn.Module, dim: int, name: str, init_std: float = 0.02, *, fold_conv: str | None = None,
-                 pos_embed: str | None = None, pos_offset: int = 0, shift: bool = True):
+    def __init__(
+        self,
+        base: nn.Module,
+        dim: int,
+        name: str,
+        init_std: float = 0.02,
+        *,
+        fold_conv: str | None = None,
+        pos_embed: str | None = None,
+        pos_offset: int = 0,
+        shift: bool = True,
+    ):
         super().__init__(name)
         if not isinstance(base, (nn.LayerNorm, nn.Identity)):
             raise TypeError(f"{name}: SSF wraps a LayerNorm or Identity, got {type(base).__name__}")
@@ -63,8 +73,9 @@ class SSF(AdapterModule):
         return w, b
 
     @torch.no_grad()
-    def unfolded_affine(self, weight: torch.Tensor,
-                        bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def unfolded_affine(
+        self, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         g, s = self.ssf_scale.double(), self._shift().double()
         if (g.abs() < 1e-12).any():
             raise ZeroDivisionError(f"{self.layer_name}: an SSF scale is zero, the fold cannot be undone")
@@ -100,7 +111,7 @@ class SSF(AdapterModule):
         if self.ssf_shift is not None:
             assert pos is not None, self.layer_name  # a shift on a bias-free conv lives in the position embedding
             p = value(pos).double().clone()
-            p[:, self.pos_offset:] += self.ssf_shift.double()
+            p[:, self.pos_offset :] += self.ssf_shift.double()
             p = p.to(pos.dtype)
             _check_finite(self.layer_name, p)
             plan.append((pos, p))
@@ -118,13 +129,14 @@ class SSF(AdapterModule):
         if self.ssf_shift is not None:
             assert pos is not None, self.layer_name  # as in merge_plan
             p = value(pos).double().clone()
-            p[:, self.pos_offset:] -= self.ssf_shift.double()
+            p[:, self.pos_offset :] -= self.ssf_shift.double()
             plan.append((pos, p.to(pos.dtype)))
         return plan
 
 
-def fold_affine(weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor,
-                shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def fold_affine(
+    weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """THE one place SSF is defined: (x*w + b)*γ + β = x*(w γ) + (b γ + β), γ/β over ``weight``'s leading dim.
 
     Used by the training forward (LayerNorm case) and by the merge, so they cannot disagree.

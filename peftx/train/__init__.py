@@ -17,20 +17,49 @@ from typing import TYPE_CHECKING, Any
 from ..errors import TrainingInterrupted
 
 _EXPORTS = {
-    "TrainConfig": "config", "resolve": "config", "DEFAULTS": "config", "RUNTIME_FIELDS": "config",
-    "train": "loop", "Trainer": "loop",
-    "EVENTS": "progress", "rich_progress": "progress",
-    "lr_at": "schedule", "Schedule": "schedule",
-    "param_groups": "optim", "make_optimizer": "optim",
-    "seed_for": "seeding", "SeededSamples": "seeding",
-    "StopFlag": "signals", "stop_on_signals": "signals",
-    "METRICS_FILE": "rundir", "SUMMARY_FILE": "rundir", "CURVES_FILE": "rundir",
+    "TrainConfig": "config",
+    "resolve": "config",
+    "DEFAULTS": "config",
+    "RUNTIME_FIELDS": "config",
+    "train": "loop",
+    "Trainer": "loop",
+    "EVENTS": "progress",
+    "rich_progress": "progress",
+    "lr_at": "schedule",
+    "Schedule": "schedule",
+    "param_groups": "optim",
+    "make_optimizer": "optim",
+    "seed_for": "seeding",
+    "SeededSamples": "seeding",
+    "StopFlag": "signals",
+    "stop_on_signals": "signals",
+    "METRICS_FILE": "rundir",
+    "SUMMARY_FILE": "rundir",
+    "CURVES_FILE": "rundir",
 }
 
-__all__ = ["TrainingInterrupted", "TrainConfig", "resolve", "DEFAULTS", "RUNTIME_FIELDS", "train", "Trainer",
-           "EVENTS", "rich_progress", "lr_at", "Schedule", "param_groups",
-           "make_optimizer", "seed_for", "SeededSamples", "StopFlag", "stop_on_signals", "METRICS_FILE",
-           "SUMMARY_FILE", "CURVES_FILE"]
+__all__ = [
+    "TrainingInterrupted",
+    "TrainConfig",
+    "resolve",
+    "DEFAULTS",
+    "RUNTIME_FIELDS",
+    "train",
+    "Trainer",
+    "EVENTS",
+    "rich_progress",
+    "lr_at",
+    "Schedule",
+    "param_groups",
+    "make_optimizer",
+    "seed_for",
+    "SeededSamples",
+    "StopFlag",
+    "stop_on_signals",
+    "METRICS_FILE",
+    "SUMMARY_FILE",
+    "CURVES_FILE",
+]
 
 if TYPE_CHECKING:
     from .config import DEFAULTS, RUNTIME_FIELDS, TrainConfig, resolve

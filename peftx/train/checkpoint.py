@@ -97,8 +97,10 @@ def _is_number(value: Any) -> bool:
 
 def _damaged(where: Any, key: str, value: Any, expected: str) -> AdapterFileError:
     shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-    return AdapterFileError(f"{where}: the checkpoint's {key} is {shown}, not {expected}",
-                            "the checkpoint was edited or damaged: restore it, or start the run again")
+    return AdapterFileError(
+        f"{where}: the checkpoint's {key} is {shown}, not {expected}",
+        "the checkpoint was edited or damaged: restore it, or start the run again",
+    )
 
 
 @dataclass
@@ -117,6 +119,7 @@ def checkpoint_path(run_dir: str | Path) -> Path:
 
 # -- optimizer state <-> tensors + JSON ---------------------------------------------------------------------------
 
+
 def flatten_optimizer(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, json) for ``optimizer``; ``names`` are its parameters' names in param-group order."""
     sd = optimizer.state_dict()
@@ -132,8 +135,10 @@ def flatten_optimizer(optimizer: torch.optim.Optimizer, names: list[str]) -> tup
                 tensors[f"{_OPTIM}{name_of[idx]}/{key}"] = value.detach().to("cpu").contiguous()
             else:
                 scalars.setdefault(name_of[idx], {})[key] = value
-    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [name_of[i] for i in g["params"]]}
-              for g in sd["param_groups"]]
+    groups = [
+        {**{k: v for k, v in g.items() if k != "params"}, "params": [name_of[i] for i in g["params"]]}
+        for g in sd["param_groups"]
+    ]
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
@@ -142,34 +147,53 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, names: list[str], flat: 
     saved = [n for g in flat["param_groups"] for n in g["params"]]
     if saved != names:
         missing, extra = sorted(set(names) - set(saved)), sorted(set(saved) - set(names))
-        raise AdapterFileError(f"checkpoint optimizer state does not match the model (missing {missing[:3]}, "
-                               f"unexpected {extra[:3]})", "resume with the same model, method and options")
+        raise AdapterFileError(
+            f"checkpoint optimizer state does not match the model (missing {missing[:3]}, unexpected {extra[:3]})",
+            "resume with the same model, method and options",
+        )
     index = {n: i for i, n in enumerate(names)}
     try:
         state: dict[int, dict[str, Any]] = {}
         for name, entries in (*flat["tensors"].items(), *flat["scalars"].items()):
             state.setdefault(index[name], {}).update(entries)
-        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[n] for n in g["params"]]}
-                  for g in flat["param_groups"]]
+        groups = [
+            {**{k: v for k, v in g.items() if k != "params"}, "params": [index[n] for n in g["params"]]}
+            for g in flat["param_groups"]
+        ]
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (KeyError, TypeError, ValueError, AttributeError) as e:  # torch's checks raise assorted types
-        raise AdapterFileError(f"checkpoint optimizer state is damaged ({type(e).__name__}: {e})".split("\n")[0],
-                               "the checkpoint was edited or damaged: restore it, or start the run again") from None
+        raise AdapterFileError(
+            f"checkpoint optimizer state is damaged ({type(e).__name__}: {e})".split("\n")[0],
+            "the checkpoint was edited or damaged: restore it, or start the run again",
+        ) from None
 
 
 # -- file -------------------------------------------------------------------------------------------------------------
 
-def save_checkpoint(path: str | Path, *, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                    optimizer_names: list[str], scaler: torch.amp.GradScaler | None, state: LoopState,
-                    config: dict[str, Any]) -> Path:
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    params: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    optimizer_names: list[str],
+    scaler: torch.amp.GradScaler | None,
+    state: LoopState,
+    config: dict[str, Any],
+) -> Path:
     """Write the checkpoint atomically; returns its path."""
     path = Path(path)
     tensors = {f"{_PARAM}{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in params.items()}
     opt_tensors, opt_json = flatten_optimizer(optimizer, optimizer_names)
     tensors.update(opt_tensors)
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config, "state": asdict(state),
-            "optimizer": opt_json,
-            "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None}
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": config,
+        "state": asdict(state),
+        "optimizer": opt_json,
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+    }
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta)})
     return path
@@ -177,8 +201,10 @@ def save_checkpoint(path: str | Path, *, params: dict[str, torch.Tensor], optimi
 
 def _refuse_pickle(path: Path) -> None:
     if is_pickle_file(path):  # torch.save zip / raw pickle: never unpickled here
-        raise AdapterFileError(f"{path} is a pickle/torch file, not a peftx checkpoint",
-                               "peftx resumes only from the checkpoint/last.safetensors it wrote")
+        raise AdapterFileError(
+            f"{path} is a pickle/torch file, not a peftx checkpoint",
+            "peftx resumes only from the checkpoint/last.safetensors it wrote",
+        )
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -187,8 +213,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if path.is_dir():
         path = checkpoint_path(path)
     if not path.is_file():
-        raise AdapterFileError(f"no training checkpoint at {path}",
-                               "resume a run directory written by `peftx train` (it holds checkpoint/last.safetensors)")
+        raise AdapterFileError(
+            f"no training checkpoint at {path}",
+            "resume a run directory written by `peftx train` (it holds checkpoint/last.safetensors)",
+        )
     _refuse_pickle(path)
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -196,36 +224,43 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         info = json.loads(meta[_META_KEY])
     except KeyError:
-        raise AdapterFileError(f"{path} has no peftx checkpoint metadata",
-                               "it was not written by peftx train") from None
+        raise AdapterFileError(
+            f"{path} has no peftx checkpoint metadata", "it was not written by peftx train"
+        ) from None
     except Exception as e:  # safetensors / json raise assorted types for one outcome: a damaged file
-        raise AdapterFileError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})".split("\n")[0],
-                               "the file is corrupt or truncated; start the run again") from None
+        raise AdapterFileError(
+            f"{path} is not a readable checkpoint ({type(e).__name__}: {e})".split("\n")[0],
+            "the file is corrupt or truncated; start the run again",
+        ) from None
     if not isinstance(info, dict):
         raise _damaged(path, "metadata", info, "a mapping")
     version = info.get("format_version", 0)
     if info.get("format") != FORMAT or not _is_int(version, 0) or version > FORMAT_VERSION:
-        raise AdapterFileError(f"{path}: unsupported checkpoint format {info.get('format')!r} "
-                               f"v{info.get('format_version')}", "upgrade peftx")
+        raise AdapterFileError(
+            f"{path}: unsupported checkpoint format {info.get('format')!r} v{info.get('format_version')}",
+            "upgrade peftx",
+        )
     for key in ("config", "optimizer"):
         if not isinstance(info.get(key), dict):
             raise _damaged(path, key, info.get(key), "a mapping")
     opt = info["optimizer"]
     groups = opt.get("param_groups")
-    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
-                                               for g in groups):
+    if not isinstance(groups, list) or not all(
+        isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups
+    ):
         raise _damaged(path, "optimizer.param_groups", groups, "a list of groups")
     if not isinstance(opt.get("scalars", {}), dict):
         raise _damaged(path, "optimizer.scalars", opt.get("scalars"), "a mapping")
     if info.get("scaler") is not None and not isinstance(info["scaler"], dict):
         raise _damaged(path, "scaler", info["scaler"], "a mapping")
     state = LoopState.from_dict(info.get("state"), where=path)
-    params = {k[len(_PARAM):]: v for k, v in tensors.items() if k.startswith(_PARAM)}
+    params = {k[len(_PARAM) :]: v for k, v in tensors.items() if k.startswith(_PARAM)}
     opt_tensors: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in tensors.items():
         if k.startswith(_OPTIM):
-            name, _, key = k[len(_OPTIM):].rpartition("/")
+            name, _, key = k[len(_OPTIM) :].rpartition("/")
             opt_tensors.setdefault(name, {})[key] = v
     optimizer = {"scalars": {}, **opt, "tensors": opt_tensors}
-    return Checkpoint(config=info["config"], state=state, params=params, optimizer=optimizer,
-                      scaler=info.get("scaler"), path=path)
+    return Checkpoint(
+        config=info["config"], state=state, params=params, optimizer=optimizer, scaler=info.get("scaler"), path=path
+    )

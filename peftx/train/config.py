@@ -29,21 +29,56 @@ DEMO_DATA = ("demo", "digits")
 
 # What a field not given means when the recipe does not say (the recipe fills lr, epochs, batch size, ...).
 DEFAULTS: dict[str, Any] = {
-    "model": DEMO_MODEL, "pretrained": True, "model_kwargs": {}, "method": "rlrr", "method_options": {},
-    "data": "demo", "data_overrides": {}, "amp": "auto", "device": "auto", "seed": 42, "fast_attention": True,
-    "num_workers": 0, "overwrite": False,
+    "model": DEMO_MODEL,
+    "pretrained": True,
+    "model_kwargs": {},
+    "method": "rlrr",
+    "method_options": {},
+    "data": "demo",
+    "data_overrides": {},
+    "amp": "auto",
+    "device": "auto",
+    "seed": 42,
+    "fast_attention": True,
+    "num_workers": 0,
+    "overwrite": False,
 }
 
 # Runtime-only fields: how a run executes, not what it computes; a resumed run may change them.
-RUNTIME_FIELDS = frozenset({"device", "amp", "num_workers", "channels_last", "fast_attention", "output", "resume",
-                            "overwrite", "eval_batch_size"})
+RUNTIME_FIELDS = frozenset(
+    {
+        "device",
+        "amp",
+        "num_workers",
+        "channels_last",
+        "fast_attention",
+        "output",
+        "resume",
+        "overwrite",
+        "eval_batch_size",
+    }
+)
 
 # The CLI option behind each field, for hints (a library user reads the field name beside it).
-CLI_OPTIONS = {"epochs": "--epochs", "warmup_epochs": "--warmup-epochs", "batch_size": "--batch-size",
-               "lr": "--lr", "weight_decay": "--weight-decay", "min_lr": "--min-lr", "dropout": "--dropout",
-               "hflip": "--hflip/--no-hflip", "img_size": "--img-size", "seed": "--seed", "model": "--model",
-               "weights": "--weights", "method": "--method", "method_options": "--rank/--alpha/--targets/--init",
-               "data": "--data", "task": "--task", "data_overrides": "--crop-mode/--crop-pct"}
+CLI_OPTIONS = {
+    "epochs": "--epochs",
+    "warmup_epochs": "--warmup-epochs",
+    "batch_size": "--batch-size",
+    "lr": "--lr",
+    "weight_decay": "--weight-decay",
+    "min_lr": "--min-lr",
+    "dropout": "--dropout",
+    "hflip": "--hflip/--no-hflip",
+    "img_size": "--img-size",
+    "seed": "--seed",
+    "model": "--model",
+    "weights": "--weights",
+    "method": "--method",
+    "method_options": "--rank/--alpha/--targets/--init",
+    "data": "--data",
+    "task": "--task",
+    "data_overrides": "--crop-mode/--crop-pct",
+}
 
 
 @dataclass
@@ -94,8 +129,9 @@ class TrainConfig:
                 raise UsageError(f"method: {e.message}", e.hint) from None
         if self.amp is not None:
             _check_choice("amp", self.amp, AMP_MODES)
-        if self.device is not None and not (self.device in ("auto", "cpu", "cuda")
-                                            or str(self.device).startswith("cuda:")):
+        if self.device is not None and not (
+            self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")
+        ):
             raise UsageError(f"device: {self.device!r} is not a device", "use auto, cpu or cuda")
         if self.task is not None:
             self.task = canonical_task(self.task)
@@ -113,11 +149,15 @@ class TrainConfig:
         _check_schedule_fits(self.epochs, self.warmup_epochs, self.cooldown_epochs)
         kwargs = self.model_kwargs or {}
         if "img_size" in kwargs and self.img_size is not None and kwargs["img_size"] != self.img_size:
-            raise UsageError(f"img_size: {self.img_size} conflicts with model_kwargs img_size {kwargs['img_size']}",
-                             "give the size once")
+            raise UsageError(
+                f"img_size: {self.img_size} conflicts with model_kwargs img_size {kwargs['img_size']}",
+                "give the size once",
+            )
         if self.resume is not None and self.output is not None and Path(self.output) != Path(self.resume):
-            raise UsageError(f"output: {self.output} differs from the resumed run {self.resume}",
-                             "a resumed run continues in its own directory: drop --output")
+            raise UsageError(
+                f"output: {self.output} differs from the resumed run {self.resume}",
+                "a resumed run continues in its own directory: drop --output",
+            )
 
     def given(self) -> dict[str, Any]:
         """The fields that were set (not None): what the user asked for."""
@@ -148,6 +188,7 @@ class TrainConfig:
 
 
 if TYPE_CHECKING:
+
     class RunConfig(TrainConfig):
         """For the type checker only: a TrainConfig after :func:`resolve`, so these fields are never None (at run time
         it IS TrainConfig; resolve() and a resumed run's checked config are where the narrowing is established)."""
@@ -208,8 +249,10 @@ def resolve(cfg: TrainConfig) -> Resolved:
     scale = get_method(values["method"]).recipe_lr_scale
     if "lr" in from_recipe and scale != 1:  # the recipes' learning rates are tuned for adapters
         values["lr"] = values["lr"] * scale
-        notes.append(f"lr {r.lr:g} x {scale:g} = {values['lr']:g}: {values['method']} takes {scale:g} of the "
-                     "recipe's adapter learning rate (--lr sets it)")
+        notes.append(
+            f"lr {r.lr:g} x {scale:g} = {values['lr']:g}: {values['method']} takes {scale:g} of the "
+            "recipe's adapter learning rate (--lr sets it)"
+        )
     _check_schedule_fits(values["epochs"], values["warmup_epochs"], values["cooldown_epochs"])
     if values["eval_batch_size"] is None:
         values["eval_batch_size"] = 2 * values["batch_size"]
@@ -228,13 +271,17 @@ def _fit_schedule(values: dict[str, Any], r: Recipe, from_recipe: set[str]) -> l
     frac = epochs / r.epochs
     if "warmup_epochs" in from_recipe and r.warmup_epochs > 0:
         values["warmup_epochs"] = round(r.warmup_epochs * frac, 4)
-        notes.append(f"warm-up {_num(r.warmup_epochs)} -> {_num(values['warmup_epochs'])} epochs: the recipe's "
-                     f"{_num(r.warmup_epochs)} of {r.epochs}, scaled to this {epochs}-epoch run (--warmup-epochs "
-                     "sets it)")
+        notes.append(
+            f"warm-up {_num(r.warmup_epochs)} -> {_num(values['warmup_epochs'])} epochs: the recipe's "
+            f"{_num(r.warmup_epochs)} of {r.epochs}, scaled to this {epochs}-epoch run (--warmup-epochs "
+            "sets it)"
+        )
     if "cooldown_epochs" in from_recipe and r.cooldown_epochs > 0:
         values["cooldown_epochs"] = math.floor(r.cooldown_epochs * frac)
-        notes.append(f"cool-down {r.cooldown_epochs} -> {values['cooldown_epochs']} epochs: the recipe's "
-                     f"{r.cooldown_epochs} of {r.epochs}, scaled to this {epochs}-epoch run")
+        notes.append(
+            f"cool-down {r.cooldown_epochs} -> {values['cooldown_epochs']} epochs: the recipe's "
+            f"{r.cooldown_epochs} of {r.epochs}, scaled to this {epochs}-epoch run"
+        )
     return notes
 
 
@@ -243,10 +290,10 @@ def _check_schedule_fits(epochs: int | None, warmup: float | None, cooldown: int
         return
     assert epochs is not None and warmup is not None and cooldown is not None
     if warmup + cooldown > epochs:
-        raise UsageError(f"epochs: {epochs} is fewer than warmup_epochs + cooldown_epochs "
-                         f"({_num(warmup)} + {cooldown})",
-                         "shorten the warm-up with --warmup-epochs (it may be fractional, e.g. 0.5) or train longer "
-                         "with --epochs")
+        raise UsageError(
+            f"epochs: {epochs} is fewer than warmup_epochs + cooldown_epochs ({_num(warmup)} + {cooldown})",
+            "shorten the warm-up with --warmup-epochs (it may be fractional, e.g. 0.5) or train longer with --epochs",
+        )
 
 
 def check_method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -282,8 +329,10 @@ def _check_float(name: str, value: Any, positive: bool) -> None:
         return
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < 0 or (positive and value == 0):
-        raise UsageError(f"{name}: {value!r} must be a {'positive' if positive else 'non-negative'} finite number",
-                         "see `peftx train --help`")
+        raise UsageError(
+            f"{name}: {value!r} must be a {'positive' if positive else 'non-negative'} finite number",
+            "see `peftx train --help`",
+        )
 
 
 def jsonable(value: Any) -> Any:
@@ -291,5 +340,6 @@ def jsonable(value: Any) -> Any:
     try:
         return json.loads(json.dumps(value))
     except (TypeError, ValueError):
-        raise UsageError(f"configuration value {value!r} is not JSON-serialisable",
-                         "use plain numbers, strings, lists and mappings") from None
+        raise UsageError(
+            f"configuration value {value!r} is not JSON-serialisable", "use plain numbers, strings, lists and mappings"
+        ) from None

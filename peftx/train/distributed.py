@@ -43,8 +43,10 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError:
-        raise UsageError(f"environment variable {name}={value!r} is not an integer",
-                         "launch with torchrun, or unset RANK / WORLD_SIZE / LOCAL_RANK") from None
+        raise UsageError(
+            f"environment variable {name}={value!r} is not an integer",
+            "launch with torchrun, or unset RANK / WORLD_SIZE / LOCAL_RANK",
+        ) from None
 
 
 def init_distributed(device_type: str) -> DistInfo:
@@ -57,8 +59,10 @@ def init_distributed(device_type: str) -> DistInfo:
     if not launched_by_torchrun():
         return DistInfo()
     if not dist.is_available():
-        raise UsageError("WORLD_SIZE > 1 but this torch build has no torch.distributed",
-                         "run a single process, or install a torch build with distributed support")
+        raise UsageError(
+            "WORLD_SIZE > 1 but this torch build has no torch.distributed",
+            "run a single process, or install a torch build with distributed support",
+        )
     rank, world, local = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0)
     backend = "nccl" if device_type == "cuda" else "gloo"
     if backend == "nccl":
@@ -105,11 +109,14 @@ class EpochSampler(Sampler[int]):
     and ``start_batch`` skips already-trained batches exactly when resuming mid-epoch.
     """
 
-    def __init__(self, length: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True):
+    def __init__(
+        self, length: int, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True
+    ):
         if batch_size % world_size:
-            raise UsageError(f"batch_size: {batch_size} is not divisible by the world size {world_size}",
-                             "the global batch is split evenly over processes: pick a multiple of the process count")
+            raise UsageError(
+                f"batch_size: {batch_size} is not divisible by the world size {world_size}",
+                "the global batch is split evenly over processes: pick a multiple of the process count",
+            )
         self.length, self.batch_size, self.seed = length, batch_size, seed
         self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
         self.epoch, self.start_batch = 0, 0
@@ -129,8 +136,8 @@ class EpochSampler(Sampler[int]):
         return torch.randperm(self.length, generator=g).tolist()
 
     def __iter__(self) -> Iterator[int]:
-        order = self._order()[self.start_batch * self.batch_size:self.batches * self.batch_size]
-        return iter(order[self.rank::self.world_size])
+        order = self._order()[self.start_batch * self.batch_size : self.batches * self.batch_size]
+        return iter(order[self.rank :: self.world_size])
 
     def __len__(self) -> int:
         return (self.batches - self.start_batch) * (self.batch_size // self.world_size)

@@ -74,8 +74,10 @@ def train(cfg: TrainConfig | None = None, progress: Progress | Any = None) -> di
         plan = plan_resume(asked)
         run, ckpt, notes, extended_from = plan.config, plan.checkpoint, [], plan.extended_from
         if extended_from is not None:
-            notes.append(f"extends the run from {extended_from} to {run.epochs} epochs: the cosine schedule is "
-                         "recomputed for the new total, so the rate rises at the resume step and decays from there")
+            notes.append(
+                f"extends the run from {extended_from} to {run.epochs} epochs: the cosine schedule is "
+                "recomputed for the new total, so the rate rises at the resume step and decays from there"
+            )
     wall0 = time.perf_counter()
     setup = _build(run, ckpt)
     try:
@@ -89,6 +91,7 @@ def train(cfg: TrainConfig | None = None, progress: Progress | Any = None) -> di
 
 
 # -- set-up -----------------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class _Setup:
@@ -115,8 +118,14 @@ def _meta_backbone(cfg: RunConfig) -> nn.Module:
 
 def _spec(cfg: RunConfig) -> dict[str, Any]:
     """How to rebuild the backbone (evaluate / merge-export read it from the adapter file)."""
-    return {"name": cfg.model, "weights": cfg.weights, "img_size": cfg.img_size, "model_kwargs": cfg.model_kwargs,
-            "pretrained": cfg.pretrained, "init_seed": None if cfg.pretrained else cfg.seed}
+    return {
+        "name": cfg.model,
+        "weights": cfg.weights,
+        "img_size": cfg.img_size,
+        "model_kwargs": cfg.model_kwargs,
+        "pretrained": cfg.pretrained,
+        "init_seed": None if cfg.pretrained else cfg.seed,
+    }
 
 
 def _build(cfg: RunConfig, ckpt: Checkpoint | None) -> _Setup:
@@ -133,8 +142,10 @@ def _build(cfg: RunConfig, ckpt: Checkpoint | None) -> _Setup:
         amp_dtype = resolve_amp(cfg.amp, device)
         channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
         if cfg.batch_size % info.world_size:
-            raise UsageError(f"batch_size: {cfg.batch_size} is not divisible by the {info.world_size} processes",
-                             "the global batch is split evenly: pick a multiple of the process count")
+            raise UsageError(
+                f"batch_size: {cfg.batch_size} is not divisible by the {info.world_size} processes",
+                "the global batch is split evenly: pick a multiple of the process count",
+            )
         run_dir = prepare_run_dir(cfg, info, create=False)
         cfg = replace(cfg, output=str(run_dir))  # recorded in the checkpoint and the summary
         seed_everything(cfg.seed)
@@ -145,8 +156,14 @@ def _build(cfg: RunConfig, ckpt: Checkpoint | None) -> _Setup:
         val_files = read_val_split(run_dir) if cfg.resume is not None else None
         splits = load_splits(cfg.data, data_cfg, hflip=bool(cfg.hflip), seed=cfg.seed, val_files=val_files)
         torch.manual_seed(cfg.seed)  # identical init on every rank, and rebuildable for pretrained=False
-        model = create_backbone(cfg.model, num_classes=len(splits.class_names), weights=cfg.weights,
-                                pretrained=cfg.pretrained, img_size=cfg.img_size, **cfg.model_kwargs)
+        model = create_backbone(
+            cfg.model,
+            num_classes=len(splits.class_names),
+            weights=cfg.weights,
+            pretrained=cfg.pretrained,
+            img_size=cfg.img_size,
+            **cfg.model_kwargs,
+        )
         method_cfg = config_class(cfg.method).from_dict(dict(cfg.method_options))
         adapt(model, method_cfg, spec=_spec(cfg))
         if ckpt is not None:
@@ -185,8 +202,14 @@ def _drawn_summary(drawn: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
     from ..data import VAL_SPLIT_FILE
 
-    return {"from": drawn["from"], "seed": drawn["seed"], "fraction": drawn["fraction"],
-            "max_per_class": drawn["max_per_class"], "n": len(drawn["files"]), "file": VAL_SPLIT_FILE}
+    return {
+        "from": drawn["from"],
+        "seed": drawn["seed"],
+        "fraction": drawn["fraction"],
+        "max_per_class": drawn["max_per_class"],
+        "n": len(drawn["files"]),
+        "file": VAL_SPLIT_FILE,
+    }
 
 
 def _amp_name(dtype: torch.dtype | None) -> str:
@@ -205,11 +228,18 @@ def _all_finite(params: list[nn.Parameter]) -> bool:
 
 # -- the run ----------------------------------------------------------------------------------------------------------
 
+
 class Trainer:
     """One training run; holds the loop state so each phase is a small method."""
 
-    def __init__(self, setup: _Setup, emit: Progress, wall0: float, notes: list[str] | None = None,
-                 extended_from: int | None = None):
+    def __init__(
+        self,
+        setup: _Setup,
+        emit: Progress,
+        wall0: float,
+        notes: list[str] | None = None,
+        extended_from: int | None = None,
+    ):
         self.s, self.cfg, self.info, self.emit, self.wall0 = setup, setup.cfg, setup.info, emit, wall0
         self.notes, self.extended_from = list(notes or []), extended_from
         self.device = setup.device
@@ -226,17 +256,30 @@ class Trainer:
             if setup.checkpoint.scaler and self.scaler.is_enabled():
                 self.scaler.load_state_dict(setup.checkpoint.scaler)
         self.train_data = SeededSamples(setup.splits.train, self.cfg.seed)
-        self.sampler = EpochSampler(len(self.train_data), self.cfg.batch_size, seed=self.cfg.seed,
-                                    rank=self.info.rank, world_size=self.info.world_size)
+        self.sampler = EpochSampler(
+            len(self.train_data),
+            self.cfg.batch_size,
+            seed=self.cfg.seed,
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+        )
         full = self.sampler.batches
         if full == 0:
-            raise UsageError(f"batch_size: {self.cfg.batch_size} is larger than the training set "
-                             f"({len(self.train_data)} images)", "use a smaller batch with --batch-size")
+            raise UsageError(
+                f"batch_size: {self.cfg.batch_size} is larger than the training set ({len(self.train_data)} images)",
+                "use a smaller batch with --batch-size",
+            )
         self.steps_per_epoch = min(full, self.cfg.limit_train_batches or full)
         self.lr_at = schedule(self.cfg, self.steps_per_epoch)
         if extended_from is not None:
-            self.state.extensions.append({"from_epochs": extended_from, "to_epochs": self.cfg.epochs,
-                                          "at_epoch": self.state.epoch, "at_global_step": self.state.global_step})
+            self.state.extensions.append(
+                {
+                    "from_epochs": extended_from,
+                    "to_epochs": self.cfg.epochs,
+                    "at_epoch": self.state.epoch,
+                    "at_global_step": self.state.global_step,
+                }
+            )
         self._step_ends: list[float] = []  # this process's first steps, for the time estimate
         self._estimated = False
 
@@ -254,8 +297,11 @@ class Trainer:
             # Only adapter + head tensors require grad and every one of them is used in each forward. Buffers
             # (Swin's index tables / masks) are constants, identical on every rank: no per-forward sync.
             ids = [self.info.local_rank] if self.device.type == "cuda" else None
-            sync: dict[str, Any] = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
-                    else {"broadcast_buffers": False})  # torch >= 2.14 renamed the option
+            sync: dict[str, Any] = (
+                {"forward_sync_buffers": False}
+                if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                else {"broadcast_buffers": False}
+            )  # torch >= 2.14 renamed the option
             self.forward_model = DDP(self.model, device_ids=ids, find_unused_parameters=False, **sync)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -263,26 +309,49 @@ class Trainer:
     def _train_loader(self, epoch: int, start_batch: int) -> DataLoader:
         self.train_data.epoch = epoch
         self.sampler.set_epoch(epoch, start_batch)
-        return DataLoader(self.train_data, batch_size=self.cfg.batch_size // self.info.world_size,
-                          sampler=self.sampler, drop_last=True, num_workers=self.cfg.num_workers,
-                          pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(self.cfg.seed))
+        return DataLoader(
+            self.train_data,
+            batch_size=self.cfg.batch_size // self.info.world_size,
+            sampler=self.sampler,
+            drop_last=True,
+            num_workers=self.cfg.num_workers,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(self.cfg.seed),
+        )
 
     def _eval_loader(self, dataset: Dataset) -> DataLoader:
         per_rank = max(1, self.cfg.eval_batch_size // self.info.world_size)
-        return eval_loader(dataset, per_rank, info=self.info, num_workers=self.cfg.num_workers,
-                           pin_memory=self.device.type == "cuda")
+        return eval_loader(
+            dataset, per_rank, info=self.info, num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda"
+        )
 
     # -- loop ---------------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         sp = self.s.splits
         trainable, total = count_parameters(self.model)
-        self.emit("start", run_dir=str(self.s.run_dir), epochs=self.cfg.epochs, start_epoch=self.state.epoch,
-                  steps_per_epoch=self.steps_per_epoch, device=str(self.device), amp=_amp_name(self.s.amp_dtype),
-                  world_size=self.info.world_size, train_size=len(sp.train), val_size=len(sp.val),
-                  test_size=len(sp.test) if sp.test is not None else 0, trainable_params=trainable,
-                  total_params=total, resumed=self.s.checkpoint is not None, config=self.cfg.to_dict(),
-                  notes=list(self.notes), extended_from=self.extended_from, preprocessing=dict(self.s.data_cfg),
-                  source=sp.source, skipped_files=[str(p) for p in sp.skipped], val_drawn=_drawn_summary(sp.val_drawn))
+        self.emit(
+            "start",
+            run_dir=str(self.s.run_dir),
+            epochs=self.cfg.epochs,
+            start_epoch=self.state.epoch,
+            steps_per_epoch=self.steps_per_epoch,
+            device=str(self.device),
+            amp=_amp_name(self.s.amp_dtype),
+            world_size=self.info.world_size,
+            train_size=len(sp.train),
+            val_size=len(sp.val),
+            test_size=len(sp.test) if sp.test is not None else 0,
+            trainable_params=trainable,
+            total_params=total,
+            resumed=self.s.checkpoint is not None,
+            config=self.cfg.to_dict(),
+            notes=list(self.notes),
+            extended_from=self.extended_from,
+            preprocessing=dict(self.s.data_cfg),
+            source=sp.source,
+            skipped_files=[str(p) for p in sp.skipped],
+            val_drawn=_drawn_summary(sp.val_drawn),
+        )
 
         self.val_loader = self._eval_loader(sp.val)
         flag = StopFlag()
@@ -315,16 +384,27 @@ class Trainer:
             step += 1
             st.global_step += 1
             st.batch = step
-            self.emit("step", epoch=epoch + 1, step=step, steps=self.steps_per_epoch, global_step=st.global_step,
-                      loss=self._last_loss, lr=lr)
+            self.emit(
+                "step",
+                epoch=epoch + 1,
+                step=step,
+                steps=self.steps_per_epoch,
+                global_step=st.global_step,
+                loss=self._last_loss,
+                lr=lr,
+            )
             self._estimate(t0, done=step >= self.steps_per_epoch)
             if any_rank(bool(flag), self.device, self.info) and step < self.steps_per_epoch:
                 st.partial = self._reduced_partial(loss_sum, seen, seconds + time.perf_counter() - t0)
                 self._interrupted(flag, "step")
         seconds += time.perf_counter() - t0
         loss_sum, seen = all_reduce_sum([loss_sum, seen], self.device, self.info)
-        self._epoch_train = {"train_loss": loss_sum / max(seen, 1), "images": int(seen), "train_seconds": seconds,
-                             "lr": lr if step > start else self.lr_at(max(st.global_step - 1, 0))}
+        self._epoch_train = {
+            "train_loss": loss_sum / max(seen, 1),
+            "images": int(seen),
+            "train_seconds": seconds,
+            "lr": lr if step > start else self.lr_at(max(st.global_step - 1, 0)),
+        }
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         st = self.state
@@ -338,9 +418,11 @@ class Trainer:
         loss = F.cross_entropy(logits.float(), y)
         self._last_loss = loss.item()
         if any_rank(not math.isfinite(self._last_loss), self.device, self.info):  # before backward: see the docstring
-            raise NonFiniteError(f"training loss became non-finite at step {st.global_step}"
-                                 + (f" ({self._last_loss})" if not math.isfinite(self._last_loss) else " on a rank"),
-                                 self._nonfinite_hint())
+            raise NonFiniteError(
+                f"training loss became non-finite at step {st.global_step}"
+                + (f" ({self._last_loss})" if not math.isfinite(self._last_loss) else " on a rank"),
+                self._nonfinite_hint(),
+            )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.scaler.is_enabled():
@@ -351,13 +433,17 @@ class Trainer:
             st.skipped_steps += int(skipped)
             self._skips_in_a_row = self._skips_in_a_row + 1 if skipped else 0
             if self._skips_in_a_row >= MAX_CONSECUTIVE_SKIPS:
-                raise NonFiniteError(f"gradients were non-finite in {MAX_CONSECUTIVE_SKIPS} steps in a row up to "
-                                     f"step {st.global_step}, down to loss scale {self.scaler.get_scale():g}",
-                                     self._nonfinite_hint())
+                raise NonFiniteError(
+                    f"gradients were non-finite in {MAX_CONSECUTIVE_SKIPS} steps in a row up to "
+                    f"step {st.global_step}, down to loss scale {self.scaler.get_scale():g}",
+                    self._nonfinite_hint(),
+                )
         else:
             if not _all_finite(self.params):
-                raise NonFiniteError(f"gradients became non-finite at step {st.global_step} (loss "
-                                     f"{self._last_loss:.4g})", self._nonfinite_hint())
+                raise NonFiniteError(
+                    f"gradients became non-finite at step {st.global_step} (loss {self._last_loss:.4g})",
+                    self._nonfinite_hint(),
+                )
             self.optimizer.step()
         return lr
 
@@ -383,9 +469,15 @@ class Trainer:
         epochs_left = cfg.epochs - st.epoch
         test = len(sp.test) if sp.test is not None else 0
         eval_s = per_image * (len(sp.val) * epochs_left + test)
-        self.emit("estimate", seconds_per_step=per_step, measured_steps=max(1, len(ends) - 1),
-                  steps_remaining=remaining, train_seconds=per_step * remaining, eval_seconds=eval_s,
-                  total_seconds=per_step * remaining + eval_s)
+        self.emit(
+            "estimate",
+            seconds_per_step=per_step,
+            measured_steps=max(1, len(ends) - 1),
+            steps_remaining=remaining,
+            train_seconds=per_step * remaining,
+            eval_seconds=eval_s,
+            total_seconds=per_step * remaining + eval_s,
+        )
 
     def _reduced_partial(self, loss_sum: float, seen: float, seconds: float) -> dict[str, float]:
         loss_sum, seen = all_reduce_sum([loss_sum, seen], self.device, self.info)
@@ -394,39 +486,73 @@ class Trainer:
     def _end_epoch(self) -> None:
         st, tr = self.state, self._epoch_train
         t0 = time.perf_counter()
-        val = evaluate_model(self.model, self.val_loader, device=self.device, amp_dtype=self.s.amp_dtype,
-                             channels_last=self.s.channels_last, info=self.info)
+        val = evaluate_model(
+            self.model,
+            self.val_loader,
+            device=self.device,
+            amp_dtype=self.s.amp_dtype,
+            channels_last=self.s.channels_last,
+            info=self.info,
+        )
         st.epoch += 1
         st.batch, st.partial = 0, {}
-        better = st.best_val_accuracy is None or val["accuracy"] > st.best_val_accuracy or (
-            val["accuracy"] == st.best_val_accuracy and val["loss"] < st.best_val_loss)
+        better = (
+            st.best_val_accuracy is None
+            or val["accuracy"] > st.best_val_accuracy
+            or (val["accuracy"] == st.best_val_accuracy and val["loss"] < st.best_val_loss)
+        )
         if better:  # select on validation accuracy; ties go to the lower validation loss
             st.best_epoch, st.best_val_accuracy, st.best_val_loss = st.epoch, val["accuracy"], val["loss"]
             self.best_params = _snapshot(self.model)
             if self.info.is_main:
                 self._save_adapter()
-        record = {"epoch": st.epoch, "train_loss": tr["train_loss"], "val_loss": val["loss"],
-                  "val_accuracy": val["accuracy"], "lr": tr["lr"],
-                  "img_per_s": tr["images"] / tr["train_seconds"] if tr["train_seconds"] > 0 else None,
-                  "seconds": tr["train_seconds"] + time.perf_counter() - t0, "global_step": st.global_step}
+        record = {
+            "epoch": st.epoch,
+            "train_loss": tr["train_loss"],
+            "val_loss": val["loss"],
+            "val_accuracy": val["accuracy"],
+            "lr": tr["lr"],
+            "img_per_s": tr["images"] / tr["train_seconds"] if tr["train_seconds"] > 0 else None,
+            "seconds": tr["train_seconds"] + time.perf_counter() - t0,
+            "global_step": st.global_step,
+        }
         st.history.append(record)
         st.train_seconds += record["seconds"]
         st.step_seconds += tr["train_seconds"]
         st.train_images += round(tr["images"])  # all-reduced as a float; a count
         if self.info.is_main:
-            write_metrics(self.s.run_dir, st.history, best_epoch=st.best_epoch,
-                          title=f"{self.cfg.method} on {self.cfg.model} ({Path(self.cfg.data).name})")
+            write_metrics(
+                self.s.run_dir,
+                st.history,
+                best_epoch=st.best_epoch,
+                title=f"{self.cfg.method} on {self.cfg.model} ({Path(self.cfg.data).name})",
+            )
             self._save_checkpoint("epoch")
-        self.emit("epoch", epochs=self.cfg.epochs, best=better, best_epoch=st.best_epoch,
-                  best_val_accuracy=st.best_val_accuracy, **record)
+        self.emit(
+            "epoch",
+            epochs=self.cfg.epochs,
+            best=better,
+            best_epoch=st.best_epoch,
+            best_val_accuracy=st.best_val_accuracy,
+            **record,
+        )
 
     # -- files (rank 0) -----------------------------------------------------------------------------------------
     def _save_adapter(self) -> None:
         st, sp = self.state, self.s.splits
-        extra = {"class_names": list(sp.class_names), "data_config": jsonable(self.s.data_cfg),
-                 "data": self.cfg.data, "data_source": sp.source, "seed": self.cfg.seed, "task": self.cfg.task,
-                 "best_epoch": st.best_epoch, "val_accuracy": st.best_val_accuracy, "val_loss": st.best_val_loss,
-                 "train_config": self.cfg.to_dict(), "val_split": _drawn_summary(sp.val_drawn)}
+        extra = {
+            "class_names": list(sp.class_names),
+            "data_config": jsonable(self.s.data_cfg),
+            "data": self.cfg.data,
+            "data_source": sp.source,
+            "seed": self.cfg.seed,
+            "task": self.cfg.task,
+            "best_epoch": st.best_epoch,
+            "val_accuracy": st.best_val_accuracy,
+            "val_loss": st.best_val_loss,
+            "train_config": self.cfg.to_dict(),
+            "val_split": _drawn_summary(sp.val_drawn),
+        }
         self._record_val_split()
         with residual_dropout_removed(self.model):
             save_adapter(self.model, self.s.run_dir, extra=extra)
@@ -442,9 +568,15 @@ class Trainer:
 
     def _save_checkpoint(self, reason: str) -> Path:
         self._record_val_split()
-        path = save_checkpoint(checkpoint_path(self.s.run_dir), params=_snapshot(self.model), optimizer=self.optimizer,
-                               optimizer_names=self.opt_names, scaler=self.scaler, state=self.state,
-                               config=self.cfg.to_dict())
+        path = save_checkpoint(
+            checkpoint_path(self.s.run_dir),
+            params=_snapshot(self.model),
+            optimizer=self.optimizer,
+            optimizer_names=self.opt_names,
+            scaler=self.scaler,
+            state=self.state,
+            config=self.cfg.to_dict(),
+        )
         self.emit("checkpoint", path=str(path), epoch=self.state.epoch, step=self.state.batch, reason=reason)
         return path
 
@@ -457,9 +589,10 @@ class Trainer:
                 self.emit("checkpoint", path=str(path), epoch=self.state.epoch, step=0, reason="interrupt")
         st = self.state
         at = f"epoch {st.epoch + 1}, step {st.batch}" if st.batch else f"the end of epoch {st.epoch}"
-        raise TrainingInterrupted(f"training interrupted by {flag.signal or 'a signal'} at {at}; "
-                                  f"checkpoint saved to {path}",
-                                  f"continue with: peftx train --resume {self.s.run_dir}")
+        raise TrainingInterrupted(
+            f"training interrupted by {flag.signal or 'a signal'} at {at}; checkpoint saved to {path}",
+            f"continue with: peftx train --resume {self.s.run_dir}",
+        )
 
     # -- end ----------------------------------------------------------------------------------------------------
     def _class_report(self, measured: dict[str, Any], split: str) -> dict[str, Any]:
@@ -471,10 +604,13 @@ class Trainer:
         names = list(self.s.splits.class_names)
         report = {"class_report_split": split, **class_report(measured["confusion"], names)}
         if self.info.is_main:
-            title = (f"{self.cfg.method} on {self.cfg.model}, {split} at epoch {self.state.best_epoch}: "
-                     f"{100 * measured['accuracy']:.1f} % of {measured['n']:,}")
-            path = plot_confusion(report["confusion_matrix"]["counts"], names, self.s.run_dir / CONFUSION_FILE,
-                                  title=title)
+            title = (
+                f"{self.cfg.method} on {self.cfg.model}, {split} at epoch {self.state.best_epoch}: "
+                f"{100 * measured['accuracy']:.1f} % of {measured['n']:,}"
+            )
+            path = plot_confusion(
+                report["confusion_matrix"]["counts"], names, self.s.run_dir / CONFUSION_FILE, title=title
+            )
             report["confusion_png"] = str(path)
         return report
 
@@ -488,29 +624,56 @@ class Trainer:
         classes = len(sp.class_names)
         has_test = sp.test is not None and len(sp.test) > 0
         # per-class accuracy and the confusion matrix: on test at the selected epoch, else on validation
-        measured = evaluate_model(self.model, self._eval_loader(sp.test if has_test else sp.val), device=self.device,
-                                  amp_dtype=self.s.amp_dtype, channels_last=self.s.channels_last, info=self.info,
-                                  num_classes=classes)
+        measured = evaluate_model(
+            self.model,
+            self._eval_loader(sp.test if has_test else sp.val),
+            device=self.device,
+            amp_dtype=self.s.amp_dtype,
+            channels_last=self.s.channels_last,
+            info=self.info,
+            num_classes=classes,
+        )
         if has_test:
             test = measured
         self.emit("test", accuracy=test["accuracy"], loss=test["loss"], n=test["n"], best_epoch=st.best_epoch)
         report = self._class_report(measured, "test" if has_test else "val")
         peak, peak_kind = _peak_memory(self.device)
         summary = {
-            "best_epoch": st.best_epoch, "val_accuracy": st.best_val_accuracy, "val_loss": st.best_val_loss,
-            "test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_images": test["n"],
+            "best_epoch": st.best_epoch,
+            "val_accuracy": st.best_val_accuracy,
+            "val_loss": st.best_val_loss,
+            "test_accuracy": test["accuracy"],
+            "test_loss": test["loss"],
+            "test_images": test["n"],
             "selection": "best validation accuracy (ties: lower validation loss); test measured at that epoch only",
-            "trainable_params": trainable, "total_params": total, "trainable_percent": 100.0 * trainable / total,
-            "method": self.cfg.method, "model": self.cfg.model, "data": self.cfg.data, "data_source": sp.source,
-            "task": self.cfg.task, "epochs": self.cfg.epochs, "steps_per_epoch": self.steps_per_epoch,
-            "train_seconds": st.train_seconds, "wall_seconds": time.perf_counter() - self.wall0,
+            "trainable_params": trainable,
+            "total_params": total,
+            "trainable_percent": 100.0 * trainable / total,
+            "method": self.cfg.method,
+            "model": self.cfg.model,
+            "data": self.cfg.data,
+            "data_source": sp.source,
+            "task": self.cfg.task,
+            "epochs": self.cfg.epochs,
+            "steps_per_epoch": self.steps_per_epoch,
+            "train_seconds": st.train_seconds,
+            "wall_seconds": time.perf_counter() - self.wall0,
             "img_per_s": st.train_images / st.step_seconds if st.step_seconds > 0 else None,
-            "peak_memory_mb": peak, "peak_memory_kind": peak_kind, "device": str(self.device),
-            "amp": _amp_name(self.s.amp_dtype), "amp_skipped_steps": st.skipped_steps,
-            "world_size": self.info.world_size, "residual_dropout_rates": self.dropout_rates,
-            "run_dir": str(self.s.run_dir), "adapter": str(self.s.run_dir / ADAPTER_FILE),
-            "resumed": self.s.checkpoint is not None, "extensions": st.extensions, "notes": self.notes,
-            "val_split": _drawn_summary(sp.val_drawn), "skipped_files": len(sp.skipped), **report,
+            "peak_memory_mb": peak,
+            "peak_memory_kind": peak_kind,
+            "device": str(self.device),
+            "amp": _amp_name(self.s.amp_dtype),
+            "amp_skipped_steps": st.skipped_steps,
+            "world_size": self.info.world_size,
+            "residual_dropout_rates": self.dropout_rates,
+            "run_dir": str(self.s.run_dir),
+            "adapter": str(self.s.run_dir / ADAPTER_FILE),
+            "resumed": self.s.checkpoint is not None,
+            "extensions": st.extensions,
+            "notes": self.notes,
+            "val_split": _drawn_summary(sp.val_drawn),
+            "skipped_files": len(sp.skipped),
+            **report,
             "config": self.cfg.to_dict(),
         }
         if self.info.is_main:

@@ -33,8 +33,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> tuple[list[dict[str, 
     names = [trainable[id(p)] for g in groups for p in g["params"]]
     decayed = {trainable[id(p)] for g in groups if g["weight_decay"] for p in g["params"]}
     if (weight_decay and decayed != set(decay)) or set(names) != set(decay) | set(no_decay):
-        raise RuntimeError(f"optimiser groups disagree with the method's weight-decay split: "
-                           f"{sorted(decayed ^ set(decay))[:5]}")
+        raise RuntimeError(
+            f"optimiser groups disagree with the method's weight-decay split: {sorted(decayed ^ set(decay))[:5]}"
+        )
     return groups, names
 
 

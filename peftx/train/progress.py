@@ -17,17 +17,54 @@ EVENTS: dict[str, tuple[str, ...]] = {
     # that --epochs extends, else None; ``preprocessing``: the run's preprocessing contract, peftx.preprocess;
     # ``source``: the data, described; ``skipped_files``: non-image files left out of an ImageFolder; ``val_drawn``:
     # how val was drawn from train/ when the folder has no val/, else None)
-    "start": ("run_dir", "epochs", "start_epoch", "steps_per_epoch", "device", "amp", "world_size", "train_size",
-              "val_size", "test_size", "trainable_params", "total_params", "resumed", "config", "notes",
-              "extended_from", "preprocessing", "source", "skipped_files", "val_drawn"),
+    "start": (
+        "run_dir",
+        "epochs",
+        "start_epoch",
+        "steps_per_epoch",
+        "device",
+        "amp",
+        "world_size",
+        "train_size",
+        "val_size",
+        "test_size",
+        "trainable_params",
+        "total_params",
+        "resumed",
+        "config",
+        "notes",
+        "extended_from",
+        "preprocessing",
+        "source",
+        "skipped_files",
+        "val_drawn",
+    ),
     "epoch_start": ("epoch", "epochs", "steps", "start_step"),
     "step": ("epoch", "step", "steps", "global_step", "loss", "lr"),
     # once, after the first few steps of this process: the time the rest of the run will take (steps x the measured
     # step time; evaluation estimated as forward-only, a third of a training step per image)
-    "estimate": ("seconds_per_step", "measured_steps", "steps_remaining", "train_seconds", "eval_seconds",
-                 "total_seconds"),
-    "epoch": ("epoch", "epochs", "train_loss", "val_loss", "val_accuracy", "lr", "img_per_s", "seconds",
-              "global_step", "best", "best_epoch", "best_val_accuracy"),
+    "estimate": (
+        "seconds_per_step",
+        "measured_steps",
+        "steps_remaining",
+        "train_seconds",
+        "eval_seconds",
+        "total_seconds",
+    ),
+    "epoch": (
+        "epoch",
+        "epochs",
+        "train_loss",
+        "val_loss",
+        "val_accuracy",
+        "lr",
+        "img_per_s",
+        "seconds",
+        "global_step",
+        "best",
+        "best_epoch",
+        "best_val_accuracy",
+    ),
     "checkpoint": ("path", "epoch", "step", "reason"),
     "test": ("accuracy", "loss", "n", "best_epoch"),
     "done": ("summary",),
@@ -45,15 +82,22 @@ def rich_progress(progress: Any) -> Progress:
         elif event == "epoch_start":
             if "epoch" in tasks:
                 progress.remove_task(tasks["epoch"])
-            tasks["epoch"] = progress.add_task(f"epoch {f['epoch']}/{f['epochs']}", total=f["steps"],
-                                               completed=f["start_step"])
+            tasks["epoch"] = progress.add_task(
+                f"epoch {f['epoch']}/{f['epochs']}", total=f["steps"], completed=f["start_step"]
+            )
         elif event == "step":
-            progress.update(tasks["epoch"], completed=f["step"],
-                            description=f"epoch {f['epoch']} loss {f['loss']:.4f} lr {f['lr']:.2e}")
+            progress.update(
+                tasks["epoch"],
+                completed=f["step"],
+                description=f"epoch {f['epoch']} loss {f['loss']:.4f} lr {f['lr']:.2e}",
+            )
         elif event == "epoch":
-            progress.update(tasks["run"], completed=f["epoch"],
-                            description=f"epochs (val {100 * f['val_accuracy']:.1f} %, best "
-                                        f"{100 * f['best_val_accuracy']:.1f} % @ {f['best_epoch']})")
+            progress.update(
+                tasks["run"],
+                completed=f["epoch"],
+                description=f"epochs (val {100 * f['val_accuracy']:.1f} %, best "
+                f"{100 * f['best_val_accuracy']:.1f} % @ {f['best_epoch']})",
+            )
 
     return on
 

@@ -35,8 +35,9 @@ class Recipe:
 
 # The paper's shared VTAB-1k schedule: AdamW, batch 32, 100 epochs cosine + 10 cooldown, 10 warm-up epochs from
 # 1e-7, min lr 1e-8, images resized to 224 (METHODS.md). ``epochs`` counts every epoch run, cool-down included.
-_VTAB_SCHEDULE: dict[str, Any] = dict(epochs=110, cooldown_epochs=10, warmup_epochs=10, warmup_lr=1e-7, min_lr=1e-8, batch_size=32,
-                      img_size=224)
+_VTAB_SCHEDULE: dict[str, Any] = dict(
+    epochs=110, cooldown_epochs=10, warmup_epochs=10, warmup_lr=1e-7, min_lr=1e-8, batch_size=32, img_size=224
+)
 
 # task: (lr, weight decay, residual dropout, horizontal flip) — METHODS.md, verbatim.
 _VTAB_TASKS: dict[str, tuple[float, float, float, bool]] = {
@@ -75,8 +76,19 @@ VTAB_1K: dict[str, Recipe] = {
 #   56 px, lr 3e-3, no warm-up:          97.8 % (seed 42, 69 s wall), 97.8 % (seed 0)
 #   56 px, lr 5e-3, no warm-up:          27 %  (diverged in epoch 1: the warm-up is what guards against it)
 #   70 px, lr 3e-3, 3 epochs: 97.3 % (89 s);  70 px, 2 epochs: 93.3 % (too short)
-DEMO = Recipe(lr=3e-3, weight_decay=5e-5, dropout=0.0, hflip=False, epochs=3, cooldown_epochs=0, warmup_epochs=0.5,
-              warmup_lr=1e-7, min_lr=1e-6, batch_size=32, img_size=56)
+DEMO = Recipe(
+    lr=3e-3,
+    weight_decay=5e-5,
+    dropout=0.0,
+    hflip=False,
+    epochs=3,
+    cooldown_epochs=0,
+    warmup_epochs=0.5,
+    warmup_lr=1e-7,
+    min_lr=1e-6,
+    batch_size=32,
+    img_size=56,
+)
 
 # Any other dataset: the paper's schedule shortened to 30 epochs (a custom dataset is usually larger than VTAB's
 # 1,000 images), its most common per-task values (lr 1e-3 / wd 5e-5 / dropout 0.1), no flip (it breaks text, digits
@@ -84,14 +96,34 @@ DEMO = Recipe(lr=3e-3, weight_decay=5e-5, dropout=0.0, hflip=False, epochs=3, co
 # Sized for a GPU: on a 2-core CPU it is about 2 h per 1,000 training images (ViT-S/14 at 4.5 img/s). Defaults do
 # not change with the device (one command, one model everywhere); the trainer's time estimate says the cost
 # after the first steps instead. A run shorter than 30 epochs gets the warm-up scaled (see train.config).
-GENERIC = Recipe(lr=1e-3, weight_decay=5e-5, dropout=0.1, hflip=False, epochs=30, cooldown_epochs=0, warmup_epochs=3,
-                 warmup_lr=1e-7, min_lr=1e-8, batch_size=32, img_size=224)
+GENERIC = Recipe(
+    lr=1e-3,
+    weight_decay=5e-5,
+    dropout=0.1,
+    hflip=False,
+    epochs=30,
+    cooldown_epochs=0,
+    warmup_epochs=3,
+    warmup_lr=1e-7,
+    min_lr=1e-8,
+    batch_size=32,
+    img_size=224,
+)
 
 # Names the VTAB tables also use; accepted so a user can paste either spelling.
-_ALIASES = {"cifar100": "cifar", "cifar-100": "cifar", "flowers102": "oxford_flowers102", "pets": "oxford_iiit_pet",
-            "camelyon": "patch_camelyon", "retinopathy": "diabetic_retinopathy", "clevr_distance": "clevr_dist",
-            "dsprites_location": "dsprites_loc", "dsprites_orientation": "dsprites_ori",
-            "smallnorb_azimuth": "smallnorb_azi", "smallnorb_elevation": "smallnorb_ele"}
+_ALIASES = {
+    "cifar100": "cifar",
+    "cifar-100": "cifar",
+    "flowers102": "oxford_flowers102",
+    "pets": "oxford_iiit_pet",
+    "camelyon": "patch_camelyon",
+    "retinopathy": "diabetic_retinopathy",
+    "clevr_distance": "clevr_dist",
+    "dsprites_location": "dsprites_loc",
+    "dsprites_orientation": "dsprites_ori",
+    "smallnorb_azimuth": "smallnorb_azi",
+    "smallnorb_elevation": "smallnorb_ele",
+}
 
 TASK_NAMES = tuple(VTAB_1K)
 

@@ -48,39 +48,68 @@ def plan_resume(cfg: TrainConfig) -> ResumePlan:
     try:
         recorded = TrainConfig.from_dict(ckpt.config)
     except UsageError as e:
-        raise AdapterFileError(f"{ckpt.path}: the checkpoint's config is damaged ({e.message})",
-                               "the checkpoint was edited or damaged: restore it, or start the run again") from None
-    missing = [n for n in ("model", "method", "data", "epochs", "batch_size", "lr", "warmup_epochs",
-                           "cooldown_epochs", "min_lr", "warmup_lr", "seed") if getattr(recorded, n) is None]
+        raise AdapterFileError(
+            f"{ckpt.path}: the checkpoint's config is damaged ({e.message})",
+            "the checkpoint was edited or damaged: restore it, or start the run again",
+        ) from None
+    missing = [
+        n
+        for n in (
+            "model",
+            "method",
+            "data",
+            "epochs",
+            "batch_size",
+            "lr",
+            "warmup_epochs",
+            "cooldown_epochs",
+            "min_lr",
+            "warmup_lr",
+            "seed",
+        )
+        if getattr(recorded, n) is None
+    ]
     if missing:
-        raise AdapterFileError(f"{ckpt.path}: the checkpoint's config lacks {', '.join(missing)}",
-                               "the checkpoint was edited or damaged: restore it, or start the run again")
+        raise AdapterFileError(
+            f"{ckpt.path}: the checkpoint's config lacks {', '.join(missing)}",
+            "the checkpoint was edited or damaged: restore it, or start the run again",
+        )
     saved = cast(RunConfig, recorded)  # a resolved run's config, its required fields checked just above
     given = {k: v for k, v in cfg.given().items() if k not in RUNTIME_FIELDS}
     epochs = given.pop("epochs", None)
     differences = _differences(given, saved)
     if differences:
         options = list(dict.fromkeys(CLI_OPTIONS.get(name, name) for name, _ in differences))
-        raise UsageError("; ".join(text for _, text in differences),
-                         f"a resumed run keeps its configuration: drop {', '.join(options)}, or start a new run "
-                         "with another --output")
+        raise UsageError(
+            "; ".join(text for _, text in differences),
+            f"a resumed run keeps its configuration: drop {', '.join(options)}, or start a new run "
+            "with another --output",
+        )
     extended_from = None
     if epochs is not None and epochs != saved.epochs:
         if epochs < saved.epochs:
-            raise UsageError(f"epochs: {epochs} is fewer than the resumed run's {saved.epochs}",
-                             f"a run cannot be shortened; --epochs N with N > {saved.epochs} extends it")
+            raise UsageError(
+                f"epochs: {epochs} is fewer than the resumed run's {saved.epochs}",
+                f"a run cannot be shortened; --epochs N with N > {saved.epochs} extends it",
+            )
         extended_from = saved.epochs
     run_dir = Path(cfg.resume)
     if ckpt.state.epoch >= (epochs or saved.epochs) and (run_dir / SUMMARY_FILE).is_file():
-        raise UsageError(f"{run_dir} is already complete ({ckpt.state.epoch} of {saved.epochs} epochs; its results "
-                         f"are in {run_dir / SUMMARY_FILE}); nothing was changed",
-                         f"extend it with: peftx train --resume {run_dir} --epochs N (N > {saved.epochs})")
-    runtime = {name: getattr(cfg, name) if getattr(cfg, name) is not None else DEFAULTS.get(name)
-               for name in RUNTIME_FIELDS if name not in ("output", "resume", "eval_batch_size")}
+        raise UsageError(
+            f"{run_dir} is already complete ({ckpt.state.epoch} of {saved.epochs} epochs; its results "
+            f"are in {run_dir / SUMMARY_FILE}); nothing was changed",
+            f"extend it with: peftx train --resume {run_dir} --epochs N (N > {saved.epochs})",
+        )
+    runtime = {
+        name: getattr(cfg, name) if getattr(cfg, name) is not None else DEFAULTS.get(name)
+        for name in RUNTIME_FIELDS
+        if name not in ("output", "resume", "eval_batch_size")
+    }
     if cfg.eval_batch_size is not None:
         runtime["eval_batch_size"] = cfg.eval_batch_size
-    merged = dataclasses.replace(saved, **runtime, output=str(run_dir), resume=str(run_dir),
-                                 epochs=epochs or saved.epochs)
+    merged = dataclasses.replace(
+        saved, **runtime, output=str(run_dir), resume=str(run_dir), epochs=epochs or saved.epochs
+    )
     return ResumePlan(merged, ckpt, extended_from)
 
 
@@ -140,6 +169,8 @@ def method_of(resume: str | Path | None) -> str:
         return str(DEFAULTS["method"])
     method = load_checkpoint(resume).config.get("method")
     if not isinstance(method, str):
-        raise AdapterFileError(f"{resume}: the checkpoint does not record its method",
-                               "the checkpoint was edited or damaged: restore it, or start the run again")
+        raise AdapterFileError(
+            f"{resume}: the checkpoint does not record its method",
+            "the checkpoint was edited or damaged: restore it, or start the run again",
+        )
     return method

@@ -52,9 +52,10 @@ def prepare_run_dir(cfg: TrainConfig, info: DistInfo, *, create: bool) -> Path:
     if info.is_main:
         old = [p for p in run_files(run_dir) if p.exists()] if cfg.resume is None else []
         if old and not cfg.overwrite:
-            raise OutputError(f"{run_dir} already holds a training run",
-                              f"resume it with --resume {run_dir}, pass --force to replace it, or choose another "
-                              "--output")
+            raise OutputError(
+                f"{run_dir} already holds a training run",
+                f"resume it with --resume {run_dir}, pass --force to replace it, or choose another --output",
+            )
         if not create:
             return run_dir
         for path in old:

@@ -27,8 +27,17 @@ if TYPE_CHECKING:
 class Schedule:
     """``schedule(step) -> lr`` for a run of ``epochs`` x ``steps_per_epoch`` optimiser steps."""
 
-    def __init__(self, *, lr: float, steps_per_epoch: int, epochs: int, warmup_epochs: float, cooldown_epochs: int,
-                 warmup_lr: float, min_lr: float):
+    def __init__(
+        self,
+        *,
+        lr: float,
+        steps_per_epoch: int,
+        epochs: int,
+        warmup_epochs: float,
+        cooldown_epochs: int,
+        warmup_lr: float,
+        min_lr: float,
+    ):
         self.warmup_steps = round(warmup_epochs * steps_per_epoch)
         decay_end = (epochs - cooldown_epochs) * steps_per_epoch
         self._placeholder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
@@ -36,9 +45,16 @@ class Schedule:
         quiet = logging.getLogger("timm.scheduler.cosine_lr")
         was, quiet.disabled = quiet.disabled, True
         try:
-            self._timm = CosineLRScheduler(self._placeholder, t_initial=max(1, decay_end - self.warmup_steps),
-                                           lr_min=min_lr, warmup_t=self.warmup_steps, warmup_lr_init=warmup_lr,
-                                           warmup_prefix=True, cycle_limit=1, t_in_epochs=False)
+            self._timm = CosineLRScheduler(
+                self._placeholder,
+                t_initial=max(1, decay_end - self.warmup_steps),
+                lr_min=min_lr,
+                warmup_t=self.warmup_steps,
+                warmup_lr_init=warmup_lr,
+                warmup_prefix=True,
+                cycle_limit=1,
+                t_in_epochs=False,
+            )
         finally:
             quiet.disabled = was
 
@@ -49,12 +65,35 @@ class Schedule:
 
 def schedule(cfg: RunConfig, steps_per_epoch: int) -> Schedule:
     """The schedule of a resolved config."""
-    return Schedule(lr=cfg.lr, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
-                    cooldown_epochs=cfg.cooldown_epochs, warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr)
+    return Schedule(
+        lr=cfg.lr,
+        steps_per_epoch=steps_per_epoch,
+        epochs=cfg.epochs,
+        warmup_epochs=cfg.warmup_epochs,
+        cooldown_epochs=cfg.cooldown_epochs,
+        warmup_lr=cfg.warmup_lr,
+        min_lr=cfg.min_lr,
+    )
 
 
-def lr_at(step: int, *, lr: float, steps_per_epoch: int, epochs: int, warmup_epochs: float, cooldown_epochs: int,
-          warmup_lr: float, min_lr: float) -> float:
+def lr_at(
+    step: int,
+    *,
+    lr: float,
+    steps_per_epoch: int,
+    epochs: int,
+    warmup_epochs: float,
+    cooldown_epochs: int,
+    warmup_lr: float,
+    min_lr: float,
+) -> float:
     """The learning rate at one step (builds the schedule each call: for tests and plots, not the loop)."""
-    return Schedule(lr=lr, steps_per_epoch=steps_per_epoch, epochs=epochs, warmup_epochs=warmup_epochs,
-                    cooldown_epochs=cooldown_epochs, warmup_lr=warmup_lr, min_lr=min_lr)(step)
+    return Schedule(
+        lr=lr,
+        steps_per_epoch=steps_per_epoch,
+        epochs=epochs,
+        warmup_epochs=warmup_epochs,
+        cooldown_epochs=cooldown_epochs,
+        warmup_lr=warmup_lr,
+        min_lr=min_lr,
+    )(step)

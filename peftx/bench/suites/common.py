@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 
-def adapted_copy(plain: nn.Module, method: str, *, seed: int = 0, perturb_std: float = 0.05,
-                 fingerprint: str | None = None) -> nn.Module:
+def adapted_copy(
+    plain: nn.Module, method: str, *, seed: int = 0, perturb_std: float = 0.05, fingerprint: str | None = None
+) -> nn.Module:
     """A deep copy of ``plain`` with ``method``'s adapter, every trainable tensor moved off its init.
 
     The head is kept (not zeroed) and zero-initialised tensors (LoRA B, AOFT λ, the RLRR shift) are perturbed, so the
@@ -20,8 +21,12 @@ def adapted_copy(plain: nn.Module, method: str, *, seed: int = 0, perturb_std: f
     from ...adapter import adapt, state_of
     from ...methods import make_config
 
-    model = adapt(copy.deepcopy(plain), make_config(method), zero_head=False,
-                  base_fingerprint=fingerprint or "benchmark (not computed)")
+    model = adapt(
+        copy.deepcopy(plain),
+        make_config(method),
+        zero_head=False,
+        base_fingerprint=fingerprint or "benchmark (not computed)",
+    )
     gen = torch.Generator().manual_seed(seed)
     head = state_of(model).layout.head + "."
     with torch.no_grad():
@@ -31,16 +36,24 @@ def adapted_copy(plain: nn.Module, method: str, *, seed: int = 0, perturb_std: f
     return model.eval()
 
 
-def parity_summary(expected: dict[str, np.ndarray], runner: Any, inputs: dict[str, np.ndarray], tolerance: Any,
-                   reference_name: str) -> dict[str, Any]:
+def parity_summary(
+    expected: dict[str, np.ndarray], runner: Any, inputs: dict[str, np.ndarray], tolerance: Any, reference_name: str
+) -> dict[str, Any]:
     """The library's comparator (``peftx.exports.parity.compare``), condensed to what bench.json records."""
     from ...exports.parity import compare
 
     result = compare(expected, runner, inputs, tolerance, reference_name=reference_name)
     o = result.overall
-    return {"passed": result.passed, "tolerance": tolerance.name, "max_abs": o.max_abs, "bound": o.bound,
-            "min_cosine": o.min_cosine, "top1": o.top1_agreement, "reference": reference_name,
-            "failures": o.failures[:3]}
+    return {
+        "passed": result.passed,
+        "tolerance": tolerance.name,
+        "max_abs": o.max_abs,
+        "bound": o.bound,
+        "min_cosine": o.min_cosine,
+        "top1": o.top1_agreement,
+        "reference": reference_name,
+        "failures": o.failures[:3],
+    }
 
 
 def torch_outputs(model: nn.Module, inputs: dict[str, np.ndarray], name: str) -> dict[str, np.ndarray]:

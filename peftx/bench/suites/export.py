@@ -12,8 +12,9 @@ from ..config import EXPORT_SECONDS_MAX, NUM_CLASSES, BenchConfig, ModelSpec, Pr
 from .common import adapted_copy, parity_summary, torch_outputs
 
 
-def bench_export(spec: ModelSpec, cfg: BenchConfig, *, threads: int, work_dir: Path,
-                 progress: Progress) -> dict[str, Any]:
+def bench_export(
+    spec: ModelSpec, cfg: BenchConfig, *, threads: int, work_dir: Path, progress: Progress
+) -> dict[str, Any]:
     """Wall time of merge (each method), ONNX export, onnxslim simplification and parity, for the merged model."""
     from ...adapter import merge_and_unload
     from ...backbones import data_config
@@ -59,19 +60,35 @@ def bench_export(spec: ModelSpec, cfg: BenchConfig, *, threads: int, work_dir: P
     candidate = slim_path if slim.applied else path
     parity = parity_summary(expected, OnnxRuntimeRunner(candidate), inputs, ONNX_FP32, f"unmerged {method} (PyTorch)")
     steps["parity"] = time.perf_counter() - t0
-    out.update(method=method, steps=steps, total_s=sum(steps.values()),
-               merge_plus_export_s=steps["merge"] + steps["onnx_export"], parity=parity,
-               simplify=slim.to_json(), onnx_mb=path.stat().st_size / 2 ** 20,
-               nodes=sum(op_histogram(path).values()), target_s=EXPORT_SECONDS_MAX,
-               met=bool(steps["merge"] + steps["onnx_export"] < EXPORT_SECONDS_MAX))
+    out.update(
+        method=method,
+        steps=steps,
+        total_s=sum(steps.values()),
+        merge_plus_export_s=steps["merge"] + steps["onnx_export"],
+        parity=parity,
+        simplify=slim.to_json(),
+        onnx_mb=path.stat().st_size / 2**20,
+        nodes=sum(op_histogram(path).values()),
+        target_s=EXPORT_SECONDS_MAX,
+        met=bool(steps["merge"] + steps["onnx_export"] < EXPORT_SECONDS_MAX),
+    )
     if cfg.export_bundle:
         from ...exports.bundle import write_bundle
 
         say(f"{spec.key} export: the full bundle writer (export, FP16, every parity check)")
         t0 = time.perf_counter()
-        report = write_bundle(reference, merged, work_dir / f"bundle-{spec.key}", input_size=input_size,
-                              data_config=dcfg, class_names=[str(i) for i in range(NUM_CLASSES)],
-                              provenance={"benchmark": "peftx bench"}, images=images, tensorrt="auto", force=True,
-                              progress=None)
+        report = write_bundle(
+            reference,
+            merged,
+            work_dir / f"bundle-{spec.key}",
+            input_size=input_size,
+            data_config=dcfg,
+            class_names=[str(i) for i in range(NUM_CLASSES)],
+            provenance={"benchmark": "peftx bench"},
+            images=images,
+            tensorrt="auto",
+            force=True,
+            progress=None,
+        )
         out["bundle"] = {"wall_s": time.perf_counter() - t0, "status": report.status, "timings": report.timings}
     return out

@@ -39,7 +39,16 @@ def profile_step(step: Callable[[], Any], *, steps: int = 2, top: int = 12, cuda
     events = prof.key_averages()
     total_self = sum(e.self_cpu_time_total for e in events) or 1.0
     rows = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
-    return {"steps": steps, "wall_ms_per_step": 1e3 * wall / steps,
-            "top_ops": [{"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 1e3 / steps,
-                         "share": e.self_cpu_time_total / total_self, "calls_per_step": e.count / steps}
-                        for e in rows]}
+    return {
+        "steps": steps,
+        "wall_ms_per_step": 1e3 * wall / steps,
+        "top_ops": [
+            {
+                "op": e.key,
+                "self_ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+                "share": e.self_cpu_time_total / total_self,
+                "calls_per_step": e.count / steps,
+            }
+            for e in rows
+        ],
+    }

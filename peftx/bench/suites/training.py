@@ -56,8 +56,16 @@ class _TrainSetup:
         self._loss().backward()
 
 
-def train_setup(spec: ModelSpec, method: str, *, batch: int, device: torch.device, seed: int = 0,
-                fused_attention: bool = True, amp: str = "off") -> _TrainSetup:
+def train_setup(
+    spec: ModelSpec,
+    method: str,
+    *,
+    batch: int,
+    device: torch.device,
+    seed: int = 0,
+    fused_attention: bool = True,
+    amp: str = "off",
+) -> _TrainSetup:
     """The model, AdamW and a fixed batch for one training step of ``method`` (a registered method, "full" = full
     fine-tuning among them, or "frozen" = the backbone-only reference, see TRAIN_BASELINES).
 
@@ -96,8 +104,12 @@ def train_setup(spec: ModelSpec, method: str, *, batch: int, device: torch.devic
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values()
-               if isinstance(t, torch.Tensor))
+    return sum(
+        t.numel() * t.element_size()
+        for st in optimizer.state.values()
+        for t in st.values()
+        if isinstance(t, torch.Tensor)
+    )
 
 
 def delta_cost(model: nn.Module, *, reps: int = 5) -> dict[str, Any] | None:
@@ -152,8 +164,11 @@ def delta_cost(model: nn.Module, *, reps: int = 5) -> dict[str, Any] | None:
         total.append(t2 - t0)
     for p in params:
         p.grad = None
-    return {"layers": len(layers), "forward_ms": 1e3 * float(np.median(fwd[1:])),
-            "forward_backward_ms": 1e3 * float(np.median(total[1:]))}
+    return {
+        "layers": len(layers),
+        "forward_ms": 1e3 * float(np.median(fwd[1:])),
+        "forward_backward_ms": 1e3 * float(np.median(total[1:])),
+    }
 
 
 def _rss_kib(field_name: str) -> int | None:
@@ -174,8 +189,9 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def memory_worker(spec: ModelSpec, method: str, batch: int, steps: int, threads: int, device: str,
-                  seed: int, amp: str = "off") -> dict[str, Any]:
+def memory_worker(
+    spec: ModelSpec, method: str, batch: int, steps: int, threads: int, device: str, seed: int, amp: str = "off"
+) -> dict[str, Any]:
     """Runs in a fresh process: peak memory (and an isolated step time) of ``steps`` training steps of ``method``."""
     import resource
 
@@ -201,8 +217,12 @@ def memory_worker(spec: ModelSpec, method: str, batch: int, steps: int, threads:
         times.append(time.perf_counter() - t0)
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev)
-        out.update(memory_kind="torch.cuda.max_memory_allocated", peak_bytes=peak, baseline_bytes=base,
-                   peak_delta_bytes=peak - base)
+        out.update(
+            memory_kind="torch.cuda.max_memory_allocated",
+            peak_bytes=peak,
+            baseline_bytes=base,
+            peak_delta_bytes=peak - base,
+        )
     else:
         hwm = _rss_kib("VmHWM") if reset else None
         if hwm is None:  # no /proc reset: ru_maxrss covers set-up too (an upper bound)
@@ -210,9 +230,12 @@ def memory_worker(spec: ModelSpec, method: str, batch: int, steps: int, threads:
         mmap = os.environ.get("MALLOC_MMAP_THRESHOLD_") == MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"]
         kind = "peak RSS, reset after set-up" if reset else "ru_maxrss (includes set-up)"
         kind += ", own process" + (", malloc mmap threshold 64 KiB" if mmap else "")
-        out.update(memory_kind=kind,
-                   peak_bytes=hwm * 1024, baseline_bytes=(base_kib or 0) * 1024,
-                   peak_delta_bytes=(hwm - (base_kib or 0)) * 1024)
+        out.update(
+            memory_kind=kind,
+            peak_bytes=hwm * 1024,
+            baseline_bytes=(base_kib or 0) * 1024,
+            peak_delta_bytes=(hwm - (base_kib or 0)) * 1024,
+        )
     out["optimizer_state_bytes"] = optimizer_state_bytes(setup.optimizer)
     out["grad_bytes"] = sum(p.numel() * p.element_size() for p in params)
     out["isolated_step_s"] = times[1:] or times  # the first step allocates the optimizer state: not timed
@@ -240,8 +263,12 @@ def run_memory_worker(isolate: bool, spec: ModelSpec, *args: Any) -> dict[str, A
         src, dst = Path(tmp) / "args.json", Path(tmp) / "result.json"
         src.write_text(json.dumps({"spec": asdict(spec), "args": list(args)}))
         code = "from peftx.bench.suites.training import memory_worker_main; memory_worker_main()"
-        proc = subprocess.run([sys.executable, "-c", code, str(src), str(dst)], capture_output=True, text=True,
-                              env={**os.environ, **MALLOC_ENV})
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(src), str(dst)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **MALLOC_ENV},
+        )
         if proc.returncode != 0 or not dst.exists():
             tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-1:] or ["no output"]
             raise RuntimeError(f"the memory worker for {args[0]!r} failed (exit {proc.returncode}): {tail[0]}")
@@ -260,27 +287,44 @@ def memory_worker_main() -> None:
     Path(sys.argv[2]).write_text(json.dumps(result))
 
 
-def bench_training(spec: ModelSpec, cfg: BenchConfig, *, threads: int, device: torch.device,
-                   progress: Progress) -> dict[str, Any]:
+def bench_training(
+    spec: ModelSpec, cfg: BenchConfig, *, threads: int, device: torch.device, progress: Progress
+) -> dict[str, Any]:
     """Full fine-tuning vs each adapter on one backbone and batch: step time, FLOPs, memory, optimizer state."""
     say = progress
     methods = list(cfg.train_methods)
     say(f"{spec.key} training: building {', '.join(methods)}")
-    setups = {m: train_setup(spec, m, batch=cfg.train_batch, device=device, seed=cfg.seed, amp=cfg.train_amp)
-              for m in methods}
+    setups = {
+        m: train_setup(spec, m, batch=cfg.train_batch, device=device, seed=cfg.seed, amp=cfg.train_amp) for m in methods
+    }
     any_setup = next(iter(setups.values()))
-    precision = "FP32" if cfg.train_amp == "off" else f"{cfg.train_amp} autocast" + (
-        " + GradScaler" if cfg.train_amp == "fp16" else "")
-    out: dict[str, Any] = {"model": spec.key, "label": spec.label, "batch": cfg.train_batch,
-                           "img_size": list(any_setup.x.shape[-2:]), "rows": [], "ratios": [],
-                           "settings": f"{precision}, timm fused (SDPA) attention on as in peftx's trainer, AdamW "
-                                       "(torch default implementation) over the trainable tensors only"}
+    precision = (
+        "FP32"
+        if cfg.train_amp == "off"
+        else f"{cfg.train_amp} autocast" + (" + GradScaler" if cfg.train_amp == "fp16" else "")
+    )
+    out: dict[str, Any] = {
+        "model": spec.key,
+        "label": spec.label,
+        "batch": cfg.train_batch,
+        "img_size": list(any_setup.x.shape[-2:]),
+        "rows": [],
+        "ratios": [],
+        "settings": f"{precision}, timm fused (SDPA) attention on as in peftx's trainer, AdamW "
+        "(torch default implementation) over the trainable tensors only",
+    }
     step_flops = {m: count_step_flops(s.forward_backward, cfg.train_batch) for m, s in setups.items()}
     say(f"{spec.key} training: timing {len(methods)} methods interleaved")
-    timing = timed_rounds({m: s.step for m, s in setups.items()}, warmup=cfg.train_warmup,
-                          min_rounds=cfg.train_rounds, max_rounds=max(cfg.train_rounds, 20),
-                          budget_s=cfg.train_budget_s, sync=device_sync(device), seed=cfg.seed,
-                          guard=contention_guard(cfg.discard_contended, threads, device))
+    timing = timed_rounds(
+        {m: s.step for m, s in setups.items()},
+        warmup=cfg.train_warmup,
+        min_rounds=cfg.train_rounds,
+        max_rounds=max(cfg.train_rounds, 20),
+        budget_s=cfg.train_budget_s,
+        sync=device_sync(device),
+        seed=cfg.seed,
+        guard=contention_guard(cfg.discard_contended, threads, device),
+    )
     times = timing.times
     out["timing"] = timing.to_json()
     deltas = {m: delta_cost(s.model, reps=cfg.delta_reps) for m, s in setups.items() if m not in TRAIN_BASELINES}
@@ -290,22 +334,43 @@ def bench_training(spec: ModelSpec, cfg: BenchConfig, *, threads: int, device: t
     memory = {}
     for m in methods:
         say(f"{spec.key} training: peak memory of {m} ({'own process' if cfg.isolate_memory else 'in process'})")
-        memory[m] = run_memory_worker(cfg.isolate_memory, spec, m, cfg.train_batch, cfg.memory_steps, threads,
-                                      str(device), cfg.seed, cfg.train_amp)
+        memory[m] = run_memory_worker(
+            cfg.isolate_memory,
+            spec,
+            m,
+            cfg.train_batch,
+            cfg.memory_steps,
+            threads,
+            str(device),
+            cfg.seed,
+            cfg.train_amp,
+        )
     for m in methods:
         st = latency_stats(times[m], cfg.train_batch, None)
         mem = memory[m]
-        out["rows"].append({
-            "model": spec.key, "method": m, "trainable_params": info[m][0], "total_params": info[m][1],
-            "step_ms_p50": st["p50_ms"], "step_ms_p90": st["p90_ms"], "n": st["n"], "images_per_s": st["images_per_s"],
-            "step_gflop_per_image": step_flops[m] / 1e9,
-            "achieved_gflops": step_flops[m] * cfg.train_batch / (st["p50_ms"] / 1e3) / 1e9,
-            "peak_bytes": mem["peak_bytes"], "peak_delta_bytes": mem["peak_delta_bytes"],
-            "memory_kind": mem["memory_kind"], "optimizer_state_bytes": opt_state[m],
-            "grad_bytes": mem["grad_bytes"],
-            # slower than step_ms: the worker's malloc mmaps every large block, so each step page-faults afresh
-            "isolated_step_ms_mmap_malloc": 1e3 * float(np.median(mem["isolated_step_s"])),
-            "delta_cost": deltas.get(m), "times_ms": [round(1e3 * t, 2) for t in times[m]]})
+        out["rows"].append(
+            {
+                "model": spec.key,
+                "method": m,
+                "trainable_params": info[m][0],
+                "total_params": info[m][1],
+                "step_ms_p50": st["p50_ms"],
+                "step_ms_p90": st["p90_ms"],
+                "n": st["n"],
+                "images_per_s": st["images_per_s"],
+                "step_gflop_per_image": step_flops[m] / 1e9,
+                "achieved_gflops": step_flops[m] * cfg.train_batch / (st["p50_ms"] / 1e3) / 1e9,
+                "peak_bytes": mem["peak_bytes"],
+                "peak_delta_bytes": mem["peak_delta_bytes"],
+                "memory_kind": mem["memory_kind"],
+                "optimizer_state_bytes": opt_state[m],
+                "grad_bytes": mem["grad_bytes"],
+                # slower than step_ms: the worker's malloc mmaps every large block, so each step page-faults afresh
+                "isolated_step_ms_mmap_malloc": 1e3 * float(np.median(mem["isolated_step_s"])),
+                "delta_cost": deltas.get(m),
+                "times_ms": [round(1e3 * t, 2) for t in times[m]],
+            }
+        )
     if "full" in times:
         full_mem = memory["full"]["peak_delta_bytes"]
         for m in methods:
@@ -313,12 +378,17 @@ def bench_training(spec: ModelSpec, cfg: BenchConfig, *, threads: int, device: t
                 continue
             r = paired_ratio(times[m], times["full"])
             target = m in ("rlrr", "aoft")
-            out["ratios"].append({"model": spec.key, "method": m, "step_time_vs_full": r,
-                                  "step_time_vs_full_of_mins": min_ratio(times[m], times["full"]),
-                                  "step_time_vs_frozen": (paired_ratio(times[m], times["frozen"])
-                                                          if "frozen" in times else None),
-                                  "peak_memory_vs_full": memory[m]["peak_delta_bytes"] / max(full_mem, 1),
-                                  "targeted": target,
-                                  "step_time_met": bool(r <= 1.0) if target else None,
-                                  "memory_met": bool(memory[m]["peak_delta_bytes"] < full_mem) if target else None})
+            out["ratios"].append(
+                {
+                    "model": spec.key,
+                    "method": m,
+                    "step_time_vs_full": r,
+                    "step_time_vs_full_of_mins": min_ratio(times[m], times["full"]),
+                    "step_time_vs_frozen": (paired_ratio(times[m], times["frozen"]) if "frozen" in times else None),
+                    "peak_memory_vs_full": memory[m]["peak_delta_bytes"] / max(full_mem, 1),
+                    "targeted": target,
+                    "step_time_met": bool(r <= 1.0) if target else None,
+                    "memory_met": bool(memory[m]["peak_delta_bytes"] < full_mem) if target else None,
+                }
+            )
     return out
