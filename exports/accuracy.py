@@ -206,7 +206,9 @@ def measure_accuracy(
     prep = dict(preprocessing)
     low, high = batch
     size = min(max(_CHUNK, low), high)
-    labels, ref_pred, preds = [], [], {runner.name: [] for runner, _, _ in candidates}
+    labels: list[np.ndarray] = []
+    ref_pred: list[np.ndarray] = []
+    preds: dict[str, list[np.ndarray]] = {runner.name: [] for runner, _, _ in candidates}
     kept: dict[str, list[np.ndarray]] = {"inputs": [], "reference_logits": [], "labels": []}
     max_abs = 0.0
     say(f"measuring accuracy on {images.source}")

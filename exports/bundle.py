@@ -59,6 +59,7 @@ from peftx.tolerances import (
     MERGE_FP32,
     ONNX_FP32,
     TENSORRT_FP32,
+    Tolerance,
 )
 
 from . import int8 as int8_mod
@@ -69,7 +70,7 @@ from .layernorm import decomposed_layernorms, fp32_node_names, unsafe_layer_name
 from .onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, op_histogram, param_count, read_metadata
 from .parity import ParityReport, ParityResult, compare, make_input_sets, reference_outputs
 from .reference_set import REFERENCE_FILE, write_reference_set
-from .runners import OnnxRuntimeRunner, TensorRTRunner, TorchRunner
+from .runners import OnnxRuntimeRunner, Runner, TensorRTRunner, TorchRunner
 from .simplify import simplify_onnx
 from .targets import TargetProfile, resolve_target
 from .tensorrt import (
@@ -205,11 +206,11 @@ def write_bundle(
     use_trt, trt_message = resolve_mode(tensorrt, profile)  # fails here, before any work, when it must
     layernorms = sum(isinstance(m, torch.nn.LayerNorm) for m in merged.modules())
     options = _Options(
-        tuple(input_size),
+        (input_size[0], input_size[1], input_size[2]),
         _preprocessing(data_config),
         list(class_names),
         provenance,
-        tuple(batch),
+        (batch[0], batch[1], batch[2]),
         precision,
         tensorrt,
         use_trt,
@@ -323,7 +324,9 @@ def validate_bundle(
     expected = reference_outputs(TorchRunner(reference, name="reference (unmerged PyTorch)"), inputs)
     fp16_required = meta["precision"] == "fp16"
     scratch = Path(tempfile.mkdtemp())
-    candidates = [(OnnxRuntimeRunner(bundle_dir / ONNX_FILE, name="onnxruntime fp32"), ONNX_FP32, True)]
+    candidates: list[tuple[Runner, Tolerance, bool]] = [
+        (OnnxRuntimeRunner(bundle_dir / ONNX_FILE, name="onnxruntime fp32"), ONNX_FP32, True)
+    ]
     if (bundle_dir / FP16_FILE).exists():
         candidates += [
             (runner, FP16, fp16_required)
@@ -497,8 +500,8 @@ def _assemble(
             if int8_graph is not None:
                 candidates.append((OnnxRuntimeRunner(int8_graph.path, name="onnxruntime int8"), ACCURACY_INT8, True))
             if trt_runner is not None:
-                tolerance = {"fp16": ACCURACY_FP16, "int8": ACCURACY_INT8}.get(opt.precision, ACCURACY_FP32)
-                candidates.append((trt_runner, tolerance, True))
+                gate = {"fp16": ACCURACY_FP16, "int8": ACCURACY_INT8}.get(opt.precision, ACCURACY_FP32)
+                candidates.append((trt_runner, gate, True))
             accuracy = measure_accuracy(
                 TorchRunner(reference, name="unmerged PyTorch"),
                 candidates,
@@ -510,7 +513,7 @@ def _assemble(
                 keep=len(opt.accuracy_set) if int8_graph is not None else 0,
             )
             timings["accuracy_s"] = time.perf_counter() - started
-            if int8_graph is not None:
+            if int8_graph is not None and calibration is not None:
                 int8_info = _int8_gate(
                     work, onnx_path, int8_graph, calibration, accuracy, opt, scratch, timings, say, results, check
                 )
@@ -1221,7 +1224,7 @@ def _write_text(path: Path, text: str, *, executable: bool = False) -> None:
 
 
 def _template(name: str) -> str:
-    return resources.files(__package__).joinpath("templates", name).read_text(encoding="utf-8")
+    return resources.files(__package__).joinpath("templates").joinpath(name).read_text(encoding="utf-8")
 
 
 def _now() -> str:

@@ -122,21 +122,23 @@ def select_calibration(
             "ranges that are not set by a few images' extremes",
             f"pass --calibration {CALIBRATION_IMAGES} (the default) or more",
         )
-    labels = np.asarray(labels)
-    if len(labels) < MIN_CALIBRATION_IMAGES:
+    label_array = np.asarray(labels)
+    if len(label_array) < MIN_CALIBRATION_IMAGES:
         raise DataError(
-            f"{source} has {len(labels)} images, fewer than the {MIN_CALIBRATION_IMAGES} INT8 calibration needs",
+            f"{source} has {len(label_array)} images, fewer than the {MIN_CALIBRATION_IMAGES} INT8 calibration needs",
             "pass --calibration-data DIR with more training images",
         )
     rng = np.random.default_rng(seed)
-    n = min(n, len(labels))
-    classes, counts = np.unique(labels, return_counts=True)
+    n = min(n, len(label_array))
+    classes, counts = np.unique(label_array, return_counts=True)
     share = counts / counts.sum() * n
     take = np.floor(share).astype(int)
     for i in np.argsort(-(share - take))[: n - take.sum()]:
         take[i] += 1
     chosen = [
-        int(j) for c, k in zip(classes, take, strict=True) for j in rng.permutation(np.flatnonzero(labels == c))[:k]
+        int(j)
+        for c, k in zip(classes, take, strict=True)
+        for j in rng.permutation(np.flatnonzero(label_array == c))[:k]
     ]
     return Int8Request(
         dataset,
@@ -151,7 +153,8 @@ def calibration_inputs(request: Int8Request, shipped: Any, preprocessing: dict[s
     """The request's images through the bundle's own infer.py (``shipped``: its load_image / preprocess_image)."""
     from peftx.data import raw_sample
 
-    arrays, per_class = [], {}
+    arrays: list[np.ndarray] = []
+    per_class: dict[str, int] = {}
     for index in request.indices:
         raw, label = raw_sample(request.dataset, index)
         image = shipped.load_image(raw) if isinstance(raw, (str, Path)) else raw.convert("RGB")

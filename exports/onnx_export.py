@@ -199,6 +199,8 @@ def _export_dynamo(model: torch.nn.Module, example: torch.Tensor, path: Path, op
             dynamic_shapes=({0: batch},),
             verbose=False,
         )
+    if program is None:  # torch returns None only for the legacy exporter, which this call does not use
+        raise ExportError("torch.onnx.export returned no ONNX program", "report this with your torch version")
     program.save(str(path), external_data=False)
 
 

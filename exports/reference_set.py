@@ -133,7 +133,8 @@ def _smallest(raws: list[tuple[int, Any]], count: int) -> list[tuple[int, Any]]:
         formats.setdefault(_format(item[1]), item)
     first = {row for row, _ in formats.values()}
     ordered = list(formats.values()) + [item for item in by_size if item[0] not in first]
-    chosen, used = [], 0
+    chosen: list[Any] = []
+    used = 0
     for row, raw in ordered[:count]:
         size = _size(raw)
         if chosen and used + size > RAW_BYTES_BUDGET:

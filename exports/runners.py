@@ -72,7 +72,7 @@ class OnnxRuntimeRunner:
         self.path, self.providers, self.optimize = Path(path), tuple(providers), optimize
         self.name = name or f"onnxruntime:{self.path.name}"
         self.session_options = session_options
-        self._session = None
+        self._session: Any = None  # an onnxruntime.InferenceSession, opened on first use
         self._input = ""
 
     def __enter__(self) -> OnnxRuntimeRunner:
@@ -87,7 +87,7 @@ class OnnxRuntimeRunner:
         feed = {self._input: np.ascontiguousarray(batch, dtype=np.float32)}
         return np.asarray(session.run(None, feed)[0], dtype=np.float32)
 
-    def _open(self):
+    def _open(self) -> Any:
         if self._session is None:
             import onnxruntime as ort
 

@@ -125,7 +125,7 @@ class TargetProfile:
 @functools.cache
 def _load_ops(ops_file: str) -> dict[str, Any]:
     """The transcribed op list with its errata applied (each corrected entry says so and keeps the evidence)."""
-    data = json.loads(resources.files(__package__).joinpath("data", ops_file).read_text(encoding="utf-8"))
+    data = json.loads(resources.files(__package__).joinpath("data").joinpath(ops_file).read_text(encoding="utf-8"))
     for op, fix in data.get("errata", {}).items():
         data["operators"][op] = {**data["operators"][op], "types": fix["types"], "erratum": fix["evidence"]}
     return data

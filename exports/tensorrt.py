@@ -89,7 +89,12 @@ def resolve_mode(mode: TensorRTMode, target: TargetProfile | None = None) -> tup
     if mode == "off":
         return False, "TensorRT disabled (tensorrt='off')"
     found = probe()
-    if found.reason is None and target is not None and not at_least(found.version, target.tensorrt_min):
+    if (
+        found.reason is None
+        and found.version
+        and target is not None
+        and not at_least(found.version, target.tensorrt_min)
+    ):
         wanted = target.requested or target.name
         here = profile_for_tensorrt(found.version)
         if mode == "on":
@@ -253,8 +258,12 @@ def builder_flags(precision: Precision, major: int) -> list[str]:
     FP16 for the float parts): none on 11, where every network is strongly typed."""
     if major >= 11 or precision == "fp32":
         return []
+    if precision == "fp16":
+        return ["FP16"]
     profile = profile_for_tensorrt(f"{major}.6" if major == 8 else f"{major}.0")
-    return ["FP16"] if precision == "fp16" else [*profile.int8.builder_flags, "FP16"]
+    if profile is None:  # below 8.5: no target profile, so no INT8 rules either
+        raise UsageError(f"TensorRT {major}.x has no peftx target profile", "build with TensorRT 8.5 or newer")
+    return [*profile.int8.builder_flags, "FP16"]
 
 
 def _set_precision(trt: ModuleType, config, precision: Precision, major: int) -> None:
@@ -327,7 +336,7 @@ def machine_facts(tensorrt_version: str | None) -> dict[str, Any]:
     Jetson model and L4T release when on a Jetson."""
     from .templates.infer import jetson_facts
 
-    gpu = {"name": None, "compute_capability": None}
+    gpu: dict[str, str | None] = {"name": None, "compute_capability": None}
     try:
         import torch
 

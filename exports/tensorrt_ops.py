@@ -312,7 +312,7 @@ def _tensor_dtypes(model: onnx.ModelProto) -> dict[str, str]:
 
 def _dtype_name(elem_type: int) -> str:
     """The operator matrix's name for an ONNX element type (ONNX's own name when TensorRT has none)."""
-    return _DTYPE_NAMES.get(elem_type) or onnx.TensorProto.DataType.Name(elem_type)
+    return _DTYPE_NAMES.get(onnx.TensorProto.DataType(elem_type)) or onnx.TensorProto.DataType.Name(elem_type)
 
 
 def _default_opset(model: onnx.ModelProto) -> int:

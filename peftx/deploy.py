@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from torch import nn
@@ -24,6 +24,13 @@ from .adapter_io import ADAPTER_FILE, load_adapter, read_adapter
 from .errors import AdapterFileError, AdapterMismatchError, DataError, ExportError, UsageError
 from .fsutil import sha256_file
 from .preprocess import contract
+
+if TYPE_CHECKING:
+    from .peft_adapter import PeftSource
+    from .plain_export import CheckpointSource
+
+Precision = Literal["fp32", "fp16", "int8"]
+TensorRTMode = Literal["auto", "on", "off"]
 
 PARITY_IMAGES = 16  # real images per parity run: enough for odd batch sizes 1, 3, 7 plus a full batch
 # Labelled images the accuracy gate measures by default (a seeded subset of a larger split): resolves 0.2 points,
@@ -52,7 +59,11 @@ def _adapter_path(source: str | Path) -> Path:
 
 
 def load_reference(
-    source: str | Path, *, model_name: str | None = None, weights: str | Path | None = None, img_size: int | None = None
+    source: str | Path | PeftSource | CheckpointSource,
+    *,
+    model_name: str | None = None,
+    weights: str | Path | None = None,
+    img_size: int | None = None,
 ) -> Loaded:
     """The unmerged adapted model of a run directory or adapter file (``model_name``/``weights`` override the spec),
     or of a source :mod:`peftx.byo` loads (a peft adapter directory, a plain checkpoint)."""
@@ -66,6 +77,7 @@ def load_reference(
         return foreign
     if img_size is not None:
         raise UsageError("--img-size is for peft adapters and checkpoints", "a peftx run records its image size")
+    assert isinstance(source, (str, Path)), source  # load_foreign loads every source object
     path = _adapter_path(source)
     config, _ = read_adapter(path)
     if model_name:  # an adapter file used with a backbone named on the command line
@@ -196,7 +208,7 @@ def parse_batch(text: str) -> tuple[int, int, int]:
 
 
 def merge_export(
-    source: str | Path,
+    source: str | Path | PeftSource | CheckpointSource,
     *,
     output: str | Path | None = None,
     batch: Sequence[int] = (1, 8, 32),
@@ -274,9 +286,9 @@ def merge_export(
         class_names=loaded.class_names,
         provenance=provenance(loaded),
         images=images,
-        batch=tuple(batch),
-        precision=precision,
-        tensorrt=tensorrt,
+        batch=(batch[0], batch[1], batch[2]),
+        precision=cast(Precision, precision),  # checked above
+        tensorrt=cast(TensorRTMode, tensorrt),
         simplify=simplify,
         force=force,
         progress=say,
@@ -363,6 +375,8 @@ def validate(
     from .exports.bundle import read_bundle, validate_bundle
     from .exports.tensorrt import resolve_target_here
 
+    if tensorrt not in ("auto", "on", "off"):
+        raise UsageError(f"--tensorrt {tensorrt!r}", "choose auto, on or off")
     if target is not None:
         resolve_target_here(target)  # an unknown target fails before anything is loaded
     bundle = bundle_dir(bundle)
@@ -388,7 +402,7 @@ def validate(
         bundle,
         loaded.model,
         parity_images(loaded, images_dir, splits=splits),
-        tensorrt=tensorrt,
+        tensorrt=cast(TensorRTMode, tensorrt),  # checked above
         progress=progress,
         target=target,
         accuracy_set=_accuracy_set(loaded, images_dir, accuracy_limit, splits, say),
