@@ -24,7 +24,7 @@ from peftx.fsutil import sha256_file
 
 from .targets import TargetProfile, all_targets, resolve_target
 
-_DTYPE_NAMES = {
+_DTYPE_NAMES: dict[int, str] = {
     onnx.TensorProto.FLOAT: "FP32",
     onnx.TensorProto.FLOAT16: "FP16",
     onnx.TensorProto.BFLOAT16: "BF16",
@@ -312,7 +312,7 @@ def _tensor_dtypes(model: onnx.ModelProto) -> dict[str, str]:
 
 def _dtype_name(elem_type: int) -> str:
     """The operator matrix's name for an ONNX element type (ONNX's own name when TensorRT has none)."""
-    return _DTYPE_NAMES.get(onnx.TensorProto.DataType(elem_type)) or onnx.TensorProto.DataType.Name(elem_type)
+    return _DTYPE_NAMES.get(elem_type) or onnx.TensorProto.DataType.Name(elem_type)
 
 
 def _default_opset(model: onnx.ModelProto) -> int:
