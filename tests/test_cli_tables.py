@@ -47,3 +47,32 @@ def test_markup_in_data_is_printed_as_written() -> None:
     assert "[cat]" in text and "[bold]dog[/bold]" in text
     text = render(output.key_values("run [test]", {"path": "/data/[x]/y"}), 80)
     assert "run [test]" in text and "/data/[x]/y" in text
+
+
+@pytest.mark.parametrize("width", [80, 100])
+def test_the_parity_table_fits_with_every_kind_of_row(width: int) -> None:
+    """merge-export / validate's parity table: a passing, a failing and an advisory candidate, a long name."""
+    import numpy as np
+    import torch
+    from cli_render import assert_renders
+
+    from peftx.exports.parity import compare, make_input_sets, parity_table
+    from peftx.exports.runners import TorchRunner
+    from peftx.tolerances import FP16, ONNX_FP32
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5)).eval()
+    moved = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5)).eval()
+    moved.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        moved[1].bias += 0.5  # far outside FP32's bound: FAIL when required, "fail (advisory)" when not
+    inputs = make_input_sets(np.random.default_rng(0).standard_normal((4, 3, 2, 2)), [1, 3, 8])
+    reference = TorchRunner(model, name="unmerged")
+    results = [
+        compare(reference, TorchRunner(model, name="onnxruntime fp32"), inputs, ONNX_FP32),
+        compare(reference, TorchRunner(moved, name="fp16 emulation (strict rounding)"), inputs, ONNX_FP32),
+        compare(reference, TorchRunner(moved, name="onnxruntime int8"), inputs, FP16, required=False),
+    ]
+    assert [r.overall.passed for r in results] == [True, False, False]
+    text = assert_renders(parity_table(results), width, ["onnxruntime fp32", "onnxruntime int8"])
+    assert "FAIL" in text and "fail (advisory)" in text and text.count("pass") == 1
