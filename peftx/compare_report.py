@@ -16,7 +16,7 @@ _COLUMNS = (
     ("method", 8, "<"),
     ("test %", 13, ">"),
     ("epoch", 7, ">"),
-    ("lr", 9, "<"),
+    ("lr", 10, "<"),  # "1e-05 rec*"
     ("trainable", 10, ">"),
     ("adapter", 9, ">"),
     ("train s", 7, ">"),
@@ -166,8 +166,9 @@ def format_table(result: dict[str, Any]) -> str:
             "'demo', its own init and data order); min and max per method in compare.json."
         )
     lines += _wrap(
-        "lr: rec = the recipe's, all = --lr for every method, set = --set METHOD.lr, def = the method's "
-        "own default. adapter = adapter.safetensors (full: the whole model)."
+        "lr: rec = the recipe's, rec* = the recipe's x the method's recipe_lr_scale (full: 0.01), all = --lr for "
+        "every method, set = --set METHOD.lr, def = the method's own default. adapter = adapter.safetensors (full: "
+        "the whole model)."
     )
     baselines = [e.get("baseline_rss_mb") for e in summary if _num(e.get("baseline_rss_mb"))]
     kinds = {e.get("peak_memory_kind") for e in summary if e.get("peak_memory_kind")}

@@ -399,3 +399,29 @@ def test_cli_bad_options_are_one_line(tmp_path, args, code, start) -> None:
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == code and len(lines) == 1 and lines[0].startswith(start), proc.stderr
     assert not (tmp_path / "cmp").exists()  # nothing written
+
+
+def test_a_full_fine_tuning_row_is_printed_whole() -> None:
+    """The widest row compare prints: full fine-tuning (21.5 M trainable, an 82 MiB adapter, lr from the recipe x
+    the method's scale) — no cell cut, the lr source explained under the table."""
+    entry = {
+        "method": "full",
+        "runs": 1,
+        "ok": 1,
+        "failures": [],
+        "test_accuracy": 0.8585,
+        "best_epochs": [16],
+        "epochs": 20,
+        "trainable_params": 21_540_490,
+        "adapter_bytes": 86_179_888,
+        "lr": 1e-05,
+        "lr_source": "recipe x method",
+        "train_seconds": 376.9,
+        "img_per_s": 45.1,
+        "peak_memory_mb": 1654.1,
+    }
+    text = format_table({"summary": [entry], "methods": ["full"], "seeds": [42], "shared": {}})
+    row = next(line for line in text.splitlines() if line.startswith("full "))
+    assert "…" not in text and "1e-05 rec*" in row and "21,540,490" in row
+    assert "rec* = the recipe's x the method's recipe_lr_scale" in " ".join(text.split())
+    assert max(len(line) for line in text.splitlines()) <= WIDTH
