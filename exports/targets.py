@@ -132,6 +132,16 @@ def _load_ops(ops_file: str) -> dict[str, Any]:
 
 
 _QUANT_OPS_8X = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear")
+# Explicit (Q/DQ) INT8 as 8.5 to 10.x build it: symmetric, per-channel weights from opset 13, enabled by --int8 /
+# BuilderFlag.INT8 (TensorRT 11 reads the same graph strongly typed, without the flags).
+_INT8_WEAK_TYPED = Int8Rules(
+    qdq=True,
+    zero_point_zero=True,
+    per_channel_min_opset=13,
+    trtexec_flags=("--int8",),
+    builder_flags=("INT8",),
+    unsupported_ops=_QUANT_OPS_8X,
+)
 # What 8.x's docs say in their header: INT32/INT64/DOUBLE are "limited": INT64 is cast down to INT32, DOUBLE to FLOAT.
 _CAST_8X = {"INT64": "INT32", "DOUBLE": "FP32"}
 _CAST_10X = {"DOUBLE": "FP32"}  # 10.x: INT64 is a real type; DOUBLE is still cast down
@@ -173,14 +183,7 @@ _PROFILES = (
         explicit_batch_flag=True,
         cast_down=_CAST_8X,
         io_dtypes=_IO_8X,
-        int8=Int8Rules(
-            qdq=True,
-            zero_point_zero=True,
-            per_channel_min_opset=13,
-            trtexec_flags=("--int8",),
-            builder_flags=("INT8",),
-            unsupported_ops=_QUANT_OPS_8X,
-        ),
+        int8=_INT8_WEAK_TYPED,
         trtexec=_WEAK_TYPED,
         notes=(
             "no LayerNormalization in 8.5's parser: LayerNorm is exported at opset 16 as "
@@ -205,14 +208,7 @@ _PROFILES = (
         explicit_batch_flag=True,
         cast_down=_CAST_8X,
         io_dtypes=_IO_8X,
-        int8=Int8Rules(
-            qdq=True,
-            zero_point_zero=True,
-            per_channel_min_opset=13,
-            trtexec_flags=("--int8",),
-            builder_flags=("INT8",),
-            unsupported_ops=_QUANT_OPS_8X,
-        ),
+        int8=_INT8_WEAK_TYPED,
         trtexec=_WEAK_TYPED,
         notes=(
             "the default: its graph (opset 17, one LayerNormalization node per LayerNorm) is the one trt10 gets "
@@ -235,14 +231,7 @@ _PROFILES = (
         explicit_batch_flag=False,
         cast_down=_CAST_10X,
         io_dtypes=_IO_10X,
-        int8=Int8Rules(
-            qdq=True,
-            zero_point_zero=True,
-            per_channel_min_opset=13,
-            trtexec_flags=("--int8",),
-            builder_flags=("INT8",),
-            unsupported_ops=_QUANT_OPS_8X,
-        ),
+        int8=_INT8_WEAK_TYPED,
         trtexec=_WEAK_TYPED,
         notes=(
             "op list: 10.1-GA, the newest 10.x branch that could be read (a lower bound for 10.3 and 10.13)",
@@ -264,14 +253,7 @@ _PROFILES = (
         explicit_batch_flag=False,
         cast_down=_CAST_10X,
         io_dtypes=_IO_10X,
-        int8=Int8Rules(
-            qdq=True,
-            zero_point_zero=True,
-            per_channel_min_opset=13,
-            trtexec_flags=(),
-            builder_flags=(),
-            unsupported_ops=_QUANT_OPS_8X,
-        ),
+        int8=dataclasses.replace(_INT8_WEAK_TYPED, trtexec_flags=(), builder_flags=()),  # strongly typed
         trtexec=_STRONG_TYPED,
         notes=(
             "strongly typed only: no --fp16/--int8/--best/--precisionConstraints; an FP16 engine is built "
