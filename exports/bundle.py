@@ -904,7 +904,7 @@ def _handle_readiness(problems: list[str], tensorrt: str, warnings: list[str], t
 def _check_atol(ort_result: ParityResult) -> dict[str, float]:
     """Polygraphy re-check bounds (engine vs ONNX Runtime) from peftx's tolerances at this model's logit scale."""
     scale = ort_result.overall.ref_max_abs
-    return {"fp32": TENSORRT_FP32.bound(scale), "fp16": FP16.bound(scale)}
+    return {"fp32": TENSORRT_FP32.bound(scale), "fp16": FP16.bound(scale), "int8": INT8.bound(scale)}
 
 
 def render_build_script(
@@ -927,7 +927,7 @@ def render_build_script(
     tensor = next(i for i in graph.input if i.name not in initializers)
     rest = [d.dim_value for d in tensor.type.tensor_type.shape.dim][1:]
     shape = lambda n: "x".join(str(d) for d in (n, *rest))  # noqa: E731 - trtexec's NxCxHxW
-    atol = {"fp32": 1e-3, "fp16": 1e-2, **(check_atol or {})}
+    atol = {"fp32": 1e-3, "fp16": 1e-2, "int8": 1e-1, **(check_atol or {})}
     label = (
         target.name
         if not target.requested or target.requested == target.name
@@ -953,6 +953,18 @@ def render_build_script(
         "INT8_FLAGS": " ".join(_int8_trtexec_flags(target)),
         "CHECK_ATOL_FP32": f"{atol['fp32']:.3g}",
         "CHECK_ATOL_FP16": f"{atol['fp16']:.3g}",
+        # An INT8 engine is compared with its own Q/DQ graph under ONNX Runtime (model.onnx is the FP32 function it
+        # approximates; its task accuracy is what `infer.py --check` and the bundle's gate judge).
+        "INT8_CHECK": (
+            "  # int8 engine: against the Q/DQ graph it was built from (logits move by design; accuracy: "
+            "infer.py --check)\n"
+            f"  polygraphy run {INT8_FILE} --onnxrt --load-inputs check_inputs.json "
+            "--save-outputs check_onnxrt_int8.json\n"
+            "  polygraphy run model.engine --model-type engine --trt --load-inputs check_inputs.json "
+            f"--load-outputs check_onnxrt_int8.json --check-error-stat max --atol {atol['int8']:.3g} --rtol 0\n"
+            if precision == "int8"
+            else ""
+        ),
     }
     text = _template("build_engine.sh.in")
     for key, value in values.items():

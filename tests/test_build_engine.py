@@ -225,6 +225,7 @@ def test_the_manifest_describes_the_engine_the_stand_in_wrote(bundles, stand_in,
     }
     assert engine_problems(manifest, here) == ([], []), "the manifest the script writes is one infer.py accepts"
     assert "polygraphy run model.engine --model-type engine --trt" in stderr  # the re-check lines for the device
+    assert "model_int8.onnx" not in stderr  # no INT8 graph in this bundle, so no line for it
 
 
 def test_on_a_jetson_the_manifest_records_l4t_and_the_model(bundles, stand_in, tmp_path):
@@ -330,6 +331,8 @@ def test_int8_builds_the_qdq_graph_with_each_versions_flags(int8_bundles, stand_
         assert manifest["fp32_layers"] == 35
     else:
         assert not any(a.startswith("--layer") for a in args)
+    # the device re-check compares the INT8 engine with the Q/DQ graph it was built from, not with model.onnx
+    assert "polygraphy run model_int8.onnx --onnxrt --load-inputs check_inputs.json" in stderr
 
 
 def test_int8_without_the_qdq_graph_is_refused(bundles, stand_in, tmp_path):
