@@ -333,8 +333,8 @@ def transcribe_options(cpp: str, header: str) -> tuple[OrderedDict, list[str]]:
         done.add(name)
         for _, start, end in defs[name]:
             body = code[start:end]
-            todo += [f"{c}::help" for c in re.findall(r"\b(\w+)::help\s*\(", body)]
-            todo += ["helpHelp"] if re.search(r"\bhelpHelp\s*\(", body) else []
+            calls = re.findall(r"\b(?:(\w+)::help|(helpHelp))\s*\(", body)
+            todo[:0] = [f"{c}::help" if c else h for c, h in calls]  # depth first: the order the help prints in
             for lit in re.findall(r'"((?:[^"\\]|\\.)*)"', body):
                 if m := re.match(r"\s{2,}((?:-{1,2}[A-Za-z][A-Za-z0-9_]*)(?:,\s*-{1,2}[A-Za-z][A-Za-z0-9_]*)*)", lit):
                     for opt in re.split(r",\s*", m[1]):
