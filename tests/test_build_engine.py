@@ -1,13 +1,14 @@
-"""The bundle's build_engine.sh, run for real against a STAND-IN trtexec.
+"""The bundle's build_engine.sh, run for real against a trtexec STAND-IN that parses argv as each release does.
 
 TensorRT cannot exist on the machines these tests run on (no GPU, and its wheels fetch from a host they cannot
-reach), so nothing here builds an engine. The stand-in only does what the script relies on: it prints trtexec's
-version banner for --help ("[TensorRT v8502]" on 8.x, "[TensorRT v100300] [b26]" from 10.x on, as
-samples/common/logging.h of each NVIDIA/TensorRT release writes it), records the arguments it is given, prints the
-"Selected Device" / "Compute Capability" lines of trtexec's device report, and writes a file where --saveEngine
-points. What is tested is OUR script: which flags it passes for each TensorRT version, what it refuses, and the
-manifest it writes. The flags expected per version come from the target profiles (exports/targets.py), so the
-script and the Python side cannot drift apart.
+reach), so nothing here builds an engine. The stand-in (tests/trtexec_stand_in.py) reads what one release's trtexec
+accepts from tests/data/trtexec/trtexec_options_<release>.json, transcribed by scripts/transcribe_trtexec_options.py
+from samples/common/sampleOptions.cpp (and trtexec.cpp, logging.h, the version headers) of NVIDIA/TensorRT's
+release/8.5, 8.6, 10.3, 10.13 and 11.1 branches: it prints that release's banner ("[TensorRT v8503]" on 8.x,
+"[TensorRT v100300]" on 10.3, "[TensorRT v110100] [b106]" from 10.4 on), splits each word at its first '=', fails a
+word the release does not read with "[E] Unknown option: ..." and exit 1, and writes an engine file only for a valid
+command line. The flags a test expects are derived from the same transcription (which options the release has),
+never from exports/targets.py, so a wrong table in targets.py cannot make its own test pass.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from pathlib import Path
 
 import pytest
 from conftest import make_tiny, real_batch, tiny_data_cfg
+from trtexec_stand_in import RELEASES, install, load
 
+from peftx.errors import ParityError
 from peftx.exports.bundle import read_bundle, write_bundle
 from peftx.exports.layernorm import decomposed_layernorms
-from peftx.exports.targets import profile_for_tensorrt
+from peftx.exports.targets import all_targets, profile_for_tensorrt, version_tuple
 from peftx.exports.templates.infer import engine_problems, parse_l4t
 from peftx.fsutil import sha256_file
 
@@ -32,25 +35,18 @@ pytestmark = pytest.mark.skipif(
     shutil.which("bash") is None or shutil.which("sha256sum") is None, reason="build_engine.sh needs bash and coreutils"
 )
 
-STAND_IN = r"""#!/usr/bin/env bash
-# A stand-in for trtexec (TensorRT cannot be installed here): banner, argument log, device report, engine file.
-if [[ "$1" == --help ]]; then
-  echo "&&&& RUNNING TensorRT.trtexec [TensorRT v${STUB_CODE}]${STUB_BUILD} # trtexec --help"; exit 0
-fi
-printf '%s\n' "$@" > "$STUB_ARGS"
-echo "[12/01/2026-10:00:00] [I] Selected Device: ${STUB_GPU:-NVIDIA Jetson Orin}"
-echo "[12/01/2026-10:00:00] [I] Compute Capability: ${STUB_CC:-8.7}"
-[[ -n "${STUB_FAIL:-}" ]] && { echo "[E] Error[4]: parsing failed" >&2; exit 1; }
-for a in "$@"; do case "$a" in --saveEngine=*) echo "engine built by the stand-in" > "${a#--saveEngine=}" ;; esac; done
-"""
-# (banner code, build suffix, version the script must read): how each release line prints itself.
-VERSIONS = {
-    "8.5": ("8502", "", "8.5.2"),
-    "8.6": ("8602", "", "8.6.2"),
-    "10.3": ("100300", " [b26]", "10.3.0"),
-    "10.13": ("101300", " [b12]", "10.13.0"),
-    "11.4": ("110400", " [b3]", "11.4.0"),
-}
+TABLES = {release: load(release) for release in RELEASES}
+
+
+def version_of(release: str) -> str:
+    """The version the release's banner reports, as build_engine.sh must read it (major.minor.patch)."""
+    return ".".join(TABLES[release]["tensorrt_version"].split(".")[:3])
+
+
+def has(release: str, option: str) -> bool:
+    """Whether that release's trtexec reads ``option`` (the transcription, not targets.py)."""
+    spec = TABLES[release]["options"].get(option)
+    return bool(spec and spec["consumed"])
 
 
 def _bundle(out: Path, target: str | None) -> Path:
@@ -76,44 +72,42 @@ def _bundle(out: Path, target: str | None) -> Path:
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory) -> dict[str, Path]:
+    """FP16 bundles without an INT8 graph: the default target, and jetpack7 (trt10 with a 10.13 floor)."""
     root = tmp_path_factory.mktemp("build_engine")
-    return {
-        name: _bundle(root / name, None if name == "default" else name) for name in ("default", "jetpack5", "jetpack7")
-    }
+    return {name: _bundle(root / name, None if name == "default" else name) for name in ("default", "jetpack7")}
 
 
 @pytest.fixture
 def stand_in(tmp_path) -> Path:
+    """A bin/ with the stand-in as `trtexec` (the release is chosen per run by TRTEXEC_STAND_IN_RELEASE)."""
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "trtexec").write_text(STAND_IN)
-    (bin_dir / "trtexec").chmod(0o755)
+    install(bin_dir, "10.3")
     return bin_dir
 
 
 def run_script(
-    bundle: Path, stand_in: Path, tmp: Path, version: str, precision: str, **env: str
-) -> tuple[int, list[str], str, Path]:
-    """Run a fresh copy of the bundle's build_engine.sh; return (exit code, trtexec's arguments, stderr, the copy)."""
-    work = tmp / f"run-{version}-{precision}"
+    bundle: Path, stand_in: Path, tmp: Path, release: str, precision: str, **env: str
+) -> tuple[int, dict, str, Path]:
+    """Run a fresh copy of the bundle's build_engine.sh under ``release``'s trtexec; return (exit code, the command
+    line as the stand-in parsed it ({} when it did not accept one), stderr, the copy)."""
+    work = tmp / f"run-{release}-{precision}"
+    shutil.rmtree(work, ignore_errors=True)
     shutil.copytree(bundle, work)
-    code, build, _ = VERSIONS[version]
-    args_log = tmp / "args.txt"
-    args_log.unlink(missing_ok=True)
+    log = tmp / "trtexec.json"
+    log.unlink(missing_ok=True)
     full_env = {
         **os.environ,
         "PATH": f"{stand_in}:{os.environ['PATH']}",
-        "STUB_CODE": code,
-        "STUB_BUILD": build,
-        "STUB_ARGS": str(args_log),
+        "TRTEXEC_STAND_IN_RELEASE": release,
+        "TRTEXEC_STAND_IN_LOG": str(log),
         "NV_TEGRA_RELEASE": str(tmp / "no-such-file"),
         **env,
     }
     done = subprocess.run(
         ["bash", str(work / "build_engine.sh"), precision], env=full_env, capture_output=True, text=True, timeout=60
     )
-    args = args_log.read_text().splitlines() if args_log.exists() else []
-    return done.returncode, args, done.stderr, work
+    parsed = json.loads(log.read_text()) if log.exists() else {}
+    return done.returncode, parsed, done.stderr, work
 
 
 def _layer_spec(bundle: Path) -> str:
@@ -123,90 +117,254 @@ def _layer_spec(bundle: Path) -> str:
     return ",".join(f"{n}:fp32" for n in nodes)
 
 
+@pytest.fixture(scope="module")
+def int8_bundles(tmp_path_factory) -> dict[str, Path]:
+    """One --precision int8 bundle per target of `peftx targets`: model.onnx, model_fp16.onnx (always written) and
+    model_int8.onnx (the Q/DQ graph), so each one builds fp32, fp16 and int8 engines.
+
+    The INT8 accuracy gate (test_int8.py's subject) may mark a bundle failed on a CPU whose fused int8 kernels
+    saturate (AVX2 without VNNI); the bundle is written all the same, with the build_engine.sh and ONNX files it
+    ships, and those are what is tested here. Any other failure is an error."""
+    from test_int8 import _labelled, _request
+
+    from peftx.exports.accuracy import select
+
+    root = tmp_path_factory.mktemp("build_engine_int8")
+    reference = make_tiny("vit", seed=4)
+    cfg = tiny_data_cfg("vit")
+    # small sets (the gate's statistics are test_int8.py's business): 40 labelled crops, the 32 calibration needs
+    accuracy_set = select(_labelled(reference, "vit", 40, seed=1), "crops", None)
+    request = _request(_labelled(reference, "vit", 32, seed=2))
+    out = {}
+    for target in all_targets():
+        out[target.name] = root / target.name
+        try:
+            write_bundle(
+                reference,
+                copy.deepcopy(reference),
+                out[target.name],
+                input_size=cfg["input_size"],
+                data_config=cfg,
+                class_names=[f"c{i}" for i in range(5)],
+                provenance={"method": "test"},
+                images=real_batch("vit", n=8),
+                batch=(1, 4, 8),
+                precision="int8",
+                tensorrt="off",
+                simplify=False,
+                target=target.name,
+                accuracy_set=accuracy_set,
+                int8=request,
+            )
+        except ParityError as exc:
+            if "int8" not in str(exc) or read_bundle(out[target.name])["status"] != "failed":
+                raise
+    return out
+
+
 def test_the_script_is_valid_bash(bundles):
     for bundle in bundles.values():
         assert subprocess.run(["bash", "-n", str(bundle / "build_engine.sh")]).returncode == 0
 
 
-@pytest.mark.parametrize("version", ["8.6", "10.3", "10.13", "11.4"])
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_flags_follow_the_installed_tensorrt(bundles, stand_in, tmp_path, version, precision):
-    rc, args, stderr, work = run_script(bundles["default"], stand_in, tmp_path, version, precision)
-    assert rc == 0, stderr
-    flags = profile_for_tensorrt(VERSIONS[version][2]).trtexec
-    strongly_typed = int(version.split(".")[0]) >= 11
-    onnx_file = "model_fp16.onnx" if precision == "fp16" and strongly_typed else "model.onnx"
-    assert args[0] == f"--onnx={onnx_file}"
-    assert flags.no_tf32 == "--noTF32" and flags.no_tf32 in args
-    assert f"{flags.timing_cache}=timing.cache" in args
-    assert {"--minShapes=input:1x3x32x32", "--optShapes=input:4x3x32x32", "--maxShapes=input:8x3x32x32"} <= set(args)
-    if precision == "fp16" and not strongly_typed:
-        assert flags.fp16 == ("--fp16",) and "--fp16" in args
-    else:
-        assert "--fp16" not in args
-    forbidden = {"--explicitBatch", "--best", "--int8"} | (
-        {"--fp16", "--precisionConstraints=obey"} if strongly_typed else set()
+def test_the_transcriptions_name_their_source():
+    for release, table in TABLES.items():
+        assert table["repository"] == "https://github.com/NVIDIA/TensorRT" and table["ref"] == f"release/{release}"
+        assert len(table["commit"]) == 40 and table["commit"] in table["source"]
+        assert table["tensorrt_version"].startswith(release + ".")
+        assert {"--onnx", "--saveEngine", "--noTF32", "--minShapes", "--help"} <= set(table["options"])
+    # what changed between the releases, as read from the source: 10.0 dropped the implicit-batch and UFF/Caffe
+    # options and --workspace; 11 dropped every weak-typing precision flag
+    assert {"--workspace", "--explicitBatch", "--maxBatch", "--batch"} <= set(
+        TABLES["10.3"]["removed_since"]["options"]
     )
-    assert not forbidden & set(args) and not any(a.startswith("--layerPrecisions") for a in args)
-    assert f"+ TensorRT {VERSIONS[version][2]}" in stderr
+    assert {"--fp16", "--int8", "--best", "--precisionConstraints", "--layerPrecisions"} <= set(
+        TABLES["11.1"]["removed_since"]["options"]
+    )
+    assert TABLES["8.5"]["banner"]["code"] == 8503 and not TABLES["10.3"]["banner"]["build_tag"]
+    assert TABLES["10.13"]["banner"]["code"] == 101300 and TABLES["10.13"]["banner"]["build_tag"]
+    assert [TABLES[r]["unknown_option"]["failed_line"] for r in RELEASES] == [True, True, True, True, False]
 
 
-@pytest.mark.parametrize("version", ["8.5", "8.6", "10.3", "11.4"])
-def test_tensorrt_8_5_bundles_keep_the_decomposed_layernorm_fp32_where_flags_exist(
-    bundles, stand_in, tmp_path, version
+def _claims() -> list[tuple[str, str]]:
+    """(target, release) for every transcribed release a target says it builds with (TensorRT >= its floor)."""
+    return [
+        (t.name, r)
+        for t in all_targets()
+        for r in RELEASES
+        if version_tuple(version_of(r)) >= version_tuple(t.tensorrt_min)
+    ]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("target, release", _claims())
+def test_every_bundle_kind_builds_under_every_release_its_target_claims(
+    int8_bundles, stand_in, tmp_path, target, release, precision
 ):
-    spec = _layer_spec(bundles["jetpack5"])
-    assert spec.count(":fp32") == 7 * 5  # 5 LayerNorms (2 blocks x 2 + final norm), 7 nodes each
-    rc, args, stderr, work = run_script(bundles["jetpack5"], stand_in, tmp_path, version, "fp16")
+    bundle = int8_bundles[target]
+    rc, parsed, stderr, work = run_script(bundle, stand_in, tmp_path, release, precision)
     assert rc == 0, stderr
-    flags = profile_for_tensorrt(VERSIONS[version][2]).trtexec
-    if flags.precision_constraints is None:  # TensorRT 11: no precision flags; the FP16 ONNX keeps LayerNorm FP32
-        assert args[0] == "--onnx=model_fp16.onnx" and not any(a.startswith("--layer") for a in args)
+    assert parsed["release"] == release and (work / "model.engine").is_file()
+    options = parsed["options"]
+    # what this release's trtexec offers decides what must be asked for
+    typed_by_flags = has(release, "--fp16")  # 8.x/10.x: precisions are builder flags; 11: strongly typed
+    onnx_file = {
+        "fp32": "model.onnx",
+        "fp16": "model.onnx" if typed_by_flags else "model_fp16.onnx",
+        "int8": "model_int8.onnx",  # explicit quantization everywhere: never a calibrator
+    }[precision]
+    assert options["--onnx"] == onnx_file
+    assert "--noTF32" in options and options["--timingCacheFile"] == "timing.cache"
+    assert options["--saveEngine"] == ".model.engine.partial"
+    assert (options["--minShapes"], options["--optShapes"], options["--maxShapes"]) == (
+        "input:1x3x32x32",
+        "input:4x3x32x32",
+        "input:8x3x32x32",
+    )
+    asked = {o for o in ("--fp16", "--int8", "--best", "--calib") if o in options}
+    if precision == "fp32" or not typed_by_flags:
+        assert asked == set()
+    elif precision == "fp16":
+        assert asked == {"--fp16"}
+    else:  # the Q/DQ graph needs INT8 kernels enabled on a weakly typed builder, the float parts in FP16
+        assert has(release, "--int8") and asked == {"--int8", "--fp16"}
+    pinned = target == "trt8.5" and precision != "fp32" and has(release, "--precisionConstraints")
+    if pinned:  # 8.5's decomposed LayerNorm stays FP32 in reduced-precision builds, where the flags exist
+        spec = _layer_spec(bundle)
+        assert spec.count(":fp32") == 7 * 5  # 5 LayerNorms (2 blocks x 2 + final norm), 7 nodes each
+        assert options["--precisionConstraints"] == "obey"
+        assert options["--layerPrecisions"] == spec and options["--layerOutputTypes"] == spec
     else:
-        assert args[0] == "--onnx=model.onnx" and "--fp16" in args
-        assert flags.precision_constraints in args
-        assert f"{flags.layer_precisions}={spec}" in args and f"{flags.layer_output_types}={spec}" in args
+        assert not any(o in options for o in ("--precisionConstraints", "--layerPrecisions", "--layerOutputTypes"))
     manifest = json.loads((work / "model.engine.json").read_text())
-    assert manifest["fp32_layers"] == (0 if flags.precision_constraints is None else 35)
-    assert manifest["target"] == "trt8.5"
+    assert manifest["tensorrt_version"] == version_of(release) and f"+ TensorRT {version_of(release)}" in stderr
+    assert manifest["precision"] == precision and manifest["source_onnx"] == onnx_file
+    assert manifest["source_onnx_sha256"] == sha256_file(work / onnx_file)
+    assert manifest["fp32_layers"] == (35 if pinned else 0) and manifest["target"] == target
 
 
-def test_fp32_builds_of_a_tensorrt_8_5_bundle_pin_nothing(bundles, stand_in, tmp_path):
-    rc, args, stderr, _ = run_script(bundles["jetpack5"], stand_in, tmp_path, "8.5", "fp32")
-    assert rc == 0, stderr
-    assert "--fp16" not in args and not any(a.startswith(("--precision", "--layer")) for a in args)
+def test_targets_py_names_only_options_each_release_reads():
+    """The table build_engine.sh's Python side describes (exports/targets.py) checked against the transcription."""
+    for release in RELEASES:
+        profile = profile_for_tensorrt(version_of(release))
+        assert profile is not None
+        flags = profile.trtexec
+        named = [flags.no_tf32, flags.timing_cache, *flags.fp16, *profile.int8.trtexec_flags]
+        named += [f for f in (flags.precision_constraints, flags.layer_precisions, flags.layer_output_types) if f]
+        named += [flags.explicit_batch] if flags.explicit_batch else []
+        for flag in named:
+            assert has(release, flag.split("=")[0]), f"{profile.name} names {flag}, which trtexec {release} lacks"
+        # and it does not leave out what a weakly typed release needs
+        assert bool(flags.fp16) == has(release, "--fp16") and bool(profile.int8.trtexec_flags) == has(release, "--int8")
+        if flags.precision_constraints:
+            assert flags.precision_constraints.split("=")[1] in TABLES[release]["precision_constraints"]
+
+
+_WRONG = [
+    ("11.1", ["--fp16"], "Unknown option: --fp16 "),
+    ("11.1", ["--int8"], "Unknown option: --int8 "),
+    ("11.1", ["--precisionConstraints=obey"], "Unknown option: --precisionConstraints obey"),
+    ("10.3", ["--workspace=1024"], "Unknown option: --workspace 1024"),
+    ("10.13", ["--explicitBatch"], "Unknown option: --explicitBatch "),
+    ("10.13", ["--maxBatch=8"], "Unknown option: --maxBatch 8"),
+    ("8.5", ["--layerPrecisions=a:fp33"], "Invalid DataType fp33"),
+    ("8.6", ["--precisionConstraints=strict"], "Unknown precision constraints: strict"),
+    ("10.3", ["--minShapes=input:1xbx32x32"], "stoi"),
+    ("8.5", ["--saveEngine", "model.engine"], "Unknown option: model.engine "),
+    ("11.1", ["--saveEngine", "model.engine"], "Unknown option: model.engine "),
+    ("10.3", ["--noTF32"], "Unknown option: --noTF32 "),  # a second copy of a flag is left over
+]
+
+
+@pytest.mark.parametrize("release, words, message", _WRONG)
+def test_a_wrong_option_fails_as_that_release_fails_it(tmp_path, release, words, message):
+    table = TABLES[release]
+    exe = install(tmp_path / "bin", release)
+    (tmp_path / "model.onnx").write_bytes(b"onnx")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRTEXEC_STAND_IN")}
+
+    def trtexec(argv: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run([str(exe), *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+
+    base = ["--onnx=model.onnx", "--noTF32"]
+    done = trtexec([*base, "--saveEngine=ok.engine"])
+    assert done.returncode == 0 and (tmp_path / "ok.engine").is_file(), done.stderr  # the line without the mistake
+    save = [] if any(w.startswith("--saveEngine") for w in words) else ["--saveEngine=bad.engine"]
+    done = trtexec([*base, *save, *words])
+    assert done.returncode == table["unknown_option"]["exit_code"] == 1
+    assert f"] [E] {message}" in done.stderr
+    first = done.stdout.splitlines()[0]
+    assert first.startswith("&&&& RUNNING TensorRT.trtexec [TensorRT v")
+    assert first.endswith(" # " + " ".join([str(exe), *base, *save, *words]))
+    assert ("&&&& FAILED" in done.stdout) == table["unknown_option"]["failed_line"]
+    assert not (tmp_path / "bad.engine").exists() and not (tmp_path / "model.engine").exists()
+    name = message.split()[2] if message.startswith("Unknown option: --") else ""
+    if name and name not in base:  # an option this release does not read, though another release does
+        assert not has(release, name) and any(has(r, name) for r in RELEASES)
+
+
+def test_a_build_script_with_an_option_its_trtexec_lacks_fails_and_leaves_nothing(int8_bundles, stand_in, tmp_path):
+    """A trt10 bundle's script with --fp16 forced into every build: 11.1 does not read it, 10.13 reads it once."""
+    wrong = shutil.copytree(int8_bundles["trt10"], tmp_path / "wrong")
+    script = wrong / "build_engine.sh"
+    text = script.read_text()
+    assert "FLAGS=(--noTF32)" in text
+    script.write_text(text.replace("FLAGS=(--noTF32)", "FLAGS=(--noTF32 --fp16)"))
+    for release, precision in (("11.1", "fp32"), ("10.13", "fp16")):  # 10.13 fp16: --fp16 twice, one left over
+        rc, parsed, _, work = run_script(wrong, stand_in, tmp_path, release, precision)
+        assert rc != 0 and parsed == {}
+        assert "Unknown option: --fp16" in (work / "model.engine.log").read_text()
+        assert not (work / "model.engine").exists() and not (work / "model.engine.json").exists()
+        assert not list(work.glob(".model.engine.partial*"))
+    rc, parsed, stderr, _ = run_script(wrong, stand_in, tmp_path, "10.13", "fp32")
+    assert rc == 0 and parsed["options"]["--fp16"] == "", stderr
 
 
 @pytest.mark.parametrize(
-    "bundle, version, floor, fix",
+    "bundle, release, floor, fix",
     [
         ("default", "8.5", "8.6", "--target jetpack5"),
         ("jetpack7", "10.3", "10.13", "--target trt10"),
     ],
 )
 def test_a_tensorrt_older_than_the_target_is_refused_in_one_line(
-    bundles, stand_in, tmp_path, bundle, version, floor, fix
+    bundles, stand_in, tmp_path, bundle, release, floor, fix
 ):
-    rc, args, stderr, work = run_script(bundles[bundle], stand_in, tmp_path, version, "fp16")
+    rc, parsed, stderr, work = run_script(bundles[bundle], stand_in, tmp_path, release, "fp16")
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert rc == 2 and len(lines) == 1, stderr
-    assert f"TensorRT {VERSIONS[version][2]} is older than this bundle's target" in lines[0]
+    assert f"TensorRT {version_of(release)} is older than this bundle's target" in lines[0]
     assert f"(TensorRT >= {floor})" in lines[0] and fix in lines[0]
-    assert args == [] and not (work / "model.engine").exists() and not (work / "model.engine.json").exists()
+    assert parsed == {} and not (work / "model.engine").exists() and not (work / "model.engine.json").exists()
 
 
-def test_a_tensorrt_older_than_8_5_is_refused(bundles, stand_in, tmp_path):
-    rc, args, stderr, _ = run_script(bundles["jetpack5"], stand_in, tmp_path, "8.5", "fp32", TRT_VERSION="8.4.3")
-    assert rc == 2 and "TensorRT 8.4.3 is older than 8.5" in stderr and args == []
+def test_a_tensorrt_older_than_8_5_is_refused(int8_bundles, stand_in, tmp_path):
+    rc, parsed, stderr, _ = run_script(int8_bundles["trt8.5"], stand_in, tmp_path, "8.5", "fp32", TRT_VERSION="8.4.3")
+    assert rc == 2 and "TensorRT 8.4.3 is older than 8.5" in stderr and parsed == {}
+
+
+def test_jetpack5s_banner_reads_as_8_5_2(int8_bundles, stand_in, tmp_path):
+    """JetPack 5.1's trtexec is 8.5.2.2: "[TensorRT v8502]" in the 8.x formula."""
+    rc, _, stderr, work = run_script(
+        int8_bundles["trt8.5"], stand_in, tmp_path, "8.5", "fp16", TRTEXEC_STAND_IN_VERSION="8.5.2.2"
+    )
+    assert rc == 0, stderr
+    assert json.loads((work / "model.engine.json").read_text())["tensorrt_version"] == "8.5.2"
 
 
 def test_the_manifest_describes_the_engine_the_stand_in_wrote(bundles, stand_in, tmp_path):
-    rc, args, stderr, work = run_script(
-        bundles["default"], stand_in, tmp_path, "11.4", "fp16", STUB_GPU="NVIDIA GeForce RTX 4090", STUB_CC="8.9"
+    rc, _, stderr, work = run_script(
+        bundles["default"],
+        stand_in,
+        tmp_path,
+        "11.1",
+        "fp16",
+        TRTEXEC_STAND_IN_GPU="NVIDIA GeForce RTX 4090",
+        TRTEXEC_STAND_IN_CC="8.9",
     )
     assert rc == 0, stderr
     manifest = json.loads((work / "model.engine.json").read_text())
-    assert manifest["format"] == "peftx-engine-manifest" and manifest["tensorrt_version"] == "11.4.0"
+    assert manifest["format"] == "peftx-engine-manifest" and manifest["tensorrt_version"] == "11.1.0"
     assert manifest["gpu"] == {"name": "NVIDIA GeForce RTX 4090", "compute_capability": "8.9"}
     assert manifest["engine_sha256"] == sha256_file(work / "model.engine")
     assert manifest["source_onnx"] == "model_fp16.onnx"  # what TensorRT 11 built
@@ -215,7 +373,7 @@ def test_the_manifest_describes_the_engine_the_stand_in_wrote(bundles, stand_in,
     assert manifest["jetson"] is None and manifest["target"] == "trt8.6"
     assert not list(work.glob(".model.engine.partial*")), "no partial file may remain"
     here = {
-        "tensorrt_version": "11.4.0.11",
+        "tensorrt_version": TABLES["11.1"]["tensorrt_version"],
         "gpu": manifest["gpu"],
         "jetson": None,
         "sha256": {
@@ -228,12 +386,12 @@ def test_the_manifest_describes_the_engine_the_stand_in_wrote(bundles, stand_in,
     assert "model_int8.onnx" not in stderr  # no INT8 graph in this bundle, so no line for it
 
 
-def test_on_a_jetson_the_manifest_records_l4t_and_the_model(bundles, stand_in, tmp_path):
+def test_on_a_jetson_the_manifest_records_l4t_and_the_model(int8_bundles, stand_in, tmp_path):
     release = "# R35 (release), REVISION: 4.1, GCID: 33958178, BOARD: t186ref, EABI: aarch64, DATE: Tue Aug  1 2023\n"
     (tmp_path / "nv_tegra_release").write_text(release)
     (tmp_path / "model").write_bytes(b"NVIDIA Jetson Xavier NX Developer Kit\0")
     rc, _, stderr, work = run_script(
-        bundles["jetpack5"],
+        int8_bundles["trt8.5"],
         stand_in,
         tmp_path,
         "8.5",
@@ -248,7 +406,7 @@ def test_on_a_jetson_the_manifest_records_l4t_and_the_model(bundles, stand_in, t
 
 
 def test_a_failed_build_leaves_neither_engine_nor_manifest(bundles, stand_in, tmp_path):
-    rc, _, stderr, work = run_script(bundles["default"], stand_in, tmp_path, "10.3", "fp32", STUB_FAIL="1")
+    rc, _, stderr, work = run_script(bundles["default"], stand_in, tmp_path, "10.3", "fp32", TRTEXEC_STAND_IN_FAIL="1")
     assert rc != 0
     assert not (work / "model.engine").exists() and not (work / "model.engine.json").exists()
     assert not list(work.glob(".model.engine.partial*"))
@@ -258,8 +416,8 @@ def test_an_unready_bundle_is_refused(bundles, stand_in, tmp_path):
     unready = shutil.copytree(bundles["default"], tmp_path / "unready")
     script = unready / "build_engine.sh"
     script.write_text(script.read_text().replace('READY="1"', 'READY="0"'))
-    rc, args, stderr, _ = run_script(unready, stand_in, tmp_path, "10.3", "fp16")
-    assert rc == 2 and "failed TensorRT readiness for trt8.6" in stderr and args == []
+    rc, parsed, stderr, _ = run_script(unready, stand_in, tmp_path, "10.3", "fp16")
+    assert rc == 2 and "failed TensorRT readiness for trt8.6" in stderr and parsed == {}
     assert read_bundle(bundles["default"])["target"]["ready"] is True  # the real bundle is ready
 
 
@@ -277,64 +435,13 @@ def test_missing_trtexec_and_unreadable_banner_are_one_line_each(bundles, stand_
     assert done.returncode == 2 and "cannot read the TensorRT version" in done.stderr and "TRT_VERSION" in done.stderr
 
 
-@pytest.fixture(scope="module")
-def int8_bundles(tmp_path_factory) -> dict[str, Path]:
-    """--precision int8 bundles (model_int8.onnx, a Q/DQ graph) for the default target and TensorRT 8.5."""
-    from test_int8 import _labelled, _request
-
-    from peftx.exports.accuracy import select
-
-    root = tmp_path_factory.mktemp("build_engine_int8")
-    reference = make_tiny("vit", seed=4)
-    cfg = tiny_data_cfg("vit")
-    out = {}
-    for name in ("default", "jetpack5"):
-        out[name] = root / name
-        write_bundle(
-            reference,
-            copy.deepcopy(reference),
-            out[name],
-            input_size=cfg["input_size"],
-            data_config=cfg,
-            class_names=[f"c{i}" for i in range(5)],
-            provenance={"method": "test"},
-            images=real_batch("vit", n=8),
-            batch=(1, 4, 8),
-            precision="int8",
-            tensorrt="off",
-            simplify=False,
-            target=None if name == "default" else name,
-            accuracy_set=select(_labelled(reference, "vit", 120, seed=1), "crops", None),
-            int8=_request(_labelled(reference, "vit", 48, seed=2)),
-        )
-    return out
-
-
-@pytest.mark.parametrize("version", ["8.5", "8.6", "10.3", "10.13", "11.4"])
-def test_int8_builds_the_qdq_graph_with_each_versions_flags(int8_bundles, stand_in, tmp_path, version):
-    bundle = int8_bundles["jetpack5" if version == "8.5" else "default"]
-    rc, args, stderr, work = run_script(bundle, stand_in, tmp_path, version, "int8")
+def test_int8_builds_are_rechecked_against_their_own_qdq_graph(int8_bundles, stand_in, tmp_path):
+    rc, _, stderr, _ = run_script(int8_bundles["trt8.6"], stand_in, tmp_path, "10.3", "int8")
     assert rc == 0, stderr
-    profile = profile_for_tensorrt(VERSIONS[version][2])
-    assert args[0] == "--onnx=model_int8.onnx"  # explicit quantization on every version: never a calibrator
-    assert not any(a.startswith("--calib") for a in args) and "--best" not in args
-    if profile.int8.trtexec_flags:  # 8.x / 10.x: INT8 kernels on, the float parts in FP16
-        assert [a for a in args if a in ("--int8", "--fp16")] == [*profile.int8.trtexec_flags, "--fp16"]
-    else:  # 11: strongly typed, the Q/DQ nodes say what is INT8
-        assert not {"--int8", "--fp16", "--precisionConstraints=obey"} & set(args)
-    manifest = json.loads((work / "model.engine.json").read_text())
-    assert manifest["precision"] == "int8" and manifest["source_onnx"] == "model_int8.onnx"
-    assert manifest["source_onnx_sha256"] == sha256_file(work / "model_int8.onnx")
-    if version == "8.5":  # its decomposed LayerNorm stays FP32 in the INT8 build too, by the Q/DQ graph's node names
-        spec = _layer_spec(bundle)
-        assert f"--layerPrecisions={spec}" in args and "--precisionConstraints=obey" in args
-        assert manifest["fp32_layers"] == 35
-    else:
-        assert not any(a.startswith("--layer") for a in args)
     # the device re-check compares the INT8 engine with the Q/DQ graph it was built from, not with model.onnx
     assert "polygraphy run model_int8.onnx --onnxrt --load-inputs check_inputs.json" in stderr
 
 
 def test_int8_without_the_qdq_graph_is_refused(bundles, stand_in, tmp_path):
-    rc, args, stderr, _ = run_script(bundles["default"], stand_in, tmp_path, "10.3", "int8")
-    assert rc == 2 and not args and "model_int8.onnx" in stderr and len(stderr.strip().splitlines()) == 1
+    rc, parsed, stderr, _ = run_script(bundles["default"], stand_in, tmp_path, "10.3", "int8")
+    assert rc == 2 and not parsed and "model_int8.onnx" in stderr and len(stderr.strip().splitlines()) == 1

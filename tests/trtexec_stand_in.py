@@ -91,7 +91,9 @@ def _split_name_value(item: str) -> tuple[str, str]:
     quoted = _split(item, "'")
     if len(quoted) != 1:
         if len(quoted) != 3:
-            raise _ParseError(f"Found invalid number of 's when parsing {item}. Expected: 2, received: {len(quoted) - 1}")
+            raise _ParseError(
+                f"Found invalid number of 's when parsing {item}. Expected: 2, received: {len(quoted) - 1}"
+            )
         return quoted[0] + quoted[1], quoted[2][1:]
     parts = _split(item, ":")
     if not parts:
