@@ -311,8 +311,13 @@ def test_a_build_script_with_an_option_its_trtexec_lacks_fails_and_leaves_nothin
     assert "FLAGS=(--noTF32)" in text
     script.write_text(text.replace("FLAGS=(--noTF32)", "FLAGS=(--noTF32 --fp16)"))
     for release, precision in (("11.1", "fp32"), ("10.13", "fp16")):  # 10.13 fp16: --fp16 twice, one left over
-        rc, parsed, _, work = run_script(wrong, stand_in, tmp_path, release, precision)
-        assert rc != 0 and parsed == {}
+        rc, parsed, stderr, work = run_script(wrong, stand_in, tmp_path, release, precision)
+        assert rc == 2 and parsed == {}
+        assert (
+            stderr.strip()
+            .splitlines()[-1]
+            .startswith("build_engine.sh: trtexec failed (exit 1): Unknown option: --fp16")
+        )
         assert "Unknown option: --fp16" in (work / "model.engine.log").read_text()
         assert not (work / "model.engine").exists() and not (work / "model.engine.json").exists()
         assert not list(work.glob(".model.engine.partial*"))
@@ -407,7 +412,7 @@ def test_on_a_jetson_the_manifest_records_l4t_and_the_model(int8_bundles, stand_
 
 def test_a_failed_build_leaves_neither_engine_nor_manifest(bundles, stand_in, tmp_path):
     rc, _, stderr, work = run_script(bundles["default"], stand_in, tmp_path, "10.3", "fp32", TRTEXEC_STAND_IN_FAIL="1")
-    assert rc != 0
+    assert rc == 2 and "build_engine.sh: trtexec failed (exit 1): Error[4]: engine build failed" in stderr
     assert not (work / "model.engine").exists() and not (work / "model.engine.json").exists()
     assert not list(work.glob(".model.engine.partial*"))
 
