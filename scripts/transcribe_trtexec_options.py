@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Transcribe the options each TensorRT release's trtexec accepts, from its own source, into JSON test oracles.
 
-Usage (from the git directory of github.com/NVIDIA/TensorRT, e.g. the one the session's ``fetch`` tool made)::
+Usage (from a clone of github.com/NVIDIA/TensorRT; --git-dir may be its .git or a bare mirror)::
 
     python scripts/transcribe_trtexec_options.py --git-dir /path/to/TensorRT.git \
         --ref release/8.5 --ref release/8.6 --ref release/10.3 --ref release/10.13 --ref release/11.1 \
