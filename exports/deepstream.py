@@ -39,6 +39,8 @@ import numpy as np
 from peftx.errors import ExportError
 from peftx.tolerances import DEEPSTREAM_GRAPH_FP32, Tolerance
 
+from .targets import TargetProfile
+
 NVINFER_CONFIG, LABELS_FILE = "config_infer_primary.txt", "labels.txt"
 DEEPSTREAM_ONNX = "model_deepstream.onnx"
 OUTPUT_BLOB = "probabilities"  # the Softmax output the config's output-blob-names names
@@ -145,7 +147,7 @@ def engine_file(batch: int, precision: str, gpu_id: int = GPU_ID) -> str:
     return f"{DEEPSTREAM_ONNX}_b{batch}_gpu{gpu_id}_{precision}.engine"
 
 
-def nvinfer_may_build(precision: str, target: Any) -> tuple[bool, str]:
+def nvinfer_may_build(precision: str, target: TargetProfile | None) -> tuple[bool, str]:
     """Whether nvinfer's own engine build from onnx-file gives the engine build_engine.sh builds; if not, why."""
     if precision == "int8":
         return False, (
@@ -153,21 +155,21 @@ def nvinfer_may_build(precision: str, target: Any) -> tuple[bool, str]:
             "falls back to the FP16 flag alone, and TensorRT does not build a Q/DQ graph without INT8 enabled: "
             "a build of minutes that fails, or at best not the INT8 engine validated here"
         )
-    if precision == "fp16" and getattr(target, "fp16_fp32_nodes", ()):
+    if precision == "fp16" and target is not None and target.fp16_fp32_nodes:
         return False, (
             "this target keeps LayerNorm FP32 in FP16 engines (TensorRT 8.5 has no LayerNormalization); nvinfer's "
             "FP16 build sets the FP16 flag only and would run it in FP16"
         )
-    if precision == "fp16" and getattr(target, "fp16", "") == "fp16_onnx":
+    if precision == "fp16" and target is not None and target.fp16 == "fp16_onnx":
         return False, "TensorRT 11 has no FP16 builder flag: only build_engine.sh builds this target's FP16 engine"
     return True, ""
 
 
-def source_file(precision: str, target: Any) -> str:
+def source_file(precision: str, target: TargetProfile | None) -> str:
     """The shipped ONNX file DEEPSTREAM_ONNX is made from: the one build_engine.sh builds this precision from."""
     if precision == "int8":
         return "model_int8.onnx"
-    if precision == "fp16" and getattr(target, "fp16", "") == "fp16_onnx":
+    if precision == "fp16" and target is not None and target.fp16 == "fp16_onnx":
         return "model_fp16.onnx"
     return "model.onnx"
 
@@ -313,7 +315,12 @@ def labels_text(class_names: Sequence[str]) -> tuple[str, list[str]]:
 
 
 def render_config(
-    prep: Mapping[str, Any], *, precision: str, batch: int, target: Any = None, threshold: float = CLASSIFIER_THRESHOLD
+    prep: Mapping[str, Any],
+    *,
+    precision: str,
+    batch: int,
+    target: TargetProfile | None = None,
+    threshold: float = CLASSIFIER_THRESHOLD,
 ) -> tuple[str, dict[str, Any]]:
     """config_infer_primary.txt (a primary classifier on full frames) and metadata.json's ``deepstream`` entry."""
     if not 0.0 < threshold < 1.0:
@@ -397,7 +404,7 @@ def write(
     *,
     precision: str,
     batch: int,
-    target: Any,
+    target: TargetProfile,
     images: np.ndarray,
 ) -> tuple[dict[str, Any], list[str]]:
     """Write model_deepstream.onnx (from ``source``), config_infer_primary.txt and labels.txt into ``work``, and
