@@ -24,3 +24,7 @@ BENCH=("${PY}" -m peftx.cli.app bench)  # = `peftx bench`
 
 # 5. each method's training step before / after the issue-6 changes, interleaved in one run
 "${PY}" benchmarks/training_step_ab.py --rounds 8 | tee "$OUT/training_step_ab.txt"
+
+# 6. DeepStream: nvinfer's whole-frame resize (no antialiasing) vs infer.py's PIL resize through DINOv2 ViT-S/14
+#    (docs/deepstream.md; ~17 min at 224 px on 2 shared cores)
+"${PY}" benchmarks/deepstream_resize.py --size 224 --train-digits 200 --test-digits 60 --crops 30 | tee "$OUT/deepstream_resize.txt"

@@ -13,7 +13,8 @@ Layout of a bundle directory::
     trt_readiness.json  the target's TensorRT parser readiness of model.onnx and model_fp16.onnx AS SHIPPED
     reference_set.npz   real preprocessed images + the UNMERGED model's outputs (+ reference/ raw files):
                         what infer.py --check runs
-    config_infer_primary.txt, labels.txt   DeepStream Gst-nvinfer config (deepstream.py: the single-scale error)
+    model_deepstream.onnx, config_infer_primary.txt, labels.txt   DeepStream: the model with its normalisation and a
+                        softmax inside, its Gst-nvinfer config and labels (deepstream.py)
 
 The export follows the deployment target (``targets.py``): its opset, its LayerNorm form (decomposed for TensorRT
 8.5, whose FP16 build and FP16 ONNX keep that subgraph FP32), its op list. The target is recorded in metadata.json
@@ -62,9 +63,9 @@ from peftx.tolerances import (
     Tolerance,
 )
 
+from . import deepstream as deepstream_mod
 from . import int8 as int8_mod
 from .accuracy import AccuracyReport, AccuracySet, Candidate, load_infer_module, measure_accuracy, result_for
-from .deepstream import LABELS_FILE, NVINFER_CONFIG, labels_text, render_config
 from .fp16 import convert_to_fp16, strict_fp16_emulation
 from .layernorm import decomposed_layernorms, fp32_node_names, unsafe_layer_names
 from .onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, op_histogram, param_count, read_metadata
@@ -393,7 +394,8 @@ def _recorded_target(meta: Mapping[str, Any]) -> TargetProfile:
 
 
 def _shipped_onnx(bundle_dir: Path) -> dict[str, Path]:
-    return {name: bundle_dir / name for name in (ONNX_FILE, FP16_FILE, INT8_FILE) if (bundle_dir / name).exists()}
+    names = (ONNX_FILE, FP16_FILE, INT8_FILE, deepstream_mod.DEEPSTREAM_ONNX)
+    return {name: bundle_dir / name for name in names if (bundle_dir / name).exists()}
 
 
 def _first_problems(problems: list[str], n: int = 3) -> str:
@@ -535,6 +537,7 @@ def _assemble(
         if int8_info and int8_info["fallback"].get("passed"):  # the fallback replaced it: check it again
             readiness = check_target_readiness(_shipped_onnx(work), opt.target)
             _handle_readiness(readiness.problems, opt.tensorrt, warnings, opt.target)
+    deepstream = _write_deepstream(work, opt, readiness, images, warnings, say)
     script = render_build_script(
         onnx_path,
         opt.batch,
@@ -549,10 +552,10 @@ def _assemble(
     reference_set = write_reference_set(
         work, reference, json.loads(json.dumps(opt.preprocessing)), opt.accuracy_set, images
     )
-    deepstream = _write_deepstream(work, opt, warnings)
     # The engine is device-specific and is rebuilt on the device: it is tied to the bundle by model.engine.json (sha256
     # of the engine and of its source ONNX), not by metadata.json, so a rebuild with build_engine.sh keeps it valid.
     shipped = (ONNX_FILE, FP16_FILE, *((INT8_FILE,) if int8_graph is not None else ()), INFER_FILE, BUILD_SCRIPT_FILE)
+    shipped += (deepstream_mod.DEEPSTREAM_ONNX,)
     sha = {name: sha256_file(work / name) for name in shipped}
     report = BundleReport(
         work,
@@ -576,34 +579,31 @@ def _assemble(
     return report
 
 
-def _write_deepstream(work: Path, opt: _Options, warnings: list[str]) -> dict[str, Any]:
-    """config_infer_primary.txt + labels.txt (deepstream.py): the ONNX nvinfer would build from is the one the
-    target's engine of this precision is built from (build_engine.sh's choice)."""
-    onnx_file = ONNX_FILE
-    if opt.precision == "fp16" and opt.target.fp16 == "fp16_onnx":
-        onnx_file = FP16_FILE
-    elif opt.precision not in ("fp32", "fp16") and (work / f"model_{opt.precision}.onnx").exists():
-        onnx_file = f"model_{opt.precision}.onnx"
-    note = (
-        (
-            "This target keeps LayerNorm FP32 in FP16 engines, which only build_engine.sh sets up: do not let "
-            "nvinfer build the engine."
-        )
-        if opt.precision == "fp16" and opt.target.fp16_fp32_nodes
-        else ""
-    )
-    text, entry = render_config(
+def _write_deepstream(
+    work: Path, opt: _Options, readiness: TargetReadiness, images: np.ndarray, warnings: list[str], say: Progress
+) -> dict[str, Any]:
+    """model_deepstream.onnx + config_infer_primary.txt + labels.txt (deepstream.py), made from the ONNX file the
+    target's engine of this precision is built from (build_engine.sh's choice), and checked for the target."""
+    source = work / deepstream_mod.source_file(opt.precision, opt.target)
+    say(f"writing the DeepStream model and config (from {source.name})")
+    entry, more = deepstream_mod.write(
+        work,
+        source,
         opt.preprocessing,
+        opt.class_names,
         precision=opt.precision,
-        onnx_file=onnx_file,
         batch=opt.batch[1],
-        output_name=OUTPUT_NAME,
-        tensorrt_note=note,
+        target=opt.target,
+        images=images,
     )
-    labels, label_warnings = labels_text(opt.class_names)
-    warnings.extend(label_warnings)
-    _write_text(work / NVINFER_CONFIG, text)
-    _write_text(work / LABELS_FILE, labels)
+    warnings.extend(more)
+    checked = check_target_readiness(
+        {deepstream_mod.DEEPSTREAM_ONNX: work / deepstream_mod.DEEPSTREAM_ONNX}, opt.target
+    )
+    readiness.files.update(checked.files)  # trt_readiness.json covers it like the other shipped graphs
+    for name, problems in checked.newer.items():
+        readiness.newer.setdefault(name, []).extend(problems)
+    _handle_readiness(checked.problems, opt.tensorrt, warnings, opt.target)
     return entry
 
 
@@ -951,6 +951,9 @@ def render_build_script(
         "LAYER_SPEC": ",".join(f"{name}:fp32" for name in fp32_layers),
         "FP32_LAYER_COUNT": len(fp32_layers),
         "INT8_FLAGS": " ".join(_int8_trtexec_flags(target)),
+        "DS_ONNX": deepstream_mod.DEEPSTREAM_ONNX,
+        "DS_ENGINE": deepstream_mod.engine_file(batch[1], precision),
+        "DS_SOURCE": deepstream_mod.source_file(precision, target),
         "CHECK_ATOL_FP32": f"{atol['fp32']:.3g}",
         "CHECK_ATOL_FP16": f"{atol['fp16']:.3g}",
         # An INT8 engine is compared with its own Q/DQ graph under ONNX Runtime (model.onnx is the FP32 function it

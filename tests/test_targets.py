@@ -329,7 +329,7 @@ def test_readiness_describes_the_files_as_shipped(bundles, target):
     out = bundles["swin", target]
     readiness = json.loads((out / "trt_readiness.json").read_text())
     assert readiness["ok"] is True and readiness["target"] == ("trt8.6" if target == "default" else "trt8.5")
-    assert set(readiness["files"]) == {"model.onnx", "model_fp16.onnx"}
+    assert set(readiness["files"]) == {"model.onnx", "model_fp16.onnx", "model_deepstream.onnx"}
     for name, report in readiness["files"].items():
         assert report["sha256"] == sha256_file(out / name) == read_bundle(out)["sha256"][name]
         assert report["ops"] == dict(
