@@ -278,3 +278,107 @@ def test_bad_input_and_missing_packages_are_one_line_under_each_stack(stack, bun
     )
     done = run(python, str(bundle / "infer.py"), "--check", cwd=tmp_path, code=old_pillow)
     assert "warn  Pillow 6.2.1 is older than any this infer.py was tested with (7.0.0): upgrade it" in done.stdout
+
+
+# --- JPEG decoding: another libjpeg is told apart from another preprocessing -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def jpeg_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An FP32 bundle whose reference/ holds JPEG photo crops (as a user's own photos are) and PNG digits."""
+    from sklearn.datasets import load_digits
+
+    model = make_tiny("vit", seed=2, num_classes=2)
+    folder = tmp_path_factory.mktemp("jpegs")
+    photos, digits, rng = sample_photos(), load_digits().images, np.random.default_rng(3)
+    for c, name in enumerate(("a", "b")):
+        (folder / name).mkdir()
+        for i in range(4):
+            photo = photos[(i + c) % 2]
+            w, h = photo.size
+            cw, ch = int(w * rng.uniform(0.3, 0.6)), int(h * rng.uniform(0.3, 0.6))
+            photo.crop((0, 0, cw, ch)).save(folder / name / f"p{i}.jpg", quality=90)
+            pixels = np.clip(np.rint(digits[4 * c + i] * (255 / 16)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / name / f"d{i}.png")
+    dataset = labelled_folder(folder, ["a", "b"], DATA_CONFIG)
+    out = tmp_path_factory.mktemp("jpeg-bundle") / "bundle"
+    write_bundle(
+        model,
+        copy.deepcopy(model),
+        out,
+        input_size=DATA_CONFIG["input_size"],
+        data_config=DATA_CONFIG,
+        class_names=["a", "b"],
+        provenance={"method": "test"},
+        images=torch.stack([dataset[i][0] for i in range(4)]),
+        batch=(1, 2, 4),
+        tensorrt="off",
+        simplify=False,
+        accuracy_set=select(dataset, "photo crops and digits", None),
+    )
+    raw = sorted(p.suffix for p in (out / "reference").iterdir())
+    assert ".jpg" in raw and ".png" in raw, raw
+    return out
+
+
+def test_jetpack5s_jpeg_decoder_is_named_and_the_preprocessing_still_judged(jpeg_bundle, tmp_path):
+    """Pillow 7.0's libjpeg decodes these JPEGs to other pixels (measured: docs/device.md): --check names those
+    files and judges the preprocessing on the PNGs, which it decodes alike; the newest Pillow decodes all alike."""
+    done = run(device_python("jp5"), str(jpeg_bundle / "infer.py"), "--check", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    line = next(line for line in done.stdout.splitlines() if "preprocessing" in line)
+    assert line.startswith("PASS  preprocessing: ") and "through Pillow 7.0.0" in line, line
+    assert "decode to other pixels under this Pillow (its image decoder, not the preprocessing" in line
+    named = re.search(r"\(((?:reference/\S+?(?:, )?)+)\) decode", line)
+    assert named and all(name.endswith(".jpg") for name in named.group(1).split(", ")), line
+    newest = run(device_python("new"), str(jpeg_bundle / "infer.py"), "--check", cwd=tmp_path)
+    assert newest.returncode == 0 and "decode to other pixels" not in newest.stdout, newest.stdout
+
+
+def test_a_resize_difference_still_fails_under_jetpack5(jpeg_bundle, tmp_path):
+    """The split must not excuse a real preprocessing difference: Pillow 7 forced to nearest-neighbour fails."""
+    patch = (
+        "import runpy, sys\nfrom PIL import Image\nresize = Image.Image.resize\n"
+        "Image.Image.resize = lambda self, size, resample=None, *a, **k: resize(self, size, Image.NEAREST)\n"
+        "sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    done = run(device_python("jp5"), str(jpeg_bundle / "infer.py"), "--check", cwd=tmp_path, code=patch)
+    assert done.returncode == 1 and done.stdout.splitlines()[-1].startswith("check FAILED: preprocessing"), done.stdout
+
+
+# --- the bundle's README.md -----------------------------------------------------------------------------------------
+
+
+def test_the_bundles_readme_says_what_ci_checked_and_its_commands_run(bundle, jpeg_bundle, images, host, tmp_path):
+    from peftx.exports.templates import infer as shipped
+
+    text = (bundle / "README.md").read_text(encoding="utf-8")
+    fp32 = (jpeg_bundle / "README.md").read_text(encoding="utf-8")
+    assert not re.search(r"@[A-Z0-9_]+@", text + fp32), "an unreplaced @PLACEHOLDER@"
+    assert "precision **int8**" in text and "`model_int8.onnx`" in text and "./build_engine.sh fp32|fp16|int8" in text
+    assert "precision **fp32**" in fp32 and "int8" not in fp32.replace("INT8", "")
+    assert "\n## DeepStream\n" in text
+    # the JetPack 5 stack it names is the one CI runs infer.py under
+    pins = dict(
+        line.split("==") for line in (ROOT / "requirements-device-jp5.txt").read_text().splitlines() if "==" in line
+    )
+    assert f"numpy=={pins['numpy']}" in text and f"onnxruntime=={pins['onnxruntime']}" in text
+    assert f"Pillow 7.0.0 + numpy {pins['numpy']} + onnxruntime {pins['onnxruntime']}" in text.replace("\n", " ")
+    assert pins["pillow"] == "7.0.0"
+    # the cuda-python per JetPack is the one infer.py names on that JetPack
+    for spec in set(shipped.CUDA_PYTHON_FOR_L4T.values()):
+        assert f"`pip install '{spec}'`" in text
+    # every infer.py command it shows runs (under JetPack 5's stack), with real files for the placeholders
+    python = device_python("jp5")
+    (tmp_path / "photos").mkdir()
+    for name in ("photo.jpg", "more.jpg"):
+        shutil.copy(images / "photo0.jpg", tmp_path / name)
+    shutil.copy(images / "photo1.jpg", tmp_path / "photos" / "x.jpg")
+    shutil.copytree(bundle, tmp_path / "b")
+    commands = [line.split("#")[0].split() for line in text.splitlines() if line.startswith("    python3 infer.py")]
+    assert len(commands) >= 5
+    for argv in commands:
+        args = [str(tmp_path / a) if a in ("photo.jpg", "more.jpg", "photos/") else a for a in argv[2:]]
+        done = run(python, str(tmp_path / "b" / "infer.py"), *args, cwd=tmp_path)
+        want = host["check_int8" if "int8" in args else "check"].returncode if "--check" in args else 0
+        assert done.returncode == want, (argv, done.stdout, done.stderr)

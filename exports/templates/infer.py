@@ -75,6 +75,14 @@ def load_image(path: Path) -> Image.Image:
         return image.convert("RGB")
 
 
+def decoded_digest(image: Image.Image) -> str:
+    """sha256 of the decoded RGB pixels (and their size): tells, on the device, whether its Pillow decoded a reference
+    file to the same pixels as where the bundle was written (JPEG decoders differ between libjpeg releases)."""
+    import hashlib
+
+    return hashlib.sha256(f"{image.mode} {image.size}".encode() + image.tobytes()).hexdigest()
+
+
 def fail(message: str, code: int = EXIT_BUNDLE) -> NoReturn:
     """Stop with one line on stderr (no traceback) and ``code``."""
     print(f"infer.py: {message}", file=sys.stderr)
@@ -724,24 +732,44 @@ def _check_targets(meta: dict, choice: str, precision: str | None) -> tuple[list
 
 def _check_preprocessing(data, meta: dict, ref: dict) -> tuple[bool | None, str]:
     """The raw files in reference/ through this machine's PIL + numpy against the tensors made where the bundle was
-    written: another Pillow or numpy that resizes or rounds differently shows here, not as a silent accuracy loss."""
+    written: another Pillow or numpy that resizes or rounds differently shows here, not as a silent accuracy loss.
+
+    A file this Pillow DECODES to other pixels (its sha256 of the decoded pixels, ``raw_decoded_sha256``, differs:
+    JPEG decoders differ between libjpeg releases, e.g. JetPack 5's Pillow 7.0 decodes some values 1-3 levels off)
+    says nothing about the preprocessing: its figure is reported, and the verdict rests on the files decoded alike."""
     names = [str(n) for n in data["raw_files"]]
     if not names:
         return None, "preprocessing: not checked (the bundle holds no raw image files)"
     if Image is None:
         return None, "preprocessing: not checked (Pillow is not installed: pip install pillow)"
-    worst = 0.0
-    for name, row in zip(names, data["raw_index"]):
-        x = preprocess_image(read_image(HERE / name), meta["preprocessing"])
+    digests = [str(d) for d in data.get("raw_decoded_sha256", [])]
+    alike: list[float] = []
+    decoded_otherwise: dict[str, float] = {}
+    for k, (name, row) in enumerate(zip(names, data["raw_index"])):
+        image = read_image(HERE / name)
+        x = preprocess_image(image, meta["preprocessing"])
         expected = data["inputs"][int(row)]
-        worst = max(worst, float(np.abs(x - expected).max()) if x.shape == expected.shape else math.inf)
+        delta = float(np.abs(x - expected).max()) if x.shape == expected.shape else math.inf
+        if k < len(digests) and decoded_digest(image) != digests[k]:
+            decoded_otherwise[name] = delta
+        else:
+            alike.append(delta)
     bound = float(ref["preprocessing_atol"])
     import PIL
 
-    return worst <= bound, (
-        f"preprocessing: {len(names)} raw files through Pillow {PIL.__version__} + numpy "
-        f"{np.__version__}: max |Δ| {worst:.2e} (bound {bound:.0e})"
-    )
+    stack = f"Pillow {PIL.__version__} + numpy {np.__version__}"
+    other = ""
+    if decoded_otherwise:
+        worst_other = max(decoded_otherwise.values())
+        other = (
+            f"{len(decoded_otherwise)} file(s) ({', '.join(sorted(decoded_otherwise))}) decode to other pixels "
+            f"under this Pillow (its image decoder, not the preprocessing: max |Δ| {worst_other:.2e}; README.md)"
+        )
+    if not alike:
+        return None, f"preprocessing: not checked with {stack}: {other}"
+    worst = max(alike)
+    line = f"preprocessing: {len(alike)} raw files through {stack}: max |Δ| {worst:.2e} (bound {bound:.0e})"
+    return worst <= bound, line + (f"; {other}" if other else "")
 
 
 def _module_version(name: str) -> str | None:
