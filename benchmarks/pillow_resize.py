@@ -4,9 +4,10 @@ The bundle's own infer.py (exports/templates/infer.py: decode, resize with antia
 under the jp5 device venv (CPython 3.8, Pillow 7.0.0, numpy 1.21.6; scripts/setup-device-venvs.sh) and under this
 interpreter (the lock's stack) on the same REAL files: sklearn's two photos (china.jpg, flower.jpg, 427x640 JPEG),
 non-square PNG crops of them, sklearn digits (8x8, upscaled) and, when Debian's dataset-fashion-mnist is installed,
-Fashion-MNIST items (28x28). For bicubic and bilinear at two input sizes it reports max |Δ| on the decoded pixels,
-on the normalised tensor, and on the output of the real DINOv2 ViT-S/14 (the embedded demo weights, num_classes=0:
-its 384-d embedding, run here with torch on both tensor sets, so every difference comes from the preprocessing).
+Fashion-MNIST items (28x28). For bicubic and bilinear at two input sizes it reports max |Δ| on the decoded pixels
+(per file format), on the normalised tensor (PNG and JPEG apart), and on the output of the real DINOv2 ViT-S/14 (the
+embedded demo weights, num_classes=0: its 384-d embedding, run here with torch on both tensor sets, so every
+difference comes from the preprocessing).
 
     python benchmarks/pillow_resize.py [--stack jp5|new] [--output /tmp/pillow-resize]
 
@@ -113,7 +114,16 @@ def main() -> None:
 
     from peftx.backbones import DEMO_MODEL, create_backbone
 
-    rows, pixels = [], max(float(np.abs(device[k].astype(int) - host[k].astype(int)).max()) for k in host if "pix" in k)
+    rows = []
+    kinds = {kind: [i for i, f in enumerate(files) if f.suffix == kind] for kind in (".jpg", ".png")}
+    decoded = {}  # per file format: max |Δ| of the decoded 0..255 values, and the share of values that differ
+    for kind, rows_of in kinds.items():
+        deltas = [np.abs(device[f"pixels_{i}"].astype(int) - host[f"pixels_{i}"].astype(int)) for i in rows_of]
+        decoded[kind] = {
+            "files": len(rows_of),
+            "max_abs_levels": int(max(d.max() for d in deltas)),
+            "share_of_values_differing": float(sum((d > 0).sum() for d in deltas) / sum(d.size for d in deltas)),
+        }
     for j, cfg in enumerate(CONFIGS):
         size = cfg["input_size"][1]
         model = create_backbone(DEMO_MODEL, num_classes=0, img_size=size).eval()
@@ -121,13 +131,15 @@ def main() -> None:
         xs_h = np.stack([host[f"x_{i}_{j}"] for i in range(len(files))])
         with torch.no_grad():
             out_d, out_h = (model(torch.from_numpy(x)).numpy() for x in (xs_d, xs_h))
-        differ = (np.abs(xs_d - xs_h).reshape(len(files), -1).max(axis=1) > 0).sum()
+        per_file = np.abs(xs_d - xs_h).reshape(len(files), -1).max(axis=1)
         rows.append(
             {
                 "interpolation": cfg["interpolation"],
                 "size": size,
                 "images": len(files),
-                "images_whose_tensor_differs": int(differ),
+                "images_whose_tensor_differs": int((per_file > 0).sum()),
+                "tensor_max_abs_png": float(per_file[kinds[".png"]].max()),
+                "tensor_max_abs_jpg": float(per_file[kinds[".jpg"]].max()),
                 "tensor_max_abs": float(np.abs(xs_d - xs_h).max()),
                 "tensor_max_abs_in_255ths": float((np.abs(xs_d - xs_h) * np.asarray(STD)[:, None, None]).max() * 255),
                 "output_max_abs": float(np.abs(out_d - out_h).max()),
@@ -138,17 +150,22 @@ def main() -> None:
         "device": f"{args.stack}: Pillow/numpy {device_versions}",
         "host": f"Pillow/numpy {host_versions}",
         "files": [f.name for f in files],
-        "decoded_pixels_max_abs": pixels,
+        "decoded": decoded,
         "rows": rows,
         "command": " ".join(sys.argv),
     }
     (args.output / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{result['device']} vs {result['host']}; {len(files)} files; decoded pixels max |Δ| {pixels:g}")
-    print("interp    size  differ  tensor max|Δ| (x255)    ViT-S/14 output max|Δ| (scale)")
+    print(f"{result['device']} vs {result['host']}; {len(files)} files")
+    for kind, d in decoded.items():
+        print(
+            f"decoded {kind}: {d['files']} files, max |Δ| {d['max_abs_levels']} levels, "
+            f"{100 * d['share_of_values_differing']:.4f} % of values differ"
+        )
+    print("interp    size  differ  tensor max|Δ| PNG / JPEG (JPEG x255)   ViT-S/14 output max|Δ| (scale)")
     for r in rows:
         print(
             f"{r['interpolation']:<9} {r['size']:>4}  {r['images_whose_tensor_differs']:>2}/{r['images']:<3} "
-            f"{r['tensor_max_abs']:.3e} ({r['tensor_max_abs_in_255ths']:.2f})   "
+            f"{r['tensor_max_abs_png']:.3e} / {r['tensor_max_abs_jpg']:.3e} ({r['tensor_max_abs_in_255ths']:.2f})   "
             f"{r['output_max_abs']:.3e} ({r['output_scale']:.2f})"
         )
 
