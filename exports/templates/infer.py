@@ -2,7 +2,8 @@
 """Classify images with this bundle and print the top-5 classes.
 
 Standalone: needs numpy, pillow and onnxruntime; for model.engine, the TensorRT Python package (8.5 or newer) and
-cuda-python instead of onnxruntime (no torch). Preprocessing (input size, interpolation, crop_pct, crop_mode, mean,
+cuda-python instead of onnxruntime (no torch). Runs on CPython 3.8 with Pillow 7.0 (JetPack 5) up to the newest
+Python, Pillow and numpy 2 (README.md beside this file: what to install per JetPack). Preprocessing (input size, interpolation, crop_pct, crop_mode, mean,
 std: the run's recorded contract) and class names come from metadata.json next to this file; ``preprocess_image``
 reproduces timm's evaluation transform, which training and `peftx eval` used, to the bit.
 
@@ -40,7 +41,7 @@ from typing import Any, NoReturn
 try:
     import numpy as np
 except ImportError:  # one line instead of a traceback: numpy is the one package every use of this file needs
-    sys.exit("infer.py: numpy is not installed — pip install numpy (JetPack 5: python3 -m pip install 'numpy<1.25')")
+    sys.exit("infer.py: numpy is not installed — pip install numpy (JetPack 5: numpy==1.21.6, checked there)")
 
 try:  # Pillow decodes and resizes images; `--check` runs without it (only its raw-file line is then skipped)
     from PIL import Image
