@@ -63,7 +63,7 @@ create() {  # create NAME: make NAME's venv unless it is complete
 }
 
 if [[ "${1:-}" == --path ]]; then
-  [[ -n "${2:-}" ]] || die "--path needs a name: jp5 or new"
+  [[ "${2:-}" == jp5 || "${2:-}" == new ]] || die "--path needs a name: jp5 or new, got '${2:-}'"
   venv_path "$2" || die "no interpreter for the '$2' device venv"
   exit 0
 fi

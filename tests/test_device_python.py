@@ -385,3 +385,18 @@ def test_the_bundles_readme_says_what_ci_checked_and_its_commands_run(bundle, jp
         done = run(python, str(tmp_path / "b" / "infer.py"), *args, cwd=tmp_path)
         want = host["check_int8" if "int8" in args else "check"].returncode if "--check" in args else 0
         assert done.returncode == want, (argv, done.stdout, done.stderr)
+
+
+def test_the_setup_script_reuses_its_venvs_and_says_what_is_wrong_in_one_line():
+    for name in STACKS:
+        device_python(name)  # skips when they were never made
+    script = str(ROOT / "scripts" / "setup-device-venvs.sh")
+    again = subprocess.run(["bash", script], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout == "" and "creating" not in again.stderr, again.stderr
+    bad = subprocess.run(["bash", script, "--path", "jp4"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr == "setup-device-venvs.sh: --path needs a name: jp5 or new, got 'jp4'\n"
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "PEFTX_DEVICE_PYTHON_JP5": "/nonexistent/python3.8"}
+    missing = subprocess.run(["bash", script], capture_output=True, text=True, timeout=60, env=env)
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
+        "setup-device-venvs.sh: /nonexistent/python3.8 does not run"
+    ]
