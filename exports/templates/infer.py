@@ -3,9 +3,10 @@
 
 Standalone: needs numpy, pillow and onnxruntime; for model.engine, the TensorRT Python package (8.5 or newer) and
 cuda-python instead of onnxruntime (no torch). Runs on CPython 3.8 with Pillow 7.0 (JetPack 5) up to the newest
-Python, Pillow and numpy 2 (README.md beside this file: what to install per JetPack). Preprocessing (input size, interpolation, crop_pct, crop_mode, mean,
-std: the run's recorded contract) and class names come from metadata.json next to this file; ``preprocess_image``
-reproduces timm's evaluation transform, which training and `peftx eval` used, to the bit.
+Python, Pillow and numpy 2 (README.md beside this file: what to install per JetPack). Preprocessing (input size,
+interpolation, crop_pct, crop_mode, mean, std: the run's recorded contract) and class names come from metadata.json
+next to this file; ``preprocess_image`` reproduces timm's evaluation transform, which training and `peftx eval` used,
+to the bit.
 
     python infer.py photo.jpg [more.jpg ...] [--backend auto|onnx|tensorrt] [--precision fp32|fp16|int8] [--top 5]
 
