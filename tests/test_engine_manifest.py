@@ -295,6 +295,21 @@ def test_what_is_missing_for_the_engine_names_the_cuda_python_of_this_jetpack(bu
     assert not infer.tensorrt_usable()
 
 
+@pytest.mark.parametrize("installed, warned", [("10.3.0.26", False), ("10.4.0.26", True)])
+def test_check_names_a_tensorrt_other_than_the_one_that_built_the_engine(
+    bundle, tmp_path, monkeypatch, installed, warned
+):
+    out = with_engine(bundle, tmp_path, tensorrt_version="10.3")  # as TRT_VERSION=10.3 once wrote it
+    infer = load_infer(out)
+    fake = types.ModuleType("tensorrt")
+    fake.__version__ = installed
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    lines = infer.environment_lines()
+    assert lines[0].startswith("env   Python ") and f"TensorRT {installed}" in lines[0]
+    warning = f"warn  model.engine was built with TensorRT 10.3, this machine has {installed}: rebuild it here"
+    assert any(line.startswith(warning) for line in lines) == warned, lines
+
+
 def test_the_infer_py_tensorrt_backend_needs_no_torch(bundle):
     import ast
 
