@@ -10,10 +10,12 @@ setup:
 demo:  ## train on the embedded default, merge, export, validate; prints where the results are
 	$(VENV)/bin/peftx demo
 
-test:  ## the whole test suite (what CI runs)
+test:  ## the whole test suite (what CI runs); first the device Python stacks infer.py is run under (docs/device.md)
+	scripts/setup-device-venvs.sh
 	$(VENV)/bin/python -m pytest -q
 
 test-fast:  ## skip the real-weight tests
+	scripts/setup-device-venvs.sh
 	$(VENV)/bin/python -m pytest -q -m "not slow"
 
 lint:  ## ruff (lint + format check) and mypy (scripts/typecheck.sh: cli/ and exports/ as peftx.cli / peftx.exports)

@@ -15,6 +15,7 @@ Layout of a bundle directory::
                         what infer.py --check runs
     model_deepstream.onnx, config_infer_primary.txt, labels.txt   DeepStream: the model with its normalisation and a
                         softmax inside, its Gst-nvinfer config and labels (deepstream.py)
+    README.md           for the person at the device: what to install per JetPack, build, check, run
 
 The export follows the deployment target (``targets.py``): its opset, its LayerNorm form (decomposed for TensorRT
 8.5, whose FP16 build and FP16 ONNX keep that subgraph FP32), its op list. The target is recorded in metadata.json
@@ -91,6 +92,7 @@ FORMAT_VERSION = 1
 ONNX_FILE, FP16_FILE, ENGINE_FILE = "model.onnx", "model_fp16.onnx", "model.engine"
 INT8_FILE = "model_int8.onnx"
 INFER_FILE, BUILD_SCRIPT_FILE = "infer.py", "build_engine.sh"
+README_FILE = "README.md"  # for the person at the device: install per JetPack, build, check, run
 METADATA_FILE, PARITY_FILE, READINESS_FILE = "metadata.json", "parity.json", "trt_readiness.json"
 # Odd batch sizes catch batch-mixing reshapes and padding bugs that even sizes can hide.
 PARITY_BATCHES = (1, 3, 7)
@@ -552,6 +554,7 @@ def _assemble(
     reference_set = write_reference_set(
         work, reference, json.loads(json.dumps(opt.preprocessing)), opt.accuracy_set, images
     )
+    _write_text(work / README_FILE, render_readme(opt.preprocessing, opt.class_names, opt.precision, opt.target))
     # The engine is device-specific and is rebuilt on the device: it is tied to the bundle by model.engine.json (sha256
     # of the engine and of its source ONNX), not by metadata.json, so a rebuild with build_engine.sh keeps it valid.
     shipped = (ONNX_FILE, FP16_FILE, *((INT8_FILE,) if int8_graph is not None else ()), INFER_FILE, BUILD_SCRIPT_FILE)
@@ -928,11 +931,7 @@ def render_build_script(
     rest = [d.dim_value for d in tensor.type.tensor_type.shape.dim][1:]
     shape = lambda n: "x".join(str(d) for d in (n, *rest))  # noqa: E731 - trtexec's NxCxHxW
     atol = {"fp32": 1e-3, "fp16": 1e-2, "int8": 1e-1, **(check_atol or {})}
-    label = (
-        target.name
-        if not target.requested or target.requested == target.name
-        else f"{target.requested} ({target.name})"
-    )
+    label = _target_label(target)
     values = {
         "INPUT_NAME": tensor.name,
         "INPUT_DIMS": "batch x " + " x ".join(map(str, rest)),
@@ -970,6 +969,40 @@ def render_build_script(
         ),
     }
     text = _template("build_engine.sh.in")
+    for key, value in values.items():
+        text = text.replace(f"@{key}@", str(value))
+    return text
+
+
+def _target_label(target: TargetProfile) -> str:
+    return (
+        target.name
+        if not target.requested or target.requested == target.name
+        else f"{target.requested} ({target.name})"
+    )
+
+
+def render_readme(
+    preprocessing: Mapping[str, Any], class_names: Sequence[str], precision: str, target: TargetProfile
+) -> str:
+    """README.md for the person at the device (templates/README.md.in): what to install per JetPack, how to build,
+    check and run this bundle, and what only the device can tell (and the ``infer.py --check`` line that tells it)."""
+    _, height, width = (int(v) for v in preprocessing["input_size"])
+    int8 = precision == "int8"
+    values = {
+        "CLASSES": len(class_names),
+        "INPUT": f"{height}x{width}",
+        "INTERPOLATION": preprocessing.get("interpolation") or "bilinear",
+        "CROP_PCT": preprocessing.get("crop_pct") or 1.0,
+        "CROP_MODE": preprocessing.get("crop_mode") or "center",
+        "PRECISION": precision,
+        "TARGET_LABEL": _target_label(target),
+        "TARGET_MIN": target.tensorrt_min,
+        "INT8_FILE_ROW": f", `{INT8_FILE}`" if int8 else "",
+        "INT8_WORD": "; INT8 Q/DQ" if int8 else "",
+        "INT8_ARG": "|int8" if int8 else "",
+    }
+    text = _template("README.md.in")
     for key, value in values.items():
         text = text.replace(f"@{key}@", str(value))
     return text

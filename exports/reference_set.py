@@ -9,7 +9,9 @@ itself against (``python infer.py --check``) with numpy and ONNX Runtime or Tens
                         check covers the merge as well as the export);
 * ``labels``            int64 [N]: their labels (-1: unknown, when only unlabelled images were there);
 * ``raw_files``, ``raw_index``: a few of those images as the files themselves (``reference/``, the smallest, so the
-                        bundle stays small) and the row of ``inputs`` each must preprocess to on the device.
+                        bundle stays small) and the row of ``inputs`` each must preprocess to on the device;
+* ``raw_decoded_sha256``: sha256 of the pixels each raw file decodes to here (infer.py's ``decoded_digest``), so the
+                        device tells its own JPEG decoder's differences from a preprocessing difference.
 
 metadata.json's ``reference_set`` names the files and records the tolerances the check applies, per precision, from
 :mod:`peftx.tolerances` (``CHECK_TOLERANCES``: an artifact of a new precision adds its entry there).
@@ -77,6 +79,10 @@ def write_reference_set(
     if chosen:
         (work / RAW_DIR).mkdir()
     names = [_copy_raw(raw, work / RAW_DIR, k) for k, (_, raw) in enumerate(chosen)]
+    # what each raw file decodes to here: on the device, a file its Pillow decodes otherwise (another libjpeg) is told
+    # apart from a preprocessing difference (infer.py --check)
+    shipped = load_infer_module(work / "infer.py") if names else None
+    digests = [shipped.decoded_digest(shipped.load_image(work / name)) for name in names] if shipped else []
     with TorchRunner(reference, name="unmerged PyTorch") as runner:
         logits = np.concatenate([runner.infer(inputs[i : i + 32]) for i in range(0, len(inputs), 32)])
     np.savez_compressed(
@@ -86,6 +92,7 @@ def write_reference_set(
         labels=np.asarray(labels, dtype=np.int64),
         raw_files=np.asarray(names, dtype=str) if names else np.zeros(0, dtype="<U1"),
         raw_index=np.asarray([row for row, _ in chosen], dtype=np.int64),
+        raw_decoded_sha256=np.asarray(digests, dtype=str) if digests else np.zeros(0, dtype="<U1"),
     )
     return {
         "file": REFERENCE_FILE,

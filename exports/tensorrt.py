@@ -12,6 +12,11 @@ What differs by version, and where it is handled (facts from NVIDIA/TensorRT's p
   ``BuilderFlag.INT8`` and ``FP16`` (the float parts between the quantized GEMMs run FP16), with the FP32 pinning as
   for FP16; 11 is strongly typed: no flags, the Q/DQ nodes say what is INT8 and the rest stays as typed (FP32).
 * FP32 builds turn TF32 off so an "FP32" engine really computes in FP32.
+* TensorRT >= 10.12 deprecates the FP16, INT8 and OBEY_PRECISION_CONSTRAINTS builder flags in favour of strongly
+  typed networks (11 removed them). They are still set on 10.12-10.x, on purpose: they work there (TensorRT logs a
+  deprecation warning), they give the same engine as on 8.5-10.11, and the strongly typed path (the FP16 ONNX) is
+  what 11 takes; moving 10.12+ onto it would build a different engine from the one the bundle was checked with on
+  older TensorRT. See docs/device.md.
 * running: the name-based tensor API (``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``) exists from
   8.5 on, so one runner serves every supported version.
 
@@ -255,7 +260,8 @@ def _engine_source(
 
 def builder_flags(precision: Precision, major: int) -> list[str]:
     """trt.BuilderFlag names to set for ``precision`` on TensorRT ``major`` (the profiles' int8.builder_flags plus
-    FP16 for the float parts): none on 11, where every network is strongly typed."""
+    FP16 for the float parts): none on 11, where every network is strongly typed. On 10.12-10.x these flags are
+    deprecated but still honoured (a warning in TensorRT's log); see the module docstring for why they stay."""
     if major >= 11 or precision == "fp32":
         return []
     if precision == "fp16":
@@ -349,14 +355,17 @@ def machine_facts(tensorrt_version: str | None) -> dict[str, Any]:
 
 
 def write_manifest(build: EngineBuild, facts: dict[str, Any], *, target: str = "", built_by: str) -> dict[str, Any]:
-    """Write ``model.engine.json`` beside ``build.path`` (atomically) and return it."""
+    """Write ``model.engine.json`` beside ``build.path`` (atomically) and return it. The TensorRT version is written
+    as at least major.minor.patch ('10.3' -> '10.3.0'; a build number is kept), as build_engine.sh writes it."""
+    from .templates.infer import release_string
+
     low, opt, high = build.batch
     manifest = {
         "format": MANIFEST_FORMAT,
         "format_version": 1,
         "engine": build.path.name,
         "engine_sha256": sha256_file(build.path),
-        "tensorrt_version": facts.get("tensorrt_version"),
+        "tensorrt_version": release_string(facts.get("tensorrt_version")),
         "gpu": facts.get("gpu"),
         "jetson": facts.get("jetson"),
         "precision": build.precision,

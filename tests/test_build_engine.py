@@ -357,6 +357,25 @@ def test_jetpack5s_banner_reads_as_8_5_2(int8_bundles, stand_in, tmp_path):
     assert json.loads((work / "model.engine.json").read_text())["tensorrt_version"] == "8.5.2"
 
 
+@pytest.mark.parametrize("given, written", [("10.3", "10.3.0"), ("10.3.0", "10.3.0"), ("10.3.0.26", "10.3.0.26")])
+def test_trt_version_is_written_as_major_minor_patch(bundles, stand_in, tmp_path, given, written):
+    """TRT_VERSION=10.3 once wrote "10.3" into the manifest, and infer.py then refused the engine on the TensorRT
+    10.3.0 that built it: the script spells it in full, and infer.py accepts it there."""
+    rc, args, stderr, work = run_script(bundles["default"], stand_in, tmp_path, "10.3", "fp16", TRT_VERSION=given)
+    assert rc == 0 and args, stderr
+    manifest = json.loads((work / "model.engine.json").read_text())
+    assert manifest["tensorrt_version"] == written
+    facts = {"tensorrt_version": "10.3.0.26", "gpu": manifest["gpu"], "jetson": None}
+    assert engine_problems(manifest, facts) == ([], [])
+
+
+@pytest.mark.parametrize("given", ["ten", "10.3.x", "10..3", "v10.3"])
+def test_a_malformed_trt_version_is_one_line(bundles, stand_in, tmp_path, given):
+    rc, args, stderr, work = run_script(bundles["default"], stand_in, tmp_path, "10.3", "fp16", TRT_VERSION=given)
+    assert rc == 2 and args == [] and not (work / "model.engine.json").exists()
+    assert stderr.strip() == f"build_engine.sh: TRT_VERSION must be a TensorRT version like 10.3.0, got '{given}'"
+
+
 def test_the_manifest_describes_the_engine_the_stand_in_wrote(bundles, stand_in, tmp_path):
     rc, _, stderr, work = run_script(
         bundles["default"],

@@ -15,6 +15,7 @@ import json
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,14 @@ from peftx.errors import ExportError
 from peftx.exports import bundle as bundle_module
 from peftx.exports import tensorrt as trt_module
 from peftx.exports.bundle import read_bundle, validate_bundle, write_bundle
-from peftx.exports.templates.infer import engine_problems, jetson_facts, parse_l4t, refusal_line
+from peftx.exports.templates.infer import (
+    _release,
+    engine_problems,
+    jetson_facts,
+    parse_l4t,
+    refusal_line,
+    release_string,
+)
 from peftx.exports.tensorrt import TensorRTProbe, check_engine_for_machine
 from peftx.fsutil import sha256_file
 
@@ -61,6 +69,8 @@ def here(**changes) -> dict:
     [
         (here(), [], []),
         (here(tensorrt_version="10.3.0.26"), [], []),  # the build number does not matter, major.minor.patch does
+        (here(tensorrt_version="10.3"), [], []),  # 10.3 is 10.3.0 (TRT_VERSION=10.3 once wrote "10.3")
+        (here(tensorrt_version="10.3.1"), ["TensorRT 10.3.0 built it, this machine has 10.3.1"], []),
         (here(tensorrt_version="8.6.2"), ["TensorRT 10.3.0 built it, this machine has 8.6.2"], []),
         (here(tensorrt_version="10.4.0"), ["TensorRT 10.3.0 built it"], []),
         (here(tensorrt_version=None), ["TensorRT is not installed here"], []),
@@ -79,6 +89,41 @@ def test_engine_problems(facts, refused, warned):
     refusals, warnings = engine_problems(MANIFEST, facts)
     assert len(refusals) == len(refused) and all(r in got for r, got in zip(refused, refusals, strict=True))
     assert len(warnings) == len(warned) and all(w in got for w, got in zip(warned, warnings, strict=True))
+
+
+@pytest.mark.parametrize(
+    "version, release, spelled",
+    [
+        ("10.3", (10, 3, 0), "10.3.0"),
+        ("10.3.0", (10, 3, 0), "10.3.0"),
+        ("10.3.0.26", (10, 3, 0), "10.3.0.26"),
+        ("8.5.2.2", (8, 5, 2), "8.5.2.2"),
+        ("11", (11, 0, 0), "11.0.0"),
+        (" 10.13.3 ", (10, 13, 3), "10.13.3"),
+        ("10.4.0b", (10, 4, 0), "10.4.0"),  # a suffix is not a build number
+        (None, (), None),
+        ("", (), None),
+        ("unknown", (), None),
+    ],
+)
+def test_a_tensorrt_version_is_normalised_to_major_minor_patch(version, release, spelled):
+    assert _release(version) == release and release_string(version) == spelled
+
+
+def test_a_manifest_that_says_10_3_is_accepted_on_the_10_3_0_that_built_it():
+    """The case of issue 20: TRT_VERSION=10.3 wrote "10.3", and the TensorRT 10.3.0.26 that built it refused it."""
+    old = {**MANIFEST, "tensorrt_version": "10.3"}
+    assert engine_problems(old, here(tensorrt_version="10.3.0.26")) == ([], [])
+    assert engine_problems(old, here(tensorrt_version="10.4.0.26"))[0]  # another release is still refused
+
+
+def test_the_python_builders_manifest_spells_the_version_in_full(tmp_path):
+    engine, onnx_file = tmp_path / "model.engine", tmp_path / "model.onnx"
+    engine.write_bytes(b"engine"), onnx_file.write_bytes(b"onnx")
+    build = trt_module.EngineBuild(engine, onnx_file, "fp16", "10.3", (1, 4, 8), 1.0)
+    manifest = trt_module.write_manifest(build, {**ORIN, "tensorrt_version": "10.3"}, built_by="test")
+    assert manifest["tensorrt_version"] == "10.3.0"
+    assert json.loads((tmp_path / "model.engine.json").read_text())["tensorrt_version"] == "10.3.0"
 
 
 def test_a_manifest_without_gpu_facts_warns_instead_of_refusing():
@@ -192,11 +237,77 @@ def test_infer_without_tensorrt_says_what_to_install(bundle, tmp_path):
     if "tensorrt" in sys.modules or importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("TensorRT is importable here")
     assert done.returncode != 0 and done.stdout == ""
-    assert done.stderr.strip().endswith("install them (pip install cuda-python) or use --backend onnx")
+    line = done.stderr.strip()
+    assert line.startswith("infer.py: --backend tensorrt needs the tensorrt and cuda-python packages and a GPU — ")
+    assert "TensorRT's Python package is not importable" in line and line.endswith("; or use --backend onnx")
     auto = subprocess.run(
         [sys.executable, "-I", str(out / "infer.py"), str(photo)], capture_output=True, text=True, timeout=120
     )
     assert auto.returncode == 0 and "backend: onnxruntime" in auto.stderr  # auto falls back to the ONNX model
+
+
+def _fake_cuda_python(monkeypatch, layout: str) -> types.ModuleType:
+    """The module layout of a cuda-python release (no CUDA exists here): 11.8 has ``cuda.cudart`` only, 13 has
+    ``cuda.bindings.runtime`` only (cuda.cudart was removed); returns the runtime module."""
+    runtime, cuda = types.ModuleType("runtime"), types.ModuleType("cuda")
+    runtime.cudaGetDeviceCount = lambda: (0, 1)
+    if layout == "11.8":
+        cuda.cudart = runtime
+        monkeypatch.setitem(sys.modules, "cuda.cudart", runtime)
+        monkeypatch.setitem(sys.modules, "cuda.bindings", None)
+    else:
+        bindings = types.ModuleType("cuda.bindings")
+        bindings.runtime, cuda.bindings = runtime, bindings
+        monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
+        monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", runtime)
+        monkeypatch.setitem(sys.modules, "cuda.cudart", None)
+    monkeypatch.setitem(sys.modules, "cuda", cuda)
+    return runtime
+
+
+@pytest.mark.parametrize("layout", ["11.8", "13"])
+def test_cudart_is_found_in_the_layout_of_each_cuda_python(bundle, monkeypatch, layout):
+    infer = load_infer(bundle)
+    runtime = _fake_cuda_python(monkeypatch, layout)
+    assert infer._cudart() is runtime
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
+    assert infer.tensorrt_problem() is None and infer.tensorrt_usable()
+
+
+@pytest.mark.parametrize(
+    "l4t, spec",
+    [
+        ("35.4.1", "pip install 'cuda-python==11.8.*'"),  # JetPack 5.1.2: CUDA 11.4
+        ("36.4.3", "pip install 'cuda-python==12.*'"),  # JetPack 6.2: CUDA 12.6
+        ("38.2.0", "pip install 'cuda-python==13.*'"),  # JetPack 7: CUDA 13
+        (None, "pip install the cuda-python of your CUDA major: 'cuda-python==11.8.*' (CUDA 11), '==12.*' or '==13.*'"),
+    ],
+)
+def test_what_is_missing_for_the_engine_names_the_cuda_python_of_this_jetpack(bundle, monkeypatch, l4t, spec):
+    infer = load_infer(bundle)
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    assert "sudo apt install python3-libnvinfer" in infer.tensorrt_problem()
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
+    monkeypatch.setitem(sys.modules, "cuda", None)
+    monkeypatch.setitem(sys.modules, "cuda.bindings", None)
+    monkeypatch.setattr(infer, "jetson_facts", lambda: {"model": "x", "l4t": l4t} if l4t else None)
+    assert infer.tensorrt_problem() == f"cuda-python is not installed ({spec})"
+    assert not infer.tensorrt_usable()
+
+
+@pytest.mark.parametrize("installed, warned", [("10.3.0.26", False), ("10.4.0.26", True)])
+def test_check_names_a_tensorrt_other_than_the_one_that_built_the_engine(
+    bundle, tmp_path, monkeypatch, installed, warned
+):
+    out = with_engine(bundle, tmp_path, tensorrt_version="10.3")  # as TRT_VERSION=10.3 once wrote it
+    infer = load_infer(out)
+    fake = types.ModuleType("tensorrt")
+    fake.__version__ = installed
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    lines = infer.environment_lines()
+    assert lines[0].startswith("env   Python ") and f"TensorRT {installed}" in lines[0]
+    warning = f"warn  model.engine was built with TensorRT 10.3, this machine has {installed}: rebuild it here"
+    assert any(line.startswith(warning) for line in lines) == warned, lines
 
 
 def test_the_infer_py_tensorrt_backend_needs_no_torch(bundle):

@@ -2,9 +2,11 @@
 """Classify images with this bundle and print the top-5 classes.
 
 Standalone: needs numpy, pillow and onnxruntime; for model.engine, the TensorRT Python package (8.5 or newer) and
-cuda-python instead of onnxruntime (no torch). Preprocessing (input size, interpolation, crop_pct, crop_mode, mean,
-std: the run's recorded contract) and class names come from metadata.json next to this file; ``preprocess_image``
-reproduces timm's evaluation transform, which training and `peftx eval` used, to the bit.
+cuda-python instead of onnxruntime (no torch). Runs on CPython 3.8 with Pillow 7.0 (JetPack 5) up to the newest
+Python, Pillow and numpy 2 (README.md beside this file: what to install per JetPack). Preprocessing (input size,
+interpolation, crop_pct, crop_mode, mean, std: the run's recorded contract) and class names come from metadata.json
+next to this file; ``preprocess_image`` reproduces timm's evaluation transform, which training and `peftx eval` used,
+to the bit.
 
     python infer.py photo.jpg [more.jpg ...] [--backend auto|onnx|tensorrt] [--precision fp32|fp16|int8] [--top 5]
 
@@ -37,7 +39,10 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-import numpy as np
+try:
+    import numpy as np
+except ImportError:  # one line instead of a traceback: numpy is the one package every use of this file needs
+    sys.exit("infer.py: numpy is not installed — pip install numpy (JetPack 5: numpy==1.21.6, checked there)")
 
 try:  # Pillow decodes and resizes images; `--check` runs without it (only its raw-file line is then skipped)
     from PIL import Image
@@ -50,24 +55,34 @@ EXIT_FAILED, EXIT_INPUT, EXIT_BUNDLE = 1, 2, 3
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # metadata.json of the bundle, when main verifies what loads against it (None: imported as a module, or --no-verify).
 VERIFY_AGAINST: dict | None = None
+# Pillow's resampling filters: ``Image.Resampling`` (Pillow >= 9.1) or the module constants of older Pillow (JetPack 5
+# is Ubuntu 20.04, whose Pillow is 7.0); both name the same integers in every version.
+_FILTERS = None if Image is None else getattr(Image, "Resampling", Image)
 RESAMPLE = (
     {}
-    if Image is None
+    if _FILTERS is None
     else {
-        "nearest": Image.Resampling.NEAREST,
-        "bilinear": Image.Resampling.BILINEAR,
-        "bicubic": Image.Resampling.BICUBIC,
-        "lanczos": Image.Resampling.LANCZOS,
-        "box": Image.Resampling.BOX,
-        "hamming": Image.Resampling.HAMMING,
+        name: getattr(_FILTERS, name.upper())
+        for name in ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
     }
 )
+# The oldest Pillow this file was run with (CI runs it under a JetPack 5 stack: Python 3.8, Pillow 7.0.0, numpy
+# 1.21.6, onnxruntime 1.16.3, and under the newest release of each); --check names an older one.
+OLDEST_PILLOW_TESTED = (7, 0, 0)
 
 
 def load_image(path: Path) -> Image.Image:
     """The file as an RGB image, decoded as peftx's training data loader decodes it."""
     with Image.open(path) as image:
         return image.convert("RGB")
+
+
+def decoded_digest(image: Image.Image) -> str:
+    """sha256 of the decoded RGB pixels (and their size): tells, on the device, whether its Pillow decoded a reference
+    file to the same pixels as where the bundle was written (JPEG decoders differ between libjpeg releases)."""
+    import hashlib
+
+    return hashlib.sha256(f"{image.mode} {image.size}".encode() + image.tobytes()).hexdigest()
 
 
 def fail(message: str, code: int = EXIT_BUNDLE) -> NoReturn:
@@ -277,13 +292,26 @@ def read_engine_manifest(path: Path) -> dict | None:
 
 
 def _release(version) -> tuple[int, ...]:
-    """TensorRT '10.3.0.26' -> (10, 3, 0): engines load only under the same major.minor.patch."""
+    """TensorRT '10.3.0.26' -> (10, 3, 0): engines load only under the same major.minor.patch. A shorter version
+    means patch (and minor) 0: '10.3' (as TRT_VERSION=10.3 was once written) is (10, 3, 0). () when there is none."""
     parts = []
-    for piece in str(version or "").split(".")[:3]:
+    for piece in str(version or "").strip().split(".")[:3]:
         if not piece.isdigit():
             break
         parts.append(int(piece))
-    return tuple(parts)
+    return tuple(parts + [0] * (3 - len(parts))) if parts else ()
+
+
+def release_string(version) -> str | None:
+    """The manifest spelling of a TensorRT version: at least major.minor.patch ('10.3' -> '10.3.0'), with any build
+    number kept ('10.3.0.26'); None when ``version`` names none."""
+    text = str(version or "").strip()
+    release = _release(text)
+    if not release:
+        return None
+    pieces = text.split(".")
+    extra = pieces[3:] if len(pieces) > 3 and all(p.isdigit() for p in pieces[:3]) else []
+    return ".".join([str(n) for n in release] + extra)
 
 
 def _describe(facts: dict) -> str:
@@ -373,12 +401,51 @@ def jetson_facts(root: Path = Path("/")) -> dict | None:
 
 
 def _cudart():
-    """cuda-python's runtime module: ``cuda.bindings.runtime`` from 12.6 on, ``cuda.cudart`` before."""
+    """cuda-python's runtime module: ``cuda.bindings.runtime`` from 12.6 on (the only name in 13.x, JetPack 7's),
+    ``cuda.cudart`` before (11.8.x, JetPack 5's)."""
     try:
         from cuda.bindings import runtime as cudart
     except ImportError:
         from cuda import cudart
     return cudart
+
+
+# cuda-python's bindings follow the CUDA major of the device, which follows the Jetson Linux (L4T) release:
+# JetPack 5 (L4T R34/R35) has CUDA 11.4, JetPack 6 (R36) CUDA 12.x, JetPack 7 (R38) CUDA 13.x.
+CUDA_PYTHON_FOR_L4T = {
+    "34": "cuda-python==11.8.*",
+    "35": "cuda-python==11.8.*",
+    "36": "cuda-python==12.*",
+    "38": "cuda-python==13.*",
+}
+
+
+def cuda_python_spec(l4t: str | None = None) -> str:
+    """What to pip install for cuda-python on this machine (``l4t``: the Jetson's L4T release, None elsewhere)."""
+    spec = CUDA_PYTHON_FOR_L4T.get((l4t or "").split(".")[0])
+    if spec:
+        return f"pip install '{spec}'"
+    return "pip install the cuda-python of your CUDA major: 'cuda-python==11.8.*' (CUDA 11), '==12.*' or '==13.*'"
+
+
+def tensorrt_problem() -> str | None:
+    """Why model.engine cannot run here, in a few words (what is missing and how to get it), or None."""
+    try:
+        import tensorrt  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken install is as missing as an absent one
+        return (
+            "TensorRT's Python package is not importable (JetPack: sudo apt install python3-libnvinfer, and in a "
+            "venv create it with --system-site-packages)"
+        )
+    try:
+        cudart = _cudart()
+    except Exception:  # noqa: BLE001
+        return f"cuda-python is not installed ({cuda_python_spec((jetson_facts() or {}).get('l4t'))})"
+    try:
+        count = _cuda(cudart.cudaGetDeviceCount())
+    except Exception as exc:  # noqa: BLE001 - a driver or CUDA-major mismatch shows here
+        return f"cuda-python cannot reach a GPU ({exc}; its major must match CUDA's: {cuda_python_spec()})"
+    return None if count > 0 else "no CUDA device is visible"
 
 
 def _cuda(result):
@@ -500,13 +567,7 @@ class TensorRTBackend:
 
 def tensorrt_usable() -> bool:
     """TensorRT and cuda-python importable and a CUDA device visible (no torch needed)."""
-    try:
-        import tensorrt  # noqa: F401
-
-        count = _cuda(_cudart().cudaGetDeviceCount())
-    except Exception:  # noqa: BLE001 - any import or driver failure means: use ONNX Runtime
-        return False
-    return count > 0
+    return tensorrt_problem() is None
 
 
 # --precision -> the metadata.json "artifacts" key of the ONNX file that runs it
@@ -548,7 +609,7 @@ def pick_backend(choice: str, meta: dict, facts=device_facts, precision: str | N
         if not tensorrt_usable():
             sys.exit(
                 "infer.py: --backend tensorrt needs the tensorrt and cuda-python packages and a GPU — "
-                "install them (pip install cuda-python) or use --backend onnx"
+                f"{tensorrt_problem() or 'install them'}; or use --backend onnx"
             )
         check_engine(engine, facts)
         return TensorRTBackend(engine)
@@ -647,7 +708,7 @@ def _check_targets(meta: dict, choice: str, precision: str | None) -> tuple[list
         elif precision and built != precision:
             notes.append(f"model.engine: not checked (built at {built or 'an unknown precision'}, not {precision})")
         elif not tensorrt_usable():
-            what = "not checked (needs tensorrt, cuda-python and a GPU)"
+            what = f"not checked: {tensorrt_problem() or 'needs tensorrt, cuda-python and a GPU'}"
             (
                 targets.append((f"model.engine: {what}", [], None, None, True))
                 if choice == "tensorrt"
@@ -673,24 +734,76 @@ def _check_targets(meta: dict, choice: str, precision: str | None) -> tuple[list
 
 def _check_preprocessing(data, meta: dict, ref: dict) -> tuple[bool | None, str]:
     """The raw files in reference/ through this machine's PIL + numpy against the tensors made where the bundle was
-    written: another Pillow or numpy that resizes or rounds differently shows here, not as a silent accuracy loss."""
+    written: another Pillow or numpy that resizes or rounds differently shows here, not as a silent accuracy loss.
+
+    A file this Pillow DECODES to other pixels (its sha256 of the decoded pixels, ``raw_decoded_sha256``, differs:
+    JPEG decoders differ between libjpeg releases, e.g. JetPack 5's Pillow 7.0 decodes some values 1-3 levels off)
+    says nothing about the preprocessing: its figure is reported, and the verdict rests on the files decoded alike."""
     names = [str(n) for n in data["raw_files"]]
     if not names:
         return None, "preprocessing: not checked (the bundle holds no raw image files)"
     if Image is None:
         return None, "preprocessing: not checked (Pillow is not installed: pip install pillow)"
-    worst = 0.0
-    for name, row in zip(names, data["raw_index"]):
-        x = preprocess_image(read_image(HERE / name), meta["preprocessing"])
+    digests = [str(d) for d in data.get("raw_decoded_sha256", [])]
+    alike: list[float] = []
+    decoded_otherwise: dict[str, float] = {}
+    for k, (name, row) in enumerate(zip(names, data["raw_index"])):
+        image = read_image(HERE / name)
+        x = preprocess_image(image, meta["preprocessing"])
         expected = data["inputs"][int(row)]
-        worst = max(worst, float(np.abs(x - expected).max()) if x.shape == expected.shape else math.inf)
+        delta = float(np.abs(x - expected).max()) if x.shape == expected.shape else math.inf
+        if k < len(digests) and decoded_digest(image) != digests[k]:
+            decoded_otherwise[name] = delta
+        else:
+            alike.append(delta)
     bound = float(ref["preprocessing_atol"])
     import PIL
 
-    return worst <= bound, (
-        f"preprocessing: {len(names)} raw files through Pillow {PIL.__version__} + numpy "
-        f"{np.__version__}: max |Δ| {worst:.2e} (bound {bound:.0e})"
-    )
+    stack = f"Pillow {PIL.__version__} + numpy {np.__version__}"
+    other = ""
+    if decoded_otherwise:
+        worst_other = max(decoded_otherwise.values())
+        other = (
+            f"{len(decoded_otherwise)} file(s) ({', '.join(sorted(decoded_otherwise))}) decode to other pixels "
+            f"under this Pillow (its image decoder, not the preprocessing: max |Δ| {worst_other:.2e}; README.md)"
+        )
+    if not alike:
+        return None, f"preprocessing: not checked with {stack}: {other}"
+    worst = max(alike)
+    line = f"preprocessing: {len(alike)} raw files through {stack}: max |Δ| {worst:.2e} (bound {bound:.0e})"
+    return worst <= bound, line + (f"; {other}" if other else "")
+
+
+def _module_version(name: str) -> str | None:
+    """``name.__version__`` when the module imports here, else None (a broken install counts as missing)."""
+    import importlib
+
+    try:
+        return str(getattr(importlib.import_module(name), "__version__", "unknown version"))
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def environment_lines() -> list[str]:
+    """What --check ran with, and one line per thing a device can only show at run time: a Pillow older than any
+    this file was tested with, or a TensorRT that is not the one model.engine.json says built the engine."""
+    versions = {"numpy": np.__version__, "Pillow": _module_version("PIL") if Image is not None else None}
+    versions["onnxruntime"] = _module_version("onnxruntime")
+    versions["TensorRT"] = _module_version("tensorrt")
+    python = ".".join(str(v) for v in sys.version_info[:3])
+    lines = ["env   Python " + python + "".join(f", {k} {v or 'not installed'}" for k, v in versions.items())]
+    pillow = versions["Pillow"]
+    if pillow and _release(pillow) and _release(pillow) < OLDEST_PILLOW_TESTED:
+        oldest = ".".join(map(str, OLDEST_PILLOW_TESTED))
+        lines.append(f"warn  Pillow {pillow} is older than any this infer.py was tested with ({oldest}): upgrade it")
+    built = (_manifest_or_none(HERE / MANIFEST_FILE) or {}).get("tensorrt_version")
+    have = versions["TensorRT"]
+    if (HERE / "model.engine").exists() and built and have and _release(built) != _release(have):
+        lines.append(
+            f"warn  model.engine was built with TensorRT {built}, this machine has {have}: rebuild it here "
+            "with ./build_engine.sh"
+        )
+    return lines
 
 
 def check_bundle(meta: dict, choice: str = "auto", precision: str | None = None, verify: bool = True) -> int:
@@ -712,6 +825,8 @@ def check_bundle(meta: dict, choice: str = "auto", precision: str | None = None,
         f"reference set: {len(inputs)} real images ({ref.get('source', 'unknown source')}) with the unmerged "
         f"model's outputs{'' if verify else '; sha256 NOT verified (--no-verify)'}"
     )
+    for line in environment_lines():
+        print(line)
     failed, checked = [], 0
     passed, line = _check_preprocessing(data, meta, ref)
     print(f"{'skip' if passed is None else 'PASS' if passed else 'FAIL'}  {line}")
