@@ -90,6 +90,7 @@ FORMAT_VERSION = 1
 ONNX_FILE, FP16_FILE, ENGINE_FILE = "model.onnx", "model_fp16.onnx", "model.engine"
 INT8_FILE = "model_int8.onnx"
 INFER_FILE, BUILD_SCRIPT_FILE = "infer.py", "build_engine.sh"
+BENCH_FILE = "device_bench.py"
 METADATA_FILE, PARITY_FILE, READINESS_FILE = "metadata.json", "parity.json", "trt_readiness.json"
 # Odd batch sizes catch batch-mixing reshapes and padding bugs that even sizes can hide.
 PARITY_BATCHES = (1, 3, 7)
@@ -470,6 +471,7 @@ def _assemble(
     if opt.precision != "fp16":
         notes.append(f"FP16 checks are advisory for an {opt.precision} bundle: reported, not required")
     _write_text(work / INFER_FILE, _template("infer.py"))  # before INT8: calibration runs its preprocessing
+    _write_text(work / BENCH_FILE, _template(BENCH_FILE))  # infer.py --bench: times every artifact on the device
     int8_graph, calibration = None, None
     if opt.precision == "int8":
         int8_graph, calibration = _int8_step(work, onnx_path, opt, scratch, timings, say)
@@ -552,7 +554,14 @@ def _assemble(
     deepstream = _write_deepstream(work, opt, warnings)
     # The engine is device-specific and is rebuilt on the device: it is tied to the bundle by model.engine.json (sha256
     # of the engine and of its source ONNX), not by metadata.json, so a rebuild with build_engine.sh keeps it valid.
-    shipped = (ONNX_FILE, FP16_FILE, *((INT8_FILE,) if int8_graph is not None else ()), INFER_FILE, BUILD_SCRIPT_FILE)
+    shipped = (
+        ONNX_FILE,
+        FP16_FILE,
+        *((INT8_FILE,) if int8_graph is not None else ()),
+        INFER_FILE,
+        BENCH_FILE,
+        BUILD_SCRIPT_FILE,
+    )
     sha = {name: sha256_file(work / name) for name in shipped}
     report = BundleReport(
         work,
