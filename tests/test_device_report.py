@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 from conftest import make_tiny
+from test_build_engine import STAND_IN, VERSIONS
 from test_handoff import flip_a_weight_byte, one_line, run_infer
 from test_int8 import _labelled, _request, _write
 from typer.testing import CliRunner
@@ -18,6 +22,7 @@ from typer.testing import CliRunner
 from peftx.cli.app import app
 from peftx.exports import device_report
 from peftx.exports.bundle import read_bundle
+from peftx.fsutil import sha256_file
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "exports" / "templates" / "device_bench.py"
 BENCH = ("--bench", "--duration", "0.5", "--batch", "1,4")
@@ -215,3 +220,79 @@ def test_bench_times_engines_through_tensorrt(bundle_dir):
     if not infer.tensorrt_usable():
         pytest.skip("TensorRT needs cuda-python and a GPU")
     pytest.skip("needs an engine built by build_engine.sh on this machine (trtexec)")
+
+
+# --- build_engine.sh all, against the stand-in trtexec of test_build_engine.py ----------------------------------
+
+SLOW_STAND_IN = """#!/usr/bin/env bash
+# the stand-in, slowed down (a build that takes a while) and logging every call
+sleep "${STUB_SLEEP:-0}"
+printf '%s ' "$@" >> "$STUB_ALL"; echo >> "$STUB_ALL"
+exec "$(dirname "$0")/trtexec-stand-in" "$@"
+"""
+
+
+def _build_all(bundle: Path, bin_dir: Path, tmp: Path, **env: str) -> subprocess.CompletedProcess:
+    code, build, _ = VERSIONS["10.3"]
+    full = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "STUB_CODE": code,
+        "STUB_BUILD": build,
+        "STUB_ARGS": str(tmp / "args.txt"),
+        "STUB_ALL": str(tmp / "all.txt"),
+        "NV_TEGRA_RELEASE": str(tmp / "no-such-file"),
+        **env,
+    }
+    return subprocess.run(
+        ["bash", str(bundle / "build_engine.sh"), "all"], env=full, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("sha256sum") is None, reason="needs bash, coreutils")
+def test_build_engine_all_builds_every_precision_with_one_timing_cache(bundle_dir, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "trtexec-stand-in").write_text(STAND_IN)
+    (bin_dir / "trtexec").write_text(SLOW_STAND_IN)
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    work = Path(shutil.copytree(bundle_dir, tmp_path / "b"))
+    done = _build_all(work, bin_dir, tmp_path, STUB_SLEEP="1.5", BUILD_PROGRESS_S="0.5")
+    assert done.returncode == 0, done.stderr
+    err = done.stderr.splitlines()
+    assert err[0].startswith("+ building 3 engines (fp32 fp16 int8) with one timing cache: no estimate yet")
+    assert [line.split(" (")[0] for line in err if line.startswith("+ [") and "->" in line] == [
+        "+ [1/3] fp32 -> model_fp32.engine",
+        "+ [2/3] fp16 -> model_fp16.engine",
+        "+ [3/3] int8 -> model_int8.engine",
+    ]
+    assert "s left)" in next(line for line in err if line.startswith("+ [2/3] fp16 ->"))  # estimate after one
+    assert any(line.startswith("+ [1/3] fp32 still building:") for line in err)  # progress while trtexec works
+    builds = [line.split() for line in (tmp_path / "all.txt").read_text().splitlines() if "--help" not in line]
+    assert [b[0] for b in builds] == ["--onnx=model.onnx", "--onnx=model.onnx", "--onnx=model_int8.onnx"]
+    assert all("--timingCacheFile=timing.cache" in b for b in builds)  # ONE cache, reused by every build
+    for precision in ("fp32", "fp16", "int8"):
+        engine = work / f"model_{precision}.engine"
+        manifest = json.loads((work / f"model_{precision}.engine.json").read_text())
+        assert manifest["engine"] == engine.name and manifest["precision"] == precision
+        assert manifest["engine_sha256"] == sha256_file(engine)
+    assert not (work / "model.engine").exists()
+    again = _build_all(work, bin_dir, tmp_path)
+    assert again.returncode == 0 and re.match(
+        r"\+ building 3 engines \(fp32 fp16 int8\) with one timing cache: about 0 min [0-9]+ s \(this device's last",
+        again.stderr.splitlines()[0],
+    )
+    # infer.py --bench finds every engine with its manifest; without TensorRT here they are skipped, and say so
+    bench = run_infer(work, "--bench", "--duration", "0.1", "--batch", "1", "--backend", "tensorrt")
+    assert bench.returncode == 0, bench.stderr
+    report = json.loads((work / "device_report.json").read_text(encoding="utf-8"))
+    assert [(a["precision"], a["file"]) for a in report["artifacts"]] == [
+        ("fp32", "model_fp32.engine"),
+        ("fp16", "model_fp16.engine"),
+        ("int8", "model_int8.engine"),
+    ]
+    assert all(a["skipped"] == "needs tensorrt, cuda-python and a GPU" for a in report["artifacts"])
+    failed = _build_all(Path(shutil.copytree(bundle_dir, tmp_path / "c")), bin_dir, tmp_path, STUB_FAIL="1")
+    assert failed.returncode == 2
+    assert failed.stderr.strip().splitlines()[-1].startswith("build_engine.sh: stopped at fp32 (built before it: none)")

@@ -90,6 +90,8 @@ def report(
             f"recommended (*): {rec['precision']} ({rec['runtime']}, {rec['file']}): {rec['median_ms']:.2f} ms "
             f"median compute at batch {rec['batch']}, the fastest artifact that passed its check on the device"
         )
+        if rec.get("within_spread"):
+            console.print(f"  not a clear win: its p10-p90 spread overlaps {', '.join(rec['within_spread'])}")
     else:
         console.print(f"recommended: none — {result.no_recommendation or 'the report holds no recommendation'}")
     console.print("host accuracy: the bundle's accuracy set; device accuracy: its labelled reference images")

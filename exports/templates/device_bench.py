@@ -230,6 +230,10 @@ def engine_manifest_path(engine: Path) -> Path:
     return engine.with_name(engine.name + ".json")
 
 
+def _engine_precision(infer: Any, engine: Path) -> Optional[str]:
+    return (infer._manifest_or_none(engine_manifest_path(engine)) or {}).get("precision")
+
+
 def find_artifacts(infer: Any, meta: dict, backend: str, precision: Optional[str]) -> List[Artifact]:
     """Every ONNX file metadata.json lists (ONNX Runtime) and every engine with a manifest (TensorRT)."""
     found: List[Artifact] = []
@@ -254,7 +258,9 @@ def find_artifacts(infer: Any, meta: dict, backend: str, precision: Optional[str
             found.append(art)
     if backend in ("auto", "tensorrt"):
         usable = None
-        for engine in sorted(HERE.glob("*.engine")):
+        order = {p: i for i, p in enumerate(infer.PRECISION_ARTIFACTS)}
+        engines = sorted(HERE.glob("*.engine"), key=lambda e: (order.get(_engine_precision(infer, e), 9), e.name))
+        for engine in engines:
             manifest = infer._manifest_or_none(engine_manifest_path(engine)) or {}
             built = manifest.get("precision") or "unknown precision"
             if precision and built != precision:
@@ -525,6 +531,11 @@ def recommend(rows: List[Dict[str, Any]], batches: List[int]) -> Optional[Dict[s
             f"{r['precision']} {r['runtime']} {r['timings'][key]['compute']['median_ms'] / figure:.2f}x slower"
             for r in timed[1:]
         ]
+        close = [
+            r["name"]
+            for r in timed[1:]
+            if r["timings"][key]["compute"]["p10_ms"] <= best["timings"][key]["compute"]["p90_ms"]
+        ]
         return {
             "artifact": best["name"],
             "precision": best["precision"],
@@ -534,6 +545,8 @@ def recommend(rows: List[Dict[str, Any]], batches: List[int]) -> Optional[Dict[s
             "metric": "median compute time (ms) at the largest batch timed, among artifacts whose check passed",
             "median_ms": figure,
             "versus": others,
+            # a runner-up whose p10 lies below the winner's p90: the two are not told apart by this run
+            "within_spread": close,
         }
     return None
 
@@ -576,6 +589,11 @@ def table(report: Dict[str, Any]) -> str:
             f"recommended: {rec['precision']} ({rec['runtime']}, {rec['file']}) — fastest artifact that passes its "
             f"check: {rec['median_ms']:.2f} ms median compute at batch {rec['batch']}{versus}"
         )
+        if rec.get("within_spread"):
+            out.append(
+                f"  not a clear win: the p10-p90 spread overlaps {', '.join(rec['within_spread'])} — a longer "
+                "--duration, or a quieter machine (Jetson: sudo jetson_clocks), tells them apart"
+            )
     else:
         out.append(f"recommended: none — {report.get('no_recommendation')}")
     out.append("times: median (p10-p90) ms per batch; compute = the model alone, end-to-end = decode + preprocess + run")
