@@ -27,6 +27,7 @@ is model.engine, which build_engine.sh rebuilds on the device (model.engine.json
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import glob
 import json
@@ -63,6 +64,7 @@ from peftx.tolerances import (
 )
 
 from . import int8 as int8_mod
+from . import int8_fp16
 from .accuracy import AccuracyReport, AccuracySet, Candidate, load_infer_module, measure_accuracy, result_for
 from .deepstream import LABELS_FILE, NVINFER_CONFIG, labels_text, render_config
 from .fp16 import convert_to_fp16, strict_fp16_emulation
@@ -746,8 +748,22 @@ def _int8_step(
     graph = int8_mod.quantize(
         onnx_path, work / INT8_FILE, calibration.inputs, method=request.method, cache=_int8_cache(scratch)
     )
+    if int8_fp16.strongly_typed(opt.target):  # TensorRT 11 builds the ONNX types: the float parts FP16 (int8_fp16.py)
+        say(f"{opt.target.name} builds strongly typed: the INT8 graph's float parts in FP16")
+        graph = dataclasses.replace(graph, opset=_half_int8_floats(work / INT8_FILE, onnx_path, opt, calibration))
     timings["int8_calibration_s"] = time.perf_counter() - started
     return graph, calibration
+
+
+def _half_int8_floats(path: Path, onnx_path: Path, opt: _Options, calibration: int8_mod.Calibration) -> int:
+    """int8_fp16.half_float_parts with model_fp16.onnx's rules (its FP32 nodes, its calibration size); the opset."""
+    info = int8_fp16.half_float_parts(
+        path,
+        opt.target,
+        calibration=calibration.inputs[:FP16_CALIBRATION_IMAGES],
+        keep_fp32_nodes=_target_fp32_nodes(onnx_path, opt),
+    )
+    return int(info["opset"])
 
 
 def _int8_cache(scratch: Path) -> Path:
@@ -778,6 +794,7 @@ def _int8_gate(
         "calibration": calibration.to_json(),
         "tolerance": asdict(ACCURACY_INT8),
         "gate": {"accuracy": first.accuracy, "drop": first.drop, "passed": first.passed},
+        "float_parts": int8_fp16.float_parts(work / INT8_FILE),  # "fp16" for strongly typed targets (int8_fp16.py)
         "fallback": {"ran": False},
     }
     if first.passed or not opt.int8 or not opt.int8.fallback:
@@ -797,6 +814,8 @@ def _int8_gate(
     started = time.perf_counter()
 
     def gate(path: Path) -> tuple[float, bool]:
+        if int8_fp16.strongly_typed(opt.target):  # each trial is gated (and shipped) as the device will build it
+            _half_int8_floats(path, onnx_path, opt, calibration)
         verdict = result(path)
         return verdict.accuracy, verdict.passed
 

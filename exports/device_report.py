@@ -77,7 +77,7 @@ def same_bundle(report: dict[str, Any], meta: dict[str, Any]) -> list[str]:
     if not theirs:
         return ["it records no sha256 values"]
     problems = []
-    for name in sorted(set(theirs) | set(ours)):
+    for name in sorted(set(theirs) | set(ours), key=lambda n: (not n.endswith(".onnx"), n)):  # models first
         if name not in theirs:
             problems.append(f"it lacks {name}")
         elif name not in ours:
