@@ -93,6 +93,6 @@ def half_float_parts(
 
 
 def float_parts(path: str | Path) -> str:
-    """"fp16" when ``half_float_parts`` converted the graph at ``path``, else "fp32"."""
+    """ "fp16" when ``half_float_parts`` converted the graph at ``path``, else "fp32"."""
     model = onnx.load(str(path), load_external_data=False)
     return next((p.value for p in model.metadata_props if p.key == FLOAT_PARTS_PROP), "fp32")

@@ -43,7 +43,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable
 
 import numpy as np
 
@@ -55,6 +55,7 @@ DEFAULT_DURATION_S = 3.0  # trtexec --duration's default
 DEFAULT_WARMUP_S = 0.2  # trtexec --warmUp's default (200 ms)
 ROUNDS = 5  # each artifact's duration is split over this many interleaved rounds
 MIN_WARMUP_RUNS = 2  # the first runs of a fresh session allocate and pick kernels: never timed
+MIN_ITERATIONS = 10  # timed runs per artifact and figure at least, whatever the duration (trtexec --iterations)
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8", "asimd", "asimddp", "i8mm")
 GPU_DEVFREQ_NAMES = ("gpu", "gv11b", "ga10b", "gp10b", "gb10b")  # /sys/class/devfreq entries of Jetson GPUs
 
@@ -62,7 +63,7 @@ GPU_DEVFREQ_NAMES = ("gpu", "gv11b", "ga10b", "gp10b", "gb10b")  # /sys/class/de
 # --- what decides the figures ------------------------------------------------------------------------------------
 
 
-def _run(cmd: List[str], timeout: float = 10.0) -> Dict[str, Any]:
+def _run(cmd: list[str], timeout: float = 10.0) -> dict[str, Any]:
     """A device tool's output, or why there is none (not installed, needs root, failed)."""
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -76,7 +77,7 @@ def _run(cmd: List[str], timeout: float = 10.0) -> Dict[str, Any]:
     return {"available": True, "output": text, "error": None}
 
 
-def cpu_facts(root: Path = Path("/")) -> Dict[str, Any]:
+def cpu_facts(root: Path = Path("/")) -> dict[str, Any]:
     """CPU model, core count and the instruction-set flags that decide ONNX Runtime's CPU kernels."""
     model, flags = None, set()
     try:
@@ -99,12 +100,12 @@ def cpu_facts(root: Path = Path("/")) -> Dict[str, Any]:
     }
 
 
-def gpu_frequency(root: Path = Path("/")) -> Dict[str, Any]:
+def gpu_frequency(root: Path = Path("/")) -> dict[str, Any]:
     """The GPU clock from Jetson's devfreq sysfs (Hz), from nvidia-smi elsewhere (MHz), or 'unknown'."""
     for entry in sorted(glob.glob(str(root / "sys/class/devfreq/*"))):
         if not any(name in Path(entry).name.lower() for name in GPU_DEVFREQ_NAMES):
             continue
-        values: Dict[str, Any] = {"source": entry}
+        values: dict[str, Any] = {"source": entry}
         for field in ("cur_freq", "min_freq", "max_freq", "governor"):
             try:
                 raw = Path(entry, field).read_text(encoding="utf-8").strip()
@@ -122,7 +123,7 @@ def gpu_frequency(root: Path = Path("/")) -> Dict[str, Any]:
     return {"source": "unknown", "cur_freq": "unknown"}
 
 
-def jetson_state(infer: Any, root: Path = Path("/")) -> Optional[Dict[str, Any]]:
+def jetson_state(infer: Any, root: Path = Path("/")) -> dict[str, Any] | None:
     """On a Jetson: model and L4T, the power mode (nvpmodel -q) and jetson_clocks --show; None elsewhere."""
     facts = infer.jetson_facts(root)
     if facts is None:
@@ -141,9 +142,9 @@ def jetson_state(infer: Any, root: Path = Path("/")) -> Optional[Dict[str, Any]]
     }
 
 
-def device_info(infer: Any, root: Path = Path("/")) -> Dict[str, Any]:
+def device_info(infer: Any, root: Path = Path("/")) -> dict[str, Any]:
     """Everything that decides the figures: runtimes and their versions, CPU, GPU, Jetson power and clocks."""
-    facts: Dict[str, Any] = {
+    facts: dict[str, Any] = {
         "hostname": platform.node(),
         "os": platform.platform(),
         "python": platform.python_version(),
@@ -162,7 +163,7 @@ def device_info(infer: Any, root: Path = Path("/")) -> Dict[str, Any]:
         facts["onnxruntime"] = {"version": ort.__version__, "providers": list(ort.get_available_providers())}
     except ImportError:
         facts["onnxruntime"] = None
-    gpu: Dict[str, Any] = {"name": "unknown", "compute_capability": "unknown"}
+    gpu: dict[str, Any] = {"name": "unknown", "compute_capability": "unknown"}
     facts["tensorrt"] = None
     if infer.tensorrt_usable():
         here = infer.device_facts()
@@ -182,7 +183,7 @@ def device_info(infer: Any, root: Path = Path("/")) -> Dict[str, Any]:
 # --- the bundle as it is here -------------------------------------------------------------------------------------
 
 
-def bundle_digests(infer: Any, meta: dict) -> Dict[str, Any]:
+def bundle_digests(infer: Any, meta: dict) -> dict[str, Any]:
     """The sha256 metadata.json recorded and the sha256 of each of those files as read on this device."""
     recorded = dict(meta.get("sha256") or {})
     here, missing, modified = {}, [], []
@@ -212,9 +213,9 @@ class Artifact:
         self.name, self.runtime, self.precision, self.file = name, runtime, precision, file
         self.tol_key, self.required, self.make = tol_key, required, make
         self.backend: Any = None
-        self.skipped: Optional[str] = None  # why it cannot run here
-        self.manifest: Optional[dict] = None
-        self.provider: Optional[str] = None
+        self.skipped: str | None = None  # why it cannot run here
+        self.manifest: dict | None = None
+        self.provider: str | None = None
 
     def load(self) -> Any:
         if self.backend is None:
@@ -230,13 +231,13 @@ def engine_manifest_path(engine: Path) -> Path:
     return engine.with_name(engine.name + ".json")
 
 
-def _engine_precision(infer: Any, engine: Path) -> Optional[str]:
+def _engine_precision(infer: Any, engine: Path) -> str | None:
     return (infer._manifest_or_none(engine_manifest_path(engine)) or {}).get("precision")
 
 
-def find_artifacts(infer: Any, meta: dict, backend: str, precision: Optional[str]) -> List[Artifact]:
+def find_artifacts(infer: Any, meta: dict, backend: str, precision: str | None) -> list[Artifact]:
     """Every ONNX file metadata.json lists (ONNX Runtime) and every engine with a manifest (TensorRT)."""
-    found: List[Artifact] = []
+    found: list[Artifact] = []
     if backend in ("auto", "onnx"):
         have_ort = importlib.util.find_spec("onnxruntime") is not None
         for prec, key in infer.PRECISION_ARTIFACTS.items():
@@ -295,7 +296,7 @@ def find_artifacts(infer: Any, meta: dict, backend: str, precision: Optional[str
 # --- the check, per artifact, as figures ------------------------------------------------------------------------
 
 
-def _figures(expected: np.ndarray, actual: np.ndarray, tol: dict) -> Dict[str, Any]:
+def _figures(expected: np.ndarray, actual: np.ndarray, tol: dict) -> dict[str, Any]:
     """The numbers behind infer.compare_outputs' verdict (same formulas), for the JSON."""
     ref, out = expected.astype(np.float64), actual.astype(np.float64)
     norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
@@ -310,7 +311,7 @@ def _figures(expected: np.ndarray, actual: np.ndarray, tol: dict) -> Dict[str, A
     }
 
 
-def check_artifact(infer: Any, art: Artifact, meta: dict, data: dict, verify: bool) -> Dict[str, Any]:
+def check_artifact(infer: Any, art: Artifact, meta: dict, data: dict, verify: bool) -> dict[str, Any]:
     """PASS / FAIL of one artifact on the reference set with the tolerance metadata.json recorded (infer.py --check's
     test), with its figures; 'skip' when it cannot run here."""
     if art.skipped:
@@ -323,7 +324,7 @@ def check_artifact(infer: Any, art: Artifact, meta: dict, data: dict, verify: bo
     tol = ((meta.get("reference_set") or {}).get("tolerances") or {}).get(art.tol_key)
     if tol is None:
         problems.append(f"metadata.json records no tolerance for {art.tol_key}")
-    result: Dict[str, Any] = {"required": art.required, "problems": problems}
+    result: dict[str, Any] = {"required": art.required, "problems": problems}
     if not problems:
         inputs, expected, labels = data["inputs"], data["reference_logits"], data["labels"]
         chunk = int((meta.get("batch") or {}).get("max") or len(inputs))
@@ -345,7 +346,7 @@ def check_artifact(infer: Any, art: Artifact, meta: dict, data: dict, verify: bo
 # --- timing ------------------------------------------------------------------------------------------------------
 
 
-def stats(seconds: List[float], batch: int) -> Dict[str, Any]:
+def stats(seconds: list[float], batch: int) -> dict[str, Any]:
     """trtexec-style summary of per-iteration latencies (ms) plus the spread and throughput (images/s)."""
     ms = np.asarray(seconds, dtype=np.float64) * 1000.0
     p = {q: float(np.percentile(ms, q)) for q in (10, 25, 50, 75, 90, 99)}
@@ -365,36 +366,45 @@ def stats(seconds: List[float], batch: int) -> Dict[str, Any]:
 
 
 def measure(
-    units: List[tuple],
+    units: list[tuple],
     duration: float,
     warmup: float,
     rounds: int = ROUNDS,
     clock: Callable[[], float] = time.perf_counter,
-) -> Dict[Any, List[float]]:
+    say: Callable[[str], None] | None = None,
+) -> dict[Any, list[float]]:
     """Per-iteration seconds of each (key, run) in ``units``: all warmed up first (``warmup`` seconds and at least
-    MIN_WARMUP_RUNS runs each), then ``rounds`` interleaved rounds of ``duration / rounds`` seconds per unit, each
-    round starting one unit later than the last (round-robin), so drift spreads over every unit."""
+    MIN_WARMUP_RUNS runs each), then ``rounds`` interleaved rounds of ``duration / rounds`` seconds per unit (and
+    at least MIN_ITERATIONS runs per unit in all), each round starting one unit later than the last (round-robin),
+    so drift spreads over every unit."""
+    rounds = max(1, rounds)
+    per_slice = -(-MIN_ITERATIONS // rounds)  # ceil: MIN_ITERATIONS over the rounds
+    slice_s = duration / rounds
+    expected = 0.0
     for _, run in units:
         start, runs = clock(), 0
         while runs < MIN_WARMUP_RUNS or clock() - start < warmup:
             run()
             runs += 1
-    samples: Dict[Any, List[float]] = {key: [] for key, _ in units}
-    slice_s = duration / max(1, rounds)
-    for r in range(max(1, rounds)):
+        expected += max(duration, per_slice * rounds * (clock() - start) / runs)
+    if say is not None:
+        say(f"  warmed up; timing takes about {expected:.0f} s")
+    samples: dict[Any, list[float]] = {key: [] for key, _ in units}
+    for r in range(rounds):
         k = r % len(units)
         for key, run in units[k:] + units[:k]:
             gc.collect()
             was_enabled = gc.isenabled()
             gc.disable()  # a collection inside one artifact's slice would be charged to it alone
             try:
-                start = clock()
+                start, runs = clock(), 0
                 while True:
                     t0 = clock()
                     run()
                     t1 = clock()
                     samples[key].append(t1 - t0)
-                    if t1 - start >= slice_s:
+                    runs += 1
+                    if t1 - start >= slice_s and runs >= per_slice:
                         break
             finally:
                 if was_enabled:
@@ -452,7 +462,7 @@ class _TensorRTCompute:
         self.cudart.cudaFree(self.d_out)
 
 
-def end_to_end_runner(infer: Any, art: Artifact, files: List[Path], cfg: dict) -> Callable[[], Any]:
+def end_to_end_runner(infer: Any, art: Artifact, files: list[Path], cfg: dict) -> Callable[[], Any]:
     """What an application pays: decode each raw file, infer.py's preprocessing, batch, the shipped backend's call
     (its own copies), top-1. Nothing is decoded ahead of time."""
     backend = art.load()
@@ -465,8 +475,8 @@ def end_to_end_runner(infer: Any, art: Artifact, files: List[Path], cfg: dict) -
 
 
 def bench(
-    infer: Any, meta: dict, artifacts: List[Artifact], data: dict, batches: List[int], duration: float, say
-) -> Dict[str, Any]:
+    infer: Any, meta: dict, artifacts: list[Artifact], data: dict, batches: list[int], duration: float, say
+) -> dict[str, Any]:
     """Timings per artifact and batch (``{artifact name: {batch: {compute|end_to_end: stats or skip}}}``)."""
     ref = meta.get("reference_set") or {}
     raw = [HERE / str(n) for n in ref.get("raw_files") or []]
@@ -475,7 +485,7 @@ def bench(
         e2e_skip = "the bundle holds no raw reference images"
     elif infer.Image is None:
         e2e_skip = "Pillow is not installed (pip install pillow)"
-    results: Dict[str, Dict[str, Any]] = {a.name: {} for a in artifacts}
+    results: dict[str, dict[str, Any]] = {a.name: {} for a in artifacts}
     runnable = [a for a in artifacts if not a.skipped]
     for batch in batches:
         x = _cycled(np.asarray(data["inputs"], dtype=np.float32), batch)
@@ -494,10 +504,10 @@ def bench(
         if not units:
             continue
         say(
-            f"timing batch {batch}: {len(units)} artifact x figure pairs, {DEFAULT_WARMUP_S:g} s warm-up and "
-            f"{duration:g} s each in {ROUNDS} interleaved rounds (about {len(units) * (duration + 0.3):.0f} s)"
+            f"timing batch {batch}: {len(units)} artifact x figure pairs, {DEFAULT_WARMUP_S:g} s warm-up each, then "
+            f"{duration:g} s (at least {MIN_ITERATIONS} runs) each in {ROUNDS} interleaved rounds"
         )
-        samples = measure(units, duration, DEFAULT_WARMUP_S)
+        samples = measure(units, duration, DEFAULT_WARMUP_S, say=say)
         for (name, figure), seconds in samples.items():
             entry = results[name].setdefault(str(batch), {})
             entry[figure] = stats(seconds, batch)
@@ -512,7 +522,7 @@ def bench(
 # --- the recommendation and the table ----------------------------------------------------------------------------
 
 
-def recommend(rows: List[Dict[str, Any]], batches: List[int]) -> Optional[Dict[str, Any]]:
+def recommend(rows: list[dict[str, Any]], batches: list[int]) -> dict[str, Any] | None:
     """The fastest artifact (median compute time per image at the largest batch timed) whose check PASSed; None
     when no artifact was checked and passed."""
     for batch in sorted(batches, reverse=True):
@@ -551,14 +561,14 @@ def recommend(rows: List[Dict[str, Any]], batches: List[int]) -> Optional[Dict[s
     return None
 
 
-def _cell(entry: Optional[Dict[str, Any]], figure: str) -> str:
+def _cell(entry: dict[str, Any] | None, figure: str) -> str:
     value = (entry or {}).get(figure) or {}
     if "median_ms" not in value:
         return "-"
     return f"{value['median_ms']:.2f} ({value['p10_ms']:.2f}-{value['p90_ms']:.2f})"
 
 
-def table(report: Dict[str, Any]) -> str:
+def table(report: dict[str, Any]) -> str:
     """The one table: artifact, verdict, accuracy, per batch compute and end-to-end median (p10-p90) ms and
     compute throughput; then the recommendation."""
     batches = report["bench"]["batches"]
@@ -596,14 +606,16 @@ def table(report: Dict[str, Any]) -> str:
             )
     else:
         out.append(f"recommended: none — {report.get('no_recommendation')}")
-    out.append("times: median (p10-p90) ms per batch; compute = the model alone, end-to-end = decode + preprocess + run")
+    out.append(
+        "times: median (p10-p90) ms per batch; compute = the model alone, end-to-end = decode + preprocess + run"
+    )
     return "\n".join(out)
 
 
 # --- entry point -------------------------------------------------------------------------------------------------
 
 
-def parse_batches(text: Optional[str], meta: dict) -> List[int]:
+def parse_batches(text: str | None, meta: dict) -> list[int]:
     """'1,8' -> [1, 8]; default: 1 and the bundle's opt batch. Raises ValueError with the reason."""
     if text is None:
         opt = int((meta.get("batch") or {}).get("opt") or 1)
@@ -617,7 +629,7 @@ def parse_batches(text: Optional[str], meta: dict) -> List[int]:
     return sorted(set(values))
 
 
-def write_report(report: Dict[str, Any], path: Path) -> None:
+def write_report(report: dict[str, Any], path: Path) -> None:
     """device_report.json, written whole or not at all."""
     partial = path.with_name(f".{path.name}.partial")
     partial.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -654,7 +666,7 @@ def run(infer: Any, meta: dict, args: Any) -> int:
     say(f"reading the device: {len(artifacts)} artifact(s) found")
     rows = []
     for art in artifacts:
-        row: Dict[str, Any] = {
+        row: dict[str, Any] = {
             "name": art.name,
             "runtime": art.runtime,
             "precision": art.precision,
@@ -673,7 +685,7 @@ def run(infer: Any, meta: dict, args: Any) -> int:
         row["provider"] = art.provider
         if art.provider:
             row["name"] = art.name = art.name.replace("(onnxruntime)", f"(onnxruntime {art.provider})")
-    report: Dict[str, Any] = {
+    report: dict[str, Any] = {
         "format": REPORT_FORMAT,
         "format_version": REPORT_VERSION,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
@@ -684,6 +696,7 @@ def run(infer: Any, meta: dict, args: Any) -> int:
             "duration_s": duration,
             "warmup_s": DEFAULT_WARMUP_S,
             "min_warmup_runs": MIN_WARMUP_RUNS,
+            "min_iterations": MIN_ITERATIONS,
             "rounds": ROUNDS,
             "order": "all pairs warmed up, then interleaved round-robin rounds (each starts one pair later)",
             "inputs": f"the reference set's {len(data['inputs'])} real images, cycled to the batch (compute); "
