@@ -111,6 +111,7 @@ def test_bundle_has_every_file_and_hashes_match(built):
         "parity.json",
         "trt_readiness.json",
         "infer.py",
+        "device_bench.py",
         "build_engine.sh",
         "reference_set.npz",
     }
@@ -119,7 +120,14 @@ def test_bundle_has_every_file_and_hashes_match(built):
     meta = read_bundle(out)
     assert meta["status"] == "ok" and report.status == "ok"
     # no labelled images here: the reference set is the parity images, with no raw files
-    assert set(meta["sha256"]) == {"model.onnx", "model_fp16.onnx", "infer.py", "build_engine.sh", "reference_set.npz"}
+    assert set(meta["sha256"]) == {
+        "model.onnx",
+        "model_fp16.onnx",
+        "infer.py",
+        "device_bench.py",
+        "build_engine.sh",
+        "reference_set.npz",
+    }
     for name, digest in meta["sha256"].items():
         assert bundle_module.sha256_file(out / name) == digest
     assert steps[0].startswith("exporting ONNX for trt8.6") and steps[-1].startswith("bundle written")
