@@ -325,7 +325,7 @@ def check_artifact(infer: Any, art: Artifact, meta: dict, data: dict, verify: bo
     if tol is None:
         problems.append(f"metadata.json records no tolerance for {art.tol_key}")
     result: dict[str, Any] = {"required": art.required, "problems": problems}
-    if not problems:
+    if not problems and tol is not None:  # (no tolerance is a problem above)
         inputs, expected, labels = data["inputs"], data["reference_logits"], data["labels"]
         chunk = int((meta.get("batch") or {}).get("max") or len(inputs))
         backend = art.load()
@@ -648,7 +648,7 @@ def run(infer: Any, meta: dict, args: Any) -> int:
     if not duration > 0:
         infer.fail(f"--duration {args.duration}: must be a positive number of seconds", infer.EXIT_INPUT)
     verify = not args.no_verify
-    ref = meta.get("reference_set")
+    ref: dict[str, Any] = meta.get("reference_set") or {}
     if not ref:
         infer.fail("this bundle has no reference set (written by an older peftx) — re-export it with a newer peftx")
     for name in [ref["file"], *ref.get("raw_files", [])]:

@@ -768,6 +768,8 @@ def load_device_bench(meta: dict, verify: bool = True):
     if problem:
         fail(f"device_bench.py is {problem} — copy it again from the original bundle")
     spec = importlib.util.spec_from_file_location("device_bench", HERE / "device_bench.py")
+    if spec is None or spec.loader is None:
+        fail("device_bench.py cannot be imported — copy it again from the original bundle")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
