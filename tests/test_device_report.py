@@ -92,7 +92,8 @@ def test_bench_times_every_onnx_artifact_for_real(benched, bundle_dir):
     lines = done.stdout.splitlines()
     assert any(line.startswith("check passed") for line in lines)  # --check ran as it does alone
     assert any(line.startswith(f"recommended: {rec['precision']} (onnxruntime") for line in lines)
-    assert sum(1 for line in lines if "(onnxruntime CPUExecutionProvider)" in line) == 3
+    rows = [line for line in lines if line.startswith(("fp32 ", "fp16 ", "int8 "))]  # the table's rows
+    assert len(rows) == 3 and all("(onnxruntime CPUExecutionProvider)  PASS" in row for row in rows)
 
 
 def test_rounds_are_interleaved_round_robin():

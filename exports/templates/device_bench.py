@@ -435,31 +435,35 @@ def compute_runner(infer: Any, art: Artifact, x: np.ndarray) -> Callable[[], Any
 
 
 class _TensorRTCompute:
-    """execute_async_v3 + stream sync on device buffers filled once: trtexec's GPU compute time."""
+    """execute_async_v3 + stream sync on device buffers filled once: trtexec's GPU compute time. Its own execution
+    context and stream: the end-to-end runner's calls (infer.py's backend, which re-points its context at fresh
+    buffers every call) cannot touch this one's shapes or addresses."""
 
     def __init__(self, infer: Any, backend: Any, x: np.ndarray):
         trt, cudart, engine = backend.trt, backend.cudart, backend.engine
-        self.backend, self.cudart = backend, cudart
+        self.cudart, self.cuda = cudart, infer._cuda
+        self.context = engine.create_execution_context()
+        self.stream = self.cuda(cudart.cudaStreamCreate())
         x = np.ascontiguousarray(x, dtype=trt.nptype(engine.get_tensor_dtype(backend.input_name)))
-        backend.context.set_input_shape(backend.input_name, tuple(x.shape))
-        shape = tuple(backend.context.get_tensor_shape(backend.output_name))
+        self.context.set_input_shape(backend.input_name, tuple(x.shape))
+        shape = tuple(self.context.get_tensor_shape(backend.output_name))
         out_bytes = int(np.prod(shape)) * np.dtype(trt.nptype(engine.get_tensor_dtype(backend.output_name))).itemsize
-        cuda = infer._cuda
-        self.d_in, self.d_out = cuda(cudart.cudaMalloc(x.nbytes)), cuda(cudart.cudaMalloc(out_bytes))
+        self.d_in, self.d_out = self.cuda(cudart.cudaMalloc(x.nbytes)), self.cuda(cudart.cudaMalloc(out_bytes))
         kind = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        cuda(cudart.cudaMemcpy(self.d_in, x.ctypes.data, x.nbytes, kind))
-        backend.context.set_tensor_address(backend.input_name, int(self.d_in))
-        backend.context.set_tensor_address(backend.output_name, int(self.d_out))
-        self.cuda = cuda
+        self.cuda(cudart.cudaMemcpy(self.d_in, x.ctypes.data, x.nbytes, kind))
+        self.context.set_tensor_address(backend.input_name, int(self.d_in))
+        self.context.set_tensor_address(backend.output_name, int(self.d_out))
 
     def __call__(self) -> None:
-        if not self.backend.context.execute_async_v3(self.backend.stream):
+        if not self.context.execute_async_v3(self.stream):
             raise RuntimeError("TensorRT execution failed")
-        self.cuda(self.cudart.cudaStreamSynchronize(self.backend.stream))
+        self.cuda(self.cudart.cudaStreamSynchronize(self.stream))
 
     def close(self) -> None:
         self.cudart.cudaFree(self.d_in)
         self.cudart.cudaFree(self.d_out)
+        self.cudart.cudaStreamDestroy(self.stream)
+        self.context = None
 
 
 def end_to_end_runner(infer: Any, art: Artifact, files: list[Path], cfg: dict) -> Callable[[], Any]:
