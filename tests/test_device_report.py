@@ -298,3 +298,27 @@ def test_build_engine_all_builds_every_precision_with_one_timing_cache(bundle_di
     failed = _build_all(Path(shutil.copytree(bundle_dir, tmp_path / "c")), bin_dir, tmp_path, STUB_FAIL="1")
     assert failed.returncode == 2
     assert failed.stderr.strip().splitlines()[-1].startswith("build_engine.sh: stopped at fp32 (built before it: none)")
+
+
+def test_jetson_power_mode_and_clocks_are_recorded_or_said_unknown(tmp_path, monkeypatch):
+    """On a Jetson (its /etc/nv_tegra_release and device-tree model), the power mode from `nvpmodel -q` (a stand-in
+    printing what the tool prints) and jetson_clocks' state — here without it installed: said, not guessed."""
+    bench = _module(TEMPLATE, "device_bench_jetson")
+    infer = _module(TEMPLATE.with_name("infer.py"), "infer_for_jetson")
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/nv_tegra_release").write_text("# R36 (release), REVISION: 4.3, GCID: 38968081, BOARD: generic\n")
+    (tmp_path / "proc/device-tree").mkdir(parents=True)
+    (tmp_path / "proc/device-tree/model").write_bytes(b"NVIDIA Jetson Orin Nano Developer Kit\0")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvpmodel").write_text("#!/bin/sh\nprintf 'NV Fan Mode:quiet\\nNV Power Mode: 15W\\n0\\n'\n")
+    (bin_dir / "nvpmodel").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    state = bench.jetson_state(infer, tmp_path)
+    assert state["model"] == "NVIDIA Jetson Orin Nano Developer Kit" and state["l4t"] == "36.4.3"
+    assert state["power_mode"] == "15W" and state["nvpmodel"]["available"]
+    assert not state["jetson_clocks"]["available"] and state["jetson_clocks"]["error"] == "jetson_clocks not found"
+    summary = device_report.device_summary({"jetson": state, "gpu": {"frequency": bench.gpu_frequency(tmp_path)}})
+    assert summary["Jetson"] == "NVIDIA Jetson Orin Nano Developer Kit (L4T 36.4.3), power mode 15W"
+    assert summary["jetson_clocks"] == "unknown (jetson_clocks not found)"
+    assert bench.jetson_state(infer, tmp_path / "elsewhere") is None  # not a Jetson: no Jetson section
