@@ -20,6 +20,7 @@ from .commands import (
     export_cmd,
     gpucheck_cmd,
     inspect_cmd,
+    report_cmd,
     targets_cmd,
     train_cmd,
 )
@@ -60,6 +61,7 @@ app.command("eval", short_help="Accuracy, per class and confusion, of a trained 
 app.command("inspect", short_help="Which layers a method adapts; parameter counts.")(inspect_cmd.inspect)
 app.command("merge-export", short_help="Merge, export ONNX (+ TensorRT), check parity.")(export_cmd.merge_export)
 app.command("validate", short_help="Re-check a bundle against the unmerged model.")(export_cmd.validate)
+app.command("report", short_help="A device's device_report.json beside the host's validation.")(report_cmd.report)
 app.command("export", short_help="Export a plain fine-tuned timm checkpoint (no adapter).")(byo_cmd.export)
 app.command("convert", short_help="Convert a LoRA run to a Hugging Face peft adapter.")(byo_cmd.convert)
 app.command("bench", short_help="Benchmark inference, training and export.")(bench_cmd.bench)

@@ -29,6 +29,7 @@ is model.engine, which build_engine.sh rebuilds on the device (model.engine.json
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import glob
 import json
@@ -66,6 +67,7 @@ from peftx.tolerances import (
 
 from . import deepstream as deepstream_mod
 from . import int8 as int8_mod
+from . import int8_fp16
 from .accuracy import AccuracyReport, AccuracySet, Candidate, load_infer_module, measure_accuracy, result_for
 from .fp16 import convert_to_fp16, strict_fp16_emulation
 from .layernorm import decomposed_layernorms, fp32_node_names, unsafe_layer_names
@@ -93,6 +95,7 @@ ONNX_FILE, FP16_FILE, ENGINE_FILE = "model.onnx", "model_fp16.onnx", "model.engi
 INT8_FILE = "model_int8.onnx"
 INFER_FILE, BUILD_SCRIPT_FILE = "infer.py", "build_engine.sh"
 README_FILE = "README.md"  # for the person at the device: install per JetPack, build, check, run
+BENCH_FILE = "device_bench.py"
 METADATA_FILE, PARITY_FILE, READINESS_FILE = "metadata.json", "parity.json", "trt_readiness.json"
 # Odd batch sizes catch batch-mixing reshapes and padding bugs that even sizes can hide.
 PARITY_BATCHES = (1, 3, 7)
@@ -474,6 +477,7 @@ def _assemble(
     if opt.precision != "fp16":
         notes.append(f"FP16 checks are advisory for an {opt.precision} bundle: reported, not required")
     _write_text(work / INFER_FILE, _template("infer.py"))  # before INT8: calibration runs its preprocessing
+    _write_text(work / BENCH_FILE, _template(BENCH_FILE))  # infer.py --bench: times every artifact on the device
     int8_graph, calibration = None, None
     if opt.precision == "int8":
         int8_graph, calibration = _int8_step(work, onnx_path, opt, scratch, timings, say)
@@ -557,8 +561,15 @@ def _assemble(
     _write_text(work / README_FILE, render_readme(opt.preprocessing, opt.class_names, opt.precision, opt.target))
     # The engine is device-specific and is rebuilt on the device: it is tied to the bundle by model.engine.json (sha256
     # of the engine and of its source ONNX), not by metadata.json, so a rebuild with build_engine.sh keeps it valid.
-    shipped = (ONNX_FILE, FP16_FILE, *((INT8_FILE,) if int8_graph is not None else ()), INFER_FILE, BUILD_SCRIPT_FILE)
-    shipped += (deepstream_mod.DEEPSTREAM_ONNX,)
+    shipped = (
+        ONNX_FILE,
+        FP16_FILE,
+        *((INT8_FILE,) if int8_graph is not None else ()),
+        INFER_FILE,
+        BENCH_FILE,
+        BUILD_SCRIPT_FILE,
+        deepstream_mod.DEEPSTREAM_ONNX,
+    )
     sha = {name: sha256_file(work / name) for name in shipped}
     report = BundleReport(
         work,
@@ -740,8 +751,22 @@ def _int8_step(
     graph = int8_mod.quantize(
         onnx_path, work / INT8_FILE, calibration.inputs, method=request.method, cache=_int8_cache(scratch)
     )
+    if int8_fp16.strongly_typed(opt.target):  # TensorRT 11 builds the ONNX types: the float parts FP16 (int8_fp16.py)
+        say(f"{opt.target.name} builds strongly typed: the INT8 graph's float parts in FP16")
+        graph = dataclasses.replace(graph, opset=_half_int8_floats(work / INT8_FILE, onnx_path, opt, calibration))
     timings["int8_calibration_s"] = time.perf_counter() - started
     return graph, calibration
+
+
+def _half_int8_floats(path: Path, onnx_path: Path, opt: _Options, calibration: int8_mod.Calibration) -> int:
+    """int8_fp16.half_float_parts with model_fp16.onnx's rules (its FP32 nodes, its calibration size); the opset."""
+    info = int8_fp16.half_float_parts(
+        path,
+        opt.target,
+        calibration=calibration.inputs[:FP16_CALIBRATION_IMAGES],
+        keep_fp32_nodes=_target_fp32_nodes(onnx_path, opt),
+    )
+    return int(info["opset"])
 
 
 def _int8_cache(scratch: Path) -> Path:
@@ -772,6 +797,7 @@ def _int8_gate(
         "calibration": calibration.to_json(),
         "tolerance": asdict(ACCURACY_INT8),
         "gate": {"accuracy": first.accuracy, "drop": first.drop, "passed": first.passed},
+        "float_parts": int8_fp16.float_parts(work / INT8_FILE),  # "fp16" for strongly typed targets (int8_fp16.py)
         "fallback": {"ran": False},
     }
     if first.passed or not opt.int8 or not opt.int8.fallback:
@@ -791,6 +817,8 @@ def _int8_gate(
     started = time.perf_counter()
 
     def gate(path: Path) -> tuple[float, bool]:
+        if int8_fp16.strongly_typed(opt.target):  # each trial is gated (and shipped) as the device will build it
+            _half_int8_floats(path, onnx_path, opt, calibration)
         verdict = result(path)
         return verdict.accuracy, verdict.passed
 

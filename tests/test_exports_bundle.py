@@ -111,6 +111,7 @@ def test_bundle_has_every_file_and_hashes_match(built):
         "parity.json",
         "trt_readiness.json",
         "infer.py",
+        "device_bench.py",
         "build_engine.sh",
         "reference_set.npz",
         "model_deepstream.onnx",
@@ -127,6 +128,7 @@ def test_bundle_has_every_file_and_hashes_match(built):
         "model_fp16.onnx",
         "model_deepstream.onnx",
         "infer.py",
+        "device_bench.py",
         "build_engine.sh",
         "reference_set.npz",
     }

@@ -875,6 +875,21 @@ def check_bundle(meta: dict, choice: str = "auto", precision: str | None = None,
     return 0
 
 
+def load_device_bench(meta: dict, verify: bool = True):
+    """device_bench.py beside this file (sha256-verified like the models), imported as a module."""
+    import importlib.util
+
+    problem = artifact_problem("device_bench.py", meta, verify)
+    if problem:
+        fail(f"device_bench.py is {problem} — copy it again from the original bundle")
+    spec = importlib.util.spec_from_file_location("device_bench", HERE / "device_bench.py")
+    if spec is None or spec.loader is None:
+        fail("device_bench.py cannot be imported — copy it again from the original bundle")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def main(argv: list[str] | None = None) -> int:
     global VERIFY_AGAINST
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -895,15 +910,22 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run artifacts whose sha256 differs from metadata.json (files changed on purpose)",
     )
+    parser.add_argument(
+        "--bench", action="store_true", help="time every artifact here (device_bench.py); with --check, recommend one"
+    )
+    parser.add_argument("--batch", default=None, help="--bench batch sizes, e.g. 1,8 [default: 1 and the opt batch]")
+    parser.add_argument("--duration", type=float, default=None, help="--bench seconds per artifact [default: 3]")
     args = parser.parse_args(argv)
-    if args.check == bool(args.images):
-        parser.error("give image files or directories to classify, or --check (not both)")
+    if (args.check or args.bench) == bool(args.images):
+        parser.error("give image files or directories to classify, or --check / --bench (not both)")
     if args.top < 1:
         parser.error(f"--top {args.top}: must be at least 1")
     meta = read_metadata()
     if args.no_verify:
         print("warning: --no-verify: the artifacts' sha256 are not checked against metadata.json", file=sys.stderr)
     VERIFY_AGAINST = None if args.no_verify else meta
+    if args.bench:  # device_bench.py: timings + device_report.json (with --check: verdicts and a recommendation)
+        return load_device_bench(meta, verify=not args.no_verify).run(sys.modules[__name__], meta, args)
     if args.check:
         return check_bundle(meta, args.backend, args.precision, verify=not args.no_verify)
     files = image_files(args.images)  # every path is checked before a model is loaded
