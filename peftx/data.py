@@ -39,7 +39,8 @@ _JUNK_FILES = frozenset({"thumbs.db", "desktop.ini"})  # OS droppings that are n
 VTAB_LISTS = {"train": "train800.txt", "val": "val200.txt", "test": "test.txt"}
 DEMO_SPECS = ("demo", "digits")
 ACCEPTED_SPECS = (
-    "'demo' (alias 'digits'); an ImageFolder root ROOT/{train,val[,test]}/<class>/<image>; "
+    "'demo' (alias 'digits'); an ImageFolder root ROOT/train/<class>/<image> (val/ and test/ are optional: "
+    "without val/, a validation split is drawn from train/); "
     "or a VTAB-1k task directory ROOT/<task>/ with train800.txt, val200.txt and test.txt"
 )
 IMBALANCE_WARN_RATIO = 10.0
