@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
 
 from peftx.errors import DataError, UsageError
@@ -103,6 +103,8 @@ def decode_image(path: Path) -> Image.Image:
             return to_rgb(im, str(path))
     except ImageModeError as exc:
         raise DataError(str(exc), exc.fix) from exc
+    except UnidentifiedImageError as exc:
+        raise DataError(f"{path} is not an image PIL can identify", "replace or delete the file") from exc
     except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError... for one outcome: undecodable
         raise DataError(
             f"image {path} is truncated or corrupt: {_first_line(exc)}", "replace or delete the file, then run again"

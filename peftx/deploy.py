@@ -265,8 +265,15 @@ def merge_export(
         )
     from .exports.bundle import _check_destination as check_destination
 
-    if output is not None or isinstance(source, (str, Path)):  # an existing bundle is refused before any work
-        check_destination(Path(output) if output else _adapter_path(source).parent / BUNDLE_DIR, force)
+    early = (
+        Path(output)
+        if output
+        else _adapter_path(source).parent / BUNDLE_DIR
+        if isinstance(source, (str, Path))
+        else None
+    )
+    if early is not None:  # an existing bundle is refused before any work
+        check_destination(early, force)
     say = progress or (lambda _m: None)
     say("loading the backbone and adapter")
     loaded = load_reference(source, model_name=model_name, weights=weights, img_size=img_size)

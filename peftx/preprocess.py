@@ -227,9 +227,9 @@ def to_rgb(image: Any, name: str) -> Any:
     elif mode == "F":
         values = np.frombuffer(image.tobytes(), "=f4").reshape(image.height, image.width).astype(np.float64)
         finite = bool(np.isfinite(values).all())
-        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-        if not finite or low < 0.0 or high > 1.0:
-            held = "NaN or infinite values" if not finite else f"values {low:g}..{high:g}"
+        least, most = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if not finite or least < 0.0 or most > 1.0:
+            held = "NaN or infinite values" if not finite else f"values {least:g}..{most:g}"
             raise ImageModeError(
                 f"{name}: image mode F (32-bit float) holds {held}; peftx reads float images as 0..1",
                 "scale it to 0..1, or save it as a 16-bit or 8-bit PNG/TIFF",

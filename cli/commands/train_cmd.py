@@ -120,7 +120,7 @@ def image_lines(modes: dict[str, int], rotated: int) -> list[str]:
     )
     line = f"{'mixed image modes' if len(modes) > 1 else 'image mode'}: {counts}"
     if rotated:
-        line += f"; {_count(rotated, 'file')} turned by its EXIF orientation"
+        line += f"; {_count(rotated, 'file')} turned by an EXIF orientation"
     return [
         line,
         f"decoded to 8-bit RGB by rule {DECODE_RULE} (16-bit / 257, alpha over white, CMYK without ICC; "
