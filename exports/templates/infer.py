@@ -158,7 +158,8 @@ def to_rgb(image: Image.Image, name: str) -> Image.Image:
             alpha = np.where((colour == key[:3]).all(axis=2, keepdims=True), 0, 255).astype(np.uint32)
         rgb = Image.fromarray(((colour * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8))
     method = EXIF_TRANSPOSE.get(exif_orientation(image))
-    return rgb if method is None else rgb.transpose(method)
+    # an int, not Image.Transpose (Pillow 7 has no such enum; every Pillow takes the number)
+    return rgb if method is None else rgb.transpose(method)  # type: ignore[arg-type]
 
 
 def unsupported_mode(name: str, mode: str) -> ImageModeError:
