@@ -107,7 +107,7 @@ def decode_image(path: Path) -> Image.Image:
         raise DataError(f"{path} is not an image PIL can identify", "replace or delete the file") from exc
     except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError... for one outcome: undecodable
         raise DataError(
-            f"image {path} is truncated or corrupt: {_first_line(exc)}", "replace or delete the file, then run again"
+            f"{path} is truncated or corrupt: {_first_line(exc)}", "replace or delete the file, then run again"
         ) from exc
 
 

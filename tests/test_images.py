@@ -167,7 +167,7 @@ def test_a_truncated_image_is_named_as_truncated(made, tmp_path):
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
         *before, line = done.stderr.strip().splitlines()  # a JPEG's header verifies: the backend line comes first
         assert all(b.startswith("backend: ") for b in before), done.stderr
-        assert f"file {path} is truncated or corrupt" in line and "pass .jpg" not in line, line
+        assert line.startswith(f"infer.py: {path} is truncated or corrupt: ") and "pass .jpg" not in line, line
 
 
 def test_a_file_the_decoding_rule_refuses_stops_infer_py_with_one_line(made, tmp_path):

@@ -273,7 +273,7 @@ def _decoded(path: Path, how):
             fail(f"{path} is not an image PIL can identify — pass {', '.join(IMAGE_EXTENSIONS)} files", EXIT_INPUT)
         if isinstance(exc, PermissionError):
             fail(f"{path} is not readable ({exc.strerror}) — fix its permissions", EXIT_INPUT)
-        fail(f"file {path} is truncated or corrupt: {exc} — copy it again, or re-save it", EXIT_INPUT)
+        fail(f"{path} is truncated or corrupt: {exc} — copy it again, or re-save it", EXIT_INPUT)
 
 
 def preprocess_image(image: Image.Image, cfg: dict) -> np.ndarray:
