@@ -351,3 +351,12 @@ def test_mixed_modes_are_counted_for_the_training_preamble(tmp_path, mode_files)
     lines = image_lines(splits.image_modes, splits.exif_rotated)
     assert lines[0].startswith("mixed image modes: 2 RGB, 1 16-bit grayscale (I;16)") and "1 file turned" in lines[0]
     assert "rgb8/1" in lines[1] and image_lines({"RGB": 5}, 0) == []
+
+
+def test_the_shipped_copy_of_the_rule_carries_the_same_name_and_tables(shipped):
+    """metadata.json records peftx's DECODE_RULE for the bundle's infer.py: the copy must be that rule."""
+    from peftx import preprocess
+
+    assert shipped.DECODE_RULE == preprocess.DECODE_RULE
+    assert shipped.EXIF_TRANSPOSE == preprocess.EXIF_TRANSPOSE and shipped.SIXTEEN_BIT == preprocess.SIXTEEN_BIT
+    assert set(shipped.DECODED_MODES) == set(preprocess.DECODED_MODES)
