@@ -350,7 +350,8 @@ def test_mixed_modes_are_counted_for_the_training_preamble(tmp_path, mode_files)
     assert splits.image_modes == {"RGB": 2, sixteen: 1, "RGBA": 1, "CMYK": 1} and splits.exif_rotated == 1
     lines = image_lines(splits.image_modes, splits.exif_rotated)
     assert lines[0].startswith("mixed image modes: 2 RGB, 1 16-bit grayscale (I;16)") and "1 file turned" in lines[0]
-    assert "rgb8/1" in lines[1] and image_lines({"RGB": 5}, 0) == []
+    assert lines[1].startswith("decoded to 8-bit RGB by rule rgb8/1 (16-bit / 257, transparency over white, CMYK")
+    assert image_lines({"RGB": 5}, 0) == [] and "(" not in image_lines({"RGB": 3, "L": 2}, 0)[1].split("(docs")[0]
 
 
 def test_the_shipped_copy_of_the_rule_carries_the_same_name_and_tables(shipped):

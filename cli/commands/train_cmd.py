@@ -121,10 +121,21 @@ def image_lines(modes: dict[str, int], rotated: int) -> list[str]:
     line = f"{'mixed image modes' if len(modes) > 1 else 'image mode'}: {counts}"
     if rotated:
         line += f"; {_count(rotated, 'file')} turned by an EXIF orientation"
+    how = [
+        what
+        for present, what in (
+            (any(m.startswith("I") for m in modes), "16-bit / 257"),
+            ("F" in modes, "float as 0..1"),
+            (bool({"RGBA", "LA", "P"} & set(modes)), "transparency over white"),
+            ("CMYK" in modes, "CMYK without ICC"),
+            (rotated > 0, "EXIF orientation applied"),
+        )
+        if present
+    ]
     return [
         line,
-        f"decoded to 8-bit RGB by rule {DECODE_RULE} (16-bit / 257, alpha over white, CMYK without ICC; "
-        "docs/images.md): eval and the bundle's infer.py decode the same way",
+        f"decoded to 8-bit RGB by rule {DECODE_RULE}{' (' + ', '.join(how) + ')' if how else ''}, the same in eval "
+        "and the bundle's infer.py (docs/images.md)",
     ]
 
 
