@@ -52,7 +52,7 @@ import torch
 import peftx
 from peftx.errors import ExportError, OutputError, ParityError, UsageError
 from peftx.fsutil import sha256_file, write_text_atomic
-from peftx.preprocess import contract
+from peftx.preprocess import DECODE_DESCRIPTION, DECODE_RULE, contract
 from peftx.tolerances import (
     ACCURACY_FP16,
     ACCURACY_FP32,
@@ -1078,6 +1078,7 @@ def _metadata(report: BundleReport, onnx_path: Path, opt: _Options) -> dict[str,
         "output": {"name": OUTPUT_NAME, "shape": ["batch", len(class_names)], "dtype": "float32"},
         "batch": {"min": batch[0], "opt": batch[1], "max": batch[2]},
         "preprocessing": prep,
+        "image_decoding": {"rule": DECODE_RULE, "description": DECODE_DESCRIPTION},  # infer.py's to_rgb applies it
         "num_classes": len(class_names),
         "class_names": class_names,
         "provenance": json.loads(json.dumps(opt.provenance, default=str)),

@@ -245,8 +245,13 @@ def parity_table(results: Sequence[ParityResult], *, title: str = "Parity vs the
     for result in results:
         s = result.overall
         verdict = "[green]pass[/]" if s.passed else "[red]FAIL[/]" if result.required else "[yellow]fail (advisory)[/]"
+        name = result.candidate
+        worst = failing_set(result)
+        if worst is not None:  # the figures of the set that failed (the overall max |Δ| can sit below its bound)
+            set_name, s = worst
+            name += f"\n[dim]└ {set_name}: {_how_much(s)}[/]"
         table.add_row(
-            result.candidate,
+            name,
             f"{s.max_abs:.1e}",
             f"{s.bound:.1e}",
             f"{s.min_cosine:.5f}",
@@ -254,3 +259,25 @@ def parity_table(results: Sequence[ParityResult], *, title: str = "Parity vs the
             verdict,
         )
     return table
+
+
+def failing_set(result: ParityResult) -> tuple[str, ErrorStats] | None:
+    """The input set a failed comparison fails worst on (by max |Δ| against its own bound), or None if it passed."""
+    failing = [(name, stats) for name, stats in result.sets.items() if not stats.passed]
+    if not failing:
+        return None
+
+    def excess(item: tuple[str, ErrorStats]) -> float:
+        stats = item[1]
+        if not (math.isfinite(stats.max_abs) and stats.bound > 0):
+            return math.inf
+        return stats.max_abs / stats.bound
+
+    return max(failing, key=excess)
+
+
+def _how_much(s: ErrorStats) -> str:
+    """'|Δ| 2.3x its bound' for an error over its bound, else the set's first failure."""
+    if math.isfinite(s.max_abs) and s.bound > 0 and s.max_abs > s.bound:
+        return f"|Δ| {s.max_abs / s.bound:.1f}x its bound"
+    return s.failures[0] if s.failures else "failed"

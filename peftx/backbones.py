@@ -59,17 +59,62 @@ def _check_name(name: str) -> tuple[str, str]:
     """Validate ``name`` against timm's registry; returns (architecture, tag or '')."""
     arch, _, tag = name.partition(".")
     if not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
-        hint = f"did you mean: {', '.join(close)}" if close else UnknownModelError.default_hint
-        raise UnknownModelError(f"unknown timm model {name!r}", hint)
+        local = _local_names()
+        near = difflib.get_close_matches(name, local, n=3, cutoff=0.6)
+        near += [
+            n
+            for n in local
+            if n not in near
+            and (difflib.get_close_matches(arch, [n.partition(".")[0]], 1, 0.6) or (len(arch) >= 4 and arch in n))
+        ]
+        hub = [n for n in difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6) if n not in near]
+        raise UnknownModelError(f"unknown timm model {name!r}", _suggestions(near, hub))
     if tag and name != DEMO_MODEL:
         known = _known_names(arch)
         if name not in known:
-            tags = ", ".join(k.partition(".")[2] for k in known) or "none"
+            local = [n for n in _local_names() if n in known]
+            hub = [n for n in known if n not in local]
             raise UnknownModelError(
-                f"timm has no pretrained tag {tag!r} for {arch}", f"known tags: {tags}; or pass the name without a tag"
+                f"timm has no pretrained tag {tag!r} for {arch}",
+                _suggestions(local, hub, tags=True) + "; or pass the name without a tag",
             )
     return arch, tag
+
+
+def _suggestions(local: list[str], hub: list[str], *, tags: bool = False) -> str:
+    """'did you mean: NAME (embedded: no network needed); on the hub (a network or --weights FILE): A, B' — the names
+    that work here first, the embedded one named as such."""
+
+    def label(n: str) -> str:
+        return f"{n} ({'embedded: no network needed' if n == DEMO_MODEL else 'in the local hub cache'})"
+
+    parts = [", ".join(label(n) for n in local)] if local else []
+    if hub:
+        shown = ", ".join(hub[:5]) + (", ..." if len(hub) > 5 else "")
+        parts.append(f"{shown}{' (hub tags' if tags else ' (timm architectures'}: a network or --weights FILE)")
+    if not parts:
+        return "known tags: none" if tags else UnknownModelError.default_hint
+    return ("did you mean: " if not tags else "known: ") + "; or ".join(parts)
+
+
+def _local_names() -> list[str]:
+    """Model names whose weights are here without a network: the embedded demo weights, then the timm models in the
+    Hugging Face hub cache (``models--timm--NAME`` folders)."""
+    import os
+
+    names = [DEMO_MODEL]
+    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"), "hub"
+    )
+    try:
+        names += sorted(
+            entry.name.removeprefix("models--timm--")
+            for entry in os.scandir(cache)
+            if entry.is_dir() and entry.name.startswith("models--timm--")
+        )
+    except OSError:
+        pass
+    return names
 
 
 def _known_names(arch: str) -> list[str]:

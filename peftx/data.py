@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
 
 from peftx.errors import DataError, UsageError
@@ -39,7 +39,8 @@ _JUNK_FILES = frozenset({"thumbs.db", "desktop.ini"})  # OS droppings that are n
 VTAB_LISTS = {"train": "train800.txt", "val": "val200.txt", "test": "test.txt"}
 DEMO_SPECS = ("demo", "digits")
 ACCEPTED_SPECS = (
-    "'demo' (alias 'digits'); an ImageFolder root ROOT/{train,val[,test]}/<class>/<image>; "
+    "'demo' (alias 'digits'); an ImageFolder root ROOT/train/<class>/<image> (val/ and test/ are optional: "
+    "without val/, a validation split is drawn from train/); "
     "or a VTAB-1k task directory ROOT/<task>/ with train800.txt, val200.txt and test.txt"
 )
 IMBALANCE_WARN_RATIO = 10.0
@@ -64,6 +65,10 @@ class Splits:
     source: str
     val_drawn: dict[str, Any] | None = None  # how val was drawn from train (seed, fraction, files), when it was
     skipped: list[Path] = field(default_factory=list)  # non-image files left out of an ImageFolder tree
+    # image files per PIL mode ("RGB", "L", "I;16", "RGBA", ...) and how many carry an EXIF rotation: what the
+    # decoding rule (peftx.preprocess.to_rgb) will do to them, for the training preamble; empty for in-memory data
+    image_modes: dict[str, int] = field(default_factory=dict)
+    exif_rotated: int = 0
 
 
 # ----------------------------------------------------------------------------------------------------- datasets
@@ -85,14 +90,25 @@ class ImageFileDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
-        try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
-        except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError... for one outcome: undecodable
-            raise DataError(
-                f"cannot decode image {path}: {_first_line(exc)}", "replace or delete the file, then run again"
-            ) from exc
-        return self.transform(image), label
+        return self.transform(decode_image(path)), label
+
+
+def decode_image(path: Path) -> Image.Image:
+    """The image file as the 8-bit RGB image the preprocessing contract starts from: the decoding rule
+    (:func:`peftx.preprocess.to_rgb`, which the bundle's infer.py repeats) applied to what PIL reads."""
+    from peftx.preprocess import ImageModeError, to_rgb
+
+    try:
+        with Image.open(path) as im:
+            return to_rgb(im, str(path))
+    except ImageModeError as exc:
+        raise DataError(str(exc), exc.fix) from exc
+    except UnidentifiedImageError as exc:
+        raise DataError(f"{path} is not an image PIL can identify", "replace or delete the file") from exc
+    except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError... for one outcome: undecodable
+        raise DataError(
+            f"{path} is truncated or corrupt: {_first_line(exc)}", "replace or delete the file, then run again"
+        ) from exc
 
 
 class InMemoryImageDataset(Dataset):
@@ -291,7 +307,8 @@ def _folder_splits(
         raise DataError(f"{root / 'train'} holds no class folders", "lay images out as ROOT/train/<class>/<image>")
     index = {name: i for i, name in enumerate(classes)}
     skipped: list[Path] = []
-    train = _scan_split(root / "train", index, skipped)
+    modes: Counter[str] = Counter()
+    train = _scan_split(root / "train", index, skipped, modes=modes)
     counts = Counter(label for _, label in train)
     empty = [name for name, i in index.items() if counts[i] == 0]
     if empty:
@@ -302,11 +319,11 @@ def _folder_splits(
         )
     drawn = None
     if (root / "val").is_dir():
-        val = _scan_split(root / "val", index, skipped)
+        val = _scan_split(root / "val", index, skipped, modes=modes)
     else:
         train, val, drawn = _split_val(root, train, classes, seed, val_files)
         counts = Counter(label for _, label in train)
-    test = _scan_split(root / "test", index, skipped) if (root / "test").is_dir() else None
+    test = _scan_split(root / "test", index, skipped, modes=modes) if (root / "test").is_dir() else None
     for name, samples in (("val", val), ("test", test)):
         if samples is not None and not samples:
             raise DataError(f"split {root / name} holds no images", "add images, or remove the folder")
@@ -332,6 +349,8 @@ def _folder_splits(
         source,
         drawn,
         skipped,
+        image_modes=_mode_counts(modes),
+        exif_rotated=modes[_ROTATED],
     )
 
 
@@ -426,10 +445,16 @@ def _class_dirs(split: Path) -> list[str]:
 
 
 def _scan_split(
-    split: Path, index: dict[str, int], skipped: list[Path] | None = None, *, of_run: bool = False
+    split: Path,
+    index: dict[str, int],
+    skipped: list[Path] | None = None,
+    *,
+    of_run: bool = False,
+    modes: Counter[str] | None = None,
 ) -> list[tuple[Path, int]]:
-    """(image, label) pairs of one split folder, every image checked; non-image files go to ``skipped``.
-    ``of_run``: ``index`` is a trained run's classes (evaluation), not this tree's train/ folder."""
+    """(image, label) pairs of one split folder, every image checked; non-image files go to ``skipped``, the images'
+    PIL modes are counted in ``modes``. ``of_run``: ``index`` is a trained run's classes (evaluation), not this
+    tree's train/ folder."""
     unknown = [name for name in _class_dirs(split) if name not in index]
     if unknown:
         known = f"{', '.join(list(index)[:8])}{', ...' if len(index) > 8 else ''}"
@@ -450,7 +475,7 @@ def _scan_split(
             continue
         if len(rel.parts) < 2:
             raise DataError(f"{path} is not inside a class folder", f"move it to {split}/<class>/")
-        _check_image(path)
+        _check_image(path, modes)
         samples.append((path, index[rel.parts[0]]))
     return samples
 
@@ -459,8 +484,12 @@ def _is_junk(rel: Path) -> bool:
     return any(part.startswith(".") for part in rel.parts) or rel.name.lower() in _JUNK_FILES
 
 
-def _check_image(path: Path) -> None:
-    """Cheap integrity check (header + PNG chunk CRCs, no pixel decode); see the module docstring for the cost."""
+def _check_image(path: Path, modes: Counter[str] | None = None) -> None:
+    """Cheap integrity check (header + PNG chunk CRCs, no pixel decode); see the module docstring for the cost.
+    A PIL mode the decoding rule does not read is refused here, before training; ``modes`` counts the modes (and,
+    under ``_ROTATED``, the files an EXIF orientation will turn)."""
+    from peftx.preprocess import DECODED_MODES, exif_orientation, unsupported_mode
+
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
         raise DataError(
             f"{path} is not an image file (extension {path.suffix or 'none'})",
@@ -468,9 +497,24 @@ def _check_image(path: Path) -> None:
         )
     try:
         with Image.open(path) as im:
+            mode, rotated = im.mode, exif_orientation(im) != 1
             im.verify()
     except Exception as exc:  # UnidentifiedImageError, OSError, SyntaxError...: one outcome, unreadable
         raise DataError(f"{path} is not a readable image ({_first_line(exc)})", "replace or delete the file") from exc
+    if mode not in DECODED_MODES:
+        refused = unsupported_mode(str(path), mode)
+        raise DataError(str(refused), refused.fix)
+    if modes is not None:
+        modes[mode] += 1
+        modes[_ROTATED] += rotated
+
+
+_ROTATED = "exif-rotated"  # a key of the mode counter that is not a mode: files an EXIF orientation turns
+
+
+def _mode_counts(modes: Counter[str]) -> dict[str, int]:
+    """Image files per PIL mode, most first."""
+    return {mode: n for mode, n in modes.most_common() if mode != _ROTATED and n}
 
 
 # ---- VTAB-1k
@@ -552,9 +596,10 @@ def _vtab_splits(root: Path, train_tf: Callable, eval_tf: Callable) -> Splits:
     for split, samples in lists.items():
         if not samples:
             raise DataError(f"split file {root / VTAB_LISTS[split]} lists no images", "check the VTAB-1k layout")
+    modes: Counter[str] = Counter()
     for samples in lists.values():
         for image, _ in samples:
-            _check_image(image)
+            _check_image(image, modes)
     num_classes = 1 + max(label for samples in lists.values() for _, label in samples)
     counts = Counter(label for _, label in lists["train"])
     # VTAB-1k samples 800 training images per task, so many-class tasks (SUN397: 397 classes) cannot cover every
@@ -576,6 +621,8 @@ def _vtab_splits(root: Path, train_tf: Callable, eval_tf: Callable) -> Splits:
         ImageFileDataset(lists["test"], eval_tf),
         names,
         f"VTAB-1k task {root.name} ({root}; train800 / val200 / test)",
+        image_modes=_mode_counts(modes),
+        exif_rotated=modes[_ROTATED],
     )
 
 

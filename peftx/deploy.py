@@ -263,6 +263,17 @@ def merge_export(
         raise UsageError(
             "--calibration and --calibration-data are for --precision int8", "add --precision int8, or drop them"
         )
+    from .exports.bundle import _check_destination as check_destination
+
+    early = (
+        Path(output)
+        if output
+        else _adapter_path(source).parent / BUNDLE_DIR
+        if isinstance(source, (str, Path))
+        else None
+    )
+    if early is not None:  # an existing bundle is refused before any work
+        check_destination(early, force)
     say = progress or (lambda _m: None)
     say("loading the backbone and adapter")
     loaded = load_reference(source, model_name=model_name, weights=weights, img_size=img_size)
@@ -277,6 +288,8 @@ def merge_export(
         if precision == "int8"
         else None
     )
+    if isinstance(source, (str, Path)) and Path(source).is_dir():
+        _remember_bundle(Path(source), out)  # for `peftx validate RUN` when the bundle is not RUN/bundle
     return write_bundle(
         loaded.model,
         merged,
@@ -345,17 +358,73 @@ def _accuracy_set(loaded: Loaded, images_dir, limit, splits, say: Callable[[str]
     return labelled
 
 
+BUNDLES_FILE = "bundles.json"  # in a run directory: every bundle merge-export wrote from it (-o elsewhere included)
+
+
+def _remember_bundle(run_dir: Path, out: Path) -> None:
+    """Add ``out`` to RUN_DIR/bundles.json (best effort: a read-only run directory just goes without)."""
+    import json
+
+    from .fsutil import write_text_atomic
+
+    record = run_dir / BUNDLES_FILE
+    try:
+        known = json.loads(record.read_text(encoding="utf-8")) if record.exists() else []
+        paths = [str(p) for p in known if isinstance(p, str)] if isinstance(known, list) else []
+        where = str(out.absolute())
+        write_text_atomic(record, json.dumps([*(p for p in paths if p != where), where], indent=1) + "\n")
+    except (OSError, ValueError):
+        pass
+
+
+def bundles_of(run_dir: Path) -> list[Path]:
+    """The bundles made from the run in ``run_dir`` that exist now: those RUN_DIR/bundles.json records, and those
+    next to the run or in the working directory (one or two levels down) whose metadata.json names its adapter."""
+    import json
+
+    adapter = (run_dir / ADAPTER_FILE).resolve()
+    candidates: list[Path] = []
+    try:
+        recorded = json.loads((run_dir / BUNDLES_FILE).read_text(encoding="utf-8"))
+        candidates += [Path(p) for p in recorded if isinstance(p, str)] if isinstance(recorded, list) else []
+    except (OSError, ValueError):
+        pass
+    for base in dict.fromkeys((run_dir.absolute().parent, Path.cwd())):
+        for pattern in ("*/metadata.json", "*/*/metadata.json"):
+            candidates += [m.parent for m in sorted(base.glob(pattern))[:200]]
+    found: list[Path] = []
+    for bundle in dict.fromkeys(c.absolute() for c in candidates):
+        try:
+            meta = json.loads((bundle / "metadata.json").read_text(encoding="utf-8"))
+            made_from = (meta.get("provenance") or {}).get("adapter_file")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if made_from and Path(made_from).resolve() == adapter and bundle not in found:
+            found.append(bundle)
+    return found
+
+
 def bundle_dir(path: str | Path) -> Path:
     """The bundle to validate: ``path`` itself, or RUN_DIR/bundle for a run directory (what merge-export writes
-    by default), so that ``validate`` takes what ``merge-export`` took."""
+    by default), so that ``validate`` takes what ``merge-export`` took. A run whose bundles were written elsewhere
+    (``-o DIR``) is refused with their paths."""
     path = Path(path)
     if (path / "metadata.json").exists() or not (path / ADAPTER_FILE).exists():
         return path
     if (path / BUNDLE_DIR / "metadata.json").exists():
         return path / BUNDLE_DIR
+    elsewhere = bundles_of(path)
+    if elsewhere:
+        listed = ", ".join(str(b) for b in elsewhere[:4]) + (", ..." if len(elsewhere) > 4 else "")
+        raise ExportError(
+            f"{path} has no {BUNDLE_DIR}/ of its own; its {'bundle is' if len(elsewhere) == 1 else 'bundles are'} "
+            f"{listed}",
+            f"validate one: peftx validate {elsewhere[0]}",
+        )
     raise ExportError(
-        f"{path} is a run directory without a bundle ({path / BUNDLE_DIR} does not exist)",
-        f"export it first: peftx merge-export {path}",
+        f"{path} is a run directory without a bundle ({path / BUNDLE_DIR} does not exist, and none made from it "
+        "was found next to it)",
+        f"export it first: peftx merge-export {path}, or pass the bundle directory itself",
     )
 
 

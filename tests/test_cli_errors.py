@@ -1295,7 +1295,7 @@ CASES = [
         "validate-run-dir-without-bundle",
         lambda e, t: validate(e.run),
         ExportError,
-        "is a run directory without a bundle",
+        "has no bundle/ of its own; its bundle is",  # the env's bundle, written with -o next to the run: named
     ),
     Case(
         "validate-not-a-bundle",

@@ -76,3 +76,34 @@ def test_the_parity_table_fits_with_every_kind_of_row(width: int) -> None:
     assert [r.overall.passed for r in results] == [True, False, False]
     text = assert_renders(parity_table(results), width, ["onnxruntime fp32", "onnxruntime int8"])
     assert "FAIL" in text and "fail (advisory)" in text and text.count("pass") == 1
+
+
+@pytest.mark.parametrize("width", [80, 100])
+def test_a_failing_row_names_the_input_set_that_failed_and_by_how_much(width: int) -> None:
+    """The issue's case: an advisory candidate off only on the small-scale random set. Over all sets its max |Δ|
+    sits below the overall bound; the row must show the failing set, its own figures and the excess."""
+    import numpy as np
+    import torch
+    from cli_render import assert_renders
+
+    from peftx.exports.parity import compare, make_input_sets, parity_table
+    from peftx.exports.runners import TorchRunner
+    from peftx.tolerances import FP16
+
+    class OffOnRandom(TorchRunner):
+        def infer(self, batch: np.ndarray) -> np.ndarray:
+            out = super().infer(batch)
+            return out + (0.05 if len(batch) == 3 else 0.0)  # random_b3 only
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5)).eval()
+    images = 40 * np.random.default_rng(0).standard_normal((4, 3, 2, 2))  # real sets: outputs 10x the random set's
+    inputs = make_input_sets(images, [1, 8])
+    result = compare(TorchRunner(model), OffOnRandom(model, name="onnxruntime int8"), inputs, FP16, required=False)
+    s, bad = result.overall, result.sets["random_b3"]
+    assert not result.passed and not bad.passed and all(v.passed for k, v in result.sets.items() if k != "random_b3")
+    assert s.max_abs < s.bound  # what the old row showed: an error below its bound, marked failed
+    text = assert_renders(parity_table([result]), width, ["onnxruntime int8"])
+    assert "fail (advisory)" in text and "random_b3" in text and f"{bad.bound:.1e}" in text  # the set's own bound
+    if width >= 100:
+        assert f"└ random_b3: |Δ| {bad.max_abs / bad.bound:.1f}x its bound" in text

@@ -255,7 +255,7 @@ def test_infer_classifies_the_images_in_a_directory(built, labelled, tmp_path):
         ("empty directory", 2, "holds no image files"),
         ("missing file", 2, "does not exist"),
         ("text file", 2, "is not an image PIL can identify"),
-        ("truncated png", 2, "cannot be decoded as an image"),
+        ("truncated png", 2, "is truncated or corrupt"),
     ],
 )
 def test_bad_images_are_one_line(built, labelled, tmp_path, case, code, expected):

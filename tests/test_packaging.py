@@ -112,8 +112,9 @@ def test_non_editable_install_is_quiet_and_works(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     site = Path(sysconfig.get_path("purelib", vars={"base": str(venv), "platbase": str(venv)}))
     # The dependencies (torch, timm, ...) from this environment, by path: a .pth entry adds the directory but runs
-    # none of the .pth files inside it, so this environment's editable peftx stays out of sight.
-    (site / "deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    # none of the .pth files inside it, so this environment's editable peftx stays out of sight. (Every site-packages
+    # on sys.path: setup-venv.sh's per-clone venv sees the shared dependencies through a second one.)
+    (site / "deps.pth").write_text("\n".join(_site_dirs()) + "\n")
     install = subprocess.run(
         [
             sys.executable,
@@ -151,6 +152,13 @@ def test_non_editable_install_is_quiet_and_works(tmp_path: Path) -> None:
     )
     assert cli.returncode == 0 and "merge-export" in cli.stdout, cli.stderr[-3000:]
     assert cli.stderr == ""
+
+
+def _site_dirs() -> list[str]:
+    """This interpreter's site-packages directories: its own first, then any a .pth file added (setup-venv.sh's
+    shared dependencies)."""
+    own = sysconfig.get_path("purelib")
+    return [own, *dict.fromkeys(p for p in sys.path if p.endswith("site-packages") and p != own)]
 
 
 # ---------------------------------------------------------------------------------------------------- setup-venv.sh
@@ -246,3 +254,65 @@ def test_typecheck_tree_maps_every_package_dir() -> None:
             continue
         leaf = pkg.split(".", 1)[1]
         assert f'ln -s ../../../{src} "$tree/peftx/{leaf}"' in script, f"{src} -> {pkg} is not linked"
+
+
+def _project_clone(root: Path) -> Path:
+    """A copy of what `pip install -e` needs from this repository (sources, pyproject, README, lock, the script)."""
+    root.mkdir(parents=True)
+    for name in (*SOURCE_DIRS, "scripts"):
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name in ("pyproject.toml", "README.md", "requirements.lock"):
+        shutil.copy(REPO / name, root / name)
+    return root
+
+
+def test_two_clones_side_by_side_get_their_own_venv_over_one_shared_dependency_venv(tmp_path: Path) -> None:
+    """The real script, the real `python -m venv` and `pip install -e`: each clone's venv imports its OWN sources
+    and keeps doing so whichever clone ran the script last; the shared dependency venv holds no peftx; a clone that
+    is gone has its venv removed. (The shared venv stands in for the real one: this interpreter's packages through a
+    .pth file, marked complete, so nothing is downloaded.)"""
+    import hashlib
+
+    a, b = _project_clone(tmp_path / "a"), _project_clone(tmp_path / "b")
+    key = hashlib.sha256((a / "requirements.lock").read_bytes() + (a / "scripts" / "setup-venv.sh").read_bytes())
+    shared = tmp_path / "cache" / "peftx" / "venvs" / key.hexdigest()[:16]
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(shared)], check=True, timeout=120)
+    shared_site = Path(sysconfig.get_path("purelib", vars={"base": str(shared), "platbase": str(shared)}))
+    (shared_site / "deps.pth").write_text("\n".join(_site_dirs()) + "\n")  # pip, setuptools, pytest, ...
+    console_script = "import sys\nfrom pytest import console_main\nsys.exit(console_main())\n"
+    (shared / "bin" / "pytest").write_text(f"#!{shared}/bin/python\n{console_script}")
+    (shared / "bin" / "pytest").chmod(0o755)
+    (shared / ".complete").touch()
+    env = {k: v for k, v in os.environ.items() if k not in ("PEFTX_VENV", "VIRTUAL_ENV", "PYTHONPATH")}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+
+    def setup(clone: Path) -> Path:
+        done = subprocess.run(
+            ["bash", str(clone / "scripts" / "setup-venv.sh")], capture_output=True, text=True, timeout=600, env=env
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return Path(done.stdout.strip().splitlines()[-1])
+
+    def origin(venv: Path) -> str:
+        code = "import importlib.util as u; print(u.find_spec('peftx').origin, u.find_spec('peftx.cli').origin)"
+        done = subprocess.run(
+            [str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout.strip()
+
+    venv_a, venv_b = setup(a), setup(b)
+    assert venv_a != venv_b and shared not in (venv_a, venv_b)
+    assert origin(venv_a) == f"{a}/peftx/__init__.py {a}/cli/__init__.py"
+    assert origin(venv_b) == f"{b}/peftx/__init__.py {b}/cli/__init__.py"
+    stamp = (venv_a / ".peftx-project").stat().st_mtime_ns
+    assert setup(a) == venv_a and (venv_a / ".peftx-project").stat().st_mtime_ns == stamp  # reused, not reinstalled
+    assert origin(venv_b) == f"{b}/peftx/__init__.py {b}/cli/__init__.py"  # a's set-up left b alone
+    assert not list(shared_site.glob("*peftx*"))  # the shared venv holds no project install
+    pytest_line = (venv_a / "bin" / "pytest").read_text().splitlines()[0]
+    assert pytest_line == f"#!{venv_a}/bin/python" and (venv_a / "bin" / "peftx").exists()  # tools run as a's
+    version = subprocess.run([str(venv_a / "bin" / "pytest"), "--version"], capture_output=True, text=True, timeout=120)
+    assert version.returncode == 0 and "pytest" in version.stdout + version.stderr
+    shutil.rmtree(b)
+    setup(_project_clone(tmp_path / "c"))
+    assert not venv_b.exists() and venv_a.exists()  # a clone that is gone takes its venv with it

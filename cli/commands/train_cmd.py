@@ -101,10 +101,42 @@ def start_lines(f: dict[str, Any]) -> list[str]:
     if skipped:
         names = ", ".join(Path(p).name for p in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
         lines.append(f"skipped {_count(len(skipped), 'non-image file')} in the dataset ({names})")
+    lines += image_lines(f.get("image_modes") or {}, f.get("exif_rotated") or 0)
     if f["resumed"]:
         lines.append(f"resumed after epoch {f['start_epoch']} of {f['epochs']}")
     lines += [f"note: {n}" for n in f["notes"]]
     return lines
+
+
+def image_lines(modes: dict[str, int], rotated: int) -> list[str]:
+    """The data's image files per PIL mode, when they are not all 8-bit RGB or some are turned by their EXIF
+    orientation: what peftx.preprocess.to_rgb (training, eval and the bundle's infer.py alike) makes of them."""
+    from peftx.preprocess import DECODE_RULE, MODE_NAMES
+
+    if not modes or (set(modes) == {"RGB"} and not rotated):
+        return []
+    counts = ", ".join(
+        f"{n:,} {MODE_NAMES.get(m, m)}" + (f" ({m})" if m in MODE_NAMES else "") for m, n in modes.items()
+    )
+    line = f"{'mixed image modes' if len(modes) > 1 else 'image mode'}: {counts}"
+    if rotated:
+        line += f"; {_count(rotated, 'file')} turned by an EXIF orientation"
+    how = [
+        what
+        for present, what in (
+            (any(m.startswith("I") for m in modes), "16-bit / 257"),
+            ("F" in modes, "float as 0..1"),
+            (bool({"RGBA", "LA", "P"} & set(modes)), "transparency over white"),
+            ("CMYK" in modes, "CMYK without ICC"),
+            (rotated > 0, "EXIF orientation applied"),
+        )
+        if present
+    ]
+    return [
+        line,
+        f"decoded to 8-bit RGB by rule {DECODE_RULE}{' (' + ', '.join(how) + ')' if how else ''}, the same in eval "
+        "and the bundle's infer.py (docs/images.md)",
+    ]
 
 
 LONG_RUN_S = 20 * 60  # an estimate above this says how to make the run shorter

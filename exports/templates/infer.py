@@ -9,6 +9,18 @@ next to this file; ``preprocess_image`` reproduces timm's evaluation transform, 
 to the bit.
 
     python infer.py photo.jpg [more.jpg ...] [--backend auto|onnx|tensorrt] [--precision fp32|fp16|int8] [--top 5]
+    python infer.py DIR --json > scores.jsonl        # or --csv > scores.csv: one record per image
+
+Output: by default ``rank<TAB>probability<TAB>index<TAB>label`` lines (``# path`` above each file's when there are
+several); ``--json``: JSON Lines, one object per image {"path", "top": [{"rank", "index", "label", "probability",
+"logit"}]}; ``--csv``: a header row, then one row per image: path, label_R, index_R, probability_R, logit_R for
+R = 1..--top. probability is the softmax over all classes, logit the model's raw output. A reader that closes the
+pipe early (``| head -1``) ends the run quietly with exit status 141 (as ``cat`` does).
+
+Image files are decoded by the rule metadata.json's ``image_decoding`` names (``to_rgb``, the same code as peftx's
+training side): 16-bit grayscale scaled by 1/257, alpha composited over white, palette and CMYK by one formula, the
+EXIF orientation of phone photos applied; a file the rule refuses (e.g. a float TIFF outside 0..1) stops the run with
+one line naming the file, its mode and the fix.
 
 ``--backend auto`` runs model.engine with TensorRT when the engine is present and TensorRT + cuda-python + a GPU are
 there (and, with ``--precision``, the engine was built at that precision), and ONNX Runtime otherwise.
@@ -27,7 +39,8 @@ runs every artifact present (model.engine too, once build_engine.sh built it her
 (reference_set.npz: real preprocessed images with the UNMERGED model's outputs) with the tolerances recorded in
 metadata.json, re-does the preprocessing of the raw files in reference/ with this machine's PIL and numpy, and
 prints pass/fail per artifact with the error figures. Exit status: 0 ok, 1 a check failed or an engine was refused,
-2 bad input (a missing or unreadable image, a bad option), 3 the bundle is incomplete or was modified.
+2 bad input (a missing, truncated or refused image, a bad option), 3 the bundle is incomplete or was modified, 141
+stdout was closed.
 """
 
 from __future__ import annotations
@@ -71,10 +84,109 @@ RESAMPLE = (
 OLDEST_PILLOW_TESTED = (7, 0, 0)
 
 
+# --- how a file becomes 8-bit RGB: the rule peftx.preprocess.DECODE_RULE, a copy of peftx.preprocess.to_rgb --------
+# (Written in numpy so that Pillow 7 / numpy 1.21 give the bytes the training machine's Pillow gave; metadata.json's
+# ``image_decoding`` names the rule. 16-bit grayscale is scaled by 1/257, alpha is composited over white, CMYK has
+# one formula, the EXIF orientation is applied; a mode the rule does not read is refused with one line.)
+DECODE_RULE = "rgb8/1"
+EXIF_TRANSPOSE = {2: 0, 3: 3, 4: 1, 5: 5, 6: 4, 7: 6, 8: 2}  # EXIF orientation -> Image.transpose method
+SIXTEEN_BIT = {"I;16": "<u2", "I;16L": "<u2", "I;16B": ">u2", "I;16N": "=u2"}
+DECODED_MODES = ("RGB", "L", "1", "P", "RGBA", "LA", "RGBX", "CMYK", "I", "F") + tuple(SIXTEEN_BIT)
+
+
+class ImageModeError(ValueError):
+    """A file the decoding rule refuses: ``str(exc)`` names the file and the mode, ``fix`` says what to do."""
+
+    def __init__(self, message: str, fix: str):
+        super().__init__(message)
+        self.fix = fix
+
+
 def load_image(path: Path) -> Image.Image:
-    """The file as an RGB image, decoded as peftx's training data loader decodes it."""
+    """The file as an 8-bit RGB image, decoded as peftx's training data loader decodes it (``to_rgb``)."""
     with Image.open(path) as image:
-        return image.convert("RGB")
+        return to_rgb(image, str(path))
+
+
+def to_rgb(image: Image.Image, name: str) -> Image.Image:
+    """``image`` (an opened PIL image of the file ``name``) as 8-bit RGB by the rule DECODE_RULE (see the module
+    docstring); raises ImageModeError for a file the rule refuses."""
+    mode, info = image.mode, image.info
+    if mode not in DECODED_MODES:
+        raise unsupported_mode(name, mode)
+    transparent = info.get("transparency")
+    keyed = mode in ("L", "RGB") and isinstance(transparent, (int, tuple))  # one colour is transparent (tRNS)
+    if mode in ("RGB", "L", "1", "RGBX") and not keyed:
+        rgb = image.convert("RGB")
+    elif mode in SIXTEEN_BIT or mode == "I":
+        values = np.frombuffer(image.tobytes(), SIXTEEN_BIT.get(mode, "=i4")).reshape(image.height, image.width)
+        low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+        if low < 0 or high > 65535:
+            raise ImageModeError(
+                f"{name}: image mode {mode} (32-bit integer) holds values {low}..{high}, outside 0..65535",
+                "save it as a 16-bit or 8-bit PNG/TIFF",
+            )
+        gray = ((values.astype(np.uint32) + 128) // 257).astype(np.uint8)
+        rgb = Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2))
+    elif mode == "F":
+        values = np.frombuffer(image.tobytes(), "=f4").reshape(image.height, image.width).astype(np.float64)
+        finite = bool(np.isfinite(values).all())
+        least, most = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if not finite or least < 0.0 or most > 1.0:
+            held = "NaN or infinite values" if not finite else f"values {least:g}..{most:g}"
+            raise ImageModeError(
+                f"{name}: image mode F (32-bit float) holds {held}; peftx reads float images as 0..1",
+                "scale it to 0..1, or save it as a 16-bit or 8-bit PNG/TIFF",
+            )
+        gray = np.rint(values * 255.0).astype(np.uint8)
+        rgb = Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2))
+    elif mode == "CMYK":
+        cmyk = np.asarray(image, dtype=np.uint32)
+        white = 255 - cmyk[:, :, 3:4]
+        rgb = Image.fromarray((((255 - cmyk[:, :, :3]) * white + 127) // 255).astype(np.uint8))
+    else:  # RGBA, LA, P, and L / RGB with a transparent colour: composited over white
+        if mode == "P":
+            index = np.asarray(image, dtype=np.uint8)
+            palette = list(image.getpalette() or [])[:768]
+            ramp = [v for i in range(len(palette) // 3, 256) for v in (i, i, i)]
+            colours = np.asarray(palette[: 3 * (len(palette) // 3)] + ramp, dtype=np.uint32).reshape(256, 3)
+            alphas = np.full(256, 255, dtype=np.uint32)
+            if isinstance(transparent, int) and 0 <= transparent < 256:
+                alphas[transparent] = 0
+            elif isinstance(transparent, bytes):
+                alphas[: min(len(transparent), 256)] = np.frombuffer(transparent[:256], dtype=np.uint8)
+            colour, alpha = colours[index], alphas[index][:, :, None]
+        elif mode in ("RGBA", "LA"):
+            rgba = np.asarray(image.convert("RGBA"), dtype=np.uint32)
+            colour, alpha = rgba[:, :, :3], rgba[:, :, 3:4]
+        else:  # L or RGB with one transparent colour (a PNG tRNS chunk)
+            colour = np.asarray(image.convert("RGB"), dtype=np.uint32)
+            key = np.asarray(transparent if isinstance(transparent, tuple) else (transparent,) * 3, dtype=np.uint32)
+            alpha = np.where((colour == key[:3]).all(axis=2, keepdims=True), 0, 255).astype(np.uint32)
+        rgb = Image.fromarray(((colour * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8))
+    method = EXIF_TRANSPOSE.get(exif_orientation(image))
+    # an int, not Image.Transpose (Pillow 7 has no such enum; every Pillow takes the number)
+    return rgb if method is None else rgb.transpose(method)  # type: ignore[arg-type]
+
+
+def unsupported_mode(name: str, mode: str) -> ImageModeError:
+    """The refusal of a mode the rule does not read (LAB, HSV, YCbCr, PA, La, RGBa, I;32, ...)."""
+    return ImageModeError(f"{name}: image mode {mode} is not one peftx decodes", "save it as 8-bit RGB or grayscale")
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1..8) from the EXIF block of a JPEG, PNG or WebP (a TIFF's orientation tag is applied by
+    Pillow's decoder itself, Pillow 7 included); 1 when there is none or it does not parse."""
+    try:
+        raw = image.info.get("exif") or b""
+        if not raw or hasattr(image, "tag_v2"):  # a TIFF: Pillow's TIFF decoder applies its orientation tag itself
+            return 1
+        exif = Image.Exif()
+        exif.load(raw if raw.startswith(b"Exif\x00\x00") else b"Exif\x00\x00" + raw)
+        value = int(exif.get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - a damaged EXIF block means no orientation, on every side alike
+        return 1
+    return value if value in EXIF_TRANSPOSE else 1
 
 
 def decoded_digest(image: Image.Image) -> str:
@@ -146,11 +258,15 @@ def read_image(path: Path) -> Image.Image:
 
 
 def verify_image(path: Path) -> None:
-    """The cheap check (header and PNG checksums, no pixel decode) that runs on every file before a model is loaded."""
+    """The cheap check (header, PNG checksums and the image mode; no pixel decode) that runs on every file before a
+    model is loaded."""
 
     def verify(p: Path) -> None:
         with Image.open(p) as image:
+            mode = image.mode
             image.verify()
+        if mode not in DECODED_MODES:  # refused before a model is loaded (a value range is checked when decoded)
+            raise unsupported_mode(str(p), mode)
 
     _decoded(path, verify)
 
@@ -161,13 +277,18 @@ def _decoded(path: Path, how):
         fail("Pillow is not installed — pip install pillow (it decodes and resizes the images)", EXIT_FAILED)
     try:
         return how(path)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        what = (
-            "is not an image PIL can identify"
-            if type(exc).__name__ == "UnidentifiedImageError"
-            else f"cannot be decoded as an image ({exc})"
-        )
-        fail(f"{path} {what} — pass {', '.join(IMAGE_EXTENSIONS)} files", EXIT_INPUT)
+    except ImageModeError as exc:  # a mode the decoding rule refuses: the file, the mode and the fix
+        fail(f"{exc} — {exc.fix}", EXIT_INPUT)
+    except FileNotFoundError:
+        fail(f"{path} does not exist", EXIT_INPUT)
+    except Image.DecompressionBombError as exc:
+        fail(f"{path} is too large to decode safely ({exc}) — resize it first", EXIT_INPUT)
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        if type(exc).__name__ == "UnidentifiedImageError":
+            fail(f"{path} is not an image PIL can identify — pass {', '.join(IMAGE_EXTENSIONS)} files", EXIT_INPUT)
+        if isinstance(exc, PermissionError):
+            fail(f"{path} is not readable ({exc.strerror}) — fix its permissions", EXIT_INPUT)
+        fail(f"{path} is truncated or corrupt: {exc} — copy it again, or re-save it", EXIT_INPUT)
 
 
 def preprocess_image(image: Image.Image, cfg: dict) -> np.ndarray:
@@ -890,7 +1011,69 @@ def load_device_bench(meta: dict, verify: bool = True):
     return module
 
 
+def write_text(out, path: Path, top: list[tuple[int, str, float, float]], many: bool) -> None:
+    """The default output: ``# path`` (several files), then ``rank<TAB>probability<TAB>index<TAB>label`` lines."""
+    if many:
+        print(f"# {path}", file=out)
+    for rank, (index, label, prob, _logit) in enumerate(top, start=1):
+        print(f"{rank}\t{prob:.4f}\t{index}\t{label}", file=out)
+
+
+def write_json(out, path: Path, top: list[tuple[int, str, float, float]]) -> None:
+    """``--json``: JSON Lines, one object per image: {"path", "top": [{"rank", "index", "label", "probability",
+    "logit"}, ...]}; probability is the softmax over all classes, logit the model's raw output."""
+    record = {
+        "path": str(path),
+        "top": [
+            {"rank": rank, "index": index, "label": label, "probability": prob, "logit": logit}
+            for rank, (index, label, prob, logit) in enumerate(top, start=1)
+        ],
+    }
+    print(json.dumps(record), file=out)
+
+
+def csv_header(k: int) -> list[str]:
+    """``--csv``'s columns: path, then label_R, index_R, probability_R, logit_R for R = 1..k."""
+    return ["path"] + [f"{what}_{r}" for r in range(1, k + 1) for what in ("label", "index", "probability", "logit")]
+
+
+def write_csv(out, path: Path, top: list[tuple[int, str, float, float]], k: int) -> None:
+    """``--csv``: one row per image (``csv_header``); fewer classes than ``--top`` leave the last columns empty."""
+    import csv
+
+    row: list[Any] = [str(path)]
+    for index, label, prob, logit in top:
+        row += [label, index, f"{prob:.6g}", f"{logit:.6g}"]
+    csv.writer(out, lineterminator="\n").writerow(row + [""] * (1 + 4 * k - len(row)))
+
+
+def _quiet_closed_stdout() -> None:
+    """stdout's reader went away (``| head``): point stdout at /dev/null so that the interpreter's final flush does
+    not print a second BrokenPipeError."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (tests): nothing to flush at exit
+        pass
+
+
+EXIT_PIPE = 141  # 128 + SIGPIPE: what `cat`, `yes` and friends exit with when `| head` closes the pipe
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line; a closed stdout (``python infer.py DIR | head -1``) ends it quietly with EXIT_PIPE."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        _quiet_closed_stdout()
+        return EXIT_PIPE
+
+
+def _main(argv: list[str] | None = None) -> int:
     global VERIFY_AGAINST
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="*", type=Path, help="image files, or directories of them")
@@ -901,7 +1084,18 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="which artifact runs [default: the bundle's precision; model.engine as built]",
     )
-    parser.add_argument("--top", type=int, default=5)
+    parser.add_argument("--top", type=int, default=5, help="classes per image [default: 5]")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument(
+        "--json",
+        action="store_true",
+        help="JSON Lines: one object per image, {path, top: [{rank, index, label, probability, logit}]}",
+    )
+    output.add_argument(
+        "--csv",
+        action="store_true",
+        help="CSV with a header row, one row per image: path, then label_R, index_R, probability_R, logit_R",
+    )
     parser.add_argument(
         "--check", action="store_true", help="run every artifact here on the shipped reference set and print pass/fail"
     )
@@ -936,13 +1130,24 @@ def main(argv: list[str] | None = None) -> int:
     backend = pick_backend(args.backend, meta, precision=args.precision)
     print(f"backend: {backend.name}", file=sys.stderr)
     names = meta.get("class_names") or []
+    out = sys.stdout
+    if args.csv:
+        import csv
+
+        csv.writer(out, lineterminator="\n").writerow(csv_header(args.top))
     for path in files:
         logits = backend(preprocess_image(read_image(path), meta["preprocessing"])[None])[0]
-        if len(files) > 1:
-            print(f"# {path}")
-        for rank, (index, prob) in enumerate(top_k(logits, args.top), start=1):
-            label = names[index] if index < len(names) else str(index)
-            print(f"{rank}\t{prob:.4f}\t{index}\t{label}")
+        top = [
+            (index, names[index] if index < len(names) else str(index), prob, float(logits[index]))
+            for index, prob in top_k(logits, args.top)
+        ]
+        if args.json:
+            write_json(out, path, top)
+        elif args.csv:
+            write_csv(out, path, top, args.top)
+        else:
+            write_text(out, path, top, len(files) > 1)
+        out.flush()  # a record as soon as it is made (a long folder streams; `| head -1` stops it early)
     return 0
 
 

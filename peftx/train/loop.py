@@ -351,6 +351,8 @@ class Trainer:
             source=sp.source,
             skipped_files=[str(p) for p in sp.skipped],
             val_drawn=_drawn_summary(sp.val_drawn),
+            image_modes=dict(sp.image_modes),
+            exif_rotated=sp.exif_rotated,
         )
 
         self.val_loader = self._eval_loader(sp.val)
@@ -673,6 +675,7 @@ class Trainer:
             "notes": self.notes,
             "val_split": _drawn_summary(sp.val_drawn),
             "skipped_files": len(sp.skipped),
+            "image_modes": dict(sp.image_modes),
             **report,
             "config": self.cfg.to_dict(),
         }

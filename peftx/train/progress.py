@@ -16,7 +16,9 @@ EVENTS: dict[str, tuple[str, ...]] = {
     # what was adjusted on its own, e.g. a warm-up scaled to a short run; ``extended_from``: the epochs of a run
     # that --epochs extends, else None; ``preprocessing``: the run's preprocessing contract, peftx.preprocess;
     # ``source``: the data, described; ``skipped_files``: non-image files left out of an ImageFolder; ``val_drawn``:
-    # how val was drawn from train/ when the folder has no val/, else None)
+    # how val was drawn from train/ when the folder has no val/, else None; ``image_modes``: image files per PIL mode
+    # and ``exif_rotated``: files an EXIF orientation turns, both what peftx.preprocess.to_rgb decodes; {} and 0 for
+    # in-memory data)
     "start": (
         "run_dir",
         "epochs",
@@ -38,6 +40,8 @@ EVENTS: dict[str, tuple[str, ...]] = {
         "source",
         "skipped_files",
         "val_drawn",
+        "image_modes",
+        "exif_rotated",
     ),
     "epoch_start": ("epoch", "epochs", "steps", "start_step"),
     "step": ("epoch", "step", "steps", "global_step", "loss", "lr"),
