@@ -89,6 +89,10 @@ FORMAT = "peftx-bundle"
 FORMAT_VERSION = 1
 ONNX_FILE, FP16_FILE, ENGINE_FILE = "model.onnx", "model_fp16.onnx", "model.engine"
 INT8_FILE = "model_int8.onnx"
+# model_int8.onnx under ONNX Runtime twice: unoptimised, the exact Q/DQ arithmetic TensorRT performs (what the gate,
+# the fallback's ranking and validate measure: int8.exact_session_options), and optimised, this CPU's fused int8
+# kernels (what infer.py runs and bench times; advisory: on a CPU without VNNI they saturate, TensorRT does not).
+INT8_EXACT, INT8_FUSED = "onnxruntime int8", "onnxruntime int8 fused kernels"
 INFER_FILE, BUILD_SCRIPT_FILE = "infer.py", "build_engine.sh"
 METADATA_FILE, PARITY_FILE, READINESS_FILE = "metadata.json", "parity.json", "trt_readiness.json"
 # Odd batch sizes catch batch-mixing reshapes and padding bugs that even sizes can hide.
@@ -332,8 +336,9 @@ def validate_bundle(
             (runner, FP16, fp16_required)
             for runner in _fp16_runners(bundle_dir / ONNX_FILE, bundle_dir / FP16_FILE, scratch)
         ]
-    if (bundle_dir / INT8_FILE).exists():  # logits advisory (they move by design); its accuracy gate is required
-        candidates.append((OnnxRuntimeRunner(bundle_dir / INT8_FILE, name="onnxruntime int8"), INT8, False))
+    int8_runners = _int8_runners(bundle_dir / INT8_FILE) if (bundle_dir / INT8_FILE).exists() else None
+    if int8_runners:  # logits advisory (they move by design); the exact arithmetic's accuracy gate is required
+        candidates.append((int8_runners[0], INT8, False))
     if engine.exists() and use_trt:
         engine_precision = (meta.get("tensorrt", {}).get("build") or {}).get("precision", meta["precision"])
         tolerance = {"fp16": FP16, "int8": INT8}.get(engine_precision, TENSORRT_FP32)
@@ -355,10 +360,19 @@ def validate_bundle(
                     required=required,
                 )
             )
+        accuracy_candidates = [
+            (runner, _accuracy_tolerance(tol), req or tol is INT8) for runner, tol, req in candidates
+        ]
+        if int8_runners:  # this CPU's fused int8 kernels against the exact arithmetic: advisory, with the reason
+            row, kernels = _int8_kernels(bundle_dir / INT8_FILE, _checker(expected, inputs, say))
+            results.append(row)
+            if kernels["note"]:
+                notes.append(kernels["note"])
+            accuracy_candidates.append((int8_runners[1], ACCURACY_INT8, False))
         if accuracy_set is not None:
             accuracy = measure_accuracy(
                 TorchRunner(reference, name="unmerged PyTorch"),
-                [(runner, _accuracy_tolerance(tol), req or tol is INT8) for runner, tol, req in candidates],
+                accuracy_candidates,
                 accuracy_set,
                 meta["preprocessing"],
                 bundle_dir / INFER_FILE,
@@ -471,10 +485,15 @@ def _assemble(
         notes.append(f"FP16 checks are advisory for an {opt.precision} bundle: reported, not required")
     _write_text(work / INFER_FILE, _template("infer.py"))  # before INT8: calibration runs its preprocessing
     int8_graph, calibration = None, None
+    int8_kernels: dict[str, Any] = {}
     if opt.precision == "int8":
         int8_graph, calibration = _int8_step(work, onnx_path, opt, scratch, timings, say)
-        results.append(check(OnnxRuntimeRunner(int8_graph.path, name="onnxruntime int8"), INT8, required=False))
-        notes.append("INT8 logits are advisory (they move by design); the INT8 artifact is gated on task accuracy")
+        int8_rows, int8_kernels = _int8_parity(int8_graph.path, check)
+        results += int8_rows
+        notes.append(
+            "INT8 logits are advisory (they move by design); the INT8 artifact is gated on task accuracy, measured "
+            "on the exact Q/DQ arithmetic TensorRT performs (ONNX Runtime unoptimised)"
+        )
     say(f"checking TensorRT readiness of the shipped files for {opt.target.requested or opt.target.name}")
     readiness = check_target_readiness(_shipped_onnx(work), opt.target)
     _handle_readiness(readiness.problems, opt.tensorrt, warnings, opt.target)
@@ -498,7 +517,8 @@ def _assemble(
                 *((runner, ACCURACY_FP16, opt.precision == "fp16") for runner in fp16_runners),
             ]
             if int8_graph is not None:
-                candidates.append((OnnxRuntimeRunner(int8_graph.path, name="onnxruntime int8"), ACCURACY_INT8, True))
+                exact, fused = _int8_runners(int8_graph.path)
+                candidates += [(exact, ACCURACY_INT8, True), (fused, ACCURACY_INT8, False)]
             if trt_runner is not None:
                 gate = {"fp16": ACCURACY_FP16, "int8": ACCURACY_INT8}.get(opt.precision, ACCURACY_FP32)
                 candidates.append((trt_runner, gate, True))
@@ -517,6 +537,7 @@ def _assemble(
                 int8_info = _int8_gate(
                     work, onnx_path, int8_graph, calibration, accuracy, opt, scratch, timings, say, results, check
                 )
+                int8_kernels = int8_info.pop("_kernels", int8_kernels)
                 if trt_runner is not None and int8_info["fallback"]["ran"]:
                     warnings.append(
                         "model.engine was built from the INT8 graph before the fallback changed it: "
@@ -529,6 +550,10 @@ def _assemble(
             )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    if int8_graph is not None:
+        int8_info = {**(int8_info or {}), "cpu_kernels": int8_kernels}
+        if int8_kernels.get("note"):
+            notes.append(int8_kernels["note"])
     parity = ParityReport(results, notes, accuracy)
     if int8_graph is not None:  # the graph as shipped (after any fallback) is what must hold
         _check_int8_graph(work / INT8_FILE, opt.target, fp32_nodes)
@@ -760,7 +785,7 @@ def _int8_gate(
 ) -> dict[str, Any]:
     """The INT8 accuracy gate's outcome; when it failed, the sensitivity fallback (``int8.fallback``) and, when that
     passes, the report's INT8 rows replaced by the shipped graph's. Returns metadata.json's "int8" section."""
-    name = "onnxruntime int8"
+    name = INT8_EXACT
     index = next(i for i, r in enumerate(accuracy.results) if r.candidate == name)
     first = accuracy.results[index]
     kept = accuracy.kept or {}
@@ -768,7 +793,12 @@ def _int8_gate(
         **graph.to_json(),
         "calibration": calibration.to_json(),
         "tolerance": asdict(ACCURACY_INT8),
-        "gate": {"accuracy": first.accuracy, "drop": first.drop, "passed": first.passed},
+        "gate": {
+            "accuracy": first.accuracy,
+            "drop": first.drop,
+            "passed": first.passed,
+            "session": "onnxruntime, graph optimisations disabled: the exact Q/DQ arithmetic TensorRT performs",
+        },
         "fallback": {"ran": False},
     }
     if first.passed or not opt.int8 or not opt.int8.fallback:
@@ -777,13 +807,13 @@ def _int8_gate(
         return info
     labels, ref_pred = kept["labels"], kept["reference_logits"].argmax(axis=1)
 
-    def result(path: Path):
-        runner = OnnxRuntimeRunner(path, name=name)
+    def result(path: Path, fused: bool = False):
+        runner = _int8_runners(path)[1 if fused else 0]
         with runner:
             pred = np.concatenate(
                 [runner.infer(kept["inputs"][i : i + 32]).argmax(axis=1) for i in range(0, len(labels), 32)]
             )
-        return result_for(name, ACCURACY_INT8, True, pred, labels, ref_pred, accuracy.reference_accuracy)
+        return result_for(runner.name, ACCURACY_INT8, not fused, pred, labels, ref_pred, accuracy.reference_accuracy)
 
     started = time.perf_counter()
 
@@ -805,15 +835,17 @@ def _int8_gate(
     info["fallback"] = outcome.to_json()
     if outcome.passed:
         accuracy.results[index] = result(work / INT8_FILE)
+        for i, r in enumerate(accuracy.results):
+            if r.candidate == INT8_FUSED:
+                accuracy.results[i] = result(work / INT8_FILE, fused=True)
         placement = int8_mod.qdq_placement(work / INT8_FILE)
         info.update(
             quantized=placement["quantized"],
             float_nodes=placement["float"],
             quantized_count=len(placement["quantized"]),
         )
-        for i, r in enumerate(results):
-            if r.candidate == name:
-                results[i] = check(OnnxRuntimeRunner(work / INT8_FILE, name=name), INT8, required=False)
+        rows, info["_kernels"] = _int8_parity(work / INT8_FILE, check)
+        results[:] = [r for r in results if r.candidate not in (INT8_EXACT, INT8_FUSED)] + rows
         say(f"INT8 gate passes with {len(outcome.float_nodes)} node(s) float: {', '.join(outcome.float_nodes)}")
     else:
         accuracy.notes.append(
@@ -822,6 +854,46 @@ def _int8_gate(
             f"{len(outcome.float_nodes)} node(s) float"
         )
     return info
+
+
+def _int8_runners(path: Path) -> tuple[OnnxRuntimeRunner, OnnxRuntimeRunner]:
+    """(exact, fused): model_int8.onnx unoptimised (the Q/DQ arithmetic TensorRT performs, the gate's) and optimised
+    (this CPU's fused int8 kernels, infer.py's and bench's)."""
+    return (
+        OnnxRuntimeRunner(path, name=INT8_EXACT, session_options=int8_mod.exact_session_options(_ort())),
+        OnnxRuntimeRunner(path, name=INT8_FUSED),
+    )
+
+
+def _ort():
+    import onnxruntime
+
+    return onnxruntime
+
+
+def _int8_parity(path: Path, check) -> tuple[list[ParityResult], dict[str, Any]]:
+    """The INT8 graph's logit rows (both advisory): the exact arithmetic against the unmerged model, and this CPU's
+    fused kernels against the exact arithmetic (``_int8_kernels``); and what metadata.json records of the latter."""
+    row, facts = _int8_kernels(path, check)
+    return [check(_int8_runners(path)[0], INT8, required=False), row], facts
+
+
+def _int8_kernels(path: Path, check) -> tuple[ParityResult, dict[str, Any]]:
+    """This CPU's fused int8 kernels against the exact Q/DQ arithmetic at the INT8 bound (advisory), and the facts
+    metadata.json's ``int8.cpu_kernels`` records: the CPU, what its int8 products accumulate in, the figures, and
+    the report's note when they disagree."""
+    exact, fused = _int8_runners(path)
+    kernels = check(fused, INT8, required=False, against=exact)
+    facts = int8_mod.cpu_int8_kernels()
+    s = kernels.overall
+    return kernels, {
+        **facts,
+        "agree": kernels.passed,
+        "max_abs": s.max_abs,
+        "bound": s.bound,
+        "top1_agreement": s.top1_agreement,
+        "note": "" if kernels.passed else int8_mod.fused_kernels_note(s.max_abs, s.bound, facts),
+    }
 
 
 def _check_int8_graph(path: Path, target: TargetProfile, fp32_nodes: Sequence[str]) -> None:
@@ -844,8 +916,10 @@ def _check_int8_graph(path: Path, target: TargetProfile, fp32_nodes: Sequence[st
 def _checker(expected: dict[str, np.ndarray], inputs: dict[str, np.ndarray], say: Progress):
     """compare() bound to the cached reference outputs and input sets."""
 
-    def check(runner, tolerance, *, required: bool = True) -> ParityResult:
+    def check(runner, tolerance, *, required: bool = True, against: Runner | None = None) -> ParityResult:
         say(f"checking {runner.name}")
+        if against is not None:  # another artifact as the reference (INT8's fused kernels vs its exact arithmetic)
+            return compare(against, runner, inputs, tolerance, reference_name=against.name, required=required)
         return compare(
             expected, runner, inputs, tolerance, reference_name="reference (unmerged PyTorch)", required=required
         )
