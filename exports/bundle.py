@@ -57,7 +57,9 @@ from peftx.tolerances import (
     FP16,
     INT8,
     MERGE_FP32,
+    MERGE_FP32_MEASURED,
     ONNX_FP32,
+    ONNX_FP32_MEASURED,
     TENSORRT_FP32,
     Tolerance,
 )
@@ -68,7 +70,15 @@ from .deepstream import LABELS_FILE, NVINFER_CONFIG, labels_text, render_config
 from .fp16 import convert_to_fp16, strict_fp16_emulation
 from .layernorm import decomposed_layernorms, fp32_node_names, unsafe_layer_names
 from .onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, op_histogram, param_count, read_metadata
-from .parity import ParityReport, ParityResult, compare, make_input_sets, reference_outputs
+from .parity import (
+    ParityReport,
+    ParityResult,
+    compare,
+    float64_outputs,
+    fp32_noise,
+    make_input_sets,
+    reference_outputs,
+)
 from .reference_set import REFERENCE_FILE, write_reference_set
 from .runners import OnnxRuntimeRunner, Runner, TensorRTRunner, TorchRunner
 from .simplify import simplify_onnx
@@ -326,10 +336,12 @@ def validate_bundle(
     inputs = make_input_sets(array, parity_batches(batch, parity_max_batch), random_batch=RANDOM_BATCH)
     say("running the reference model")
     expected = reference_outputs(TorchRunner(reference, name="reference (unmerged PyTorch)"), inputs)
+    _, onnx_tol, noise_note = _fp32_bounds(reference, inputs, expected, say)
+    notes.append(noise_note)
     fp16_required = meta["precision"] == "fp16"
     scratch = Path(tempfile.mkdtemp())
     candidates: list[tuple[Runner, Tolerance, bool]] = [
-        (OnnxRuntimeRunner(bundle_dir / ONNX_FILE, name="onnxruntime fp32"), ONNX_FP32, True)
+        (OnnxRuntimeRunner(bundle_dir / ONNX_FILE, name="onnxruntime fp32"), onnx_tol, True)
     ]
     if (bundle_dir / FP16_FILE).exists():
         candidates += [
@@ -465,14 +477,16 @@ def _assemble(
     say("running the reference model")
     expected = reference_outputs(TorchRunner(reference, name="reference (unmerged PyTorch)"), inputs)
     _check_class_count(expected, opt.class_names)
-    check = _checker(expected, inputs, say)
+    merge_tol, onnx_tol, noise_note = _fp32_bounds(reference, inputs, expected, say)
+    check = _checker(expected, inputs, say, {ONNX_FP32: onnx_tol})
     notes = [
         f"reference: unmerged PyTorch; {len(images)} real images (cycled to fill larger batches)",
+        noise_note,
         f"target: {opt.target.requested or opt.target.name} (TensorRT >= {opt.target.tensorrt_min}, "
         f"opset {opt.target.export_opset}, LayerNorm {opt.target.layernorm})",
         opt.trt_message,
     ]
-    results = [check(TorchRunner(merged, name="merged PyTorch"), MERGE_FP32)]
+    results = [check(TorchRunner(merged, name="merged PyTorch"), merge_tol)]
     started = time.perf_counter()
     simplify_info, ort_result = _simplified_or_original(work, onnx_path, opt, check, notes)
     results.append(ort_result)
@@ -572,7 +586,7 @@ def _assemble(
     _write_text(work / BUILD_SCRIPT_FILE, script, executable=True)
     say("writing the reference set (infer.py --check)")
     reference_set = write_reference_set(
-        work, reference, json.loads(json.dumps(opt.preprocessing)), opt.accuracy_set, images
+        work, reference, json.loads(json.dumps(opt.preprocessing)), opt.accuracy_set, images, fp32=onnx_tol
     )
     deepstream = _write_deepstream(work, opt, warnings)
     # The engine is device-specific and is rebuilt on the device: it is tied to the bundle by model.engine.json (sha256
@@ -913,10 +927,17 @@ def _check_int8_graph(path: Path, target: TargetProfile, fp32_nodes: Sequence[st
         )
 
 
-def _checker(expected: dict[str, np.ndarray], inputs: dict[str, np.ndarray], say: Progress):
-    """compare() bound to the cached reference outputs and input sets."""
+def _checker(
+    expected: dict[str, np.ndarray],
+    inputs: dict[str, np.ndarray],
+    say: Progress,
+    measured: Mapping[Tolerance, Tolerance] | None = None,
+):
+    """compare() bound to the cached reference outputs and input sets; ``measured`` replaces a constant tolerance by
+    the one derived from this run's FP32 noise (``_fp32_bounds``)."""
 
     def check(runner, tolerance, *, required: bool = True, against: Runner | None = None) -> ParityResult:
+        tolerance = (measured or {}).get(tolerance, tolerance)
         say(f"checking {runner.name}")
         if against is not None:  # another artifact as the reference (INT8's fused kernels vs its exact arithmetic)
             return compare(against, runner, inputs, tolerance, reference_name=against.name, required=required)
@@ -925,6 +946,29 @@ def _checker(expected: dict[str, np.ndarray], inputs: dict[str, np.ndarray], say
         )
 
     return check
+
+
+def _fp32_bounds(
+    reference: torch.nn.Module, inputs: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray], say: Progress
+) -> tuple[Tolerance, Tolerance, str]:
+    """(merged PyTorch's, ONNX Runtime FP32's tolerance, the report's note) from the rounding noise measured here: the
+    unmerged model in float64 on the same inputs is the reference its FP32 outputs are measured against
+    (``tolerances.NoiseBound``). A model that cannot run in float64 keeps the constant bounds, and the note says so."""
+    say("measuring FP32 rounding noise (the unmerged model in float64)")
+    expected64 = float64_outputs(reference, inputs)
+    if expected64 is None:
+        return MERGE_FP32, ONNX_FP32, "FP32 noise not measured (the model does not run in float64): constant bounds"
+    noise = fp32_noise(expected, expected64)
+    scale = max(float(np.abs(v).max(initial=0.0)) for v in expected64.values())
+    merge_tol, onnx_tol = MERGE_FP32_MEASURED.tolerance(noise), ONNX_FP32_MEASURED.tolerance(noise)
+    return (
+        merge_tol,
+        onnx_tol,
+        f"FP32 rounding noise of the unmerged model here (FP32 vs its float64 evaluation, same inputs): max |Δ| "
+        f"{noise:.3g} at logit scale {scale:.3g}; merged PyTorch bound {merge_tol.bound(scale):.3g} "
+        f"({MERGE_FP32_MEASURED.factor:g} x noise + {merge_tol.rel_to_max:g} x scale), ONNX Runtime FP32 bound "
+        f"{onnx_tol.bound(scale):.3g}",
+    )
 
 
 def _fp16_runners(onnx_path: Path, fp16_path: Path, scratch: Path) -> list[OnnxRuntimeRunner]:
