@@ -476,6 +476,17 @@ def test_cpu_int8_kernels_reads_what_the_cpu_accumulates_in():
     assert int8.cpu_int8_kernels(arm)["accumulation"] == "32-bit"
     note = int8.fused_kernels_note(0.2, 0.1, int8.cpu_int8_kernels(avx2))
     assert "no VNNI" in note and "16 bits" in note and "advisory" in note
+    from peftx.cli.commands.export_cmd import int8_line
+
+    info = {
+        "quantized_count": 14,
+        "calibration": {"images": 48},
+        "method": "minmax",
+        "tool": {"name": "x", "version": "1"},
+    }
+    assert "fused int8 kernels" not in int8_line({**info, "cpu_kernels": {"agree": True}})
+    line = int8_line({**info, "cpu_kernels": {"agree": False, "accumulation": "16-bit pairs (saturating)"}})
+    assert "fused int8 kernels differ (16-bit pairs (saturating), advisory" in line
 
 
 def test_the_bundle_reports_the_fused_kernels_against_the_exact_arithmetic_and_check_uses_the_exact_one(tmp_path):
