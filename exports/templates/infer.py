@@ -765,7 +765,7 @@ def check_bundle(meta: dict, choice: str = "auto", precision: str | None = None,
             problems.append("missing — build it with ./build_engine.sh" if what == "model.engine" else "")
         elif tol is None:
             problems.append(f"metadata.json records no tolerance for {tol_key}")
-        figures = ""
+        figures, advisory = "", None
         if not problems and tol is not None:  # (no tolerance is a problem above)
             backend = make()
             actual = np.concatenate([backend(inputs[i : i + chunk]) for i in range(0, len(inputs), chunk)])
@@ -776,12 +776,12 @@ def check_bundle(meta: dict, choice: str = "auto", precision: str | None = None,
                 figures += f"; accuracy {100 * accuracy:.1f} % (unmerged {100 * reference:.1f} %)"
             if tol_key == "int8" and files:
                 advisory = _fused_int8_line(HERE / files[0], inputs, actual, tol, chunk)
-                if advisory:
-                    print(advisory)
         checked += 1
         verdict = "PASS" if not problems else "FAIL" if required else "fail (advisory)"
         detail = "; ".join(p for p in problems if p) + (" — " if problems and figures else "") + figures
         print(f"{verdict}  {what}: {detail}".rstrip(": "))
+        if advisory:
+            print(advisory)
         if problems and required:
             failed.append(what)
     for note in notes:
