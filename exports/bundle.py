@@ -60,7 +60,9 @@ from peftx.tolerances import (
     FP16,
     INT8,
     MERGE_FP32,
+    MERGE_FP32_MEASURED,
     ONNX_FP32,
+    ONNX_FP32_MEASURED,
     TENSORRT_FP32,
     Tolerance,
 )
@@ -72,7 +74,15 @@ from .accuracy import AccuracyReport, AccuracySet, Candidate, load_infer_module,
 from .fp16 import convert_to_fp16, strict_fp16_emulation
 from .layernorm import decomposed_layernorms, fp32_node_names, unsafe_layer_names
 from .onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, op_histogram, param_count, read_metadata
-from .parity import ParityReport, ParityResult, compare, make_input_sets, reference_outputs
+from .parity import (
+    ParityReport,
+    ParityResult,
+    compare,
+    float64_outputs,
+    fp32_noise,
+    make_input_sets,
+    reference_outputs,
+)
 from .reference_set import REFERENCE_FILE, write_reference_set
 from .runners import OnnxRuntimeRunner, Runner, TensorRTRunner, TorchRunner
 from .simplify import simplify_onnx
@@ -93,6 +103,10 @@ FORMAT = "peftx-bundle"
 FORMAT_VERSION = 1
 ONNX_FILE, FP16_FILE, ENGINE_FILE = "model.onnx", "model_fp16.onnx", "model.engine"
 INT8_FILE = "model_int8.onnx"
+# model_int8.onnx under ONNX Runtime twice: unoptimised, the exact Q/DQ arithmetic TensorRT performs (what the gate,
+# the fallback's ranking and validate measure: int8.exact_session_options), and optimised, this CPU's fused int8
+# kernels (what infer.py runs and bench times; advisory: on a CPU without VNNI they saturate, TensorRT does not).
+INT8_EXACT, INT8_FUSED = "onnxruntime int8", "onnxruntime int8 fused kernels"
 INFER_FILE, BUILD_SCRIPT_FILE = "infer.py", "build_engine.sh"
 README_FILE = "README.md"  # for the person at the device: install per JetPack, build, check, run
 BENCH_FILE = "device_bench.py"
@@ -328,18 +342,21 @@ def validate_bundle(
     inputs = make_input_sets(array, parity_batches(batch, parity_max_batch), random_batch=RANDOM_BATCH)
     say("running the reference model")
     expected = reference_outputs(TorchRunner(reference, name="reference (unmerged PyTorch)"), inputs)
+    _, onnx_tol, noise_note = _fp32_bounds(reference, inputs, expected, say)
+    notes.append(noise_note)
     fp16_required = meta["precision"] == "fp16"
     scratch = Path(tempfile.mkdtemp())
     candidates: list[tuple[Runner, Tolerance, bool]] = [
-        (OnnxRuntimeRunner(bundle_dir / ONNX_FILE, name="onnxruntime fp32"), ONNX_FP32, True)
+        (OnnxRuntimeRunner(bundle_dir / ONNX_FILE, name="onnxruntime fp32"), onnx_tol, True)
     ]
     if (bundle_dir / FP16_FILE).exists():
         candidates += [
             (runner, FP16, fp16_required)
             for runner in _fp16_runners(bundle_dir / ONNX_FILE, bundle_dir / FP16_FILE, scratch)
         ]
-    if (bundle_dir / INT8_FILE).exists():  # logits advisory (they move by design); its accuracy gate is required
-        candidates.append((OnnxRuntimeRunner(bundle_dir / INT8_FILE, name="onnxruntime int8"), INT8, False))
+    int8_runners = _int8_runners(bundle_dir / INT8_FILE) if (bundle_dir / INT8_FILE).exists() else None
+    if int8_runners:  # logits advisory (they move by design); the exact arithmetic's accuracy gate is required
+        candidates.append((int8_runners[0], INT8, False))
     if engine.exists() and use_trt:
         engine_precision = (meta.get("tensorrt", {}).get("build") or {}).get("precision", meta["precision"])
         tolerance = {"fp16": FP16, "int8": INT8}.get(engine_precision, TENSORRT_FP32)
@@ -361,10 +378,19 @@ def validate_bundle(
                     required=required,
                 )
             )
+        accuracy_candidates = [
+            (runner, _accuracy_tolerance(tol), req or tol is INT8) for runner, tol, req in candidates
+        ]
+        if int8_runners:  # this CPU's fused int8 kernels against the exact arithmetic: advisory, with the reason
+            row, kernels = _int8_kernels(bundle_dir / INT8_FILE, _checker(expected, inputs, say))
+            results.append(row)
+            if kernels["note"]:
+                notes.append(kernels["note"])
+            accuracy_candidates.append((int8_runners[1], ACCURACY_INT8, False))
         if accuracy_set is not None:
             accuracy = measure_accuracy(
                 TorchRunner(reference, name="unmerged PyTorch"),
-                [(runner, _accuracy_tolerance(tol), req or tol is INT8) for runner, tol, req in candidates],
+                accuracy_candidates,
                 accuracy_set,
                 meta["preprocessing"],
                 bundle_dir / INFER_FILE,
@@ -458,14 +484,16 @@ def _assemble(
     say("running the reference model")
     expected = reference_outputs(TorchRunner(reference, name="reference (unmerged PyTorch)"), inputs)
     _check_class_count(expected, opt.class_names)
-    check = _checker(expected, inputs, say)
+    merge_tol, onnx_tol, noise_note = _fp32_bounds(reference, inputs, expected, say)
+    check = _checker(expected, inputs, say, {ONNX_FP32: onnx_tol})
     notes = [
         f"reference: unmerged PyTorch; {len(images)} real images (cycled to fill larger batches)",
+        noise_note,
         f"target: {opt.target.requested or opt.target.name} (TensorRT >= {opt.target.tensorrt_min}, "
         f"opset {opt.target.export_opset}, LayerNorm {opt.target.layernorm})",
         opt.trt_message,
     ]
-    results = [check(TorchRunner(merged, name="merged PyTorch"), MERGE_FP32)]
+    results = [check(TorchRunner(merged, name="merged PyTorch"), merge_tol)]
     started = time.perf_counter()
     simplify_info, ort_result = _simplified_or_original(work, onnx_path, opt, check, notes)
     results.append(ort_result)
@@ -479,10 +507,15 @@ def _assemble(
     _write_text(work / INFER_FILE, _template("infer.py"))  # before INT8: calibration runs its preprocessing
     _write_text(work / BENCH_FILE, _template(BENCH_FILE))  # infer.py --bench: times every artifact on the device
     int8_graph, calibration = None, None
+    int8_kernels: dict[str, Any] = {}
     if opt.precision == "int8":
         int8_graph, calibration = _int8_step(work, onnx_path, opt, scratch, timings, say)
-        results.append(check(OnnxRuntimeRunner(int8_graph.path, name="onnxruntime int8"), INT8, required=False))
-        notes.append("INT8 logits are advisory (they move by design); the INT8 artifact is gated on task accuracy")
+        int8_rows, int8_kernels = _int8_parity(int8_graph.path, check)
+        results += int8_rows
+        notes.append(
+            "INT8 logits are advisory (they move by design); the INT8 artifact is gated on task accuracy, measured "
+            "on the exact Q/DQ arithmetic TensorRT performs (ONNX Runtime unoptimised)"
+        )
     say(f"checking TensorRT readiness of the shipped files for {opt.target.requested or opt.target.name}")
     readiness = check_target_readiness(_shipped_onnx(work), opt.target)
     _handle_readiness(readiness.problems, opt.tensorrt, warnings, opt.target)
@@ -506,7 +539,8 @@ def _assemble(
                 *((runner, ACCURACY_FP16, opt.precision == "fp16") for runner in fp16_runners),
             ]
             if int8_graph is not None:
-                candidates.append((OnnxRuntimeRunner(int8_graph.path, name="onnxruntime int8"), ACCURACY_INT8, True))
+                exact, fused = _int8_runners(int8_graph.path)
+                candidates += [(exact, ACCURACY_INT8, True), (fused, ACCURACY_INT8, False)]
             if trt_runner is not None:
                 gate = {"fp16": ACCURACY_FP16, "int8": ACCURACY_INT8}.get(opt.precision, ACCURACY_FP32)
                 candidates.append((trt_runner, gate, True))
@@ -525,6 +559,7 @@ def _assemble(
                 int8_info = _int8_gate(
                     work, onnx_path, int8_graph, calibration, accuracy, opt, scratch, timings, say, results, check
                 )
+                int8_kernels = int8_info.pop("_kernels", int8_kernels)
                 if trt_runner is not None and int8_info["fallback"]["ran"]:
                     warnings.append(
                         "model.engine was built from the INT8 graph before the fallback changed it: "
@@ -537,6 +572,10 @@ def _assemble(
             )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    if int8_graph is not None:
+        int8_info = {**(int8_info or {}), "cpu_kernels": int8_kernels}
+        if int8_kernels.get("note"):
+            notes.append(int8_kernels["note"])
     parity = ParityReport(results, notes, accuracy)
     if int8_graph is not None:  # the graph as shipped (after any fallback) is what must hold
         _check_int8_graph(work / INT8_FILE, opt.target, fp32_nodes)
@@ -556,7 +595,7 @@ def _assemble(
     _write_text(work / BUILD_SCRIPT_FILE, script, executable=True)
     say("writing the reference set (infer.py --check)")
     reference_set = write_reference_set(
-        work, reference, json.loads(json.dumps(opt.preprocessing)), opt.accuracy_set, images
+        work, reference, json.loads(json.dumps(opt.preprocessing)), opt.accuracy_set, images, fp32=onnx_tol
     )
     _write_text(work / README_FILE, render_readme(opt.preprocessing, opt.class_names, opt.precision, opt.target))
     # The engine is device-specific and is rebuilt on the device: it is tied to the bundle by model.engine.json (sha256
@@ -788,7 +827,7 @@ def _int8_gate(
 ) -> dict[str, Any]:
     """The INT8 accuracy gate's outcome; when it failed, the sensitivity fallback (``int8.fallback``) and, when that
     passes, the report's INT8 rows replaced by the shipped graph's. Returns metadata.json's "int8" section."""
-    name = "onnxruntime int8"
+    name = INT8_EXACT
     index = next(i for i, r in enumerate(accuracy.results) if r.candidate == name)
     first = accuracy.results[index]
     kept = accuracy.kept or {}
@@ -796,7 +835,12 @@ def _int8_gate(
         **graph.to_json(),
         "calibration": calibration.to_json(),
         "tolerance": asdict(ACCURACY_INT8),
-        "gate": {"accuracy": first.accuracy, "drop": first.drop, "passed": first.passed},
+        "gate": {
+            "accuracy": first.accuracy,
+            "drop": first.drop,
+            "passed": first.passed,
+            "session": "onnxruntime, graph optimisations disabled: the exact Q/DQ arithmetic TensorRT performs",
+        },
         "float_parts": int8_fp16.float_parts(work / INT8_FILE),  # "fp16" for strongly typed targets (int8_fp16.py)
         "fallback": {"ran": False},
     }
@@ -806,13 +850,13 @@ def _int8_gate(
         return info
     labels, ref_pred = kept["labels"], kept["reference_logits"].argmax(axis=1)
 
-    def result(path: Path):
-        runner = OnnxRuntimeRunner(path, name=name)
+    def result(path: Path, fused: bool = False):
+        runner = _int8_runners(path)[1 if fused else 0]
         with runner:
             pred = np.concatenate(
                 [runner.infer(kept["inputs"][i : i + 32]).argmax(axis=1) for i in range(0, len(labels), 32)]
             )
-        return result_for(name, ACCURACY_INT8, True, pred, labels, ref_pred, accuracy.reference_accuracy)
+        return result_for(runner.name, ACCURACY_INT8, not fused, pred, labels, ref_pred, accuracy.reference_accuracy)
 
     started = time.perf_counter()
 
@@ -836,15 +880,17 @@ def _int8_gate(
     info["fallback"] = outcome.to_json()
     if outcome.passed:
         accuracy.results[index] = result(work / INT8_FILE)
+        for i, r in enumerate(accuracy.results):
+            if r.candidate == INT8_FUSED:
+                accuracy.results[i] = result(work / INT8_FILE, fused=True)
         placement = int8_mod.qdq_placement(work / INT8_FILE)
         info.update(
             quantized=placement["quantized"],
             float_nodes=placement["float"],
             quantized_count=len(placement["quantized"]),
         )
-        for i, r in enumerate(results):
-            if r.candidate == name:
-                results[i] = check(OnnxRuntimeRunner(work / INT8_FILE, name=name), INT8, required=False)
+        rows, info["_kernels"] = _int8_parity(work / INT8_FILE, check)
+        results[:] = [r for r in results if r.candidate not in (INT8_EXACT, INT8_FUSED)] + rows
         say(f"INT8 gate passes with {len(outcome.float_nodes)} node(s) float: {', '.join(outcome.float_nodes)}")
     else:
         accuracy.notes.append(
@@ -853,6 +899,46 @@ def _int8_gate(
             f"{len(outcome.float_nodes)} node(s) float"
         )
     return info
+
+
+def _int8_runners(path: Path) -> tuple[OnnxRuntimeRunner, OnnxRuntimeRunner]:
+    """(exact, fused): model_int8.onnx unoptimised (the Q/DQ arithmetic TensorRT performs, the gate's) and optimised
+    (this CPU's fused int8 kernels, infer.py's and bench's)."""
+    return (
+        OnnxRuntimeRunner(path, name=INT8_EXACT, session_options=int8_mod.exact_session_options(_ort())),
+        OnnxRuntimeRunner(path, name=INT8_FUSED),
+    )
+
+
+def _ort():
+    import onnxruntime
+
+    return onnxruntime
+
+
+def _int8_parity(path: Path, check) -> tuple[list[ParityResult], dict[str, Any]]:
+    """The INT8 graph's logit rows (both advisory): the exact arithmetic against the unmerged model, and this CPU's
+    fused kernels against the exact arithmetic (``_int8_kernels``); and what metadata.json records of the latter."""
+    row, facts = _int8_kernels(path, check)
+    return [check(_int8_runners(path)[0], INT8, required=False), row], facts
+
+
+def _int8_kernels(path: Path, check) -> tuple[ParityResult, dict[str, Any]]:
+    """This CPU's fused int8 kernels against the exact Q/DQ arithmetic at the INT8 bound (advisory), and the facts
+    metadata.json's ``int8.cpu_kernels`` records: the CPU, what its int8 products accumulate in, the figures, and
+    the report's note when they disagree."""
+    exact, fused = _int8_runners(path)
+    kernels = check(fused, INT8, required=False, against=exact)
+    facts = int8_mod.cpu_int8_kernels()
+    s = kernels.overall
+    return kernels, {
+        **facts,
+        "agree": kernels.passed,
+        "max_abs": s.max_abs,
+        "bound": s.bound,
+        "top1_agreement": s.top1_agreement,
+        "note": "" if kernels.passed else int8_mod.fused_kernels_note(s.max_abs, s.bound, facts),
+    }
 
 
 def _check_int8_graph(path: Path, target: TargetProfile, fp32_nodes: Sequence[str]) -> None:
@@ -872,16 +958,48 @@ def _check_int8_graph(path: Path, target: TargetProfile, fp32_nodes: Sequence[st
         )
 
 
-def _checker(expected: dict[str, np.ndarray], inputs: dict[str, np.ndarray], say: Progress):
-    """compare() bound to the cached reference outputs and input sets."""
+def _checker(
+    expected: dict[str, np.ndarray],
+    inputs: dict[str, np.ndarray],
+    say: Progress,
+    measured: Mapping[Tolerance, Tolerance] | None = None,
+):
+    """compare() bound to the cached reference outputs and input sets; ``measured`` replaces a constant tolerance by
+    the one derived from this run's FP32 noise (``_fp32_bounds``)."""
 
-    def check(runner, tolerance, *, required: bool = True) -> ParityResult:
+    def check(runner, tolerance, *, required: bool = True, against: Runner | None = None) -> ParityResult:
+        tolerance = (measured or {}).get(tolerance, tolerance)
         say(f"checking {runner.name}")
+        if against is not None:  # another artifact as the reference (INT8's fused kernels vs its exact arithmetic)
+            return compare(against, runner, inputs, tolerance, reference_name=against.name, required=required)
         return compare(
             expected, runner, inputs, tolerance, reference_name="reference (unmerged PyTorch)", required=required
         )
 
     return check
+
+
+def _fp32_bounds(
+    reference: torch.nn.Module, inputs: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray], say: Progress
+) -> tuple[Tolerance, Tolerance, str]:
+    """(merged PyTorch's, ONNX Runtime FP32's tolerance, the report's note) from the rounding noise measured here: the
+    unmerged model in float64 on the same inputs is the reference its FP32 outputs are measured against
+    (``tolerances.NoiseBound``). A model that cannot run in float64 keeps the constant bounds, and the note says so."""
+    say("measuring FP32 rounding noise (the unmerged model in float64)")
+    expected64 = float64_outputs(reference, inputs)
+    if expected64 is None:
+        return MERGE_FP32, ONNX_FP32, "FP32 noise not measured (the model does not run in float64): constant bounds"
+    noise = fp32_noise(expected, expected64)
+    scale = max(float(np.abs(v).max(initial=0.0)) for v in expected64.values())
+    merge_tol, onnx_tol = MERGE_FP32_MEASURED.tolerance(noise), ONNX_FP32_MEASURED.tolerance(noise)
+    return (
+        merge_tol,
+        onnx_tol,
+        f"FP32 rounding noise of the unmerged model here (FP32 vs its float64 evaluation, same inputs): max |Δ| "
+        f"{noise:.3g} at logit scale {scale:.3g}; merged PyTorch bound {merge_tol.bound(scale):.3g} "
+        f"({MERGE_FP32_MEASURED.factor:g} x noise + {merge_tol.rel_to_max:g} x scale), ONNX Runtime FP32 bound "
+        f"{onnx_tol.bound(scale):.3g}",
+    )
 
 
 def _fp16_runners(onnx_path: Path, fp16_path: Path, scratch: Path) -> list[OnnxRuntimeRunner]:

@@ -12,6 +12,11 @@ The calibration images go through the preprocessing the bundle ships (its own in
 what the device feeds. The gate is task accuracy (``accuracy.py``) with :data:`~peftx.tolerances.ACCURACY_INT8`;
 when it fails, :func:`sensitivity` ranks the quantized nodes on calibration images (each one quantized ALONE, its
 logits error against FP32) and :func:`fallback` keeps the most sensitive ones float, fewest first, within a bound.
+
+The gate, the ranking and ``validate`` measure the Q/DQ arithmetic TensorRT performs, not this CPU's int8 kernels:
+they run the graph with ONNX Runtime's graph optimisations disabled (:func:`exact_session_options`). The fused,
+optimised session is what infer.py runs and ``bench`` times; where it disagrees with the exact one,
+:func:`cpu_int8_kernels` says why (see ``docs/int8-gate.md``).
 """
 
 from __future__ import annotations
@@ -450,7 +455,8 @@ def sensitivity(
 ) -> list[Sensitivity]:
     """Every quantizable node quantized ALONE (ranges from ``cache``), its logits error against FP32 on the first
     SENSITIVITY_IMAGES calibration images; most sensitive first. Cost: one graph rewrite and one FP32-speed forward
-    of SENSITIVITY_IMAGES images per node (ViT-S: 74 nodes)."""
+    of SENSITIVITY_IMAGES images per node (ViT-S: 74 nodes). Both sides run unoptimised (:func:`exact_session_options`):
+    the ranking is that of TensorRT's arithmetic on every processor, not of this CPU's int8 kernels."""
     import onnxruntime as ort
 
     x = np.ascontiguousarray(calibration[:SENSITIVITY_IMAGES])
@@ -467,9 +473,7 @@ def sensitivity(
 
 
 def _session_run(ort, path: Path, x: np.ndarray) -> np.ndarray:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), exact_session_options(ort), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return np.concatenate(
         [session.run(None, {name: x[i : i + CALIBRATION_BATCH]})[0] for i in range(0, len(x), CALIBRATION_BATCH)]
@@ -569,3 +573,78 @@ def fallback(
 def calibration_cache(scratch: Path) -> Path:
     """Where onnxruntime keeps the calibrated ranges for the re-quantizations (the file must not exist yet)."""
     return Path(tempfile.mkdtemp(dir=scratch)) / "calibration.json"
+
+
+# --- the exact Q/DQ arithmetic, and this CPU's fused int8 kernels ---------------------------------------------------
+
+
+def exact_session_options(ort: Any) -> Any:
+    """ONNX Runtime session options that run a Q/DQ graph as the arithmetic TensorRT performs, on every processor.
+
+    With graph optimisations disabled (``ORT_DISABLE_ALL``) ONNX Runtime executes the graph node by node as written:
+    QuantizeLinear (x / s, rounded half to even, saturated to [-128, 127]), DequantizeLinear (q * s, in float32) and
+    the float MatMul / Gemm / Conv kernels on the dequantized values. Nothing is fused into MatMulIntegerToFloat or
+    QLinearMatMul (tests/test_int8.py reads the executed node kinds from ONNX Runtime's profile). Each product
+    q_x s_x q_w s_w is formed from exactly representable int8 values and float32 scales, and the sum runs in float32,
+    so the result is sum(q_x q_w) s_x s_w up to float32 rounding (measured: 5e-7 of the output scale on a K = 768
+    MatMul against an exact integer evaluation; tests/test_int8.py), the same rounding the FP32 graph has on any
+    processor. TensorRT's INT8 kernels compute sum(q_x q_w) exactly in 32-bit integers and rescale in float: the
+    same function.
+
+    The optimised session instead fuses each DQ -> MatMul into an int8 kernel. On x86 CPUs without VNNI (AVX2,
+    AVX-512 without VNNI) ONNX Runtime's kernels multiply u8 x s8 pairs with ``vpmaddubsw``, whose pair sums saturate
+    at 16 bits: on such a CPU its outputs are not TensorRT's (measured on an AMD EPYC with AVX2: 12 % of the output
+    scale on that MatMul). A gate on those outputs measures the validating CPU, not the device.
+    """
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return options
+
+
+def cpu_int8_kernels(cpuinfo: str | None = None) -> dict[str, Any]:
+    """What this CPU's int8 dot products accumulate in, from /proc/cpuinfo (``cpuinfo``: its text, for tests).
+
+    ``accumulation``: "32-bit" (x86 VNNI / AMX, Arm dot product), "16-bit pairs (saturating)" (x86 without VNNI:
+    ONNX Runtime's AVX2 / AVX-512BW int8 kernels use ``vpmaddubsw``), or "unknown".
+    """
+    import platform
+
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            cpuinfo = ""
+    model, flags = "", set[str]()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("model name", "hardware", "cpu model") and not model:
+            model = value.strip()
+        elif key in ("flags", "features") and not flags:
+            flags = set(value.split())
+    vnni = sorted(flags & {"avx512_vnni", "avx_vnni", "amx_int8", "avx_vnni_int8"})
+    if vnni or "asimddp" in flags:
+        accumulation = "32-bit"
+    elif "avx2" in flags or "avx512bw" in flags:
+        accumulation = "16-bit pairs (saturating)"
+    else:
+        accumulation = "unknown"
+    isa = [f for f in ("avx2", "avx512f", "avx512bw", *vnni, "asimddp") if f in flags]
+    return {"cpu": model or platform.processor() or platform.machine(), "isa": isa, "accumulation": accumulation}
+
+
+def fused_kernels_note(max_abs: float, bound: float, kernels: dict[str, Any]) -> str:
+    """The report's line when ONNX Runtime's fused int8 kernels disagree with the exact Q/DQ arithmetic here."""
+    why = {
+        "16-bit pairs (saturating)": (
+            "this CPU has no VNNI, so ONNX Runtime's int8 kernels sum u8 x s8 pairs in 16 bits, which saturates"
+        ),
+        "32-bit": "this CPU accumulates int8 products in 32 bits, so the cause is not 16-bit saturation: report it",
+    }.get(kernels.get("accumulation", ""), "unknown cause on this CPU")
+    return (
+        f"ONNX Runtime's fused int8 CPU kernels differ from the exact Q/DQ arithmetic by max |Δ| {max_abs:.3g} "
+        f"(INT8 bound {bound:.3g}) on {kernels.get('cpu') or 'this CPU'}: {why}. TensorRT accumulates in 32 bits, "
+        "so the gate measures the exact arithmetic; infer.py --precision int8 under ONNX Runtime and bench's timings "
+        "on this CPU use the fused kernels (advisory, not a failure of the bundle)"
+    )

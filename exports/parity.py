@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rich.table import Table
@@ -124,6 +124,31 @@ def reference_outputs(runner: Runner, inputs: Mapping[str, np.ndarray]) -> dict[
     """Run the reference once per input set; pass the result to ``compare`` for every candidate."""
     with runner:
         return {name: runner.infer(batch) for name, batch in inputs.items()}
+
+
+def float64_outputs(module: Any, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    """``module`` (a torch.nn.Module in eval mode) evaluated in float64 on the CPU on every input set: the reference
+    the FP32 outputs' rounding noise is measured against (:func:`fp32_noise`). A copy is converted, so ``module``
+    is untouched; None when the model cannot run in float64 (an op without a float64 kernel)."""
+    import copy
+
+    import torch
+
+    try:
+        model = copy.deepcopy(module).to(device="cpu", dtype=torch.float64).eval()
+        with torch.inference_mode():
+            out = {name: model(torch.from_numpy(np.asarray(x, dtype=np.float64))) for name, x in inputs.items()}
+    except (RuntimeError, TypeError, NotImplementedError):
+        return None
+    if any(v.dtype != torch.float64 for v in out.values()):
+        return None  # something cast back to float32: not a float64 evaluation
+    return {name: v.numpy() for name, v in out.items()}
+
+
+def fp32_noise(expected: Mapping[str, np.ndarray], expected64: Mapping[str, np.ndarray]) -> float:
+    """Max |Δ| between FP32 outputs and the same model's float64 outputs over every input set: how far this
+    processor's FP32 arithmetic moves this model's logits (the measure ``tolerances.NoiseBound`` scales)."""
+    return max(float(np.abs(expected[k].astype(np.float64) - expected64[k]).max(initial=0.0)) for k in expected)
 
 
 def compare(

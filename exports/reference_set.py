@@ -65,10 +65,12 @@ def write_reference_set(
     *,
     n: int = REFERENCE_IMAGES,
     raw_files: int = REFERENCE_RAW_FILES,
+    fp32: Tolerance | None = None,
 ) -> dict[str, Any]:
     """Write reference_set.npz (+ reference/ raw files) into the bundle directory ``work``; return metadata.json's
     ``reference_set`` entry. ``accuracy_set`` (labelled images with raw files) is preferred; without it the parity
-    ``images`` (real, already preprocessed, unlabelled) are used and no raw file ships."""
+    ``images`` (real, already preprocessed, unlabelled) are used and no raw file ships. ``fp32``: the FP32 ONNX
+    tolerance parity used (derived from this model's measured FP32 noise), recorded for the device's check."""
     prep = dict(preprocessing)
     if accuracy_set is not None and len(accuracy_set):
         inputs, labels, raws, source = _from_labelled(work, accuracy_set, prep, n)
@@ -102,7 +104,10 @@ def write_reference_set(
         "raw_files": names,
         "preprocessing_atol": PREPROCESSING_ATOL,
         "reference": "unmerged PyTorch",
-        "tolerances": {key: dataclasses.asdict(tol) for key, tol in CHECK_TOLERANCES.items()},
+        "tolerances": {
+            key: dataclasses.asdict(fp32 if key == "fp32" and fp32 is not None else tol)
+            for key, tol in CHECK_TOLERANCES.items()
+        },
     }
 
 

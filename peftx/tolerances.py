@@ -23,8 +23,10 @@ class Tolerance:
 
 
 # Merged vs unmerged PyTorch, FP32. The merge is exact algebra; what remains is FP32 rounding of W*(1+s s^T) and of a
-# re-ordered sum over ~10 layers, ~1e-7 relative per op. 1e-5 of the logit scale is the issue's contract and leaves
-# two orders of magnitude of headroom over what we measure (~1e-7).
+# re-ordered sum over ~10 layers, ~1e-7 relative per op. 1e-5 of the logit scale is the issue's contract for the
+# tiny test models and the GPU check. It is a constant that held on one processor: a user's RLRR model at 56 px
+# differed by 1.27e-5 on an AVX2 EPYC, FP32 re-association, not a wrong merge. merge-export therefore bounds the
+# merge by the noise it measures (MERGE_FP32_MEASURED below).
 MERGE_FP32 = Tolerance(
     "merge_fp32",
     atol=0.0,
@@ -43,6 +45,61 @@ ONNX_FP32 = Tolerance(
     min_top1=1.0,
     min_cosine=0.99999,
     reason="transformers' ONNX config atol for ViT/Swin; different kernels, same FP32 math",
+)
+
+
+@dataclass(frozen=True)
+class NoiseBound:
+    """An FP32 bound derived from the rounding noise measured in the same run, on the same inputs and processor.
+
+    ``noise`` is the max |Δ| between the unmerged model's FP32 outputs and its own float64 evaluation
+    (``peftx.exports.parity.fp32_noise``): how far this processor's FP32 kernels, in their summation order, move
+    this model's logits. The bound is ``max(floor.atol, factor * noise) + floor.rel_to_max * max|reference|``: a
+    constant that held on one processor (MERGE_FP32's 1e-5 relative failed at 1.27e-5 on an AVX2 EPYC) becomes a
+    multiple of what the same run measured, with the top-1 and cosine requirements of ``floor``.
+    """
+
+    name: str
+    factor: float
+    floor: Tolerance
+    reason: str
+
+    def tolerance(self, noise: float) -> Tolerance:
+        return Tolerance(
+            self.name,
+            atol=max(self.floor.atol, self.factor * noise),
+            rel_to_max=self.floor.rel_to_max,
+            min_top1=self.floor.min_top1,
+            min_cosine=self.floor.min_cosine,
+            reason=f"{self.reason}; measured FP32 noise {noise:.3g} x {self.factor:g}",
+        )
+
+
+# Merged vs unmerged PyTorch, FP32, as merge-export checks it: 8 x the measured noise plus 1e-6 of the logit scale
+# (a few FP32 ulps, so a model whose noise measures ~0 is not held to exact equality). Measured (tiny ViT / DINOv2-
+# style ViT / Swin and a random ViT-S/16 at 56 px, every method, 16 real images, this AVX2 EPYC): the merged model
+# differs from the unmerged by 0.7-1.24 x the unmerged model's own FP32 noise (2e-7..1e-5 relative to the scale),
+# so 8 leaves 6x headroom. A wrong fold moves the logits by 100-14,000 x the noise (one Linear bias off by 1e-3 or
+# one weight scaled by 1.001; tests/test_exports_parity.py folds an SSF shift off by 1e-3 and drops one SSF scale).
+MERGE_FP32_MEASURED = NoiseBound(
+    "merge_fp32_measured",
+    factor=8.0,
+    floor=Tolerance(
+        "merge_fp32_floor", atol=0.0, rel_to_max=1e-6, min_top1=1.0, min_cosine=0.99999, reason="FP32 ulps"
+    ),
+    reason="exact closed-form merge; only FP32 re-association error remains, bounded by the noise this run measured",
+)
+
+# ONNX Runtime FP32 vs the unmerged PyTorch model, as merge-export and validate check it: ONNX_FP32's 1e-4 unless the
+# model's own FP32 noise is so large that 8 x it exceeds that. ORT and PyTorch differ by 0.75-3.7 x the measured
+# noise (the models above); a random ViT-S/16 whose full fine-tune perturbed every weight has noise 2.2e-4 at a logit
+# scale of 13 and ORT-vs-PyTorch 3.4e-4, which the constant 1e-4 fails although the export is right. A wrong export
+# moves logits by O(scale).
+ONNX_FP32_MEASURED = NoiseBound(
+    "onnxruntime_fp32_measured",
+    factor=8.0,
+    floor=ONNX_FP32,
+    reason="different kernels, same FP32 math: transformers' atol, or 8 x this model's measured FP32 noise",
 )
 
 # FP16 graph (emulated under ORT, or a TensorRT FP16 engine) vs FP32 unmerged. Half precision carries ~3 significant

@@ -233,3 +233,46 @@ def test_tensorrt_engine_matches_reference(trt_ready, precision, inputs, tmp_pat
     assert result.passed, result.overall.failures
     with TensorRTRunner(build.path) as runner, pytest.raises(UsageError, match="profile"):
         runner.infer(np.zeros((9, 3, SIZE, SIZE), np.float32))
+
+
+def test_the_merge_bound_comes_from_measured_fp32_noise_and_catches_a_wrong_fold():
+    """merge-export's merged-vs-unmerged bound is 8 x the unmerged model's own FP32 noise (its FP32 outputs against
+    its float64 evaluation on the same inputs) plus 1e-6 of the scale: a correct RLRR merge passes on this
+    processor, and a fold whose SSF shift is off by 1e-3, or which drops one SSF scale, fails."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import make_tiny, perturb_adapter, real_batch
+
+    from peftx.adapter import adapt, merge_and_unload
+    from peftx.exports.parity import float64_outputs, fp32_noise
+    from peftx.methods import make_config
+    from peftx.tolerances import MERGE_FP32_MEASURED
+
+    model = adapt(make_tiny("vit"), make_config("rlrr"))
+    perturb_adapter(model)
+    model.eval()
+    inputs = make_input_sets(real_batch("vit", n=8).numpy(), (1, 3, 8))
+    expected = reference_outputs(TorchRunner(model), inputs)
+    expected64 = float64_outputs(model, inputs)
+    assert expected64 is not None and all(v.dtype == np.float64 for v in expected64.values())
+    noise = fp32_noise(expected, expected64)
+    assert 0 < noise < 1e-4  # FP32 rounding: measurable, and small
+    tol = MERGE_FP32_MEASURED.tolerance(noise)
+    assert tol.atol == 8 * noise and "measured FP32 noise" in tol.reason
+    with torch.no_grad():
+        merged = merge_and_unload(copy.deepcopy(model)).eval()
+        good = compare(expected, TorchRunner(merged, name="merged"), inputs, tol)
+        ssf = model.blocks[1].norm1  # the SSF on LayerNorm outputs that the merge folds into its affine
+        shifted = copy.deepcopy(merged)
+        shifted.blocks[1].norm1.bias += 1e-3
+        unscaled = copy.deepcopy(merged)
+        unscaled.blocks[1].norm1.weight.copy_(ssf.base.weight)
+        unscaled.blocks[1].norm1.bias.copy_(ssf.base.bias + ssf.ssf_shift)
+    assert good.passed, good.overall.failures
+    for wrong in (shifted, unscaled):
+        result = compare(expected, TorchRunner(wrong, name="wrong fold"), inputs, tol)
+        assert not result.passed and result.overall.max_abs > 10 * result.overall.bound
+    # the float64 evaluation leaves the model as it was
+    assert next(model.parameters()).dtype == torch.float32

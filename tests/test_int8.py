@@ -381,3 +381,153 @@ def test_the_histogram_calibrations_give_a_graph_that_holds_too(tmp_path, method
     a, b = activation_scales(minmax), activation_scales(other)
     assert a.keys() == b.keys()
     assert all(b[k] <= a[k] * (1 + 1e-6) for k in a) and any(b[k] < 0.99 * a[k] for k in a)
+
+
+# --- the exact Q/DQ arithmetic (the gate's) and this CPU's fused int8 kernels (infer.py's, bench's) ---------------
+
+
+def _one_qdq_matmul(k: int = 768, m: int = 64, n: int = 96) -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+    """One MatMul with symmetric INT8 Q/DQ on both inputs (per-tensor activation, per-channel weight), as
+    quantize_static writes them, with inputs whose u8 x s8 pair sums overflow 16 bits; and its exact result:
+    integer products summed in int64, then scaled in float64 (TensorRT: int32 accumulation, float rescale)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    sa = np.float32(0.02)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    sw = (np.abs(w).max(axis=0) / 127).astype(np.float32)
+    qw = np.clip(np.rint(w / sw), -127, 127).astype(np.int8)
+    x = (rng.standard_normal((m, k)) * 1.2).astype(np.float32)
+    x[:, ::2] = np.abs(x[:, ::2]) + 1.5  # large same-sign neighbours: their pair sums exceed int16
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "sa", "zp"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "sa", "zp"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["qw", "sw", "zpw"], ["wd"], axis=1),
+        helper.make_node("MatMul", ["xd", "wd"], ["y"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array(sa), "sa"),
+        numpy_helper.from_array(np.array(0, np.int8), "zp"),
+        numpy_helper.from_array(qw, "qw"),
+        numpy_helper.from_array(sw, "sw"),
+        numpy_helper.from_array(np.zeros(n, np.int8), "zpw"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "qdq_matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    xq = np.clip(np.rint(x.astype(np.float64) / np.float64(sa)), -128, 127).astype(np.int64)
+    exact = (xq @ qw.astype(np.int64)).astype(np.float64) * (np.float64(sa) * sw.astype(np.float64))
+    return model, x, exact
+
+
+def test_the_exact_session_computes_the_qdq_arithmetic_tensorrt_performs():
+    import onnxruntime as ort
+
+    model, x, exact = _one_qdq_matmul()
+    session = ort.InferenceSession(
+        model.SerializeToString(), int8.exact_session_options(ort), providers=["CPUExecutionProvider"]
+    )
+    got = session.run(None, {"x": x})[0].astype(np.float64)
+    scale = np.abs(exact).max()
+    # float32 rounding of a K = 768 sum only (measured 5e-7 of the scale); a saturated or otherwise wrong int8
+    # kernel errs by percents (the optimised session on an AVX2 CPU: 12 % of the scale)
+    assert np.abs(got - exact).max() <= 1e-5 * scale
+
+
+def _profiled_op_types(path: Path, options, tmp_path: Path) -> set[str]:
+    import onnxruntime as ort
+
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "profile")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    shape = [d.dim_value or 2 for d in onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim]
+    session.run(None, {session.get_inputs()[0].name: np.zeros(shape, np.float32)})
+    events = json.loads(Path(session.end_profiling()).read_text())
+    return {e["args"]["op_name"] for e in events if e.get("cat") == "Node" and "op_name" in e.get("args", {})}
+
+
+def test_the_gate_session_runs_the_qdq_nodes_unfused_and_infer_py_s_session_fuses_them(tmp_path):
+    """What ONNX Runtime executes, from its own profile: unoptimised, QuantizeLinear / DequantizeLinear and float
+    MatMuls (the exact arithmetic); optimised, int8 kernels (MatMulIntegerToFloat / QLinearMatMul)."""
+    import onnxruntime as ort
+
+    _, q = _quantized("vit", tmp_path)
+    fused_kinds = {"MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "QLinearConv", "ConvInteger"}
+    exact = _profiled_op_types(q, int8.exact_session_options(ort), tmp_path)
+    assert {"QuantizeLinear", "DequantizeLinear", "MatMul"} <= exact and not exact & fused_kinds
+    optimised = ort.SessionOptions()
+    optimised.log_severity_level = 3
+    assert _profiled_op_types(q, optimised, tmp_path) & fused_kinds
+
+
+def test_cpu_int8_kernels_reads_what_the_cpu_accumulates_in():
+    avx2 = "model name\t: AMD EPYC 7B13\nflags\t\t: fpu sse avx avx2 fma\n"
+    vnni = "model name\t: Intel Xeon\nflags\t\t: avx2 avx512f avx512bw avx512_vnni\n"
+    arm = "Features\t: fp asimd asimddp\n"
+    assert int8.cpu_int8_kernels(avx2)["accumulation"] == "16-bit pairs (saturating)"
+    assert int8.cpu_int8_kernels(avx2)["cpu"] == "AMD EPYC 7B13"
+    assert int8.cpu_int8_kernels(vnni)["accumulation"] == "32-bit"
+    assert int8.cpu_int8_kernels(arm)["accumulation"] == "32-bit"
+    note = int8.fused_kernels_note(0.2, 0.1, int8.cpu_int8_kernels(avx2))
+    assert "no VNNI" in note and "16 bits" in note and "advisory" in note
+    from peftx.cli.commands.export_cmd import int8_line
+
+    info = {
+        "quantized_count": 14,
+        "calibration": {"images": 48},
+        "method": "minmax",
+        "tool": {"name": "x", "version": "1"},
+    }
+    assert "fused int8 kernels" not in int8_line({**info, "cpu_kernels": {"agree": True}})
+    line = int8_line({**info, "cpu_kernels": {"agree": False, "accumulation": "16-bit pairs (saturating)"}})
+    assert "fused int8 kernels differ (16-bit pairs (saturating), advisory" in line
+
+
+def test_the_bundle_reports_the_fused_kernels_against_the_exact_arithmetic_and_check_uses_the_exact_one(tmp_path):
+    """The verdict rests on the exact arithmetic; the fused kernels get an advisory row and, where they disagree on
+    this CPU, a note naming why. infer.py --check's INT8 line runs the exact session too and says so."""
+    model = make_tiny("vit", seed=3)
+    report = _write(model, "vit", tmp_path / "b", calibration=_request(_labelled(model, "vit", 64, seed=7)))
+    assert report.status == "ok"
+    parity = json.loads((tmp_path / "b" / "parity.json").read_text())
+    rows = {r["candidate"]: r for r in parity["results"]}
+    # the FP32 bounds come from the noise measured in this run (the unmerged model in float64 on the same inputs)
+    assert rows["merged PyTorch"]["tolerance"]["name"] == "merge_fp32_measured"
+    assert rows["onnxruntime fp32"]["tolerance"]["name"] == "onnxruntime_fp32_measured"
+    assert any(note.startswith("FP32 rounding noise of the unmerged model") for note in parity["notes"])
+    assert read_bundle(tmp_path / "b")["reference_set"]["tolerances"]["fp32"]["name"] == "onnxruntime_fp32_measured"
+    fused = rows["onnxruntime int8 fused kernels"]
+    assert fused["reference"] == "onnxruntime int8" and not fused["required"]
+    kernels = read_bundle(tmp_path / "b")["int8"]["cpu_kernels"]
+    assert kernels["agree"] == fused["passed"] and kernels["max_abs"] == fused["overall"]["max_abs"]
+    assert kernels["accumulation"] == int8.cpu_int8_kernels()["accumulation"]
+    assert bool(kernels["note"]) == (not kernels["agree"]) and (kernels["note"] in parity["notes"]) != kernels["agree"]
+    accuracy = {r["candidate"]: r for r in parity["accuracy"]["results"]}
+    assert accuracy["onnxruntime int8"]["required"] and not accuracy["onnxruntime int8 fused kernels"]["required"]
+    run = subprocess.run(
+        [sys.executable, str(tmp_path / "b" / "infer.py"), "--check", "--precision", "int8"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "PASS  int8 model_int8.onnx (onnxruntime, exact Q/DQ)" in run.stdout
+    # where the fused kernels disagree on the reference set (other images than parity's), the line says why
+    notes = [line for line in run.stdout.splitlines() if line.startswith("note  model_int8.onnx")]
+    saturating = kernels["accumulation"] == "16-bit pairs (saturating)"
+    assert len(notes) <= 1 and all(("has no VNNI" in line) == saturating for line in notes)
+    # the advisory line itself, made to fire: fused outputs against "exact" ones moved by 1.0
+    from peftx.exports.accuracy import load_infer_module
+
+    shipped = load_infer_module(tmp_path / "b" / "infer.py")
+    with np.load(tmp_path / "b" / "reference_set.npz") as npz:
+        inputs = npz["inputs"]
+    exact = shipped.OnnxBackend(tmp_path / "b" / INT8_FILE, "int8", exact=True)(inputs)
+    tol = read_bundle(tmp_path / "b")["reference_set"]["tolerances"]["int8"]
+    assert shipped._fused_int8_line(tmp_path / "b" / INT8_FILE, inputs, exact + 1.0, tol, 8).startswith("note  ")

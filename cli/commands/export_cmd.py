@@ -175,6 +175,9 @@ def int8_line(info: dict) -> str:
         if not fallback.get("ran")
         else ("; fallback passed" if fallback.get("passed") else "; fallback found no passing graph")
     )
+    kernels = info.get("cpu_kernels") or {}
+    if not kernels.get("agree", True):  # the gate ran the exact Q/DQ arithmetic; this CPU's int8 kernels differ
+        verdict += f"; this CPU's fused int8 kernels differ ({kernels.get('accumulation')}, advisory: see parity.json)"
     return (
         f"{info.get('quantized_count')} MatMul/Gemm/Conv quantized, {kept}; {info['calibration']['images']} "
         f"calibration images ({info.get('method')}); {info['tool']['name'].split(' ')[0]} "

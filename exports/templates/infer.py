@@ -366,7 +366,7 @@ def _center_crop(image: Image.Image, height: int, width: int, fill: tuple[int, .
 
 
 class OnnxBackend:
-    def __init__(self, path: Path, precision: str = "fp32"):
+    def __init__(self, path: Path, precision: str = "fp32", exact: bool = False):
         if VERIFY_AGAINST is not None:
             verify_artifact(path.name, VERIFY_AGAINST)
         elif not path.is_file():
@@ -384,7 +384,14 @@ class OnnxBackend:
 
         wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         providers = [p for p in wanted if p in ort.get_available_providers()]
-        self.session = ort.InferenceSession(str(path), providers=providers)
+        options = None
+        if exact:  # --check's INT8 line: the Q/DQ graph node by node (float GEMMs on dequantized values), which is
+            # TensorRT's arithmetic on every CPU; optimised, ONNX Runtime fuses it into int8 kernels that saturate
+            # 16-bit pair sums on x86 CPUs without VNNI
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            providers = ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -807,11 +814,12 @@ def _check_targets(meta: dict, choice: str, precision: str | None) -> tuple[list
                 notes.append(f"{name}: not checked (onnxruntime is not installed)")
                 continue
             required = precision is not None or prec in ("fp32", meta.get("precision"))
+            exact = prec == "int8"  # the exact Q/DQ arithmetic; the fused kernels get an advisory line
             targets.append(
                 (
-                    f"{prec} {name} (onnxruntime)",
+                    f"{prec} {name} (onnxruntime{', exact Q/DQ' if exact else ''})",
                     [name],
-                    lambda name=name, prec=prec: OnnxBackend(HERE / name, prec),
+                    lambda name=name, prec=prec, exact=exact: OnnxBackend(HERE / name, prec, exact),
                     prec,
                     required,
                 )
@@ -851,6 +859,35 @@ def _check_targets(meta: dict, choice: str, precision: str | None) -> tuple[list
                 )
             )
     return targets, notes
+
+
+def _fused_int8_line(path: Path, inputs: np.ndarray, exact: np.ndarray, tol: dict, chunk: int) -> str | None:
+    """An advisory line when ONNX Runtime's fused int8 kernels (what this file runs for --precision int8) differ
+    here from the exact Q/DQ arithmetic by more than the INT8 bound; None when they agree."""
+    fused = OnnxBackend(path, "int8")
+    actual = np.concatenate([fused(inputs[i : i + chunk]) for i in range(0, len(inputs), chunk)])
+    problems, figures = compare_outputs(exact, actual, tol)
+    if not problems:
+        return None
+    flags = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.lower().startswith(("flags", "features")):
+                flags = set(line.partition(":")[2].split())
+                break
+    except OSError:
+        pass
+    vnni = flags & {"avx512_vnni", "avx_vnni", "amx_int8", "avx_vnni_int8", "asimddp"}
+    why = (
+        "this CPU has no VNNI: ONNX Runtime's int8 kernels sum u8 x s8 pairs in 16 bits, which saturates"
+        if ("avx2" in flags or "avx512bw" in flags) and not vnni
+        else "not 16-bit saturation (this CPU accumulates in 32 bits or is unknown)"
+    )
+    return (
+        f"note  {path.name} with ONNX Runtime's fused int8 CPU kernels (what infer.py --precision int8 runs here) "
+        f"differs from the exact Q/DQ arithmetic: {figures} — {why}; TensorRT accumulates in 32 bits "
+        "(advisory: the check above is the verdict)"
+    )
 
 
 def _check_preprocessing(data, meta: dict, ref: dict) -> tuple[bool | None, str]:
@@ -928,7 +965,9 @@ def environment_lines() -> list[str]:
 
 
 def check_bundle(meta: dict, choice: str = "auto", precision: str | None = None, verify: bool = True) -> int:
-    """``--check``: print PASS/FAIL per artifact and for the preprocessing; 0 when every required check passed."""
+    """``--check``: print PASS/FAIL per artifact and for the preprocessing; 0 when every required check passed.
+    model_int8.onnx is checked on the exact Q/DQ arithmetic TensorRT performs (ONNX Runtime unoptimised), so the
+    verdict is the same on every CPU; a ``note`` line says when this CPU's fused int8 kernels differ from it."""
     global VERIFY_AGAINST
     VERIFY_AGAINST = None  # each file is verified below, and a modified one is a FAIL line, not the end of the check
     ref = meta.get("reference_set")
@@ -962,7 +1001,7 @@ def check_bundle(meta: dict, choice: str = "auto", precision: str | None = None,
             problems.append("missing — build it with ./build_engine.sh" if what == "model.engine" else "")
         elif tol is None:
             problems.append(f"metadata.json records no tolerance for {tol_key}")
-        figures = ""
+        figures, advisory = "", None
         if not problems and tol is not None:  # (no tolerance is a problem above)
             backend = make()
             actual = np.concatenate([backend(inputs[i : i + chunk]) for i in range(0, len(inputs), chunk)])
@@ -971,10 +1010,14 @@ def check_bundle(meta: dict, choice: str = "auto", precision: str | None = None,
                 accuracy = float((actual.argmax(axis=1) == labels)[known].mean())
                 reference = float((expected.argmax(axis=1) == labels)[known].mean())
                 figures += f"; accuracy {100 * accuracy:.1f} % (unmerged {100 * reference:.1f} %)"
+            if tol_key == "int8" and files:
+                advisory = _fused_int8_line(HERE / files[0], inputs, actual, tol, chunk)
         checked += 1
         verdict = "PASS" if not problems else "FAIL" if required else "fail (advisory)"
         detail = "; ".join(p for p in problems if p) + (" — " if problems and figures else "") + figures
         print(f"{verdict}  {what}: {detail}".rstrip(": "))
+        if advisory:
+            print(advisory)
         if problems and required:
             failed.append(what)
     for note in notes:
