@@ -8,7 +8,7 @@ validation. Then the mean per method over the tasks is printed next to the paper
 RLRR 74.5, AOFT 72.7-74.1, LoRA 72.3, full fine-tuning 65.6, linear probe 52.9), with a plain statement of where the
 order agrees and where it does not.
 
-    python benchmarks/transfer.py --output bench-results/transfer            # the whole table (see README for time)
+    python benchmarks/transfer.py --output bench-results/transfer            # the whole table (see docs/methods.md for time)
     python benchmarks/transfer.py --tasks fashion_mnist --methods rlrr,lora  # one task, two methods: sizing a run
 
 Re-running the same command resumes (finished runs are skipped: ``peftx compare``'s resume). Prints every per-task
@@ -43,7 +43,7 @@ PAPER_VTAB = {
 }
 PAPER_ORDER = ("rlrr", "aoft", "lora", "full", "linear")  # best first, by the papers' means
 
-# The schedule every method shares (sized on this 2-core machine; see README "Which method for my data"). The rest
+# The schedule every method shares (sized on this 2-core machine; see docs/methods.md "Which method for my data"). The rest
 # — lr 1e-3, weight decay 5e-5, residual dropout 0.1, no flip, batch 32 — is peftx's generic recipe, the paper's most
 # common per-task values, unless a method declares its own (compare's rule).
 DEFAULTS = dict(img_size=56, epochs=20, warmup_epochs=2.0, test_cap=2000, data_seed=0, train_seed=42)

@@ -6,7 +6,7 @@ on 8.5 to 11, and TensorRT needs zero points of 0 (symmetric INT8). Where: only 
 stay float, since quantizing them collapses ViT accuracy. The graph is made by ``onnxruntime.quantization``'s
 ``quantize_static`` (QuantFormat.QDQ), which keeps the FP32 graph's opset (so the target's ceiling holds) and its node
 names (so TensorRT 8.5's FP32 LayerNorm pinning still finds its layers). NVIDIA ModelOpt writes opset >= 19 INT8
-graphs (TensorRT >= 10 only) and pins onnx/onnxruntime versions: see README "INT8" for what was measured.
+graphs (TensorRT >= 10 only) and pins onnx/onnxruntime versions: see docs/guide.md "INT8" for what was measured.
 
 The calibration images go through the preprocessing the bundle ships (its own infer.py), so the ranges are those of
 what the device feeds. The gate is task accuracy (``accuracy.py``) with :data:`~peftx.tolerances.ACCURACY_INT8`;

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write Fashion-MNIST (Debian's dataset-fashion-mnist package) as an ImageFolder of PNGs: the README's "your own
+"""Write Fashion-MNIST (Debian's dataset-fashion-mnist package) as an ImageFolder of PNGs: docs/guide.md's "your own
 data" example.
 
     apt-get install dataset-fashion-mnist           # 60k + 10k 28x28 images, MIT, in /usr/share/datasets/fashion-mnist

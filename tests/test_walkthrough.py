@@ -1,4 +1,4 @@
-"""The README's "your own data" example: scripts/fashion_mnist_folder.py writes a real ImageFolder from Debian's
+"""docs/guide.md's "your own data" example: scripts/fashion_mnist_folder.py writes a real ImageFolder from Debian's
 dataset-fashion-mnist, which peftx reads with a validation split drawn from train/ (skipped where the package is
 not installed)."""
 
