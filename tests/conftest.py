@@ -92,10 +92,11 @@ def plain_reference(plain, model):
 
     from peftx.adapter import state_of, trainable_names
 
-    head = state_of(model).layout.head
+    heads = state_of(model).layout.heads
     ref = copy.deepcopy(plain)
-    if any(not n.startswith(head + ".") for n in trainable_names(model)):
-        ref.get_submodule(head).load_state_dict(model.get_submodule(head).state_dict())
+    if any(not n.startswith(tuple(h + "." for h in heads)) for n in trainable_names(model)):
+        for head in heads:
+            ref.get_submodule(head).load_state_dict(model.get_submodule(head).state_dict())
     return ref
 
 

@@ -79,7 +79,7 @@ class AOFT(TargetedMethod[AOFTConfig]):
     no_decay = frozenset({"q_up", "q_down", "lam"})
 
     def wrap_linear(self, site, base: nn.Linear, config: AOFTConfig, targets: set[str], note: Note):
-        rows = row_slices(site.role, targets)
+        rows = row_slices(site, targets)
         if rows is None:
             return None
         return AOFTLinear(base, site.path, rows[0], rows[1], rank=config.rank, scale=config.scale)

@@ -63,7 +63,7 @@ class LoRA(TargetedMethod[LoRAConfig]):
     no_decay = frozenset()  # A and B are weight matrices: they decay, like the head's weight
 
     def wrap_linear(self, site, base: nn.Linear, config: LoRAConfig, targets: set[str], note: Note):
-        rows = row_slices(site.role, targets)
+        rows = row_slices(site, targets)
         if rows is None:
             return None
         return LoRALinear(base, site.path, rows[0], rows[1], r=config.r, alpha=config.alpha)

@@ -236,12 +236,16 @@ class RLRR(TargetedMethod[RLRRConfig]):
     def wrap_linear(self, site, base: nn.Linear, config: RLRRConfig, targets: set[str], note: Note):
         if site.role not in targets:
             return None
-        shift = base.bias is not None or (site.fold_norm is not None and has_full_row_rank(base.weight))
-        if not shift:
-            note(
-                f"{site.path}: no bias shift f (the layer has no bias, and no LayerNorm it could be folded into "
-                "exactly)"
-            )
+        if site.direct_weight:  # timm's attention adds its own q_bias / v_bias: it would never see f
+            shift = False
+            note(f"{site.path}: no bias shift f (the attention adds its own q_bias / v_bias; the k rows have none)")
+        else:
+            shift = base.bias is not None or (site.fold_norm is not None and has_full_row_rank(base.weight))
+            if not shift:
+                note(
+                    f"{site.path}: no bias shift f (the layer has no bias, and no LayerNorm it could be folded into "
+                    "exactly)"
+                )
         return RLRRLinear(
             base,
             site.path,
@@ -258,6 +262,12 @@ class RLRR(TargetedMethod[RLRRConfig]):
             note(f"{site.path}: no SSF (a LayerNorm without affine weight and bias has nothing to fold it into)")
             return None
         shift = True
+        if not isinstance(base, (nn.LayerNorm, nn.Identity)):  # an RmsNorm: y = x / rms(x) * w, no beta
+            if getattr(base, "weight", None) is None:
+                note(f"{site.path}: no SSF (an RMSNorm without a weight has nothing to fold it into)")
+                return None
+            note(f"{site.path}: SSF scale only (an RMSNorm has no bias to take the shift)")
+            shift = False
         if site.fold_conv is not None and model.get_submodule(site.fold_conv).bias is None and site.pos_embed is None:
             note(
                 f"{site.path}: SSF scale only (the patch conv has no bias and the model no position embedding "
