@@ -41,7 +41,8 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "eva02": ("eva02_tiny_patch14_224", dict(_E, img_size=28)),
     "eva02_qkv_split": ("eva02_base_patch14_224", dict(_E, img_size=28)),
     "pe_core": ("vit_pe_core_tiny_patch16_384", dict(_E)),
-    "rope_vit": ("vit_small_patch16_rope_mixed_224", dict(_E, init_values=1.0)),
+    "rope_vit": ("vit_small_patch16_rope_224", dict(_E, init_values=1.0)),
+    "rope_vit_mixed": ("vit_small_patch16_rope_mixed_224", dict(_E, init_values=1.0)),
     "rope_vit_rmsnorm": ("vit_small_patch16_rope_224", dict(_E, init_values=1.0, norm_layer="rmsnorm")),
     "beit": ("beitv2_base_patch16_224", dict(_E, init_values=1.0)),
     "swinv2": (
@@ -159,8 +160,9 @@ def bundle_cells(family: str, method: str, target: str, out: Path, accuracy_n: i
             accuracy_set=select(labelled, "photo crops", None),
             int8=calib,
         )
-    except PeftxError as exc:
-        row["error"] = f"{type(exc).__name__}: {exc.message}"
+    except Exception as exc:  # noqa: BLE001 - a refused or failed bundle is a measured outcome here
+        text = exc.message if isinstance(exc, PeftxError) else str(exc)
+        row["error"] = f"{type(exc).__name__}: {text.splitlines()[0][:300]}"
         row["seconds"] = round(time.perf_counter() - started, 1)
         return row
     row["seconds"] = round(time.perf_counter() - started, 1)
@@ -174,13 +176,55 @@ def bundle_cells(family: str, method: str, target: str, out: Path, accuracy_n: i
     return row
 
 
+TARGETS = ("trt8.5", "trt8.6", "trt10", "trt11")
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: family x target, each cell the three precisions' verdicts from the bundle that covers the target
+    (its own row, else the trt8.6 row: the same opset-17 graph, checked against the newer op lists)."""
+    lines = ["| family (tiny config) | timm class | " + " | ".join(TARGETS) + " |", "|---|---|" + "---|" * len(TARGETS)]
+    families = list(dict.fromkeys(r["family"] for r in rows))
+    for family in families:
+        own = {r["target"]: r for r in rows if r["family"] == family}
+        cells = []
+        for target in TARGETS:
+            row = own.get(target) or own.get("trt8.6")
+            cells.append(_cell(row, target) if row else "not run")
+        cls = next(r.get("class", "?") for r in own.values())
+        lines.append(f"| {family} (`{own[next(iter(own))]['model']}`) | {cls} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(row: dict[str, Any], target: str) -> str:
+    if "error" in row:
+        return "refused: " + row["error"].split(": ", 1)[-1][:90]
+    if target not in row["ready"]:
+        return "not run"
+    if not row["ready"][target]:
+        return "not parsed (opset 18 > 17)" if row["target"] != target else "not parsed"
+    results = {r["candidate"]: r for r in row["parity"]["results"]}
+    accuracy = {r["candidate"]: r for r in (row["parity"].get("accuracy") or {}).get("results", [])}
+
+    def ok(name: str) -> bool:
+        return results[name]["passed"] and accuracy.get(name, {"passed": True})["passed"]
+
+    gate = row["int8"]["gate"]
+    int8 = "✓" if gate["passed"] else ("✓ (fallback)" if (row["int8"].get("fallback") or {}).get("passed") else "✗")
+    fp16 = "✓" if ok("onnxruntime fp16") else "✗"
+    return f"FP32 {'✓' if ok('onnxruntime fp32') else '✗'} · FP16 {fp16} · INT8 {int8}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--families", default=",".join(FAMILIES))
-    parser.add_argument("--targets", default="trt8.5,trt8.6")
+    parser.add_argument("--targets", default="trt8.5,trt8.6,trt10")
     parser.add_argument("--method", default="rlrr")
     parser.add_argument("--output", default="benchmarks/out")
+    parser.add_argument("--table", nargs="*", help="print the markdown table of these families.json files and exit")
     args = parser.parse_args()
+    if args.table:
+        print(table([r for f in args.table for r in json.loads(Path(f).read_text())]))
+        return
     torch.set_num_threads(1)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -192,6 +236,7 @@ def main() -> None:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "families.json").write_text(json.dumps(rows, indent=1, default=str))
+    print(table(rows))
 
 
 def _short(row: dict[str, Any]) -> dict[str, Any]:
