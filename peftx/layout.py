@@ -197,7 +197,9 @@ def _norm_site(model: nn.Module, path: str) -> SSFSite:
     from timm.layers import RmsNorm
 
     norm = _need(model, path, (nn.LayerNorm, RmsNorm))
-    return SSFSite(path, int(norm.normalized_shape[0]))
+    shape = norm.normalized_shape
+    assert isinstance(shape, tuple), path  # both classes store it as a tuple of ints
+    return SSFSite(path, int(shape[0]))
 
 
 def _final_norm_site(model: nn.Module) -> SSFSite | None:

@@ -92,10 +92,12 @@ class SSF(AdapterModule):
         _check_finite(self.layer_name, w, b)
         return w, b
 
-    def _targets(self, model: nn.Module | None) -> tuple[nn.Module, torch.Tensor | None]:
-        """(module whose weight/bias take the fold, position embedding taking the shift or None)."""
+    def _targets(self, model: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(weight and bias (None: none) taking the fold, position embedding taking the shift or None)."""
         if not isinstance(self.base, nn.Identity):  # a LayerNorm, or an RmsNorm (weight only)
-            return self.base, None
+            weight, bias = self.base.weight, getattr(self.base, "bias", None)
+            assert isinstance(weight, torch.Tensor) and (bias is None or isinstance(bias, torch.Tensor))
+            return weight, bias, None
         if model is None:
             raise ValueError(f"{self.layer_name}: folding into the patch conv needs the model")
         assert self.fold_conv is not None  # __init__ requires it for an Identity base
@@ -103,19 +105,18 @@ class SSF(AdapterModule):
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"{self.layer_name}: {self.fold_conv} is {type(conv).__name__}, not the patch Conv2d")
         pos = model.get_parameter(self.pos_embed) if conv.bias is None and self.pos_embed else None
-        return conv, pos
+        return conv.weight, conv.bias, pos
 
     @torch.no_grad()
     def merge_plan(self, model: nn.Module | None, value: Value = _same) -> Plan:
-        target, pos = self._targets(model)
-        bias = getattr(target, "bias", None)
+        weight, bias, pos = self._targets(model)
         if bias is not None:
-            w, b = self.folded_affine(value(target.weight), value(bias))
-            return [(target.weight, w), (bias, b)]
+            w, b = self.folded_affine(value(weight), value(bias))
+            return [(weight, w), (bias, b)]
         # An RmsNorm (γ scales its weight, no β), or a bias-free patch conv: γ scales its output channels; β (when
         # there is one) moves to the patch rows of the position embedding.
-        w = self.folded_affine(value(target.weight), torch.zeros_like(self.ssf_scale))[0]
-        plan = [(target.weight, w)]
+        w = self.folded_affine(value(weight), torch.zeros_like(self.ssf_scale))[0]
+        plan = [(weight, w)]
         if self.ssf_shift is not None:
             assert pos is not None, self.layer_name  # a shift on a bias-free conv lives in the position embedding
             p = value(pos).double().clone()
@@ -127,14 +128,13 @@ class SSF(AdapterModule):
 
     @torch.no_grad()
     def unmerge_plan(self, model: nn.Module | None, value: Value = _same) -> Plan:
-        target, pos = self._targets(model)
-        bias = getattr(target, "bias", None)
+        weight, bias, pos = self._targets(model)
         if bias is not None:
-            w, b = self.unfolded_affine(value(target.weight), value(bias))
+            w, b = self.unfolded_affine(value(weight), value(bias))
             assert b is not None  # unfolded from a bias
-            return [(target.weight, w), (bias, b)]
-        w = self.unfolded_affine(value(target.weight), None)[0]
-        plan = [(target.weight, w)]
+            return [(weight, w), (bias, b)]
+        w = self.unfolded_affine(value(weight), None)[0]
+        plan = [(weight, w)]
         if self.ssf_shift is not None:
             assert pos is not None, self.layer_name  # as in merge_plan
             p = value(pos).double().clone()
