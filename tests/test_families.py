@@ -280,3 +280,19 @@ def test_naflexvit_is_refused_before_anything_is_built():
         adapt(model, make_config("rlrr"))
     assert "vit_base_patch16_siglip_224" in err.value.hint
     assert not hasattr(model, "peftx_state") and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_peft_conversion_refuses_what_peft_would_get_wrong():
+    """peft's LoRA layer is bypassed where timm's attention reads qkv.weight itself (q_bias / v_bias attention), and
+    a peft adapter file saves one classifier: those adapters are refused, with merge-export as the way out. An Eva
+    whose qkv carries its own bias (RoPE ViT) converts."""
+    from peftx.errors import UsageError
+    from peftx.peft_convert import lora_tensors
+
+    with pytest.raises(UsageError, match=r"reads blocks\.0\.attn\.qkv\.weight itself") as err:
+        lora_tensors(adapt(make_tiny("eva02"), make_config("lora")))
+    assert "merge-export" in err.value.hint
+    with pytest.raises(UsageError, match=r"2 classifiers \(head, head_dist\)"):
+        lora_tensors(adapt(make_tiny("deit_distilled"), make_config("lora")))
+    tensors, ranks, head = lora_tensors(adapt(make_tiny("rope_vit"), make_config("lora")))
+    assert head == "head" and set(ranks) == {"blocks.0.attn.qkv", "blocks.1.attn.qkv"}
