@@ -69,7 +69,9 @@ def export_onnx(
     opset, exporter = _opset_for(layernorm, opset, exporter)
     example = torch.randn(batch_for_trace, *input_size)
     used = _export_with_fallback(model, example, path, opset, exporter)
-    proto = onnx.load(str(path))
+    # Past 2 GB both exporters write the weights as external data next to the graph: the graph is read and rewritten
+    # without them (they stay in their file, referenced by a path relative to the graph's directory).
+    proto = onnx.load(str(path), load_external_data=False)
     _check_io_shapes(proto, input_size)
     if layernorm == "decomposed" and any(n.op_type == "LayerNormalization" for n in proto.graph.node):
         raise ExportError(
@@ -249,7 +251,7 @@ def _export_dynamo(model: torch.nn.Module, example: torch.Tensor, path: Path, op
         )
     if program is None:  # torch returns None only for the legacy exporter, which this call does not use
         raise ExportError("torch.onnx.export returned no ONNX program", "report this with your torch version")
-    program.save(str(path), external_data=False)
+    program.save(str(path), external_data=None)  # None: external data only past protobuf's 2 GB
 
 
 _EXPORTERS = {"torchscript": _export_torchscript, "dynamo": _export_dynamo}
