@@ -296,3 +296,35 @@ def test_peft_conversion_refuses_what_peft_would_get_wrong():
         lora_tensors(adapt(make_tiny("deit_distilled"), make_config("lora")))
     tensors, ranks, head = lora_tensors(adapt(make_tiny("rope_vit"), make_config("lora")))
     assert head == "head" and set(ranks) == {"blocks.0.attn.qkv", "blocks.1.attn.qkv"}
+
+
+def test_export_keeps_external_data_where_the_exporter_wrote_it(tmp_path, monkeypatch):
+    """Past 2 GB both exporters write the weights to a separate file; export_onnx then rewrites the graph (metadata)
+    without pulling them back into one protobuf. A tiny model stands in for the size: the TorchScript graph is
+    re-saved with external data right after export, as torch does for a large model."""
+    import onnx
+
+    from peftx.exports import onnx_export
+    from peftx.exports.runners import OnnxRuntimeRunner, TorchRunner
+
+    real = onnx_export._EXPORTERS["torchscript"]
+
+    def external(model, example, path, opset):
+        real(model, example, path, opset)
+        proto = onnx.load(str(path))
+        onnx.save_model(proto, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=0)
+
+    monkeypatch.setitem(onnx_export._EXPORTERS, "torchscript", external)
+    model = make_tiny("dinov3")
+    path = onnx_export.export_onnx(
+        model, tmp_path / "model.onnx", input_size=(3, 32, 32), metadata={"k": "v"}, exporter="torchscript"
+    )
+    data = tmp_path / "model.onnx.data"
+    assert data.stat().st_size > 4 * sum(p.numel() for p in model.parameters()) * 0.9  # the weights stayed there
+    assert path.stat().st_size < data.stat().st_size / 10
+    assert onnx_export.read_metadata(path)["k"] == "v"
+    from peftx.exports.parity import compare, make_input_sets
+
+    x = real_batch("dinov3")
+    result = compare(TorchRunner(model), OnnxRuntimeRunner(path), make_input_sets(x.numpy(), (1, 3)), ONNX_FP32)
+    assert result.passed, result.overall
