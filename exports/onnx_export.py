@@ -7,6 +7,11 @@ has deprecated it, so when it fails (or is gone) ``exporter="auto"`` falls back 
 (opset 18, ``dynamic_shapes``). Either way the graph is checked with ``onnx.checker`` (full check) and the batch axis
 is verified dynamic and every other input/output axis static.
 
+RMSNorm (Eva variants): torch's ``aten::rms_norm`` has no TorchScript-exporter symbolic below opset 23, so it is
+registered here as timm's own fallback formula, x · (mean(x²) + eps)^-½ · w, in Pow / ReduceMean / Add / Sqrt / Div /
+Mul (ops every target's parser takes). A TorchScript graph that ONNX Runtime cannot run on the trace input (torch
+writes one for timm's mixed-RoPE ViTs) counts as a failed export, so ``auto`` moves on to torch.export.
+
 ``layernorm="decomposed"`` is for TensorRT 8.5, whose parser has no LayerNormalization: the TorchScript exporter at
 opset 16 writes each LayerNorm as ReduceMean/Sub/Pow/Sqrt/Div (the same function; torch.export cannot go below 18),
 and the graph is checked to hold no LayerNormalization node.
@@ -64,7 +69,9 @@ def export_onnx(
     opset, exporter = _opset_for(layernorm, opset, exporter)
     example = torch.randn(batch_for_trace, *input_size)
     used = _export_with_fallback(model, example, path, opset, exporter)
-    proto = onnx.load(str(path))
+    # Past 2 GB both exporters write the weights as external data next to the graph: the graph is read and rewritten
+    # without them (they stay in their file, referenced by a path relative to the graph's directory).
+    proto = onnx.load(str(path), load_external_data=False)
     _check_io_shapes(proto, input_size)
     if layernorm == "decomposed" and any(n.op_type == "LayerNormalization" for n in proto.graph.node):
         raise ExportError(
@@ -167,7 +174,47 @@ def _export_with_fallback(
     raise ExportError("ONNX export failed: " + "; ".join(errors), "check the model was built with exportable=True")
 
 
+def _rms_norm_symbolic(g, x, normalized_shape, weight, eps):  # noqa: ANN001 - torch.onnx symbolic protocol
+    """aten::rms_norm as timm's fallback computes it: x * (mean(x^2 over the normalized dims) + eps)^-1/2 * weight."""
+    from torch.onnx import symbolic_helper
+
+    dims = symbolic_helper._get_const(normalized_shape, "is", "normalized_shape")
+    eps_value = None if symbolic_helper._is_none(eps) else symbolic_helper._get_const(eps, "f", "eps")
+    if eps_value is None:  # torch's default: the input dtype's machine epsilon
+        eps_value = float(torch.finfo(torch.float32).eps)
+    axes = list(range(-len(dims), 0))
+    square = g.op("Pow", x, g.op("Constant", value_t=torch.tensor(2.0, dtype=torch.float32)))
+    mean = g.op("ReduceMean", square, axes_i=axes, keepdims_i=1)
+    rms = g.op("Sqrt", g.op("Add", mean, g.op("Constant", value_t=torch.tensor(eps_value, dtype=torch.float32))))
+    out = g.op("Div", x, rms)
+    return out if symbolic_helper._is_none(weight) else g.op("Mul", out, weight)
+
+
+_SYMBOLICS_REGISTERED: set[int] = set()
+
+
+def _register_symbolics(opset: int) -> None:
+    """Symbolics the TorchScript exporter lacks (once per opset; ReduceMean keeps ``axes`` as an attribute < 18)."""
+    if opset in _SYMBOLICS_REGISTERED or opset >= 18:
+        return
+    torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm_symbolic, opset)
+    _SYMBOLICS_REGISTERED.add(opset)
+
+
+def _runs_in_onnxruntime(path: Path, example: torch.Tensor) -> str | None:
+    """None when ONNX Runtime loads ``path`` and runs it on ``example``, else why not (first line)."""
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session.run(None, {session.get_inputs()[0].name: example.numpy()})
+    except Exception as exc:  # noqa: BLE001 - ORT raises many types for one outcome: the graph does not run
+        return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
+    return None
+
+
 def _export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+    _register_symbolics(opset)
     with warnings.catch_warnings(), torch.no_grad():
         # Tracer warnings (Python numbers taken from shapes) are expected for timm models; the batch-size parity
         # checks at 1/3/7 are what proves the trace generalises, so the warnings are noise here.
@@ -183,6 +230,9 @@ def _export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Pat
             dynamic_axes={INPUT_NAME: {0: BATCH_AXIS_NAME}, OUTPUT_NAME: {0: BATCH_AXIS_NAME}},
             do_constant_folding=True,
         )
+    problem = _runs_in_onnxruntime(path, example)
+    if problem is not None:
+        raise ExportError(f"the graph it wrote does not run in ONNX Runtime ({problem})")
 
 
 def _export_dynamo(model: torch.nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
@@ -201,7 +251,7 @@ def _export_dynamo(model: torch.nn.Module, example: torch.Tensor, path: Path, op
         )
     if program is None:  # torch returns None only for the legacy exporter, which this call does not use
         raise ExportError("torch.onnx.export returned no ONNX program", "report this with your torch version")
-    program.save(str(path), external_data=False)
+    program.save(str(path), external_data=None)  # None: external data only past protobuf's 2 GB
 
 
 _EXPORTERS = {"torchscript": _export_torchscript, "dynamo": _export_dynamo}

@@ -34,11 +34,13 @@ class AdapterState:
     notes: list[str] = field(default_factory=list)  # what the method left out at sites it could not merge exactly
 
 
-def fingerprint(model: nn.Module, exclude_prefix: str | None = None) -> str:
-    """sha256 over a plain model's tensors (sorted names, dtype, shape, bytes), the classifier excluded."""
+def fingerprint(model: nn.Module, exclude_prefix: str | tuple[str, ...] | None = None) -> str:
+    """sha256 over a plain model's tensors (sorted names, dtype, shape, bytes), the classifier(s) excluded."""
     h = hashlib.sha256()
+    excluded = (exclude_prefix,) if isinstance(exclude_prefix, str) else tuple(exclude_prefix or ())
+    skip = tuple(p + "." for p in excluded)
     for k, v in sorted(model.state_dict().items()):
-        if exclude_prefix and k.startswith(exclude_prefix + "."):
+        if skip and k.startswith(skip):
             continue
         t = v.detach().to("cpu").contiguous()
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
@@ -76,7 +78,7 @@ def adapt(
     state = AdapterState(
         config=config,
         layout=layout,
-        base_fingerprint=base_fingerprint or fingerprint(model, layout.head),
+        base_fingerprint=base_fingerprint or fingerprint(model, layout.heads),
         plain_shapes={k: tuple(v.shape) for k, v in model.state_dict().items()},
         num_classes=head.out_features,
         spec=dict(spec or {}),
@@ -97,11 +99,14 @@ def adapt(
         raise UsageError(f"no layer matched targets {sorted(targets)}")
     for path, new in wraps:  # only now is the model changed: a refused site leaves it as it was
         _set_module(model, path, new)
-    if zero_head:
+    if zero_head:  # every classifier: DeiT distilled's head_dist too (its output is averaged with head's)
         with torch.no_grad():
-            head.weight.zero_()
-            if head.bias is not None:
-                head.bias.zero_()
+            for path in layout.heads:
+                classifier = model.get_submodule(path)
+                assert isinstance(classifier, nn.Linear), path
+                classifier.weight.zero_()
+                if classifier.bias is not None:
+                    classifier.bias.zero_()
     model.peftx_state = state  # type: ignore[assignment]  # torch types Module attributes as Tensor | Module
     set_trainable(model)
     return model
@@ -135,8 +140,8 @@ def trainable_names(model: nn.Module) -> list[str]:
     state = state_of(model)
     if method_of(state.config).trains_backbone:
         return [n for n, _ in model.named_parameters()]
-    head = state.layout.head
-    return _own_names(model) + [f"{head}.{n}" for n, _ in model.get_submodule(head).named_parameters()]
+    heads = state.layout.heads
+    return _own_names(model) + [f"{h}.{n}" for h in heads for n, _ in model.get_submodule(h).named_parameters()]
 
 
 def split_weight_decay(model: nn.Module) -> tuple[list[str], list[str]]:

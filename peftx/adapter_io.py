@@ -201,7 +201,10 @@ def load_adapter(model: nn.Module, path: str | Path, *, check_fingerprint: bool 
     path = _resolve(path)
     config, tensors = read_adapter(path)
     get_classifier = getattr(model, "get_classifier", None)  # timm's; a plain nn.Module has none
-    head_out = get_classifier().out_features if get_classifier is not None else None
+    classifier = get_classifier() if get_classifier is not None else None
+    if isinstance(classifier, tuple):  # DeiT distilled: (head, head_dist), the same class count
+        classifier = classifier[0]
+    head_out = getattr(classifier, "out_features", None)
     if head_out != config.get("num_classes"):
         raise AdapterMismatchError(
             f"{path} is for {config.get('num_classes')} classes, the model has {head_out}",
@@ -214,8 +217,8 @@ def load_adapter(model: nn.Module, path: str | Path, *, check_fingerprint: bool 
             f"{path}: its method settings are malformed ({type(e).__name__}: {e})".split("\n")[0],
             "the file is damaged: use another checkpoint or retrain",
         ) from None
-    head = describe(model).head
-    fp = fingerprint(model, head)  # checked before the model is touched
+    heads = describe(model).heads
+    fp = fingerprint(model, heads)  # checked before the model is touched
     if check_fingerprint and fp != config.get("base_fingerprint"):
         raise AdapterMismatchError(
             f"{path} was trained on other base weights (fingerprint {str(config.get('base_fingerprint'))[:12]}, "
@@ -225,13 +228,13 @@ def load_adapter(model: nn.Module, path: str | Path, *, check_fingerprint: bool 
     # The expected tensor names and shapes exist only once the model is adapted: if the file's tensors then turn out
     # wrong, undo the adaptation, so a refused file leaves the model exactly as it was handed in.
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    head_state = {k: v.detach().clone() for k, v in model.get_submodule(head).state_dict().items()}
+    head_state = {h: {k: v.detach().clone() for k, v in model.get_submodule(h).state_dict().items()} for h in heads}
     try:
         adapt(model, cfg, spec=config.get("spec"), base_fingerprint=fp)
         expected = adapter_state_dict(model)
         check_tensors(expected, tensors, str(path))
     except BaseException:
-        _undo_adapt(model, head, head_state, requires_grad)
+        _undo_adapt(model, head_state, requires_grad)
         raise
     with torch.no_grad():
         for k, v in tensors.items():
@@ -240,7 +243,7 @@ def load_adapter(model: nn.Module, path: str | Path, *, check_fingerprint: bool 
 
 
 def _undo_adapt(
-    model: nn.Module, head: str, head_state: dict[str, torch.Tensor], requires_grad: dict[str, bool]
+    model: nn.Module, head_state: dict[str, dict[str, torch.Tensor]], requires_grad: dict[str, bool]
 ) -> None:
     """Unwrap what adapt() wrapped (the frozen layers inside are untouched) and restore the head it zero-initialised."""
     for name, module in reversed(adapter_modules(model)):
@@ -248,6 +251,7 @@ def _undo_adapt(
         setattr(model.get_submodule(parent) if parent else model, leaf, module.inner)
     if getattr(model, "peftx_state", None) is not None:
         del model.peftx_state
-    model.get_submodule(head).load_state_dict(head_state)
+    for head, state in head_state.items():
+        model.get_submodule(head).load_state_dict(state)
     for n, p in model.named_parameters():
         p.requires_grad_(requires_grad.get(n, p.requires_grad))

@@ -39,7 +39,10 @@ class UnsupportedModelError(PeftxError):
     """The model (or one of its layers) is not one peftx knows how to adapt."""
 
     exit_code = 2
-    default_hint = "peftx supports timm VisionTransformer (ViT, DeiT, DINOv2) and SwinTransformer (v1) models"
+    default_hint = (
+        "peftx supports timm VisionTransformer (ViT, DeiT, DINOv2, CLIP, SigLIP), Eva (EVA-02, DINOv3, PE, RoPE ViT), "
+        "Beit, SwinTransformer and SwinTransformerV2 models (docs/backbones.md)"
+    )
 
 
 class WeightsError(PeftxError):

@@ -81,6 +81,19 @@ def lora_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, i
             "not a low-rank product B·A",
             "deploy it with `peftx merge-export` (the merged model is a plain timm model any runtime loads)",
         )
+    direct = sorted({s.path for s in state.layout.linears if s.direct_weight} & {n for n, _ in modules})
+    if direct or state.layout.extra_heads:
+        why = (
+            f"timm's attention reads {direct[0]}.weight itself (q_bias / v_bias attention), so peft's LoRA layer "
+            "there would be bypassed"
+            if direct
+            else f"the model has {len(state.layout.heads)} classifiers ({', '.join(state.layout.heads)}) and a peft "
+            "adapter file saves one"
+        )
+        raise UsageError(
+            f"the adapter cannot be written as a peft LoRA: {why}",
+            "deploy it with `peftx merge-export` (the merged model is a plain timm model any runtime loads)",
+        )
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     with torch.no_grad():

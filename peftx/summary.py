@@ -26,8 +26,8 @@ def inspect_model(
         model = create_backbone(model_name, num_classes=num_classes, pretrained=False, img_size=img_size)
     adapt(model, config)
     trainable, total = count_parameters(model)
-    head = state_of(model).layout.head
-    head_params = sum(p.numel() for p in model.get_submodule(head).parameters())
+    heads = state_of(model).layout.heads
+    head_params = sum(p.numel() for h in heads for p in model.get_submodule(h).parameters())
     return {
         "model": model_name,
         "family": state_of(model).layout.family,

@@ -48,17 +48,72 @@ EDGE_MODELS = {
     ),
 }
 
+# The backbones of 2026 (docs/backbones.md): tiny configs of every other timm class peftx adapts, one per variant
+# whose layers differ. init_values=1.0: timm's layer-scale init (1e-5 in DINOv3 / RoPE ViTs) would make every adapter
+# invisible in random weights.
+_F = dict(img_size=32, depth=2, embed_dim=64, num_heads=2)
+FAMILY_MODELS = {
+    # Eva, fused qkv without any bias, 4 register tokens, RoPE (DINOv3's), no absolute position embedding
+    "dinov3": ("vit_small_patch16_dinov3", dict(_F, init_values=1.0)),
+    # Eva, qkv with the attention's q_bias / v_bias (k none), split SwiGLU (fc1_g, fc1_x)
+    "dinov3_qkvb_swiglu": ("vit_small_plus_patch16_dinov3_qkvb", dict(_F, init_values=1.0)),
+    # Eva, q_bias / v_bias, packed SwiGLU (fc1 = [x; gate]), absolute position embedding + RoPE
+    "eva02": ("eva02_tiny_patch14_224", dict(_F, img_size=28)),
+    # Eva, separate q_proj / k_proj (no bias) / v_proj, split SwiGLU with mlp.norm before fc2
+    "eva02_qkv_split": ("eva02_base_patch14_224", dict(_F, img_size=28)),
+    # Eva, bias-free patch conv, norm_pre, attention pooling (map)
+    "pe_core": ("vit_pe_core_tiny_patch16_384", dict(_F)),
+    # Eva with timm's AttentionRope (fused qkv with its own bias), axial RoPE; and mixed (learned) RoPE
+    "rope_vit": ("vit_small_patch16_rope_224", dict(_F, init_values=1.0)),
+    "rope_vit_mixed": ("vit_small_patch16_rope_mixed_224", dict(_F, init_values=1.0)),
+    # the same with RMSNorm everywhere (no beta)
+    "rope_vit_rmsnorm": ("vit_small_patch16_rope_224", dict(_F, init_values=1.0, norm_layer="rmsnorm")),
+    # Beit: q_bias / v_bias, relative position bias, global pooling with fc_norm
+    "beit": ("beitv2_base_patch16_224", dict(_F, init_values=1.0)),
+    # SwinTransformerV2: cosine attention, cpb_mlp, post-norm, q_bias / v_bias, PatchMerging reduction then norm
+    "swinv2": (
+        "swinv2_tiny_window8_256",
+        dict(img_size=64, window_size=4, embed_dim=24, depths=(1, 1), num_heads=(1, 2)),
+    ),
+    # VisionTransformerDistilled: cls + dist tokens, head + head_dist
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", dict(_F)),
+}
+
+
+def tiny_spec(family: str) -> tuple[str, dict]:
+    """(timm name, kwargs as timm takes them) of a tiny test model."""
+    from functools import partial
+
+    from timm.layers import RmsNorm
+
+    for table in (TINY_MODELS, EDGE_MODELS, FAMILY_MODELS):
+        if family in table:
+            name, kw = table[family]
+            kw = dict(kw)
+            if kw.get("norm_layer") == "rmsnorm":
+                kw["norm_layer"] = partial(RmsNorm, eps=1e-6)
+            return name, kw
+    raise KeyError(family)
+
 
 def make_tiny(family: str, seed: int = 0, num_classes: int = NUM_CLASSES):
+    """A tiny random-init timm model. Swin V2's post-norm weights start at 1, not timm's 0 (which zeroes every
+    block's branches, so no adapter inside them could change the output)."""
     import timm
 
-    name, kw = TINY_MODELS[family] if family in TINY_MODELS else EDGE_MODELS[family]
+    name, kw = tiny_spec(family)
     torch.manual_seed(seed)
-    return timm.create_model(name, pretrained=False, num_classes=num_classes, exportable=True, **kw).eval()
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, exportable=True, **kw).eval()
+    if name.startswith("swinv2"):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if ".norm1.weight" in n or ".norm2.weight" in n:
+                    p.fill_(1.0)
+    return model
 
 
 def tiny_data_cfg(family: str) -> dict:
-    s = (TINY_MODELS[family] if family in TINY_MODELS else EDGE_MODELS[family])[1]["img_size"]
+    s = tiny_spec(family)[1]["img_size"]
     return {
         "input_size": (3, s, s),
         "interpolation": "bicubic",
@@ -92,10 +147,11 @@ def plain_reference(plain, model):
 
     from peftx.adapter import state_of, trainable_names
 
-    head = state_of(model).layout.head
+    heads = state_of(model).layout.heads
     ref = copy.deepcopy(plain)
-    if any(not n.startswith(head + ".") for n in trainable_names(model)):
-        ref.get_submodule(head).load_state_dict(model.get_submodule(head).state_dict())
+    if any(not n.startswith(tuple(h + "." for h in heads)) for n in trainable_names(model)):
+        for head in heads:
+            ref.get_submodule(head).load_state_dict(model.get_submodule(head).state_dict())
     return ref
 
 

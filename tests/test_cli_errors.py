@@ -589,6 +589,12 @@ CASES = [
         "ResNet is not supported",
     ),
     Case(
+        "inspect-naflexvit-refused-with-its-reason",
+        lambda e, t: ["inspect", "naflexvit_base_patch16_gap", "--json"],
+        UnsupportedModelError,
+        "variable-length sequence of patches",
+    ),
+    Case(
         "train-untagged-demo-architecture-offline",
         lambda e, t: [
             a

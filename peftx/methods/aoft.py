@@ -12,6 +12,13 @@ parameters whatever the rank. No official code is public; choices that are OURS,
 - Default targets q and v (row slices of timm's fused qkv), one (q_up, q_down, λ) triple per slice: matches the
   paper's 0.22 M trainable on FGVC for ViT-B with the head. Default rank 8.
 - Only the LoRA-form update is implemented: the paper's AOFT-on-Adapter/VPT forms do not merge into dense weights.
+
+Newer layer kinds (the rule is per linear map, W + ΔW, so every site merges exactly and no bias is ever needed):
+separate q / k / v projections (Eva qkv_fused=False) are adapted whole when their slice (q, k, v) or "qkv" is a
+target: the defaults q, v reach q_proj and v_proj, never the bias-free k_proj; a fused qkv whose biases are the
+attention's q_bias / v_bias (Eva, BEiT, Swin V2) gets ΔW through the wrapper's ``weight``, which timm's attention
+reads itself; a gated MLP: target fc1 adapts SwiGLU's fc1_x and fc1_g, and gives a packed fc1 ([x; gate] rows)
+one (q_up, q_down, λ) triple per half, the same parameters. Norms (LayerNorm, RMSNorm) are not touched.
 """
 
 from __future__ import annotations
@@ -79,7 +86,7 @@ class AOFT(TargetedMethod[AOFTConfig]):
     no_decay = frozenset({"q_up", "q_down", "lam"})
 
     def wrap_linear(self, site, base: nn.Linear, config: AOFTConfig, targets: set[str], note: Note):
-        rows = row_slices(site.role, targets)
+        rows = row_slices(site, targets)
         if rows is None:
             return None
         return AOFTLinear(base, site.path, rows[0], rows[1], rank=config.rank, scale=config.scale)

@@ -112,12 +112,24 @@ class TargetedMethod(Method[TargetedConfigT]):
         return resolve_targets(config, layout)
 
 
-def row_slices(role: str, targets: set[str]) -> tuple[int, tuple[int, ...]] | None:
-    """(groups, adapted row blocks) of a layer for a slice-aware method: q/k/v of the fused qkv, or the whole layer."""
-    if role == "qkv" and "qkv" not in targets:
+def row_slices(site: Any, targets: set[str]) -> tuple[int, tuple[int, ...]] | None:
+    """(groups, adapted row blocks) of a layer for a slice-aware method (LoRA, AOFT), None to leave it alone.
+
+    A fused qkv: the q / k / v row blocks the targets name, or the whole layer for target "qkv". A separate q / k / v
+    projection (Eva with qkv_fused=False): the whole layer when its slice or "qkv" is a target, so a model with
+    separate projections trains what the fused one would. Any other targeted layer: one factor pair per row group
+    (a packed SwiGLU fc1 has two, x and gate, so it trains what the split fc1_x / fc1_g pair would).
+    """
+    if site.role == "qkv" and site.part is not None:
+        return (1, (0,)) if "qkv" in targets or QKV_SLICES[site.part] in targets else None
+    if site.role == "qkv" and "qkv" not in targets:
         slices = tuple(i for i, n in enumerate(QKV_SLICES) if n in targets)
-        return (3, slices) if slices else None
-    return (1, (0,)) if role in targets else None
+        return (site.row_groups, slices) if slices else None
+    if site.role not in targets:
+        return None
+    if site.role == "qkv":
+        return (1, (0,))
+    return (site.row_groups, tuple(range(site.row_groups)))
 
 
 def _check_finite(name: str, *tensors: torch.Tensor | None) -> None:
@@ -238,6 +250,18 @@ class AdapterLinear(AdapterModule):
 
     def bias_delta(self) -> torch.Tensor | None:
         return None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The adapted weight W + ΔW (the frozen weight once merged), differentiable.
+
+        For the attention modules that read ``qkv.weight`` themselves instead of calling the layer (Eva, BEiT and Swin
+        V2 with separate q_bias / v_bias: ``F.linear(x, qkv.weight, cat(q_bias, 0, v_bias))``); a layer that is
+        called goes through :meth:`forward`, which computes the same thing.
+        """
+        if self.merged:
+            return self.base_layer.weight
+        return self.merge_weight(self.base_layer.weight)
 
     # -- forward / merge --------------------------------------------------------------------------------------------
     def effective_bias(self) -> torch.Tensor | None:

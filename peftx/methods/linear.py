@@ -2,6 +2,8 @@
 
 No layer is wrapped; the only trainable tensors are the new (zero-initialised) classifier's weight and bias, which
 are tensors of the plain timm model. So the adapter file holds the head, and merging is the identity.
+DeiT distilled has two classifiers (head on the cls token, head_dist on the distillation token, averaged by timm
+outside distillation training): both are new and trained, and the exported model returns their average.
 """
 
 from __future__ import annotations

@@ -1,4 +1,11 @@
-"""LoRA (Hu et al. 2021), the baseline: ΔW = (alpha / r) · B A, A [r, in] random, B [out, r] zeros."""
+"""LoRA (Hu et al. 2021), the baseline: ΔW = (alpha / r) · B A, A [r, in] random, B [out, r] zeros.
+
+Newer layer kinds, the same rules as AOFT's (aoft.py): W + ΔW per linear map merges exactly anywhere and needs no
+bias; default targets q and v reach Eva's separate q_proj / v_proj (never the bias-free k_proj) or the q / v row
+blocks of a fused qkv, including one whose biases are the attention's q_bias / v_bias (ΔW is served through the
+wrapper's ``weight``, which timm's attention reads itself); target fc1 adapts SwiGLU's fc1_x and fc1_g, or each
+half of a packed fc1 with its own (A, B).
+"""
 
 from __future__ import annotations
 
@@ -63,7 +70,7 @@ class LoRA(TargetedMethod[LoRAConfig]):
     no_decay = frozenset()  # A and B are weight matrices: they decay, like the head's weight
 
     def wrap_linear(self, site, base: nn.Linear, config: LoRAConfig, targets: set[str], note: Note):
-        rows = row_slices(site.role, targets)
+        rows = row_slices(site, targets)
         if rows is None:
             return None
         return LoRALinear(base, site.path, rows[0], rows[1], r=config.r, alpha=config.alpha)

@@ -13,6 +13,26 @@ What RLRR cannot merge, and so does not create: the shift f of a layer without a
 layer alone and its W has full row rank (Swin's PatchMerging reduction: f then moves into that LayerNorm's bias,
 exactly); the SSF shift on the patch tokens when the patch conv has no bias and the model no position embedding; SSF
 on a LayerNorm without an affine. Each such omission is a note in the adapter's record (``peftx inspect`` shows it).
+
+The newer layer kinds (layout.py; METHODS.md's formulas apply per linear map, and the merged model must be the
+same timm class, so a bias the class does not have is never added):
+
+* separate q / k / v projections (Eva with qkv_fused=False, EVA-02 B/L): each is its own RLRR layer with its own
+  s_row, s_col and f, the official per-projection parameters; the fused qkv of Eva and BEiT keeps one s_col per
+  q / k / v block (``col_groups`` 3), Swin V2 one shared s_col (as official Swin).
+* a bias-free k (k_proj without bias): no f. It has no bias to take it and norm1 feeds q and v too, so there is no
+  exact fold. (Without RoPE or qk-norm a k bias changes no attention output anyway: it adds q·f to every logit of a
+  row, and softmax ignores that.)
+* q_bias / v_bias attention (Eva, BEiT, Swin V2 with qkv bias): timm computes F.linear(x, qkv.weight,
+  cat(q_bias, 0, v_bias)) itself, so the adapted weight is served through the wrapper's ``weight`` and W' is exact,
+  but f is not created (the attention would never add it); a note says so.
+* a gated MLP: SwiGLU's fc1_x and fc1_g are two RLRR layers (role fc1); timm's packed SwiGLU (GluMlp: fc1 = [x;
+  gate] rows) keeps one s_col per half (``col_groups`` 2), so both forms train the same parameters. fc2 as usual.
+* RMSNorm (y = x / rms(x) · w, no β): SSF's scale folds into w; the shift has nothing to fold into and is not
+  created (a note). Swin V2's post-norm blocks: SSF on norm1 / norm2 outputs folds into their affine as anywhere.
+* Swin V2's PatchMerging applies its norm AFTER the bias-free reduction: nothing before it takes f, so no f.
+* Swin V2's cpb_mlp (continuous position bias), layer scale (gamma_1 / gamma_2), attention pooling, the DeiT
+  distillation token: frozen tensors of the plain model, untouched. DeiT distilled trains both heads.
 """
 
 from __future__ import annotations
@@ -236,12 +256,16 @@ class RLRR(TargetedMethod[RLRRConfig]):
     def wrap_linear(self, site, base: nn.Linear, config: RLRRConfig, targets: set[str], note: Note):
         if site.role not in targets:
             return None
-        shift = base.bias is not None or (site.fold_norm is not None and has_full_row_rank(base.weight))
-        if not shift:
-            note(
-                f"{site.path}: no bias shift f (the layer has no bias, and no LayerNorm it could be folded into "
-                "exactly)"
-            )
+        if site.direct_weight:  # timm's attention adds its own q_bias / v_bias: it would never see f
+            shift = False
+            note(f"{site.path}: no bias shift f (the attention adds its own q_bias / v_bias; the k rows have none)")
+        else:
+            shift = base.bias is not None or (site.fold_norm is not None and has_full_row_rank(base.weight))
+            if not shift:
+                note(
+                    f"{site.path}: no bias shift f (the layer has no bias, and no LayerNorm it could be folded into "
+                    "exactly)"
+                )
         return RLRRLinear(
             base,
             site.path,
@@ -258,6 +282,12 @@ class RLRR(TargetedMethod[RLRRConfig]):
             note(f"{site.path}: no SSF (a LayerNorm without affine weight and bias has nothing to fold it into)")
             return None
         shift = True
+        if not isinstance(base, (nn.LayerNorm, nn.Identity)):  # an RmsNorm: y = x / rms(x) * w, no beta
+            if getattr(base, "weight", None) is None:
+                note(f"{site.path}: no SSF (an RMSNorm without a weight has nothing to fold it into)")
+                return None
+            note(f"{site.path}: SSF scale only (an RMSNorm has no bias to take the shift)")
+            shift = False
         if site.fold_conv is not None and model.get_submodule(site.fold_conv).bias is None and site.pos_embed is None:
             note(
                 f"{site.path}: SSF scale only (the patch conv has no bias and the model no position embedding "

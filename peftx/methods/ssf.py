@@ -5,6 +5,9 @@ Identity in timm's ``patch_embed.norm`` slot, i.e. on the patch tokens before th
 γ folds into the patch conv's output channels, β into the conv's bias, or, for a conv without one (CLIP-style
 pre-norm ViTs), into the patch rows of the position embedding, which is added to every patch token right after the
 conv. Where neither exists the shift is not created (``shift=False``): it could not be merged.
+
+On an RMSNorm (timm ``RmsNorm``: y = x / rms(x) * w, no beta) γ folds into w; there is nothing for β to fold into
+(adding a bias would change the timm class's state dict), so RLRR creates the scale only there (``shift=False``).
 """
 
 from __future__ import annotations
@@ -33,11 +36,15 @@ class SSF(AdapterModule):
         shift: bool = True,
     ):
         super().__init__(name)
-        if not isinstance(base, (nn.LayerNorm, nn.Identity)):
-            raise TypeError(f"{name}: SSF wraps a LayerNorm or Identity, got {type(base).__name__}")
+        from timm.layers import RmsNorm
+
+        if not isinstance(base, (nn.LayerNorm, RmsNorm, nn.Identity)):
+            raise TypeError(f"{name}: SSF wraps a LayerNorm, RmsNorm or Identity, got {type(base).__name__}")
         if isinstance(base, nn.LayerNorm) and (base.weight is None or base.bias is None):
             # Folding needs an affine to fold into; adding one would change the timm state dict.
             raise TypeError(f"{name}: LayerNorm without affine weight and bias cannot absorb SSF")
+        if isinstance(base, RmsNorm) and (base.weight is None or shift):
+            raise TypeError(f"{name}: an RmsNorm takes the SSF scale into its weight, and no shift (it has no bias)")
         if isinstance(base, nn.Identity) and fold_conv is None:
             raise TypeError(f"{name}: SSF on an Identity needs the patch conv to fold into")
         self.base = base
@@ -85,10 +92,12 @@ class SSF(AdapterModule):
         _check_finite(self.layer_name, w, b)
         return w, b
 
-    def _targets(self, model: nn.Module | None) -> tuple[nn.LayerNorm | nn.Conv2d, torch.Tensor | None]:
-        """(module whose weight/bias take the fold, position embedding taking the shift or None)."""
-        if isinstance(self.base, nn.LayerNorm):
-            return self.base, None
+    def _targets(self, model: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(weight and bias (None: none) taking the fold, position embedding taking the shift or None)."""
+        if not isinstance(self.base, nn.Identity):  # a LayerNorm, or an RmsNorm (weight only)
+            weight, bias = self.base.weight, getattr(self.base, "bias", None)
+            assert isinstance(weight, torch.Tensor) and (bias is None or isinstance(bias, torch.Tensor))
+            return weight, bias, None
         if model is None:
             raise ValueError(f"{self.layer_name}: folding into the patch conv needs the model")
         assert self.fold_conv is not None  # __init__ requires it for an Identity base
@@ -96,18 +105,18 @@ class SSF(AdapterModule):
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"{self.layer_name}: {self.fold_conv} is {type(conv).__name__}, not the patch Conv2d")
         pos = model.get_parameter(self.pos_embed) if conv.bias is None and self.pos_embed else None
-        return conv, pos
+        return conv.weight, conv.bias, pos
 
     @torch.no_grad()
     def merge_plan(self, model: nn.Module | None, value: Value = _same) -> Plan:
-        target, pos = self._targets(model)
-        if target.bias is not None:
-            w, b = self.folded_affine(value(target.weight), value(target.bias))
-            return [(target.weight, w), (target.bias, b)]
-        # Bias-free patch conv: γ scales its output channels; β (when there is one) moves to the patch rows of the
-        # position embedding.
-        w = self.folded_affine(value(target.weight), torch.zeros_like(self.ssf_scale))[0]
-        plan = [(target.weight, w)]
+        weight, bias, pos = self._targets(model)
+        if bias is not None:
+            w, b = self.folded_affine(value(weight), value(bias))
+            return [(weight, w), (bias, b)]
+        # An RmsNorm (γ scales its weight, no β), or a bias-free patch conv: γ scales its output channels; β (when
+        # there is one) moves to the patch rows of the position embedding.
+        w = self.folded_affine(value(weight), torch.zeros_like(self.ssf_scale))[0]
+        plan = [(weight, w)]
         if self.ssf_shift is not None:
             assert pos is not None, self.layer_name  # a shift on a bias-free conv lives in the position embedding
             p = value(pos).double().clone()
@@ -119,13 +128,13 @@ class SSF(AdapterModule):
 
     @torch.no_grad()
     def unmerge_plan(self, model: nn.Module | None, value: Value = _same) -> Plan:
-        target, pos = self._targets(model)
-        if target.bias is not None:
-            w, b = self.unfolded_affine(value(target.weight), value(target.bias))
+        weight, bias, pos = self._targets(model)
+        if bias is not None:
+            w, b = self.unfolded_affine(value(weight), value(bias))
             assert b is not None  # unfolded from a bias
-            return [(target.weight, w), (target.bias, b)]
-        w = self.unfolded_affine(value(target.weight), None)[0]
-        plan = [(target.weight, w)]
+            return [(weight, w), (bias, b)]
+        w = self.unfolded_affine(value(weight), None)[0]
+        plan = [(weight, w)]
         if self.ssf_shift is not None:
             assert pos is not None, self.layer_name  # as in merge_plan
             p = value(pos).double().clone()

@@ -28,7 +28,7 @@ def adapted_copy(
         base_fingerprint=fingerprint or "benchmark (not computed)",
     )
     gen = torch.Generator().manual_seed(seed)
-    head = state_of(model).layout.head + "."
+    head = tuple(h + "." for h in state_of(model).layout.heads)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad and not name.startswith(head):
