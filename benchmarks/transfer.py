@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from peftx import events as ev
 from peftx.backbones import DEMO_MODEL
 from peftx.compare import CompareConfig, compare, default_methods, parse_set
 from peftx.compare_report import WIDTH, format_table
@@ -73,23 +74,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _progress(task: str, t0: float):
-    def on(event: str, **f: Any) -> None:
-        if event == "run_start":
+    def on(event: ev.Event) -> None:
+        if isinstance(event, ev.CompareRunStart):
             print(
-                f"[{time.perf_counter() - t0:7.1f}s] {task}: {f['method']} seed {f['seed']} ({f['action']})",
+                f"[{time.perf_counter() - t0:7.1f}s] {task}: {event.method} seed {event.seed} ({event.action})",
                 file=sys.stderr,
                 flush=True,
             )
-        elif event == "train" and f["train_event"] == "epoch":
-            e = f["fields"]
+        elif isinstance(event, ev.CompareTrain) and isinstance(event.event, ev.EpochEnd):
+            e = event.event
             print(
-                f"[{time.perf_counter() - t0:7.1f}s]   epoch {e['epoch']}/{e['epochs']} val "
-                f"{100 * e['val_accuracy']:.1f} % ({e['seconds']:.1f} s)",
+                f"[{time.perf_counter() - t0:7.1f}s]   epoch {e.epoch}/{e.epochs} val "
+                f"{100 * e.val_accuracy:.1f} % ({e.seconds:.1f} s)",
                 file=sys.stderr,
                 flush=True,
             )
-        elif event == "run_end":
-            r = f["row"]
+        elif isinstance(event, ev.CompareRunEnd):
+            r = event.row
             what = (
                 f"test {100 * r['test_accuracy']:.2f} %"
                 if r["status"] == "ok" and r.get("test_accuracy") is not None

@@ -22,6 +22,7 @@ from . import __version__
 from .adapter import merge_and_unload
 from .adapter_io import ADAPTER_FILE, load_adapter, read_adapter
 from .errors import AdapterFileError, AdapterMismatchError, DataError, ExportError, UsageError
+from .events import Progress, steps_to
 from .fsutil import sha256_file
 from .preprocess import contract
 
@@ -220,7 +221,7 @@ def merge_export(
     weights: str | Path | None = None,
     img_size: int | None = None,
     images_dir: str | Path | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
     target: str | None = None,
     accuracy_limit: int | None = ACCURACY_IMAGES,
     calibration: int | None = None,
@@ -263,7 +264,7 @@ def merge_export(
         raise UsageError(
             "--calibration and --calibration-data are for --precision int8", "add --precision int8, or drop them"
         )
-    say = progress or (lambda _m: None)
+    say = steps_to(progress)
     say("loading the backbone and adapter")
     loaded = load_reference(source, model_name=model_name, weights=weights, img_size=img_size)
     out = Path(output) if output else loaded.adapter_path.parent / BUNDLE_DIR
@@ -366,7 +367,7 @@ def validate(
     adapter: str | Path | None = None,
     weights: str | Path | None = None,
     tensorrt: str = "auto",
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
     target: str | None = None,
     accuracy_limit: int | None = ACCURACY_IMAGES,
 ):
@@ -396,14 +397,14 @@ def validate(
     from .byo import recorded_source
 
     loaded = load_reference(recorded_source(prov, source), weights=weights)
-    say = progress or (lambda _m: None)
+    say = steps_to(progress)
     splits = _run_splits(loaded)
     return validate_bundle(
         bundle,
         loaded.model,
         parity_images(loaded, images_dir, splits=splits),
         tensorrt=cast(TensorRTMode, tensorrt),  # checked above
-        progress=progress,
+        progress=say,
         target=target,
         accuracy_set=_accuracy_set(loaded, images_dir, accuracy_limit, splits, say),
     )

@@ -21,7 +21,6 @@ import shutil
 import tempfile
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from torch import nn
 
 from . import __version__
 from .errors import OutputError, ParityError, UsageError
+from .events import Progress, steps_to
 from .peft_adapter import (
     KEY_PREFIX,
     PEFT_CONFIG_FILE,
@@ -125,7 +125,7 @@ def convert_run(
     weights: str | Path | None = None,
     images_dir: str | Path | None = None,
     force: bool = False,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> ConvertReport:
     """Write the peftx run (or adapter file) ``source`` as a peft adapter directory; returns the parity of peft's
     own load of it against the peftx model. Nothing is written when any check fails."""
@@ -133,7 +133,7 @@ def convert_run(
 
     if to not in FORMATS:
         raise UsageError(f"--to {to!r} is not a format peftx converts to", f"choose {', '.join(FORMATS)}")
-    say = progress or (lambda _m: None)
+    say = steps_to(progress)
     peft = import_peft()
     say("loading the run")
     loaded = load_reference(source, weights=weights)

@@ -20,6 +20,7 @@ from peftx.adapter_io import ADAPTER_FILE, read_adapter
 from peftx.deploy import load_reference, merge_export, validate
 from peftx.errors import AdapterFileError, AdapterMismatchError, NonFiniteError
 from peftx.evaluate import evaluate
+from peftx.events import Step
 from peftx.train import TrainConfig, TrainingInterrupted, train
 from peftx.train.checkpoint import checkpoint_path, load_checkpoint
 
@@ -94,8 +95,8 @@ def test_full_fine_tuning_resumes_bit_identical(tiny_weights, digit_folder, tmp_
     train(tiny_config(tiny_weights, whole, data=str(digit_folder), **cfg))
     run = tmp_path / "run"
 
-    def interrupt(event, **f):
-        if event == "step" and f["epoch"] == 2 and f["step"] == 2:
+    def interrupt(event):
+        if isinstance(event, Step) and event.epoch == 2 and event.step == 2:
             os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.raises(TrainingInterrupted):

@@ -10,7 +10,7 @@ import typer
 from ..errors import handle_errors
 from ..options import Batch, Force, Images, ImgSize, Json, NoSimplify, Precision, Target, TensorRT, Weights
 from ..output import console, key_values, print_json
-from .export_cmd import _progress
+from ..render import Renderer
 
 
 def _show_bundle(report, json_out: bool) -> None:
@@ -79,7 +79,7 @@ def export(
         force=force,
         simplify=not no_simplify,
         images_dir=images,
-        progress=_progress(json_out),
+        progress=None if json_out else Renderer(),
         target=target,
     )
     _show_bundle(report, json_out)
@@ -106,7 +106,13 @@ def convert(
     from peftx.peft_convert import convert_run
 
     report = convert_run(
-        run, to=to, output=output, weights=weights, images_dir=images, force=force, progress=_progress(json_out)
+        run,
+        to=to,
+        output=output,
+        weights=weights,
+        images_dir=images,
+        force=force,
+        progress=None if json_out else Renderer(),
     )
     if json_out:
         print_json(report.to_json())

@@ -9,11 +9,8 @@ import typer
 
 from ..errors import handle_errors
 from ..options import Force, ImgSize, Json, Overwrite, Target, Weights
-from ..output import console, err_console, key_values, print_json
-
-
-def _progress(json_out: bool):
-    return (lambda _m: None) if json_out else (lambda m: err_console.print(f"[dim]· {m}[/]"))
+from ..output import console, key_values, print_json
+from ..render import Renderer
 
 
 @handle_errors
@@ -127,7 +124,7 @@ def merge_export(
         weights=weights,
         img_size=img_size,
         images_dir=images,
-        progress=_progress(json_out),
+        progress=None if json_out else Renderer(),
         target=target,
         accuracy_limit=parse_count(accuracy_images),
         calibration=calibration,
@@ -235,7 +232,7 @@ def validate(
         adapter=adapter,
         weights=weights,
         tensorrt=tensorrt,
-        progress=_progress(json_out),
+        progress=None if json_out else Renderer(),
         target=target,
         accuracy_limit=parse_count(accuracy_images),
     )

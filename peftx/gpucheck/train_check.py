@@ -100,14 +100,15 @@ def recipe_fingerprint(plan: dict[str, Any], method: str) -> str:
 
 def run_one(ctx: Context, plan: dict[str, Any], method: str, device: str, amp: str) -> dict[str, Any]:
     """One ``train()`` run; never raises (a failure is recorded with its message)."""
+    from peftx.events import Event, Step
     from peftx.train import TrainConfig, train
     from peftx.train.checkpoint import load_checkpoint
 
     losses: list[float] = []
 
-    def progress(event: str, **fields: Any) -> None:
-        if event == "step":
-            losses.append(float(fields["loss"]))
+    def progress(event: Event) -> None:
+        if isinstance(event, Step):
+            losses.append(float(event.loss))
 
     run_dir = ctx.work / f"train-{method}-{device}-{amp}"
     t0 = time.perf_counter()

@@ -24,7 +24,6 @@ _EXPORTS = {
     "train": "loop",
     "Trainer": "loop",
     "EVENTS": "progress",
-    "rich_progress": "progress",
     "lr_at": "schedule",
     "Schedule": "schedule",
     "param_groups": "optim",
@@ -47,7 +46,6 @@ __all__ = [
     "train",
     "Trainer",
     "EVENTS",
-    "rich_progress",
     "lr_at",
     "Schedule",
     "param_groups",
@@ -65,7 +63,7 @@ if TYPE_CHECKING:
     from .config import DEFAULTS, RUNTIME_FIELDS, TrainConfig, resolve
     from .loop import Trainer, train
     from .optim import make_optimizer, param_groups
-    from .progress import EVENTS, rich_progress
+    from .progress import EVENTS
     from .rundir import CURVES_FILE, METRICS_FILE, SUMMARY_FILE
     from .schedule import Schedule, lr_at
     from .seeding import SeededSamples, seed_for
