@@ -53,8 +53,15 @@ from pathlib import Path
 from typing import Any
 
 from . import events as ev
-from .errors import OutputError, TrainingInterrupted, UsageError
+from ._util import first_line
+from .adapter import merge_and_unload
+from .compare_report import plot_compare
+from .deploy import load_reference
+from .errors import OutputError, PeftxError, TrainingInterrupted, UsageError
+from .evaluate import resolve_device, use_fused_attention
 from .fsutil import ensure_dir, write_text_atomic
+from .methods import METHOD_NAMES, get_method, method_names
+from .train import TrainConfig
 
 # The default line-up. linear (head only) and full (all weights) join as soon as the method registry registers them:
 # the default is this list filtered by what peftx.methods registers, so nothing here changes when they land.
@@ -119,7 +126,6 @@ class CompareConfig:
         for m in [*(self.methods or []), *self.per_method]:
             if not _METHOD_NAME.match(m):
                 raise UsageError(f"method name {m!r} is not a plain name", "method names are like rlrr, lora, full")
-        from .train import TrainConfig
 
         train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
         for m, values in self.per_method.items():
@@ -148,8 +154,6 @@ class CompareConfig:
 
 def default_methods() -> list[str]:
     """DEFAULT_METHODS that this peftx registers, in that order (the registry adds linear and full)."""
-    from .methods import METHOD_NAMES
-
     return [m for m in DEFAULT_METHODS if m in METHOD_NAMES]
 
 
@@ -175,8 +179,6 @@ def parse_set(items: list[str] | tuple[str, ...]) -> dict[str, dict[str, Any]]:
 
 def method_lr_scale(method: str) -> float:
     """The factor the trainer applies to the recipe's lr for ``method`` when none is given (1 for unknown names)."""
-    from .methods import get_method, method_names
-
     return get_method(method).recipe_lr_scale if method in method_names() else 1.0
 
 
@@ -206,9 +208,6 @@ def _absolute_if_path(value: Any) -> Any:
 
 def _shared_config(cfg: CompareConfig) -> dict[str, Any]:
     """The TrainConfig fields every run gets (before the method's own), validated once through TrainConfig."""
-    from .methods import METHOD_NAMES
-    from .train import TrainConfig
-
     shared = dict(cfg.train)
     shared["data"] = _absolute_if_path(cfg.data)
     if shared.get("weights") is not None:
@@ -222,10 +221,6 @@ def _shared_config(cfg: CompareConfig) -> dict[str, Any]:
 
 def plan_runs(cfg: CompareConfig) -> list[RunPlan]:
     """Every (method, seed) run with its exact TrainConfig, and for each a reason if it cannot run."""
-    from .errors import PeftxError
-    from .methods import METHOD_NAMES
-    from .train import TrainConfig
-
     shared = _shared_config(cfg)
     out = Path(cfg.output)
     plans = []
@@ -628,10 +623,6 @@ def measure_merged_latency(
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils import benchmark
 
-    from .adapter import merge_and_unload
-    from .deploy import load_reference
-    from .evaluate import resolve_device, use_fused_attention
-
     dev = resolve_device(device)
     groups: dict[str, dict[str, Any]] = {}
     problems = []
@@ -640,7 +631,7 @@ def measure_merged_latency(
             loaded = load_reference(run_dir)
             merged = merge_and_unload(loaded.model)
         except Exception as e:  # noqa: BLE001 - a run that will not merge is reported, it does not stop the others
-            problems.append({"run_dir": str(run_dir), "reason": f"{type(e).__name__}: {e}".splitlines()[0]})
+            problems.append({"run_dir": str(run_dir), "reason": first_line(f"{type(e).__name__}: {e}")})
             continue
         sig = merged_signature(merged)
         group = groups.setdefault(
@@ -751,7 +742,6 @@ def compare(cfg: CompareConfig, progress: ev.Progress | None = None) -> dict[str
         )
         emit(ev.CompareLatency(latency=latency))
     result = _result(cfg, plans, rows, latency, "done")
-    from .compare_report import plot_compare
 
     plot_compare(result, out / CHART_FILE)
     _save(result)

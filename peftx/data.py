@@ -31,6 +31,10 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset
 
 from peftx.errors import DataError, UsageError
+from peftx.preprocess import eval_transform, train_transform
+
+from ._util import first_line
+from .fsutil import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +94,7 @@ class ImageFileDataset(Dataset):
                 image = im.convert("RGB")
         except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError... for one outcome: undecodable
             raise DataError(
-                f"cannot decode image {path}: {_first_line(exc)}", "replace or delete the file, then run again"
+                f"cannot decode image {path}: {first_line(exc, 200)}", "replace or delete the file, then run again"
             ) from exc
         return self.transform(image), label
 
@@ -119,8 +123,6 @@ def build_transform(data_cfg: dict[str, Any], *, train: bool, hflip: bool) -> Ca
     """The run's preprocessing contract (:mod:`peftx.preprocess`): timm's evaluation transform for ``data_cfg``,
     with a random horizontal flip when ``train and hflip``. No random crops: VTAB-1k training uses the evaluation
     geometry, so training, evaluation and the shipped ``infer.py`` all see the same pixels."""
-    from peftx.preprocess import eval_transform, train_transform
-
     return train_transform(data_cfg, hflip=True) if train and hflip else eval_transform(data_cfg)
 
 
@@ -398,8 +400,6 @@ def _split_val(
 
 def write_val_split(run_dir: str | Path, drawn: dict[str, Any]) -> Path:
     """The drawn split as ``RUN_DIR/val_split.json`` (rule, seed, and every file relative to train/)."""
-    from .fsutil import write_text_atomic
-
     record = {k: v for k, v in drawn.items() if k != "recorded"}
     return write_text_atomic(Path(run_dir) / VAL_SPLIT_FILE, json.dumps(record, indent=1) + "\n")
 
@@ -413,7 +413,7 @@ def read_val_split(run_dir: str | Path) -> list[str] | None:
         files = json.loads(path.read_text(encoding="utf-8"))["files"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(
-            f"{path} is unreadable ({_first_line(exc)})",
+            f"{path} is unreadable ({first_line(exc, 200)})",
             "restore it from the run directory, or delete it to draw the split again from the seed",
         ) from exc
     if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
@@ -470,7 +470,9 @@ def _check_image(path: Path) -> None:
         with Image.open(path) as im:
             im.verify()
     except Exception as exc:  # UnidentifiedImageError, OSError, SyntaxError...: one outcome, unreadable
-        raise DataError(f"{path} is not a readable image ({_first_line(exc)})", "replace or delete the file") from exc
+        raise DataError(
+            f"{path} is not a readable image ({first_line(exc, 200)})", "replace or delete the file"
+        ) from exc
 
 
 # ---- VTAB-1k
@@ -492,7 +494,7 @@ def parse_vtab_list(path: str | Path, root: str | Path) -> list[tuple[Path, int]
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read list file {path}: {_first_line(exc)}", "check the VTAB-1k layout") from exc
+        raise DataError(f"cannot read list file {path}: {first_line(exc, 200)}", "check the VTAB-1k layout") from exc
     real_root = root.resolve()
     samples: list[tuple[Path, int]] = []
     for lineno, raw in enumerate(text.splitlines(), start=1):
@@ -529,7 +531,7 @@ def _parse_vtab_line(line: str, where: str, root: Path, real_root: Path) -> tupl
     # a NUL byte (ValueError), a name too long (OSError), a symlink loop (RuntimeError before Python 3.13)
     except (OSError, ValueError, RuntimeError) as exc:
         raise DataError(
-            f"{where}: path {rel!r} is not a usable file name ({_first_line(exc)})", "fix or delete the line"
+            f"{where}: path {rel!r} is not a usable file name ({first_line(exc, 200)})", "fix or delete the line"
         ) from None
     if not real.is_relative_to(real_root):
         raise DataError(
@@ -597,11 +599,6 @@ def _warn_imbalance(counts: Counter, class_names: Sequence[str], where: Path) ->
             present[small],
             IMBALANCE_WARN_RATIO,
         )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:200]
 
 
 # ----------------------------------------------------------------------------------------------------- real images

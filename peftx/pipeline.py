@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .deploy import merge_export
 from .events import Progress
+from .train import TrainConfig, train
 
 
 def run_demo(
@@ -19,9 +21,6 @@ def run_demo(
     Returns where everything is and the headline numbers. Raises ParityError (non-zero exit in the CLI) if any
     exported artifact disagrees with the unmerged model.
     """
-    from .deploy import merge_export
-    from .train import TrainConfig, train
-
     summary = train(TrainConfig(method=method, output=str(output) if output else None), progress=progress)
     run_dir = Path(summary["run_dir"])
     report = merge_export(run_dir, progress=progress)

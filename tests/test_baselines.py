@@ -67,7 +67,7 @@ def test_full_adapter_file_has_the_usual_checks(trained, tiny_weights, tmp_path)
     """The whole-model file is refused on other base weights, with a wrong shape or a NaN, like any adapter."""
     _, run, _ = trained
     from peftx.adapter_io import load_adapter
-    from peftx.evaluate import rebuild_model
+    from peftx.sources import rebuild_model
 
     config, tensors = read_adapter(run / ADAPTER_FILE)
     other = tmp_path / "other.safetensors"  # the same architecture, other weights: another fingerprint

@@ -13,10 +13,10 @@ import torch
 import torch.multiprocessing as mp
 from conftest import tiny_config
 
+from peftx.distributed import EpochSampler, ShardSampler
 from peftx.errors import UsageError
 from peftx.train import TrainConfig, train
 from peftx.train.checkpoint import load_checkpoint
-from peftx.train.distributed import EpochSampler, ShardSampler
 
 # Dropout off: each rank draws its own dropout masks, so only a dropout-free run can equal the single process.
 # Flip stays on: augmentation is seeded per (seed, epoch, sample), the same whichever rank loads the sample.

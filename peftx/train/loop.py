@@ -39,17 +39,23 @@ from torch.utils.data import DataLoader, Dataset
 from .. import events as ev
 from ..adapter import adapt, count_parameters, state_of, trainable_names
 from ..adapter_io import ADAPTER_FILE, check_tensors, read_adapter, save_adapter
+from ..backbones import create_backbone, data_config
+from ..data import VAL_SPLIT_FILE, load_splits, read_val_split, write_val_split
+from ..distributed import DistInfo, EpochSampler, all_reduce_sum, any_rank, init_distributed, shutdown
 from ..errors import NonFiniteError, TrainingInterrupted, UsageError
 from ..methods import config_class
+from ..metrics import class_report
+from ..plotting import plot_confusion
+from ..preprocess import TRAINING as PREPROCESSING_DEFAULT
+from ..preprocess import contract
 from ..runtime import autocast, eval_loader, evaluate_model, resolve_amp, resolve_device, to_device, use_fused_attention
 from .checkpoint import Checkpoint, LoopState, checkpoint_path, restore_optimizer, save_checkpoint
-from .config import RunConfig, TrainConfig, jsonable, resolve
-from .distributed import DistInfo, EpochSampler, all_reduce_sum, any_rank, init_distributed, shutdown
+from .config import RunConfig, TrainConfig, json_copy, resolve
 from .optim import make_optimizer
 from .progress import Progress, emitter
 from .regularization import add_residual_dropout, residual_dropout_removed
 from .resume import plan_resume
-from .rundir import prepare_run_dir, remove_if_empty, write_metrics, write_summary
+from .rundir import CONFUSION_FILE, prepare_run_dir, remove_if_empty, write_metrics, write_summary
 from .schedule import schedule
 from .seeding import SeededSamples, seed_everything, seed_for
 from .signals import StopFlag, stop_on_signals
@@ -111,8 +117,6 @@ class _Setup:
 
 def _meta_backbone(cfg: RunConfig) -> nn.Module:
     """Shapes-only model, for the preprocessing config before the class count (and so the head) is known."""
-    from ..backbones import create_backbone
-
     with torch.device("meta"):
         return create_backbone(cfg.model, num_classes=1, pretrained=False, img_size=cfg.img_size, **cfg.model_kwargs)
 
@@ -130,10 +134,6 @@ def _spec(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _build(cfg: RunConfig, ckpt: Checkpoint | None) -> _Setup:
-    from ..backbones import create_backbone, data_config
-    from ..data import load_splits, read_val_split
-    from ..preprocess import TRAINING as PREPROCESSING_DEFAULT
-    from ..preprocess import contract
 
     device = resolve_device(cfg.device)
     info = init_distributed(device.type)
@@ -201,7 +201,6 @@ def _drawn_summary(drawn: dict[str, Any] | None) -> dict[str, Any] | None:
     """How a validation split was drawn from train/ (the file list itself is in val_split.json)."""
     if drawn is None:
         return None
-    from ..data import VAL_SPLIT_FILE
 
     return {
         "from": drawn["from"],
@@ -547,7 +546,7 @@ class Trainer:
         st, sp = self.state, self.s.splits
         extra = {
             "class_names": list(sp.class_names),
-            "data_config": jsonable(self.s.data_cfg),
+            "data_config": json_copy(self.s.data_cfg),
             "data": self.cfg.data,
             "data_source": sp.source,
             "seed": self.cfg.seed,
@@ -567,8 +566,6 @@ class Trainer:
         leaves no file behind), so that eval, merge-export and --resume rebuild the drawn split."""
         drawn = self.s.splits.val_drawn
         if drawn is not None:
-            from ..data import write_val_split
-
             write_val_split(self.s.run_dir, drawn)
 
     def _save_checkpoint(self, reason: str) -> Path:
@@ -602,10 +599,6 @@ class Trainer:
     # -- end ----------------------------------------------------------------------------------------------------
     def _class_report(self, measured: dict[str, Any], split: str) -> dict[str, Any]:
         """Per-class accuracy + confusion matrix (summary.json) and confusion.png, of the selected epoch."""
-        from ..metrics import class_report
-        from ..plotting import plot_confusion
-        from .rundir import CONFUSION_FILE
-
         names = list(self.s.splits.class_names)
         report = {"class_report_split": split, **class_report(measured["confusion"], names)}
         if self.info.is_main:

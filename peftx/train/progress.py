@@ -6,9 +6,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ..distributed import DistInfo
 from ..errors import UsageError
 from ..events import TRAIN_EVENTS, Progress, quiet
-from .distributed import DistInfo
 
 EVENTS: dict[str, tuple[str, ...]] = {cls.name: tuple(f.name for f in dataclasses.fields(cls)) for cls in TRAIN_EVENTS}
 
