@@ -39,9 +39,10 @@ from peftx.errors import (
 from peftx.exports.parity import compare
 from peftx.exports.runners import TorchRunner
 from peftx.methods import make_config
-from peftx.peft_adapter import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, SOURCE_FILE, PeftSource, read_peft_dir
+from peftx.peft_adapter import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, SOURCE_FILE, read_peft_dir
 from peftx.peft_convert import convert_run
 from peftx.plain_export import export_checkpoint, read_class_names
+from peftx.sources import CheckpointSource, PeftSource
 from peftx.tolerances import MERGE_FP32, ONNX_FP32
 
 CLI_MODEL = "vit_tiny_patch16_224"  # what the CLI builds from a name alone: 12 blocks, 192 wide; 32 px = 4 tokens
@@ -491,8 +492,51 @@ def test_plain_checkpoint_exports_and_validates(checkpoint, tmp_path):
     assert validate(out, tensorrt="off").passed
 
 
+def test_every_way_into_a_bundle_takes_the_same_options():
+    """`export NAME --weights` (a plain checkpoint) offers every bundle option merge-export has: int8 and its
+    calibration, the accuracy images; the same declarations (cli/options.py), so the same help."""
+    import typer
+
+    group = typer.main.get_command(app)
+    commands = group.commands  # type: ignore[attr-defined]
+
+    def options(name: str) -> dict[str, tuple[str, ...]]:
+        return {p.name: (tuple(p.opts), p.help) for p in commands[name].params if p.param_type_name == "option"}
+
+    bundle = {
+        "batch",
+        "precision",
+        "calibration",
+        "calibration_method",
+        "calibration_data",
+        "tensorrt",
+        "images",
+        "accuracy_images",
+        "no_simplify",
+        "target",
+        "force",
+    }
+    merge, plain = options("merge-export"), options("export")
+    assert bundle <= set(merge) and bundle <= set(plain)
+    assert {k: merge[k] for k in bundle} == {k: plain[k] for k in bundle}
+    assert "int8" in plain["precision"][1]
+
+
+def test_a_plain_checkpoint_takes_int8_and_says_it_needs_calibration_images(checkpoint, tmp_path):
+    """INT8 through `export`: the same path as merge-export's, so a checkpoint (which records no training data)
+    is told to pass --calibration-data, in one line, before anything is written."""
+    st, _, _ = checkpoint
+    out = tmp_path / "bundle"
+    argv = ["export", CLI_MODEL, "--weights", str(st), "--img-size", str(CLI_IMG), "--output", str(out)]
+    result, lines = run_cli([*argv, "--precision", "int8", "--calibration", "64", *EXPORT])
+    assert result.exit_code != 0 and len(lines) == 1, lines
+    assert "INT8 calibration needs the run's training images" in lines[0] and "--calibration-data" in lines[0]
+    assert not out.exists()
+    result, lines = run_cli([*argv, "--calibration", "64", *EXPORT])  # the INT8 options are INT8's alone
+    assert result.exit_code != 0 and "are for --precision int8" in lines[-1], lines
+
+
 def test_a_torch_file_of_tensors_loads_as_the_same_model(checkpoint):
-    from peftx.plain_export import CheckpointSource
 
     _, pt, model = checkpoint
     loaded = CheckpointSource(CLI_MODEL, pt, img_size=CLI_IMG).load()  # weights_only, through backbones' checks
@@ -540,7 +584,7 @@ def test_peft_is_importable_lazily():
     import subprocess
 
     code = (
-        "import sys; import peftx.deploy, peftx.cli.app, peftx.byo, peftx.peft_adapter, peftx.peft_convert, "
+        "import sys; import peftx.deploy, peftx.cli.app, peftx.sources, peftx.peft_adapter, peftx.peft_convert, "
         "peftx.plain_export; print('peft' in sys.modules)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
