@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import resource
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -564,8 +563,3 @@ def fallback(
         time.perf_counter() - started,
         best.accuracy if best else None,
     )
-
-
-def calibration_cache(scratch: Path) -> Path:
-    """Where onnxruntime keeps the calibrated ranges for the re-quantizations (the file must not exist yet)."""
-    return Path(tempfile.mkdtemp(dir=scratch)) / "calibration.json"

@@ -15,6 +15,8 @@ import sys
 import traceback
 from typing import Any
 
+from peftx._util import first_line
+
 
 def _send(event: str, **fields: Any) -> None:
     sys.stdout.write(json.dumps({"event": event, **fields}, default=str) + "\n")
@@ -80,7 +82,7 @@ def main(argv: list[str]) -> int:
         _send(
             "result",
             status="failed",
-            reason=f"internal error: {type(e).__name__}: {e}".splitlines()[0],
+            reason=first_line(f"internal error: {type(e).__name__}: {e}"),
             error_type=type(e).__name__,
         )
         return 70

@@ -6,7 +6,7 @@ values). A resumable checkpoint holds every parameter and its AdamW moments (thr
 
 Weight decay: the plain-model rule (:func:`peftx.methods.registry.plain_no_weight_decay`): weight matrices decay;
 biases, norms, every 1-d tensor (LayerScale), and the model's own ``no_weight_decay()`` list (position embedding,
-cls / register tokens) do not: timm's optimiser factory plus METHODS.md's "no decay on names containing bias or norm".
+cls / register tokens) do not: timm's optimiser factory plus the recipe's "no decay on names containing bias or norm".
 """
 
 from __future__ import annotations
