@@ -11,9 +11,9 @@ demo:  ## train on the embedded default, merge, export, validate; prints where t
 	$(VENV)/bin/peftx demo
 
 test:  ## the whole test suite (what CI runs)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=25
 
-test-fast:  ## skip the real-weight tests
+test-fast:  ## the inner loop: skip the slow tests (real weights, whole CLI runs, subprocess end-to-end)
 	$(VENV)/bin/python -m pytest -q -m "not slow"
 
 lint:  ## ruff (lint + format check) and mypy (scripts/typecheck.sh: cli/ and exports/ as peftx.cli / peftx.exports)
