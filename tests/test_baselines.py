@@ -49,6 +49,7 @@ def test_baseline_trains_what_it_should(trained, tiny_weights):
     assert config["method"] == method and config["num_classes"] == 4
 
 
+@pytest.mark.slow
 def test_baseline_loads_back_evaluates_and_exports(trained):
     method, run, summary = trained
     result = evaluate(run, split="test", device="cpu")
@@ -87,6 +88,7 @@ def test_full_adapter_file_has_the_usual_checks(trained, tiny_weights, tmp_path)
             load_adapter(rebuild_model(config), path)
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_resumes_bit_identical(tiny_weights, digit_folder, tmp_path):
     """SIGINT mid-epoch, then --resume: the checkpoint holds every parameter and its AdamW moments, and the resumed
     run ends with exactly the weights of the uninterrupted one."""

@@ -1543,6 +1543,7 @@ def _console_script() -> str:
     return str(script)
 
 
+@pytest.mark.slow
 def test_console_script(env: Env, tmp_path: Path):
     """The same cases through the installed `peftx` executable (real processes, run side by side)."""
     script = _console_script()

@@ -39,6 +39,7 @@ def _falls(losses: list[float]) -> bool:
     return all(math.isfinite(x) for x in losses) and sum(losses[-k:]) / k < sum(losses[:k]) / k
 
 
+@pytest.mark.slow
 def test_quick_cpu_run_passes_and_writes_the_json_and_log(quick_run) -> None:
     proc, out = quick_run
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -143,6 +143,7 @@ def cli_peft(tmp_path_factory):
 # ---------------------------------------------------------------------------------------------------- peft -> bundle
 
 
+@pytest.mark.slow
 def test_peft_trained_lora_exports_and_validates_through_the_cli(cli_peft, tmp_path):
     adapter, weights, plain, images = cli_peft
     loaded = load_reference(adapter, model_name=CLI_MODEL, weights=weights, img_size=CLI_IMG)
@@ -185,6 +186,7 @@ def test_peft_trained_lora_exports_and_validates_through_the_cli(cli_peft, tmp_p
     assert result.exit_code == 0, lines
 
 
+@pytest.mark.slow
 def test_validate_refuses_a_changed_peft_config_or_other_base_weights(cli_peft, tmp_path):
     adapter, weights, plain, _ = cli_peft
     local = tmp_path / "adapter"
@@ -205,6 +207,7 @@ def test_validate_refuses_a_changed_peft_config_or_other_base_weights(cli_peft, 
         validate(bundle, tensorrt="off")
 
 
+@pytest.mark.slow
 def test_peft_trained_lora_on_swin_exports(tmp_path):
     """Swin: qkv plus the bias-free PatchMerging reduction; the head is ClassifierHead (saved as head.fc)."""
     name, kw = TINY_MODELS["swin"]
@@ -377,6 +380,7 @@ ROUND_TRIPS = [("vit", "lora", {"targets": ("q", "v", "fc1")}), ("swin", "lora",
 
 
 @pytest.mark.parametrize("family,method,kw", ROUND_TRIPS, ids=[f"{f}-{m}" for f, m, _ in ROUND_TRIPS])
+@pytest.mark.slow
 def test_peftx_adapter_round_trips_through_peft(tmp_path, family, method, kw):
     run, plain, weights, peftx_model = peftx_run(tmp_path, family, method, **kw)
     report = convert_run(run, output=tmp_path / "peft")
@@ -453,6 +457,7 @@ def checkpoint(tmp_path_factory):
     return st, pt, model
 
 
+@pytest.mark.slow
 def test_plain_checkpoint_exports_and_validates(checkpoint, tmp_path):
     st, _, model = checkpoint
     weights = st
@@ -546,6 +551,7 @@ def test_a_torch_file_of_tensors_loads_as_the_same_model(checkpoint):
     assert loaded.merge(loaded.model) is not loaded.model  # the exported model is a copy, not the reference
 
 
+@pytest.mark.slow
 def test_plain_checkpoint_default_output_and_checks(checkpoint, tmp_path):
     st, _, model = checkpoint
     local = tmp_path / "ft.safetensors"

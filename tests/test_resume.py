@@ -69,6 +69,7 @@ def uninterrupted(tiny_weights, digit_folder, tmp_path_factory):
     ],
     ids=["sigint-mid-epoch", "sigterm-epoch-end"],
 )
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(uninterrupted, tiny_weights, digit_folder, tmp_path, sig, event, match) -> None:
     full_run, full_summary = uninterrupted
     run = tmp_path / "run"

@@ -227,6 +227,7 @@ def test_residual_dropout_rates_behaviour_and_removal() -> None:
 # -- a real run -------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_training_on_digits_learns_and_writes_the_run_dir(tiny_weights: Path, tmp_path: Path) -> None:
     """Real sklearn digits (10 classes, chance 10 %): a few epochs of RLRR on a frozen random tiny ViT."""
     rec = Recorder()
@@ -307,6 +308,7 @@ def test_training_on_digits_learns_and_writes_the_run_dir(tiny_weights: Path, tm
     assert again["confusion_matrix"] == summary["confusion_matrix"] and again["per_class"] == summary["per_class"]
 
 
+@pytest.mark.slow
 def test_own_folder_without_val_and_with_stray_files(tiny_weights: Path, digit_folder: Path, tmp_path: Path) -> None:
     """No val/ folder: a validation split is drawn from train/, recorded, and rebuilt by eval and by a resume;
     stray files are skipped and counted; eval also runs on a folder that holds only test images."""
@@ -360,6 +362,7 @@ def test_own_folder_without_val_and_with_stray_files(tiny_weights: Path, digit_f
     assert res["n"] == 12 and (tmp_path / "cm.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_png_folder_run_with_a_rich_bar_and_existing_output_is_refused(
     tiny_weights: Path, digit_folder: Path, tmp_path: Path
 ) -> None:
