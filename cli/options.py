@@ -64,6 +64,16 @@ MethodOption = Annotated[
         show_default="none",
     ),
 ]
+# The training options `train` and `compare` share (None: the recipe's / the trainer's default).
+Task = Annotated[
+    str | None,
+    typer.Option(
+        "--task",
+        help="VTAB-1k task name: the paper's per-task recipe (lr, weight decay, dropout, flip).",
+        show_default="none: the demo's or the generic recipe",
+    ),
+]
+Amp = Annotated[str | None, typer.Option("--amp", help="auto, bf16, fp16 or off.", show_default="auto")]
 Device = Annotated[
     str, typer.Option("--device", help="auto (a GPU when there is one), cpu or cuda.", show_default="auto")
 ]

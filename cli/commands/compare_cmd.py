@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import handle_errors
-from ..options import Device, Json, Weights
+from ..options import Amp, Device, Json, Task, Weights
 from ..output import print_json
 from ..render import Renderer
 
@@ -36,12 +36,7 @@ def compare(
         ),
     ] = None,
     weights: Weights = None,
-    task: Annotated[
-        str | None,
-        typer.Option(
-            "--task", help="VTAB-1k task name: the paper's per-task recipe.", show_default="none: the generic recipe"
-        ),
-    ] = None,
+    task: Task = None,
     epochs: Annotated[
         int | None,
         typer.Option("--epochs", min=1, help="Epochs, the same for every method.", show_default="the recipe's"),
@@ -73,7 +68,7 @@ def compare(
         int, typer.Option("--seeds", min=1, help="Runs per method (seeds S, S+1, ...): mean and spread.")
     ] = 1,
     seed: Annotated[int, typer.Option("--seed", help="First seed.")] = 42,
-    amp: Annotated[str, typer.Option("--amp", help="auto, bf16, fp16 or off.")] = "auto",
+    amp: Amp = None,
     device: Device = "auto",
     force: Annotated[
         bool, typer.Option("--force", help="Train every run afresh, replacing what --output holds.")
@@ -99,7 +94,7 @@ def compare(
         warmup_epochs=warmup_epochs,
         img_size=img_size,
         seed=seed,
-        amp=amp,
+        amp=amp or "auto",  # recorded in each run's config as before
         device=device,
         weights=str(weights) if weights else None,
     )

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import handle_errors
-from ..options import Alpha, Device, Init, Json, MethodOption, Overwrite, Rank, RunMethod, Targets, Weights
+from ..options import Alpha, Amp, Device, Init, Json, MethodOption, Overwrite, Rank, RunMethod, Targets, Task, Weights
 from ..output import console, duration, key_values, percent, print_json, table
 from ..render import Renderer
 
@@ -46,14 +46,7 @@ def train(
             show_default="demo",
         ),
     ] = None,
-    task: Annotated[
-        str | None,
-        typer.Option(
-            "--task",
-            help="VTAB-1k task name: the paper's per-task lr/wd/dropout/flip.",
-            show_default="none: the demo's or the generic recipe",
-        ),
-    ] = None,
+    task: Task = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Run directory.", show_default="runs/<method>-<data>-<time>")
     ] = None,
@@ -153,7 +146,7 @@ def train(
     targets: Targets = None,
     init: Init = None,
     method_option: MethodOption = None,
-    amp: Annotated[str | None, typer.Option("--amp", help="auto, bf16, fp16 or off.", show_default="auto")] = None,
+    amp: Amp = None,
     device: Device = None,  # type: ignore[assignment]  # None: auto
     seed: Annotated[
         int | None,
