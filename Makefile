@@ -12,9 +12,9 @@ demo:  ## train on the embedded default, merge, export, validate; prints where t
 
 test:  ## the whole test suite (what CI runs); first the device Python stacks infer.py is run under (docs/device.md)
 	scripts/setup-device-venvs.sh
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=25
 
-test-fast:  ## skip the real-weight tests
+test-fast:  ## the inner loop: skip the slow tests (real weights, whole CLI runs, subprocess end-to-end)
 	scripts/setup-device-venvs.sh
 	$(VENV)/bin/python -m pytest -q -m "not slow"
 

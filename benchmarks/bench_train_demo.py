@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from peftx import events as ev
 from peftx.train import TrainConfig, train
 
 
@@ -36,18 +37,18 @@ def main() -> int:
 
     t0 = time.perf_counter()
 
-    def progress(event: str, **f) -> None:
-        if event == "start":
+    def progress(event: ev.Event) -> None:
+        if isinstance(event, ev.TrainStart):
             print(
-                f"[{time.perf_counter() - t0:6.1f}s] start: {f['train_size']} train / {f['val_size']} val / "
-                f"{f['test_size']} test images, {f['steps_per_epoch']} steps per epoch, device {f['device']}, "
-                f"amp {f['amp']}, {f['trainable_params']:,} of {f['total_params']:,} parameters trained"
+                f"[{time.perf_counter() - t0:6.1f}s] start: {event.train_size} train / {event.val_size} val / "
+                f"{event.test_size} test images, {event.steps_per_epoch} steps per epoch, device {event.device}, "
+                f"amp {event.amp}, {event.trainable_params:,} of {event.total_params:,} parameters trained"
             )
-        elif event == "epoch":
+        elif isinstance(event, ev.EpochEnd):
             print(
-                f"[{time.perf_counter() - t0:6.1f}s] epoch {f['epoch']}/{f['epochs']}: train loss "
-                f"{f['train_loss']:.4f}, val loss {f['val_loss']:.4f}, val acc {100 * f['val_accuracy']:.2f} %, "
-                f"{f['img_per_s']:.1f} img/s, {f['seconds']:.1f} s"
+                f"[{time.perf_counter() - t0:6.1f}s] epoch {event.epoch}/{event.epochs}: train loss "
+                f"{event.train_loss:.4f}, val loss {event.val_loss:.4f}, val acc {100 * event.val_accuracy:.2f} %, "
+                f"{event.img_per_s or 0:.1f} img/s, {event.seconds:.1f} s"
             )
 
     with tempfile.TemporaryDirectory() as tmp:

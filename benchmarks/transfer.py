@@ -8,7 +8,7 @@ validation. Then the mean per method over the tasks is printed next to the paper
 RLRR 74.5, AOFT 72.7-74.1, LoRA 72.3, full fine-tuning 65.6, linear probe 52.9), with a plain statement of where the
 order agrees and where it does not.
 
-    python benchmarks/transfer.py --output bench-results/transfer            # the whole table (see docs/methods.md for time)
+    python benchmarks/transfer.py --output bench-results/transfer  # the whole table (time: docs/methods.md)
     python benchmarks/transfer.py --tasks fashion_mnist --methods rlrr,lora  # one task, two methods: sizing a run
 
 Re-running the same command resumes (finished runs are skipped: ``peftx compare``'s resume). Prints every per-task
@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from peftx import events as ev
 from peftx.backbones import DEMO_MODEL
 from peftx.compare import CompareConfig, compare, default_methods, parse_set
 from peftx.compare_report import WIDTH, format_table
@@ -43,7 +44,8 @@ PAPER_VTAB = {
 }
 PAPER_ORDER = ("rlrr", "aoft", "lora", "full", "linear")  # best first, by the papers' means
 
-# The schedule every method shares (sized on this 2-core machine; see docs/methods.md "Which method for my data"). The rest
+# The schedule every method shares (sized on this 2-core machine; see docs/methods.md "Which method for my data").
+# The rest
 # — lr 1e-3, weight decay 5e-5, residual dropout 0.1, no flip, batch 32 — is peftx's generic recipe, the paper's most
 # common per-task values, unless a method declares its own (compare's rule).
 DEFAULTS = dict(img_size=56, epochs=20, warmup_epochs=2.0, test_cap=2000, data_seed=0, train_seed=42)
@@ -73,23 +75,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _progress(task: str, t0: float):
-    def on(event: str, **f: Any) -> None:
-        if event == "run_start":
+    def on(event: ev.Event) -> None:
+        if isinstance(event, ev.CompareRunStart):
             print(
-                f"[{time.perf_counter() - t0:7.1f}s] {task}: {f['method']} seed {f['seed']} ({f['action']})",
+                f"[{time.perf_counter() - t0:7.1f}s] {task}: {event.method} seed {event.seed} ({event.action})",
                 file=sys.stderr,
                 flush=True,
             )
-        elif event == "train" and f["train_event"] == "epoch":
-            e = f["fields"]
+        elif isinstance(event, ev.CompareTrain) and isinstance(event.event, ev.EpochEnd):
+            e = event.event
             print(
-                f"[{time.perf_counter() - t0:7.1f}s]   epoch {e['epoch']}/{e['epochs']} val "
-                f"{100 * e['val_accuracy']:.1f} % ({e['seconds']:.1f} s)",
+                f"[{time.perf_counter() - t0:7.1f}s]   epoch {e.epoch}/{e.epochs} val "
+                f"{100 * e.val_accuracy:.1f} % ({e.seconds:.1f} s)",
                 file=sys.stderr,
                 flush=True,
             )
-        elif event == "run_end":
-            r = f["row"]
+        elif isinstance(event, ev.CompareRunEnd):
+            r = event.row
             what = (
                 f"test {100 * r['test_accuracy']:.2f} %"
                 if r["status"] == "ok" and r.get("test_accuracy") is not None

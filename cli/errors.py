@@ -10,6 +10,7 @@ from typing import TypeVar
 
 import typer
 
+from peftx._util import first_line
 from peftx.errors import PeftxError
 
 F = TypeVar("F", bound=Callable)
@@ -50,7 +51,7 @@ def handle_errors(fn: F) -> F:
             if _debug():
                 raise
             raise _fail(
-                f"internal error: {type(e).__name__}: {e}".split("\n")[0],
+                first_line(f"internal error: {type(e).__name__}: {e}"),
                 f"set {DEBUG_VAR}=1 for the traceback and please report it",
                 INTERNAL_ERROR_EXIT,
             ) from None

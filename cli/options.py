@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -64,6 +64,16 @@ MethodOption = Annotated[
         show_default="none",
     ),
 ]
+# The training options `train` and `compare` share (None: the recipe's / the trainer's default).
+Task = Annotated[
+    str | None,
+    typer.Option(
+        "--task",
+        help="VTAB-1k task name: the paper's per-task recipe (lr, weight decay, dropout, flip).",
+        show_default="none: the demo's or the generic recipe",
+    ),
+]
+Amp = Annotated[str | None, typer.Option("--amp", help="auto, bf16, fp16 or off.", show_default="auto")]
 Device = Annotated[
     str, typer.Option("--device", help="auto (a GPU when there is one), cpu or cuda.", show_default="auto")
 ]
@@ -78,10 +88,37 @@ Target = Annotated[
     ),
 ]
 
-# The bundle options every exporting command shares (`merge-export` declares its own copies of the first four).
+# The bundle options, declared once: every way into a bundle (`merge-export` a run or a peft adapter, `export` a plain
+# checkpoint) takes all of them, and `bundle_kwargs` turns them into the library's arguments the one same way.
 Batch = Annotated[str, typer.Option("--batch", help="Dynamic batch profile MIN:OPT:MAX.")]
 Precision = Annotated[
-    str, typer.Option("--precision", help="fp32 or fp16 (the TensorRT engine; the FP16 ONNX is always checked).")
+    str,
+    typer.Option(
+        "--precision",
+        help=(
+            "fp32, fp16 or int8 (the TensorRT engine; the FP16 ONNX is always checked; int8 also writes "
+            "model_int8.onnx, calibrated and accuracy-gated)."
+        ),
+    ),
+]
+Calibration = Annotated[
+    int | None,
+    typer.Option(
+        "--calibration",
+        help="INT8: training images to calibrate on (seeded, class-stratified).",
+        show_default="256",
+    ),
+]
+CalibrationMethod = Annotated[str, typer.Option("--calibration-method", help="INT8: minmax, entropy or percentile.")]
+CalibrationData = Annotated[
+    Path | None,
+    typer.Option(
+        "--calibration-data",
+        help=(
+            "INT8: training images to calibrate on when the run's data moved (DIR/<class>/... or an ImageFolder root)."
+        ),
+        show_default="the run's training split",
+    ),
 ]
 TensorRT = Annotated[
     str,
@@ -91,6 +128,25 @@ TensorRT = Annotated[
         "tolerate readiness problems).",
     ),
 ]
+BundleImages = Annotated[
+    Path | None,
+    typer.Option(
+        "--images",
+        help=(
+            "Real images for the parity check; labelled as DIR/<class>/... (or DIR/test/<class>/...), they are "
+            "also the accuracy check's."
+        ),
+        show_default="the run's validation images; accuracy on its test split",
+    ),
+]
+AccuracyImages = Annotated[
+    str,
+    typer.Option(
+        "--accuracy-images",
+        help="Labelled images the accuracy check measures (a seeded subset of a larger split), 'all', or 0 to skip.",
+    ),
+]
+# `peftx convert`: images for its parity check only.
 Images = Annotated[
     Path | None,
     typer.Option(
@@ -104,3 +160,35 @@ ImgSize = Annotated[
     int | None,
     typer.Option("--img-size", min=1, help="Image size the model was fine-tuned at.", show_default="the timm model's"),
 ]
+
+
+def bundle_kwargs(
+    *,
+    batch: str,
+    precision: str,
+    calibration: int | None,
+    calibration_method: str,
+    calibration_data: Path | None,
+    tensorrt: str,
+    images: Path | None,
+    accuracy_images: str,
+    no_simplify: bool,
+    target: str | None,
+    force: bool,
+) -> dict[str, Any]:
+    """The bundle options as :func:`peftx.deploy.merge_export` takes them (``export`` passes them on unchanged)."""
+    from peftx.deploy import parse_batch, parse_count
+
+    return dict(
+        batch=parse_batch(batch),
+        precision=precision,
+        calibration=calibration,
+        calibration_method=calibration_method,
+        calibration_data=calibration_data,
+        tensorrt=tensorrt,
+        images_dir=images,
+        accuracy_limit=parse_count(accuracy_images),
+        simplify=not no_simplify,
+        target=target,
+        force=force,
+    )

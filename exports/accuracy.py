@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
+from peftx.data import raw_sample
 from peftx.errors import ExportError, UsageError
 from peftx.tolerances import PREPROCESSING_ATOL, AccuracyTolerance
 
@@ -197,8 +198,6 @@ def measure_accuracy(
     ``batch`` the (min, max) batch the candidates take (a TensorRT profile); ``keep`` keeps the first images'
     shipped inputs and reference logits in ``report.kept``.
     """
-    from peftx.data import raw_sample
-
     say = progress or (lambda _m: None)
     if not len(images):
         raise UsageError("the accuracy set is empty", "pass labelled images")

@@ -2,7 +2,7 @@
 
 Conversion is ONNX Runtime's ``convert_float_to_float16`` with ``keep_io_types=True`` (inputs/outputs stay FP32, so
 the same preprocessing and runners apply). onnxconverter-common's converter is not used: on timm ViT/Swin exports it
-produced graphs that fail to load (Cast type mismatch, DEPLOY.md).
+produced graphs that fail to load (a Cast type mismatch).
 
 What stays FP32, and why:
 

@@ -1,6 +1,6 @@
 """INT8 by explicit quantization: a Q/DQ graph (model_int8.onnx) calibrated on the run's own training images.
 
-Why this form (DEPLOY.md "INT8"): implicit calibration is deprecated in TensorRT 10.1 and gone in 11, Q/DQ graphs build
+Why this form: implicit calibration is deprecated in TensorRT 10.1 and gone in 11, Q/DQ graphs build
 on 8.5 to 11, and TensorRT needs zero points of 0 (symmetric INT8). Where: only the inputs of MatMul / Gemm / Conv
 (weights per-channel, activations per-tensor); LayerNorm (fused or decomposed), Softmax, GELU and the residual Adds
 stay float, since quantizing them collapses ViT accuracy. The graph is made by ``onnxruntime.quantization``'s
@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import resource
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -568,11 +567,6 @@ def fallback(
         time.perf_counter() - started,
         best.accuracy if best else None,
     )
-
-
-def calibration_cache(scratch: Path) -> Path:
-    """Where onnxruntime keeps the calibrated ranges for the re-quantizations (the file must not exist yet)."""
-    return Path(tempfile.mkdtemp(dir=scratch)) / "calibration.json"
 
 
 # --- the exact Q/DQ arithmetic, and this CPU's fused int8 kernels ---------------------------------------------------

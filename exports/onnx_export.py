@@ -1,6 +1,6 @@
 """Export a timm classifier to ONNX with a dynamic batch axis, and describe an ONNX graph (ops, parameter count).
 
-Exporter choice (see shared/DEPLOY.md): the TorchScript exporter (``dynamo=False``, opset 17, ``dynamic_axes``) is the
+Exporter choice: the TorchScript exporter (``dynamo=False``, opset 17, ``dynamic_axes``) is the
 default because it is fast (~8 s for ViT-B/16, well under a second for test models), emits one
 ``LayerNormalization`` node per LayerNorm at opset 17, and its graphs pass ONNX Runtime parity at any batch size. torch
 has deprecated it, so when it fails (or is gone) ``exporter="auto"`` falls back to the torch.export-based exporter
@@ -35,7 +35,7 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 BATCH_AXIS_NAME = "batch"
 # LayerNorm is a single LayerNormalization node only from opset 17; below it is ReduceMean/Pow/Sqrt, the pattern that
-# overflows in FP16 (DEPLOY.md).
+# overflows in FP16.
 MIN_OPSET = 17
 DEFAULT_OPSET = {"torchscript": 17, "dynamo": 18}
 DECOMPOSED_LAYERNORM_OPSET = 16  # the newest opset without LayerNormalization (it arrived in opset 17)

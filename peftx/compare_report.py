@@ -2,26 +2,33 @@
 
 from __future__ import annotations
 
+import io
 import math
 import textwrap
 from pathlib import Path
 from typing import Any
 
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
 from .fsutil import atomic_path
 
 WIDTH = 100
 _LR_SOURCE = {"set": "set", "shared": "all", "recipe x method": "rec*", "recipe": "rec"}
-# (header, width, align) — numbers right-aligned; the note takes what is left of WIDTH.
+# (header, right-aligned): numbers right-aligned; rich sizes the columns to fit WIDTH.
 _COLUMNS = (
-    ("method", 8, "<"),
-    ("test %", 13, ">"),
-    ("epoch", 7, ">"),
-    ("lr", 10, "<"),  # "1e-05 rec*"
-    ("trainable", 10, ">"),
-    ("adapter", 9, ">"),
-    ("train s", 7, ">"),
-    ("img/s", 6, ">"),
-    ("peak MB", 7, ">"),
+    ("method", False),
+    ("test %", True),
+    ("epoch", True),
+    ("lr", False),  # "1e-05 rec*"
+    ("trainable", True),
+    ("adapter", True),
+    ("train s", True),
+    ("img/s", True),
+    ("peak MB", True),
+    ("note", False),
 )
 
 
@@ -65,14 +72,10 @@ def _lr(entry: dict[str, Any]) -> str:
     return f"{entry['lr']:.0e} {_LR_SOURCE.get(entry.get('lr_source') or '', '')}".strip()
 
 
-def _cell(value: str, width: int, align: str) -> str:
-    return f"{value:{align}{width}}" if len(value) <= width else value[: width - 1] + "…"
-
-
 def method_cells(entry: dict[str, Any], note: str) -> list[str]:
     failed = not entry.get("ok")
     acc = "failed" if failed else _accuracy(entry)
-    values = [
+    return [
         entry["method"],
         acc,
         _epochs(entry),
@@ -82,12 +85,15 @@ def method_cells(entry: dict[str, Any], note: str) -> list[str]:
         f"{entry['train_seconds']:.0f}" if _num(entry.get("train_seconds")) else "-",
         f"{entry['img_per_s']:.1f}" if _num(entry.get("img_per_s")) else "-",
         f"{entry['peak_memory_mb']:,.0f}" if _num(entry.get("peak_memory_mb")) else "-",
+        note,
     ]
-    return [_cell(v, w, a) for v, (_, w, a) in zip(values, _COLUMNS, strict=True)] + [note]
 
 
-def _line(cells: list[str]) -> str:
-    return " ".join(cells).rstrip()[:WIDTH]
+def _render(table: Table) -> list[str]:
+    """A rich table as plain text lines, at most WIDTH characters (cells fold, never cut)."""
+    buf = io.StringIO()
+    Console(file=buf, width=WIDTH, color_system=None, highlight=False).print(table)
+    return [line.rstrip() for line in buf.getvalue().splitlines()]
 
 
 def _wrap(text: str, indent: str = "    ") -> list[str]:
@@ -141,7 +147,9 @@ def format_table(result: dict[str, Any]) -> str:
     """The comparison as text, every line at most WIDTH characters."""
     summary = result.get("summary") or []
     lines = _title(result) + [""]
-    lines.append(_line([_cell(h, w, a) for h, w, a in _COLUMNS] + ["note"]))
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    for header, right in _COLUMNS:
+        table.add_column(Text(header), justify="right" if right else "left", overflow="fold")
     footnotes: list[str] = []
     for entry in summary:
         note = ""
@@ -149,7 +157,8 @@ def format_table(result: dict[str, Any]) -> str:
             footnotes.append(entry["method"])
             mark = f"[{len(footnotes)}]"
             note = mark if not entry.get("ok") else f"{entry['ok']}/{entry['runs']} ok {mark}"
-        lines.append(_line(method_cells(entry, note)))
+        table.add_row(*(Text(c) for c in method_cells(entry, note)))
+    lines += _render(table)
     lines.append("")
     n = 0
     for entry in summary:

@@ -1,8 +1,9 @@
 """One run of a comparison, in its own process: ``python -m peftx.compare_worker '<TrainConfig JSON>'``.
 
 Started by :func:`peftx.compare.compare`. Writes JSON lines on stdout — ``worker`` (the process's RSS before the
-run), the trainer's progress events, and one final ``result`` ({status: ok | failed | interrupted, reason,
-error_type}) — and everything else (warnings, a traceback) on stderr, which compare keeps in the run's compare.log.
+run), the trainer's progress events (those :data:`peftx.events.FORWARDED` lists), and one final ``result``
+({status: ok | failed | interrupted, reason, error_type}) — and everything else (warnings, a traceback) on stderr,
+which compare keeps in the run's compare.log.
 Exit status: 0, the error's exit code, or 130 when interrupted.
 """
 
@@ -14,7 +15,7 @@ import sys
 import traceback
 from typing import Any
 
-EVENTS_SENT = ("start", "epoch_start", "step", "epoch", "checkpoint", "test")  # not "done": compare reads summary.json
+from peftx._util import first_line
 
 
 def _send(event: str, **fields: Any) -> None:
@@ -51,14 +52,15 @@ def main(argv: list[str]) -> int:
     from peftx.errors import PeftxError, TrainingInterrupted
 
     try:
+        from peftx.events import FORWARDED, Event, to_message
         from peftx.train import TrainConfig, train
 
         cfg = TrainConfig.from_dict(json.loads(argv[0]))
         _send("worker", baseline_rss_mb=_rss_mb())  # python + torch + peftx imported, nothing built yet
 
-        def forward(event: str, **fields: Any) -> None:
-            if event in EVENTS_SENT:
-                _send(event, **fields)
+        def forward(event: Event) -> None:
+            if isinstance(event, FORWARDED):
+                _send(**to_message(event))
 
         train(cfg, progress=forward)
     except KeyboardInterrupt:  # a signal before the trainer installed its handlers, or a second one
@@ -80,7 +82,7 @@ def main(argv: list[str]) -> int:
         _send(
             "result",
             status="failed",
-            reason=f"internal error: {type(e).__name__}: {e}".splitlines()[0],
+            reason=first_line(f"internal error: {type(e).__name__}: {e}"),
             error_type=type(e).__name__,
         )
         return 70

@@ -31,6 +31,18 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
 
 from peftx.errors import DataError, UsageError
+from peftx.preprocess import (
+    DECODED_MODES,
+    ImageModeError,
+    eval_transform,
+    exif_orientation,
+    to_rgb,
+    train_transform,
+    unsupported_mode,
+)
+
+from ._util import first_line
+from .fsutil import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +108,6 @@ class ImageFileDataset(Dataset):
 def decode_image(path: Path) -> Image.Image:
     """The image file as the 8-bit RGB image the preprocessing contract starts from: the decoding rule
     (:func:`peftx.preprocess.to_rgb`, which the bundle's infer.py repeats) applied to what PIL reads."""
-    from peftx.preprocess import ImageModeError, to_rgb
-
     try:
         with Image.open(path) as im:
             return to_rgb(im, str(path))
@@ -107,7 +117,7 @@ def decode_image(path: Path) -> Image.Image:
         raise DataError(f"{path} is not an image PIL can identify", "replace or delete the file") from exc
     except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError... for one outcome: undecodable
         raise DataError(
-            f"{path} is truncated or corrupt: {_first_line(exc)}", "replace or delete the file, then run again"
+            f"{path} is truncated or corrupt: {first_line(exc, 200)}", "replace or delete the file, then run again"
         ) from exc
 
 
@@ -135,8 +145,6 @@ def build_transform(data_cfg: dict[str, Any], *, train: bool, hflip: bool) -> Ca
     """The run's preprocessing contract (:mod:`peftx.preprocess`): timm's evaluation transform for ``data_cfg``,
     with a random horizontal flip when ``train and hflip``. No random crops: VTAB-1k training uses the evaluation
     geometry, so training, evaluation and the shipped ``infer.py`` all see the same pixels."""
-    from peftx.preprocess import eval_transform, train_transform
-
     return train_transform(data_cfg, hflip=True) if train and hflip else eval_transform(data_cfg)
 
 
@@ -417,8 +425,6 @@ def _split_val(
 
 def write_val_split(run_dir: str | Path, drawn: dict[str, Any]) -> Path:
     """The drawn split as ``RUN_DIR/val_split.json`` (rule, seed, and every file relative to train/)."""
-    from .fsutil import write_text_atomic
-
     record = {k: v for k, v in drawn.items() if k != "recorded"}
     return write_text_atomic(Path(run_dir) / VAL_SPLIT_FILE, json.dumps(record, indent=1) + "\n")
 
@@ -432,7 +438,7 @@ def read_val_split(run_dir: str | Path) -> list[str] | None:
         files = json.loads(path.read_text(encoding="utf-8"))["files"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(
-            f"{path} is unreadable ({_first_line(exc)})",
+            f"{path} is unreadable ({first_line(exc, 200)})",
             "restore it from the run directory, or delete it to draw the split again from the seed",
         ) from exc
     if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
@@ -488,8 +494,6 @@ def _check_image(path: Path, modes: Counter[str] | None = None) -> None:
     """Cheap integrity check (header + PNG chunk CRCs, no pixel decode); see the module docstring for the cost.
     A PIL mode the decoding rule does not read is refused here, before training; ``modes`` counts the modes (and,
     under ``_ROTATED``, the files an EXIF orientation will turn)."""
-    from peftx.preprocess import DECODED_MODES, exif_orientation, unsupported_mode
-
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
         raise DataError(
             f"{path} is not an image file (extension {path.suffix or 'none'})",
@@ -500,7 +504,9 @@ def _check_image(path: Path, modes: Counter[str] | None = None) -> None:
             mode, rotated = im.mode, exif_orientation(im) != 1
             im.verify()
     except Exception as exc:  # UnidentifiedImageError, OSError, SyntaxError...: one outcome, unreadable
-        raise DataError(f"{path} is not a readable image ({_first_line(exc)})", "replace or delete the file") from exc
+        raise DataError(
+            f"{path} is not a readable image ({first_line(exc, 200)})", "replace or delete the file"
+        ) from exc
     if mode not in DECODED_MODES:
         refused = unsupported_mode(str(path), mode)
         raise DataError(str(refused), refused.fix)
@@ -536,7 +542,7 @@ def parse_vtab_list(path: str | Path, root: str | Path) -> list[tuple[Path, int]
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read list file {path}: {_first_line(exc)}", "check the VTAB-1k layout") from exc
+        raise DataError(f"cannot read list file {path}: {first_line(exc, 200)}", "check the VTAB-1k layout") from exc
     real_root = root.resolve()
     samples: list[tuple[Path, int]] = []
     for lineno, raw in enumerate(text.splitlines(), start=1):
@@ -573,7 +579,7 @@ def _parse_vtab_line(line: str, where: str, root: Path, real_root: Path) -> tupl
     # a NUL byte (ValueError), a name too long (OSError), a symlink loop (RuntimeError before Python 3.13)
     except (OSError, ValueError, RuntimeError) as exc:
         raise DataError(
-            f"{where}: path {rel!r} is not a usable file name ({_first_line(exc)})", "fix or delete the line"
+            f"{where}: path {rel!r} is not a usable file name ({first_line(exc, 200)})", "fix or delete the line"
         ) from None
     if not real.is_relative_to(real_root):
         raise DataError(
@@ -644,11 +650,6 @@ def _warn_imbalance(counts: Counter, class_names: Sequence[str], where: Path) ->
             present[small],
             IMBALANCE_WARN_RATIO,
         )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:200]
 
 
 # ----------------------------------------------------------------------------------------------------- real images

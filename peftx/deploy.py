@@ -11,23 +11,35 @@ the run's TRAINING split (``--calibration-data DIR`` when it moved), never on th
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import Any, Literal, cast
 
 import torch
-from torch import nn
 
 from . import __version__
-from .adapter import merge_and_unload
-from .adapter_io import ADAPTER_FILE, load_adapter, read_adapter
+from .adapter_io import ADAPTER_FILE
+from .data import (
+    IMAGE_EXTENSIONS,
+    ImageFileDataset,
+    build_transform,
+    images_from_dir,
+    labelled_folder,
+    load_splits,
+    raw_sample,
+    real_images,
+)
 from .errors import AdapterFileError, AdapterMismatchError, DataError, ExportError, UsageError
+from .evaluate import run_val_files
+from .events import Progress, steps_to
+from .exports import int8
+from .exports.accuracy import select
+from .exports.bundle import _check_destination as check_destination
+from .exports.bundle import read_bundle, validate_bundle, write_bundle
+from .exports.int8 import select_calibration
+from .exports.tensorrt import resolve_target_here
 from .fsutil import sha256_file
 from .preprocess import contract
-
-if TYPE_CHECKING:
-    from .peft_adapter import PeftSource
-    from .plain_export import CheckpointSource
+from .sources import Loaded, Source, load_source, recorded_source
 
 Precision = Literal["fp32", "fp16", "int8"]
 TensorRTMode = Literal["auto", "on", "off"]
@@ -40,63 +52,28 @@ ACCURACY_IMAGES = 500
 BUNDLE_DIR = "bundle"
 
 
-@dataclass
-class Loaded:
-    """An unmerged reference (a peftx adapter, a peft adapter, a plain checkpoint), with what the export needs."""
-
-    model: nn.Module
-    adapter_path: Path
-    config: dict[str, Any]
-    data_config: dict[str, Any]
-    class_names: list[str]
-    # How ``model`` becomes the plain timm model that is exported: peftx's fold, peft's merge_and_unload, a copy.
-    merge: Callable[[nn.Module], nn.Module] = merge_and_unload
-
-
 def _adapter_path(source: str | Path) -> Path:
     source = Path(source)
     return source / ADAPTER_FILE if source.is_dir() else source
 
 
 def load_reference(
-    source: str | Path | PeftSource | CheckpointSource,
+    source: str | Path | Source,
     *,
     model_name: str | None = None,
     weights: str | Path | None = None,
     img_size: int | None = None,
 ) -> Loaded:
-    """The unmerged adapted model of a run directory or adapter file (``model_name``/``weights`` override the spec),
-    or of a source :mod:`peftx.byo` loads (a peft adapter directory, a plain checkpoint)."""
-    from .backbones import data_config
-    from .byo import load_foreign
-    from .evaluate import rebuild_model
-
-    foreign = load_foreign(source, model_name=model_name, weights=weights, img_size=img_size)
-    if foreign is not None:
-        foreign.data_config = contract(foreign.data_config)  # its recorded preprocessing, or timm's eval config
-        return foreign
-    if img_size is not None:
-        raise UsageError("--img-size is for peft adapters and checkpoints", "a peftx run records its image size")
-    assert isinstance(source, (str, Path)), source  # load_foreign loads every source object
-    path = _adapter_path(source)
-    config, _ = read_adapter(path)
-    if model_name:  # an adapter file used with a backbone named on the command line
-        _check_same_backbone(config, model_name, path)
-        config = {**config, "spec": {**(config.get("spec") or {}), "name": model_name}}
-    model = rebuild_model(config, weights=weights)
-    load_adapter(model, path)
-    model.eval()
-    data_cfg = contract(config.get("data_config") or data_config(model))  # the run's recorded preprocessing
-    names = config.get("class_names") or [str(i) for i in range(config["num_classes"])]
-    return Loaded(model, path, config, data_cfg, list(names))
+    """The unmerged model of ``source``: a run directory or adapter file (``model_name``/``weights`` override its
+    spec), a peft adapter directory, or a source object (:mod:`peftx.sources`)."""
+    loaded = load_source(source, model_name=model_name, weights=weights, img_size=img_size)
+    loaded.data_config = contract(loaded.data_config)  # its recorded preprocessing, or timm's eval config
+    return loaded
 
 
 def _run_splits(loaded: Loaded):
     """The run's own splits (its recorded data, preprocessing, split seed and the validation files it drew from
     train/), or the DataError why not."""
-    from .data import load_splits
-    from .evaluate import run_val_files
-
     data = loaded.config.get("data")
     if not data:
         return DataError("the adapter does not record its training data")
@@ -115,26 +92,10 @@ def _run_splits(loaded: Loaded):
     return splits
 
 
-def _check_same_backbone(config: dict[str, Any], model_name: str, path: Path) -> None:
-    """``--model`` renames the backbone of an adapter that records none; an adapter trained on another
-    architecture cannot be loaded onto this one (building it would fail later on a size or a tensor shape, with a
-    message about that instead of about the adapter)."""
-    recorded = (config.get("spec") or {}).get("name")
-    if recorded and recorded.partition(".")[0] != model_name.partition(".")[0]:
-        raise AdapterMismatchError(
-            f"the adapter {path} belongs to backbone {recorded} (recorded in its "
-            f"adapter_config.json), not {model_name}",
-            "drop --model: merge-export rebuilds the recorded backbone; for "
-            f"{model_name}, train an adapter on it (peftx train --model {model_name})",
-        )
-
-
 def parity_images(
     loaded: Loaded, images_dir: str | Path | None = None, n: int = PARITY_IMAGES, splits: Any = None
 ) -> torch.Tensor:
     """REAL images for parity: ``images_dir`` if given, else the run's validation split, else the shipped photos."""
-    from .data import images_from_dir, real_images
-
     if images_dir is not None:
         return images_from_dir(images_dir, loaded.data_config, limit=n)
     splits = _run_splits(loaded) if splits is None else splits
@@ -162,9 +123,6 @@ def accuracy_images(
 ):
     """(AccuracySet or None, why not): a labelled ``images_dir`` (``DIR/<class>/...``), else the run's test split,
     else its val split; ``limit`` images at most (None: all; 0: not measured)."""
-    from .data import labelled_folder
-    from .exports.accuracy import select
-
     if limit == 0:
         return None, "--accuracy-images 0"
     if images_dir is not None:
@@ -208,7 +166,7 @@ def parse_batch(text: str) -> tuple[int, int, int]:
 
 
 def merge_export(
-    source: str | Path | PeftSource | CheckpointSource,
+    source: str | Path | Source,
     *,
     output: str | Path | None = None,
     batch: Sequence[int] = (1, 8, 32),
@@ -220,7 +178,7 @@ def merge_export(
     weights: str | Path | None = None,
     img_size: int | None = None,
     images_dir: str | Path | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
     target: str | None = None,
     accuracy_limit: int | None = ACCURACY_IMAGES,
     calibration: int | None = None,
@@ -236,10 +194,6 @@ def merge_export(
     Raises ParityError (after writing a bundle marked failed) when any artifact disagrees with the unmerged model
     or loses accuracy beyond its tolerance.
     """
-    from .exports import int8
-    from .exports.bundle import write_bundle
-    from .exports.tensorrt import resolve_target_here
-
     if precision not in ("fp32", "fp16", "int8"):
         raise UsageError(f"--precision {precision!r}", "choose fp32, fp16 or int8")
     if tensorrt not in ("auto", "on", "off"):
@@ -263,8 +217,6 @@ def merge_export(
         raise UsageError(
             "--calibration and --calibration-data are for --precision int8", "add --precision int8, or drop them"
         )
-    from .exports.bundle import _check_destination as check_destination
-
     early = (
         Path(output)
         if output
@@ -274,7 +226,7 @@ def merge_export(
     )
     if early is not None:  # an existing bundle is refused before any work
         check_destination(early, force)
-    say = progress or (lambda _m: None)
+    say = steps_to(progress)
     say("loading the backbone and adapter")
     loaded = load_reference(source, model_name=model_name, weights=weights, img_size=img_size)
     out = Path(output) if output else loaded.adapter_path.parent / BUNDLE_DIR
@@ -314,9 +266,6 @@ def merge_export(
 def _calibration_request(loaded: Loaded, splits: Any, directory: str | Path | None, n: int, method: str):
     """INT8 calibration images: the run's training split (seeded with the run's seed, class-stratified), or the
     images under ``directory`` (an ImageFolder root's train/, class folders, or a flat folder)."""
-    from .data import raw_sample
-    from .exports.int8 import select_calibration
-
     seed = loaded.config.get("seed")
     seed = seed if isinstance(seed, int) else 42
     if directory is not None:
@@ -338,8 +287,6 @@ def _calibration_request(loaded: Loaded, splits: Any, directory: str | Path | No
 def _calibration_folder(directory: Path, loaded: Loaded):
     """(dataset, source) of the images under ``directory`` (its train/ when it is an ImageFolder root); labels are
     their class folders (only used to stratify the draw)."""
-    from .data import IMAGE_EXTENSIONS, ImageFileDataset, build_transform
-
     root = directory / "train" if (directory / "train").is_dir() else directory
     if not root.is_dir():
         raise DataError(
@@ -435,15 +382,12 @@ def validate(
     adapter: str | Path | None = None,
     weights: str | Path | None = None,
     tensorrt: str = "auto",
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
     target: str | None = None,
     accuracy_limit: int | None = ACCURACY_IMAGES,
 ):
     """Re-run the readiness (for ``target``, default the bundle's own), parity and accuracy checks of an existing
     bundle against the unmerged model it was made from."""
-    from .exports.bundle import read_bundle, validate_bundle
-    from .exports.tensorrt import resolve_target_here
-
     if tensorrt not in ("auto", "on", "off"):
         raise UsageError(f"--tensorrt {tensorrt!r}", "choose auto, on or off")
     if target is not None:
@@ -462,17 +406,15 @@ def validate(
             f"{source} changed since the bundle was made (sha256 differs)",
             "pass --adapter with the adapter the bundle was made from, or re-export",
         )
-    from .byo import recorded_source
-
     loaded = load_reference(recorded_source(prov, source), weights=weights)
-    say = progress or (lambda _m: None)
+    say = steps_to(progress)
     splits = _run_splits(loaded)
     return validate_bundle(
         bundle,
         loaded.model,
         parity_images(loaded, images_dir, splits=splits),
         tensorrt=cast(TensorRTMode, tensorrt),  # checked above
-        progress=progress,
+        progress=say,
         target=target,
         accuracy_set=_accuracy_set(loaded, images_dir, accuracy_limit, splits, say),
     )

@@ -25,19 +25,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
-import functools
 import json
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .adapter import fingerprint
+from ._util import first_line
 from .adapter_io import ADAPTER_FILE
 from .checks import all_finite, is_pickle_file
 from .errors import (
@@ -179,7 +177,7 @@ def import_peft():
         raise BackendUnavailableError("Hugging Face peft is not installed", _INSTALL_HINT) from None
     except ImportError as exc:  # a broken install (version mismatch with transformers, ...)
         raise BackendUnavailableError(
-            f"Hugging Face peft cannot be imported: {exc}".split("\n")[0], _INSTALL_HINT
+            first_line(f"Hugging Face peft cannot be imported: {exc}"), _INSTALL_HINT
         ) from None
     return peft
 
@@ -267,7 +265,7 @@ def _read_json(path: Path, missing: str, hint: str) -> dict[str, Any]:
         raise AdapterFileError(missing, hint) from None
     except (OSError, ValueError) as exc:
         raise AdapterFileError(
-            f"{path} is not readable JSON ({type(exc).__name__}: {exc})".split("\n")[0],
+            first_line(f"{path} is not readable JSON ({type(exc).__name__}: {exc})"),
             "the file is damaged: save the adapter again",
         ) from None
     if not isinstance(data, dict):
@@ -288,7 +286,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except Exception as exc:  # safetensors raises its own types for corrupt / truncated headers and data
         raise AdapterFileError(
-            f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})".split("\n")[0],
+            first_line(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})"),
             "the file is corrupt or truncated: save the adapter again",
         ) from None
     for key, value in tensors.items():
@@ -363,7 +361,7 @@ def _peft_config(peft, config: Mapping[str, Any], where: Path):
         return peft.PeftConfig.from_peft_type(**kwargs)
     except (TypeError, ValueError) as exc:
         raise AdapterFileError(
-            f"{where / PEFT_CONFIG_FILE}: peft rejects it ({exc})".split("\n")[0],
+            first_line(f"{where / PEFT_CONFIG_FILE}: peft rejects it ({exc})"),
             "the config is damaged or from an incompatible peft version",
         ) from None
 
@@ -391,7 +389,7 @@ def _same_model(a: str, b: str) -> bool:
     return arch_a == arch_b and (not tag_a or not tag_b or tag_a == tag_b)
 
 
-def _resolve_name(pd: PeftDir, model_name: str | None) -> str:
+def resolve_name(pd: PeftDir, model_name: str | None) -> str:
     recorded = _timm_name(pd.config.get("base_model_name_or_path"))
     converted = ((pd.source or {}).get("spec") or {}).get("name")
     name = model_name or converted or recorded
@@ -409,140 +407,7 @@ def _resolve_name(pd: PeftDir, model_name: str | None) -> str:
     return name
 
 
-# ---------------------------------------------------------------------------------------------------- the source
-
-
-@dataclass(frozen=True)
-class PeftSource:
-    """A peft adapter directory and the timm backbone to load it onto (what ``merge-export PEFT_DIR`` needs).
-
-    ``model_name`` / ``weights`` / ``img_size`` default to what the adapter records (peftx_source.json, peft's
-    base_model_name_or_path). ``expected_fingerprint`` and ``expected_config`` are what a bundle recorded, so that
-    ``validate`` refuses base weights or an adapter config that changed since.
-    """
-
-    path: Path
-    model_name: str | None = None
-    weights: Path | str | None = None
-    img_size: int | None = None
-    model_kwargs: Mapping[str, Any] = field(default_factory=dict)
-    class_names: tuple[str, ...] | None = None
-    expected_fingerprint: str | None = None
-    expected_config: Mapping[str, Any] | None = None
-
-    def with_overrides(self, **overrides: Any) -> PeftSource:
-        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
-
-    def load(self):
-        """The UNMERGED model inside peft, as :class:`peftx.deploy.Loaded` (its ``merge`` is peft's merge_and_unload,
-        checked to give the plain timm model)."""
-        from .deploy import Loaded
-
-        pd = read_peft_dir(self.path)
-        check_supported(pd.config, pd.path / PEFT_CONFIG_FILE)
-        if self.expected_config is not None and dict(self.expected_config) != pd.config:
-            raise AdapterMismatchError(
-                f"{pd.path / PEFT_CONFIG_FILE} changed since the bundle was made",
-                "pass --adapter with the adapter the bundle was made from, or re-export",
-            )
-        peft = import_peft()
-        name = _resolve_name(pd, self.model_name)
-        spec = self._spec(pd, name)
-        head, num_classes = self._head_and_classes(pd, spec)
-        plain = _build_plain(spec, num_classes)
-        fp = fingerprint(plain, head)
-        self._check_fingerprint(pd, fp, spec)
-        plain_shapes = {k: tuple(v.shape) for k, v in plain.state_dict().items()}
-        reference = _inject_and_load(peft, pd, plain, name)
-        record = {
-            "method": METHOD,
-            "config": pd.config,
-            "base_model": name,
-            "spec": spec,
-            "base_fingerprint": fp,
-            "num_classes": num_classes,
-            "trainable_params": sum(t.numel() for t in pd.tensors.values()),
-            "data": (pd.source or {}).get("data"),
-        }
-        data_cfg = dict((pd.source or {}).get("data_config") or _data_config(plain))
-        merge = functools.partial(merge_peft, plain_class=type(plain), plain_shapes=plain_shapes)
-        return Loaded(reference, pd.weights_file, record, data_cfg, self._class_names(pd, num_classes), merge)
-
-    # -- steps --------------------------------------------------------------------------------------------------
-    def _spec(self, pd: PeftDir, name: str) -> dict[str, Any]:
-        recorded = dict((pd.source or {}).get("spec") or {})
-        spec = {**recorded, "name": name}
-        spec.setdefault("pretrained", True)
-        if self.weights is not None:
-            spec["weights"], spec["pretrained"] = str(self.weights), True
-        if self.img_size is not None:
-            spec["img_size"] = self.img_size
-        if self.model_kwargs:
-            spec["model_kwargs"] = dict(self.model_kwargs)
-        return spec
-
-    def _head_and_classes(self, pd: PeftDir, spec: dict[str, Any]) -> tuple[str, int]:
-        """The classifier's module path, and the class count: the adapter's saved head, else the weights' head."""
-        from .backbones import create_backbone, inspect_checkpoint
-
-        kwargs = dict(spec.get("model_kwargs") or {})
-        with torch.device("meta"):  # structure only: no weights, no memory
-            meta = create_backbone(
-                spec["name"], num_classes=1, pretrained=False, img_size=spec.get("img_size"), **kwargs
-            )
-        _check_recorded_class(pd, meta, spec["name"])
-        head = _classifier_path(meta, spec["name"])
-        saved = pd.tensors.get(f"{KEY_PREFIX}{head}.weight")
-        if saved is not None:
-            return head, int(saved.shape[0])
-        if spec.get("weights") and spec.get("pretrained", True):
-            n = inspect_checkpoint(spec["name"], spec["weights"], img_size=spec.get("img_size"), **kwargs).num_classes
-        else:
-            n = int((pd.source or {}).get("num_classes") or 0)
-        if n < 1:
-            raise AdapterFileError(
-                f"{pd.path}: the adapter saves no classifier ({head} is not in modules_to_save) "
-                f"and the base weights have none",
-                f"train the head with modules_to_save=['{head}'], or pass --weights with the fine-tuned head",
-            )
-        return head, n
-
-    def _check_fingerprint(self, pd: PeftDir, fp: str, spec: dict[str, Any]) -> None:
-        for recorded, where in (
-            (self.expected_fingerprint, "the bundle"),
-            ((pd.source or {}).get("base_fingerprint"), pd.path / SOURCE_FILE),
-        ):
-            if recorded and recorded != fp:
-                raise AdapterMismatchError(
-                    f"{pd.path} was trained on other base weights (fingerprint {str(recorded)[:12]} in {where}, "
-                    f"this backbone {fp[:12]})",
-                    f"load it onto {spec['name']} with the weights it was trained on",
-                )
-
-    def _class_names(self, pd: PeftDir, num_classes: int) -> list[str]:
-        names = list(self.class_names or (pd.source or {}).get("class_names") or [])
-        if names and len(names) != num_classes:
-            raise UsageError(
-                f"{len(names)} class names for the {num_classes} classes of {pd.path}'s head",
-                "pass one name per class, in the head's order",
-            )
-        return names or [str(i) for i in range(num_classes)]
-
-
-def _data_config(model: nn.Module) -> dict[str, Any]:
-    from .backbones import data_config
-
-    return data_config(model)
-
-
-def _build_plain(spec: dict[str, Any], num_classes: int) -> nn.Module:
-    """The plain timm backbone through peftx's checked loader (fit, dtype, finiteness of the weights file)."""
-    from .evaluate import rebuild_model
-
-    return rebuild_model({"spec": spec, "num_classes": num_classes}).eval()
-
-
-def _classifier_path(model: nn.Module, name: str) -> str:
+def classifier_path(model: nn.Module, name: str) -> str:
     get_classifier = getattr(model, "get_classifier", None)  # timm's; a plain nn.Module has none
     head = get_classifier() if get_classifier is not None else None
     if not isinstance(head, nn.Linear):
@@ -552,7 +417,7 @@ def _classifier_path(model: nn.Module, name: str) -> str:
     return next(n for n, m in model.named_modules() if m is head)
 
 
-def _check_recorded_class(pd: PeftDir, model: nn.Module, name: str) -> None:
+def check_recorded_class(pd: PeftDir, model: nn.Module, name: str) -> None:
     recorded = (pd.config.get("auto_mapping") or {}).get("base_model_class")
     if recorded and recorded != type(model).__name__:
         raise AdapterMismatchError(
@@ -599,7 +464,7 @@ def _check_targets(config, model: nn.Module, pd: PeftDir, name: str) -> None:
             )
 
 
-def _inject_and_load(peft, pd: PeftDir, model: nn.Module, name: str) -> nn.Module:
+def inject_and_load(peft, pd: PeftDir, model: nn.Module, name: str) -> nn.Module:
     """``PeftModel`` on ``model`` with the file's tensors, after checking they are exactly the tensors it needs."""
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -610,7 +475,7 @@ def _inject_and_load(peft, pd: PeftDir, model: nn.Module, name: str) -> nn.Modul
             wrapped = peft.PeftModel(model, config)
         except ValueError as exc:  # peft's refusal of a module it cannot wrap
             raise UnsupportedModelError(
-                f"{pd.path}: peft cannot apply it to {name} ({exc})".split("\n")[0],
+                first_line(f"{pd.path}: peft cannot apply it to {name} ({exc})"),
                 "the adapter was made for another model",
             ) from None
         # save_embedding_layers=False: "auto" looks base_model_name_or_path up on the Hugging Face hub (a network
@@ -666,7 +531,7 @@ def merge_peft(reference: nn.Module, *, plain_class: type, plain_shapes: Mapping
                     "the adapter holds extreme values: use another checkpoint",
                 ) from None
             raise ExportError(
-                f"peft cannot merge the adapter: {exc}".split("\n")[0], "the adapter has a layer peft does not merge"
+                first_line(f"peft cannot merge the adapter: {exc}"), "the adapter has a layer peft does not merge"
             ) from None
     if type(merged) is not plain_class:
         raise ExportError(f"merging gave a {type(merged).__name__}, not the plain {plain_class.__name__}")

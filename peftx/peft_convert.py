@@ -21,7 +21,6 @@ import shutil
 import tempfile
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
+from .adapter import adapter_modules, state_of
+from .deploy import load_reference, parity_images, provenance
 from .errors import OutputError, ParityError, UsageError
+from .events import Progress, steps_to
+from .exports.bundle import RANDOM_BATCH
+from .exports.parity import compare, make_input_sets, reference_outputs
+from .exports.runners import TorchRunner
+from .methods.base import LowRankLinear
 from .peft_adapter import (
     KEY_PREFIX,
     PEFT_CONFIG_FILE,
@@ -42,6 +48,7 @@ from .peft_adapter import (
     import_peft,
     peft_warnings,
 )
+from .sources import rebuild_model
 from .tolerances import PEFT_CONVERSION_FP32
 
 FORMATS = ("peft",)
@@ -68,9 +75,6 @@ class ConvertReport:
 
 def lora_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, int], str]:
     """(peft's saved tensors, rank per wrapped layer, head path) for a peftx-adapted model of low-rank layers."""
-    from .adapter import adapter_modules, state_of
-    from .methods.base import LowRankLinear
-
     state = state_of(model)
     modules = adapter_modules(model)
     not_low_rank = [(n, m) for n, m in modules if not isinstance(m, LowRankLinear)]
@@ -138,15 +142,13 @@ def convert_run(
     weights: str | Path | None = None,
     images_dir: str | Path | None = None,
     force: bool = False,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> ConvertReport:
     """Write the peftx run (or adapter file) ``source`` as a peft adapter directory; returns the parity of peft's
     own load of it against the peftx model. Nothing is written when any check fails."""
-    from .deploy import load_reference, parity_images, provenance
-
     if to not in FORMATS:
         raise UsageError(f"--to {to!r} is not a format peftx converts to", f"choose {', '.join(FORMATS)}")
-    say = progress or (lambda _m: None)
+    say = steps_to(progress)
     peft = import_peft()
     say("loading the run")
     loaded = load_reference(source, weights=weights)
@@ -205,11 +207,6 @@ def _source_record(loaded, prov: dict[str, Any]) -> dict[str, Any]:
 
 def _peft_parity(peft, directory: Path, loaded, images: torch.Tensor, weights):
     """peft's own loader on a freshly built plain backbone, vs the peftx model, on real images and noise."""
-    from .evaluate import rebuild_model
-    from .exports.bundle import RANDOM_BATCH
-    from .exports.parity import compare, make_input_sets, reference_outputs
-    from .exports.runners import TorchRunner
-
     plain = rebuild_model(loaded.config, weights=weights).eval()
     with peft_warnings():
         converted = peft.PeftModel.from_pretrained(plain, str(directory)).eval()

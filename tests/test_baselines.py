@@ -20,6 +20,7 @@ from peftx.adapter_io import ADAPTER_FILE, read_adapter
 from peftx.deploy import load_reference, merge_export, validate
 from peftx.errors import AdapterFileError, AdapterMismatchError, NonFiniteError
 from peftx.evaluate import evaluate
+from peftx.events import Step
 from peftx.train import TrainConfig, TrainingInterrupted, train
 from peftx.train.checkpoint import checkpoint_path, load_checkpoint
 
@@ -48,6 +49,7 @@ def test_baseline_trains_what_it_should(trained, tiny_weights):
     assert config["method"] == method and config["num_classes"] == 4
 
 
+@pytest.mark.slow
 def test_baseline_loads_back_evaluates_and_exports(trained):
     method, run, summary = trained
     result = evaluate(run, split="test", device="cpu")
@@ -66,7 +68,7 @@ def test_full_adapter_file_has_the_usual_checks(trained, tiny_weights, tmp_path)
     """The whole-model file is refused on other base weights, with a wrong shape or a NaN, like any adapter."""
     _, run, _ = trained
     from peftx.adapter_io import load_adapter
-    from peftx.evaluate import rebuild_model
+    from peftx.sources import rebuild_model
 
     config, tensors = read_adapter(run / ADAPTER_FILE)
     other = tmp_path / "other.safetensors"  # the same architecture, other weights: another fingerprint
@@ -86,6 +88,7 @@ def test_full_adapter_file_has_the_usual_checks(trained, tiny_weights, tmp_path)
             load_adapter(rebuild_model(config), path)
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_resumes_bit_identical(tiny_weights, digit_folder, tmp_path):
     """SIGINT mid-epoch, then --resume: the checkpoint holds every parameter and its AdamW moments, and the resumed
     run ends with exactly the weights of the uninterrupted one."""
@@ -94,8 +97,8 @@ def test_full_fine_tuning_resumes_bit_identical(tiny_weights, digit_folder, tmp_
     train(tiny_config(tiny_weights, whole, data=str(digit_folder), **cfg))
     run = tmp_path / "run"
 
-    def interrupt(event, **f):
-        if event == "step" and f["epoch"] == 2 and f["step"] == 2:
+    def interrupt(event):
+        if isinstance(event, Step) and event.epoch == 2 and event.step == 2:
             os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.raises(TrainingInterrupted):

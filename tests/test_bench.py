@@ -17,7 +17,7 @@ from conftest import TINY_MODELS
 from typer.testing import CliRunner
 
 from peftx import bench
-from peftx.bench import BenchConfig, ModelSpec
+from peftx.bench import BenchConfig, ModelSpec, timing
 from peftx.errors import UsageError
 
 
@@ -155,12 +155,21 @@ def test_count_flops_counts_a_linear_exactly_and_vit_b16_matches_the_anchor():
     with torch.device("meta"):  # shapes only: counting ViT-B/16 costs no memory or compute
         vit = timm.create_model("vit_base_patch16_224", exportable=True)
     gflop = bench.count_flops(vit, (3, 224, 224), device="meta") / 1e9
-    assert gflop == pytest.approx(35.2, rel=0.01)  # DEPLOY.md's anchor: 17.6 GMACs
+    assert gflop == pytest.approx(35.2, rel=0.01)  # timm / fvcore's figure for ViT-B/16: 17.6 GMACs
 
 
 def test_contention_probe_and_threads():
-    probe = bench.contention_probe(1, reps=2)  # one thread: the probe compares the op with itself
-    assert _finite_positive(probe["ms_1_thread"]) and probe["ratio"] == 1.0 and probe["contended"] is False
+    probe = bench.contention_probe(2, reps=2)  # the real op, timed with 1 and 2 threads
+    assert _finite_positive(probe["ms_1_thread"]) and _finite_positive(probe["ms_2_threads"])
+    assert probe["ratio"] == pytest.approx(probe["ms_2_threads"] / probe["ms_1_thread"])
+    assert probe["contended"] is (probe["ratio"] > timing.CONTENDED_RATIO)
+    # the verdict on given op times (the machine's facts injected): idle, two threads beat one; taken, they wait
+    idle = bench.contention_probe(2, time_op={1: 1.0, 2: 0.6}.__getitem__)
+    assert idle["ratio"] == pytest.approx(0.6) and idle["contended"] is False
+    busy = bench.contention_probe(2, time_op={1: 1.0, 2: 12.0}.__getitem__)
+    assert busy["ratio"] == pytest.approx(12.0) and busy["contended"] is True
+    alone = bench.contention_probe(1, time_op={1: 5.0}.__getitem__)  # one thread: nothing to compare, never contended
+    assert alone["ratio"] == 1.0 and alone["contended"] is False
     assert 1 <= bench.physical_cores() <= len(os.sched_getaffinity(0))
 
 

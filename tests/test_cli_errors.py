@@ -491,26 +491,18 @@ def unwritable_dir(mp: pytest.MonkeyPatch, e: Env, t: Path) -> None:
 def tensorrt_10_3_here(mp: pytest.MonkeyPatch, e: Env, t: Path) -> None:
     """Pretend TensorRT 10.3 and a GPU are installed (they cannot be, here): only version facts are faked, and every
     case using this fails before TensorRT would be imported."""
-    from peftx.exports import bundle, tensorrt
+    from peftx.exports import tensorrt
 
-    fake = lambda: tensorrt.TensorRTProbe("10.3.0.26", None)  # noqa: E731
-    mp.setattr(tensorrt, "probe", fake)
-    mp.setattr(bundle, "probe", fake)
+    mp.setattr(tensorrt, "ASSUMED", tensorrt.AssumedMachine(tensorrt.TensorRTProbe("10.3.0.26", None)))
 
 
 def rtx_4090_with_tensorrt_10_3(mp: pytest.MonkeyPatch, e: Env, t: Path) -> None:
-    from peftx.exports import bundle
+    from peftx.exports import tensorrt
 
-    tensorrt_10_3_here(mp, e, t)
-    mp.setattr(
-        bundle,
-        "machine_facts",
-        lambda version: {
-            "tensorrt_version": version,
-            "gpu": {"name": "NVIDIA GeForce RTX 4090", "compute_capability": "8.9"},
-            "jetson": None,
-        },
+    machine = tensorrt.AssumedMachine(
+        tensorrt.TensorRTProbe("10.3.0.26", None), gpu={"name": "NVIDIA GeForce RTX 4090", "compute_capability": "8.9"}
     )
+    mp.setattr(tensorrt, "ASSUMED", machine)
 
 
 def unreadable_weights(mp: pytest.MonkeyPatch, e: Env, t: Path) -> None:
@@ -1557,6 +1549,7 @@ def _console_script() -> str:
     return str(script)
 
 
+@pytest.mark.slow
 def test_console_script(env: Env, tmp_path: Path):
     """The same cases through the installed `peftx` executable (real processes, run side by side)."""
     script = _console_script()

@@ -100,6 +100,7 @@ def compared(tmp_path_factory, tiny_weights, digit_folder):
     return out, result, events
 
 
+@pytest.mark.slow
 def test_runs_differ_only_in_method(compared) -> None:
     out, result, _ = compared
     rows = {r["method"]: r for r in result["runs"]}
@@ -140,6 +141,7 @@ def test_config_differences_flags_anything_but_the_method(compared) -> None:
     assert config_differences(result["runs"] + [other_seed]) == []
 
 
+@pytest.mark.slow
 def test_table_json_and_chart(compared) -> None:
     out, result, _ = compared
     text = format_table(result)
@@ -163,6 +165,7 @@ def test_table_json_and_chart(compared) -> None:
     assert sum("Merged model:" in line for line in lines) == 1
 
 
+@pytest.mark.slow
 def test_each_run_directory_is_an_ordinary_run(compared, tmp_path) -> None:
     from peftx.deploy import merge_export
 
@@ -173,6 +176,7 @@ def test_each_run_directory_is_an_ordinary_run(compared, tmp_path) -> None:
     assert report.status == "ok"
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_runs_and_refuses_other_settings(compared, tiny_weights, digit_folder) -> None:
     out, result, _ = compared
     before = {m: (out / m / "seed7" / "summary.json").read_bytes() for m in ("rlrr", "aoft", "lora")}
@@ -188,6 +192,7 @@ def test_rerun_skips_finished_runs_and_refuses_other_settings(compared, tiny_wei
         compare(tiny_compare(out, tiny_weights, digit_folder, methods=["rlrr"], train=dict(epochs=3)))
 
 
+@pytest.mark.slow
 def test_failing_methods_are_rows_with_their_reason(tmp_path, tiny_weights, digit_folder) -> None:
     out = tmp_path / "cmp"
     # Three ways a method fails: not registered; unsupported on this backbone (rank above the layer's size: the
@@ -219,6 +224,7 @@ def test_failing_methods_are_rows_with_their_reason(tmp_path, tiny_weights, digi
     assert [decide_action(p, force=False, retry_failed=True) for p in plan_runs(cfg)] == ["invalid", "new", "new"]
 
 
+@pytest.mark.slow
 def test_seeds_report_mean_and_spread(tmp_path, tiny_weights, digit_folder) -> None:
     out = tmp_path / "cmp"
     result = compare(tiny_compare(out, tiny_weights, digit_folder, methods=["aoft"], seeds=2, latency=False))
@@ -234,6 +240,7 @@ def test_seeds_report_mean_and_spread(tmp_path, tiny_weights, digit_folder) -> N
     assert f"{100 * statistics.fmean(acc):.2f} ± {100 * statistics.stdev(acc):.2f}" in row
 
 
+@pytest.mark.slow
 def test_interrupt_keeps_finished_runs_and_rerun_resumes(tmp_path) -> None:
     """A real SIGINT to `peftx compare`: the running trainer checkpoints, the finished run stays; the same command
     again skips the finished run and resumes the interrupted one from its checkpoint."""

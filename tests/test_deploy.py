@@ -121,6 +121,7 @@ def test_bad_batch_and_precision(tmp_path):
         merge_export(tmp_path, precision="int8", calibration=8)
 
 
+@pytest.mark.slow
 def test_cli_merge_export_and_validate_follow_the_target(tmp_path):
     """`peftx merge-export RUN --target jetpack5` then `peftx validate --target jetpack5`: the CLI hands the target
     through, the bundle records it, and a bundle made for the default is refused for jetpack5."""

@@ -13,10 +13,10 @@ import torch
 import torch.multiprocessing as mp
 from conftest import tiny_config
 
+from peftx.distributed import EpochSampler, ShardSampler
 from peftx.errors import UsageError
 from peftx.train import TrainConfig, train
 from peftx.train.checkpoint import load_checkpoint
-from peftx.train.distributed import EpochSampler, ShardSampler
 
 # Dropout off: each rank draws its own dropout masks, so only a dropout-free run can equal the single process.
 # Flip stays on: augmentation is seeded per (seed, epoch, sample), the same whichever rank loads the sample.
@@ -46,6 +46,7 @@ def _history(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_two_process_ddp_equals_single_process(tiny_weights, digit_folder, tmp_path) -> None:
     single_run, ddp_run = tmp_path / "single", tmp_path / "ddp"
     single = train(tiny_config(tiny_weights, single_run, data=str(digit_folder), **RUN))
@@ -110,6 +111,7 @@ def _poison_worker(rank: int, world: int, port: int, config: dict, out_dir: str)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(outcome))
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_that_step(tiny_weights, digit_folder, tmp_path) -> None:
     """Without the all-reduced flag rank 1 would stop alone (after backward had already spread its NaN gradients to
     rank 0) and leave rank 0 waiting in a collective; here both raise NonFiniteError at step 2, within seconds."""

@@ -327,17 +327,8 @@ def test_the_infer_py_tensorrt_backend_needs_no_torch(bundle):
 
 def test_validate_refuses_an_engine_from_another_device_before_writing(bundle, tmp_path, monkeypatch):
     out = with_engine(bundle, tmp_path)
-    monkeypatch.setattr(trt_module, "probe", lambda: TensorRTProbe("10.3.0", None))  # as if TensorRT were here
-    monkeypatch.setattr(bundle_module, "probe", lambda: TensorRTProbe("10.3.0", None))
-    monkeypatch.setattr(
-        bundle_module,
-        "machine_facts",
-        lambda version: {
-            "tensorrt_version": version,
-            "gpu": {"name": "NVIDIA GeForce RTX 4090", "compute_capability": "8.9"},
-            "jetson": None,
-        },
-    )
+    rtx_4090 = {"name": "NVIDIA GeForce RTX 4090", "compute_capability": "8.9"}  # as if TensorRT and it were here
+    monkeypatch.setattr(trt_module, "ASSUMED", trt_module.AssumedMachine(TensorRTProbe("10.3.0", None), gpu=rtx_4090))
     monkeypatch.setattr(bundle_module, "TensorRTRunner", lambda *a, **k: pytest.fail("the engine must not be loaded"))
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(ExportError, match=r"model\.engine was built for TensorRT 10\.3\.0 on Orin .* RTX 4090") as info:

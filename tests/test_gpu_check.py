@@ -39,6 +39,7 @@ def _falls(losses: list[float]) -> bool:
     return all(math.isfinite(x) for x in losses) and sum(losses[-k:]) / k < sum(losses[:k]) / k
 
 
+@pytest.mark.slow
 def test_quick_cpu_run_passes_and_writes_the_json_and_log(quick_run) -> None:
     proc, out = quick_run
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -60,6 +61,7 @@ def test_quick_cpu_run_passes_and_writes_the_json_and_log(quick_run) -> None:
         assert step in log
 
 
+@pytest.mark.slow
 def test_quick_run_trains_every_method_against_a_cpu_fp32_run(quick_run) -> None:
     _, out = quick_run
     train = json.loads((out / "gpu-check.json").read_text())["steps"]["train"]
@@ -78,6 +80,7 @@ def test_quick_run_trains_every_method_against_a_cpu_fp32_run(quick_run) -> None
     assert names[f"train/{METHOD_NAMES[0]}/cpu-fp16/ran"] is None
 
 
+@pytest.mark.slow
 def test_quick_run_checks_merge_parity_for_every_family_and_method(quick_run) -> None:
     _, out = quick_run
     parity = json.loads((out / "gpu-check.json").read_text())["steps"]["parity"]
@@ -94,6 +97,7 @@ def test_quick_run_checks_merge_parity_for_every_family_and_method(quick_run) ->
             assert case["adapter_effect_rel"] > 10 * comps["merged bf16 autocast"]["bound"] / case["logit_scale"]
 
 
+@pytest.mark.slow
 def test_quick_run_benches_eager_and_compiled_bf16_against_a_bf16_peak(quick_run) -> None:
     _, out = quick_run
     step = json.loads((out / "gpu-check.json").read_text())["steps"]["bench"]
@@ -116,6 +120,7 @@ def test_quick_run_benches_eager_and_compiled_bf16_against_a_bf16_peak(quick_run
     assert all(v["step_time"] > 0 and v["peak_memory"] > 0 for v in training["vs_full"].values())
 
 
+@pytest.mark.slow
 def test_quick_run_runs_the_gpu_tests_which_skip_without_cuda(quick_run) -> None:
     _, out = quick_run
     tests = json.loads((out / "gpu-check.json").read_text())["steps"]["tests"]

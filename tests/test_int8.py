@@ -169,6 +169,7 @@ def test_the_checker_catches_an_asymmetric_or_uint8_graph(tmp_path):
     assert any("not INT8" in p for p in int8.graph_problems(broken, resolve_target("trt8.6")))
 
 
+@pytest.mark.slow
 def test_an_int8_bundle_passes_its_gate_and_runs_from_infer_py(tmp_path):
     model = make_tiny("vit", seed=3)
     calibration = _request(_labelled(model, "vit", 64, seed=7))

@@ -105,6 +105,7 @@ def _run_and_kill(script: str, run: Path, out: Path, kill: Kill) -> None:
         kill.returncode = proc.wait(timeout=120)
 
 
+@pytest.mark.slow
 def test_sigkill_during_export_never_leaves_a_half_bundle(tmp_path):
     script = console_script()
     base_weights = tmp_path / "base.safetensors"
@@ -180,6 +181,7 @@ def test_sigkill_during_export_never_leaves_a_half_bundle(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_sigint_during_train_exits_130_and_resume_completes(tmp_path):
     script = console_script()
     weights = write_train_weights(tmp_path / "vit_tiny.safetensors")

@@ -61,7 +61,7 @@ def test_rlrr_official_init_and_qkv_structure():
     assert torch.count_nonzero(qkv.f) == 0
     w = qkv.base_layer.weight
     rel = (qkv.merge_weight(w) - w).norm() / w.norm()
-    assert 0.01 < rel < 0.3  # non-zero at init (METHODS.md: about 0.07 at ViT-B scale)
+    assert 0.01 < rel < 0.3  # non-zero at init (about 0.07 at ViT-B scale)
     swin = adapt(make_tiny("swin"), make_config("rlrr"))
     assert swin.get_submodule("layers.0.blocks.0.attn.qkv").s_col.shape[0] == 1  # Swin shares one s_col
     red = swin.get_submodule("layers.1.downsample.reduction")

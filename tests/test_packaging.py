@@ -12,6 +12,7 @@ import sysconfig
 import zipfile
 from pathlib import Path
 
+import pytest
 import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,6 +68,7 @@ def _copy_source(dst: Path) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_non_editable_install_is_quiet_and_works(tmp_path: Path) -> None:
     """Build a wheel from a copy of the sources (no setuptools warnings), install it into a scratch venv that sees
     this environment's dependencies but not its editable peftx, and run the console script from there."""

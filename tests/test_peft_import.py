@@ -39,9 +39,10 @@ from peftx.errors import (
 from peftx.exports.parity import compare
 from peftx.exports.runners import TorchRunner
 from peftx.methods import make_config
-from peftx.peft_adapter import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, SOURCE_FILE, PeftSource, read_peft_dir
+from peftx.peft_adapter import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, SOURCE_FILE, read_peft_dir
 from peftx.peft_convert import convert_run
 from peftx.plain_export import export_checkpoint, read_class_names
+from peftx.sources import CheckpointSource, PeftSource
 from peftx.tolerances import MERGE_FP32, ONNX_FP32
 
 CLI_MODEL = "vit_tiny_patch16_224"  # what the CLI builds from a name alone: 12 blocks, 192 wide; 32 px = 4 tokens
@@ -142,6 +143,7 @@ def cli_peft(tmp_path_factory):
 # ---------------------------------------------------------------------------------------------------- peft -> bundle
 
 
+@pytest.mark.slow
 def test_peft_trained_lora_exports_and_validates_through_the_cli(cli_peft, tmp_path):
     adapter, weights, plain, images = cli_peft
     loaded = load_reference(adapter, model_name=CLI_MODEL, weights=weights, img_size=CLI_IMG)
@@ -184,6 +186,7 @@ def test_peft_trained_lora_exports_and_validates_through_the_cli(cli_peft, tmp_p
     assert result.exit_code == 0, lines
 
 
+@pytest.mark.slow
 def test_validate_refuses_a_changed_peft_config_or_other_base_weights(cli_peft, tmp_path):
     adapter, weights, plain, _ = cli_peft
     local = tmp_path / "adapter"
@@ -204,6 +207,7 @@ def test_validate_refuses_a_changed_peft_config_or_other_base_weights(cli_peft, 
         validate(bundle, tensorrt="off")
 
 
+@pytest.mark.slow
 def test_peft_trained_lora_on_swin_exports(tmp_path):
     """Swin: qkv plus the bias-free PatchMerging reduction; the head is ClassifierHead (saved as head.fc)."""
     name, kw = TINY_MODELS["swin"]
@@ -376,6 +380,7 @@ ROUND_TRIPS = [("vit", "lora", {"targets": ("q", "v", "fc1")}), ("swin", "lora",
 
 
 @pytest.mark.parametrize("family,method,kw", ROUND_TRIPS, ids=[f"{f}-{m}" for f, m, _ in ROUND_TRIPS])
+@pytest.mark.slow
 def test_peftx_adapter_round_trips_through_peft(tmp_path, family, method, kw):
     run, plain, weights, peftx_model = peftx_run(tmp_path, family, method, **kw)
     report = convert_run(run, output=tmp_path / "peft")
@@ -452,6 +457,7 @@ def checkpoint(tmp_path_factory):
     return st, pt, model
 
 
+@pytest.mark.slow
 def test_plain_checkpoint_exports_and_validates(checkpoint, tmp_path):
     st, _, model = checkpoint
     weights = st
@@ -491,8 +497,51 @@ def test_plain_checkpoint_exports_and_validates(checkpoint, tmp_path):
     assert validate(out, tensorrt="off").passed
 
 
+def test_every_way_into_a_bundle_takes_the_same_options():
+    """`export NAME --weights` (a plain checkpoint) offers every bundle option merge-export has: int8 and its
+    calibration, the accuracy images; the same declarations (cli/options.py), so the same help."""
+    import typer
+
+    group = typer.main.get_command(app)
+    commands = group.commands  # type: ignore[attr-defined]
+
+    def options(name: str) -> dict[str, tuple[str, ...]]:
+        return {p.name: (tuple(p.opts), p.help) for p in commands[name].params if p.param_type_name == "option"}
+
+    bundle = {
+        "batch",
+        "precision",
+        "calibration",
+        "calibration_method",
+        "calibration_data",
+        "tensorrt",
+        "images",
+        "accuracy_images",
+        "no_simplify",
+        "target",
+        "force",
+    }
+    merge, plain = options("merge-export"), options("export")
+    assert bundle <= set(merge) and bundle <= set(plain)
+    assert {k: merge[k] for k in bundle} == {k: plain[k] for k in bundle}
+    assert "int8" in plain["precision"][1]
+
+
+def test_a_plain_checkpoint_takes_int8_and_says_it_needs_calibration_images(checkpoint, tmp_path):
+    """INT8 through `export`: the same path as merge-export's, so a checkpoint (which records no training data)
+    is told to pass --calibration-data, in one line, before anything is written."""
+    st, _, _ = checkpoint
+    out = tmp_path / "bundle"
+    argv = ["export", CLI_MODEL, "--weights", str(st), "--img-size", str(CLI_IMG), "--output", str(out)]
+    result, lines = run_cli([*argv, "--precision", "int8", "--calibration", "64", *EXPORT])
+    assert result.exit_code != 0 and len(lines) == 1, lines
+    assert "INT8 calibration needs the run's training images" in lines[0] and "--calibration-data" in lines[0]
+    assert not out.exists()
+    result, lines = run_cli([*argv, "--calibration", "64", *EXPORT])  # the INT8 options are INT8's alone
+    assert result.exit_code != 0 and "are for --precision int8" in lines[-1], lines
+
+
 def test_a_torch_file_of_tensors_loads_as_the_same_model(checkpoint):
-    from peftx.plain_export import CheckpointSource
 
     _, pt, model = checkpoint
     loaded = CheckpointSource(CLI_MODEL, pt, img_size=CLI_IMG).load()  # weights_only, through backbones' checks
@@ -502,6 +551,7 @@ def test_a_torch_file_of_tensors_loads_as_the_same_model(checkpoint):
     assert loaded.merge(loaded.model) is not loaded.model  # the exported model is a copy, not the reference
 
 
+@pytest.mark.slow
 def test_plain_checkpoint_default_output_and_checks(checkpoint, tmp_path):
     st, _, model = checkpoint
     local = tmp_path / "ft.safetensors"
@@ -540,7 +590,7 @@ def test_peft_is_importable_lazily():
     import subprocess
 
     code = (
-        "import sys; import peftx.deploy, peftx.cli.app, peftx.byo, peftx.peft_adapter, peftx.peft_convert, "
+        "import sys; import peftx.deploy, peftx.cli.app, peftx.sources, peftx.peft_adapter, peftx.peft_convert, "
         "peftx.plain_export; print('peft' in sys.modules)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -338,7 +338,7 @@ def test_a_file_the_rule_refuses_is_refused_alike_with_one_line(name, make, matc
 
 
 def test_mixed_modes_are_counted_for_the_training_preamble(tmp_path, mode_files):
-    from peftx.cli.commands.train_cmd import image_lines
+    from peftx.cli.render import image_lines
     from peftx.data import load_splits
 
     for i, name in enumerate(["rgb.png", "gray16.png", "rgba.png", "phone.jpg", "cmyk.jpg"]):

@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 from peftx.adapter_io import read_adapter
 from peftx.checks import is_pickle_file
 from peftx.errors import AdapterFileError, UsageError
+from peftx.events import Event
 from peftx.train import TrainConfig, TrainingInterrupted, train
 from peftx.train.checkpoint import checkpoint_path, load_checkpoint
 
@@ -36,8 +37,9 @@ STEPS_PER_EPOCH = 6  # 48 training images / batch 8
 def _signal_at(sig: signal.Signals, event: str, **match):
     """A progress callback that sends ``sig`` to this process when ``event`` with these fields is emitted."""
 
-    def on(name: str, **fields) -> None:
-        if name == event and all(fields.get(k) == v for k, v in match.items()):
+    def on(e: Event) -> None:
+        fields = e.fields()
+        if e.name == event and all(fields.get(k) == v for k, v in match.items()):
             os.kill(os.getpid(), sig)
 
     return on
@@ -67,6 +69,7 @@ def uninterrupted(tiny_weights, digit_folder, tmp_path_factory):
     ],
     ids=["sigint-mid-epoch", "sigterm-epoch-end"],
 )
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(uninterrupted, tiny_weights, digit_folder, tmp_path, sig, event, match) -> None:
     full_run, full_summary = uninterrupted
     run = tmp_path / "run"
@@ -105,8 +108,8 @@ def test_sigint_from_outside_writes_a_resumable_checkpoint(tiny_weights, digit_f
         from pathlib import Path
         from peftx.train import TrainConfig, TrainingInterrupted, train
         cfg = TrainConfig.from_dict(json.loads({json.dumps(json.dumps(cfg.to_dict()))}))
-        def on(event, **f):
-            if event == "step" and f["global_step"] == 2:
+        def on(event):
+            if event.name == "step" and event.global_step == 2:
                 Path({str(marker)!r}).write_text("x")
         try:
             train(cfg, progress=on)
@@ -192,7 +195,7 @@ def test_extending_a_finished_run_trains_to_the_new_total(uninterrupted, tmp_pat
     events: list[tuple[str, dict]] = []
     with pytest.raises(UsageError, match="fewer than the resumed run's 3"):
         train(TrainConfig(resume=str(run), epochs=2))
-    summary = train(TrainConfig(resume=str(run), epochs=5), progress=lambda e, **f: events.append((e, f)))
+    summary = train(TrainConfig(resume=str(run), epochs=5), progress=lambda e: events.append((e.name, e.fields())))
     assert summary["epochs"] == 5 and [r["epoch"] for r in _history(run)] == [1, 2, 3, 4, 5]
     assert summary["extensions"] == [
         {"from_epochs": 3, "to_epochs": 5, "at_epoch": 3, "at_global_step": 3 * STEPS_PER_EPOCH}
@@ -221,7 +224,7 @@ def test_resume_of_a_run_finished_but_without_summary_writes_it_without_training
     run = _copy_run(full_run, tmp_path)
     (run / "summary.json").unlink()  # killed during the final test evaluation
     events: list[str] = []
-    summary = train(TrainConfig(resume=str(run)), progress=lambda e, **f: events.append(e))
+    summary = train(TrainConfig(resume=str(run)), progress=lambda e: events.append(e.name))
     assert "step" not in events and "epoch" not in events
     assert summary["test_accuracy"] == full_summary["test_accuracy"] and (run / "summary.json").is_file()
 

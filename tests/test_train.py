@@ -20,6 +20,7 @@ from peftx.adapter import adapt, state_of, trainable_names
 from peftx.adapter_io import read_adapter
 from peftx.errors import OutputError, UsageError
 from peftx.evaluate import evaluate
+from peftx.events import Event, Step
 from peftx.methods import make_config, plain_no_weight_decay
 from peftx.train import EVENTS, TrainConfig, lr_at, param_groups, train
 from peftx.train.recipes import GENERIC, VTAB_1K, recipe
@@ -39,8 +40,8 @@ class Recorder:
     def __init__(self) -> None:
         self.events: list[tuple[str, dict[str, Any]]] = []
 
-    def __call__(self, event: str, **fields: Any) -> None:
-        self.events.append((event, fields))
+    def __call__(self, event: Event) -> None:
+        self.events.append((event.name, event.fields()))
 
     def of(self, name: str) -> list[dict[str, Any]]:
         return [f for e, f in self.events if e == name]
@@ -226,6 +227,7 @@ def test_residual_dropout_rates_behaviour_and_removal() -> None:
 # -- a real run -------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_training_on_digits_learns_and_writes_the_run_dir(tiny_weights: Path, tmp_path: Path) -> None:
     """Real sklearn digits (10 classes, chance 10 %): a few epochs of RLRR on a frozen random tiny ViT."""
     rec = Recorder()
@@ -306,6 +308,7 @@ def test_training_on_digits_learns_and_writes_the_run_dir(tiny_weights: Path, tm
     assert again["confusion_matrix"] == summary["confusion_matrix"] and again["per_class"] == summary["per_class"]
 
 
+@pytest.mark.slow
 def test_own_folder_without_val_and_with_stray_files(tiny_weights: Path, digit_folder: Path, tmp_path: Path) -> None:
     """No val/ folder: a validation split is drawn from train/, recorded, and rebuilt by eval and by a resume;
     stray files are skipped and counted; eval also runs on a folder that holds only test images."""
@@ -359,28 +362,38 @@ def test_own_folder_without_val_and_with_stray_files(tiny_weights: Path, digit_f
     assert res["n"] == 12 and (tmp_path / "cm.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_png_folder_run_with_a_rich_bar_and_existing_output_is_refused(
     tiny_weights: Path, digit_folder: Path, tmp_path: Path
 ) -> None:
     from io import StringIO
 
     from rich.console import Console
-    from rich.progress import Progress
+
+    from peftx.cli.render import Renderer
 
     run = tmp_path / "run"
     out = StringIO()
-    with Progress(console=Console(file=out, force_terminal=True, width=100)) as bar:  # the CLI's way: a rich bar
-        summary = train(tiny_config(tiny_weights, run, data=str(digit_folder), epochs=2), progress=bar)
-        tasks = {t.description.split(" ")[0]: t for t in bar.tasks}
-        assert tasks["epochs"].completed == 2 and tasks["epoch"].completed == tasks["epoch"].total == 6
+    seen: dict[str, dict[str, tuple[float, float | None]]] = {}
+
+    class Watching(Renderer):  # the CLI's renderer, on a terminal: its rich bars, watched as the run goes
+        def __call__(self, event: Event) -> None:
+            super().__call__(event)
+            if self.bar is not None:
+                seen["bars"] = {t.description.split(" ")[0]: (t.completed, t.total) for t in self.bar.tasks}
+
+    with Watching(Console(file=out, force_terminal=True, width=100)) as renderer:
+        assert renderer.live
+        summary = train(tiny_config(tiny_weights, run, data=str(digit_folder), epochs=2), progress=renderer)
+    assert seen["bars"]["epochs"] == (2, 2) and seen["bars"]["epoch"] == (6, 6)
     assert "val" in out.getvalue()
     assert summary["test_images"] == 24 and summary["data"] == str(digit_folder)
     assert read_adapter(run)[0]["class_names"] == ["0", "1", "2", "3"]
     with pytest.raises(OutputError, match="already holds"):
         train(tiny_config(tiny_weights, run, data=str(digit_folder), epochs=1))
 
-    def crash(event: str, **_f: Any) -> None:
-        if event == "step":
+    def crash(event: Event) -> None:
+        if isinstance(event, Step):
             raise RuntimeError("crash in the first step")
 
     with pytest.raises(RuntimeError, match="crash"):  # --overwrite clears the old run's files before training

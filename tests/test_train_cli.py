@@ -4,6 +4,7 @@ it does it (the effective configuration before the first step, a time estimate a
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -70,7 +71,7 @@ def test_fractional_warmup_is_accepted(inputs, tmp_path) -> None:
 
 
 def test_cli_long_run_estimate_says_how_to_shorten_it() -> None:
-    from peftx.cli.commands.train_cmd import LONG_RUN_S, estimate_lines
+    from peftx.cli.render import LONG_RUN_S, estimate_lines
 
     fields = dict(
         seconds_per_step=1.5,
@@ -128,3 +129,41 @@ def test_own_folder_without_val_the_output_says_what_it_did_and_fits(inputs, tmp
     assert ev.exit_code == 0, ev.stderr
     assert f"{100 * summary['val_accuracy']:.2f} % of 5 images" in ev.stdout
     assert_fits(ev.stdout, width)
+
+
+def test_without_a_terminal_each_epoch_is_a_line_written_as_it_ends(inputs, tmp_path) -> None:
+    """`peftx train > log 2>&1`, nohup, CI: no terminal, so no bars; one plain line per epoch (epoch, losses, val
+    accuracy, time left), flushed when the epoch ends, not a bar drawn once when the process exits. A real process
+    whose stderr is a pipe, read line by line while it runs."""
+    import re
+    import subprocess
+    import sys
+    import time
+
+    weights, data = inputs
+    run, epochs = tmp_path / "run", 4
+    argv = [sys.executable, "-m", "peftx.cli.app", *_train(weights, data, run, "--epochs", str(epochs))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "80"}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    pattern = re.compile(
+        r"^epoch (\d+)/(\d+): train loss (\d+\.\d{4}), val loss (\d+\.\d{4}), val accuracy (\d+\.\d) % "
+        r"\(best \d+\.\d % @ \d+\), \d+\.\d s, about \d+ (s|min|h) left$"
+    )
+    seen: list[tuple[int, bool, bool]] = []  # (epoch, summary.json written yet, process still running)
+    lines: list[str] = []
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 300
+    for line in proc.stderr:
+        lines.append(line.rstrip("\n"))
+        m = pattern.match(lines[-1])
+        if m:
+            seen.append((int(m.group(1)), (run / "summary.json").exists(), proc.poll() is None))
+            assert int(m.group(2)) == epochs
+        assert time.monotonic() < deadline, "the run took too long"
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, "\n".join(lines)
+    assert [e for e, _, _ in seen] == list(range(1, epochs + 1)), "\n".join(lines)
+    # the first epoch's line arrived while the run still had epochs and its test to go: written as it happened
+    assert seen[0][1:] == (False, True), "\n".join(lines)
+    assert not any("\x1b[" in line for line in lines)  # no terminal control codes: no live display
+    assert lines[0].startswith("· rlrr on ") and "training run" in out

@@ -8,29 +8,27 @@ from typing import Annotated
 import typer
 
 from ..errors import handle_errors
-from ..options import Batch, Force, Images, ImgSize, Json, NoSimplify, Precision, Target, TensorRT, Weights
+from ..options import (
+    AccuracyImages,
+    Batch,
+    BundleImages,
+    Calibration,
+    CalibrationData,
+    CalibrationMethod,
+    Force,
+    Images,
+    ImgSize,
+    Json,
+    NoSimplify,
+    Precision,
+    Target,
+    TensorRT,
+    Weights,
+    bundle_kwargs,
+)
 from ..output import console, key_values, print_json
-from .export_cmd import _progress
-
-
-def _show_bundle(report, json_out: bool) -> None:
-    if json_out:
-        print_json(report.to_json())
-        return
-    console.print(report.parity.table())
-    files = sorted(p.name for p in report.out_dir.iterdir())
-    console.print(
-        key_values(
-            "bundle",
-            {
-                "directory": report.out_dir,
-                "status": report.status,
-                "files": ", ".join(files),
-                "tensorrt": report.tensorrt.get("message", ""),
-                **{f"{k} (s)": f"{v:.1f}" for k, v in report.timings.items()},
-            },
-        )
-    )
+from ..render import Renderer
+from .export_cmd import show_bundle
 
 
 @handle_errors
@@ -55,15 +53,19 @@ def export(
     ] = None,
     batch: Batch = "1:8:32",
     precision: Precision = "fp32",
+    calibration: Calibration = None,
+    calibration_method: CalibrationMethod = "minmax",
+    calibration_data: CalibrationData = None,
     tensorrt: TensorRT = "auto",
-    images: Images = None,
+    images: BundleImages = None,
+    accuracy_images: AccuracyImages = "500",
     no_simplify: NoSimplify = False,
     target: Target = None,
     force: Force = False,
     json_out: Json = False,
 ) -> None:
-    """Export a plain fine-tuned timm checkpoint (no adapter) to the same validated bundle as merge-export."""
-    from peftx.deploy import parse_batch
+    """Export a plain fine-tuned timm checkpoint (no adapter) to the same validated bundle as merge-export, with the
+    same options (INT8 needs --calibration-data: a checkpoint records no training data)."""
     from peftx.plain_export import export_checkpoint
 
     report = export_checkpoint(
@@ -73,16 +75,22 @@ def export(
         class_names_file=class_names,
         img_size=img_size,
         output=output,
-        batch=parse_batch(batch),
-        precision=precision,
-        tensorrt=tensorrt,
-        force=force,
-        simplify=not no_simplify,
-        images_dir=images,
-        progress=_progress(json_out),
-        target=target,
+        progress=None if json_out else Renderer(),
+        **bundle_kwargs(
+            batch=batch,
+            precision=precision,
+            calibration=calibration,
+            calibration_method=calibration_method,
+            calibration_data=calibration_data,
+            tensorrt=tensorrt,
+            images=images,
+            accuracy_images=accuracy_images,
+            no_simplify=no_simplify,
+            target=target,
+            force=force,
+        ),
     )
-    _show_bundle(report, json_out)
+    show_bundle(report, json_out)
 
 
 @handle_errors
@@ -106,7 +114,13 @@ def convert(
     from peftx.peft_convert import convert_run
 
     report = convert_run(
-        run, to=to, output=output, weights=weights, images_dir=images, force=force, progress=_progress(json_out)
+        run,
+        to=to,
+        output=output,
+        weights=weights,
+        images_dir=images,
+        force=force,
+        progress=None if json_out else Renderer(),
     )
     if json_out:
         print_json(report.to_json())

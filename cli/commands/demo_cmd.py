@@ -9,7 +9,7 @@ import typer
 
 from ..errors import handle_errors
 from ..options import Json, Method
-from ..output import console, err_console, key_values, print_json
+from ..output import console, key_values, print_json
 from .train_cmd import _run_with_progress
 
 
@@ -24,10 +24,7 @@ def demo(
     """Train on the embedded default (real DINOv2 ViT-S/14 + sklearn digits), merge, export ONNX, validate."""
     from peftx.pipeline import run_demo
 
-    say = (lambda _m: None) if json_out else (lambda m: err_console.print(f"[dim]· {m}[/]"))
-    result = _run_with_progress(
-        lambda progress: run_demo(output, method=method, train_progress=progress, export_progress=say), json_out
-    )
+    result = _run_with_progress(lambda progress: run_demo(output, method=method, progress=progress), json_out)
     if json_out:
         print_json(result)
         return

@@ -8,12 +8,26 @@ from typing import Annotated
 import typer
 
 from ..errors import handle_errors
-from ..options import Force, ImgSize, Json, Overwrite, Target, Weights
-from ..output import console, err_console, key_values, print_json
-
-
-def _progress(json_out: bool):
-    return (lambda _m: None) if json_out else (lambda m: err_console.print(f"[dim]· {m}[/]"))
+from ..options import (
+    AccuracyImages,
+    Batch,
+    BundleImages,
+    Calibration,
+    CalibrationData,
+    CalibrationMethod,
+    Force,
+    ImgSize,
+    Json,
+    NoSimplify,
+    Overwrite,
+    Precision,
+    Target,
+    TensorRT,
+    Weights,
+    bundle_kwargs,
+)
+from ..output import console, key_values, print_json
+from ..render import Renderer
 
 
 @handle_errors
@@ -27,49 +41,12 @@ def merge_export(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Bundle directory.", show_default="SOURCE/bundle")
     ] = None,
-    batch: Annotated[str, typer.Option("--batch", help="Dynamic batch profile MIN:OPT:MAX.")] = "1:8:32",
-    precision: Annotated[
-        str,
-        typer.Option(
-            "--precision",
-            help=(
-                "fp32, fp16 or int8 (the TensorRT engine; the FP16 ONNX is always checked; int8 also writes "
-                "model_int8.onnx, calibrated and accuracy-gated)."
-            ),
-        ),
-    ] = "fp32",
-    calibration: Annotated[
-        int | None,
-        typer.Option(
-            "--calibration",
-            help="INT8: training images to calibrate on (seeded, class-stratified).",
-            show_default="256",
-        ),
-    ] = None,
-    calibration_method: Annotated[
-        str, typer.Option("--calibration-method", help="INT8: minmax, entropy or percentile.")
-    ] = "minmax",
-    calibration_data: Annotated[
-        Path | None,
-        typer.Option(
-            "--calibration-data",
-            help=(
-                "INT8: training images to calibrate on when the run's data moved (DIR/<class>/... or an ImageFolder "
-                "root)."
-            ),
-            show_default="the run's training split",
-        ),
-    ] = None,
-    tensorrt: Annotated[
-        str,
-        typer.Option(
-            "--tensorrt",
-            help=(
-                "auto: build an engine when TensorRT and a GPU exist; on: require it; off: skip (and tolerate "
-                "readiness problems)."
-            ),
-        ),
-    ] = "auto",
+    batch: Batch = "1:8:32",
+    precision: Precision = "fp32",
+    calibration: Calibration = None,
+    calibration_method: CalibrationMethod = "minmax",
+    calibration_data: CalibrationData = None,
+    tensorrt: TensorRT = "auto",
     model: Annotated[
         str | None,
         typer.Option(
@@ -83,27 +60,9 @@ def merge_export(
     ] = None,
     weights: Weights = None,
     img_size: ImgSize = None,
-    images: Annotated[
-        Path | None,
-        typer.Option(
-            "--images",
-            help=(
-                "Real images for the parity check; labelled as DIR/<class>/... (or DIR/test/<class>/...), they are "
-                "also the accuracy check's."
-            ),
-            show_default="the run's validation images; accuracy on its test split",
-        ),
-    ] = None,
-    accuracy_images: Annotated[
-        str,
-        typer.Option(
-            "--accuracy-images",
-            help=(
-                "Labelled images the accuracy check measures (a seeded subset of a larger split), 'all', or 0 to skip."
-            ),
-        ),
-    ] = "500",
-    no_simplify: Annotated[bool, typer.Option("--no-simplify", help="Skip the onnxslim pass.")] = False,
+    images: BundleImages = None,
+    accuracy_images: AccuracyImages = "500",
+    no_simplify: NoSimplify = False,
     target: Target = None,
     force: Force = False,
     overwrite: Overwrite = False,
@@ -113,27 +72,33 @@ def merge_export(
     model.
     """
     from peftx.deploy import merge_export as run
-    from peftx.deploy import parse_batch, parse_count
 
     report = run(
         source,
         output=output,
-        batch=parse_batch(batch),
-        precision=precision,
-        tensorrt=tensorrt,
-        force=force or overwrite,
-        simplify=not no_simplify,
         model_name=model,
         weights=weights,
         img_size=img_size,
-        images_dir=images,
-        progress=_progress(json_out),
-        target=target,
-        accuracy_limit=parse_count(accuracy_images),
-        calibration=calibration,
-        calibration_method=calibration_method,
-        calibration_data=calibration_data,
+        progress=None if json_out else Renderer(),
+        **bundle_kwargs(
+            batch=batch,
+            precision=precision,
+            calibration=calibration,
+            calibration_method=calibration_method,
+            calibration_data=calibration_data,
+            tensorrt=tensorrt,
+            images=images,
+            accuracy_images=accuracy_images,
+            no_simplify=no_simplify,
+            target=target,
+            force=force or overwrite,
+        ),
     )
+    show_bundle(report, json_out)
+
+
+def show_bundle(report, json_out: bool) -> None:
+    """A written bundle, for people (parity, accuracy, what was written) or as JSON: every exporting command's."""
     if json_out:
         print_json(report.to_json())
         return
@@ -238,7 +203,7 @@ def validate(
         adapter=adapter,
         weights=weights,
         tensorrt=tensorrt,
-        progress=_progress(json_out),
+        progress=None if json_out else Renderer(),
         target=target,
         accuracy_limit=parse_count(accuracy_images),
     )

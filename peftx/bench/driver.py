@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -13,8 +12,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from .._util import jsonable
+from ..fsutil import atomic_path, ensure_dir, write_text_atomic
 from ..runtime import resolve_device
 from .config import (
     DTYPES,
@@ -207,8 +206,6 @@ def _config_json(cfg: BenchConfig) -> dict[str, Any]:
 @contextlib.contextmanager
 def _work_dir(path: str | None) -> Iterator[Path]:
     if path is not None:
-        from ..fsutil import ensure_dir
-
         yield ensure_dir(Path(path))
         return
     with tempfile.TemporaryDirectory(prefix="peftx-bench-") as tmp:
@@ -217,27 +214,11 @@ def _work_dir(path: str | None) -> Iterator[Path]:
 
 def write_results(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
     """Write ``bench.json`` and ``bench.png`` into ``out_dir`` (atomically); returns their paths."""
-    from ..fsutil import atomic_path, ensure_dir, write_text_atomic
-
     out = ensure_dir(Path(out_dir))
-    paths = {"json": write_text_atomic(out / "bench.json", json.dumps(_jsonable(results), indent=2) + "\n")}
+    paths = {"json": write_text_atomic(out / "bench.json", json.dumps(jsonable(results), indent=2) + "\n")}
     with atomic_path(out / "bench.png") as tmp:
         if plot_results(results, tmp):
             paths["png"] = out / "bench.png"
     if "png" not in paths:
         (out / "bench.png").unlink(missing_ok=True)
     return paths
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj

@@ -134,29 +134,39 @@ def interleaved_timing(fns: Mapping[str, Callable[[], Any]], **kwargs: Any) -> d
     return timed_rounds(fns, **kwargs).times
 
 
-def contention_probe(threads: int, *, reps: int = 50) -> dict[str, Any]:
+# The probe's multi-thread / single-thread time above which the machine counts as contended: idle, the ratio is <= 1;
+# with the cores taken it was x10-x30 (2 shared cores), so 3 leaves room for an idle machine's noise.
+CONTENDED_RATIO = 3.0
+
+
+def _time_mul(threads: int, reps: int) -> float:
+    """Milliseconds per call of the probe op (a small elementwise mul, 0.6 M floats) with ``threads`` threads."""
+    a, b = torch.randn(1536, 384), torch.randn(1536, 384)
+    with torch_threads(threads):
+        torch.mul(a, b)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.mul(a, b)
+        return (time.perf_counter() - t0) / reps * 1e3
+
+
+def contention_probe(threads: int, *, reps: int = 50, time_op: Callable[[int], float] | None = None) -> dict[str, Any]:
     """Time of a small elementwise op (0.6 M floats) with ``threads`` threads vs 1 thread.
 
     On an idle machine the multi-threaded op is at least as fast; when other processes hold the cores, every OpenMP
     parallel region waits for a descheduled thread and the ratio explodes (x10-x30 seen on 2 shared cores), which
     inflates every op-heavy measurement (training steps, small batches). Reported so results can be judged.
+    ``time_op(threads)``: milliseconds per op (default: the real op, timed over ``reps`` calls).
     """
-    a, b = torch.randn(1536, 384), torch.randn(1536, 384)
-    out = {}
-    for n in sorted({1, threads}):
-        with torch_threads(n):
-            torch.mul(a, b)
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                torch.mul(a, b)
-            out[n] = (time.perf_counter() - t0) / reps * 1e3
+    timer = time_op or (lambda n: _time_mul(n, reps))
+    out = {n: timer(n) for n in sorted({1, threads})}
     ratio = out[threads] / out[1]
     return {
         "op": "mul 1536x384 fp32",
         f"ms_{threads}_threads": out[threads],
         "ms_1_thread": out[1],
         "ratio": ratio,
-        "contended": bool(threads > 1 and ratio > 3.0),
+        "contended": bool(threads > 1 and ratio > CONTENDED_RATIO),
         "loadavg": loadavg(),
     }
 

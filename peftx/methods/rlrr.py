@@ -14,7 +14,7 @@ layer alone and its W has full row rank (Swin's PatchMerging reduction: f then m
 exactly); the SSF shift on the patch tokens when the patch conv has no bias and the model no position embedding; SSF
 on a LayerNorm without an affine. Each such omission is a note in the adapter's record (``peftx inspect`` shows it).
 
-The newer layer kinds (layout.py; METHODS.md's formulas apply per linear map, and the merged model must be the
+The newer layer kinds (layout.py; the paper's formulas apply per linear map, and the merged model must be the
 same timm class, so a bias the class does not have is never added):
 
 * separate q / k / v projections (Eva with qkv_fused=False, EVA-02 B/L): each is its own RLRR layer with its own

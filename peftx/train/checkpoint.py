@@ -30,6 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .._util import first_line
 from ..checks import is_pickle_file
 from ..errors import AdapterFileError
 from ..fsutil import atomic_path
@@ -163,7 +164,7 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, names: list[str], flat: 
         optimizer.load_state_dict({"state": state, "param_groups": groups})
     except (KeyError, TypeError, ValueError, AttributeError) as e:  # torch's checks raise assorted types
         raise AdapterFileError(
-            f"checkpoint optimizer state is damaged ({type(e).__name__}: {e})".split("\n")[0],
+            first_line(f"checkpoint optimizer state is damaged ({type(e).__name__}: {e})"),
             "the checkpoint was edited or damaged: restore it, or start the run again",
         ) from None
 
@@ -229,7 +230,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         ) from None
     except Exception as e:  # safetensors / json raise assorted types for one outcome: a damaged file
         raise AdapterFileError(
-            f"{path} is not a readable checkpoint ({type(e).__name__}: {e})".split("\n")[0],
+            first_line(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})"),
             "the file is corrupt or truncated; start the run again",
         ) from None
     if not isinstance(info, dict):

@@ -176,7 +176,7 @@ class TrainConfig:
         return resolve(self).config
 
     def to_dict(self) -> dict[str, Any]:
-        return jsonable(dataclasses.asdict(self))
+        return json_copy(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -239,9 +239,9 @@ def resolve(cfg: TrainConfig) -> Resolved:
     if values["img_size"] is None and "img_size" in kwargs:
         values["img_size"] = kwargs["img_size"]
     kwargs.pop("img_size", None)
-    values["model_kwargs"] = jsonable(kwargs)
-    values["method_options"] = jsonable(values["method_options"])
-    values["data_overrides"] = jsonable(values["data_overrides"])
+    values["model_kwargs"] = json_copy(kwargs)
+    values["method_options"] = json_copy(values["method_options"])
+    values["data_overrides"] = json_copy(values["data_overrides"])
     from_recipe = {name for name in r.to_dict() if name in values and values[name] is None}
     for name in from_recipe:
         values[name] = getattr(r, name)
@@ -335,7 +335,7 @@ def _check_float(name: str, value: Any, positive: bool) -> None:
         )
 
 
-def jsonable(value: Any) -> Any:
+def json_copy(value: Any) -> Any:
     """JSON round trip: tuples become lists, so a config compares equal to its saved copy."""
     try:
         return json.loads(json.dumps(value))

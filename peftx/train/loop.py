@@ -36,19 +36,26 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .. import events as ev
 from ..adapter import adapt, count_parameters, state_of, trainable_names
 from ..adapter_io import ADAPTER_FILE, check_tensors, read_adapter, save_adapter
+from ..backbones import create_backbone, data_config
+from ..data import VAL_SPLIT_FILE, load_splits, read_val_split, write_val_split
+from ..distributed import DistInfo, EpochSampler, all_reduce_sum, any_rank, init_distributed, shutdown
 from ..errors import NonFiniteError, TrainingInterrupted, UsageError
 from ..methods import config_class
+from ..metrics import class_report
+from ..plotting import plot_confusion
+from ..preprocess import TRAINING as PREPROCESSING_DEFAULT
+from ..preprocess import contract
 from ..runtime import autocast, eval_loader, evaluate_model, resolve_amp, resolve_device, to_device, use_fused_attention
 from .checkpoint import Checkpoint, LoopState, checkpoint_path, restore_optimizer, save_checkpoint
-from .config import RunConfig, TrainConfig, jsonable, resolve
-from .distributed import DistInfo, EpochSampler, all_reduce_sum, any_rank, init_distributed, shutdown
+from .config import RunConfig, TrainConfig, json_copy, resolve
 from .optim import make_optimizer
 from .progress import Progress, emitter
 from .regularization import add_residual_dropout, residual_dropout_removed
 from .resume import plan_resume
-from .rundir import prepare_run_dir, remove_if_empty, write_metrics, write_summary
+from .rundir import CONFUSION_FILE, prepare_run_dir, remove_if_empty, write_metrics, write_summary
 from .schedule import schedule
 from .seeding import SeededSamples, seed_everything, seed_for
 from .signals import StopFlag, stop_on_signals
@@ -57,12 +64,12 @@ MAX_CONSECUTIVE_SKIPS = 20  # fp16: overflowed steps in a row before the gradien
 ESTIMATE_AFTER_STEPS = 3  # the time estimate: steps 2..3 of this process (step 1 pays one-time set-up costs)
 
 
-def train(cfg: TrainConfig | None = None, progress: Progress | Any = None) -> dict[str, Any]:
+def train(cfg: TrainConfig | None = None, progress: Progress | None = None) -> dict[str, Any]:
     """Train an adapter as ``cfg`` says; returns the summary (also written to ``summary.json``).
 
-    ``progress`` is ``progress(event, **fields)`` (events: :data:`~.progress.EVENTS`) or a started
-    ``rich.progress.Progress``. Raises :class:`TrainingInterrupted` after SIGINT / SIGTERM, once a resumable
-    checkpoint is written.
+    ``progress`` receives the run's typed events (:mod:`peftx.events`: ``TrainStart``, ``EpochStart``, ``Step``,
+    ``Estimate``, ``EpochEnd``, ``CheckpointSaved``, ``TestResult``, ``TrainDone``).
+    Raises :class:`TrainingInterrupted` after SIGINT / SIGTERM, once a resumable checkpoint is written.
     """
     asked = cfg or TrainConfig()
     extended_from = None
@@ -110,8 +117,6 @@ class _Setup:
 
 def _meta_backbone(cfg: RunConfig) -> nn.Module:
     """Shapes-only model, for the preprocessing config before the class count (and so the head) is known."""
-    from ..backbones import create_backbone
-
     with torch.device("meta"):
         return create_backbone(cfg.model, num_classes=1, pretrained=False, img_size=cfg.img_size, **cfg.model_kwargs)
 
@@ -129,10 +134,6 @@ def _spec(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _build(cfg: RunConfig, ckpt: Checkpoint | None) -> _Setup:
-    from ..backbones import create_backbone, data_config
-    from ..data import load_splits, read_val_split
-    from ..preprocess import TRAINING as PREPROCESSING_DEFAULT
-    from ..preprocess import contract
 
     device = resolve_device(cfg.device)
     info = init_distributed(device.type)
@@ -200,7 +201,6 @@ def _drawn_summary(drawn: dict[str, Any] | None) -> dict[str, Any] | None:
     """How a validation split was drawn from train/ (the file list itself is in val_split.json)."""
     if drawn is None:
         return None
-    from ..data import VAL_SPLIT_FILE
 
     return {
         "from": drawn["from"],
@@ -330,29 +330,30 @@ class Trainer:
         sp = self.s.splits
         trainable, total = count_parameters(self.model)
         self.emit(
-            "start",
-            run_dir=str(self.s.run_dir),
-            epochs=self.cfg.epochs,
-            start_epoch=self.state.epoch,
-            steps_per_epoch=self.steps_per_epoch,
-            device=str(self.device),
-            amp=_amp_name(self.s.amp_dtype),
-            world_size=self.info.world_size,
-            train_size=len(sp.train),
-            val_size=len(sp.val),
-            test_size=len(sp.test) if sp.test is not None else 0,
-            trainable_params=trainable,
-            total_params=total,
-            resumed=self.s.checkpoint is not None,
-            config=self.cfg.to_dict(),
-            notes=list(self.notes),
-            extended_from=self.extended_from,
-            preprocessing=dict(self.s.data_cfg),
-            source=sp.source,
-            skipped_files=[str(p) for p in sp.skipped],
-            val_drawn=_drawn_summary(sp.val_drawn),
-            image_modes=dict(sp.image_modes),
-            exif_rotated=sp.exif_rotated,
+            ev.TrainStart(
+                run_dir=str(self.s.run_dir),
+                epochs=self.cfg.epochs,
+                start_epoch=self.state.epoch,
+                steps_per_epoch=self.steps_per_epoch,
+                device=str(self.device),
+                amp=_amp_name(self.s.amp_dtype),
+                world_size=self.info.world_size,
+                train_size=len(sp.train),
+                val_size=len(sp.val),
+                test_size=len(sp.test) if sp.test is not None else 0,
+                trainable_params=trainable,
+                total_params=total,
+                resumed=self.s.checkpoint is not None,
+                config=self.cfg.to_dict(),
+                notes=list(self.notes),
+                extended_from=self.extended_from,
+                preprocessing=dict(self.s.data_cfg),
+                source=sp.source,
+                skipped_files=[str(p) for p in sp.skipped],
+                val_drawn=_drawn_summary(sp.val_drawn),
+                image_modes=dict(sp.image_modes),
+                exif_rotated=sp.exif_rotated,
+            )
         )
 
         self.val_loader = self._eval_loader(sp.val)
@@ -372,7 +373,7 @@ class Trainer:
         loss_sum = st.partial.get("loss_sum", 0.0) if self.info.is_main else 0.0
         seen = st.partial.get("images", 0.0) if self.info.is_main else 0.0
         seconds = st.partial.get("seconds", 0.0)
-        self.emit("epoch_start", epoch=epoch + 1, epochs=cfg.epochs, steps=self.steps_per_epoch, start_step=start)
+        self.emit(ev.EpochStart(epoch=epoch + 1, epochs=cfg.epochs, steps=self.steps_per_epoch, start_step=start))
         self.model.train()
         loader = self._train_loader(epoch, start)
         t0 = time.perf_counter()
@@ -387,13 +388,14 @@ class Trainer:
             st.global_step += 1
             st.batch = step
             self.emit(
-                "step",
-                epoch=epoch + 1,
-                step=step,
-                steps=self.steps_per_epoch,
-                global_step=st.global_step,
-                loss=self._last_loss,
-                lr=lr,
+                ev.Step(
+                    epoch=epoch + 1,
+                    step=step,
+                    steps=self.steps_per_epoch,
+                    global_step=st.global_step,
+                    loss=self._last_loss,
+                    lr=lr,
+                )
             )
             self._estimate(t0, done=step >= self.steps_per_epoch)
             if any_rank(bool(flag), self.device, self.info) and step < self.steps_per_epoch:
@@ -472,13 +474,14 @@ class Trainer:
         test = len(sp.test) if sp.test is not None else 0
         eval_s = per_image * (len(sp.val) * epochs_left + test)
         self.emit(
-            "estimate",
-            seconds_per_step=per_step,
-            measured_steps=max(1, len(ends) - 1),
-            steps_remaining=remaining,
-            train_seconds=per_step * remaining,
-            eval_seconds=eval_s,
-            total_seconds=per_step * remaining + eval_s,
+            ev.Estimate(
+                seconds_per_step=per_step,
+                measured_steps=max(1, len(ends) - 1),
+                steps_remaining=remaining,
+                train_seconds=per_step * remaining,
+                eval_seconds=eval_s,
+                total_seconds=per_step * remaining + eval_s,
+            )
         )
 
     def _reduced_partial(self, loss_sum: float, seen: float, seconds: float) -> dict[str, float]:
@@ -531,12 +534,13 @@ class Trainer:
             )
             self._save_checkpoint("epoch")
         self.emit(
-            "epoch",
-            epochs=self.cfg.epochs,
-            best=better,
-            best_epoch=st.best_epoch,
-            best_val_accuracy=st.best_val_accuracy,
-            **record,
+            ev.EpochEnd(
+                epochs=self.cfg.epochs,
+                best=better,
+                best_epoch=st.best_epoch,
+                best_val_accuracy=st.best_val_accuracy,
+                **record,
+            )
         )
 
     # -- files (rank 0) -----------------------------------------------------------------------------------------
@@ -544,7 +548,7 @@ class Trainer:
         st, sp = self.state, self.s.splits
         extra = {
             "class_names": list(sp.class_names),
-            "data_config": jsonable(self.s.data_cfg),
+            "data_config": json_copy(self.s.data_cfg),
             "data": self.cfg.data,
             "data_source": sp.source,
             "seed": self.cfg.seed,
@@ -564,8 +568,6 @@ class Trainer:
         leaves no file behind), so that eval, merge-export and --resume rebuild the drawn split."""
         drawn = self.s.splits.val_drawn
         if drawn is not None:
-            from ..data import write_val_split
-
             write_val_split(self.s.run_dir, drawn)
 
     def _save_checkpoint(self, reason: str) -> Path:
@@ -579,7 +581,7 @@ class Trainer:
             state=self.state,
             config=self.cfg.to_dict(),
         )
-        self.emit("checkpoint", path=str(path), epoch=self.state.epoch, step=self.state.batch, reason=reason)
+        self.emit(ev.CheckpointSaved(path=str(path), epoch=self.state.epoch, step=self.state.batch, reason=reason))
         return path
 
     def _interrupted(self, flag: StopFlag, where: str) -> None:
@@ -588,7 +590,7 @@ class Trainer:
             if where == "step":
                 self._save_checkpoint("interrupt")
             else:  # the epoch-end checkpoint was just written
-                self.emit("checkpoint", path=str(path), epoch=self.state.epoch, step=0, reason="interrupt")
+                self.emit(ev.CheckpointSaved(path=str(path), epoch=self.state.epoch, step=0, reason="interrupt"))
         st = self.state
         at = f"epoch {st.epoch + 1}, step {st.batch}" if st.batch else f"the end of epoch {st.epoch}"
         raise TrainingInterrupted(
@@ -599,10 +601,6 @@ class Trainer:
     # -- end ----------------------------------------------------------------------------------------------------
     def _class_report(self, measured: dict[str, Any], split: str) -> dict[str, Any]:
         """Per-class accuracy + confusion matrix (summary.json) and confusion.png, of the selected epoch."""
-        from ..metrics import class_report
-        from ..plotting import plot_confusion
-        from .rundir import CONFUSION_FILE
-
         names = list(self.s.splits.class_names)
         report = {"class_report_split": split, **class_report(measured["confusion"], names)}
         if self.info.is_main:
@@ -637,7 +635,7 @@ class Trainer:
         )
         if has_test:
             test = measured
-        self.emit("test", accuracy=test["accuracy"], loss=test["loss"], n=test["n"], best_epoch=st.best_epoch)
+        self.emit(ev.TestResult(accuracy=test["accuracy"], loss=test["loss"], n=test["n"], best_epoch=st.best_epoch))
         report = self._class_report(measured, "test" if has_test else "val")
         peak, peak_kind = _peak_memory(self.device)
         summary = {
@@ -681,5 +679,5 @@ class Trainer:
         }
         if self.info.is_main:
             write_summary(self.s.run_dir, summary)
-        self.emit("done", summary=summary)
+        self.emit(ev.TrainDone(summary=summary))
         return summary

@@ -1,7 +1,7 @@
 """AdamW parameter groups: weight decay on matrices, none on biases, norms and the adapters' scales / vectors.
 
 Which tensors skip decay is each method's decision, made in its module and collected by
-:func:`peftx.adapter.split_weight_decay` (METHODS.md's "no weight decay on names containing bias or norm", every 1-d
+:func:`peftx.adapter.split_weight_decay` (the recipe's "no weight decay on names containing bias or norm", every 1-d
 tensor, and the adapter tensors each method names). The grouping itself is timm's
 :func:`timm.optim.param_groups_weight_decay`, given our decisions as its ``no_weight_decay_list`` (exact names): its
 own built-in rule (1-d tensors and names ending in ``.bias``) is a subset of ours, but on its own it would decay

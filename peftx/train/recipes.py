@@ -34,12 +34,12 @@ class Recipe:
 
 
 # The paper's shared VTAB-1k schedule: AdamW, batch 32, 100 epochs cosine + 10 cooldown, 10 warm-up epochs from
-# 1e-7, min lr 1e-8, images resized to 224 (METHODS.md). ``epochs`` counts every epoch run, cool-down included.
+# 1e-7, min lr 1e-8, images resized to 224. ``epochs`` counts every epoch run, cool-down included.
 _VTAB_SCHEDULE: dict[str, Any] = dict(
     epochs=110, cooldown_epochs=10, warmup_epochs=10, warmup_lr=1e-7, min_lr=1e-8, batch_size=32, img_size=224
 )
 
-# task: (lr, weight decay, residual dropout, horizontal flip) — METHODS.md, verbatim.
+# task: (lr, weight decay, residual dropout, horizontal flip) — the RLRR paper's per-task settings, verbatim.
 _VTAB_TASKS: dict[str, tuple[float, float, float, bool]] = {
     "cifar": (3e-3, 5e-5, 0.1, False),
     "caltech101": (1e-3, 5e-5, 0.1, False),

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from ..errors import AdapterFileError, UsageError
+from ..preprocess import TRAINING
 from .checkpoint import Checkpoint, load_checkpoint
 from .config import (
     CLI_OPTIONS,
@@ -29,7 +30,7 @@ from .config import (
     TrainConfig,
     check_method_options,
     is_demo_data,
-    jsonable,
+    json_copy,
 )
 from .rundir import SUMMARY_FILE
 
@@ -120,7 +121,7 @@ def _differences(given: dict[str, Any], saved: RunConfig) -> list[tuple[str, str
     if "img_size" in kwargs and "img_size" not in given:
         given["img_size"] = kwargs["img_size"]
     kwargs.pop("img_size", None)
-    if kwargs and jsonable(kwargs) != jsonable(saved.model_kwargs):
+    if kwargs and json_copy(kwargs) != json_copy(saved.model_kwargs):
         out.append(("model_kwargs", _describe("model_kwargs", kwargs, saved.model_kwargs)))
     options = given.pop("method_options", None)
     if options:
@@ -132,11 +133,9 @@ def _differences(given: dict[str, Any], saved: RunConfig) -> list[tuple[str, str
                 out.append(("method_options", _describe(f"method_options.{key}", mine[key], theirs.get(key))))
     overrides = given.pop("data_overrides", None)
     if overrides:  # per key, against the preprocessing the run trained with (peftx's default where it gave none)
-        from ..preprocess import TRAINING
-
         theirs = {**TRAINING, **(saved.data_overrides or {})}
         for key, value in overrides.items():
-            if jsonable(value) != jsonable(theirs.get(key)):
+            if json_copy(value) != json_copy(theirs.get(key)):
                 out.append(("data_overrides", _describe(f"data_overrides.{key}", value, theirs.get(key))))
     for name, value in given.items():
         ours, theirs = _normalise(name, value), _normalise(name, getattr(saved, name))
@@ -159,7 +158,7 @@ def _normalise(name: str, value: Any) -> Any:
         return str(path.absolute()) if path.exists() else str(value)
     if name == "weights":
         return str(Path(str(value)).expanduser().absolute())
-    return jsonable(value)
+    return json_copy(value)
 
 
 def method_of(resume: str | Path | None) -> str:

@@ -18,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from ..adapter_io import ADAPTER_FILE, CONFIG_FILE
+from ..data import VAL_SPLIT_FILE
+from ..distributed import DistInfo
 from ..errors import OutputError
 from ..fsutil import ensure_dir, output_error, write_text_atomic
+from ..plotting import plot_curves
 from .checkpoint import checkpoint_path
 from .config import TrainConfig, is_demo_data
-from .distributed import DistInfo
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -36,7 +38,6 @@ def default_output(cfg: TrainConfig) -> str:
 
 
 def run_files(run_dir: Path) -> list[Path]:
-    from ..data import VAL_SPLIT_FILE
 
     names = (ADAPTER_FILE, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, CURVES_FILE, CONFUSION_FILE, VAL_SPLIT_FILE)
     return [run_dir / n for n in names] + [checkpoint_path(run_dir)]
@@ -76,8 +77,6 @@ def remove_if_empty(path: Path) -> None:
 
 def write_metrics(run_dir: Path, history: list[dict[str, Any]], *, best_epoch: int | None, title: str) -> None:
     """metrics.jsonl (one line per epoch) and curves.png, both rewritten whole (atomically) each epoch."""
-    from ..plotting import plot_curves
-
     write_text_atomic(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in history))
     plot_curves(history, run_dir / CURVES_FILE, best_epoch=best_epoch, title=title)
 

@@ -9,6 +9,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ...adapter import adapt, state_of
+from ...exports.parity import compare, reference_outputs
+from ...exports.runners import TorchRunner
+from ...methods import make_config
+
 
 def adapted_copy(
     plain: nn.Module, method: str, *, seed: int = 0, perturb_std: float = 0.05, fingerprint: str | None = None
@@ -18,9 +23,6 @@ def adapted_copy(
     The head is kept (not zeroed) and zero-initialised tensors (LoRA B, AOFT λ, the RLRR shift) are perturbed, so the
     merged model really differs from the plain one and a parity check cannot pass by accident.
     """
-    from ...adapter import adapt, state_of
-    from ...methods import make_config
-
     model = adapt(
         copy.deepcopy(plain),
         make_config(method),
@@ -40,8 +42,6 @@ def parity_summary(
     expected: dict[str, np.ndarray], runner: Any, inputs: dict[str, np.ndarray], tolerance: Any, reference_name: str
 ) -> dict[str, Any]:
     """The library's comparator (``peftx.exports.parity.compare``), condensed to what bench.json records."""
-    from ...exports.parity import compare
-
     result = compare(expected, runner, inputs, tolerance, reference_name=reference_name)
     o = result.overall
     return {
@@ -58,7 +58,4 @@ def parity_summary(
 
 def torch_outputs(model: nn.Module, inputs: dict[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
     """Reference outputs of an eval-mode module on CPU, through the library's runner and comparator input sets."""
-    from ...exports.parity import reference_outputs
-    from ...exports.runners import TorchRunner
-
     return reference_outputs(TorchRunner(model, name=name), inputs)

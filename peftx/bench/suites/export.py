@@ -8,6 +8,15 @@ from typing import Any
 
 import torch
 
+from ...adapter import merge_and_unload
+from ...backbones import data_config
+from ...data import real_images
+from ...exports.bundle import write_bundle
+from ...exports.onnx_export import export_onnx, op_histogram
+from ...exports.parity import make_input_sets
+from ...exports.runners import OnnxRuntimeRunner
+from ...exports.simplify import simplify_onnx
+from ...tolerances import ONNX_FP32
 from ..config import EXPORT_SECONDS_MAX, NUM_CLASSES, BenchConfig, ModelSpec, Progress
 from .common import adapted_copy, parity_summary, torch_outputs
 
@@ -16,15 +25,6 @@ def bench_export(
     spec: ModelSpec, cfg: BenchConfig, *, threads: int, work_dir: Path, progress: Progress
 ) -> dict[str, Any]:
     """Wall time of merge (each method), ONNX export, onnxslim simplification and parity, for the merged model."""
-    from ...adapter import merge_and_unload
-    from ...backbones import data_config
-    from ...data import real_images
-    from ...exports.onnx_export import export_onnx, op_histogram
-    from ...exports.parity import make_input_sets
-    from ...exports.runners import OnnxRuntimeRunner
-    from ...exports.simplify import simplify_onnx
-    from ...tolerances import ONNX_FP32
-
     say = progress
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
@@ -73,8 +73,6 @@ def bench_export(
         met=bool(steps["merge"] + steps["onnx_export"] < EXPORT_SECONDS_MAX),
     )
     if cfg.export_bundle:
-        from ...exports.bundle import write_bundle
-
         say(f"{spec.key} export: the full bundle writer (export, FP16, every parity check)")
         t0 = time.perf_counter()
         report = write_bundle(

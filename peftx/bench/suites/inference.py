@@ -12,6 +12,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ...adapter import merge_and_unload
+from ...backbones import data_config
+from ...data import real_images
+from ...exports.onnx_export import export_onnx
+from ...exports.parity import make_input_sets
+from ...exports.runners import OnnxRuntimeRunner, TorchRunner
+from ...exports.tensorrt import TensorRTRunner, build_engine, unavailable_reason
+from ...runtime import use_fused_attention
+from ...tolerances import COMPILED_VS_EAGER, MERGE_FP32, ONNX_FP32, TENSORRT_FP32
 from ..config import COMPILED_VARIANTS, DTYPES, MERGED_OVER_PLAIN_MAX, NUM_CLASSES, BenchConfig, ModelSpec, Progress
 from ..flops import count_flops
 from ..machine import device_sync
@@ -27,14 +36,6 @@ def bench_inference(
     spec: ModelSpec, cfg: BenchConfig, *, threads: int, device: torch.device, work_dir: Path, progress: Progress
 ) -> dict[str, Any]:
     """Plain vs unmerged vs merged (eager), plain vs merged (ONNX Runtime, fused ORT, TensorRT), per batch size."""
-    from ...adapter import merge_and_unload
-    from ...backbones import data_config
-    from ...data import real_images
-    from ...exports.parity import make_input_sets
-    from ...exports.runners import TorchRunner
-    from ...runtime import use_fused_attention
-    from ...tolerances import MERGE_FP32
-
     say = progress
     torch.manual_seed(cfg.seed)
     say(f"{spec.key}: building the plain backbone and {len(cfg.methods)} adapted copies")
@@ -165,8 +166,6 @@ def _compiled_variants(
     A variant that fails to compile (no C compiler for Triton's launcher on a bare machine, an unsupported op) is
     recorded as a failed parity entry and a note, and is not timed: the eager rows of the run still count.
     """
-    from ...tolerances import COMPILED_VS_EAGER
-
     torch.compiler.reset()  # a fresh cache per batch size: no recompile limit is reached across variants
     fns: dict[str, Callable[[], Any]] = {}
     for variant in COMPILED_VARIANTS:
@@ -221,9 +220,6 @@ def _ort_sessions(
 ) -> dict[str, OnnxRuntimeRunner]:
     """The library's ONNX Runtime runner over the plain and merged exports (and their transformer-optimizer
     versions), each parity-checked, then opened for timing with this run's pinned session options."""
-    from ...exports.onnx_export import export_onnx
-    from ...tolerances import ONNX_FP32
-
     sessions: dict[str, OnnxRuntimeRunner] = {}
     heads, hidden = model_dims(plain)
     for variant, module in (("plain", plain), ("merged", merged)):
@@ -257,7 +253,6 @@ def _ort_sessions(
 
 
 def _ort_runner(path: Path, threads: int, name: str, device: torch.device) -> OnnxRuntimeRunner:
-    from ...exports.runners import OnnxRuntimeRunner
 
     return OnnxRuntimeRunner(
         path, providers=ort_providers(device), name=name, session_options=ort_session_options(threads)
@@ -278,7 +273,6 @@ def _tensorrt_runners(
     if cfg.tensorrt == "off":
         out["tensorrt"] = "skipped: disabled (--tensorrt off)"
         return {}
-    from ...exports.tensorrt import unavailable_reason
 
     reason = unavailable_reason()
     if reason is not None:
@@ -287,8 +281,6 @@ def _tensorrt_runners(
     if not cfg.onnxruntime:
         out["tensorrt"] = "skipped: TensorRT engines are built from the ONNX exports (onnxruntime suite off)"
         return {}
-    from ...exports.tensorrt import TensorRTRunner, build_engine
-    from ...tolerances import TENSORRT_FP32
 
     runners: dict[str, Any] = {}
     for variant in ("plain", "merged"):

@@ -14,6 +14,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from ...adapter import adapt, adapter_modules, count_parameters
+from ...methods import AdapterLinear, LowRankLinear, RLRRLinear, make_config
+from ...methods.rlrr import rescale_vector_grads
+from ...runtime import autocast, resolve_amp, use_fused_attention
+from ...train.optim import make_optimizer
+from ...train.recipes import GENERIC
 from ..config import TRAIN_BASELINES, TRAIN_CLASSES, BenchConfig, ModelSpec, Progress
 from ..flops import count_step_flops
 from ..machine import device_sync
@@ -33,7 +39,6 @@ class _TrainSetup:
     scaler: Any = None
 
     def _loss(self) -> torch.Tensor:
-        from ...runtime import autocast
 
         with autocast(self.x.device, self.amp):
             logits = self.model(self.x)
@@ -74,12 +79,6 @@ def train_setup(
     with lr 1e-4 and the generic recipe's weight decay, in FP32 or under ``amp`` autocast (fp16 with a GradScaler,
     as the trainer).
     """
-    from ...adapter import adapt, count_parameters
-    from ...methods import make_config
-    from ...runtime import resolve_amp, use_fused_attention
-    from ...train.optim import make_optimizer
-    from ...train.recipes import GENERIC
-
     torch.manual_seed(seed)
     model = spec.build(TRAIN_CLASSES, train=True)
     # "frozen" trains what the linear probe trains (the head), but back-propagates through the whole backbone.
@@ -120,10 +119,6 @@ def delta_cost(model: nn.Module, *, reps: int = 5) -> dict[str, Any] | None:
     out: full fine-tuning does it too; a copy of a fixed random dL/dW' stands in for its output); AOFT's generator
     and factors; LoRA's (zero-padded) factors. Upstream gradients are fixed random tensors.
     """
-    from ...adapter import adapter_modules
-    from ...methods import AdapterLinear, LowRankLinear, RLRRLinear
-    from ...methods.rlrr import rescale_vector_grads
-
     layers = [m for _, m in adapter_modules(model) if isinstance(m, AdapterLinear)]
     if not layers:
         return None

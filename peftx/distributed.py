@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from ..errors import UsageError
+from .errors import UsageError
 
 _ENV = ("RANK", "WORLD_SIZE")
 
