@@ -491,7 +491,8 @@ def unwritable_dir(mp: pytest.MonkeyPatch, e: Env, t: Path) -> None:
 def tensorrt_10_3_here(mp: pytest.MonkeyPatch, e: Env, t: Path) -> None:
     """Pretend TensorRT 10.3 and a GPU are installed (they cannot be, here): only version facts are faked, and every
     case using this fails before TensorRT would be imported."""
-    from peftx.exports import bundle, tensorrt
+    from peftx.exports import tensorrt
+    from peftx.exports.bundle import validate as bundle
 
     fake = lambda: tensorrt.TensorRTProbe("10.3.0.26", None)  # noqa: E731
     mp.setattr(tensorrt, "probe", fake)
@@ -499,7 +500,7 @@ def tensorrt_10_3_here(mp: pytest.MonkeyPatch, e: Env, t: Path) -> None:
 
 
 def rtx_4090_with_tensorrt_10_3(mp: pytest.MonkeyPatch, e: Env, t: Path) -> None:
-    from peftx.exports import bundle
+    from peftx.exports.bundle import validate as bundle
 
     tensorrt_10_3_here(mp, e, t)
     mp.setattr(

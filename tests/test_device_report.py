@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 from conftest import make_tiny
-from trtexec_stand_in import install as install_trtexec
 from test_handoff import flip_a_weight_byte, one_line, run_infer
 from test_int8 import _labelled, _request, _write
+from trtexec_stand_in import install as install_trtexec
 from typer.testing import CliRunner
 
 from peftx.cli.app import app
