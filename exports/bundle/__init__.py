@@ -30,6 +30,7 @@ The package, one job per module (``write_bundle`` runs the steps in this order o
 
     request.py          BundleRequest (the typed, validated request), BundleReport, argument checks
     precision.py        the Precision type and its tolerance lookups
+    artifacts.py        the one table of checked artifacts: file, runners, tolerances, required or advisory
     format.py           on-disk names, metadata.json (write, read, sha256 verification), target summary
     export_step.py      model.onnx for the target (+ onnxslim, kept only if it passes), FP32 nodes of FP16 builds
     fp16_step.py        model_fp16.onnx and its runners

@@ -16,13 +16,6 @@ import torch
 
 from peftx.errors import OutputError
 from peftx.fsutil import sha256_file
-from peftx.tolerances import (
-    ACCURACY_FP16,
-    ACCURACY_FP32,
-    ACCURACY_INT8,
-    FP16,
-    ONNX_FP32,
-)
 
 from .. import deepstream as deepstream_mod
 from .. import int8 as int8_mod
@@ -33,7 +26,7 @@ from ..parity import (
     reference_outputs,
 )
 from ..reference_set import REFERENCE_FILE, write_reference_set
-from ..runners import OnnxRuntimeRunner, TorchRunner
+from ..runners import TorchRunner
 from ..targets import TargetProfile
 from ..tensorrt import (
     TensorRTMode,
@@ -41,7 +34,8 @@ from ..tensorrt import (
     resolve_target_here,
 )
 from ..tensorrt_ops import check_target_readiness
-from .checks import _checker, _fp32_bounds, _handle_readiness, _int8_parity, _int8_runners, _parity_error
+from .artifacts import ENGINE, FP16_ONNX, INT8_FUSED_KERNELS, INT8_ONNX, ONNX, _int8_runners, accuracy_candidate
+from .checks import _checker, _fp32_bounds, _handle_readiness, _int8_parity, _parity_error
 from .deepstream_step import _write_deepstream
 from .engine_step import _tensorrt_step
 from .export_step import _export_ready_onnx, _simplified_or_original, _target_fp32_nodes
@@ -62,7 +56,6 @@ from .format import (
 )
 from .fp16_step import _fp16_step
 from .int8_step import _check_int8_graph, _int8_gate, _int8_step
-from .precision import accuracy_tolerance, engine_tolerance
 from .publish import _check_destination, _make_workdir, _move_into_place, _write_json_atomic, _write_text
 from .render import _check_atol, _template, render_build_script, render_readme
 from .request import (
@@ -173,7 +166,7 @@ def _assemble(
     expected = reference_outputs(TorchRunner(reference, name="reference (unmerged PyTorch)"), inputs)
     _check_class_count(expected, opt.class_names)
     merge_tol, onnx_tol, noise_note = _fp32_bounds(reference, inputs, expected, say)
-    check = _checker(expected, inputs, say, {ONNX_FP32: onnx_tol})
+    check = _checker(expected, inputs, say, {ONNX.parity(opt.precision): onnx_tol})
     notes = [
         f"reference: unmerged PyTorch; {len(images)} real images (cycled to fill larger batches)",
         noise_note,
@@ -189,8 +182,9 @@ def _assemble(
     fp32_nodes = _target_fp32_nodes(onnx_path, opt)
     scratch = Path(tempfile.mkdtemp(dir=work))  # the FP16 emulation graph: checked, not shipped
     fp16, fp16_runners = _fp16_step(work, onnx_path, images, opt, fp32_nodes, scratch, timings, say)
-    results += [check(runner, FP16, required=opt.precision == "fp16") for runner in fp16_runners]
-    if opt.precision != "fp16":
+    fp16_rule = FP16_ONNX.parity(opt.precision), FP16_ONNX.parity_required(opt.precision)
+    results += [check(runner, fp16_rule[0], required=fp16_rule[1]) for runner in fp16_runners]
+    if not fp16_rule[1]:
         notes.append(f"FP16 checks are advisory for an {opt.precision} bundle: reported, not required")
     _write_text(work / INFER_FILE, _template("infer.py"))  # before INT8: calibration runs its preprocessing
     _write_text(work / BENCH_FILE, _template(BENCH_FILE))  # infer.py --bench: times every artifact on the device
@@ -214,22 +208,26 @@ def _assemble(
     ]
     trt_info, trt_runner = _tensorrt_step(work, onnx_path, opt, fp32_nodes, timings, say)
     if trt_runner is not None:
-        results.append(check(trt_runner, engine_tolerance(opt.precision), required=opt.precision != "int8"))
+        results.append(check(trt_runner, ENGINE.parity(opt.precision), required=ENGINE.parity_required(opt.precision)))
 
     accuracy = None
     int8_info = None
     try:
         if opt.accuracy_set is not None:
             started = time.perf_counter()
+            precision = opt.precision
             candidates: list[Candidate] = [
-                (OnnxRuntimeRunner(onnx_path, name="onnxruntime fp32"), ACCURACY_FP32, True),
-                *((runner, ACCURACY_FP16, opt.precision == "fp16") for runner in fp16_runners),
+                *(accuracy_candidate(ONNX, runner, precision) for runner in ONNX.runners(work, scratch, precision)),
+                *(accuracy_candidate(FP16_ONNX, runner, precision) for runner in fp16_runners),
             ]
             if int8_graph is not None:
                 exact, fused = _int8_runners(int8_graph.path)
-                candidates += [(exact, ACCURACY_INT8, True), (fused, ACCURACY_INT8, False)]
+                candidates += [
+                    accuracy_candidate(INT8_ONNX, exact, precision),
+                    accuracy_candidate(INT8_FUSED_KERNELS, fused, precision),
+                ]
             if trt_runner is not None:
-                candidates.append((trt_runner, accuracy_tolerance(opt.precision), True))
+                candidates.append(accuracy_candidate(ENGINE, trt_runner, precision))
             accuracy = measure_accuracy(
                 TorchRunner(reference, name="unmerged PyTorch"),
                 candidates,

@@ -1,5 +1,6 @@
 """Parity and accuracy checking of the bundle's artifacts: the comparator bound to the reference outputs, the FP32
-noise bounds, the FP16 and INT8 runners, readiness problems as errors or warnings."""
+noise bounds, the INT8 rows, readiness problems as errors or warnings (what is checked, how, and whether it
+counts: ``artifacts.py``)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,6 @@ import torch
 
 from peftx.errors import ExportError, ParityError
 from peftx.tolerances import (
-    ACCURACY_FP16,
-    ACCURACY_FP32,
-    ACCURACY_INT8,
-    FP16,
-    INT8,
     MERGE_FP32,
     MERGE_FP32_MEASURED,
     ONNX_FP32,
@@ -25,7 +21,6 @@ from peftx.tolerances import (
 )
 
 from .. import int8 as int8_mod
-from ..fp16 import strict_fp16_emulation
 from ..parity import (
     ParityReport,
     ParityResult,
@@ -33,9 +28,10 @@ from ..parity import (
     float64_outputs,
     fp32_noise,
 )
-from ..runners import OnnxRuntimeRunner, Runner
+from ..runners import Runner
 from ..targets import TargetProfile
-from .format import INT8_EXACT, INT8_FUSED, PARITY_FILE, _first_problems
+from .artifacts import INT8_FUSED_KERNELS, INT8_ONNX, _int8_runners
+from .format import PARITY_FILE, _first_problems
 from .request import Progress
 
 
@@ -83,35 +79,12 @@ def _fp32_bounds(
     )
 
 
-def _fp16_runners(onnx_path: Path, fp16_path: Path, scratch: Path) -> list[OnnxRuntimeRunner]:
-    """The FP16 ONNX as ONNX Runtime runs it, and the strict rounding emulation (see fp16.py for why both)."""
-    emulation = strict_fp16_emulation(onnx_path, fp16_path, scratch / "fp16_emulation.onnx")
-    return [
-        OnnxRuntimeRunner(fp16_path, name="onnxruntime fp16"),
-        OnnxRuntimeRunner(emulation, name="fp16 emulation (strict rounding)"),
-    ]
-
-
-def _int8_runners(path: Path) -> tuple[OnnxRuntimeRunner, OnnxRuntimeRunner]:
-    """(exact, fused): model_int8.onnx unoptimised (the Q/DQ arithmetic TensorRT performs, the gate's) and optimised
-    (this CPU's fused int8 kernels, infer.py's and bench's)."""
-    return (
-        OnnxRuntimeRunner(path, name=INT8_EXACT, session_options=int8_mod.exact_session_options(_ort())),
-        OnnxRuntimeRunner(path, name=INT8_FUSED),
-    )
-
-
-def _ort():
-    import onnxruntime
-
-    return onnxruntime
-
-
 def _int8_parity(path: Path, check) -> tuple[list[ParityResult], dict[str, Any]]:
     """The INT8 graph's logit rows (both advisory): the exact arithmetic against the unmerged model, and this CPU's
     fused kernels against the exact arithmetic (``_int8_kernels``); and what metadata.json records of the latter."""
     row, facts = _int8_kernels(path, check)
-    return [check(_int8_runners(path)[0], INT8, required=False), row], facts
+    exact = INT8_ONNX
+    return [check(_int8_runners(path)[0], exact.parity("int8"), required=exact.parity_required("int8")), row], facts
 
 
 def _int8_kernels(path: Path, check) -> tuple[ParityResult, dict[str, Any]]:
@@ -119,7 +92,8 @@ def _int8_kernels(path: Path, check) -> tuple[ParityResult, dict[str, Any]]:
     metadata.json's ``int8.cpu_kernels`` records: the CPU, what its int8 products accumulate in, the figures, and
     the report's note when they disagree."""
     exact, fused = _int8_runners(path)
-    kernels = check(fused, INT8, required=False, against=exact)
+    rule = INT8_FUSED_KERNELS
+    kernels = check(fused, rule.parity("int8"), required=rule.parity_required("int8"), against=exact)
     facts = int8_mod.cpu_int8_kernels()
     s = kernels.overall
     return kernels, {
@@ -145,11 +119,6 @@ def _handle_readiness(problems: list[str], tensorrt: str, warnings: list[str], t
         "choose another --target (see `peftx targets`), pass --tensorrt off for an ONNX-only bundle, "
         "or change the model",
     )
-
-
-def _accuracy_tolerance(parity_tolerance) -> Any:
-    """The accuracy tolerance for an artifact checked with ``parity_tolerance`` (FP16: FP16's, INT8: INT8's)."""
-    return ACCURACY_FP16 if parity_tolerance is FP16 else ACCURACY_INT8 if parity_tolerance is INT8 else ACCURACY_FP32
 
 
 def _parity_error(report: ParityReport, where: Path) -> ParityError:

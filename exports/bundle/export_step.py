@@ -10,15 +10,13 @@ from pathlib import Path
 import torch
 
 from peftx.errors import ExportError
-from peftx.tolerances import (
-    ONNX_FP32,
-)
 
 from ..layernorm import decomposed_layernorms, fp32_node_names, unsafe_layer_names
 from ..onnx_export import export_onnx
 from ..runners import OnnxRuntimeRunner
 from ..simplify import simplify_onnx
 from ..tensorrt_ops import check_tensorrt_readiness
+from .artifacts import ONNX
 from .checks import _handle_readiness
 from .format import ONNX_FILE, _onnx_metadata
 from .request import BundleRequest, Progress
@@ -86,14 +84,14 @@ def _simplified_or_original(work: Path, onnx_path: Path, opt: BundleRequest, che
     """Try onnxslim; keep its graph only if it passes ONNX Runtime parity and adds no readiness problem for the
     target (a simplifier that re-fused LayerNorm would break TensorRT 8.5). Returns (simplify info, ORT result)."""
     if not opt.simplify:
-        return None, check(OnnxRuntimeRunner(onnx_path, name="onnxruntime fp32"), ONNX_FP32)
+        return None, check(OnnxRuntimeRunner(onnx_path, name="onnxruntime fp32"), ONNX.parity(opt.precision))
     slim_path = work / "model.slim.onnx"
     info = simplify_onnx(onnx_path, slim_path)
     if info.applied:
         added = set(check_tensorrt_readiness(slim_path, target=opt.target).problems) - set(
             check_tensorrt_readiness(onnx_path, target=opt.target).problems
         )
-        result = check(OnnxRuntimeRunner(slim_path, name="onnxruntime fp32"), ONNX_FP32)
+        result = check(OnnxRuntimeRunner(slim_path, name="onnxruntime fp32"), ONNX.parity(opt.precision))
         if result.passed and not added:
             os.replace(slim_path, onnx_path)
             return info.to_json(), result
@@ -103,4 +101,4 @@ def _simplified_or_original(work: Path, onnx_path: Path, opt: BundleRequest, che
         info.applied, info.reason = False, f"{info.reason}: rejected, {why}"
     else:
         notes.append(f"simplify skipped: {info.reason}")
-    return info.to_json(), check(OnnxRuntimeRunner(onnx_path, name="onnxruntime fp32"), ONNX_FP32)
+    return info.to_json(), check(OnnxRuntimeRunner(onnx_path, name="onnxruntime fp32"), ONNX.parity(opt.precision))

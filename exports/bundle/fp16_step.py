@@ -9,7 +9,7 @@ import numpy as np
 
 from ..fp16 import convert_to_fp16
 from ..runners import OnnxRuntimeRunner
-from .checks import _fp16_runners
+from .artifacts import _fp16_runners
 from .format import FP16_FILE
 from .request import FP16_CALIBRATION_IMAGES, BundleRequest, Progress
 

@@ -25,7 +25,8 @@ from ..parity import (
     ParityResult,
 )
 from ..targets import TargetProfile
-from .checks import _int8_parity, _int8_runners
+from .artifacts import INT8_FUSED_KERNELS, INT8_ONNX, _int8_runners
+from .checks import _int8_parity
 from .export_step import _target_fp32_nodes
 from .format import INFER_FILE, INT8_EXACT, INT8_FILE, INT8_FUSED, _first_problems
 from .request import FP16_CALIBRATION_IMAGES, BundleRequest, Progress
@@ -113,7 +114,16 @@ def _int8_gate(
             pred = np.concatenate(
                 [runner.infer(kept["inputs"][i : i + 32]).argmax(axis=1) for i in range(0, len(labels), 32)]
             )
-        return result_for(runner.name, ACCURACY_INT8, not fused, pred, labels, ref_pred, accuracy.reference_accuracy)
+        rule = INT8_FUSED_KERNELS if fused else INT8_ONNX
+        return result_for(
+            runner.name,
+            rule.accuracy("int8"),
+            rule.accuracy_required("int8"),
+            pred,
+            labels,
+            ref_pred,
+            accuracy.reference_accuracy,
+        )
 
     started = time.perf_counter()
 

@@ -7,12 +7,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from peftx.tolerances import (
-    FP16,
-    INT8,
-    TENSORRT_FP32,
-)
-
 from .. import deepstream as deepstream_mod
 from ..parity import (
     ParityResult,
@@ -22,6 +16,7 @@ from ..tensorrt import (
     resolve_target_here,
 )
 from .format import INT8_FILE
+from .precision import PRECISIONS, engine_tolerance
 
 
 def _template(name: str) -> str:
@@ -31,7 +26,7 @@ def _template(name: str) -> str:
 def _check_atol(ort_result: ParityResult) -> dict[str, float]:
     """Polygraphy re-check bounds (engine vs ONNX Runtime) from peftx's tolerances at this model's logit scale."""
     scale = ort_result.overall.ref_max_abs
-    return {"fp32": TENSORRT_FP32.bound(scale), "fp16": FP16.bound(scale), "int8": INT8.bound(scale)}
+    return {precision: engine_tolerance(precision).bound(scale) for precision in PRECISIONS}
 
 
 def render_build_script(

@@ -11,12 +11,6 @@ import numpy as np
 import torch
 
 from peftx.errors import ExportError
-from peftx.tolerances import (
-    ACCURACY_INT8,
-    FP16,
-    INT8,
-    Tolerance,
-)
 
 from ..accuracy import AccuracySet, measure_accuracy
 from ..parity import (
@@ -25,7 +19,7 @@ from ..parity import (
     make_input_sets,
     reference_outputs,
 )
-from ..runners import OnnxRuntimeRunner, Runner, TensorRTRunner, TorchRunner
+from ..runners import Runner, TorchRunner
 from ..targets import TargetProfile
 from ..tensorrt import (
     TensorRTMode,
@@ -36,22 +30,18 @@ from ..tensorrt import (
     resolve_target_here,
 )
 from ..tensorrt_ops import check_target_readiness
+from .artifacts import ENGINE, FP16_ONNX, INT8_FUSED_KERNELS, INT8_ONNX, ONNX, Artifact, accuracy_candidate
 from .checks import (
-    _accuracy_tolerance,
     _checker,
-    _fp16_runners,
     _fp32_bounds,
     _int8_kernels,
-    _int8_runners,
     _parity_error,
 )
 from .format import (
     ENGINE_FILE,
-    FP16_FILE,
     INFER_FILE,
     INT8_FILE,
     METADATA_FILE,
-    ONNX_FILE,
     PARITY_FILE,
     READINESS_FILE,
     _accuracy_summary,
@@ -63,7 +53,6 @@ from .format import (
     read_bundle,
     verify_artifacts,
 )
-from .precision import engine_tolerance
 from .publish import _write_json_atomic
 from .request import RANDOM_BATCH, Progress, _images_array, parity_batches
 
@@ -118,49 +107,44 @@ def validate_bundle(
     expected = reference_outputs(TorchRunner(reference, name="reference (unmerged PyTorch)"), inputs)
     _, onnx_tol, noise_note = _fp32_bounds(reference, inputs, expected, say)
     notes.append(noise_note)
-    fp16_required = meta["precision"] == "fp16"
+    precision = meta["precision"]
     scratch = Path(tempfile.mkdtemp())
-    candidates: list[tuple[Runner, Tolerance, bool]] = [
-        (OnnxRuntimeRunner(bundle_dir / ONNX_FILE, name="onnxruntime fp32"), onnx_tol, True)
-    ]
-    if (bundle_dir / FP16_FILE).exists():
-        candidates += [
-            (runner, FP16, fp16_required)
-            for runner in _fp16_runners(bundle_dir / ONNX_FILE, bundle_dir / FP16_FILE, scratch)
-        ]
-    int8_runners = _int8_runners(bundle_dir / INT8_FILE) if (bundle_dir / INT8_FILE).exists() else None
-    if int8_runners:  # logits advisory (they move by design); the exact arithmetic's accuracy gate is required
-        candidates.append((int8_runners[0], INT8, False))
+    # (artifact, runner, the precision its rules are read at): the artifacts present, in the table's order; the INT8
+    # graph's fused kernels are checked against its exact arithmetic, after the others
+    checked: list[tuple[Artifact, Runner, str]] = []
+    for artifact in (ONNX, FP16_ONNX, INT8_ONNX):
+        if (bundle_dir / artifact.file).exists():
+            checked += [(artifact, runner, precision) for runner in artifact.runners(bundle_dir, scratch, precision)]
     if engine.exists() and use_trt:
-        engine_precision = (meta.get("tensorrt", {}).get("build") or {}).get("precision", meta["precision"])
-        tolerance = engine_tolerance(engine_precision)
-        candidates.append(
-            (TensorRTRunner(engine, name=f"tensorrt {engine_precision}"), tolerance, engine_precision != "int8")
-        )  # an INT8 engine: logits advisory, accuracy required
+        engine_precision = (meta.get("tensorrt", {}).get("build") or {}).get("precision", precision)
+        checked += [
+            (ENGINE, runner, engine_precision) for runner in ENGINE.runners(bundle_dir, scratch, engine_precision)
+        ]
     results = []
     accuracy = None
     try:
-        for runner, tolerance, required in candidates:
+        for artifact, runner, at in checked:
             say(f"checking {runner.name}")
             results.append(
                 compare(
                     expected,
                     runner,
                     inputs,
-                    tolerance,
+                    onnx_tol if artifact is ONNX else artifact.parity(at),
                     reference_name="reference (unmerged PyTorch)",
-                    required=required,
+                    required=artifact.parity_required(at),
                 )
             )
-        accuracy_candidates = [
-            (runner, _accuracy_tolerance(tol), req or tol is INT8) for runner, tol, req in candidates
-        ]
-        if int8_runners:  # this CPU's fused int8 kernels against the exact arithmetic: advisory, with the reason
+        accuracy_candidates = [accuracy_candidate(artifact, runner, at) for artifact, runner, at in checked]
+        if (bundle_dir / INT8_FUSED_KERNELS.file).exists():  # against the exact arithmetic: advisory, with the reason
             row, kernels = _int8_kernels(bundle_dir / INT8_FILE, _checker(expected, inputs, say))
             results.append(row)
             if kernels["note"]:
                 notes.append(kernels["note"])
-            accuracy_candidates.append((int8_runners[1], ACCURACY_INT8, False))
+            accuracy_candidates += [
+                accuracy_candidate(INT8_FUSED_KERNELS, runner, precision)
+                for runner in INT8_FUSED_KERNELS.runners(bundle_dir, scratch, precision)
+            ]
         if accuracy_set is not None:
             accuracy = measure_accuracy(
                 TorchRunner(reference, name="unmerged PyTorch"),
