@@ -10,6 +10,7 @@ the run's TRAINING split (``--calibration-data DIR`` when it moved), never on th
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -37,7 +38,7 @@ from .exports.bundle import _check_destination as check_destination
 from .exports.bundle import read_bundle, validate_bundle, write_bundle
 from .exports.int8 import select_calibration
 from .exports.tensorrt import resolve_target_here
-from .fsutil import sha256_file
+from .fsutil import sha256_file, write_text_atomic
 from .preprocess import contract
 from .sources import Loaded, Source, load_source, recorded_source
 
@@ -310,10 +311,6 @@ BUNDLES_FILE = "bundles.json"  # in a run directory: every bundle merge-export w
 
 def _remember_bundle(run_dir: Path, out: Path) -> None:
     """Add ``out`` to RUN_DIR/bundles.json (best effort: a read-only run directory just goes without)."""
-    import json
-
-    from .fsutil import write_text_atomic
-
     record = run_dir / BUNDLES_FILE
     try:
         known = json.loads(record.read_text(encoding="utf-8")) if record.exists() else []
@@ -327,8 +324,6 @@ def _remember_bundle(run_dir: Path, out: Path) -> None:
 def bundles_of(run_dir: Path) -> list[Path]:
     """The bundles made from the run in ``run_dir`` that exist now: those RUN_DIR/bundles.json records, and those
     next to the run or in the working directory (one or two levels down) whose metadata.json names its adapter."""
-    import json
-
     adapter = (run_dir / ADAPTER_FILE).resolve()
     candidates: list[Path] = []
     try:

@@ -25,6 +25,7 @@ from peftx.deploy import accuracy_images, load_reference, merge_export, validate
 from peftx.errors import DataError, ParityError
 from peftx.evaluate import evaluate
 from peftx.exports.accuracy import load_infer_module, measure_accuracy, select
+from peftx.exports.bundle import assemble as bundle_assemble
 from peftx.exports.runners import OnnxRuntimeRunner, TorchRunner
 from peftx.tolerances import ACCURACY_FP32
 from peftx.train import train
@@ -124,7 +125,7 @@ def test_a_bundle_whose_infer_py_preprocesses_otherwise_fails(wide_run, tmp_path
     assert 'mode = cfg.get("crop_mode", "center")' in template
     centre_cropping = template.replace('mode = cfg.get("crop_mode", "center")', 'mode = "center"')
     monkeypatch.setattr(
-        bundle_module, "_template", lambda name: centre_cropping if name == "infer.py" else template_of(name)
+        bundle_assemble, "_template", lambda name: centre_cropping if name == "infer.py" else template_of(name)
     )
     with pytest.raises(ParityError, match="shipped preprocessing differs from the training transform"):
         merge_export(run, output=tmp_path / "bundle", batch=(1, 4, 8), tensorrt="off", simplify=False)

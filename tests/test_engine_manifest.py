@@ -23,8 +23,8 @@ import torch
 from conftest import make_tiny, real_batch, tiny_data_cfg
 
 from peftx.errors import ExportError
-from peftx.exports import bundle as bundle_module
 from peftx.exports import tensorrt as trt_module
+from peftx.exports.bundle import artifacts as bundle_artifacts
 from peftx.exports.bundle import read_bundle, validate_bundle, write_bundle
 from peftx.exports.templates.infer import (
     _release,
@@ -329,7 +329,9 @@ def test_validate_refuses_an_engine_from_another_device_before_writing(bundle, t
     out = with_engine(bundle, tmp_path)
     rtx_4090 = {"name": "NVIDIA GeForce RTX 4090", "compute_capability": "8.9"}  # as if TensorRT and it were here
     monkeypatch.setattr(trt_module, "ASSUMED", trt_module.AssumedMachine(TensorRTProbe("10.3.0", None), gpu=rtx_4090))
-    monkeypatch.setattr(bundle_module, "TensorRTRunner", lambda *a, **k: pytest.fail("the engine must not be loaded"))
+    monkeypatch.setattr(
+        bundle_artifacts, "TensorRTRunner", lambda *a, **k: pytest.fail("the engine must not be loaded")
+    )
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(ExportError, match=r"model\.engine was built for TensorRT 10\.3\.0 on Orin .* RTX 4090") as info:
         validate_bundle(out, make_tiny("vit", seed=6), real_batch("vit", n=8), tensorrt="auto")

@@ -18,7 +18,15 @@ import torch
 
 from peftx.errors import BackendUnavailableError, ExportError, OutputError, ParityError, UsageError
 from peftx.exports import bundle as bundle_module
-from peftx.exports.bundle import read_bundle, render_build_script, validate_bundle, write_bundle
+from peftx.exports.bundle import (
+    assemble,
+    deepstream_step,
+    export_step,
+    read_bundle,
+    render_build_script,
+    validate_bundle,
+    write_bundle,
+)
 from peftx.exports.tensorrt import tensorrt_available
 from peftx.exports.tensorrt_ops import ReadinessReport, TargetReadiness
 
@@ -236,7 +244,7 @@ def test_build_script_reads_the_input_name_from_the_graph(built):
 def test_existing_bundle_without_force_is_untouched(built, images, monkeypatch):
     out = built[0]
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    monkeypatch.setattr(bundle_module, "export_onnx", lambda *a, **k: pytest.fail("no work may start"))
+    monkeypatch.setattr(export_step, "export_onnx", lambda *a, **k: pytest.fail("no work may start"))
     with pytest.raises(OutputError, match="already exists"):
         make_bundle(out, images)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -314,8 +322,9 @@ def _unready_files(files, target) -> TargetReadiness:
 
 
 def test_readiness_failure_is_an_export_error_unless_tensorrt_is_off(images, tmp_path, monkeypatch):
-    monkeypatch.setattr(bundle_module, "check_tensorrt_readiness", _unready)  # the early check, and
-    monkeypatch.setattr(bundle_module, "check_target_readiness", _unready_files)  # the check of the shipped files
+    monkeypatch.setattr(export_step, "check_tensorrt_readiness", _unready)  # the early check, and
+    monkeypatch.setattr(assemble, "check_target_readiness", _unready_files)  # the check of the shipped files
+    monkeypatch.setattr(deepstream_step, "check_target_readiness", _unready_files)
     with pytest.raises(ExportError, match="not TensorRT-ready for trt8.6: op Unique is not supported"):
         make_bundle(tmp_path / "auto", images, tensorrt="auto")
     assert list(tmp_path.iterdir()) == []

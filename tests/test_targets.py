@@ -18,8 +18,7 @@ import torch
 from conftest import make_tiny, perturb_adapter, real_batch, tiny_data_cfg
 
 from peftx.errors import ExportError, UsageError
-from peftx.exports import bundle as bundle_module
-from peftx.exports.bundle import read_bundle, validate_bundle, write_bundle
+from peftx.exports.bundle import export_step, read_bundle, validate_bundle, write_bundle
 from peftx.exports.layernorm import decomposed_layernorms, fused_layernorms
 from peftx.exports.onnx_export import export_onnx, read_metadata
 from peftx.exports.parity import compare, make_input_sets
@@ -354,7 +353,7 @@ def test_a_simplified_graph_that_the_target_cannot_parse_is_not_shipped(tmp_path
         onnx.save(model, str(dst))
         return SimplifyResult(True, "a simplifier that fuses LayerNorm", 1, 1, {})
 
-    monkeypatch.setattr(bundle_module, "simplify_onnx", refusing_simplifier)
+    monkeypatch.setattr(export_step, "simplify_onnx", refusing_simplifier)
     report = _bundle("vit", tmp_path / "b", "jetpack5")
     shipped = _shipped(tmp_path / "b" / "model.onnx")
     assert "LayerNormalization" not in {n.op_type for n in shipped.graph.node}
