@@ -372,7 +372,7 @@ def test_trt_version_is_written_as_major_minor_patch(bundles, stand_in, tmp_path
 @pytest.mark.parametrize("given", ["ten", "10.3.x", "10..3", "v10.3"])
 def test_a_malformed_trt_version_is_one_line(bundles, stand_in, tmp_path, given):
     rc, args, stderr, work = run_script(bundles["default"], stand_in, tmp_path, "10.3", "fp16", TRT_VERSION=given)
-    assert rc == 2 and args == [] and not (work / "model.engine.json").exists()
+    assert rc == 2 and args == {} and not (work / "model.engine.json").exists()
     assert stderr.strip() == f"build_engine.sh: TRT_VERSION must be a TensorRT version like 10.3.0, got '{given}'"
 
 
