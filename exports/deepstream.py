@@ -39,6 +39,7 @@ import numpy as np
 from peftx.errors import ExportError
 from peftx.tolerances import DEEPSTREAM_GRAPH_FP32, Tolerance
 
+from . import onnx_io
 from .targets import TargetProfile
 
 NVINFER_CONFIG, LABELS_FILE = "config_infer_primary.txt", "labels.txt"
@@ -187,7 +188,7 @@ def build_onnx(source: Path, out: Path, mean: Sequence[float], std: Sequence[flo
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    model = onnx.load(str(source))
+    model = onnx_io.load(source)
     graph = model.graph
     initializers = {t.name for t in graph.initializer}
     inputs = [i for i in graph.input if i.name not in initializers]
@@ -243,8 +244,8 @@ def build_onnx(source: Path, out: Path, mean: Sequence[float], std: Sequence[flo
     del model.metadata_props[:]
     for key, value in props.items():
         model.metadata_props.add(key=key, value=value)
-    onnx.checker.check_model(model)
-    onnx.save(model, str(out))
+    onnx_io.save(model, out)
+    onnx_io.check(out)
     return facts
 
 

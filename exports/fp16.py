@@ -40,6 +40,8 @@ from onnx import numpy_helper
 
 from peftx.errors import ExportError
 
+from . import onnx_io
+
 FP32_OPS: tuple[str, ...] = (
     "LayerNormalization",
     "GroupNormalization",
@@ -60,8 +62,11 @@ FP32_OPS: tuple[str, ...] = (
 # (those live in peftx.tolerances); a range margin for the conversion.
 FP16_SAFE_MAX = 1.0e4
 
-# How many intermediate tensors one calibration run exposes as outputs: bounds memory (ViT-B has ~1000 tensors).
+# How many intermediate tensors one calibration run exposes as outputs, and on how many images at a time: the probe's
+# memory is TENSORS x IMAGES intermediates whatever the calibration set's size (ViT-B has ~1000 tensors; ViT-H's are
+# 5x larger, so all calibration images at once would need ~2.7 GB per image there).
 _TENSORS_PER_RUN = 256
+_IMAGES_PER_RUN = 4
 
 
 @dataclass
@@ -101,10 +106,10 @@ def convert_to_fp16(
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     src, dst = Path(src), Path(dst)
-    model = onnx.load(str(src))
+    model = onnx_io.load(src)
     props = {p.key: p.value for p in model.metadata_props}
     ops = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(op_block_list))
-    nodes, seen_max = ([], 0.0) if calibration is None else large_magnitude_nodes(model, calibration, safe_max)
+    nodes, seen_max = ([], 0.0) if calibration is None else large_magnitude_nodes(src, model, calibration, safe_max)
     pinned = list(keep_fp32_nodes)
     missing = sorted(set(pinned) - {n.name for n in model.graph.node})
     if missing:
@@ -118,8 +123,8 @@ def convert_to_fp16(
         _drop_half_round_trips(fp16)
         _toposort(fp16.graph)  # the converter appends the input Casts at the end; the checker requires order
         onnx.helper.set_model_props(fp16, {**props, "precision": "fp16"})
-        onnx.save(fp16, str(dst))
-        onnx.checker.check_model(str(dst), full_check=True)
+        onnx_io.save(fp16, dst)
+        onnx_io.check(dst)
     except Exception as exc:  # noqa: BLE001 - surface any converter/checker failure as an export failure
         raise ExportError(
             f"FP16 conversion of {src.name} failed: {type(exc).__name__}: {exc}",
@@ -130,8 +135,8 @@ def convert_to_fp16(
 
 def strict_fp16_emulation(fp32_path: str | Path, fp16_path: str | Path, dst: str | Path) -> Path:
     """Write the FP32 graph with every tensor that ``fp16_path`` holds in FP16 rounded through FP16 (see module doc)."""
-    model = onnx.load(str(fp32_path))
-    half = _half_tensors(onnx.load(str(fp16_path)))
+    model = onnx_io.load(fp32_path)
+    half = _half_tensors(onnx_io.load(fp16_path, weights=False))
     for i, tensor in enumerate(model.graph.initializer):
         if tensor.name in half and tensor.data_type == onnx.TensorProto.FLOAT:
             rounded = _to_half(numpy_helper.to_array(tensor)).astype(np.float32)
@@ -156,13 +161,12 @@ def strict_fp16_emulation(fp32_path: str | Path, fp16_path: str | Path, dst: str
     model.graph.node.extend(round_trips)
     _toposort(model.graph)
     del model.graph.value_info[:]  # stale: outputs were renamed
-    onnx.save(model, str(dst))
-    return Path(dst)
+    return onnx_io.save(model, dst)
 
 
 def _half_tensors(fp16_model: onnx.ModelProto) -> set[str]:
     """Names of the initialisers and activations an FP16 graph stores as FLOAT16."""
-    graph = onnx.shape_inference.infer_shapes(fp16_model).graph
+    graph = onnx.shape_inference.infer_shapes(onnx_io.graph_only(fp16_model)).graph
     produced = {out for node in graph.node for out in node.output}
     half = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT16}
     half |= {
@@ -179,10 +183,11 @@ def _to_half(array: np.ndarray) -> np.ndarray:
 
 
 def large_magnitude_nodes(
-    model: onnx.ModelProto, calibration: np.ndarray, safe_max: float = FP16_SAFE_MAX
+    src: Path, model: onnx.ModelProto, calibration: np.ndarray, safe_max: float = FP16_SAFE_MAX
 ) -> tuple[list[str], float]:
-    """Nodes reading or writing a float value with |value| > ``safe_max`` on ``calibration``, and the max seen."""
-    peaks = _float_tensor_peaks(model, calibration)
+    """Nodes of ``model`` (the graph at ``src``, loaded with its weights) reading or writing a float value with
+    |value| > ``safe_max`` on ``calibration``, and the max seen."""
+    peaks = _float_tensor_peaks(src, calibration)
     peaks.update(
         {
             t.name: _peak(numpy_helper.to_array(t))
@@ -197,9 +202,12 @@ def large_magnitude_nodes(
     return nodes, max(peaks.values(), default=0.0)
 
 
-def _float_tensor_peaks(model: onnx.ModelProto, calibration: np.ndarray) -> dict[str, float]:
-    """max |value| of every FP32 activation, exposing a chunk of tensors as graph outputs per ONNX Runtime run."""
-    inferred = onnx.shape_inference.infer_shapes(model)
+def _float_tensor_peaks(src: Path, calibration: np.ndarray) -> dict[str, float]:
+    """max |value| of every FP32 activation of the graph at ``src``: each ONNX Runtime run exposes a chunk of tensors
+    as graph outputs on a few images, so memory does not grow with the calibration set (nor, past 2 GB, is the
+    weights file copied: the probe graph refers to it)."""
+    model = onnx_io.load(src, weights=False)
+    inferred = onnx.shape_inference.infer_shapes(onnx_io.graph_only(model))
     names = [
         vi.name
         for vi in [*inferred.graph.value_info, *inferred.graph.output]
@@ -208,6 +216,7 @@ def _float_tensor_peaks(model: onnx.ModelProto, calibration: np.ndarray) -> dict
     feed_name = next(i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor addressable
+    feed = calibration.astype(np.float32)
     peaks: dict[str, float] = {feed_name: _peak(calibration)}
     for start in range(0, len(names), _TENSORS_PER_RUN):
         chunk = names[start : start + _TENSORS_PER_RUN]
@@ -215,9 +224,13 @@ def _float_tensor_peaks(model: onnx.ModelProto, calibration: np.ndarray) -> dict
         probe.CopyFrom(model)
         del probe.graph.output[:]
         probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in chunk)
-        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        outputs = session.run(chunk, {feed_name: calibration.astype(np.float32)})
-        peaks.update({n: _peak(v) for n, v in zip(chunk, outputs, strict=True)})
+        with onnx_io.session_source(probe, beside=src) as source:
+            session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+            for first in range(0, len(feed), _IMAGES_PER_RUN):
+                outputs = session.run(chunk, {feed_name: feed[first : first + _IMAGES_PER_RUN]})
+                for name, value in zip(chunk, outputs, strict=True):
+                    peaks[name] = max(peaks.get(name, 0.0), _peak(value))
+            del session
     return peaks
 
 
@@ -273,7 +286,7 @@ def _is_cast_to(node: onnx.NodeProto, elem_type: int) -> bool:
 
 
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    graph = onnx.shape_inference.infer_shapes(model).graph
+    graph = onnx.shape_inference.infer_shapes(onnx_io.graph_only(model)).graph
     types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.output, *graph.value_info]}
     types.update({t.name: t.data_type for t in graph.initializer})
     return types

@@ -36,6 +36,7 @@ import onnx
 
 from peftx.errors import DataError, ExportError, UsageError
 
+from . import onnx_io
 from .targets import TargetProfile
 
 CalibrationMethod = Literal["minmax", "entropy", "percentile"]
@@ -215,7 +216,7 @@ class _Reader:
 
 def quantizable_nodes(onnx_path: str | Path) -> list[str]:
     """Names of the MatMul/Gemm/Conv nodes of an FP32 graph, in graph order (what quantize_static may quantize)."""
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    model = onnx_io.load(onnx_path, weights=False)
     return [n.name for n in model.graph.node if n.op_type in QUANTIZED_OPS]
 
 
@@ -245,7 +246,7 @@ def quantize(
     }
     method = check_method(method)
     onnx_path, out_path = Path(onnx_path), Path(out_path)
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    model = onnx_io.load(onnx_path, weights=False)
     initializers = {t.name for t in model.graph.initializer}
     input_name = next(i.name for i in model.graph.input if i.name not in initializers)
     reader = _Reader(input_name, calibration, _CALIBRATION_READ_BATCH) if calibration is not None else None
@@ -277,6 +278,7 @@ def quantize(
             calibrate_method=methods[method],
             extra_options=extra,
             calibration_cache_path=str(cache) if cache is not None else None,
+            use_external_data_format=onnx_io.has_external_data(model),  # past 2 GB: its calibration copy too
         )
     except (ValueError, RuntimeError, onnx.checker.ValidationError) as exc:
         raise ExportError(
@@ -294,7 +296,7 @@ def quantize(
         {"name": "onnxruntime.quantization.quantize_static (QuantFormat.QDQ)", "version": onnxruntime.__version__},
         placement["quantized"],
         placement["float"],
-        _opset(onnx.load(str(out_path))),
+        _opset(onnx_io.load(out_path, weights=False)),
         seconds,
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     )
@@ -305,7 +307,7 @@ def _finish(source: onnx.ModelProto, out_path: Path, method: str) -> None:
     plus which tool made the Q/DQ graph are carried over."""
     import onnxruntime
 
-    out = onnx.load(str(out_path))
+    out = onnx_io.load(out_path)
     _float_consumers_back(out)
     have = {p.key for p in out.metadata_props}
     for prop in source.metadata_props:
@@ -325,7 +327,7 @@ def _finish(source: onnx.ModelProto, out_path: Path, method: str) -> None:
             }
         ),
     )
-    onnx.save(out, str(out_path))
+    onnx_io.save(out, out_path)
 
 
 def _float_consumers_back(model: onnx.ModelProto) -> int:
@@ -362,7 +364,7 @@ def _opset(model: onnx.ModelProto) -> int:
 def qdq_placement(path: str | Path) -> dict[str, list[str]]:
     """From the graph itself: the MatMul/Gemm/Conv nodes with every non-bias input dequantized ("quantized"), those
     with none ("float"), and every other node fed by a DequantizeLinear ("elsewhere": must be empty)."""
-    model = onnx.load(str(path), load_external_data=False)
+    model = onnx_io.load(path, weights=False)
     producer = {o: n for n in model.graph.node for o in n.output}
     dq = lambda name: name in producer and producer[name].op_type == "DequantizeLinear"  # noqa: E731
     out: dict[str, list[str]] = {"quantized": [], "float": [], "partial": [], "elsewhere": []}
@@ -382,7 +384,7 @@ def graph_problems(path: str | Path, target: TargetProfile) -> list[str]:
     Every Q/DQ zero point is 0 and INT8, every scale positive and finite, Q/DQ only on MatMul/Gemm/Conv inputs, no
     QOperator or dynamic quantization ops, the opset within the target's ceiling, at least one node quantized.
     """
-    model = onnx.load(str(path), load_external_data=False)
+    model = onnx_io.load(path, weights=False)
     inits = {t.name: t for t in model.graph.initializer}
     consts = {
         n.output[0]: next(a.t for a in n.attribute if a.name == "value")
@@ -467,7 +469,7 @@ def sensitivity(
         quantize(onnx_path, trial, None, method=method, only=[name], cache=cache)
         got = _session_run(ort, trial, x)
         out.append(Sensitivity(name, float((((got - reference) ** 2).sum(axis=1) / norm).mean())))
-        trial.unlink()
+        onnx_io.remove(trial)
     return sorted(out, key=lambda s: -s.error)
 
 
@@ -553,9 +555,9 @@ def fallback(
         accuracy, passed = gate(trial)
         trials.append(FallbackTrial(names, accuracy, passed))
         if passed:
-            trial.replace(out_path)
+            onnx_io.replace(trial, out_path)
             return Fallback(True, True, names, trials, ranking, bound, time.perf_counter() - started, accuracy)
-        trial.unlink()
+        onnx_io.remove(trial)
     best = max(trials, key=lambda t: t.accuracy) if trials else None
     return Fallback(
         True,

@@ -28,6 +28,7 @@ import onnx
 
 from peftx.errors import ExportError
 
+from . import onnx_io
 from .fp16 import convert_to_fp16
 from .targets import TargetProfile
 
@@ -50,7 +51,7 @@ def half_float_parts(
     """Rewrite the Q/DQ graph at ``path`` in place with its float parts (and Q/DQ scales) in FP16; return what was
     done (opset before/after, the nodes kept FP32) for metadata.json."""
     path = Path(path)
-    model = onnx.load(str(path))
+    model = onnx_io.load(path)
     props = {p.key: p.value for p in model.metadata_props}
     if props.get(FLOAT_PARTS_PROP) == "fp16":
         return json.loads(props.get(f"{FLOAT_PARTS_PROP}_info", "{}"))
@@ -70,10 +71,10 @@ def half_float_parts(
                     f"raising {path.name} from opset {opset} to {FP16_QDQ_OPSET} failed: {type(exc).__name__}: {exc}",
                     "export with --target trt10 (weakly typed INT8: --int8 --fp16) and report the model",
                 ) from exc
-        onnx.save(model, str(raised))
+        onnx_io.save(model, raised)
         result = convert_to_fp16(raised, path, calibration=calibration, keep_fp32_nodes=keep_fp32_nodes)
     finally:
-        raised.unlink(missing_ok=True)
+        onnx_io.remove(raised)
     info = {
         "float_parts": "fp16",
         "why": f"{target.name} builds strongly typed: the ONNX types are the engine's types",
@@ -83,16 +84,16 @@ def half_float_parts(
         "kept_fp32_nodes": result.blocked_nodes,
         "calibration_max_abs": result.calibration_max_abs,
     }
-    out = onnx.load(str(path))
+    out = onnx_io.load(path, weights=False)  # metadata only: the weights stay in their file, if they have one
     del out.metadata_props[:]
     onnx.helper.set_model_props(
         out, {**props, FLOAT_PARTS_PROP: "fp16", f"{FLOAT_PARTS_PROP}_info": json.dumps(info)}
     )  # not fp16.py's precision "fp16": this is still the INT8 graph
-    onnx.save(out, str(path))
+    onnx_io.save(out, path)
     return info
 
 
 def float_parts(path: str | Path) -> str:
     """ "fp16" when ``half_float_parts`` converted the graph at ``path``, else "fp32"."""
-    model = onnx.load(str(path), load_external_data=False)
+    model = onnx_io.load(path, weights=False)
     return next((p.value for p in model.metadata_props if p.key == FLOAT_PARTS_PROP), "fp32")

@@ -20,6 +20,8 @@ and the graph is checked to hold no LayerNormalization node.
 from __future__ import annotations
 
 import collections
+import shutil
+import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +32,8 @@ import onnx
 import torch
 
 from peftx.errors import ExportError, UsageError
+
+from . import onnx_io
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -68,10 +72,14 @@ def export_onnx(
         raise UsageError(f"batch_for_trace must be >= 2, got {batch_for_trace}", "use the default of 2")
     opset, exporter = _opset_for(layernorm, opset, exporter)
     example = torch.randn(batch_for_trace, *input_size)
-    used = _export_with_fallback(model, example, path, opset, exporter)
-    # Past 2 GB both exporters write the weights as external data next to the graph: the graph is read and rewritten
-    # without them (they stay in their file, referenced by a path relative to the graph's directory).
-    proto = onnx.load(str(path), load_external_data=False)
+    # The exporters write into a staging directory: past 2 GB they put every weight in a file of its own beside the
+    # graph. The graph is read back with its weights and saved once, as one file or graph + model.onnx.data.
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=path.parent))
+    try:
+        used = _export_with_fallback(model, example, staging / path.name, opset, exporter)
+        proto = onnx_io.load(staging / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     _check_io_shapes(proto, input_size)
     if layernorm == "decomposed" and any(n.op_type == "LayerNormalization" for n in proto.graph.node):
         raise ExportError(
@@ -81,9 +89,9 @@ def export_onnx(
     props = {**(metadata or {}), "onnx_exporter": used}
     onnx.helper.set_model_props(proto, {str(k): str(v) for k, v in props.items()})
     proto.producer_name = "peftx"
-    onnx.save(proto, str(path))
+    onnx_io.save(proto, path)
     try:
-        onnx.checker.check_model(str(path), full_check=True)
+        onnx_io.check(path)
     except onnx.checker.ValidationError as exc:
         raise ExportError(
             f"onnx.checker rejected {path.name}: {exc}", "report this model/exporter combination"
@@ -118,7 +126,7 @@ def _opset_for(layernorm: LayerNormForm, opset: int | None, exporter: Exporter) 
 
 def op_histogram(onnx_path: str | Path) -> dict[str, int]:
     """Node count per op type (main graph), most frequent first: two exports of one architecture must agree."""
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    graph = onnx_io.load(onnx_path, weights=False).graph
     counts = collections.Counter(node.op_type for node in graph.node)
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
@@ -130,7 +138,7 @@ def param_count(onnx_path: str | Path) -> int:
     Exporters store bit-identical tensors once (e.g. freshly initialised LayerNorm weights), so this can be below the
     module's parameter count; compare exports with exports.
     """
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    graph = onnx_io.load(onnx_path, weights=False).graph
     tensors = list(graph.initializer)
     tensors += [
         attr.t for node in graph.node if node.op_type == "Constant" for attr in node.attribute if attr.name == "value"
@@ -251,7 +259,7 @@ def _export_dynamo(model: torch.nn.Module, example: torch.Tensor, path: Path, op
         )
     if program is None:  # torch returns None only for the legacy exporter, which this call does not use
         raise ExportError("torch.onnx.export returned no ONNX program", "report this with your torch version")
-    program.save(str(path), external_data=None)  # None: external data only past protobuf's 2 GB
+    program.save(str(path), external_data=None)  # None: external data only past protobuf's 2 GB (then re-saved)
 
 
 _EXPORTERS = {"torchscript": _export_torchscript, "dynamo": _export_dynamo}
@@ -282,4 +290,4 @@ def _dims(value_info: onnx.ValueInfoProto) -> list[int | str]:
 
 def read_metadata(onnx_path: str | Path) -> dict[str, str]:
     """The model's ``metadata_props`` as a dict."""
-    return {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    return {p.key: p.value for p in onnx_io.load(onnx_path, weights=False).metadata_props}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import onnx
 
+from . import onnx_io
 from .onnx_export import op_histogram
 
 
@@ -39,15 +40,16 @@ def simplify_onnx(src: str | Path, dst: str | Path) -> SimplifyResult:
     except ImportError:
         return SimplifyResult(False, "onnxslim is not installed (pip install onnxslim); graph left as exported")
     src, dst = Path(src), Path(dst)
-    model = onnx.load(str(src))
+    model = onnx_io.load(src)
     props = {p.key: p.value for p in model.metadata_props}
     try:
         slim = onnxslim.slim(model)
         onnx.helper.set_model_props(slim, props)
-        onnx.save(slim, str(dst))
-        onnx.checker.check_model(str(dst), full_check=True)
+        onnx_io.save(slim, dst)
+        onnx_io.check(dst)
     except Exception as exc:  # noqa: BLE001 - a failed optional pass is reported, the original graph is kept
-        dst.unlink(missing_ok=True)
+        for leftover in (dst, dst.with_name(onnx_io.data_file_name(dst))):
+            leftover.unlink(missing_ok=True)
         return SimplifyResult(False, f"onnxslim failed: {type(exc).__name__}: {exc}")
     before, after = op_histogram(src), op_histogram(dst)
     removed = {op: before.get(op, 0) - after.get(op, 0) for op in sorted(set(before) | set(after))}

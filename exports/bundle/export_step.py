@@ -3,7 +3,6 @@ onnxslim (kept only when it passes parity and adds no readiness problem), and th
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 
 from peftx.errors import ExportError
 
+from .. import onnx_io
 from ..layernorm import decomposed_layernorms, fp32_node_names, unsafe_layer_names
 from ..onnx_export import export_onnx
 from ..runners import OnnxRuntimeRunner
@@ -60,9 +60,7 @@ def _target_fp32_nodes(onnx_path: Path, opt: BundleRequest) -> list[str]:
     module must show up as one decomposed subgraph, or the FP32 pinning would miss some."""
     if not opt.target.fp16_fp32_nodes:
         return []
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    model = onnx_io.load(onnx_path, weights=False)
     found = len(decomposed_layernorms(model))
     if "layernorm" in opt.target.fp16_fp32_nodes and found != opt.layernorms:
         raise ExportError(
@@ -93,11 +91,11 @@ def _simplified_or_original(work: Path, onnx_path: Path, opt: BundleRequest, che
         )
         result = check(OnnxRuntimeRunner(slim_path, name="onnxruntime fp32"), ONNX.parity(opt.precision))
         if result.passed and not added:
-            os.replace(slim_path, onnx_path)
+            onnx_io.replace(slim_path, onnx_path)
             return info.to_json(), result
         why = "failed parity" if not result.passed else f"not ready for {opt.target.name}: {sorted(added)[0]}"
         notes.append(f"the onnxslim graph was rejected ({why}); the graph as exported was kept")
-        slim_path.unlink()
+        onnx_io.remove(slim_path)
         info.applied, info.reason = False, f"{info.reason}: rejected, {why}"
     else:
         notes.append(f"simplify skipped: {info.reason}")

@@ -20,6 +20,7 @@ from peftx.fsutil import sha256_file
 from peftx.preprocess import DECODE_DESCRIPTION, DECODE_RULE, contract
 
 from .. import deepstream as deepstream_mod
+from .. import onnx_io
 from ..accuracy import AccuracyReport
 from ..onnx_export import INPUT_NAME, OUTPUT_NAME, op_histogram, param_count, read_metadata
 from ..parity import (
@@ -97,6 +98,12 @@ def verify_artifacts(bundle_dir: str | Path, meta: Mapping[str, Any] | None = No
             f"bundle {bundle_dir} was modified after it was written: {', '.join(changed)}",
             "re-create the bundle; never edit its artifacts in place",
         )
+
+
+def external_data(bundle_dir: Path, names: Any) -> dict[str, list[str]]:
+    """{graph file: [its external-data files]} for the ONNX files among ``names`` that have any."""
+    found = {name: onnx_io.data_files(bundle_dir / name) for name in names if str(name).endswith(".onnx")}
+    return {name: [p.name for p in paths] for name, paths in found.items() if paths}
 
 
 def _recorded_target(meta: Mapping[str, Any]) -> TargetProfile:
@@ -191,6 +198,8 @@ def _metadata(report: BundleReport, onnx_path: Path, opt: BundleRequest) -> dict
             "build_script": BUILD_SCRIPT_FILE,
         },
         "sha256": report.sha256,
+        # past 2 GB an ONNX graph keeps its weights in a file beside it: infer.py and build_engine.sh check both
+        "external_data": external_data(report.out_dir, report.sha256),
         "onnx": {
             "exporter": props.get("onnx_exporter"),
             "ops": op_histogram(onnx_path),

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import deepstream as deepstream_mod
+from .. import onnx_io
 from ..parity import (
     ParityResult,
 )
@@ -41,10 +42,8 @@ def render_build_script(
 ) -> str:
     """build_engine.sh for this graph: input name and C/H/W from the ONNX, min/opt/max from ``batch``, the target's
     floor and FP32 layers, and whether its readiness passed (the script refuses to build an unready bundle)."""
-    import onnx
-
     target = target or resolve_target_here(None)
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    graph = onnx_io.load(onnx_path, weights=False).graph
     initializers = {t.name for t in graph.initializer}
     tensor = next(i for i in graph.input if i.name not in initializers)
     rest = [d.dim_value for d in tensor.type.tensor_type.shape.dim][1:]
@@ -70,6 +69,10 @@ def render_build_script(
         "FP32_LAYER_COUNT": len(fp32_layers),
         "INT8_FLAGS": " ".join(_int8_trtexec_flags(target)),
         "DS_ONNX": deepstream_mod.DEEPSTREAM_ONNX,
+        # graphs past 2 GB keep their weights in <graph>.data beside them: the script refuses to build without it
+        "DATA_FILES": " ".join(
+            sorted(data.name for graph in Path(onnx_path).parent.glob("*.onnx") for data in onnx_io.data_files(graph))
+        ),
         "DS_ENGINE": deepstream_mod.engine_file(batch[1], precision),
         "DS_SOURCE": deepstream_mod.source_file(precision, target),
         "CHECK_ATOL_FP32": f"{atol['fp32']:.3g}",

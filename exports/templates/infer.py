@@ -758,7 +758,17 @@ def top_k(logits: np.ndarray, k: int) -> list[tuple[int, float]]:
 
 
 def artifact_problem(name: str, meta: dict, verify: bool = True) -> str | None:
-    """Why ``name`` cannot be trusted ("missing", "sha256 differs from metadata.json"), or None."""
+    """Why ``name`` cannot be trusted ("missing", "sha256 differs from metadata.json"), or None. An ONNX graph past
+    2 GB keeps its weights in a file beside it (metadata.json's ``external_data``): that file is checked with it."""
+    problem = _file_problem(name, meta, verify)
+    for data in (meta.get("external_data") or {}).get(name, []) if problem is None else []:
+        data_problem = _file_problem(data, meta, verify)
+        if data_problem is not None:
+            return f"without its weights: {data} is {data_problem}"
+    return problem
+
+
+def _file_problem(name: str, meta: dict, verify: bool) -> str | None:
     path = HERE / name
     if not path.is_file():
         return "missing from the bundle"
