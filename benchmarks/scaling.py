@@ -1,6 +1,7 @@
-"""How merge-export's cost grows with the model: time and peak memory of each stage, ViT-S -> ViT-B -> ViT-L (-> H).
+"""How merge-export's cost grows with the model: time and peak memory of each stage, ViT-S -> ViT-B -> ViT-L -> ViT-H.
 
-    python benchmarks/scaling.py [--models vit_small_patch16_224,vit_base_patch16_224,vit_large_patch16_224]
+    python benchmarks/scaling.py [--models vit_small_patch16_224,vit_base_patch16_224,vit_large_patch16_224,
+                                           vit_huge_patch14_224]
                                  [--calibration 16] [--stages merge+export,fp16,int8] [--output DIR]
 
 RANDOM weights (cost does not depend on their values), 224 px, RLRR adapted and merged. Each stage runs in a fresh
@@ -26,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-MODELS = ("vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224")
+MODELS = ("vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224", "vit_huge_patch14_224")
 
 
 def _images(n: int):
@@ -63,18 +64,27 @@ def _stage(name: str, model: str, work: str, n: int, queue) -> None:
         t0 = time.perf_counter()
         export_onnx(merged, fp32, input_size=(3, 224, 224), opset=17)
         out["export_s"] = time.perf_counter() - t0
-        out["onnx_mb"] = fp32.stat().st_size / 2**20
+        _files(out, fp32)
     elif name == "fp16":
         from peftx.exports.fp16 import convert_to_fp16
 
-        convert_to_fp16(fp32, Path(work) / f"{model}_fp16.onnx", calibration=_images(n))
+        _files(out, convert_to_fp16(fp32, Path(work) / f"{model}_fp16.onnx", calibration=_images(n)).path)
     else:
         from peftx.exports.int8 import quantize
 
-        quantize(fp32, Path(work) / f"{model}_int8.onnx", _images(n))
+        _files(out, quantize(fp32, Path(work) / f"{model}_int8.onnx", _images(n)).path)
     out["seconds"] = time.perf_counter() - started
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     queue.put(out)
+
+
+def _files(out: dict[str, Any], path: Path) -> None:
+    """The ONNX file's size, graph and external data together, and whether it is split (past 2 GB: onnx_io.py)."""
+    from peftx.exports import onnx_io
+
+    files = onnx_io.files(path)
+    out["onnx_mb"] = round(sum(f.stat().st_size for f in files) / 2**20, 1)
+    out["external_data"] = len(files) > 1
 
 
 def main() -> None:

@@ -7,6 +7,10 @@ target pins exactly these nodes to FP32 (trtexec ``--layerPrecisions``, the Pyth
 and the FP16 ONNX's node block list), so they must be found by structure, not guessed from names. The ONNX parser
 names each TensorRT layer after its ONNX node (onnx-tensorrt ``registerLayer(layer, getNodeName(node))``), which is
 why node names are what this module returns.
+
+RMSNorm (Eva variants with ``norm_layer="rmsnorm"``) has the same hazard without the centring: at opset 16 it is
+exported as ``Pow(2) -> ReduceMean -> Add(eps) -> Sqrt -> Div`` (``onnx_export``'s symbolic, timm's fallback formula),
+and is pinned to FP32 with the LayerNorms.
 """
 
 from __future__ import annotations
@@ -37,12 +41,36 @@ class DecomposedLayerNorm:
         return (self.mean, self.sub, self.square, self.variance, self.add_eps, self.sqrt, self.div)
 
 
+@dataclass(frozen=True)
+class DecomposedRmsNorm:
+    """The nodes of one decomposed RMSNorm, x / sqrt(mean(x^2) + eps), in graph order of the computation."""
+
+    square: str
+    mean: str
+    add_eps: str
+    sqrt: str
+    div: str
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        return (self.square, self.mean, self.add_eps, self.sqrt, self.div)
+
+
 def fused_layernorms(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "LayerNormalization"]
 
 
 def decomposed_layernorms(model: onnx.ModelProto) -> list[DecomposedLayerNorm]:
     """Every ``(x - mean(x)) / sqrt(mean((x - mean(x))^2) + eps)`` in the main graph, found from its Sqrt."""
+    return [m for m in _decomposed_norms(model) if isinstance(m, DecomposedLayerNorm)]
+
+
+def decomposed_rmsnorms(model: onnx.ModelProto) -> list[DecomposedRmsNorm]:
+    """Every ``x / sqrt(mean(x^2) + eps)`` in the main graph, found from its Sqrt."""
+    return [m for m in _decomposed_norms(model) if isinstance(m, DecomposedRmsNorm)]
+
+
+def _decomposed_norms(model: onnx.ModelProto) -> list[DecomposedLayerNorm | DecomposedRmsNorm]:
     graph = model.graph
     producer = {out: node for node in graph.node for out in node.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -50,7 +78,7 @@ def decomposed_layernorms(model: onnx.ModelProto) -> list[DecomposedLayerNorm]:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     constants = _constant_values(graph)
-    found = []
+    found: list[DecomposedLayerNorm | DecomposedRmsNorm] = []
     for sqrt in (n for n in graph.node if n.op_type == "Sqrt"):
         match = _match_from_sqrt(sqrt, producer, consumers, constants)
         if match is not None:
@@ -59,12 +87,13 @@ def decomposed_layernorms(model: onnx.ModelProto) -> list[DecomposedLayerNorm]:
 
 
 def fp32_node_names(model: onnx.ModelProto, groups: Iterable[str]) -> list[str]:
-    """Names of the nodes a target keeps FP32 in FP16 builds; ``groups`` come from TargetProfile.fp16_fp32_nodes."""
+    """Names of the nodes a target keeps FP32 in FP16 builds; ``groups`` come from TargetProfile.fp16_fp32_nodes
+    ("layernorm": every LayerNorm, fused or decomposed, and every decomposed RMSNorm)."""
     names: list[str] = []
     for group in groups:
         if group != "layernorm":
             raise ValueError(f"unknown FP32 node group {group!r}")
-        names += [name for ln in decomposed_layernorms(model) for name in ln.nodes]
+        names += [name for norm in _decomposed_norms(model) for name in norm.nodes]
         names += fused_layernorms(model)
     return list(dict.fromkeys(names))
 
@@ -95,7 +124,7 @@ def _size(dims) -> int:
     return size
 
 
-def _match_from_sqrt(sqrt, producer, consumers, constants) -> DecomposedLayerNorm | None:
+def _match_from_sqrt(sqrt, producer, consumers, constants) -> DecomposedLayerNorm | DecomposedRmsNorm | None:
     add_eps = producer.get(sqrt.input[0])
     if add_eps is None or add_eps.op_type != "Add":
         return None
@@ -107,22 +136,30 @@ def _match_from_sqrt(sqrt, producer, consumers, constants) -> DecomposedLayerNor
     if square is None or not _is_square(square, constants):
         return None
     sub = producer.get(square.input[0])
-    if sub is None or sub.op_type != "Sub":
-        return None
+    if sub is None or sub.op_type != "Sub":  # no centring: an RMSNorm when x / sqrt(...) follows
+        rms_div = _div_by(sqrt, square.input[0], consumers)
+        if rms_div is None:
+            return None
+        return DecomposedRmsNorm(square.name, variance.name, add_eps.name, sqrt.name, rms_div.name)
     mean = producer.get(sub.input[1])
     if mean is None or mean.op_type != "ReduceMean" or mean.input[0] != sub.input[0]:
         return None
-    div = next(
-        (
-            c
-            for c in consumers.get(sqrt.output[0], [])
-            if c.op_type == "Div" and c.input[0] == sub.output[0] and c.input[1] == sqrt.output[0]
-        ),
-        None,
-    )
+    div = _div_by(sqrt, sub.output[0], consumers)
     if div is None:
         return None
     return DecomposedLayerNorm(mean.name, sub.name, square.name, variance.name, add_eps.name, sqrt.name, div.name)
+
+
+def _div_by(sqrt, numerator: str, consumers):
+    """The Div node computing ``numerator / sqrt``, or None."""
+    return next(
+        (
+            c
+            for c in consumers.get(sqrt.output[0], [])
+            if c.op_type == "Div" and c.input[0] == numerator and c.input[1] == sqrt.output[0]
+        ),
+        None,
+    )
 
 
 def _is_square(node, constants) -> bool:

@@ -298,33 +298,84 @@ def test_peft_conversion_refuses_what_peft_would_get_wrong():
     assert head == "head" and set(ranks) == {"blocks.0.attn.qkv", "blocks.1.attn.qkv"}
 
 
-def test_export_keeps_external_data_where_the_exporter_wrote_it(tmp_path, monkeypatch):
-    """Past 2 GB both exporters write the weights to a separate file; export_onnx then rewrites the graph (metadata)
-    without pulling them back into one protobuf. A tiny model stands in for the size: the TorchScript graph is
-    re-saved with external data right after export, as torch does for a large model."""
+@pytest.mark.parametrize("past_2gb", [False, True], ids=["one-file", "graph+data"])
+def test_export_gathers_the_exporters_external_data_into_one_form(tmp_path, monkeypatch, past_2gb):
+    """Past 2 GB the TorchScript exporter writes every weight to a file of its own beside the graph. export_onnx
+    reads them back and saves the model in peftx's form (onnx_io): one file below the size limit, graph +
+    model.onnx.data above it, and nothing else left in the directory. A tiny model stands in for the size: the
+    exporter's graph is re-saved as torch saves a large one, and the limit is lowered for the second case."""
     import onnx
 
-    from peftx.exports import onnx_export
+    from peftx.exports import onnx_export, onnx_io
+    from peftx.exports.parity import compare, make_input_sets
     from peftx.exports.runners import OnnxRuntimeRunner, TorchRunner
 
     real = onnx_export._EXPORTERS["torchscript"]
 
-    def external(model, example, path, opset):
+    def per_tensor_files(model, example, path, opset):
         real(model, example, path, opset)
         proto = onnx.load(str(path))
-        onnx.save_model(proto, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=0)
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+        assert len(list(path.parent.iterdir())) > 10  # one file per weight, as torch writes them
 
-    monkeypatch.setitem(onnx_export._EXPORTERS, "torchscript", external)
+    monkeypatch.setitem(onnx_export._EXPORTERS, "torchscript", per_tensor_files)
+    if past_2gb:
+        monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_MIN_BYTES", 0)
     model = make_tiny("dinov3")
     path = onnx_export.export_onnx(
         model, tmp_path / "model.onnx", input_size=(3, 32, 32), metadata={"k": "v"}, exporter="torchscript"
     )
-    data = tmp_path / "model.onnx.data"
-    assert data.stat().st_size > 4 * sum(p.numel() for p in model.parameters()) * 0.9  # the weights stayed there
-    assert path.stat().st_size < data.stat().st_size / 10
+    expected = ["model.onnx", "model.onnx.data"] if past_2gb else ["model.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == expected
+    assert [p.name for p in onnx_io.files(path)] == expected
+    if past_2gb:
+        weights = 4 * sum(p.numel() for p in model.parameters())
+        assert (tmp_path / "model.onnx.data").stat().st_size > 0.9 * weights > 10 * path.stat().st_size
     assert onnx_export.read_metadata(path)["k"] == "v"
-    from peftx.exports.parity import compare, make_input_sets
-
     x = real_batch("dinov3")
     result = compare(TorchRunner(model), OnnxRuntimeRunner(path), make_input_sets(x.numpy(), (1, 3)), ONNX_FP32)
     assert result.passed, result.overall
+
+
+def test_jetpack5_fp16_keeps_every_rmsnorm_fp32(tmp_path):
+    """TensorRT 8.5 takes norms decomposed; an RMSNorm's mean of squares overflows FP16 like a LayerNorm's variance,
+    so its subgraph (Pow, ReduceMean, Add, Sqrt, Div) is found in the shipped graph, one per RmsNorm module, and
+    pinned FP32 in model_fp16.onnx and in build_engine.sh's --layerPrecisions."""
+    import onnx
+    from timm.layers import RmsNorm
+
+    from peftx.exports.bundle import read_bundle, write_bundle
+    from peftx.exports.layernorm import decomposed_rmsnorms
+
+    model = adapt(make_tiny("rope_vit_rmsnorm"), make_config("lora"))
+    perturb_adapter(model)
+    model.eval()
+    modules = sum(isinstance(m, RmsNorm) for m in model.modules())
+    cfg = tiny_data_cfg("rope_vit_rmsnorm")
+    out = tmp_path / "bundle"
+    write_bundle(
+        model,
+        merge_and_unload(copy.deepcopy(model)).eval(),
+        out,
+        input_size=cfg["input_size"],
+        data_config=cfg,
+        class_names=[f"c{i}" for i in range(5)],
+        provenance={"method": "test"},
+        images=real_batch("rope_vit_rmsnorm", n=8),
+        batch=(1, 4, 8),
+        precision="fp16",
+        tensorrt="off",
+        simplify=False,
+        target="jetpack5",
+    )
+    found = decomposed_rmsnorms(onnx.load(str(out / "model.onnx")))
+    assert len(found) == modules > 0
+    pinned = {name for norm in found for name in norm.nodes}
+    meta = read_bundle(out)
+    assert pinned <= set(meta["fp16"]["pinned_nodes"]) and meta["status"] == "ok"
+    fp16 = onnx.shape_inference.infer_shapes(onnx.load(str(out / "model_fp16.onnx")))
+    types = {v.name: v.type.tensor_type.elem_type for v in fp16.graph.value_info}
+    outputs = [o for node in fp16.graph.node if node.name in pinned for o in node.output]
+    assert len(outputs) == len(pinned) and all(types.get(o) == onnx.TensorProto.FLOAT for o in outputs)
+    script = (out / "build_engine.sh").read_text()
+    assert all(f"{name}:fp32" in script for name in pinned)

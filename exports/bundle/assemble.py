@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from timm.layers import RmsNorm
 
 from peftx.errors import OutputError
 from peftx.fsutil import sha256_file
@@ -114,7 +115,8 @@ def write_bundle(
     _check_int8_request(precision, int8, accuracy_set, profile)
     _check_destination(out_dir, force)
     use_trt, trt_message = resolve_mode(tensorrt, profile)  # fails here, before any work, when it must
-    layernorms = sum(isinstance(m, torch.nn.LayerNorm) for m in merged.modules())
+    # every LayerNorm and RMSNorm module: each must be found (decomposed) in a TensorRT 8.5 graph to be pinned FP32
+    layernorms = sum(isinstance(m, (torch.nn.LayerNorm, torch.nn.RMSNorm, RmsNorm)) for m in merged.modules())
     options = BundleRequest(
         input_size=(input_size[0], input_size[1], input_size[2]),
         preprocessing=_preprocessing(data_config),

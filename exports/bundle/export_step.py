@@ -11,7 +11,7 @@ import torch
 from peftx.errors import ExportError
 
 from .. import onnx_io
-from ..layernorm import decomposed_layernorms, fp32_node_names, unsafe_layer_names
+from ..layernorm import decomposed_layernorms, decomposed_rmsnorms, fp32_node_names, unsafe_layer_names
 from ..onnx_export import export_onnx
 from ..runners import OnnxRuntimeRunner
 from ..simplify import simplify_onnx
@@ -61,11 +61,11 @@ def _target_fp32_nodes(onnx_path: Path, opt: BundleRequest) -> list[str]:
     if not opt.target.fp16_fp32_nodes:
         return []
     model = onnx_io.load(onnx_path, weights=False)
-    found = len(decomposed_layernorms(model))
+    found = len(decomposed_layernorms(model)) + len(decomposed_rmsnorms(model))
     if "layernorm" in opt.target.fp16_fp32_nodes and found != opt.layernorms:
         raise ExportError(
-            f"found {found} decomposed LayerNorm subgraphs in {onnx_path.name}, the model has "
-            f"{opt.layernorms} LayerNorm modules: the FP32 pinning for {opt.target.name} would miss some",
+            f"found {found} decomposed LayerNorm/RMSNorm subgraphs in {onnx_path.name}, the model has "
+            f"{opt.layernorms} LayerNorm/RMSNorm modules: the FP32 pinning for {opt.target.name} would miss some",
             "report this model; export for a target with LayerNormalization (--target trt8.6)",
         )
     names = fp32_node_names(model, opt.target.fp16_fp32_nodes)
