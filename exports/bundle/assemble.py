@@ -19,8 +19,8 @@ from peftx.errors import OutputError
 from peftx.fsutil import sha256_file
 
 from .. import deepstream as deepstream_mod
-from .. import onnx_io
 from .. import int8 as int8_mod
+from .. import onnx_io
 from ..accuracy import AccuracySet, Candidate, measure_accuracy
 from ..parity import (
     ParityReport,
@@ -297,7 +297,7 @@ def _assemble(
         deepstream_mod.DEEPSTREAM_ONNX,
     )
     # an ONNX graph past 2 GB ships with its external-data file, hashed like the graph
-    files = [path for name in shipped for path in (onnx_io.files(work / name) if name.endswith(".onnx") else [work / name])]
+    files = [p for name in shipped for p in (onnx_io.files(work / name) if name.endswith(".onnx") else [work / name])]
     sha = {path.name: sha256_file(path) for path in files}
     # the reference set is hashed like the models: --check trusts it
     sha.update({name: sha256_file(work / name) for name in (REFERENCE_FILE, *reference_set["raw_files"])})
