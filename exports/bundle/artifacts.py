@@ -17,7 +17,7 @@ from .. import int8 as int8_mod
 from ..fp16 import strict_fp16_emulation
 from ..runners import OnnxRuntimeRunner, Runner, TensorRTRunner
 from .format import ENGINE_FILE, FP16_FILE, INT8_EXACT, INT8_FILE, INT8_FUSED, ONNX_FILE
-from .precision import ACCURACY, accuracy_tolerance, engine_tolerance
+from .precision import ACCURACY, Precision, accuracy_tolerance, engine_tolerance, quantized
 
 
 @dataclass(frozen=True)
@@ -27,11 +27,11 @@ class Artifact:
 
     name: str
     file: str
-    runners: Callable[[Path, Path, str], list[Runner]]
-    parity: Callable[[str], Tolerance]  # its logits against the unmerged model
-    accuracy: Callable[[str], AccuracyTolerance]  # its task accuracy against the unmerged model's
-    parity_required: Callable[[str], bool]  # False: reported, advisory
-    accuracy_required: Callable[[str], bool]
+    runners: Callable[[Path, Path, Precision], list[Runner]]
+    parity: Callable[[Precision], Tolerance]  # its logits against the unmerged model
+    accuracy: Callable[[Precision], AccuracyTolerance]  # its task accuracy against the unmerged model's
+    parity_required: Callable[[Precision], bool]  # False: reported, advisory
+    accuracy_required: Callable[[Precision], bool]
 
 
 def _fp16_runners(onnx_path: Path, fp16_path: Path, scratch: Path) -> list[OnnxRuntimeRunner]:
@@ -58,11 +58,11 @@ def _ort():
     return onnxruntime
 
 
-def _always(precision: str) -> bool:
+def _always(precision: Precision) -> bool:
     return True
 
 
-def _never(precision: str) -> bool:
+def _never(precision: Precision) -> bool:
     return False
 
 
@@ -108,12 +108,14 @@ ENGINE = Artifact(  # an INT8 engine's logits are advisory, its accuracy require
     runners=lambda d, scratch, p: [TensorRTRunner(d / ENGINE_FILE, name=f"tensorrt {p}")],
     parity=engine_tolerance,
     accuracy=accuracy_tolerance,
-    parity_required=lambda p: p != "int8",
+    parity_required=lambda p: not quantized(p),
     accuracy_required=_always,
 )
 ARTIFACTS: tuple[Artifact, ...] = (ONNX, FP16_ONNX, INT8_ONNX, INT8_FUSED_KERNELS, ENGINE)
 
 
-def accuracy_candidate(artifact: Artifact, runner: Runner, precision: str) -> tuple[Runner, AccuracyTolerance, bool]:
+def accuracy_candidate(
+    artifact: Artifact, runner: Runner, precision: Precision
+) -> tuple[Runner, AccuracyTolerance, bool]:
     """``runner`` (one of ``artifact``'s) as the accuracy gate takes it: (runner, tolerance, required)."""
     return runner, artifact.accuracy(precision), artifact.accuracy_required(precision)

@@ -9,7 +9,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,6 +56,7 @@ from .format import (
 )
 from .fp16_step import _fp16_step
 from .int8_step import _check_int8_graph, _int8_gate, _int8_step
+from .precision import Precision, quantized
 from .publish import _check_destination, _make_workdir, _move_into_place, _write_json_atomic, _write_text
 from .render import _check_atol, _template, render_build_script, render_readme
 from .request import (
@@ -81,7 +82,7 @@ def write_bundle(
     provenance: Mapping[str, Any],
     images: torch.Tensor | np.ndarray,
     batch: tuple[int, int, int] = (1, 8, 32),
-    precision: Literal["fp32", "fp16", "int8"] = "fp32",
+    precision: Precision = "fp32",
     tensorrt: TensorRTMode = "auto",
     simplify: bool = True,
     force: bool = False,
@@ -190,7 +191,7 @@ def _assemble(
     _write_text(work / BENCH_FILE, _template(BENCH_FILE))  # infer.py --bench: times every artifact on the device
     int8_graph, calibration = None, None
     int8_kernels: dict[str, Any] = {}
-    if opt.precision == "int8":
+    if quantized(opt.precision):
         int8_graph, calibration = _int8_step(work, onnx_path, opt, scratch, timings, say)
         int8_rows, int8_kernels = _int8_parity(int8_graph.path, check)
         results += int8_rows

@@ -25,7 +25,7 @@ from ..tensorrt import (
 )
 from ..tensorrt_ops import TargetReadiness
 from .format import target_summary
-from .precision import Precision, check_precision
+from .precision import Precision, check_precision, quantized
 
 # Odd batch sizes catch batch-mixing reshapes and padding bugs that even sizes can hide.
 PARITY_BATCHES = (1, 3, 7)
@@ -155,10 +155,10 @@ def _check_class_count(expected: Mapping[str, np.ndarray], class_names: Sequence
 
 
 def _check_int8_request(
-    precision: str, request: int8_mod.Int8Request | None, accuracy_set: AccuracySet | None, target: TargetProfile
+    precision: Precision, request: int8_mod.Int8Request | None, accuracy_set: AccuracySet | None, target: TargetProfile
 ) -> None:
     """precision "int8" needs calibration images, labelled images for its gate, and a target that takes Q/DQ."""
-    if precision != "int8":
+    if not quantized(precision):
         return
     int8_mod.check_target(target)
     if request is None:
