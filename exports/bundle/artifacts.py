@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnxruntime
+
 from peftx.tolerances import FP16, INT8, ONNX_FP32, AccuracyTolerance, Tolerance
 
 from .. import int8 as int8_mod
@@ -47,15 +49,9 @@ def _int8_runners(path: Path) -> tuple[OnnxRuntimeRunner, OnnxRuntimeRunner]:
     """(exact, fused): model_int8.onnx unoptimised (the Q/DQ arithmetic TensorRT performs, the gate's) and optimised
     (this CPU's fused int8 kernels, infer.py's and bench's)."""
     return (
-        OnnxRuntimeRunner(path, name=INT8_EXACT, session_options=int8_mod.exact_session_options(_ort())),
+        OnnxRuntimeRunner(path, name=INT8_EXACT, session_options=int8_mod.exact_session_options(onnxruntime)),
         OnnxRuntimeRunner(path, name=INT8_FUSED),
     )
-
-
-def _ort():
-    import onnxruntime
-
-    return onnxruntime
 
 
 def _always(precision: Precision) -> bool:

@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+import onnx
 import torch
 
 from peftx.errors import ExportError
@@ -60,7 +61,6 @@ def _target_fp32_nodes(onnx_path: Path, opt: BundleRequest) -> list[str]:
     module must show up as one decomposed subgraph, or the FP32 pinning would miss some."""
     if not opt.target.fp16_fp32_nodes:
         return []
-    import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     found = len(decomposed_layernorms(model))

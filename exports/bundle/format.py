@@ -12,6 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import onnx
+import onnxruntime
+import PIL
+import timm
 import torch
 
 import peftx
@@ -238,10 +242,6 @@ def _accuracy_summary(accuracy: AccuracyReport | None) -> dict[str, Any]:
 
 
 def _versions() -> dict[str, str]:
-    import onnx
-    import onnxruntime
-    import PIL
-
     # numpy and Pillow made the reference set's tensors: a device that preprocesses differently is told which ones
     versions = {
         "python": platform.python_version(),
@@ -251,13 +251,8 @@ def _versions() -> dict[str, str]:
         "onnxruntime": onnxruntime.__version__,
         "numpy": np.__version__,
         "pillow": PIL.__version__,
+        "timm": timm.__version__,
     }
-    try:
-        import timm
-
-        versions["timm"] = timm.__version__
-    except ImportError:
-        pass
     return versions
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from peftx.errors import ExportError
 from peftx.tolerances import (
@@ -171,8 +172,6 @@ def _int8_gate(
 def _check_int8_graph(path: Path, target: TargetProfile, fp32_nodes: Sequence[str]) -> None:
     """What must hold of the shipped INT8 graph (zero points 0, INT8, placement, opset), and TensorRT 8.5's FP32
     LayerNorm layers still present by name: a violation is peftx's bug, so the export stops."""
-    import onnx
-
     problems = int8_mod.graph_problems(path, target)
     names = {n.name for n in onnx.load(str(path), load_external_data=False).graph.node}
     missing = [n for n in fp32_nodes if n not in names]

@@ -7,6 +7,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import onnx
+
 from .. import deepstream as deepstream_mod
 from ..parity import (
     ParityResult,
@@ -41,8 +43,6 @@ def render_build_script(
 ) -> str:
     """build_engine.sh for this graph: input name and C/H/W from the ONNX, min/opt/max from ``batch``, the target's
     floor and FP32 layers, and whether its readiness passed (the script refuses to build an unready bundle)."""
-    import onnx
-
     target = target or resolve_target_here(None)
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     initializers = {t.name for t in graph.initializer}
