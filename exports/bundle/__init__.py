@@ -37,6 +37,7 @@ The package, one job per module (``write_bundle`` runs the steps in this order o
     int8_step.py        model_int8.onnx: calibration, the accuracy gate and its fallback, the graph's rules
     engine_step.py      model.engine when TensorRT is usable here
     deepstream_step.py  the DeepStream model, config and labels
+    reference_step.py   reference_set.npz (+ reference/): what infer.py --check runs, and its tolerances
     checks.py           parity and accuracy checking: runners, FP32 noise bounds, readiness handling
     render.py           build_engine.sh and README.md from templates/
     publish.py          the work directory beside the destination and the atomic rename into place

@@ -25,7 +25,6 @@ from ..parity import (
     make_input_sets,
     reference_outputs,
 )
-from ..reference_set import REFERENCE_FILE, write_reference_set
 from ..runners import TorchRunner
 from ..targets import TargetProfile
 from ..tensorrt import (
@@ -58,6 +57,7 @@ from .fp16_step import _fp16_step
 from .int8_step import _check_int8_graph, _int8_gate, _int8_step
 from .precision import Precision, quantized
 from .publish import _check_destination, _make_workdir, _move_into_place, _write_json_atomic, _write_text
+from .reference_step import REFERENCE_FILE, _reference_step
 from .render import _check_atol, _template, render_build_script, render_readme
 from .request import (
     RANDOM_BATCH,
@@ -278,10 +278,7 @@ def _assemble(
         check_atol=_check_atol(ort_result),
     )
     _write_text(work / BUILD_SCRIPT_FILE, script, executable=True)
-    say("writing the reference set (infer.py --check)")
-    reference_set = write_reference_set(
-        work, reference, json.loads(json.dumps(opt.preprocessing)), opt.accuracy_set, images, fp32=onnx_tol
-    )
+    reference_set = _reference_step(work, reference, opt, images, onnx_tol, say)
     _write_text(work / README_FILE, render_readme(opt.preprocessing, opt.class_names, opt.precision, opt.target))
     # The engine is device-specific and is rebuilt on the device: it is tied to the bundle by model.engine.json (sha256
     # of the engine and of its source ONNX), not by metadata.json, so a rebuild with build_engine.sh keeps it valid.

@@ -79,7 +79,7 @@ class BundleReport:
     timings: dict[str, float]
     warnings: list[str] = field(default_factory=list)
     fp32_nodes: list[str] = field(default_factory=list)  # the target's FP32 nodes in FP16 builds
-    reference_set: dict[str, Any] = field(default_factory=dict)  # metadata.json's entry (reference_set.py)
+    reference_set: dict[str, Any] = field(default_factory=dict)  # metadata.json's entry (reference_step.py)
     deepstream: dict[str, Any] = field(default_factory=dict)  # metadata.json's entry (deepstream.py)
     int8: dict[str, Any] | None = None  # how model_int8.onnx was made (precision "int8")
 
