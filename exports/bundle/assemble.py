@@ -41,6 +41,7 @@ from .export_step import _export_ready_onnx, _simplified_or_original, _target_fp
 from .format import (
     BENCH_FILE,
     BUILD_SCRIPT_FILE,
+    DECODING_FILE,
     FP16_FILE,
     INFER_FILE,
     INT8_FILE,
@@ -58,7 +59,7 @@ from .int8_step import _check_int8_graph, _int8_gate, _int8_step
 from .precision import Precision, quantized
 from .publish import _check_destination, _make_workdir, _move_into_place, _write_json_atomic, _write_text
 from .reference_step import REFERENCE_FILE, _reference_step
-from .render import _check_atol, _template, render_build_script, render_readme
+from .render import _check_atol, _decoding_source, _template, render_build_script, render_readme
 from .request import (
     RANDOM_BATCH,
     BundleReport,
@@ -188,6 +189,7 @@ def _assemble(
     if not fp16_rule[1]:
         notes.append(f"FP16 checks are advisory for an {opt.precision} bundle: reported, not required")
     _write_text(work / INFER_FILE, _template("infer.py"))  # before INT8: calibration runs its preprocessing
+    _write_text(work / DECODING_FILE, _decoding_source())  # infer.py imports it: the image decoding, peftx's own file
     _write_text(work / BENCH_FILE, _template(BENCH_FILE))  # infer.py --bench: times every artifact on the device
     int8_graph, calibration = None, None
     int8_kernels: dict[str, Any] = {}
@@ -287,6 +289,7 @@ def _assemble(
         FP16_FILE,
         *((INT8_FILE,) if int8_graph is not None else ()),
         INFER_FILE,
+        DECODING_FILE,
         BENCH_FILE,
         BUILD_SCRIPT_FILE,
         deepstream_mod.DEEPSTREAM_ONNX,

@@ -21,7 +21,8 @@ import torch
 import peftx
 from peftx.errors import ExportError
 from peftx.fsutil import sha256_file
-from peftx.preprocess import DECODE_DESCRIPTION, DECODE_RULE, contract
+from peftx.image_decoding import DECODE_DESCRIPTION, DECODE_RULE
+from peftx.preprocess import contract
 
 from .. import deepstream as deepstream_mod
 from ..accuracy import AccuracyReport
@@ -64,6 +65,7 @@ README_FILE = "README.md"  # for the person at the device: install per JetPack, 
 
 
 BENCH_FILE = "device_bench.py"
+DECODING_FILE = "image_decoding.py"  # infer.py's image decoding: peftx/image_decoding.py, shipped as it is
 
 
 METADATA_FILE, PARITY_FILE, READINESS_FILE = "metadata.json", "parity.json", "trt_readiness.json"

@@ -17,12 +17,18 @@ from ..targets import TargetProfile, resolve_target
 from ..tensorrt import (
     resolve_target_here,
 )
-from .format import INT8_FILE
+from .format import DECODING_FILE, INT8_FILE
 from .precision import PRECISIONS, Precision, engine_tolerance, quantized
 
 
 def _template(name: str) -> str:
     return resources.files("peftx.exports").joinpath("templates").joinpath(name).read_text(encoding="utf-8")
+
+
+def _decoding_source() -> str:
+    """peftx/image_decoding.py, which the bundle ships beside infer.py: one file decodes images in training and on the
+    device (it imports nothing of peftx)."""
+    return resources.files("peftx").joinpath(DECODING_FILE).read_text(encoding="utf-8")
 
 
 def _check_atol(ort_result: ParityResult) -> dict[str, float]:
