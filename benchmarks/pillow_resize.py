@@ -1,6 +1,7 @@
 """Does JetPack 5's Pillow (7.0.0) turn the same image files into the same model inputs as the lock's Pillow?
 
-The bundle's own infer.py (exports/templates/infer.py: decode, resize with antialias, centre crop, normalise) runs
+The bundle's own infer.py (exports/templates/infer.py, with peftx/image_decoding.py beside it as a bundle ships them:
+decode, resize with antialias, centre crop, normalise) runs
 under the jp5 device venv (CPython 3.8, Pillow 7.0.0, numpy 1.21.6; scripts/setup-device-venvs.sh) and under this
 interpreter (the lock's stack) on the same REAL files: sklearn's two photos (china.jpg, flower.jpg, 427x640 JPEG),
 non-square PNG crops of them, sklearn digits (8x8, upscaled) and, when Debian's dataset-fashion-mnist is installed,
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +29,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 INFER = ROOT / "exports" / "templates" / "infer.py"
+DECODING = ROOT / "peftx" / "image_decoding.py"  # shipped beside infer.py, which imports it
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 CONFIGS = [
     {"input_size": [3, s, s], "interpolation": interp, "crop_pct": 0.875, "crop_mode": "center"}
@@ -81,10 +84,18 @@ def write_images(folder: Path) -> list[Path]:
     return files
 
 
-def preprocess_with(python: str, files: list[Path], out: Path) -> tuple[dict[str, np.ndarray], str]:
+def shipped(folder: Path) -> Path:
+    """infer.py with image_decoding.py beside it, as a bundle holds them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(DECODING, folder / DECODING.name)
+    shutil.copyfile(INFER, folder / INFER.name)
+    return folder / INFER.name
+
+
+def preprocess_with(python: str, infer: Path, files: list[Path], out: Path) -> tuple[dict[str, np.ndarray], str]:
     configs = [dict(c, mean=MEAN, std=STD) for c in CONFIGS]
     done = subprocess.run(
-        [python, "-I", "-c", WORKER, str(INFER), json.dumps([str(f) for f in files]), json.dumps(configs), str(out)],
+        [python, "-I", "-c", WORKER, str(infer), json.dumps([str(f) for f in files]), json.dumps(configs), str(out)],
         capture_output=True,
         text=True,
         check=True,
@@ -107,8 +118,9 @@ def main() -> None:
     if not (Path(venv) / ".complete").is_file():
         sys.exit(f"no {args.stack} device venv: run scripts/setup-device-venvs.sh first")
     files = write_images(args.output / "images")
-    device, device_versions = preprocess_with(f"{venv}/bin/python", files, args.output / "device.npz")
-    host, host_versions = preprocess_with(sys.executable, files, args.output / "host.npz")
+    infer = shipped(args.output / "shipped")
+    device, device_versions = preprocess_with(f"{venv}/bin/python", infer, files, args.output / "device.npz")
+    host, host_versions = preprocess_with(sys.executable, infer, files, args.output / "host.npz")
 
     import torch
 

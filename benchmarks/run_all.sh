@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The exact commands behind the numbers in benchmarks/README.md. Run from the repository root with the venv active
+# The exact commands behind the numbers in benchmarks/results/. Run from the repository root with the venv active
 # (or VENV=/path/to/venv). Results go to bench-results/ (git-ignored). The full suite takes ~15 min on 2 idle cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import platform
 import resource
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -33,7 +34,10 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx
+import onnxruntime
+from onnxruntime import quantization as oq
 
+from peftx.data import raw_sample
 from peftx.errors import DataError, ExportError, UsageError
 
 from . import onnx_io
@@ -156,8 +160,6 @@ def select_calibration(
 
 def calibration_inputs(request: Int8Request, shipped: Any, preprocessing: dict[str, Any]) -> Calibration:
     """The request's images through the bundle's own infer.py (``shipped``: its load_image / preprocess_image)."""
-    from peftx.data import raw_sample
-
     arrays: list[np.ndarray] = []
     per_class: dict[str, int] = {}
     for index in request.indices:
@@ -236,9 +238,6 @@ def quantize(
     sensitivity search and the fallback re-quantize from it without calibrating again. ``exclude`` keeps those nodes
     float; ``only`` quantizes those nodes alone (sensitivity).
     """
-    import onnxruntime
-    from onnxruntime import quantization as oq
-
     methods = {
         "minmax": oq.CalibrationMethod.MinMax,
         "entropy": oq.CalibrationMethod.Entropy,
@@ -305,7 +304,6 @@ def quantize(
 def _finish(source: onnx.ModelProto, out_path: Path, method: str) -> None:
     """Float consumers get their float tensor back, and model.onnx's metadata_props (preprocessing, classes, target)
     plus which tool made the Q/DQ graph are carried over."""
-    import onnxruntime
 
     out = onnx_io.load(out_path)
     _float_consumers_back(out)
@@ -458,16 +456,14 @@ def sensitivity(
     SENSITIVITY_IMAGES calibration images; most sensitive first. Cost: one graph rewrite and one FP32-speed forward
     of SENSITIVITY_IMAGES images per node (ViT-S: 74 nodes). Both sides run unoptimised (:func:`exact_session_options`):
     the ranking is that of TensorRT's arithmetic on every processor, not of this CPU's int8 kernels."""
-    import onnxruntime as ort
-
     x = np.ascontiguousarray(calibration[:SENSITIVITY_IMAGES])
-    reference = _session_run(ort, onnx_path, x)
+    reference = _session_run(onnxruntime, onnx_path, x)
     norm = np.maximum((reference**2).sum(axis=1), 1e-12)
     out = []
     for name in nodes if nodes is not None else quantizable_nodes(onnx_path):
         trial = scratch / "sensitivity.onnx"
         quantize(onnx_path, trial, None, method=method, only=[name], cache=cache)
-        got = _session_run(ort, trial, x)
+        got = _session_run(onnxruntime, trial, x)
         out.append(Sensitivity(name, float((((got - reference) ** 2).sum(axis=1) / norm).mean())))
         onnx_io.remove(trial)
     return sorted(out, key=lambda s: -s.error)
@@ -604,8 +600,6 @@ def cpu_int8_kernels(cpuinfo: str | None = None) -> dict[str, Any]:
     ``accumulation``: "32-bit" (x86 VNNI / AMX, Arm dot product), "16-bit pairs (saturating)" (x86 without VNNI:
     ONNX Runtime's AVX2 / AVX-512BW int8 kernels use ``vpmaddubsw``), or "unknown".
     """
-    import platform
-
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")

@@ -31,15 +31,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
 
 from peftx.errors import DataError, UsageError
-from peftx.preprocess import (
-    DECODED_MODES,
-    ImageModeError,
-    eval_transform,
-    exif_orientation,
-    to_rgb,
-    train_transform,
-    unsupported_mode,
-)
+from peftx.image_decoding import DECODED_MODES, ImageModeError, exif_orientation, to_rgb, unsupported_mode
+from peftx.preprocess import eval_transform, train_transform
 
 from ._util import first_line
 from .fsutil import write_text_atomic
@@ -78,7 +71,7 @@ class Splits:
     val_drawn: dict[str, Any] | None = None  # how val was drawn from train (seed, fraction, files), when it was
     skipped: list[Path] = field(default_factory=list)  # non-image files left out of an ImageFolder tree
     # image files per PIL mode ("RGB", "L", "I;16", "RGBA", ...) and how many carry an EXIF rotation: what the
-    # decoding rule (peftx.preprocess.to_rgb) will do to them, for the training preamble; empty for in-memory data
+    # decoding rule (peftx.image_decoding.to_rgb) will do to them, for the training preamble; empty for in-memory data
     image_modes: dict[str, int] = field(default_factory=dict)
     exif_rotated: int = 0
 
@@ -107,7 +100,7 @@ class ImageFileDataset(Dataset):
 
 def decode_image(path: Path) -> Image.Image:
     """The image file as the 8-bit RGB image the preprocessing contract starts from: the decoding rule
-    (:func:`peftx.preprocess.to_rgb`, which the bundle's infer.py repeats) applied to what PIL reads."""
+    (:func:`peftx.image_decoding.to_rgb`, the file the bundle ships beside infer.py) applied to what PIL reads."""
     try:
         with Image.open(path) as im:
             return to_rgb(im, str(path))

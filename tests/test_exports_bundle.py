@@ -18,7 +18,9 @@ import torch
 
 from peftx.errors import BackendUnavailableError, ExportError, OutputError, ParityError, UsageError
 from peftx.exports import bundle as bundle_module
+from peftx.exports.accuracy import load_infer_module
 from peftx.exports.bundle import (
+    DECODING_FILE,
     assemble,
     deepstream_step,
     export_step,
@@ -119,6 +121,7 @@ def test_bundle_has_every_file_and_hashes_match(built):
         "parity.json",
         "trt_readiness.json",
         "infer.py",
+        "image_decoding.py",
         "device_bench.py",
         "build_engine.sh",
         "reference_set.npz",
@@ -136,6 +139,7 @@ def test_bundle_has_every_file_and_hashes_match(built):
         "model_fp16.onnx",
         "model_deepstream.onnx",
         "infer.py",
+        "image_decoding.py",
         "device_bench.py",
         "build_engine.sh",
         "reference_set.npz",
@@ -181,19 +185,23 @@ def test_parity_covers_every_backend_at_odd_batches(built):
 
 def test_infer_py_runs_standalone_without_peftx(built, photo, tmp_path):
     out, _, _ = built
-    template = (out / "infer.py").read_text()
-    imported = {
-        alias.name.split(".")[0]
-        for node in ast.walk(ast.parse(template))
-        if isinstance(node, (ast.Import, ast.ImportFrom))
-        for alias in getattr(node, "names", [])
-    }
-    imported |= {
-        node.module.split(".")[0]
-        for node in ast.walk(ast.parse(template))
-        if isinstance(node, ast.ImportFrom) and node.module
-    }
-    assert "peftx" not in imported
+    for name in ("infer.py", "image_decoding.py"):
+        tree = ast.parse((out / name).read_text())
+        # infer.py's one import of peftx is where no image_decoding.py is beside it: in peftx's own source tree
+        fallback = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "_load_decoding"]
+        inside = {id(n) for f in fallback for n in ast.walk(f)}
+        imported = {
+            alias.name.split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in inside
+            for alias in getattr(node, "names", [])
+        }
+        imported |= {
+            node.module.split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module and id(node) not in inside
+        }
+        assert "peftx" not in imported, name
     # -I: isolated (no PYTHONPATH, no cwd on sys.path); and peftx is made unimportable in case the venv has it.
     runner = (
         "import runpy, sys; sys.modules['peftx'] = None; sys.argv = sys.argv[1:]; "
@@ -213,6 +221,42 @@ def test_infer_py_runs_standalone_without_peftx(built, photo, tmp_path):
     ranks, probs, labels = [int(r[0]) for r in rows], [float(r[1]) for r in rows], [r[3] for r in rows]
     assert ranks == [1, 2, 3, 4, 5] and sorted(labels) == sorted(CLASSES)
     assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1.0, abs=1e-3)
+
+
+def _one_line(done: subprocess.CompletedProcess) -> str:
+    lines = done.stderr.strip().splitlines()
+    assert "Traceback" not in done.stderr and len(lines) == 1, done.stderr
+    return lines[0]
+
+
+def test_image_decoding_ships_beside_infer_py_hashed_and_is_what_it_decodes_with(built, photo, tmp_path):
+    """peftx's own image_decoding.py, byte for byte, in the sha256 list; infer.py decodes with that copy, refuses a
+    modified one (one line, exit 3), and says in one line when it is missing."""
+    from peftx import image_decoding
+
+    out = built[0]
+    assert (out / DECODING_FILE).read_bytes() == Path(image_decoding.__file__).read_bytes()
+    assert read_bundle(out)["sha256"][DECODING_FILE] == bundle_module.sha256_file(out / DECODING_FILE)
+    bundle = copy_of(built, tmp_path)
+    changed = (bundle / DECODING_FILE).read_text().replace('DECODE_RULE = "rgb8/1"', 'DECODE_RULE = "rgb8/x"')
+    (bundle / DECODING_FILE).write_text(changed)
+    assert load_infer_module(bundle / "infer.py").DECODE_RULE == "rgb8/x"  # the copy beside it, not peftx's
+    done = subprocess.run(
+        [sys.executable, "-I", str(bundle / "infer.py"), str(photo)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 3 and _one_line(done) == (
+        f"infer.py: {DECODING_FILE} is modified: its sha256 differs from metadata.json — copy it again from the "
+        "original bundle, or pass --no-verify if you changed it on purpose"
+    )
+    (bundle / DECODING_FILE).unlink()
+    runner = "import runpy, sys; sys.modules['peftx'] = None; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0])"
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", runner, str(bundle / "infer.py"), str(photo)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 3 and _one_line(done).startswith(f"infer.py: {DECODING_FILE} is missing beside")
 
 
 def test_infer_py_preprocessing_matches_timm(built, photo):

@@ -95,7 +95,7 @@ def test_a_16_bit_test_set_scores_what_its_8_bit_version_scores(made):
         assert theirs[name]["top"] == record["top"], name
     meta = json.loads((bundle / "metadata.json").read_text())
     assert meta["image_decoding"]["rule"] == DECODE_RULE and "16-bit" in meta["image_decoding"]["description"]
-    assert "DECODE_RULE = " + json.dumps(DECODE_RULE) in (bundle / "infer.py").read_text()  # the copy applies it
+    assert "DECODE_RULE = " + json.dumps(DECODE_RULE) in (bundle / "image_decoding.py").read_text()  # infer.py's
 
 
 def test_infer_py_json_and_csv_give_one_record_per_image(made):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,8 @@ from peftx.exports.accuracy import load_infer_module
 from peftx.preprocess import TRAINING, contract, eval_transform
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "exports" / "templates" / "infer.py"
+# What the bundle ships beside infer.py: peftx's own decoding module, the file itself.
+DECODING = Path(__file__).resolve().parents[1] / "peftx" / "image_decoding.py"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CONFIGS = {
     "squash (peftx default)": {"input_size": (3, 32, 32), "interpolation": "bicubic", **TRAINING},
@@ -72,8 +76,12 @@ def raw_files(tmp_path_factory) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def shipped():
-    return load_infer_module(TEMPLATE)
+def shipped(tmp_path_factory):
+    """The template infer.py as a bundle ships it: image_decoding.py (peftx's own file) beside it."""
+    here = tmp_path_factory.mktemp("shipped")
+    shutil.copyfile(TEMPLATE, here / "infer.py")
+    shutil.copyfile(DECODING, here / "image_decoding.py")
+    return load_infer_module(here / "infer.py")
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -324,6 +332,7 @@ def test_a_file_the_rule_refuses_is_refused_alike_with_one_line(name, make, matc
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     (bundle / "infer.py").write_text(TEMPLATE.read_text())
+    (bundle / "image_decoding.py").write_text(DECODING.read_text())
     (bundle / "metadata.json").write_text(
         json.dumps({"status": "ok", "preprocessing": _shipped_record(_cfg("center 0.875"))})
     )
@@ -354,10 +363,12 @@ def test_mixed_modes_are_counted_for_the_training_preamble(tmp_path, mode_files)
     assert image_lines({"RGB": 5}, 0) == [] and "(" not in image_lines({"RGB": 3, "L": 2}, 0)[1].split("(docs")[0]
 
 
-def test_the_shipped_copy_of_the_rule_carries_the_same_name_and_tables(shipped):
-    """metadata.json records peftx's DECODE_RULE for the bundle's infer.py: the copy must be that rule."""
+def test_the_shipped_infer_py_decodes_with_the_file_beside_it(shipped):
+    """metadata.json records peftx's DECODE_RULE for the bundle's infer.py: it decodes with image_decoding.py beside
+    it (the bundle's copy of peftx's file), not with anything else."""
     from peftx import preprocess
 
+    assert Path(shipped._decoding.__file__) == Path(shipped.__file__).parent / "image_decoding.py"
+    assert shipped._decoding is not sys.modules.get("peftx.image_decoding")
     assert shipped.DECODE_RULE == preprocess.DECODE_RULE
-    assert shipped.EXIF_TRANSPOSE == preprocess.EXIF_TRANSPOSE and shipped.SIXTEEN_BIT == preprocess.SIXTEEN_BIT
-    assert set(shipped.DECODED_MODES) == set(preprocess.DECODED_MODES)
+    assert shipped.to_rgb is shipped._decoding.to_rgb and shipped.ImageModeError is shipped._decoding.ImageModeError

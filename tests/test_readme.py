@@ -1,6 +1,6 @@
-"""README.md is the front door and docs/ holds the rest: the README stays short and links only files that exist,
-docs/architecture.md names every module, and nothing points outside the repository (a fresh clone is all a reader
-has)."""
+"""README.md is the front door and docs/ holds the rest: the README stays short; it, docs/ and benchmarks/ (whose
+results/ hold the measured figures) link only files that exist; docs/architecture.md names every module; and nothing
+points outside the repository (a fresh clone is all a reader has)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def test_the_readme_is_a_front_door() -> None:
 
 
 def test_every_link_to_a_local_file_resolves() -> None:
-    for path in [ROOT / "README.md", *DOCS]:
+    for path in [ROOT / "README.md", *DOCS, *sorted((ROOT / "benchmarks").rglob("*.md"))]:
         text = path.read_text(encoding="utf-8")
         for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
             if "://" in target:

@@ -8,6 +8,8 @@ Layout of a bundle directory::
     model.engine        only when TensorRT built one here (+ model.engine.json: what it was built for)
     build_engine.sh     trtexec for TensorRT 8.5 / 8.6 / 10.x / 11.x, each with its own flags, on the target device
     infer.py            standalone (no peftx import): metadata.json preprocessing -> engine or ONNX -> top-5
+    image_decoding.py   how infer.py decodes an image file: peftx/image_decoding.py itself, the training side's rule
+    device_bench.py     infer.py --bench: times every artifact on the device (device_report.json)
     metadata.json       every fact above, the deployment target, sha256 of every artifact, status "ok" | "failed"
     parity.json         each backend vs the UNMERGED reference model, on real images and random inputs
     trt_readiness.json  the target's TensorRT parser readiness of model.onnx and model_fp16.onnx AS SHIPPED
@@ -37,6 +39,7 @@ The package, one job per module (``write_bundle`` runs the steps in this order o
     int8_step.py        model_int8.onnx: calibration, the accuracy gate and its fallback, the graph's rules
     engine_step.py      model.engine when TensorRT is usable here
     deepstream_step.py  the DeepStream model, config and labels
+    reference_step.py   reference_set.npz (+ reference/): what infer.py --check runs, and its tolerances
     checks.py           parity and accuracy checking: runners, FP32 noise bounds, readiness handling
     render.py           build_engine.sh and README.md from templates/
     publish.py          the work directory beside the destination and the atomic rename into place
@@ -52,6 +55,7 @@ from .assemble import write_bundle
 from .format import (
     BENCH_FILE,
     BUILD_SCRIPT_FILE,
+    DECODING_FILE,
     ENGINE_FILE,
     FORMAT,
     FORMAT_VERSION,
@@ -86,6 +90,7 @@ from .validate import validate_bundle
 __all__ = [
     "BENCH_FILE",
     "BUILD_SCRIPT_FILE",
+    "DECODING_FILE",
     "BundleReport",
     "BundleRequest",
     "ENGINE_FILE",

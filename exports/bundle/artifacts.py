@@ -11,13 +11,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnxruntime
+
 from peftx.tolerances import FP16, INT8, ONNX_FP32, AccuracyTolerance, Tolerance
 
 from .. import int8 as int8_mod
 from ..fp16 import strict_fp16_emulation
 from ..runners import OnnxRuntimeRunner, Runner, TensorRTRunner
 from .format import ENGINE_FILE, FP16_FILE, INT8_EXACT, INT8_FILE, INT8_FUSED, ONNX_FILE
-from .precision import ACCURACY, accuracy_tolerance, engine_tolerance
+from .precision import ACCURACY, Precision, accuracy_tolerance, engine_tolerance, quantized
 
 
 @dataclass(frozen=True)
@@ -27,11 +29,11 @@ class Artifact:
 
     name: str
     file: str
-    runners: Callable[[Path, Path, str], list[Runner]]
-    parity: Callable[[str], Tolerance]  # its logits against the unmerged model
-    accuracy: Callable[[str], AccuracyTolerance]  # its task accuracy against the unmerged model's
-    parity_required: Callable[[str], bool]  # False: reported, advisory
-    accuracy_required: Callable[[str], bool]
+    runners: Callable[[Path, Path, Precision], list[Runner]]
+    parity: Callable[[Precision], Tolerance]  # its logits against the unmerged model
+    accuracy: Callable[[Precision], AccuracyTolerance]  # its task accuracy against the unmerged model's
+    parity_required: Callable[[Precision], bool]  # False: reported, advisory
+    accuracy_required: Callable[[Precision], bool]
 
 
 def _fp16_runners(onnx_path: Path, fp16_path: Path, scratch: Path) -> list[OnnxRuntimeRunner]:
@@ -47,22 +49,16 @@ def _int8_runners(path: Path) -> tuple[OnnxRuntimeRunner, OnnxRuntimeRunner]:
     """(exact, fused): model_int8.onnx unoptimised (the Q/DQ arithmetic TensorRT performs, the gate's) and optimised
     (this CPU's fused int8 kernels, infer.py's and bench's)."""
     return (
-        OnnxRuntimeRunner(path, name=INT8_EXACT, session_options=int8_mod.exact_session_options(_ort())),
+        OnnxRuntimeRunner(path, name=INT8_EXACT, session_options=int8_mod.exact_session_options(onnxruntime)),
         OnnxRuntimeRunner(path, name=INT8_FUSED),
     )
 
 
-def _ort():
-    import onnxruntime
-
-    return onnxruntime
-
-
-def _always(precision: str) -> bool:
+def _always(precision: Precision) -> bool:
     return True
 
 
-def _never(precision: str) -> bool:
+def _never(precision: Precision) -> bool:
     return False
 
 
@@ -108,12 +104,14 @@ ENGINE = Artifact(  # an INT8 engine's logits are advisory, its accuracy require
     runners=lambda d, scratch, p: [TensorRTRunner(d / ENGINE_FILE, name=f"tensorrt {p}")],
     parity=engine_tolerance,
     accuracy=accuracy_tolerance,
-    parity_required=lambda p: p != "int8",
+    parity_required=lambda p: not quantized(p),
     accuracy_required=_always,
 )
 ARTIFACTS: tuple[Artifact, ...] = (ONNX, FP16_ONNX, INT8_ONNX, INT8_FUSED_KERNELS, ENGINE)
 
 
-def accuracy_candidate(artifact: Artifact, runner: Runner, precision: str) -> tuple[Runner, AccuracyTolerance, bool]:
+def accuracy_candidate(
+    artifact: Artifact, runner: Runner, precision: Precision
+) -> tuple[Runner, AccuracyTolerance, bool]:
     """``runner`` (one of ``artifact``'s) as the accuracy gate takes it: (runner, tolerance, required)."""
     return runner, artifact.accuracy(precision), artifact.accuracy_required(precision)

@@ -9,7 +9,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +27,6 @@ from ..parity import (
     make_input_sets,
     reference_outputs,
 )
-from ..reference_set import REFERENCE_FILE, write_reference_set
 from ..runners import TorchRunner
 from ..targets import TargetProfile
 from ..tensorrt import (
@@ -44,6 +43,7 @@ from .export_step import _export_ready_onnx, _simplified_or_original, _target_fp
 from .format import (
     BENCH_FILE,
     BUILD_SCRIPT_FILE,
+    DECODING_FILE,
     FP16_FILE,
     INFER_FILE,
     INT8_FILE,
@@ -58,8 +58,10 @@ from .format import (
 )
 from .fp16_step import _fp16_step
 from .int8_step import _check_int8_graph, _int8_gate, _int8_step
+from .precision import Precision, quantized
 from .publish import _check_destination, _make_workdir, _move_into_place, _write_json_atomic, _write_text
-from .render import _check_atol, _template, render_build_script, render_readme
+from .reference_step import REFERENCE_FILE, _reference_step
+from .render import _check_atol, _decoding_source, _template, render_build_script, render_readme
 from .request import (
     RANDOM_BATCH,
     BundleReport,
@@ -83,7 +85,7 @@ def write_bundle(
     provenance: Mapping[str, Any],
     images: torch.Tensor | np.ndarray,
     batch: tuple[int, int, int] = (1, 8, 32),
-    precision: Literal["fp32", "fp16", "int8"] = "fp32",
+    precision: Precision = "fp32",
     tensorrt: TensorRTMode = "auto",
     simplify: bool = True,
     force: bool = False,
@@ -190,10 +192,11 @@ def _assemble(
     if not fp16_rule[1]:
         notes.append(f"FP16 checks are advisory for an {opt.precision} bundle: reported, not required")
     _write_text(work / INFER_FILE, _template("infer.py"))  # before INT8: calibration runs its preprocessing
+    _write_text(work / DECODING_FILE, _decoding_source())  # infer.py imports it: the image decoding, peftx's own file
     _write_text(work / BENCH_FILE, _template(BENCH_FILE))  # infer.py --bench: times every artifact on the device
     int8_graph, calibration = None, None
     int8_kernels: dict[str, Any] = {}
-    if opt.precision == "int8":
+    if quantized(opt.precision):
         int8_graph, calibration = _int8_step(work, onnx_path, opt, scratch, timings, say)
         int8_rows, int8_kernels = _int8_parity(int8_graph.path, check)
         results += int8_rows
@@ -280,10 +283,7 @@ def _assemble(
         check_atol=_check_atol(ort_result),
     )
     _write_text(work / BUILD_SCRIPT_FILE, script, executable=True)
-    say("writing the reference set (infer.py --check)")
-    reference_set = write_reference_set(
-        work, reference, json.loads(json.dumps(opt.preprocessing)), opt.accuracy_set, images, fp32=onnx_tol
-    )
+    reference_set = _reference_step(work, reference, opt, images, onnx_tol, say)
     _write_text(work / README_FILE, render_readme(opt.preprocessing, opt.class_names, opt.precision, opt.target))
     # The engine is device-specific and is rebuilt on the device: it is tied to the bundle by model.engine.json (sha256
     # of the engine and of its source ONNX), not by metadata.json, so a rebuild with build_engine.sh keeps it valid.
@@ -292,6 +292,7 @@ def _assemble(
         FP16_FILE,
         *((INT8_FILE,) if int8_graph is not None else ()),
         INFER_FILE,
+        DECODING_FILE,
         BENCH_FILE,
         BUILD_SCRIPT_FILE,
         deepstream_mod.DEEPSTREAM_ONNX,

@@ -12,12 +12,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import onnx
+import onnxruntime
+import PIL
+import timm
 import torch
 
 import peftx
 from peftx.errors import ExportError
 from peftx.fsutil import sha256_file
-from peftx.preprocess import DECODE_DESCRIPTION, DECODE_RULE, contract
+from peftx.image_decoding import DECODE_DESCRIPTION, DECODE_RULE
+from peftx.preprocess import contract
 
 from .. import deepstream as deepstream_mod
 from .. import onnx_io
@@ -61,6 +66,7 @@ README_FILE = "README.md"  # for the person at the device: install per JetPack, 
 
 
 BENCH_FILE = "device_bench.py"
+DECODING_FILE = "image_decoding.py"  # infer.py's image decoding: peftx/image_decoding.py, shipped as it is
 
 
 METADATA_FILE, PARITY_FILE, READINESS_FILE = "metadata.json", "parity.json", "trt_readiness.json"
@@ -247,10 +253,6 @@ def _accuracy_summary(accuracy: AccuracyReport | None) -> dict[str, Any]:
 
 
 def _versions() -> dict[str, str]:
-    import onnx
-    import onnxruntime
-    import PIL
-
     # numpy and Pillow made the reference set's tensors: a device that preprocesses differently is told which ones
     versions = {
         "python": platform.python_version(),
@@ -260,13 +262,8 @@ def _versions() -> dict[str, str]:
         "onnxruntime": onnxruntime.__version__,
         "numpy": np.__version__,
         "pillow": PIL.__version__,
+        "timm": timm.__version__,
     }
-    try:
-        import timm
-
-        versions["timm"] = timm.__version__
-    except ImportError:
-        pass
     return versions
 
 

@@ -19,7 +19,7 @@ from peftx.tolerances import (
 )
 
 from .. import int8 as int8_mod
-from .. import int8_fp16
+from .. import int8_fp16, onnx_io
 from ..accuracy import AccuracyReport, load_infer_module, result_for
 from ..parity import (
     ParityResult,
@@ -171,10 +171,8 @@ def _int8_gate(
 def _check_int8_graph(path: Path, target: TargetProfile, fp32_nodes: Sequence[str]) -> None:
     """What must hold of the shipped INT8 graph (zero points 0, INT8, placement, opset), and TensorRT 8.5's FP32
     LayerNorm layers still present by name: a violation is peftx's bug, so the export stops."""
-    import onnx
-
     problems = int8_mod.graph_problems(path, target)
-    names = {n.name for n in onnx.load(str(path), load_external_data=False).graph.node}
+    names = {n.name for n in onnx_io.load(path, weights=False).graph.node}
     missing = [n for n in fp32_nodes if n not in names]
     if missing:
         problems.append(f"{len(missing)} FP32 LayerNorm node(s) of {target.name} are gone (first: {missing[0]})")

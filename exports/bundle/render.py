@@ -16,12 +16,18 @@ from ..targets import TargetProfile, resolve_target
 from ..tensorrt import (
     resolve_target_here,
 )
-from .format import INT8_FILE
-from .precision import PRECISIONS, engine_tolerance
+from .format import DECODING_FILE, INT8_FILE
+from .precision import PRECISIONS, Precision, engine_tolerance, quantized
 
 
 def _template(name: str) -> str:
     return resources.files("peftx.exports").joinpath("templates").joinpath(name).read_text(encoding="utf-8")
+
+
+def _decoding_source() -> str:
+    """peftx/image_decoding.py, which the bundle ships beside infer.py: one file decodes images in training and on the
+    device (it imports nothing of peftx)."""
+    return resources.files("peftx").joinpath(DECODING_FILE).read_text(encoding="utf-8")
 
 
 def _check_atol(ort_result: ParityResult) -> dict[str, float]:
@@ -33,7 +39,7 @@ def _check_atol(ort_result: ParityResult) -> dict[str, float]:
 def render_build_script(
     onnx_path: str | Path,
     batch: tuple[int, int, int],
-    precision: str,
+    precision: Precision,
     *,
     target: TargetProfile | None = None,
     ready: bool = True,
@@ -86,7 +92,7 @@ def render_build_script(
             "--save-outputs check_onnxrt_int8.json\n"
             "  polygraphy run model.engine --model-type engine --trt --load-inputs check_inputs.json "
             f"--load-outputs check_onnxrt_int8.json --check-error-stat max --atol {atol['int8']:.3g} --rtol 0\n"
-            if precision == "int8"
+            if quantized(precision)
             else ""
         ),
     }
@@ -105,12 +111,12 @@ def _target_label(target: TargetProfile) -> str:
 
 
 def render_readme(
-    preprocessing: Mapping[str, Any], class_names: Sequence[str], precision: str, target: TargetProfile
+    preprocessing: Mapping[str, Any], class_names: Sequence[str], precision: Precision, target: TargetProfile
 ) -> str:
     """README.md for the person at the device (templates/README.md.in): what to install per JetPack, how to build,
     check and run this bundle, and what only the device can tell (and the ``infer.py --check`` line that tells it)."""
     _, height, width = (int(v) for v in preprocessing["input_size"])
-    int8 = precision == "int8"
+    int8 = quantized(precision)
     values = {
         "CLASSES": len(class_names),
         "INPUT": f"{height}x{width}",

@@ -25,7 +25,7 @@ from ..tensorrt import (
 )
 from ..tensorrt_ops import TargetReadiness
 from .format import target_summary
-from .precision import Precision, check_precision
+from .precision import Precision, check_precision, quantized
 
 # Odd batch sizes catch batch-mixing reshapes and padding bugs that even sizes can hide.
 PARITY_BATCHES = (1, 3, 7)
@@ -79,7 +79,7 @@ class BundleReport:
     timings: dict[str, float]
     warnings: list[str] = field(default_factory=list)
     fp32_nodes: list[str] = field(default_factory=list)  # the target's FP32 nodes in FP16 builds
-    reference_set: dict[str, Any] = field(default_factory=dict)  # metadata.json's entry (reference_set.py)
+    reference_set: dict[str, Any] = field(default_factory=dict)  # metadata.json's entry (reference_step.py)
     deepstream: dict[str, Any] = field(default_factory=dict)  # metadata.json's entry (deepstream.py)
     int8: dict[str, Any] | None = None  # how model_int8.onnx was made (precision "int8")
 
@@ -155,10 +155,10 @@ def _check_class_count(expected: Mapping[str, np.ndarray], class_names: Sequence
 
 
 def _check_int8_request(
-    precision: str, request: int8_mod.Int8Request | None, accuracy_set: AccuracySet | None, target: TargetProfile
+    precision: Precision, request: int8_mod.Int8Request | None, accuracy_set: AccuracySet | None, target: TargetProfile
 ) -> None:
     """precision "int8" needs calibration images, labelled images for its gate, and a target that takes Q/DQ."""
-    if precision != "int8":
+    if not quantized(precision):
         return
     int8_mod.check_target(target)
     if request is None:

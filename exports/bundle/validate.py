@@ -53,6 +53,7 @@ from .format import (
     read_bundle,
     verify_artifacts,
 )
+from .precision import Precision
 from .publish import _write_json_atomic
 from .request import RANDOM_BATCH, Progress, _images_array, parity_batches
 
@@ -111,7 +112,7 @@ def validate_bundle(
     scratch = Path(tempfile.mkdtemp())
     # (artifact, runner, the precision its rules are read at): the artifacts present, in the table's order; the INT8
     # graph's fused kernels are checked against its exact arithmetic, after the others
-    checked: list[tuple[Artifact, Runner, str]] = []
+    checked: list[tuple[Artifact, Runner, Precision]] = []
     for artifact in (ONNX, FP16_ONNX, INT8_ONNX):
         if (bundle_dir / artifact.file).exists():
             checked += [(artifact, runner, precision) for runner in artifact.runners(bundle_dir, scratch, precision)]

@@ -17,10 +17,10 @@ several); ``--json``: JSON Lines, one object per image {"path", "top": [{"rank",
 R = 1..--top. probability is the softmax over all classes, logit the model's raw output. A reader that closes the
 pipe early (``| head -1``) ends the run quietly with exit status 141 (as ``cat`` does).
 
-Image files are decoded by the rule metadata.json's ``image_decoding`` names (``to_rgb``, the same code as peftx's
-training side): 16-bit grayscale scaled by 1/257, alpha composited over white, palette and CMYK by one formula, the
-EXIF orientation of phone photos applied; a file the rule refuses (e.g. a float TIFF outside 0..1) stops the run with
-one line naming the file, its mode and the fix.
+Image files are decoded by the rule metadata.json's ``image_decoding`` names (``image_decoding.py`` beside this
+file, the very file peftx's training side decodes with): 16-bit grayscale scaled by 1/257, alpha composited over
+white, palette and CMYK by one formula, the EXIF orientation of phone photos applied; a file the rule refuses (e.g. a
+float TIFF outside 0..1) stops the run with one line naming the file, its mode and the fix.
 
 ``--backend auto`` runs model.engine with TensorRT when the engine is present and TensorRT + cuda-python + a GPU are
 there (and, with ``--precision``, the engine was built at that precision), and ONNX Runtime otherwise.
@@ -49,6 +49,7 @@ import argparse
 import json
 import math
 import sys
+import types
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -84,117 +85,44 @@ RESAMPLE = (
 OLDEST_PILLOW_TESTED = (7, 0, 0)
 
 
-# --- how a file becomes 8-bit RGB: the rule peftx.preprocess.DECODE_RULE, a copy of peftx.preprocess.to_rgb --------
-# (Written in numpy so that Pillow 7 / numpy 1.21 give the bytes the training machine's Pillow gave; metadata.json's
-# ``image_decoding`` names the rule. 16-bit grayscale is scaled by 1/257, alpha is composited over white, CMYK has
-# one formula, the EXIF orientation is applied; a mode the rule does not read is refused with one line.)
-DECODE_RULE = "rgb8/1"
-EXIF_TRANSPOSE = {2: 0, 3: 3, 4: 1, 5: 5, 6: 4, 7: 6, 8: 2}  # EXIF orientation -> Image.transpose method
-SIXTEEN_BIT = {"I;16": "<u2", "I;16L": "<u2", "I;16B": ">u2", "I;16N": "=u2"}
-DECODED_MODES = ("RGB", "L", "1", "P", "RGBA", "LA", "RGBX", "CMYK", "I", "F") + tuple(SIXTEEN_BIT)
+# --- how a file becomes 8-bit RGB: image_decoding.py beside this file ---------------------------------------------
+# The rule metadata.json's ``image_decoding`` names (DECODE_RULE: 16-bit grayscale scaled by 1/257, alpha over white,
+# one CMYK formula, the EXIF orientation applied; a mode the rule does not read refused with one line) is one file,
+# peftx's own peftx/image_decoding.py: the bundle ships it beside this file, hashed in metadata.json like the models,
+# and peftx's training side decodes with the same file. Loaded by its path (``python -I`` puts no script directory on
+# sys.path) and run from its source (no __pycache__ in the bundle). Run from peftx's source tree (exports/templates/,
+# where peftx loads this file as a module) there is none beside it, and peftx's is the same file.
+DECODING_FILE = "image_decoding.py"
 
 
-class ImageModeError(ValueError):
-    """A file the decoding rule refuses: ``str(exc)`` names the file and the mode, ``fix`` says what to do."""
-
-    def __init__(self, message: str, fix: str):
-        super().__init__(message)
-        self.fix = fix
-
-
-def load_image(path: Path) -> Image.Image:
-    """The file as an 8-bit RGB image, decoded as peftx's training data loader decodes it (``to_rgb``)."""
-    with Image.open(path) as image:
-        return to_rgb(image, str(path))
-
-
-def to_rgb(image: Image.Image, name: str) -> Image.Image:
-    """``image`` (an opened PIL image of the file ``name``) as 8-bit RGB by the rule DECODE_RULE (see the module
-    docstring); raises ImageModeError for a file the rule refuses."""
-    mode, info = image.mode, image.info
-    if mode not in DECODED_MODES:
-        raise unsupported_mode(name, mode)
-    transparent = info.get("transparency")
-    keyed = mode in ("L", "RGB") and isinstance(transparent, (int, tuple))  # one colour is transparent (tRNS)
-    if mode in ("RGB", "L", "1", "RGBX") and not keyed:
-        rgb = image.convert("RGB")
-    elif mode in SIXTEEN_BIT or mode == "I":
-        values = np.frombuffer(image.tobytes(), SIXTEEN_BIT.get(mode, "=i4")).reshape(image.height, image.width)
-        low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
-        if low < 0 or high > 65535:
-            raise ImageModeError(
-                f"{name}: image mode {mode} (32-bit integer) holds values {low}..{high}, outside 0..65535",
-                "save it as a 16-bit or 8-bit PNG/TIFF",
+def _load_decoding():
+    """image_decoding.py beside this file as a module (peftx's own where none is beside it and peftx is there)."""
+    path = HERE / DECODING_FILE
+    if not path.is_file():
+        try:
+            from peftx import image_decoding
+        except ImportError:
+            print(
+                f"infer.py: {DECODING_FILE} is missing beside {HERE / 'infer.py'} — copy the whole bundle directory",
+                file=sys.stderr,
             )
-        gray = ((values.astype(np.uint32) + 128) // 257).astype(np.uint8)
-        rgb = Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2))
-    elif mode == "F":
-        values = np.frombuffer(image.tobytes(), "=f4").reshape(image.height, image.width).astype(np.float64)
-        finite = bool(np.isfinite(values).all())
-        least, most = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-        if not finite or least < 0.0 or most > 1.0:
-            held = "NaN or infinite values" if not finite else f"values {least:g}..{most:g}"
-            raise ImageModeError(
-                f"{name}: image mode F (32-bit float) holds {held}; peftx reads float images as 0..1",
-                "scale it to 0..1, or save it as a 16-bit or 8-bit PNG/TIFF",
-            )
-        gray = np.rint(values * 255.0).astype(np.uint8)
-        rgb = Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2))
-    elif mode == "CMYK":
-        cmyk = np.asarray(image, dtype=np.uint32)
-        white = 255 - cmyk[:, :, 3:4]
-        rgb = Image.fromarray((((255 - cmyk[:, :, :3]) * white + 127) // 255).astype(np.uint8))
-    else:  # RGBA, LA, P, and L / RGB with a transparent colour: composited over white
-        if mode == "P":
-            index = np.asarray(image, dtype=np.uint8)
-            palette = list(image.getpalette() or [])[:768]
-            ramp = [v for i in range(len(palette) // 3, 256) for v in (i, i, i)]
-            colours = np.asarray(palette[: 3 * (len(palette) // 3)] + ramp, dtype=np.uint32).reshape(256, 3)
-            alphas = np.full(256, 255, dtype=np.uint32)
-            if isinstance(transparent, int) and 0 <= transparent < 256:
-                alphas[transparent] = 0
-            elif isinstance(transparent, bytes):
-                alphas[: min(len(transparent), 256)] = np.frombuffer(transparent[:256], dtype=np.uint8)
-            colour, alpha = colours[index], alphas[index][:, :, None]
-        elif mode in ("RGBA", "LA"):
-            rgba = np.asarray(image.convert("RGBA"), dtype=np.uint32)
-            colour, alpha = rgba[:, :, :3], rgba[:, :, 3:4]
-        else:  # L or RGB with one transparent colour (a PNG tRNS chunk)
-            colour = np.asarray(image.convert("RGB"), dtype=np.uint32)
-            key = np.asarray(transparent if isinstance(transparent, tuple) else (transparent,) * 3, dtype=np.uint32)
-            alpha = np.where((colour == key[:3]).all(axis=2, keepdims=True), 0, 255).astype(np.uint32)
-        rgb = Image.fromarray(((colour * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8))
-    method = EXIF_TRANSPOSE.get(exif_orientation(image))
-    # an int, not Image.Transpose (Pillow 7 has no such enum; every Pillow takes the number)
-    return rgb if method is None else rgb.transpose(method)  # type: ignore[arg-type]
+            raise SystemExit(EXIT_BUNDLE) from None
+        return image_decoding
+    module = types.ModuleType("image_decoding")
+    module.__file__ = str(path)
+    exec(compile(path.read_bytes(), str(path), "exec"), module.__dict__)
+    return module
 
 
-def unsupported_mode(name: str, mode: str) -> ImageModeError:
-    """The refusal of a mode the rule does not read (LAB, HSV, YCbCr, PA, La, RGBa, I;32, ...)."""
-    return ImageModeError(f"{name}: image mode {mode} is not one peftx decodes", "save it as 8-bit RGB or grayscale")
-
-
-def exif_orientation(image: Image.Image) -> int:
-    """The EXIF orientation (1..8) from the EXIF block of a JPEG, PNG or WebP (a TIFF's orientation tag is applied by
-    Pillow's decoder itself, Pillow 7 included); 1 when there is none or it does not parse."""
-    try:
-        raw = image.info.get("exif") or b""
-        if not raw or hasattr(image, "tag_v2"):  # a TIFF: Pillow's TIFF decoder applies its orientation tag itself
-            return 1
-        exif = Image.Exif()
-        exif.load(raw if raw.startswith(b"Exif\x00\x00") else b"Exif\x00\x00" + raw)
-        value = int(exif.get(0x0112, 1))
-    except Exception:  # noqa: BLE001 - a damaged EXIF block means no orientation, on every side alike
-        return 1
-    return value if value in EXIF_TRANSPOSE else 1
-
-
-def decoded_digest(image: Image.Image) -> str:
-    """sha256 of the decoded RGB pixels (and their size): tells, on the device, whether its Pillow decoded a reference
-    file to the same pixels as where the bundle was written (JPEG decoders differ between libjpeg releases)."""
-    import hashlib
-
-    return hashlib.sha256(f"{image.mode} {image.size}".encode() + image.tobytes()).hexdigest()
+_decoding = _load_decoding()
+DECODE_RULE = _decoding.DECODE_RULE
+DECODED_MODES = _decoding.DECODED_MODES
+ImageModeError = _decoding.ImageModeError
+load_image = _decoding.load_image  # the file as an 8-bit RGB image, by the rule
+to_rgb = _decoding.to_rgb
+unsupported_mode = _decoding.unsupported_mode
+exif_orientation = _decoding.exif_orientation
+decoded_digest = _decoding.decoded_digest  # sha256 of the decoded pixels: tells a JPEG decoder's difference apart
 
 
 def fail(message: str, code: int = EXIT_BUNDLE) -> NoReturn:
@@ -987,6 +915,9 @@ def check_bundle(meta: dict, choice: str = "auto", precision: str | None = None,
         problem = artifact_problem(name, meta, verify)
         if problem:
             fail(f"the reference set cannot be trusted: {name} is {problem} — copy the bundle again")
+    problem = artifact_problem(DECODING_FILE, meta, verify)
+    if problem:  # the preprocessing check decodes the raw files with it
+        fail(f"the image decoding cannot be trusted: {DECODING_FILE} is {problem} — copy the bundle again")
     with np.load(HERE / ref["file"], allow_pickle=False) as npz:
         data = {key: npz[key] for key in npz.files}
     inputs, expected, labels = data["inputs"], data["reference_logits"], data["labels"]
@@ -1178,6 +1109,8 @@ def _main(argv: list[str] | None = None) -> int:
     files = image_files(args.images)  # every path is checked before a model is loaded
     for path in files:
         verify_image(path)
+    if VERIFY_AGAINST is not None:  # the decoding rule, like a model: a modified or missing copy is refused
+        verify_artifact(DECODING_FILE, meta)
     if meta.get("status") != "ok":
         print(f"warning: this bundle's status is {meta.get('status')!r}; see parity.json", file=sys.stderr)
     backend = pick_backend(args.backend, meta, precision=args.precision)

@@ -1,4 +1,4 @@
-"""The bundle's reference set: real preprocessed images with the UNMERGED model's outputs, for the device to check
+"""Step: the bundle's reference set, real preprocessed images with the UNMERGED model's outputs, for the device to check
 itself against (``python infer.py --check``) with numpy and ONNX Runtime or TensorRT only.
 
 ``reference_set.npz`` (numpy arrays only: it loads with ``np.load(allow_pickle=False)``) holds
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,8 +33,9 @@ import torch
 from peftx.data import raw_sample
 from peftx.tolerances import FP16, INT8, ONNX_FP32, PREPROCESSING_ATOL, TENSORRT_FP32, Tolerance
 
-from .accuracy import AccuracySet, load_infer_module
-from .runners import TorchRunner
+from ..accuracy import AccuracySet, load_infer_module
+from ..runners import TorchRunner
+from .request import BundleRequest, Progress
 
 REFERENCE_FILE, RAW_DIR = "reference_set.npz", "reference"
 # Two dozen images: top-1 agreement resolves one flip in 24 and every class of a small task appears; at 224 px the
@@ -55,6 +57,16 @@ CHECK_TOLERANCES: dict[str, Tolerance] = {
     "int8": INT8,
     "tensorrt_int8": INT8,
 }
+
+
+def _reference_step(
+    work: Path, reference: torch.nn.Module, opt: BundleRequest, images: np.ndarray, fp32: Tolerance, say: Progress
+) -> dict[str, Any]:
+    """reference_set.npz (+ reference/) in ``work``, for ``infer.py --check`` (infer.py must be there: its
+    preprocessing makes the inputs); returns metadata.json's ``reference_set`` entry."""
+    say("writing the reference set (infer.py --check)")
+    preprocessing = json.loads(json.dumps(opt.preprocessing))
+    return write_reference_set(work, reference, preprocessing, opt.accuracy_set, images, fp32=fp32)
 
 
 def write_reference_set(
