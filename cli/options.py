@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -89,7 +92,8 @@ Target = Annotated[
 ]
 
 # The bundle options, declared once: every way into a bundle (`merge-export` a run or a peft adapter, `export` a plain
-# checkpoint) takes all of them, and `bundle_kwargs` turns them into the library's arguments the one same way.
+# checkpoint) takes all of them through `with_bundle_options`, and `bundle_kwargs` turns them into the library's
+# arguments the one same way.
 Batch = Annotated[str, typer.Option("--batch", help="Dynamic batch profile MIN:OPT:MAX.")]
 Precision = Annotated[
     str,
@@ -162,6 +166,22 @@ ImgSize = Annotated[
 ]
 
 
+# name -> (option, default), in the order --help lists them.
+BUNDLE_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "batch": (Batch, "1:8:32"),
+    "precision": (Precision, "fp32"),
+    "calibration": (Calibration, None),
+    "calibration_method": (CalibrationMethod, "minmax"),
+    "calibration_data": (CalibrationData, None),
+    "tensorrt": (TensorRT, "auto"),
+    "images": (BundleImages, None),
+    "accuracy_images": (AccuracyImages, "500"),
+    "no_simplify": (NoSimplify, False),
+    "target": (Target, None),
+    "force": (Force, False),
+}
+
+
 def bundle_kwargs(
     *,
     batch: str,
@@ -192,3 +212,28 @@ def bundle_kwargs(
         target=target,
         force=force,
     )
+
+
+def with_bundle_options(fn: Callable[..., None]) -> Callable[..., None]:
+    """A command that writes a bundle: its parameter ``bundle`` becomes every option of :data:`BUNDLE_OPTIONS` (in
+    its place in --help), and the command receives them as one dict, :func:`bundle_kwargs`' library arguments."""
+    signature = inspect.signature(fn, eval_str=True)
+    params = list(signature.parameters.values())
+    at = [p.name for p in params].index("bundle")
+    options = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=option, default=default)
+        for name, (option, default) in BUNDLE_OPTIONS.items()
+    ]
+    params[at : at + 1] = options
+
+    @functools.wraps(fn)
+    def command(*args: Any, **kwargs: Any) -> None:
+        chosen = {name: kwargs.pop(name) for name in BUNDLE_OPTIONS}
+        fn(*args, bundle=bundle_kwargs(**chosen), **kwargs)
+
+    # typer reads the options from the signature; every parameter keyword-only as typer passes them
+    command.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params]
+    )
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command
