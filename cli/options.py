@@ -10,7 +10,9 @@ from typing import Annotated, Any
 
 import typer
 
+from peftx.exports.targets import AUTO, DEFAULT_TARGET, target_names
 from peftx.methods.registry import method_names
+from peftx.train.recipes import DEMO, GENERIC, VTAB_1K
 
 # readable=False: peftx checks readability itself (a one-line WeightsError) instead of Click's multi-line usage error.
 Weights = Annotated[
@@ -67,6 +69,29 @@ MethodOption = Annotated[
         show_default="none",
     ),
 ]
+
+
+def _number(value: float) -> str:
+    """3e-3, 0.5, 224: a recipe's value as its table writes it."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value and abs(value) < 1e-2:
+        return f"{value:.0e}".replace("e-0", "e-")
+    return f"{value:g}"
+
+
+def recipe_default(field: str) -> str:
+    """A training option's default as the recipes (peftx.train.recipes) hold it: the demo's, your own data's (the
+    generic recipe) and VTAB-1k's (one value, or "per task"), written once where they agree."""
+    demo, own = getattr(DEMO, field), getattr(GENERIC, field)
+    vtab = {getattr(r, field) for r in VTAB_1K.values()}
+    shown_vtab = _number(next(iter(vtab))) if len(vtab) == 1 else "per task"
+    if demo == own and vtab == {own}:
+        return f"the recipe's: {_number(own)}"
+    shown = _number(own) if demo == own else f"demo {_number(demo)}, own data {_number(own)}"
+    return f"the recipe's: {shown}, VTAB {shown_vtab}"
+
+
 # The training options `train` and `compare` share (None: the recipe's / the trainer's default).
 Task = Annotated[
     str | None,
@@ -85,9 +110,9 @@ Target = Annotated[
     typer.Option(
         "--target",
         "-t",
-        help="Deployment target: trt8.5, trt8.6, trt10, trt11, jetpack5, jetpack6.0, jetpack6, "
-        "jetpack7 or auto (the installed TensorRT's); see `peftx targets`.",
-        show_default="trt8.6",
+        help=f"Deployment target: {', '.join(target_names()[:-1])} or {AUTO} (the installed TensorRT's); see "
+        "`peftx targets`.",
+        show_default=DEFAULT_TARGET,
     ),
 ]
 
