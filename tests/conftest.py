@@ -245,12 +245,10 @@ def digit_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_digit_folder(tmp_path_factory.mktemp("digits_png"))
 
 
-def tiny_config(weights: Path, output: Path, **kw: Any):
-    from peftx.train import TrainConfig
-
-    base: dict[str, Any] = dict(
+def tiny_training() -> dict[str, Any]:
+    """TrainConfig fields of a short, seeded CPU run of the tiny ViT (2 epochs, batch 8, no warm-up, no dropout)."""
+    return dict(
         model=TINY_ARCH,
-        weights=str(weights),
         model_kwargs=dict(TINY_KW),
         img_size=TINY_IMG,
         epochs=2,
@@ -259,10 +257,13 @@ def tiny_config(weights: Path, output: Path, **kw: Any):
         warmup_epochs=0,
         min_lr=1e-5,
         dropout=0.0,
-        output=str(output),
         device="cpu",
         amp="off",
         seed=7,
     )
-    base.update(kw)
-    return TrainConfig(**base)
+
+
+def tiny_config(weights: Path, output: Path, **kw: Any):
+    from peftx.train import TrainConfig
+
+    return TrainConfig(**{**tiny_training(), "weights": str(weights), "output": str(output), **kw})

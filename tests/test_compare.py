@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TINY_ARCH, TINY_IMG, TINY_KW, write_digit_folder
+from conftest import tiny_training, write_digit_folder
 
 from peftx.compare import (
     COMPARE_FILE,
@@ -32,20 +32,7 @@ from peftx.compare_report import WIDTH, format_table
 from peftx.errors import OutputError, UsageError
 from peftx.train import TrainConfig
 
-SHARED = dict(
-    model=TINY_ARCH,
-    model_kwargs=dict(TINY_KW),
-    img_size=TINY_IMG,
-    epochs=2,
-    batch_size=8,
-    lr=1e-2,
-    warmup_epochs=0,
-    min_lr=1e-5,
-    dropout=0.0,
-    device="cpu",
-    amp="off",
-    seed=7,
-)
+SHARED = tiny_training()
 
 
 # The CLI builds timm's own configs (no model_kwargs): timm's 6-block, 64-wide test ViT at 32 px (4 tokens).
@@ -244,40 +231,15 @@ def test_seeds_report_mean_and_spread(tmp_path, tiny_weights, digit_folder) -> N
 def test_interrupt_keeps_finished_runs_and_rerun_resumes(tmp_path) -> None:
     """A real SIGINT to `peftx compare`: the running trainer checkpoints, the finished run stays; the same command
     again skips the finished run and resumes the interrupted one from its checkpoint."""
+    from test_cli_errors import tiny_run
     from test_interrupts import clean_env, console_script
 
     script = console_script()
     weights = write_cli_weights(tmp_path / "test_vit.safetensors")
     data = write_digit_folder(tmp_path / "digits", per_split={"train": 4, "val": 1, "test": 1})
     out = tmp_path / "cmp"
-    argv = [
-        script,
-        "compare",
-        "--methods",
-        "rlrr,lora",
-        "--model",
-        CLI_MODEL,
-        "--weights",
-        str(weights),
-        "--data",
-        str(data),
-        "--img-size",
-        str(CLI_IMG),
-        "--epochs",
-        "12",
-        "--warmup-epochs",
-        "0",
-        "-b",
-        "4",
-        "--device",
-        "cpu",
-        "--amp",
-        "off",
-        "--no-latency",
-        "--output",
-        str(out),
-        "--json",
-    ]
+    options = ["--epochs", "12", "--warmup-epochs", "0", "--amp", "off", "--no-latency", "--output", str(out), "--json"]
+    argv = [script, "compare", "--methods", "rlrr,lora", *tiny_run(weights, data, CLI_MODEL, CLI_IMG), *options]
     env = dict(clean_env(), OMP_NUM_THREADS="1")
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     lora_ckpt = out / "lora" / "seed42" / "checkpoint" / "last.safetensors"

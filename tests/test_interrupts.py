@@ -23,7 +23,13 @@ import pytest
 import torch
 from conftest import make_tiny
 from safetensors.torch import save_file
-from test_cli_errors import CLASSES, TRAIN_IMG, TRAIN_MODEL, make_tiny_run, write_digit_folder, write_train_weights
+from test_cli_errors import (
+    CLASSES,
+    make_tiny_run,
+    tiny_run,
+    write_digit_folder,
+    write_train_weights,
+)
 from typer.testing import CliRunner
 
 from peftx.cli.app import app
@@ -187,31 +193,8 @@ def test_sigint_during_train_exits_130_and_resume_completes(tmp_path):
     weights = write_train_weights(tmp_path / "vit_tiny.safetensors")
     data = write_digit_folder(tmp_path / "digits", per_split={"train": 4, "val": 1, "test": 1})
     run = tmp_path / "run"
-    argv = [
-        script,
-        "train",
-        "--model",
-        TRAIN_MODEL,
-        "--weights",
-        str(weights),
-        "--data",
-        str(data),
-        "--img-size",
-        str(TRAIN_IMG),
-        "--epochs",
-        "2",
-        "--warmup-epochs",
-        "0",
-        "-b",
-        "4",
-        "--device",
-        "cpu",
-        "--method",
-        "lora",
-        "--json",
-        "--output",
-        str(run),
-    ]
+    options = ["--epochs", "2", "--warmup-epochs", "0", "--method", "lora", "--json", "--output", str(run)]
+    argv = [script, "train", *tiny_run(weights, data), *options]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
     checkpoint = run / "checkpoint" / "last.safetensors"
     t0 = time.monotonic()
