@@ -166,6 +166,21 @@ def write_tiny_bundle(out: Path, model, *, family: str = "vit", merged=None, **o
     return write_bundle(model, copy.deepcopy(model) if merged is None else merged, out, **options)
 
 
+def photo_crops(transform) -> torch.Tensor:
+    """8 REAL images: overlapping crops of sklearn's two sample photos, each through ``transform``."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    crops = []
+    for photo in load_sample_images().images:
+        h, w, _ = photo.shape
+        crops += [
+            transform(Image.fromarray(photo[i * h // 8 : i * h // 8 + h // 2, i * w // 8 : i * w // 8 + w // 2]))
+            for i in range(4)
+        ]
+    return torch.stack(crops)
+
+
 def perturb_adapter(model, std: float = 0.2, seed: int = 1) -> None:
     """Make every trainable tensor non-trivial (zero-initialised λ / LoRA B / head would hide bugs)."""
     g = torch.Generator().manual_seed(seed)

@@ -7,11 +7,9 @@ process exactly as the command does it; the interrupt test sends a real SIGINT t
 from __future__ import annotations
 
 import json
-import signal
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -232,7 +230,7 @@ def test_interrupt_keeps_finished_runs_and_rerun_resumes(tmp_path) -> None:
     """A real SIGINT to `peftx compare`: the running trainer checkpoints, the finished run stays; the same command
     again skips the finished run and resumes the interrupted one from its checkpoint."""
     from test_cli_errors import tiny_run
-    from test_interrupts import clean_env, console_script
+    from test_interrupts import clean_env, console_script, sigint_once
 
     script = console_script()
     weights = write_cli_weights(tmp_path / "test_vit.safetensors")
@@ -240,19 +238,11 @@ def test_interrupt_keeps_finished_runs_and_rerun_resumes(tmp_path) -> None:
     out = tmp_path / "cmp"
     options = ["--epochs", "12", "--warmup-epochs", "0", "--amp", "off", "--no-latency", "--output", str(out), "--json"]
     argv = [script, "compare", "--methods", "rlrr,lora", *tiny_run(weights, data, CLI_MODEL, CLI_IMG), *options]
+    lora_ckpt = out / "lora" / "seed42" / "checkpoint" / "last.safetensors"  # lora is under way
     env = dict(clean_env(), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    lora_ckpt = out / "lora" / "seed42" / "checkpoint" / "last.safetensors"
-    t0 = time.monotonic()
-    while proc.poll() is None and not lora_ckpt.exists() and time.monotonic() - t0 < 300:
-        time.sleep(0.01)
-    if proc.poll() is not None:
-        _, err = proc.communicate()
-        pytest.fail(f"compare ended (rc {proc.returncode}) before lora was under way:\n{err[-2000:]}")
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=300)
+    returncode, stdout, stderr = sigint_once(argv, lora_ckpt, env)
     lines = [line for line in stderr.splitlines() if line.strip()]
-    assert proc.returncode == 130, stderr
+    assert returncode == 130, stderr
     assert len(lines) == 1 and lines[0].startswith("peftx: error: comparison interrupted by SIGINT at lora"), stderr
     assert "re-run the same command" in lines[0] and stdout.strip() == ""
     rlrr_summary = (out / "rlrr" / "seed42" / "summary.json").read_bytes()

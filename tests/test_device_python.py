@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny, write_tiny_bundle
+from conftest import CROP_DATA_CONFIG, make_tiny, write_tiny_bundle
 from PIL import Image
 
 from peftx.data import labelled_folder, sample_photos
@@ -30,14 +30,7 @@ from peftx.preprocess import eval_transform
 ROOT = Path(__file__).resolve().parents[1]
 STACKS = ("jp5", "new")
 CLASSES = [f"c{i}" for i in range(5)]
-DATA_CONFIG = {
-    "input_size": (3, 32, 32),
-    "interpolation": "bicubic",
-    "crop_pct": 0.9,
-    "crop_mode": "center",
-    "mean": (0.485, 0.456, 0.406),
-    "std": (0.229, 0.224, 0.225),
-}
+DATA_CONFIG = CROP_DATA_CONFIG
 # What each stack must be (a venv that silently resolved something else would not test the device's stack).
 EXPECTED = {
     "jp5": lambda v: (

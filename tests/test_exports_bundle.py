@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import CROP_DATA_CONFIG, make_tiny, write_tiny_bundle
+from conftest import CROP_DATA_CONFIG, make_tiny, photo_crops, write_tiny_bundle
 
 from peftx.errors import BackendUnavailableError, ExportError, OutputError, ParityError, UsageError
 from peftx.exports import bundle as bundle_module
@@ -49,19 +49,9 @@ def photo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
     """8 REAL images: crops of sklearn's sample photos through timm's eval transform."""
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
     from timm.data import create_transform
 
-    transform = create_transform(**DATA_CONFIG)
-    crops = []
-    for photo in load_sample_images().images:
-        h, w, _ = photo.shape
-        crops += [
-            transform(Image.fromarray(photo[i * h // 8 : i * h // 8 + h // 2, i * w // 8 : i * w // 8 + w // 2]))
-            for i in range(4)
-        ]
-    return torch.stack(crops)
+    return photo_crops(create_transform(**DATA_CONFIG))
 
 
 def make_bundle(out: Path, images: torch.Tensor, *, reference=None, **kw):

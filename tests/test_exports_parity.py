@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import make_tiny, photo_crops
 from rich.console import Console
 
 from peftx.errors import BackendUnavailableError, UsageError
@@ -24,21 +24,12 @@ SIZE = 32
 @pytest.fixture(scope="module")
 def images() -> np.ndarray:
     """8 crops of sklearn's sample photos, through timm's eval transform."""
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
     from timm.data import create_transform
 
     transform = create_transform(
         input_size=(3, SIZE, SIZE), interpolation="bicubic", crop_pct=0.9, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
     )
-    crops = []
-    for photo in load_sample_images().images:
-        h, w, _ = photo.shape
-        crops += [
-            transform(Image.fromarray(photo[i * h // 8 : i * h // 8 + h // 2, i * w // 8 : i * w // 8 + w // 2]))
-            for i in range(4)
-        ]
-    return torch.stack(crops).numpy()
+    return photo_crops(transform).numpy()
 
 
 @pytest.fixture(scope="module")
