@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from peftx.exports.targets import AUTO, DEFAULT_TARGET, target_names
 from peftx.methods.registry import method_names
+from peftx.train.recipes import DEMO, GENERIC, VTAB_1K
 
 # readable=False: peftx checks readability itself (a one-line WeightsError) instead of Click's multi-line usage error.
 Weights = Annotated[
@@ -64,6 +69,29 @@ MethodOption = Annotated[
         show_default="none",
     ),
 ]
+
+
+def _number(value: float) -> str:
+    """3e-3, 0.5, 224: a recipe's value as its table writes it."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value and abs(value) < 1e-2:
+        return f"{value:.0e}".replace("e-0", "e-")
+    return f"{value:g}"
+
+
+def recipe_default(field: str) -> str:
+    """A training option's default as the recipes (peftx.train.recipes) hold it: the demo's, your own data's (the
+    generic recipe) and VTAB-1k's (one value, or "per task"), written once where they agree."""
+    demo, own = getattr(DEMO, field), getattr(GENERIC, field)
+    vtab = {getattr(r, field) for r in VTAB_1K.values()}
+    shown_vtab = _number(next(iter(vtab))) if len(vtab) == 1 else "per task"
+    if demo == own and vtab == {own}:
+        return f"the recipe's: {_number(own)}"
+    shown = _number(own) if demo == own else f"demo {_number(demo)}, own data {_number(own)}"
+    return f"the recipe's: {shown}, VTAB {shown_vtab}"
+
+
 # The training options `train` and `compare` share (None: the recipe's / the trainer's default).
 Task = Annotated[
     str | None,
@@ -82,14 +110,15 @@ Target = Annotated[
     typer.Option(
         "--target",
         "-t",
-        help="Deployment target: trt8.5, trt8.6, trt10, trt11, jetpack5, jetpack6.0, jetpack6, "
-        "jetpack7 or auto (the installed TensorRT's); see `peftx targets`.",
-        show_default="trt8.6",
+        help=f"Deployment target: {', '.join(target_names()[:-1])} or {AUTO} (the installed TensorRT's); see "
+        "`peftx targets`.",
+        show_default=DEFAULT_TARGET,
     ),
 ]
 
 # The bundle options, declared once: every way into a bundle (`merge-export` a run or a peft adapter, `export` a plain
-# checkpoint) takes all of them, and `bundle_kwargs` turns them into the library's arguments the one same way.
+# checkpoint) takes all of them through `with_bundle_options`, and `bundle_kwargs` turns them into the library's
+# arguments the one same way.
 Batch = Annotated[str, typer.Option("--batch", help="Dynamic batch profile MIN:OPT:MAX.")]
 Precision = Annotated[
     str,
@@ -162,6 +191,22 @@ ImgSize = Annotated[
 ]
 
 
+# name -> (option, default), in the order --help lists them.
+BUNDLE_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "batch": (Batch, "1:8:32"),
+    "precision": (Precision, "fp32"),
+    "calibration": (Calibration, None),
+    "calibration_method": (CalibrationMethod, "minmax"),
+    "calibration_data": (CalibrationData, None),
+    "tensorrt": (TensorRT, "auto"),
+    "images": (BundleImages, None),
+    "accuracy_images": (AccuracyImages, "500"),
+    "no_simplify": (NoSimplify, False),
+    "target": (Target, None),
+    "force": (Force, False),
+}
+
+
 def bundle_kwargs(
     *,
     batch: str,
@@ -192,3 +237,28 @@ def bundle_kwargs(
         target=target,
         force=force,
     )
+
+
+def with_bundle_options(fn: Callable[..., None]) -> Callable[..., None]:
+    """A command that writes a bundle: its parameter ``bundle`` becomes every option of :data:`BUNDLE_OPTIONS` (in
+    its place in --help), and the command receives them as one dict, :func:`bundle_kwargs`' library arguments."""
+    signature = inspect.signature(fn, eval_str=True)
+    params = list(signature.parameters.values())
+    at = [p.name for p in params].index("bundle")
+    options = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=option, default=default)
+        for name, (option, default) in BUNDLE_OPTIONS.items()
+    ]
+    params[at : at + 1] = options
+
+    @functools.wraps(fn)
+    def command(*args: Any, **kwargs: Any) -> None:
+        chosen = {name: kwargs.pop(name) for name in BUNDLE_OPTIONS}
+        fn(*args, bundle=bundle_kwargs(**chosen), **kwargs)
+
+    # typer reads the options from the signature; every parameter keyword-only as typer passes them
+    command.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params]
+    )
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command

@@ -157,111 +157,87 @@ _WEAK_TYPED = TrtexecFlags(
     layer_output_types="--layerOutputTypes",
     explicit_batch=None,
 )
-_STRONG_TYPED = TrtexecFlags(
-    fp16=(),
-    no_tf32="--noTF32",
-    timing_cache="--timingCacheFile",
-    precision_constraints=None,
-    layer_precisions=None,
-    layer_output_types=None,
-    explicit_batch=None,
+# 11 removed the flags that weak typing needs (--fp16, --precisionConstraints, per-layer precisions and output types)
+_STRONG_TYPED = dataclasses.replace(
+    _WEAK_TYPED, fp16=(), precision_constraints=None, layer_precisions=None, layer_output_types=None
 )
 
-_PROFILES = (
-    TargetProfile(
-        name="trt8.5",
-        tensorrt="8.5",
-        tensorrt_min="8.5",
-        devices="JetPack 5.1.x (L4T 35): Xavier NX/AGX, Orin on JetPack 5 — TensorRT 8.5.2",
-        ops_file="onnx_tensorrt_ops_8.5-GA.json",
-        opset_min=9,
-        opset_max=17,
-        export_opset=16,
-        layernorm="decomposed",
-        fp16="builder_flag",
-        fp16_fp32_nodes=("layernorm",),
-        explicit_batch_flag=True,
-        cast_down=_CAST_8X,
-        io_dtypes=_IO_8X,
-        int8=_INT8_WEAK_TYPED,
-        trtexec=_WEAK_TYPED,
-        notes=(
-            "no LayerNormalization in 8.5's parser: LayerNorm is exported at opset 16 as "
-            "ReduceMean/Sub/Pow/Sqrt/Div, and FP16 builds keep that subgraph FP32 "
-            "(--precisionConstraints=obey --layerPrecisions), the known ViT FP16 overflow otherwise",
-            "trtexec 8.x always parses ONNX in explicit-batch mode; its --explicitBatch is a deprecated no-op, "
-            "so build_engine.sh passes the shape flags only",
-        ),
-    ),
-    TargetProfile(
-        name="trt8.6",
-        tensorrt="8.6",
-        tensorrt_min="8.6",
-        devices="JetPack 6.0 (L4T 36.2/36.3): Orin — TensorRT 8.6.2; desktops with TensorRT 8.6",
-        ops_file="onnx_tensorrt_ops_8.6-GA.json",
-        opset_min=9,
-        opset_max=17,
-        export_opset=17,
-        layernorm="fused",
-        fp16="builder_flag",
-        fp16_fp32_nodes=(),
-        explicit_batch_flag=True,
-        cast_down=_CAST_8X,
-        io_dtypes=_IO_8X,
-        int8=_INT8_WEAK_TYPED,
-        trtexec=_WEAK_TYPED,
-        notes=(
-            "the default: its graph (opset 17, one LayerNormalization node per LayerNorm) is the one trt10 gets "
-            "too, and it is checked against the oldest parser that takes it, so one bundle builds on JetPack 6.0, "
-            "6.1/6.2, 7 and desktop TensorRT 8.6 to 11",
-        ),
-    ),
-    TargetProfile(
-        name="trt10",
-        tensorrt="10.x",
-        tensorrt_min="10.1",
-        devices="JetPack 6.1/6.2 (L4T 36.4): Orin — TensorRT 10.3; JetPack 7.0/7.1 (Thor) — 10.13; desktops",
-        ops_file="onnx_tensorrt_ops_10.1-GA.json",
-        opset_min=9,
-        opset_max=20,
-        export_opset=17,
-        layernorm="fused",
-        fp16="builder_flag",
-        fp16_fp32_nodes=(),
-        explicit_batch_flag=False,
-        cast_down=_CAST_10X,
-        io_dtypes=_IO_10X,
-        int8=_INT8_WEAK_TYPED,
-        trtexec=_WEAK_TYPED,
-        notes=(
-            "op list: 10.1-GA, the newest 10.x branch that could be read (a lower bound for 10.3 and 10.13)",
-            "ViT FP16/FP32 regressions were reported on 10.3/10.4: check the engine's parity on the device",
-        ),
-    ),
-    TargetProfile(
-        name="trt11",
-        tensorrt="11.x",
-        tensorrt_min="11.0",
-        devices="desktops/servers with TensorRT 11; JetPack >= 7.2.2 (AGX Orin, Thor) — TensorRT 11.4",
-        ops_file="onnx_tensorrt_ops_10.15-main.json",
-        opset_min=9,
-        opset_max=24,
-        export_opset=17,
-        layernorm="fused",
-        fp16="fp16_onnx",
-        fp16_fp32_nodes=(),
-        explicit_batch_flag=False,
-        cast_down=_CAST_10X,
-        io_dtypes=_IO_10X,
-        int8=dataclasses.replace(_INT8_WEAK_TYPED, trtexec_flags=(), builder_flags=()),  # strongly typed
-        trtexec=_STRONG_TYPED,
-        notes=(
-            "strongly typed only: no --fp16/--int8/--best/--precisionConstraints; an FP16 engine is built "
-            "from model_fp16.onnx, where LayerNorm/Softmax/large-magnitude nodes are kept FP32",
-            "op list: 10.15 (main) as a stand-in, no 11.x operators.md could be read",
-        ),
+# Each release line as what it changes from the one before it (trt8.5 in full).
+_TRT8_5 = TargetProfile(
+    name="trt8.5",
+    tensorrt="8.5",
+    tensorrt_min="8.5",
+    devices="JetPack 5.1.x (L4T 35): Xavier NX/AGX, Orin on JetPack 5 — TensorRT 8.5.2",
+    ops_file="onnx_tensorrt_ops_8.5-GA.json",
+    opset_min=9,
+    opset_max=17,
+    export_opset=16,
+    layernorm="decomposed",
+    fp16="builder_flag",
+    fp16_fp32_nodes=("layernorm",),
+    explicit_batch_flag=True,
+    cast_down=_CAST_8X,
+    io_dtypes=_IO_8X,
+    int8=_INT8_WEAK_TYPED,
+    trtexec=_WEAK_TYPED,
+    notes=(
+        "no LayerNormalization in 8.5's parser: LayerNorm is exported at opset 16 as "
+        "ReduceMean/Sub/Pow/Sqrt/Div, and FP16 builds keep that subgraph FP32 "
+        "(--precisionConstraints=obey --layerPrecisions), the known ViT FP16 overflow otherwise",
+        "trtexec 8.x always parses ONNX in explicit-batch mode; its --explicitBatch is a deprecated no-op, "
+        "so build_engine.sh passes the shape flags only",
     ),
 )
+_TRT8_6 = dataclasses.replace(
+    _TRT8_5,
+    name="trt8.6",
+    tensorrt="8.6",
+    tensorrt_min="8.6",
+    devices="JetPack 6.0 (L4T 36.2/36.3): Orin — TensorRT 8.6.2; desktops with TensorRT 8.6",
+    ops_file="onnx_tensorrt_ops_8.6-GA.json",
+    export_opset=17,
+    layernorm="fused",
+    fp16_fp32_nodes=(),
+    notes=(
+        "the default: its graph (opset 17, one LayerNormalization node per LayerNorm) is the one trt10 gets "
+        "too, and it is checked against the oldest parser that takes it, so one bundle builds on JetPack 6.0, "
+        "6.1/6.2, 7 and desktop TensorRT 8.6 to 11",
+    ),
+)
+_TRT10 = dataclasses.replace(
+    _TRT8_6,
+    name="trt10",
+    tensorrt="10.x",
+    tensorrt_min="10.1",
+    devices="JetPack 6.1/6.2 (L4T 36.4): Orin — TensorRT 10.3; JetPack 7.0/7.1 (Thor) — 10.13; desktops",
+    ops_file="onnx_tensorrt_ops_10.1-GA.json",
+    opset_max=20,
+    explicit_batch_flag=False,
+    cast_down=_CAST_10X,
+    io_dtypes=_IO_10X,
+    notes=(
+        "op list: 10.1-GA, the newest 10.x branch that could be read (a lower bound for 10.3 and 10.13)",
+        "ViT FP16/FP32 regressions were reported on 10.3/10.4: check the engine's parity on the device",
+    ),
+)
+_TRT11 = dataclasses.replace(
+    _TRT10,
+    name="trt11",
+    tensorrt="11.x",
+    tensorrt_min="11.0",
+    devices="desktops/servers with TensorRT 11; JetPack >= 7.2.2 (AGX Orin, Thor) — TensorRT 11.4",
+    ops_file="onnx_tensorrt_ops_10.15-main.json",
+    opset_max=24,
+    fp16="fp16_onnx",
+    int8=dataclasses.replace(_INT8_WEAK_TYPED, trtexec_flags=(), builder_flags=()),  # strongly typed
+    trtexec=_STRONG_TYPED,
+    notes=(
+        "strongly typed only: no --fp16/--int8/--best/--precisionConstraints; an FP16 engine is built "
+        "from model_fp16.onnx, where LayerNorm/Softmax/large-magnitude nodes are kept FP32",
+        "op list: 10.15 (main) as a stand-in, no 11.x operators.md could be read",
+    ),
+)
+_PROFILES = (_TRT8_5, _TRT8_6, _TRT10, _TRT11)
 
 PROFILES: dict[str, TargetProfile] = {p.name: p for p in _PROFILES}
 DEFAULT_TARGET = "trt8.6"

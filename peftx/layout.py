@@ -133,8 +133,7 @@ def _vit_layout(model: TimmModel) -> Layout:
             lin = _need(model, f"{b}.{sub}", nn.Linear)
             fold = _fold_norm(model, lin, f"{b}.{before}" if before else None)
             linears.append(LinearSite(f"{b}.{sub}", role, fold_norm=fold))
-        for n in ("norm1", "norm2"):
-            ssf.append(SSFSite(f"{b}.{n}", _need(model, f"{b}.{n}", nn.LayerNorm).normalized_shape[0]))
+        ssf += [_layer_norm_site(model, f"{b}.{n}") for n in ("norm1", "norm2")]
     # The final norm: `norm` for token pooling, `fc_norm` after global pooling (timm makes the other an Identity);
     # neither with final_norm=False.
     for final in ("norm", "fc_norm"):
@@ -168,6 +167,21 @@ def _fold_norm(model: nn.Module, linear: nn.Linear, before: str | None) -> str |
     return before if ok else None
 
 
+def _layer_norm_site(model: nn.Module, path: str) -> SSFSite:
+    """An SSF site on a LayerNorm's output."""
+    return SSFSite(path, _need(model, path, nn.LayerNorm).normalized_shape[0])
+
+
+def _swin_block_sites(model: nn.Module, b: str) -> tuple[list[LinearSite], list[SSFSite]]:
+    """A Swin (V1 or V2) block's proj, fc1 and fc2 (no LayerNorm right before any of them, so nothing to fold) and
+    its SSF sites on norm1 and norm2."""
+    linears: list[LinearSite] = []
+    for sub, role in (("attn.proj", "proj"), ("mlp.fc1", "fc1"), ("mlp.fc2", "fc2")):
+        _need(model, f"{b}.{sub}", nn.Linear)
+        linears.append(LinearSite(f"{b}.{sub}", role))
+    return linears, [_layer_norm_site(model, f"{b}.{n}") for n in ("norm1", "norm2")]
+
+
 def _swin_layout(model: TimmModel) -> Layout:
     linears, ssf, blocks = [], [], []
     for si, stage in enumerate(model.layers):
@@ -183,12 +197,10 @@ def _swin_layout(model: TimmModel) -> Layout:
             # Swin's official RLRR shares ONE s_col across q, k, v of the fused qkv.
             linears.append(LinearSite(f"{b}.attn.qkv", "qkv", col_groups=1, row_groups=3))
             _need(model, f"{b}.attn.qkv", nn.Linear)
-            for sub, role in (("attn.proj", "proj"), ("mlp.fc1", "fc1"), ("mlp.fc2", "fc2")):
-                _need(model, f"{b}.{sub}", nn.Linear)
-                linears.append(LinearSite(f"{b}.{sub}", role))
-            for n in ("norm1", "norm2"):
-                ssf.append(SSFSite(f"{b}.{n}", _need(model, f"{b}.{n}", nn.LayerNorm).normalized_shape[0]))
-    ssf.append(SSFSite("norm", _need(model, "norm", nn.LayerNorm).normalized_shape[0]))
+            block_linears, block_ssf = _swin_block_sites(model, b)
+            linears += block_linears
+            ssf += block_ssf
+    ssf.append(_layer_norm_site(model, "norm"))
     return Layout("swin", tuple(linears), tuple(ssf), _head_path(model), tuple(blocks))
 
 
@@ -304,12 +316,10 @@ def _swinv2_layout(model: TimmModel) -> Layout:
             blocks.append(b)
             _need(model, f"{b}.attn", WindowAttention)
             linears += _qkv_sites(model, b, col_groups=1)  # one s_col for q, k, v, as official Swin RLRR
-            for sub, role in (("attn.proj", "proj"), ("mlp.fc1", "fc1"), ("mlp.fc2", "fc2")):
-                _need(model, f"{b}.{sub}", nn.Linear)
-                linears.append(LinearSite(f"{b}.{sub}", role))
-            for n in ("norm1", "norm2"):
-                ssf.append(SSFSite(f"{b}.{n}", _need(model, f"{b}.{n}", nn.LayerNorm).normalized_shape[0]))
-    ssf.append(SSFSite("norm", _need(model, "norm", nn.LayerNorm).normalized_shape[0]))
+            block_linears, block_ssf = _swin_block_sites(model, b)
+            linears += block_linears
+            ssf += block_ssf
+    ssf.append(_layer_norm_site(model, "norm"))
     return Layout("swinv2", tuple(linears), tuple(ssf), _head_path(model), tuple(blocks))
 
 

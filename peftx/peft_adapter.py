@@ -77,6 +77,19 @@ _COMMON_OPTIONS = frozenset(
         "layers_pattern",
     }
 )
+# LoHa's options, which LoKr shares (both are peft's LyCORIS adapters).
+_LYCORIS_OPTIONS = frozenset(
+    {
+        "r",
+        "alpha",
+        "rank_dropout",
+        "module_dropout",
+        "use_effective_conv2d",
+        "init_weights",
+        "rank_pattern",
+        "alpha_pattern",
+    }
+)
 # Per type: options that may take any value, because merge_and_unload folds them exactly (or they act only while
 # training: dropout, init settings, which the saved tensors overwrite). Every OTHER option must keep its off value.
 _FREE_OPTIONS = {
@@ -103,33 +116,8 @@ _FREE_OPTIONS = {
         }
     ),
     "IA3": frozenset({"feedforward_modules", "fan_in_fan_out", "init_ia3_weights"}),
-    "LOHA": frozenset(
-        {
-            "r",
-            "alpha",
-            "rank_dropout",
-            "module_dropout",
-            "use_effective_conv2d",
-            "init_weights",
-            "rank_pattern",
-            "alpha_pattern",
-        }
-    ),
-    "LOKR": frozenset(
-        {
-            "r",
-            "alpha",
-            "rank_dropout",
-            "module_dropout",
-            "use_effective_conv2d",
-            "init_weights",
-            "rank_pattern",
-            "alpha_pattern",
-            "decompose_both",
-            "decompose_factor",
-            "rank_dropout_scale",
-        }
-    ),
+    "LOHA": _LYCORIS_OPTIONS,
+    "LOKR": _LYCORIS_OPTIONS | {"decompose_both", "decompose_factor", "rank_dropout_scale"},
 }
 _REFUSED_OPTIONS = {
     "layer_replication": "it duplicates layers, so the merged model is not the timm architecture",

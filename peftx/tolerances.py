@@ -5,16 +5,21 @@ A comparison names the tolerance it used, so a report can say which bound applie
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, replace
 
 
 @dataclass(frozen=True)
 class Tolerance:
+    """A bound on one comparison. The defaults are an FP32 comparison of the same function: no error allowed unless
+    a bound says so, every top-1 equal, cosine to five nines (what rounding alone leaves); each tolerance below states
+    only the values it changes, next to its reason."""
+
     name: str
-    atol: float  # absolute bound on max |a - b|
-    rel_to_max: float  # additionally allowed: rel_to_max * max|reference| (0 disables)
-    min_top1: float  # required top-1 agreement, fraction in [0, 1]
-    min_cosine: float  # required cosine similarity of the flattened outputs
+    _: KW_ONLY
+    atol: float = 0.0  # absolute bound on max |a - b|
+    rel_to_max: float = 0.0  # additionally allowed: rel_to_max * max|reference| (0 disables)
+    min_top1: float = 1.0  # required top-1 agreement, fraction in [0, 1]
+    min_cosine: float = 0.99999  # required cosine similarity of the flattened outputs
     reason: str
 
     def bound(self, ref_max_abs: float) -> float:
@@ -28,12 +33,7 @@ class Tolerance:
 # differed by 1.27e-5 on an AVX2 EPYC, FP32 re-association, not a wrong merge. merge-export therefore bounds the
 # merge by the noise it measures (MERGE_FP32_MEASURED below).
 MERGE_FP32 = Tolerance(
-    "merge_fp32",
-    atol=0.0,
-    rel_to_max=1e-5,
-    min_top1=1.0,
-    min_cosine=0.99999,
-    reason="exact closed-form merge; only FP32 re-association error remains",
+    "merge_fp32", rel_to_max=1e-5, reason="exact closed-form merge; only FP32 re-association error remains"
 )
 
 # ONNX Runtime FP32 vs the unmerged PyTorch model. transformers' ViT/Swin ONNX configs use atol 1e-4; ORT and PyTorch
@@ -41,9 +41,6 @@ MERGE_FP32 = Tolerance(
 ONNX_FP32 = Tolerance(
     "onnxruntime_fp32",
     atol=1e-4,
-    rel_to_max=0.0,
-    min_top1=1.0,
-    min_cosine=0.99999,
     reason="transformers' ONNX config atol for ViT/Swin; different kernels, same FP32 math",
 )
 
@@ -65,12 +62,10 @@ class NoiseBound:
     reason: str
 
     def tolerance(self, noise: float) -> Tolerance:
-        return Tolerance(
-            self.name,
+        return replace(
+            self.floor,
+            name=self.name,
             atol=max(self.floor.atol, self.factor * noise),
-            rel_to_max=self.floor.rel_to_max,
-            min_top1=self.floor.min_top1,
-            min_cosine=self.floor.min_cosine,
             reason=f"{self.reason}; measured FP32 noise {noise:.3g} x {self.factor:g}",
         )
 
@@ -84,9 +79,7 @@ class NoiseBound:
 MERGE_FP32_MEASURED = NoiseBound(
     "merge_fp32_measured",
     factor=8.0,
-    floor=Tolerance(
-        "merge_fp32_floor", atol=0.0, rel_to_max=1e-6, min_top1=1.0, min_cosine=0.99999, reason="FP32 ulps"
-    ),
+    floor=Tolerance("merge_fp32_floor", rel_to_max=1e-6, reason="FP32 ulps"),
     reason="exact closed-form merge; only FP32 re-association error remains, bounded by the noise this run measured",
 )
 
@@ -118,12 +111,7 @@ FP16 = Tolerance(
 # TensorRT FP32 engine vs unmerged PyTorch: TF32 is disabled by peftx's builder config, but TensorRT picks other GEMM
 # tactics and fuses LayerNorm/GELU; Polygraphy's 1e-5 default is too tight for a 12-block ViT, ONNX's 1e-4 suits.
 TENSORRT_FP32 = Tolerance(
-    "tensorrt_fp32",
-    atol=1e-4,
-    rel_to_max=1e-5,
-    min_top1=1.0,
-    min_cosine=0.99999,
-    reason="FP32 with fused kernels and other GEMM tactics than PyTorch",
+    "tensorrt_fp32", atol=1e-4, rel_to_max=1e-5, reason="FP32 with fused kernels and other GEMM tactics than PyTorch"
 )
 
 # Folding Swin's PatchMerging shift into the preceding LayerNorm solves W x = f in float64; its residual must be at
@@ -138,12 +126,7 @@ ORTHOGONALITY_FP32 = 1e-5
 # order of FP32 operations inside LayerNorm differs (~1e-6 measured on tiny ViT/Swin). 1e-4 is issue 10's contract,
 # transformers' ONNX atol for ViT/Swin.
 TARGET_EXPORT_FP32 = Tolerance(
-    "target_export_fp32",
-    atol=1e-4,
-    rel_to_max=0.0,
-    min_top1=1.0,
-    min_cosine=0.99999,
-    reason="same function, LayerNorm fused vs decomposed: FP32 re-association only",
+    "target_export_fp32", atol=1e-4, reason="same function, LayerNorm fused vs decomposed: FP32 re-association only"
 )
 
 # A peftx low-rank adapter written as a peft LoRA (the same factors, peft scaling 1) and loaded by peft, vs the peftx
@@ -154,7 +137,6 @@ PEFT_CONVERSION_FP32 = Tolerance(
     "peft_conversion_fp32",
     atol=1e-6,
     rel_to_max=1e-6,
-    min_top1=1.0,
     min_cosine=0.999999,
     reason="exact re-parametrisation; only FP32 re-association error remains",
 )
@@ -169,9 +151,6 @@ PEFT_CONVERSION_FP32 = Tolerance(
 DEEPSTREAM_GRAPH_FP32 = Tolerance(
     "deepstream_graph_fp32",
     atol=1e-5,
-    rel_to_max=0.0,
-    min_top1=1.0,
-    min_cosine=0.99999,
     reason="same float32 normalisation in the graph as in numpy; softmax rounding only",
 )
 
@@ -186,7 +165,6 @@ DEEPSTREAM_GRAPH_FP32 = Tolerance(
 DEEPSTREAM_RESIZE = Tolerance(
     "deepstream_resize",
     atol=0.25,
-    rel_to_max=0.0,
     min_top1=0.9,
     min_cosine=0.0,
     reason="nvinfer scales without antialiasing: probabilities move by design; a regression bound, not a promise",
@@ -268,12 +246,7 @@ INT8 = Tolerance(
 # GEMM / reduction kernels (cuBLAS blocking and split-K, another summation order), ~1e-6 relative per layer over
 # 12+ blocks. ONNX Runtime's FP32 contract (1e-4) as a fraction of the logit scale leaves that two orders of headroom.
 CUDA_VS_CPU_FP32 = Tolerance(
-    "cuda_vs_cpu_fp32",
-    atol=0.0,
-    rel_to_max=1e-4,
-    min_top1=1.0,
-    min_cosine=0.99999,
-    reason="same FP32 math (TF32 off) through other kernels and summation orders",
+    "cuda_vs_cpu_fp32", rel_to_max=1e-4, reason="same FP32 math (TF32 off) through other kernels and summation orders"
 )
 
 # The MERGED model under bf16 autocast vs the UNMERGED model in FP32. bf16 keeps 8 significant bits (unit roundoff
@@ -285,7 +258,6 @@ CUDA_VS_CPU_FP32 = Tolerance(
 # so the argmax is a near-tie that any rounding flips; the cosine of the logit vectors carries the direction.
 MERGE_BF16_AUTOCAST = Tolerance(
     "merge_bf16_autocast",
-    atol=0.0,
     rel_to_max=5e-2,
     min_top1=0.0,
     min_cosine=0.995,
@@ -297,7 +269,6 @@ MERGE_BF16_AUTOCAST = Tolerance(
 # Inf / NaN, which fails the finite check.
 MERGE_FP16_AUTOCAST = Tolerance(
     "merge_fp16_autocast",
-    atol=0.0,
     rel_to_max=1e-2,
     min_top1=0.0,
     min_cosine=0.9995,
@@ -328,7 +299,6 @@ TRAIN_LOSS_FALL_QUICK = 0.95
 # covers half precision and still flags a wrong graph, whose error is of the order of the logits themselves.
 COMPILED_VS_EAGER = Tolerance(
     "compiled_vs_eager",
-    atol=0.0,
     rel_to_max=3e-2,
     min_top1=0.0,
     min_cosine=0.99,

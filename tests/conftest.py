@@ -112,6 +112,17 @@ def make_tiny(family: str, seed: int = 0, num_classes: int = NUM_CLASSES):
     return model
 
 
+# The bundles built from real photo files: a 32 px center crop (crop_pct 0.9) with ImageNet's mean and std.
+CROP_DATA_CONFIG = {
+    "input_size": (3, 32, 32),
+    "interpolation": "bicubic",
+    "crop_pct": 0.9,
+    "crop_mode": "center",
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+}
+
+
 def tiny_data_cfg(family: str) -> dict:
     s = tiny_spec(family)[1]["img_size"]
     return {
@@ -128,6 +139,46 @@ def real_batch(family: str, n: int = 6, seed: int = 0) -> torch.Tensor:
     from peftx.data import real_images
 
     return real_images(n, tiny_data_cfg(family), seed=seed)
+
+
+# A test bundle's usual settings: the tiny model's 5 classes, 8 real images, batch 1:4:8, no TensorRT, no onnxslim.
+TINY_BUNDLE = dict(
+    class_names=[f"c{i}" for i in range(NUM_CLASSES)],
+    provenance={"method": "test"},
+    batch=(1, 4, 8),
+    precision="fp32",
+    tensorrt="off",
+    simplify=False,
+)
+
+
+def write_tiny_bundle(out: Path, model, *, family: str = "vit", merged=None, **options: Any):
+    """``write_bundle`` of ``model`` (its merged twin: a copy unless given) into ``out`` with :data:`TINY_BUNDLE`'s
+    settings and the family's tiny data config and real images; ``options`` override any of them."""
+    import copy
+
+    from peftx.exports.bundle import write_bundle
+
+    cfg = options.pop("data_config", None) or tiny_data_cfg(family)
+    options = {"input_size": cfg["input_size"], "data_config": cfg, **TINY_BUNDLE, **options}
+    if "images" not in options:
+        options["images"] = real_batch(family, n=8)
+    return write_bundle(model, copy.deepcopy(model) if merged is None else merged, out, **options)
+
+
+def photo_crops(transform) -> torch.Tensor:
+    """8 REAL images: overlapping crops of sklearn's two sample photos, each through ``transform``."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    crops = []
+    for photo in load_sample_images().images:
+        h, w, _ = photo.shape
+        crops += [
+            transform(Image.fromarray(photo[i * h // 8 : i * h // 8 + h // 2, i * w // 8 : i * w // 8 + w // 2]))
+            for i in range(4)
+        ]
+    return torch.stack(crops)
 
 
 def perturb_adapter(model, std: float = 0.2, seed: int = 1) -> None:
@@ -209,12 +260,10 @@ def digit_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_digit_folder(tmp_path_factory.mktemp("digits_png"))
 
 
-def tiny_config(weights: Path, output: Path, **kw: Any):
-    from peftx.train import TrainConfig
-
-    base: dict[str, Any] = dict(
+def tiny_training() -> dict[str, Any]:
+    """TrainConfig fields of a short, seeded CPU run of the tiny ViT (2 epochs, batch 8, no warm-up, no dropout)."""
+    return dict(
         model=TINY_ARCH,
-        weights=str(weights),
         model_kwargs=dict(TINY_KW),
         img_size=TINY_IMG,
         epochs=2,
@@ -223,10 +272,13 @@ def tiny_config(weights: Path, output: Path, **kw: Any):
         warmup_epochs=0,
         min_lr=1e-5,
         dropout=0.0,
-        output=str(output),
         device="cpu",
         amp="off",
         seed=7,
     )
-    base.update(kw)
-    return TrainConfig(**base)
+
+
+def tiny_config(weights: Path, output: Path, **kw: Any):
+    from peftx.train import TrainConfig
+
+    return TrainConfig(**{**tiny_training(), "weights": str(weights), "output": str(output), **kw})

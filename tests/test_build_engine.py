@@ -13,7 +13,6 @@ never from exports/targets.py, so a wrong table in targets.py cannot make its ow
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -21,11 +20,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import make_tiny, real_batch, tiny_data_cfg
+from conftest import make_tiny, write_tiny_bundle
 from trtexec_stand_in import RELEASES, install, load
 
 from peftx.errors import ParityError
-from peftx.exports.bundle import read_bundle, write_bundle
+from peftx.exports.bundle import read_bundle
 from peftx.exports.layernorm import decomposed_layernorms
 from peftx.exports.targets import all_targets, profile_for_tensorrt, version_tuple
 from peftx.exports.templates.infer import engine_problems, parse_l4t
@@ -50,23 +49,7 @@ def has(release: str, option: str) -> bool:
 
 
 def _bundle(out: Path, target: str | None) -> Path:
-    reference = make_tiny("vit", seed=4)
-    cfg = tiny_data_cfg("vit")
-    write_bundle(
-        reference,
-        copy.deepcopy(reference),
-        out,
-        input_size=cfg["input_size"],
-        data_config=cfg,
-        class_names=[f"c{i}" for i in range(5)],
-        provenance={"method": "test"},
-        images=real_batch("vit", n=8),
-        batch=(1, 4, 8),
-        precision="fp16",
-        tensorrt="off",
-        simplify=False,
-        target=target,
-    )
+    write_tiny_bundle(out, make_tiny("vit", seed=4), precision="fp16", target=target)
     return out
 
 
@@ -131,7 +114,6 @@ def int8_bundles(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("build_engine_int8")
     reference = make_tiny("vit", seed=4)
-    cfg = tiny_data_cfg("vit")
     # small sets (the gate's statistics are test_int8.py's business): 40 labelled crops, the 32 calibration needs
     accuracy_set = select(_labelled(reference, "vit", 40, seed=1), "crops", None)
     request = _request(_labelled(reference, "vit", 32, seed=2))
@@ -139,19 +121,10 @@ def int8_bundles(tmp_path_factory) -> dict[str, Path]:
     for target in all_targets():
         out[target.name] = root / target.name
         try:
-            write_bundle(
-                reference,
-                copy.deepcopy(reference),
+            write_tiny_bundle(
                 out[target.name],
-                input_size=cfg["input_size"],
-                data_config=cfg,
-                class_names=[f"c{i}" for i in range(5)],
-                provenance={"method": "test"},
-                images=real_batch("vit", n=8),
-                batch=(1, 4, 8),
+                reference,
                 precision="int8",
-                tensorrt="off",
-                simplify=False,
                 target=target.name,
                 accuracy_set=accuracy_set,
                 int8=request,

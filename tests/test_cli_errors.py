@@ -154,30 +154,16 @@ def env(tmp_path_factory) -> Env:
 # ---------------------------------------------------------------------------------------------------- argv builders
 
 
+def tiny_run(weights: Path | str, data: Path | str, model: str = TRAIN_MODEL, img_size: int = TRAIN_IMG) -> list[str]:
+    """A tiny run's options, `train`'s and `compare`'s alike: the model, its weights, the data and image size, batch
+    4, on the CPU."""
+    where = ["--model", model, "--weights", str(weights), "--data", str(data), "--img-size", str(img_size)]
+    return [*where, "-b", "4", "--device", "cpu"]
+
+
 def train(e: Env, t: Path, *extra: str, data: Path | str | None = None, weights: Path | str | None = None) -> list[str]:
-    return [
-        "train",
-        "--model",
-        TRAIN_MODEL,
-        "--weights",
-        str(weights or e.train_weights),
-        "--data",
-        str(data or e.folder),
-        "--img-size",
-        str(TRAIN_IMG),
-        "--epochs",
-        "1",
-        "--warmup-epochs",
-        "0",
-        "-b",
-        "4",
-        "--device",
-        "cpu",
-        "--json",
-        "--output",
-        str(t / "out"),
-        *extra,
-    ]
+    run = tiny_run(weights or e.train_weights, data or e.folder)
+    return ["train", *run, "--epochs", "1", "--warmup-epochs", "0", "--json", "--output", str(t / "out"), *extra]
 
 
 def export(e: Env, t: Path, source: Path | None = None, *extra: str) -> list[str]:

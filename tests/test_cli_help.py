@@ -74,6 +74,29 @@ def test_hidden_aliases_are_hidden_but_accepted() -> None:
         assert any(alias in p.opts and p.hidden for p in cmd.params)
 
 
+def test_help_values_are_read_from_the_recipes_and_targets() -> None:
+    """The defaults `--help` shows for training options and the target list are derived from peftx.train.recipes and
+    exports/targets.py, so a changed recipe or a new target shows up in the help without editing it."""
+    from peftx.cli.options import recipe_default
+    from peftx.exports.targets import DEFAULT_TARGET, target_names
+    from peftx.train.recipes import DEMO, GENERIC, VTAB_1K
+
+    train = {p.name: p for p in GROUP.commands["train"].params}  # type: ignore[attr-defined]
+    for field in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "min_lr", "dropout", "img_size"):
+        assert train[field].show_default == recipe_default(field), field
+    assert train["hflip"].show_default == recipe_default("hflip")
+    vtab_epochs = {r.epochs for r in VTAB_1K.values()}
+    assert len(vtab_epochs) == 1
+    assert (
+        recipe_default("epochs")
+        == f"the recipe's: demo {DEMO.epochs}, own data {GENERIC.epochs}, VTAB {vtab_epochs.pop()}"
+    )
+    assert recipe_default("lr").endswith("VTAB per task")  # the paper's lr differs per task
+    target = next(p for p in GROUP.commands["merge-export"].params if p.name == "target")  # type: ignore[attr-defined]
+    assert target.show_default == DEFAULT_TARGET
+    assert all(name in target.help for name in target_names())
+
+
 def test_version() -> None:
     res = CliRunner().invoke(app, ["--version"])
     assert res.exit_code == 0 and res.stdout.strip() == f"peftx {__version__}"

@@ -7,16 +7,14 @@ process exactly as the command does it; the interrupt test sends a real SIGINT t
 from __future__ import annotations
 
 import json
-import signal
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TINY_ARCH, TINY_IMG, TINY_KW, write_digit_folder
+from conftest import tiny_training, write_digit_folder
 
 from peftx.compare import (
     COMPARE_FILE,
@@ -32,20 +30,7 @@ from peftx.compare_report import WIDTH, format_table
 from peftx.errors import OutputError, UsageError
 from peftx.train import TrainConfig
 
-SHARED = dict(
-    model=TINY_ARCH,
-    model_kwargs=dict(TINY_KW),
-    img_size=TINY_IMG,
-    epochs=2,
-    batch_size=8,
-    lr=1e-2,
-    warmup_epochs=0,
-    min_lr=1e-5,
-    dropout=0.0,
-    device="cpu",
-    amp="off",
-    seed=7,
-)
+SHARED = tiny_training()
 
 
 # The CLI builds timm's own configs (no model_kwargs): timm's 6-block, 64-wide test ViT at 32 px (4 tokens).
@@ -244,53 +229,20 @@ def test_seeds_report_mean_and_spread(tmp_path, tiny_weights, digit_folder) -> N
 def test_interrupt_keeps_finished_runs_and_rerun_resumes(tmp_path) -> None:
     """A real SIGINT to `peftx compare`: the running trainer checkpoints, the finished run stays; the same command
     again skips the finished run and resumes the interrupted one from its checkpoint."""
-    from test_interrupts import clean_env, console_script
+    from test_cli_errors import tiny_run
+    from test_interrupts import clean_env, console_script, sigint_once
 
     script = console_script()
     weights = write_cli_weights(tmp_path / "test_vit.safetensors")
     data = write_digit_folder(tmp_path / "digits", per_split={"train": 4, "val": 1, "test": 1})
     out = tmp_path / "cmp"
-    argv = [
-        script,
-        "compare",
-        "--methods",
-        "rlrr,lora",
-        "--model",
-        CLI_MODEL,
-        "--weights",
-        str(weights),
-        "--data",
-        str(data),
-        "--img-size",
-        str(CLI_IMG),
-        "--epochs",
-        "12",
-        "--warmup-epochs",
-        "0",
-        "-b",
-        "4",
-        "--device",
-        "cpu",
-        "--amp",
-        "off",
-        "--no-latency",
-        "--output",
-        str(out),
-        "--json",
-    ]
+    options = ["--epochs", "12", "--warmup-epochs", "0", "--amp", "off", "--no-latency", "--output", str(out), "--json"]
+    argv = [script, "compare", "--methods", "rlrr,lora", *tiny_run(weights, data, CLI_MODEL, CLI_IMG), *options]
+    lora_ckpt = out / "lora" / "seed42" / "checkpoint" / "last.safetensors"  # lora is under way
     env = dict(clean_env(), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    lora_ckpt = out / "lora" / "seed42" / "checkpoint" / "last.safetensors"
-    t0 = time.monotonic()
-    while proc.poll() is None and not lora_ckpt.exists() and time.monotonic() - t0 < 300:
-        time.sleep(0.01)
-    if proc.poll() is not None:
-        _, err = proc.communicate()
-        pytest.fail(f"compare ended (rc {proc.returncode}) before lora was under way:\n{err[-2000:]}")
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=300)
+    returncode, stdout, stderr = sigint_once(argv, lora_ckpt, env)
     lines = [line for line in stderr.splitlines() if line.strip()]
-    assert proc.returncode == 130, stderr
+    assert returncode == 130, stderr
     assert len(lines) == 1 and lines[0].startswith("peftx: error: comparison interrupted by SIGINT at lora"), stderr
     assert "re-run the same command" in lines[0] and stdout.strip() == ""
     rlrr_summary = (out / "rlrr" / "seed42" / "summary.json").read_bytes()

@@ -13,7 +13,6 @@ file the config names runs under ONNX Runtime. infer.py runs as shipped.
 from __future__ import annotations
 
 import configparser
-import copy
 import json
 import re
 import shutil
@@ -24,11 +23,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import make_tiny, real_batch, tiny_data_cfg
+from conftest import make_tiny, real_batch, tiny_data_cfg, write_tiny_bundle
 from PIL import Image
 
 from peftx.exports.accuracy import load_infer_module
-from peftx.exports.bundle import write_bundle
 from peftx.exports.deepstream import (
     DEEPSTREAM_ONNX,
     build_onnx,
@@ -123,21 +121,7 @@ def _bundle(out: Path, *, precision: str = "fp32", target: str | None = None, in
     with torch.no_grad():  # a decisive head: probabilities well away from uniform, so resize effects show
         model.head.weight.mul_(8.0)
     cfg = {**tiny_data_cfg("vit"), "crop_mode": "squash", "interpolation": interpolation}
-    write_bundle(
-        model,
-        copy.deepcopy(model),
-        out,
-        input_size=cfg["input_size"],
-        data_config=cfg,
-        class_names=CLASSES,
-        provenance={"method": "test"},
-        images=real_batch("vit", n=8),
-        batch=(1, 4, 8),
-        precision=precision,
-        tensorrt="off",
-        simplify=False,
-        target=target,
-    )
+    write_tiny_bundle(out, model, data_config=cfg, class_names=CLASSES, precision=precision, target=target)
     return out
 
 

@@ -9,7 +9,6 @@ interpreter of this suite (the lock's stack) is the yardstick each device stack'
 
 from __future__ import annotations
 
-import copy
 import re
 import shutil
 import subprocess
@@ -19,27 +18,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import CROP_DATA_CONFIG, make_tiny, write_tiny_bundle
 from PIL import Image
 
 from peftx.data import labelled_folder, sample_photos
 from peftx.errors import ParityError
 from peftx.exports import int8
 from peftx.exports.accuracy import select
-from peftx.exports.bundle import write_bundle
 from peftx.preprocess import eval_transform
 
 ROOT = Path(__file__).resolve().parents[1]
 STACKS = ("jp5", "new")
 CLASSES = [f"c{i}" for i in range(5)]
-DATA_CONFIG = {
-    "input_size": (3, 32, 32),
-    "interpolation": "bicubic",
-    "crop_pct": 0.9,
-    "crop_mode": "center",
-    "mean": (0.485, 0.456, 0.406),
-    "std": (0.229, 0.224, 0.225),
-}
+DATA_CONFIG = CROP_DATA_CONFIG
 # What each stack must be (a venv that silently resolved something else would not test the device's stack).
 EXPECTED = {
     "jp5": lambda v: (
@@ -150,19 +141,13 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     calibration = int8.select_calibration(dataset, dataset.targets, 48, 0, "photo crops")
     out = tmp_path_factory.mktemp("bundles") / "bundle"
     try:
-        write_bundle(
-            model,
-            copy.deepcopy(model),
+        write_tiny_bundle(
             out,
-            input_size=DATA_CONFIG["input_size"],
+            model,
             data_config=DATA_CONFIG,
             class_names=CLASSES,
-            provenance={"method": "test"},
             images=torch.stack([transform(c) for c in crops[:8]]),
-            batch=(1, 4, 8),
             precision="int8",
-            tensorrt="off",
-            simplify=False,
             accuracy_set=select(dataset, "photo crops", None),
             int8=calibration,
         )
@@ -305,18 +290,13 @@ def jpeg_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
             Image.fromarray(pixels).save(folder / name / f"d{i}.png")
     dataset = labelled_folder(folder, ["a", "b"], DATA_CONFIG)
     out = tmp_path_factory.mktemp("jpeg-bundle") / "bundle"
-    write_bundle(
-        model,
-        copy.deepcopy(model),
+    write_tiny_bundle(
         out,
-        input_size=DATA_CONFIG["input_size"],
+        model,
         data_config=DATA_CONFIG,
         class_names=["a", "b"],
-        provenance={"method": "test"},
         images=torch.stack([dataset[i][0] for i in range(4)]),
         batch=(1, 2, 4),
-        tensorrt="off",
-        simplify=False,
         accuracy_set=select(dataset, "photo crops and digits", None),
     )
     raw = sorted(p.suffix for p in (out / "reference").iterdir())

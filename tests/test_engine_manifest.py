@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny, real_batch, tiny_data_cfg
+from conftest import make_tiny, real_batch, write_tiny_bundle
 
 from peftx.errors import ExportError
 from peftx.exports import tensorrt as trt_module
 from peftx.exports.bundle import artifacts as bundle_artifacts
-from peftx.exports.bundle import read_bundle, validate_bundle, write_bundle
+from peftx.exports.bundle import read_bundle, validate_bundle
 from peftx.exports.templates.infer import (
     _release,
     engine_problems,
@@ -155,23 +155,8 @@ def test_l4t_and_jetson_model_are_read_from_the_files_a_jetson_has(tmp_path):
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
-    reference = make_tiny("vit", seed=6)
-    cfg = tiny_data_cfg("vit")
     out = tmp_path_factory.mktemp("manifest") / "b"
-    write_bundle(
-        reference,
-        copy.deepcopy(reference),
-        out,
-        input_size=cfg["input_size"],
-        data_config=cfg,
-        class_names=[f"c{i}" for i in range(5)],
-        provenance={"method": "test"},
-        images=real_batch("vit", n=8),
-        batch=(1, 4, 8),
-        precision="fp32",
-        tensorrt="off",
-        simplify=False,
-    )
+    write_tiny_bundle(out, make_tiny("vit", seed=6))
     return out
 
 
@@ -359,21 +344,8 @@ def test_a_real_tensorrt_8_5_target_fp16_build_pins_its_layernorm(tmp_path):
     pytest.importorskip("tensorrt")
     if not torch.cuda.is_available():
         pytest.skip("TensorRT needs a CUDA GPU")
-    reference = make_tiny("vit", seed=6)
-    cfg = tiny_data_cfg("vit")
-    report = write_bundle(
-        reference,
-        copy.deepcopy(reference),
-        tmp_path / "b",
-        input_size=cfg["input_size"],
-        data_config=cfg,
-        class_names=[f"c{i}" for i in range(5)],
-        provenance={"method": "test"},
-        images=real_batch("vit", n=8),
-        batch=(1, 4, 8),
-        precision="fp16",
-        tensorrt="on",
-        target="jetpack5",
+    report = write_tiny_bundle(
+        tmp_path / "b", make_tiny("vit", seed=6), precision="fp16", tensorrt="on", simplify=True, target="jetpack5"
     )
     manifest = json.loads((tmp_path / "b" / "model.engine.json").read_text())
     assert manifest["fp32_layers"] == len(report.fp32_nodes) == 35

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import timm
 import torch
+from conftest import CROP_DATA_CONFIG, make_tiny, photo_crops, write_tiny_bundle
 
 from peftx.errors import BackendUnavailableError, ExportError, OutputError, ParityError, UsageError
 from peftx.exports import bundle as bundle_module
@@ -27,30 +27,15 @@ from peftx.exports.bundle import (
     read_bundle,
     render_build_script,
     validate_bundle,
-    write_bundle,
 )
 from peftx.exports.tensorrt import tensorrt_available
 from peftx.exports.tensorrt_ops import ReadinessReport, TargetReadiness
 
 SIZE = 32
 CLASSES = ["cat", "dog", "fox", "owl", "yak"]
-DATA_CONFIG = {
-    "input_size": (3, SIZE, SIZE),
-    "interpolation": "bicubic",
-    "crop_pct": 0.9,
-    "crop_mode": "center",
-    "mean": (0.485, 0.456, 0.406),
-    "std": (0.229, 0.224, 0.225),
-}
+DATA_CONFIG = CROP_DATA_CONFIG
 PROVENANCE = {"method": "test", "base_model": "vit_tiny_patch16_224", "adapter_sha256": "0" * 64}
 BATCH = (1, 4, 16)
-
-
-def tiny_vit(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=SIZE, depth=2, num_classes=5, exportable=True
-    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -66,26 +51,13 @@ def photo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
     """8 REAL images: crops of sklearn's sample photos through timm's eval transform."""
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
     from timm.data import create_transform
 
-    transform = create_transform(**DATA_CONFIG)
-    crops = []
-    for photo in load_sample_images().images:
-        h, w, _ = photo.shape
-        crops += [
-            transform(Image.fromarray(photo[i * h // 8 : i * h // 8 + h // 2, i * w // 8 : i * w // 8 + w // 2]))
-            for i in range(4)
-        ]
-    return torch.stack(crops)
+    return photo_crops(create_transform(**DATA_CONFIG))
 
 
-def make_bundle(out: Path, images: torch.Tensor, *, reference=None, merged=None, **kw):
-    reference = reference if reference is not None else tiny_vit()
-    merged = merged if merged is not None else copy.deepcopy(reference)
+def make_bundle(out: Path, images: torch.Tensor, *, reference=None, **kw):
     options = dict(
-        input_size=(3, SIZE, SIZE),
         data_config=DATA_CONFIG,
         class_names=CLASSES,
         provenance=PROVENANCE,
@@ -93,8 +65,9 @@ def make_bundle(out: Path, images: torch.Tensor, *, reference=None, merged=None,
         batch=BATCH,
         precision="fp16",
         tensorrt="auto",
+        simplify=True,
     )
-    return write_bundle(reference, merged, out, **{**options, **kw})
+    return write_tiny_bundle(out, make_tiny("vit") if reference is None else reference, **{**options, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -309,7 +282,7 @@ def test_force_replaces_a_bundle_but_never_a_foreign_directory(built, images, tm
 
 
 def test_failed_parity_writes_a_failed_bundle_then_raises(images, tmp_path):
-    reference = tiny_vit()
+    reference = make_tiny("vit")
     merged = copy.deepcopy(reference)
     with torch.no_grad():
         merged.blocks[0].attn.proj.weight[3, 5] += 1.0
@@ -330,21 +303,21 @@ def test_validate_detects_a_tampered_model(built, images, tmp_path):
     with open(out / "model.onnx", "ab") as f:
         f.write(b"\0")
     with pytest.raises(ExportError, match=r"model\.onnx \(sha256 differs\)"):
-        validate_bundle(out, tiny_vit(), images)
+        validate_bundle(out, make_tiny("vit"), images)
     (out / "model_fp16.onnx").unlink()
     with pytest.raises(ExportError, match=r"model_fp16\.onnx \(missing\)"):
-        validate_bundle(out, tiny_vit(), images)
+        validate_bundle(out, make_tiny("vit"), images)
 
 
 def test_validate_reruns_parity_and_rewrites_the_report(built, images, tmp_path):
     out = copy_of(built, tmp_path)
     (out / "parity.json").unlink()
-    report = validate_bundle(out, tiny_vit(), images)
+    report = validate_bundle(out, make_tiny("vit"), images)
     assert report.passed
     assert json.loads((out / "parity.json").read_text())["passed"] is True
     assert read_bundle(out)["status"] == "ok"
     with pytest.raises(ParityError):
-        validate_bundle(out, tiny_vit(seed=1), images)  # another model is not this bundle's reference
+        validate_bundle(out, make_tiny("vit", seed=1), images)  # another model is not this bundle's reference
     assert json.loads((out / "parity.json").read_text())["passed"] is False
     assert read_bundle(out)["status"] == "failed"
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]

@@ -7,8 +7,8 @@ import json
 
 import numpy as np
 import pytest
-import timm
 import torch
+from conftest import make_tiny, photo_crops
 from rich.console import Console
 
 from peftx.errors import BackendUnavailableError, UsageError
@@ -21,31 +21,15 @@ from peftx.tolerances import FP16, MERGE_FP32, ONNX_FP32, TENSORRT_FP32
 SIZE = 32
 
 
-def tiny_vit(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=SIZE, depth=2, num_classes=5, exportable=True
-    ).eval()
-
-
 @pytest.fixture(scope="module")
 def images() -> np.ndarray:
     """8 crops of sklearn's sample photos, through timm's eval transform."""
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
     from timm.data import create_transform
 
     transform = create_transform(
         input_size=(3, SIZE, SIZE), interpolation="bicubic", crop_pct=0.9, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
     )
-    crops = []
-    for photo in load_sample_images().images:
-        h, w, _ = photo.shape
-        crops += [
-            transform(Image.fromarray(photo[i * h // 8 : i * h // 8 + h // 2, i * w // 8 : i * w // 8 + w // 2]))
-            for i in range(4)
-        ]
-    return torch.stack(crops).numpy()
+    return photo_crops(transform).numpy()
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +64,7 @@ def test_input_sets_are_named_real_images_and_noise(images):
 
 
 def test_identical_models_pass_with_zero_error(inputs):
-    model = tiny_vit()
+    model = make_tiny("vit")
     result = compare(TorchRunner(model), TorchRunner(copy.deepcopy(model), name="copy"), inputs, MERGE_FP32)
     assert result.passed and result.overall.max_abs == 0.0 and result.overall.would_pass_atol == 0.0
     assert set(result.sets) == set(inputs) and result.overall.samples == sum(len(b) for b in inputs.values())
@@ -88,7 +72,7 @@ def test_identical_models_pass_with_zero_error(inputs):
 
 
 def test_one_perturbed_weight_fails_parity(inputs, tmp_path):
-    model = tiny_vit()
+    model = make_tiny("vit")
     perturbed = copy.deepcopy(model)
     with torch.no_grad():
         perturbed.blocks[1].mlp.fc2.weight[0, 0] += 0.5
@@ -110,7 +94,7 @@ def test_one_perturbed_weight_fails_parity(inputs, tmp_path):
 
 
 def test_reference_outputs_are_computed_once_and_reused(inputs):
-    model = tiny_vit()
+    model = make_tiny("vit")
     reference = _Fixed(model, lambda y: y, name="reference")
     expected = reference_outputs(reference, inputs)
     assert reference.calls == len(inputs)
@@ -129,7 +113,7 @@ def test_top1_flip_fails_even_within_atol():
 
 
 def test_non_finite_and_wrongly_shaped_outputs_fail(inputs):
-    model = tiny_vit()
+    model = make_tiny("vit")
     nan = compare(TorchRunner(model), _Fixed(model, lambda y: np.where(y > 0, np.nan, y)), inputs, FP16)
     assert not nan.passed and not nan.overall.finite
     assert any("non-finite" in f for f in nan.overall.failures)
@@ -140,7 +124,7 @@ def test_non_finite_and_wrongly_shaped_outputs_fail(inputs):
 
 
 def test_report_json_and_rich_table(inputs):
-    model = tiny_vit()
+    model = make_tiny("vit")
     good = compare(TorchRunner(model), TorchRunner(copy.deepcopy(model), name="merged"), inputs, MERGE_FP32)
     bad = compare(TorchRunner(model), _Fixed(model, lambda y: y + 1.0, name="shifted"), inputs, ONNX_FP32)
     advisory = compare(
@@ -163,14 +147,14 @@ def test_report_json_and_rich_table(inputs):
 
 def test_torch_runner_refuses_training_mode():
     with pytest.raises(UsageError, match="training mode"):
-        TorchRunner(tiny_vit().train())
+        TorchRunner(make_tiny("vit").train())
 
 
 def test_every_runner_keeps_the_contract_the_comparator_relies_on(images, tmp_path):
     """Runner (runners.py) promises: any float batch in, FP32 [n, classes] out, the same numbers whatever the input's
     dtype or memory layout, resources released on exit. A runner that passed float64 through, returned float64, or
     mis-read a strided batch would break every comparison silently; each of those fails here."""
-    model = tiny_vit()
+    model = make_tiny("vit")
     onnx_path = export_onnx(model, tmp_path / "m.onnx", input_size=(3, SIZE, SIZE))
     batch = np.ascontiguousarray(images[:3], dtype=np.float32)
     awkward = np.asfortranarray(batch.astype(np.float64))  # float64 and not C-contiguous
@@ -215,7 +199,7 @@ def trt_ready():
 def test_tensorrt_engine_matches_reference(trt_ready, precision, inputs, tmp_path):
     from peftx.exports.fp16 import convert_to_fp16
 
-    model = tiny_vit()
+    model = make_tiny("vit")
     onnx_path = export_onnx(model, tmp_path / "m.onnx", input_size=(3, SIZE, SIZE))
     fp16_path = convert_to_fp16(onnx_path, tmp_path / "m16.onnx", calibration=inputs["real_b7"]).path
     build = build_engine(

@@ -14,25 +14,17 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import timm
 import torch
+from conftest import CROP_DATA_CONFIG, make_tiny, write_tiny_bundle
 from PIL import Image
 
 from peftx.data import labelled_folder
 from peftx.exports.accuracy import load_infer_module, select
-from peftx.exports.bundle import write_bundle
 from peftx.tolerances import FP16, ONNX_FP32, PREPROCESSING_ATOL
 
 SIZE = 32
 CLASSES = ["cat", "dog", "fox", "owl"]
-DATA_CONFIG = {
-    "input_size": (3, SIZE, SIZE),
-    "interpolation": "bicubic",
-    "crop_pct": 0.9,
-    "crop_mode": "center",
-    "mean": (0.485, 0.456, 0.406),
-    "std": (0.229, 0.224, 0.225),
-}
+DATA_CONFIG = CROP_DATA_CONFIG
 # Stands in for a device: peftx, torch and friends cannot be imported (an import attempt raises ImportError);
 # -I drops PYTHONPATH, the user site and the working directory. PATCH (optional code) runs first.
 ISOLATED = (
@@ -55,18 +47,16 @@ def run_infer(bundle: Path, *args: str, patch: str = "", cwd: Path | None = None
     )
 
 
+def write_photo_bundle(out: Path, reference: torch.nn.Module, images, **kw) -> None:
+    """A bundle of the labelled classes on DATA_CONFIG's crop, onnxslim on as shipped."""
+    write_tiny_bundle(out, reference, data_config=DATA_CONFIG, class_names=CLASSES, images=images, simplify=True, **kw)
+
+
 def one_line(done: subprocess.CompletedProcess) -> str:
     """The single stderr line of a refused run (no traceback)."""
     lines = done.stderr.strip().splitlines()
     assert "Traceback" not in done.stderr and len(lines) == 1, done.stderr
     return lines[0]
-
-
-def tiny_vit(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=SIZE, depth=2, num_classes=len(CLASSES), exportable=True
-    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +84,7 @@ def built(tmp_path_factory: pytest.TempPathFactory, labelled: Path):
     """An FP32 bundle of a tiny ViT, whose accuracy set (and so reference set) is the labelled folder."""
     from timm.data import create_transform
 
-    reference = tiny_vit()
+    reference = make_tiny("vit", num_classes=len(CLASSES))
     transform = create_transform(**DATA_CONFIG)
     images = torch.stack([transform(Image.open(p).convert("RGB")) for p in sorted(labelled.rglob("*.jpg"))])
     accuracy = select(labelled_folder(labelled, CLASSES, DATA_CONFIG), f"labelled images in {labelled}", None)
@@ -102,20 +92,7 @@ def built(tmp_path_factory: pytest.TempPathFactory, labelled: Path):
     with torch.no_grad():  # within every FP32 bound, yet not bit-equal: tells the unmerged outputs from the merged
         merged.head.bias += 5e-7
     out = tmp_path_factory.mktemp("bundles") / "bundle"
-    write_bundle(
-        reference,
-        merged,
-        out,
-        input_size=(3, SIZE, SIZE),
-        data_config=DATA_CONFIG,
-        class_names=CLASSES,
-        provenance={"method": "test"},
-        images=images,
-        batch=(1, 4, 8),
-        precision="fp32",
-        tensorrt="off",
-        accuracy_set=accuracy,
-    )
+    write_photo_bundle(out, reference, images, merged=merged, precision="fp32", tensorrt="off", accuracy_set=accuracy)
     return out, reference, merged
 
 
@@ -378,24 +355,11 @@ def test_check_runs_a_real_engine(labelled, tmp_path):
 
     if not tensorrt_available():
         pytest.skip("TensorRT cannot build here (no GPU)")
-    reference = tiny_vit()
+    reference = make_tiny("vit", num_classes=len(CLASSES))
     accuracy = select(labelled_folder(labelled, CLASSES, DATA_CONFIG), "labelled", None)
     images = np.stack([accuracy.dataset[i][0].numpy() for i in range(8)])
     out = tmp_path / "bundle"
-    write_bundle(
-        reference,
-        copy.deepcopy(reference),
-        out,
-        input_size=(3, SIZE, SIZE),
-        data_config=DATA_CONFIG,
-        class_names=CLASSES,
-        provenance={"method": "test"},
-        images=images,
-        batch=(1, 4, 8),
-        precision="fp16",
-        tensorrt="on",
-        accuracy_set=accuracy,
-    )
+    write_photo_bundle(out, reference, images, precision="fp16", tensorrt="on", accuracy_set=accuracy)
     done = run_infer(out, "--check", "--backend", "tensorrt")
     assert done.returncode == 0, done.stdout + done.stderr
     assert any(line.startswith("PASS  fp16 model.engine (tensorrt)") for line in done.stdout.splitlines())
@@ -406,23 +370,11 @@ def test_without_labelled_images_the_parity_images_are_the_reference_set(labelle
     still runs every artifact, says the preprocessing could not be checked, and names a precision it lacks."""
     from timm.data import create_transform
 
-    reference = tiny_vit(seed=3)
+    reference = make_tiny("vit", seed=3, num_classes=len(CLASSES))
     transform = create_transform(**DATA_CONFIG)
     images = torch.stack([transform(Image.open(p).convert("RGB")) for p in sorted(labelled.rglob("*.*"))[:6]])
     out = tmp_path / "bundle"
-    write_bundle(
-        reference,
-        copy.deepcopy(reference),
-        out,
-        input_size=(3, SIZE, SIZE),
-        data_config=DATA_CONFIG,
-        class_names=CLASSES,
-        provenance={"method": "test"},
-        images=images,
-        batch=(1, 4, 8),
-        precision="fp16",
-        tensorrt="off",
-    )
+    write_photo_bundle(out, reference, images, precision="fp16", tensorrt="off")
     with np.load(out / "reference_set.npz", allow_pickle=False) as npz:
         np.testing.assert_array_equal(npz["inputs"], images.numpy())
         assert (npz["labels"] == -1).all() and len(npz["raw_files"]) == 0

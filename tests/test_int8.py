@@ -8,7 +8,6 @@ loses (tens of points) and a good one keeps within the tolerance.
 
 from __future__ import annotations
 
-import copy
 import json
 import subprocess
 import sys
@@ -18,14 +17,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import make_tiny, real_batch, tiny_data_cfg
+from conftest import make_tiny, real_batch, tiny_data_cfg, write_tiny_bundle
 from PIL import Image
 
 from peftx.data import InMemoryImageDataset, sample_photos
 from peftx.errors import DataError, ExportError, ParityError, UsageError
 from peftx.exports import int8
 from peftx.exports.accuracy import select
-from peftx.exports.bundle import INT8_FILE, read_bundle, validate_bundle, write_bundle
+from peftx.exports.bundle import INT8_FILE, read_bundle, validate_bundle
 from peftx.exports.layernorm import decomposed_layernorms
 from peftx.exports.onnx_export import export_onnx
 from peftx.exports.targets import resolve_target
@@ -64,21 +63,12 @@ def _request(dataset, n: int = 48, seed: int = 0, **kw) -> int8.Int8Request:
 
 
 def _write(model, family: str, out: Path, *, calibration, target=None, accuracy_n: int = 150, **kw):
-    cfg = tiny_data_cfg(family)
     labelled = _labelled(model, family, accuracy_n, seed=1)
-    return write_bundle(
-        model,
-        copy.deepcopy(model),
+    return write_tiny_bundle(
         out,
-        input_size=cfg["input_size"],
-        data_config=cfg,
-        class_names=[f"c{i}" for i in range(5)],
-        provenance={"method": "test"},
-        images=real_batch(family, n=8),
-        batch=(1, 4, 8),
+        model,
+        family=family,
         precision="int8",
-        tensorrt="off",
-        simplify=False,
         target=target,
         accuracy_set=select(labelled, "crops", None),
         int8=calibration,
@@ -281,20 +271,9 @@ def test_bad_int8_input_is_refused_before_anything_is_written(tmp_path):
     calibration = _request(_labelled(model, "vit", 48, seed=7))
     with pytest.raises(UsageError, match="no symmetric Q/DQ"):
         _write(model, "vit", tmp_path / "b", calibration=calibration, target=no_qdq)
-    cfg = tiny_data_cfg("vit")
     with pytest.raises(UsageError, match="labelled images"):
-        write_bundle(
-            model,
-            copy.deepcopy(model),
-            tmp_path / "b",
-            input_size=cfg["input_size"],
-            data_config=cfg,
-            class_names=[f"c{i}" for i in range(5)],
-            provenance={},
-            images=real_batch("vit", n=4),
-            precision="int8",
-            tensorrt="off",
-            int8=calibration,
+        write_tiny_bundle(
+            tmp_path / "b", model, provenance={}, images=real_batch("vit", n=4), precision="int8", int8=calibration
         )
     assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b.*"))
 

@@ -23,7 +23,13 @@ import pytest
 import torch
 from conftest import make_tiny
 from safetensors.torch import save_file
-from test_cli_errors import CLASSES, TRAIN_IMG, TRAIN_MODEL, make_tiny_run, write_digit_folder, write_train_weights
+from test_cli_errors import (
+    CLASSES,
+    make_tiny_run,
+    tiny_run,
+    write_digit_folder,
+    write_train_weights,
+)
 from typer.testing import CliRunner
 
 from peftx.cli.app import app
@@ -50,6 +56,21 @@ def console_script() -> str:
 
 def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "PEFTX_DEBUG"}
+
+
+def sigint_once(argv: list[str], marker: Path, env: dict[str, str]) -> tuple[int, str, str]:
+    """Run ``argv``, send it SIGINT once ``marker`` exists (the work is under way; fail if it ends first or takes over
+    300 s); its (return code, stdout, stderr)."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    t0 = time.monotonic()
+    while proc.poll() is None and not marker.exists() and time.monotonic() - t0 < 300:
+        time.sleep(0.01)
+    if proc.poll() is not None:
+        _, err = proc.communicate()
+        pytest.fail(f"{argv[1]} ended (rc {proc.returncode}) before it could be interrupted:\n{err[-2000:]}")
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    return proc.returncode, stdout, stderr
 
 
 def partials(out: Path) -> list[Path]:
@@ -187,43 +208,12 @@ def test_sigint_during_train_exits_130_and_resume_completes(tmp_path):
     weights = write_train_weights(tmp_path / "vit_tiny.safetensors")
     data = write_digit_folder(tmp_path / "digits", per_split={"train": 4, "val": 1, "test": 1})
     run = tmp_path / "run"
-    argv = [
-        script,
-        "train",
-        "--model",
-        TRAIN_MODEL,
-        "--weights",
-        str(weights),
-        "--data",
-        str(data),
-        "--img-size",
-        str(TRAIN_IMG),
-        "--epochs",
-        "2",
-        "--warmup-epochs",
-        "0",
-        "-b",
-        "4",
-        "--device",
-        "cpu",
-        "--method",
-        "lora",
-        "--json",
-        "--output",
-        str(run),
-    ]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
-    checkpoint = run / "checkpoint" / "last.safetensors"
-    t0 = time.monotonic()
-    while proc.poll() is None and not checkpoint.exists() and time.monotonic() - t0 < 300:
-        time.sleep(0.02)  # the first epoch-end checkpoint: training is under way
-    if proc.poll() is not None:
-        out, err = proc.communicate()
-        pytest.fail(f"train ended (rc {proc.returncode}) before it could be interrupted:\n{err[-2000:]}")
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=300)
+    options = ["--epochs", "2", "--warmup-epochs", "0", "--method", "lora", "--json", "--output", str(run)]
+    argv = [script, "train", *tiny_run(weights, data), *options]
+    checkpoint = run / "checkpoint" / "last.safetensors"  # the first epoch-end checkpoint: training is under way
+    returncode, stdout, stderr = sigint_once(argv, checkpoint, clean_env())
     lines = [line for line in stderr.splitlines() if line.strip()]
-    assert proc.returncode == 130, stderr
+    assert returncode == 130, stderr
     assert len(lines) == 1, stderr
     assert lines[0].startswith("peftx: error: training interrupted by SIGINT"), lines[0]
     assert f"--resume {run}" in lines[0]

@@ -5,7 +5,6 @@ test_build_engine.py)."""
 
 from __future__ import annotations
 
-import copy
 import json
 import subprocess
 import sys
@@ -15,10 +14,10 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import make_tiny, perturb_adapter, real_batch, tiny_data_cfg
+from conftest import make_tiny, perturb_adapter, real_batch, tiny_data_cfg, write_tiny_bundle
 
 from peftx.errors import ExportError, UsageError
-from peftx.exports.bundle import export_step, read_bundle, validate_bundle, write_bundle
+from peftx.exports.bundle import export_step, read_bundle, validate_bundle
 from peftx.exports.layernorm import decomposed_layernorms, fused_layernorms
 from peftx.exports.onnx_export import export_onnx, read_metadata
 from peftx.exports.parity import compare, make_input_sets
@@ -211,21 +210,8 @@ def _model(family: str) -> torch.nn.Module:
 
 
 def _bundle(family: str, out: Path, target: str | None, **kw):
-    reference = _model(family)
-    merged = copy.deepcopy(reference)
-    cfg = tiny_data_cfg(family)
-    options = dict(
-        input_size=cfg["input_size"],
-        data_config=cfg,
-        class_names=[f"c{i}" for i in range(5)],
-        provenance={"method": "test"},
-        images=real_batch(family, n=8),
-        batch=(1, 4, 8),
-        precision="fp16",
-        tensorrt="auto",
-        target=target,
-    )
-    return write_bundle(reference, merged, out, **{**options, **kw})
+    options = dict(precision="fp16", tensorrt="auto", simplify=True, target=target)
+    return write_tiny_bundle(out, _model(family), family=family, **{**options, **kw})
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from test_cli_errors import TRAIN_IMG, TRAIN_MODEL, write_digit_folder, write_train_weights
+from test_cli_errors import TRAIN_MODEL, tiny_run, write_digit_folder, write_train_weights
 from typer.testing import CliRunner
 
 from peftx.cli.app import app
@@ -21,24 +21,7 @@ def inputs(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _train(weights: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train",
-        "--model",
-        TRAIN_MODEL,
-        "--weights",
-        str(weights),
-        "--data",
-        str(data),
-        "--img-size",
-        str(TRAIN_IMG),
-        "-b",
-        "4",
-        "--device",
-        "cpu",
-        "--output",
-        str(out),
-        *extra,
-    ]
+    return ["train", *tiny_run(weights, data), "--output", str(out), *extra]
 
 
 def test_a_two_epoch_run_on_own_data_scales_the_recipe_warmup_and_says_so(inputs, tmp_path) -> None:

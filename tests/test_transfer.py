@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_ARCH, TINY_IMG, TINY_KW
+from conftest import tiny_training
 from PIL import Image
 
 from peftx.compare import CompareConfig, compare
@@ -110,18 +110,7 @@ def test_one_tiny_comparison_on_a_prepared_task_and_the_cross_task_report(tmp_pa
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     bench = _transfer_module()
     task = prepare_task("digits", tmp_path / "cache", seed=0, n_train=40, n_val=20, test_cap=40)
-    train = dict(
-        model=TINY_ARCH,
-        weights=str(tiny_weights),
-        model_kwargs=dict(TINY_KW),
-        img_size=TINY_IMG,
-        epochs=1,
-        batch_size=8,
-        lr=1e-2,
-        warmup_epochs=0,
-        device="cpu",
-        amp="off",
-    )
+    train = {**tiny_training(), "weights": str(tiny_weights), "epochs": 1}
     res = compare(
         CompareConfig(
             output=str(tmp_path / "cmp"), data=str(task), methods=["aoft", "nope"], train=train, latency=False

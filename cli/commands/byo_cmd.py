@@ -3,35 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from ..errors import handle_errors
-from ..options import (
-    AccuracyImages,
-    Batch,
-    BundleImages,
-    Calibration,
-    CalibrationData,
-    CalibrationMethod,
-    Force,
-    Images,
-    ImgSize,
-    Json,
-    NoSimplify,
-    Precision,
-    Target,
-    TensorRT,
-    Weights,
-    bundle_kwargs,
-)
+from ..options import Force, Images, ImgSize, Json, Weights, with_bundle_options
 from ..output import console, key_values, print_json
 from ..render import Renderer
 from .export_cmd import show_bundle
 
 
 @handle_errors
+@with_bundle_options
 def export(
     model: Annotated[str, typer.Argument(help="timm model name of the checkpoint, e.g. vit_base_patch16_224.")],
     weights: Weights = None,
@@ -51,17 +35,8 @@ def export(
         Path | None,
         typer.Option("--output", "-o", help="Bundle directory.", show_default="WEIGHTS-bundle beside the checkpoint"),
     ] = None,
-    batch: Batch = "1:8:32",
-    precision: Precision = "fp32",
-    calibration: Calibration = None,
-    calibration_method: CalibrationMethod = "minmax",
-    calibration_data: CalibrationData = None,
-    tensorrt: TensorRT = "auto",
-    images: BundleImages = None,
-    accuracy_images: AccuracyImages = "500",
-    no_simplify: NoSimplify = False,
-    target: Target = None,
-    force: Force = False,
+    *,
+    bundle: dict[str, Any],  # the bundle options (cli.options.BUNDLE_OPTIONS), as the library takes them
     json_out: Json = False,
 ) -> None:
     """Export a plain fine-tuned timm checkpoint (no adapter) to the same validated bundle as merge-export, with the
@@ -76,19 +51,7 @@ def export(
         img_size=img_size,
         output=output,
         progress=None if json_out else Renderer(),
-        **bundle_kwargs(
-            batch=batch,
-            precision=precision,
-            calibration=calibration,
-            calibration_method=calibration_method,
-            calibration_data=calibration_data,
-            tensorrt=tensorrt,
-            images=images,
-            accuracy_images=accuracy_images,
-            no_simplify=no_simplify,
-            target=target,
-            force=force,
-        ),
+        **bundle,
     )
     show_bundle(report, json_out)
 

@@ -3,34 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from ..errors import handle_errors
-from ..options import (
-    AccuracyImages,
-    Batch,
-    BundleImages,
-    Calibration,
-    CalibrationData,
-    CalibrationMethod,
-    Force,
-    ImgSize,
-    Json,
-    NoSimplify,
-    Overwrite,
-    Precision,
-    Target,
-    TensorRT,
-    Weights,
-    bundle_kwargs,
-)
+from ..options import ImgSize, Json, Overwrite, Weights, with_bundle_options
 from ..output import console, key_values, print_json
 from ..render import Renderer
 
 
 @handle_errors
+@with_bundle_options
 def merge_export(
     source: Annotated[
         Path,
@@ -41,12 +25,6 @@ def merge_export(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Bundle directory.", show_default="SOURCE/bundle")
     ] = None,
-    batch: Batch = "1:8:32",
-    precision: Precision = "fp32",
-    calibration: Calibration = None,
-    calibration_method: CalibrationMethod = "minmax",
-    calibration_data: CalibrationData = None,
-    tensorrt: TensorRT = "auto",
     model: Annotated[
         str | None,
         typer.Option(
@@ -60,11 +38,8 @@ def merge_export(
     ] = None,
     weights: Weights = None,
     img_size: ImgSize = None,
-    images: BundleImages = None,
-    accuracy_images: AccuracyImages = "500",
-    no_simplify: NoSimplify = False,
-    target: Target = None,
-    force: Force = False,
+    *,
+    bundle: dict[str, Any],  # the bundle options (cli.options.BUNDLE_OPTIONS), as the library takes them
     overwrite: Overwrite = False,
     json_out: Json = False,
 ) -> None:
@@ -80,19 +55,7 @@ def merge_export(
         weights=weights,
         img_size=img_size,
         progress=None if json_out else Renderer(),
-        **bundle_kwargs(
-            batch=batch,
-            precision=precision,
-            calibration=calibration,
-            calibration_method=calibration_method,
-            calibration_data=calibration_data,
-            tensorrt=tensorrt,
-            images=images,
-            accuracy_images=accuracy_images,
-            no_simplify=no_simplify,
-            target=target,
-            force=force or overwrite,
-        ),
+        **{**bundle, "force": bundle["force"] or overwrite},
     )
     show_bundle(report, json_out)
 

