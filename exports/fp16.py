@@ -119,7 +119,10 @@ def convert_to_fp16(
         )
     nodes = list(dict.fromkeys([*pinned, *nodes]))
     try:
-        fp16 = convert_float_to_float16(model, keep_io_types=True, op_block_list=ops, node_block_list=nodes or None)
+        _infer_value_info(model)  # on the graph alone: the converter's own inference serialises the whole model
+        fp16 = convert_float_to_float16(
+            model, keep_io_types=True, op_block_list=ops, node_block_list=nodes or None, disable_shape_infer=True
+        )
         _drop_half_round_trips(fp16)
         _toposort(fp16.graph)  # the converter appends the input Casts at the end; the checker requires order
         onnx.helper.set_model_props(fp16, {**props, "precision": "fp16"})
@@ -162,6 +165,14 @@ def strict_fp16_emulation(fp32_path: str | Path, fp16_path: str | Path, dst: str
     _toposort(model.graph)
     del model.graph.value_info[:]  # stale: outputs were renamed
     return onnx_io.save(model, dst)
+
+
+def _infer_value_info(model: onnx.ModelProto) -> None:
+    """Replace ``model``'s value_info by onnx's shape inference run on its graph without the weights' values, which
+    works at any model size (the inferred types are what the FP16 converter reads)."""
+    inferred = onnx.shape_inference.infer_shapes(onnx_io.graph_only(model))
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
 
 
 def _half_tensors(fp16_model: onnx.ModelProto) -> set[str]:

@@ -77,7 +77,7 @@ def save(model: onnx.ModelProto, path: str | Path) -> Path:
         _check_references(model, path)
         onnx.save(model, str(path))
         return path
-    if model.ByteSize() >= EXTERNAL_DATA_MIN_BYTES:
+    if serialized_size(model) >= EXTERNAL_DATA_MIN_BYTES:
         data.unlink(missing_ok=True)
         onnx.save_model(
             model,
@@ -91,6 +91,15 @@ def save(model: onnx.ModelProto, path: str | Path) -> Path:
     onnx.save(model, str(path))
     data.unlink(missing_ok=True)
     return path
+
+
+def serialized_size(model: onnx.ModelProto) -> int:
+    """About how many bytes ``model`` takes serialised, without serialising it: protobuf's own ``ByteSize`` refuses
+    a message past 2 GiB, which is exactly the case to detect. Tensors, nodes (Constant values) and functions are
+    summed part by part; the rest of the model is small."""
+    graph = model.graph
+    parts = [*graph.initializer, *graph.node, *graph.sparse_initializer, *model.functions]
+    return sum(part.ByteSize() for part in parts)
 
 
 def _check_references(model: onnx.ModelProto, path: Path) -> None:
