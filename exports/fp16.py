@@ -62,10 +62,10 @@ FP32_OPS: tuple[str, ...] = (
 # (those live in peftx.tolerances); a range margin for the conversion.
 FP16_SAFE_MAX = 1.0e4
 
-# How many intermediate tensors one calibration run exposes as outputs, and on how many images at a time: the probe's
-# memory is TENSORS x IMAGES intermediates whatever the calibration set's size (ViT-B has ~1000 tensors; ViT-H's are
-# 5x larger, so all calibration images at once would need ~2.7 GB per image there).
-_TENSORS_PER_RUN = 256
+# The by-value pass exposes intermediate tensors as graph outputs, a chunk at a time, on a few images at a time: one
+# run holds about _PROBE_BYTES of activations whatever the model's or the calibration set's size (ViT-B has ~1000
+# float tensors, ~1 GB per image; ViT-H ~5x that), so memory grows with neither.
+_PROBE_BYTES = 1 << 30
 _IMAGES_PER_RUN = 4
 
 
@@ -214,35 +214,59 @@ def large_magnitude_nodes(
 
 
 def _float_tensor_peaks(src: Path, calibration: np.ndarray) -> dict[str, float]:
-    """max |value| of every FP32 activation of the graph at ``src``: each ONNX Runtime run exposes a chunk of tensors
-    as graph outputs on a few images, so memory does not grow with the calibration set (nor, past 2 GB, is the
-    weights file copied: the probe graph refers to it)."""
+    """max |value| of every FP32 activation of the graph at ``src`` on ``calibration`` (see ``_PROBE_BYTES``). The
+    probe graphs refer to one weights file (``src``'s own, or a copy written once for a one-file model) instead of
+    each holding the weights in memory."""
     model = onnx_io.load(src, weights=False)
     inferred = onnx.shape_inference.infer_shapes(onnx_io.graph_only(model))
-    names = [
-        vi.name
+    sizes = {
+        vi.name: 4 * _elements_per_image(vi)
         for vi in [*inferred.graph.value_info, *inferred.graph.output]
         if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    ]
+    }
     feed_name = next(i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor addressable
     feed = calibration.astype(np.float32)
     peaks: dict[str, float] = {feed_name: _peak(calibration)}
-    for start in range(0, len(names), _TENSORS_PER_RUN):
-        chunk = names[start : start + _TENSORS_PER_RUN]
-        probe = onnx.ModelProto()
-        probe.CopyFrom(model)
-        del probe.graph.output[:]
-        probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in chunk)
-        with onnx_io.session_source(probe, beside=src) as source:
-            session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-            for first in range(0, len(feed), _IMAGES_PER_RUN):
-                outputs = session.run(chunk, {feed_name: feed[first : first + _IMAGES_PER_RUN]})
-                for name, value in zip(chunk, outputs, strict=True):
-                    peaks[name] = max(peaks.get(name, 0.0), _peak(value))
-            del session
+    with onnx_io.weights_in_a_file(model, beside=src) as graph_path:
+        for chunk in _chunks(sizes, _PROBE_BYTES // _IMAGES_PER_RUN):
+            probe = onnx.ModelProto()
+            probe.CopyFrom(model)  # the graph only: its weights are in the file
+            del probe.graph.output[:]
+            outputs = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in chunk]
+            probe.graph.output.extend(outputs)
+            with onnx_io.session_source(probe, beside=graph_path) as source:
+                session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+                for first in range(0, len(feed), _IMAGES_PER_RUN):
+                    outputs = session.run(chunk, {feed_name: feed[first : first + _IMAGES_PER_RUN]})
+                    for name, value in zip(chunk, outputs, strict=True):
+                        peaks[name] = max(peaks.get(name, 0.0), _peak(value))
+                del session
     return peaks
+
+
+def _elements_per_image(value_info: onnx.ValueInfoProto) -> int:
+    """Elements of one image's tensor: static dims multiplied, the (symbolic) batch dim counted once; unknown -> 1M."""
+    if not value_info.type.tensor_type.HasField("shape"):
+        return 1 << 20
+    count = 1
+    for dim in value_info.type.tensor_type.shape.dim:
+        count *= dim.dim_value if dim.HasField("dim_value") else 1
+    return count
+
+
+def _chunks(sizes: dict[str, int], budget: int) -> list[list[str]]:
+    """The tensor names in graph order, cut into runs of at most ``budget`` bytes per image (at least one each)."""
+    chunks: list[list[str]] = [[]]
+    used = 0
+    for name, size in sizes.items():
+        if chunks[-1] and used + size > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(name)
+        used += size
+    return [chunk for chunk in chunks if chunk]
 
 
 def _peak(array: np.ndarray) -> float:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -161,6 +162,34 @@ def graph_only(model: onnx.ModelProto) -> onnx.ModelProto:
     light.producer_name, light.producer_version = model.producer_name, model.producer_version
     light.functions.extend(model.functions)
     return light
+
+
+@contextlib.contextmanager
+def weights_in_a_file(model: onnx.ModelProto, beside: str | Path) -> Iterator[Path]:
+    """A graph file whose weights are in an external file, for edited copies of ``model`` (the model at ``beside``,
+    loaded with ``weights=False``) to refer to instead of each holding the weights in memory.
+
+    A model whose weights are external already is its own file: ``beside`` is yielded. A one-file model is written
+    once, split, into a temporary directory beside it, and ``model`` is left referring to that copy (its tensors are
+    converted in place: the values move to the file); the directory is removed afterwards.
+    """
+    if has_external_data(model):
+        yield Path(beside)
+        return
+    directory = Path(tempfile.mkdtemp(prefix=".weights-", dir=Path(beside).parent))
+    try:
+        path = directory / "model.onnx"
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data_file_name(path),
+            size_threshold=_INLINE_TENSOR_BYTES,
+        )
+        yield path
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @contextlib.contextmanager
