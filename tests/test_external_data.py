@@ -139,7 +139,8 @@ def test_every_shipped_graph_has_its_data_file_hashed_and_recorded(bundle):
         assert meta["external_data"][name] == [data]
         assert meta["sha256"][data] == sha256_file(bundle / data)
     assert sorted(p.name for p in bundle.glob("*.data")) == sorted(f"{n}.data" for n in GRAPHS)
-    assert not list(bundle.glob(".probe-*")) and not list(bundle.glob("*.slim.*")), "scratch files shipped"
+    scratch = [*bundle.glob(".probe-*"), *bundle.glob(".weights-*"), *bundle.glob("*.slim.*"), *bundle.glob(".export-*")]
+    assert not scratch, "scratch files shipped"
 
 
 def test_verification_names_a_changed_or_missing_data_file(bundle, tmp_path):
