@@ -139,7 +139,12 @@ def test_every_shipped_graph_has_its_data_file_hashed_and_recorded(bundle):
         assert meta["external_data"][name] == [data]
         assert meta["sha256"][data] == sha256_file(bundle / data)
     assert sorted(p.name for p in bundle.glob("*.data")) == sorted(f"{n}.data" for n in GRAPHS)
-    scratch = [*bundle.glob(".probe-*"), *bundle.glob(".weights-*"), *bundle.glob("*.slim.*"), *bundle.glob(".export-*")]
+    scratch = [
+        *bundle.glob(".probe-*"),
+        *bundle.glob(".weights-*"),
+        *bundle.glob("*.slim.*"),
+        *bundle.glob(".export-*"),
+    ]
     assert not scratch, "scratch files shipped"
 
 

@@ -31,10 +31,13 @@ import numpy as np
 import torch
 
 from peftx.data import raw_sample
-from peftx.tolerances import FP16, INT8, ONNX_FP32, PREPROCESSING_ATOL, TENSORRT_FP32, Tolerance
+from peftx.tolerances import FP16, INT8_ON_DEVICE, ONNX_FP32, PREPROCESSING_ATOL, TENSORRT_FP32, Tolerance
 
 from ..accuracy import AccuracySet, load_infer_module
 from ..runners import TorchRunner
+from .artifacts import _int8_runners
+from .format import INT8_FILE
+from .precision import quantized
 from .request import BundleRequest, Progress
 
 REFERENCE_FILE, RAW_DIR = "reference_set.npz", "reference"
@@ -47,15 +50,16 @@ REFERENCE_RAW_FILES = 4
 RAW_BYTES_BUDGET = 1 << 20
 # The tolerance infer.py --check applies per artifact: the key is the precision of an ONNX file (infer.py's
 # PRECISION_ARTIFACTS) or tensorrt_<precision> for an engine built on the device; the same bounds parity used.
-# INT8: the logits bound of the INT8 artifact (its logits move by design; on the device it flags a broken engine,
-# e.g. a calibration lost in the build, not the quantisation itself: the bundle's accuracy gate judged that here).
+# INT8: against the INT8 graph's own outputs here (``int8_logits``), not the unmerged model's: its logits move by
+# design, and the bundle's accuracy gate judged the quantisation; on the device the check flags a graph or engine
+# that does not compute what was judged (e.g. a calibration lost in the build).
 CHECK_TOLERANCES: dict[str, Tolerance] = {
     "fp32": ONNX_FP32,
     "fp16": FP16,
     "tensorrt_fp32": TENSORRT_FP32,
     "tensorrt_fp16": FP16,
-    "int8": INT8,
-    "tensorrt_int8": INT8,
+    "int8": INT8_ON_DEVICE,
+    "tensorrt_int8": INT8_ON_DEVICE,
 }
 
 
@@ -66,7 +70,8 @@ def _reference_step(
     preprocessing makes the inputs); returns metadata.json's ``reference_set`` entry."""
     say("writing the reference set (infer.py --check)")
     preprocessing = json.loads(json.dumps(opt.preprocessing))
-    return write_reference_set(work, reference, preprocessing, opt.accuracy_set, images, fp32=fp32)
+    int8_graph = work / INT8_FILE if quantized(opt.precision) else None
+    return write_reference_set(work, reference, preprocessing, opt.accuracy_set, images, fp32=fp32, int8=int8_graph)
 
 
 def write_reference_set(
@@ -79,11 +84,14 @@ def write_reference_set(
     n: int = REFERENCE_IMAGES,
     raw_files: int = REFERENCE_RAW_FILES,
     fp32: Tolerance | None = None,
+    int8: Path | None = None,
 ) -> dict[str, Any]:
     """Write reference_set.npz (+ reference/ raw files) into the bundle directory ``work``; return metadata.json's
     ``reference_set`` entry. ``accuracy_set`` (labelled images with raw files) is preferred; without it the parity
     ``images`` (real, already preprocessed, unlabelled) are used and no raw file ships. ``fp32``: the FP32 ONNX
-    tolerance parity used (derived from this model's measured FP32 noise), recorded for the device's check."""
+    tolerance parity used (derived from this model's measured FP32 noise), recorded for the device's check. ``int8``:
+    the bundle's Q/DQ graph as shipped, whose exact outputs on the inputs (``int8_logits``) the device's INT8 runs are
+    checked against."""
     prep = dict(preprocessing)
     if accuracy_set is not None and len(accuracy_set):
         inputs, labels, raws, source = _from_labelled(work, accuracy_set, prep, n)
@@ -100,8 +108,13 @@ def write_reference_set(
     digests = [shipped.decoded_digest(shipped.load_image(work / name)) for name in names] if shipped else []
     with TorchRunner(reference, name="unmerged PyTorch") as runner:
         logits = np.concatenate([runner.infer(inputs[i : i + 32]) for i in range(0, len(inputs), 32)])
+    extra = {}
+    if int8 is not None:
+        with _int8_runners(int8)[0] as exact:  # the Q/DQ arithmetic TensorRT performs, as the gate measured it
+            extra["int8_logits"] = np.concatenate([exact.infer(inputs[i : i + 32]) for i in range(0, len(inputs), 32)])
     np.savez_compressed(
         work / REFERENCE_FILE,
+        **{key: value.astype(np.float32) for key, value in extra.items()},
         inputs=inputs,
         reference_logits=logits.astype(np.float32),
         labels=np.asarray(labels, dtype=np.int64),
@@ -117,6 +130,8 @@ def write_reference_set(
         "raw_files": names,
         "preprocessing_atol": PREPROCESSING_ATOL,
         "reference": "unmerged PyTorch",
+        # what an INT8 artifact is compared with on the device (CHECK_TOLERANCES' int8 entries say why)
+        "int8_reference": f"{int8.name} (ONNX Runtime, exact Q/DQ) here" if int8 is not None else None,
         "tolerances": {
             key: dataclasses.asdict(fp32 if key == "fp32" and fp32 is not None else tol)
             for key, tol in CHECK_TOLERANCES.items()
