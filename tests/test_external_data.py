@@ -9,7 +9,6 @@ hashing, validate, the bundle's infer.py and build_engine.sh). The real sizes ar
 
 from __future__ import annotations
 
-import copy
 import shutil
 import subprocess
 import sys
@@ -19,13 +18,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import make_tiny, real_batch, tiny_data_cfg
+from conftest import make_tiny, perturb_adapter, real_batch, tiny_data_cfg, write_tiny_bundle
 
 from peftx.data import sample_photos
 from peftx.errors import ExportError
 from peftx.exports import onnx_io
 from peftx.exports.accuracy import select
-from peftx.exports.bundle import read_bundle, verify_artifacts, write_bundle
+from peftx.exports.bundle import read_bundle, verify_artifacts
 from peftx.exports.onnx_export import export_onnx
 from peftx.fsutil import sha256_file
 
@@ -105,22 +104,14 @@ def bundle(tmp_path_factory) -> Path:
     from test_int8 import _labelled, _request
 
     reference = make_tiny("vit", seed=4)
-    cfg = tiny_data_cfg("vit")
+    perturb_adapter(reference)  # a model whose INT8 gate needs the fallback: its graph is replaced, data file too
     out = tmp_path_factory.mktemp("external") / "bundle"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(onnx_io, "EXTERNAL_DATA_MIN_BYTES", 0)
-        write_bundle(
-            reference,
-            copy.deepcopy(reference),
+        write_tiny_bundle(
             out,
-            input_size=cfg["input_size"],
-            data_config=cfg,
-            class_names=[f"c{i}" for i in range(5)],
-            provenance={"method": "test"},
-            images=real_batch("vit", n=8),
-            batch=(1, 4, 8),
+            reference,
             precision="int8",
-            tensorrt="off",
             simplify=True,
             target="trt11",
             accuracy_set=select(_labelled(reference, "vit", 40, seed=1), "crops", None),
@@ -131,7 +122,7 @@ def bundle(tmp_path_factory) -> Path:
 
 def test_every_shipped_graph_has_its_data_file_hashed_and_recorded(bundle):
     meta = read_bundle(bundle)
-    assert meta["status"] == "ok"
+    assert meta["status"] == "ok" and meta["int8"]["fallback"]["passed"]
     assert meta["onnx"]["simplify"]["applied"], meta["onnx"]["simplify"]
     for name in GRAPHS:
         data = f"{name}.data"

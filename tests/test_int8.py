@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import make_tiny, real_batch, tiny_data_cfg, write_tiny_bundle
+from conftest import make_tiny, perturb_adapter, real_batch, tiny_data_cfg, write_tiny_bundle
 from PIL import Image
 
 from peftx.data import InMemoryImageDataset, sample_photos
@@ -511,3 +511,26 @@ def test_the_bundle_reports_the_fused_kernels_against_the_exact_arithmetic_and_c
     exact = shipped.OnnxBackend(tmp_path / "b" / INT8_FILE, "int8", exact=True)(inputs)
     tol = read_bundle(tmp_path / "b")["reference_set"]["tolerances"]["int8"]
     assert shipped._fused_int8_line(tmp_path / "b" / INT8_FILE, inputs, exact + 1.0, tol, 8).startswith("note  ")
+
+
+def test_the_device_check_holds_int8_to_the_graph_the_gate_judged(tmp_path):
+    """infer.py --check compares an INT8 run with the same Q/DQ graph as run where the bundle was made
+    (reference_set.npz's int8_logits): a bundle whose gate passed passes its own check even where the INT8 logits
+    moved far from the FP32 model's (this perturbed model: cosine ~0.97 against it), and a graph quantized otherwise
+    (calibrated on constant images, put in place with --no-verify) fails it."""
+    model = make_tiny("vit", seed=4)
+    perturb_adapter(model)
+    out = tmp_path / "b"
+    _write(model, "vit", out, calibration=_request(_labelled(model, "vit", 32, seed=2)), accuracy_n=40)
+    with np.load(out / "reference_set.npz") as npz:
+        int8_logits, unmerged = npz["int8_logits"], npz["reference_logits"]
+    assert int8_logits.shape == unmerged.shape and not np.allclose(int8_logits, unmerged, atol=1e-3)
+    check = [sys.executable, str(out / "infer.py"), "--check", "--precision", "int8"]
+    done = subprocess.run(check, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout
+    assert "against model_int8.onnx (ONNX Runtime, exact Q/DQ) here" in done.stdout
+    broken = tmp_path / "broken.onnx"
+    int8.quantize(out / "model.onnx", broken, np.zeros((32, *tiny_data_cfg("vit")["input_size"]), np.float32))
+    broken.replace(out / INT8_FILE)
+    done = subprocess.run([*check, "--no-verify"], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "FAIL  int8 model_int8.onnx" in done.stdout, done.stdout
