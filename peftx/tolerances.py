@@ -5,7 +5,6 @@ A comparison names the tolerance it used, so a report can say which bound applie
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import KW_ONLY, dataclass, replace
 
 
@@ -247,7 +246,7 @@ INT8 = Tolerance(
 # weakly typed engine runs the float parts in FP16) and rare one-step rounding flips at a quantizer move the logits
 # far less than quantization itself did, so the advisory INT8 bounds, applied to this smaller difference, leave room
 # for all of them and still fail a lost calibration or wrong scales (tens of percent of the scale).
-INT8_ON_DEVICE = dataclasses.replace(
+INT8_ON_DEVICE = replace(
     INT8, name="int8_on_device", reason="the device's INT8 run against the host's exact Q/DQ run of the same graph"
 )
 
