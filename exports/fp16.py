@@ -62,11 +62,13 @@ FP32_OPS: tuple[str, ...] = (
 # (those live in peftx.tolerances); a range margin for the conversion.
 FP16_SAFE_MAX = 1.0e4
 
-# The by-value pass exposes intermediate tensors as graph outputs, a chunk at a time, on a few images at a time: one
-# run holds about _PROBE_BYTES of activations whatever the model's or the calibration set's size (ViT-B has ~1000
-# float tensors, ~1 GB per image; ViT-H ~5x that), so memory grows with neither.
-_PROBE_BYTES = 1 << 30
-_IMAGES_PER_RUN = 4
+# The by-value pass exposes intermediate tensors as graph outputs. One run holds about _PROBE_BYTES of them, whatever
+# the model's or the calibration set's size: as many images per run (up to _MAX_IMAGES_PER_RUN) as fit with every
+# tensor exposed, so small models take one pass (ViT-B/16: ~1 GB of float tensors an image); a model whose single
+# image does not fit (ViT-H/14: ~3 GB) takes one image per run and its tensors in as few chunks as fit. Each chunk
+# is one more forward pass over the calibration set, which is what the pass's time grows with.
+_PROBE_BYTES = 2 << 30
+_MAX_IMAGES_PER_RUN = 4
 
 
 @dataclass
@@ -219,18 +221,15 @@ def _float_tensor_peaks(src: Path, calibration: np.ndarray) -> dict[str, float]:
     each holding the weights in memory."""
     model = onnx_io.load(src, weights=False)
     inferred = onnx.shape_inference.infer_shapes(onnx_io.graph_only(model))
-    sizes = {
-        vi.name: 4 * _elements_per_image(vi)
-        for vi in [*inferred.graph.value_info, *inferred.graph.output]
-        if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    }
+    sizes = activation_bytes(inferred)
+    images = images_per_run(sum(sizes.values()), _PROBE_BYTES, _MAX_IMAGES_PER_RUN)
     feed_name = next(i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor addressable
     feed = calibration.astype(np.float32)
     peaks: dict[str, float] = {feed_name: _peak(calibration)}
     with onnx_io.weights_in_a_file(model, beside=src) as graph_path:
-        for chunk in _chunks(sizes, _PROBE_BYTES // _IMAGES_PER_RUN):
+        for chunk in _chunks(sizes, _PROBE_BYTES // images):
             probe = onnx.ModelProto()
             probe.CopyFrom(model)  # the graph only: its weights are in the file
             del probe.graph.output[:]
@@ -238,12 +237,26 @@ def _float_tensor_peaks(src: Path, calibration: np.ndarray) -> dict[str, float]:
             probe.graph.output.extend(outputs)
             with onnx_io.session_source(probe, beside=graph_path) as source:
                 session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-                for first in range(0, len(feed), _IMAGES_PER_RUN):
-                    outputs = session.run(chunk, {feed_name: feed[first : first + _IMAGES_PER_RUN]})
+                for first in range(0, len(feed), images):
+                    outputs = session.run(chunk, {feed_name: feed[first : first + images]})
                     for name, value in zip(chunk, outputs, strict=True):
                         peaks[name] = max(peaks.get(name, 0.0), _peak(value))
                 del session
     return peaks
+
+
+def activation_bytes(inferred: onnx.ModelProto) -> dict[str, int]:
+    """Bytes per image of every FP32 activation of a shape-inferred graph, in graph order."""
+    return {
+        vi.name: 4 * _elements_per_image(vi)
+        for vi in [*inferred.graph.value_info, *inferred.graph.output]
+        if vi.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    }
+
+
+def images_per_run(bytes_per_image: int, budget: int, most: int) -> int:
+    """How many images one run over a graph exposing ``bytes_per_image`` of activations may take (1..``most``)."""
+    return max(1, min(most, budget // max(bytes_per_image, 1)))
 
 
 def _elements_per_image(value_info: onnx.ValueInfoProto) -> int:

@@ -41,6 +41,7 @@ from peftx.data import raw_sample
 from peftx.errors import DataError, ExportError, UsageError
 
 from . import onnx_io
+from .fp16 import activation_bytes, images_per_run
 from .targets import TargetProfile
 
 CalibrationMethod = Literal["minmax", "entropy", "percentile"]
@@ -59,6 +60,9 @@ CALIBRATION_BATCH = 32
 # them, so only the last group counted.)
 _CALIBRATION_READ_BATCH = 4
 _STRIDE_BATCHES = 1
+# ... and fewer where a batch of 4 would hold more than this many bytes of float activations (ViT-H/14: ~3 GB an
+# image: one at a time; measured peak RSS 17 GB with 4). The ranges do not depend on the batching.
+_CALIBRATION_BYTES = 4 << 30
 # Sensitivity runs each quantized node alone on this many calibration images: one FP32-speed forward per node.
 SENSITIVITY_IMAGES = 32
 # The fallback keeps 1, 2, 3, ... of the most sensitive nodes float, checking the gate after each; at most this share of
@@ -248,7 +252,9 @@ def quantize(
     model = onnx_io.load(onnx_path, weights=False)
     initializers = {t.name for t in model.graph.initializer}
     input_name = next(i.name for i in model.graph.input if i.name not in initializers)
-    reader = _Reader(input_name, calibration, _CALIBRATION_READ_BATCH) if calibration is not None else None
+    per_image = sum(activation_bytes(onnx.shape_inference.infer_shapes(onnx_io.graph_only(model))).values())
+    read_batch = images_per_run(per_image, _CALIBRATION_BYTES, _CALIBRATION_READ_BATCH)
+    reader = _Reader(input_name, calibration, read_batch) if calibration is not None else None
     extra = {
         "ActivationSymmetric": True,
         "WeightSymmetric": True,
