@@ -49,7 +49,6 @@ import argparse
 import json
 import math
 import sys
-import types
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -108,9 +107,18 @@ def _load_decoding():
             )
             raise SystemExit(EXIT_BUNDLE) from None
         return image_decoding
-    module = types.ModuleType("image_decoding")
-    module.__file__ = str(path)
-    exec(compile(path.read_bytes(), str(path), "exec"), module.__dict__)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("image_decoding", path)
+    if spec is None or spec.loader is None:
+        print(f"infer.py: {DECODING_FILE} cannot be imported — copy the whole bundle directory", file=sys.stderr)
+        raise SystemExit(EXIT_BUNDLE)
+    module = importlib.util.module_from_spec(spec)
+    written, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # no __pycache__ in the bundle
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.dont_write_bytecode = written
     return module
 
 
