@@ -108,20 +108,19 @@ def write_reference_set(
     digests = [shipped.decoded_digest(shipped.load_image(work / name)) for name in names] if shipped else []
     with TorchRunner(reference, name="unmerged PyTorch") as runner:
         logits = np.concatenate([runner.infer(inputs[i : i + 32]) for i in range(0, len(inputs), 32)])
-    extra = {}
+    arrays: dict[str, Any] = {
+        "inputs": inputs,
+        "reference_logits": logits.astype(np.float32),
+        "labels": np.asarray(labels, dtype=np.int64),
+        "raw_files": np.asarray(names, dtype=str) if names else np.zeros(0, dtype="<U1"),
+        "raw_index": np.asarray([row for row, _ in chosen], dtype=np.int64),
+        "raw_decoded_sha256": np.asarray(digests, dtype=str) if digests else np.zeros(0, dtype="<U1"),
+    }
     if int8 is not None:
         with _int8_runners(int8)[0] as exact:  # the Q/DQ arithmetic TensorRT performs, as the gate measured it
-            extra["int8_logits"] = np.concatenate([exact.infer(inputs[i : i + 32]) for i in range(0, len(inputs), 32)])
-    np.savez_compressed(
-        work / REFERENCE_FILE,
-        **{key: value.astype(np.float32) for key, value in extra.items()},
-        inputs=inputs,
-        reference_logits=logits.astype(np.float32),
-        labels=np.asarray(labels, dtype=np.int64),
-        raw_files=np.asarray(names, dtype=str) if names else np.zeros(0, dtype="<U1"),
-        raw_index=np.asarray([row for row, _ in chosen], dtype=np.int64),
-        raw_decoded_sha256=np.asarray(digests, dtype=str) if digests else np.zeros(0, dtype="<U1"),
-    )
+            int8_logits = np.concatenate([exact.infer(inputs[i : i + 32]) for i in range(0, len(inputs), 32)])
+        arrays["int8_logits"] = int8_logits.astype(np.float32)
+    np.savez_compressed(work / REFERENCE_FILE, **arrays)
     return {
         "file": REFERENCE_FILE,
         "images": int(len(inputs)),
