@@ -81,6 +81,7 @@ def _infer_top1(bundle: Path, files: list[Path], *extra: str) -> list[str]:
     return [row.split("\t")[3] for row in rows]
 
 
+@pytest.mark.slow
 def test_infer_py_on_the_raw_test_files_reaches_peftx_eval_accuracy(wide_run, tmp_path):
     run, folder, evaluated = wide_run
     report = merge_export(run, output=tmp_path / "bundle", batch=(1, 4, 8), tensorrt="off")

@@ -183,6 +183,7 @@ def test_rlrr_vit_base_counts_and_file_size(tmp_path):
     assert path.stat().st_size < 2 * 1024 * 1024
 
 
+@pytest.mark.slow
 def test_merged_model_loads_with_timm_alone(tmp_path):
     _, model = adapted("rlrr", "swin")
     x = real_batch("swin", 2)

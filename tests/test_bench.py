@@ -20,6 +20,8 @@ from peftx import bench
 from peftx.bench import BenchConfig, ModelSpec, timing
 from peftx.errors import UsageError
 
+pytestmark = pytest.mark.slow  # the benchmark suites run for real: make test-fast skips the module
+
 
 def _spec(family: str, key: str) -> ModelSpec:
     name, kw = TINY_MODELS[family]

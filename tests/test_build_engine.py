@@ -30,9 +30,13 @@ from peftx.exports.targets import all_targets, profile_for_tensorrt, version_tup
 from peftx.exports.templates.infer import engine_problems, parse_l4t
 from peftx.fsutil import sha256_file
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("bash") is None or shutil.which("sha256sum") is None, reason="build_engine.sh needs bash and coreutils"
-)
+pytestmark = [
+    pytest.mark.slow,  # every target's bundles built, build_engine.sh run per release
+    pytest.mark.skipif(
+        shutil.which("bash") is None or shutil.which("sha256sum") is None,
+        reason="build_engine.sh needs bash and coreutils",
+    ),
+]
 
 TABLES = {release: load(release) for release in RELEASES}
 

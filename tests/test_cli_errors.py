@@ -1564,6 +1564,7 @@ def test_console_script(env: Env, tmp_path: Path):
             case.check(env, t)
 
 
+@pytest.mark.slow
 def test_debug_env_shows_the_traceback(env: Env, tmp_path: Path):
     script = _console_script()
     argv = next(c for c in CASES if c.id == "export-adapter-pickle-payload").argv(env, tmp_path)
@@ -1628,6 +1629,7 @@ def test_parse_errors_are_one_line_exit_2(argv, start, hint, capsys):
     assert "╭" not in err and "Usage:" not in err
 
 
+@pytest.mark.slow
 def test_parse_error_and_setup_error_through_the_console_script(tmp_path: Path):
     """Real processes: a parse error, and a library error raised before any progress bar (no blank line above)."""
     script = _console_script()

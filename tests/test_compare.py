@@ -30,6 +30,8 @@ from peftx.compare_report import WIDTH, format_table
 from peftx.errors import OutputError, UsageError
 from peftx.train import TrainConfig
 
+pytestmark = pytest.mark.slow  # whole comparison runs: make test-fast skips the module
+
 SHARED = tiny_training()
 
 

@@ -27,6 +27,8 @@ from peftx.exports import int8
 from peftx.exports.accuracy import select
 from peftx.preprocess import eval_transform
 
+pytestmark = pytest.mark.slow  # infer.py run in the JetPack 5 and newest device venvs: make test-fast skips the module
+
 ROOT = Path(__file__).resolve().parents[1]
 STACKS = ("jp5", "new")
 CLASSES = [f"c{i}" for i in range(5)]

@@ -24,6 +24,8 @@ from peftx.exports import device_report
 from peftx.exports.bundle import read_bundle
 from peftx.fsutil import sha256_file
 
+pytestmark = pytest.mark.slow  # bundles built, timed and checked end to end: make test-fast skips the module
+
 TEMPLATE = Path(__file__).resolve().parents[1] / "exports" / "templates" / "device_bench.py"
 BENCH = ("--bench", "--duration", "0.5", "--batch", "1,4")
 

@@ -74,6 +74,7 @@ def _json_records(bundle: Path, folder: Path) -> dict[str, dict]:
     return {str(Path(r["path"]).relative_to(folder)): r for r in records}
 
 
+@pytest.mark.slow
 def test_a_16_bit_test_set_scores_what_its_8_bit_version_scores(made):
     run, bundle, folder, sixteen = made
     files = sorted(sixteen.rglob("*.png"))

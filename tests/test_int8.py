@@ -224,6 +224,7 @@ def _with_outlier_channel(model, block: int = 1, channel: int = 3):
     return model
 
 
+@pytest.mark.slow
 def test_the_fallback_keeps_the_one_sensitive_node_float(tmp_path):
     model = _with_outlier_channel(make_tiny("vit", seed=3))
     calibration = _request(_labelled(model, "vit", 64, seed=7))
@@ -239,6 +240,7 @@ def test_the_fallback_keeps_the_one_sensitive_node_float(tmp_path):
     assert read_bundle(tmp_path / "b")["accuracy"]["artifacts"]["onnxruntime int8"]["passed"]
 
 
+@pytest.mark.slow
 def test_a_fallback_that_finds_nothing_says_so(tmp_path):
     model = make_tiny("vit", seed=3)
     grey = InMemoryImageDataset(
@@ -292,6 +294,7 @@ def test_the_python_builder_rules_per_tensorrt_version(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_merge_export_int8_calibrates_on_the_training_split_and_takes_calibration_data_when_it_moved(tmp_path):
     """A run on an ImageFolder of real digits: INT8 calibrates on its train/ (never test/); after the data folder
     moved, the one-line DataError names --calibration-data, and with it (plus labelled --images) the bundle is made."""
@@ -469,6 +472,7 @@ def test_cpu_int8_kernels_reads_what_the_cpu_accumulates_in():
     assert "fused int8 kernels differ (16-bit pairs (saturating), advisory" in line
 
 
+@pytest.mark.slow
 def test_the_bundle_reports_the_fused_kernels_against_the_exact_arithmetic_and_check_uses_the_exact_one(tmp_path):
     """The verdict rests on the exact arithmetic; the fused kernels get an advisory row and, where they disagree on
     this CPU, a note naming why. infer.py --check's INT8 line runs the exact session too and says so."""

@@ -268,6 +268,7 @@ def _project_clone(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_two_clones_side_by_side_get_their_own_venv_over_one_shared_dependency_venv(tmp_path: Path) -> None:
     """The real script, the real `python -m venv` and `pip install -e`: each clone's venv imports its OWN sources
     and keeps doing so whichever clone ran the script last; the shared dependency venv holds no peftx; a clone that

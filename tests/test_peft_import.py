@@ -585,6 +585,7 @@ def test_class_names_file(tmp_path):
             read_class_names(path)
 
 
+@pytest.mark.slow
 def test_peft_is_importable_lazily():
     """peftx itself never imports peft: only the peft paths do (it is an optional extra)."""
     import subprocess

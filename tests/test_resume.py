@@ -99,6 +99,7 @@ def test_resume_equals_uninterrupted(uninterrupted, tiny_weights, digit_folder, 
         assert summary[key] == full_summary[key], key
 
 
+@pytest.mark.slow
 def test_sigint_from_outside_writes_a_resumable_checkpoint(tiny_weights, digit_folder, tmp_path) -> None:
     """A real SIGINT sent by another process while training runs in a fresh interpreter."""
     run, marker = tmp_path / "run", tmp_path / "stepped"

@@ -114,6 +114,7 @@ def test_own_folder_without_val_the_output_says_what_it_did_and_fits(inputs, tmp
     assert_fits(ev.stdout, width)
 
 
+@pytest.mark.slow
 def test_without_a_terminal_each_epoch_is_a_line_written_as_it_ends(inputs, tmp_path) -> None:
     """`peftx train > log 2>&1`, nohup, CI: no terminal, so no bars; one plain line per epoch (epoch, losses, val
     accuracy, time left), flushed when the epoch ends, not a bar drawn once when the process exits. A real process

@@ -25,6 +25,8 @@ from peftx.datasets_registry import (
 )
 from peftx.errors import DataError
 
+pytestmark = pytest.mark.slow  # whole transfer runs: make test-fast skips the module
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
